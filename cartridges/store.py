@@ -1,0 +1,356 @@
+"""One object-store API for the whole product: ``s3://bucket/key`` (MinIO or any S3) and ``file:///path``.
+
+Every write records the object's sha256 (S3 user metadata; recomputed for local files) and every verified read
+checks it. Pointers (``current.json``) are replaced atomically. Prefixes are always listed as directories, so
+``cart-1`` never matches ``cart-10``. Failures become :class:`StoreError` subclasses that name the URI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from cartridges.hashing import sha256_bytes, sha256_file
+
+SHA256_META = "sha256"
+PART_SIZE = 16 * 1024 * 1024
+
+
+class StoreError(RuntimeError):
+    """An object-store operation failed; ``uri`` says where."""
+
+    def __init__(self, message: str, uri: str) -> None:
+        super().__init__(f"{message}: {uri}")
+        self.uri = uri
+
+
+class ObjectNotFound(StoreError):
+    pass
+
+
+class BucketNotFound(StoreError):
+    pass
+
+
+class AccessDenied(StoreError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+class IntegrityError(StoreError):
+    """The bytes read do not have the sha256 they were recorded with (corrupt or truncated object)."""
+
+
+@dataclass(frozen=True)
+class StoreURI:
+    """A parsed ``s3://bucket/key`` or ``file:///abs/path`` (``bucket`` is empty for files)."""
+
+    scheme: str
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> StoreURI:
+        parsed = urlparse(uri)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(f"s3 URI needs a bucket, like s3://bucket/key: {uri!r}")
+            return cls("s3", parsed.netloc, parsed.path.lstrip("/"))
+        if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                raise ValueError(f"file URI must be absolute, like file:///data/store: {uri!r}")
+            return cls("file", "", parsed.path)
+        raise ValueError(f"unsupported store URI {uri!r}: use s3://bucket/key or file:///absolute/path")
+
+    def join(self, *parts: str) -> StoreURI:
+        key = "/".join([self.key.rstrip("/"), *(p.strip("/") for p in parts)]) if self.key else "/".join(parts)
+        return StoreURI(self.scheme, self.bucket, key)
+
+    @property
+    def name(self) -> str:
+        return self.key.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.key}"
+        return f"file://{self.key}"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Where and how to reach S3. Credentials come from the environment (a Kubernetes Secret), never from args."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    secure: bool = False
+    region: str | None = None
+    ca_bundle: str | None = None
+    timeout_s: float = 10.0
+    retries: int = 2
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> S3Config:
+        env = dict(os.environ if env is None else env)
+        endpoint = env.get("CARTRIDGES_S3_ENDPOINT", "")
+        if not endpoint:
+            raise StoreError("CARTRIDGES_S3_ENDPOINT is not set (host:port or http(s)://host:port)", "s3://")
+        parsed = urlparse(endpoint if "://" in endpoint else f"//{endpoint}")
+        secure = parsed.scheme == "https" or env.get("CARTRIDGES_S3_TLS", "").lower() in ("1", "true")
+        return cls(
+            endpoint=parsed.netloc,
+            access_key=env.get("CARTRIDGES_S3_ACCESS_KEY", ""),
+            secret_key=env.get("CARTRIDGES_S3_SECRET_KEY", ""),
+            secure=secure,
+            region=env.get("CARTRIDGES_S3_REGION") or None,
+            ca_bundle=env.get("CARTRIDGES_S3_CA_BUNDLE") or None,
+        )
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"S3Config(endpoint={self.endpoint!r}, secure={self.secure}, access_key=***)"
+
+
+class _Backend(Protocol):
+    def put_file(self, uri: StoreURI, path: Path, sha256: str) -> None: ...
+    def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None: ...
+    def get_to_file(self, uri: StoreURI, path: Path) -> None: ...
+    def get_bytes(self, uri: StoreURI) -> bytes: ...
+    def stat(self, uri: StoreURI) -> ObjectInfo: ...
+    def list(self, prefix: StoreURI) -> Iterator[StoreURI]: ...
+    def delete(self, uri: StoreURI) -> None: ...
+
+
+class _FileBackend:
+    def _path(self, uri: StoreURI) -> Path:
+        return Path(uri.key)
+
+    def put_file(self, uri: StoreURI, path: Path, sha256: str) -> None:
+        self._atomic_write(uri, lambda fh: shutil.copyfileobj(path.open("rb"), fh, 8 << 20))
+
+    def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None:
+        self._atomic_write(uri, lambda fh: fh.write(data))
+
+    def _atomic_write(self, uri: StoreURI, write: Any) -> None:
+        target = self._path(uri)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("wb", dir=target.parent, prefix=".tmp-", delete=False) as fh:
+                write(fh)
+            os.replace(fh.name, target)
+        except PermissionError as err:
+            raise AccessDenied(f"permission denied ({err.strerror})", str(uri)) from err
+
+    def get_to_file(self, uri: StoreURI, path: Path) -> None:
+        shutil.copyfile(self._existing(uri), path)
+
+    def get_bytes(self, uri: StoreURI) -> bytes:
+        return self._existing(uri).read_bytes()
+
+    def stat(self, uri: StoreURI) -> ObjectInfo:
+        path = self._existing(uri)
+        return ObjectInfo(str(uri), path.stat().st_size, sha256_file(path))
+
+    def _existing(self, uri: StoreURI) -> Path:
+        path = self._path(uri)
+        if not path.is_file():
+            raise ObjectNotFound("no such object", str(uri))
+        return path
+
+    def list(self, prefix: StoreURI) -> Iterator[StoreURI]:
+        root = Path(prefix.key)
+        if not root.is_dir():
+            return
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                yield StoreURI("file", "", str(path))
+
+    def delete(self, uri: StoreURI) -> None:
+        self._path(uri).unlink(missing_ok=True)
+
+
+_S3_ERRORS: dict[str, tuple[type[StoreError], str]] = {
+    "NoSuchKey": (ObjectNotFound, "no such object"),
+    "NoSuchBucket": (BucketNotFound, "bucket does not exist"),
+    "AccessDenied": (AccessDenied, "access denied (check the credentials Secret and bucket policy)"),
+    "InvalidAccessKeyId": (AccessDenied, "unknown access key (check the credentials Secret)"),
+    "SignatureDoesNotMatch": (AccessDenied, "wrong secret key (check the credentials Secret)"),
+}
+
+
+class _S3Backend:
+    def __init__(self, config: S3Config) -> None:
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=config.timeout_s, read=max(config.timeout_s, 60.0)),
+            retries=urllib3.Retry(total=config.retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            cert_reqs="CERT_REQUIRED" if config.secure else "CERT_NONE",
+            ca_certs=config.ca_bundle,
+        )
+        self.client = Minio(
+            config.endpoint,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            secure=config.secure,
+            region=config.region,
+            http_client=http,
+        )
+        self.endpoint = config.endpoint
+
+    def put_file(self, uri: StoreURI, path: Path, sha256: str) -> None:
+        self.client.fput_object(uri.bucket, uri.key, str(path), metadata={SHA256_META: sha256}, part_size=PART_SIZE)
+
+    def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None:
+        self.client.put_object(uri.bucket, uri.key, io.BytesIO(data), len(data), metadata={SHA256_META: sha256})
+
+    def get_to_file(self, uri: StoreURI, path: Path) -> None:
+        self.client.fget_object(uri.bucket, uri.key, str(path))
+
+    def get_bytes(self, uri: StoreURI) -> bytes:
+        response = self.client.get_object(uri.bucket, uri.key)
+        try:
+            return bytes(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    def stat(self, uri: StoreURI) -> ObjectInfo:
+        stat = self.client.stat_object(uri.bucket, uri.key)
+        metadata = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+        return ObjectInfo(str(uri), int(stat.size or 0), metadata.get(f"x-amz-meta-{SHA256_META}"))
+
+    def list(self, prefix: StoreURI) -> Iterator[StoreURI]:
+        directory = prefix.key.rstrip("/") + "/" if prefix.key else ""
+        for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=True):
+            if obj.object_name and not obj.is_dir:
+                yield StoreURI("s3", prefix.bucket, obj.object_name)
+
+    def delete(self, uri: StoreURI) -> None:
+        self.client.remove_object(uri.bucket, uri.key)
+
+
+class Store:
+    """The product's object store. Methods take full URIs; the scheme picks the backend."""
+
+    def __init__(self, s3: S3Config | None = None) -> None:
+        self._s3_config = s3
+        self._s3: _S3Backend | None = None
+        self._file = _FileBackend()
+
+    @classmethod
+    def from_env(cls) -> Store:
+        """S3 settings from the environment when present; ``file://`` always works."""
+        return cls(S3Config.from_env() if os.environ.get("CARTRIDGES_S3_ENDPOINT") else None)
+
+    def _backend(self, uri: StoreURI) -> _Backend:
+        if uri.scheme == "file":
+            return self._file
+        if self._s3_config is None:
+            raise StoreError("no S3 endpoint configured (set CARTRIDGES_S3_ENDPOINT and credentials)", str(uri))
+        if self._s3 is None:
+            self._s3 = _S3Backend(self._s3_config)
+        return self._s3
+
+    def _call(self, uri: StoreURI, op: Any, *args: Any) -> Any:
+        try:
+            return op(*args)
+        except S3Error as err:
+            kind, message = _S3_ERRORS.get(err.code or "", (StoreError, f"S3 error {err.code}: {err.message}"))
+            raise kind(message, str(uri)) from err
+        except urllib3.exceptions.HTTPError as err:
+            endpoint = self._s3_config.endpoint if self._s3_config else "?"
+            raise StoreUnavailable(f"object store at {endpoint} is unreachable ({type(err).__name__})", str(uri)) from err
+
+    def put_file(self, uri: str, path: Path) -> ObjectInfo:
+        """Upload a local file (multipart for large files), recording its sha256."""
+        parsed = StoreURI.parse(uri)
+        sha256 = sha256_file(path)
+        self._call(parsed, self._backend(parsed).put_file, parsed, path, sha256)
+        return ObjectInfo(uri, path.stat().st_size, sha256)
+
+    def put_bytes(self, uri: str, data: bytes) -> ObjectInfo:
+        """Write a small object in one request; a reader sees the old or the new bytes, never a mix."""
+        parsed = StoreURI.parse(uri)
+        sha256 = sha256_bytes(data)
+        self._call(parsed, self._backend(parsed).put_bytes, parsed, data, sha256)
+        return ObjectInfo(uri, len(data), sha256)
+
+    def put_json(self, uri: str, value: Any) -> ObjectInfo:
+        return self.put_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode())
+
+    def get_bytes(self, uri: str, expected_sha256: str | None = None) -> bytes:
+        parsed = StoreURI.parse(uri)
+        data: bytes = self._call(parsed, self._backend(parsed).get_bytes, parsed)
+        if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+            raise IntegrityError(f"sha256 mismatch (expected {expected_sha256})", uri)
+        return data
+
+    def get_json(self, uri: str) -> Any:
+        return json.loads(self.get_bytes(uri))
+
+    def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> ObjectInfo:
+        """Stream an object to ``path`` and check its sha256 against ``expected_sha256`` or the recorded one.
+
+        The file appears at ``path`` only once verified; a corrupt download leaves nothing behind.
+        """
+        parsed = StoreURI.parse(uri)
+        backend = self._backend(parsed)
+        info: ObjectInfo = self._call(parsed, backend.stat, parsed)
+        expected = expected_sha256 or info.sha256
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            self._call(parsed, backend.get_to_file, parsed, partial)
+            actual = sha256_file(partial)
+            if expected is not None and actual != expected:
+                raise IntegrityError(f"sha256 mismatch (expected {expected}, read {actual})", uri)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return ObjectInfo(uri, path.stat().st_size, actual)
+
+    def stat(self, uri: str) -> ObjectInfo:
+        parsed = StoreURI.parse(uri)
+        info: ObjectInfo = self._call(parsed, self._backend(parsed).stat, parsed)
+        return info
+
+    def exists(self, uri: str) -> bool:
+        try:
+            self.stat(uri)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        """Every object under the directory ``prefix`` (``.../cart-1`` lists ``.../cart-1/*`` only)."""
+        parsed = StoreURI.parse(prefix)
+        backend = self._backend(parsed)
+        return self._call(parsed, lambda: [str(u) for u in backend.list(parsed)])  # type: ignore[no-any-return]
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under the directory ``prefix``; returns how many were deleted."""
+        uris = self.list(prefix)
+        for uri in uris:
+            parsed = StoreURI.parse(uri)
+            self._call(parsed, self._backend(parsed).delete, parsed)
+        return len(uris)
