@@ -140,6 +140,7 @@ class _Backend(Protocol):
     def stat(self, uri: StoreURI) -> ObjectInfo: ...
     def list(self, prefix: StoreURI) -> Iterator[StoreURI]: ...
     def delete(self, uri: StoreURI) -> None: ...
+    def ensure_bucket(self, uri: StoreURI) -> None: ...
 
 
 class _FileBackend:
@@ -188,6 +189,9 @@ class _FileBackend:
 
     def delete(self, uri: StoreURI) -> None:
         self._path(uri).unlink(missing_ok=True)
+
+    def ensure_bucket(self, uri: StoreURI) -> None:
+        Path(uri.key).mkdir(parents=True, exist_ok=True)
 
 
 _S3_ERRORS: dict[str, tuple[type[StoreError], str]] = {
@@ -248,6 +252,10 @@ class _S3Backend:
     def delete(self, uri: StoreURI) -> None:
         self.client.remove_object(uri.bucket, uri.key)
 
+    def ensure_bucket(self, uri: StoreURI) -> None:
+        if not self.client.bucket_exists(uri.bucket):
+            self.client.make_bucket(uri.bucket)
+
 
 class Store:
     """The product's object store. Methods take full URIs; the scheme picks the backend."""
@@ -280,6 +288,11 @@ class Store:
         except urllib3.exceptions.HTTPError as err:
             endpoint = self._s3_config.endpoint if self._s3_config else "?"
             raise StoreUnavailable(f"object store at {endpoint} is unreachable ({type(err).__name__})", str(uri)) from err
+
+    def ensure_bucket(self, uri: str) -> None:
+        """Create the bucket (or local directory) of ``uri`` if it does not exist yet."""
+        parsed = StoreURI.parse(uri)
+        self._call(parsed, self._backend(parsed).ensure_bucket, parsed)
 
     def put_file(self, uri: str, path: Path) -> ObjectInfo:
         """Upload a local file (multipart for large files), recording its sha256."""

@@ -1,0 +1,224 @@
+"""Base-model loading: from a store URI or a local path, an HF directory or a GGUF file, cached by content.
+
+A GGUF file is dequantized by transformers on first load and the result kept as an HF directory keyed by the GGUF's
+sha256, so later loads take seconds. Every loaded model carries a :class:`ModelFingerprint` that cartridges are
+checked against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from cartridges.artifact import ModelFingerprint
+from cartridges.hashing import sha256_bytes, sha256_file
+from cartridges.paths import cache_dir
+from cartridges.store import Store, StoreURI
+
+CAUSAL_LM_GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelLoadError(ValueError):
+    """The model source is missing, unreadable, or not a causal language model."""
+
+
+@dataclass
+class LoadedModel:
+    """A frozen base model, its tokenizer, and the fingerprint cartridges are bound to."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: ModelFingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, weights_sha256: str) -> ModelFingerprint:
+    config = model.config
+    heads = config.num_attention_heads
+    rope_params = getattr(config, "rope_parameters", None) or {}
+    rope_theta = getattr(config, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
+    rope_type = rope_params.get("rope_type", "default") if rope_params else "default"
+    return ModelFingerprint(
+        model_id=model_id,
+        weights_sha256=weights_sha256,
+        tokenizer_sha256=tokenizer_sha256(tokenizer),
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        rope_theta=float(rope_theta),
+        rope_scaling=None if rope_type == "default" else dict(rope_params),
+    )
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelLoadError(f"{type(tokenizer).__name__} is not a fast tokenizer; cannot fingerprint it")
+    return sha256_bytes(backend.to_str().encode())
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny byte-level tokenizer (259 ids) with a chat template: enough for tests of the tiny model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}
+    )
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> LoadedModel:
+    """A random Llama-style model (GQA, RoPE) with a byte tokenizer; builds in well under a second."""
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().numpy().tobytes())
+    return LoadedModel(model, tokenizer, fingerprint(model, tokenizer, f"tiny-llama-seed{seed}", digest.hexdigest()))
+
+
+def _check_gguf_is_causal_lm(path: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # the reader raises ValueError/struct errors on garbage
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({err})") from err
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ModelLoadError(f"{path}: GGUF has no general.architecture; cannot tell what model it is")
+    architecture = bytes(field.parts[field.data[0]]).decode()
+    if architecture not in CAUSAL_LM_GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {architecture!r} is not a supported causal LM "
+            f"({', '.join(sorted(CAUSAL_LM_GGUF_ARCHITECTURES))})"
+        )
+
+
+def _hf_dir_sha256(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.suffix in WEIGHT_SUFFIXES:
+            digest.update(path.name.encode())
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _gguf_as_hf_dir(path: Path, weights_sha256: str) -> Path:
+    """Dequantize a GGUF once into an HF directory in the cache (the slow part of a GGUF load)."""
+    target = cache_dir() / "models" / "from-gguf" / weights_sha256
+    if (target / "config.json").exists():
+        return target
+    _check_gguf_is_causal_lm(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as err:
+        raise ModelLoadError(f"{path}: transformers cannot load this GGUF as a causal LM ({err})") from err
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        Path(tmp).rename(target)
+        Path(tmp).mkdir()  # let TemporaryDirectory clean up an empty directory
+    return target
+
+
+def _local_copy(source: str, store: Store) -> Path:
+    """Download a store URI (one GGUF object or an HF directory prefix) into the content-keyed cache."""
+    uri = StoreURI.parse(source)
+    if uri.key.endswith(".gguf"):
+        sha = store.stat(source).sha256 or sha256_bytes(source.encode())
+        target = cache_dir() / "models" / "store" / sha / uri.name
+        if not target.exists():
+            store.download(source, target, expected_sha256=store.stat(source).sha256)
+        return target
+    objects = store.list(source)
+    if not objects:
+        raise ModelLoadError(f"no model files under {source}")
+    listing = "\n".join(f"{o} {store.stat(o).sha256}" for o in objects)
+    target = cache_dir() / "models" / "store" / sha256_bytes(listing.encode())
+    prefix = source.rstrip("/") + "/"
+    for obj in objects:
+        local = target / obj[len(prefix) :]
+        if not local.exists():
+            store.download(obj, local)
+    return target
+
+
+def load_base_model(
+    source: str | Path,
+    *,
+    store: Store | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a frozen causal LM from a local path or ``s3://``/``file://`` URI (HF directory or ``.gguf``)."""
+    text = str(source)
+    if "://" in text:
+        path = _local_copy(text, store or Store.from_env())
+    else:
+        path = Path(text)
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: a model file must be .gguf (or give an HF directory)")
+        weights_sha256 = sha256_file(path)
+        model_dir, model_id = _gguf_as_hf_dir(path, weights_sha256), path.stem
+    else:
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path}: an HF model directory needs config.json")
+        weights_sha256, model_dir, model_id = _hf_dir_sha256(path), path, path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    except (ValueError, KeyError, OSError) as err:
+        raise ModelLoadError(f"{model_dir}: not loadable as a causal LM ({err})") from err
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, fingerprint(model, tokenizer, model_id, weights_sha256))

@@ -1,0 +1,88 @@
+"""Run a service as a child process on loopback, wait until it answers, and keep its log for failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class ServiceError(RuntimeError):
+    """A service did not start; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Service:
+    """One running process with its log file; ``stop()`` terminates its whole process group."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            list(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+    def wait_until(self, ready: Callable[[], bool], timeout_s: float = 60.0, interval_s: float = 0.2) -> float:
+        """Poll ``ready`` until true; returns the seconds it took. Fails fast if the process dies."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceError(f"{self.name} exited with {self.proc.returncode}:\n{log_tail(self.log_path)}")
+            try:
+                if ready():
+                    return time.monotonic() - self.started_at
+            except OSError:
+                pass
+            time.sleep(interval_s)
+        self.stop()
+        raise ServiceError(f"{self.name} not ready after {timeout_s:.0f}s:\n{log_tail(self.log_path)}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+def http_ok(url: str, timeout_s: float = 2.0, **kwargs: object) -> bool:
+    """True when ``url`` answers 2xx (extra kwargs go to ``urllib.request.urlopen``)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s, **kwargs) as response:  # type: ignore[arg-type]
+            return 200 <= int(response.status) < 300
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False

@@ -1,0 +1,135 @@
+"""The object store against a real MinIO server and the local file backend: same API, same guarantees."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cartridges.store import (
+    AccessDenied,
+    BucketNotFound,
+    IntegrityError,
+    ObjectNotFound,
+    S3Config,
+    Store,
+    StoreUnavailable,
+    StoreURI,
+)
+from cartridges_e2e.minio import MinioServer
+from cartridges_e2e.process import free_port
+
+
+@pytest.fixture(params=["file", "s3"])
+def store_and_root(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, str]:
+    if request.param == "file":
+        return Store(), f"file://{tmp_path}/store"
+    server: MinioServer = request.getfixturevalue("minio_server")
+    return server.store(), request.getfixturevalue("s3_prefix").rstrip("/")
+
+
+def test_round_trip_records_and_verifies_sha256(store_and_root: tuple[Store, str], tmp_path: Path) -> None:
+    store, root = store_and_root
+    info = store.put_bytes(f"{root}/a/b.txt", b"hello")
+    assert store.get_bytes(f"{root}/a/b.txt", expected_sha256=info.sha256) == b"hello"
+    assert store.stat(f"{root}/a/b.txt").sha256 == info.sha256
+    out = store.download(f"{root}/a/b.txt", tmp_path / "out" / "b.txt")
+    assert (tmp_path / "out" / "b.txt").read_bytes() == b"hello" and out.sha256 == info.sha256
+
+
+def test_listing_a_prefix_does_not_match_longer_names(store_and_root: tuple[Store, str]) -> None:
+    store, root = store_and_root
+    for key in ("cart-1/g1/x", "cart-1/g2/y", "cart-10/g1/z"):
+        store.put_bytes(f"{root}/{key}", b"x")
+    listed = sorted(StoreURI.parse(u).key.split("/", 1)[-1] for u in store.list(f"{root}/cart-1"))
+    assert all("cart-10" not in u for u in store.list(f"{root}/cart-1"))
+    assert len(listed) == 2
+    assert store.delete_prefix(f"{root}/cart-1") == 2
+    assert store.list(f"{root}/cart-1") == [] and len(store.list(f"{root}/cart-10")) == 1
+
+
+def test_missing_object_names_the_uri(store_and_root: tuple[Store, str]) -> None:
+    store, root = store_and_root
+    with pytest.raises(ObjectNotFound, match="nope.json"):
+        store.get_bytes(f"{root}/nope.json")
+    assert not store.exists(f"{root}/nope.json")
+
+
+def test_sha256_mismatch_is_detected_and_leaves_no_file(store_and_root: tuple[Store, str], tmp_path: Path) -> None:
+    store, root = store_and_root
+    store.put_bytes(f"{root}/obj", b"real bytes")
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        store.download(f"{root}/obj", tmp_path / "obj", expected_sha256="0" * 64)
+    assert not (tmp_path / "obj").exists()
+    with pytest.raises(IntegrityError):
+        store.get_bytes(f"{root}/obj", expected_sha256="0" * 64)
+
+
+def test_pointer_write_replaces_whole_object(store_and_root: tuple[Store, str]) -> None:
+    store, root = store_and_root
+    store.put_json(f"{root}/current.json", {"generation": 1})
+    store.put_json(f"{root}/current.json", {"generation": 2})
+    assert store.get_json(f"{root}/current.json") == {"generation": 2}
+
+
+@pytest.mark.minio
+def test_large_object_multipart_round_trip(minio_server: MinioServer, s3_prefix: str, tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    with source.open("wb") as fh:  # 70 MiB: more than four 16 MiB parts
+        for _ in range(70):
+            fh.write(os.urandom(1 << 20))
+    store = minio_server.store()
+    info = store.put_file(f"{s3_prefix}big.bin", source)
+    assert store.stat(f"{s3_prefix}big.bin").size == 70 << 20
+    back = store.download(f"{s3_prefix}big.bin", tmp_path / "back.bin")
+    assert back.sha256 == info.sha256
+
+
+@pytest.mark.minio
+def test_corrupted_object_in_minio_is_detected(minio_server: MinioServer, s3_prefix: str, tmp_path: Path) -> None:
+    """Bytes replaced behind the store's back (another writer, bit rot) fail the recorded sha256."""
+    store = minio_server.store()
+    uri = f"{s3_prefix}weights.bin"
+    store.put_bytes(uri, b"A" * 1000)
+    recorded = store.stat(uri).sha256
+    parsed = StoreURI.parse(uri)
+    import io
+
+    backend = store._backend(parsed)
+    backend.client.put_object(parsed.bucket, parsed.key, io.BytesIO(b"A" * 999), 999)  # type: ignore[attr-defined]
+    with pytest.raises(IntegrityError, match="weights.bin"):
+        store.download(uri, tmp_path / "w.bin", expected_sha256=recorded)
+
+
+@pytest.mark.minio
+def test_wrong_credentials_and_missing_bucket(minio_server: MinioServer) -> None:
+    good = minio_server.config
+    bad = Store(S3Config(good.endpoint, good.access_key, "not-the-secret"))
+    with pytest.raises(AccessDenied, match="secret key"):
+        bad.put_bytes("s3://whatever/x", b"x")
+    with pytest.raises(BucketNotFound, match="s3://no-such-bucket/x"):
+        minio_server.store().get_bytes("s3://no-such-bucket/x")
+
+
+def test_store_down_fails_fast_with_the_endpoint() -> None:
+    store = Store(S3Config(f"127.0.0.1:{free_port()}", "k", "s", timeout_s=1.0, retries=0))
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        store.get_bytes("s3://bucket/key")
+
+
+def test_uri_parsing_rejects_what_it_cannot_serve() -> None:
+    with pytest.raises(ValueError, match="unsupported"):
+        StoreURI.parse("gs://bucket/key")
+    with pytest.raises(ValueError, match="bucket"):
+        StoreURI.parse("s3:///key")
+    assert str(StoreURI.parse("s3://b/k/x").join("y", "z")) == "s3://b/k/x/y/z"
+
+
+def test_s3_config_from_env_never_shows_the_secret() -> None:
+    config = S3Config.from_env(
+        {"CARTRIDGES_S3_ENDPOINT": "https://s3.internal:9000", "CARTRIDGES_S3_ACCESS_KEY": "ak",
+         "CARTRIDGES_S3_SECRET_KEY": "very-secret"}
+    )
+    assert config.secure and config.endpoint == "s3.internal:9000"
+    assert "very-secret" not in repr(config)
