@@ -1,0 +1,236 @@
+"""Typed API of the ``cartridges.dev/v1alpha1`` resources: the single source of truth for the CRDs (DESIGN.md §3).
+
+Field names are the Kubernetes camelCase names. Rules the OpenAPI schema cannot say (exactly one source kind,
+immutability, cross-field ranges) are CEL expressions attached with :func:`cel`, and land in the generated CRDs as
+``x-kubernetes-validations``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GROUP = "cartridges.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+MIN_SIZE, MAX_SIZE = 16, 65536
+
+
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """``json_schema_extra`` carrying CEL rules as (expression, message) pairs."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ConfigMapKeyRef(Spec):
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+
+
+class ObjectSource(Spec):
+    """One object, or every object under a prefix (``uri`` ending in ``/``) filtered by globs."""
+
+    uri: str = Field(pattern=r"^(s3|file)://.+", description="s3://bucket/key, or s3://bucket/prefix/ for many")
+    include: list[str] = Field(default_factory=list, max_length=64, description="globs relative to the prefix")
+    exclude: list[str] = Field(default_factory=list, max_length=64)
+
+
+class HttpSource(Spec):
+    url: str = Field(pattern=r"^https?://.+")
+    maxBytes: int = Field(default=16 * 1024 * 1024, ge=1, le=1024 * 1024 * 1024)
+    timeoutSeconds: int = Field(default=30, ge=1, le=600)
+
+
+class CorpusSource(Spec):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=cel(
+            (
+                "[has(self.inline), has(self.configMap), has(self.object), has(self.http)]"
+                ".filter(x, x).size() == 1",
+                "each source sets exactly one of inline, configMap, object, http",
+            )
+        ),
+    )
+
+    name: str | None = Field(default=None, max_length=253, description="document name; defaults to the source")
+    inline: str | None = Field(default=None, max_length=1024 * 1024)
+    configMap: ConfigMapKeyRef | None = None
+    object: ObjectSource | None = None
+    http: HttpSource | None = None
+
+
+class CorpusSpec(Spec):
+    description: str = Field(min_length=1, max_length=2000, description="one line used in self-study prompts")
+    sources: list[CorpusSource] = Field(min_length=1, max_length=256)
+    tokenizer: str | None = Field(default=None, description="base model whose tokenizer counts status.tokens")
+
+
+class Condition(Spec):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: str | None = None
+    observedGeneration: int | None = None
+
+
+class CorpusStatus(Spec):
+    observedGeneration: int | None = None
+    digest: str | None = None
+    documents: int | None = None
+    bytes: int | None = None
+    tokens: int | None = None
+    artifact: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class CorpusRef(Spec):
+    name: str = Field(min_length=1, max_length=253)
+    digest: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="pin a corpus version")
+
+
+class BaseModelRef(Spec):
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    uri: str = Field(pattern=r"^(s3|file)://.+", description="HF directory prefix or a .gguf object")
+
+
+class Initialization(Spec):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=cel(("self.strategy == 'text' ? has(self.text) : !has(self.text)", "text is set exactly when strategy is text")),
+    )
+
+    strategy: Literal["corpus", "text", "random"] = "corpus"
+    text: str | None = None
+
+
+class SelfStudy(Spec):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=cel(("self.minChunkTokens <= self.maxChunkTokens", "minChunkTokens must not exceed maxChunkTokens")),
+    )
+
+    conversations: int = Field(default=8192, ge=1, le=10_000_000)
+    minChunkTokens: int = Field(default=512, ge=16, le=32768)
+    maxChunkTokens: int = Field(default=4096, ge=16, le=32768)
+    seedPrompts: list[Literal["structuring", "summarization", "question", "use_case", "creative"]] = Field(
+        default_factory=lambda: ["structuring", "summarization", "question", "use_case", "creative"], min_length=1
+    )
+    temperature: float = Field(default=0.6, ge=0.0, le=2.0)
+    topK: int = Field(default=20, ge=1, le=256, description="teacher log-probs kept per token")
+
+
+class Training(Spec):
+    steps: int = Field(default=1000, ge=1, le=10_000_000)
+    learningRate: float = Field(default=0.02, gt=0.0, le=1.0)
+    batchSize: int = Field(default=16, ge=1, le=4096)
+    sequenceLength: int = Field(default=1024, ge=32, le=131072)
+
+
+class Toleration(Spec):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class Resources(Spec):
+    gpus: int = Field(default=1, ge=0, le=64)
+    memory: str = Field(default="32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    cpu: str = Field(default="4", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priorityClassName: str | None = None
+
+
+class QualityGate(Spec):
+    minIclGainRecovered: float | None = Field(default=None, ge=0.0, le=2.0, description="promote only above this")
+
+
+class Serving(Spec):
+    enabled: bool = True
+    replicas: int = Field(default=1, ge=0, le=64)
+    qualityGate: QualityGate = Field(default_factory=QualityGate)
+
+
+class CartridgeSpec(Spec):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=cel(
+            ("self.frozenTokens < self.size", "frozenTokens must be smaller than size"),
+            ("self.baseModel == oldSelf.baseModel", "baseModel is immutable: create a new Cartridge for another model"),
+        ),
+    )
+
+    corpusRefs: list[CorpusRef] = Field(min_length=1, max_length=16)
+    baseModel: BaseModelRef
+    size: int = Field(
+        default=2048,
+        ge=MIN_SIZE,
+        le=MAX_SIZE,
+        multiple_of=16,
+        description="p: trainable KV tokens per layer (a multiple of 16)",
+    )
+    initialization: Initialization = Field(default_factory=Initialization)
+    frozenTokens: int = Field(default=1, ge=0, le=MAX_SIZE, description="leading tokens kept fixed (attention sink)")
+    selfStudy: SelfStudy = Field(default_factory=SelfStudy)
+    training: Training = Field(default_factory=Training)
+    resources: Resources = Field(default_factory=Resources)
+    serving: Serving = Field(default_factory=Serving)
+    retention: Literal["Delete", "Retain"] = Field(default="Retain", description="what deletion does to artifacts")
+    suspend: bool = False
+
+
+class Progress(Spec):
+    phase: str | None = None
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    etaSeconds: int | None = None
+
+
+class ArtifactStatus(Spec):
+    uri: str
+    sha256: str
+    bytes: int
+    p: int
+    dtype: str
+
+
+class Evaluation(Spec):
+    noContext: float | None = None
+    icl: float | None = None
+    cartridge: float | None = None
+    iclGainRecovered: float | None = None
+
+
+class Endpoint(Spec):
+    url: str
+    model: str
+    cartridge: str
+
+
+class Failure(Spec):
+    reason: str
+    message: str = ""
+    exitCode: int | None = None
+    pod: str | None = None
+    time: str | None = None
+
+
+class CartridgeStatus(Spec):
+    observedGeneration: int | None = None
+    generation: int | None = Field(default=None, description="training generation (g<N> in the store)")
+    progress: Progress | None = None
+    artifact: ArtifactStatus | None = None
+    evaluation: Evaluation | None = None
+    endpoint: Endpoint | None = None
+    trainingJob: str | None = None
+    lastFailure: Failure | None = None
+    conditions: list[Condition] = Field(default_factory=list)

@@ -1,0 +1,116 @@
+"""The cartridge artifact: save/load round trip, verification, and the reference-implementation importer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cartridges.artifact import (
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    ArtifactError,
+    Cartridge,
+    download_artifact,
+    import_reference_pt,
+    load_cartridge,
+    save_cartridge,
+    upload_artifact,
+)
+from cartridges.models import LoadedModel, tiny_llama
+from cartridges.store import Store
+from cartridges_e2e.minio import MinioServer
+
+
+def random_cartridge(model: LoadedModel, p: int = 16, dtype: torch.dtype = torch.float32) -> Cartridge:
+    fp = model.fingerprint
+    shape = (fp.num_kv_heads, p, fp.head_dim)
+    layers = range(fp.num_layers)
+    return Cartridge([torch.randn(shape, dtype=dtype) for _ in layers], [torch.randn(shape, dtype=dtype) for _ in layers])
+
+
+def test_round_trip_preserves_tensors_and_manifest(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    cartridge = random_cartridge(tiny_model, dtype=torch.bfloat16)
+    manifest = save_cartridge(cartridge, tmp_path, tiny_model.fingerprint, corpus_digest="abc", metrics={"nll": 1.5})
+    loaded, read = load_cartridge(tmp_path, expected_model=tiny_model.fingerprint)
+    assert read == manifest and read.p == 16 and read.dtype == "bfloat16"
+    for a, b in zip(cartridge.keys + cartridge.values, loaded.keys + loaded.values, strict=True):
+        assert torch.equal(a, b)
+    as_fp32, _ = load_cartridge(tmp_path, dtype=torch.float32)
+    assert as_fp32.keys[0].dtype == torch.float32
+
+
+def test_truncated_tensors_are_rejected(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    save_cartridge(random_cartridge(tiny_model), tmp_path, tiny_model.fingerprint)
+    data = (tmp_path / TENSORS_FILE).read_bytes()
+    (tmp_path / TENSORS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="does not match the manifest"):
+        load_cartridge(tmp_path)
+
+
+def test_cartridge_for_another_model_is_a_clear_error(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    save_cartridge(random_cartridge(tiny_model), tmp_path, tiny_model.fingerprint)
+    other = tiny_llama(seed=1)
+    with pytest.raises(ArtifactError, match=r"trained for tiny-llama-seed0, not the loaded tiny-llama-seed1.*weights_sha256"):
+        load_cartridge(tmp_path, expected_model=other.fingerprint)
+
+
+def test_manifest_that_lies_about_p_is_rejected(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    save_cartridge(random_cartridge(tiny_model), tmp_path, tiny_model.fingerprint)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["p"] = 32
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest says p=32"):
+        load_cartridge(tmp_path)
+
+
+def test_geometry_is_checked_on_save(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    bad = Cartridge([torch.zeros(1, 4, 16)] * 2, [torch.zeros(1, 4, 16)] * 2)
+    with pytest.raises(ArtifactError, match="geometry"):
+        save_cartridge(bad, tmp_path, tiny_model.fingerprint)
+    with pytest.raises(ArtifactError, match="layer 1"):
+        Cartridge([torch.zeros(2, 4, 16), torch.zeros(2, 5, 16)], [torch.zeros(2, 4, 16)] * 2)
+
+
+def test_reference_pt_import_puts_frozen_rows_first(tmp_path: Path) -> None:
+    layers, heads, dim = 3, 2, 8
+    state = {
+        "frozen_keys": [torch.randn(1, heads, 1, dim) for _ in range(layers)],
+        "frozen_values": [torch.randn(1, heads, 1, dim) for _ in range(layers)],
+        "trainable_keys": [torch.nn.Parameter(torch.randn(1, heads, 15, dim)) for _ in range(layers)],
+        "trainable_values": [torch.nn.Parameter(torch.randn(1, heads, 15, dim)) for _ in range(layers)],
+    }
+    torch.save(state, tmp_path / "ref.pt")
+    cartridge = import_reference_pt(tmp_path / "ref.pt")
+    assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (16, 1, layers)
+    assert torch.equal(cartridge.keys[2][:, 0], state["frozen_keys"][2][0, :, 0])
+    assert torch.equal(cartridge.values[0][:, 1:], state["trainable_values"][0][0].detach())
+
+
+def test_reference_import_rejects_other_checkpoints(tmp_path: Path) -> None:
+    torch.save({"model": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ArtifactError, match="trainable_keys"):
+        import_reference_pt(tmp_path / "other.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ArtifactError, match="not a readable torch checkpoint"):
+        import_reference_pt(tmp_path / "garbage.pt")
+
+
+@pytest.mark.minio
+def test_upload_and_verified_download_through_minio(
+    tiny_model: LoadedModel, minio_server: MinioServer, s3_prefix: str, tmp_path: Path
+) -> None:
+    store: Store = minio_server.store()
+    save_cartridge(random_cartridge(tiny_model), tmp_path / "out", tiny_model.fingerprint)
+    prefix = f"{s3_prefix}cartridges/default/demo/g1"
+    uploaded = upload_artifact(store, tmp_path / "out", prefix)
+    downloaded = download_artifact(store, prefix, tmp_path / "in")
+    assert downloaded == uploaded
+    load_cartridge(tmp_path / "in", expected_model=tiny_model.fingerprint)
+    # Corrupt the tensors in the store: the download must fail and leave no tensors file behind.
+    store.put_bytes(f"{prefix}/{TENSORS_FILE}", b"corrupt")
+    with pytest.raises(ArtifactError, match="corrupt cartridge tensors"):
+        download_artifact(store, prefix, tmp_path / "again")
+    assert not (tmp_path / "again" / TENSORS_FILE).exists()

@@ -1,0 +1,72 @@
+"""Base-model loading: the tiny random model, SmolLM2 from its GGUF, store URIs, and bad sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cartridges.models import LoadedModel, ModelLoadError, load_base_model, tiny_llama
+from cartridges.store import Store
+
+
+def test_tiny_model_is_deterministic_and_fingerprinted() -> None:
+    a, b, c = tiny_llama(seed=0), tiny_llama(seed=0), tiny_llama(seed=1)
+    assert a.fingerprint == b.fingerprint
+    assert a.fingerprint.weights_sha256 != c.fingerprint.weights_sha256
+    assert (a.fingerprint.num_layers, a.fingerprint.num_kv_heads, a.fingerprint.head_dim) == (2, 2, 16)
+    ids = a.tokenizer("héllo wörld")["input_ids"]
+    assert a.tokenizer.decode(ids) == "héllo wörld"
+
+
+def test_hf_directory_round_trip_through_a_file_store(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    local = tmp_path / "tiny"
+    tiny_model.model.save_pretrained(local)
+    tiny_model.tokenizer.save_pretrained(local)
+    store = Store()
+    for path in local.iterdir():
+        store.put_file(f"file://{tmp_path}/store/models/tiny/{path.name}", path)
+    loaded = load_base_model(f"file://{tmp_path}/store/models/tiny", store=store)
+    assert loaded.fingerprint.tokenizer_sha256 == tiny_model.fingerprint.tokenizer_sha256
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(loaded.model(ids).logits, tiny_model.model(ids).logits, atol=1e-5)
+
+
+def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="model not found"):
+        load_base_model(tmp_path / "missing")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="must be .gguf"):
+        load_base_model(tmp_path / "weights.bin")
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF but not really")
+    with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+        load_base_model(tmp_path / "fake.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_base_model(tmp_path / "empty")
+
+
+def test_gguf_of_a_non_causal_lm_is_rejected(tmp_path: Path) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="'bert' is not a supported causal LM"):
+        load_base_model(tmp_path / "bert.gguf")
+
+
+@pytest.mark.smollm2
+def test_smollm2_answers_a_simple_question_greedily(smollm2: LoadedModel) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    prompt = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    input_ids = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    out = smollm2.model.generate(input_ids, max_new_tokens=8, do_sample=False)
+    answer = smollm2.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+    assert "paris" in answer.lower()
+    fp = smollm2.fingerprint
+    assert (fp.num_layers, fp.num_kv_heads, fp.head_dim) == (30, 3, 64)
