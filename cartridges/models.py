@@ -159,6 +159,9 @@ def _gguf_as_hf_dir(path: Path, weights_sha256: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError) as err:
         raise ModelLoadError(f"{path}: transformers cannot load this GGUF as a causal LM ({err})") from err
+    model.hf_quantizer = None  # the weights are dequantized now; save them as plain float tensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         model.save_pretrained(tmp)

@@ -5,6 +5,7 @@ Start-up times are collected and printed at the end of the run, so CI shows what
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,8 @@ def s3_prefix(minio_server: object, request: pytest.FixtureRequest) -> str:
     from cartridges_e2e.minio import MinioServer
 
     assert isinstance(minio_server, MinioServer)
-    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.monotonic_ns() % 10**6}"
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"t-{slug}-{time.monotonic_ns() % 10**6}"
     uri = f"s3://{name}/"
     minio_server.store().ensure_bucket(uri)
     return uri
