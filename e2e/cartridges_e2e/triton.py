@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import secrets
 import site
 import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cartridges_e2e.process import Service, ServiceError, free_port, http_ok
 
@@ -73,7 +75,7 @@ def backends_dir(dist: TritonDist, workdir: Path) -> Path:
 def stub_python(workdir: Path) -> Path:
     """A throwaway venv whose ``.pth`` gives the backend stub this interpreter's ``sys.path``.
 
-    The stub embeds Python ignoring ``PYTHON*`` variables, so ``PYTHONPATH`` never reaches it; but with no
+    The stub embeds Python with the environment ignored, so ``PYTHONPATH`` never reaches it; but with no
     program path CPython's start-up searches ``PATH`` for ``python3`` and takes the ``pyvenv.cfg`` beside it
     (pytriton relies on the same by putting ``<sys.prefix>/bin`` first on ``PATH``). This venv's site-packages
     re-adds our site directories (processing their ``.pth`` files, so editable installs work) and every other
@@ -150,6 +152,18 @@ class TritonServer:
         self.service.stop()
 
 
+class TritonFactory(Protocol):
+    """The ``triton_server_factory`` fixture: one server per model repository (and env) per session."""
+
+    def __call__(self, model_repository: Path, env: dict[str, str] | None = None) -> TritonServer: ...
+
+
+def error_lines(log_path: Path) -> str:
+    """Triton's error lines: a failed model load is logged long before the tail ``ServiceError`` shows."""
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    return "\n".join(line for line in lines if re.match(r"E\d{4} ", line)) or "(none)"
+
+
 def start_triton(
     model_repository: Path, workdir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0
 ) -> TritonServer:
@@ -187,7 +201,11 @@ def start_triton(
         env={**stub_env(dist, stub_python(workdir)), **(env or {})},
         cwd=workdir,
     )
-    startup = service.wait_until(
-        lambda: http_ok(f"http://127.0.0.1:{http}/v2/health/ready"), timeout_s=timeout_s
-    )
+    ready_url = f"http://127.0.0.1:{http}/v2/health/ready"
+    try:
+        startup = service.wait_until(lambda: http_ok(ready_url), timeout_s=timeout_s)
+    except ServiceError as error:
+        raise ServiceError(
+            f"{error}\n\nerrors logged in {service.log_path}:\n{error_lines(service.log_path)}"
+        ) from None
     return TritonServer(service, http, grpc, metrics, startup)
