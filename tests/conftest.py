@@ -9,10 +9,14 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from cartridges.models import LoadedModel, load_base_model, tiny_llama
+
+if TYPE_CHECKING:
+    from cartridges_e2e.triton import TritonFactory
 
 SERVICE_TIMINGS: dict[str, float] = {}
 
@@ -70,3 +74,23 @@ def smollm2() -> LoadedModel:
 @pytest.fixture
 def file_store_root(tmp_path: Path) -> str:
     return f"file://{tmp_path}/store"
+
+
+@pytest.fixture(scope="session")
+def triton_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonFactory]:
+    """Starts Triton once per model repository (and env) for the whole session; stops them all at the end."""
+    from cartridges_e2e.triton import TritonServer, start_triton
+
+    servers: dict[tuple[str, str], TritonServer] = {}
+
+    def start(model_repository: Path, env: dict[str, str] | None = None) -> TritonServer:
+        key = (str(model_repository.resolve()), repr(sorted((env or {}).items())))
+        if key not in servers:
+            started = time.monotonic()
+            servers[key] = start_triton(model_repository.resolve(), tmp_path_factory.mktemp("triton"), env)
+            record_timing(f"triton ({model_repository.name}, start)", time.monotonic() - started)
+        return servers[key]
+
+    yield start
+    for server in servers.values():
+        server.stop()

@@ -1,0 +1,107 @@
+"""Triton from the nvidia-pytriton wheel on CPU: its protocols and the stub environment the router needs."""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from cartridges_e2e.process import ServiceError, http_ok
+from cartridges_e2e.triton import TritonFactory, TritonServer, start_triton
+
+import cartridges
+
+pytestmark = pytest.mark.triton
+
+MODELS = Path(__file__).parent / "triton_models"
+
+
+@pytest.fixture(scope="module")
+def triton(triton_server_factory: TritonFactory) -> TritonServer:
+    return triton_server_factory(MODELS)
+
+
+def post_json(url: str, body: dict[str, Any]) -> bytes:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return bytes(response.read())
+
+
+def test_health_and_metrics(triton: TritonServer) -> None:
+    assert http_ok(f"{triton.http_url}/v2/health/live")
+    with urllib.request.urlopen(triton.metrics_url, timeout=10) as response:
+        assert b"nv_inference_request_success" in response.read()
+
+
+def test_http_infer(triton: TritonServer) -> None:
+    client = httpclient.InferenceServerClient(triton.http_url.removeprefix("http://"))
+    text = httpclient.InferInput("text_input", [2], "BYTES")
+    text.set_data_from_numpy(np.array([b"hello", b"cartridges"], dtype=np.object_))
+    result = client.infer("echo", [text])
+    assert result.as_numpy("text_output").tolist() == [b"HELLO", b"CARTRIDGES"]
+
+
+def test_grpc_stream_from_decoupled_model(triton: TritonServer) -> None:
+    """Several responses for one request, ended by an empty final one, as token streaming will work."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"one two three"], dtype=np.object_))
+        client.async_stream_infer("echo_stream", [text], enable_empty_final_response=True)
+        words = []
+        while True:
+            result, error = results.get(timeout=30)
+            assert error is None, error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+            words.extend(result.as_numpy("text_output").tolist())
+    finally:
+        client.stop_stream()
+        client.close()
+    assert words == [b"ONE", b"TWO", b"THREE"]
+
+
+def test_generate_endpoint(triton: TritonServer) -> None:
+    body = json.loads(post_json(f"{triton.http_url}/v2/models/echo/generate", {"text_input": "hello world"}))
+    assert body["text_output"] == "HELLO WORLD"
+
+
+def test_generate_stream_endpoint(triton: TritonServer) -> None:
+    events = post_json(f"{triton.http_url}/v2/models/echo_stream/generate_stream", {"text_input": "one two"})
+    chunks = [
+        json.loads(line[len(b"data: ") :]) for line in events.splitlines() if line.startswith(b"data: ")
+    ]
+    assert [chunk["text_output"] for chunk in chunks] == ["ONE", "TWO"]
+
+
+def test_stub_runs_in_project_environment(triton: TritonServer) -> None:
+    """The stub imports numpy < 2, torch and the checkout under test, with this interpreter's libpython."""
+    body = json.loads(post_json(f"{triton.http_url}/v2/models/env_probe/generate", {"text_input": ""}))
+    report = json.loads(body["text_output"])
+    assert report["numpy"] == np.__version__
+    assert report["numpy"].startswith("1.")
+    assert report["torch"] == torch.__version__
+    assert report["cartridges"] == cartridges.__version__
+    assert report["cartridges_file"] == cartridges.__file__
+    assert report["python"] == sys.version
+
+
+def test_load_failure_reports_model_error(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text((MODELS / "echo" / "config.pbtxt").read_text())
+    (model / "1" / "model.py").write_text("raise RuntimeError('broken on purpose')\n")
+    with pytest.raises(ServiceError, match="broken on purpose"):
+        start_triton(tmp_path / "models", tmp_path / "work")
