@@ -18,16 +18,16 @@ BLOCK_P = 16
 
 @triton.jit
 def _merge_kernel(
-    part_o_ptr,
-    part_lse_ptr,
-    out_ptr,
-    out_lse_ptr,
-    num_slots,
-    num_rows,
+    part_o_ptr: tl.tensor,
+    part_lse_ptr: tl.tensor,
+    out_ptr: tl.tensor,
+    out_lse_ptr: tl.tensor,
+    num_slots: int,
+    num_rows: int,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
-):
+) -> None:
     row = tl.program_id(0).to(tl.int64)  # token * q_heads + head
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM

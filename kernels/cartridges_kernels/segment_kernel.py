@@ -37,19 +37,19 @@ TL_DTYPE = {
 
 @triton.jit
 def _segment_partials_kernel(
-    q_ptr,
-    stride_qt,
-    stride_qh,
-    meta_ptr,
-    tiles_ptr,
-    row_token_ptr,
-    row_slot_ptr,
-    row_qpos_ptr,
-    part_o_ptr,
-    part_lse_ptr,
-    n_tokens,
-    q_heads,
-    qk_scale,
+    q_ptr: tl.tensor,
+    stride_qt: int,
+    stride_qh: int,
+    meta_ptr: tl.tensor,
+    tiles_ptr: tl.tensor,
+    row_token_ptr: tl.tensor,
+    row_slot_ptr: tl.tensor,
+    row_qpos_ptr: tl.tensor,
+    part_o_ptr: tl.tensor,
+    part_lse_ptr: tl.tensor,
+    n_tokens: int,
+    q_heads: int,
+    qk_scale: float,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -61,7 +61,7 @@ def _segment_partials_kernel(
     K_SCALE: tl.constexpr,
     V_SCALE: tl.constexpr,
     CAUSAL: tl.constexpr,
-):
+) -> None:
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
