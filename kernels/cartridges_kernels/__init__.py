@@ -1,0 +1,22 @@
+"""Attention kernels that compose cartridges: segmented attention over shared KV segments plus own KV.
+
+Public API: :func:`decode_attention`, :func:`prefill_attention` (dispatch to Triton on CUDA, PyTorch
+elsewhere), the inputs :class:`SegmentTable` and :class:`KVSegment`, and quantized storage via
+:func:`quantize_kv`.
+"""
+
+from cartridges_kernels.config import KernelConfig
+from cartridges_kernels.dispatch import BACKEND_ENV, decode_attention, prefill_attention
+from cartridges_kernels.quantize import QuantizedKV, quantize_kv
+from cartridges_kernels.segments import KVSegment, SegmentTable
+
+__all__ = [
+    "BACKEND_ENV",
+    "KVSegment",
+    "KernelConfig",
+    "QuantizedKV",
+    "SegmentTable",
+    "decode_attention",
+    "prefill_attention",
+    "quantize_kv",
+]

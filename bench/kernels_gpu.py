@@ -1,0 +1,331 @@
+"""GPU benchmark of cartridge decode attention: check correctness on the GPU, then time it.
+
+Cases (Llama-3.1-8B-like: 8 KV heads, 32 query heads, head_dim 128, timed over 32 layers' worth of distinct
+tensors so L2 cannot hold a step): one 2048-token cartridge shared by the whole batch (bf16 and int8), two
+composed cartridges, and in-context-learning baselines with a 32k / 100k-token prompt per request. Each is
+compared with PyTorch SDPA on the concatenated KV and with the same kernel reading every cartridge once per
+request. Achieved bandwidth = bytes that must be read per step (each cartridge once) / (time x measured copy
+bandwidth).
+
+    python bench/kernels_gpu.py [--out DIR]             # on a CUDA machine
+    python bench/kernels_gpu.py --smoke --out /tmp/x    # tiny shapes on CPU (Triton interpreter)
+
+Writes DIR/kernels-gpu.json (and kernels-gpu.png when matplotlib is importable); DIR defaults to
+bench/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from cartridges_kernels import KVSegment, SegmentTable, decode_attention, prefill_attention, quantize_kv
+from cartridges_kernels.quantize import QuantFormat
+from torch import Tensor
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Model and sweep sizes; ``layers`` is how many layers one reported step covers."""
+
+    layers: int
+    kv_heads: int
+    q_heads: int
+    head_dim: int
+    cartridge_len: int
+    own_len: int  # tokens a request has generated so far (its own KV in the cartridge cases)
+    icl_lens: tuple[int, ...]
+    batches: tuple[int, ...]
+    dtype: torch.dtype
+    iters: int
+    warmup: int
+    memory_fraction: float  # of free device memory one measurement may allocate
+
+
+FULL = Shapes(32, 8, 32, 128, 2048, 128, (32_768, 100_000), (1, 2, 4, 8, 16, 32, 64, 128, 256),
+              torch.bfloat16, 20, 3, 0.4)  # fmt: skip
+SMOKE = Shapes(1, 2, 4, 16, 40, 5, (64,), (3,), torch.float32, 1, 0, 0.4)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A decode workload: ``cartridges`` cartridges composed and shared by all requests, plus own tokens."""
+
+    name: str
+    cartridges: int
+    own_len: int
+    quant: QuantFormat | None = None
+
+
+def cases(shapes: Shapes) -> list[Case]:
+    n = shapes.cartridge_len
+    return [
+        Case(f"shared-1x{n}", 1, shapes.own_len),
+        Case(f"shared-1x{n}-int8", 1, shapes.own_len, "int8"),
+        Case(f"composed-2x{n}", 2, shapes.own_len),
+        *[Case(f"icl-{length}", 0, length + shapes.own_len) for length in shapes.icl_lens],
+    ]
+
+
+@dataclass
+class Layer:
+    """One layer's decode inputs."""
+
+    q: Tensor
+    table: SegmentTable
+    own: list[KVSegment]
+
+    def dense_kv(self) -> tuple[Tensor, Tensor]:
+        """[batch, kv_heads, total, head_dim] keys and values, concatenated as a dense baseline holds them."""
+        keys, values = [], []
+        for r, own in enumerate(self.own):
+            parts = [self.table.segments[i] for i in self.table.request_segments[r]] + [own]
+            keys.append(torch.cat([p.dense(self.q.dtype)[0] for p in parts], dim=1))
+            values.append(torch.cat([p.dense(self.q.dtype)[1] for p in parts], dim=1))
+        return torch.stack(keys), torch.stack(values)
+
+
+def make_layer(shapes: Shapes, case: Case, batch: int, device: torch.device) -> Layer:
+    def rand(tokens: int) -> Tensor:
+        shape = (shapes.kv_heads, tokens, shapes.head_dim)
+        return torch.randn(shape, device=device, dtype=shapes.dtype)
+
+    segments = []
+    for _ in range(case.cartridges):
+        keys, values = rand(shapes.cartridge_len), rand(shapes.cartridge_len)
+        if case.quant is None:
+            segments.append(KVSegment(keys, values))
+        else:
+            segments.append(
+                KVSegment(quantize_kv(keys, case.quant, "channel"), quantize_kv(values, case.quant, "token"))
+            )
+    own_k = torch.randn(
+        batch, shapes.kv_heads, case.own_len, shapes.head_dim, device=device, dtype=shapes.dtype
+    )
+    own_v = torch.randn_like(own_k)
+    q = torch.randn(batch, shapes.q_heads, shapes.head_dim, device=device, dtype=shapes.dtype)
+    table = SegmentTable(segments, [list(range(case.cartridges))] * batch)
+    return Layer(q, table, [KVSegment(own_k[b], own_v[b]) for b in range(batch)])
+
+
+def stored_bytes(segment: KVSegment) -> int:
+    """Bytes a segment occupies (payload plus scales): what attention must read from it."""
+    total = 0
+    for x in (segment.keys, segment.values):
+        tensors = [x] if isinstance(x, Tensor) else [x.data, x.scales]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def layer_bytes(shapes: Shapes, case: Case, batch: int, device: torch.device) -> tuple[int, int]:
+    """(bytes one layer's decode step must read and write, each unique cartridge once; bytes of the dense
+    concatenated KV a baseline holds), measured on a one-request layer and scaled to the batch."""
+    probe = make_layer(shapes, case, 1, device)
+    per_request = stored_bytes(probe.own[0]) + 2 * probe.q.numel() * probe.q.element_size()
+    dense = sum(t.numel() * t.element_size() for t in probe.dense_kv())
+    return sum(map(stored_bytes, probe.table.segments)) + batch * per_request, batch * dense
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(step: Callable[[], object], shapes: Shapes, device: torch.device) -> float:
+    """Median wall time of ``step`` in ms: CUDA events on a GPU, perf_counter elsewhere."""
+    for _ in range(shapes.warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(shapes.iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(shapes: Shapes, device: torch.device) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second): the practical ceiling for a read."""
+    n = (1024 if device.type == "cuda" else 16) << 20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), replace(shapes, iters=10, warmup=2), device)
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def layers_fitting(bytes_per_layer: int, shapes: Shapes, device: torch.device) -> int:
+    """How many distinct layers one measurement can hold (0: not even one fits)."""
+    if device.type != "cuda":
+        return shapes.layers
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(shapes.layers, int(free * shapes.memory_fraction // max(bytes_per_layer, 1)))
+
+
+def time_per_step(
+    run: Callable[[Any], object], layers: list[Any], shapes: Shapes, device: torch.device
+) -> float:
+    """Median ms of running every layer once, scaled to ``shapes.layers`` layers."""
+    ms = median_ms(lambda: [run(layer) for layer in layers], shapes, device)
+    return ms * shapes.layers / len(layers)
+
+
+def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_gbps: float) -> dict[str, Any]:
+    """One (case, batch) row; methods that do not fit in memory are reported as null."""
+    kernel_bytes, dense_bytes = layer_bytes(shapes, case, batch, device)
+    row: dict[str, Any] = {"case": case.name, "batch": batch, "bytes_per_step": kernel_bytes * shapes.layers}
+    row.update(kernel_ms=None, per_request_ms=None, reference_ms=None, bandwidth_fraction=None)
+    n_layers = layers_fitting(kernel_bytes, shapes, device)
+    if n_layers:
+        layers = [make_layer(shapes, case, batch, device) for _ in range(n_layers)]
+        row["kernel_ms"] = time_per_step(
+            lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), layers, shapes, device
+        )
+        if case.cartridges:
+            row["per_request_ms"] = time_per_step(
+                lambda x: decode_attention(x.q, x.table, x.own, backend="triton", shared_reads=False),
+                layers,
+                shapes,
+                device,
+            )
+        achieved = row["bytes_per_step"] / (row["kernel_ms"] * 1e-3) / 1e9
+        row["bandwidth_fraction"] = achieved / copy_gbps
+        del layers
+    n_dense = layers_fitting(kernel_bytes + dense_bytes, shapes, device)
+    if n_dense:
+        dense = []
+        for _ in range(n_dense):
+            layer = make_layer(shapes, case, batch, device)
+            dense.append((layer.q[:, :, None, :], *layer.dense_kv()))
+        row["reference_ms"] = time_per_step(
+            lambda x: F.scaled_dot_product_attention(x[0], x[1], x[2], enable_gqa=True), dense, shapes, device
+        )
+        del dense
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
+    """Kernel vs the PyTorch reference on this device for every case (batch 3, ICL prompts cut to 4k)."""
+    failures = []
+    tol = 2e-2 if shapes.dtype in (torch.bfloat16, torch.float16) else 2e-4
+    for case in cases(shapes):
+        small = Case(case.name, case.cartridges, min(case.own_len, 4096), case.quant)
+        layer = make_layer(shapes, small, 3, device)
+        expected = decode_attention(layer.q, layer.table, layer.own, backend="torch").float()
+        variants = {
+            "default": decode_attention(layer.q, layer.table, layer.own, backend="triton"),
+            "per-request": decode_attention(
+                layer.q, layer.table, layer.own, backend="triton", shared_reads=False
+            ),
+            "split": decode_attention(layer.q, layer.table, layer.own, backend="triton", num_splits=4),
+        }
+        for label, got in variants.items():
+            err = (got.float() - expected).abs().max().item()
+            if not err <= tol:
+                failures.append(f"{case.name} {label}: max error {err:.3g} > {tol}")
+        q = torch.randn(6, shapes.q_heads, shapes.head_dim, device=device, dtype=shapes.dtype)
+        got = prefill_attention(q, [3, 2, 1], layer.table, layer.own, backend="triton").float()
+        want = prefill_attention(q, [3, 2, 1], layer.table, layer.own, backend="torch").float()
+        err = (got - want).abs().max().item()
+        if not err <= tol:
+            failures.append(f"{case.name} prefill: max error {err:.3g} > {tol}")
+    return failures
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    def fmt(x: float | None, width: int, digits: int) -> str:
+        return "-".rjust(width) if x is None else f"{x:{width}.{digits}f}"
+
+    print(f"{'case':<22}{'batch':>6}{'kernel ms':>11}{'sdpa ms':>10}{'per-req ms':>11}{'bw frac':>9}")
+    for r in rows:
+        print(
+            f"{r['case']:<22}{r['batch']:>6}{fmt(r['kernel_ms'], 11, 3)}{fmt(r['reference_ms'], 10, 3)}"
+            f"{fmt(r['per_request_ms'], 11, 3)}{fmt(r['bandwidth_fraction'], 9, 2)}"
+        )
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Kernel vs SDPA time per case against batch size; skipped (False) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == name]
+        for key, style in (("kernel_ms", "-o"), ("reference_ms", "--x")):
+            points = [(r["batch"], r[key]) for r in mine if r[key] is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=f"{name} {key.removesuffix('_ms')}")
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per step (all layers)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for kernels-gpu.json / .png")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels first import triton
+        device, shapes = torch.device("cpu"), SMOKE
+    elif torch.cuda.is_available():
+        device, shapes = torch.device("cuda"), FULL
+    else:
+        print("no CUDA device; use --smoke to check the script on CPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    failures = check_correctness(shapes, device)
+    if failures:
+        print("correctness check failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    copy_gbps = copy_bandwidth_gbps(shapes, device)
+    rows = [measure(shapes, case, b, device, copy_gbps) for case in cases(shapes) for b in shapes.batches]
+    print_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)",
+        "copy_bandwidth_gbps": copy_gbps,
+        "shapes": {k: str(v) for k, v in asdict(shapes).items()},
+        "rows": rows,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    plotted = plot(rows, args.out / "kernels-gpu.png")
+    print(f"wrote {args.out / 'kernels-gpu.json'}" + (" and kernels-gpu.png" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

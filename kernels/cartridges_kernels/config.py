@@ -1,0 +1,83 @@
+"""Launch configurations for the segment kernel and the checks the Triton interpreter does not make.
+
+The interpreter happily runs tiles that a GPU compile rejects or that spill registers badly (dots smaller than
+16, non-power-of-two blocks, oversized tiles); the launcher calls :func:`check_config` so a bad config fails
+the same way on CPU as it would on a GPU, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MIN_DOT = 16  # tl.dot needs every dimension >= 16
+MAX_BLOCK_M = 128
+MAX_BLOCK_N = 256
+MAX_HEAD_DIM = 256
+MAX_ACC_PER_THREAD = 128  # fp32 accumulator elements per thread before registers spill
+SHARED_MEMORY_BYTES = 160 * 1024  # what every supported GPU (sm80+) gives one block, opt-in
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Segment-kernel tiles: ``block_m`` query rows (tokens x padded GQA group), ``block_n`` keys."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: int) -> None:
+    """Raise ValueError if the config cannot compile, or would spill, on a GPU."""
+    block_d = max(next_pow2(head_dim), MIN_DOT)
+    if not (_is_pow2(config.block_m) and MIN_DOT <= config.block_m <= MAX_BLOCK_M):
+        raise ValueError(f"block_m={config.block_m} must be a power of two in [{MIN_DOT}, {MAX_BLOCK_M}]")
+    if not (_is_pow2(config.block_n) and MIN_DOT <= config.block_n <= MAX_BLOCK_N):
+        raise ValueError(f"block_n={config.block_n} must be a power of two in [{MIN_DOT}, {MAX_BLOCK_N}]")
+    if config.block_m < group_pad:
+        raise ValueError(f"block_m={config.block_m} is smaller than the GQA group ({group_pad} query heads)")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} exceeds {MAX_HEAD_DIM}")
+    if config.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={config.num_warps} must be 1, 2, 4, 8 or 16")
+    acc_per_thread = config.block_m * block_d // (32 * config.num_warps)
+    if acc_per_thread > MAX_ACC_PER_THREAD:
+        raise ValueError(
+            f"block_m={config.block_m} x head_dim {block_d} needs {acc_per_thread} accumulator registers "
+            f"per thread with {config.num_warps} warps (max {MAX_ACC_PER_THREAD}); lower block_m or raise "
+            "num_warps"
+        )
+    smem = config.num_stages * 2 * config.block_n * block_d * kv_bytes + config.block_m * block_d * 4
+    if smem > SHARED_MEMORY_BYTES:
+        raise ValueError(
+            f"block_n={config.block_n}, head_dim {block_d}, {config.num_stages} stages need {smem} bytes of "
+            f"shared memory (max {SHARED_MEMORY_BYTES}); lower block_n or num_stages"
+        )
+
+
+def default_config(head_dim: int) -> KernelConfig:
+    """A fixed config (no autotuning: the interpreter cannot time, and decode shapes vary every step)."""
+    return KernelConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+
+
+def choose_num_splits(ctas: int, max_len: int, device: torch.device) -> int:
+    """Split long segments across CTAs only when the grid would leave a CUDA device's SMs idle."""
+    if device.type != "cuda" or ctas == 0:
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if ctas >= target:
+        return 1
+    return max(1, min(math.ceil(target / ctas), max_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS))

@@ -1,0 +1,190 @@
+"""The entry points the serving engine calls: segmented attention for decode and for prefill.
+
+Triton kernels run on CUDA; elsewhere the PyTorch reference runs. ``backend="triton"`` (or the environment
+variable ``CARTRIDGES_KERNELS_BACKEND=triton``) forces the kernels, which on CPU needs ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from cartridges_kernels.config import KernelConfig, default_config, next_pow2
+from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
+from cartridges_kernels.quantize import QuantizedKV
+from cartridges_kernels.reference import segmented_attention_reference
+from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
+
+Backend = Literal["auto", "triton", "torch"]
+BACKEND_ENV = "CARTRIDGES_KERNELS_BACKEND"
+
+
+def decode_attention(
+    q: Tensor,
+    table: SegmentTable,
+    own_kv: Sequence[KVSegment] | None,
+    *,
+    sm_scale: float | None = None,
+    backend: Backend | None = None,
+    num_splits: int | None = None,
+    shared_reads: bool = True,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """One decode step. q: [batch, q_heads, head_dim] (one token per request) -> [batch, q_heads, head_dim].
+
+    Request r attends over ``table.segments[i]`` for i in ``table.request_segments[r]`` and over all
+    ``own_kv[r].length`` rows of its own KV (which already holds this token's key/value). See
+    :func:`prefill_attention` for the options.
+    """
+    return prefill_attention(
+        q,
+        [1] * q.shape[0],
+        table,
+        own_kv,
+        sm_scale=sm_scale,
+        backend=backend,
+        num_splits=num_splits,
+        shared_reads=shared_reads,
+        config=config,
+    )
+
+
+def prefill_attention(
+    q: Tensor,
+    query_lens: Sequence[int],
+    table: SegmentTable,
+    own_kv: Sequence[KVSegment] | None,
+    *,
+    sm_scale: float | None = None,
+    backend: Backend | None = None,
+    num_splits: int | None = None,
+    shared_reads: bool = True,
+    config: KernelConfig | None = None,
+) -> Tensor:
+    """A chunk of query tokens per request. q: [sum(query_lens), q_heads, head_dim], requests back to back.
+
+    Cartridge segments are fully visible; the own KV ``own_kv[r]`` ([kv_heads, capacity, head_dim], ``length``
+    rows used) ends with the chunk's keys, and query i of the chunk sees own rows 0 through
+    ``length - query_lens[r] + i`` (causal). ``own_kv=None`` attends over cartridges only. q_heads must be a
+    multiple of kv_heads (GQA). Returns [sum(query_lens), q_heads, head_dim] in q's dtype.
+
+    Options: ``sm_scale`` (default 1/sqrt(head_dim)); ``backend`` ("auto": Triton on CUDA, else PyTorch;
+    default from $CARTRIDGES_KERNELS_BACKEND); ``num_splits`` forces split-KV (default: only when the grid
+    would not fill the GPU); ``shared_reads=False`` gives every request its own pass over a cartridge (for
+    comparison); ``config`` overrides the tile sizes.
+    """
+    _validate(q, query_lens, table, own_kv)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    if _resolve_backend(backend, q) == "torch":
+        return segmented_attention_reference(q, query_lens, table, own_kv, scale)[0]
+    return segmented_attention_triton(
+        q, query_lens, table, own_kv, scale, num_splits, shared_reads, config or default_config(q.shape[-1])
+    )[0]
+
+
+def segmented_attention_triton(
+    q: Tensor,
+    query_lens: Sequence[int],
+    table: SegmentTable,
+    own_kv: Sequence[KVSegment] | None,
+    sm_scale: float,
+    num_splits: int | None,
+    shared_reads: bool,
+    config: KernelConfig,
+) -> tuple[Tensor, Tensor]:
+    """Kernel path: one partials launch per storage format (plus one for own KV), then one merge.
+
+    Returns (out [tokens, q_heads, head_dim] in q's dtype, base-2 LSE [tokens, q_heads] float32).
+    """
+    from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
+    from cartridges_kernels.segment_kernel import launch_segment_partials
+
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = _kv_heads(table, own_kv, q_heads)
+    structure = BatchStructure(
+        query_lens=tuple(query_lens),
+        request_segments=tuple(tuple(s) for s in table.request_segments),
+        segment_lens=tuple(s.num_tokens for s in table.segments),
+        segment_formats=tuple(_format(s) for s in table.segments),
+        own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
+        own_formats=None if own_kv is None else tuple(_format(s) for s in own_kv),
+    )
+    plan = plan_attention(
+        structure,
+        kv_heads,
+        next_pow2(q_heads // kv_heads),
+        config.block_m,
+        q.device,
+        shared_reads,
+        num_splits,
+    )
+    part_o = torch.empty((plan.num_slots, tokens, q_heads, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.full(
+        (plan.num_slots, tokens, q_heads), float("-inf"), dtype=torch.float32, device=q.device
+    )
+    for launch in plan.launches:
+        sources = own_kv if launch.own else table.segments
+        assert sources is not None
+        segments = [sources[i] for i in launch.sources]
+        launch_segment_partials(q, launch, segments, part_o, part_lse, sm_scale, config)
+    out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
+    launch_merge(part_o, part_lse, out, out_lse)
+    return out, out_lse
+
+
+def _resolve_backend(backend: Backend | None, q: Tensor) -> Literal["triton", "torch"]:
+    choice = backend or os.environ.get(BACKEND_ENV, "auto")
+    if choice == "auto":
+        return "triton" if q.is_cuda else "torch"
+    if choice not in ("triton", "torch"):
+        raise ValueError(f"backend must be auto, triton or torch, got {choice!r}")
+    return "triton" if choice == "triton" else "torch"
+
+
+def _format(segment: KVSegment) -> FormatKey:
+    def granularity(x: KVData) -> str | None:
+        return x.granularity if isinstance(x, QuantizedKV) else None
+
+    k, v = segment.keys, segment.values
+    return storage_of(k).dtype, storage_of(v).dtype, granularity(k), granularity(v)
+
+
+def _kv_heads(table: SegmentTable, own_kv: Sequence[KVSegment] | None, q_heads: int) -> int:
+    segments = [*table.segments, *(own_kv or [])]
+    return segments[0].kv_heads if segments else q_heads
+
+
+def _validate(
+    q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv: Sequence[KVSegment] | None
+) -> None:
+    """Fail with a clear message on shape mismatches the kernels would otherwise turn into garbage."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, q_heads, head_dim], got {tuple(q.shape)}")
+    if sum(query_lens) != q.shape[0] or any(n < 0 for n in query_lens):
+        raise ValueError(f"query_lens {list(query_lens)} do not partition {q.shape[0]} query tokens")
+    if table.num_requests != len(query_lens):
+        raise ValueError(f"table describes {table.num_requests} requests, batch has {len(query_lens)}")
+    if own_kv is not None and len(own_kv) != len(query_lens):
+        raise ValueError(f"{len(own_kv)} own-KV segments for {len(query_lens)} requests")
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = _kv_heads(table, own_kv, q_heads)
+    for seg in [*table.segments, *(own_kv or [])]:
+        if seg.kv_heads != kv_heads or seg.head_dim != head_dim:
+            raise ValueError(
+                f"segment [{seg.kv_heads} heads, head_dim {seg.head_dim}] does not match "
+                f"[{kv_heads} heads, head_dim {head_dim}]"
+            )
+        if seg.device != q.device:
+            raise ValueError(f"segment on {seg.device}, queries on {q.device}")
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads {q_heads} is not a multiple of kv_heads {kv_heads}")
+    if own_kv is not None:
+        for r, (seg, n) in enumerate(zip(own_kv, query_lens, strict=True)):
+            if seg.num_tokens < n:
+                raise ValueError(f"request {r}: own KV has {seg.num_tokens} rows but {n} queries")

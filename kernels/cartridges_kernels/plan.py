@@ -1,0 +1,169 @@
+"""Host-side work planning: which query rows each kernel tile reads against which segment, and where it
+writes.
+
+The plan depends only on the batch's structure (lengths and segment lists), not on tensor contents, so it is
+built once per step and reused by every layer (see :func:`plan_attention`'s cache).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cartridges_kernels.config import MIN_DOT, choose_num_splits, next_pow2
+
+# A segment's storage format: (key dtype, value dtype, key scale granularity, value scale granularity).
+FormatKey = tuple[torch.dtype, torch.dtype, str | None, str | None]
+
+
+@dataclass(frozen=True)
+class BatchStructure:
+    """Everything about a step that shapes the work, as hashable tuples (the plan cache key)."""
+
+    query_lens: tuple[int, ...]
+    request_segments: tuple[tuple[int, ...], ...]
+    segment_lens: tuple[int, ...]
+    segment_formats: tuple[FormatKey, ...]
+    own_lens: tuple[int, ...] | None
+    own_formats: tuple[FormatKey, ...] | None
+
+    @property
+    def query_starts(self) -> list[int]:
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        return starts
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One kernel launch: segments of one storage format, tiles of query rows, and the output slot per row.
+
+    ``sources`` names the launch's segments in meta-table order: table indices for cartridges, request indices
+    for own KV (``own`` is True). ``tiles`` is int32 [num_tiles, 3]: (segment in launch, first row, row
+    count). Rows hold the query token, its first partial-output slot (split s writes slot + s) and, for causal
+    launches, its position in the own KV. ``block_m`` is the tile height actually needed.
+    """
+
+    sources: tuple[int, ...]
+    own: bool
+    tiles: Tensor
+    row_token: Tensor
+    row_slot: Tensor
+    row_qpos: Tensor
+    block_m: int
+    num_splits: int
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    launches: tuple[LaunchPlan, ...]
+    num_slots: int
+
+
+@dataclass(frozen=True)
+class _Use:
+    source: int  # segment index in the launch
+    request: int
+    part: int  # index among this request's uses within the launch
+
+
+def _group_uses(structure: BatchStructure) -> list[tuple[bool, list[int], list[_Use]]]:
+    """Split the work into launches by storage format (cartridges) plus own KV, skipping empty work."""
+    groups: list[tuple[bool, list[int], list[_Use]]] = []
+    for fmt in dict.fromkeys(structure.segment_formats):
+        sources = [i for i, f in enumerate(structure.segment_formats) if f == fmt]
+        local = {s: j for j, s in enumerate(sources)}
+        uses: list[_Use] = []
+        for r, indices in enumerate(structure.request_segments):
+            mine = [i for i in indices if i in local and structure.segment_lens[i] > 0]
+            uses += [_Use(local[i], r, p) for p, i in enumerate(mine) if structure.query_lens[r] > 0]
+        if uses:
+            groups.append((False, sources, uses))
+    if structure.own_lens is not None and structure.own_formats is not None:
+        for fmt in dict.fromkeys(structure.own_formats):
+            requests = [r for r, f in enumerate(structure.own_formats) if f == fmt]
+            uses = [
+                _Use(j, r, 0)
+                for j, r in enumerate(requests)
+                if structure.own_lens[r] > 0 and structure.query_lens[r] > 0
+            ]
+            if uses:
+                groups.append((True, requests, uses))
+    return groups
+
+
+def _tile_rows(
+    structure: BatchStructure, uses: list[_Use], own: bool, block_t: int, shared_reads: bool
+) -> tuple[list[tuple[int, int, int]], list[int], list[int], list[int]]:
+    """Lay out query rows so each tile reads one segment; with shared reads a tile mixes requests."""
+    starts = structure.query_starts
+    runs: dict[tuple[int, int], list[int]] = {}
+    for u, use in enumerate(uses):
+        runs.setdefault((use.source, -1 if shared_reads else u), []).append(u)
+    tiles: list[tuple[int, int, int]] = []
+    row_token: list[int] = []
+    row_use: list[int] = []
+    row_qpos: list[int] = []
+    for (source, _), run in runs.items():
+        first = len(row_token)
+        for u in run:
+            r = uses[u].request
+            n = structure.query_lens[r]
+            row_token += range(starts[r], starts[r] + n)
+            row_use += [u] * n
+            if own and structure.own_lens is not None:
+                row_qpos += range(structure.own_lens[r] - n, structure.own_lens[r])
+        for tile_start in range(first, len(row_token), block_t):
+            tiles.append((source, tile_start, min(block_t, len(row_token) - tile_start)))
+    return tiles, row_token, row_use, row_qpos
+
+
+@functools.lru_cache(maxsize=16)
+def plan_attention(
+    structure: BatchStructure,
+    kv_heads: int,
+    group_pad: int,
+    block_m: int,
+    device: torch.device,
+    shared_reads: bool,
+    num_splits: int | None,
+) -> AttentionPlan:
+    """The launches for one step, cached: every layer of a step has the same structure.
+
+    ``block_m`` caps a tile's query rows (tokens x ``group_pad``); launches whose tiles are smaller get a
+    smaller block. ``num_splits`` forces the split-KV factor; None picks it from the grid size (see
+    choose_num_splits).
+    """
+    launches: list[LaunchPlan] = []
+    num_slots = 0
+    for own, sources, uses in _group_uses(structure):
+        tiles, row_token, row_use, row_qpos = _tile_rows(
+            structure, uses, own, block_m // group_pad, shared_reads or own
+        )
+        lens = structure.own_lens if own else structure.segment_lens
+        assert lens is not None
+        splits = num_splits or choose_num_splits(len(tiles) * kv_heads, max(lens[s] for s in sources), device)
+        use_slot = [num_slots + use.part * splits for use in uses]
+        num_slots += (max(use.part for use in uses) + 1) * splits
+        launches.append(
+            LaunchPlan(
+                sources=tuple(sources),
+                own=own,
+                tiles=_int32(tiles, device),
+                row_token=_int32(row_token, device),
+                row_slot=_int32([use_slot[u] for u in row_use], device),
+                row_qpos=_int32(row_qpos if own else [0], device),
+                block_m=max(MIN_DOT, group_pad * next_pow2(max(t[2] for t in tiles))),
+                num_splits=splits,
+            )
+        )
+    return AttentionPlan(launches=tuple(launches), num_slots=num_slots)
+
+
+def _int32(values: Sequence[int] | Sequence[tuple[int, int, int]], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)

@@ -1,0 +1,259 @@
+"""Triton kernel: attention of batched query rows over one KV segment per tile, writing partials + base-2 LSE.
+
+Grid = (tiles, kv_heads, splits). A tile is up to ``BLOCK_M`` query rows (tokens x GQA group) that all read
+the same segment, so a cartridge shared by many requests is streamed once per tile of its users rather than
+once per request; tiles of one segment run concurrently and share its reads through L2. Split s handles the
+s-th chunk of the segment's keys. Segments are addressed through a table of raw pointers, so the unique
+cartridge tensors are never copied together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2
+from cartridges_kernels.plan import LaunchPlan
+from cartridges_kernels.quantize import QuantizedKV
+from cartridges_kernels.reference import LOG2E
+from cartridges_kernels.segments import KVData, KVSegment, storage_of
+
+# Scale modes (constexpr): how stored keys/values turn into real values.
+SCALE_NONE, SCALE_TOKEN, SCALE_CHANNEL = 0, 1, 2
+_SCALE_MODE = {None: SCALE_NONE, "token": SCALE_TOKEN, "channel": SCALE_CHANNEL}
+
+TL_DTYPE = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.int8: tl.int8,
+    torch.float8_e4m3fn: tl.float8e4nv,
+}
+
+
+@triton.jit
+def _segment_partials_kernel(
+    q_ptr: tl.tensor,
+    stride_qt: int,
+    stride_qh: int,
+    meta_ptr: tl.tensor,
+    tiles_ptr: tl.tensor,
+    row_token_ptr: tl.tensor,
+    row_slot_ptr: tl.tensor,
+    row_qpos_ptr: tl.tensor,
+    part_o_ptr: tl.tensor,
+    part_lse_ptr: tl.tensor,
+    n_tokens: int,
+    q_heads: int,
+    qk_scale: float,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+) -> None:
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    seg = tl.load(tiles_ptr + tile * 3)
+    row_start = tl.load(tiles_ptr + tile * 3 + 1)
+    row_count = tl.load(tiles_ptr + tile * 3 + 2)
+    meta = meta_ptr + seg.to(tl.int64) * 11  # one row of segment_meta(); columns documented there
+    k_base = tl.load(meta + 0).to(tl.pointer_type(K_DTYPE))
+    v_base = tl.load(meta + 1).to(tl.pointer_type(V_DTYPE))
+    length = tl.load(meta + 4)
+    k_base += kv_head * tl.load(meta + 5)
+    k_stride_t = tl.load(meta + 6)
+    v_base += kv_head * tl.load(meta + 7)
+    v_stride_t = tl.load(meta + 8)
+
+    # Query rows: row m is token m // GROUP_PAD of the tile and query head kv_head * GROUP + m % GROUP_PAD.
+    offs_m = tl.arange(0, BLOCK_M)
+    t = offs_m // GROUP_PAD
+    g = offs_m % GROUP_PAD
+    t_valid = t < row_count
+    row_valid = t_valid & (g < GROUP)
+    rows = row_start + t
+    token = tl.load(row_token_ptr + rows, mask=t_valid, other=0).to(tl.int64)
+    head = kv_head * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    if K_SCALE == 2:  # per-channel key scales fold into the query: q . (k * s) == (q * s) . k
+        ks_ptr = tl.load(meta + 2).to(tl.pointer_type(tl.float32)) + kv_head * tl.load(meta + 9)
+        k_chan = tl.load(ks_ptr + offs_d, mask=d_valid, other=0.0)
+        q = (q.to(tl.float32) * k_chan[None, :]).to(q.dtype)
+    if K_SCALE == 1:
+        ks_ptr = tl.load(meta + 2).to(tl.pointer_type(tl.float32)) + kv_head * tl.load(meta + 9)
+    if V_SCALE != 0:
+        vs_ptr = tl.load(meta + 3).to(tl.pointer_type(tl.float32)) + kv_head * tl.load(meta + 10)
+
+    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+    if CAUSAL:
+        qpos = tl.load(row_qpos_ptr + rows, mask=t_valid, other=-1)
+        hi = tl.minimum(hi, tl.max(qpos, axis=0) + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        k = tl.load(
+            k_base + offs_n[None, :].to(tl.int64) * k_stride_t + offs_d[:, None],
+            mask=n_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, k.to(q.dtype)) * qk_scale
+        if K_SCALE == 1:
+            s *= tl.load(ks_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
+        visible = n_valid[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= qpos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_base + offs_n[:, None].to(tl.int64) * v_stride_t + offs_d[None, :],
+            mask=n_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if V_SCALE == 1:
+            v *= tl.load(vs_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    if V_SCALE == 2:
+        acc *= tl.load(vs_ptr + offs_d, mask=d_valid, other=0.0)[None, :]
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+
+    slot = (tl.load(row_slot_ptr + rows, mask=t_valid, other=0) + split).to(tl.int64)
+    flat = (slot * n_tokens + token) * q_heads + head
+    tl.store(part_lse_ptr + flat, lse, mask=row_valid)
+    tl.store(
+        part_o_ptr + flat[:, None] * HEAD_DIM + offs_d[None, :],
+        out,
+        mask=row_valid[:, None] & d_valid[None, :],
+    )
+
+
+def _scale_info(x: KVData) -> tuple[int, int]:
+    """(pointer, head stride) of a quantized tensor's scales; (0, 0) when unquantized."""
+    if isinstance(x, QuantizedKV):
+        if x.scales.stride(-1) != 1:
+            raise ValueError("quantization scales must be contiguous along their last dimension")
+        return x.scales.data_ptr(), x.scales.stride(0)
+    return 0, 0
+
+
+def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
+    """int64 [len(segments), 11], the per-segment row the kernel reads: key, value, key-scale and value-scale
+    pointers (0 when unquantized), used length, key head/token strides, value head/token strides, key-scale
+    and value-scale head strides. Raw pointers let one launch address many separately allocated tensors."""
+    rows = []
+    for seg in segments:
+        k, v = storage_of(seg.keys), storage_of(seg.values)
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            raise ValueError("segment keys/values must be contiguous along head_dim")
+        ks_ptr, ks_sh = _scale_info(seg.keys)
+        vs_ptr, vs_sh = _scale_info(seg.values)
+        rows.append(
+            [
+                k.data_ptr(),
+                v.data_ptr(),
+                ks_ptr,
+                vs_ptr,
+                seg.num_tokens,
+                k.stride(0),
+                k.stride(1),
+                v.stride(0),
+                v.stride(1),
+                ks_sh,
+                vs_sh,
+            ]
+        )
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def _granularity(x: KVData) -> int:
+    return _SCALE_MODE[x.granularity if isinstance(x, QuantizedKV) else None]
+
+
+def launch_segment_partials(
+    q: Tensor,
+    plan: LaunchPlan,
+    segments: Sequence[KVSegment],
+    part_o: Tensor,
+    part_lse: Tensor,
+    sm_scale: float,
+    config: KernelConfig,
+) -> None:
+    """Run one planned launch, writing partial outputs into ``part_o`` [slots, tokens, q_heads, head_dim] fp32
+    and ``part_lse`` [slots, tokens, q_heads] fp32. ``segments`` are the launch's segments in plan order and
+    must share one storage format."""
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = segments[0].kv_heads
+    group = q_heads // kv_heads
+    group_pad = next_pow2(group)
+    keys, values = segments[0].keys, segments[0].values
+    kv_bytes = max(storage_of(keys).element_size(), storage_of(values).element_size())
+    check_config(
+        KernelConfig(plan.block_m, config.block_n, config.num_warps, config.num_stages),
+        group_pad,
+        head_dim,
+        kv_bytes,
+    )
+    if q.stride(-1) != 1:
+        raise ValueError("queries must be contiguous along head_dim")
+    grid = (plan.tiles.shape[0], kv_heads, plan.num_splits)
+    _segment_partials_kernel[grid](
+        q,
+        q.stride(0),
+        q.stride(1),
+        segment_meta(segments, q.device),
+        plan.tiles,
+        plan.row_token,
+        plan.row_slot,
+        plan.row_qpos,
+        part_o,
+        part_lse,
+        tokens,
+        q_heads,
+        sm_scale * LOG2E,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=config.block_n,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(next_pow2(head_dim), MIN_DOT),
+        K_DTYPE=TL_DTYPE[storage_of(keys).dtype],
+        V_DTYPE=TL_DTYPE[storage_of(values).dtype],
+        K_SCALE=_granularity(keys),
+        V_SCALE=_granularity(values),
+        CAUSAL=plan.own,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )

@@ -1,0 +1,95 @@
+"""Inputs of segmented attention: KV segments and the per-request table of which segments each request reads.
+
+A request attends over [its cartridges, in order] + [its own KV]. Cartridges are shared read-only tensors that
+many requests may name; the table lists each unique tensor once so the kernels can read it once per step for
+all of its users instead of once per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cartridges_kernels.quantize import QuantizedKV
+
+KVData = Tensor | QuantizedKV
+
+
+def storage_of(x: KVData) -> Tensor:
+    """The tensor holding the stored elements (the quantized payload for quantized data)."""
+    return x.data if isinstance(x, QuantizedKV) else x
+
+
+@dataclass(frozen=True)
+class KVSegment:
+    """Keys and values of one layer, each [kv_heads, capacity, head_dim]; only the first ``length`` rows are
+    used.
+
+    ``length`` lets a request's own KV live in a preallocated cache whose tail is unused (and may hold
+    garbage). Keys are stored after RoPE, so a segment needs no position information here.
+    """
+
+    keys: KVData
+    values: KVData
+    length: int | None = None
+
+    def __post_init__(self) -> None:
+        k, v = storage_of(self.keys), storage_of(self.values)
+        if k.dim() != 3 or v.dim() != 3:
+            raise ValueError(f"keys/values must be [kv_heads, tokens, head_dim], got {tuple(k.shape)}")
+        if k.shape[:2] != v.shape[:2]:
+            raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} disagree on heads or tokens")
+        if k.device != v.device:
+            raise ValueError("keys and values must be on the same device")
+        if self.length is not None and not 0 <= self.length <= k.shape[1]:
+            raise ValueError(f"length {self.length} outside [0, {k.shape[1]}]")
+
+    @property
+    def kv_heads(self) -> int:
+        return int(storage_of(self.keys).shape[0])
+
+    @property
+    def head_dim(self) -> int:
+        return int(storage_of(self.keys).shape[2])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(storage_of(self.keys).shape[1]) if self.length is None else self.length
+
+    @property
+    def device(self) -> torch.device:
+        return storage_of(self.keys).device
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Keys and values of the used rows as real-valued tensors (dequantized if needed)."""
+
+        def real(x: KVData) -> Tensor:
+            full = x.dequantize(dtype) if isinstance(x, QuantizedKV) else x.to(dtype)
+            return full[:, : self.num_tokens]
+
+        return real(self.keys), real(self.values)
+
+
+@dataclass(frozen=True)
+class SegmentTable:
+    """Unique shared segments plus, per request, the ordered indices of the segments it reads.
+
+    ``request_segments[r] == (2, 0)`` means request r reads segment 2 then segment 0 (order is the composition
+    order the engine used to assign positions; attention itself does not depend on it).
+    """
+
+    segments: Sequence[KVSegment]
+    request_segments: Sequence[Sequence[int]]
+
+    def __post_init__(self) -> None:
+        for r, indices in enumerate(self.request_segments):
+            for i in indices:
+                if not 0 <= i < len(self.segments):
+                    raise ValueError(f"request {r} names segment {i}, table has {len(self.segments)}")
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.request_segments)

@@ -1,0 +1,72 @@
+"""Compile the kernels for sm_90 with Triton's real pipeline (frontend, LLVM, ptxas); no GPU needed.
+
+Run by test_gpu_compile.py in a subprocess without TRITON_INTERPRET: the interpreter executes kernels as
+Python and misses errors only the compiler reports (types of loop-carried values, pointer casts, layouts).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from cartridges_kernels.merge_kernel import _merge_kernel
+from cartridges_kernels.segment_kernel import _segment_partials_kernel
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(kernel: triton.JITFunction, types: dict[str, str], constants: dict[str, object]) -> int:
+    """Compile with the given runtime argument types and constexprs; returns the shared memory it needs."""
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constants), target=TARGET, options={"num_warps": 4, "num_stages": 2}
+    )
+    return int(compiled.metadata.shared)
+
+
+def main() -> None:
+    pointers = ["meta_ptr", "tiles_ptr", "row_token_ptr", "row_slot_ptr", "row_qpos_ptr"]
+    seg_types = {
+        **{name: "*i64" if name == "meta_ptr" else "*i32" for name in pointers},
+        **{name: "i32" for name in ["stride_qt", "stride_qh", "n_tokens", "q_heads"]},
+        "part_o_ptr": "*fp32",
+        "part_lse_ptr": "*fp32",
+        "qk_scale": "fp32",
+    }
+    shape = {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_M": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "BLOCK_D": 128}
+    variants = [
+        (
+            "bf16",
+            {"K_DTYPE": tl.bfloat16, "V_DTYPE": tl.bfloat16, "K_SCALE": 0, "V_SCALE": 0, "CAUSAL": True},
+        ),
+        (
+            "fp16",
+            {
+                "K_DTYPE": tl.int8,
+                "V_DTYPE": tl.float8e4nv,
+                "K_SCALE": 2,
+                "V_SCALE": 1,
+                "CAUSAL": False,
+            },
+        ),
+    ]
+    for q_type, formats in variants:
+        smem = compile_kernel(
+            _segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats}
+        )
+        print(f"segment kernel q={q_type} {formats}: ok, {smem} bytes shared memory")
+    merge_types = {
+        "part_o_ptr": "*fp32",
+        "part_lse_ptr": "*fp32",
+        "out_ptr": "*bf16",
+        "out_lse_ptr": "*fp32",
+        "num_slots": "i32",
+        "num_rows": "i32",
+    }
+    compile_kernel(_merge_kernel, merge_types, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_P": 16})
+    print("merge kernel: ok")
+
+
+if __name__ == "__main__":
+    main()

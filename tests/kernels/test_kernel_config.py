@@ -1,0 +1,49 @@
+"""Block-size limits the interpreter does not enforce: the launcher must refuse them before launching."""
+
+from __future__ import annotations
+
+import pytest
+from cartridges_kernels import KernelConfig, prefill_attention
+from cartridges_kernels.config import check_config, default_config
+
+from ._build import make_batch
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (KernelConfig(block_m=8), "block_m=8 must be a power of two"),
+        (KernelConfig(block_m=48), "block_m=48 must be a power of two"),
+        (KernelConfig(block_n=8), "block_n=8 must be a power of two"),
+        (KernelConfig(block_n=512), "block_n=512"),
+        (KernelConfig(num_warps=3), "num_warps=3"),
+        (KernelConfig(block_m=128, num_warps=1), "accumulator registers"),
+        (KernelConfig(block_n=256, num_stages=4), "shared memory"),
+    ],
+)
+def test_bad_configs_are_rejected(config: KernelConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_config(config, group_pad=4, head_dim=128, kv_bytes=2)
+
+
+def test_launcher_checks_before_launch() -> None:
+    batch = make_batch([4], [[0]], own_lens=[1], group=2, head_dim=16)
+    with pytest.raises(ValueError, match="block_n=8"):
+        prefill_attention(
+            batch.q,
+            batch.query_lens,
+            batch.table,
+            batch.own_kv,
+            backend="triton",
+            config=KernelConfig(block_n=8),
+        )
+
+
+def test_group_larger_than_block_is_rejected() -> None:
+    with pytest.raises(ValueError, match="GQA group"):
+        check_config(KernelConfig(block_m=16), group_pad=32, head_dim=64, kv_bytes=2)
+
+
+def test_default_config_is_valid_for_llama_shapes() -> None:
+    for head_dim in (64, 128, 256):
+        check_config(default_config(head_dim), group_pad=4, head_dim=head_dim, kv_bytes=2)

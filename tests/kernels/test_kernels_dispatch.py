@@ -1,0 +1,87 @@
+"""Backend selection, input validation and the PyTorch reference path of the public entry points."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cartridges_kernels import (
+    BACKEND_ENV,
+    KVSegment,
+    SegmentTable,
+    decode_attention,
+    dispatch,
+    prefill_attention,
+)
+
+from ._build import make_batch, oracle
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_reference_matches_oracle(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    batch = make_batch(
+        [7, 0, 13],
+        [[0, 2], [1], [2, 1, 0]],
+        own_lens=[5, 6, 4],
+        query_lens=[3, 1, 4],
+        kv_heads=2,
+        group=3,
+        dtype=dtype,
+    )
+    out = prefill_attention(batch.q, batch.query_lens, batch.table, batch.own_kv, backend="torch")
+    assert out.dtype == dtype
+    torch.testing.assert_close(
+        out.double(), oracle(batch), atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=0
+    )
+
+
+def test_auto_uses_torch_on_cpu_and_env_forces_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = make_batch([4], [[0]], own_lens=[2])
+    calls: list[int] = []
+    real = dispatch.segmented_attention_triton
+
+    def spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dispatch, "segmented_attention_triton", spy)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    auto = decode_attention(batch.q, batch.table, batch.own_kv)
+    assert calls == []
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    forced = decode_attention(batch.q, batch.table, batch.own_kv)
+    assert calls == [1]
+    torch.testing.assert_close(forced, auto, atol=2e-4, rtol=0)
+    monkeypatch.setenv(BACKEND_ENV, "cuda-please")
+    with pytest.raises(ValueError, match="backend must be"):
+        decode_attention(batch.q, batch.table, batch.own_kv)
+
+
+def test_invalid_inputs_are_reported() -> None:
+    batch = make_batch([4], [[0], [0]], own_lens=[2, 1])
+    with pytest.raises(ValueError, match="do not partition"):
+        prefill_attention(batch.q, [1, 2], batch.table, batch.own_kv)
+    with pytest.raises(ValueError, match="describes 2 requests"):
+        prefill_attention(batch.q[:1], [1], batch.table, batch.own_kv)
+    with pytest.raises(ValueError, match="not a multiple"):
+        decode_attention(torch.randn(2, 3, 16), batch.table, batch.own_kv)
+    wrong_dim = SegmentTable([KVSegment(torch.randn(2, 4, 8), torch.randn(2, 4, 8))], [[0], [0]])
+    with pytest.raises(ValueError, match="head_dim 8"):
+        decode_attention(batch.q, wrong_dim, batch.own_kv)
+    with pytest.raises(ValueError, match="names segment 3"):
+        SegmentTable(batch.table.segments, [[3]])
+    with pytest.raises(ValueError, match="own KV has 1 rows but 2 queries"):
+        prefill_attention(torch.randn(3, 4, 16), [1, 2], batch.table, batch.own_kv)
+    with pytest.raises(ValueError, match="length 9 outside"):
+        KVSegment(torch.randn(2, 4, 8), torch.randn(2, 4, 8), length=9)
+
+
+def test_plan_is_reused_across_layers() -> None:
+    from cartridges_kernels.plan import plan_attention
+
+    plan_attention.cache_clear()
+    layers = [make_batch([6, 9], [[0, 1], [1]], own_lens=[3, 2]) for _ in range(3)]
+    for layer in layers:
+        decode_attention(layer.q, layer.table, layer.own_kv, backend="triton")
+    info = plan_attention.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
