@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from cartridges_kernels import KVSegment, SegmentTable, decode_attention, prefill_attention, quantize_kv
 from cartridges_kernels.quantize import QuantFormat
-from torch import Tensor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -111,9 +112,7 @@ def make_layer(shapes: Shapes, case: Case, batch: int, device: torch.device) -> 
             segments.append(
                 KVSegment(quantize_kv(keys, case.quant, "channel"), quantize_kv(values, case.quant, "token"))
             )
-    own_k = torch.randn(
-        batch, shapes.kv_heads, case.own_len, shapes.head_dim, device=device, dtype=shapes.dtype
-    )
+    own_k = torch.randn(batch, shapes.kv_heads, case.own_len, shapes.head_dim, device=device, dtype=shapes.dtype)
     own_v = torch.randn_like(own_k)
     q = torch.randn(batch, shapes.q_heads, shapes.head_dim, device=device, dtype=shapes.dtype)
     table = SegmentTable(segments, [list(range(case.cartridges))] * batch)
@@ -181,9 +180,7 @@ def layers_fitting(bytes_per_layer: int, shapes: Shapes, device: torch.device) -
     return min(shapes.layers, int(free * shapes.memory_fraction // max(bytes_per_layer, 1)))
 
 
-def time_per_step(
-    run: Callable[[Any], object], layers: list[Any], shapes: Shapes, device: torch.device
-) -> float:
+def time_per_step(run: Callable[[Any], object], layers: list[Any], shapes: Shapes, device: torch.device) -> float:
     """Median ms of running every layer once, scaled to ``shapes.layers`` layers."""
     ms = median_ms(lambda: [run(layer) for layer in layers], shapes, device)
     return ms * shapes.layers / len(layers)
@@ -235,9 +232,7 @@ def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
         expected = decode_attention(layer.q, layer.table, layer.own, backend="torch").float()
         variants = {
             "default": decode_attention(layer.q, layer.table, layer.own, backend="triton"),
-            "per-request": decode_attention(
-                layer.q, layer.table, layer.own, backend="triton", shared_reads=False
-            ),
+            "per-request": decode_attention(layer.q, layer.table, layer.own, backend="triton", shared_reads=False),
             "split": decode_attention(layer.q, layer.table, layer.own, backend="triton", num_splits=4),
         }
         for label, got in variants.items():
@@ -289,13 +284,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for kernels-gpu.json / .png")
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter"
-    )
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels first import triton

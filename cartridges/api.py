@@ -50,8 +50,7 @@ class CorpusSource(Spec):
         extra="forbid",
         json_schema_extra=cel(
             (
-                "[has(self.inline), has(self.configMap), has(self.object), has(self.http)]"
-                ".filter(x, x).size() == 1",
+                "[has(self.inline), has(self.configMap), has(self.object), has(self.http)].filter(x, x).size() == 1",
                 "each source sets exactly one of inline, configMap, object, http",
             )
         ),
@@ -102,25 +101,38 @@ class BaseModelRef(Spec):
 class Initialization(Spec):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra=cel(("self.strategy == 'text' ? has(self.text) : !has(self.text)", "text is set exactly when strategy is text")),
+        json_schema_extra=cel(
+            (
+                "self.strategy == 'text' ? has(self.text) : !has(self.text)",
+                "text is set exactly when strategy is text",
+            )
+        ),
     )
 
     strategy: Literal["corpus", "text", "random"] = "corpus"
     text: str | None = None
 
 
+SeedPrompt = Literal["structuring", "summarization", "question", "use_case", "creative"]
+SEED_PROMPTS: tuple[SeedPrompt, ...] = ("structuring", "summarization", "question", "use_case", "creative")
+
+
+def _all_seed_prompts() -> list[SeedPrompt]:
+    return list(SEED_PROMPTS)
+
+
 class SelfStudy(Spec):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra=cel(("self.minChunkTokens <= self.maxChunkTokens", "minChunkTokens must not exceed maxChunkTokens")),
+        json_schema_extra=cel(
+            ("self.minChunkTokens <= self.maxChunkTokens", "minChunkTokens must not exceed maxChunkTokens")
+        ),
     )
 
     conversations: int = Field(default=8192, ge=1, le=10_000_000)
     minChunkTokens: int = Field(default=512, ge=16, le=32768)
     maxChunkTokens: int = Field(default=4096, ge=16, le=32768)
-    seedPrompts: list[Literal["structuring", "summarization", "question", "use_case", "creative"]] = Field(
-        default_factory=lambda: ["structuring", "summarization", "question", "use_case", "creative"], min_length=1
-    )
+    seedPrompts: list[SeedPrompt] = Field(default_factory=_all_seed_prompts, min_length=1)
     temperature: float = Field(default=0.6, ge=0.0, le=2.0)
     topK: int = Field(default=20, ge=1, le=256, description="teacher log-probs kept per token")
 
@@ -164,7 +176,10 @@ class CartridgeSpec(Spec):
         extra="forbid",
         json_schema_extra=cel(
             ("self.frozenTokens < self.size", "frozenTokens must be smaller than size"),
-            ("self.baseModel == oldSelf.baseModel", "baseModel is immutable: create a new Cartridge for another model"),
+            (
+                "self.baseModel == oldSelf.baseModel",
+                "baseModel is immutable: create a new Cartridge for another model",
+            ),
         ),
     )
 

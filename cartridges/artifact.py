@@ -22,7 +22,11 @@ from cartridges.store import IntegrityError, Store
 FORMAT_VERSION = 1
 TENSORS_FILE = "cartridge.safetensors"
 MANIFEST_FILE = "manifest.json"
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
 
 
 class ArtifactError(ValueError):
@@ -45,8 +49,17 @@ class ModelFingerprint(BaseModel):
 
     def mismatches(self, other: ModelFingerprint) -> list[str]:
         """Human-readable differences (empty when compatible); ``model_id`` is a label, not identity."""
-        fields = ("weights_sha256", "tokenizer_sha256", "num_layers", "num_kv_heads", "head_dim", "rope_theta")
-        return [f"{f}: {getattr(self, f)} != {getattr(other, f)}" for f in fields if getattr(self, f) != getattr(other, f)]
+        fields = (
+            "weights_sha256",
+            "tokenizer_sha256",
+            "num_layers",
+            "num_kv_heads",
+            "head_dim",
+            "rope_theta",
+        )
+        return [
+            f"{f}: {getattr(self, f)} != {getattr(other, f)}" for f in fields if getattr(self, f) != getattr(other, f)
+        ]
 
 
 class CartridgeManifest(BaseModel):
@@ -72,11 +85,15 @@ class Cartridge:
 
     def __post_init__(self) -> None:
         if not self.keys or len(self.keys) != len(self.values):
-            raise ArtifactError(f"need the same non-zero number of key and value layers, got {len(self.keys)}/{len(self.values)}")
+            raise ArtifactError(
+                f"need the same non-zero number of key and value layers, got {len(self.keys)}/{len(self.values)}"
+            )
         shape = self.keys[0].shape
         for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             if k.dim() != 3 or k.shape != shape or v.shape != shape:
-                raise ArtifactError(f"layer {i}: keys {tuple(k.shape)} / values {tuple(v.shape)}, expected {tuple(shape)}")
+                raise ArtifactError(
+                    f"layer {i}: keys {tuple(k.shape)} / values {tuple(v.shape)}, expected {tuple(shape)}"
+                )
         if not 0 <= self.frozen_tokens <= self.p:
             raise ArtifactError(f"frozen_tokens={self.frozen_tokens} must be within 0..p={self.p}")
 
@@ -233,7 +250,6 @@ def import_reference_pt(path: Path) -> Cartridge:
         trainable_k = [torch.cat([f, t], dim=1) for f, t in zip(frozen_k, trainable_k, strict=True)]
         trainable_v = [torch.cat([f, t], dim=1) for f, t in zip(frozen_v, trainable_v, strict=True)]
     return Cartridge(trainable_k, trainable_v, frozen)
-
 
 
 def upload_artifact(store: Store, directory: Path, prefix: str) -> CartridgeManifest:

@@ -54,7 +54,9 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, weights_sha256: str) -> ModelFingerprint:
+def fingerprint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, weights_sha256: str
+) -> ModelFingerprint:
     config = model.config
     heads = config.num_attention_heads
     rope_params = getattr(config, "rope_parameters", None) or {}
@@ -90,7 +92,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     tokenizer.add_special_tokens(
-        {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}
+        {
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|im_end|>",
+            "additional_special_tokens": ["<|im_start|>"],
+        }
     )
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -159,7 +165,7 @@ def _gguf_as_hf_dir(path: Path, weights_sha256: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError) as err:
         raise ModelLoadError(f"{path}: transformers cannot load this GGUF as a causal LM ({err})") from err
-    model.hf_quantizer = None  # the weights are dequantized now; save them as plain float tensors
+    model.hf_quantizer = None  # type: ignore[assignment]  # the weights are dequantized now; save them as plain float tensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,10 +209,7 @@ def load_base_model(
 ) -> LoadedModel:
     """Load a frozen causal LM from a local path or ``s3://``/``file://`` URI (HF directory or ``.gguf``)."""
     text = str(source)
-    if "://" in text:
-        path = _local_copy(text, store or Store.from_env())
-    else:
-        path = Path(text)
+    path = _local_copy(text, store or Store.from_env()) if "://" in text else Path(text)
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
     if path.is_file():
@@ -220,7 +223,9 @@ def load_base_model(
         weights_sha256, model_dir, model_id = _hf_dir_sha256(path), path, path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        model.to(device)  # type: ignore[arg-type]
+        model.eval()
     except (ValueError, KeyError, OSError) as err:
         raise ModelLoadError(f"{model_dir}: not loadable as a causal LM ({err})") from err
     model.requires_grad_(False)

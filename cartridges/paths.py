@@ -9,9 +9,7 @@ from pathlib import Path
 def cache_dir() -> Path:
     """``$CARTRIDGES_CACHE``, else ``$XDG_CACHE_HOME/cartridges``, else ``~/.cache/cartridges``."""
     explicit = os.environ.get("CARTRIDGES_CACHE")
-    if explicit:
-        root = Path(explicit)
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cartridges"
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cartridges"
+    root = Path(explicit) if explicit else default
     root.mkdir(parents=True, exist_ok=True)
     return root

@@ -287,7 +287,9 @@ class Store:
             raise kind(message, str(uri)) from err
         except urllib3.exceptions.HTTPError as err:
             endpoint = self._s3_config.endpoint if self._s3_config else "?"
-            raise StoreUnavailable(f"object store at {endpoint} is unreachable ({type(err).__name__})", str(uri)) from err
+            raise StoreUnavailable(
+                f"object store at {endpoint} is unreachable ({type(err).__name__})", str(uri)
+            ) from err
 
     def ensure_bucket(self, uri: str) -> None:
         """Create the bucket (or local directory) of ``uri`` if it does not exist yet."""
@@ -358,7 +360,8 @@ class Store:
         """Every object under the directory ``prefix`` (``.../cart-1`` lists ``.../cart-1/*`` only)."""
         parsed = StoreURI.parse(prefix)
         backend = self._backend(parsed)
-        return self._call(parsed, lambda: [str(u) for u in backend.list(parsed)])  # type: ignore[no-any-return]
+        listed: list[str] = self._call(parsed, lambda: [str(u) for u in backend.list(parsed)])
+        return listed
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under the directory ``prefix``; returns how many were deleted."""

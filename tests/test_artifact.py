@@ -28,7 +28,9 @@ def random_cartridge(model: LoadedModel, p: int = 16, dtype: torch.dtype = torch
     fp = model.fingerprint
     shape = (fp.num_kv_heads, p, fp.head_dim)
     layers = range(fp.num_layers)
-    return Cartridge([torch.randn(shape, dtype=dtype) for _ in layers], [torch.randn(shape, dtype=dtype) for _ in layers])
+    return Cartridge(
+        [torch.randn(shape, dtype=dtype) for _ in layers], [torch.randn(shape, dtype=dtype) for _ in layers]
+    )
 
 
 def test_round_trip_preserves_tensors_and_manifest(tiny_model: LoadedModel, tmp_path: Path) -> None:
@@ -53,7 +55,9 @@ def test_truncated_tensors_are_rejected(tiny_model: LoadedModel, tmp_path: Path)
 def test_cartridge_for_another_model_is_a_clear_error(tiny_model: LoadedModel, tmp_path: Path) -> None:
     save_cartridge(random_cartridge(tiny_model), tmp_path, tiny_model.fingerprint)
     other = tiny_llama(seed=1)
-    with pytest.raises(ArtifactError, match=r"trained for tiny-llama-seed0, not the loaded tiny-llama-seed1.*weights_sha256"):
+    with pytest.raises(
+        ArtifactError, match=r"trained for tiny-llama-seed0, not the loaded tiny-llama-seed1.*weights_sha256"
+    ):
         load_cartridge(tmp_path, expected_model=other.fingerprint)
 
 
@@ -76,17 +80,18 @@ def test_geometry_is_checked_on_save(tiny_model: LoadedModel, tmp_path: Path) ->
 
 def test_reference_pt_import_puts_frozen_rows_first(tmp_path: Path) -> None:
     layers, heads, dim = 3, 2, 8
-    state = {
+    state: dict[str, list[torch.Tensor]] = {
         "frozen_keys": [torch.randn(1, heads, 1, dim) for _ in range(layers)],
         "frozen_values": [torch.randn(1, heads, 1, dim) for _ in range(layers)],
         "trainable_keys": [torch.nn.Parameter(torch.randn(1, heads, 15, dim)) for _ in range(layers)],
         "trainable_values": [torch.nn.Parameter(torch.randn(1, heads, 15, dim)) for _ in range(layers)],
     }
     torch.save(state, tmp_path / "ref.pt")
+    frozen_keys, trainable_values = state["frozen_keys"], state["trainable_values"]
     cartridge = import_reference_pt(tmp_path / "ref.pt")
     assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (16, 1, layers)
-    assert torch.equal(cartridge.keys[2][:, 0], state["frozen_keys"][2][0, :, 0])
-    assert torch.equal(cartridge.values[0][:, 1:], state["trainable_values"][0][0].detach())
+    assert torch.equal(cartridge.keys[2][:, 0], frozen_keys[2][0, :, 0])
+    assert torch.equal(cartridge.values[0][:, 1:], trainable_values[0][0].detach())
 
 
 def test_reference_import_rejects_other_checkpoints(tmp_path: Path) -> None:

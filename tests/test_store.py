@@ -128,8 +128,11 @@ def test_uri_parsing_rejects_what_it_cannot_serve() -> None:
 
 def test_s3_config_from_env_never_shows_the_secret() -> None:
     config = S3Config.from_env(
-        {"CARTRIDGES_S3_ENDPOINT": "https://s3.internal:9000", "CARTRIDGES_S3_ACCESS_KEY": "ak",
-         "CARTRIDGES_S3_SECRET_KEY": "very-secret"}
+        {
+            "CARTRIDGES_S3_ENDPOINT": "https://s3.internal:9000",
+            "CARTRIDGES_S3_ACCESS_KEY": "ak",
+            "CARTRIDGES_S3_SECRET_KEY": "very-secret",
+        }
     )
     assert config.secure and config.endpoint == "s3.internal:9000"
     assert "very-secret" not in repr(config)

@@ -14,10 +14,10 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from cartridges_e2e.process import ServiceError, http_ok
-from cartridges_e2e.triton import TritonFactory, TritonServer, start_triton
 
 import cartridges
+from cartridges_e2e.process import ServiceError, http_ok
+from cartridges_e2e.triton import TritonFactory, TritonServer, start_triton
 
 pytestmark = pytest.mark.triton
 
@@ -30,9 +30,7 @@ def triton(triton_server_factory: TritonFactory) -> TritonServer:
 
 
 def post_json(url: str, body: dict[str, Any]) -> bytes:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return bytes(response.read())
 
@@ -80,9 +78,7 @@ def test_generate_endpoint(triton: TritonServer) -> None:
 
 def test_generate_stream_endpoint(triton: TritonServer) -> None:
     events = post_json(f"{triton.http_url}/v2/models/echo_stream/generate_stream", {"text_input": "one two"})
-    chunks = [
-        json.loads(line[len(b"data: ") :]) for line in events.splitlines() if line.startswith(b"data: ")
-    ]
+    chunks = [json.loads(line[len(b"data: ") :]) for line in events.splitlines() if line.startswith(b"data: ")]
     assert [chunk["text_output"] for chunk in chunks] == ["ONE", "TWO"]
 
 

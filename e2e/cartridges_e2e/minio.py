@@ -42,11 +42,23 @@ def start_minio(workdir: Path) -> MinioServer:
     access_key, secret_key = "test-" + secrets.token_hex(6), secrets.token_urlsafe(24)
     service = Service(
         "minio",
-        [str(binary), "server", str(workdir / "data"), "--address", f"127.0.0.1:{port}",
-         "--console-address", f"127.0.0.1:{console}", "--quiet"],
+        [
+            str(binary),
+            "server",
+            str(workdir / "data"),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--console-address",
+            f"127.0.0.1:{console}",
+            "--quiet",
+        ],
         workdir / "minio.log",
-        env={"MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key, "MINIO_BROWSER": "off",
-             "MINIO_UPDATE": "off"},
+        env={
+            "MINIO_ROOT_USER": access_key,
+            "MINIO_ROOT_PASSWORD": secret_key,
+            "MINIO_BROWSER": "off",
+            "MINIO_UPDATE": "off",
+        },
     )
     startup = service.wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/minio/health/ready"), timeout_s=60)
     config = S3Config(endpoint=f"127.0.0.1:{port}", access_key=access_key, secret_key=secret_key)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,7 +35,12 @@ class Service:
     """One running process with its log file; ``stop()`` terminates its whole process group."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -76,13 +84,10 @@ class Service:
         self._log.close()
 
 
-def http_ok(url: str, timeout_s: float = 2.0, **kwargs: object) -> bool:
-    """True when ``url`` answers 2xx (extra kwargs go to ``urllib.request.urlopen``)."""
-    import urllib.error
-    import urllib.request
-
+def http_ok(url: str, timeout_s: float = 2.0, context: ssl.SSLContext | None = None) -> bool:
+    """True when ``url`` answers 2xx (``context`` carries client certificates for TLS endpoints)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s, **kwargs) as response:  # type: ignore[arg-type]
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:
             return 200 <= int(response.status) < 300
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False

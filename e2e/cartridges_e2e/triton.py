@@ -82,9 +82,7 @@ def stub_python(workdir: Path) -> Path:
     path entry, so the stub imports exactly what the tests import, including an uninstalled checkout.
     """
     prefix = workdir / "python"
-    site_packages = (
-        prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    )
+    site_packages = prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     site_packages.mkdir(parents=True, exist_ok=True)
     (prefix / "bin").mkdir(exist_ok=True)
     python3 = prefix / "bin" / "python3"

@@ -124,9 +124,7 @@ def segmented_attention_triton(
         num_splits,
     )
     part_o = torch.empty((plan.num_slots, tokens, q_heads, head_dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.full(
-        (plan.num_slots, tokens, q_heads), float("-inf"), dtype=torch.float32, device=q.device
-    )
+    part_lse = torch.full((plan.num_slots, tokens, q_heads), float("-inf"), dtype=torch.float32, device=q.device)
     for launch in plan.launches:
         sources = own_kv if launch.own else table.segments
         assert sources is not None
@@ -160,9 +158,7 @@ def _kv_heads(table: SegmentTable, own_kv: Sequence[KVSegment] | None, q_heads: 
     return segments[0].kv_heads if segments else q_heads
 
 
-def _validate(
-    q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv: Sequence[KVSegment] | None
-) -> None:
+def _validate(q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv: Sequence[KVSegment] | None) -> None:
     """Fail with a clear message on shape mismatches the kernels would otherwise turn into garbage."""
     if q.dim() != 3:
         raise ValueError(f"q must be [tokens, q_heads, head_dim], got {tuple(q.shape)}")

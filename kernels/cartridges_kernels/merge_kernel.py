@@ -63,12 +63,7 @@ def launch_merge(part_o: Tensor, part_lse: Tensor, out: Tensor, out_lse: Tensor)
     contiguous ``out`` [tokens, q_heads, head_dim] (any float dtype) and ``out_lse`` [tokens, q_heads] fp32.
     """
     slots, tokens, q_heads, head_dim = part_o.shape
-    if not (
-        out.is_contiguous()
-        and out_lse.is_contiguous()
-        and part_o.is_contiguous()
-        and part_lse.is_contiguous()
-    ):
+    if not (out.is_contiguous() and out_lse.is_contiguous() and part_o.is_contiguous() and part_lse.is_contiguous()):
         raise ValueError("merge buffers must be contiguous")
     num_rows = tokens * q_heads
     if num_rows == 0:

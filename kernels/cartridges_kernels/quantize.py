@@ -37,9 +37,7 @@ class QuantizedKV:
         if self.data.dtype not in _STORAGE_DTYPE.values():
             raise ValueError(f"quantized data must be int8 or float8_e4m3fn, got {self.data.dtype}")
         if self.data.dim() != 3:
-            raise ValueError(
-                f"quantized data must be [kv_heads, tokens, head_dim], got {tuple(self.data.shape)}"
-            )
+            raise ValueError(f"quantized data must be [kv_heads, tokens, head_dim], got {tuple(self.data.shape)}")
         heads, tokens, head_dim = self.data.shape
         expected = (heads, tokens) if self.granularity == "token" else (heads, head_dim)
         if tuple(self.scales.shape) != expected or self.scales.dtype != torch.float32:

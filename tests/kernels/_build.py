@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from cartridges_kernels import KVSegment, SegmentTable
 from torch import Tensor
+
+from cartridges_kernels import KVSegment, SegmentTable
 
 
 @dataclass

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from cartridges_kernels.merge_kernel import _merge_kernel
-from cartridges_kernels.segment_kernel import _segment_partials_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from cartridges_kernels.merge_kernel import _merge_kernel
+from cartridges_kernels.segment_kernel import _segment_partials_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -52,9 +53,7 @@ def main() -> None:
         ),
     ]
     for q_type, formats in variants:
-        smem = compile_kernel(
-            _segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats}
-        )
+        smem = compile_kernel(_segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats})
         print(f"segment kernel q={q_type} {formats}: ok, {smem} bytes shared memory")
     merge_types = {
         "part_o_ptr": "*fp32",

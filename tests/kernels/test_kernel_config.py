@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cartridges_kernels import KernelConfig, prefill_attention
 from cartridges_kernels.config import check_config, default_config
 

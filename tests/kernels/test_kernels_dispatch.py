@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from cartridges_kernels import (
     BACKEND_ENV,
     KVSegment,
@@ -30,9 +31,7 @@ def test_torch_reference_matches_oracle(dtype: torch.dtype) -> None:
     )
     out = prefill_attention(batch.q, batch.query_lens, batch.table, batch.own_kv, backend="torch")
     assert out.dtype == dtype
-    torch.testing.assert_close(
-        out.double(), oracle(batch), atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=0
-    )
+    torch.testing.assert_close(out.double(), oracle(batch), atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=0)
 
 
 def test_auto_uses_torch_on_cpu_and_env_forces_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

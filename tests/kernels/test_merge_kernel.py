@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from cartridges_kernels.merge_kernel import launch_merge
 from cartridges_kernels.reference import merge_partials_reference, partial_attention_reference
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from cartridges_kernels.plan import BatchStructure, plan_attention
 
 FP16: tuple[torch.dtype, torch.dtype, None, None] = (torch.float16, torch.float16, None, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from cartridges_kernels import KVSegment, QuantizedKV, SegmentTable, prefill_attention, quantize_kv
 from cartridges_kernels.quantize import Granularity, QuantFormat
 
@@ -53,9 +54,7 @@ def test_kernel_dequantizes_on_load(
     torch.manual_seed(1)
     exact = make_batch([29, 7], [[0, 1], [1], [0]], own_lens=[3, 2, 1])
     quantized = [
-        KVSegment(
-            quantize_kv(s.dense()[0], fmt, key_granularity), quantize_kv(s.dense()[1], fmt, value_granularity)
-        )
+        KVSegment(quantize_kv(s.dense()[0], fmt, key_granularity), quantize_kv(s.dense()[1], fmt, value_granularity))
         for s in exact.table.segments
     ]
     table = SegmentTable(quantized, exact.table.request_segments)

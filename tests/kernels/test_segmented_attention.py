@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from cartridges_kernels import KernelConfig, KVSegment, SegmentTable, decode_attention, prefill_attention
 
 from ._build import Batch, make_batch, oracle
@@ -71,9 +72,7 @@ def test_each_request_reads_exactly_its_listed_segments() -> None:
     base = run(batch)
     # Composition order does not change attention (keys carry their RoPE positions) ...
     swapped = SegmentTable(batch.table.segments, [[1, 0], [2, 1]])
-    torch.testing.assert_close(
-        run(Batch(batch.q, batch.query_lens, swapped, batch.own_kv)), base, atol=ATOL, rtol=0
-    )
+    torch.testing.assert_close(run(Batch(batch.q, batch.query_lens, swapped, batch.own_kv)), base, atol=ATOL, rtol=0)
     # ... but which segments are listed does, per request.
     other = SegmentTable(batch.table.segments, [[0, 1], [0, 2]])
     changed = run(Batch(batch.q, batch.query_lens, other, batch.own_kv))
