@@ -5,6 +5,12 @@ Start-up times are collected and printed at the end of the run, so CI shows what
 
 from __future__ import annotations
 
+import os
+
+# Kernel tests run through the Triton interpreter, which triton reads once at import; transformers imports triton
+# (via torch) as soon as a model module loads, so switch it on before anything below is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import re
 import time
 from collections.abc import Iterator
