@@ -68,3 +68,27 @@ def smollm2() -> LoadedModel:
 @pytest.fixture
 def file_store_root(tmp_path: Path) -> str:
     return f"file://{tmp_path}/store"
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """etcd + kube-apiserver + kube-controller-manager; ``.kubeconfig`` and ``.api_client()`` reach it."""
+    from cartridges_e2e.cluster import start_cluster
+
+    started = time.monotonic()
+    cluster = start_cluster(tmp_path_factory.mktemp("k8s"))
+    record_timing("kubernetes control plane (build if needed + start)", time.monotonic() - started)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def node_harness(k8s_cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The node that binds and runs every pod of the session; ``.script()`` gives pods canned outcomes."""
+    from cartridges_e2e.cluster import Cluster
+    from cartridges_e2e.node import NodeHarness
+
+    assert isinstance(k8s_cluster, Cluster)
+    harness = NodeHarness(k8s_cluster.api_client(), tmp_path_factory.mktemp("node")).start()
+    yield harness
+    harness.stop()
