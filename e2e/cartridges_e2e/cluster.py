@@ -248,13 +248,13 @@ def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
         run(
             "etcd",
             _flags(
-                name="default",
+                name="cartridges-test",
                 data_dir=workdir / "etcd",
                 listen_client_urls=etcd_url,
                 advertise_client_urls=etcd_url,
                 listen_peer_urls=peer_url,
                 initial_advertise_peer_urls=peer_url,
-                initial_cluster=f"default={peer_url}",
+                initial_cluster=f"cartridges-test={peer_url}",
                 unsafe_no_fsync=True,
                 log_level="warn",
             ),

@@ -50,7 +50,6 @@ DEFAULT_CAPACITY = {
     "nvidia.com/gpu": "8",
 }
 HOST_IP = "127.0.0.1"
-MERGE_PATCH = "application/merge-patch+json"
 MAX_MESSAGE_BYTES = 4096  # what the kubelet keeps of a termination-message file
 FALLBACK_LOG_LINES = 80  # and of the log, for FallbackToLogsOnError
 RESTART_BACKOFF_S = 1.0
@@ -352,9 +351,7 @@ class NodeHarness:
                 {"type": "Hostname", "address": self.node_name},
             ],
         }
-        self._core.patch_node_status(
-            self.node_name, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False
-        )
+        self._core.patch_node_status(self.node_name, {"status": status}, _preload_content=False)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -530,11 +527,15 @@ class NodeHarness:
         return port is not None and http_ok(f"http://{HOST_IP}:{port}{http.get('path', '/')}", timeout_s=0.5)
 
     def _report(self, pod: Json, run: _Run | None, phase: str, state: Json) -> None:
-        """Write the pod status the kubelet would: phase, conditions, the container's state (merge patch)."""
+        """Write the pod status the kubelet would: phase, conditions, the container's state.
+
+        A dict body makes the client send a strategic-merge patch, as the kubelet does: conditions merge by
+        type, and ``containerStatuses`` (an atomic list) is replaced whole, so no stale state survives.
+        """
         meta, container = pod["metadata"], pod["spec"]["containers"][0]
         now = _now()
         ready = run is not None and run.ready
-        ours = {"Initialized": run is not None, "ContainersReady": ready, "Ready": ready}
+        ours = {"Initialized": True, "ContainersReady": ready, "Ready": ready}
         previous = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
         conditions = [c for kind, c in previous.items() if kind not in ours]
         for kind, ok in ours.items():
@@ -568,6 +569,5 @@ class NodeHarness:
             meta["name"],
             meta["namespace"],
             {"status": status},
-            _content_type=MERGE_PATCH,
             _preload_content=False,
         )
