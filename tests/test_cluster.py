@@ -45,6 +45,7 @@ def namespace(api: client.ApiClient, node_harness: NodeHarness) -> Iterator[str]
     wait_for("default ServiceAccount", lambda: core.list_namespaced_service_account(name).items or None)
     yield name
     core.delete_namespace(name)
+    assert not node_harness.errors, node_harness.errors
 
 
 def python(code: str) -> list[str]:

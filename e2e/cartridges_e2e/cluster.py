@@ -29,16 +29,16 @@ from cartridges_e2e.process import Service, ServiceError, free_port, http_ok
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # The controllers the operator relies on: Jobs (with pod GC and TTL), Deployments, and the service accounts
-# (plus their token controller) that every namespace needs before pods can be admitted.
+# (plus their token controller) that every namespace needs before pods can be admitted, and namespace cleanup.
 CONTROLLERS = [
-    "job",
-    "garbagecollector",
-    "ttl-after-finished",
-    "deployment",
-    "replicaset",
-    "serviceaccount",
-    "serviceaccount-token",
-    "namespace",
+    "job-controller",
+    "garbage-collector-controller",
+    "ttl-after-finished-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "namespace-controller",
 ]
 ADMISSION_PLUGINS = [
     "NamespaceLifecycle",
@@ -292,6 +292,7 @@ def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
                 kubeconfig=kcm_config,
                 authentication_kubeconfig=kcm_config,
                 authorization_kubeconfig=kcm_config,
+                authentication_skip_lookup=True,  # no front-proxy CA to look up: spares a log full of errors
                 bind_address="127.0.0.1",
                 secure_port=kcm_port,
                 cert_dir=workdir / "kcm-certs",

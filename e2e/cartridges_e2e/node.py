@@ -565,9 +565,10 @@ class NodeHarness:
             "startTime": (pod.get("status") or {}).get("startTime") or now,
             "containerStatuses": [container_status],
         }
-        self._core.patch_namespaced_pod_status(
-            meta["name"],
-            meta["namespace"],
-            {"status": status},
-            _preload_content=False,
-        )
+        try:
+            self._core.patch_namespaced_pod_status(
+                meta["name"], meta["namespace"], {"status": status}, _preload_content=False
+            )
+        except ApiException as err:
+            if err.status != 404:  # deleted since it was listed: nothing left to report on
+                raise
