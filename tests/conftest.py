@@ -22,6 +22,9 @@ import pytest
 from cartridges.models import LoadedModel, load_base_model, tiny_llama
 
 if TYPE_CHECKING:
+    from cartridges_e2e.cluster import Cluster
+    from cartridges_e2e.minio import MinioServer
+    from cartridges_e2e.node import NodeHarness
     from cartridges_e2e.triton import TritonFactory
 
 SERVICE_TIMINGS: dict[str, float] = {}
@@ -39,7 +42,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 @pytest.fixture(scope="session")
-def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinioServer]:
     from cartridges_e2e.minio import start_minio
 
     started = time.monotonic()
@@ -50,11 +53,8 @@ def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture
-def s3_prefix(minio_server: object, request: pytest.FixtureRequest) -> str:
+def s3_prefix(minio_server: MinioServer, request: pytest.FixtureRequest) -> str:
     """A fresh bucket for one test, as an ``s3://`` prefix."""
-    from cartridges_e2e.minio import MinioServer
-
-    assert isinstance(minio_server, MinioServer)
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
     name = f"t-{slug}-{time.monotonic_ns() % 10**6}"
     uri = f"s3://{name}/"
@@ -100,3 +100,25 @@ def triton_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield start
     for server in servers.values():
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """etcd + kube-apiserver + kube-controller-manager; ``.kubeconfig`` and ``.api_client()`` reach it."""
+    from cartridges_e2e.cluster import start_cluster
+
+    started = time.monotonic()
+    cluster = start_cluster(tmp_path_factory.mktemp("k8s"))
+    record_timing("kubernetes control plane (build if needed + start)", time.monotonic() - started)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def node_harness(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeHarness]:
+    """The node that binds and runs every pod of the session; ``.script()`` gives pods canned outcomes."""
+    from cartridges_e2e.node import NodeHarness
+
+    harness = NodeHarness(k8s_cluster.api_client(), tmp_path_factory.mktemp("node")).start()
+    yield harness
+    harness.stop()

@@ -1,0 +1,307 @@
+"""A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) on free loopback ports.
+
+Every run gets its own CA, serving and client certificates and service-account signing key, so nothing leaks
+between runs and the API server is reached exactly as in production: TLS, client-cert authentication, RBAC.
+There is no scheduler and no kubelet; ``cartridges_e2e.node`` plays both for test pods.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from cartridges_e2e import binaries
+from cartridges_e2e.process import Service, ServiceError, free_port, http_ok
+
+SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# The controllers the operator relies on: Jobs (with pod GC and TTL), Deployments, and the service accounts
+# (plus their token controller) that every namespace needs before pods can be admitted, and namespace cleanup.
+CONTROLLERS = [
+    "job-controller",
+    "garbage-collector-controller",
+    "ttl-after-finished-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "namespace-controller",
+]
+ADMISSION_PLUGINS = [
+    "NamespaceLifecycle",
+    "ServiceAccount",
+    "LimitRanger",
+    "ResourceQuota",
+    "DefaultTolerationSeconds",
+    "NodeRestriction",
+    "MutatingAdmissionWebhook",
+    "ValidatingAdmissionWebhook",
+    "ValidatingAdmissionPolicy",
+]
+
+
+@dataclass(frozen=True)
+class _Pem:
+    cert: Path
+    key: Path
+
+
+def _certificate(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+    )
+
+
+class _Pki:
+    """A throw-away CA that issues the serving and client certificates of one cluster (EC keys: quick)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cartridges-test-ca")])
+        ca_usage = x509.KeyUsage(
+            digital_signature=True,
+            key_cert_sign=True,
+            crl_sign=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        cert = (
+            _certificate(self._name, self._name, self._key)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(ca_usage, critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.ca = self._write("ca", cert, self._key)
+
+    def _write(self, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> _Pem:
+        pem = _Pem(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
+        pem.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        pem.key.write_bytes(_key_pem(key))
+        pem.key.chmod(0o600)
+        return pem
+
+    def issue(
+        self, stem: str, common_name: str, *, groups: tuple[str, ...] = (), server_names: tuple[str, ...] = ()
+    ) -> _Pem:
+        """A server certificate when ``server_names`` (DNS names, IPs) are given, else a client one."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, group) for group in groups]
+            + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        )
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = _certificate(subject, self._name, key).add_extension(x509.ExtendedKeyUsage([usage]), False)
+        if server_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(_general_names(server_names)), False)
+        return self._write(stem, builder.sign(self._key, hashes.SHA256()), key)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def _general_names(names: tuple[str, ...]) -> list[x509.GeneralName]:
+    result: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            result.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            result.append(x509.DNSName(name))
+    return result
+
+
+def _write_kubeconfig(path: Path, server: str, ca: Path, user: _Pem) -> Path:
+    def b64(file: Path) -> str:
+        return base64.b64encode(file.read_bytes()).decode()
+
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": server, "certificate-authority-data": b64(ca)}}],
+        "users": [
+            {
+                "name": "user",
+                "user": {"client-certificate-data": b64(user.cert), "client-key-data": b64(user.key)},
+            }
+        ],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user"}}],
+        "current-context": "test",
+    }
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@dataclass
+class Cluster:
+    """A running control plane; its logs stay in ``workdir`` (``etcd.log``, ``kube-apiserver.log``, ...)."""
+
+    workdir: Path
+    server: str
+    kubeconfig: Path
+    services: list[Service]
+    startup_s: float
+
+    def api_client(self) -> client.ApiClient:
+        """A fresh authenticated client (cluster-admin through the ``system:masters`` client certificate)."""
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+
+def _admin_ssl_context(ca: _Pem, admin: _Pem) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    context.load_cert_chain(str(admin.cert), str(admin.key))
+    return context
+
+
+def _flags(**values: object) -> list[str]:
+    """``--name=value`` arguments from keyword arguments (underscores become dashes, booleans lower case)."""
+    return [
+        f"--{name.replace('_', '-')}={str(value).lower() if isinstance(value, bool) else value}"
+        for name, value in values.items()
+    ]
+
+
+def _wait_for_default_service_account(cluster: Cluster, timeout_s: float) -> None:
+    """Pods are only admitted once their namespace's ``default`` ServiceAccount exists (made by the KCM)."""
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                core.read_namespace("default")
+                core.read_namespaced_service_account("default", "default")
+                return
+            except ApiException as err:
+                if err.status != 404 or time.monotonic() > deadline:
+                    raise ServiceError(f"no default ServiceAccount after {timeout_s:.0f}s: {err.reason}") from err
+            time.sleep(0.2)
+
+
+def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
+    """Start etcd, kube-apiserver and kube-controller-manager in ``workdir``; returns once pods can run."""
+    bins = binaries.control_plane()
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    pki = _Pki(workdir / "pki")
+    api_port, etcd_port, peer_port, kcm_port = free_port(), free_port(), free_port(), free_port()
+    server = f"https://127.0.0.1:{api_port}"
+    in_cluster_names = ("kubernetes", "kubernetes.default", "kubernetes.default.svc")
+    serving = pki.issue("apiserver", "kube-apiserver", server_names=("127.0.0.1", "10.0.0.1", *in_cluster_names))
+    admin = pki.issue("admin", "cartridges-test-admin", groups=("system:masters",))
+    kcm_user = pki.issue("kube-controller-manager", "system:kube-controller-manager")
+    sa_key = pki.directory / "service-account.key"
+    sa_key.write_bytes(_key_pem(ec.generate_private_key(ec.SECP256R1())))
+    kubeconfig = _write_kubeconfig(workdir / "admin.kubeconfig", server, pki.ca.cert, admin)
+    kcm_config = _write_kubeconfig(workdir / "kube-controller-manager.kubeconfig", server, pki.ca.cert, kcm_user)
+    etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
+
+    services: list[Service] = []
+    cluster = Cluster(workdir, server, kubeconfig, services, 0.0)
+
+    def run(name: str, flags: list[str], ready_url: str, context: ssl.SSLContext | None = None) -> None:
+        service = Service(name, [str(bins[name].path), *flags], workdir / f"{name}.log")
+        services.append(service)
+        service.wait_until(lambda: http_ok(ready_url, context=context), timeout_s=timeout_s)
+
+    try:
+        run(
+            "etcd",
+            _flags(
+                name="cartridges-test",
+                data_dir=workdir / "etcd",
+                listen_client_urls=etcd_url,
+                advertise_client_urls=etcd_url,
+                listen_peer_urls=peer_url,
+                initial_advertise_peer_urls=peer_url,
+                initial_cluster=f"cartridges-test={peer_url}",
+                unsafe_no_fsync=True,
+                log_level="warn",
+            ),
+            f"{etcd_url}/health",
+        )
+        run(
+            "kube-apiserver",
+            _flags(
+                etcd_servers=etcd_url,
+                bind_address="127.0.0.1",
+                advertise_address="127.0.0.1",
+                secure_port=api_port,
+                cert_dir=workdir / "apiserver-certs",
+                tls_cert_file=serving.cert,
+                tls_private_key_file=serving.key,
+                client_ca_file=pki.ca.cert,
+                anonymous_auth=False,
+                authorization_mode="Node,RBAC",
+                service_account_key_file=sa_key,
+                service_account_signing_key_file=sa_key,
+                service_account_issuer=SERVICE_ACCOUNT_ISSUER,
+                service_cluster_ip_range=SERVICE_CIDR,
+                enable_admission_plugins=",".join(ADMISSION_PLUGINS),
+                # A loopback advertise address may not appear in Endpoints, and nothing in-cluster needs them.
+                endpoint_reconciler_type="none",
+                profiling=False,
+                v=1,
+            ),
+            f"{server}/readyz",
+            _admin_ssl_context(pki.ca, admin),
+        )
+        run(
+            "kube-controller-manager",
+            _flags(
+                kubeconfig=kcm_config,
+                authentication_kubeconfig=kcm_config,
+                authorization_kubeconfig=kcm_config,
+                authentication_skip_lookup=True,  # no front-proxy CA to look up: spares a log full of errors
+                bind_address="127.0.0.1",
+                secure_port=kcm_port,
+                cert_dir=workdir / "kcm-certs",
+                service_account_private_key_file=sa_key,
+                root_ca_file=pki.ca.cert,
+                use_service_account_credentials=True,
+                controllers=",".join(CONTROLLERS),
+                leader_elect=False,
+                profiling=False,
+                v=1,
+            ),
+            f"https://127.0.0.1:{kcm_port}/healthz",
+            ssl._create_unverified_context(),  # the KCM serves a self-signed certificate made in --cert-dir
+        )
+        _wait_for_default_service_account(cluster, timeout_s)
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.startup_s = time.monotonic() - started
+    return cluster
