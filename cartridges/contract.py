@@ -1,0 +1,36 @@
+"""The contract between the operator and the trainer Job (DESIGN.md §6): one config document and the exit codes.
+
+The operator serializes a :class:`TrainerConfig` into the Job's arguments (``--config <json>``); the trainer parses
+the same model. Object-store credentials never appear here: they come from a Secret through the environment.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from cartridges import api
+from cartridges.layout import generation_prefix
+
+TRAINER_COMMAND = ["python", "-m", "cartridges_trainer"]
+
+EXIT_OK = 0
+EXIT_PERMANENT = 65
+"""Bad input that no retry can fix (corpus unreadable or empty, model mismatch, invalid config): the Job's
+``podFailurePolicy`` fails the Job at once on this code. Any other non-zero exit is retried."""
+
+
+class TrainerConfig(BaseModel):
+    namespace: str
+    cartridge: str
+    generation: int = Field(ge=1)
+    store_root: str = Field(description="s3://bucket or file:///dir holding the layout of DESIGN.md §4")
+    corpus_prefixes: list[str] = Field(min_length=1, description="store prefixes of the corpus versions to study")
+    corpus_description: str
+    spec: api.CartridgeSpec
+
+    @property
+    def output_prefix(self) -> str:
+        return generation_prefix(self.store_root, self.namespace, self.cartridge, self.generation)
+
+    def to_args(self) -> list[str]:
+        return ["--config", self.model_dump_json()]

@@ -1,0 +1,90 @@
+"""Where things live in the object store (DESIGN.md §4), and the small documents stored beside them.
+
+``root`` is the store URI of the product's bucket or directory, e.g. ``s3://cartridges`` or ``file:///data/store``.
+Every component builds paths through these functions, so the layout is written down exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from cartridges.store import Store
+
+CORPUS_FILE = "corpus.jsonl"
+MANIFEST_FILE = "manifest.json"
+EVAL_FILE = "eval.json"
+PROGRESS_FILE = "progress.json"
+CURRENT_POINTER = "current.json"
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def corpus_prefix(root: str, namespace: str, corpus: str, digest: str) -> str:
+    return _join(root, "corpora", namespace, corpus, digest)
+
+
+def model_prefix(root: str, model: str) -> str:
+    return _join(root, "models", model)
+
+
+def cartridge_prefix(root: str, namespace: str, cartridge: str) -> str:
+    return _join(root, "cartridges", namespace, cartridge)
+
+
+def generation_prefix(root: str, namespace: str, cartridge: str, generation: int) -> str:
+    return _join(cartridge_prefix(root, namespace, cartridge), f"g{generation}")
+
+
+def current_pointer(root: str, namespace: str, cartridge: str) -> str:
+    return _join(cartridge_prefix(root, namespace, cartridge), CURRENT_POINTER)
+
+
+class Document(BaseModel):
+    """One line of ``corpus.jsonl``: a normalized UTF-8 document."""
+
+    id: str
+    text: str
+
+
+class CorpusManifest(BaseModel):
+    digest: str = Field(description="sha256 of corpus.jsonl")
+    documents: int
+    bytes: int
+    description: str
+    tokens: int | None = None
+    tokenizer: str | None = None
+
+
+def read_documents(store: Store, prefix: str) -> Iterator[Document]:
+    """The documents of a stored corpus, verified against the manifest's digest."""
+    manifest = CorpusManifest.model_validate(store.get_json(_join(prefix, MANIFEST_FILE)))
+    data = store.get_bytes(_join(prefix, CORPUS_FILE), expected_sha256=manifest.digest)
+    for line in data.decode().splitlines():
+        if line.strip():
+            yield Document.model_validate(json.loads(line))
+
+
+class Progress(BaseModel):
+    """``progress.json`` of one training generation, rewritten by the trainer as it goes; read by the operator."""
+
+    phase: Literal["starting", "synthesizing", "training", "evaluating", "uploading", "done", "failed"]
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+
+
+class Pointer(BaseModel):
+    """``current.json``: the promoted generation of a cartridge; written only by the operator."""
+
+    generation: int
+    prefix: str
+    sha256: str
