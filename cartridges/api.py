@@ -242,6 +242,7 @@ class Failure(Spec):
 class CartridgeStatus(Spec):
     observedGeneration: int | None = None
     generation: int | None = Field(default=None, description="training generation (g<N> in the store)")
+    trainingHash: str | None = Field(default=None, description="hash of the spec fields and corpus digests trained")
     progress: Progress | None = None
     artifact: ArtifactStatus | None = None
     evaluation: Evaluation | None = None

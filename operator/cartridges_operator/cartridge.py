@@ -1,0 +1,280 @@
+"""The Cartridge reconciler, level-triggered: corpora → training Job per generation → verify → promote → serve.
+
+Each pass reads the world (Corpus status, the Job, the store) and returns the status it implies, so a pass can be
+repeated or interrupted at any point: the Job name is deterministic, promotion is one pointer write, and a new
+generation starts only when what training depends on (spec and corpus digests) changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from cartridges import api, layout
+from cartridges.artifact import MANIFEST_FILE, TENSORS_FILE, CartridgeManifest
+from cartridges.contract import TrainerConfig
+from cartridges.store import ObjectNotFound, Store, StoreError
+from cartridges_operator import kube, manifests
+from cartridges_operator.conditions import is_true, now, set_condition
+from cartridges_operator.config import OperatorConfig
+
+TRAINING_FIELDS = ("corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training")
+
+
+@dataclass
+class Pass:
+    """One reconcile pass: the inputs, and the status being built."""
+
+    body: dict[str, Any]
+    spec: api.CartridgeSpec
+    status: dict[str, Any]
+    namespace: str
+    name: str
+    generation: int
+    config: OperatorConfig
+    store: Store
+
+    def condition(self, type_: str, ok: bool | None, reason: str, message: str = "") -> None:
+        conditions = self.status.get("conditions") or []
+        self.status["conditions"] = set_condition(conditions, type_, ok, reason, message, self.generation)
+
+    def not_ready(self, reason: str, message: str, stalled: bool = False) -> dict[str, Any]:
+        self.condition("Stalled", stalled, reason if stalled else "Progressing", message if stalled else "")
+        self.condition("Ready", False, reason, message)
+        return self.status
+
+
+def reconcile_cartridge(
+    body: dict[str, Any], namespace: str, name: str, config: OperatorConfig, store: Store
+) -> dict[str, Any]:
+    status = dict(body.get("status") or {})
+    generation = int(body["metadata"].get("generation") or 0)
+    status["observedGeneration"] = generation
+    try:
+        spec = api.CartridgeSpec.model_validate(body.get("spec") or {})
+    except ValidationError as err:
+        conditions = set_condition(status.get("conditions") or [], "Ready", False, "InvalidSpec", str(err), generation)
+        return {**status, "conditions": set_condition(conditions, "Stalled", True, "InvalidSpec", str(err), generation)}
+    run = Pass(body, spec, status, namespace, name, generation, config, store)
+    try:
+        return _reconcile(run)
+    except StoreError as err:
+        return run.not_ready("StoreUnavailable", str(err))
+
+
+def _reconcile(run: Pass) -> dict[str, Any]:
+    corpora = _ready_corpora(run)
+    if corpora is None:
+        return run.status
+    trainer = _current_generation(run, corpora)
+    job = kube.get_job(run.namespace, manifests.job_name(run.name, trainer.generation))
+    trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
+    if not trained:
+        if job is None:
+            kube.create_job(manifests.training_job(run.body, trainer, run.config))
+            run.condition("Trained", False, "Training", f"generation {trainer.generation} started")
+            return run.not_ready("Training", f"training generation {trainer.generation}")
+        if bool(job.spec.suspend) != run.spec.suspend:
+            kube.set_job_suspended(run.namespace, job.metadata.name, run.spec.suspend)
+        if run.spec.suspend:
+            run.condition("Trained", False, "Suspended", "spec.suspend is true")
+            return run.not_ready("Suspended", "training is suspended")
+        finished = _job_finished(job)
+        if finished is None:
+            _copy_progress(run, trainer)
+            run.condition("Trained", False, "Training", f"generation {trainer.generation} running")
+            return run.not_ready("Training", f"training generation {trainer.generation}")
+        if not finished:
+            return _record_failure(run, job)
+        if not _verify_and_record(run, trainer):
+            return run.status
+    if not _passes_quality_gate(run):
+        return run.status
+    _promote(run, trainer)
+    return _serve(run)
+
+
+def _ready_corpora(run: Pass) -> list[tuple[str, str, str]] | None:
+    """(name, digest, description) per referenced corpus, or None (with CorpusReady=False) while waiting."""
+    found = []
+    for ref in run.spec.corpusRefs:
+        corpus = kube.get_corpus(run.namespace, ref.name)
+        status = (corpus or {}).get("status") or {}
+        if corpus is None or not is_true(status.get("conditions"), "Ready") or not status.get("digest"):
+            why = "does not exist" if corpus is None else "is not Ready yet"
+            run.condition("CorpusReady", False, "WaitingForCorpus", f"Corpus {ref.name} {why}")
+            run.not_ready("WaitingForCorpus", f"Corpus {ref.name} {why}")
+            return None
+        digest = ref.digest or status["digest"]
+        prefix = layout.corpus_prefix(run.config.store_root, run.namespace, ref.name, digest)
+        if not run.store.exists(f"{prefix}/{layout.MANIFEST_FILE}"):
+            run.condition("CorpusReady", False, "CorpusDigestNotFound", f"{ref.name}@{digest} is not in the store")
+            run.not_ready("CorpusDigestNotFound", f"pinned digest {digest} of Corpus {ref.name} is not stored")
+            return None
+        found.append((ref.name, digest, corpus["spec"].get("description", "")))
+    run.condition("CorpusReady", True, "CorporaReady", ", ".join(f"{n}@{d[:12]}" for n, d, _ in found))
+    return found
+
+
+def _training_hash(spec: api.CartridgeSpec, corpora: list[tuple[str, str, str]]) -> str:
+    fields = spec.model_dump(include=set(TRAINING_FIELDS), mode="json")
+    payload = json.dumps({"spec": fields, "corpora": [(n, d) for n, d, _ in corpora]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _current_generation(run: Pass, corpora: list[tuple[str, str, str]]) -> TrainerConfig:
+    """The generation to train or serve: a new one exactly when the training inputs changed."""
+    training_hash = _training_hash(run.spec, corpora)
+    generation = int(run.status.get("generation") or 0)
+    if run.status.get("trainingHash") != training_hash:
+        generation += 1
+        run.status.update(generation=generation, trainingHash=training_hash, progress=None, lastFailure=None)
+    run.status["trainingJob"] = manifests.job_name(run.name, generation)
+    return TrainerConfig(
+        namespace=run.namespace,
+        cartridge=run.name,
+        generation=generation,
+        store_root=run.config.store_root,
+        corpus_prefixes=[layout.corpus_prefix(run.config.store_root, run.namespace, n, d) for n, d, _ in corpora],
+        corpus_description=" ".join(desc for _, _, desc in corpora),
+        spec=run.spec,
+    )
+
+
+def _job_finished(job: Any) -> bool | None:
+    """True when Complete, False when Failed, None while running."""
+    for condition in job.status.conditions or []:
+        if condition.status == "True" and condition.type in ("Complete", "Failed"):
+            return bool(condition.type == "Complete")
+    return None
+
+
+def _copy_progress(run: Pass, trainer: TrainerConfig) -> None:
+    try:
+        progress = layout.Progress.model_validate(run.store.get_json(f"{trainer.output_prefix}/{layout.PROGRESS_FILE}"))
+    except ObjectNotFound:
+        return
+    eta = None if progress.eta_s is None else int(progress.eta_s)
+    run.status["progress"] = {
+        "phase": progress.phase,
+        "step": progress.step,
+        "total": progress.total,
+        "loss": progress.loss,
+        "etaSeconds": eta,
+    }
+
+
+def _record_failure(run: Pass, job: Any) -> dict[str, Any]:
+    pod, exit_code, message = kube.failed_pod_details(run.namespace, job.metadata.name)
+    reason = next((c.reason for c in job.status.conditions or [] if c.type == "Failed"), "JobFailed")
+    run.status["lastFailure"] = {
+        "reason": reason or "JobFailed",
+        "message": message[-1024:],
+        "exitCode": exit_code,
+        "pod": pod,
+        "time": now(),
+    }
+    summary = f"training Job {job.metadata.name} failed ({reason}, exit code {exit_code}): {message[-300:]}"
+    run.condition("Trained", False, "TrainingFailed", summary)
+    return run.not_ready("TrainingFailed", summary, stalled=True)
+
+
+def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
+    """Check the uploaded artifact before trusting it: manifest parses, tensors' sha256 and p match the spec."""
+    prefix = trainer.output_prefix
+    try:
+        manifest = CartridgeManifest.model_validate(run.store.get_json(f"{prefix}/{MANIFEST_FILE}"))
+        tensors = run.store.stat(f"{prefix}/{TENSORS_FILE}")
+    except (ObjectNotFound, ValidationError) as err:
+        problem = f"artifact under {prefix} is missing or unreadable: {err}"
+    else:
+        problem = ""
+        if tensors.sha256 != manifest.file_sha256:
+            problem = f"{TENSORS_FILE} sha256 {tensors.sha256} does not match the manifest's {manifest.file_sha256}"
+        elif manifest.p != run.spec.size:
+            problem = f"artifact has p={manifest.p}, spec.size is {run.spec.size}"
+    if problem:
+        run.condition("Trained", False, "ArtifactInvalid", problem)
+        run.not_ready("ArtifactInvalid", problem, stalled=True)
+        return False
+    uri = f"{prefix}/{TENSORS_FILE}"
+    run.status["artifact"] = {
+        "uri": uri,
+        "sha256": manifest.file_sha256,
+        "bytes": manifest.file_bytes,
+        "p": manifest.p,
+        "dtype": manifest.dtype,
+    }
+    run.status["progress"] = {**(run.status.get("progress") or {}), "phase": "done"}
+    run.condition("Trained", True, "ArtifactVerified", f"generation {trainer.generation}: {uri}")
+    _record_evaluation(run, prefix)
+    return True
+
+
+def _record_evaluation(run: Pass, prefix: str) -> None:
+    try:
+        scores = run.store.get_json(f"{prefix}/{layout.EVAL_FILE}")
+        evaluation = api.Evaluation.model_validate(
+            {k: scores.get(k) for k in ("noContext", "icl", "cartridge", "iclGainRecovered")}
+        )
+    except (ObjectNotFound, ValidationError, AttributeError) as err:
+        run.condition("Evaluated", False, "NoEvaluation", f"{layout.EVAL_FILE}: {err}")
+        return
+    run.status["evaluation"] = evaluation.model_dump()
+    run.condition("Evaluated", True, "Evaluated", f"ICL gain recovered: {evaluation.iclGainRecovered}")
+
+
+def _passes_quality_gate(run: Pass) -> bool:
+    minimum = run.spec.serving.qualityGate.minIclGainRecovered
+    recovered = (run.status.get("evaluation") or {}).get("iclGainRecovered")
+    if minimum is None:
+        return True
+    if recovered is None or recovered < minimum:
+        message = f"ICL gain recovered {recovered} is below the quality gate {minimum}; not promoted"
+        run.not_ready("QualityGateFailed", message, stalled=True)
+        return False
+    return True
+
+
+def _promote(run: Pass, trainer: TrainerConfig) -> None:
+    """Point current.json at the verified generation; the previous one served until this write."""
+    pointer_uri = layout.current_pointer(run.config.store_root, run.namespace, run.name)
+    pointer = layout.Pointer(
+        generation=trainer.generation, prefix=trainer.output_prefix, sha256=run.status["artifact"]["sha256"]
+    )
+    try:
+        current = layout.Pointer.model_validate(run.store.get_json(pointer_uri))
+    except ObjectNotFound:
+        current = None
+    if current != pointer:
+        run.store.put_json(pointer_uri, pointer.model_dump())
+
+
+def _serve(run: Pass) -> dict[str, Any]:
+    serving, model = run.spec.serving, run.spec.baseModel
+    if not serving.enabled:
+        run.condition("Serving", False, "ServingDisabled", "spec.serving.enabled is false")
+        run.status["endpoint"] = None
+        run.condition("Stalled", False, "Trained")
+        run.condition("Ready", True, "Trained", "trained and promoted; serving disabled")
+        return run.status
+    owner = [manifests.owner_reference(run.body, controller=False)]
+    kube.apply_owned(manifests.serving_deployment(run.namespace, model, serving.replicas, owner, run.config))
+    kube.apply_owned(manifests.serving_service(run.namespace, model.name, owner))
+    ready, desired = kube.deployment_ready(run.namespace, manifests.serving_name(model.name))
+    run.status["endpoint"] = {
+        "url": manifests.endpoint_url(run.namespace, model.name),
+        "model": manifests.ROUTER_MODEL,
+        "cartridge": run.name,
+    }
+    if ready < 1:
+        run.condition("Serving", False, "ServingNotReady", f"{ready}/{desired} serving replicas ready")
+        return run.not_ready("ServingNotReady", f"{ready}/{desired} serving replicas ready")
+    run.condition("Serving", True, "ReplicasReady", f"{ready}/{desired} serving replicas ready")
+    run.condition("Stalled", False, "Serving")
+    run.condition("Ready", True, "Serving", f"generation {run.status['generation']} serving")
+    return run.status

@@ -1,0 +1,37 @@
+"""Kubernetes-convention status conditions: set one, keep the others, move lastTransitionTime only on change."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool | None,
+    reason: str,
+    message: str = "",
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """A new list with condition ``type_`` set (``None`` means Unknown)."""
+    value = "Unknown" if status is None else ("True" if status else "False")
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    changed = previous is None or previous.get("status") != value
+    updated = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now() if changed else previous.get("lastTransitionTime") if previous else now(),
+        "observedGeneration": generation,
+    }
+    return [c for c in conditions if c.get("type") != type_] + [updated]
+
+
+def is_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
+    return any(c.get("type") == type_ and c.get("status") == "True" for c in conditions or [])

@@ -1,0 +1,158 @@
+"""Thin access to the Kubernetes API for the handlers: typed clients, create-or-patch, and the lookups we need."""
+
+from __future__ import annotations
+
+import base64
+import functools
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from cartridges import api
+from cartridges_operator.corpus_sources import SourceError
+
+
+@functools.cache
+def api_client() -> client.ApiClient:
+    """In-cluster credentials when running as a pod, else the kubeconfig (``$KUBECONFIG``)."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def core() -> client.CoreV1Api:
+    return client.CoreV1Api(api_client())
+
+
+def batch() -> client.BatchV1Api:
+    return client.BatchV1Api(api_client())
+
+
+def apps() -> client.AppsV1Api:
+    return client.AppsV1Api(api_client())
+
+
+def custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client())
+
+
+def configmap_reader(namespace: str) -> Any:
+    def read(name: str, key: str) -> str:
+        try:
+            cm = core().read_namespaced_config_map(name, namespace)
+        except ApiException as err:
+            if err.status == 404:
+                raise SourceError(f"ConfigMap {namespace}/{name} does not exist") from err
+            raise
+        if key in (cm.data or {}):
+            return str(cm.data[key])
+        if key in (cm.binary_data or {}):
+            return base64.b64decode(cm.binary_data[key]).decode("utf-8-sig")
+        raise SourceError(f"ConfigMap {namespace}/{name} has no key {key!r} (keys: {sorted(cm.data or {})})")
+
+    return read
+
+
+def get_corpus(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        body: dict[str, Any] = custom().get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora", name)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    return body
+
+
+def get_job(namespace: str, name: str) -> client.V1Job | None:
+    try:
+        return batch().read_namespaced_job(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def create_job(body: dict[str, Any]) -> None:
+    """Create the Job unless it already exists: a deterministic name makes this idempotent."""
+    try:
+        batch().create_namespaced_job(body["metadata"]["namespace"], body)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+
+
+def set_job_suspended(namespace: str, name: str, suspend: bool) -> None:
+    batch().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+
+
+def failed_pod_details(namespace: str, job: str) -> tuple[str | None, int | None, str]:
+    """(pod, exit code, termination message) of the most recent failed trainer pod of a Job."""
+    pods = core().list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+    failed = [p for p in pods if p.status and p.status.phase == "Failed"]
+    failed.sort(key=lambda p: p.metadata.creation_timestamp)
+    for pod in reversed(failed):
+        for status in pod.status.container_statuses or []:
+            terminated = status.state.terminated if status.state else None
+            if terminated is not None:
+                return pod.metadata.name, terminated.exit_code, (terminated.message or "").strip()
+    return None, None, ""
+
+
+def apply_owned(body: dict[str, Any]) -> None:
+    """Create a Deployment or Service, or merge our fields into the existing one (owners are unioned)."""
+    kind, meta = body["kind"], body["metadata"]
+    create, read, patch = {
+        "Deployment": (
+            apps().create_namespaced_deployment,
+            apps().read_namespaced_deployment,
+            apps().patch_namespaced_deployment,
+        ),
+        "Service": (core().create_namespaced_service, core().read_namespaced_service, core().patch_namespaced_service),
+    }[kind]
+    try:
+        create(meta["namespace"], body)
+        return
+    except ApiException as err:
+        if err.status != 409:
+            raise
+    existing = read(meta["name"], meta["namespace"])
+    owners = {o["uid"]: o for o in meta.get("ownerReferences", [])}
+    for ref in existing.metadata.owner_references or []:
+        owners.setdefault(ref.uid, api_client().sanitize_for_serialization(ref))
+    patch(meta["name"], meta["namespace"], {**body, "metadata": {**meta, "ownerReferences": list(owners.values())}})
+
+
+def remove_owner(kind: str, namespace: str, name: str, uid: str) -> None:
+    """Drop one Cartridge from a shared object's owners; the garbage collector removes it when none remain."""
+    read, patch = {
+        "Deployment": (apps().read_namespaced_deployment, apps().patch_namespaced_deployment),
+        "Service": (core().read_namespaced_service, core().patch_namespaced_service),
+    }[kind]
+    try:
+        existing = read(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return
+        raise
+    owners = [api_client().sanitize_for_serialization(o) for o in existing.metadata.owner_references or []]
+    remaining = [o for o in owners if o["uid"] != uid]
+    if len(remaining) != len(owners):
+        if remaining:
+            patch(name, namespace, [{"op": "replace", "path": "/metadata/ownerReferences", "value": remaining}])
+        else:
+            delete = apps().delete_namespaced_deployment if kind == "Deployment" else core().delete_namespaced_service
+            delete(name, namespace)
+
+
+def deployment_ready(namespace: str, name: str) -> tuple[int, int]:
+    """(ready replicas, desired replicas) of a Deployment; (0, 0) when absent."""
+    try:
+        dep = apps().read_namespaced_deployment(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return 0, 0
+        raise
+    return dep.status.ready_replicas or 0, dep.spec.replicas or 0

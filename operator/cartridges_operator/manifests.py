@@ -1,0 +1,207 @@
+"""The Kubernetes objects the operator owns: one training Job per generation, one Triton Deployment + Service per
+(namespace, base model). Pure functions from the Cartridge to plain dicts, so they are easy to test and diff."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from cartridges import api
+from cartridges.contract import EXIT_PERMANENT, TrainerConfig
+from cartridges_operator.config import OperatorConfig
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "cartridges-operator", "app.kubernetes.io/part-of": "cartridges"}
+CARTRIDGE_LABEL = "cartridges.dev/cartridge"
+GENERATION_LABEL = "cartridges.dev/generation"
+MODEL_LABEL = "cartridges.dev/base-model"
+TRAINER_CONTAINER = "trainer"
+ROUTER_MODEL = "router"
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+NON_ROOT_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+LOCKED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def dns_name(*parts: str, limit: int = 63) -> str:
+    """Join parts into a DNS label; too long names keep a readable head and a hash tail (deterministic)."""
+    name = "-".join(parts)
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def owner_reference(body: dict[str, Any], controller: bool = True) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": body.get("kind", "Cartridge"),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }
+
+
+def store_env(config: OperatorConfig) -> list[dict[str, Any]]:
+    """Store settings for a pod: endpoint as a value, credentials only as Secret references."""
+    secret = config.store_secret
+
+    def from_secret(name: str, key: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+    return [
+        {"name": "CARTRIDGES_S3_ENDPOINT", "value": config.s3_endpoint},
+        from_secret("CARTRIDGES_S3_ACCESS_KEY", "accessKey"),
+        from_secret("CARTRIDGES_S3_SECRET_KEY", "secretKey"),
+    ]
+
+
+def job_name(cartridge: str, generation: int) -> str:
+    return dns_name(cartridge, f"g{generation}")
+
+
+def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorConfig) -> dict[str, Any]:
+    spec = trainer.spec
+    name = body["metadata"]["name"]
+    labels = {
+        **MANAGED_BY,
+        "app.kubernetes.io/name": "cartridges-trainer",
+        CARTRIDGE_LABEL: name,
+        GENERATION_LABEL: str(trainer.generation),
+    }
+    resources = spec.resources
+    limits: dict[str, Any] = {"memory": resources.memory}
+    if resources.gpus:
+        limits["nvidia.com/gpu"] = resources.gpus
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": NON_ROOT_POD,
+        "nodeSelector": resources.nodeSelector,
+        "tolerations": [t.model_dump(exclude_none=True) for t in resources.tolerations],
+        "containers": [
+            {
+                "name": TRAINER_CONTAINER,
+                "image": config.trainer_image,
+                "command": config.trainer_command,
+                "args": trainer.to_args(),
+                "env": store_env(config),
+                "resources": {"requests": {"cpu": resources.cpu, "memory": resources.memory}, "limits": limits},
+                "securityContext": {**LOCKED_CONTAINER, "readOnlyRootFilesystem": True},
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
+            }
+        ],
+        "volumes": [{"name": "scratch", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory"}}],
+    }
+    if resources.priorityClassName:
+        pod_spec["priorityClassName"] = resources.priorityClassName
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name, trainer.generation),
+            "namespace": trainer.namespace,
+            "labels": labels,
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "suspend": spec.suspend,
+            "backoffLimit": config.job_backoff_limit,
+            "activeDeadlineSeconds": config.job_deadline_s,
+            "ttlSecondsAfterFinished": config.job_ttl_s,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": TRAINER_CONTAINER,
+                            "operator": "In",
+                            "values": [EXIT_PERMANENT],
+                        },
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def serving_name(model: str) -> str:
+    return dns_name("triton", model)
+
+
+def serving_labels(model: str) -> dict[str, str]:
+    return {**MANAGED_BY, "app.kubernetes.io/name": "cartridges-serving", MODEL_LABEL: model}
+
+
+def serving_deployment(
+    namespace: str, base_model: api.BaseModelRef, replicas: int, owners: list[dict[str, Any]], config: OperatorConfig
+) -> dict[str, Any]:
+    """Triton with the router model for one base model; owned by every Cartridge it serves (GC when none left)."""
+    name, labels = serving_name(base_model.name), serving_labels(base_model.name)
+    http = {"port": "http"}
+    env = [
+        *store_env(config),
+        {"name": "CARTRIDGES_MODEL_URI", "value": base_model.uri},
+        {"name": "CARTRIDGES_STORE_ROOT", "value": config.store_root},
+        {"name": "CARTRIDGES_NAMESPACE", "value": namespace},
+    ]
+    container = {
+        "name": "triton",
+        "image": config.serving_image,
+        "ports": [{"name": n, "containerPort": p} for n, p in PORTS.items()],
+        "env": env,
+        "startupProbe": {"httpGet": {**http, "path": "/v2/health/live"}, "periodSeconds": 5, "failureThreshold": 120},
+        "livenessProbe": {"httpGet": {**http, "path": "/v2/health/live"}, "periodSeconds": 10},
+        "readinessProbe": {"httpGet": {**http, "path": f"/v2/models/{ROUTER_MODEL}/ready"}, "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}},
+        "securityContext": {**LOCKED_CONTAINER, "readOnlyRootFilesystem": True},
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "ownerReferences": owners},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {MODEL_LABEL: base_model.name, "app.kubernetes.io/name": "cartridges-serving"}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": NON_ROOT_POD,
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+                        {"name": "scratch", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def serving_service(namespace: str, model: str, owners: list[dict[str, Any]]) -> dict[str, Any]:
+    labels = serving_labels(model)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": serving_name(model), "namespace": namespace, "labels": labels, "ownerReferences": owners},
+        "spec": {
+            "selector": {MODEL_LABEL: model, "app.kubernetes.io/name": "cartridges-serving"},
+            "ports": [{"name": n, "port": p, "targetPort": n} for n, p in PORTS.items()],
+        },
+    }
+
+
+def endpoint_url(namespace: str, model: str) -> str:
+    return f"http://{serving_name(model)}.{namespace}.svc:{PORTS['http']}"
