@@ -1,8 +1,8 @@
 """Generate the CustomResourceDefinitions from the typed API models (``python -m cartridges.crd``).
 
 Pydantic's JSON Schema is turned into a Kubernetes *structural* schema: references inlined, ``title`` dropped,
-optional ``X | None`` collapsed to ``X``, nested objects defaulted to ``{}`` so the API server applies their inner
-defaults, and CEL rules kept as ``x-kubernetes-validations``.
+optional ``X | None`` collapsed to ``X``, nested objects given their full defaults, and CEL rules kept as
+``x-kubernetes-validations``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out["items"] = structural(value, defs)
         elif key == "const":
             out["enum"] = [value]
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):  # JSON Schema number → OpenAPI 3.0 boolean form
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
         else:
             out[key] = value
     extra = schema.get("additionalProperties")
@@ -97,21 +100,31 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         out["additionalProperties"] = structural(extra, defs)
     if "enum" in out and "type" not in out:
         out["type"] = "string"
-    if out.get("type") == "object" and "properties" in out:
-        for sub in out["properties"].values():
-            if sub.get("type") == "object" and "properties" in sub and "default" not in sub:
-                sub["default"] = {}
     return out
+
+
+def add_object_defaults(model: type[BaseModel], schema: dict[str, Any]) -> None:
+    """Give optional nested objects their full default (pydantic leaves ``default_factory`` out of the schema),
+    so ``kubectl get -o yaml`` shows every setting the trainer will use."""
+    for name, field_info in model.model_fields.items():
+        sub = schema.get("properties", {}).get(name)
+        annotation = field_info.annotation
+        if sub is None or not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            continue
+        if field_info.default_factory is not None:
+            sub["default"] = field_info.default_factory().model_dump(mode="json", exclude_none=True)  # type: ignore[call-arg]
+        add_object_defaults(annotation, sub)
 
 
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(mode="validation")
-    return structural(raw, raw.get("$defs", {}))
+    schema = structural(raw, raw.get("$defs", {}))
+    add_object_defaults(model, schema)
+    return schema
 
 
 def crd(kind: Kind) -> dict[str, Any]:
     status = schema_of(kind.status)
-    status.pop("default", None)
     spec = schema_of(kind.spec)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -1,0 +1,114 @@
+"""Drive the operator as a real process against the test control plane, and read what it did."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from cartridges import api
+from cartridges_e2e.node import NodeHarness
+from cartridges_e2e.process import Service, free_port, http_ok
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
+    """Poll until ``probe`` returns something truthy; fail with ``what`` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def install_crds(api_client: client.ApiClient) -> None:
+    """Create the generated CRDs and wait until the API server serves them."""
+    extensions = client.ApiextensionsV1Api(api_client)
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        body = yaml.safe_load(path.read_text())
+        extensions.create_custom_resource_definition(body)
+        name = body["metadata"]["name"]
+
+        def established(name: str = name) -> bool:
+            crd = extensions.read_custom_resource_definition(name)
+            return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+        wait_for(f"CRD {name} established", established, 30)
+
+
+def start_operator(kubeconfig: Path, namespace: str, workdir: Path, env: dict[str, str]) -> Service:
+    """``python -m cartridges_operator`` watching one namespace, ready once its liveness endpoint answers."""
+    port = free_port()
+    operator = Service(
+        "operator",
+        [sys.executable, "-m", "cartridges_operator", "--namespace", namespace,
+         "--liveness", f"http://127.0.0.1:{port}/healthz"],
+        workdir / "operator.log",
+        env={"KUBECONFIG": str(kubeconfig), **env},
+    )  # fmt: skip
+    operator.wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), timeout_s=60)
+    return operator
+
+
+@dataclass
+class OperatorEnv:
+    namespace: str
+    store_root: str
+    api: client.ApiClient
+    harness: NodeHarness
+    operator: Service
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    def create(self, plural: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        kind = {"corpora": "Corpus", "cartridges": "Cartridge"}[plural]
+        body = {"apiVersion": api.API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+        created: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, plural, body
+        )
+        return created
+
+    def get(self, plural: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, self.namespace, plural, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return found
+
+    def patch_spec(self, plural: str, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, self.namespace, plural, name, {"spec": spec})
+
+    def condition(self, plural: str, name: str, type_: str) -> dict[str, Any] | None:
+        body = self.get(plural, name) or {}
+        return next((c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+    def wait_condition(self, plural: str, name: str, type_: str, status: str, timeout_s: float = 60) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            found = self.condition(plural, name, type_)
+            return found if found and found["status"] == status else None
+
+        try:
+            return wait_for(f"{plural}/{name} {type_}={status}", probe, timeout_s)
+        except AssertionError as err:
+            raise AssertionError(
+                f"{err}; status: {json.dumps((self.get(plural, name) or {}).get('status'))}\n"
+                f"operator log:\n{self.operator.log_path.read_text()[-3000:]}"
+            ) from err

@@ -1,0 +1,46 @@
+"""A stand-in for the trainer at the operator's seam: honours the contract (config in, artifact + progress +
+eval out, exit codes) in a second, with a random cartridge for the tiny model. The real trainer has its own tests."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cartridges import layout
+from cartridges.artifact import Cartridge, save_cartridge, upload_artifact
+from cartridges.contract import EXIT_PERMANENT, TrainerConfig
+from cartridges.models import tiny_llama
+from cartridges.store import Store
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    config = TrainerConfig.model_validate_json(parser.parse_args().config)
+    store = Store.from_env()
+    out = config.output_prefix
+    documents = [d for prefix in config.corpus_prefixes for d in layout.read_documents(store, prefix)]
+    if any("PERMANENT-FAILURE" in d.text for d in documents):
+        print("corpus is unusable: it says PERMANENT-FAILURE", file=sys.stderr)
+        return EXIT_PERMANENT
+    store.put_json(f"{out}/{layout.PROGRESS_FILE}", layout.Progress(phase="training", step=1, total=2).model_dump())
+    model = tiny_llama()
+    fp, p = model.fingerprint, config.spec.size
+    shape = (fp.num_kv_heads, p, fp.head_dim)
+    layers = range(fp.num_layers)
+    cartridge = Cartridge([torch.randn(shape) for _ in layers], [torch.randn(shape) for _ in layers])
+    with tempfile.TemporaryDirectory() as tmp:
+        save_cartridge(cartridge, Path(tmp), fp, corpus_digest=config.corpus_prefixes[0].rsplit("/", 1)[-1])
+        upload_artifact(store, Path(tmp), out)
+    scores = {"noContext": 3.0, "icl": 1.0, "cartridge": 1.5, "iclGainRecovered": 0.75}
+    store.put_json(f"{out}/{layout.EVAL_FILE}", scores)
+    store.put_json(f"{out}/{layout.PROGRESS_FILE}", layout.Progress(phase="done", step=2, total=2).model_dump())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The operator end to end on a real API server: admission rules, Corpus and Cartridge reconciliation, Jobs run by
+the node harness (with a contract-honouring stand-in trainer), promotion, serving objects, failures, deletion."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from cartridges import api, layout
+from cartridges.store import Store
+from cartridges_e2e.cluster import Cluster
+from cartridges_e2e.operator_env import OperatorEnv, wait_for
+
+pytestmark = pytest.mark.cluster
+
+BASE_MODEL = {"name": "tiny", "uri": "file:///models/tiny"}
+
+
+def cartridge_spec(corpus: str, **overrides: Any) -> dict[str, Any]:
+    spec = {"corpusRefs": [{"name": corpus}], "baseModel": BASE_MODEL, "size": 16, "resources": {"gpus": 0}}
+    return {**spec, **overrides}
+
+
+def rejected(k8s_cluster: Cluster, plural: str, spec: dict[str, Any], name: str = "bad") -> str:
+    custom = client.CustomObjectsApi(k8s_cluster.api_client())
+    kind = {"corpora": "Corpus", "cartridges": "Cartridge"}[plural]
+    body = {"apiVersion": api.API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+    with pytest.raises(ApiException) as caught:
+        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", plural, body)
+    assert caught.value.status == 422
+    return str(caught.value.body)
+
+
+def test_admission_rejects_invalid_resources(k8s_cluster: Cluster, crds_installed: None) -> None:
+    two_kinds = {"description": "d", "sources": [{"inline": "x", "http": {"url": "https://example.invalid/x"}}]}
+    assert "exactly one of inline, configMap, object, http" in rejected(k8s_cluster, "corpora", two_kinds)
+    assert "multiple of 16" in rejected(k8s_cluster, "cartridges", cartridge_spec("c", size=100))
+    assert "frozenTokens must be smaller than size" in rejected(
+        k8s_cluster, "cartridges", cartridge_spec("c", size=16, frozenTokens=16)
+    )
+    custom = client.CustomObjectsApi(k8s_cluster.api_client())
+    name = f"immutable-{uuid.uuid4().hex[:6]}"
+    body = {"apiVersion": api.API_VERSION, "kind": "Cartridge", "metadata": {"name": name}, "spec": cartridge_spec("c")}
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", "cartridges", body)
+    with pytest.raises(ApiException) as caught:
+        patch = {"spec": {"baseModel": {"name": "other", "uri": "file:///models/other"}}}
+        custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, "default", "cartridges", name, patch)
+    assert "baseModel is immutable" in str(caught.value.body)
+    created = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, "default", "cartridges", name)
+    assert created["spec"]["selfStudy"]["topK"] == 20  # nested defaults applied by the API server
+
+
+def test_corpus_from_inline_and_configmap(operator_env: OperatorEnv) -> None:
+    core = client.CoreV1Api(operator_env.api)
+    core.create_namespaced_config_map(
+        operator_env.namespace, {"metadata": {"name": "handbook"}, "data": {"ch1.md": "Chapter one.\r\nLine two.  \n"}}
+    )
+    spec = {
+        "description": "The handbook",
+        "sources": [{"name": "intro", "inline": "Welcome."}, {"configMap": {"name": "handbook", "key": "ch1.md"}}],
+    }
+    operator_env.create("corpora", "handbook", spec)
+    operator_env.wait_condition("corpora", "handbook", "Ready", "True")
+    status = (operator_env.get("corpora", "handbook") or {})["status"]
+    assert status["documents"] == 2 and len(status["digest"]) == 64
+    documents = list(layout.read_documents(Store(), status["artifact"]))
+    assert [d.text for d in documents] == ["Welcome.\n", "Chapter one.\nLine two.\n"]
+
+    operator_env.create(
+        "corpora", "broken", {"description": "d", "sources": [{"configMap": {"name": "nope", "key": "k"}}]}
+    )
+    stalled = operator_env.wait_condition("corpora", "broken", "Stalled", "True")
+    assert stalled["reason"] == "InvalidSource" and "ConfigMap" in stalled["message"] and "nope" in stalled["message"]
+
+
+def test_cartridge_trains_promotes_and_rolls_out_serving(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "facts", {"description": "Facts", "sources": [{"inline": "The sky is green here."}]})
+    env.create("cartridges", "facts", cartridge_spec("facts"))
+    waiting = env.wait_condition("cartridges", "facts", "CorpusReady", "True")
+    assert "facts@" in waiting["message"]
+
+    job = client.BatchV1Api(env.api).read_namespaced_job("facts-g1", env.namespace)
+    assert job.metadata.owner_references[0].kind == "Cartridge"
+    assert job.spec.pod_failure_policy.rules[0].on_exit_codes.values == [65]
+    container = job.spec.template.spec.containers[0]
+    secret_refs = {e.name: e.value_from.secret_key_ref.name for e in container.env if e.value_from}
+    assert secret_refs == {
+        "CARTRIDGES_S3_ACCESS_KEY": "cartridges-store",
+        "CARTRIDGES_S3_SECRET_KEY": "cartridges-store",
+    }
+    assert job.spec.template.spec.security_context.run_as_non_root is True
+
+    env.wait_condition("cartridges", "facts", "Trained", "True")
+    env.wait_condition("cartridges", "facts", "Evaluated", "True")
+    status = (env.get("cartridges", "facts") or {})["status"]
+    assert status["generation"] == 1 and status["artifact"]["p"] == 16
+    assert status["evaluation"]["iclGainRecovered"] == 0.75
+    pointer_uri = layout.current_pointer(env.store_root, env.namespace, "facts")
+    pointer = layout.Pointer.model_validate(Store().get_json(pointer_uri))
+    assert pointer.generation == 1 and pointer.sha256 == status["artifact"]["sha256"]
+
+    serving = env.wait_condition("cartridges", "facts", "Serving", "False")
+    assert serving["reason"] == "ServingNotReady"  # the harness cannot run the Triton image; e2e covers that
+    deployment = client.AppsV1Api(env.api).read_namespaced_deployment("triton-tiny", env.namespace)
+    pod = deployment.spec.template.spec
+    assert pod.containers[0].readiness_probe.http_get.path == "/v2/models/router/ready"
+    assert {p.container_port for p in pod.containers[0].ports} == {8000, 8001, 8002}
+    assert any(v.empty_dir and v.empty_dir.medium == "Memory" for v in pod.volumes)
+    assert status["endpoint"]["url"] == f"http://triton-tiny.{env.namespace}.svc:8000"
+
+    # A training input changes: generation 2 trains while generation 1 stays promoted until 2 verifies.
+    env.patch_spec("cartridges", "facts", {"training": {"steps": 7}})
+    wait_for("generation 2", lambda: (env.get("cartridges", "facts") or {})["status"].get("generation") == 2, 30)
+    wait_for(
+        "promotion of generation 2",
+        lambda: Store().get_json(pointer_uri)["generation"] == 2,
+        60,
+    )
+    # A serving-only change does not retrain.
+    env.patch_spec("cartridges", "facts", {"serving": {"replicas": 2}})
+    wait_for("replicas 2", lambda: client.AppsV1Api(env.api).read_namespaced_deployment(
+        "triton-tiny", env.namespace).spec.replicas == 2, 30)  # fmt: skip
+    assert (env.get("cartridges", "facts") or {})["status"]["generation"] == 2
+
+
+def test_permanent_trainer_failure_fails_fast_with_the_reason(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "poison", {"description": "d", "sources": [{"inline": "PERMANENT-FAILURE"}]})
+    env.create("cartridges", "poison", cartridge_spec("poison"))
+    stalled = env.wait_condition("cartridges", "poison", "Stalled", "True", timeout_s=90)
+    assert stalled["reason"] == "TrainingFailed" and "PodFailurePolicy" in stalled["message"]
+    failure = (env.get("cartridges", "poison") or {})["status"]["lastFailure"]
+    assert failure["exitCode"] == 65 and "PERMANENT-FAILURE" in failure["message"]
+    pods = client.CoreV1Api(env.api).list_namespaced_pod(env.namespace, label_selector="job-name=poison-g1").items
+    assert len(pods) == 1  # no retries for a permanent error
+
+
+def test_deletion_removes_serving_owner_and_artifacts(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "gone", {"description": "d", "sources": [{"inline": "Short-lived facts."}]})
+    env.create("cartridges", "gone", cartridge_spec("gone", retention="Delete"))
+    env.wait_condition("cartridges", "gone", "Trained", "True")
+    prefix = layout.cartridge_prefix(env.store_root, env.namespace, "gone")
+    assert Store().list(prefix)
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "gone")
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "gone") is None, 30)
+    assert Store().list(prefix) == []
+    owners = (
+        client.AppsV1Api(env.api).read_namespaced_deployment("triton-tiny", env.namespace).metadata.owner_references
+    )
+    assert all(o.name != "gone" for o in owners)
