@@ -69,6 +69,28 @@ class OperatorEnv:
     api: client.ApiClient
     harness: NodeHarness
     operator: Service
+    kubeconfig: Path
+    workdir: Path
+    settings: dict[str, str]
+
+    @classmethod
+    def start(
+        cls,
+        kubeconfig: Path,
+        namespace: str,
+        api_client: client.ApiClient,
+        harness: NodeHarness,
+        workdir: Path,
+        settings: dict[str, str],
+    ) -> OperatorEnv:
+        operator = start_operator(kubeconfig, namespace, workdir, settings)
+        return cls(namespace, settings["CARTRIDGES_STORE_ROOT"], api_client, harness, operator, kubeconfig, workdir,
+                   settings)  # fmt: skip
+
+    def restart(self) -> None:
+        """Stop the operator process and start a new one, as a pod restart would."""
+        self.operator.stop()
+        self.operator = start_operator(self.kubeconfig, self.namespace, self.workdir, self.settings)
 
     @property
     def custom(self) -> client.CustomObjectsApi:

@@ -75,6 +75,9 @@ def _reconcile(run: Pass) -> dict[str, Any]:
     trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
     if not trained:
         if job is None:
+            if not kube.secret_exists(run.namespace, run.config.store_secret):
+                message = f"Secret {run.config.store_secret} with the object-store credentials is missing"
+                return run.not_ready("StoreSecretMissing", f"{message} in namespace {run.namespace}", stalled=True)
             kube.create_job(manifests.training_job(run.body, trainer, run.config))
             run.condition("Trained", False, "Training", f"generation {trainer.generation} started")
             return run.not_ready("Training", f"training generation {trainer.generation}")

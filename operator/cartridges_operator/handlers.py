@@ -1,22 +1,30 @@
-"""kopf registrations: thin handlers that call the reconcilers and write their status back."""
+"""kopf registrations: thin handlers that run the reconcilers and write back what changed.
+
+Status is written with the resourceVersion the pass read (optimistic concurrency): if the object changed meanwhile,
+the write is refused and the next pass recomputes from fresh state. Each condition transition becomes an Event.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from cartridges import api, layout
 from cartridges.store import Store, StoreError
-from cartridges_operator import kube, manifests
+from cartridges_operator import kube, manifests, metrics
 from cartridges_operator.cartridge import reconcile_cartridge
+from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
 from cartridges_operator.corpus import reconcile_corpus
 
 PREFIX = "cartridges.dev"
 RESYNC_S = 5.0
+CORPUS_RETRY_S = 10.0
 DELETE_RETRIES = 3
+WARNING_REASONS = {"Stalled"}
 
 CONFIG = OperatorConfig.from_env()
 STORE = Store.from_env()
@@ -34,26 +42,83 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 60
 
 
+def write_status(plural: str, body: kopf.Body, desired: dict[str, Any]) -> bool:
+    """Patch the fields that changed, guarded by resourceVersion; emit an Event per condition transition."""
+    current = dict(body.get("status") or {})
+    changed = {k: v for k, v in desired.items() if current.get(k) != v}
+    if not changed:
+        return True
+    meta = body.metadata
+    patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": changed}
+    try:
+        kube.custom().patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, meta["namespace"], plural, meta["name"], patch
+        )
+    except ApiException as err:
+        if err.status in (404, 409):
+            return False  # deleted or changed meanwhile: the next pass sees the new state
+        raise
+    _post_transitions(body, current.get("conditions") or [], desired.get("conditions") or [])
+    return True
+
+
+def _post_transitions(body: kopf.Body, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> None:
+    old = {c["type"]: c.get("status") for c in before}
+    for condition in after:
+        if old.get(condition["type"]) == condition["status"]:
+            continue
+        warning = condition["type"] in WARNING_REASONS and condition["status"] == "True"
+        message = f"{condition['type']}={condition['status']}: {condition.get('message', '')}"[:1000]
+        post = kopf.warn if warning else kopf.info
+        post(body, reason=condition.get("reason") or condition["type"], message=message)
+
+
+def _reconcile_corpus(body: kopf.Body) -> dict[str, Any]:
+    meta = body.metadata
+    with metrics.reconciling("Corpus"):
+        return reconcile_corpus(
+            dict(body.spec), dict(body.status), meta["namespace"], meta["name"], int(meta["generation"]),
+            STORE, CONFIG.store_root,
+        )  # fmt: skip
+
+
 @kopf.on.resume(api.GROUP, api.VERSION, "corpora")
 @kopf.on.create(api.GROUP, api.VERSION, "corpora")
 @kopf.on.update(api.GROUP, api.VERSION, "corpora", field="spec")
-def corpus_changed(
-    spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, meta: kopf.Meta, patch: kopf.Patch, **_: Any
-) -> None:
-    assert namespace is not None  # both kinds are namespaced
-    new = reconcile_corpus(dict(spec), dict(status), namespace, name, int(meta["generation"]), STORE, CONFIG.store_root)
-    patch.status.update(new)
+def corpus_changed(body: kopf.Body, **_: Any) -> None:
+    if not write_status("corpora", body, _reconcile_corpus(body)):
+        raise kopf.TemporaryError("the Corpus changed while it was being read; retrying", delay=1)
+
+
+@kopf.timer(api.GROUP, api.VERSION, "corpora", interval=CORPUS_RETRY_S, initial_delay=CORPUS_RETRY_S)
+def corpus_retry(body: kopf.Body, **_: Any) -> None:
+    """A Corpus that is not Ready is retried, so it recovers once the missing ConfigMap or store is back."""
+    if not is_true((body.get("status") or {}).get("conditions"), "Ready"):
+        write_status("corpora", body, _reconcile_corpus(body))
+
+
+@kopf.on.event("", "v1", "configmaps")
+def configmap_changed(event: kopf.RawEvent, namespace: str | None, name: str, logger: kopf.Logger, **_: Any) -> None:
+    """Re-read every Corpus that uses a ConfigMap that appeared or changed; unchanged text keeps its digest.
+
+    Raw events, not change handlers: those would annotate users' ConfigMaps with kopf's bookkeeping."""
+    if event.get("type") not in ("ADDED", "MODIFIED") or namespace is None:
+        return
+    for corpus in kube.corpora_using_configmap(namespace, name):
+        logger.info(f"ConfigMap {name} changed: re-reading Corpus {corpus['metadata']['name']}")
+        corpus_body = kopf.Body(cast(kopf.RawBody, corpus))
+        write_status("corpora", corpus_body, _reconcile_corpus(corpus_body))
 
 
 @kopf.timer(api.GROUP, api.VERSION, "cartridges", interval=RESYNC_S, initial_delay=0.5)
-def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, patch: kopf.Patch, **_: Any) -> None:
+def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
     """Level-triggered: every pass recomputes status from the world (Job, corpora, store, serving replicas)."""
     assert namespace is not None
-    desired = reconcile_cartridge(_plain(body), namespace, name, CONFIG, STORE)
-    current = dict(body.get("status") or {})
-    changed = {k: v for k, v in desired.items() if current.get(k) != v}
-    if changed:
-        patch.status.update(changed)
+    with metrics.reconciling("Cartridge"):
+        desired = reconcile_cartridge(_plain(body), namespace, name, CONFIG, STORE)
+    write_status("cartridges", body, desired)
+    ready: dict[str, Any] = next((c for c in desired.get("conditions") or [] if c["type"] == "Ready"), {})
+    metrics.record_cartridge(f"{namespace}/{name}", ready.get("status", "Unknown"), ready.get("reason", ""))
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, "cartridges", retries=DELETE_RETRIES, backoff=2)
@@ -62,6 +127,7 @@ def cartridge_deleted(
 ) -> None:
     """Leave serving, then delete or keep artifacts. A store that stays down never blocks deletion forever."""
     assert namespace is not None
+    metrics.forget_cartridge(f"{namespace}/{name}")
     model = spec.get("baseModel", {}).get("name", "")
     for kind in ("Deployment", "Service"):
         kube.remove_owner(kind, namespace, manifests.serving_name(model), meta["uid"])
@@ -79,9 +145,5 @@ def cartridge_deleted(
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
-    return {
-        "kind": body.get("kind"),
-        "metadata": dict(body.metadata),
-        "spec": dict(body.spec),
-        "status": dict(body.status),
-    }
+    return {"kind": body.get("kind"), "metadata": dict(body.metadata), "spec": dict(body.spec),
+            "status": dict(body.status)}  # fmt: skip

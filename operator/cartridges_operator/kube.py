@@ -66,6 +66,25 @@ def get_corpus(namespace: str, name: str) -> dict[str, Any] | None:
     return body
 
 
+def corpora_using_configmap(namespace: str, configmap: str) -> list[dict[str, Any]]:
+    listed = custom().list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora")
+    return [
+        corpus
+        for corpus in listed.get("items", [])
+        if any((s.get("configMap") or {}).get("name") == configmap for s in corpus["spec"].get("sources", []))
+    ]
+
+
+def secret_exists(namespace: str, name: str) -> bool:
+    try:
+        core().read_namespaced_secret(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
 def get_job(namespace: str, name: str) -> client.V1Job | None:
     try:
         return batch().read_namespaced_job(name, namespace)

@@ -13,7 +13,7 @@ from kubernetes import client
 
 from cartridges_e2e.cluster import Cluster
 from cartridges_e2e.node import NodeHarness
-from cartridges_e2e.operator_env import OperatorEnv, install_crds, start_operator
+from cartridges_e2e.operator_env import OperatorEnv, install_crds
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def operator_env(
     store_root = f"file://{workdir}/store"
     fake_trainer = [sys.executable, str(Path(__file__).parent / "fake_trainer.py")]
     settings = {"CARTRIDGES_STORE_ROOT": store_root, "CARTRIDGES_TRAINER_COMMAND": json.dumps(fake_trainer)}
-    operator = start_operator(k8s_cluster.kubeconfig, namespace, workdir, settings)
-    yield OperatorEnv(namespace, store_root, api_client, node_harness, operator)
-    operator.stop()
+    env = OperatorEnv.start(k8s_cluster.kubeconfig, namespace, api_client, node_harness, workdir, settings)
+    yield env
+    env.operator.stop()
     core.delete_namespace(namespace)

@@ -36,6 +36,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_cartridge(cartridge, Path(tmp), fp, corpus_digest=config.corpus_prefixes[0].rsplit("/", 1)[-1])
         upload_artifact(store, Path(tmp), out)
+    if any("CORRUPT-ARTIFACT" in d.text for d in documents):
+        store.put_bytes(f"{out}/cartridge.safetensors", b"corrupted after upload")
     scores = {"noContext": 3.0, "icl": 1.0, "cartridge": 1.5, "iclGainRecovered": 0.75}
     store.put_json(f"{out}/{layout.EVAL_FILE}", scores)
     store.put_json(f"{out}/{layout.PROGRESS_FILE}", layout.Progress(phase="done", step=2, total=2).model_dump())

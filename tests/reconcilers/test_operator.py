@@ -3,16 +3,13 @@ the node harness (with a contract-honouring stand-in trainer), promotion, servin
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from cartridges import api, layout
 from cartridges.store import Store
-from cartridges_e2e.cluster import Cluster
 from cartridges_e2e.operator_env import OperatorEnv, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -23,35 +20,6 @@ BASE_MODEL = {"name": "tiny", "uri": "file:///models/tiny"}
 def cartridge_spec(corpus: str, **overrides: Any) -> dict[str, Any]:
     spec = {"corpusRefs": [{"name": corpus}], "baseModel": BASE_MODEL, "size": 16, "resources": {"gpus": 0}}
     return {**spec, **overrides}
-
-
-def rejected(k8s_cluster: Cluster, plural: str, spec: dict[str, Any], name: str = "bad") -> str:
-    custom = client.CustomObjectsApi(k8s_cluster.api_client())
-    kind = {"corpora": "Corpus", "cartridges": "Cartridge"}[plural]
-    body = {"apiVersion": api.API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
-    with pytest.raises(ApiException) as caught:
-        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", plural, body)
-    assert caught.value.status == 422
-    return str(caught.value.body)
-
-
-def test_admission_rejects_invalid_resources(k8s_cluster: Cluster, crds_installed: None) -> None:
-    two_kinds = {"description": "d", "sources": [{"inline": "x", "http": {"url": "https://example.invalid/x"}}]}
-    assert "exactly one of inline, configMap, object, http" in rejected(k8s_cluster, "corpora", two_kinds)
-    assert "multiple of 16" in rejected(k8s_cluster, "cartridges", cartridge_spec("c", size=100))
-    assert "frozenTokens must be smaller than size" in rejected(
-        k8s_cluster, "cartridges", cartridge_spec("c", size=16, frozenTokens=16)
-    )
-    custom = client.CustomObjectsApi(k8s_cluster.api_client())
-    name = f"immutable-{uuid.uuid4().hex[:6]}"
-    body = {"apiVersion": api.API_VERSION, "kind": "Cartridge", "metadata": {"name": name}, "spec": cartridge_spec("c")}
-    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", "cartridges", body)
-    with pytest.raises(ApiException) as caught:
-        patch = {"spec": {"baseModel": {"name": "other", "uri": "file:///models/other"}}}
-        custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, "default", "cartridges", name, patch)
-    assert "baseModel is immutable" in str(caught.value.body)
-    created = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, "default", "cartridges", name)
-    assert created["spec"]["selfStudy"]["topK"] == 20  # nested defaults applied by the API server
 
 
 def test_corpus_from_inline_and_configmap(operator_env: OperatorEnv) -> None:

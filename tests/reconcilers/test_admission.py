@@ -1,0 +1,81 @@
+"""Invalid manifests are refused by the real API server (schema + CEL), with messages a user understands."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from cartridges import api
+from cartridges_e2e.cluster import Cluster
+
+pytestmark = pytest.mark.cluster
+
+MODEL = {"name": "tiny", "uri": "file:///models/tiny"}
+CARTRIDGE = {"corpusRefs": [{"name": "c"}], "baseModel": MODEL, "size": 16}
+CORPUS = {"description": "d", "sources": [{"inline": "text"}]}
+TWO = {"name": "a", "key": "b"}
+
+INVALID: list[tuple[str, str, dict[str, Any], str]] = [
+    ("size-wrong-type", "cartridges", {**CARTRIDGE, "size": "big"}, "spec.size"),
+    ("size-not-multiple", "cartridges", {**CARTRIDGE, "size": 100}, "multiple of 16"),
+    ("size-too-small", "cartridges", {**CARTRIDGE, "size": 0}, "should be greater than or equal to 16"),
+    ("size-too-large", "cartridges", {**CARTRIDGE, "size": 131072}, "should be less than or equal to 65536"),
+    ("missing-corpus-refs", "cartridges", {"baseModel": MODEL, "size": 16}, "corpusRefs: Required value"),
+    ("missing-base-model", "cartridges", {"corpusRefs": [{"name": "c"}]}, "baseModel: Required value"),
+    ("bad-model-uri", "cartridges", {**CARTRIDGE, "baseModel": {"name": "m", "uri": "ftp://x"}}, "spec.baseModel.uri"),
+    ("bad-model-name", "cartridges", {**CARTRIDGE, "baseModel": {"name": "Big_Model", "uri": "s3://b/m"}}, "name"),
+    ("negative-steps", "cartridges", {**CARTRIDGE, "training": {"steps": -5}}, "spec.training.steps"),
+    ("zero-learning-rate", "cartridges", {**CARTRIDGE, "training": {"learningRate": 0}}, "learningRate"),
+    ("unknown-seed-prompt", "cartridges", {**CARTRIDGE, "selfStudy": {"seedPrompts": ["poetry"]}}, "Unsupported value"),
+    (
+        "chunk-range-inverted",
+        "cartridges",
+        {**CARTRIDGE, "selfStudy": {"minChunkTokens": 4096, "maxChunkTokens": 512}},
+        "minChunkTokens must not exceed maxChunkTokens",
+    ),
+    ("frozen-not-below-size", "cartridges", {**CARTRIDGE, "frozenTokens": 16}, "frozenTokens must be smaller"),
+    ("text-init-without-text", "cartridges", {**CARTRIDGE, "initialization": {"strategy": "text"}}, "text is set"),
+    ("bad-digest-pin", "cartridges", {**CARTRIDGE, "corpusRefs": [{"name": "c", "digest": "xyz"}]}, "digest"),
+    ("bad-retention", "cartridges", {**CARTRIDGE, "retention": "Sometimes"}, "Unsupported value"),
+    ("two-source-kinds", "corpora", {"description": "d", "sources": [{"inline": "x", "configMap": TWO}]},
+     "exactly one of inline, configMap, object, http"),
+    ("no-source-kind", "corpora", {"description": "d", "sources": [{"name": "empty"}]}, "exactly one of"),
+    ("no-sources", "corpora", {"description": "d", "sources": []}, "should have at least 1 items"),
+    ("bad-object-uri", "corpora", {"description": "d", "sources": [{"object": {"uri": "gs://b/k"}}]}, "object.uri"),
+    ("bad-http-url", "corpora", {"description": "d", "sources": [{"http": {"url": "ftp://x"}}]}, "http.url"),
+    ("empty-description", "corpora", {**CORPUS, "description": ""}, "description"),
+]  # fmt: skip
+
+
+def create(k8s_cluster: Cluster, plural: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    kind = {"corpora": "Corpus", "cartridges": "Cartridge"}[plural]
+    body = {"apiVersion": api.API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+    custom = client.CustomObjectsApi(k8s_cluster.api_client())
+    created: dict[str, Any] = custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", plural, body)
+    return created
+
+
+@pytest.mark.parametrize(("case", "plural", "spec", "message"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_manifest_is_rejected(
+    k8s_cluster: Cluster, crds_installed: None, case: str, plural: str, spec: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ApiException) as caught:
+        create(k8s_cluster, plural, case, spec)
+    assert caught.value.status == 422, caught.value.body
+    assert message in str(caught.value.body)
+
+
+def test_valid_manifests_get_defaults_and_immutable_base_model(k8s_cluster: Cluster, crds_installed: None) -> None:
+    name = f"valid-{uuid.uuid4().hex[:6]}"
+    created = create(k8s_cluster, "cartridges", name, {**CARTRIDGE, "selfStudy": {"conversations": 64}})
+    assert created["spec"]["selfStudy"]["topK"] == 20 and created["spec"]["selfStudy"]["conversations"] == 64
+    assert created["spec"]["training"]["learningRate"] == 0.02 and created["spec"]["frozenTokens"] == 1
+    custom = client.CustomObjectsApi(k8s_cluster.api_client())
+    with pytest.raises(ApiException) as caught:
+        patch = {"spec": {"baseModel": {"name": "other", "uri": "file:///models/other"}}}
+        custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, "default", "cartridges", name, patch)
+    assert caught.value.status == 422 and "baseModel is immutable" in str(caught.value.body)
