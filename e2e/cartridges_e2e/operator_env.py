@@ -33,6 +33,11 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) 
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def store_secret(name: str = "cartridges-store") -> dict[str, Any]:
+    """The Secret a namespace needs for the operator's Jobs (dummy keys: the tests' store is ``file://``)."""
+    return {"metadata": {"name": name}, "stringData": {"accessKey": "test", "secretKey": "test"}}
+
+
 def install_crds(api_client: client.ApiClient) -> None:
     """Create the generated CRDs and wait until the API server serves them."""
     extensions = client.ApiextensionsV1Api(api_client)

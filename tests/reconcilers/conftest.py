@@ -13,7 +13,7 @@ from kubernetes import client
 
 from cartridges_e2e.cluster import Cluster
 from cartridges_e2e.node import NodeHarness
-from cartridges_e2e.operator_env import OperatorEnv, install_crds
+from cartridges_e2e.operator_env import OperatorEnv, install_crds, store_secret
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +29,7 @@ def operator_env(
     namespace = f"op-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(api_client)
     core.create_namespace({"metadata": {"name": namespace}})
-    core.create_namespaced_secret(
-        namespace, {"metadata": {"name": "cartridges-store"}, "stringData": {"accessKey": "k", "secretKey": "s"}}
-    )
+    core.create_namespaced_secret(namespace, store_secret())
     workdir = tmp_path_factory.mktemp("operator")
     store_root = f"file://{workdir}/store"
     fake_trainer = [sys.executable, str(Path(__file__).parent / "fake_trainer.py")]

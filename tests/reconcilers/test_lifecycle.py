@@ -1,0 +1,113 @@
+"""Cartridge lifecycle edges on the real control plane: suspend, corpus changes, restarts, bad artifacts, retention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from cartridges import api, layout
+from cartridges.store import Store
+from cartridges_e2e.operator_env import OperatorEnv, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def cartridge_spec(corpus: str, **overrides: Any) -> dict[str, Any]:
+    spec = {"corpusRefs": [{"name": corpus}], "baseModel": {"name": "tiny", "uri": "file:///models/tiny"},
+            "size": 16, "resources": {"gpus": 0}, "serving": {"enabled": False}}  # fmt: skip
+    return {**spec, **overrides}
+
+
+def status(env: OperatorEnv, name: str) -> dict[str, Any]:
+    return dict((env.get("cartridges", name) or {}).get("status") or {})
+
+
+def jobs(env: OperatorEnv, cartridge: str) -> list[str]:
+    found = client.BatchV1Api(env.api).list_namespaced_job(
+        env.namespace, label_selector=f"cartridges.dev/cartridge={cartridge}"
+    )
+    return sorted(j.metadata.name for j in found.items)
+
+
+def test_suspend_holds_the_job_and_resume_trains(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "paused", {"description": "d", "sources": [{"inline": "Paused facts."}]})
+    env.create("cartridges", "paused", cartridge_spec("paused", suspend=True))
+    ready = env.wait_condition("cartridges", "paused", "Ready", "False")
+    wait_for("Suspended", lambda: (env.condition("cartridges", "paused", "Ready") or {}).get("reason") == "Suspended")
+    job = client.BatchV1Api(env.api).read_namespaced_job("paused-g1", env.namespace)
+    assert job.spec.suspend is True and ready["status"] == "False"
+    pods = client.CoreV1Api(env.api).list_namespaced_pod(env.namespace, label_selector="job-name=paused-g1")
+    assert pods.items == []
+    env.patch_spec("cartridges", "paused", {"suspend": False})
+    env.wait_condition("cartridges", "paused", "Ready", "True")  # serving disabled: Ready once trained
+    assert jobs(env, "paused") == ["paused-g1"]
+
+
+def test_corpus_change_bumps_generation_and_operator_restart_keeps_state(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "evolving", {"description": "d", "sources": [{"inline": "Version one."}]})
+    env.create("cartridges", "evolving", cartridge_spec("evolving"))
+    env.wait_condition("cartridges", "evolving", "Ready", "True")
+    first = status(env, "evolving")
+    assert first["generation"] == 1
+
+    env.restart()  # a restarted operator finds the finished Job and changes nothing
+    env.patch_spec("cartridges", "evolving", {"serving": {"enabled": False, "replicas": 3}})
+    wait_for("a pass after restart", lambda: status(env, "evolving")["observedGeneration"] == 2, 30)
+    assert status(env, "evolving")["generation"] == 1 and jobs(env, "evolving") == ["evolving-g1"]
+
+    env.patch_spec("corpora", "evolving", {"sources": [{"inline": "Version two."}]})
+    wait_for("generation 2", lambda: status(env, "evolving").get("generation") == 2, 30)
+    env.wait_condition("cartridges", "evolving", "Ready", "True")
+    assert jobs(env, "evolving") == ["evolving-g1", "evolving-g2"]
+    pointer = Store().get_json(layout.current_pointer(env.store_root, env.namespace, "evolving"))
+    assert pointer["generation"] == 2
+
+
+def test_corrupt_artifact_is_not_promoted(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "corrupt", {"description": "d", "sources": [{"inline": "CORRUPT-ARTIFACT"}]})
+    env.create("cartridges", "corrupt", cartridge_spec("corrupt"))
+    stalled = env.wait_condition("cartridges", "corrupt", "Stalled", "True", timeout_s=90)
+    assert stalled["reason"] == "ArtifactInvalid" and "sha256" in stalled["message"]
+    assert not Store().exists(layout.current_pointer(env.store_root, env.namespace, "corrupt"))
+
+
+def test_missing_store_secret_stalls_then_recovers(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    core = client.CoreV1Api(env.api)
+    core.delete_namespaced_secret("cartridges-store", env.namespace)
+    try:
+        env.create("corpora", "nosecret", {"description": "d", "sources": [{"inline": "Secret facts."}]})
+        env.create("cartridges", "nosecret", cartridge_spec("nosecret"))
+        stalled = env.wait_condition("cartridges", "nosecret", "Stalled", "True")
+        assert stalled["reason"] == "StoreSecretMissing" and "cartridges-store" in stalled["message"]
+        assert jobs(env, "nosecret") == []
+    finally:
+        core.create_namespaced_secret(
+            env.namespace,
+            {"metadata": {"name": "cartridges-store"}, "stringData": {"accessKey": "k", "secretKey": "s"}},
+        )
+    env.wait_condition("cartridges", "nosecret", "Ready", "True")
+
+
+def test_empty_corpus_stalls_and_recovers_when_fixed(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "blank", {"description": "d", "sources": [{"inline": "   \n  "}]})
+    stalled = env.wait_condition("corpora", "blank", "Stalled", "True")
+    assert stalled["reason"] == "InvalidSource" and "empty" in stalled["message"]
+    env.patch_spec("corpora", "blank", {"sources": [{"inline": "Now there is text."}]})
+    env.wait_condition("corpora", "blank", "Ready", "True")
+
+
+def test_retain_keeps_artifacts_after_deletion(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "kept", {"description": "d", "sources": [{"inline": "Facts to keep."}]})
+    env.create("cartridges", "kept", cartridge_spec("kept"))
+    env.wait_condition("cartridges", "kept", "Trained", "True")
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "kept")
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "kept") is None, 30)
+    assert Store().exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'kept', 1)}/manifest.json")
