@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from cartridges import api, layout
-from cartridges.artifact import MANIFEST_FILE, TENSORS_FILE, CartridgeManifest
 from cartridges.contract import TrainerConfig
+from cartridges.manifest import MANIFEST_FILE, TENSORS_FILE, CartridgeManifest
 from cartridges.store import ObjectNotFound, Store, StoreError
 from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition

@@ -39,6 +39,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
+    settings.execution.max_workers = 16  # sync handlers wait on the API server, not the CPU
     settings.watching.server_timeout = 60
 
 

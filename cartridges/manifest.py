@@ -1,0 +1,70 @@
+"""The cartridge manifest: what an artifact is bound to and what it contains (DESIGN.md §5).
+
+Kept free of torch so light components (the operator) can read and check manifests cheaply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "cartridge.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """The artifact is corrupt, truncated, inconsistent, or for another base model; the message says which."""
+
+
+class ModelFingerprint(BaseModel):
+    """What a cartridge is bound to: the exact weights, tokenizer and attention geometry of its base model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_id: str
+    weights_sha256: str
+    tokenizer_sha256: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None = None
+
+    def mismatches(self, other: ModelFingerprint) -> list[str]:
+        """Human-readable differences (empty when compatible); ``model_id`` is a label, not identity."""
+        fields = (
+            "weights_sha256",
+            "tokenizer_sha256",
+            "num_layers",
+            "num_kv_heads",
+            "head_dim",
+            "rope_theta",
+        )
+        return [
+            f"{f}: {getattr(self, f)} != {getattr(other, f)}" for f in fields if getattr(self, f) != getattr(other, f)
+        ]
+
+
+class CartridgeManifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    base_model: ModelFingerprint
+    p: int = Field(gt=0)
+    frozen_tokens: int = Field(ge=0)
+    dtype: str
+    corpus_digest: str | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    file_sha256: str
+    file_bytes: int
+
+
+def read_manifest(path: Path) -> CartridgeManifest:
+    try:
+        return CartridgeManifest.model_validate_json(path.read_text())
+    except FileNotFoundError as err:
+        raise ArtifactError(f"missing manifest {path}") from err
+    except ValueError as err:
+        raise ArtifactError(f"invalid manifest {path}: {err}") from err
