@@ -8,7 +8,6 @@ Failures raise :class:`GenerateError` with the HTTP status and Triton's message.
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -103,7 +102,7 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> Any:
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         raise GenerateError(_error_message(err.read()), err.code) from None
-    except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as err:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
         reason = getattr(err, "reason", err)
         raise GenerateError(f"cannot reach {url}: {reason}") from None
 
@@ -117,7 +116,7 @@ def _stream(url: str, body: dict[str, Any], timeout: float) -> Iterator[str]:
                     text = _text(_json(line[len(b"data:") :]))
                     if text:
                         yield text
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             raise GenerateError(f"no data from {url} within {timeout}s") from err
 
 

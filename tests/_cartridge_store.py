@@ -20,9 +20,7 @@ def random_cartridge(fingerprint: ModelFingerprint, p: int, seed: int, scale: fl
     def layer() -> torch.Tensor:
         return torch.randn(shape, generator=generator) * scale
 
-    return Cartridge(
-        [layer() for _ in range(fingerprint.num_layers)], [layer() for _ in range(fingerprint.num_layers)]
-    )
+    return Cartridge([layer() for _ in range(fingerprint.num_layers)], [layer() for _ in range(fingerprint.num_layers)])
 
 
 def publish(

@@ -10,6 +10,12 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from _cartridge_store import publish, random_cartridge
+from transformers import DynamicCache
+
+from cartridges import layout
+from cartridges.artifact import TENSORS_FILE, Cartridge
+from cartridges.models import LoadedModel, tiny_llama
+from cartridges.store import Store
 from cartridges_serving import (
     CartridgeCache,
     CartridgeInvalid,
@@ -19,12 +25,6 @@ from cartridges_serving import (
     InvalidRequest,
     SamplingParams,
 )
-from transformers import DynamicCache
-
-from cartridges import layout
-from cartridges.artifact import TENSORS_FILE, Cartridge
-from cartridges.models import LoadedModel, tiny_llama
-from cartridges.store import Store
 
 if TYPE_CHECKING:
     from cartridges_e2e.minio import MinioServer
@@ -43,7 +43,9 @@ def store_root(tmp_path_factory: pytest.TempPathFactory, tiny_model: LoadedModel
     publish(store, root, "team-b", "secret", random_cartridge(tiny_model.fingerprint, 4, 7), tiny_model.fingerprint)
     other = tiny_llama(seed=1).fingerprint
     publish(store, root, NAMESPACE, "other-model", random_cartridge(other, 4, 8), other)
-    corrupt = publish(store, root, NAMESPACE, "corrupt", random_cartridge(tiny_model.fingerprint, 4, 9), tiny_model.fingerprint)
+    corrupt = publish(
+        store, root, NAMESPACE, "corrupt", random_cartridge(tiny_model.fingerprint, 4, 9), tiny_model.fingerprint
+    )
     tensors = Path(corrupt.removeprefix("file://")) / TENSORS_FILE
     data = bytearray(tensors.read_bytes())
     data[-8:] = bytes(8)
@@ -208,7 +210,9 @@ def test_promoted_generation_is_served_next(tiny_model: LoadedModel, tmp_path: P
 
 def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:
     root, store = f"file://{tmp_path}", Store()
-    stolen = publish(store, root, "team-b", "secret", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    stolen = publish(
+        store, root, "team-b", "secret", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint
+    )
     sha = store.get_json(layout.current_pointer(root, "team-b", "secret"))["sha256"]
     pointer = layout.Pointer(generation=1, prefix=stolen, sha256=sha)
     store.put_json(layout.current_pointer(root, NAMESPACE, "thief"), pointer.model_dump())

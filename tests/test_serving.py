@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from _cartridge_store import publish, random_cartridge
-from cartridges_serving import CartridgeCache, Engine, SamplingParams
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from cartridges import client
 from cartridges.artifact import TENSORS_FILE
@@ -28,6 +27,7 @@ from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
 from cartridges_e2e.process import http_ok
 from cartridges_e2e.triton import TritonFactory, TritonServer
+from cartridges_serving import CartridgeCache, Engine, SamplingParams
 
 pytestmark = pytest.mark.triton
 
@@ -115,16 +115,16 @@ def grpc_stream(server: TritonServer, inputs: dict[str, np.ndarray]) -> list[str
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
         grpc.async_stream_infer("router", tensors, enable_empty_final_response=True)
-        chunks = []
+        chunks: list[str] = []
         while True:
             result, error = results.get(timeout=60)
             if error is not None:
                 raise error
+            output = result.as_numpy("text_output")
+            if output is not None:
+                chunks.extend(t.decode() for t in output.reshape(-1))
             if result.get_response().parameters["triton_final_response"].bool_param:
-                output = result.as_numpy("text_output")
-                chunks.extend(t.decode() for t in output.reshape(-1)) if output is not None else None
                 return chunks
-            chunks.extend(t.decode() for t in result.as_numpy("text_output").reshape(-1))
     finally:
         grpc.stop_stream()
         grpc.close()
@@ -188,7 +188,10 @@ def test_bad_request_gets_its_error_while_others_continue(
 
 def test_grpc_stream_errors(server: TritonServer) -> None:
     """A stream reports the request's error (Triton refuses a wrong tensor type before the model sees it)."""
-    missing = {"text_input": np.array([b"hi"], dtype=np.object_), "cartridges": np.array([b"missing"], dtype=np.object_)}
+    missing = {
+        "text_input": np.array([b"hi"], dtype=np.object_),
+        "cartridges": np.array([b"missing"], dtype=np.object_),
+    }
     with pytest.raises(InferenceServerException, match="cartridge 'missing' not found"):
         grpc_stream(server, missing)
     typed = {"text_input": np.array([b"typed"], dtype=np.object_), "max_tokens": np.array([1.5], dtype=np.float32)}

@@ -125,14 +125,18 @@ class CartridgeCache:
                     raise ArtifactError(
                         f"tensors sha256 {manifest.file_sha256} does not match the promoted {pointer.sha256}"
                     )
-                cartridge, _ = load_cartridge(Path(tmp), expected_model=self.model, device=self.device, dtype=self.dtype)
+                cartridge, _ = load_cartridge(
+                    Path(tmp), expected_model=self.model, device=self.device, dtype=self.dtype
+                )
             except ObjectNotFound as err:
                 raise CartridgeNotFound(f"cartridge {cartridge_id!r} g{pointer.generation}: {err}") from err
             except ArtifactError as err:
                 raise CartridgeInvalid(f"cartridge {cartridge_id!r} g{pointer.generation}: {err}") from err
             except StoreError as err:
                 raise EngineUnavailable(f"cartridge {cartridge_id!r}: object store error: {err}") from err
-        log.info("loaded cartridge %s g%d (p=%d, %d bytes)", cartridge_id, pointer.generation, cartridge.p, cartridge.nbytes)
+        log.info(
+            "loaded cartridge %s g%d (p=%d, %d bytes)", cartridge_id, pointer.generation, cartridge.p, cartridge.nbytes
+        )
         return LoadedCartridge(cartridge_id, pointer.generation, pointer.sha256, cartridge)
 
     def _insert(self, key: tuple[str, int, str], loaded: LoadedCartridge) -> None:

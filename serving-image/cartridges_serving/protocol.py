@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def _check_kind(name: str, array: np.ndarray) -> None:
         raise InvalidRequest(f"input {name!r} has type {array.dtype}, expected {_KIND_NAMES[expected]}")
 
 
-def _scalar(inputs: Mapping[str, np.ndarray | None], name: str) -> object | None:
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str) -> Any:
     array = inputs.get(name)
     if array is None:
         return None

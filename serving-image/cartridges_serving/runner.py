@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from cartridges_kernels import KVSegment, SegmentTable, prefill_attention
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from cartridges.artifact import Cartridge
+from cartridges_kernels import KVSegment, SegmentTable, prefill_attention
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 
@@ -24,7 +25,9 @@ SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 class OwnKV:
     """One request's own keys/values: per layer ``[kv_heads, capacity, head_dim]``, ``length`` rows filled."""
 
-    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ):
         shape = (layers, kv_heads, capacity, head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
@@ -57,7 +60,7 @@ class LlamaRunner:
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"the serving engine runs {sorted(SUPPORTED_MODEL_TYPES)} models, not {config.model_type}")
         self.model = model
-        self.decoder: nn.Module = model.model  # type: ignore[assignment]
+        self.decoder: Any = model.model  # the HF decoder stack: embed_tokens, rotary_emb, layers, norm
         self.num_layers = int(config.num_hidden_layers)
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
@@ -75,7 +78,10 @@ class LlamaRunner:
         query_lens = [len(item.token_ids) for item in items]
         ids = torch.tensor([t for item in items for t in item.token_ids], dtype=torch.long, device=self.device)
         positions = torch.cat(
-            [torch.arange(it.start_position, it.start_position + n, device=self.device) for it, n in zip(items, query_lens, strict=True)]
+            [
+                torch.arange(it.start_position, it.start_position + n, device=self.device)
+                for it, n in zip(items, query_lens, strict=True)
+            ]
         )
         table_order, request_segments = _unique_cartridges(items)
         hidden = self.decoder.embed_tokens(ids)
@@ -95,16 +101,14 @@ class LlamaRunner:
                 item.own.values[index, :, start : start + n] = v[offset : offset + n].transpose(0, 1)
                 own_segments.append(KVSegment(item.own.keys[index], item.own.values[index], start + n))
                 offset += n
-            table = SegmentTable(
-                [KVSegment(c.keys[index], c.values[index]) for c in table_order], request_segments
-            )
+            table = SegmentTable([KVSegment(c.keys[index], c.values[index]) for c in table_order], request_segments)
             out = prefill_attention(q, query_lens, table, own_segments, sm_scale=float(attn.scaling))
             hidden = hidden + attn.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         for item, n in zip(items, query_lens, strict=True):
             item.own.length += n
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-        return self.model.lm_head(self.decoder.norm(hidden[last])).float()  # type: ignore[operator]
+        return self.model.lm_head(self.decoder.norm(hidden[last])).float()
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ class TextStream:
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; returns (text safe to stream now, whether a stop string ended the answer)."""
         self.ids.append(token_id)
-        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        decoded = str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
         cut = min((i for i in (decoded.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text = decoded[:cut]

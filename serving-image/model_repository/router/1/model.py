@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from cartridges_serving import Engine, EngineConfig, EngineError, EngineMetrics, StreamEvent
 from cartridges_serving.protocol import INPUT_KINDS, parse_request
 
@@ -19,6 +20,20 @@ log = logging.getLogger("cartridges.router")
 ERROR_CODES = {"invalid_argument": "INVALID_ARG", "not_found": "NOT_FOUND", "unavailable": "UNAVAILABLE"}
 METRICS_INTERVAL_S = 1.0
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+GAUGES = {
+    "running": "requests in the running batch",
+    "queued": "requests waiting to join the batch",
+    "tokens_per_s": "generated tokens per second, recent window",
+    "cache_bytes": "bytes of cartridges held in the cache",
+    "cache_entries": "cartridges held in the cache",
+}
+COUNTERS = {
+    "tokens_generated": "tokens generated",
+    "requests_finished": "requests finished",
+    "requests_failed": "requests failed inside the engine",
+    "cache_hits": "cartridge cache hits",
+    "cache_misses": "cartridge cache misses (loads from the object store)",
+}
 
 
 def error_response(error: EngineError) -> "pb_utils.InferenceResponse":
@@ -57,32 +72,17 @@ class Responder:
 class Metrics:
     """Engine metrics as Triton custom metrics on the server's metrics port (:8002 by default)."""
 
-    GAUGES = {
-        "running": "requests in the running batch",
-        "queued": "requests waiting to join the batch",
-        "tokens_per_s": "generated tokens per second, recent window",
-        "cache_bytes": "bytes of cartridges held in the cache",
-        "cache_entries": "cartridges held in the cache",
-    }
-    COUNTERS = {
-        "tokens_generated": "tokens generated",
-        "requests_finished": "requests finished",
-        "requests_failed": "requests failed inside the engine",
-        "cache_hits": "cartridge cache hits",
-        "cache_misses": "cartridge cache misses (loads from the object store)",
-    }
-
     def __init__(self, engine: Engine, model_name: str) -> None:
         labels = {"model": model_name}
         self.engine = engine
         self.families = []  # a Metric only works while its MetricFamily object is alive
         self.metrics = {}
-        for names, kind in ((self.GAUGES, pb_utils.MetricFamily.GAUGE), (self.COUNTERS, pb_utils.MetricFamily.COUNTER)):
+        for names, kind in ((GAUGES, pb_utils.MetricFamily.GAUGE), (COUNTERS, pb_utils.MetricFamily.COUNTER)):
             for name, description in names.items():
                 family = pb_utils.MetricFamily(name=f"cartridges_{name}", description=description, kind=kind)
                 self.families.append(family)
                 self.metrics[name] = family.Metric(labels=labels)
-        self.last = dict.fromkeys(self.COUNTERS, 0)
+        self.last = dict.fromkeys(COUNTERS, 0)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="cartridges-metrics", daemon=True)
         self.thread.start()
@@ -105,7 +105,7 @@ class Metrics:
     def run(self) -> None:
         while not self.stopped.wait(METRICS_INTERVAL_S):
             for name, value in self.values(self.engine.metrics()).items():
-                if name in self.GAUGES:
+                if name in GAUGES:
                     self.metrics[name].set(float(value))
                 else:
                     self.metrics[name].increment(float(value - self.last[name]))
@@ -122,7 +122,9 @@ class TritonPythonModel:
         config = EngineConfig.from_env()
         self.engine = Engine.from_config(config)
         self.metrics = Metrics(self.engine, json.loads(args["model_config"])["name"])
-        log.info("router ready: model %s, store %s, namespace %s", config.model_uri, config.store_root, config.namespace)
+        log.info(
+            "router ready: model %s, store %s, namespace %s", config.model_uri, config.store_root, config.namespace
+        )
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -131,7 +133,9 @@ class TritonPythonModel:
                 inputs = {name: self._input(request, name) for name in INPUT_KINDS}
                 parsed = parse_request(inputs)
                 responder = Responder(request, sender, parsed.stream)
-                responder.handle = self.engine.submit(parsed.prompt, parsed.cartridges, parsed.params, on_event=responder)
+                responder.handle = self.engine.submit(
+                    parsed.prompt, parsed.cartridges, parsed.params, on_event=responder
+                )
             except EngineError as error:
                 sender.send(error_response(error), flags=FINAL)
             except Exception as error:  # anything unexpected is still only this request's failure
