@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import torch
 from _cartridge_store import publish, random_cartridge
@@ -25,6 +26,7 @@ from cartridges_serving import (
     InvalidRequest,
     SamplingParams,
 )
+from cartridges_serving.protocol import parse_request
 
 if TYPE_CHECKING:
     from cartridges_e2e.minio import MinioServer
@@ -232,3 +234,34 @@ def test_cartridge_from_minio_matches_file_store(
         assert s3_engine.generate("from s3", ["alpha"], GREEDY) == engine.generate("from s3", ["alpha"], GREEDY)
     finally:
         s3_engine.close()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"max_tokens": np.array([1.5], dtype=np.float32)}, "'max_tokens' has type float32, expected an integer"),
+        ({"temperature": np.array([b"hot"], dtype=np.object_)}, "'temperature' has type object, expected a float"),
+        ({"stream": np.array([True, False])}, "exactly one value"),
+        ({"text_input": np.array([b"\xff"], dtype=np.object_)}, "not valid UTF-8"),
+        ({"text_input": None}, "text_input is required"),
+    ],
+)
+def test_router_inputs_of_the_wrong_type_are_refused(inputs: dict[str, np.ndarray | None], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        parse_request({"text_input": np.array([b"hi"], dtype=np.object_), **inputs})
+
+
+def test_router_inputs_become_an_engine_request() -> None:
+    parsed = parse_request(
+        {
+            "text_input": np.array([b"hi"], dtype=np.object_),
+            "max_tokens": np.array([7], dtype=np.int32),
+            "temperature": np.array([0.5], dtype=np.float32),
+            "seed": np.array([3], dtype=np.int64),
+            "stream": np.array([True]),
+            "stop": np.array([b"\n\n"], dtype=np.object_),
+            "cartridges": np.array([b"beta", b"alpha"], dtype=np.object_),
+        }
+    )
+    assert parsed.prompt == "hi" and parsed.stream and parsed.cartridges == ("beta", "alpha")
+    assert parsed.params == SamplingParams(max_tokens=7, temperature=0.5, seed=3, stop=("\n\n",))

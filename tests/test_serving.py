@@ -25,7 +25,7 @@ from cartridges import client
 from cartridges.artifact import TENSORS_FILE
 from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
-from cartridges_e2e.process import http_ok
+from cartridges_e2e.process import free_port, http_ok
 from cartridges_e2e.triton import TritonFactory, TritonServer
 from cartridges_serving import CartridgeCache, Engine, SamplingParams
 
@@ -220,3 +220,9 @@ def test_engine_metrics_are_exported(server: TritonServer) -> None:
     assert metrics['cartridges_cache_bytes{model="router"}'] > 0
     for name in ("running", "queued", "tokens_per_s", "cache_hits", "cache_entries", "requests_finished"):
         assert f'cartridges_{name}{{model="router"}}' in metrics
+
+
+def test_client_reports_an_unreachable_server() -> None:
+    with pytest.raises(client.GenerateError, match="cannot reach") as failure:
+        client.generate(f"http://127.0.0.1:{free_port()}", "anyone there?", timeout=5)
+    assert failure.value.status is None
