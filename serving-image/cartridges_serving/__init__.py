@@ -1,0 +1,44 @@
+"""The serving engine behind the Triton router model: base model, cartridge cache, continuous batching.
+
+Public API: :class:`Engine` (``submit`` / ``generate`` / ``metrics`` / ``close``), :class:`EngineConfig`,
+:class:`SamplingParams`, :class:`Completion`, :class:`StreamEvent`, :class:`RequestHandle`, the cache
+:class:`CartridgeCache`, and the per-request errors rooted at :class:`EngineError`.
+"""
+
+from cartridges_serving.cache import CacheStats, CartridgeCache, check_cartridge_id
+from cartridges_serving.engine import (
+    Completion,
+    Engine,
+    EngineConfig,
+    EngineMetrics,
+    RequestHandle,
+    SamplingParams,
+    StreamEvent,
+)
+from cartridges_serving.errors import (
+    CartridgeInvalid,
+    CartridgeNotFound,
+    CartridgeRefused,
+    EngineError,
+    EngineUnavailable,
+    InvalidRequest,
+)
+
+__all__ = [
+    "CacheStats",
+    "CartridgeCache",
+    "CartridgeInvalid",
+    "CartridgeNotFound",
+    "CartridgeRefused",
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineMetrics",
+    "EngineUnavailable",
+    "InvalidRequest",
+    "RequestHandle",
+    "SamplingParams",
+    "StreamEvent",
+    "check_cartridge_id",
+]

@@ -1,0 +1,151 @@
+"""Cartridges by id from the object store: tenancy check, pointer resolution, sha256 + base-model check, LRU.
+
+An id is a cartridge name inside the server's namespace; it resolves through
+``cartridges/<namespace>/<id>/current.json`` to a promoted generation. The pointer is read on every lookup so a
+newly promoted generation is served from the next request on; the loaded tensors are cached by (id, generation,
+sha256) and evicted least-recently-used once their bytes exceed the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from cartridges import layout
+from cartridges.artifact import ArtifactError, Cartridge, ModelFingerprint, download_artifact, load_cartridge
+from cartridges.store import ObjectNotFound, Store, StoreError
+from cartridges_serving.errors import CartridgeInvalid, CartridgeNotFound, CartridgeRefused, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+# A Kubernetes resource name (RFC 1123 subdomain): no "/", no "..", nothing that leaves the namespace prefix.
+CARTRIDGE_ID = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_ID_LENGTH = 253
+
+
+@dataclass(frozen=True)
+class LoadedCartridge:
+    id: str
+    generation: int
+    sha256: str
+    cartridge: Cartridge
+
+    @property
+    def nbytes(self) -> int:
+        return self.cartridge.nbytes
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    bytes: int
+    entries: int
+    capacity_bytes: int
+
+
+def check_cartridge_id(cartridge_id: str, namespace: str) -> None:
+    """Refuse ids that are not plain resource names: they could address another namespace's prefix."""
+    if len(cartridge_id) > MAX_ID_LENGTH or not CARTRIDGE_ID.match(cartridge_id):
+        raise CartridgeRefused(
+            f"cartridge id {cartridge_id!r} is not a cartridge name in namespace {namespace!r} "
+            "(lowercase letters, digits, '-' and '.'; no '/' or '..')"
+        )
+
+
+class CartridgeCache:
+    """Loads cartridges for one (store root, namespace, base model) and keeps at most ``capacity_bytes`` of them."""
+
+    def __init__(
+        self,
+        store: Store,
+        root: str,
+        namespace: str,
+        model: ModelFingerprint,
+        capacity_bytes: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.store, self.root, self.namespace, self.model = store, root, namespace, model
+        self.capacity_bytes, self.device, self.dtype = capacity_bytes, device, dtype
+        self._entries: OrderedDict[tuple[str, int, str], LoadedCartridge] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._bytes = 0
+
+    def get(self, cartridge_id: str) -> LoadedCartridge:
+        check_cartridge_id(cartridge_id, self.namespace)
+        pointer = self._pointer(cartridge_id)
+        key = (cartridge_id, pointer.generation, pointer.sha256)
+        with self._lock:
+            if key in self._entries:
+                self._hits += 1
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            self._misses += 1
+            loaded = self._load(cartridge_id, pointer)
+            self._insert(key, loaded)
+            return loaded
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self._hits, self._misses, self._bytes, len(self._entries), self.capacity_bytes)
+
+    def _pointer(self, cartridge_id: str) -> layout.Pointer:
+        uri = layout.current_pointer(self.root, self.namespace, cartridge_id)
+        try:
+            pointer = layout.Pointer.model_validate(self.store.get_json(uri))
+        except ObjectNotFound as err:
+            raise CartridgeNotFound(
+                f"cartridge {cartridge_id!r} not found in namespace {self.namespace!r} (no promoted generation)"
+            ) from err
+        except (ValidationError, ValueError) as err:
+            raise CartridgeInvalid(f"cartridge {cartridge_id!r}: unreadable {layout.CURRENT_POINTER}: {err}") from err
+        except StoreError as err:
+            raise EngineUnavailable(f"cartridge {cartridge_id!r}: object store error: {err}") from err
+        own_prefix = layout.cartridge_prefix(self.root, self.namespace, cartridge_id) + "/"
+        prefix = pointer.prefix if "://" in pointer.prefix else own_prefix + pointer.prefix.strip("/")
+        if not prefix.startswith(own_prefix) or ".." in prefix[len(own_prefix) :].split("/"):
+            raise CartridgeRefused(f"cartridge {cartridge_id!r}: pointer leaves the cartridge's prefix: {prefix}")
+        return pointer.model_copy(update={"prefix": prefix})
+
+    def _load(self, cartridge_id: str, pointer: layout.Pointer) -> LoadedCartridge:
+        with tempfile.TemporaryDirectory(prefix="cartridge-") as tmp:
+            try:
+                manifest = download_artifact(self.store, pointer.prefix, Path(tmp))
+                if manifest.file_sha256 != pointer.sha256:
+                    raise ArtifactError(
+                        f"tensors sha256 {manifest.file_sha256} does not match the promoted {pointer.sha256}"
+                    )
+                cartridge, _ = load_cartridge(
+                    Path(tmp), expected_model=self.model, device=self.device, dtype=self.dtype
+                )
+            except ObjectNotFound as err:
+                raise CartridgeNotFound(f"cartridge {cartridge_id!r} g{pointer.generation}: {err}") from err
+            except ArtifactError as err:
+                raise CartridgeInvalid(f"cartridge {cartridge_id!r} g{pointer.generation}: {err}") from err
+            except StoreError as err:
+                raise EngineUnavailable(f"cartridge {cartridge_id!r}: object store error: {err}") from err
+        log.info(
+            "loaded cartridge %s g%d (p=%d, %d bytes)", cartridge_id, pointer.generation, cartridge.p, cartridge.nbytes
+        )
+        return LoadedCartridge(cartridge_id, pointer.generation, pointer.sha256, cartridge)
+
+    def _insert(self, key: tuple[str, int, str], loaded: LoadedCartridge) -> None:
+        """Keep the newest entry unless it alone exceeds the budget; evict least-recently-used ones until it fits."""
+        if loaded.nbytes > self.capacity_bytes:
+            return
+        self._entries[key] = loaded
+        self._bytes += loaded.nbytes
+        while self._bytes > self.capacity_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            log.info("evicted cartridge %s g%d (%d bytes)", evicted.id, evicted.generation, evicted.nbytes)

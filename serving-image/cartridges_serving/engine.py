@@ -1,0 +1,406 @@
+"""The inference engine: one base model, cartridges from the store, continuous batching on a scheduler thread.
+
+Requests are validated and their cartridges loaded in the caller's thread (so a bad request fails alone and fast),
+then queued. The scheduler thread admits queued requests between steps, runs one step for the whole batch (prompt
+chunks of new requests and one token of every running request together), samples, streams text, and retires
+requests that finished or were cancelled. Each request attends over its own ordered cartridges followed by its own
+KV; its token positions start after the summed cartridge lengths.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from cartridges.artifact import Cartridge
+from cartridges.models import LoadedModel, load_base_model
+from cartridges.store import Store
+from cartridges_serving.cache import CacheStats, CartridgeCache
+from cartridges_serving.errors import EngineError, EngineUnavailable, InvalidRequest
+from cartridges_serving.runner import BatchItem, LlamaRunner, OwnKV
+from cartridges_serving.text import TextStream
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+DEFAULT_CACHE_BYTES = 2 * 1024**3
+METRICS_LOG_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings; ``temperature == 0`` is greedy, ``seed`` makes sampling repeatable."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.max_tokens < 0:
+            raise InvalidRequest(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    cartridge_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """Text produced since the previous event; the last event has ``completion`` (success) or ``error`` set."""
+
+    text: str
+    completion: Completion | None = None
+    error: EngineError | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.completion is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    running: int
+    queued: int
+    tokens_generated: int
+    tokens_per_s: float
+    requests_finished: int
+    requests_failed: int
+    cache: CacheStats | None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where the engine gets its model and cartridges; the router reads it from the environment."""
+
+    model_uri: str
+    store_root: str | None = None
+    namespace: str = "default"
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    max_batch_size: int = 32
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> EngineConfig:
+        env = os.environ if env is None else env
+        model_uri = env.get("CARTRIDGES_MODEL_URI", "")
+        if not model_uri:
+            raise ValueError("CARTRIDGES_MODEL_URI is not set (store URI or path of the base model)")
+        defaults = cls(model_uri)
+        return cls(
+            model_uri=model_uri,
+            store_root=env.get("CARTRIDGES_STORE_ROOT") or None,
+            namespace=env.get("CARTRIDGES_NAMESPACE", defaults.namespace),
+            cache_bytes=int(env.get("CARTRIDGES_CACHE_BYTES", defaults.cache_bytes)),
+            max_batch_size=int(env.get("CARTRIDGES_MAX_BATCH_SIZE", defaults.max_batch_size)),
+            device=env.get("CARTRIDGES_DEVICE", defaults.device),
+        )
+
+
+class RequestHandle:
+    """A submitted request: iterate for text chunks, ``result()`` for the completion, ``cancel()`` to stop it."""
+
+    def __init__(self, request_id: int, on_event: Callable[[StreamEvent], None] | None) -> None:
+        self.id = request_id
+        self._on_event = on_event
+        self._events: queue.Queue[StreamEvent] = queue.Queue()
+        self._final: StreamEvent | None = None
+        self._done = threading.Event()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Ask the scheduler to retire this request before its next step (finish reason ``cancelled``)."""
+        self.cancelled = True
+
+    def _emit(self, event: StreamEvent) -> None:
+        if event.final:
+            self._final = event
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # a broken consumer must not take the scheduler down
+                log.exception("request %d: event callback failed; cancelling it", self.id)
+                self.cancel()
+        self._events.put(event)
+        if event.final:
+            self._done.set()
+
+    def __iter__(self) -> Iterator[str]:
+        """Text chunks as they are produced; raises the request's error at the end if it failed."""
+        while True:
+            event = self._events.get()
+            if event.text:
+                yield event.text
+            if event.error is not None:
+                raise event.error
+            if event.final:
+                return
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout}s")
+        assert self._final is not None
+        if self._final.error is not None:
+            raise self._final.error
+        assert self._final.completion is not None
+        return self._final.completion
+
+
+@dataclass
+class _Active:
+    handle: RequestHandle
+    prompt_ids: list[int]
+    cartridges: list[Cartridge]
+    params: SamplingParams
+    text: TextStream
+    generator: torch.Generator | None
+    own: OwnKV | None = None
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def cartridge_tokens(self) -> int:
+        return sum(c.p for c in self.cartridges)
+
+    def next_item(self) -> BatchItem:
+        """The prompt on the first step, then the last sampled token."""
+        assert self.own is not None
+        tokens = self.prompt_ids if self.own.length == 0 else self.generated[-1:]
+        return BatchItem(tokens, self.cartridge_tokens + self.own.length, self.cartridges, self.own)
+
+    def completion(self, reason: FinishReason) -> Completion:
+        return Completion(self.text.text, list(self.generated), reason, len(self.prompt_ids), self.cartridge_tokens)
+
+
+class Engine:
+    """Continuous-batching generation with per-request cartridge composition. Thread-safe ``submit``."""
+
+    def __init__(
+        self, loaded: LoadedModel, cartridges: CartridgeCache | None = None, *, max_batch_size: int = 32
+    ) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.cartridges = cartridges
+        self.runner = LlamaRunner(loaded.model)
+        self.max_batch_size = max_batch_size
+        eos = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {t for t in [*eos_ids, self.tokenizer.eos_token_id] if t is not None}
+        self._ids = itertools.count(1)
+        self._waiting: deque[_Active] = deque()
+        self._running: list[_Active] = []
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._tokens = self._finished = self._failed = 0
+        self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+        self._thread = threading.Thread(target=self._loop, name="cartridges-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, store: Store | None = None) -> Engine:
+        store = store or Store.from_env()
+        loaded = load_base_model(config.model_uri, store=store, device=config.device)
+        cache = None
+        if config.store_root:
+            cache = CartridgeCache(
+                store,
+                config.store_root,
+                config.namespace,
+                loaded.fingerprint,
+                config.cache_bytes,
+                device=loaded.device,
+                dtype=next(loaded.model.parameters()).dtype,
+            )
+        return cls(loaded, cache, max_batch_size=config.max_batch_size)
+
+    # -- submission (caller threads) -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str,
+        cartridges: Sequence[str] = (),
+        params: SamplingParams | None = None,
+        *,
+        on_event: Callable[[StreamEvent], None] | None = None,
+        chat: bool = True,
+    ) -> RequestHandle:
+        """Validate, load the cartridges and queue the request; raises :class:`EngineError` for a bad request.
+
+        ``chat=True`` wraps the prompt as one user turn with the tokenizer's chat template.
+        """
+        params = params or SamplingParams()
+        params.validate()
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        loaded = [self._cartridge(c) for c in cartridges]
+        prompt_ids = self._encode(prompt, chat)
+        cartridge_tokens = sum(c.p for c in loaded)
+        needed = cartridge_tokens + len(prompt_ids) + params.max_tokens
+        if needed > self.runner.max_positions:
+            raise InvalidRequest(
+                f"request needs {needed} positions ({len(loaded)} cartridges: {cartridge_tokens} tokens, prompt: "
+                f"{len(prompt_ids)} tokens, max_tokens: {params.max_tokens}); the context window is "
+                f"{self.runner.max_positions}"
+            )
+        handle = RequestHandle(next(self._ids), on_event)
+        generator = None
+        if params.seed is not None and params.temperature > 0:
+            generator = torch.Generator().manual_seed(params.seed)
+        active = _Active(handle, prompt_ids, loaded, params, TextStream(self.tokenizer, params.stop), generator)
+        with self._wakeup:
+            if self._closed:
+                raise EngineUnavailable("the engine is shutting down")
+            self._waiting.append(active)
+            self._wakeup.notify()
+        return handle
+
+    def generate(
+        self, prompt: str, cartridges: Sequence[str] = (), params: SamplingParams | None = None, *, chat: bool = True
+    ) -> Completion:
+        return self.submit(prompt, cartridges, params, chat=chat).result()
+
+    def metrics(self) -> EngineMetrics:
+        with self._wakeup:
+            running, queued = len(self._running), len(self._waiting)
+            rate = list(self._rate)
+        tokens_per_s = 0.0
+        if len(rate) >= 2 and rate[-1][0] > rate[0][0]:
+            tokens_per_s = sum(n for _, n in rate[1:]) / (rate[-1][0] - rate[0][0])
+        return EngineMetrics(
+            running=running,
+            queued=queued,
+            tokens_generated=self._tokens,
+            tokens_per_s=tokens_per_s,
+            requests_finished=self._finished,
+            requests_failed=self._failed,
+            cache=self.cartridges.stats() if self.cartridges else None,
+        )
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop admitting requests, fail the queued and running ones, and join the scheduler thread."""
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join(timeout)
+
+    def _cartridge(self, cartridge_id: str) -> Cartridge:
+        if self.cartridges is None:
+            raise InvalidRequest("this server has no cartridge store configured (CARTRIDGES_STORE_ROOT)")
+        return self.cartridges.get(cartridge_id).cartridge
+
+    def _encode(self, prompt: str, chat: bool) -> list[int]:
+        if chat and self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    # -- scheduler thread ------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_log = time.monotonic()
+        while True:
+            with self._wakeup:
+                while not self._closed and not self._running and not self._waiting:
+                    self._wakeup.wait()
+                if self._closed:
+                    break
+                while self._waiting and len(self._running) < self.max_batch_size:
+                    self._running.append(self._waiting.popleft())
+            self._retire_cancelled_and_empty()
+            if self._running:
+                self._step()
+            if time.monotonic() - last_log > METRICS_LOG_INTERVAL_S:
+                last_log = time.monotonic()
+                log.info("engine metrics: %s", self.metrics())
+        shutdown = EngineUnavailable("the engine shut down before this request finished")
+        for active in [*self._running, *self._waiting]:
+            active.handle._emit(StreamEvent("", error=shutdown))
+
+    def _retire_cancelled_and_empty(self) -> None:
+        for active in list(self._running):
+            if active.handle.cancelled:
+                self._finish(active, "cancelled")
+            elif active.params.max_tokens == 0:
+                self._finish(active, "length")
+
+    def _step(self) -> None:
+        batch = list(self._running)
+        try:
+            for active in batch:
+                if active.own is None:
+                    active.own = self.runner.new_own_kv(len(active.prompt_ids) + active.params.max_tokens)
+            logits = self.runner.step([a.next_item() for a in batch])
+        except Exception as err:  # one failed step fails its batch, never the engine
+            log.exception("engine step failed for %d requests", len(batch))
+            for active in batch:
+                self._fail(active, EngineError(f"inference failed: {type(err).__name__}: {err}"))
+            return
+        self._count_tokens(len(batch))
+        for active, row in zip(batch, logits, strict=True):
+            token = _sample(row, active.params, active.generator)
+            active.generated.append(token)
+            if token in self.eos_ids:
+                self._finish(active, "stop")
+                continue
+            delta, stopped = active.text.push(token)
+            if stopped:
+                self._finish(active, "stop", delta)
+            elif len(active.generated) >= active.params.max_tokens:
+                self._finish(active, "length", delta)
+            elif delta:
+                active.handle._emit(StreamEvent(delta))
+
+    def _finish(self, active: _Active, reason: FinishReason, delta: str = "") -> None:
+        self._running.remove(active)
+        active.own = None
+        tail = delta + active.text.flush()
+        self._finished += 1
+        active.handle._emit(StreamEvent(tail, completion=active.completion(reason)))
+
+    def _fail(self, active: _Active, error: EngineError) -> None:
+        self._running.remove(active)
+        active.own = None
+        self._failed += 1
+        active.handle._emit(StreamEvent("", error=error))
+
+    def _count_tokens(self, n: int) -> None:
+        self._tokens += n
+        with self._wakeup:
+            self._rate.append((time.monotonic(), n))
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else nucleus sampling (top-p) at the given temperature."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,152 @@
+"""Triton Python-backend router (decoupled): parses the LLM-convention tensors and hands requests to the engine.
+
+The engine answers on its scheduler thread through a per-request callback; streaming requests get one response per
+text chunk, others one response with the whole text. Every failure is that request's error response; the model
+and the other requests carry on. Configuration comes from the environment (see ``EngineConfig.from_env``).
+"""
+
+import json
+import logging
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from cartridges_serving import Engine, EngineConfig, EngineError, EngineMetrics, StreamEvent
+from cartridges_serving.protocol import INPUT_KINDS, parse_request
+
+log = logging.getLogger("cartridges.router")
+# Names of pb_utils.TritonError codes; the stub fills in pb_utils.TritonError only after this module is imported.
+ERROR_CODES = {"invalid_argument": "INVALID_ARG", "not_found": "NOT_FOUND", "unavailable": "UNAVAILABLE"}
+METRICS_INTERVAL_S = 1.0
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+GAUGES = {
+    "running": "requests in the running batch",
+    "queued": "requests waiting to join the batch",
+    "tokens_per_s": "generated tokens per second, recent window",
+    "cache_bytes": "bytes of cartridges held in the cache",
+    "cache_entries": "cartridges held in the cache",
+}
+COUNTERS = {
+    "tokens_generated": "tokens generated",
+    "requests_finished": "requests finished",
+    "requests_failed": "requests failed inside the engine",
+    "cache_hits": "cartridge cache hits",
+    "cache_misses": "cartridge cache misses (loads from the object store)",
+}
+
+
+def error_response(error: EngineError) -> "pb_utils.InferenceResponse":
+    code = getattr(pb_utils.TritonError, ERROR_CODES.get(error.status, "INTERNAL"))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+
+
+def text_response(text: str) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse([pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_))])
+
+
+class Responder:
+    """Turns one request's engine events into Triton responses; notices a client that went away."""
+
+    def __init__(self, request: "pb_utils.InferenceRequest", sender: "pb_utils.InferenceResponseSender", stream: bool):
+        self.request, self.sender, self.stream = request, sender, stream
+        self.parts: list[str] = []
+        self.handle = None
+
+    def __call__(self, event: StreamEvent) -> None:
+        if self.handle is not None and self.request.is_cancelled():
+            self.handle.cancel()
+        if event.error is not None:
+            self.sender.send(error_response(event.error), flags=FINAL)
+        elif self.stream:
+            if event.final:
+                self.sender.send(text_response(event.text) if event.text else None, flags=FINAL)
+            elif event.text:
+                self.sender.send(text_response(event.text))
+        else:
+            self.parts.append(event.text)
+            if event.final:
+                self.sender.send(text_response("".join(self.parts)), flags=FINAL)
+
+
+class Metrics:
+    """Engine metrics as Triton custom metrics on the server's metrics port (:8002 by default)."""
+
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        labels = {"model": model_name}
+        self.engine = engine
+        self.families = []  # a Metric only works while its MetricFamily object is alive
+        self.metrics = {}
+        for names, kind in ((GAUGES, pb_utils.MetricFamily.GAUGE), (COUNTERS, pb_utils.MetricFamily.COUNTER)):
+            for name, description in names.items():
+                family = pb_utils.MetricFamily(name=f"cartridges_{name}", description=description, kind=kind)
+                self.families.append(family)
+                self.metrics[name] = family.Metric(labels=labels)
+        self.last = dict.fromkeys(COUNTERS, 0)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="cartridges-metrics", daemon=True)
+        self.thread.start()
+
+    def values(self, m: EngineMetrics) -> dict:
+        cache = m.cache
+        return {
+            "running": m.running,
+            "queued": m.queued,
+            "tokens_per_s": m.tokens_per_s,
+            "cache_bytes": cache.bytes if cache else 0,
+            "cache_entries": cache.entries if cache else 0,
+            "tokens_generated": m.tokens_generated,
+            "requests_finished": m.requests_finished,
+            "requests_failed": m.requests_failed,
+            "cache_hits": cache.hits if cache else 0,
+            "cache_misses": cache.misses if cache else 0,
+        }
+
+    def run(self) -> None:
+        while not self.stopped.wait(METRICS_INTERVAL_S):
+            for name, value in self.values(self.engine.metrics()).items():
+                if name in GAUGES:
+                    self.metrics[name].set(float(value))
+                else:
+                    self.metrics[name].increment(float(value - self.last[name]))
+                    self.last[name] = value
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        config = EngineConfig.from_env()
+        self.engine = Engine.from_config(config)
+        self.metrics = Metrics(self.engine, json.loads(args["model_config"])["name"])
+        log.info(
+            "router ready: model %s, store %s, namespace %s", config.model_uri, config.store_root, config.namespace
+        )
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = {name: self._input(request, name) for name in INPUT_KINDS}
+                parsed = parse_request(inputs)
+                responder = Responder(request, sender, parsed.stream)
+                responder.handle = self.engine.submit(
+                    parsed.prompt, parsed.cartridges, parsed.params, on_event=responder
+                )
+            except EngineError as error:
+                sender.send(error_response(error), flags=FINAL)
+            except Exception as error:  # anything unexpected is still only this request's failure
+                log.exception("request failed")
+                sender.send(error_response(EngineError(f"{type(error).__name__}: {error}")), flags=FINAL)
+
+    @staticmethod
+    def _input(request: "pb_utils.InferenceRequest", name: str) -> "np.ndarray | None":
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    def finalize(self) -> None:
+        self.metrics.stop()
+        self.engine.close()

@@ -1,0 +1,42 @@
+"""Test helpers for serving: random cartridges for a model, published into a store the way the operator does."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cartridges import layout
+from cartridges.artifact import Cartridge, ModelFingerprint, save_cartridge, upload_artifact
+from cartridges.store import Store
+
+
+def random_cartridge(fingerprint: ModelFingerprint, p: int, seed: int, scale: float = 1.0) -> Cartridge:
+    """Keys/values large enough that attending to them visibly changes the tiny model's output."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (fingerprint.num_kv_heads, p, fingerprint.head_dim)
+
+    def layer() -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * scale
+
+    return Cartridge([layer() for _ in range(fingerprint.num_layers)], [layer() for _ in range(fingerprint.num_layers)])
+
+
+def publish(
+    store: Store,
+    root: str,
+    namespace: str,
+    name: str,
+    cartridge: Cartridge,
+    fingerprint: ModelFingerprint,
+    generation: int = 1,
+) -> str:
+    """Upload a generation and point ``current.json`` at it; returns the generation prefix."""
+    prefix = layout.generation_prefix(root, namespace, name, generation)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = save_cartridge(cartridge, Path(tmp), fingerprint)
+        upload_artifact(store, Path(tmp), prefix)
+    pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
+    store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
+    return prefix

@@ -1,0 +1,267 @@
+"""The serving engine on the tiny model: exactness against transformers, batching, composition, errors, cache."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+from _cartridge_store import publish, random_cartridge
+from transformers import DynamicCache
+
+from cartridges import layout
+from cartridges.artifact import TENSORS_FILE, Cartridge
+from cartridges.models import LoadedModel, tiny_llama
+from cartridges.store import Store
+from cartridges_serving import (
+    CartridgeCache,
+    CartridgeInvalid,
+    CartridgeNotFound,
+    CartridgeRefused,
+    Engine,
+    InvalidRequest,
+    SamplingParams,
+)
+from cartridges_serving.protocol import parse_request
+
+if TYPE_CHECKING:
+    from cartridges_e2e.minio import MinioServer
+
+NAMESPACE = "team-a"
+SIZES = {"alpha": 6, "beta": 4, "gamma": 9}
+GREEDY = SamplingParams(max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory, tiny_model: LoadedModel) -> str:
+    """alpha/beta/gamma in team-a; "secret" only in team-b; bad artifacts for the error tests."""
+    root, store = f"file://{tmp_path_factory.mktemp('store')}", Store()
+    for seed, (name, p) in enumerate(SIZES.items()):
+        publish(store, root, NAMESPACE, name, random_cartridge(tiny_model.fingerprint, p, seed), tiny_model.fingerprint)
+    publish(store, root, "team-b", "secret", random_cartridge(tiny_model.fingerprint, 4, 7), tiny_model.fingerprint)
+    other = tiny_llama(seed=1).fingerprint
+    publish(store, root, NAMESPACE, "other-model", random_cartridge(other, 4, 8), other)
+    corrupt = publish(
+        store, root, NAMESPACE, "corrupt", random_cartridge(tiny_model.fingerprint, 4, 9), tiny_model.fingerprint
+    )
+    tensors = Path(corrupt.removeprefix("file://")) / TENSORS_FILE
+    data = bytearray(tensors.read_bytes())
+    data[-8:] = bytes(8)
+    tensors.write_bytes(bytes(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: LoadedModel, store_root: str) -> Iterator[Engine]:
+    cache = CartridgeCache(Store(), store_root, NAMESPACE, tiny_model.fingerprint, capacity_bytes=1 << 20)
+    engine = Engine(tiny_model, cache, max_batch_size=8)
+    yield engine
+    engine.close()
+
+
+def cartridges_of(engine: Engine, names: Sequence[str]) -> list[Cartridge]:
+    assert engine.cartridges is not None
+    return [engine.cartridges.get(n).cartridge for n in names]
+
+
+def hf_greedy(model: LoadedModel, cartridges: Sequence[Cartridge], prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """transformers' generate with the concatenated cartridges as past_key_values (positions after them)."""
+    p = sum(c.p for c in cartridges)
+    cache = DynamicCache(config=model.model.config)
+    for layer in range(model.fingerprint.num_layers):
+        if cartridges:
+            keys = torch.cat([c.keys[layer] for c in cartridges], dim=1)[None]
+            values = torch.cat([c.values[layer] for c in cartridges], dim=1)[None]
+            cache.update(keys, values, layer)
+    # Placeholder ids stand for the cartridge positions; generate only runs the tokens after the cached length.
+    input_ids = torch.tensor([[0] * p + prompt_ids])
+    out = model.model.generate(  # type: ignore[operator]
+        input_ids,
+        past_key_values=cache if cartridges else None,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return [int(t) for t in out[0, input_ids.shape[1] :]]
+
+
+def assert_matches_reference(engine: Engine, names: Sequence[str], prompt: str) -> list[int]:
+    completion = engine.generate(prompt, names, GREEDY, chat=False)
+    prompt_ids = list(engine.tokenizer(prompt)["input_ids"])
+    reference = hf_greedy(engine.loaded, cartridges_of(engine, names), prompt_ids, GREEDY.max_tokens)
+    assert completion.token_ids == reference[: len(completion.token_ids)]
+    assert completion.finish_reason == "length" or completion.token_ids[-1] in engine.eos_ids
+    assert completion.cartridge_tokens == sum(SIZES[n] for n in names)
+    return completion.token_ids
+
+
+def test_greedy_matches_transformers_with_zero_one_two_cartridges(engine: Engine) -> None:
+    plain = assert_matches_reference(engine, [], "The handbook says")
+    one = assert_matches_reference(engine, ["alpha"], "The handbook says")
+    two = assert_matches_reference(engine, ["alpha", "beta"], "The handbook says")
+    swapped = assert_matches_reference(engine, ["beta", "alpha"], "The handbook says")
+    assert plain != one != two
+    # Keys keep the RoPE of their own training positions 0..p-1 (DESIGN.md §5), so composition is a set of keys:
+    # the order changes no attention score, and the request's positions depend only on the summed lengths.
+    assert two == swapped
+
+
+def test_concurrent_requests_equal_their_sequential_results(engine: Engine) -> None:
+    jobs = [
+        (f"question {i}", names, SamplingParams(max_tokens=6 + i % 5))
+        for i, names in enumerate([[], ["alpha"], ["beta", "gamma"], ["gamma"], ["alpha", "alpha"], ["beta"]] * 2)
+    ]
+    sequential = [engine.generate(prompt, names, params).token_ids for prompt, names, params in jobs]
+    batch_sizes: list[int] = []
+    handles = [
+        engine.submit(prompt, names, params, on_event=lambda _: batch_sizes.append(engine.metrics().running))
+        for prompt, names, params in jobs
+    ]
+    assert [h.result(timeout=60).token_ids for h in handles] == sequential
+    assert max(batch_sizes) > 1, "requests should have shared decode steps"
+
+
+def test_streaming_chunks_join_to_the_final_text(engine: Engine) -> None:
+    handle = engine.submit("stream me", ["gamma"], SamplingParams(max_tokens=16))
+    chunks = list(handle)
+    assert len(chunks) > 1
+    assert "".join(chunks) == handle.result().text
+
+
+def test_stop_string_ends_the_answer(engine: Engine) -> None:
+    full = engine.generate("stop here", ["beta"], SamplingParams(max_tokens=16)).text
+    stop = full[5:7]
+    cut = engine.generate("stop here", ["beta"], SamplingParams(max_tokens=16, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.find(stop)]
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(engine: Engine) -> None:
+    def sample(seed: int) -> list[int]:
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=seed)
+        return engine.generate("sample", ["alpha"], params).token_ids
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_cancel_stops_generation(engine: Engine) -> None:
+    started = threading.Event()
+    handle = engine.submit("cancel me", [], SamplingParams(max_tokens=500), on_event=lambda _: started.set())
+    assert started.wait(30)
+    handle.cancel()
+    completion = handle.result(timeout=30)
+    assert completion.finish_reason == "cancelled"
+    assert len(completion.token_ids) < 500
+
+
+@pytest.mark.parametrize(
+    ("names", "params", "prompt", "error", "message"),
+    [
+        (["missing"], GREEDY, "hi", CartridgeNotFound, "not found in namespace 'team-a'"),
+        (["../team-b/secret"], GREEDY, "hi", CartridgeRefused, "not a cartridge name"),
+        (["team-b/secret"], GREEDY, "hi", CartridgeRefused, "no '/' or '..'"),
+        (["secret"], GREEDY, "hi", CartridgeNotFound, "not found"),
+        (["other-model"], GREEDY, "hi", CartridgeInvalid, "trained for tiny-llama-seed1"),
+        (["corrupt"], GREEDY, "hi", CartridgeInvalid, "sha256"),
+        (["gamma"] * 460, GREEDY, "hi", InvalidRequest, "context window is 4096"),
+        ([], GREEDY, "", InvalidRequest, "prompt is empty"),
+        ([], SamplingParams(max_tokens=-1), "hi", InvalidRequest, "max_tokens must be >= 0"),
+        ([], SamplingParams(top_p=0.0), "hi", InvalidRequest, "top_p"),
+    ],
+)
+def test_bad_requests_fail_alone(
+    engine: Engine, names: list[str], params: SamplingParams, prompt: str, error: type[Exception], message: str
+) -> None:
+    expected = engine.generate("keep going", ["alpha"], GREEDY).token_ids
+    running = engine.submit("keep going", ["alpha"], GREEDY)
+    with pytest.raises(error, match=message):
+        engine.submit(prompt, names, params)
+    assert running.result(timeout=60).token_ids == expected
+
+
+def test_cache_evicts_least_recently_used_by_bytes(tiny_model: LoadedModel, store_root: str) -> None:
+    nbytes = {n: random_cartridge(tiny_model.fingerprint, p, 0).nbytes for n, p in SIZES.items()}
+    cache = CartridgeCache(Store(), store_root, NAMESPACE, tiny_model.fingerprint, nbytes["alpha"] + nbytes["gamma"])
+    cache.get("alpha")
+    cache.get("beta")
+    cache.get("alpha")  # alpha is now more recent than beta
+    cache.get("gamma")  # alpha + beta + gamma do not fit: beta goes
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (1, 3, 2)
+    assert stats.bytes == nbytes["alpha"] + nbytes["gamma"] <= stats.capacity_bytes
+    cache.get("alpha")
+    cache.get("beta")
+    assert (cache.stats().hits, cache.stats().misses) == (2, 4)
+
+
+def test_promoted_generation_is_served_next(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    root, store = f"file://{tmp_path}", Store()
+    cache = CartridgeCache(store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    assert cache.get("doc").generation == 1
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 5, 1), tiny_model.fingerprint, 2)
+    assert (cache.get("doc").generation, cache.get("doc").cartridge.p) == (2, 5)
+
+
+def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    root, store = f"file://{tmp_path}", Store()
+    stolen = publish(
+        store, root, "team-b", "secret", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint
+    )
+    sha = store.get_json(layout.current_pointer(root, "team-b", "secret"))["sha256"]
+    pointer = layout.Pointer(generation=1, prefix=stolen, sha256=sha)
+    store.put_json(layout.current_pointer(root, NAMESPACE, "thief"), pointer.model_dump())
+    cache = CartridgeCache(store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    with pytest.raises(CartridgeRefused, match="leaves the cartridge's prefix"):
+        cache.get("thief")
+
+
+@pytest.mark.minio
+def test_cartridge_from_minio_matches_file_store(
+    engine: Engine, tiny_model: LoadedModel, minio_server: MinioServer, s3_prefix: str
+) -> None:
+    store, root = minio_server.store(), s3_prefix.rstrip("/")
+    publish(store, root, NAMESPACE, "alpha", cartridges_of(engine, ["alpha"])[0], tiny_model.fingerprint)
+    s3_engine = Engine(tiny_model, CartridgeCache(store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20))
+    try:
+        assert s3_engine.generate("from s3", ["alpha"], GREEDY) == engine.generate("from s3", ["alpha"], GREEDY)
+    finally:
+        s3_engine.close()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"max_tokens": np.array([1.5], dtype=np.float32)}, "'max_tokens' has type float32, expected an integer"),
+        ({"temperature": np.array([b"hot"], dtype=np.object_)}, "'temperature' has type object, expected a float"),
+        ({"stream": np.array([True, False])}, "exactly one value"),
+        ({"text_input": np.array([b"\xff"], dtype=np.object_)}, "not valid UTF-8"),
+        ({"text_input": None}, "text_input is required"),
+    ],
+)
+def test_router_inputs_of_the_wrong_type_are_refused(inputs: dict[str, np.ndarray | None], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        parse_request({"text_input": np.array([b"hi"], dtype=np.object_), **inputs})
+
+
+def test_router_inputs_become_an_engine_request() -> None:
+    parsed = parse_request(
+        {
+            "text_input": np.array([b"hi"], dtype=np.object_),
+            "max_tokens": np.array([7], dtype=np.int32),
+            "temperature": np.array([0.5], dtype=np.float32),
+            "seed": np.array([3], dtype=np.int64),
+            "stream": np.array([True]),
+            "stop": np.array([b"\n\n"], dtype=np.object_),
+            "cartridges": np.array([b"beta", b"alpha"], dtype=np.object_),
+        }
+    )
+    assert parsed.prompt == "hi" and parsed.stream and parsed.cartridges == ("beta", "alpha")
+    assert parsed.params == SamplingParams(max_tokens=7, temperature=0.5, seed=3, stop=("\n\n",))

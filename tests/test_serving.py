@@ -1,0 +1,228 @@
+"""The router model in a real Triton server: HTTP generate(_stream), gRPC streaming, errors, tenancy, metrics.
+
+The server loads the tiny model from an HF directory in a ``file://`` store and cartridges from the same store;
+answers are checked against an engine running in the test process on the same model and cartridges.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from _cartridge_store import publish, random_cartridge
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from cartridges import client
+from cartridges.artifact import TENSORS_FILE
+from cartridges.models import LoadedModel, load_base_model
+from cartridges.store import Store
+from cartridges_e2e.process import free_port, http_ok
+from cartridges_e2e.triton import TritonFactory, TritonServer
+from cartridges_serving import CartridgeCache, Engine, SamplingParams
+
+pytestmark = pytest.mark.triton
+
+REPOSITORY = Path(__file__).parents[1] / "serving-image" / "model_repository"
+NAMESPACE = "team-a"
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"file://{tmp_path_factory.mktemp('serving-store')}"
+
+
+@pytest.fixture(scope="module")
+def served_model(store_root: str, tiny_model: LoadedModel) -> LoadedModel:
+    """The tiny model saved as an HF directory in the store, loaded back the way the server loads it."""
+    directory = Path(store_root.removeprefix("file://")) / "models" / "tiny"
+    tiny_model.model.save_pretrained(directory)
+    tiny_model.tokenizer.save_pretrained(directory)
+    return load_base_model(f"{store_root}/models/tiny", store=Store())
+
+
+@pytest.fixture(scope="module")
+def cartridge_ids(store_root: str, served_model: LoadedModel, tiny_model: LoadedModel) -> None:
+    """alpha, beta (good), other-model (trained for another model), corrupt; team-b/secret elsewhere."""
+    store, fingerprint = Store(), served_model.fingerprint
+    publish(store, store_root, NAMESPACE, "alpha", random_cartridge(fingerprint, 6, 0), fingerprint)
+    publish(store, store_root, NAMESPACE, "beta", random_cartridge(fingerprint, 4, 1), fingerprint)
+    publish(store, store_root, "team-b", "secret", random_cartridge(fingerprint, 4, 2), fingerprint)
+    other = tiny_model.fingerprint  # same architecture, but not the served weights' hash
+    publish(store, store_root, NAMESPACE, "other-model", random_cartridge(other, 4, 3), other)
+    corrupt = publish(store, store_root, NAMESPACE, "corrupt", random_cartridge(fingerprint, 4, 4), fingerprint)
+    tensors = Path(corrupt.removeprefix("file://")) / TENSORS_FILE
+    tensors.write_bytes(tensors.read_bytes()[:-8] + bytes(8))
+
+
+@pytest.fixture(scope="module")
+def server(triton_server_factory: TritonFactory, store_root: str, cartridge_ids: None) -> TritonServer:
+    env = {
+        "CARTRIDGES_MODEL_URI": f"{store_root}/models/tiny",
+        "CARTRIDGES_STORE_ROOT": store_root,
+        "CARTRIDGES_NAMESPACE": NAMESPACE,
+        "CARTRIDGES_CACHE_BYTES": str(1 << 20),
+    }
+    return triton_server_factory(REPOSITORY, env)
+
+
+@pytest.fixture(scope="module")
+def reference(served_model: LoadedModel, store_root: str, cartridge_ids: None) -> Iterator[Engine]:
+    """The engine in this process on the same model and cartridges: what the server must answer."""
+    cache = CartridgeCache(Store(), store_root, NAMESPACE, served_model.fingerprint, 1 << 20)
+    engine = Engine(served_model, cache)
+    yield engine
+    engine.close()
+
+
+def expected(reference: Engine, prompt: str, cartridges: list[str], max_tokens: int = MAX_TOKENS) -> str:
+    return reference.generate(prompt, cartridges, SamplingParams(max_tokens=max_tokens)).text
+
+
+def test_answers_equal_the_engine_with_zero_one_two_cartridges(server: TritonServer, reference: Engine) -> None:
+    answers = {}
+    for names in ([], ["alpha"], ["alpha", "beta"]):
+        answer = client.generate(server.http_url, "What is in the handbook?", names, max_tokens=MAX_TOKENS)
+        assert answer == expected(reference, "What is in the handbook?", names)
+        answers[len(names)] = answer
+    assert len(set(answers.values())) == 3, "each composition should change the answer"
+
+
+def test_http_stream_yields_the_same_text(server: TritonServer, reference: Engine) -> None:
+    chunks = list(client.generate(server.http_url, "Stream it", ["beta"], max_tokens=MAX_TOKENS, stream=True))
+    assert len(chunks) > 1
+    assert "".join(chunks) == expected(reference, "Stream it", ["beta"])
+
+
+def grpc_stream(server: TritonServer, inputs: dict[str, np.ndarray]) -> list[str]:
+    """One streamed request through tritonclient gRPC; returns the chunks, raising the stream's error."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    grpc.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        tensors = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        grpc.async_stream_infer("router", tensors, enable_empty_final_response=True)
+        chunks: list[str] = []
+        while True:
+            result, error = results.get(timeout=60)
+            if error is not None:
+                raise error
+            output = result.as_numpy("text_output")
+            if output is not None:
+                chunks.extend(t.decode() for t in output.reshape(-1))
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return chunks
+    finally:
+        grpc.stop_stream()
+        grpc.close()
+
+
+def test_grpc_streaming(server: TritonServer, reference: Engine) -> None:
+    inputs = {
+        "text_input": np.array([b"Over gRPC"], dtype=np.object_),
+        "max_tokens": np.array([MAX_TOKENS], dtype=np.int32),
+        "stream": np.array([True]),
+        "cartridges": np.array([b"beta", b"alpha"], dtype=np.object_),
+    }
+    chunks = grpc_stream(server, inputs)
+    assert len(chunks) > 1
+    assert "".join(chunks) == expected(reference, "Over gRPC", ["beta", "alpha"])
+
+
+def test_32_concurrent_mixed_requests(server: TritonServer, reference: Engine) -> None:
+    compositions: list[list[str]] = [[], ["alpha"], ["beta"], ["alpha", "beta"]]
+    jobs = [(f"Question {i}?", compositions[i % 4]) for i in range(32)]
+    wanted = [expected(reference, prompt, names, 6) for prompt, names in jobs]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda job: client.generate(server.http_url, *job, max_tokens=6, timeout=120), jobs))
+    assert answers == wanted
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"cartridges": ["missing"]}, 400, "cartridge 'missing' not found in namespace 'team-a'"),
+        ({"cartridges": ["../team-b/secret"]}, 400, "not a cartridge name in namespace 'team-a'"),
+        ({"cartridges": ["team-b/secret"]}, 400, "no '/' or '..'"),
+        ({"cartridges": ["secret"]}, 400, "not found in namespace 'team-a'"),
+        ({"cartridges": ["other-model"]}, 400, "was trained for"),
+        ({"cartridges": ["corrupt"]}, 400, "sha256"),
+        ({"cartridges": ["alpha"] * 700}, 400, "context window is 4096"),
+        ({"text_input": ""}, 400, "prompt is empty"),
+        ({"max_tokens": -1}, 400, "max_tokens must be >= 0"),
+        ({"max_tokens": "many"}, 500, "Unable to parse 'data'"),
+        ({"temperature": -0.5}, 400, "temperature must be"),
+    ],
+)
+def test_bad_request_gets_its_error_while_others_continue(
+    server: TritonServer, reference: Engine, body: dict[str, Any], status: int, message: str
+) -> None:
+    """Triton's generate endpoint answers every model error with HTTP 400 and the model's message; a JSON value
+    of the wrong type never reaches the model (Triton's own parser answers 500)."""
+    good: list[str] = []
+    streaming = threading.Thread(
+        target=lambda: good.extend(client.generate(server.http_url, "Meanwhile", ["alpha"], max_tokens=16, stream=True))
+    )
+    streaming.start()
+    request = {"text_input": "Hello", "max_tokens": MAX_TOKENS, **body}
+    with pytest.raises(client.GenerateError, match=message) as failure:
+        client.generate(server.http_url, request.pop("text_input"), request.pop("cartridges", ()), **request)
+    assert failure.value.status == status
+    streaming.join(60)
+    assert "".join(good) == expected(reference, "Meanwhile", ["alpha"], 16)
+    assert http_ok(f"{server.http_url}/v2/health/ready")
+
+
+def test_grpc_stream_errors(server: TritonServer) -> None:
+    """A stream reports the request's error (Triton refuses a wrong tensor type before the model sees it)."""
+    missing = {
+        "text_input": np.array([b"hi"], dtype=np.object_),
+        "cartridges": np.array([b"missing"], dtype=np.object_),
+    }
+    with pytest.raises(InferenceServerException, match="cartridge 'missing' not found"):
+        grpc_stream(server, missing)
+    typed = {"text_input": np.array([b"typed"], dtype=np.object_), "max_tokens": np.array([1.5], dtype=np.float32)}
+    with pytest.raises(InferenceServerException, match="max_tokens.*FP32.*INT32|max_tokens.*INT32"):
+        grpc_stream(server, typed)
+
+
+def scrape(server: TritonServer) -> dict[str, float]:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("cartridges_")}
+
+
+def test_engine_metrics_are_exported(server: TritonServer) -> None:
+    """Custom metrics on Triton's metrics port, refreshed from the engine about once a second."""
+    before = scrape(server).get('cartridges_tokens_generated{model="router"}', 0.0)
+    client.generate(server.http_url, "count me", ["alpha"], max_tokens=2)
+    metrics: dict[str, float] = {}
+    for _ in range(20):
+        metrics = scrape(server)
+        if metrics.get('cartridges_tokens_generated{model="router"}', 0.0) >= before + 2:
+            break
+        time.sleep(0.5)
+    assert metrics['cartridges_tokens_generated{model="router"}'] >= before + 2
+    assert metrics['cartridges_cache_misses{model="router"}'] >= 1
+    assert metrics['cartridges_cache_bytes{model="router"}'] > 0
+    for name in ("running", "queued", "tokens_per_s", "cache_hits", "cache_entries", "requests_finished"):
+        assert f'cartridges_{name}{{model="router"}}' in metrics
+
+
+def test_client_reports_an_unreachable_server() -> None:
+    with pytest.raises(client.GenerateError, match="cannot reach") as failure:
+        client.generate(f"http://127.0.0.1:{free_port()}", "anyone there?", timeout=5)
+    assert failure.value.status is None
