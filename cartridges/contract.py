@@ -12,6 +12,16 @@ from cartridges import api
 from cartridges.layout import generation_prefix
 
 TRAINER_COMMAND = ["python", "-m", "cartridges_trainer"]
+"""The trainer image's ENTRYPOINT (trainer-image/Dockerfile); the operator's Jobs run exactly this."""
+TRAINER_UID = 10001
+
+SERVING_COMMAND = [
+    "tritonserver", "--model-repository=/models", "--model-control-mode=none", "--disable-auto-complete-config",
+    "--strict-readiness=true", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002",
+    "--allow-metrics=true", "--exit-timeout-secs=30",
+]  # fmt: skip
+"""The serving image's CMD (serving-image/Dockerfile); the operator's Deployments run exactly this."""
+SERVING_UID = 1000  # triton-server in the NGC Triton images
 
 EXIT_OK = 0
 EXIT_PERMANENT = 65

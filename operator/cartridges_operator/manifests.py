@@ -7,7 +7,7 @@ import hashlib
 from typing import Any
 
 from cartridges import api
-from cartridges.contract import EXIT_PERMANENT, TrainerConfig
+from cartridges.contract import EXIT_PERMANENT, SERVING_COMMAND, SERVING_UID, TRAINER_UID, TrainerConfig
 from cartridges_operator.config import OperatorConfig
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "cartridges-operator", "app.kubernetes.io/part-of": "cartridges"}
@@ -18,13 +18,13 @@ TRAINER_CONTAINER = "trainer"
 ROUTER_MODEL = "router"
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
-NON_ROOT_POD = {
-    "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "runAsGroup": 1000,
-    "fsGroup": 1000,
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
+
+def non_root_pod(uid: int) -> dict[str, Any]:
+    """A numeric uid, so the kubelet can verify runAsNonRoot for images whose USER is a name."""
+    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+            "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+
+
 LOCKED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
@@ -83,7 +83,7 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
-        "securityContext": NON_ROOT_POD,
+        "securityContext": non_root_pod(TRAINER_UID),
         "nodeSelector": resources.nodeSelector,
         "tolerations": [t.model_dump(exclude_none=True) for t in resources.tolerations],
         "containers": [
@@ -158,6 +158,7 @@ def serving_deployment(
     container = {
         "name": "triton",
         "image": config.serving_image,
+        "command": SERVING_COMMAND,
         "ports": [{"name": n, "containerPort": p} for n, p in PORTS.items()],
         "env": env,
         "startupProbe": {"httpGet": {**http, "path": "/v2/health/live"}, "periodSeconds": 5, "failureThreshold": 120},
@@ -178,7 +179,7 @@ def serving_deployment(
                 "metadata": {"labels": labels},
                 "spec": {
                     "automountServiceAccountToken": False,
-                    "securityContext": NON_ROOT_POD,
+                    "securityContext": non_root_pod(SERVING_UID),
                     "containers": [container],
                     "volumes": [
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
