@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -20,15 +21,18 @@ from cartridges.contract import EXIT_PERMANENT, TrainerConfig
 from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
 from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FILE, CorpusManifest, Progress
-from cartridges.models import LoadedModel, load_base_model
+from cartridges.models import LoadedModel
 from cartridges.store import Store, StoreURI
-from cartridges_trainer import InputError, TrainerOptions, train
+from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import answer_logprobs, collate
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.distill import TrainableCartridge, distill_loss, initial_cartridge, step_batch
 from cartridges_trainer.synthesis import Shard, synthesize_shard
+
+if TYPE_CHECKING:
+    from cartridges_e2e.minio import MinioServer
 
 CORPUS_TEXT = (
     "The lighthouse of Varnholm was lit in 1873 by keeper Ilse Marrow. Its lens came from a foundry in Ostrava. "
@@ -65,7 +69,9 @@ def put_corpus(store: Store, root: str, name: str, texts: list[str]) -> str:
     return prefix
 
 
-def make_config(root: str, corpus_prefix: str, *, steps: int = 4, size: int = 16, conversations: int = 8) -> TrainerConfig:
+def make_config(
+    root: str, corpus_prefix: str, *, steps: int = 4, size: int = 16, conversations: int = 8
+) -> TrainerConfig:
     spec = api.CartridgeSpec(
         corpusRefs=[api.CorpusRef(name="lighthouse")],
         baseModel=api.BaseModelRef(name="tiny", uri=f"{root.rstrip('/')}/models/tiny"),
@@ -215,3 +221,171 @@ def test_step_batches_are_a_function_of_the_step() -> None:
     assert step_batch(items, 4, 0, 7) == step_batch(items, 4, 0, 7)
     assert step_batch(items, 4, 0, 7) != step_batch(items, 4, 0, 8)
     assert len(set(step_batch(items, 4, 0, 3))) == 4
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+
+
+def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_path: Path) -> dict[str, float]:
+    """The uploaded generation is complete and verifiable; returns its eval scores."""
+    prefix = config.output_prefix
+    manifest = download_artifact(store, prefix, tmp_path / "downloaded")
+    cartridge, loaded = load_cartridge(tmp_path / "downloaded", expected_model=lm.fingerprint)
+    assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (config.spec.size, 1, 2)
+    assert loaded.training["steps"] == config.spec.training.steps
+    scores: dict[str, float] = store.get_json(f"{prefix}/{EVAL_FILE}")
+    assert {"noContext", "icl", "cartridge", "iclGainRecovered"} <= scores.keys()
+    assert all(scores[k] > 0 for k in ("noContext", "icl", "cartridge"))
+    assert manifest.metrics == scores
+    progress = Progress.model_validate(store.get_json(f"{prefix}/{PROGRESS_FILE}"))
+    assert progress.phase == "done" and progress.step == progress.total == config.spec.training.steps
+    assert progress.loss is not None and progress.loss > 0
+    synth = [u for u in store.list(f"{prefix}/synth") if u.endswith(".safetensors")]
+    assert len(synth) == 2 + OPTIONS.eval_shards  # 8 conversations in shards of 4, plus the held-out shard
+    assert len(store.list(f"{prefix}/checkpoints")) == 1  # older checkpoints are pruned
+    return scores
+
+
+def test_train_end_to_end_into_a_file_store(tiny_model: LoadedModel, file_store_root: str, tmp_path: Path) -> None:
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    manifest = train(config, store, options=OPTIONS, model=tiny_model)
+    check_generation(store, config, tiny_model, tmp_path)
+    assert manifest.base_model == tiny_model.fingerprint
+    # a finished generation is never trained (or overwritten) again
+    before = store.stat(f"{config.output_prefix}/cartridge.safetensors")
+    assert train(config, store, options=OPTIONS, model=tiny_model).file_sha256 == manifest.file_sha256
+    assert store.stat(f"{config.output_prefix}/cartridge.safetensors") == before
+
+
+@pytest.mark.minio
+def test_train_end_to_end_into_minio(
+    tiny_model: LoadedModel, s3_prefix: str, minio_server: MinioServer, tmp_path: Path
+) -> None:
+    store = minio_server.store()
+    root = s3_prefix.rstrip("/")
+    config = make_config(root, put_corpus(store, root, "lighthouse", [CORPUS_TEXT]))
+    train(config, store, options=OPTIONS, model=tiny_model)
+    check_generation(store, config, tiny_model, tmp_path)
+
+
+def test_restart_skips_finished_shards_and_steps(
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=6)
+    real = synthesis_module.synthesize_shard
+    made: list[str] = []
+
+    def crash_after_two(*args: object) -> Shard:
+        if len(made) == 2:
+            raise RuntimeError("simulated kill during synthesis")
+        made.append(str(args[-1]))
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(synthesis_module, "synthesize_shard", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(config, store, options=OPTIONS, model=tiny_model)
+    synth = f"{config.output_prefix}/synth"
+    first = {u: store.stat(u).sha256 for u in store.list(synth)}
+    mtimes = {u: Path(StoreURI.parse(u).key).stat().st_mtime_ns for u in first}
+    assert len(first) == 2
+    assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
+
+    made.clear()
+    train(config, store, options=OPTIONS, model=tiny_model)
+    assert made == ["synth/eval-00000.safetensors"]  # only the missing shard was synthesized
+    assert {u: Path(StoreURI.parse(u).key).stat().st_mtime_ns for u in first} == mtimes
+    manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
+    assert manifest["training"]["resumed_from_step"] == 0
+
+
+def test_cli_resumes_after_sigkill_without_repeating_steps(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    store = Store()
+    save_model(tiny_model, store, file_store_root, tmp_path)
+    config = make_config(
+        file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=400, conversations=4
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    options = OPTIONS.model_copy(update={"checkpoint_every": 20}).model_dump_json()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options]
+    checkpoints = f"{config.output_prefix}/checkpoints"
+    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not store.list(checkpoints) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(int(uri.split("step-")[1].split("/")[0]) for uri in store.list(checkpoints))
+    assert 0 < killed_at < 400
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
+    assert manifest["training"]["resumed_from_step"] >= killed_at
+    assert manifest["training"]["steps"] == 400
+    assert store.list(checkpoints)[0].endswith("step-00000400/state.pt")
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("texts", "size", "message"),
+    [
+        ([], 16, "has 0 tokens"),
+        (["   ", "\n"], 16, "has 0 tokens"),
+        (["tiny"], 16, "need at least 16"),
+        ([CORPUS_TEXT[:100]], 128, "larger than the corpus"),
+        (None, 16, "corpus not found"),
+    ],
+)
+def test_bad_input_exits_permanent_with_a_message(
+    texts: list[str] | None,
+    size: int,
+    message: str,
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = Store()
+    save_model(tiny_model, store, file_store_root, tmp_path)
+    prefix = put_corpus(store, file_store_root, "c", texts) if texts is not None else f"{file_store_root}/corpora/x"
+    config = make_config(file_store_root, prefix, size=size)
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(termination))
+    assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and message in termination.read_text()
+    assert "\n" not in termination.read_text()
+    assert not store.exists(f"{config.output_prefix}/{MANIFEST_FILE}")
+    assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
+
+
+def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", '{"namespace": "default"}']) == EXIT_PERMANENT
+    assert "invalid trainer config" in capsys.readouterr().err
+
+
+def test_dockerfile_matches_the_trainer_contract() -> None:
+    from cartridges.contract import TRAINER_COMMAND
+
+    lines = (REPO / "trainer-image" / "Dockerfile").read_text().splitlines()
+    base = next(line.split()[1] for line in lines if line.startswith("FROM "))
+    entrypoint = next(line.removeprefix("ENTRYPOINT ") for line in lines if line.startswith("ENTRYPOINT "))
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert base.startswith("nvidia/cuda:") and base.split(":")[1][0].isdigit()  # pinned tag, never latest
+    assert json.loads(entrypoint) == TRAINER_COMMAND
+    assert users and users[-1] not in ("root", "0")
+    assert any('".[train]"' in line for line in lines)

@@ -25,6 +25,7 @@ from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FOLDER = "checkpoints"
+STATE_FILE = "state.pt"
 RANDOM_INIT_SCALE = 0.02
 T = TypeVar("T")
 
@@ -89,13 +90,14 @@ def step_batch(items: Sequence[T], batch_size: int, seed: int, step: int) -> lis
     return [items[i] for i in order.tolist()]
 
 
-def _checkpoint_name(step: int) -> str:
+def _checkpoint_dir(step: int) -> str:
     return f"{CHECKPOINT_FOLDER}/step-{step:08d}"
 
 
-def _latest_checkpoint(workspace: Workspace) -> tuple[int, str] | None:
-    steps = {int(name.split("/")[1].removeprefix("step-")): name for name in workspace.names(CHECKPOINT_FOLDER)}
-    return (max(steps), steps[max(steps)]) if steps else None
+def _latest_checkpoint(workspace: Workspace) -> int | None:
+    """The step of the newest stored checkpoint (names are ``checkpoints/step-<step>/state.pt``)."""
+    steps = [int(name.split("/")[1].removeprefix("step-")) for name in workspace.names(CHECKPOINT_FOLDER)]
+    return max(steps, default=None)
 
 
 def _save_checkpoint(
@@ -103,13 +105,13 @@ def _save_checkpoint(
 ) -> None:
     """Upload the new checkpoint, then drop older ones: a kill in between leaves at least one complete checkpoint."""
     previous = _latest_checkpoint(workspace)
-    name = f"{_checkpoint_name(step)}/state.pt"
+    name = f"{_checkpoint_dir(step)}/{STATE_FILE}"
     torch.save(
         {"step": step, "cartridge": trainable.state_dict(), "optimizer": optimizer.state_dict()}, workspace.path(name)
     )
     workspace.upload(name)
-    if previous is not None and previous[0] != step:
-        workspace.delete(_checkpoint_name(previous[0]))
+    if previous is not None and previous != step:
+        workspace.delete(_checkpoint_dir(previous))
 
 
 def distill(
@@ -131,7 +133,9 @@ def distill(
     optimizer = torch.optim.Adam(trainable.parameters(), lr=training.learningRate)
     start = 0
     if (latest := _latest_checkpoint(workspace)) is not None:
-        state = torch.load(workspace.fetch(f"{latest[1]}/state.pt"), map_location=lm.device, weights_only=True)
+        state = torch.load(
+            workspace.fetch(f"{_checkpoint_dir(latest)}/{STATE_FILE}"), map_location=lm.device, weights_only=True
+        )
         trainable.load_state_dict(state["cartridge"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])

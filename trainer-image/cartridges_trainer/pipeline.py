@@ -85,11 +85,12 @@ def _run(
     conversations = [c for shard in train_shards for c in shard.conversations]
     cartridge, stats = distill(lm, init, conversations, spec, options, workspace, progress)
 
-    progress.phase("evaluating")
+    steps = spec.training.steps
+    progress.phase("evaluating", total=steps, done=steps)
     scores = evaluate(lm, cartridge, eval_shards)
     store.put_json(workspace.uri(EVAL_FILE), scores)
 
-    progress.phase("uploading")
+    progress.phase("uploading", total=steps, done=steps)
     artifact = workspace.path("artifact")
     manifest = save_cartridge(
         cartridge,

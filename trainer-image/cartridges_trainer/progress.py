@@ -27,11 +27,15 @@ class ProgressReporter:
         self._written = 0.0
 
     def phase(self, phase: str, total: int = 0, done: int = 0, message: str = "") -> None:
-        """Enter a phase; ``done`` counts units finished before a restart (they do not count towards speed)."""
+        """Enter a phase; ``done`` counts units finished before a restart (they do not count towards speed).
+
+        The last loss is kept, so the operator still sees it while evaluating and once done.
+        """
         self._close_bar()
-        self.progress = Progress.model_validate({"phase": phase, "step": done, "total": total, "message": message})
+        update = {"phase": phase, "step": done, "total": total, "message": message, "tokens_per_s": None, "eta_s": None}
+        self.progress = Progress.model_validate({**self.progress.model_dump(), **update})
         self._started, self._first_step, self._tokens = time.monotonic(), done, 0
-        if total and sys.stderr.isatty():
+        if done < total and sys.stderr.isatty():
             self._bar = tqdm(total=total, initial=done, desc=phase, unit="step", dynamic_ncols=True)
         self._write()
 
