@@ -21,7 +21,7 @@ from cartridges.contract import EXIT_PERMANENT, TrainerConfig
 from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
 from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FILE, CorpusManifest, Progress
-from cartridges.models import LoadedModel
+from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store, StoreURI
 from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import synthesis as synthesis_module
@@ -300,25 +300,27 @@ def test_restart_skips_finished_shards_and_steps(
     assert manifest["training"]["resumed_from_step"] == 0
 
 
-def test_cli_resumes_after_sigkill_without_repeating_steps(
+def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
     tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
 ) -> None:
+    """Kill a one-process run mid-distillation, finish it with torchrun on two CPU ranks (gloo): no step is
+    repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients)."""
     store = Store()
     save_model(tiny_model, store, file_store_root, tmp_path)
-    config = make_config(
-        file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=400, conversations=4
-    )
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
+    config = make_config(file_store_root, corpus, steps=300, conversations=4)
     config_file = tmp_path / "config.json"
     config_file.write_text(config.model_dump_json())
-    options = OPTIONS.model_copy(update={"checkpoint_every": 20}).model_dump_json()
+    options = OPTIONS.model_copy(update={"checkpoint_every": 20})
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options]
+    args = ["-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options.model_dump_json()]
     checkpoints = f"{config.output_prefix}/checkpoints"
-    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+
+    process = subprocess.Popen([sys.executable, *args], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not store.list(checkpoints) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -326,14 +328,25 @@ def test_cli_resumes_after_sigkill_without_repeating_steps(
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = max(int(uri.split("step-")[1].split("/")[0]) for uri in store.list(checkpoints))
-    assert 0 < killed_at < 400
+    assert 0 < killed_at < 300
 
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    finished = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
     manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
     assert manifest["training"]["resumed_from_step"] >= killed_at
-    assert manifest["training"]["steps"] == 400
-    assert store.list(checkpoints)[0].endswith("step-00000400/state.pt")
+    assert manifest["training"]["steps"] == 300
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == ["/step-00000300/state.pt"]
+    download_artifact(store, config.output_prefix, tmp_path / "resumed")
+    resumed, _ = load_cartridge(tmp_path / "resumed")
+
+    reference = config.model_copy(update={"generation": 2})
+    model = load_base_model(config.spec.baseModel.uri, store=store)
+    train(reference, store, options=options, model=model)
+    download_artifact(store, reference.output_prefix, tmp_path / "reference")
+    uninterrupted, _ = load_cartridge(tmp_path / "reference")
+    for a, b in zip(resumed.keys + resumed.values, uninterrupted.keys + uninterrupted.values, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from cartridges.layout import MANIFEST_FILE, CorpusManifest, read_documents
-from cartridges.store import ObjectNotFound, Store
+from cartridges.store import IntegrityError, ObjectNotFound, Store
 from cartridges_trainer.errors import InputError
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -40,7 +39,7 @@ def load_corpus(store: Store, prefixes: list[str], description: str, tokenizer: 
             texts.extend(doc.text for doc in read_documents(store, prefix))
         except ObjectNotFound as err:
             raise InputError(f"corpus not found: {err}") from err
-        except (UnicodeDecodeError, ValidationError, ValueError) as err:
+        except (ValueError, IntegrityError) as err:  # not UTF-8, not JSON lines, bad manifest, digest mismatch
             raise InputError(f"corpus at {prefix} is unreadable: {err}") from err
         digests.append(manifest.digest)
     text = DOCUMENT_SEPARATOR.join(t for t in texts if t.strip())

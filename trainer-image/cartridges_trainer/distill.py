@@ -20,6 +20,7 @@ from cartridges_trainer.batching import Batch, Conversation, answer_logprobs, co
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.options import TrainerOptions
+from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
 from cartridges_trainer.workspace import Workspace
 
@@ -122,8 +123,12 @@ def distill(
     options: TrainerOptions,
     workspace: Workspace,
     progress: ProgressReporter,
+    world: World,
 ) -> tuple[Cartridge, dict[str, float | int]]:
-    """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint); the cartridge and run stats."""
+    """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint); the cartridge and run stats.
+
+    With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints.
+    """
     training = spec.training
     data = [t for c in conversations if (t := c.truncated(training.sequenceLength)) is not None]
     if not data:
@@ -144,14 +149,17 @@ def distill(
     progress.phase("training", total=training.steps, done=start)
     loss_value = float("nan")
     for step in range(start, training.steps):
-        batch = collate(step_batch(data, training.batchSize, options.seed, step), pad_id, lm.device)
+        share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
+        batch = collate(share, pad_id, lm.device)
         loss = distill_loss(answer_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
+        loss = loss * (len(batch.targets) / world.sum(len(batch.targets)))  # this rank's share of the step's loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        world.sum_gradients(trainable.parameters())
         optimizer.step()
-        loss_value = loss.item()
-        progress.advance(step + 1, tokens=batch.tokens, loss=loss_value)
-        if (step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps:
+        loss_value = world.sum(loss.item())
+        progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
+        if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
             _save_checkpoint(workspace, step + 1, trainable, optimizer)
     stats: dict[str, float | int] = {"steps": training.steps, "resumed_from_step": start, "final_loss": loss_value}
     return trainable.cartridge(lm.model.dtype), stats

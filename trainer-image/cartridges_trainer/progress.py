@@ -13,9 +13,13 @@ from cartridges.store import Store
 
 
 class ProgressReporter:
-    """Tracks one phase at a time; rewrites ``progress.json`` at most every ``interval_s`` seconds."""
+    """Tracks one phase at a time; rewrites ``progress.json`` at most every ``interval_s`` seconds.
 
-    def __init__(self, store: Store, prefix: str, interval_s: float = 5.0) -> None:
+    Only one process of a data-parallel run reports; the others pass ``enabled=False``.
+    """
+
+    def __init__(self, store: Store, prefix: str, interval_s: float = 5.0, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.store = store
         self.uri = f"{prefix.rstrip('/')}/{PROGRESS_FILE}"
         self.interval_s = interval_s
@@ -35,7 +39,7 @@ class ProgressReporter:
         update = {"phase": phase, "step": done, "total": total, "message": message, "tokens_per_s": None, "eta_s": None}
         self.progress = Progress.model_validate({**self.progress.model_dump(), **update})
         self._started, self._first_step, self._tokens = time.monotonic(), done, 0
-        if done < total and sys.stderr.isatty():
+        if self.enabled and done < total and sys.stderr.isatty():
             self._bar = tqdm(total=total, initial=done, desc=phase, unit="step", dynamic_ncols=True)
         self._write()
 
@@ -62,6 +66,8 @@ class ProgressReporter:
         self._write()
 
     def _write(self) -> None:
+        if not self.enabled:
+            return
         self.store.put_json(self.uri, self.progress.model_dump())
         self._written = time.monotonic()
 

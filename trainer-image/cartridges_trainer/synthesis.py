@@ -23,6 +23,7 @@ from cartridges.store import IntegrityError
 from cartridges_trainer.batching import Conversation
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.options import TrainerOptions
+from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
 from cartridges_trainer.prompts import SEED_INSTRUCTIONS, render, system_prompt
 from cartridges_trainer.workspace import Workspace
@@ -154,11 +155,9 @@ def synthesize_shard(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options:
     start, end = corpus.chunk(rng, study.minChunkTokens, study.maxChunkTokens)
     system = system_prompt(corpus.description, _text(lm, corpus.tokens[start:end]))
     seeds = [rng.choice(study.seedPrompts) for _ in range(options.synthesis_batch_size)]
-    context: list[int] = []
-    a_prompts = []
-    for seed_prompt in seeds:
-        context, turn = render(lm.tokenizer, system, SEED_INSTRUCTIONS[seed_prompt])
-        a_prompts.append(context + turn)
+    rendered = [render(lm.tokenizer, system, SEED_INSTRUCTIONS[seed_prompt]) for seed_prompt in seeds]
+    context = rendered[0][0]
+    a_prompts = [context + turn for _, turn in rendered]
     questions = generate(lm, a_prompts, options.max_question_tokens, study.temperature)
     turns = [render(lm.tokenizer, system, _text(lm, q).strip())[1] for q in questions]
     b_prompts = [context + turn for turn in turns]
@@ -190,8 +189,9 @@ def synthesize(
     options: TrainerOptions,
     workspace: Workspace,
     progress: ProgressReporter,
+    world: World,
 ) -> tuple[list[Shard], list[Shard]]:
-    """All training and held-out shards, generating only those the store does not hold yet."""
+    """All training and held-out shards, generating only those the store does not hold yet (split across ranks)."""
     train_names, eval_names = shard_names(study.conversations, options)
     names = train_names + eval_names
     stored = set(workspace.names(SYNTH_FOLDER))
@@ -199,13 +199,15 @@ def synthesize(
     for name in names:
         if (shard := _stored_shard(workspace, name, stored)) is not None:
             shards[name] = shard
+    missing = [name for name in names if name not in shards]
     progress.phase("synthesizing", total=len(names), done=len(shards))
-    for name in names:
-        if name in shards:
-            continue
+    for made, name in enumerate(missing[world.rank :: world.size], start=1):
         shards[name] = synthesize_shard(lm, corpus, study, options, name)
         shards[name].save(workspace.path(name))
         workspace.upload(name)
-        tokens = sum(len(c.ids) for c in shards[name].conversations)
-        progress.advance(len(shards), tokens=tokens)
-    return [shards[n] for n in train_names], [shards[n] for n in eval_names]
+        # the other ranks make shards alongside this one: extrapolate to the whole world
+        tokens = sum(len(c.ids) for c in shards[name].conversations) * world.size
+        progress.advance(min(len(names), len(names) - len(missing) + made * world.size), tokens=tokens)
+    world.barrier()
+    loaded = {name: shards.get(name) or Shard.load(workspace.fetch(name)) for name in names}
+    return [loaded[n] for n in train_names], [loaded[n] for n in eval_names]
