@@ -57,9 +57,10 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def put_corpus(store: Store, root: str, name: str, texts: list[str]) -> str:
-    """Write a normalized corpus the way the corpus reconciler does; returns its prefix."""
-    data = "".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(texts)).encode()
+def put_corpus(store: Store, root: str, name: str, texts: list[str] | bytes) -> str:
+    """Write a normalized corpus the way the corpus reconciler does (or raw bytes); returns its prefix."""
+    lines = texts if isinstance(texts, bytes) else [json.dumps({"id": str(i), "text": t}) for i, t in enumerate(texts)]
+    data = lines if isinstance(lines, bytes) else "".join(f"{line}\n" for line in lines).encode()
     prefix = f"{root.rstrip('/')}/corpora/default/{name}/{sha256_bytes(data)}"
     manifest = CorpusManifest(
         digest=sha256_bytes(data), documents=len(texts), bytes=len(data), description="the Varnholm lighthouse"
@@ -286,16 +287,16 @@ def test_restart_skips_finished_shards_and_steps(
     monkeypatch.setattr(synthesis_module, "synthesize_shard", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(config, store, options=OPTIONS, model=tiny_model)
-    synth = f"{config.output_prefix}/synth"
-    first = {u: store.stat(u).sha256 for u in store.list(synth)}
-    mtimes = {u: Path(StoreURI.parse(u).key).stat().st_mtime_ns for u in first}
-    assert len(first) == 2
+    kept, corrupt = (Path(StoreURI.parse(u).key) for u in store.list(f"{config.output_prefix}/synth"))
     assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
+    corrupt.write_bytes(b"half a shard")
+    kept_mtime = kept.stat().st_mtime_ns
 
     made.clear()
     train(config, store, options=OPTIONS, model=tiny_model)
-    assert made == ["synth/eval-00000.safetensors"]  # only the missing shard was synthesized
-    assert {u: Path(StoreURI.parse(u).key).stat().st_mtime_ns for u in first} == mtimes
+    # only the corrupt and the missing shards were synthesized again; the good one was not touched
+    assert made == [f"synth/{corrupt.name}", "synth/eval-00000.safetensors"]
+    assert kept.stat().st_mtime_ns == kept_mtime
     manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
     assert manifest["training"]["resumed_from_step"] == 0
 
@@ -360,10 +361,11 @@ def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
         (["tiny"], 16, "need at least 16"),
         ([CORPUS_TEXT[:100]], 128, "larger than the corpus"),
         (None, 16, "corpus not found"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", 16, "unreadable"),
     ],
 )
 def test_bad_input_exits_permanent_with_a_message(
-    texts: list[str] | None,
+    texts: list[str] | bytes | None,
     size: int,
     message: str,
     tiny_model: LoadedModel,
