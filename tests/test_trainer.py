@@ -234,6 +234,7 @@ def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_p
     cartridge, loaded = load_cartridge(tmp_path / "downloaded", expected_model=lm.fingerprint)
     assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (config.spec.size, 1, 2)
     assert loaded.training["steps"] == config.spec.training.steps
+    assert loaded.training["synthesis_tokens_per_s"] > 0 and loaded.training["distill_tokens_per_s"] > 0
     scores: dict[str, float] = store.get_json(f"{prefix}/{EVAL_FILE}")
     assert {"noContext", "icl", "cartridge", "iclGainRecovered"} <= scores.keys()
     assert all(scores[k] > 0 for k in ("noContext", "icl", "cartridge"))

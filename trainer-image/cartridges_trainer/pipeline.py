@@ -101,8 +101,10 @@ def _run(
     init = initial_cartridge(lm, corpus, spec, options.seed)
 
     train_shards, eval_shards = synthesize(lm, corpus, spec.selfStudy, options, workspace, progress, world)
+    synthesis_rate = progress.progress.tokens_per_s  # None when every shard was already stored
     conversations = [c for shard in train_shards for c in shard.conversations]
     cartridge, stats = distill(lm, init, conversations, spec, options, workspace, progress, world)
+    rates = {"synthesis_tokens_per_s": synthesis_rate, "distill_tokens_per_s": progress.progress.tokens_per_s}
     if not world.is_main:
         world.barrier()  # rank 0 evaluates and uploads
         return download_artifact(store, workspace.prefix, workspace.path("artifact"))
@@ -119,7 +121,7 @@ def _run(
         artifact,
         lm.fingerprint,
         corpus_digest=corpus.digest,
-        training={"spec": spec.model_dump(mode="json"), "options": options.model_dump(), **stats},
+        training={"spec": spec.model_dump(mode="json"), "options": options.model_dump(), **stats, **rates},
         metrics=scores,
     )
     upload_artifact(store, artifact, workspace.prefix)
