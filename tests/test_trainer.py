@@ -129,6 +129,21 @@ def test_corpus_initialization_is_the_models_own_kv(tiny_model: LoadedModel) -> 
     torch.testing.assert_close(after, full[:, 16:], atol=1e-5, rtol=1e-5)
 
 
+def test_text_and_random_initialization(tiny_model: LoadedModel) -> None:
+    spec = make_config("file:///unused", "file:///unused").spec
+    text = spec.model_copy(update={"initialization": api.Initialization(strategy="text", text="abcde")})
+    from_text = initial_cartridge(tiny_model, tiny_corpus(tiny_model), text, seed=0)
+    tiled = prefix_cartridge(tiny_model.model, tiny_model.tokenizer("abcde" * 4)["input_ids"][:16])
+    assert all(torch.equal(a, b) for a, b in zip(from_text.keys, tiled.keys, strict=True))
+    rand = spec.model_copy(update={"initialization": api.Initialization(strategy="random")})
+    first, again = (initial_cartridge(tiny_model, tiny_corpus(tiny_model), rand, seed=0) for _ in range(2))
+    other = initial_cartridge(tiny_model, tiny_corpus(tiny_model), rand, seed=1)
+    fp = tiny_model.fingerprint
+    assert first.keys[0].shape == (fp.num_kv_heads, 16, fp.head_dim) and first.num_layers == fp.num_layers
+    assert torch.equal(first.keys[1], again.keys[1]) and not torch.equal(first.keys[1], other.keys[1])
+    assert 0 < first.values[0].std() < 0.1
+
+
 def test_composed_cartridges_put_the_request_after_their_summed_lengths(tiny_model: LoadedModel) -> None:
     """Two halves of one context, composed, equal the whole context only if request positions start at p1 + p2."""
     ids = torch.randint(0, 250, (1, 48), generator=torch.Generator().manual_seed(1))
@@ -233,6 +248,10 @@ def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_p
     manifest = download_artifact(store, prefix, tmp_path / "downloaded")
     cartridge, loaded = load_cartridge(tmp_path / "downloaded", expected_model=lm.fingerprint)
     assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (config.spec.size, 1, 2)
+    init = prefix_cartridge(lm.model, lm.tokenizer(CORPUS_TEXT)["input_ids"][: config.spec.size])
+    for trained, initial in zip(cartridge.keys + cartridge.values, init.keys + init.values, strict=True):
+        assert torch.equal(trained[:, :1], initial[:, :1])  # the attention sink never trains
+        assert not torch.equal(trained[:, 1:], initial[:, 1:])
     assert loaded.training["steps"] == config.spec.training.steps
     assert loaded.training["synthesis_tokens_per_s"] > 0 and loaded.training["distill_tokens_per_s"] > 0
     scores: dict[str, float] = store.get_json(f"{prefix}/{EVAL_FILE}")
