@@ -26,7 +26,7 @@ from cartridges.store import Store, StoreURI
 from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
-from cartridges_trainer.batching import answer_logprobs, collate
+from cartridges_trainer.batching import answer_logprobs, pack
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.distill import TrainableCartridge, distill_loss, initial_cartridge, step_batch
 from cartridges_trainer.synthesis import Shard, synthesize_shard
@@ -192,7 +192,8 @@ def test_synthesis_shard_shapes_and_teacher_alignment(shard: Shard, tiny_model: 
 
 def test_loss_matches_a_direct_computation(shard: Shard, tiny_model: LoadedModel) -> None:
     init = initial_cartridge(tiny_model, tiny_corpus(tiny_model), make_config("file:///x", "file:///x").spec, 0)
-    batch = collate(shard.conversations, 0, tiny_model.device)
+    batch = pack(shard.conversations, 0, tiny_model.device, row_tokens=128)
+    assert len(batch.input_ids) < len(shard.conversations)  # packed: the direct computation below is unpacked
     with torch.no_grad():
         loss = distill_loss(answer_logprobs(tiny_model.model, batch, init), batch)
         expected, count = 0.0, 0
@@ -212,7 +213,7 @@ def test_gradients_reach_only_trainable_rows_and_loss_goes_down(shard: Shard, ti
     init = initial_cartridge(tiny_model, tiny_corpus(tiny_model), spec, 0)
     trainable = TrainableCartridge(init)
     optimizer = torch.optim.Adam(trainable.parameters(), lr=1e-1)
-    batch = collate(shard.conversations, 0, tiny_model.device)
+    batch = pack(shard.conversations, 0, tiny_model.device)
     # a random teacher is nearly uniform; a peaked target leaves the cartridge room to learn
     batch.topk_logprobs = torch.tensor([0.9, 0.05, 0.03, 0.02]).log().expand_as(batch.topk_logprobs)
     losses = []

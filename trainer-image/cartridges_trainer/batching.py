@@ -1,6 +1,8 @@
-"""Right-padded batches of conversations, and the hidden states of the frozen model over them.
+"""Packed batches of conversations, and the frozen model's answer log-probs over them.
 
-Only answer positions are ever projected to the vocabulary (``rows``/``cols``), which keeps the logits small.
+Several conversations share a row when they fit (first-fit decreasing), each seeing only the cartridge and its own
+earlier tokens, with positions restarting after the cartridge: the result equals one conversation per row, without
+the padding. Only answer positions are projected to the vocabulary (``rows``/``cols``), which keeps logits small.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cartridges.artifact import Cartridge
-from cartridges.kvcache import forward_with_cartridge, positions_after
+from cartridges.kvcache import cartridge_cache
 
 
 @dataclass
@@ -41,7 +43,10 @@ class Conversation:
 @dataclass
 class Batch:
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    segments: torch.Tensor
+    """Which packed sequence each token belongs to; -1 for padding."""
+    positions: torch.Tensor
+    """Each token's position within its own sequence."""
     rows: torch.Tensor
     """(rows, cols): positions whose next token is an answer token."""
     cols: torch.Tensor
@@ -51,46 +56,77 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return int((self.segments >= 0).sum())
+
+    def attention_mask(self, prefix_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive ``[rows, 1, width, prefix + width]`` mask: the cached prefix, then causal within each sequence."""
+        rows, width = self.segments.shape
+        index = torch.arange(width, device=self.segments.device)
+        own = (self.segments[:, :, None] == self.segments[:, None, :]) & (index[:, None] >= index[None, :])
+        allowed = torch.cat([own.new_ones(rows, width, prefix_tokens), own], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def collate(
-    conversations: Sequence[Conversation], pad_id: int, device: torch.device, prefix: torch.Tensor | None = None
+def pack(
+    conversations: Sequence[Conversation],
+    pad_id: int,
+    device: torch.device,
+    row_tokens: int = 0,
+    prefix: torch.Tensor | None = None,
 ) -> Batch:
-    """Right-pad conversations (each optionally preceded by ``prefix``, e.g. the chunk for in-context scoring)."""
-    lead = 0 if prefix is None else len(prefix)
+    """Pack conversations (each optionally preceded by ``prefix``, e.g. the chunk for in-context scoring) into rows
+    of ``max(row_tokens, longest)`` tokens."""
     seqs = [c.ids if prefix is None else torch.cat([prefix, c.ids]) for c in conversations]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    rows, cols = [], []
-    for i, (seq, conv) in enumerate(zip(seqs, conversations, strict=True)):
-        input_ids[i, : len(seq)] = seq
-        attention_mask[i, : len(seq)] = 1
-        start = lead + conv.answer_start
-        cols.append(torch.arange(start - 1, len(seq) - 1))
-        rows.append(torch.full((len(seq) - start,), i))
-    row, col = torch.cat(rows), torch.cat(cols)
+    lead = 0 if prefix is None else len(prefix)
+    capacity = max(row_tokens, *(len(s) for s in seqs))
+    fill: list[int] = []
+    placements: list[tuple[int, int, int]] = []  # (conversation, row, offset)
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        row = next((r for r, used in enumerate(fill) if used + len(seqs[i]) <= capacity), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        placements.append((i, row, fill[row]))
+        fill[row] += len(seqs[i])
+    shape = (len(fill), max(fill))
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    segments = torch.full(shape, -1, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    rows, cols, topk_ids, topk_logprobs = [], [], [], []
+    for segment, (i, row, offset) in enumerate(placements):
+        seq, conv, end = seqs[i], conversations[i], offset + len(seqs[i])
+        input_ids[row, offset:end] = seq
+        segments[row, offset:end] = segment
+        positions[row, offset:end] = torch.arange(len(seq))
+        cols.append(torch.arange(offset + lead + conv.answer_start - 1, end - 1))
+        rows.append(torch.full((len(conv.answer),), row))
+        topk_ids.append(conv.topk_ids)
+        topk_logprobs.append(conv.topk_logprobs)
+    row_index, col_index = torch.cat(rows), torch.cat(cols)
     return Batch(
         input_ids.to(device),
-        attention_mask.to(device),
-        row.to(device),
-        col.to(device),
-        input_ids[row, col + 1].to(device),
-        torch.cat([c.topk_ids for c in conversations]).long().to(device),
-        torch.cat([c.topk_logprobs for c in conversations]).float().to(device),
+        segments.to(device),
+        positions.to(device),
+        row_index.to(device),
+        col_index.to(device),
+        input_ids[row_index, col_index + 1].to(device),
+        torch.cat(topk_ids).long().to(device),
+        torch.cat(topk_logprobs).float().to(device),
     )
 
 
 def answer_logprobs(model: PreTrainedModel, batch: Batch, cartridge: Cartridge | None = None) -> torch.Tensor:
-    """Log-softmax over the vocabulary at every answer position, ``[answer_tokens, vocab]``."""
-    if cartridge is None:
-        hidden = model.get_decoder()(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=positions_after(0, batch.attention_mask),
-        ).last_hidden_state
-    else:
-        hidden = forward_with_cartridge(model, cartridge, batch.input_ids, batch.attention_mask)
+    """Log-softmax over the vocabulary at every answer position, ``[answer_tokens, vocab]``.
+
+    With a cartridge, every sequence reads it as past key/values and its positions start at p.
+    """
+    p = 0 if cartridge is None else cartridge.p
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask(p, model.dtype),
+        position_ids=p + batch.positions,
+        past_key_values=None if cartridge is None else cartridge_cache(cartridge, len(batch.input_ids)),
+        use_cache=cartridge is not None,
+    ).last_hidden_state
     logits: torch.Tensor = model.get_output_embeddings()(hidden[batch.rows, batch.cols])
     return logits.float().log_softmax(-1)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cartridges.artifact import Cartridge
 from cartridges.models import LoadedModel
-from cartridges_trainer.batching import answer_logprobs, collate
+from cartridges_trainer.batching import answer_logprobs, pack
 from cartridges_trainer.synthesis import Shard
 
 EVAL_BATCH = 8
@@ -27,15 +27,15 @@ def evaluate(lm: LoadedModel, cartridge: Cartridge, shards: Sequence[Shard]) -> 
     for shard in shards:
         for i in range(0, len(shard.conversations), EVAL_BATCH):
             convs = shard.conversations[i : i + EVAL_BATCH]
-            plain = collate(convs, pad_id, lm.device)
-            in_context = collate(convs, pad_id, lm.device, prefix=shard.context)
+            plain = pack(convs, pad_id, lm.device)
             conditions = {
-                "noContext": answer_logprobs(lm.model, plain),
-                "icl": answer_logprobs(lm.model, in_context),
-                "cartridge": answer_logprobs(lm.model, plain, cartridge),
+                "noContext": (plain, None),
+                "icl": (pack(convs, pad_id, lm.device, prefix=shard.context), None),
+                "cartridge": (plain, cartridge),
             }
-            for name, logprobs in conditions.items():
-                totals[name] += F.nll_loss(logprobs, plain.targets, reduction="sum").item()
+            for name, (batch, prefix) in conditions.items():
+                logprobs = answer_logprobs(lm.model, batch, prefix)
+                totals[name] += F.nll_loss(logprobs, batch.targets, reduction="sum").item()
             tokens += len(plain.targets)
     scores: dict[str, float | int | None] = {name: total / tokens for name, total in totals.items()}
     gain = totals["noContext"] - totals["icl"]
