@@ -383,6 +383,7 @@ def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
         ([CORPUS_TEXT[:100]], 128, "larger than the corpus"),
         (None, 16, "corpus not found"),
         (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", 16, "unreadable"),
+        ([CORPUS_TEXT], 4096, "positions exceed"),
     ],
 )
 def test_bad_input_exits_permanent_with_a_message(

@@ -36,6 +36,8 @@ def _check_fits(lm: LoadedModel, config: TrainerConfig, world: World) -> None:
             f"size {spec.size} + sequenceLength {spec.training.sequenceLength} = {needed} positions exceed "
             f"{lm.fingerprint.model_id}'s {limit}"
         )
+    if spec.frozenTokens >= spec.size:
+        raise InputError(f"frozenTokens {spec.frozenTokens} must be smaller than size {spec.size}")
     if spec.training.batchSize < world.size:
         raise InputError(f"batchSize {spec.training.batchSize} is smaller than the {world.size} data-parallel ranks")
 
