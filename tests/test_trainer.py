@@ -426,3 +426,29 @@ def test_dockerfile_matches_the_trainer_contract() -> None:
     assert json.loads(entrypoint) == TRAINER_COMMAND
     assert users and users[-1] not in ("root", "0")
     assert any('".[train]"' in line for line in lines)
+
+
+def test_multi_gpu_launcher_keeps_the_permanent_exit_code(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun turns any rank failure into exit 1; the launcher must still report bad input as permanent."""
+    import cartridges_trainer.__main__ as entry
+
+    store = Store()
+    save_model(tiny_model, store, file_store_root, tmp_path)
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "empty", []))
+    launched: list[list[str]] = []
+
+    def torchrun(command: list[str], env: dict[str, str]) -> int:
+        """Stands in for torchrun: runs the rank in-process with the launcher's environment, exits 1 on failure."""
+        launched.append(command)
+        with monkeypatch.context() as rank:
+            for name, value in {**env, "WORLD_SIZE": "1"}.items():
+                rank.setenv(name, value)
+            return 0 if entry.main(command[command.index("cartridges_trainer") + 1 :]) == 0 else 1
+
+    monkeypatch.setattr(entry.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(entry.subprocess, "call", torchrun)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert entry.main(["--config", config.model_dump_json()]) == EXIT_PERMANENT
+    assert launched and "--nproc-per-node=2" in launched[0]
