@@ -120,6 +120,7 @@ def tiny_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, heads: int =
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)  # frozen like every LoadedModel: gradients must only ever reach cartridges
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

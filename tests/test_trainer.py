@@ -1,0 +1,454 @@
+"""The self-study trainer on the tiny random Llama: synthesis, loss, distillation, resume, evaluation, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from cartridges import api
+from cartridges.artifact import Cartridge, download_artifact, load_cartridge
+from cartridges.contract import EXIT_PERMANENT, TrainerConfig
+from cartridges.hashing import sha256_bytes
+from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
+from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FILE, CorpusManifest, Progress
+from cartridges.models import LoadedModel, load_base_model
+from cartridges.store import Store, StoreURI
+from cartridges_trainer import TrainerOptions, train
+from cartridges_trainer import synthesis as synthesis_module
+from cartridges_trainer.__main__ import main
+from cartridges_trainer.batching import answer_logprobs, pack
+from cartridges_trainer.corpus import Corpus
+from cartridges_trainer.distill import TrainableCartridge, distill_loss, initial_cartridge, step_batch
+from cartridges_trainer.synthesis import Shard, synthesize_shard
+
+if TYPE_CHECKING:
+    from cartridges_e2e.minio import MinioServer
+
+CORPUS_TEXT = (
+    "The lighthouse of Varnholm was lit in 1873 by keeper Ilse Marrow. Its lens came from a foundry in Ostrava. "
+    "Every winter the keeper logged the ice on the fjord, and in 1901 the ice reached the harbour wall. "
+) * 3
+OPTIONS = TrainerOptions(
+    synthesis_batch_size=4,
+    max_question_tokens=8,
+    max_answer_tokens=12,
+    checkpoint_every=2,
+    progress_interval_s=0.0,
+)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny model is dominated by thread overhead; one thread is many times faster on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def put_corpus(store: Store, root: str, name: str, texts: list[str] | bytes) -> str:
+    """Write a normalized corpus the way the corpus reconciler does (or raw bytes); returns its prefix."""
+    lines = texts if isinstance(texts, bytes) else [json.dumps({"id": str(i), "text": t}) for i, t in enumerate(texts)]
+    data = lines if isinstance(lines, bytes) else "".join(f"{line}\n" for line in lines).encode()
+    prefix = f"{root.rstrip('/')}/corpora/default/{name}/{sha256_bytes(data)}"
+    manifest = CorpusManifest(
+        digest=sha256_bytes(data), documents=len(texts), bytes=len(data), description="the Varnholm lighthouse"
+    )
+    store.put_bytes(f"{prefix}/{CORPUS_FILE}", data)
+    store.put_json(f"{prefix}/{MANIFEST_FILE}", manifest.model_dump())
+    return prefix
+
+
+def make_config(
+    root: str, corpus_prefix: str, *, steps: int = 4, size: int = 16, conversations: int = 8
+) -> TrainerConfig:
+    spec = api.CartridgeSpec(
+        corpusRefs=[api.CorpusRef(name="lighthouse")],
+        baseModel=api.BaseModelRef(name="tiny", uri=f"{root.rstrip('/')}/models/tiny"),
+        size=size,
+        selfStudy=api.SelfStudy(conversations=conversations, minChunkTokens=16, maxChunkTokens=64, topK=4),
+        training=api.Training(steps=steps, learningRate=1e-2, batchSize=4, sequenceLength=64),
+    )
+    return TrainerConfig(
+        namespace="default",
+        cartridge="lighthouse",
+        generation=1,
+        store_root=root,
+        corpus_prefixes=[corpus_prefix],
+        corpus_description="the Varnholm lighthouse",
+        spec=spec,
+    )
+
+
+def tiny_corpus(lm: LoadedModel) -> Corpus:
+    return Corpus("the Varnholm lighthouse", lm.tokenizer(CORPUS_TEXT, add_special_tokens=False)["input_ids"], "d")
+
+
+@pytest.fixture(scope="module")
+def shard(tiny_model: LoadedModel) -> Shard:
+    torch.set_num_threads(1)
+    study = api.SelfStudy(minChunkTokens=16, maxChunkTokens=64, topK=4)
+    return synthesize_shard(tiny_model, tiny_corpus(tiny_model), study, OPTIONS, "synth/train-00000.safetensors")
+
+
+def save_model(lm: LoadedModel, store: Store, root: str, tmp_path: Path) -> None:
+    """Put the tiny model into the store as an HF directory, where ``spec.baseModel.uri`` points."""
+    local = tmp_path / "tiny-model"
+    lm.model.save_pretrained(local)
+    lm.tokenizer.save_pretrained(local)
+    for path in local.iterdir():
+        store.put_file(f"{root.rstrip('/')}/models/tiny/{path.name}", path)
+
+
+# --- cartridges as past key/values -------------------------------------------------------------------------------
+
+
+def test_corpus_initialization_is_the_models_own_kv(tiny_model: LoadedModel) -> None:
+    corpus = tiny_corpus(tiny_model)
+    spec = make_config("file:///unused", "file:///unused").spec
+    init = initial_cartridge(tiny_model, corpus, spec, seed=0)
+    ids = torch.tensor([corpus.tokens[:40]])
+    with torch.no_grad():
+        cache = tiny_model.model(input_ids=ids[:, :16], use_cache=True).past_key_values
+        full = tiny_model.model.get_decoder()(input_ids=ids).last_hidden_state
+        after = forward_with_cartridge(tiny_model.model, init, ids[:, 16:], torch.ones(1, 24, dtype=torch.long))
+    assert init.p == 16 and init.frozen_tokens == 1
+    for layer, k, v in zip(cache.layers, init.keys, init.values, strict=True):
+        assert torch.equal(layer.keys[0], k) and torch.equal(layer.values[0], v)
+    torch.testing.assert_close(after, full[:, 16:], atol=1e-5, rtol=1e-5)
+
+
+def test_text_and_random_initialization(tiny_model: LoadedModel) -> None:
+    spec = make_config("file:///unused", "file:///unused").spec
+    text = spec.model_copy(update={"initialization": api.Initialization(strategy="text", text="abcde")})
+    from_text = initial_cartridge(tiny_model, tiny_corpus(tiny_model), text, seed=0)
+    tiled = prefix_cartridge(tiny_model.model, tiny_model.tokenizer("abcde" * 4)["input_ids"][:16])
+    assert all(torch.equal(a, b) for a, b in zip(from_text.keys, tiled.keys, strict=True))
+    rand = spec.model_copy(update={"initialization": api.Initialization(strategy="random")})
+    first, again = (initial_cartridge(tiny_model, tiny_corpus(tiny_model), rand, seed=0) for _ in range(2))
+    other = initial_cartridge(tiny_model, tiny_corpus(tiny_model), rand, seed=1)
+    fp = tiny_model.fingerprint
+    assert first.keys[0].shape == (fp.num_kv_heads, 16, fp.head_dim) and first.num_layers == fp.num_layers
+    assert torch.equal(first.keys[1], again.keys[1]) and not torch.equal(first.keys[1], other.keys[1])
+    assert 0 < first.values[0].std() < 0.1
+
+
+def test_composed_cartridges_put_the_request_after_their_summed_lengths(tiny_model: LoadedModel) -> None:
+    """Two halves of one context, composed, equal the whole context only if request positions start at p1 + p2."""
+    ids = torch.randint(0, 250, (1, 48), generator=torch.Generator().manual_seed(1))
+    whole = prefix_cartridge(tiny_model.model, ids[0, :32].tolist())
+    first = prefix_cartridge(tiny_model.model, ids[0, :16].tolist())
+    second = Cartridge([k[:, 16:] for k in whole.keys], [v[:, 16:] for v in whole.values], 0)
+    composed = compose([first, second])
+    # left padding: the request's first real token must still sit at position 32
+    request = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:, 32:]], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 16, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        full = tiny_model.model.get_decoder()(input_ids=ids).last_hidden_state
+        after = forward_with_cartridge(tiny_model.model, composed, request, mask)
+        shifted = forward_with_cartridge(tiny_model.model, first, request, mask)
+    assert composed.p == 32 and composed.frozen_tokens == 1
+    torch.testing.assert_close(after[:, 3:], full[:, 32:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(shifted[:, 3:], full[:, 32:], atol=1e-3)
+
+
+# --- synthesis ---------------------------------------------------------------------------------------------------
+
+
+def test_synthesis_shard_shapes_and_teacher_alignment(shard: Shard, tiny_model: LoadedModel, tmp_path: Path) -> None:
+    assert len(shard.conversations) == OPTIONS.synthesis_batch_size
+    context_text = tiny_model.tokenizer.decode(shard.context.tolist())
+    assert "Varnholm lighthouse" in context_text and "<document>" in context_text
+    for conv in shard.conversations:
+        answer = conv.answer
+        assert 1 <= len(answer) <= OPTIONS.max_answer_tokens
+        assert conv.topk_ids.shape == conv.topk_logprobs.shape == (len(answer), 4)
+        assert (conv.topk_logprobs <= 0).all() and (conv.topk_logprobs.diff(dim=-1) <= 0).all()
+        # bot B answers greedily, so the teacher's top-1 at each answer position is the answer token itself
+        assert torch.equal(conv.topk_ids[:, 0].long(), answer)
+        assert "assistant" in tiny_model.tokenizer.decode(conv.ids[: conv.answer_start].tolist())
+    path = tmp_path / "shard.safetensors"
+    shard.save(path)
+    loaded = Shard.load(path)
+    assert torch.equal(loaded.context, shard.context)
+    for a, b in zip(loaded.conversations, shard.conversations, strict=True):
+        assert torch.equal(a.ids, b.ids) and a.answer_start == b.answer_start
+        assert torch.equal(a.topk_ids, b.topk_ids.int()) and torch.equal(a.topk_logprobs, b.topk_logprobs)
+
+
+# --- distillation ------------------------------------------------------------------------------------------------
+
+
+def test_loss_matches_a_direct_computation(shard: Shard, tiny_model: LoadedModel) -> None:
+    init = initial_cartridge(tiny_model, tiny_corpus(tiny_model), make_config("file:///x", "file:///x").spec, 0)
+    batch = pack(shard.conversations, 0, tiny_model.device, row_tokens=128)
+    assert len(batch.input_ids) < len(shard.conversations)  # packed: the direct computation below is unpacked
+    with torch.no_grad():
+        loss = distill_loss(answer_logprobs(tiny_model.model, batch, init), batch)
+        expected, count = 0.0, 0
+        for conv in shard.conversations:  # one unpadded conversation at a time, full logits
+            ids = conv.ids.unsqueeze(0)
+            hidden = forward_with_cartridge(tiny_model.model, init, ids, torch.ones_like(ids))
+            logq = tiny_model.model.lm_head(hidden[0]).log_softmax(-1)
+            for j in range(len(conv.answer)):
+                row = logq[conv.answer_start + j - 1]
+                expected -= float((conv.topk_logprobs[j].exp() * row[conv.topk_ids[j].long()]).sum())
+                count += 1
+    assert loss.item() == pytest.approx(expected / count, rel=1e-4)
+
+
+def test_gradients_reach_only_trainable_rows_and_loss_goes_down(shard: Shard, tiny_model: LoadedModel) -> None:
+    spec = make_config("file:///x", "file:///x").spec.model_copy(update={"frozenTokens": 2})
+    init = initial_cartridge(tiny_model, tiny_corpus(tiny_model), spec, 0)
+    trainable = TrainableCartridge(init)
+    optimizer = torch.optim.Adam(trainable.parameters(), lr=1e-1)
+    batch = pack(shard.conversations, 0, tiny_model.device)
+    # a random teacher is nearly uniform; a peaked target leaves the cartridge room to learn
+    batch.topk_logprobs = torch.tensor([0.9, 0.05, 0.03, 0.02]).log().expand_as(batch.topk_logprobs)
+    losses = []
+    for _ in range(30):
+        loss = distill_loss(answer_logprobs(tiny_model.model, batch, trainable.cartridge()), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.parameters())
+    assert all(not t.requires_grad for t in trainable.frozen_keys + trainable.frozen_values)
+    assert all(p.grad is None for p in tiny_model.model.parameters())
+    trained = trainable.cartridge()
+    for before, after in zip(init.keys + init.values, trained.keys + trained.values, strict=True):
+        assert torch.equal(before[:, :2], after[:, :2])
+        assert not torch.equal(before[:, 2:], after[:, 2:])
+    assert losses[-1] < losses[0] - 0.1  # the random model's residual stream bounds how far a cartridge can move it
+
+
+def test_step_batches_are_a_function_of_the_step() -> None:
+    items = list(range(20))
+    assert step_batch(items, 4, 0, 7) == step_batch(items, 4, 0, 7)
+    assert step_batch(items, 4, 0, 7) != step_batch(items, 4, 0, 8)
+    assert len(set(step_batch(items, 4, 0, 3))) == 4
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+
+
+def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_path: Path) -> dict[str, float]:
+    """The uploaded generation is complete and verifiable; returns its eval scores."""
+    prefix = config.output_prefix
+    manifest = download_artifact(store, prefix, tmp_path / "downloaded")
+    cartridge, loaded = load_cartridge(tmp_path / "downloaded", expected_model=lm.fingerprint)
+    assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (config.spec.size, 1, 2)
+    init = prefix_cartridge(lm.model, lm.tokenizer(CORPUS_TEXT)["input_ids"][: config.spec.size])
+    for trained, initial in zip(cartridge.keys + cartridge.values, init.keys + init.values, strict=True):
+        assert torch.equal(trained[:, :1], initial[:, :1])  # the attention sink never trains
+        assert not torch.equal(trained[:, 1:], initial[:, 1:])
+    assert loaded.training["steps"] == config.spec.training.steps
+    assert loaded.training["synthesis_tokens_per_s"] > 0 and loaded.training["distill_tokens_per_s"] > 0
+    scores: dict[str, float] = store.get_json(f"{prefix}/{EVAL_FILE}")
+    assert {"noContext", "icl", "cartridge", "iclGainRecovered"} <= scores.keys()
+    assert all(scores[k] > 0 for k in ("noContext", "icl", "cartridge"))
+    assert manifest.metrics == scores
+    progress = Progress.model_validate(store.get_json(f"{prefix}/{PROGRESS_FILE}"))
+    assert progress.phase == "done" and progress.step == progress.total == config.spec.training.steps
+    assert progress.loss is not None and progress.loss > 0
+    synth = [u for u in store.list(f"{prefix}/synth") if u.endswith(".safetensors")]
+    assert len(synth) == 2 + OPTIONS.eval_shards  # 8 conversations in shards of 4, plus the held-out shard
+    assert len(store.list(f"{prefix}/checkpoints")) == 1  # older checkpoints are pruned
+    return scores
+
+
+def test_train_end_to_end_into_a_file_store(tiny_model: LoadedModel, file_store_root: str, tmp_path: Path) -> None:
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    manifest = train(config, store, options=OPTIONS, model=tiny_model)
+    check_generation(store, config, tiny_model, tmp_path)
+    assert manifest.base_model == tiny_model.fingerprint
+    # a finished generation is never trained (or overwritten) again
+    before = store.stat(f"{config.output_prefix}/cartridge.safetensors")
+    assert train(config, store, options=OPTIONS, model=tiny_model).file_sha256 == manifest.file_sha256
+    assert store.stat(f"{config.output_prefix}/cartridge.safetensors") == before
+
+
+@pytest.mark.minio
+def test_train_end_to_end_into_minio(
+    tiny_model: LoadedModel, s3_prefix: str, minio_server: MinioServer, tmp_path: Path
+) -> None:
+    store = minio_server.store()
+    root = s3_prefix.rstrip("/")
+    config = make_config(root, put_corpus(store, root, "lighthouse", [CORPUS_TEXT]))
+    train(config, store, options=OPTIONS, model=tiny_model)
+    check_generation(store, config, tiny_model, tmp_path)
+
+
+def test_restart_skips_finished_shards_and_steps(
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=6)
+    real = synthesis_module.synthesize_shard
+    made: list[str] = []
+
+    def crash_after_two(*args: object) -> Shard:
+        if len(made) == 2:
+            raise RuntimeError("simulated kill during synthesis")
+        made.append(str(args[-1]))
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(synthesis_module, "synthesize_shard", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(config, store, options=OPTIONS, model=tiny_model)
+    kept, corrupt = (Path(StoreURI.parse(u).key) for u in store.list(f"{config.output_prefix}/synth"))
+    assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
+    corrupt.write_bytes(b"half a shard")
+    kept_mtime = kept.stat().st_mtime_ns
+
+    made.clear()
+    train(config, store, options=OPTIONS, model=tiny_model)
+    # only the corrupt and the missing shards were synthesized again; the good one was not touched
+    assert made == [f"synth/{corrupt.name}", "synth/eval-00000.safetensors"]
+    assert kept.stat().st_mtime_ns == kept_mtime
+    manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
+    assert manifest["training"]["resumed_from_step"] == 0
+
+
+def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """Kill a one-process run mid-distillation, finish it with torchrun on two CPU ranks (gloo): no step is
+    repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients)."""
+    store = Store()
+    save_model(tiny_model, store, file_store_root, tmp_path)
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
+    config = make_config(file_store_root, corpus, steps=300, conversations=4)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    options = OPTIONS.model_copy(update={"checkpoint_every": 20})
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
+        "OMP_NUM_THREADS": "1",
+    }
+    args = ["-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options.model_dump_json()]
+    checkpoints = f"{config.output_prefix}/checkpoints"
+
+    process = subprocess.Popen([sys.executable, *args], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not store.list(checkpoints) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(int(uri.split("step-")[1].split("/")[0]) for uri in store.list(checkpoints))
+    assert 0 < killed_at < 300
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    finished = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
+    assert manifest["training"]["resumed_from_step"] >= killed_at
+    assert manifest["training"]["steps"] == 300
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == ["/step-00000300/state.pt"]
+    download_artifact(store, config.output_prefix, tmp_path / "resumed")
+    resumed, _ = load_cartridge(tmp_path / "resumed")
+
+    reference = config.model_copy(update={"generation": 2})
+    model = load_base_model(config.spec.baseModel.uri, store=store)
+    train(reference, store, options=options, model=model)
+    download_artifact(store, reference.output_prefix, tmp_path / "reference")
+    uninterrupted, _ = load_cartridge(tmp_path / "reference")
+    for a, b in zip(resumed.keys + resumed.values, uninterrupted.keys + uninterrupted.values, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("texts", "size", "message"),
+    [
+        ([], 16, "has 0 tokens"),
+        (["   ", "\n"], 16, "has 0 tokens"),
+        (["tiny"], 16, "need at least 16"),
+        ([CORPUS_TEXT[:100]], 128, "larger than the corpus"),
+        (None, 16, "corpus not found"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", 16, "unreadable"),
+        ([CORPUS_TEXT], 4096, "positions exceed"),
+    ],
+)
+def test_bad_input_exits_permanent_with_a_message(
+    texts: list[str] | bytes | None,
+    size: int,
+    message: str,
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = Store()
+    save_model(tiny_model, store, file_store_root, tmp_path)
+    prefix = put_corpus(store, file_store_root, "c", texts) if texts is not None else f"{file_store_root}/corpora/x"
+    config = make_config(file_store_root, prefix, size=size)
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(termination))
+    assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and message in termination.read_text()
+    assert "\n" not in termination.read_text()
+    assert not store.exists(f"{config.output_prefix}/{MANIFEST_FILE}")
+    assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
+
+
+def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", '{"namespace": "default"}']) == EXIT_PERMANENT
+    assert "invalid trainer config" in capsys.readouterr().err
+
+
+def test_dockerfile_matches_the_trainer_contract() -> None:
+    from cartridges.contract import TRAINER_COMMAND
+
+    lines = (REPO / "trainer-image" / "Dockerfile").read_text().splitlines()
+    base = next(line.split()[1] for line in lines if line.startswith("FROM "))
+    entrypoint = next(line.removeprefix("ENTRYPOINT ") for line in lines if line.startswith("ENTRYPOINT "))
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert base.startswith("nvidia/cuda:") and base.split(":")[1][0].isdigit()  # pinned tag, never latest
+    assert json.loads(entrypoint) == TRAINER_COMMAND
+    assert users and users[-1] not in ("root", "0")
+    assert any('".[train]"' in line for line in lines)
+
+
+def test_multi_gpu_launcher_keeps_the_permanent_exit_code(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun turns any rank failure into exit 1; the launcher must still report bad input as permanent."""
+    import cartridges_trainer.__main__ as entry
+
+    store = Store()
+    save_model(tiny_model, store, file_store_root, tmp_path)
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "empty", []))
+    launched: list[list[str]] = []
+
+    def torchrun(command: list[str], env: dict[str, str]) -> int:
+        """Stands in for torchrun: runs the rank in-process with the launcher's environment, exits 1 on failure."""
+        launched.append(command)
+        with monkeypatch.context() as rank:
+            for name, value in {**env, "WORLD_SIZE": "1"}.items():
+                rank.setenv(name, value)
+            return 0 if entry.main(command[command.index("cartridges_trainer") + 1 :]) == 0 else 1
+
+    monkeypatch.setattr(entry.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(entry.subprocess, "call", torchrun)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert entry.main(["--config", config.model_dump_json()]) == EXIT_PERMANENT
+    assert launched and "--nproc-per-node=2" in launched[0]

@@ -1,0 +1,165 @@
+"""Context distillation into a trainable cartridge, from stored teacher top-k (no teacher forward while training).
+
+Batches are a pure function of (seed, step), so a run resumed from a checkpoint (cartridge rows, Adam state, step)
+continues with exactly the batches it would have seen; no RNG state needs saving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+
+from cartridges.api import CartridgeSpec
+from cartridges.artifact import Cartridge
+from cartridges.kvcache import prefix_cartridge
+from cartridges.models import LoadedModel
+from cartridges_trainer.batching import Batch, Conversation, answer_logprobs, pack
+from cartridges_trainer.corpus import Corpus
+from cartridges_trainer.errors import InputError
+from cartridges_trainer.options import TrainerOptions
+from cartridges_trainer.parallel import World
+from cartridges_trainer.progress import ProgressReporter
+from cartridges_trainer.workspace import Workspace
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FOLDER = "checkpoints"
+STATE_FILE = "state.pt"
+RANDOM_INIT_SCALE = 0.02
+T = TypeVar("T")
+
+
+class TrainableCartridge(torch.nn.Module):
+    """Float32 trainable rows per layer; the first ``frozen_tokens`` rows are plain tensors no optimizer sees."""
+
+    def __init__(self, init: Cartridge) -> None:
+        super().__init__()
+        f = init.frozen_tokens
+        self.frozen_tokens = f
+        self.frozen_keys = [k[:, :f].detach().float().clone() for k in init.keys]
+        self.frozen_values = [v[:, :f].detach().float().clone() for v in init.values]
+        self.keys = torch.nn.ParameterList([torch.nn.Parameter(k[:, f:].detach().float().clone()) for k in init.keys])
+        self.values = torch.nn.ParameterList(
+            [torch.nn.Parameter(v[:, f:].detach().float().clone()) for v in init.values]
+        )
+
+    def cartridge(self, dtype: torch.dtype | None = None) -> Cartridge:
+        """The full cartridge (frozen rows first), differentiable with respect to the trainable rows."""
+
+        def join(frozen: list[torch.Tensor], trainable: torch.nn.ParameterList) -> list[torch.Tensor]:
+            return [torch.cat([f, t], dim=1).to(dtype) for f, t in zip(frozen, trainable, strict=True)]
+
+        return Cartridge(join(self.frozen_keys, self.keys), join(self.frozen_values, self.values), self.frozen_tokens)
+
+
+def initial_cartridge(lm: LoadedModel, corpus: Corpus, spec: CartridgeSpec, seed: int) -> Cartridge:
+    """The cartridge before training: KV of the first p corpus tokens, of a given text, or small random rows."""
+    p, frozen, init = spec.size, spec.frozenTokens, spec.initialization
+    if init.strategy == "random":
+        fp = lm.fingerprint
+        generator = torch.Generator().manual_seed(seed)
+        shape = (fp.num_kv_heads, p, fp.head_dim)
+
+        def rows() -> list[torch.Tensor]:
+            return [torch.randn(shape, generator=generator) * RANDOM_INIT_SCALE for _ in range(fp.num_layers)]
+
+        return Cartridge(rows(), rows(), frozen).to(lm.device, lm.model.dtype)
+    if init.strategy == "text":
+        tokens = lm.tokenizer(init.text or "", add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise InputError("initialization.text is empty after tokenization")
+        tokens = (tokens * -(-p // len(tokens)))[:p]
+    else:
+        if len(corpus.tokens) < p:
+            raise InputError(f"size p={p} is larger than the corpus ({len(corpus.tokens)} tokens); choose p <= that")
+        tokens = corpus.tokens[:p]
+    return prefix_cartridge(lm.model, tokens, frozen)
+
+
+def distill_loss(logprobs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """-Σ_topk p_teacher · log q_student, averaged over answer tokens."""
+    student = logprobs.gather(-1, batch.topk_ids)
+    return -(batch.topk_logprobs.exp() * student).sum() / len(student)
+
+
+def step_batch(items: Sequence[T], batch_size: int, seed: int, step: int) -> list[T]:
+    """The batch of one step: ``batch_size`` distinct conversations drawn with a generator seeded by the step."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    order = torch.randperm(len(items), generator=generator)[:batch_size]
+    return [items[i] for i in order.tolist()]
+
+
+def _checkpoint_dir(step: int) -> str:
+    return f"{CHECKPOINT_FOLDER}/step-{step:08d}"
+
+
+def _latest_checkpoint(workspace: Workspace) -> int | None:
+    """The step of the newest stored checkpoint (names are ``checkpoints/step-<step>/state.pt``)."""
+    steps = [int(name.split("/")[1].removeprefix("step-")) for name in workspace.names(CHECKPOINT_FOLDER)]
+    return max(steps, default=None)
+
+
+def _save_checkpoint(
+    workspace: Workspace, step: int, trainable: TrainableCartridge, optimizer: torch.optim.Optimizer
+) -> None:
+    """Upload the new checkpoint, then drop older ones: a kill in between leaves at least one complete checkpoint."""
+    previous = _latest_checkpoint(workspace)
+    name = f"{_checkpoint_dir(step)}/{STATE_FILE}"
+    torch.save(
+        {"step": step, "cartridge": trainable.state_dict(), "optimizer": optimizer.state_dict()}, workspace.path(name)
+    )
+    workspace.upload(name)
+    if previous is not None and previous != step:
+        workspace.delete(_checkpoint_dir(previous))
+
+
+def distill(
+    lm: LoadedModel,
+    init: Cartridge,
+    conversations: Sequence[Conversation],
+    spec: CartridgeSpec,
+    options: TrainerOptions,
+    workspace: Workspace,
+    progress: ProgressReporter,
+    world: World,
+) -> tuple[Cartridge, dict[str, float | int]]:
+    """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint); the cartridge and run stats.
+
+    With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints.
+    """
+    training = spec.training
+    data = [t for c in conversations if (t := c.truncated(training.sequenceLength)) is not None]
+    if not data:
+        raise InputError(f"no synthesized conversation fits sequenceLength={training.sequenceLength}")
+    lm.model.requires_grad_(False)  # a caller-supplied model may not be frozen; only cartridge rows train
+    trainable = TrainableCartridge(init)
+    optimizer = torch.optim.Adam(trainable.parameters(), lr=training.learningRate)
+    start = 0
+    if (latest := _latest_checkpoint(workspace)) is not None:
+        state = torch.load(
+            workspace.fetch(f"{_checkpoint_dir(latest)}/{STATE_FILE}"), map_location=lm.device, weights_only=True
+        )
+        trainable.load_state_dict(state["cartridge"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        log.info("resuming distillation at step %d", start)
+    pad_id = lm.tokenizer.pad_token_id or 0
+    progress.phase("training", total=training.steps, done=start)
+    loss_value = float("nan")
+    for step in range(start, training.steps):
+        share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
+        batch = pack(share, pad_id, lm.device, training.sequenceLength)
+        loss = distill_loss(answer_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
+        loss = loss * (len(batch.targets) / world.sum(len(batch.targets)))  # this rank's share of the step's loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        world.sum_gradients(trainable.parameters())
+        optimizer.step()
+        loss_value = world.sum(loss.item())
+        progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
+        if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
+            _save_checkpoint(workspace, step + 1, trainable, optimizer)
+    stats: dict[str, float | int] = {"steps": training.steps, "resumed_from_step": start, "final_loss": loss_value}
+    return trainable.cartridge(lm.model.dtype), stats

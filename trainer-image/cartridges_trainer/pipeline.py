@@ -1,0 +1,132 @@
+"""One training generation end to end: corpus and model in, verified artifact and scores out (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cartridges.artifact import MANIFEST_FILE, CartridgeManifest, download_artifact, save_cartridge, upload_artifact
+from cartridges.contract import TrainerConfig
+from cartridges.layout import EVAL_FILE
+from cartridges.models import LoadedModel, ModelLoadError, load_base_model
+from cartridges.store import Store
+from cartridges_trainer.corpus import load_corpus
+from cartridges_trainer.distill import distill, initial_cartridge
+from cartridges_trainer.errors import InputError
+from cartridges_trainer.evaluate import evaluate
+from cartridges_trainer.options import TrainerOptions
+from cartridges_trainer.parallel import World
+from cartridges_trainer.progress import ProgressReporter
+from cartridges_trainer.synthesis import synthesize
+from cartridges_trainer.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def _check_fits(lm: LoadedModel, config: TrainerConfig, world: World) -> None:
+    """Reject specs the model or the world cannot run before any compute is spent."""
+    spec = config.spec
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    needed = spec.size + spec.training.sequenceLength
+    if limit is not None and needed > limit:
+        raise InputError(
+            f"size {spec.size} + sequenceLength {spec.training.sequenceLength} = {needed} positions exceed "
+            f"{lm.fingerprint.model_id}'s {limit}"
+        )
+    if spec.frozenTokens >= spec.size:
+        raise InputError(f"frozenTokens {spec.frozenTokens} must be smaller than size {spec.size}")
+    if spec.training.batchSize < world.size:
+        raise InputError(f"batchSize {spec.training.batchSize} is smaller than the {world.size} data-parallel ranks")
+
+
+def _load_model(config: TrainerConfig, store: Store, world: World) -> LoadedModel:
+    on_gpu = world.device.type == "cuda"
+    try:
+        return load_base_model(
+            config.spec.baseModel.uri,
+            store=store,
+            device=world.device,
+            dtype=torch.bfloat16 if on_gpu else torch.float32,
+        )
+    except ModelLoadError as err:
+        raise InputError(str(err)) from err
+
+
+def train(
+    config: TrainerConfig,
+    store: Store,
+    *,
+    options: TrainerOptions | None = None,
+    model: LoadedModel | None = None,
+    workdir: Path | None = None,
+    world: World | None = None,
+) -> CartridgeManifest:
+    """Train, evaluate and upload one generation into ``config.output_prefix``; returns the uploaded manifest.
+
+    Idempotent: a generation whose manifest is already uploaded is returned as is; an interrupted one resumes from
+    its synthesis shards and latest checkpoint. ``model`` skips loading ``spec.baseModel`` (tests, local use);
+    ``world`` is the data-parallel group under ``torchrun`` (default: a single process).
+    """
+    options = options or TrainerOptions()
+    world = world or World()
+    prefix = config.output_prefix
+    with tempfile.TemporaryDirectory(prefix="cartridges-trainer-") as tmp:
+        local = workdir or Path(tmp)
+        if store.exists(f"{prefix}/{MANIFEST_FILE}"):
+            log.info("%s is already trained; nothing to do", prefix)
+            return download_artifact(store, prefix, local / "existing")
+        progress = ProgressReporter(store, prefix, options.progress_interval_s, enabled=world.is_main)
+        try:
+            return _run(config, store, options, model, Workspace(store, prefix, local), progress, world)
+        except Exception as err:
+            progress.finish("failed", f"{type(err).__name__}: {err}"[:1000])
+            raise
+
+
+def _run(
+    config: TrainerConfig,
+    store: Store,
+    options: TrainerOptions,
+    model: LoadedModel | None,
+    workspace: Workspace,
+    progress: ProgressReporter,
+    world: World,
+) -> CartridgeManifest:
+    spec = config.spec
+    progress.phase("starting", message="loading model and corpus")
+    lm = model or _load_model(config, store, world)
+    _check_fits(lm, config, world)
+    corpus = load_corpus(store, config.corpus_prefixes, config.corpus_description, lm.tokenizer)
+    init = initial_cartridge(lm, corpus, spec, options.seed)
+
+    train_shards, eval_shards = synthesize(lm, corpus, spec.selfStudy, options, workspace, progress, world)
+    synthesis_rate = progress.progress.tokens_per_s  # None when every shard was already stored
+    conversations = [c for shard in train_shards for c in shard.conversations]
+    cartridge, stats = distill(lm, init, conversations, spec, options, workspace, progress, world)
+    rates = {"synthesis_tokens_per_s": synthesis_rate, "distill_tokens_per_s": progress.progress.tokens_per_s}
+    if not world.is_main:
+        world.barrier()  # rank 0 evaluates and uploads
+        return download_artifact(store, workspace.prefix, workspace.path("artifact"))
+
+    steps = spec.training.steps
+    progress.phase("evaluating", total=steps, done=steps)
+    scores = evaluate(lm, cartridge, eval_shards)
+    store.put_json(workspace.uri(EVAL_FILE), scores)
+
+    progress.phase("uploading", total=steps, done=steps)
+    artifact = workspace.path("artifact")
+    manifest = save_cartridge(
+        cartridge,
+        artifact,
+        lm.fingerprint,
+        corpus_digest=corpus.digest,
+        training={"spec": spec.model_dump(mode="json"), "options": options.model_dump(), **stats, **rates},
+        metrics=scores,
+    )
+    upload_artifact(store, artifact, workspace.prefix)
+    progress.finish("done", f"iclGainRecovered={scores['iclGainRecovered']}")
+    world.barrier()
+    return manifest

@@ -1,0 +1,77 @@
+"""``progress.json`` for the operator (throttled) and a tqdm bar for a human on a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from cartridges.layout import PROGRESS_FILE, Progress
+from cartridges.store import Store
+
+
+class ProgressReporter:
+    """Tracks one phase at a time; rewrites ``progress.json`` at most every ``interval_s`` seconds.
+
+    Only one process of a data-parallel run reports; the others pass ``enabled=False``.
+    """
+
+    def __init__(self, store: Store, prefix: str, interval_s: float = 5.0, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.store = store
+        self.uri = f"{prefix.rstrip('/')}/{PROGRESS_FILE}"
+        self.interval_s = interval_s
+        self.progress = Progress(phase="starting")
+        self._bar: tqdm[Any] | None = None
+        self._started = time.monotonic()
+        self._first_step = 0
+        self._tokens = 0
+        self._written = 0.0
+
+    def phase(self, phase: str, total: int = 0, done: int = 0, message: str = "") -> None:
+        """Enter a phase; ``done`` counts units finished before a restart (they do not count towards speed).
+
+        The last loss is kept, so the operator still sees it while evaluating and once done.
+        """
+        self._close_bar()
+        update = {"phase": phase, "step": done, "total": total, "message": message, "tokens_per_s": None, "eta_s": None}
+        self.progress = Progress.model_validate({**self.progress.model_dump(), **update})
+        self._started, self._first_step, self._tokens = time.monotonic(), done, 0
+        if self.enabled and done < total and sys.stderr.isatty():
+            self._bar = tqdm(total=total, initial=done, desc=phase, unit="step", dynamic_ncols=True)
+        self._write()
+
+    def advance(self, step: int, tokens: int = 0, loss: float | None = None) -> None:
+        elapsed = time.monotonic() - self._started
+        self._tokens += tokens
+        rate = (step - self._first_step) / elapsed if elapsed > 0 else 0.0
+        self.progress.step = step
+        self.progress.loss = loss if loss is not None else self.progress.loss
+        self.progress.tokens_per_s = self._tokens / elapsed if elapsed > 0 else None
+        self.progress.eta_s = (self.progress.total - step) / rate if rate > 0 else None
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}")
+        if time.monotonic() - self._written >= self.interval_s or step >= self.progress.total:
+            self._write()
+
+    def finish(self, phase: str, message: str = "") -> None:
+        """Final state (``done`` or ``failed``), always written."""
+        self._close_bar()
+        update = {"phase": phase, "message": message, "eta_s": None}
+        self.progress = Progress.model_validate({**self.progress.model_dump(), **update})
+        self._write()
+
+    def _write(self) -> None:
+        if not self.enabled:
+            return
+        self.store.put_json(self.uri, self.progress.model_dump())
+        self._written = time.monotonic()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
