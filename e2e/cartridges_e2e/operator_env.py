@@ -15,6 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
+from cartridges.store import S3Config, Store
 from cartridges_e2e.node import NodeHarness
 from cartridges_e2e.process import Service, free_port, http_ok
 
@@ -33,9 +34,14 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) 
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def store_secret(name: str = "cartridges-store") -> dict[str, Any]:
-    """The Secret a namespace needs for the operator's Jobs (dummy keys: the tests' store is ``file://``)."""
-    return {"metadata": {"name": name}, "stringData": {"accessKey": "test", "secretKey": "test"}}
+def store_secret(config: S3Config | None = None, name: str = "cartridges-store") -> dict[str, Any]:
+    """The Secret with the object-store credentials the operator's pods read (dummy keys for a file:// store)."""
+    keys = (
+        {"accessKey": config.access_key, "secretKey": config.secret_key}
+        if config
+        else {"accessKey": "-", "secretKey": "-"}
+    )
+    return {"metadata": {"name": name}, "stringData": keys}
 
 
 def install_crds(api_client: client.ApiClient) -> None:
@@ -74,6 +80,7 @@ class OperatorEnv:
     api: client.ApiClient
     harness: NodeHarness
     operator: Service
+    store: Store
     kubeconfig: Path
     workdir: Path
     settings: dict[str, str]
@@ -85,12 +92,13 @@ class OperatorEnv:
         namespace: str,
         api_client: client.ApiClient,
         harness: NodeHarness,
+        store: Store,
         workdir: Path,
         settings: dict[str, str],
     ) -> OperatorEnv:
         operator = start_operator(kubeconfig, namespace, workdir, settings)
-        return cls(namespace, settings["CARTRIDGES_STORE_ROOT"], api_client, harness, operator, kubeconfig, workdir,
-                   settings)  # fmt: skip
+        root = settings["CARTRIDGES_STORE_ROOT"]
+        return cls(namespace, root, api_client, harness, operator, store, kubeconfig, workdir, settings)
 
     def restart(self) -> None:
         """Stop the operator process and start a new one, as a pod restart would."""

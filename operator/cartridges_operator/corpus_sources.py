@@ -43,7 +43,7 @@ def normalize_text(raw: bytes | str, where: str) -> str:
             raw = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
             raise SourceError(f"{where}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from err
-    text = unicodedata.normalize("NFC", raw.replace("\r\n", "\n").replace("\r", "\n"))
+    text = unicodedata.normalize("NFC", raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n"))
     return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n") + "\n"
 
 

@@ -8,7 +8,6 @@ import pytest
 from kubernetes import client
 
 from cartridges import api, layout
-from cartridges.store import Store
 from cartridges_e2e.operator_env import OperatorEnv, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -63,7 +62,7 @@ def test_corpus_change_bumps_generation_and_operator_restart_keeps_state(operato
     wait_for("generation 2", lambda: status(env, "evolving").get("generation") == 2, 30)
     env.wait_condition("cartridges", "evolving", "Ready", "True")
     assert jobs(env, "evolving") == ["evolving-g1", "evolving-g2"]
-    pointer = Store().get_json(layout.current_pointer(env.store_root, env.namespace, "evolving"))
+    pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "evolving"))
     assert pointer["generation"] == 2
 
 
@@ -73,12 +72,13 @@ def test_corrupt_artifact_is_not_promoted(operator_env: OperatorEnv) -> None:
     env.create("cartridges", "corrupt", cartridge_spec("corrupt"))
     stalled = env.wait_condition("cartridges", "corrupt", "Stalled", "True", timeout_s=90)
     assert stalled["reason"] == "ArtifactInvalid" and "sha256" in stalled["message"]
-    assert not Store().exists(layout.current_pointer(env.store_root, env.namespace, "corrupt"))
+    assert not env.store.exists(layout.current_pointer(env.store_root, env.namespace, "corrupt"))
 
 
 def test_missing_store_secret_stalls_then_recovers(operator_env: OperatorEnv) -> None:
     env = operator_env
     core = client.CoreV1Api(env.api)
+    keys = core.read_namespaced_secret("cartridges-store", env.namespace).data
     core.delete_namespaced_secret("cartridges-store", env.namespace)
     try:
         env.create("corpora", "nosecret", {"description": "d", "sources": [{"inline": "Secret facts."}]})
@@ -87,10 +87,7 @@ def test_missing_store_secret_stalls_then_recovers(operator_env: OperatorEnv) ->
         assert stalled["reason"] == "StoreSecretMissing" and "cartridges-store" in stalled["message"]
         assert jobs(env, "nosecret") == []
     finally:
-        core.create_namespaced_secret(
-            env.namespace,
-            {"metadata": {"name": "cartridges-store"}, "stringData": {"accessKey": "k", "secretKey": "s"}},
-        )
+        core.create_namespaced_secret(env.namespace, {"metadata": {"name": "cartridges-store"}, "data": keys})
     env.wait_condition("cartridges", "nosecret", "Ready", "True")
 
 
@@ -110,4 +107,18 @@ def test_retain_keeps_artifacts_after_deletion(operator_env: OperatorEnv) -> Non
     env.wait_condition("cartridges", "kept", "Trained", "True")
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "kept")
     wait_for("cartridge deleted", lambda: env.get("cartridges", "kept") is None, 30)
-    assert Store().exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'kept', 1)}/manifest.json")
+    assert env.store.exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'kept', 1)}/manifest.json")
+
+
+def test_failed_new_generation_keeps_the_previous_one_promoted(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.create("corpora", "steady", {"description": "d", "sources": [{"inline": "Good facts."}]})
+    env.create("cartridges", "steady", cartridge_spec("steady"))
+    env.wait_condition("cartridges", "steady", "Ready", "True")
+    good = status(env, "steady")["artifact"]
+    env.patch_spec("corpora", "steady", {"sources": [{"inline": "PERMANENT-FAILURE"}]})
+    stalled = env.wait_condition("cartridges", "steady", "Stalled", "True", timeout_s=90)
+    assert stalled["reason"] == "TrainingFailed" and status(env, "steady")["generation"] == 2
+    assert status(env, "steady")["artifact"] == good  # generation 1 is still what is served
+    pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "steady"))
+    assert pointer["generation"] == 1

@@ -9,7 +9,6 @@ import pytest
 from kubernetes import client
 
 from cartridges import api, layout
-from cartridges.store import Store
 from cartridges_e2e.operator_env import OperatorEnv, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -35,7 +34,7 @@ def test_corpus_from_inline_and_configmap(operator_env: OperatorEnv) -> None:
     operator_env.wait_condition("corpora", "handbook", "Ready", "True")
     status = (operator_env.get("corpora", "handbook") or {})["status"]
     assert status["documents"] == 2 and len(status["digest"]) == 64
-    documents = list(layout.read_documents(Store(), status["artifact"]))
+    documents = list(layout.read_documents(operator_env.store, status["artifact"]))
     assert [d.text for d in documents] == ["Welcome.\n", "Chapter one.\nLine two.\n"]
 
     operator_env.create(
@@ -69,7 +68,7 @@ def test_cartridge_trains_promotes_and_rolls_out_serving(operator_env: OperatorE
     assert status["generation"] == 1 and status["artifact"]["p"] == 16
     assert status["evaluation"]["iclGainRecovered"] == 0.75
     pointer_uri = layout.current_pointer(env.store_root, env.namespace, "facts")
-    pointer = layout.Pointer.model_validate(Store().get_json(pointer_uri))
+    pointer = layout.Pointer.model_validate(env.store.get_json(pointer_uri))
     assert pointer.generation == 1 and pointer.sha256 == status["artifact"]["sha256"]
 
     serving = env.wait_condition("cartridges", "facts", "Serving", "False")
@@ -86,7 +85,7 @@ def test_cartridge_trains_promotes_and_rolls_out_serving(operator_env: OperatorE
     wait_for("generation 2", lambda: (env.get("cartridges", "facts") or {})["status"].get("generation") == 2, 30)
     wait_for(
         "promotion of generation 2",
-        lambda: Store().get_json(pointer_uri)["generation"] == 2,
+        lambda: env.store.get_json(pointer_uri)["generation"] == 2,
         60,
     )
     # A serving-only change does not retrain.
@@ -114,10 +113,10 @@ def test_deletion_removes_serving_owner_and_artifacts(operator_env: OperatorEnv)
     env.create("cartridges", "gone", cartridge_spec("gone", retention="Delete"))
     env.wait_condition("cartridges", "gone", "Trained", "True")
     prefix = layout.cartridge_prefix(env.store_root, env.namespace, "gone")
-    assert Store().list(prefix)
+    assert env.store.list(prefix)
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "gone")
     wait_for("cartridge deleted", lambda: env.get("cartridges", "gone") is None, 30)
-    assert Store().list(prefix) == []
+    assert env.store.list(prefix) == []
     owners = (
         client.AppsV1Api(env.api).read_namespaced_deployment("triton-tiny", env.namespace).metadata.owner_references
     )
