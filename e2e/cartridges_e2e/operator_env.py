@@ -65,7 +65,7 @@ def start_operator(kubeconfig: Path, namespace: str, workdir: Path, env: dict[st
     operator = Service(
         "operator",
         [sys.executable, "-m", "cartridges_operator", "--namespace", namespace,
-         "--liveness", f"http://127.0.0.1:{port}/healthz"],
+         "--liveness", f"http://127.0.0.1:{port}/healthz", "--metrics-port", str(free_port())],
         workdir / "operator.log",
         env={"KUBECONFIG": str(kubeconfig), **env},
     )  # fmt: skip
