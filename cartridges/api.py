@@ -66,7 +66,11 @@ class CorpusSource(Spec):
 class CorpusSpec(Spec):
     description: str = Field(min_length=1, max_length=2000, description="one line used in self-study prompts")
     sources: list[CorpusSource] = Field(min_length=1, max_length=256)
-    tokenizer: str | None = Field(default=None, description="base model whose tokenizer counts status.tokens")
+    tokenizer: str | None = Field(
+        default=None,
+        pattern=r"^(s3|file)://.+",
+        description="tokenizer.json, or an HF model directory holding one, whose tokenizer counts status.tokens",
+    )
 
 
 class Condition(Spec):

@@ -10,7 +10,7 @@ from cartridges import api, layout
 from cartridges.store import Store, StoreError
 from cartridges_operator import kube
 from cartridges_operator.conditions import set_condition
-from cartridges_operator.corpus_sources import SourceError, publish, read_sources
+from cartridges_operator.corpus_sources import SourceError, count_tokens, publish, read_sources
 
 
 def reconcile_corpus(
@@ -22,7 +22,8 @@ def reconcile_corpus(
         corpus_spec = api.CorpusSpec.model_validate(spec)
         corpus = read_sources(corpus_spec, store, kube.configmap_reader(namespace))
         prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
-        manifest = publish(corpus, corpus_spec, store, prefix)
+        tokens = count_tokens(corpus, corpus_spec.tokenizer, store) if corpus_spec.tokenizer else None
+        manifest = publish(corpus, corpus_spec, store, prefix, tokens)
     except (SourceError, ValidationError) as err:
         return _failed(status, conditions, "InvalidSource", str(err), generation)
     except StoreError as err:
@@ -35,6 +36,7 @@ def reconcile_corpus(
         "digest": manifest.digest,
         "documents": manifest.documents,
         "bytes": manifest.bytes,
+        "tokens": tokens,
         "artifact": prefix,
         "conditions": conditions,
     }

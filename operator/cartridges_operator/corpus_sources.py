@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from cartridges import api, layout
 from cartridges.hashing import sha256_bytes
-from cartridges.store import Store, StoreURI
+from cartridges.store import ObjectNotFound, Store, StoreURI
 
 ConfigMapReader = Callable[[str, str], str]
 """(configmap name, key) -> text, in the Corpus's namespace; raises SourceError when absent."""
@@ -103,7 +103,23 @@ def read_sources(spec: api.CorpusSpec, store: Store, read_configmap: ConfigMapRe
     return NormalizedCorpus(documents, jsonl.encode())
 
 
-def publish(corpus: NormalizedCorpus, spec: api.CorpusSpec, store: Store, prefix: str) -> layout.CorpusManifest:
+def count_tokens(corpus: NormalizedCorpus, tokenizer_uri: str, store: Store) -> int:
+    """Tokens of the whole corpus under a ``tokenizer.json`` (fast tokenizers only; no model weights needed)."""
+    from tokenizers import Tokenizer
+
+    uri = tokenizer_uri if tokenizer_uri.endswith(".json") else f"{tokenizer_uri.rstrip('/')}/tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_str(store.get_bytes(uri).decode())
+    except ObjectNotFound as err:
+        raise SourceError(f"spec.tokenizer: no tokenizer.json at {uri}") from err
+    except Exception as err:  # the tokenizers library raises a bare Exception on bad JSON
+        raise SourceError(f"spec.tokenizer: {uri} is not a tokenizers JSON file ({err})") from err
+    return sum(len(encoding.ids) for encoding in tokenizer.encode_batch([d.text for d in corpus.documents]))
+
+
+def publish(
+    corpus: NormalizedCorpus, spec: api.CorpusSpec, store: Store, prefix: str, tokens: int | None = None
+) -> layout.CorpusManifest:
     """Upload corpus.jsonl then manifest.json under the digest prefix; a no-op when that digest is stored."""
     manifest_uri = f"{prefix}/{layout.MANIFEST_FILE}"
     if store.exists(manifest_uri):
@@ -113,6 +129,8 @@ def publish(corpus: NormalizedCorpus, spec: api.CorpusSpec, store: Store, prefix
         documents=len(corpus.documents),
         bytes=len(corpus.jsonl),
         description=spec.description,
+        tokens=tokens,
+        tokenizer=spec.tokenizer,
     )
     store.put_bytes(f"{prefix}/{layout.CORPUS_FILE}", corpus.jsonl)
     store.put_json(manifest_uri, manifest.model_dump())

@@ -5,10 +5,12 @@ from __future__ import annotations
 import http.server
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from cartridges import api, layout
+from cartridges.models import tiny_llama
 from cartridges.store import S3Config, Store
 from cartridges_e2e.minio import MinioServer
 from cartridges_e2e.process import free_port
@@ -85,3 +87,19 @@ def test_store_down_is_a_clear_condition_and_keeps_the_last_digest() -> None:
     assert ready["status"] == "False" and ready["reason"] == "StoreUnavailable" and "unreachable" in ready["message"]
     assert status["digest"] == "abc" and status["artifact"] == previous["artifact"]
     assert layout.corpus_prefix("s3://bucket", "ns", "c", "abc") == previous["artifact"]
+
+
+def test_tokens_are_counted_with_the_named_tokenizer(tmp_path: Path) -> None:
+    tokenizer = tiny_llama().tokenizer  # byte-level: one token per UTF-8 byte
+    tokenizer.save_pretrained(tmp_path / "model")
+    status = reconcile_corpus(
+        {"description": "d", "sources": [{"inline": "abc"}], "tokenizer": f"file://{tmp_path}/model"},
+        {}, "ns", "c", 1, Store(), f"file://{tmp_path}/store",
+    )  # fmt: skip
+    assert status["tokens"] == 4  # "abc\n"
+    missing = reconcile_corpus(
+        {"description": "d", "sources": [{"inline": "abc"}], "tokenizer": f"file://{tmp_path}/nothing"},
+        {}, "ns", "c", 1, Store(), f"file://{tmp_path}/store",
+    )  # fmt: skip
+    stalled = next(c for c in missing["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "InvalidSource" and "no tokenizer.json" in stalled["message"]
