@@ -22,7 +22,10 @@ def render(helm: Path) -> Render:
     """``render(values_file, namespace=..., release=..., sets={...})``: the chart's objects, CRDs included."""
 
     def render(
-        values: str, namespace: str = "cartridges-system", release: str = "cartridges", sets: dict[str, str] | None = None
+        values: str,
+        namespace: str = "cartridges-system",
+        release: str = "cartridges",
+        sets: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         proc = run_helm(helm, *template_args(values, namespace, release, sets), "--include-crds")
         assert proc.returncode == 0, proc.stderr

@@ -151,7 +151,6 @@ def test_notes_tell_what_to_apply_next(helm: Path) -> None:
                     "-f", str(CI_VALUES / "quickstart-values.yaml"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
-    assert "kubectl -n \"$NS\" apply -f examples/corpus.yaml" in notes
+    assert 'kubectl -n "$NS" apply -f examples/corpus.yaml' in notes
     assert "kubectl label namespace <client-namespace> cartridges.dev/client=true" in notes
     assert "set networkPolicy.servingNamespaces" in notes  # cluster-wide: no serving namespaces known
-
