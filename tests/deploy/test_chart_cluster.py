@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from _chart import REPO, Render, container, find
+from _chart import CHART, CI_VALUES, REPO, Render, container, find, run_helm
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 
@@ -214,3 +214,15 @@ def test_operator_reconciles_under_the_charts_service_account(
                 dynamic.delete(resource, name=obj["metadata"]["name"])
     log = process.log_path.read_text()
     assert "403" not in log and "Forbidden" not in log and "forbidden" not in log, log[-4000:]
+
+
+def test_notes_tell_what_to_apply_next(helm: Path, k8s_cluster: Cluster) -> None:
+    """``helm install --dry-run`` against the test cluster (helm asks it for its version) prints NOTES.txt."""
+    values, kubeconfig = str(CI_VALUES / "quickstart-values.yaml"), str(k8s_cluster.kubeconfig)
+    proc = run_helm(helm, "install", "demo", str(CHART), "--dry-run=client", "--kubeconfig", kubeconfig, "-n", "demo",
+                    "-f", values)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert 'kubectl -n "$NS" apply -f examples/corpus.yaml' in notes
+    assert "kubectl label namespace <client-namespace> cartridges.dev/client=true" in notes
+    assert "set networkPolicy.servingNamespaces" in notes  # cluster-wide: no serving namespaces known
