@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Builds (once, cached under ~/.cache/cartridges) MinIO, etcd, kube-apiserver, kube-controller-manager, SmolLM2.
+# Builds (once, cached under ~/.cache/cartridges) MinIO, etcd, kube-apiserver, kube-controller-manager, helm, SmolLM2.
 services: setup
 	$(PY) -m cartridges_e2e.binaries
 

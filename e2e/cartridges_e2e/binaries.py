@@ -21,6 +21,23 @@ from cartridges.paths import cache_dir
 MINIO_MODULE = "github.com/minio/minio"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"  # master of 2026-02-12, the newest the module proxy serves
 
+# No registry package carries a Linux helm binary, so the chart tests build the real CLI from its Go module.
+HELM_MODULE = "helm.sh/helm/v3/cmd/helm"
+HELM_VERSION = "v3.21.4"
+# What helm's own release build stamps in (its Makefile's LDFLAGS): without it `helm template` assumes Kubernetes
+# 1.20 and `helm version` shows no patch release. 1.36 is the client-go minor that helm v3.21.4 is built against.
+HELM_KUBE_MAJOR, HELM_KUBE_MINOR = "1", "36"
+HELM_LDFLAGS = " ".join(
+    f"-X helm.sh/helm/v3/{variable}"
+    for variable in (
+        f"internal/version.version={HELM_VERSION}",
+        f"pkg/chartutil.k8sVersionMajor={HELM_KUBE_MAJOR}",
+        f"pkg/chartutil.k8sVersionMinor={HELM_KUBE_MINOR}",
+        f"pkg/lint/rules.k8sVersionMajor={HELM_KUBE_MAJOR}",
+        f"pkg/lint/rules.k8sVersionMinor={HELM_KUBE_MINOR}",
+    )
+)
+
 CLUSTER_MODULE_DIR = Path(__file__).resolve().parent.parent / "cluster"
 CLUSTER_COMMANDS = {
     "etcd": "./cmd/etcd",
@@ -74,6 +91,22 @@ def minio() -> Binary:
     return Binary("minio", binary)
 
 
+def helm() -> Binary:
+    """The helm CLI, `go install`ed at the pinned release (its go.mod has no replace directives)."""
+    target = cache_dir() / "bin" / f"helm-{HELM_VERSION}-k8s{HELM_KUBE_MAJOR}.{HELM_KUBE_MINOR}"
+    binary = target / "helm"
+    if not binary.exists():
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        _run_go(
+            ["install", f"-ldflags={HELM_LDFLAGS}", f"{HELM_MODULE}@{HELM_VERSION}"],
+            Path.cwd(),
+            {"GOBIN": str(staging)},
+        )
+        staging.rename(target)
+    return Binary("helm", binary)
+
+
 def control_plane() -> dict[str, Binary]:
     """etcd, kube-apiserver and kube-controller-manager, built together from ``e2e/cluster``."""
     target = cache_dir() / "bin" / f"cluster-{_cluster_module_key()}"
@@ -93,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     from cartridges.embedded import smollm2_gguf
 
-    steps = [("minio", minio), ("control plane", control_plane), ("SmolLM2 GGUF", smollm2_gguf)]
+    steps = [("minio", minio), ("control plane", control_plane), ("helm", helm), ("SmolLM2 GGUF", smollm2_gguf)]
     for label, step in steps:
         started = time.monotonic()
         try:

@@ -45,11 +45,15 @@ def store_secret(config: S3Config | None = None, name: str = "cartridges-store")
 
 
 def install_crds(api_client: client.ApiClient) -> None:
-    """Create the generated CRDs and wait until the API server serves them."""
+    """Create the generated CRDs (the chart tests may have applied the same ones already) and wait until served."""
     extensions = client.ApiextensionsV1Api(api_client)
     for path in sorted((REPO / "crds").glob("*.yaml")):
         body = yaml.safe_load(path.read_text())
-        extensions.create_custom_resource_definition(body)
+        try:
+            extensions.create_custom_resource_definition(body)
+        except ApiException as err:
+            if err.status != 409:
+                raise
         name = body["metadata"]["name"]
 
         def established(name: str = name) -> bool:
@@ -60,7 +64,9 @@ def install_crds(api_client: client.ApiClient) -> None:
 
 
 def start_operator(kubeconfig: Path, namespace: str, workdir: Path, env: dict[str, str]) -> Service:
-    """``python -m cartridges_operator`` watching one namespace, ready once its liveness endpoint answers."""
+    """``python -m cartridges_operator`` watching one namespace, ready once its liveness endpoint answers.
+
+    Free ports for liveness and metrics: the defaults would collide with any other operator on the machine."""
     port = free_port()
     operator = Service(
         "operator",

@@ -1,0 +1,69 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "cartridges.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cartridges.labels" -}}
+app.kubernetes.io/part-of: cartridges
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "cartridges.operatorSelector" -}}
+app.kubernetes.io/name: cartridges-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "cartridges.minioSelector" -}}
+app.kubernetes.io/name: cartridges-minio
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "cartridges.serviceAccountName" -}}
+{{- default (include "cartridges.fullname" .) .Values.operator.serviceAccount.name -}}
+{{- end -}}
+
+{{/* An image reference; the tag defaults to the chart's appVersion. */}}
+{{- define "cartridges.image" -}}
+{{- $image := index . 0 -}}{{- $root := index . 1 -}}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) -}}
+{{- end -}}
+
+{{/* The Secret with accessKey/secretKey: an existing one, or the one this chart creates. */}}
+{{- define "cartridges.storeSecret" -}}
+{{- default .Values.store.credentials.secretName .Values.store.credentials.existingSecret -}}
+{{- end -}}
+
+{{- define "cartridges.minioName" -}}
+{{- printf "%s-minio" (include "cartridges.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* host:port or http(s)://host:port of the S3 API; the bundled MinIO when it is on and no endpoint is given. */}}
+{{- define "cartridges.storeEndpoint" -}}
+{{- if .Values.store.endpoint -}}
+{{- .Values.store.endpoint -}}
+{{- else if .Values.minio.enabled -}}
+{{- printf "http://%s.%s.svc:9000" (include "cartridges.minioName" .) .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cartridges.storeRoot" -}}
+{{- if .Values.store.prefix -}}
+{{- printf "s3://%s/%s" .Values.store.bucket (trimAll "/" .Values.store.prefix) -}}
+{{- else -}}
+{{- printf "s3://%s" .Values.store.bucket -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespaces whose Cartridges get serving NetworkPolicies: the explicit list, else the watched namespaces. */}}
+{{- define "cartridges.servingNamespaces" -}}
+{{- $list := .Values.networkPolicy.servingNamespaces | default .Values.operator.watchNamespaces -}}
+{{- toJson $list -}}
+{{- end -}}

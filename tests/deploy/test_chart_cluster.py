@@ -1,0 +1,237 @@
+"""The chart against a real API server: every rendered object passes server-side dry-run (CRDs are really applied),
+the examples validate against the CRDs, and the operator runs a whole reconcile under the chart's ServiceAccount,
+with RBAC enforced, without a single permission error."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _chart import CHART, CI_VALUES, REPO, Render, container, find, run_helm
+from kubernetes import client
+from kubernetes.dynamic import DynamicClient
+
+from cartridges import api
+from cartridges_e2e.cluster import Cluster
+from cartridges_e2e.node import NodeHarness
+from cartridges_e2e.operator_env import start_operator, wait_for
+
+pytestmark = pytest.mark.cluster
+
+FIELD_MANAGER = "chart-tests"
+
+
+def apply(dynamic: DynamicClient, obj: dict[str, Any], dry_run: bool) -> None:
+    """Server-side apply (optionally dry-run): admission, schema and CEL validation all run on the server."""
+    resource = dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    namespace = obj["metadata"].get("namespace") if resource.namespaced else None
+    extra = {"dry_run": "All"} if dry_run else {}
+    dynamic.server_side_apply(resource, body=obj, name=obj["metadata"]["name"], namespace=namespace,
+                              field_manager=FIELD_MANAGER, force_conflicts=True, **extra)  # fmt: skip
+
+
+def wait_established(dynamic: DynamicClient, crds: list[dict[str, Any]]) -> None:
+    extensions = client.ApiextensionsV1Api(dynamic.client)
+    for crd in crds:
+        name = crd["metadata"]["name"]
+
+        def established(name: str = name) -> bool:
+            found = extensions.read_custom_resource_definition(name)
+            return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
+
+        wait_for(f"CRD {name} established", established, 30)
+    dynamic.resources.invalidate_cache()
+
+
+@pytest.fixture(scope="module")
+def dynamic(k8s_cluster: Cluster) -> DynamicClient:
+    return DynamicClient(k8s_cluster.api_client())
+
+
+@pytest.fixture
+def namespaces(dynamic: DynamicClient) -> Iterator[Any]:
+    """Creates namespaces on request (``make(prefix)``) and deletes them after the test."""
+    core = client.CoreV1Api(dynamic.client)
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        core.create_namespace({"metadata": {"name": name}})
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        core.delete_namespace(name)
+
+
+@pytest.mark.parametrize("values", ["production-values.yaml", "quickstart-values.yaml"])
+def test_rendered_chart_passes_server_side_dry_run(
+    render: Render, dynamic: DynamicClient, namespaces: Any, values: str
+) -> None:
+    release = namespaces("rel")
+    watched = [namespaces("team"), namespaces("team")]
+    objects = render(values, namespace=release, release=f"c{uuid.uuid4().hex[:6]}",
+                     sets={"operator.watchNamespaces": "{" + ",".join(watched) + "}"})  # fmt: skip
+    crds = find(objects, "CustomResourceDefinition")
+    assert len(crds) == 2
+    for crd in crds:  # applied for real: the dry-run of the rest must not depend on them, the examples do
+        apply(dynamic, crd, dry_run=False)
+    wait_established(dynamic, crds)
+    rest = [o for o in objects if o["kind"] != "CustomResourceDefinition"]
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "RoleBinding", "NetworkPolicy"} <= {o["kind"] for o in rest}
+    for obj in rest:  # the templates name the namespace of every namespaced object themselves
+        apply(dynamic, obj, dry_run=True)
+
+
+def test_examples_validate_against_the_crds(dynamic: DynamicClient, namespaces: Any, render: Render) -> None:
+    crds = find(render("quickstart-values.yaml"), "CustomResourceDefinition")
+    for crd in crds:
+        apply(dynamic, crd, dry_run=False)
+    wait_established(dynamic, crds)
+    namespace = namespaces("examples")
+    documents = [d for name in ("corpus.yaml", "cartridge.yaml")
+                 for d in yaml.safe_load_all((REPO / "examples" / name).read_text()) if d]  # fmt: skip
+    assert {d["kind"] for d in documents} == {"ConfigMap", "Corpus", "Cartridge"}
+    for document in documents:
+        document["metadata"]["namespace"] = namespace
+        apply(dynamic, document, dry_run=True)
+    query = (REPO / "examples" / "query.sh").read_text()
+    cartridges = [d["metadata"]["name"] for d in documents if d["kind"] == "Cartridge"]
+    assert f'cartridges: ["{cartridges[0]}", "{cartridges[1]}"]' in query
+    assert "/v2/models/$MODEL/generate" in query
+
+
+def _token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the ServiceAccount itself (a bound token), so RBAC judges every call."""
+    api_client = cluster.api_client()
+    token = client.CoreV1Api(api_client).create_namespaced_service_account_token(
+        account, namespace, {"spec": {"expirationSeconds": 3600}}
+    )
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    ca = admin["clusters"][0]["cluster"]["certificate-authority-data"]
+    base64.b64decode(ca)  # fail early on a malformed admin kubeconfig
+    document = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "test", "cluster": {"server": cluster.server, "certificate-authority-data": ca}}],
+        "users": [{"name": "sa", "user": {"token": token.status.token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": "sa"}}],
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_operator_reconciles_under_the_charts_service_account(
+    render: Render,
+    dynamic: DynamicClient,
+    namespaces: Any,
+    k8s_cluster: Cluster,
+    node_harness: NodeHarness,
+    tmp_path: Path,
+) -> None:
+    release_ns, work = namespaces("sys"), namespaces("work")
+    release = f"r{uuid.uuid4().hex[:6]}"
+    objects = render("quickstart-values.yaml", namespace=release_ns, release=release,
+                     sets={"operator.watchNamespaces": "{" + work + "}"})  # fmt: skip
+    operator = container(objects, f"{release}-cartridges-operator")
+    assert f"--namespace={work}" in operator["args"]
+    crds = find(objects, "CustomResourceDefinition")
+    for obj in objects:
+        if obj["kind"] in {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                           "RoleBinding", "Secret"}:  # fmt: skip
+            apply(dynamic, obj, dry_run=False)
+    wait_established(dynamic, crds)
+    (account,) = find(objects, "ServiceAccount")
+    kubeconfig = _token_kubeconfig(k8s_cluster, release_ns, account["metadata"]["name"], tmp_path / "sa.kubeconfig")
+
+    fake_trainer = [sys.executable, str(REPO / "tests" / "reconcilers" / "fake_trainer.py")]
+    settings = {
+        "CARTRIDGES_STORE_ROOT": f"file://{tmp_path}/store",
+        "CARTRIDGES_TRAINER_COMMAND": json.dumps(fake_trainer),
+    }
+    process = start_operator(kubeconfig, work, tmp_path, settings)
+    custom = client.CustomObjectsApi(dynamic.client)
+    core = client.CoreV1Api(dynamic.client)
+    try:
+        core.create_namespaced_config_map(work, {"metadata": {"name": "notes"}, "data": {"a.md": "Alpha facts."}})
+
+        def create(plural: str, kind: str, name: str, spec: dict[str, Any]) -> None:
+            body = {"apiVersion": api.API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+            custom.create_namespaced_custom_object(api.GROUP, api.VERSION, work, plural, body)
+
+        def condition(plural: str, name: str, type_: str) -> dict[str, Any] | None:
+            found = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, work, plural, name)
+            return next((c for c in (found.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+        def reaches(plural: str, name: str, type_: str, status: str) -> dict[str, Any]:
+            def probe() -> dict[str, Any] | None:
+                found = condition(plural, name, type_)
+                return found if found and found["status"] == status else None
+
+            try:
+                return wait_for(f"{plural}/{name} {type_}={status}", probe, 90)
+            except AssertionError as err:
+                raise AssertionError(f"{err}\noperator log:\n{process.log_path.read_text()[-4000:]}") from err
+
+        base = {"baseModel": {"name": "tiny", "uri": "file:///models/tiny"}, "size": 16, "resources": {"gpus": 0}}
+        from_configmap = {"configMap": {"name": "notes", "key": "a.md"}}
+        create("corpora", "Corpus", "notes", {"description": "d", "sources": [from_configmap]})
+        create("corpora", "Corpus", "broken", {"description": "d", "sources": [{"inline": "PERMANENT-FAILURE"}]})
+        create("cartridges", "Cartridge", "notes", {"corpusRefs": [{"name": "notes"}], **base})
+        create("cartridges", "Cartridge", "broken", {"corpusRefs": [{"name": "broken"}], **base})
+        # Corpus (configmaps, status), Job (secrets, jobs), promotion and serving objects (deployments, services).
+        reaches("cartridges", "notes", "Serving", "False")
+        apps = client.AppsV1Api(dynamic.client)
+        assert apps.read_namespaced_deployment("triton-tiny", work).metadata.owner_references[0].name == "notes"
+        # A permanent trainer failure is read from the failed pod (pods list).
+        stalled = reaches("cartridges", "broken", "Stalled", "True")
+        assert "65" in stalled["message"] or "PERMANENT" in stalled["message"], stalled
+
+        # A changed ConfigMap re-reads its Corpus (configmaps watch).
+        def digest() -> str:
+            corpus = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, work, "corpora", "notes")
+            return str(corpus["status"]["digest"])
+
+        before = digest()
+        core.patch_namespaced_config_map("notes", work, {"data": {"a.md": "Beta facts."}})
+        wait_for("a new corpus digest", lambda: digest() != before, 60)
+        # Deleting the last Cartridge of a model removes the serving objects (deployments/services delete).
+        for name in ("notes", "broken"):
+            custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, work, "cartridges", name)
+        wait_for("serving Deployment removed", lambda: not apps.list_namespaced_deployment(work).items, 60)
+    finally:
+        process.stop()
+        for obj in objects:
+            if obj["kind"] in {"ClusterRole", "ClusterRoleBinding"}:
+                resource = dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+                dynamic.delete(resource, name=obj["metadata"]["name"])
+    log = process.log_path.read_text()
+    assert "403" not in log and "Forbidden" not in log and "forbidden" not in log, log[-4000:]
+
+
+def test_notes_tell_what_to_apply_next(helm: Path, k8s_cluster: Cluster, tmp_path: Path) -> None:
+    """``helm install --dry-run`` against the test cluster (helm asks it for its version) prints NOTES.txt.
+
+    The test API server is built from source without version stamping (it reports v0.0.0), so this copy of the
+    chart drops the kubeVersion constraint; everything else is the chart as shipped."""
+    chart = tmp_path / "cartridges"
+    shutil.copytree(CHART, chart)
+    meta = yaml.safe_load((chart / "Chart.yaml").read_text())
+    del meta["kubeVersion"]
+    (chart / "Chart.yaml").write_text(yaml.safe_dump(meta))
+    values, kubeconfig = str(CI_VALUES / "quickstart-values.yaml"), str(k8s_cluster.kubeconfig)
+    proc = run_helm(helm, "install", "demo", str(chart), "--dry-run=client", "--kubeconfig", kubeconfig, "-n", "demo",
+                    "-f", values)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert 'kubectl -n "$NS" apply -f examples/corpus.yaml' in notes
+    assert "kubectl label namespace <client-namespace> cartridges.dev/client=true" in notes
+    assert "set networkPolicy.servingNamespaces" in notes  # cluster-wide: no serving namespaces known

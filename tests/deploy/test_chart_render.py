@@ -1,0 +1,146 @@
+"""The Helm chart renders cleanly, says what is wrong with bad values, and wires the operator as its code expects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _chart import CHART, CI_VALUES, REPO, Render, container, find, run_helm, template_args
+
+from cartridges_operator.config import OperatorConfig
+
+VALUES_FILES = sorted(p.name for p in CI_VALUES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_helm_lint_is_clean(helm: Path, values: str) -> None:
+    proc = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(CI_VALUES / values))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout
+
+
+def test_chart_crds_are_the_generated_crds() -> None:
+    top = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
+    chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    assert chart == top, "charts/cartridges/crds/ differs from crds/: copy crds/*.yaml into the chart"
+
+
+def test_operator_deployment_is_single_locked_down_and_configured(render: Render) -> None:
+    objects = render("production-values.yaml", namespace="cartridges-system")
+    (deployment,) = find(objects, "Deployment", "cartridges-operator")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    operator = container(objects, "cartridges-operator")
+    assert operator["securityContext"]["readOnlyRootFilesystem"] is True
+    assert operator["securityContext"]["allowPrivilegeEscalation"] is False
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert operator["resources"]["requests"] and operator["resources"]["limits"]["memory"]
+    assert {"--namespace=team-docs", "--namespace=team-support", "--log-format=json"} <= set(operator["args"])
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in operator["env"]}
+    assert env["CARTRIDGES_STORE_ROOT"] == "s3://cartridges/prod"
+    assert env["CARTRIDGES_S3_ENDPOINT"] == "https://s3.example.internal"
+    assert env["CARTRIDGES_S3_TLS"] == "true"
+    assert env["CARTRIDGES_S3_CA_BUNDLE"] == "/etc/cartridges/store-ca/ca.crt"
+    assert env["CARTRIDGES_STORE_SECRET"] == "cartridges-store"
+    assert env["CARTRIDGES_S3_ACCESS_KEY"] == {"secretKeyRef": {"name": "cartridges-store", "key": "accessKey"}}
+    assert env["CARTRIDGES_TRAINER_IMAGE"] == "ghcr.io/cartridges-dev/trainer:0.1.0"
+    assert env["CARTRIDGES_SERVING_IMAGE"] == "ghcr.io/cartridges-dev/serving:0.1.0"
+    assert not find(objects, "Secret"), "an existing Secret is used, none is created"
+
+
+def test_operator_reads_what_the_chart_sets(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The env the chart renders, fed to the operator's own config loader, gives the intended settings."""
+    operator = container(render("quickstart-values.yaml", namespace="demo"), "cartridges-operator")
+    for item in operator["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    config = OperatorConfig.from_env()
+    assert config.store_root == "s3://cartridges"
+    assert config.s3_endpoint == "http://cartridges-minio.demo.svc:9000"
+    assert config.trainer_image.endswith("/trainer:0.1.0") and config.serving_image.endswith("/serving:0.1.0")
+
+
+def test_quickstart_creates_credentials_minio_and_bucket(render: Render) -> None:
+    objects = render("quickstart-values.yaml", namespace="demo")
+    (secret,) = find(objects, "Secret", "cartridges-store")
+    assert secret["stringData"] == {"accessKey": "cartridges", "secretKey": "cartridges-quickstart"}
+    assert find(objects, "Deployment", "cartridges-minio") and find(objects, "Service", "cartridges-minio")
+    (setup,) = find(objects, "Job", "cartridges-minio-setup")
+    assert "mc mb --ignore-existing" in setup["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert not find(objects, "PersistentVolumeClaim"), "persistence is off in the quick-start values"
+    # Cluster-wide: the workload permissions are bound by a ClusterRoleBinding, and kopf needs no namespace list.
+    assert find(objects, "ClusterRoleBinding", "cartridges-workloads") and not find(objects, "RoleBinding")
+
+
+def _rules(objects: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    (role,) = find(objects, "ClusterRole", name)
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
+def test_rbac_is_least_privilege(render: Render) -> None:
+    objects = render("production-values.yaml")
+    for name in ("cartridges-cluster", "cartridges-workloads"):
+        for rule in _rules(objects, name):
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+            assert not {"update", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"]) or (
+                rule["resources"] == ["cartridges/finalizers"] and rule["verbs"] == ["update"]
+            )
+    secrets = [r for r in _rules(objects, "cartridges-workloads") if "secrets" in r["resources"]]
+    assert secrets == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cartridges-store"], "verbs": ["get"]}
+    ]
+    bindings = find(objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-docs", "team-support"]
+    assert not find(objects, "ClusterRoleBinding", "cartridges-workloads")
+
+
+def test_network_policies(render: Render) -> None:
+    objects = render("production-values.yaml")
+    serving = find(objects, "NetworkPolicy", "cartridges-serving")
+    assert sorted(p["metadata"]["namespace"] for p in serving) == ["team-docs", "team-support"]
+    ingress = serving[0]["spec"]["ingress"]
+    assert ingress == [
+        {
+            "from": [{"namespaceSelector": {"matchLabels": {"cartridges.dev/client": "true"}}}],
+            "ports": [{"port": 8000, "protocol": "TCP"}, {"port": 8001, "protocol": "TCP"}],
+        }
+    ]
+    trainer = find(objects, "NetworkPolicy", "cartridges-trainer")[0]["spec"]
+    assert trainer["policyTypes"] == ["Ingress"] and "ingress" not in trainer
+    (operator,) = find(objects, "NetworkPolicy", "cartridges-operator")
+    egress = operator["spec"]["egress"]
+    assert egress[1]["to"] == [{"ipBlock": {"cidr": "10.96.0.1/32"}}]
+    assert egress[2] == {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
+    assert not operator["spec"]["ingress"], "no metrics namespaces configured: nothing may connect"
+
+
+# (what is set, what the error must say): helm prints the JSON-schema path and the rule that failed.
+BAD_VALUES = [
+    ({"store.bucket": "Bad_Bucket"}, ["/store/bucket", "does not match pattern"]),
+    ({"store.endpoint": "s3.example.com/path"}, ["/store/endpoint", "does not match pattern"]),
+    ({"store.credentials.existingSecret": "", "store.credentials.accessKey": ""}, ["/store/credentials/accessKey"]),
+    ({"operator.logFormat": "xml"}, ["/operator/logFormat", "json", "plain"]),
+    ({"operator.watchNamespaces[0]": "Team_Docs"}, ["/operator/watchNamespaces/0", "does not match pattern"]),
+    ({"operator.replicas": "2"}, ["additional properties 'replicas' not allowed"]),
+    ({"networkPolicy.apiServer.cidrs[0]": "10.0.0.1"}, ["/networkPolicy/apiServer/cidrs/0"]),
+    ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
+]
+
+
+@pytest.mark.parametrize(("sets", "expected"), BAD_VALUES, ids=[next(iter(s)) for s, _ in BAD_VALUES])
+def test_schema_rejects_bad_values_clearly(helm: Path, sets: dict[str, str], expected: list[str]) -> None:
+    proc = run_helm(helm, *template_args("production-values.yaml", "cartridges-system", "cartridges", sets))
+    assert proc.returncode != 0, "helm accepted invalid values"
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+
+
+def test_missing_store_endpoint_is_explained(helm: Path) -> None:
+    proc = run_helm(helm, "template", "x", str(CHART), "--set", "store.credentials.existingSecret=s")
+    assert proc.returncode != 0
+    assert "/store" in proc.stderr and "endpoint" in proc.stderr, proc.stderr
