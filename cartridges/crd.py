@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from cartridges import api
 
 CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
+CHART_CRD_DIR = CRD_DIR.parent / "charts" / "cartridges" / "crds"  # Helm's crds/ convention: identical copies
 
 
 @dataclass(frozen=True)
@@ -178,19 +179,22 @@ def render(kind: Kind) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write (or --check) the CRDs generated from cartridges/api.py.")
-    parser.add_argument("--out", type=Path, default=CRD_DIR)
+    parser.add_argument(
+        "--out", type=Path, action="append", help="directory (repeatable); default crds/ and the chart's"
+    )
     parser.add_argument("--check", action="store_true", help="fail if the files on disk differ (drift)")
     args = parser.parse_args(argv)
     stale = []
     for kind in KINDS:
-        path = args.out / f"{api.GROUP}_{kind.plural}.yaml"
         text = render(kind)
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+        for out in args.out or [CRD_DIR, CHART_CRD_DIR]:
+            path = out / f"{api.GROUP}_{kind.plural}.yaml"
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
     if stale:
         print(f"CRDs out of date: {', '.join(map(str, stale))}; run `python -m cartridges.crd`", file=sys.stderr)
         return 1
