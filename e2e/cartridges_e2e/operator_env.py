@@ -15,8 +15,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
+from cartridges.process import Service, free_port, http_ok
 from cartridges_e2e.node import NodeHarness
-from cartridges_e2e.process import Service, free_port, http_ok
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
