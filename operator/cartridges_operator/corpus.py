@@ -7,10 +7,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from cartridges import api, layout
+from cartridges.corpus import SourceError, publish
 from cartridges.store import Store, StoreError
 from cartridges_operator import kube
 from cartridges_operator.conditions import set_condition
-from cartridges_operator.corpus_sources import SourceError, publish, read_sources
+from cartridges_operator.corpus_sources import read_sources
 
 
 def reconcile_corpus(
@@ -22,7 +23,7 @@ def reconcile_corpus(
         corpus_spec = api.CorpusSpec.model_validate(spec)
         corpus = read_sources(corpus_spec, store, kube.configmap_reader(namespace))
         prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
-        manifest = publish(corpus, corpus_spec, store, prefix)
+        manifest = publish(corpus, corpus_spec.description, store, prefix)
     except (SourceError, ValidationError) as err:
         return _failed(status, conditions, "InvalidSource", str(err), generation)
     except StoreError as err:
