@@ -156,14 +156,19 @@ def error_lines(log_path: Path) -> str:
 
 
 def start_triton(
-    model_repository: Path, workdir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0
+    model_repository: Path,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 120.0,
+    http_port: int | None = None,
 ) -> TritonServer:
     """Start Triton on ``model_repository`` with every model loaded; returns once the server is ready.
 
-    Explicit model control keeps the repository API usable for loading and unloading later.
+    Explicit model control keeps the repository API usable for loading and unloading later. The HTTP port is
+    ``http_port`` when given, else a free one, like the gRPC and metrics ports.
     """
     dist = triton_dist()
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = http_port or free_port(), free_port(), free_port()
     argv = [
         str(dist.binary),
         f"--model-repository={model_repository}",
@@ -199,4 +204,7 @@ def start_triton(
         raise ServiceError(
             f"{error}\n\nerrors logged in {service.log_path}:\n{error_lines(service.log_path)}"
         ) from None
+    except BaseException:  # Ctrl-C while starting: the server runs in its own session and would outlive us
+        service.stop()
+        raise
     return TritonServer(service, http, grpc, metrics, startup)
