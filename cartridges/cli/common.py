@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -98,6 +99,10 @@ def open_store(root: str) -> Store:
 
 def model_source(name: str) -> str:
     """Local path or store URI of a model: the embedded ones by name, anything else as given."""
+    from transformers.utils import logging as transformers_logging
+
+    if not logging.getLogger().isEnabledFor(logging.INFO):  # no weight loading/saving bars unless --debug
+        transformers_logging.disable_progress_bar()
     if name == "smollm2":
         from cartridges.embedded import smollm2_gguf
 

@@ -65,13 +65,13 @@ class Budget:
 
 
 BUDGETS = {
-    # about 3-5 minutes on 2 CPU cores with SmolLM2-135M: enough to see the cartridge beat no context
+    # a few minutes on 2 CPU cores with SmolLM2-135M: enough to see the cartridge move towards ICL
     "small": Budget(
-        size=64, conversations=32, steps=24, batch=4, chunk_tokens=(256, 512), question_tokens=32, answer_tokens=48
+        size=64, conversations=16, steps=16, batch=4, chunk_tokens=(128, 256), question_tokens=24, answer_tokens=32
     ),
-    # about 15 minutes on 2 CPU cores: the demo's default
+    # about 15 minutes on 2 otherwise idle CPU cores: the demo's default
     "medium": Budget(
-        size=128, conversations=128, steps=96, batch=8, chunk_tokens=(384, 768), question_tokens=40, answer_tokens=64
+        size=128, conversations=64, steps=64, batch=8, chunk_tokens=(256, 512), question_tokens=32, answer_tokens=48
     ),
 }
 
