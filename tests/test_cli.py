@@ -70,6 +70,21 @@ def trained(store: str, corpus_dir: Path) -> dict[str, object]:
     return {"store": store}
 
 
+def reference_pt(lm: LoadedModel, path: Path) -> Path:
+    """A reference-implementation checkpoint for ``lm``: 1 frozen + 15 trainable rows per layer."""
+    fp = lm.fingerprint
+
+    def layers(p: int) -> list[torch.Tensor]:
+        return [torch.randn(1, fp.num_kv_heads, p, fp.head_dim) for _ in range(fp.num_layers)]
+
+    trainable, frozen = {"keys": layers(15), "values": layers(15)}, {"keys": layers(1), "values": layers(1)}
+    torch.save(
+        {f"{kind}_{name}": v for kind, d in (("trainable", trainable), ("frozen", frozen)) for name, v in d.items()},
+        path,
+    )
+    return path
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -178,17 +193,7 @@ def test_store_that_is_down(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
 def test_import_reference_pt(
     tiny_model: LoadedModel, tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fp = tiny_model.fingerprint
-
-    def layers(p: int) -> list[torch.Tensor]:
-        return [torch.randn(1, fp.num_kv_heads, p, fp.head_dim) for _ in range(fp.num_layers)]
-
-    good = tmp_path / "ref.pt"
-    torch.save(
-        {"trainable_keys": layers(15), "trainable_values": layers(15), "frozen_keys": layers(1),
-         "frozen_values": layers(1)},
-        good,
-    )  # fmt: skip
+    good = reference_pt(tiny_model, tmp_path / "ref.pt")
     code, out, _ = cli(capsys, "import", "imported", str(good), "--model", "tiny", "--store", store, "--json")
     info = json.loads(out)
     assert code == 0 and info["p"] == 16 and info["frozenTokens"] == 1 and info["baseModel"] == "tiny-llama-seed0"
@@ -202,8 +207,12 @@ def test_import_reference_pt(
 
 
 @pytest.mark.triton
-def test_serve_ask_and_ctrl_c(trained: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_ask_and_ctrl_c(
+    trained: dict[str, object], tiny_model: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store, port = str(trained["store"]), free_port()
+    pt = reference_pt(tiny_model, tmp_path / "ref.pt")
+    assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "cartridges.cli", "serve", "--model", "tiny", "--store", store, "--port", str(port)]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
