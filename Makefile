@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup services test lint typecheck crds clean
+.PHONY: setup services test lint typecheck crds clean demo demo-quick
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ lint: setup
 
 test: services lint
 	$(PY) -m pytest
+
+# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 15 minutes on 2 cores).
+demo: setup
+	$(VENV)/bin/cartridges demo
+
+# The same with the small training budget (a few minutes): what CI runs.
+demo-quick: setup
+	$(VENV)/bin/cartridges demo --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -85,7 +85,7 @@ def file_store_root(tmp_path: Path) -> str:
 @pytest.fixture(scope="session")
 def triton_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonFactory]:
     """Starts Triton once per model repository (and env) for the whole session; stops them all at the end."""
-    from cartridges_e2e.triton import TritonServer, start_triton
+    from cartridges.tritonserver import TritonServer, start_triton
 
     servers: dict[tuple[str, str], TritonServer] = {}
 

@@ -24,9 +24,10 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from cartridges import client
 from cartridges.artifact import TENSORS_FILE
 from cartridges.models import LoadedModel, load_base_model
+from cartridges.process import free_port, http_ok
 from cartridges.store import Store
-from cartridges_e2e.process import free_port, http_ok
-from cartridges_e2e.triton import TritonFactory, TritonServer
+from cartridges.tritonserver import TritonServer
+from cartridges_e2e.triton import TritonFactory
 from cartridges_serving import CartridgeCache, Engine, SamplingParams
 
 pytestmark = pytest.mark.triton

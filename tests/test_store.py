@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cartridges.process import free_port
 from cartridges.store import (
     AccessDenied,
     BucketNotFound,
@@ -18,7 +19,6 @@ from cartridges.store import (
     StoreURI,
 )
 from cartridges_e2e.minio import MinioServer
-from cartridges_e2e.process import free_port
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -16,8 +16,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 import cartridges
-from cartridges_e2e.process import ServiceError, http_ok
-from cartridges_e2e.triton import TritonFactory, TritonServer, start_triton
+from cartridges.process import ServiceError, http_ok
+from cartridges.tritonserver import TritonServer, start_triton
+from cartridges_e2e.triton import TritonFactory
 
 pytestmark = pytest.mark.triton
 

@@ -23,8 +23,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from cartridges.process import Service, ServiceError, free_port, http_ok
 from cartridges_e2e import binaries
-from cartridges_e2e.process import Service, ServiceError, free_port, http_ok
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"

@@ -6,9 +6,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from cartridges.process import Service, free_port, http_ok
 from cartridges.store import S3Config, Store
 from cartridges_e2e import binaries
-from cartridges_e2e.process import Service, free_port, http_ok
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from cartridges_e2e.process import http_ok, log_tail
+from cartridges.process import http_ok, log_tail
 
 Json = dict[str, Any]
 log = logging.getLogger(__name__)

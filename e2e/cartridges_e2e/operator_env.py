@@ -15,9 +15,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
+from cartridges.process import Service, free_port, http_ok
 from cartridges.store import S3Config, Store
 from cartridges_e2e.node import NodeHarness
-from cartridges_e2e.process import Service, free_port, http_ok
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")

@@ -7,10 +7,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from cartridges import api, layout
+from cartridges.corpus import SourceError, count_tokens, publish
 from cartridges.store import Store, StoreError
 from cartridges_operator import kube
 from cartridges_operator.conditions import set_condition
-from cartridges_operator.corpus_sources import SourceError, count_tokens, publish, read_sources
+from cartridges_operator.corpus_sources import read_sources
 
 
 def reconcile_corpus(
@@ -23,7 +24,7 @@ def reconcile_corpus(
         corpus = read_sources(corpus_spec, store, kube.configmap_reader(namespace))
         prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
         tokens = count_tokens(corpus, corpus_spec.tokenizer, store) if corpus_spec.tokenizer else None
-        manifest = publish(corpus, corpus_spec, store, prefix, tokens)
+        manifest = publish(corpus, corpus_spec.description, store, prefix, tokens, corpus_spec.tokenizer)
     except (SourceError, ValidationError) as err:
         return _failed(status, conditions, "InvalidSource", str(err), generation)
     except StoreError as err:
@@ -36,7 +37,7 @@ def reconcile_corpus(
         "digest": manifest.digest,
         "documents": manifest.documents,
         "bytes": manifest.bytes,
-        "tokens": tokens,
+        "tokens": manifest.tokens,
         "artifact": prefix,
         "conditions": conditions,
     }

@@ -10,7 +10,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
-from cartridges_operator.corpus_sources import SourceError
+from cartridges.corpus import SourceError
 
 
 @functools.cache

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from cartridges import api, layout
+from cartridges.corpus import SourceError, normalize_text
 from cartridges.models import tiny_llama
+from cartridges.process import free_port
 from cartridges.store import S3Config, Store
 from cartridges_e2e.minio import MinioServer
-from cartridges_e2e.process import free_port
 from cartridges_operator.corpus import reconcile_corpus
-from cartridges_operator.corpus_sources import SourceError, normalize_text, read_sources
+from cartridges_operator.corpus_sources import read_sources
 
 
 def no_configmaps(name: str, key: str) -> str:

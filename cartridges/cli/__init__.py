@@ -1,0 +1,101 @@
+"""The ``cartridges`` command: train, evaluate, serve and query cartridges on one machine, no cluster needed.
+
+Each subcommand lives in its own module with a ``register(subparsers)``; heavy imports (torch, the trainer, Triton)
+happen inside the commands, so ``--help`` is instant. Errors print one line on stderr (a traceback with
+``--debug``) and exit with the codes listed in ``cartridges --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from cartridges.cli import ask, demo, evaluate, importer, inventory, serve, train
+from cartridges.cli.common import (
+    EXIT_CODES,
+    EXIT_FAILURE,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    CLIError,
+)
+
+COMMANDS = (demo, train, evaluate, serve, ask, inventory, importer)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="cartridges",
+        description="Train small KV caches (cartridges) on a corpus and serve them on Triton, on one machine.",
+        epilog="examples:\n"
+        "  cartridges demo                          # train, evaluate, serve and ask on the bundled corpus\n"
+        "  cartridges train handbook docs/          # a cartridge from every file under docs/\n"
+        "  cartridges serve &                       # Triton with the router model on http://127.0.0.1:8000\n"
+        '  cartridges ask "Who founded it?" -c handbook\n'
+        "  cartridges ls\n\n"
+        "`cartridges COMMAND --help` shows each command's options and examples.\n\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = root.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(commands)
+    return root
+
+
+def _code(err: BaseException) -> int:
+    """The exit code of a failure from the libraries underneath."""
+    from pydantic import ValidationError
+
+    from cartridges.client import GenerateError
+    from cartridges.corpus import SourceError
+    from cartridges.manifest import ArtifactError
+    from cartridges.models import ModelLoadError
+    from cartridges.store import BucketNotFound, ObjectNotFound, StoreUnavailable
+    from cartridges_trainer.errors import InputError
+
+    if isinstance(err, CLIError):
+        return err.code
+    if isinstance(err, StoreUnavailable) or (isinstance(err, GenerateError) and err.status is None):
+        return EXIT_UNAVAILABLE
+    if isinstance(err, ObjectNotFound | BucketNotFound | FileNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(err, GenerateError) and "not found" in err.message:
+        return EXIT_NOT_FOUND
+    if isinstance(err, ValidationError):
+        return EXIT_USAGE
+    if isinstance(err, SourceError | ArtifactError | ModelLoadError | InputError):
+        return EXIT_INPUT
+    return EXIT_FAILURE
+
+
+def _message(err: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        return f"invalid {'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, CLIError) else f"{text} ({type(err).__name__}; --debug shows the traceback)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        print("cartridges: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug:
+            raise
+        print(f"cartridges: error: {_message(err)}", file=sys.stderr)
+        return _code(err)
+    return code

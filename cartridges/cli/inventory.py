@@ -1,0 +1,124 @@
+"""``cartridges ls`` and ``cartridges inspect``: the promoted cartridges of a store and what they are bound to."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cartridges import layout
+from cartridges.cli.common import (
+    Stored,
+    check_name,
+    examples,
+    find,
+    human_bytes,
+    names,
+    open_store,
+    print_json,
+    store_options,
+)
+from cartridges.store import ObjectNotFound, Store
+
+
+def describe(stored: Stored) -> dict[str, Any]:
+    m = stored.manifest
+    return {
+        "name": stored.name,
+        "generation": stored.pointer.generation,
+        "prefix": stored.pointer.prefix,
+        "p": m.p,
+        "frozenTokens": m.frozen_tokens,
+        "dtype": m.dtype,
+        "bytes": m.file_bytes,
+        "sha256": m.file_sha256,
+        "baseModel": m.base_model.model_id,
+        "baseModelSha256": m.base_model.weights_sha256,
+        "corpusDigest": m.corpus_digest,
+        "scores": m.metrics,
+    }
+
+
+def _recovered(scores: dict[str, Any]) -> str:
+    value = scores.get("iclGainRecovered")
+    return "-" if value is None else f"{value:.0%}"
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    store = open_store(args.store)
+    found = [describe(find(store, args.store, args.namespace, n)) for n in names(store, args.store, args.namespace)]
+    if args.json:
+        print_json(found)
+        return 0
+    if not found:
+        print(f"no cartridges in {args.store} (namespace {args.namespace}); `cartridges train` makes one")
+        return 0
+    header = f"{'NAME':<24} {'GEN':>3} {'P':>5} {'SIZE':>10}  {'BASE MODEL':<28} {'CORPUS':<14} {'ICL GAIN':>8}"
+    print(header)
+    for c in found:
+        print(
+            f"{c['name']:<24} {c['generation']:>3} {c['p']:>5} {human_bytes(c['bytes']):>10}  "
+            f"{c['baseModel'][:28]:<28} {(c['corpusDigest'] or '-')[:12]:<14} {_recovered(c['scores']):>8}"
+        )
+    return 0
+
+
+def _progress(store: Store, prefix: str) -> dict[str, Any] | None:
+    try:
+        return layout.Progress.model_validate(store.get_json(f"{prefix}/{layout.PROGRESS_FILE}")).model_dump()
+    except ObjectNotFound:
+        return None
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    store = open_store(args.store)
+    stored = find(store, args.store, args.namespace, check_name(args.name))
+    info = {
+        **describe(stored),
+        "training": stored.manifest.training,
+        "progress": _progress(store, stored.pointer.prefix),
+    }
+    if args.json:
+        print_json(info)
+        return 0
+    for key in ("name", "generation", "prefix", "p", "frozenTokens", "dtype", "sha256", "baseModel", "corpusDigest"):
+        print(f"{key + ':':<15} {info[key]}")
+    print(f"{'size:':<15} {human_bytes(info['bytes'])}")
+    scores = info["scores"]
+    if scores:
+        print(
+            f"{'scores:':<15} answer NLL/token on held-out self-study questions: no context "
+            f"{scores.get('noContext', float('nan')):.3f}, ICL {scores.get('icl', float('nan')):.3f}, "
+            f"cartridge {scores.get('cartridge', float('nan')):.3f} (ICL gain recovered {_recovered(scores)})"
+        )
+    spec = info["training"].get("spec", {})
+    if spec:
+        study, training = spec.get("selfStudy", {}), spec.get("training", {})
+        print(
+            f"{'training:':<15} {study.get('conversations')} conversations, {training.get('steps')} steps, "
+            f"batch {training.get('batchSize')}, lr {training.get('learningRate')}"
+        )
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "ls",
+        help="list the cartridges in a store",
+        description="List promoted cartridges: generation, p, size, base model, corpus digest, ICL gain recovered.",
+        epilog=examples("cartridges ls", "cartridges ls --store s3://cartridges --namespace team-a --json"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[store_options()],
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.set_defaults(func=run_ls)
+    parser = commands.add_parser(
+        "inspect",
+        help="show one cartridge's manifest, scores and training",
+        description="Show a promoted cartridge: artifact, base model fingerprint, corpus, scores, training spec.",
+        epilog=examples("cartridges inspect handbook", "cartridges inspect handbook --json | jq .scores"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[store_options()],
+    )
+    parser.add_argument("name")
+    parser.add_argument("--json", action="store_true", help="print everything as JSON")
+    parser.set_defaults(func=run_inspect)

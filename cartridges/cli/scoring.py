@@ -1,0 +1,64 @@
+"""The arithmetic of ``cartridges eval``: answer NLL and decoding speed after a prefix KV cache (or none)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cartridges.artifact import Cartridge
+from cartridges.cli.evaluate import QA, Row
+from cartridges.kvcache import cartridge_cache, prefix_cartridge
+from cartridges.models import LoadedModel
+
+DECODE_TOKENS = 32
+
+
+@torch.no_grad()
+def compare(lm: LoadedModel, cartridge: Cartridge, description: str, text: str, pairs: list[QA]) -> list[Row]:
+    """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt."""
+    from cartridges_trainer.prompts import render, system_prompt
+
+    system = system_prompt(description, text)
+    turns = [render(lm.tokenizer, system, qa.question) for qa in pairs]
+    icl = prefix_cartridge(lm.model, turns[0][0], frozen_tokens=0)
+    eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
+    answers = [list(lm.tokenizer(qa.answer, add_special_tokens=False)["input_ids"]) + eos for qa in pairs]
+    conditions = {
+        "no context": None,
+        f"ICL ({len(turns[0][0])} corpus tokens)": icl,
+        f"cartridge (p={cartridge.p})": cartridge,
+    }
+    rows = []
+    for name, prefix in conditions.items():
+        nll = sum(_answer_nll(lm, prefix, turn, answer) for (_, turn), answer in zip(turns, answers, strict=True))
+        tokens = sum(len(a) for a in answers)
+        rate = _tokens_per_s(lm, prefix, turns[0][1])
+        rows.append(Row(name, nll / tokens, prefix.nbytes if prefix else 0, rate))
+    return rows
+
+
+def _logits(lm: LoadedModel, prefix: Cartridge | None, ids: list[int], cache: object = None) -> torch.Tensor:
+    """Next-token logits for ``ids`` read after ``prefix`` (positions continue after it)."""
+    if cache is None and prefix is not None:
+        cache = cartridge_cache(prefix, 1)
+    out = lm.model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=cache is not None)
+    logits: torch.Tensor = out.logits[0]
+    return logits
+
+
+def _answer_nll(lm: LoadedModel, prefix: Cartridge | None, turn: list[int], answer: list[int]) -> float:
+    logprobs = _logits(lm, prefix, turn + answer)[len(turn) - 1 : -1].float().log_softmax(-1)
+    return -float(logprobs.gather(1, torch.tensor(answer, device=lm.device)[:, None]).sum())
+
+
+def _tokens_per_s(lm: LoadedModel, prefix: Cartridge | None, turn: list[int]) -> float:
+    """Greedy decoding speed after the prompt (prefill excluded)."""
+    from transformers import DynamicCache
+
+    cache = cartridge_cache(prefix, 1) if prefix is not None else DynamicCache()
+    token = int(_logits(lm, prefix, turn, cache)[-1].argmax())
+    started = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        token = int(_logits(lm, prefix, [token], cache)[-1].argmax())
+    return DECODE_TOKENS / (time.perf_counter() - started)

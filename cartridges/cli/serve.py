@@ -1,0 +1,99 @@
+"""``cartridges serve``: a local Triton server (CPU) with the router model over a store, until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from cartridges.cli.common import (
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+    CLIError,
+    examples,
+    model_options,
+    model_source,
+    open_store,
+    store_options,
+)
+from cartridges.tritonserver import TritonServer
+
+STARTUP_TIMEOUT_S = 600.0
+
+
+def model_repository() -> Path:
+    """The serving image's model repository (the router model), next to the ``cartridges_serving`` package."""
+    import cartridges_serving
+
+    path = Path(cartridges_serving.__file__).resolve().parents[1] / "model_repository"
+    if not (path / "router" / "config.pbtxt").is_file():
+        raise CLIError(f"the router model repository is missing at {path} (run from a source checkout)", EXIT_NOT_FOUND)
+    return path
+
+
+@contextmanager
+def local_server(root: str, namespace: str, model: str, port: int | None) -> Iterator[TritonServer]:
+    """Triton with the router model serving ``namespace`` of the store at ``root``; stopped on exit."""
+    from cartridges.tritonserver import start_triton
+
+    if port is not None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise CLIError(f"port {port} is already in use; pick another with --port", EXIT_UNAVAILABLE)
+    env = {
+        "CARTRIDGES_MODEL_URI": model_source(model),
+        "CARTRIDGES_STORE_ROOT": root,
+        "CARTRIDGES_NAMESPACE": namespace,
+    }
+    with tempfile.TemporaryDirectory(prefix="cartridges-serve-") as workdir:
+        server = start_triton(model_repository(), Path(workdir), env, timeout_s=STARTUP_TIMEOUT_S, http_port=port)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    open_store(args.store)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    print(f"starting Triton (router model, {args.model}) over {args.store} namespace {args.namespace} ...", flush=True)
+    with local_server(args.store, args.namespace, args.model, args.port) as server:
+        print(f"serving on {server.http_url} (ready in {server.startup_s:.0f}s); Ctrl-C stops", flush=True)
+        print(f'  cartridges ask "..." -c NAME --url {server.http_url}', flush=True)
+        try:
+            while server.service.proc.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping ...", file=sys.stderr, flush=True)
+            return 0
+    raise CLIError(f"tritonserver exited with code {server.service.proc.returncode}; log: {server.log_path}")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="serve the store's cartridges from a local Triton server",
+        description="Start tritonserver (from the nvidia-pytriton wheel, CPU only) with the router model: it loads "
+        "the base model and, per request, the named cartridges from the store. Ctrl-C stops it cleanly.",
+        epilog=examples(
+            "cartridges serve                      # http://127.0.0.1:8000",
+            "cartridges serve --port 9000 --store s3://cartridges",
+            'curl -d \'{"text_input": "Who founded it?", "cartridges": ["handbook"]}\' '
+            "http://127.0.0.1:8000/v2/models/router/generate",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[store_options(), model_options()],
+    )
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")
+    parser.set_defaults(func=run)

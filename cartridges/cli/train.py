@@ -1,0 +1,221 @@
+"""``cartridges train``: corpus files → a trained, promoted cartridge in a store (the trainer, in this process)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cartridges import api, layout
+from cartridges.cli.common import (
+    EXIT_NOT_FOUND,
+    CLIError,
+    Stored,
+    check_name,
+    examples,
+    find,
+    human_bytes,
+    load_model,
+    model_options,
+    model_source,
+    next_generation,
+    open_store,
+    print_json,
+    promote,
+    store_options,
+)
+from cartridges.corpus import NormalizedCorpus, normalize_text, publish
+from cartridges.store import Store
+
+if TYPE_CHECKING:
+    from cartridges.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much self-study to do: the knobs that set training time on a CPU."""
+
+    size: int
+    conversations: int
+    steps: int
+    batch: int
+    chunk_tokens: tuple[int, int]
+    question_tokens: int
+    answer_tokens: int
+    sequence_length: int = 512
+
+    def spec(self, model: api.BaseModelRef, corpus: str) -> api.CartridgeSpec:
+        return api.CartridgeSpec(
+            corpusRefs=[api.CorpusRef(name=corpus)],
+            baseModel=model,
+            size=self.size,
+            selfStudy=api.SelfStudy(
+                conversations=self.conversations,
+                minChunkTokens=self.chunk_tokens[0],
+                maxChunkTokens=self.chunk_tokens[1],
+                seedPrompts=["question", "summarization", "structuring"],
+                topK=16,
+            ),
+            training=api.Training(
+                steps=self.steps, learningRate=0.02, batchSize=self.batch, sequenceLength=self.sequence_length
+            ),
+            resources=api.Resources(gpus=0),
+        )
+
+
+BUDGETS = {
+    # a few minutes on 2 CPU cores with SmolLM2-135M: enough to see the cartridge move towards ICL
+    "small": Budget(
+        size=64, conversations=16, steps=16, batch=4, chunk_tokens=(128, 256), question_tokens=24, answer_tokens=32
+    ),
+    # about 15 minutes on 2 otherwise idle CPU cores: the demo's default
+    "medium": Budget(
+        size=128, conversations=64, steps=64, batch=8, chunk_tokens=(256, 512), question_tokens=32, answer_tokens=48
+    ),
+}
+
+
+def read_files(paths: list[Path]) -> NormalizedCorpus:
+    """Every file (directories recursively, hidden files skipped) as one normalized document each."""
+    documents: list[layout.Document] = []
+    for path in paths:
+        if not path.exists():
+            raise CLIError(f"{path}: no such file or directory", EXIT_NOT_FOUND)
+        files = (
+            [f for f in sorted(path.rglob("*")) if f.is_file() and not f.relative_to(path).as_posix().startswith(".")]
+            if path.is_dir()
+            else [path]
+        )
+        if not files:
+            raise CLIError(f"{path}: the directory holds no files", EXIT_NOT_FOUND)
+        for file in files:
+            doc_id = file.relative_to(path).as_posix() if path.is_dir() else file.name
+            documents.append(layout.Document(id=doc_id, text=normalize_text(file.read_bytes(), str(file))))
+    return NormalizedCorpus.of(documents)
+
+
+def train_cartridge(
+    store: Store,
+    root: str,
+    namespace: str,
+    name: str,
+    corpus: NormalizedCorpus,
+    description: str,
+    model: str,
+    budget: Budget,
+    *,
+    lm: LoadedModel | None = None,
+    force: bool = False,
+) -> tuple[Stored, bool]:
+    """Store the corpus, train a new generation and promote it; returns it and whether it was trained now.
+
+    Without ``force``, a promoted cartridge already trained on this corpus with this spec is kept.
+    """
+    from cartridges.contract import TrainerConfig
+    from cartridges_trainer import TrainerOptions, train
+
+    store.ensure_bucket(root)
+    corpus_prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
+    publish(corpus, description, store, corpus_prefix)
+    source = model_source(model)
+    model_ref = api.BaseModelRef(name=model if model in ("smollm2", "tiny") else "custom", uri=_as_uri(source))
+    spec = budget.spec(model_ref, name)
+    if not force:
+        try:
+            current = find(store, root, namespace, name)
+        except CLIError:
+            current = None
+        if current and current.manifest.corpus_digest == corpus.digest and _same_spec(current, spec):
+            return current, False
+    config = TrainerConfig(
+        namespace=namespace,
+        cartridge=name,
+        generation=next_generation(store, root, namespace, name),
+        store_root=root,
+        corpus_prefixes=[corpus_prefix],
+        corpus_description=description,
+        spec=spec,
+    )
+    options = TrainerOptions(
+        synthesis_batch_size=min(8, budget.conversations),
+        max_question_tokens=budget.question_tokens,
+        max_answer_tokens=budget.answer_tokens,
+        checkpoint_every=max(1, budget.steps // 4),
+        progress_interval_s=2.0,
+    )
+    manifest = train(config, store, options=options, model=lm or load_model(model, store))
+    promote(store, root, namespace, name, config.generation, manifest)
+    return find(store, root, namespace, name), True
+
+
+def _as_uri(source: str) -> str:
+    return source if "://" in source else f"file://{source}"
+
+
+def _same_spec(stored: Stored, spec: api.CartridgeSpec) -> bool:
+    return bool(stored.manifest.training.get("spec") == spec.model_dump(mode="json"))
+
+
+def summary(stored: Stored) -> dict[str, object]:
+    m = stored.manifest
+    return {
+        "name": stored.name,
+        "generation": stored.pointer.generation,
+        "prefix": stored.pointer.prefix,
+        "p": m.p,
+        "bytes": m.file_bytes,
+        "baseModel": m.base_model.model_id,
+        "corpusDigest": m.corpus_digest,
+        "scores": m.metrics,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    name = check_name(args.name)
+    store = open_store(args.store)
+    corpus = read_files(args.paths)
+    budget = BUDGETS[args.budget]
+    overrides = {k: v for k, v in (("size", args.size), ("steps", args.steps)) if v is not None}
+    budget = Budget(**{**budget.__dict__, **overrides})
+    description = args.description or f"the documents {', '.join(d.id for d in corpus.documents)}"
+    stored, trained = train_cartridge(
+        store, args.store, args.namespace, name, corpus, description, args.model, budget, force=args.force
+    )
+    if args.json:
+        print_json({**summary(stored), "trained": trained})
+        return 0
+    verb = "trained" if trained else "already trained (use --force to train again)"
+    scores = stored.manifest.metrics
+    recovered = scores.get("iclGainRecovered")
+    print(
+        f"{name}: {verb}: generation {stored.pointer.generation}, p={stored.manifest.p}, "
+        f"{human_bytes(stored.manifest.file_bytes)}, ICL gain recovered "
+        f"{'n/a' if recovered is None else f'{recovered:.0%}'} on held-out self-study questions"
+    )
+    print(f"  {stored.pointer.prefix}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train a cartridge on corpus files",
+        description="Store the corpus, run self-study and distillation in this process, and promote the result.",
+        epilog=examples(
+            "cartridges train handbook docs/               # every file under docs/, embedded SmolLM2",
+            "cartridges train notes a.md b.txt --budget medium --size 256",
+            "cartridges train handbook docs/ --store s3://cartridges   # with CARTRIDGES_S3_* set",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[store_options(), model_options()],
+    )
+    parser.add_argument("name", help="cartridge name (lowercase letters, digits, '-')")
+    parser.add_argument("paths", nargs="+", type=Path, help="text files or directories (UTF-8)")
+    parser.add_argument("--description", help="what the corpus is; used in the self-study prompts")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small", help="training budget (default: small)")
+    parser.add_argument("--size", type=int, help="p, trainable KV tokens per layer (a multiple of 16)")
+    parser.add_argument("--steps", type=int, help="distillation steps")
+    parser.add_argument("--force", action="store_true", help="train a new generation even if nothing changed")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=run)

@@ -1,0 +1,87 @@
+"""Normalized corpora: UTF-8 documents as ``corpus.jsonl`` under their digest (DESIGN.md §4).
+
+Normalization makes the digest a function of the text alone: UTF-8 (a BOM dropped), NFC, ``\\n`` line ends,
+no trailing whitespace. The same text from any source (the operator's Corpus sources, the CLI's files) gives the
+same digest, so an unchanged corpus triggers nothing downstream.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import dataclass
+
+from cartridges import layout
+from cartridges.hashing import sha256_bytes
+from cartridges.store import ObjectNotFound, Store
+
+
+class SourceError(ValueError):
+    """A source cannot be read; the message names the source and says what to fix."""
+
+
+def normalize_text(raw: bytes | str, where: str) -> str:
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise SourceError(f"{where}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from err
+    text = unicodedata.normalize("NFC", raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n"))
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n") + "\n"
+
+
+@dataclass(frozen=True)
+class NormalizedCorpus:
+    documents: list[layout.Document]
+    jsonl: bytes
+
+    @classmethod
+    def of(cls, documents: list[layout.Document]) -> NormalizedCorpus:
+        """The corpus of ``documents``; refuses one that is only whitespace."""
+        if not any(doc.text.strip() for doc in documents):
+            raise SourceError("the corpus is empty: every source produced only whitespace")
+        jsonl = "".join(json.dumps(doc.model_dump(), ensure_ascii=False, sort_keys=True) + "\n" for doc in documents)
+        return cls(documents, jsonl.encode())
+
+    @property
+    def digest(self) -> str:
+        return sha256_bytes(self.jsonl)
+
+
+def count_tokens(corpus: NormalizedCorpus, tokenizer_uri: str, store: Store) -> int:
+    """Tokens of the whole corpus under a ``tokenizer.json`` (fast tokenizers only; no model weights needed)."""
+    from tokenizers import Tokenizer
+
+    uri = tokenizer_uri if tokenizer_uri.endswith(".json") else f"{tokenizer_uri.rstrip('/')}/tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_str(store.get_bytes(uri).decode())
+    except ObjectNotFound as err:
+        raise SourceError(f"spec.tokenizer: no tokenizer.json at {uri}") from err
+    except Exception as err:  # the tokenizers library raises a bare Exception on bad JSON
+        raise SourceError(f"spec.tokenizer: {uri} is not a tokenizers JSON file ({err})") from err
+    return sum(len(encoding.ids) for encoding in tokenizer.encode_batch([d.text for d in corpus.documents]))
+
+
+def publish(
+    corpus: NormalizedCorpus,
+    description: str,
+    store: Store,
+    prefix: str,
+    tokens: int | None = None,
+    tokenizer: str | None = None,
+) -> layout.CorpusManifest:
+    """Upload corpus.jsonl then manifest.json under the digest prefix; a no-op when that digest is stored."""
+    manifest_uri = f"{prefix}/{layout.MANIFEST_FILE}"
+    if store.exists(manifest_uri):
+        return layout.CorpusManifest.model_validate(store.get_json(manifest_uri))
+    manifest = layout.CorpusManifest(
+        digest=corpus.digest,
+        documents=len(corpus.documents),
+        bytes=len(corpus.jsonl),
+        description=description,
+        tokens=tokens,
+        tokenizer=tokenizer,
+    )
+    store.put_bytes(f"{prefix}/{layout.CORPUS_FILE}", corpus.jsonl)
+    store.put_json(manifest_uri, manifest.model_dump())
+    return manifest

@@ -1,0 +1,255 @@
+"""The ``cartridges`` command driven end to end with the tiny model: every subcommand, its errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cartridges.cli import main
+from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
+from cartridges.models import LoadedModel
+from cartridges.process import free_port
+
+COMMANDS = ("demo", "train", "eval", "serve", "ask", "ls", "inspect", "import")
+CORPUS = (
+    "The lighthouse of Varnholm was lit in 1873 by keeper Ilse Marrow. Its lens came from a foundry in Ostrava. "
+    "Every winter the keeper logged the ice on the fjord, and in 1901 the ice reached the harbour wall.\n"
+) * 2
+QA = [{"question": "Who lit the lighthouse?", "answer": "Ilse Marrow, in 1873."}]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cartridges: error: "), err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"file://{tmp_path_factory.mktemp('cli-store')}"
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("corpus")
+    (directory / "lighthouse.md").write_text(CORPUS)
+    (directory / "notes").mkdir()
+    (directory / "notes" / "ice.txt").write_text("The ice of 1901 reached the harbour wall.\n")
+    (directory / ".hidden").write_text("skipped")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def trained(store: str, corpus_dir: Path) -> dict[str, object]:
+    torch.set_num_threads(1)
+    argv = ["train", "lighthouse", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "4", "--json"]
+    code = main(argv)
+    assert code == 0
+    return {"store": store}
+
+
+def reference_pt(lm: LoadedModel, path: Path) -> Path:
+    """A reference-implementation checkpoint for ``lm``: 1 frozen + 15 trainable rows per layer."""
+    fp = lm.fingerprint
+
+    def layers(p: int) -> list[torch.Tensor]:
+        return [torch.randn(1, fp.num_kv_heads, p, fp.head_dim) for _ in range(fp.num_layers)]
+
+    trainable, frozen = {"keys": layers(15), "values": layers(15)}, {"keys": layers(1), "values": layers(1)}
+    torch.save(
+        {f"{kind}_{name}": v for kind, d in (("trainable", trainable), ("frozen", frozen)) for name, v in d.items()},
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "examples:" in out and "exit codes:" in out
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], corpus_dir: Path, store: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == EXIT_USAGE
+    capsys.readouterr()
+    code, _, err = cli(capsys, "train", "Bad_Name", str(corpus_dir), "--model", "tiny", "--store", store)
+    assert code == EXIT_USAGE
+    one_line_error(err)
+    code, _, err = cli(capsys, "train", "odd", str(corpus_dir), "--model", "tiny", "--store", store, "--size", "20")
+    assert code == EXIT_USAGE and "multiple of 16" in err
+    one_line_error(err)
+    code, _, err = cli(capsys, "ls", "--store", "http://not-a-store")
+    assert code == EXIT_USAGE and "unsupported store URI" in err
+
+
+def test_missing_and_unreadable_inputs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, corpus_dir: Path, store: str
+) -> None:
+    code, _, err = cli(capsys, "train", "x", str(tmp_path / "nope.md"), "--model", "tiny", "--store", store)
+    assert code == EXIT_NOT_FOUND and "no such file" in err
+    one_line_error(err)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    code, _, err = cli(capsys, "train", "x", str(binary), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and "not UTF-8" in err
+    one_line_error(err)
+    code, _, err = cli(capsys, "train", "x", str(corpus_dir), "--model", str(tmp_path / "no-model"), "--store", store)
+    assert code == EXIT_NOT_FOUND and "model not found" in err
+    one_line_error(err)
+
+
+def test_train_ls_inspect_and_retrain(
+    trained: dict[str, object], corpus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(trained["store"])
+    code, out, _ = cli(capsys, "ls", "--store", store, "--json")
+    listed = json.loads(out)
+    assert code == 0 and [c["name"] for c in listed] == ["lighthouse"]
+    assert listed[0]["p"] == 64 and listed[0]["generation"] == 1 and listed[0]["corpusDigest"]
+    code, out, _ = cli(capsys, "ls", "--store", store)
+    assert code == 0 and "lighthouse" in out and "tiny-llama-seed0" in out
+    code, out, _ = cli(capsys, "inspect", "lighthouse", "--store", store, "--json")
+    info = json.loads(out)
+    assert info["progress"]["phase"] == "done" and {"noContext", "icl", "cartridge"} <= set(info["scores"])
+    code, out, _ = cli(capsys, "inspect", "lighthouse", "--store", store)
+    assert code == 0 and "ICL gain recovered" in out
+    argv = ["train", "lighthouse", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "4", "--json"]
+    code, out, _ = cli(capsys, *argv)
+    assert code == 0 and json.loads(out)["trained"] is False  # same corpus, same spec: kept
+    code, out, _ = cli(capsys, *argv, "--force")
+    assert code == 0 and json.loads(out)["generation"] == 2
+
+
+def test_eval_table_json_and_plot(
+    trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(trained["store"])
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    plot = tmp_path / "eval.png"
+    code, out, _ = cli(
+        capsys, "eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", store, "--plot", str(plot)
+    )
+    assert code == 0 and "no context" in out and "cartridge (p=64)" in out
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    code, out, _ = cli(capsys, "eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", store, "--json")
+    rows = json.loads(out)["rows"]
+    assert [r["kv_bytes"] > 0 for r in rows] == [False, True, True]
+    assert rows[1]["kv_bytes"] > rows[2]["kv_bytes"]  # the whole corpus in context costs more than p=64 rows
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no answer"}\n')
+    code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(bad), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and "bad.jsonl:1" in err
+    code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(tmp_path / "nope.jsonl"), "--store", store)
+    assert code == EXIT_NOT_FOUND
+
+
+def test_unknown_cartridge(store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps(QA[0]) + "\n")
+    for argv in (["inspect", "nope"], ["eval", "nope", "--qa", str(qa), "--model", "tiny"]):
+        code, _, err = cli(capsys, *argv, "--store", store)
+        assert code == EXIT_NOT_FOUND and "unknown cartridge 'nope'" in err
+        one_line_error(err)
+
+
+def test_store_that_is_down(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARTRIDGES_S3_ENDPOINT", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("CARTRIDGES_S3_ACCESS_KEY", "key")
+    monkeypatch.setenv("CARTRIDGES_S3_SECRET_KEY", "secret")
+    for argv in (["ls"], ["inspect", "lighthouse"]):
+        code, _, err = cli(capsys, *argv, "--store", "s3://cartridges")
+        assert code == EXIT_UNAVAILABLE and "unreachable" in err
+        one_line_error(err)
+
+
+def test_import_reference_pt(
+    tiny_model: LoadedModel, tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = reference_pt(tiny_model, tmp_path / "ref.pt")
+    code, out, _ = cli(capsys, "import", "imported", str(good), "--model", "tiny", "--store", store, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["p"] == 16 and info["frozenTokens"] == 1 and info["baseModel"] == "tiny-llama-seed0"
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    code, _, err = cli(capsys, "import", "x", str(garbage), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and "not a readable torch checkpoint" in err
+    one_line_error(err)
+    code, _, err = cli(capsys, "import", "x", str(tmp_path / "missing.pt"), "--store", store)
+    assert code == EXIT_NOT_FOUND
+
+
+@pytest.mark.triton
+def test_serve_ask_and_ctrl_c(
+    trained: dict[str, object], tiny_model: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, port = str(trained["store"]), free_port()
+    pt = reference_pt(tiny_model, tmp_path / "ref.pt")
+    assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "cartridges.cli", "serve", "--model", "tiny", "--store", store, "--port", str(port)]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert server.stdout is not None
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if "serving on" in line:
+                break
+        assert f"serving on {url}" in "".join(lines), "".join(lines)
+        code, out, _ = cli(
+            capsys, "ask", "Who lit the lighthouse?", "-c", "lighthouse", "--url", url, "--max-tokens", "4"
+        )
+        assert code == 0 and out.endswith("\n")
+        code, out, _ = cli(capsys, "ask", "Hi", "-c", "lighthouse", "-c", "imported", "--url", url, "--json")
+        assert code == 0 and json.loads(out)["cartridges"] == ["lighthouse", "imported"]
+        code, _, err = cli(capsys, "ask", "Hi", "-c", "nope", "--url", url)
+        assert code == EXIT_NOT_FOUND and "not found" in err
+        one_line_error(err)
+        code, _, err = cli(capsys, "serve", "--model", "tiny", "--store", store, "--port", str(port))
+        assert code == EXIT_UNAVAILABLE and "already in use" in err
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(60) == 0
+    code, _, err = cli(capsys, "ask", "Hi", "--url", url)
+    assert code == EXIT_UNAVAILABLE and "cannot reach" in err
+
+
+@pytest.mark.triton
+def test_demo_quick_with_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    plot = tmp_path / "demo.png"
+    argv = ["demo", "--quick", "--model", "tiny", "--store", f"file://{tmp_path}/store", "--plot", str(plot)]
+    code, out, _ = cli(capsys, *argv)
+    assert code == 0, out
+    assert "the cartridge recovers" in out or "cartridge (p=64)" in out
+    assert out.count("with    the cartridge:") == 3 and out.count("without the cartridge:") == 3
+    assert plot.is_file() and "done in" in out
+    assert time.monotonic() - started < 600
