@@ -183,10 +183,10 @@ def _local_copy(source: str, store: Store) -> Path:
     """Download a store URI (one GGUF object or an HF directory prefix) into the content-keyed cache."""
     uri = StoreURI.parse(source)
     if uri.key.endswith(".gguf"):
-        sha = store.stat(source).sha256 or sha256_bytes(source.encode())
-        target = cache_dir() / "models" / "store" / sha / uri.name
+        recorded = store.stat(source).sha256
+        target = cache_dir() / "models" / "store" / (recorded or sha256_bytes(source.encode())) / uri.name
         if not target.exists():
-            store.download(source, target, expected_sha256=store.stat(source).sha256)
+            store.download(source, target, expected_sha256=recorded)
         return target
     objects = store.list(source)
     if not objects:

@@ -148,7 +148,11 @@ class _FileBackend:
         return Path(uri.key)
 
     def put_file(self, uri: StoreURI, path: Path, sha256: str) -> None:
-        self._atomic_write(uri, lambda fh: shutil.copyfileobj(path.open("rb"), fh, 8 << 20))
+        def copy(fh: Any) -> None:
+            with path.open("rb") as source:
+                shutil.copyfileobj(source, fh, 8 << 20)
+
+        self._atomic_write(uri, copy)
 
     def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None:
         self._atomic_write(uri, lambda fh: fh.write(data))

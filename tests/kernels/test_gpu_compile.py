@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 HERE = Path(__file__).resolve().parent
 
 
@@ -17,8 +15,7 @@ def test_kernels_compile_for_sm90() -> None:
     import triton
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists() and shutil.which("ptxas") is None:
-        pytest.skip("no ptxas in this Triton install")
+    assert ptxas.exists() or shutil.which("ptxas"), "the pinned triton wheel ships ptxas; this install lacks it"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1] / "kernels"), env.get("PYTHONPATH", "")])
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
