@@ -17,6 +17,7 @@ bench/results.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -31,7 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cartridges_kernels import KVSegment, SegmentTable, decode_attention, prefill_attention, quantize_kv
+from cartridges_kernels import (
+    KernelConfig,
+    KVSegment,
+    SegmentTable,
+    decode_attention,
+    prefill_attention,
+    quantize_kv,
+)
+from cartridges_kernels.config import default_config
 from cartridges_kernels.quantize import QuantFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -180,25 +189,49 @@ def layers_fitting(bytes_per_layer: int, shapes: Shapes, device: torch.device) -
     return min(shapes.layers, int(free * shapes.memory_fraction // max(bytes_per_layer, 1)))
 
 
-def time_per_step(run: Callable[[Any], object], layers: list[Any], shapes: Shapes, device: torch.device) -> float:
-    """Median ms of running every layer once, scaled to ``shapes.layers`` layers."""
-    ms = median_ms(lambda: [run(layer) for layer in layers], shapes, device)
-    return ms * shapes.layers / len(layers)
+def time_per_step(
+    run: Callable[[Any], object], layers: list[Any], shapes: Shapes, device: torch.device
+) -> tuple[float, float]:
+    """(ms of one step replayed from a CUDA graph, ms of the same step launched eagerly from Python), each the
+    median over iterations and scaled to ``shapes.layers`` layers.
+
+    The graph replay is the kernels' own device time, what an engine that captures its decode step gets; the
+    eager time adds this process's per-launch host work. Without CUDA both are the eager time."""
+
+    def step() -> None:
+        for layer in layers:
+            run(layer)
+
+    eager = median_ms(step, shapes, device)  # also the warm-up that fills the plan and pointer-table caches
+    graphed = eager
+    if device.type == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                step()
+        except RuntimeError as error:  # report eager time rather than lose the row
+            print(f"CUDA graph capture failed ({error}); reporting eager time", file=sys.stderr)
+            return eager * shapes.layers / len(layers), eager * shapes.layers / len(layers)
+        graphed = median_ms(graph.replay, shapes, device)
+        del graph
+    scale = shapes.layers / len(layers)
+    return graphed * scale, eager * scale
 
 
 def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_gbps: float) -> dict[str, Any]:
     """One (case, batch) row; methods that do not fit in memory are reported as null."""
     kernel_bytes, dense_bytes = layer_bytes(shapes, case, batch, device)
     row: dict[str, Any] = {"case": case.name, "batch": batch, "bytes_per_step": kernel_bytes * shapes.layers}
-    row.update(kernel_ms=None, per_request_ms=None, reference_ms=None, bandwidth_fraction=None)
+    row.update(kernel_ms=None, kernel_eager_ms=None, per_request_ms=None, reference_ms=None)
+    row.update(bandwidth_fraction=None)
     n_layers = layers_fitting(kernel_bytes, shapes, device)
     if n_layers:
         layers = [make_layer(shapes, case, batch, device) for _ in range(n_layers)]
-        row["kernel_ms"] = time_per_step(
+        row["kernel_ms"], row["kernel_eager_ms"] = time_per_step(
             lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), layers, shapes, device
         )
         if case.cartridges:
-            row["per_request_ms"] = time_per_step(
+            row["per_request_ms"], _ = time_per_step(
                 lambda x: decode_attention(x.q, x.table, x.own, backend="triton", shared_reads=False),
                 layers,
                 shapes,
@@ -213,7 +246,7 @@ def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_g
         for _ in range(n_dense):
             layer = make_layer(shapes, case, batch, device)
             dense.append((layer.q[:, :, None, :], *layer.dense_kv()))
-        row["reference_ms"] = time_per_step(
+        row["reference_ms"], _ = time_per_step(
             lambda x: F.scaled_dot_product_attention(x[0], x[1], x[2], enable_gqa=True), dense, shapes, device
         )
         del dense
@@ -248,16 +281,49 @@ def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
     return failures
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    def fmt(x: float | None, width: int, digits: int) -> str:
-        return "-".rjust(width) if x is None else f"{x:{width}.{digits}f}"
+def _decode_with(layer: Layer, config: KernelConfig, num_splits: int | None) -> Tensor:
+    return decode_attention(layer.q, layer.table, layer.own, backend="triton", config=config, num_splits=num_splits)
 
-    print(f"{'case':<22}{'batch':>6}{'kernel ms':>11}{'sdpa ms':>10}{'per-req ms':>11}{'bw frac':>9}")
-    for r in rows:
-        print(
-            f"{r['case']:<22}{r['batch']:>6}{fmt(r['kernel_ms'], 11, 3)}{fmt(r['reference_ms'], 10, 3)}"
-            f"{fmt(r['per_request_ms'], 11, 3)}{fmt(r['bandwidth_fraction'], 9, 2)}"
-        )
+
+def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
+    """Decode time of the shared-cartridge case at one batch over tile configs and split factors (graph replay),
+    to choose the fixed default config from measurements rather than guesses."""
+    case = cases(shapes)[0]
+    kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
+    layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
+    base = default_config(shapes.head_dim)
+    configs = [base] + [
+        KernelConfig(block_m, block_n, warps, stages)
+        for block_m, block_n, warps, stages in ((64, 128, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (32, 64, 4, 3))
+    ]
+    rows = []
+    for config in configs:
+        for splits in (None, 1, 2, 4, 8, 16):
+            try:
+                run = functools.partial(_decode_with, config=config, num_splits=splits)
+                ms, _ = time_per_step(run, layers, shapes, device)
+            except (ValueError, RuntimeError) as error:  # a config the launcher rejects or that fails to compile
+                print(f"sweep {config} splits={splits}: {error}", file=sys.stderr)
+                continue
+            rows.append(
+                {**asdict(config), "num_splits": splits, "batch": batch, "kernel_ms": ms,
+                 "bandwidth_fraction": kernel_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps}
+            )  # fmt: skip
+            print(f"sweep {rows[-1]}", flush=True)
+    return rows
+
+
+COLUMNS = (("kernel_ms", "kernel ms", 3), ("kernel_eager_ms", "eager ms", 3), ("reference_ms", "sdpa ms", 3),
+           ("per_request_ms", "per-req ms", 3), ("bandwidth_fraction", "bw frac", 2))  # fmt: skip
+
+
+def print_row(row: dict[str, Any] | None) -> None:
+    """One table line (the header for None), printed as soon as the row is measured."""
+    if row is None:
+        print(f"{'case':<22}{'batch':>6}" + "".join(f"{title:>11}" for _, title, _ in COLUMNS), flush=True)
+        return
+    cells = ["-".rjust(11) if row[key] is None else f"{row[key]:11.{digits}f}" for key, _, digits in COLUMNS]
+    print(f"{row['case']:<22}{row['batch']:>6}" + "".join(cells), flush=True)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -302,18 +368,27 @@ def main(argv: list[str] | None = None) -> int:
         print("correctness check failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     copy_gbps = copy_bandwidth_gbps(shapes, device)
-    rows = [measure(shapes, case, b, device, copy_gbps) for case in cases(shapes) for b in shapes.batches]
-    print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {
+    result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)",
         "copy_bandwidth_gbps": copy_gbps,
+        "timing": "kernel_ms, per_request_ms and reference_ms: median CUDA-graph replay of a step over all layers; "
+        "kernel_eager_ms: the same step launched eagerly from Python",
         "shapes": {k: str(v) for k, v in asdict(shapes).items()},
-        "rows": rows,
+        "rows": [],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    plotted = plot(rows, args.out / "kernels-gpu.png")
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s on {result['device']}")
+    print_row(None)
+    for case in cases(shapes):
+        for batch in shapes.batches:
+            result["rows"].append(measure(shapes, case, batch, device, copy_gbps))
+            print_row(result["rows"][-1])
+            (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
+    if device.type == "cuda":
+        result["sweep"] = [row for batch in (64, 256) for row in sweep(shapes, batch, device, copy_gbps)]
+        (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    plotted = plot(result["rows"], args.out / "kernels-gpu.png")
     print(f"wrote {args.out / 'kernels-gpu.json'}" + (" and kernels-gpu.png" if plotted else ""))
     return 0
 

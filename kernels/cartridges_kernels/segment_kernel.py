@@ -9,6 +9,7 @@ cartridge tensors are never copied together.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -172,7 +173,21 @@ def _scale_info(x: KVData) -> tuple[int, int]:
 def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
     """int64 [len(segments), 11], the per-segment row the kernel reads: key, value, key-scale and value-scale
     pointers (0 when unquantized), used length, key head/token strides, value head/token strides, key-scale
-    and value-scale head strides. Raw pointers let one launch address many separately allocated tensors."""
+    and value-scale head strides. Raw pointers let one launch address many separately allocated tensors.
+
+    The device tensor is cached by its contents: every layer of every decode step over the same cartridges
+    reuses it instead of paying a host-to-device copy per launch (which would also break CUDA-graph capture).
+    A cached table stays valid because it holds nothing but the values it was keyed by."""
+    rows = _meta_rows(segments)
+    return _meta_tensor(rows, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _meta_tensor(rows: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def _meta_rows(segments: Sequence[KVSegment]) -> tuple[tuple[int, ...], ...]:
     rows = []
     for seg in segments:
         k, v = storage_of(seg.keys), storage_of(seg.values)
@@ -181,7 +196,7 @@ def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
         ks_ptr, ks_sh = _scale_info(seg.keys)
         vs_ptr, vs_sh = _scale_info(seg.values)
         rows.append(
-            [
+            (
                 k.data_ptr(),
                 v.data_ptr(),
                 ks_ptr,
@@ -193,9 +208,9 @@ def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
                 v.stride(1),
                 ks_sh,
                 vs_sh,
-            ]
+            )
         )
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    return tuple(rows)
 
 
 def _granularity(x: KVData) -> int:
