@@ -294,7 +294,7 @@ def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) ->
     base = default_config(shapes.head_dim)
     configs = [base] + [
         KernelConfig(block_m, block_n, warps, stages)
-        for block_m, block_n, warps, stages in ((64, 128, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (32, 64, 4, 3))
+        for block_m, block_n, warps, stages in ((64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 3), (32, 64, 2, 3))
     ]
     rows = []
     for config in configs:

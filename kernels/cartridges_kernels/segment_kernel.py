@@ -62,6 +62,7 @@ def _segment_partials_kernel(
     K_SCALE: tl.constexpr,
     V_SCALE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ) -> None:
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -79,6 +80,11 @@ def _segment_partials_kernel(
     k_stride_t = tl.load(meta + 6)
     v_base += kv_head * tl.load(meta + 7)
     v_stride_t = tl.load(meta + 8)
+    if ALIGNED:  # pointers read from a table carry no alignment facts; without them every load is scalar
+        k_base = tl.multiple_of(k_base, 16)
+        v_base = tl.multiple_of(v_base, 16)
+        k_stride_t = tl.multiple_of(k_stride_t, 16)
+        v_stride_t = tl.multiple_of(v_stride_t, 16)
 
     # Query rows: row m is token m // GROUP_PAD of the tile and query head kv_head * GROUP + m % GROUP_PAD.
     offs_m = tl.arange(0, BLOCK_M)
@@ -213,6 +219,15 @@ def _meta_rows(segments: Sequence[KVSegment]) -> tuple[tuple[int, ...], ...]:
     return tuple(rows)
 
 
+def _aligned(segment: KVSegment) -> bool:
+    """Whether every head and token row of the segment starts on a 16-byte boundary with strides that are
+    multiples of 16 elements: the promise the kernel's ``ALIGNED`` path makes the compiler for wide loads."""
+    for x in (storage_of(segment.keys), storage_of(segment.values)):
+        if x.data_ptr() % 16 or x.stride(0) % 16 or x.stride(1) % 16:
+            return False
+    return True
+
+
 def _granularity(x: KVData) -> int:
     return _SCALE_MODE[x.granularity if isinstance(x, QuantizedKV) else None]
 
@@ -269,6 +284,7 @@ def launch_segment_partials(
         K_SCALE=_granularity(keys),
         V_SCALE=_granularity(values),
         CAUSAL=plan.own,
+        ALIGNED=all(map(_aligned, segments)),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -6,6 +6,8 @@ Python and misses errors only the compiler reports (types of loop-carried values
 
 from __future__ import annotations
 
+import re
+
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -17,13 +19,16 @@ from cartridges_kernels.segment_kernel import _segment_partials_kernel
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(kernel: triton.JITFunction, types: dict[str, str], constants: dict[str, object]) -> int:
-    """Compile with the given runtime argument types and constexprs; returns the shared memory it needs."""
+def compile_kernel(kernel: triton.JITFunction, types: dict[str, str], constants: dict[str, object]) -> tuple[int, int]:
+    """Compile with the given runtime argument types and constexprs; returns (shared memory bytes, number of
+    16-byte global loads in the PTX: asynchronous copies or vector loads)."""
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     compiled = triton.compile(
         ASTSource(kernel, signature, constants), target=TARGET, options={"num_warps": 4, "num_stages": 2}
     )
-    return int(compiled.metadata.shared)
+    ptx = compiled.asm["ptx"]
+    wide = len(re.findall(r"cp\.async\.cg\.shared\.global|ld\.global(?:\.\w+)*\.v4\.b32", ptx))
+    return int(compiled.metadata.shared), wide
 
 
 def main() -> None:
@@ -39,7 +44,14 @@ def main() -> None:
     variants = [
         (
             "bf16",
-            {"K_DTYPE": tl.bfloat16, "V_DTYPE": tl.bfloat16, "K_SCALE": 0, "V_SCALE": 0, "CAUSAL": True},
+            {
+                "K_DTYPE": tl.bfloat16,
+                "V_DTYPE": tl.bfloat16,
+                "K_SCALE": 0,
+                "V_SCALE": 0,
+                "CAUSAL": True,
+                "ALIGNED": True,
+            },
         ),
         (
             "fp16",
@@ -49,12 +61,15 @@ def main() -> None:
                 "K_SCALE": 2,
                 "V_SCALE": 1,
                 "CAUSAL": False,
+                "ALIGNED": False,
             },
         ),
     ]
     for q_type, formats in variants:
-        smem = compile_kernel(_segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats})
-        print(f"segment kernel q={q_type} {formats}: ok, {smem} bytes shared memory")
+        smem, wide = compile_kernel(
+            _segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats}
+        )
+        print(f"segment kernel q={q_type} {formats}: ok, {smem} bytes shared memory, {wide} wide loads")
     merge_types = {
         "part_o_ptr": "*fp32",
         "part_lse_ptr": "*fp32",

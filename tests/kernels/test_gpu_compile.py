@@ -24,3 +24,6 @@ def test_kernels_compile_for_sm90() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count(": ok") == 3
+    aligned = next(line for line in proc.stdout.splitlines() if "'ALIGNED': True" in line)
+    wide_loads = int(aligned.split(", ")[-1].split()[0])
+    assert wide_loads > 0, f"aligned segments must compile to 16-byte loads: {aligned}"
