@@ -171,33 +171,6 @@ def load_cartridge(
     return (cartridge.to(dtype=dtype) if dtype is not None else cartridge), manifest
 
 
-def import_reference_pt(path: Path) -> Cartridge:
-    """Convert a reference-implementation ``.pt`` (``trainable_keys``/``values``, optional ``frozen_*``).
-
-    Each list holds one tensor per layer shaped ``[1, kv_heads, tokens, head_dim]``; frozen rows come first.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad pickle
-        raise ArtifactError(f"{path}: not a readable torch checkpoint ({err})") from err
-    if not isinstance(state, dict) or "trainable_keys" not in state or "trainable_values" not in state:
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ArtifactError(f"{path}: expected a dict with trainable_keys/trainable_values, found {found}")
-
-    def layers(name: str) -> list[torch.Tensor]:
-        return [t.detach().squeeze(0) for t in state.get(name, [])]
-
-    trainable_k, trainable_v = layers("trainable_keys"), layers("trainable_values")
-    frozen_k, frozen_v = layers("frozen_keys"), layers("frozen_values")
-    if frozen_k and len(frozen_k) != len(trainable_k):
-        raise ArtifactError(f"{path}: {len(frozen_k)} frozen layers vs {len(trainable_k)} trainable layers")
-    frozen = int(frozen_k[0].shape[1]) if frozen_k else 0
-    if frozen_k:
-        trainable_k = [torch.cat([f, t], dim=1) for f, t in zip(frozen_k, trainable_k, strict=True)]
-        trainable_v = [torch.cat([f, t], dim=1) for f, t in zip(frozen_v, trainable_v, strict=True)]
-    return Cartridge(trainable_k, trainable_v, frozen)
-
-
 def upload_artifact(store: Store, directory: Path, prefix: str) -> CartridgeManifest:
     """Upload tensors first, manifest last: a reader that finds the manifest finds complete tensors."""
     manifest = read_manifest(directory / MANIFEST_FILE)

@@ -14,7 +14,6 @@ from cartridges.artifact import (
     ArtifactError,
     Cartridge,
     download_artifact,
-    import_reference_pt,
     load_cartridge,
     save_cartridge,
     upload_artifact,
@@ -76,31 +75,6 @@ def test_geometry_is_checked_on_save(tiny_model: LoadedModel, tmp_path: Path) ->
         save_cartridge(bad, tmp_path, tiny_model.fingerprint)
     with pytest.raises(ArtifactError, match="layer 1"):
         Cartridge([torch.zeros(2, 4, 16), torch.zeros(2, 5, 16)], [torch.zeros(2, 4, 16)] * 2)
-
-
-def test_reference_pt_import_puts_frozen_rows_first(tmp_path: Path) -> None:
-    layers, heads, dim = 3, 2, 8
-    state: dict[str, list[torch.Tensor]] = {
-        "frozen_keys": [torch.randn(1, heads, 1, dim) for _ in range(layers)],
-        "frozen_values": [torch.randn(1, heads, 1, dim) for _ in range(layers)],
-        "trainable_keys": [torch.nn.Parameter(torch.randn(1, heads, 15, dim)) for _ in range(layers)],
-        "trainable_values": [torch.nn.Parameter(torch.randn(1, heads, 15, dim)) for _ in range(layers)],
-    }
-    torch.save(state, tmp_path / "ref.pt")
-    frozen_keys, trainable_values = state["frozen_keys"], state["trainable_values"]
-    cartridge = import_reference_pt(tmp_path / "ref.pt")
-    assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (16, 1, layers)
-    assert torch.equal(cartridge.keys[2][:, 0], frozen_keys[2][0, :, 0])
-    assert torch.equal(cartridge.values[0][:, 1:], trainable_values[0][0].detach())
-
-
-def test_reference_import_rejects_other_checkpoints(tmp_path: Path) -> None:
-    torch.save({"model": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(ArtifactError, match="trainable_keys"):
-        import_reference_pt(tmp_path / "other.pt")
-    (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
-    with pytest.raises(ArtifactError, match="not a readable torch checkpoint"):
-        import_reference_pt(tmp_path / "garbage.pt")
 
 
 @pytest.mark.minio

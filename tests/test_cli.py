@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _peft_adapter import peft_prefix_adapter
 
 from cartridges.cli import main
 from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
@@ -204,6 +205,18 @@ def test_import_reference_pt(
     one_line_error(err)
     code, _, err = cli(capsys, "import", "x", str(tmp_path / "missing.pt"), "--store", store)
     assert code == EXIT_NOT_FOUND
+
+
+def test_import_peft_prefix_adapter(tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = tmp_path / "adapter"
+    peft_prefix_adapter(adapter, tokens=7)
+    code, out, _ = cli(capsys, "import", "prefix", str(adapter), "--model", "tiny", "--store", store, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["p"] == 7 and info["frozenTokens"] == 0
+    (adapter / "adapter_model.safetensors").write_bytes(b"junk")
+    code, _, err = cli(capsys, "import", "prefix", str(adapter), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and "not a readable safetensors file" in err
+    one_line_error(err)
 
 
 @pytest.mark.triton

@@ -1,4 +1,4 @@
-"""``cartridges import``: a cartridge trained by the reference implementation (``.pt``) into a store."""
+"""``cartridges import``: a cartridge trained elsewhere (reference ``.pt`` or PEFT prefix adapter) into a store."""
 
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ from cartridges.cli.inventory import describe
 
 def run(args: argparse.Namespace) -> int:
     from cartridges import layout
-    from cartridges.artifact import import_reference_pt, save_cartridge, upload_artifact
+    from cartridges.artifact import save_cartridge, upload_artifact
+    from cartridges.importers import import_cartridge
 
     name = check_name(args.name)
-    if not args.file.is_file():
-        raise CLIError(f"{args.file}: no such file", EXIT_NOT_FOUND)
+    if not args.file.exists():
+        raise CLIError(f"{args.file}: no such file or directory", EXIT_NOT_FOUND)
     store = open_store(args.store)
-    cartridge = import_reference_pt(args.file)
+    cartridge = import_cartridge(args.file)
     lm = load_model(args.model, store)
     generation = next_generation(store, args.store, args.namespace, name)
     with tempfile.TemporaryDirectory(prefix="cartridges-import-") as tmp:
@@ -52,15 +53,19 @@ def run(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "import",
-        help="import a reference-implementation .pt cartridge",
-        description="Convert a .pt cartridge of the reference implementation (trainable_keys/values, optional "
-        "frozen_*) into this product's format, bound to --model, and promote it. The tensors must fit the model's "
-        "layers, KV heads and head dimension.",
-        epilog=examples("cartridges import handbook cache-step-2000.pt", "cartridges import notes notes.pt --json"),
+        help="import a reference-implementation .pt cartridge or a PEFT prefix-tuning adapter",
+        description="Convert a cartridge trained elsewhere into this product's format, bound to --model, and "
+        "promote it: a .pt of the reference implementation (trainable_keys/values, optional frozen_*), or a PEFT "
+        "prefix-tuning adapter directory (adapter_config.json + adapter_model.safetensors, as save_pretrained "
+        "writes it). The tensors must fit the model's layers, KV heads and head dimension.",
+        epilog=examples(
+            "cartridges import handbook cache-step-2000.pt",
+            "cartridges import notes ./prefix-adapter/ --json",
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[store_options(), model_options()],
     )
     parser.add_argument("name", help="name to give the cartridge")
-    parser.add_argument("file", type=Path, help="the reference .pt file")
+    parser.add_argument("file", type=Path, help="the reference .pt file or the PEFT adapter directory")
     parser.add_argument("--json", action="store_true", help="print the imported cartridge as JSON")
     parser.set_defaults(func=run)

@@ -1,0 +1,69 @@
+"""Importing cartridges trained elsewhere: the reference implementation's .pt and PEFT prefix-tuning adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _peft_adapter import peft_prefix_adapter
+
+from cartridges.importers import import_cartridge, import_peft_prefix, import_reference_pt
+from cartridges.kvcache import forward_with_cartridge
+from cartridges.manifest import ArtifactError
+from cartridges.models import LoadedModel
+
+
+def test_reference_pt_import_puts_frozen_rows_first(tmp_path: Path) -> None:
+    layers, heads, dim = 3, 2, 8
+    state: dict[str, list[torch.Tensor]] = {
+        "frozen_keys": [torch.randn(1, heads, 1, dim) for _ in range(layers)],
+        "frozen_values": [torch.randn(1, heads, 1, dim) for _ in range(layers)],
+        "trainable_keys": [torch.nn.Parameter(torch.randn(1, heads, 15, dim)) for _ in range(layers)],
+        "trainable_values": [torch.nn.Parameter(torch.randn(1, heads, 15, dim)) for _ in range(layers)],
+    }
+    torch.save(state, tmp_path / "ref.pt")
+    frozen_keys, trainable_values = state["frozen_keys"], state["trainable_values"]
+    cartridge = import_reference_pt(tmp_path / "ref.pt")
+    assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (16, 1, layers)
+    assert torch.equal(cartridge.keys[2][:, 0], frozen_keys[2][0, :, 0])
+    assert torch.equal(cartridge.values[0][:, 1:], trainable_values[0][0].detach())
+
+
+def test_reference_import_rejects_other_checkpoints(tmp_path: Path) -> None:
+    torch.save({"model": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ArtifactError, match="trainable_keys"):
+        import_reference_pt(tmp_path / "other.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ArtifactError, match="not a readable torch checkpoint"):
+        import_reference_pt(tmp_path / "garbage.pt")
+
+
+def test_peft_prefix_import_reproduces_peft_logits(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    expected = peft_prefix_adapter(tmp_path / "adapter")
+    cartridge = import_cartridge(tmp_path / "adapter")
+    assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (5, 0, tiny_model.fingerprint.num_layers)
+    cartridge.check_fits(tiny_model.fingerprint)
+    ids = torch.tensor([[5, 17, 42, 7]])
+    with torch.no_grad():
+        hidden = forward_with_cartridge(tiny_model.model, cartridge, ids, torch.ones_like(ids))
+        logits = tiny_model.model.lm_head(hidden)
+        without = tiny_model.model(input_ids=ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(without, expected, atol=1e-2), "the prefix must change the output"
+    assert import_cartridge(tmp_path / "adapter" / "adapter_config.json").p == 5
+
+
+def test_peft_import_rejects_other_adapters(tmp_path: Path) -> None:
+    peft_prefix_adapter(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "num_virtual_tokens": 6}))
+    with pytest.raises(ArtifactError, match="config implies"):
+        import_peft_prefix(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    with pytest.raises(ArtifactError, match="only PREFIX_TUNING"):
+        import_peft_prefix(tmp_path)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(ArtifactError, match="expected a PEFT adapter directory"):
+        import_cartridge(tmp_path)
