@@ -1,0 +1,175 @@
+"""The serving runner on a CUDA GPU: correctness of its Triton-kernel attention, then decode speed.
+
+1. A small random Llama (GQA) in float32: one ragged step with 0, 1 and 2 composed cartridges, then a decode step,
+   each request's logits against transformers reading the composed cartridge as past key/values (SDPA).
+2. A Llama-3.2-1B-shaped random model in bf16: decode tokens/s of a batch sharing one 2048-token cartridge vs the
+   same batch with the 2048 tokens as each request's own prompt (ICL), at batch 1…64. The runner launches every
+   layer eagerly from Python, so these are host-inclusive numbers.
+
+    PYTHONPATH=.:serving-image:kernels python bench/serving_gpu.py --out bench/results
+
+Writes DIR/serving-gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cartridges.artifact import Cartridge
+from cartridges.kvcache import compose, forward_with_cartridge
+from cartridges_serving.runner import BatchItem, LlamaRunner
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = "cuda"  # --smoke: "cpu"
+
+
+def random_llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=8192,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype).eval().requires_grad_(False)
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_cartridge(runner: LlamaRunner, p: int) -> Cartridge:
+    shape = (runner.num_kv_heads, p, runner.head_dim)
+    layers = range(runner.num_layers)
+    keys = [torch.randn(shape, device=runner.device, dtype=runner.dtype) for _ in layers]
+    return Cartridge(keys, [torch.randn(shape, device=runner.device, dtype=runner.dtype) for _ in layers])
+
+
+@torch.no_grad()
+def reference_logits(model: LlamaForCausalLM, cartridges: Sequence[Cartridge], ids: Sequence[int]) -> torch.Tensor:
+    tokens = torch.tensor([list(ids)], device=DEVICE)
+    if not cartridges:
+        return model(input_ids=tokens).logits[0, -1].float()
+    hidden = forward_with_cartridge(model, compose(cartridges), tokens, torch.ones_like(tokens))
+    return model.lm_head(hidden[0, -1]).float()
+
+
+def check_correctness() -> dict[str, Any]:
+    """Max |runner - reference| logit error over a mixed prefill step and a decode step."""
+    model = random_llama(256, 4, 8, 2, 512, torch.float32)
+    runner = LlamaRunner(model)
+    a, b = random_cartridge(runner, 40), random_cartridge(runner, 23)
+    compositions: list[list[Cartridge]] = [[], [a], [a, b]]
+    prompts = [[5, 9, 200, 31, 7], [17, 3, 99], [250, 1, 2, 3, 4, 8, 16]]
+    items = [
+        BatchItem(ids, sum(c.p for c in carts), carts, runner.new_own_kv(16))
+        for ids, carts in zip(prompts, compositions, strict=True)
+    ]
+    errors = []
+    for _ in range(2):  # prefill, then one decode token per request
+        logits = runner.step(items)
+        for i, (item, carts) in enumerate(zip(items, compositions, strict=True)):
+            full = prompts[i]
+            errors.append((logits[i] - reference_logits(model, carts, full)).abs().max().item())
+            nxt = int(logits[i].argmax())
+            prompts[i] = [*full, nxt]
+            item.start_position += len(item.token_ids)
+            item.token_ids = [nxt]
+    scale = max(reference_logits(model, c, p).abs().max().item() for c, p in zip(compositions, prompts, strict=True))
+    return {"max_abs_logit_error": max(errors), "logit_scale": scale, "ok": max(errors) <= 2e-2 * max(scale, 1.0)}
+
+
+def decode_rate(runner: LlamaRunner, batch: int, context: int, shared: bool, steps: int) -> dict[str, Any]:
+    """Decode tokens/s for ``batch`` requests over a ``context``-token cartridge (shared) or own prompt (ICL)."""
+    cartridge = random_cartridge(runner, context) if shared else None
+    prompt = 8 if shared else context
+    items = [
+        BatchItem(
+            list(range(1, prompt + 1)),
+            context if shared else 0,
+            [cartridge] if cartridge is not None else [],
+            runner.new_own_kv(prompt + steps + 1),
+        )
+        for _ in range(batch)
+    ]
+    synchronize()
+    started = time.perf_counter()
+    runner.step(items)
+    synchronize()
+    prefill_s = time.perf_counter() - started
+    for item in items:
+        item.start_position += len(item.token_ids)
+        item.token_ids = [1]
+    runner.step(items)  # first decode step compiles the decode-shaped kernels
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        for item in items:
+            item.start_position += 1
+        runner.step(items)
+    synchronize()
+    decode_s = time.perf_counter() - started
+    return {
+        "method": "cartridge" if shared else "icl",
+        "context_tokens": context,
+        "batch": batch,
+        "prefill_s": prefill_s,
+        "decode_step_ms": decode_s / steps * 1e3,
+        "decode_tokens_per_s": batch * steps / decode_s,
+        "own_kv_bytes_per_request": items[0].own.nbytes,
+        "shared_cartridge_bytes": cartridge.nbytes if cartridge is not None else 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (PyTorch attention)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        global DEVICE
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {
+        "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "correctness": check_correctness(),
+        "model": "random Llama-3.2-1B shape: hidden 2048, 16 layers, 32 heads, 8 KV heads, head_dim 64, bf16",
+        "rows": [],
+    }
+    print(f"correctness: {result['correctness']}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    big = (128, 2, 4, 2, 256, torch.float32) if args.smoke else (2048, 16, 32, 8, 8192, torch.bfloat16)
+    runner = LlamaRunner(random_llama(*big))
+    print(f"{'method':<10}{'batch':>6}{'prefill s':>11}{'step ms':>10}{'tok/s':>10}{'own KV MB':>11}", flush=True)
+    for batch in (1, 2) if args.smoke else (1, 8, 32, 64):
+        for shared in (True, False):
+            row = decode_rate(runner, batch, 64 if args.smoke else 2048, shared, args.steps)
+            result["rows"].append(row)
+            print(
+                f"{row['method']:<10}{batch:>6}{row['prefill_s']:>11.3f}{row['decode_step_ms']:>10.2f}"
+                f"{row['decode_tokens_per_s']:>10.1f}{row['own_kv_bytes_per_request'] / 2**20:>11.1f}",
+                flush=True,
+            )
+            (args.out / "serving-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["correctness"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
