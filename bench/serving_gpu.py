@@ -43,7 +43,8 @@ def random_llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, 
         max_position_embeddings=8192,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype).eval().requires_grad_(False)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return model.to(device=torch.device(DEVICE), dtype=dtype)
 
 
 def synchronize() -> None:
