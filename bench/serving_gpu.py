@@ -99,7 +99,7 @@ def decode_rate(runner: LlamaRunner, batch: int, context: int, shared: bool, ste
     prompt = 8 if shared else context
     items = [
         BatchItem(
-            list(range(1, prompt + 1)),
+            [1 + i % 500 for i in range(prompt)],  # within the 512-token vocabulary
             context if shared else 0,
             [cartridge] if cartridge is not None else [],
             runner.new_own_kv(prompt + steps + 1),
