@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +95,26 @@ def test_children_carry_no_argocd_tracking_label() -> None:
         assert labels["app.kubernetes.io/managed-by"] == "cartridges-operator"
         assert not (child["metadata"].get("annotations") or {}).get("argocd.argoproj.io/tracking-id")
     assert _job()["metadata"]["ownerReferences"][0]["kind"] == "Cartridge"
+
+
+MODEL_STACK = ("torch", "transformers", "safetensors", "numpy", "accelerate", "gguf", "triton")
+
+
+def test_operator_runs_without_the_model_stack() -> None:
+    """The operator image installs only the `operator` extra: its code must import none of the `models` extra."""
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {MODEL_STACK!r}:\n"
+        "            raise ImportError(f'{name} is not in the operator image')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import cartridges_operator.__main__, cartridges_operator.handlers, cartridges.corpus, cartridges.store\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_operator_image_installs_only_the_operator_extra() -> None:
+    installs = [args for name, args in instructions(OPERATOR_DOCKERFILE) if name == "RUN" and "pip install" in args]
+    assert any('"/src[operator]"' in args for args in installs), installs
