@@ -41,10 +41,10 @@ def serving_image(threads: int) -> LocalImage:
         for arg in argv[1:]:
             name, _, value = arg.partition("=")
             if name == "--model-repository":
-                value = str(MODEL_REPOSITORY)
+                arg = f"{name}={MODEL_REPOSITORY}"
             elif name in PORT_FLAGS:
-                value = str(pod.ports[int(value)])
-            flags.append(f"{name}={value}")
+                arg = f"{name}={pod.ports[int(value)]}"
+            flags.append(arg)
         loopback = [f"--{kind}-address=127.0.0.1" for kind in ("http", "grpc", "metrics")]
         local = [str(runtime.binary), *flags, *loopback, "--allow-gpu-metrics=false", *runtime.flags]
         return local, {**runtime.env, "OMP_NUM_THREADS": str(threads)}
