@@ -343,6 +343,8 @@ def test_full_lifecycle(deployed: Deployed, reference: Engine) -> None:
     env.condition("cartridges", first, "Ready", "True", 60)
 
     # Delete: children garbage-collected, artifacts deleted (retention: Delete), the serving process stopped.
+    stored = [item for item in env.leftovers() if item.startswith(f"{env.root}/cartridges/{env.namespace}/")]
+    assert {f"{name}/g1/cartridge.safetensors" for name in names} <= {item.split("/", 5)[-1] for item in stored}
     clock.mark("deleted")
     for plural, items in (("cartridges", names), ("corpora", corpora)):
         for name in items:
