@@ -155,6 +155,29 @@ def error_lines(log_path: Path) -> str:
     return "\n".join(line for line in lines if re.match(r"E\d{4} ", line)) or "(none)"
 
 
+@dataclass(frozen=True)
+class LocalRuntime:
+    """What running the wheel's ``tritonserver`` on this machine needs beyond the serving flags themselves."""
+
+    binary: Path
+    flags: list[str]
+    env: dict[str, str]
+
+
+def local_runtime(workdir: Path) -> LocalRuntime:
+    """The binary, backend flags and environment for a server whose scratch files live in ``workdir``.
+
+    Used by ``start_triton`` and by the node harness, which runs the serving image's command with them.
+    """
+    dist = triton_dist()
+    flags = [
+        f"--backend-directory={backends_dir(dist, workdir)}",
+        # A prefix per server, so servers started side by side never share shared-memory regions.
+        f"--backend-config=python,shm-region-prefix-name=cartridges-{secrets.token_hex(4)}",
+    ]
+    return LocalRuntime(dist.binary, flags, stub_env(dist, stub_python(workdir)))
+
+
 def start_triton(
     model_repository: Path,
     workdir: Path,
@@ -167,18 +190,16 @@ def start_triton(
     Explicit model control keeps the repository API usable for loading and unloading later. The HTTP port is
     ``http_port`` when given, else a free one, like the gRPC and metrics ports.
     """
-    dist = triton_dist()
+    runtime = local_runtime(workdir)
     http, grpc, metrics = http_port or free_port(), free_port(), free_port()
     argv = [
-        str(dist.binary),
+        str(runtime.binary),
         f"--model-repository={model_repository}",
         "--model-control-mode=explicit",
         "--load-model=*",
         # Configs are complete; skipping auto-complete spares each Python model a second stub start-up.
         "--disable-auto-complete-config",
-        f"--backend-directory={backends_dir(dist, workdir)}",
-        # A prefix per server, so servers started side by side never share shared-memory regions.
-        f"--backend-config=python,shm-region-prefix-name=cartridges-{secrets.token_hex(4)}",
+        *runtime.flags,
         "--http-address=127.0.0.1",
         f"--http-port={http}",
         "--grpc-address=127.0.0.1",
@@ -194,7 +215,7 @@ def start_triton(
         "tritonserver",
         argv,
         workdir / "tritonserver.log",
-        env={**stub_env(dist, stub_python(workdir)), **(env or {})},
+        env={**runtime.env, **(env or {})},
         cwd=workdir,
     )
     ready_url = f"http://127.0.0.1:{http}/v2/health/ready"

@@ -1,4 +1,4 @@
-"""Test helpers for serving: random cartridges for a model, published into a store the way the operator does."""
+"""Test helpers: base models and random cartridges for a model, put into a store the way users and the operator do."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from cartridges import layout
 from cartridges.artifact import Cartridge, ModelFingerprint, save_cartridge, upload_artifact
+from cartridges.models import LoadedModel
 from cartridges.store import Store
 
 
@@ -40,3 +41,12 @@ def publish(
     pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
     store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
     return prefix
+
+
+def put_model(lm: LoadedModel, store: Store, uri: str) -> None:
+    """The model as an HF directory in the store at ``uri``, where ``spec.baseModel.uri`` points."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        for path in Path(tmp).iterdir():
+            store.put_file(f"{uri}/{path.name}", path)

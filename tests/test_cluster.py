@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 
+from cartridges.process import http_ok
 from cartridges_e2e.cluster import Cluster
-from cartridges_e2e.node import NodeHarness
+from cartridges_e2e.node import LocalImage, NodeHarness, PodProcess
 
 pytestmark = pytest.mark.cluster
 
@@ -188,3 +189,35 @@ def test_termination_message_round_trips(api: client.ApiClient, namespace: str) 
     assert (from_file.exit_code, from_file.reason, from_file.message) == (0, "Completed", "result: 7")
     assert (from_log.exit_code, from_log.reason) == (3, "Error")
     assert "fatal: bad corpus" in from_log.message
+
+
+def test_local_image_runs_on_host_ports_behind_its_service(
+    api: client.ApiClient, namespace: str, node_harness: NodeHarness
+) -> None:
+    """A pod that starts a mapped entry point runs the local equivalent on a free host port, which its readiness
+    probe and the Service's endpoint use."""
+    core = client.CoreV1Api(api)
+
+    def translate(argv: list[str], pod: PodProcess) -> tuple[list[str], dict[str, str]]:
+        port = pod.ports[int(argv[1].removeprefix("--port="))]
+        return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], {}
+
+    node_harness.run_images(namespace, [LocalImage(("web-image",), translate)])
+    labels = {"app": "web"}
+    container = {
+        "name": "web", "image": "web", "command": ["web-image", "--port=80"],
+        "ports": [{"name": "http", "containerPort": 80}],
+        "readinessProbe": {"httpGet": {"port": "http", "path": "/"}},
+    }  # fmt: skip
+    core.create_namespaced_pod(
+        namespace, {"metadata": {"name": "web", "labels": labels}, "spec": {"containers": [container]}}
+    )
+    service = {"selector": labels, "ports": [{"name": "http", "port": 8080, "targetPort": "http"}]}
+    core.create_namespaced_service(namespace, {"metadata": {"name": "web"}, "spec": service})
+
+    url = wait_for("a ready endpoint", lambda: node_harness.endpoint(namespace, "web", "http"))
+    assert url.startswith("http://127.0.0.1:") and not url.endswith(":80")
+    assert http_ok(url)
+    pod = core.read_namespaced_pod("web", namespace)
+    assert pod.status.container_statuses[0].ready
+    assert node_harness.endpoint(namespace, "web", "http") == url

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from _cartridge_store import put_model
 
 from cartridges import api
 from cartridges.artifact import Cartridge, download_artifact, load_cartridge
@@ -100,15 +101,6 @@ def shard(tiny_model: LoadedModel) -> Shard:
     torch.set_num_threads(1)
     study = api.SelfStudy(minChunkTokens=16, maxChunkTokens=64, topK=4)
     return synthesize_shard(tiny_model, tiny_corpus(tiny_model), study, OPTIONS, "synth/train-00000.safetensors")
-
-
-def save_model(lm: LoadedModel, store: Store, root: str, tmp_path: Path) -> None:
-    """Put the tiny model into the store as an HF directory, where ``spec.baseModel.uri`` points."""
-    local = tmp_path / "tiny-model"
-    lm.model.save_pretrained(local)
-    lm.tokenizer.save_pretrained(local)
-    for path in local.iterdir():
-        store.put_file(f"{root.rstrip('/')}/models/tiny/{path.name}", path)
 
 
 # --- cartridges as past key/values -------------------------------------------------------------------------------
@@ -328,7 +320,7 @@ def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
     """Kill a one-process run mid-distillation, finish it with torchrun on two CPU ranks (gloo): no step is
     repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients)."""
     store = Store()
-    save_model(tiny_model, store, file_store_root, tmp_path)
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
     corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
     config = make_config(file_store_root, corpus, steps=300, conversations=4)
     config_file = tmp_path / "config.json"
@@ -397,7 +389,7 @@ def test_bad_input_exits_permanent_with_a_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     store = Store()
-    save_model(tiny_model, store, file_store_root, tmp_path)
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
     prefix = put_corpus(store, file_store_root, "c", texts) if texts is not None else f"{file_store_root}/corpora/x"
     config = make_config(file_store_root, prefix, size=size)
     termination = tmp_path / "termination-log"
@@ -435,7 +427,7 @@ def test_multi_gpu_launcher_keeps_the_permanent_exit_code(
     import cartridges_trainer.__main__ as entry
 
     store = Store()
-    save_model(tiny_model, store, file_store_root, tmp_path)
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
     config = make_config(file_store_root, put_corpus(store, file_store_root, "empty", []))
     launched: list[list[str]] = []
 

@@ -10,6 +10,10 @@ collector and podFailurePolicy react to it. The seams, where it differs from a r
   in a per-pod directory, with the host environment plus the pod's resolved env. Init and sidecar
   containers, volumes and the in-cluster service-account token are not provided. Container ``ports`` mean
   nothing: the process binds host ports itself.
+- Images: ``run_images()`` names, per namespace, the local equivalent of an image's entry point
+  (``LocalImage``): a pod whose command starts with it runs the translated command instead, and each of its
+  container ports gets a free host port that its probes and ``endpoint()`` (the Service, as kube-proxy
+  would route it) use.
 - Probes: an ``httpGet`` readinessProbe is polled on 127.0.0.1; any other readiness probe passes while the
   process runs. Liveness and startup probes are ignored.
 - Termination messages: the process finds its message file in ``$TERMINATION_MESSAGE_PATH`` (a per-pod file)
@@ -30,6 +34,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from cartridges.process import http_ok, log_tail
+from cartridges.process import free_port, http_ok, log_tail
 
 Json = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -95,6 +100,39 @@ class Script:
         labels = meta.get("labels") or {}
         terms = (term.split("=", 1) for term in self.match.split(","))
         return all(labels.get(key.strip()) == value.strip() for key, value in terms)
+
+
+@dataclass(frozen=True)
+class PodProcess:
+    """What a ``LocalImage`` sees of the pod it translates: resolved env, host port per container port, directory."""
+
+    env: dict[str, str]
+    ports: dict[int, int]
+    directory: Path
+
+
+Translate = Callable[[list[str], PodProcess], tuple[list[str], dict[str, str]]]
+"""(the pod's command + args, the pod) -> (the local command, environment added to the pod's)."""
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """The seam where this node cannot run images: pods whose command starts with ``entrypoint`` (an image's
+    documented entry point) run what ``translate`` makes of it, on free host ports."""
+
+    entrypoint: tuple[str, ...]
+    translate: Translate
+
+    def matches(self, argv: list[str]) -> bool:
+        return tuple(argv[: len(self.entrypoint)]) == self.entrypoint
+
+
+def container_port(container: Json, port: int | str) -> int | None:
+    """A probe's or Service's target port (a number or a container port's name) as a container port number."""
+    if isinstance(port, int) or port.isdigit():
+        return int(port)
+    named = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+    return named.get(port)
 
 
 class _ConfigError(Exception):
@@ -178,6 +216,7 @@ class _Run:
     log_path: Path
     message_policy: str
     script: Script | None
+    ports: dict[int, int] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     start_error: str = ""
     finish_at: float = 0.0
@@ -275,6 +314,7 @@ class NodeHarness:
         self._deleted: set[str] = set()
         self._waiting: dict[str, str] = {}
         self._scripts: list[Script] = []
+        self._images: dict[str, list[LocalImage]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"node-harness-{node_name}", daemon=True)
@@ -309,6 +349,29 @@ class NodeHarness:
     def clear_scripts(self) -> None:
         with self._lock:
             self._scripts.clear()
+
+    def run_images(self, namespace: str, images: Sequence[LocalImage]) -> None:
+        """Run pods of ``namespace`` that start an image's entry point as its local equivalent (``LocalImage``)."""
+        with self._lock:
+            self._images[namespace] = list(images)
+
+    def endpoint(self, namespace: str, service: str, port: str) -> str | None:
+        """``http://host:port`` where the Service's named port reaches a ready pod on this node (kube-proxy's
+        job), or None while no pod behind it is ready."""
+        spec = _body(self._core.read_namespaced_service(service, namespace, _preload_content=False))["spec"]
+        target = next(p.get("targetPort", p["port"]) for p in spec["ports"] if p.get("name") == port)
+        selector = ",".join(f"{key}={value}" for key, value in spec["selector"].items())
+        pods = _body(self._core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False))
+        for pod in pods["items"]:
+            run = self._runs.get(pod["metadata"]["uid"])
+            number = container_port(pod["spec"]["containers"][0], target)
+            if run is not None and run.ready and number in run.ports:
+                return f"http://{HOST_IP}:{run.ports[number]}"
+        return None
+
+    def _local_image(self, namespace: str, argv: list[str]) -> LocalImage | None:
+        with self._lock:
+            return next((image for image in self._images.get(namespace, []) if image.matches(argv)), None)
 
     def log_path(self, namespace: str, pod: str) -> Path:
         return self.workdir / "logs" / f"{namespace}_{pod}.log"
@@ -430,11 +493,19 @@ class NodeHarness:
     def _admit(self, pod: Json) -> None:
         meta, container = pod["metadata"], pod["spec"]["containers"][0]
         script = self._claim_script(pod)
+        directory = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}"
+        directory.mkdir(parents=True, exist_ok=True)
+        ports = {p["containerPort"]: p["containerPort"] for p in container.get("ports") or []}
         try:
             env = {} if script else resolve_env(self._core, pod)
             argv = [_expand(arg, env) for arg in [*(container.get("command") or []), *(container.get("args") or [])]]
             if not argv and script is None:
                 raise _ConfigError("no command: the node harness cannot run an image's entrypoint")
+            image = None if script else self._local_image(meta["namespace"], argv)
+            if image is not None:
+                ports = {number: free_port() for number in ports}
+                argv, added = self._translate(image, argv, PodProcess(env, ports, directory))
+                env = {**env, **added}
         except _ConfigError as err:
             if script is not None and script.times is not None:
                 script.times += 1
@@ -448,8 +519,6 @@ class NodeHarness:
                 self._waiting[meta["uid"]] = str(err)
             return
         self._waiting.pop(meta["uid"], None)
-        directory = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}"
-        directory.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path(meta["namespace"], meta["name"])
         log_path.parent.mkdir(parents=True, exist_ok=True)
         run = _Run(
@@ -460,11 +529,19 @@ class NodeHarness:
             log_path,
             container.get("terminationMessagePolicy", "File"),
             script,
+            ports,
         )
         run.launch()
         self._runs[meta["uid"]] = run
-        run.ready = self._probe(pod)
+        run.ready = self._probe(pod, run)
         self._report(pod, run, "Running", {"running": {"startedAt": run.started_at}})
+
+    @staticmethod
+    def _translate(image: LocalImage, argv: list[str], pod: PodProcess) -> tuple[list[str], dict[str, str]]:
+        try:
+            return image.translate(argv, pod)
+        except Exception as err:  # a broken local equivalent shows on the pod, like a bad image would
+            raise _ConfigError(f"local equivalent of {' '.join(image.entrypoint)!r} failed: {err!r}") from err
 
     def _advance(self, pod: Json, run: _Run) -> None:
         if run.done:
@@ -472,12 +549,12 @@ class NodeHarness:
         if run.restart_at is not None:
             if time.monotonic() >= run.restart_at:
                 run.launch()
-                run.ready = self._probe(pod)
+                run.ready = self._probe(pod, run)
                 self._report(pod, run, "Running", {"running": {"startedAt": run.started_at}})
             return
         code = run.exit_code()
         if code is None:
-            ready = self._probe(pod)
+            ready = self._probe(pod, run)
             if ready != run.ready:
                 run.ready = ready
                 self._report(pod, run, "Running", {"running": {"startedAt": run.started_at}})
@@ -501,17 +578,17 @@ class NodeHarness:
             self._report(pod, run, "Succeeded" if code == 0 else "Failed", {"terminated": terminated})
             run.done = True
 
-    def _probe(self, pod: Json) -> bool:
-        """Readiness: an httpGet probe is polled on the host; anything else passes while the process runs."""
+    def _probe(self, pod: Json, run: _Run) -> bool:
+        """Readiness: an httpGet probe is polled on the pod's host port; anything else passes while it runs."""
         container = pod["spec"]["containers"][0]
         http = (container.get("readinessProbe") or {}).get("httpGet")
         if http is None:
             return True
-        port = http["port"]
-        if isinstance(port, str) and not port.isdigit():
-            named = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
-            port = named.get(port)
-        return port is not None and http_ok(f"http://{HOST_IP}:{port}{http.get('path', '/')}", timeout_s=0.5)
+        number = container_port(container, http["port"])
+        if number is None:
+            return False
+        url = f"http://{HOST_IP}:{run.ports.get(number, number)}{http.get('path', '/')}"
+        return http_ok(url, timeout_s=0.5)
 
     def _report(self, pod: Json, run: _Run | None, phase: str, state: Json) -> None:
         """Write the pod status the kubelet would: phase, conditions, the container's state.

@@ -14,6 +14,8 @@ class OperatorConfig:
     store_root: str
     store_secret: str = "cartridges-store"
     s3_endpoint: str = ""
+    s3_tls: str = ""  # passed on to pods as set ("true"/"false"); an https:// endpoint implies TLS anyway
+    s3_region: str = ""
     trainer_image: str = "ghcr.io/cartridges-dev/trainer:0.1.0"
     serving_image: str = "ghcr.io/cartridges-dev/serving:0.1.0"
     trainer_command: list[str] = field(default_factory=lambda: list(TRAINER_COMMAND))
@@ -29,6 +31,8 @@ class OperatorConfig:
             store_root=env.get("CARTRIDGES_STORE_ROOT", "s3://cartridges"),
             store_secret=env.get("CARTRIDGES_STORE_SECRET", cls.store_secret),
             s3_endpoint=env.get("CARTRIDGES_S3_ENDPOINT", ""),
+            s3_tls=env.get("CARTRIDGES_S3_TLS", ""),
+            s3_region=env.get("CARTRIDGES_S3_REGION", ""),
             trainer_image=env.get("CARTRIDGES_TRAINER_IMAGE", cls.trainer_image),
             serving_image=env.get("CARTRIDGES_SERVING_IMAGE", cls.serving_image),
             trainer_command=json.loads(command) if command else list(TRAINER_COMMAND),

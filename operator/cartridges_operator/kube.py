@@ -145,25 +145,29 @@ def apply_owned(body: dict[str, Any]) -> None:
 
 
 def remove_owner(kind: str, namespace: str, name: str, uid: str) -> None:
-    """Drop one Cartridge from a shared object's owners; the garbage collector removes it when none remain."""
-    read, patch = {
-        "Deployment": (apps().read_namespaced_deployment, apps().patch_namespaced_deployment),
-        "Service": (core().read_namespaced_service, core().patch_namespaced_service),
+    """Drop one Cartridge from a shared object's owners; delete the object once no owner is left.
+
+    The owner is removed on the server (a strategic-merge ``$patch: delete`` by uid), never by writing back a list
+    read earlier: Cartridges deleted at the same moment would otherwise restore each other's references, and the
+    object would wait for the garbage collector instead of going at once."""
+    read, patch, delete = {
+        "Deployment": (
+            apps().read_namespaced_deployment,
+            apps().patch_namespaced_deployment,
+            apps().delete_namespaced_deployment,
+        ),
+        "Service": (core().read_namespaced_service, core().patch_namespaced_service, core().delete_namespaced_service),
     }[kind]
     try:
         existing = read(name, namespace)
+        if all(o.uid != uid for o in existing.metadata.owner_references or []):
+            return  # not ours to touch
+        updated = patch(name, namespace, {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}})
+        if not updated.metadata.owner_references:
+            delete(name, namespace, body={"preconditions": {"resourceVersion": updated.metadata.resource_version}})
     except ApiException as err:
-        if err.status == 404:
-            return
-        raise
-    owners = [api_client().sanitize_for_serialization(o) for o in existing.metadata.owner_references or []]
-    remaining = [o for o in owners if o["uid"] != uid]
-    if len(remaining) != len(owners):
-        if remaining:
-            patch(name, namespace, [{"op": "replace", "path": "/metadata/ownerReferences", "value": remaining}])
-        else:
-            delete = apps().delete_namespaced_deployment if kind == "Deployment" else core().delete_namespaced_service
-            delete(name, namespace)
+        if err.status not in (404, 409):  # gone already, or an owner was added since: it stays
+            raise
 
 
 def deployment_ready(namespace: str, name: str) -> tuple[int, int]:

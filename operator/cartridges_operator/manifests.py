@@ -50,14 +50,20 @@ def owner_reference(body: dict[str, Any], controller: bool = True) -> dict[str, 
 
 
 def store_env(config: OperatorConfig) -> list[dict[str, Any]]:
-    """Store settings for a pod: endpoint as a value, credentials only as Secret references."""
+    """Store settings for a pod, as the operator got them: endpoint, TLS and region as values, credentials only as
+    Secret references. The operator's CA bundle is a file in its own namespace; pods use the system trust store."""
     secret = config.store_secret
 
     def from_secret(name: str, key: str) -> dict[str, Any]:
         return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
+    settings = {
+        "CARTRIDGES_S3_ENDPOINT": config.s3_endpoint,
+        "CARTRIDGES_S3_TLS": config.s3_tls,
+        "CARTRIDGES_S3_REGION": config.s3_region,
+    }
     return [
-        {"name": "CARTRIDGES_S3_ENDPOINT", "value": config.s3_endpoint},
+        *({"name": name, "value": value} for name, value in settings.items() if value),
         from_secret("CARTRIDGES_S3_ACCESS_KEY", "accessKey"),
         from_secret("CARTRIDGES_S3_SECRET_KEY", "secretKey"),
     ]

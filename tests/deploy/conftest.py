@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from _chart import Render, run_helm, template_args
+from _chart import Render
+
+from cartridges_e2e import chart
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +28,6 @@ def render(helm: Path) -> Render:
         release: str = "cartridges",
         sets: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        proc = run_helm(helm, *template_args(values, namespace, release, sets), "--include-crds")
-        assert proc.returncode == 0, proc.stderr
-        return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+        return chart.render(helm, values, namespace, release, sets)
 
     return render

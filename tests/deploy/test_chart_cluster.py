@@ -4,7 +4,6 @@ with RBAC enforced, without a single permission error."""
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import sys
@@ -20,35 +19,12 @@ from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 
 from cartridges import api
+from cartridges_e2e.chart import apply, delete, token_kubeconfig, wait_established
 from cartridges_e2e.cluster import Cluster
 from cartridges_e2e.node import NodeHarness
 from cartridges_e2e.operator_env import start_operator, wait_for
 
 pytestmark = pytest.mark.cluster
-
-FIELD_MANAGER = "chart-tests"
-
-
-def apply(dynamic: DynamicClient, obj: dict[str, Any], dry_run: bool) -> None:
-    """Server-side apply (optionally dry-run): admission, schema and CEL validation all run on the server."""
-    resource = dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-    namespace = obj["metadata"].get("namespace") if resource.namespaced else None
-    extra = {"dry_run": "All"} if dry_run else {}
-    dynamic.server_side_apply(resource, body=obj, name=obj["metadata"]["name"], namespace=namespace,
-                              field_manager=FIELD_MANAGER, force_conflicts=True, **extra)  # fmt: skip
-
-
-def wait_established(dynamic: DynamicClient, crds: list[dict[str, Any]]) -> None:
-    extensions = client.ApiextensionsV1Api(dynamic.client)
-    for crd in crds:
-        name = crd["metadata"]["name"]
-
-        def established(name: str = name) -> bool:
-            found = extensions.read_custom_resource_definition(name)
-            return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
-
-        wait_for(f"CRD {name} established", established, 30)
-    dynamic.resources.invalidate_cache()
 
 
 @pytest.fixture(scope="module")
@@ -110,25 +86,6 @@ def test_examples_validate_against_the_crds(dynamic: DynamicClient, namespaces: 
     assert "/v2/models/$MODEL/generate" in query
 
 
-def _token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
-    """A kubeconfig that authenticates as the ServiceAccount itself (a bound token), so RBAC judges every call."""
-    api_client = cluster.api_client()
-    token = client.CoreV1Api(api_client).create_namespaced_service_account_token(
-        account, namespace, {"spec": {"expirationSeconds": 3600}}
-    )
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    ca = admin["clusters"][0]["cluster"]["certificate-authority-data"]
-    base64.b64decode(ca)  # fail early on a malformed admin kubeconfig
-    document = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "test", "cluster": {"server": cluster.server, "certificate-authority-data": ca}}],
-        "users": [{"name": "sa", "user": {"token": token.status.token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": "sa"}}],
-    }  # fmt: skip
-    path.write_text(yaml.safe_dump(document))
-    return path
-
-
 def test_operator_reconciles_under_the_charts_service_account(
     render: Render,
     dynamic: DynamicClient,
@@ -150,7 +107,7 @@ def test_operator_reconciles_under_the_charts_service_account(
             apply(dynamic, obj, dry_run=False)
     wait_established(dynamic, crds)
     (account,) = find(objects, "ServiceAccount")
-    kubeconfig = _token_kubeconfig(k8s_cluster, release_ns, account["metadata"]["name"], tmp_path / "sa.kubeconfig")
+    kubeconfig = token_kubeconfig(k8s_cluster, release_ns, account["metadata"]["name"], tmp_path / "sa.kubeconfig")
 
     fake_trainer = [sys.executable, str(REPO / "tests" / "reconcilers" / "fake_trainer.py")]
     settings = {
@@ -211,8 +168,7 @@ def test_operator_reconciles_under_the_charts_service_account(
         process.stop()
         for obj in objects:
             if obj["kind"] in {"ClusterRole", "ClusterRoleBinding"}:
-                resource = dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-                dynamic.delete(resource, name=obj["metadata"]["name"])
+                delete(dynamic, obj)
     log = process.log_path.read_text()
     assert "403" not in log and "Forbidden" not in log and "forbidden" not in log, log[-4000:]
 

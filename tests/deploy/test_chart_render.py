@@ -8,6 +8,9 @@ from typing import Any
 import pytest
 from _chart import CHART, CI_VALUES, REPO, Render, container, find, run_helm, template_args
 
+from cartridges import api
+from cartridges.store import S3Config
+from cartridges_operator import manifests
 from cartridges_operator.config import OperatorConfig
 
 VALUES_FILES = sorted(p.name for p in CI_VALUES.glob("*.yaml"))
@@ -61,6 +64,22 @@ def test_operator_reads_what_the_chart_sets(render: Render, monkeypatch: pytest.
     assert config.store_root == "s3://cartridges"
     assert config.s3_endpoint == "http://cartridges-minio.demo.svc:9000"
     assert config.trainer_image.endswith("/trainer:0.1.0") and config.serving_image.endswith("/serving:0.1.0")
+
+
+def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the chart tells the operator about the store reaches the trainer and serving pods it creates."""
+    sets = {"store.tls.enabled": "true", "store.region": "eu-west-1"}
+    operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
+    for item in operator["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    model = api.BaseModelRef(name="m", uri="s3://cartridges/models/m")
+    deployment = manifests.serving_deployment("ns", model, 1, [], OperatorConfig.from_env())
+    pod = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in pod["env"] if "value" in e}
+    pod_store = S3Config.from_env({**env, "CARTRIDGES_S3_ACCESS_KEY": "a", "CARTRIDGES_S3_SECRET_KEY": "s"})
+    assert pod_store.endpoint == "cartridges-minio.demo.svc:9000"
+    assert pod_store.secure and pod_store.region == "eu-west-1"
 
 
 def test_quickstart_creates_credentials_minio_and_bucket(render: Render) -> None:
