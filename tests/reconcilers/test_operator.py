@@ -108,16 +108,24 @@ def test_permanent_trainer_failure_fails_fast_with_the_reason(operator_env: Oper
 
 
 def test_deletion_removes_serving_owner_and_artifacts(operator_env: OperatorEnv) -> None:
+    """Deleting one of two Cartridges served by the same Deployment drops only its owner reference (the
+    Deployment stays for the other) and, with retention Delete, its artifacts."""
     env = operator_env
     env.create("corpora", "gone", {"description": "d", "sources": [{"inline": "Short-lived facts."}]})
+    env.create("cartridges", "keeper", cartridge_spec("gone"))
     env.create("cartridges", "gone", cartridge_spec("gone", retention="Delete"))
-    env.wait_condition("cartridges", "gone", "Trained", "True")
+    for name in ("keeper", "gone"):
+        env.wait_condition("cartridges", name, "Trained", "True")
+    apps = client.AppsV1Api(env.api)
+
+    def owners() -> set[str]:
+        deployment = apps.read_namespaced_deployment("triton-tiny", env.namespace)
+        return {o.name for o in deployment.metadata.owner_references or []}
+
+    wait_for("both cartridges own the serving Deployment", lambda: {"keeper", "gone"} <= owners(), 30)
     prefix = layout.cartridge_prefix(env.store_root, env.namespace, "gone")
     assert env.store.list(prefix)
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "gone")
     wait_for("cartridge deleted", lambda: env.get("cartridges", "gone") is None, 30)
     assert env.store.list(prefix) == []
-    owners = (
-        client.AppsV1Api(env.api).read_namespaced_deployment("triton-tiny", env.namespace).metadata.owner_references
-    )
-    assert all(o.name != "gone" for o in owners)
+    assert "gone" not in owners() and "keeper" in owners()
