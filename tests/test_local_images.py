@@ -9,8 +9,9 @@ import pytest
 
 from cartridges.contract import SERVING_COMMAND, TRAINER_COMMAND
 from cartridges.tritonserver import triton_dist
-from cartridges_e2e.images import MODEL_REPOSITORY, serving_image, trainer_image
+from cartridges_e2e.images import serving_image, trainer_image
 from cartridges_e2e.node import PodProcess
+from cartridges_serving import MODEL_REPOSITORY
 
 POD_ENV = {"CARTRIDGES_S3_ENDPOINT": "http://127.0.0.1:9000", "CARTRIDGES_S3_ACCESS_KEY": "from-the-secret"}
 

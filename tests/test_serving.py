@@ -28,11 +28,11 @@ from cartridges.process import free_port, http_ok
 from cartridges.store import Store
 from cartridges.tritonserver import TritonServer
 from cartridges_e2e.triton import TritonFactory
-from cartridges_serving import CartridgeCache, Engine, SamplingParams
+from cartridges_serving import MODEL_REPOSITORY, CartridgeCache, Engine, SamplingParams
 
 pytestmark = pytest.mark.triton
 
-REPOSITORY = Path(__file__).parents[1] / "serving-image" / "model_repository"
+REPOSITORY = MODEL_REPOSITORY
 NAMESPACE = "team-a"
 MAX_TOKENS = 8
 

@@ -29,13 +29,12 @@ STARTUP_TIMEOUT_S = 600.0
 
 
 def model_repository() -> Path:
-    """The serving image's model repository (the router model), next to the ``cartridges_serving`` package."""
-    import cartridges_serving
+    """The router model's repository, installed inside the ``cartridges_serving`` package."""
+    from cartridges_serving import MODEL_REPOSITORY
 
-    path = Path(cartridges_serving.__file__).resolve().parents[1] / "model_repository"
-    if not (path / "router" / "config.pbtxt").is_file():
-        raise CLIError(f"the router model repository is missing at {path} (run from a source checkout)", EXIT_NOT_FOUND)
-    return path
+    if not (MODEL_REPOSITORY / "router" / "config.pbtxt").is_file():
+        raise CLIError(f"the router model repository is missing at {MODEL_REPOSITORY}; reinstall", EXIT_NOT_FOUND)
+    return MODEL_REPOSITORY
 
 
 @contextmanager

@@ -9,15 +9,12 @@ credentials the kubelet resolved from the Secret) passes through untouched, so t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from cartridges.contract import SERVING_COMMAND, TRAINER_COMMAND
 from cartridges.tritonserver import local_runtime
 from cartridges_e2e.node import LocalImage, PodProcess
+from cartridges_serving import MODEL_REPOSITORY
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL_REPOSITORY = REPO / "serving-image" / "model_repository"
-"""What the serving image copies to ``/models``."""
 PORT_FLAGS = ("--http-port", "--grpc-port", "--metrics-port")
 
 

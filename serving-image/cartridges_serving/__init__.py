@@ -2,8 +2,10 @@
 
 Public API: :class:`Engine` (``submit`` / ``generate`` / ``metrics`` / ``close``), :class:`EngineConfig`,
 :class:`SamplingParams`, :class:`Completion`, :class:`StreamEvent`, :class:`RequestHandle`, the cache
-:class:`CartridgeCache`, and the per-request errors rooted at :class:`EngineError`.
+:class:`CartridgeCache`, the per-request errors rooted at :class:`EngineError`, and :data:`MODEL_REPOSITORY`.
 """
+
+from pathlib import Path
 
 from cartridges_serving.cache import CacheStats, CartridgeCache, check_cartridge_id
 from cartridges_serving.engine import (
@@ -24,7 +26,11 @@ from cartridges_serving.errors import (
     InvalidRequest,
 )
 
+MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+"""Triton's model repository with the router model; installed with the package, copied to ``/models`` in the image."""
+
 __all__ = [
+    "MODEL_REPOSITORY",
     "CacheStats",
     "CartridgeCache",
     "CartridgeInvalid",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +120,21 @@ def test_operator_runs_without_the_model_stack() -> None:
 def test_operator_image_installs_only_the_operator_extra() -> None:
     installs = [args for name, args in instructions(OPERATOR_DOCKERFILE) if name == "RUN" and "pip install" in args]
     assert any('"/src[operator]"' in args for args in installs), installs
+
+
+def test_wheel_ships_the_router_model_repository(tmp_path: Path) -> None:
+    """`cartridges serve` from an installed wheel needs the router model inside the package, not the checkout."""
+    source = tmp_path / "src"  # setuptools writes build/ into the tree it builds; keep that out of the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    proc = subprocess.run(
+        [*build, str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for member in ("config.pbtxt", "1/model.py"):
+        assert f"cartridges_serving/model_repository/router/{member}" in names
