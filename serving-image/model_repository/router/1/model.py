@@ -103,13 +103,20 @@ class Metrics:
         }
 
     def run(self) -> None:
+        """Refresh until stopped; a failed refresh is logged and retried, so metrics never silently freeze."""
         while not self.stopped.wait(METRICS_INTERVAL_S):
-            for name, value in self.values(self.engine.metrics()).items():
-                if name in GAUGES:
-                    self.metrics[name].set(float(value))
-                else:
-                    self.metrics[name].increment(float(value - self.last[name]))
-                    self.last[name] = value
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("refreshing engine metrics failed; retrying in %.0fs", METRICS_INTERVAL_S)
+
+    def refresh(self) -> None:
+        for name, value in self.values(self.engine.metrics()).items():
+            if name in GAUGES:
+                self.metrics[name].set(float(value))
+            else:
+                self.metrics[name].increment(float(value - self.last[name]))
+                self.last[name] = value
 
     def stop(self) -> None:
         self.stopped.set()
