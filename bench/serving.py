@@ -234,7 +234,7 @@ def load_test(
 
     rows = []
     for concurrency in levels:
-        requests = max(4, 2 * concurrency)
+        requests = max(4, concurrency)
         started = time.perf_counter()
         results = asyncio.run(level(concurrency, requests))
         wall = time.perf_counter() - started
@@ -472,7 +472,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    parser.add_argument("--max-tokens", type=int, default=12, help="tokens generated per request")
     parser.add_argument("--icl-prefill-tokens", type=int, default=2048, help="ICL corpus prefill per engine cell")
     parser.add_argument("--triton-icl-prefill-tokens", type=int, default=1024)
     parser.add_argument("--triton-icl-max-corpus", type=int, default=1024, help="larger ICL corpora: engine only")
