@@ -141,6 +141,22 @@ def test_chunked_prefill_gives_the_same_tokens(engine: Engine, tiny_model: Loade
         chunked.close()
 
 
+def test_a_failing_metrics_collection_does_not_stop_the_engine(
+    engine: Engine, tiny_model: LoadedModel, store_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cartridges_serving.engine as engine_module
+
+    cache = CartridgeCache(Store(), store_root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    monkeypatch.setattr(cache, "stats", lambda: 1 / 0)
+    monkeypatch.setattr(engine_module, "METRICS_LOG_INTERVAL_S", 0.0)  # collect after every step
+    failing = Engine(tiny_model, cache)
+    try:
+        for prompt, names in (("still serving", ["alpha"]), ("and again", [])):
+            assert failing.generate(prompt, names, GREEDY).token_ids == engine.generate(prompt, names, GREEDY).token_ids
+    finally:
+        failing.close()
+
+
 def test_streaming_chunks_join_to_the_final_text(engine: Engine) -> None:
     handle = engine.submit("stream me", ["gamma"], SamplingParams(max_tokens=16))
     chunks = list(handle)

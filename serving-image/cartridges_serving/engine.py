@@ -355,10 +355,17 @@ class Engine:
                 self._step()
             if time.monotonic() - last_log > METRICS_LOG_INTERVAL_S:
                 last_log = time.monotonic()
-                log.info("engine metrics: %s", self.metrics())
+                self._log_metrics()
         shutdown = EngineUnavailable("the engine shut down before this request finished")
         for active in [*self._running, *self._waiting]:
             active.handle._emit(StreamEvent("", error=shutdown))
+
+    def _log_metrics(self) -> None:
+        """Metrics are best effort: a failure collecting them (say, in the cache's stats) must not stop serving."""
+        try:
+            log.info("engine metrics: %s", self.metrics())
+        except Exception:
+            log.exception("collecting engine metrics failed")
 
     def _retire_cancelled_and_empty(self) -> None:
         for active in list(self._running):
