@@ -311,15 +311,17 @@ class Benchmark:
     def measure(self, level: str, run: Callable[[list[Job]], list[Timing]], done: dict[tuple[Any, ...], dict]) -> None:
         for method, n, p, batch in self.cells():
             requests = self.requests_for(method, n, batch, level)
-            if level == "triton" and method == "icl" and n > self.args.triton_icl_max_corpus:
-                self.add_row(
-                    level, method, n, p, batch, None, note="not measured through Triton (time budget); see engine row"
-                )
+            skip = level == "triton" and (
+                batch not in self.args.triton_batches or (method == "icl" and n > self.args.triton_icl_max_corpus)
+            )
+            if skip:
+                note: str | None = "not measured through Triton (time budget); see the engine row"
+                self.add_row(level, method, n, p, batch, None, note=note)
                 continue
             shared = (level, method, n if method != "cartridge" else None, p, requests)
             if shared in done:  # the same experiment as a row already measured: say so, do not run it twice
                 source = done[shared]
-                note: str | None = (
+                note = (
                     f"same experiment as the {source['level']} row at corpus {source['corpus_tokens']}, "
                     f"batch {source['batch']}"
                 )
@@ -480,12 +482,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--load-concurrency", type=int, nargs="+", default=LOAD_CONCURRENCY)
     parser.add_argument("--corpus-sizes", type=int, nargs="+", default=CORPUS_SIZES, help="0: the whole corpus")
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument("--triton-batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        choices=["engine", "triton"],
+        default=["engine", "triton"],
+        help="measure only these; rows of the other level are kept from the existing results file",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(0)
     loaded = load_base_model(smollm2_gguf())
     ids = corpus_ids(loaded)
     bench = Benchmark(args, loaded, ids)
+    if "engine" not in args.levels:  # keep the engine rows (and how they were made) of an earlier run
+        earlier = json.loads((RESULTS / "serving.json").read_text())
+        bench.rows = [r for r in earlier["rows"] if r["level"] == "engine"]
+        bench.result["engine_rows_from"] = {k: earlier[k] for k in ("command", "date", "machine")}
     full, prefill_s = corpus_kv(loaded, ids)
     bench.result.update(
         {
@@ -521,10 +535,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         del names, full
         done: dict[tuple[Any, ...], dict] = {}
         cache = CartridgeCache(store, root, NAMESPACE, loaded.fingerprint, 4 << 30)
-        engine = Engine(loaded, cache)
-        run_engine(engine, bench.jobs("cartridge", bench.sizes[0], PS[0], 2), 2)  # warm-up: loads, first-call costs
-        bench.measure("engine", lambda jobs: run_engine(engine, jobs, args.max_tokens), done)
-        engine.close()
+        if "engine" in args.levels:
+            engine = Engine(loaded, cache)
+            run_engine(engine, bench.jobs("cartridge", bench.sizes[0], PS[0], 2), 2)  # warm-up: first-call costs
+            bench.measure("engine", lambda jobs: run_engine(engine, jobs, args.max_tokens), done)
+            engine.close()
         env = {
             "CARTRIDGES_MODEL_URI": str(smollm2_gguf()),
             "CARTRIDGES_STORE_ROOT": root,
