@@ -1,27 +1,50 @@
-"""Query a serving endpoint over Triton's HTTP generate extension: plain JSON in, text (or a text stream) out.
+"""Query a serving endpoint: Triton's HTTP generate extension or tritonclient gRPC streaming; text (or a stream) out.
 
-``generate(url, prompt, cartridges=[...])`` posts to ``/v2/models/<model>/generate`` and returns the answer;
-``stream=True`` posts to ``generate_stream`` and yields text chunks as the server sends them (server-sent events).
-Failures raise :class:`GenerateError` with the HTTP status and Triton's message.
+``generate(url, prompt, cartridges=[...])`` returns the answer. With an ``http://`` URL it posts to
+``/v2/models/<model>/generate`` (``stream=True``: ``generate_stream``, server-sent events); with a ``grpc://host:port``
+URL it sends the same fields as tensors over tritonclient's gRPC stream (the router is decoupled, so gRPC always
+streams; ``stream`` only decides whether the server sends chunks or one final text). Failures raise
+:class:`GenerateError` with the HTTP status or gRPC status code and Triton's message.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, overload
 
+import numpy as np
+
 DEFAULT_MODEL = "router"
+GRPC_SCHEME = "grpc://"
+# The router's input tensors (cartridges_serving/model_repository/router/config.pbtxt) and their numpy types.
+TENSOR_TYPES: dict[str, type] = {
+    "text_input": np.object_,
+    "max_tokens": np.int32,
+    "temperature": np.float32,
+    "top_p": np.float32,
+    "seed": np.int64,
+    "stream": np.bool_,
+    "stop": np.object_,
+    "cartridges": np.object_,
+}
 
 
 class GenerateError(RuntimeError):
-    """The request failed: ``status`` is the HTTP status (None when the server was not reached or timed out)."""
+    """The request failed: ``status`` is the HTTP status, ``grpc_code`` the gRPC status name (``UNAVAILABLE``).
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(f"HTTP {status}: {message}" if status is not None else message)
+    Both are None when the server was not reached or timed out, and for a model's refusal on a gRPC stream (Triton
+    sends it in-band, as a message without a status code).
+    """
+
+    def __init__(self, message: str, status: int | None = None, grpc_code: str | None = None) -> None:
+        prefix = f"HTTP {status}: " if status is not None else f"gRPC {grpc_code}: " if grpc_code else ""
+        super().__init__(prefix + message)
         self.status = status
+        self.grpc_code = grpc_code
         self.message = message
 
 
@@ -73,7 +96,8 @@ def generate(
     stream: bool = False,
     timeout: float = 60.0,
 ) -> str | Iterator[str]:
-    """Ask ``model`` at ``url`` (``http://host:8000``) to answer ``prompt`` with ``cartridges`` composed in order.
+    """Ask ``model`` at ``url`` (``http://host:8000`` or ``grpc://host:8001``) to answer ``prompt`` with
+    ``cartridges`` composed in order.
 
     ``timeout`` bounds connecting and each read (for a stream: the wait for each next chunk).
     """
@@ -86,12 +110,74 @@ def generate(
         body["top_p"] = top_p
     if seed is not None:
         body["seed"] = seed
+    if url.startswith(GRPC_SCHEME):
+        tensors = {name: _tensor(name, value) for name, value in {**body, "stream": stream}.items()}
+        chunks = grpc_stream(url.removeprefix(GRPC_SCHEME).rstrip("/"), tensors, model=model, timeout=timeout)
+        return chunks if stream else "".join(chunks)
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/generate"
     if stream:
         body["stream"] = True
         return _stream(f"{endpoint}_stream", body, timeout)
     with _post(endpoint, body, timeout) as response:
         return _text(_json(response.read()))
+
+
+def _tensor(name: str, value: Any) -> np.ndarray:
+    """One request field as the router's input tensor: a 1-d array of the configured type (strings as bytes)."""
+    return np.array([v.encode() if isinstance(v, str) else v for v in np.atleast_1d(value)]).astype(TENSOR_TYPES[name])
+
+
+def grpc_stream(
+    target: str, inputs: dict[str, np.ndarray], *, model: str = DEFAULT_MODEL, timeout: float = 60.0
+) -> Iterator[str]:
+    """Send ``inputs`` as they are on a tritonclient gRPC stream to ``target`` (``host:port``); yield text chunks.
+
+    The low-level half of :func:`generate`, also for callers that need exact tensors. ``timeout`` bounds the wait
+    for each response; leaving early (the consumer stops iterating) cancels the request on the server.
+    """
+    import tritonclient.grpc as grpcclient  # the serve extra; HTTP callers never need it
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    responses: queue.Queue[tuple[Any, InferenceServerException | None]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(target)
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        tensors = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        client.async_stream_infer(model, tensors, enable_empty_final_response=True)
+        while True:
+            try:
+                result, error = responses.get(timeout=timeout)
+            except queue.Empty:
+                raise GenerateError(f"no response from {target} within {timeout}s") from None
+            if error is not None:
+                raise _grpc_error(error, target)
+            output = result.as_numpy("text_output")
+            if output is not None:
+                yield from (chunk.decode() for chunk in output.reshape(-1) if chunk)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return
+    except InferenceServerException as error:
+        # A broken stream refuses the send with a generic message; its cause arrives through the callback.
+        try:
+            cause = responses.get_nowait()[1] or error
+        except queue.Empty:
+            cause = error
+        raise _grpc_error(cause, target) from None
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def _grpc_error(error: Any, target: str) -> GenerateError:
+    """A server's refusal keeps its status code; an unreachable server reads like the HTTP client's."""
+    code = str(error.status() or "").removeprefix("StatusCode.") or None
+    if code == "UNAVAILABLE" and "failed to connect" in error.message().lower():
+        return GenerateError(f"cannot reach {target}: {error.message()}")
+    return GenerateError(error.message(), grpc_code=code)
 
 
 def _post(url: str, body: dict[str, Any], timeout: float) -> Any:

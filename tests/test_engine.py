@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -127,6 +127,36 @@ def test_concurrent_requests_equal_their_sequential_results(engine: Engine) -> N
     assert max(batch_sizes) > 1, "requests should have shared decode steps"
 
 
+def test_chunked_prefill_gives_the_same_tokens(engine: Engine, tiny_model: LoadedModel) -> None:
+    """Prompts read 5 tokens per step, interleaved with other requests' decoding, answer as in one chunk."""
+    assert engine.cartridges is not None
+    chunked = Engine(tiny_model, engine.cartridges, max_prefill_tokens=5)
+    try:
+        jobs = [(f"a somewhat longer question number {i}", names) for i, names in enumerate([[], ["alpha"], ["beta"]])]
+        handles = [chunked.submit(prompt, names, GREEDY) for prompt, names in jobs]
+        assert [h.result(timeout=60).token_ids for h in handles] == [
+            engine.generate(prompt, names, GREEDY).token_ids for prompt, names in jobs
+        ]
+    finally:
+        chunked.close()
+
+
+def test_a_failing_metrics_collection_does_not_stop_the_engine(
+    engine: Engine, tiny_model: LoadedModel, store_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cartridges_serving.engine as engine_module
+
+    cache = CartridgeCache(Store(), store_root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    monkeypatch.setattr(cache, "stats", lambda: 1 / 0)
+    monkeypatch.setattr(engine_module, "METRICS_LOG_INTERVAL_S", 0.0)  # collect after every step
+    failing = Engine(tiny_model, cache)
+    try:
+        for prompt, names in (("still serving", ["alpha"]), ("and again", [])):
+            assert failing.generate(prompt, names, GREEDY).token_ids == engine.generate(prompt, names, GREEDY).token_ids
+    finally:
+        failing.close()
+
+
 def test_streaming_chunks_join_to_the_final_text(engine: Engine) -> None:
     handle = engine.submit("stream me", ["gamma"], SamplingParams(max_tokens=16))
     chunks = list(handle)
@@ -201,13 +231,33 @@ def test_cache_evicts_least_recently_used_by_bytes(tiny_model: LoadedModel, stor
     assert (cache.stats().hits, cache.stats().misses) == (2, 4)
 
 
-def test_promoted_generation_is_served_next(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    root, store = f"file://{tmp_path}", Store()
-    cache = CartridgeCache(store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+class CountingStore(Store):
+    """Counts ``current.json`` reads, to see which lookups reach the store."""
+
+    pointer_reads = 0
+
+    def get_json(self, uri: str) -> Any:
+        self.pointer_reads += uri.endswith(layout.CURRENT_POINTER)
+        return super().get_json(uri)
+
+
+def test_promoted_generation_is_served_once_the_pointer_expires(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    root, store, now = f"file://{tmp_path}", CountingStore(), [0.0]
+    cache = CartridgeCache(
+        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
+    )
+    with pytest.raises(CartridgeNotFound):
+        cache.get("doc")
     publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
-    assert cache.get("doc").generation == 1
+    assert cache.get("doc").generation == 1  # a miss is not cached: found as soon as it is published
     publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 5, 1), tiny_model.fingerprint, 2)
+    reads = store.pointer_reads
+    now[0] = 1.9
+    assert cache.get("doc").generation == 1
+    assert store.pointer_reads == reads  # within the TTL: no store round trip
+    now[0] = 2.0
     assert (cache.get("doc").generation, cache.get("doc").cartridge.p) == (2, 5)
+    assert store.pointer_reads == reads + 1
 
 
 def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ answers are checked against an engine running in the test process on the same mo
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 import urllib.request
@@ -17,9 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from _cartridge_store import publish, random_cartridge
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from cartridges import client
 from cartridges.artifact import TENSORS_FILE
@@ -104,33 +101,6 @@ def test_http_stream_yields_the_same_text(server: TritonServer, reference: Engin
     assert "".join(chunks) == expected(reference, "Stream it", ["beta"])
 
 
-def grpc_stream(server: TritonServer, inputs: dict[str, np.ndarray]) -> list[str]:
-    """One streamed request through tritonclient gRPC; returns the chunks, raising the stream's error."""
-    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    grpc = grpcclient.InferenceServerClient(server.grpc_url)
-    grpc.start_stream(callback=lambda result, error: results.put((result, error)))
-    try:
-        tensors = []
-        for name, array in inputs.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
-        grpc.async_stream_infer("router", tensors, enable_empty_final_response=True)
-        chunks: list[str] = []
-        while True:
-            result, error = results.get(timeout=60)
-            if error is not None:
-                raise error
-            output = result.as_numpy("text_output")
-            if output is not None:
-                chunks.extend(t.decode() for t in output.reshape(-1))
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return chunks
-    finally:
-        grpc.stop_stream()
-        grpc.close()
-
-
 def test_grpc_streaming(server: TritonServer, reference: Engine) -> None:
     inputs = {
         "text_input": np.array([b"Over gRPC"], dtype=np.object_),
@@ -138,9 +108,31 @@ def test_grpc_streaming(server: TritonServer, reference: Engine) -> None:
         "stream": np.array([True]),
         "cartridges": np.array([b"beta", b"alpha"], dtype=np.object_),
     }
-    chunks = grpc_stream(server, inputs)
+    chunks = list(client.grpc_stream(server.grpc_url, inputs))
     assert len(chunks) > 1
     assert "".join(chunks) == expected(reference, "Over gRPC", ["beta", "alpha"])
+
+
+@pytest.mark.parametrize("names", [[], ["alpha"], ["beta", "alpha"]])
+def test_client_grpc_and_http_give_the_same_greedy_text(
+    server: TritonServer, reference: Engine, names: list[str]
+) -> None:
+    grpc_url = f"grpc://{server.grpc_url}"
+    http = client.generate(server.http_url, "Same answer?", names, max_tokens=MAX_TOKENS)
+    assert client.generate(grpc_url, "Same answer?", names, max_tokens=MAX_TOKENS) == http
+    assert "".join(client.generate(grpc_url, "Same answer?", names, max_tokens=MAX_TOKENS, stream=True)) == http
+    assert http == expected(reference, "Same answer?", names)
+
+
+def test_client_grpc_errors_are_clear(server: TritonServer) -> None:
+    """The model's own message, not a transport error; Triton sends it in-band on the stream, without a code."""
+    grpc_url = f"grpc://{server.grpc_url}"
+    with pytest.raises(client.GenerateError, match="^cartridge 'missing' not found in namespace 'team-a'"):
+        client.generate(grpc_url, "hi", ["missing"], max_tokens=2)
+    with pytest.raises(client.GenerateError, match="^max_tokens must be >= 0, got -1"):
+        list(client.generate(grpc_url, "hi", max_tokens=-1, stream=True))
+    with pytest.raises(client.GenerateError, match="cannot reach"):
+        client.generate(f"grpc://127.0.0.1:{free_port()}", "anyone there?", timeout=5)
 
 
 def test_32_concurrent_mixed_requests(server: TritonServer, reference: Engine) -> None:
@@ -193,11 +185,11 @@ def test_grpc_stream_errors(server: TritonServer) -> None:
         "text_input": np.array([b"hi"], dtype=np.object_),
         "cartridges": np.array([b"missing"], dtype=np.object_),
     }
-    with pytest.raises(InferenceServerException, match="cartridge 'missing' not found"):
-        grpc_stream(server, missing)
+    with pytest.raises(client.GenerateError, match="cartridge 'missing' not found"):
+        list(client.grpc_stream(server.grpc_url, missing))
     typed = {"text_input": np.array([b"typed"], dtype=np.object_), "max_tokens": np.array([1.5], dtype=np.float32)}
-    with pytest.raises(InferenceServerException, match="max_tokens.*FP32.*INT32|max_tokens.*INT32"):
-        grpc_stream(server, typed)
+    with pytest.raises(client.GenerateError, match="max_tokens.*FP32.*INT32|max_tokens.*INT32"):
+        list(client.grpc_stream(server.grpc_url, typed))
 
 
 def scrape(server: TritonServer) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The entry points the serving engine calls: segmented attention for decode and for prefill.
 
-Triton kernels run on CUDA; elsewhere the PyTorch reference runs. ``backend="triton"`` (or the environment
+Triton kernels run on CUDA; elsewhere the PyTorch backend runs (``torch_backend``: the reference's maths with
+each shared segment read once for all its users). ``backend="triton"`` (or the environment
 variable ``CARTRIDGES_KERNELS_BACKEND=triton``) forces the kernels, which on CPU needs ``TRITON_INTERPRET=1``.
 """
 
@@ -17,8 +18,8 @@ from torch import Tensor
 from cartridges_kernels.config import KernelConfig, default_config, next_pow2
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
 from cartridges_kernels.quantize import QuantizedKV
-from cartridges_kernels.reference import segmented_attention_reference
 from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
+from cartridges_kernels.torch_backend import segmented_attention_torch
 
 Backend = Literal["auto", "triton", "torch"]
 BACKEND_ENV = "CARTRIDGES_KERNELS_BACKEND"
@@ -81,7 +82,7 @@ def prefill_attention(
     _validate(q, query_lens, table, own_kv)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     if _resolve_backend(backend, q) == "torch":
-        return segmented_attention_reference(q, query_lens, table, own_kv, scale)[0]
+        return segmented_attention_torch(q, query_lens, table, own_kv, scale)[0]
     return segmented_attention_triton(
         q, query_lens, table, own_kv, scale, num_splits, shared_reads, config or default_config(q.shape[-1])
     )[0]

@@ -1,9 +1,10 @@
 """Cartridges by id from the object store: tenancy check, pointer resolution, sha256 + base-model check, LRU.
 
 An id is a cartridge name inside the server's namespace; it resolves through
-``cartridges/<namespace>/<id>/current.json`` to a promoted generation. The pointer is read on every lookup so a
-newly promoted generation is served from the next request on; the loaded tensors are cached by (id, generation,
-sha256) and evicted least-recently-used once their bytes exceed the budget.
+``cartridges/<namespace>/<id>/current.json`` to a promoted generation. A resolved pointer is reused for
+``pointer_ttl_s`` (a store round trip per request would cost more than a decode step), so a newly promoted
+generation is served within that time; the loaded tensors are cached by (id, generation, sha256) and evicted
+least-recently-used once their bytes exceed the budget.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import logging
 import re
 import tempfile
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 # A Kubernetes resource name (RFC 1123 subdomain): no "/", no "..", nothing that leaves the namespace prefix.
 CARTRIDGE_ID = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_ID_LENGTH = 253
+DEFAULT_POINTER_TTL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,13 @@ class CartridgeCache:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        pointer_ttl_s: float = DEFAULT_POINTER_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store, self.root, self.namespace, self.model = store, root, namespace, model
         self.capacity_bytes, self.device, self.dtype = capacity_bytes, device, dtype
+        self.pointer_ttl_s, self._clock = pointer_ttl_s, clock
+        self._pointers: dict[str, tuple[float, layout.Pointer]] = {}
         self._entries: OrderedDict[tuple[str, int, str], LoadedCartridge] = OrderedDict()
         self._lock = threading.Lock()
         self._hits = self._misses = self._bytes = 0
@@ -100,6 +108,18 @@ class CartridgeCache:
             return CacheStats(self._hits, self._misses, self._bytes, len(self._entries), self.capacity_bytes)
 
     def _pointer(self, cartridge_id: str) -> layout.Pointer:
+        """The resolved pointer, from the store at most once per ``pointer_ttl_s``; failures are never cached."""
+        now = self._clock()
+        with self._lock:
+            cached = self._pointers.get(cartridge_id)
+        if cached is not None and now - cached[0] < self.pointer_ttl_s:
+            return cached[1]
+        pointer = self._resolve(cartridge_id)
+        with self._lock:
+            self._pointers[cartridge_id] = (now, pointer)
+        return pointer
+
+    def _resolve(self, cartridge_id: str) -> layout.Pointer:
         uri = layout.current_pointer(self.root, self.namespace, cartridge_id)
         try:
             pointer = layout.Pointer.model_validate(self.store.get_json(uri))

@@ -26,7 +26,7 @@ import torch
 from cartridges.artifact import Cartridge
 from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
-from cartridges_serving.cache import CacheStats, CartridgeCache
+from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache
 from cartridges_serving.errors import EngineError, EngineUnavailable, InvalidRequest
 from cartridges_serving.runner import BatchItem, LlamaRunner, OwnKV
 from cartridges_serving.text import TextStream
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 DEFAULT_CACHE_BYTES = 2 * 1024**3
+DEFAULT_MAX_PREFILL_TOKENS = 1024
 METRICS_LOG_INTERVAL_S = 10.0
 
 
@@ -101,6 +102,8 @@ class EngineConfig:
     namespace: str = "default"
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_batch_size: int = 32
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
+    pointer_ttl_s: float = DEFAULT_POINTER_TTL_S
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     @classmethod
@@ -116,6 +119,8 @@ class EngineConfig:
             namespace=env.get("CARTRIDGES_NAMESPACE", defaults.namespace),
             cache_bytes=int(env.get("CARTRIDGES_CACHE_BYTES", defaults.cache_bytes)),
             max_batch_size=int(env.get("CARTRIDGES_MAX_BATCH_SIZE", defaults.max_batch_size)),
+            max_prefill_tokens=int(env.get("CARTRIDGES_MAX_PREFILL_TOKENS", defaults.max_prefill_tokens)),
+            pointer_ttl_s=float(env.get("CARTRIDGES_POINTER_TTL_S", defaults.pointer_ttl_s)),
             device=env.get("CARTRIDGES_DEVICE", defaults.device),
         )
 
@@ -184,11 +189,17 @@ class _Active:
     def cartridge_tokens(self) -> int:
         return sum(c.p for c in self.cartridges)
 
-    def next_item(self) -> BatchItem:
-        """The prompt on the first step, then the last sampled token."""
+    @property
+    def pending_prompt(self) -> int:
+        """Prompt tokens not yet in the own KV (all of them before the first step)."""
+        return max(0, len(self.prompt_ids) - (self.own.length if self.own is not None else 0))
+
+    def next_item(self, budget: int) -> BatchItem:
+        """The next chunk of at most ``budget`` prompt tokens while prefilling, then the last sampled token."""
         assert self.own is not None
-        tokens = self.prompt_ids if self.own.length == 0 else self.generated[-1:]
-        return BatchItem(tokens, self.cartridge_tokens + self.own.length, self.cartridges, self.own)
+        done = self.own.length
+        tokens = self.prompt_ids[done : done + budget] if done < len(self.prompt_ids) else self.generated[-1:]
+        return BatchItem(tokens, self.cartridge_tokens + done, self.cartridges, self.own)
 
     def completion(self, reason: FinishReason) -> Completion:
         return Completion(self.text.text, list(self.generated), reason, len(self.prompt_ids), self.cartridge_tokens)
@@ -198,13 +209,21 @@ class Engine:
     """Continuous-batching generation with per-request cartridge composition. Thread-safe ``submit``."""
 
     def __init__(
-        self, loaded: LoadedModel, cartridges: CartridgeCache | None = None, *, max_batch_size: int = 32
+        self,
+        loaded: LoadedModel,
+        cartridges: CartridgeCache | None = None,
+        *,
+        max_batch_size: int = 32,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.cartridges = cartridges
         self.runner = LlamaRunner(loaded.model)
         self.max_batch_size = max_batch_size
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
         eos = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {t for t in [*eos_ids, self.tokenizer.eos_token_id] if t is not None}
@@ -232,8 +251,9 @@ class Engine:
                 config.cache_bytes,
                 device=loaded.device,
                 dtype=next(loaded.model.parameters()).dtype,
+                pointer_ttl_s=config.pointer_ttl_s,
             )
-        return cls(loaded, cache, max_batch_size=config.max_batch_size)
+        return cls(loaded, cache, max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens)
 
     # -- submission (caller threads) -------------------------------------------------------------------------------
 
@@ -335,10 +355,17 @@ class Engine:
                 self._step()
             if time.monotonic() - last_log > METRICS_LOG_INTERVAL_S:
                 last_log = time.monotonic()
-                log.info("engine metrics: %s", self.metrics())
+                self._log_metrics()
         shutdown = EngineUnavailable("the engine shut down before this request finished")
         for active in [*self._running, *self._waiting]:
             active.handle._emit(StreamEvent("", error=shutdown))
+
+    def _log_metrics(self) -> None:
+        """Metrics are best effort: a failure collecting them (say, in the cache's stats) must not stop serving."""
+        try:
+            log.info("engine metrics: %s", self.metrics())
+        except Exception:
+            log.exception("collecting engine metrics failed")
 
     def _retire_cancelled_and_empty(self) -> None:
         for active in list(self._running):
@@ -347,20 +374,39 @@ class Engine:
             elif active.params.max_tokens == 0:
                 self._finish(active, "length")
 
+    def _schedule(self) -> list[tuple[_Active, int]]:
+        """Every decoding request gets its one token; prefilling ones share ``max_prefill_tokens`` in arrival order.
+
+        Chunked prefill bounds a step's work and memory (a 7k-token prompt never runs as one chunk), so decoding
+        requests keep producing tokens while long prompts are read.
+        """
+        budget = self.max_prefill_tokens
+        scheduled = []
+        for active in self._running:
+            pending = active.pending_prompt
+            if pending == 0:
+                scheduled.append((active, 1))
+            elif budget > 0:
+                scheduled.append((active, min(pending, budget)))
+                budget -= min(pending, budget)
+        return scheduled
+
     def _step(self) -> None:
-        batch = list(self._running)
+        scheduled = self._schedule()
+        batch = [active for active, _ in scheduled]
         try:
             for active in batch:
                 if active.own is None:
                     active.own = self.runner.new_own_kv(len(active.prompt_ids) + active.params.max_tokens)
-            logits = self.runner.step([a.next_item() for a in batch])
+            logits = self.runner.step([active.next_item(n) for active, n in scheduled])
         except Exception as err:  # one failed step fails its batch, never the engine
             log.exception("engine step failed for %d requests", len(batch))
             for active in batch:
                 self._fail(active, EngineError(f"inference failed: {type(err).__name__}: {err}"))
             return
-        self._count_tokens(len(batch))
-        for active, row in zip(batch, logits, strict=True):
+        ready = [(active, row) for active, row in zip(batch, logits, strict=True) if active.pending_prompt == 0]
+        self._count_tokens(len(ready))
+        for active, row in ready:
             token = _sample(row, active.params, active.generator)
             active.generated.append(token)
             if token in self.eos_ids:

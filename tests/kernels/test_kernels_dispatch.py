@@ -84,3 +84,24 @@ def test_plan_is_reused_across_layers() -> None:
         decode_attention(layer.q, layer.table, layer.own_kv, backend="triton")
     info = plan_attention.cache_info()
     assert (info.misses, info.hits) == (1, 2)
+
+
+def test_torch_backend_reads_shared_segments_once_and_matches_the_reference() -> None:
+    """The serving pattern: many decode requests on one cartridge, some composing two, plus a prefill chunk."""
+    from cartridges_kernels.reference import segmented_attention_reference
+    from cartridges_kernels.torch_backend import segmented_attention_torch
+
+    torch.manual_seed(1)
+    batch = make_batch(
+        [40, 9],
+        [[0]] * 6 + [[0, 1], [1, 0], []],
+        own_lens=[3] * 6 + [4, 5, 6],
+        query_lens=[1] * 6 + [1, 5, 6],
+        kv_heads=3,
+        group=3,
+    )
+    want_out, want_lse = segmented_attention_reference(batch.q, batch.query_lens, batch.table, batch.own_kv, 0.3)
+    out, lse = segmented_attention_torch(batch.q, batch.query_lens, batch.table, batch.own_kv, 0.3)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.double(), oracle(batch, 0.3), atol=1e-5, rtol=0)

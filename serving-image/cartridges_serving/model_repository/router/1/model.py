@@ -1,13 +1,17 @@
 """Triton Python-backend router (decoupled): parses the LLM-convention tensors and hands requests to the engine.
 
 The engine answers on its scheduler thread through a per-request callback; streaming requests get one response per
-text chunk, others one response with the whole text. Every failure is that request's error response; the model
+text chunk, others one response with the whole text. Sending a response and asking whether the client went away
+are round trips to the server process, so the callback only queues the event and one outbox thread does the
+talking: the engine's decode steps never wait on IPC. Every failure is that request's error response; the model
 and the other requests carry on. Configuration comes from the environment (see ``EngineConfig.from_env``).
 """
 
 import json
 import logging
+import queue
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -19,6 +23,7 @@ log = logging.getLogger("cartridges.router")
 # Names of pb_utils.TritonError codes; the stub fills in pb_utils.TritonError only after this module is imported.
 ERROR_CODES = {"invalid_argument": "INVALID_ARG", "not_found": "NOT_FOUND", "unavailable": "UNAVAILABLE"}
 METRICS_INTERVAL_S = 1.0
+CANCEL_CHECK_INTERVAL_S = 0.5  # how often a running request asks the server whether its client is still there
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 GAUGES = {
     "running": "requests in the running batch",
@@ -45,17 +50,53 @@ def text_response(text: str) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse([pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_))])
 
 
+class Outbox:
+    """One thread that delivers every request's events to Triton, in order, off the engine's scheduler thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[Responder, StreamEvent] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self.run, name="cartridges-outbox", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            responder, event = item
+            try:
+                responder.deliver(event)
+            except Exception:  # one request's failed send must not stop the others' responses
+                log.exception("delivering a response failed; cancelling the request")
+                if responder.handle is not None:
+                    responder.handle.cancel()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(5)
+
+
 class Responder:
     """Turns one request's engine events into Triton responses; notices a client that went away."""
 
-    def __init__(self, request: "pb_utils.InferenceRequest", sender: "pb_utils.InferenceResponseSender", stream: bool):
-        self.request, self.sender, self.stream = request, sender, stream
+    def __init__(
+        self,
+        request: "pb_utils.InferenceRequest",
+        sender: "pb_utils.InferenceResponseSender",
+        stream: bool,
+        outbox: Outbox,
+    ):
+        self.request, self.sender, self.stream, self.outbox = request, sender, stream, outbox
         self.parts: list[str] = []
         self.handle = None
+        self.next_cancel_check = 0.0
 
     def __call__(self, event: StreamEvent) -> None:
-        if self.handle is not None and self.request.is_cancelled():
-            self.handle.cancel()
+        """The engine's callback (scheduler thread): hand the event to the outbox."""
+        self.outbox.queue.put((self, event))
+
+    def deliver(self, event: StreamEvent) -> None:
+        if self.handle is not None and not event.final and time.monotonic() >= self.next_cancel_check:
+            self.next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+            if self.request.is_cancelled():
+                self.handle.cancel()
         if event.error is not None:
             self.sender.send(error_response(event.error), flags=FINAL)
         elif self.stream:
@@ -103,13 +144,20 @@ class Metrics:
         }
 
     def run(self) -> None:
+        """Refresh until stopped; a failed refresh is logged and retried, so metrics never silently freeze."""
         while not self.stopped.wait(METRICS_INTERVAL_S):
-            for name, value in self.values(self.engine.metrics()).items():
-                if name in GAUGES:
-                    self.metrics[name].set(float(value))
-                else:
-                    self.metrics[name].increment(float(value - self.last[name]))
-                    self.last[name] = value
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("refreshing engine metrics failed; retrying in %.0fs", METRICS_INTERVAL_S)
+
+    def refresh(self) -> None:
+        for name, value in self.values(self.engine.metrics()).items():
+            if name in GAUGES:
+                self.metrics[name].set(float(value))
+            else:
+                self.metrics[name].increment(float(value - self.last[name]))
+                self.last[name] = value
 
     def stop(self) -> None:
         self.stopped.set()
@@ -121,6 +169,7 @@ class TritonPythonModel:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         config = EngineConfig.from_env()
         self.engine = Engine.from_config(config)
+        self.outbox = Outbox()
         self.metrics = Metrics(self.engine, json.loads(args["model_config"])["name"])
         log.info(
             "router ready: model %s, store %s, namespace %s", config.model_uri, config.store_root, config.namespace
@@ -132,7 +181,7 @@ class TritonPythonModel:
             try:
                 inputs = {name: self._input(request, name) for name in INPUT_KINDS}
                 parsed = parse_request(inputs)
-                responder = Responder(request, sender, parsed.stream)
+                responder = Responder(request, sender, parsed.stream, self.outbox)
                 responder.handle = self.engine.submit(
                     parsed.prompt, parsed.cartridges, parsed.params, on_event=responder
                 )
@@ -150,3 +199,4 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.metrics.stop()
         self.engine.close()
+        self.outbox.stop()
