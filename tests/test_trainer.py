@@ -29,7 +29,8 @@ from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import answer_logprobs, pack
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.distill import TrainableCartridge, distill_loss, initial_cartridge, step_batch
-from cartridges_trainer.synthesis import Shard, synthesize_shard
+from cartridges_trainer.evaluate import evaluate
+from cartridges_trainer.synthesis import Shard, corpus_context, synthesize_shard
 
 if TYPE_CHECKING:
     from cartridges_e2e.minio import MinioServer
@@ -275,6 +276,25 @@ def test_step_batches_are_a_function_of_the_step() -> None:
     assert len(set(step_batch(items, 4, 0, 3))) == 4
 
 
+# --- evaluation --------------------------------------------------------------------------------------------------
+
+
+def test_eval_icl_reads_the_whole_corpus_when_it_fits_else_the_chunk(shard: Shard, tiny_model: LoadedModel) -> None:
+    corpus = tiny_corpus(tiny_model)
+    cartridge = initial_cartridge(tiny_model, corpus, make_config("file:///x", "file:///x").spec, 0)
+    whole = corpus_context(tiny_model, corpus)
+    assert len(whole) > len(shard.context)  # the shard's chunk is only part of the corpus
+    scores = evaluate(tiny_model, cartridge, [shard], whole)
+    same_as_whole = evaluate(tiny_model, cartridge, [Shard(torch.tensor(whole), shard.conversations)])
+    assert scores["iclContext"] == "corpus" and same_as_whole["iclContext"] == "chunk"
+    assert scores["icl"] == pytest.approx(same_as_whole["icl"], rel=1e-5)
+    assert scores["noContext"] == pytest.approx(same_as_whole["noContext"], rel=1e-6)
+    too_long = whole * (tiny_model.model.config.max_position_embeddings // len(whole) + 1)
+    fallback, chunk = evaluate(tiny_model, cartridge, [shard], too_long), evaluate(tiny_model, cartridge, [shard])
+    assert fallback["iclContext"] == "chunk" and fallback["icl"] == pytest.approx(chunk["icl"], rel=1e-6)
+    assert fallback["icl"] != pytest.approx(scores["icl"], rel=1e-5)  # a random model barely reads context
+
+
 # --- end to end ----------------------------------------------------------------------------------------------------
 
 
@@ -292,6 +312,7 @@ def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_p
     assert loaded.training["synthesis_tokens_per_s"] > 0 and loaded.training["distill_tokens_per_s"] > 0
     scores: dict[str, float] = store.get_json(f"{prefix}/{EVAL_FILE}")
     assert {"noContext", "icl", "cartridge", "iclGainRecovered"} <= scores.keys()
+    assert scores["iclContext"] == "corpus"  # the tiny corpus fits the context window
     assert all(scores[k] > 0 for k in ("noContext", "icl", "cartridge"))
     assert manifest.metrics == scores
     progress = Progress.model_validate(store.get_json(f"{prefix}/{PROGRESS_FILE}"))

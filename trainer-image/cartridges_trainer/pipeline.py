@@ -20,7 +20,7 @@ from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
-from cartridges_trainer.synthesis import synthesize
+from cartridges_trainer.synthesis import corpus_context, synthesize
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _run(
 
     steps = spec.training.steps
     progress.phase("evaluating", total=steps, done=steps)
-    scores = evaluate(lm, cartridge, eval_shards)
+    scores = evaluate(lm, cartridge, eval_shards, corpus_context(lm, corpus))
     store.put_json(workspace.uri(EVAL_FILE), scores)
 
     progress.phase("uploading", total=steps, done=steps)

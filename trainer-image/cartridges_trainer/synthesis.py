@@ -214,6 +214,11 @@ def _grounded_conversations(
     return rendered[0][0], [turn for _, turn in rendered], answers
 
 
+def corpus_context(lm: LoadedModel, corpus: Corpus) -> list[int]:
+    """The teacher's system turn holding the whole corpus: what a cartridge of the corpus stands in for."""
+    return render(lm.tokenizer, system_prompt(corpus.description, _text(lm, corpus.tokens)), "")[0]
+
+
 def _stored_shard(workspace: Workspace, name: str, stored: set[str]) -> Shard | None:
     """The shard a previous run finished, or ``None`` (absent, or corrupt and to be regenerated)."""
     if name not in stored:
