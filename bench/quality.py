@@ -150,10 +150,16 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
         for (_, turn), pair in zip(rendered, pairs, strict=True)
     ]
     icl_context = rendered[0][0]
-    rows: list[dict[str, Any]] = [
-        {"method": "none", "p": 0, **score(lm, None, questions)},
-        {"method": "icl", "p": len(icl_context), **score(lm, prefix_cartridge(lm.model, icl_context, 0), questions)},
-    ]
+    if args.baselines and args.baselines.exists():  # none and ICL do not depend on training: scored once
+        rows: list[dict[str, Any]] = json.loads(args.baselines.read_text())
+    else:
+        icl = prefix_cartridge(lm.model, icl_context, 0)
+        rows = [
+            {"method": "none", "p": 0, **score(lm, None, questions)},
+            {"method": "icl", "p": len(icl_context), **score(lm, icl, questions)},
+        ]
+        if args.baselines:
+            args.baselines.write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(rows, indent=1), flush=True)
     options = TrainerOptions(
         recipe=args.recipe,
@@ -223,6 +229,7 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
                 **stats,
                 "distill_tokens_per_s": sum(distill_rates) / len(distill_rates),
                 "rows": _recovered(rows),
+                "baselines_from": str(args.baselines) if args.baselines else None,
                 "command": shlex.join(["python", *sys.argv]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads {args.threads}",
                 "wall_seconds": time.monotonic() - started,
@@ -284,6 +291,7 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads; on a shared CPU one is several times faster than two"
     )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.mkdtemp(prefix="quality-store-")))
+    parser.add_argument("--baselines", type=Path, help="JSON of the none and ICL rows: read if present, else written")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
