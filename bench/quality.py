@@ -261,7 +261,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         (axes[1], "accuracy_contains", "greedy accuracy (answer contained)"),
     ):
         for method, style in (("cartridge", "o-"), ("cartridge_init", "s--")):
-            points = [(r["p"], r[key]) for r in rows if r["method"] == method]
+            points = sorted((r["p"], r[key]) for r in rows if r["method"] == method)
             axis.plot(*zip(*points, strict=True), style, label=method.replace("_init", " (untrained)"))
         for r, color in ((rows[0], "gray"), (rows[1], "tab:green")):
             axis.axhline(r[key], color=color, linestyle=":", label=r["method"])
