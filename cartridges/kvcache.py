@@ -72,7 +72,7 @@ def forward_with_cartridge(
 def prefix_cartridge(model: PreTrainedModel, token_ids: Sequence[int], frozen_tokens: int = 1) -> Cartridge:
     """The model's own KV cache of ``token_ids`` at positions ``0..n-1``: the cartridge that equals that context."""
     ids = torch.tensor([list(token_ids)], device=model.device)
-    cache = model(input_ids=ids, use_cache=True).past_key_values
+    cache = model.get_decoder()(input_ids=ids, use_cache=True).past_key_values  # no logits needed
     keys = [layer.keys[0].detach().clone() for layer in cache.layers]
     values = [layer.values[0].detach().clone() for layer in cache.layers]
     return Cartridge(keys, values, frozen_tokens)

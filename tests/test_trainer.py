@@ -30,7 +30,8 @@ from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import answer_logprobs, pack
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.distill import TrainableCartridge, distill_loss, initial_cartridge, step_batch
-from cartridges_trainer.synthesis import Shard, synthesize_shard
+from cartridges_trainer.evaluate import evaluate
+from cartridges_trainer.synthesis import Shard, corpus_context, synthesize_shard
 
 if TYPE_CHECKING:
     from cartridges_e2e.minio import MinioServer
@@ -79,7 +80,7 @@ def make_config(
         baseModel=api.BaseModelRef(name="tiny", uri=f"{root.rstrip('/')}/models/tiny"),
         size=size,
         selfStudy=api.SelfStudy(conversations=conversations, minChunkTokens=16, maxChunkTokens=64, topK=4),
-        training=api.Training(steps=steps, learningRate=1e-2, batchSize=4, sequenceLength=64),
+        training=api.Training(steps=steps, learningRate=1e-2, batchSize=4, sequenceLength=256),
     )
     return TrainerConfig(
         namespace="default",
@@ -96,11 +97,15 @@ def tiny_corpus(lm: LoadedModel) -> Corpus:
     return Corpus("the Varnholm lighthouse", lm.tokenizer(CORPUS_TEXT, add_special_tokens=False)["input_ids"], "d")
 
 
+STUDY = api.SelfStudy(minChunkTokens=16, maxChunkTokens=64, topK=4)
+
+
 @pytest.fixture(scope="module")
 def shard(tiny_model: LoadedModel) -> Shard:
+    """A shard of the paper's recipe (generated questions and greedy answers)."""
     torch.set_num_threads(1)
-    study = api.SelfStudy(minChunkTokens=16, maxChunkTokens=64, topK=4)
-    return synthesize_shard(tiny_model, tiny_corpus(tiny_model), study, OPTIONS, "synth/train-00000.safetensors")
+    options = OPTIONS.model_copy(update={"recipe": "paper"})
+    return synthesize_shard(tiny_model, tiny_corpus(tiny_model), STUDY, options, "synth/train-00000.safetensors")
 
 
 # --- cartridges as past key/values -------------------------------------------------------------------------------
@@ -179,6 +184,37 @@ def test_synthesis_shard_shapes_and_teacher_alignment(shard: Shard, tiny_model: 
         assert torch.equal(a.topk_ids, b.topk_ids.int()) and torch.equal(a.topk_logprobs, b.topk_logprobs)
 
 
+def test_grounded_shard_answers_with_the_chunks_own_words(tiny_model: LoadedModel) -> None:
+    corpus = tiny_corpus(tiny_model)
+    shard = synthesize_shard(tiny_model, corpus, STUDY, OPTIONS, "synth/train-00001.safetensors")
+    assert OPTIONS.recipe == "grounded" and len(shard.conversations) == OPTIONS.synthesis_batch_size
+    start, end = corpus.window(1, STUDY.maxChunkTokens)
+    chunk = tiny_model.tokenizer.decode(corpus.tokens[start:end])
+    assert chunk in tiny_model.tokenizer.decode(shard.context.tolist())
+    eos = tiny_model.tokenizer.eos_token_id
+    for conv in shard.conversations:
+        answer = conv.answer.tolist()
+        assert answer[-1] == eos and tiny_model.tokenizer.decode(answer[:-1]) in chunk
+        assert conv.topk_ids.shape == conv.topk_logprobs.shape == (len(answer), 4)
+    # the teacher reads the chunk once, then the conversations: the same log-probs as reading it all at once
+    conv = shard.conversations[0]
+    with torch.no_grad():
+        ids = torch.cat([shard.context, conv.ids]).unsqueeze(0)
+        logprobs = tiny_model.model(input_ids=ids).logits[0].log_softmax(-1)
+    at = len(shard.context) + conv.answer_start - 1
+    expected = logprobs[at : at + len(conv.answer)].gather(-1, conv.topk_ids.long())
+    assert torch.allclose(expected, conv.topk_logprobs, atol=1e-4)
+
+
+def test_corpus_windows_cover_every_token_evenly() -> None:
+    corpus = Corpus("d", list(range(100)), "x")
+    spans = [corpus.window(i, 30) for i in range(5)]
+    assert spans[0] == (0, 30) and spans[-1] == (70, 100) and corpus.window(5, 30) == spans[0]
+    assert all(b - a == 30 for a, b in spans)
+    assert set().union(*(range(a, b) for a, b in spans)) == set(range(100))
+    assert corpus.window(0, 500) == (0, 100)
+
+
 # --- distillation ------------------------------------------------------------------------------------------------
 
 
@@ -232,6 +268,25 @@ def test_step_batches_are_a_function_of_the_step() -> None:
     assert len(set(step_batch(items, 4, 0, 3))) == 4
 
 
+# --- evaluation --------------------------------------------------------------------------------------------------
+
+
+def test_eval_icl_reads_the_whole_corpus_when_it_fits_else_the_chunk(shard: Shard, tiny_model: LoadedModel) -> None:
+    corpus = tiny_corpus(tiny_model)
+    cartridge = initial_cartridge(tiny_model, corpus, make_config("file:///x", "file:///x").spec, 0)
+    whole = corpus_context(tiny_model, corpus)
+    assert len(whole) > len(shard.context)  # the shard's chunk is only part of the corpus
+    scores = evaluate(tiny_model, cartridge, [shard], whole)
+    same_as_whole = evaluate(tiny_model, cartridge, [Shard(torch.tensor(whole), shard.conversations)])
+    assert scores["iclContext"] == "corpus" and same_as_whole["iclContext"] == "chunk"
+    assert scores["icl"] == pytest.approx(same_as_whole["icl"], rel=1e-5)
+    assert scores["noContext"] == pytest.approx(same_as_whole["noContext"], rel=1e-6)
+    too_long = whole * (tiny_model.model.config.max_position_embeddings // len(whole) + 1)
+    fallback, chunk = evaluate(tiny_model, cartridge, [shard], too_long), evaluate(tiny_model, cartridge, [shard])
+    assert fallback["iclContext"] == "chunk" and fallback["icl"] == pytest.approx(chunk["icl"], rel=1e-6)
+    assert fallback["icl"] != pytest.approx(scores["icl"], rel=1e-5)  # a random model barely reads context
+
+
 # --- end to end ----------------------------------------------------------------------------------------------------
 
 
@@ -249,6 +304,7 @@ def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_p
     assert loaded.training["synthesis_tokens_per_s"] > 0 and loaded.training["distill_tokens_per_s"] > 0
     scores: dict[str, float] = store.get_json(f"{prefix}/{EVAL_FILE}")
     assert {"noContext", "icl", "cartridge", "iclGainRecovered"} <= scores.keys()
+    assert scores["iclContext"] == "corpus"  # the tiny corpus fits the context window
     assert all(scores[k] > 0 for k in ("noContext", "icl", "cartridge"))
     assert manifest.metrics == scores
     progress = Progress.model_validate(store.get_json(f"{prefix}/{PROGRESS_FILE}"))

@@ -73,12 +73,9 @@ def pack(
     pad_id: int,
     device: torch.device,
     row_tokens: int = 0,
-    prefix: torch.Tensor | None = None,
 ) -> Batch:
-    """Pack conversations (each optionally preceded by ``prefix``, e.g. the chunk for in-context scoring) into rows
-    of ``max(row_tokens, longest)`` tokens."""
-    seqs = [c.ids if prefix is None else torch.cat([prefix, c.ids]) for c in conversations]
-    lead = 0 if prefix is None else len(prefix)
+    """Pack conversations into rows of ``max(row_tokens, longest)`` tokens."""
+    seqs = [c.ids for c in conversations]
     capacity = max(row_tokens, *(len(s) for s in seqs))
     fill: list[int] = []
     placements: list[tuple[int, int, int]] = []  # (conversation, row, offset)
@@ -98,7 +95,7 @@ def pack(
         input_ids[row, offset:end] = seq
         segments[row, offset:end] = segment
         positions[row, offset:end] = torch.arange(len(seq))
-        cols.append(torch.arange(offset + lead + conv.answer_start - 1, end - 1))
+        cols.append(torch.arange(offset + conv.answer_start - 1, end - 1))
         rows.append(torch.full((len(conv.answer),), row))
         topk_ids.append(conv.topk_ids)
         topk_logprobs.append(conv.topk_logprobs)

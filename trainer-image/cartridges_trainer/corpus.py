@@ -28,6 +28,17 @@ class Corpus:
         start = rng.randint(0, len(self.tokens) - length)
         return start, start + length
 
+    def window(self, index: int, length: int) -> tuple[int, int]:
+        """The ``index``-th (cycling) of evenly spaced, overlapping spans of ``length`` tokens covering the corpus.
+
+        Random chunks rarely include the corpus' first and last tokens; windows give every token the same coverage.
+        """
+        length = min(length, len(self.tokens))
+        spare = len(self.tokens) - length
+        count = -(-len(self.tokens) // length) + (1 if spare else 0)
+        start = round((index % count) * spare / max(count - 1, 1))
+        return start, start + length
+
 
 def load_corpus(store: Store, prefixes: list[str], description: str, tokenizer: PreTrainedTokenizerBase) -> Corpus:
     """Read and tokenize every corpus version; unusable input raises :class:`InputError`."""

@@ -1,6 +1,8 @@
-"""Held-out evaluation: answer NLL per token with no context, with the chunk in context (ICL), and with the cartridge.
+"""Held-out evaluation: answer NLL per token with no context, with the corpus in context (ICL), and the cartridge.
 
-``iclGainRecovered`` = (none - cartridge) / (none - icl): 1 means the cartridge is as good as having the chunk.
+ICL reads the whole corpus (rendered as the teacher's system turn) when it fits the model's context window, since
+that is what the cartridge stands in for; otherwise each shard's own chunk, and ``iclContext`` says which.
+``iclGainRecovered`` = (none - cartridge) / (none - icl): 1 means the cartridge is as good as that context.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cartridges.artifact import Cartridge
+from cartridges.kvcache import prefix_cartridge
 from cartridges.models import LoadedModel
 from cartridges_trainer.batching import answer_logprobs, pack
 from cartridges_trainer.synthesis import Shard
@@ -18,27 +21,37 @@ from cartridges_trainer.synthesis import Shard
 EVAL_BATCH = 8
 
 
+def fits_context(lm: LoadedModel, context_tokens: int, shards: Sequence[Shard]) -> bool:
+    """Whether ``context_tokens`` followed by the longest held-out conversation fits the model's positions."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    longest = max((len(c.ids) for s in shards for c in s.conversations), default=0)
+    return limit is None or context_tokens + longest <= limit
+
+
 @torch.no_grad()
-def evaluate(lm: LoadedModel, cartridge: Cartridge, shards: Sequence[Shard]) -> dict[str, float | int | None]:
-    """Mean answer NLL per token under the three conditions, and the fraction of the ICL gain recovered."""
+def evaluate(
+    lm: LoadedModel, cartridge: Cartridge, shards: Sequence[Shard], corpus_context: list[int] | None = None
+) -> dict[str, float | int | str | None]:
+    """Mean answer NLL per token under the three conditions, and the fraction of the ICL gain recovered.
+
+    ``corpus_context`` is the whole corpus as a system turn; it is used for ICL when it fits, else the chunks.
+    """
+    whole = corpus_context is not None and fits_context(lm, len(corpus_context), shards)
+    corpus_icl = prefix_cartridge(lm.model, corpus_context, frozen_tokens=0) if whole and corpus_context else None
     totals = {"noContext": 0.0, "icl": 0.0, "cartridge": 0.0}
     tokens = 0
     pad_id = lm.tokenizer.pad_token_id or 0
     for shard in shards:
+        icl = corpus_icl or prefix_cartridge(lm.model, shard.context.tolist(), frozen_tokens=0)
         for i in range(0, len(shard.conversations), EVAL_BATCH):
-            convs = shard.conversations[i : i + EVAL_BATCH]
-            plain = pack(convs, pad_id, lm.device)
-            conditions = {
-                "noContext": (plain, None),
-                "icl": (pack(convs, pad_id, lm.device, prefix=shard.context), None),
-                "cartridge": (plain, cartridge),
-            }
-            for name, (batch, prefix) in conditions.items():
+            batch = pack(shard.conversations[i : i + EVAL_BATCH], pad_id, lm.device)
+            for name, prefix in (("noContext", None), ("icl", icl), ("cartridge", cartridge)):
                 logprobs = answer_logprobs(lm.model, batch, prefix)
                 totals[name] += F.nll_loss(logprobs, batch.targets, reduction="sum").item()
-            tokens += len(plain.targets)
-    scores: dict[str, float | int | None] = {name: total / tokens for name, total in totals.items()}
+            tokens += len(batch.targets)
+    scores: dict[str, float | int | str | None] = {name: total / tokens for name, total in totals.items()}
     gain = totals["noContext"] - totals["icl"]
     scores["iclGainRecovered"] = (totals["noContext"] - totals["cartridge"]) / gain if gain else None
+    scores["iclContext"] = "corpus" if whole else "chunk"
     scores["answerTokens"] = tokens
     return scores

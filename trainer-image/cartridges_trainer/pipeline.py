@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
-from cartridges_trainer.synthesis import synthesize
+from cartridges_trainer.synthesis import corpus_context, synthesize
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,14 @@ def _run(
     corpus = load_corpus(store, config.corpus_prefixes, config.corpus_description, lm.tokenizer)
     init = initial_cartridge(lm, corpus, spec, options.seed)
 
+    started = time.monotonic()
     train_shards, eval_shards = synthesize(lm, corpus, spec.selfStudy, options, workspace, progress, world)
     synthesis_rate = progress.progress.tokens_per_s  # None when every shard was already stored
+    stats: dict[str, float | int | None] = {"synthesis_seconds": time.monotonic() - started}
     conversations = [c for shard in train_shards for c in shard.conversations]
-    cartridge, stats = distill(lm, init, conversations, spec, options, workspace, progress, world)
+    started = time.monotonic()
+    cartridge, distill_stats = distill(lm, init, conversations, spec, options, workspace, progress, world)
+    stats |= distill_stats | {"distill_seconds": time.monotonic() - started}
     rates = {"synthesis_tokens_per_s": synthesis_rate, "distill_tokens_per_s": progress.progress.tokens_per_s}
     if not world.is_main:
         world.barrier()  # rank 0 evaluates and uploads
@@ -113,7 +118,7 @@ def _run(
 
     steps = spec.training.steps
     progress.phase("evaluating", total=steps, done=steps)
-    scores = evaluate(lm, cartridge, eval_shards)
+    scores = evaluate(lm, cartridge, eval_shards, corpus_context(lm, corpus))
     store.put_json(workspace.uri(EVAL_FILE), scores)
 
     progress.phase("uploading", total=steps, done=steps)

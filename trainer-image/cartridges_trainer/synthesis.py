@@ -1,6 +1,9 @@
-"""Self-study synthesis: bot A asks about a chunk, bot B answers it greedily, bot B's top-k log-probs are kept.
+"""Self-study synthesis: conversations about a chunk of the corpus, and the teacher's top-k log-probs on each answer.
 
-One shard = one chunk and a batch of conversations about it, generated together (left-padded batches). Shards are
+The teacher is the model with the chunk in context. Two recipes (``TrainerOptions.recipe``): ``paper``, where bot A
+asks about the chunk and bot B answers greedily; ``grounded``, where tasks and answers come from the chunk's own
+sentences (:mod:`cartridges_trainer.grounded`). One shard = one chunk and a batch of conversations about it, made
+together (batched generation, the chunk read once). Shards are
 named by index and seeded by name, so a restart skips what the store holds and regenerates the rest identically.
 """
 
@@ -17,11 +20,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cartridges.api import SelfStudy
-from cartridges.kvcache import positions_after
+from cartridges.kvcache import forward_with_cartridge, prefix_cartridge
 from cartridges.models import LoadedModel
 from cartridges.store import IntegrityError
 from cartridges_trainer.batching import Conversation
 from cartridges_trainer.corpus import Corpus
+from cartridges_trainer.grounded import grounded_tasks
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
@@ -30,6 +34,7 @@ from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
 SYNTH_FOLDER = "synth"
+TEACHER_BATCH = 8
 
 
 @dataclass
@@ -82,13 +87,14 @@ def shard_names(conversations: int, options: TrainerOptions) -> tuple[list[str],
     )
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(seqs: list[list[int]], pad_id: int, device: torch.device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s)
+        mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -109,7 +115,7 @@ def _text(lm: LoadedModel, ids: list[int]) -> str:
 def generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
     """New tokens for every prompt in one batched ``generate``, each cut after its first stop token (kept)."""
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    ids, mask = _left_pad(prompts, pad_id, lm.device)
+    ids, mask = _pad(prompts, pad_id, lm.device, left=True)
     stops = _stop_ids(lm)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
     out = lm.model.generate(  # type: ignore[operator]  # transformers types generate through nn.Module.__getattr__
@@ -130,28 +136,51 @@ def generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, tem
 
 @torch.no_grad()
 def teacher_topk(
-    lm: LoadedModel, prompts: list[list[int]], answers: list[list[int]], k: int
+    lm: LoadedModel, context: list[int], turns: list[list[int]], answers: list[list[int]], k: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Top-k (ids, log-probs) of the teacher at each answer token, from one forward over the batch."""
-    ids, mask = _left_pad([p + a for p, a in zip(prompts, answers, strict=True)], 0, lm.device)
-    hidden = lm.model.get_decoder()(
-        input_ids=ids, attention_mask=mask, position_ids=positions_after(0, mask)
-    ).last_hidden_state
+    """Top-k (ids, log-probs) of the teacher at each answer token of ``context + turn + answer``.
+
+    The shared context (the chunk) is read once into a KV cache; the conversations follow it in right-padded
+    batches of ``TEACHER_BATCH`` (the cache is copied per row, so this bounds memory).
+    """
+    prefix = prefix_cartridge(lm.model, context, frozen_tokens=0)
     head: torch.nn.Module = lm.model.get_output_embeddings()
-    width = ids.shape[1]
     results = []
-    for i, answer in enumerate(answers):
-        logprobs = head(hidden[i, width - len(answer) - 1 : width - 1]).float().log_softmax(-1)
-        top = logprobs.topk(k, dim=-1)
-        results.append((top.indices.int().cpu(), top.values.cpu()))
+    for i in range(0, len(turns), TEACHER_BATCH):
+        batch_turns, batch_answers = turns[i : i + TEACHER_BATCH], answers[i : i + TEACHER_BATCH]
+        seqs = [t + a for t, a in zip(batch_turns, batch_answers, strict=True)]
+        ids, mask = _pad(seqs, 0, lm.device, left=False)
+        hidden = forward_with_cartridge(lm.model, prefix, ids, mask)
+        for row, (turn, answer) in enumerate(zip(batch_turns, batch_answers, strict=True)):
+            logprobs = head(hidden[row, len(turn) - 1 : len(turn) + len(answer) - 1]).float().log_softmax(-1)
+            top = logprobs.topk(k, dim=-1)
+            results.append((top.indices.int().cpu(), top.values.cpu()))
     return results
 
 
 def synthesize_shard(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, name: str) -> Shard:
-    """One chunk, ``synthesis_batch_size`` seed prompts: bot A's questions, bot B's greedy answers and top-k."""
+    """One chunk and ``synthesis_batch_size`` conversations about it, by ``options.recipe``, with teacher top-k."""
     seed = zlib.crc32(f"{options.seed}:{name}".encode())
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    make = _grounded_conversations if options.recipe == "grounded" else _paper_conversations
+    context, turns, answers = make(lm, corpus, study, options, name, rng)
+    tops = teacher_topk(lm, context, turns, answers, study.topK)
+    conversations = [
+        Conversation(torch.tensor(turn + answer), len(turn), top_ids, top_lp)
+        for turn, answer, (top_ids, top_lp) in zip(turns, answers, tops, strict=True)
+    ]
+    return Shard(torch.tensor(context), conversations)
+
+
+Turns = tuple[list[int], list[list[int]], list[list[int]]]
+"""The teacher's context, then each conversation's user turn (with assistant header) and answer ids."""
+
+
+def _paper_conversations(
+    lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, name: str, rng: random.Random
+) -> Turns:
+    """A random chunk; bot A writes a message from a seed prompt, bot B answers it greedily (Eyuboglu et al.)."""
     start, end = corpus.chunk(rng, study.minChunkTokens, study.maxChunkTokens)
     system = system_prompt(corpus.description, _text(lm, corpus.tokens[start:end]))
     seeds = [rng.choice(study.seedPrompts) for _ in range(options.synthesis_batch_size)]
@@ -161,13 +190,33 @@ def synthesize_shard(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options:
     questions = generate(lm, a_prompts, options.max_question_tokens, study.temperature)
     turns = [render(lm.tokenizer, system, _text(lm, q).strip())[1] for q in questions]
     b_prompts = [context + turn for turn in turns]
-    answers = generate(lm, b_prompts, options.max_answer_tokens, 0.0)
-    tops = teacher_topk(lm, b_prompts, answers, study.topK)
-    conversations = [
-        Conversation(torch.tensor(turn + answer), len(turn), top_ids, top_lp)
-        for turn, answer, (top_ids, top_lp) in zip(turns, answers, tops, strict=True)
+    return context, turns, generate(lm, b_prompts, options.max_answer_tokens, 0.0)
+
+
+def _grounded_conversations(
+    lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, name: str, rng: random.Random
+) -> Turns:
+    """The shard's window of the corpus; tasks whose answers are its own words, ended by the end-of-turn token."""
+    index = int(name.rsplit("-", 1)[1].split(".")[0])
+    start, end = corpus.window(index, study.maxChunkTokens)
+    chunk = _text(lm, corpus.tokens[start:end])
+    system = system_prompt(corpus.description, chunk)
+    tasks = grounded_tasks(
+        rng, chunk, options.synthesis_batch_size, cut_head=start > 0, cut_tail=end < len(corpus.tokens)
+    )
+    rendered = [render(lm.tokenizer, system, task.user) for task in tasks]
+    eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
+    answers = [
+        list(lm.tokenizer(task.answer, add_special_tokens=False)["input_ids"])[: options.max_answer_tokens - len(eos)]
+        + eos
+        for task in tasks
     ]
-    return Shard(torch.tensor(context), conversations)
+    return rendered[0][0], [turn for _, turn in rendered], answers
+
+
+def corpus_context(lm: LoadedModel, corpus: Corpus) -> list[int]:
+    """The teacher's system turn holding the whole corpus: what a cartridge of the corpus stands in for."""
+    return render(lm.tokenizer, system_prompt(corpus.description, _text(lm, corpus.tokens)), "")[0]
 
 
 def _stored_shard(workspace: Workspace, name: str, stored: set[str]) -> Shard | None:
