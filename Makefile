@@ -26,7 +26,7 @@ lint: setup
 test: services lint
 	$(PY) -m pytest
 
-# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 15 minutes on 2 cores).
+# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 10 minutes on 2 cores).
 demo: setup
 	$(VENV)/bin/cartridges demo
 
