@@ -81,7 +81,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="train, evaluate, serve and query a cartridge on the bundled corpus",
         description=__doc__,
         epilog=examples(
-            "cartridges demo            # about 15 minutes on 2 CPU cores",
+            "cartridges demo            # about 10 minutes on 2 CPU cores",
             "cartridges demo --quick    # a smaller budget: a few minutes, for CI",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
