@@ -338,7 +338,14 @@ def test_full_lifecycle(deployed: Deployed, reference: Engine) -> None:
     assert not errors, errors
     assert answers and answers[0] == answer, "generation 1 answers while generation 2 trains"
     assert second.sha256 != first_pointer.sha256
-    assert query.generate(url, PROMPT, [first], max_tokens=MAX_TOKENS) == expected([first])
+    # The server re-reads current.json at most every CARTRIDGES_POINTER_TTL_S (2 s): generation 2 is served soon after.
+    generation_2 = expected([first])
+    wait_for(
+        "generation 2 served",
+        lambda: query.generate(url, PROMPT, [first], max_tokens=MAX_TOKENS) == generation_2,
+        30,
+    )
+    clock.mark("new generation served")
     assert env.serving_pod().metadata.uid == serving_pod.metadata.uid, "a new generation needs no serving rollout"
     env.condition("cartridges", first, "Ready", "True", 60)
 
@@ -372,6 +379,7 @@ def write_results(clock: Clock, started: float) -> None:
         "serving_ready": clock.between("promoted", "serving ready"),
         "first_answer": clock.between("serving ready", "first answer"),
         "new_generation_promoted": clock.between("corpus edited", "new generation promoted"),
+        "new_generation_served": clock.between("new generation promoted", "new generation served"),
         "cleanup": clock.between("deleted", "cleaned up"),
     }
     results = {
