@@ -144,6 +144,9 @@ def apply_owned(body: dict[str, Any]) -> None:
     patch(meta["name"], meta["namespace"], {**body, "metadata": {**meta, "ownerReferences": list(owners.values())}})
 
 
+DELETE_ATTEMPTS = 5
+
+
 def remove_owner(kind: str, namespace: str, name: str, uid: str) -> None:
     """Drop one Cartridge from a shared object's owners; delete the object once no owner is left.
 
@@ -162,11 +165,20 @@ def remove_owner(kind: str, namespace: str, name: str, uid: str) -> None:
         existing = read(name, namespace)
         if all(o.uid != uid for o in existing.metadata.owner_references or []):
             return  # not ours to touch
-        updated = patch(name, namespace, {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}})
-        if not updated.metadata.owner_references:
-            delete(name, namespace, body={"preconditions": {"resourceVersion": updated.metadata.resource_version}})
+        current = patch(name, namespace, {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}})
+        for _ in range(DELETE_ATTEMPTS):
+            if current.metadata.owner_references:
+                return  # another owner remains (or was added since): it stays
+            try:
+                version = current.metadata.resource_version
+                delete(name, namespace, body={"preconditions": {"resourceVersion": version}})
+                return
+            except ApiException as err:
+                if err.status != 409:
+                    raise
+            current = read(name, namespace)  # changed since (a controller's status write, a new owner): look again
     except ApiException as err:
-        if err.status not in (404, 409):  # gone already, or an owner was added since: it stays
+        if err.status != 404:  # gone already
             raise
 
 
