@@ -22,6 +22,7 @@ from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.quantize import QuantizedKV
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segments import KVData, KVSegment, storage_of
+from cartridges_kernels.tile import attend_keys, load_query_rows, load_segment, store_rows
 
 # Scale modes (constexpr): how stored keys/values turn into real values.
 SCALE_NONE, SCALE_TOKEN, SCALE_CHANNEL = 0, 1, 2
@@ -72,98 +73,32 @@ def _segment_partials_kernel(
     seg = tl.load(tiles_ptr + tile * 3)
     row_start = tl.load(tiles_ptr + tile * 3 + 1)
     row_count = tl.load(tiles_ptr + tile * 3 + 2)
-    meta = meta_ptr + seg.to(tl.int64) * 11  # one row of segment_meta(); columns documented there
-    k_base = tl.load(meta + 0).to(tl.pointer_type(K_DTYPE))
-    v_base = tl.load(meta + 1).to(tl.pointer_type(V_DTYPE))
-    length = tl.load(meta + 4)
-    k_base += kv_head * tl.load(meta + 5)
-    k_stride_t = tl.load(meta + 6)
-    v_base += kv_head * tl.load(meta + 7)
-    v_stride_t = tl.load(meta + 8)
-    if ALIGNED:  # pointers read from a table carry no alignment facts; without them every load is scalar
-        k_base = tl.multiple_of(k_base, 16)
-        v_base = tl.multiple_of(v_base, 16)
-        k_stride_t = tl.multiple_of(k_stride_t, 16)
-        v_stride_t = tl.multiple_of(v_stride_t, 16)
-
-    # Query rows: row m is token m // GROUP_PAD of the tile and query head kv_head * GROUP + m % GROUP_PAD.
-    offs_m = tl.arange(0, BLOCK_M)
-    t = offs_m // GROUP_PAD
-    g = offs_m % GROUP_PAD
-    t_valid = t < row_count
-    row_valid = t_valid & (g < GROUP)
-    rows = row_start + t
-    token = tl.load(row_token_ptr + rows, mask=t_valid, other=0).to(tl.int64)
-    head = kv_head * GROUP + g
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    q = tl.load(
-        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_valid[:, None] & d_valid[None, :],
-        other=0.0,
+    k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length = load_segment(
+        meta_ptr, seg, kv_head, K_DTYPE, V_DTYPE, ALIGNED
     )
-    if K_SCALE == 2:  # per-channel key scales fold into the query: q . (k * s) == (q * s) . k
-        ks_ptr = tl.load(meta + 2).to(tl.pointer_type(tl.float32)) + kv_head * tl.load(meta + 9)
-        k_chan = tl.load(ks_ptr + offs_d, mask=d_valid, other=0.0)
-        q = (q.to(tl.float32) * k_chan[None, :]).to(q.dtype)
-    if K_SCALE == 1:
-        ks_ptr = tl.load(meta + 2).to(tl.pointer_type(tl.float32)) + kv_head * tl.load(meta + 9)
-    if V_SCALE != 0:
-        vs_ptr = tl.load(meta + 3).to(tl.pointer_type(tl.float32)) + kv_head * tl.load(meta + 10)
+    q, t, t_valid, row_valid, token, head = load_query_rows(
+        q_ptr, stride_qt, stride_qh, row_token_ptr, row_start, row_count, kv_head,
+        GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D,
+    )  # fmt: skip
 
     chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
+    qpos = tl.zeros([BLOCK_M], dtype=tl.int32)
     if CAUSAL:
-        qpos = tl.load(row_qpos_ptr + rows, mask=t_valid, other=-1)
+        qpos = tl.load(row_qpos_ptr + row_start + t, mask=t_valid, other=-1)
         hi = tl.minimum(hi, tl.max(qpos, axis=0) + 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < hi
-        k = tl.load(
-            k_base + offs_n[None, :].to(tl.int64) * k_stride_t + offs_d[:, None],
-            mask=n_valid[None, :] & d_valid[:, None],
-            other=0.0,
-        )
-        s = tl.dot(q, k.to(q.dtype)) * qk_scale
-        if K_SCALE == 1:
-            s *= tl.load(ks_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
-        visible = n_valid[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= qpos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_base + offs_n[:, None].to(tl.int64) * v_stride_t + offs_d[None, :],
-            mask=n_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if V_SCALE == 1:
-            v *= tl.load(vs_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-
-    if V_SCALE == 2:
-        acc *= tl.load(vs_ptr + offs_d, mask=d_valid, other=0.0)[None, :]
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-
-    slot = (tl.load(row_slot_ptr + rows, mask=t_valid, other=0) + split).to(tl.int64)
-    flat = (slot * n_tokens + token) * q_heads + head
-    tl.store(part_lse_ptr + flat, lse, mask=row_valid)
-    tl.store(
-        part_o_ptr + flat[:, None] * HEAD_DIM + offs_d[None, :],
-        out,
-        mask=row_valid[:, None] & d_valid[None, :],
+    m_i, l_i, acc = attend_keys(
+        q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale,
+        t_valid, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL,
+    )  # fmt: skip
+    slot = tl.load(row_slot_ptr + row_start + t, mask=t_valid, other=0) + split
+    store_rows(
+        part_o_ptr, part_lse_ptr, slot, token, head, row_valid, m_i, l_i, acc, n_tokens, q_heads, HEAD_DIM, BLOCK_D
     )
 
 

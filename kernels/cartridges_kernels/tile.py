@@ -1,0 +1,177 @@
+"""Triton building blocks shared by the attention kernels: one tile of query rows, one segment's keys.
+
+A tile is ``BLOCK_M`` query rows: row m is token m // GROUP_PAD of the tile and query head
+kv_head * GROUP + m % GROUP_PAD, so the GQA group of one KV head shares every key load. The segment kernel
+attends a tile over one segment; the fused decode kernel walks several segments and then each request's own
+KV with the same running softmax state, so the state lives in the caller and these helpers update it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+META_COLUMNS = tl.constexpr(11)  # int64 columns per segment_meta() row (see segment_kernel.segment_meta)
+
+
+@triton.jit
+def load_query_rows(
+    q_ptr: tl.tensor,
+    stride_qt: tl.tensor,
+    stride_qh: tl.tensor,
+    row_token_ptr: tl.tensor,
+    row_start: tl.tensor,
+    row_count: tl.tensor,
+    kv_head: tl.tensor,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> tuple[tl.tensor, ...]:
+    """The tile's queries [BLOCK_M, BLOCK_D] and, per row, its tile token, query token, head and validity."""
+    offs_m = tl.arange(0, BLOCK_M)
+    t = offs_m // GROUP_PAD
+    g = offs_m % GROUP_PAD
+    t_valid = t < row_count
+    row_valid = t_valid & (g < GROUP)
+    token = tl.load(row_token_ptr + row_start + t, mask=t_valid, other=0).to(tl.int64)
+    head = kv_head * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    return q, t, t_valid, row_valid, token, head
+
+
+@triton.jit
+def load_segment(
+    meta_ptr: tl.tensor,
+    index: tl.tensor,
+    kv_head: tl.tensor,
+    K_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+) -> tuple[tl.tensor, ...]:
+    """One KV head of the segment in row ``index`` of a segment_meta() table: key/value base pointers, their
+    token strides, key/value scale pointers (meaningless when unquantized) and the used length."""
+    meta = meta_ptr + index.to(tl.int64) * META_COLUMNS
+    k_base = tl.load(meta + 0).to(tl.pointer_type(K_DTYPE)) + kv_head * tl.load(meta + 5)
+    v_base = tl.load(meta + 1).to(tl.pointer_type(V_DTYPE)) + kv_head * tl.load(meta + 7)
+    ks_ptr = tl.load(meta + 2).to(tl.pointer_type(tl.float32)) + kv_head * tl.load(meta + 9)
+    vs_ptr = tl.load(meta + 3).to(tl.pointer_type(tl.float32)) + kv_head * tl.load(meta + 10)
+    length = tl.load(meta + 4).to(tl.int32)
+    k_stride_t = tl.load(meta + 6)
+    v_stride_t = tl.load(meta + 8)
+    if ALIGNED:  # pointers read from a table carry no alignment facts; without them every load is scalar
+        k_base = tl.multiple_of(k_base, 16)
+        v_base = tl.multiple_of(v_base, 16)
+        k_stride_t = tl.multiple_of(k_stride_t, 16)
+        v_stride_t = tl.multiple_of(v_stride_t, 16)
+    return k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length
+
+
+@triton.jit
+def attend_keys(
+    q: tl.tensor,
+    m_i: tl.tensor,
+    l_i: tl.tensor,
+    acc: tl.tensor,
+    k_base: tl.tensor,
+    v_base: tl.tensor,
+    k_stride_t: tl.tensor,
+    v_stride_t: tl.tensor,
+    ks_ptr: tl.tensor,
+    vs_ptr: tl.tensor,
+    lo: tl.tensor,
+    hi: tl.tensor,
+    qk_scale: tl.tensor,
+    sees: tl.tensor,
+    qpos: tl.tensor,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+) -> tuple[tl.tensor, ...]:
+    """Fold keys [lo, hi) of one segment into the running base-2 softmax state (m_i, l_i, acc) of the tile.
+
+    ``sees`` [BLOCK_M] masks the rows that may read this segment (the fused kernel's own KV belongs to one
+    request of the tile); with CAUSAL, row m also sees only keys <= qpos[m]. Keys are dequantized on load:
+    per-channel key scales fold into the query, per-token key scales into the scores, value scales into the
+    loaded values (per token) or into p @ v (per channel), so segments with different scales can share acc.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    if K_SCALE == 2:  # q . (k * s) == (q * s) . k
+        q = (q.to(tl.float32) * tl.load(ks_ptr + offs_d, mask=d_valid, other=0.0)[None, :]).to(q.dtype)
+    if V_SCALE == 2:
+        v_chan = tl.load(vs_ptr + offs_d, mask=d_valid, other=0.0)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        k = tl.load(
+            k_base + offs_n[None, :].to(tl.int64) * k_stride_t + offs_d[:, None],
+            mask=n_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, k.to(q.dtype)) * qk_scale
+        if K_SCALE == 1:
+            s *= tl.load(ks_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
+        visible = n_valid[None, :] & sees[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= qpos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_base + offs_n[:, None].to(tl.int64) * v_stride_t + offs_d[None, :],
+            mask=n_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if V_SCALE == 1:
+            v *= tl.load(vs_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+        if V_SCALE == 2:
+            pv *= v_chan[None, :]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def store_rows(
+    out_ptr: tl.tensor,
+    lse_ptr: tl.tensor,
+    slot: tl.tensor,
+    token: tl.tensor,
+    head: tl.tensor,
+    row_valid: tl.tensor,
+    m_i: tl.tensor,
+    l_i: tl.tensor,
+    acc: tl.tensor,
+    n_tokens: tl.tensor,
+    q_heads: tl.tensor,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> None:
+    """Normalize the tile and store out [slots, tokens, q_heads, HEAD_DIM] (cast to out_ptr's dtype) and
+    lse2 [slots, tokens, q_heads]; a row that saw no key stores 0 and -inf, so it drops out of a merge."""
+    offs_d = tl.arange(0, BLOCK_D)
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    flat = (slot.to(tl.int64) * n_tokens + token) * q_heads + head
+    tl.store(lse_ptr + flat, lse, mask=row_valid)
+    tl.store(
+        out_ptr + flat[:, None] * HEAD_DIM + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
