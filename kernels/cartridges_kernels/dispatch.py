@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from cartridges_kernels.config import KernelConfig, default_config, next_pow2
+from cartridges_kernels.decode_plan import DecodeStructure, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
 from cartridges_kernels.quantize import QuantizedKV
 from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
@@ -97,11 +98,18 @@ def segmented_attention_triton(
     num_splits: int | None,
     shared_reads: bool,
     config: KernelConfig,
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Kernel path: one partials launch per storage format (plus one for own KV), then one merge.
+    """Kernel path. Decode (one query token per request) whose cartridges share one storage format and whose
+    own KV share one runs the fused kernel: one launch per layer, plus a merge only when split. Otherwise (and
+    with ``fused=False``, kept to compare): one partials launch per storage format, one for own KV, a merge.
 
     Returns (out [tokens, q_heads, head_dim] in q's dtype, base-2 LSE [tokens, q_heads] float32).
     """
+    if fused and all(n == 1 for n in query_lens):
+        used = _used_segments(table)
+        if _one_format(used) and _one_format([s for s in own_kv or [] if s.num_tokens > 0]):
+            return fused_decode_triton(q, table, used, own_kv, sm_scale, num_splits, shared_reads, config)
     from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
     from cartridges_kernels.segment_kernel import launch_segment_partials
 
@@ -135,6 +143,51 @@ def segmented_attention_triton(
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
     launch_merge(part_o, part_lse, out, out_lse)
     return out, out_lse
+
+
+def fused_decode_triton(
+    q: Tensor,
+    table: SegmentTable,
+    used: Sequence[KVSegment],
+    own_kv: Sequence[KVSegment] | None,
+    sm_scale: float,
+    num_splits: int | None,
+    shared_reads: bool,
+    config: KernelConfig,
+) -> tuple[Tensor, Tensor]:
+    """The fused decode path (see fused_kernel): writes the output directly, or partials + merge if split."""
+    from cartridges_kernels.fused_kernel import launch_fused_decode  # imports triton only on this path
+    from cartridges_kernels.merge_kernel import launch_merge
+
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = _kv_heads(table, own_kv, q_heads)
+    structure = DecodeStructure(
+        request_segments=tuple(tuple(s) for s in table.request_segments),
+        segment_lens=tuple(s.num_tokens for s in table.segments),
+        own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
+    )
+    group_pad = next_pow2(q_heads // kv_heads)
+    plan = plan_decode(structure, kv_heads, group_pad, config.block_m, q.device, shared_reads, num_splits)
+    out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
+    if plan.num_splits == 1:
+        launch_fused_decode(q, plan, kv_heads, table.segments, used, own_kv, out, out_lse, sm_scale, config)
+        return out, out_lse
+    part_o = torch.empty((plan.num_splits, tokens, q_heads, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((plan.num_splits, tokens, q_heads), dtype=torch.float32, device=q.device)
+    launch_fused_decode(q, plan, kv_heads, table.segments, used, own_kv, part_o, part_lse, sm_scale, config)
+    launch_merge(part_o, part_lse, out, out_lse)
+    return out, out_lse
+
+
+def _used_segments(table: SegmentTable) -> list[KVSegment]:
+    """The non-empty segments some request reads, each once."""
+    indices = dict.fromkeys(i for r in table.request_segments for i in r if table.segments[i].num_tokens > 0)
+    return [table.segments[i] for i in indices]
+
+
+def _one_format(segments: Sequence[KVSegment]) -> bool:
+    return len({_format(s) for s in segments}) <= 1
 
 
 def _resolve_backend(backend: Backend | None, q: Tensor) -> Literal["triton", "torch"]:

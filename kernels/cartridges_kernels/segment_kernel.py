@@ -22,7 +22,7 @@ from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.quantize import QuantizedKV
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segments import KVData, KVSegment, storage_of
-from cartridges_kernels.tile import attend_keys, load_query_rows, load_segment, store_rows
+from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows
 
 # Scale modes (constexpr): how stored keys/values turn into real values.
 SCALE_NONE, SCALE_TOKEN, SCALE_CHANNEL = 0, 1, 2
@@ -68,7 +68,6 @@ def _segment_partials_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
 
     seg = tl.load(tiles_ptr + tile * 3)
     row_start = tl.load(tiles_ptr + tile * 3 + 1)
@@ -81,17 +80,13 @@ def _segment_partials_kernel(
         GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
 
-    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, length)
+    lo, hi = split_range(length, BLOCK_N)
     qpos = tl.zeros([BLOCK_M], dtype=tl.int32)
     if CAUSAL:
         qpos = tl.load(row_qpos_ptr + row_start + t, mask=t_valid, other=-1)
         hi = tl.minimum(hi, tl.max(qpos, axis=0) + 1)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
     m_i, l_i, acc = attend_keys(
         q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale,
         t_valid, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL,
@@ -154,7 +149,7 @@ def _meta_rows(segments: Sequence[KVSegment]) -> tuple[tuple[int, ...], ...]:
     return tuple(rows)
 
 
-def _aligned(segment: KVSegment) -> bool:
+def aligned(segment: KVSegment) -> bool:
     """Whether every head and token row of the segment starts on a 16-byte boundary with strides that are
     multiples of 16 elements: the promise the kernel's ``ALIGNED`` path makes the compiler for wide loads."""
     for x in (storage_of(segment.keys), storage_of(segment.values)):
@@ -163,7 +158,7 @@ def _aligned(segment: KVSegment) -> bool:
     return True
 
 
-def _granularity(x: KVData) -> int:
+def granularity(x: KVData) -> int:
     return _SCALE_MODE[x.granularity if isinstance(x, QuantizedKV) else None]
 
 
@@ -216,10 +211,10 @@ def launch_segment_partials(
         BLOCK_D=max(next_pow2(head_dim), MIN_DOT),
         K_DTYPE=TL_DTYPE[storage_of(keys).dtype],
         V_DTYPE=TL_DTYPE[storage_of(values).dtype],
-        K_SCALE=_granularity(keys),
-        V_SCALE=_granularity(values),
+        K_SCALE=granularity(keys),
+        V_SCALE=granularity(values),
         CAUSAL=plan.own,
-        ALIGNED=all(map(_aligned, segments)),
+        ALIGNED=all(map(aligned, segments)),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -75,6 +75,23 @@ def load_segment(
 
 
 @triton.jit
+def split_range(total: tl.tensor, BLOCK_N: tl.constexpr) -> tuple[tl.tensor, ...]:
+    """This program's keys [lo, hi) of ``total`` under split-KV (grid axis 2), in whole BLOCK_N blocks."""
+    chunk = tl.cdiv(tl.cdiv(total, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    lo = tl.program_id(2) * chunk
+    return lo, tl.minimum(lo + chunk, total)
+
+
+@triton.jit
+def empty_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr) -> tuple[tl.tensor, ...]:
+    """The running softmax state (row max, row sum, unnormalized output) of a tile that has seen no key."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def attend_keys(
     q: tl.tensor,
     m_i: tl.tensor,

@@ -13,6 +13,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from cartridges_kernels.fused_kernel import _fused_decode_kernel
 from cartridges_kernels.merge_kernel import _merge_kernel
 from cartridges_kernels.segment_kernel import _segment_partials_kernel
 
@@ -29,6 +30,17 @@ def compile_kernel(kernel: triton.JITFunction, types: dict[str, str], constants:
     ptx = compiled.asm["ptx"]
     wide = len(re.findall(r"cp\.async\.cg\.shared\.global|ld\.global(?:\.\w+)*\.v4\.b32", ptx))
     return int(compiled.metadata.shared), wide
+
+
+def _side(prefix: str, k: object, v: object, k_scale: int, v_scale: int, is_aligned: bool) -> dict[str, object]:
+    """The fused kernel's storage-format constexprs for its cartridges ("SEG") or own KV ("OWN")."""
+    return {
+        f"{prefix}_K_DTYPE": k,
+        f"{prefix}_V_DTYPE": v,
+        f"{prefix}_K_SCALE": k_scale,
+        f"{prefix}_V_SCALE": v_scale,
+        f"{prefix}_ALIGNED": is_aligned,
+    }
 
 
 def main() -> None:
@@ -70,6 +82,32 @@ def main() -> None:
             _segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats}
         )
         print(f"segment kernel q={q_type} {formats}: ok, {smem} bytes shared memory, {wide} wide loads")
+    fused_types = {
+        **{name: "*i64" for name in ["seg_meta_ptr", "own_meta_ptr"]},
+        **{name: "*i32" for name in ["tiles_ptr", "tile_segments_ptr", "row_request_ptr"]},
+        **{name: "i32" for name in ["stride_qt", "stride_qh", "n_tokens", "q_heads"]},
+        "lse_ptr": "*fp32",
+        "qk_scale": "fp32",
+    }
+    fused_variants = [
+        (  # bf16 cartridges and own KV, written straight to the bf16 output
+            "bf16",
+            "bf16",
+            {
+                **_side("SEG", tl.bfloat16, tl.bfloat16, 0, 0, True),
+                **_side("OWN", tl.bfloat16, tl.bfloat16, 0, 0, True),
+            },
+        ),
+        (  # int8/fp8 cartridges, unaligned own KV, fp32 partials for the merge
+            "fp16",
+            "fp32",
+            {**_side("SEG", tl.int8, tl.float8e4nv, 2, 1, True), **_side("OWN", tl.float16, tl.float16, 0, 0, False)},
+        ),
+    ]
+    for q_type, out_type, formats in fused_variants:
+        types = {**fused_types, "q_ptr": f"*{q_type}", "out_ptr": f"*{out_type}"}
+        smem, wide = compile_kernel(_fused_decode_kernel, types, {**shape, **formats, "HAS_OWN": True})
+        print(f"fused kernel q={q_type} {formats}: ok, {smem} bytes shared memory, {wide} wide loads")
     merge_types = {
         "part_o_ptr": "*fp32",
         "part_lse_ptr": "*fp32",

@@ -23,7 +23,14 @@ def test_kernels_compile_for_sm90() -> None:
         [sys.executable, str(HERE / "_compile_sm90.py")], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count(": ok") == 3
-    aligned = next(line for line in proc.stdout.splitlines() if "'ALIGNED': True" in line)
-    wide_loads = int(aligned.split(", ")[-1].split()[0])
-    assert wide_loads > 0, f"aligned segments must compile to 16-byte loads: {aligned}"
+    assert proc.stdout.count(": ok") == 5
+    lines = proc.stdout.splitlines()
+    aligned = next(line for line in lines if "'ALIGNED': True" in line)
+    assert _wide_loads(aligned) > 0, f"aligned segments must compile to 16-byte loads: {aligned}"
+    fused = next(line for line in lines if "'SEG_ALIGNED': True" in line and "'OWN_ALIGNED': True" in line)
+    # The fused kernel's cartridge loop and own-KV loop must each get the segment kernel's wide loads.
+    assert _wide_loads(fused) >= 2 * _wide_loads(aligned), f"fused aligned variant lost 16-byte loads: {fused}"
+
+
+def _wide_loads(line: str) -> int:
+    return int(line.split(", ")[-1].split()[0])

@@ -76,12 +76,19 @@ def test_invalid_inputs_are_reported() -> None:
 
 
 def test_plan_is_reused_across_layers() -> None:
+    from cartridges_kernels.decode_plan import plan_decode
     from cartridges_kernels.plan import plan_attention
 
+    plan_decode.cache_clear()
     plan_attention.cache_clear()
     layers = [make_batch([6, 9], [[0, 1], [1]], own_lens=[3, 2]) for _ in range(3)]
     for layer in layers:
         decode_attention(layer.q, layer.table, layer.own_kv, backend="triton")
+    info = plan_decode.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    for layer in layers:  # a prefill chunk takes the split path, planned once per step as well
+        q = torch.cat([layer.q, layer.q[:1]])
+        prefill_attention(q, [1, 2], layer.table, layer.own_kv, backend="triton")
     info = plan_attention.cache_info()
     assert (info.misses, info.hits) == (1, 2)
 

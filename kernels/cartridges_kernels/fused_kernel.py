@@ -1,0 +1,187 @@
+"""Triton kernel: one launch per layer for decode, cartridges and own KV in the same online-softmax loop.
+
+The multi-launch path (segment_kernel + merge_kernel) costs four short launches per layer (fill, cartridge partials,
+own-KV partials, merge) and a round trip of fp32 partials through memory; at decode sizes those fixed costs
+dominate. Here grid = (tiles, kv_heads, splits): a tile is the requests that read the same cartridge list
+(their queries batched, so each cartridge is streamed once for all of them), it walks those cartridges and
+then each request's own KV with one running softmax state, and writes the normalized output directly. Only
+when the grid would not fill the GPU does each split write partials + base-2 LSE for the merge kernel; every
+split writes every row of its tile (LSE -inf where it saw no key), so nothing needs filling beforehand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2
+from cartridges_kernels.decode_plan import TILE_COLUMNS, DecodePlan
+from cartridges_kernels.reference import LOG2E
+from cartridges_kernels.segment_kernel import TL_DTYPE, aligned, granularity, segment_meta
+from cartridges_kernels.segments import KVSegment, storage_of
+from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows
+
+_TILE_COLUMNS = tl.constexpr(TILE_COLUMNS)
+
+
+@triton.jit
+def _fused_decode_kernel(
+    q_ptr: tl.tensor,
+    stride_qt: int,
+    stride_qh: int,
+    seg_meta_ptr: tl.tensor,
+    own_meta_ptr: tl.tensor,
+    tiles_ptr: tl.tensor,
+    tile_segments_ptr: tl.tensor,
+    row_request_ptr: tl.tensor,
+    out_ptr: tl.tensor,
+    lse_ptr: tl.tensor,
+    n_tokens: int,
+    q_heads: int,
+    qk_scale: float,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SEG_K_DTYPE: tl.constexpr,
+    SEG_V_DTYPE: tl.constexpr,
+    SEG_K_SCALE: tl.constexpr,
+    SEG_V_SCALE: tl.constexpr,
+    SEG_ALIGNED: tl.constexpr,
+    OWN_K_DTYPE: tl.constexpr,
+    OWN_V_DTYPE: tl.constexpr,
+    OWN_K_SCALE: tl.constexpr,
+    OWN_V_SCALE: tl.constexpr,
+    OWN_ALIGNED: tl.constexpr,
+    HAS_OWN: tl.constexpr,
+) -> None:
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    desc = tiles_ptr + tile * _TILE_COLUMNS
+    first_segment = tl.load(desc)
+    segment_count = tl.load(desc + 1)
+    row_start = tl.load(desc + 2)
+    row_count = tl.load(desc + 3)
+    total_keys = tl.load(desc + 4)
+    q, t, t_valid, row_valid, token, head = load_query_rows(
+        q_ptr, stride_qt, stride_qh, row_request_ptr, row_start, row_count, kv_head,
+        GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D,
+    )  # fmt: skip
+
+    # This split's keys [lo, hi) of the tile's cartridges and then its requests' own KV, laid end to end;
+    # ``base`` is where the current segment starts in that sequence.
+    lo, hi = split_range(total_keys, BLOCK_N)
+    base = lo * 0
+    qpos = tl.zeros([BLOCK_M], dtype=tl.int32)  # unused: decode sees all of its own KV
+    m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
+    for i in range(segment_count):
+        segment = tl.load(tile_segments_ptr + first_segment + i)
+        k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length = load_segment(
+            seg_meta_ptr, segment, kv_head, SEG_K_DTYPE, SEG_V_DTYPE, SEG_ALIGNED
+        )
+        m_i, l_i, acc = attend_keys(
+            q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr,
+            tl.maximum(lo - base, 0), tl.minimum(hi - base, length), qk_scale, t_valid, qpos,
+            BLOCK_N, HEAD_DIM, BLOCK_D, SEG_K_SCALE, SEG_V_SCALE, False,
+        )  # fmt: skip
+        base += length
+    if HAS_OWN:
+        for j in range(row_count):  # each request's own KV, seen only by that request's rows
+            request = tl.load(row_request_ptr + row_start + j)
+            k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length = load_segment(
+                own_meta_ptr, request, kv_head, OWN_K_DTYPE, OWN_V_DTYPE, OWN_ALIGNED
+            )
+            m_i, l_i, acc = attend_keys(
+                q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr,
+                tl.maximum(lo - base, 0), tl.minimum(hi - base, length), qk_scale, t == j, qpos,
+                BLOCK_N, HEAD_DIM, BLOCK_D, OWN_K_SCALE, OWN_V_SCALE, False,
+            )  # fmt: skip
+            base += length
+    store_rows(out_ptr, lse_ptr, split, token, head, row_valid, m_i, l_i, acc, n_tokens, q_heads, HEAD_DIM, BLOCK_D)
+
+
+def _format_constants(prefix: str, segments: Sequence[KVSegment], fallback: torch.dtype) -> dict[str, object]:
+    """The storage-format constexprs of one side (cartridges or own KV); the caller checked that its non-empty
+    segments share one (empty ones are never read)."""
+    segments = [s for s in segments if s.num_tokens > 0]
+    if not segments:
+        dtype = TL_DTYPE[fallback]
+        return {f"{prefix}_K_DTYPE": dtype, f"{prefix}_V_DTYPE": dtype, f"{prefix}_K_SCALE": 0,
+                f"{prefix}_V_SCALE": 0, f"{prefix}_ALIGNED": False}  # fmt: skip
+    keys, values = segments[0].keys, segments[0].values
+    return {
+        f"{prefix}_K_DTYPE": TL_DTYPE[storage_of(keys).dtype],
+        f"{prefix}_V_DTYPE": TL_DTYPE[storage_of(values).dtype],
+        f"{prefix}_K_SCALE": granularity(keys),
+        f"{prefix}_V_SCALE": granularity(values),
+        f"{prefix}_ALIGNED": all(map(aligned, segments)),
+    }
+
+
+def _kv_bytes(segments: Sequence[KVSegment]) -> int:
+    return max((storage_of(x).element_size() for s in segments for x in (s.keys, s.values)), default=1)
+
+
+def launch_fused_decode(
+    q: Tensor,
+    plan: DecodePlan,
+    kv_heads: int,
+    segments: Sequence[KVSegment],
+    used: Sequence[KVSegment],
+    own_kv: Sequence[KVSegment] | None,
+    out: Tensor,
+    lse: Tensor,
+    sm_scale: float,
+    config: KernelConfig,
+) -> None:
+    """Run the planned launch. ``segments`` is the whole table (indexed by the plan), ``used`` the ones the
+    plan reads (one storage format), ``own_kv`` one per request (one format). Writes ``out`` / ``lse``
+    [splits, tokens, q_heads(, head_dim)]: the final output (any float dtype) when the plan has one split,
+    fp32 partials for launch_merge otherwise."""
+    tokens, q_heads, head_dim = q.shape
+    group = q_heads // kv_heads
+    group_pad = next_pow2(group)
+    kv_bytes = max(_kv_bytes(used), _kv_bytes(own_kv or []))
+    check_config(
+        KernelConfig(plan.block_m, config.block_n, config.num_warps, config.num_stages), group_pad, head_dim, kv_bytes
+    )
+    if q.stride(-1) != 1:
+        raise ValueError("queries must be contiguous along head_dim")
+    if plan.tiles.shape[0] == 0:
+        return
+    seg_meta = segment_meta(segments, q.device) if segments else torch.zeros(1, 11, dtype=torch.int64, device=q.device)
+    own_meta = seg_meta if own_kv is None else segment_meta(own_kv, q.device)
+    _fused_decode_kernel[(plan.tiles.shape[0], kv_heads, plan.num_splits)](
+        q,
+        q.stride(0),
+        q.stride(1),
+        seg_meta,
+        own_meta,
+        plan.tiles,
+        plan.tile_segments,
+        plan.row_request,
+        out,
+        lse,
+        tokens,
+        q_heads,
+        sm_scale * LOG2E,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=config.block_n,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(next_pow2(head_dim), MIN_DOT),
+        **_format_constants("SEG", used, q.dtype),
+        **_format_constants("OWN", own_kv or [], q.dtype),
+        HAS_OWN=own_kv is not None,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
