@@ -35,6 +35,21 @@ def rand_segment(
     return KVSegment(keys, values, length=length)
 
 
+def pool_views(
+    spans: Sequence[tuple[int, int, int]], kv_heads: int = 2, pool_len: int = 64, head_dim: int = 16
+) -> list[KVSegment]:
+    """Segments that are views into one NaN-filled KV pool, one per (first row, used rows, view rows) span, so a
+    read outside a view's used rows poisons the output."""
+    keys = torch.full((kv_heads, pool_len, head_dim), float("nan"))
+    values = torch.full((kv_heads, pool_len, head_dim), float("nan"))
+    views = []
+    for first, used, rows in spans:
+        keys[:, first : first + used] = torch.randn(kv_heads, used, head_dim)
+        values[:, first : first + used] = torch.randn(kv_heads, used, head_dim)
+        views.append(KVSegment(keys[:, first : first + rows], values[:, first : first + rows], length=used))
+    return views
+
+
 def make_batch(
     segment_lens: Sequence[int],
     request_segments: Sequence[Sequence[int]],

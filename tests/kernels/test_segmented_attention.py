@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cartridges_kernels import KernelConfig, KVSegment, SegmentTable, decode_attention, prefill_attention
+from cartridges_kernels import KernelConfig, SegmentTable, decode_attention, prefill_attention
 
-from ._build import Batch, make_batch, oracle
+from ._build import Batch, make_batch, oracle, pool_views
 
 ATOL = 2e-4  # fp32 compute
 
@@ -128,13 +128,8 @@ def test_prefill_tiles_span_requests_and_tokens() -> None:
 
 def test_segment_views_into_larger_buffers() -> None:
     torch.manual_seed(8)
-    pool_k = torch.full((2, 40, 16), float("nan"))
-    pool_v = torch.full((2, 40, 16), float("nan"))
-    pool_k[:, 5:17] = torch.randn(2, 12, 16)
-    pool_v[:, 5:17] = torch.randn(2, 12, 16)
-    view = KVSegment(pool_k[:, 5:17], pool_v[:, 5:17])
     batch = make_batch([], [[], []], own_lens=[2, 1])
-    batch.table = SegmentTable([view], [[0], [0]])
+    batch.table = SegmentTable(pool_views([(5, 12, 12)], pool_len=40), [[0], [0]])
     torch.testing.assert_close(run(batch).double(), oracle(batch), atol=ATOL, rtol=0)
 
 

@@ -1,0 +1,230 @@
+"""The fused decode kernel (interpreted on CPU) against the float64 oracle and against the multi-launch path.
+
+Each test checks which path ran, so a batch that silently fell back to the multi-launch kernels cannot pass
+as a test of the fused one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+
+from cartridges_kernels import (
+    KernelConfig,
+    KVSegment,
+    SegmentTable,
+    decode_attention,
+    fused_kernel,
+    merge_kernel,
+    quantize_kv,
+    segment_kernel,
+)
+from cartridges_kernels.config import default_config
+from cartridges_kernels.decode_plan import DecodeStructure, plan_decode
+from cartridges_kernels.dispatch import segmented_attention_triton
+from cartridges_kernels.quantize import Granularity, QuantFormat
+
+from ._build import Batch, make_batch, oracle, pool_views
+from .test_quantized_attention import OUTPUT_BOUND
+
+ATOL = 2e-4  # fp32 compute
+SMALL = KernelConfig(block_m=16, block_n=16)  # several tiles and key blocks from small inputs
+
+
+@contextmanager
+def launches() -> Iterator[dict[str, mock.MagicMock]]:
+    """Count the launches of each kernel while the block runs."""
+    with (
+        mock.patch.object(fused_kernel, "launch_fused_decode", wraps=fused_kernel.launch_fused_decode) as fused,
+        mock.patch.object(merge_kernel, "launch_merge", wraps=merge_kernel.launch_merge) as merge,
+        mock.patch.object(
+            segment_kernel, "launch_segment_partials", wraps=segment_kernel.launch_segment_partials
+        ) as partials,
+    ):
+        yield {"fused": fused, "merge": merge, "partials": partials}
+
+
+def fused(
+    batch: Batch, *, num_splits: int | None = None, shared_reads: bool = True, config: KernelConfig = SMALL
+) -> torch.Tensor:
+    """Decode through the dispatcher, asserting that it took the fused kernel (and a merge only if split)."""
+    options: dict[str, Any] = {"num_splits": num_splits, "shared_reads": shared_reads, "config": config}
+    with launches() as calls:
+        out = decode_attention(batch.q, batch.table, batch.own_kv, backend="triton", **options)
+    assert calls["fused"].call_count == 1 and calls["partials"].call_count == 0
+    assert calls["merge"].call_count == (0 if num_splits in (None, 1) else 1)
+    return out
+
+
+def unfused(batch: Batch, num_splits: int | None = None) -> torch.Tensor:
+    """The multi-launch path on the same inputs."""
+    head_dim = batch.q.shape[-1]
+    return segmented_attention_triton(
+        batch.q, batch.query_lens, batch.table, batch.own_kv, 1 / math.sqrt(head_dim), num_splits, True, SMALL, False
+    )[0]
+
+
+@pytest.mark.parametrize(("kv_heads", "group"), [(2, 1), (1, 4), (2, 3), (1, 8)])
+@pytest.mark.parametrize(
+    ("segment_lens", "request_segments"),
+    [
+        ([19], [[0], [0], [0]]),  # one cartridge shared by all
+        ([5, 37, 1, 70], [[1, 0], [2], [0, 1, 2, 3], [3, 1], [0, 1]]),  # several, odd lengths, lists differ
+    ],
+)
+def test_matches_oracle(segment_lens: list[int], request_segments: list[list[int]], kv_heads: int, group: int) -> None:
+    torch.manual_seed(len(segment_lens) * 10 + group)
+    own_lens = [3, 9, 1, 2, 17][: len(request_segments)]
+    batch = make_batch(segment_lens, request_segments, own_lens=own_lens, kv_heads=kv_heads, group=group)
+    torch.testing.assert_close(fused(batch).double(), oracle(batch), atol=ATOL, rtol=0)
+
+
+def test_empty_segments_and_requests_without_keys() -> None:
+    torch.manual_seed(2)
+    # Segment 1 is empty; requests 1 and 2 read only it, request 3 reads no cartridge.
+    batch = make_batch([6, 0], [[0, 1], [1], [1], []], own_lens=[2, 5, 1, 3])
+    torch.testing.assert_close(fused(batch).double(), oracle(batch), atol=ATOL, rtol=0)
+    # Without own KV (cartridges only) a request that reads only an empty segment sees no key: output zero.
+    cartridges_only = make_batch([0, 4, 21], [[0], [0, 1], [2, 1]], own_lens=None)
+    for splits in (1, 3):
+        out = fused(cartridges_only, num_splits=splits)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        torch.testing.assert_close(out.double(), oracle(cartridges_only), atol=ATOL, rtol=0)
+
+
+def test_tiles_group_requests_by_cartridge_list() -> None:
+    torch.manual_seed(3)
+    # 11 requests on [0, 1] (listed in either order) need two 8-request tiles; others read other lists.
+    lists = [[0, 1], [1, 0]] * 5 + [[0, 1], [1], [], [2, 0], [1]]
+    batch = make_batch([13, 30, 7], lists, own_lens=[(3 * r) % 11 + 1 for r in range(len(lists))], group=2)
+    out = fused(batch)
+    torch.testing.assert_close(out.double(), oracle(batch), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, unfused(batch), atol=1e-5, rtol=0)
+
+
+def test_plan_shares_one_tile_per_cartridge_list() -> None:
+    structure = DecodeStructure(
+        request_segments=((0, 1), (1,), (1, 0), (1, 2), (0, 1)),
+        segment_lens=(100, 50, 0),  # segment 2 is empty, so [1, 2] reads what [1] reads
+        own_lens=(1, 2, 3, 4, 5),
+    )
+    cpu = torch.device("cpu")
+    shared = plan_decode(structure, 2, 4, 64, cpu, True, 1)
+    # (first segment entry, segment count, first row, rows, keys in total)
+    assert shared.tiles.tolist() == [[0, 2, 0, 3, 150 + 1 + 3 + 5], [2, 1, 3, 2, 50 + 2 + 4]]
+    assert shared.tile_segments.tolist() == [0, 1, 1]
+    assert shared.row_request.tolist() == [0, 2, 4, 1, 3]
+    assert shared.block_m == 16  # 3 requests x 4 padded query heads
+    single = plan_decode(structure, 2, 4, 64, cpu, False, 1)
+    assert single.tiles.shape[0] == 5 and single.block_m == 16
+    spill = plan_decode(structure, 2, 4, 8, cpu, True, 1)  # 2 requests per tile
+    assert spill.tiles[:, 3].tolist() == [2, 1, 2]
+
+
+@pytest.mark.parametrize("num_splits", [2, 5, 13])
+def test_shared_per_request_split_and_multi_launch_agree(num_splits: int) -> None:
+    torch.manual_seed(5)
+    # Up to 70 + 33 + 50 keys per tile in 16-key chunks: 13 splits leave some empty, and chunks straddle the
+    # boundaries between cartridges and own KVs.
+    batch = make_batch([70, 33], [[0, 1], [1], [0, 1], [1, 0], [0]], own_lens=[50, 3, 20, 1, 7], group=3)
+    want = fused(batch, num_splits=1)
+    torch.testing.assert_close(want.double(), oracle(batch), atol=ATOL, rtol=0)
+    variants = {
+        "per-request tiles": fused(batch, num_splits=1, shared_reads=False),
+        "split": fused(batch, num_splits=num_splits),
+        "per-request tiles, split": fused(batch, num_splits=num_splits, shared_reads=False),
+        "multi-launch path, split": unfused(batch, num_splits),
+    }
+    for name, got in variants.items():
+        error = (got - want).abs().max().item()
+        assert error <= 1e-5, f"{name}: max error {error:.3g}"
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_every_output_row_is_written(num_splits: int) -> None:
+    """Outputs and partials start as NaN: a row or split the kernel skipped would show (no fill launch)."""
+    torch.manual_seed(6)
+    batch = make_batch([9, 0], [[0], [1], [0, 1], []], own_lens=[4, 0, 2, 0], group=2)
+    tokens, q_heads, head_dim = batch.q.shape
+    structure = DecodeStructure(
+        request_segments=tuple(tuple(s) for s in batch.table.request_segments),
+        segment_lens=tuple(s.num_tokens for s in batch.table.segments),
+        own_lens=tuple(s.num_tokens for s in batch.own_kv or []),
+    )
+    plan = plan_decode(structure, 2, 2, SMALL.block_m, batch.q.device, True, num_splits)
+    out = torch.full((num_splits, tokens, q_heads, head_dim), float("nan"))
+    lse = torch.full((num_splits, tokens, q_heads), float("nan"))
+    segments = batch.table.segments
+    fused_kernel.launch_fused_decode(
+        batch.q, plan, 2, segments, [segments[0]], batch.own_kv, out, lse, 1 / math.sqrt(head_dim), SMALL
+    )
+    assert not out.isnan().any() and not lse.isnan().any()
+    merged, merged_lse = torch.empty_like(batch.q), torch.empty(tokens, q_heads)
+    merge_kernel.launch_merge(out, lse, merged, merged_lse)
+    torch.testing.assert_close(merged.double(), oracle(batch), atol=ATOL, rtol=0)
+    assert (merged_lse[[1, 3]] == float("-inf")).all()  # requests that saw no key
+
+
+def test_segment_views_into_nan_filled_pools() -> None:
+    torch.manual_seed(7)
+    views = pool_views([(5, 17, 17), (40, 3, 24)])  # the second view has unused (NaN) rows
+    batch = make_batch([], [[], [], []], own_lens=[2, 1, 6])
+    batch.table = SegmentTable(views, [[0, 1], [1], [0]])
+    for splits in (1, 3):
+        torch.testing.assert_close(fused(batch, num_splits=splits).double(), oracle(batch), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "key_granularity", "value_granularity"),
+    [("int8", "channel", "token"), ("int8", "token", "channel"), ("fp8", "channel", "token")],
+)
+def test_quantized_cartridges_and_own_kv(
+    fmt: QuantFormat, key_granularity: Granularity, value_granularity: Granularity
+) -> None:
+    torch.manual_seed(8)
+    exact = make_batch([29, 7], [[0, 1], [1], [0], [0, 1]], own_lens=[3, 2, 1, 6])
+    assert exact.own_kv is not None
+
+    def quantized(segment: KVSegment) -> KVSegment:
+        keys, values = segment.dense()
+        return KVSegment(quantize_kv(keys, fmt, key_granularity), quantize_kv(values, fmt, value_granularity))
+
+    table = SegmentTable([quantized(s) for s in exact.table.segments], exact.table.request_segments)
+    for own in (exact.own_kv, [quantized(s) for s in exact.own_kv]):
+        batch = Batch(exact.q, exact.query_lens, table, own)
+        for splits in (1, 3):
+            out = fused(batch, num_splits=splits)
+            # Tight: attention over exactly the dequantized values.
+            dequantized = [KVSegment(*s.dense()) for s in table.segments]
+            want = oracle(Batch(exact.q, exact.query_lens, SegmentTable(dequantized, table.request_segments), own))
+            torch.testing.assert_close(out.double(), want, atol=ATOL, rtol=0)
+            # Loose: within the stated bound of attention over the unquantized inputs (own KV quantized too).
+            error = (out.double() - oracle(exact)).abs().max().item()
+            assert 1e-5 < error < OUTPUT_BOUND[fmt]
+
+
+def test_mixed_storage_formats_take_the_multi_launch_path() -> None:
+    torch.manual_seed(9)
+    batch = make_batch([12, 8], [[0, 1], [1]], own_lens=[2, 3])
+    first = batch.table.segments[0]
+    int8 = KVSegment(quantize_kv(first.dense()[0], "int8", "channel"), quantize_kv(first.dense()[1], "int8", "token"))
+    table = SegmentTable([int8, batch.table.segments[1]], batch.table.request_segments)
+    with launches() as calls:
+        out = decode_attention(batch.q, table, batch.own_kv, backend="triton", config=SMALL)
+    assert calls["fused"].call_count == 0 and calls["partials"].call_count == 3
+    want = decode_attention(batch.q, table, batch.own_kv, backend="torch")
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=0)
+
+
+def test_fp16_compute_and_default_config() -> None:
+    torch.manual_seed(10)
+    batch = make_batch([21, 6], [[0, 1], [1], [0, 1]], own_lens=[3, 4, 40], dtype=torch.float16, group=4)
+    out = fused(batch, config=default_config(16))
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), oracle(batch), atol=3e-3, rtol=0)
