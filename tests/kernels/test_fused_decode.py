@@ -29,6 +29,7 @@ from cartridges_kernels.config import default_config
 from cartridges_kernels.decode_plan import DecodeStructure, plan_decode
 from cartridges_kernels.dispatch import segmented_attention_triton
 from cartridges_kernels.quantize import Granularity, QuantFormat
+from cartridges_kernels.reference import segmented_attention_reference
 
 from ._build import Batch, make_batch, oracle, pool_views
 from .test_quantized_attention import OUTPUT_BOUND
@@ -228,3 +229,19 @@ def test_fp16_compute_and_default_config() -> None:
     out = fused(batch, config=default_config(16))
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double(), oracle(batch), atol=3e-3, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_log_sum_exp_matches_the_reference(num_splits: int) -> None:
+    torch.manual_seed(11)
+    batch = make_batch([10, 0], [[0], [1], [0, 1]], own_lens=None, group=2)
+    scale = 0.25
+    args = (batch.q, batch.query_lens, batch.table, batch.own_kv, scale)
+    with launches() as calls:
+        out, lse = segmented_attention_triton(*args, num_splits, True, SMALL)
+    assert calls["fused"].call_count == 1
+    want_out, want_lse = segmented_attention_reference(*args)
+    torch.testing.assert_close(out, want_out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse, want_lse.float(), atol=1e-5, rtol=0)  # base 2; -inf for request 1
+    empty = make_batch([4], [], own_lens=[])
+    assert segmented_attention_triton(empty.q, [], empty.table, [], scale, num_splits, True, SMALL)[0].shape[0] == 0
