@@ -43,7 +43,7 @@ from cartridges.kvcache import cartridge_cache, positions_after, prefix_cartridg
 from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
 from cartridges_trainer import TrainerOptions, train
-from cartridges_trainer.batching import Conversation, answer_logprobs, pack
+from cartridges_trainer.batching import Conversation, pack, target_logprobs
 from cartridges_trainer.corpus import load_corpus
 from cartridges_trainer.distill import initial_cartridge
 from cartridges_trainer.prompts import render, system_prompt
@@ -103,10 +103,11 @@ def score(lm: LoadedModel, prefix: Cartridge | None, questions: list[Question]) 
     for i in range(0, len(questions), BATCH):
         chunk = questions[i : i + BATCH]
         convs = [
-            Conversation(torch.tensor(q.turn + q.answer), len(q.turn), torch.zeros(0), torch.zeros(0)) for q in chunk
+            Conversation(torch.tensor(q.turn + q.answer), len(q.turn), len(q.turn), torch.zeros(0), torch.zeros(0))
+            for q in chunk
         ]
         batch = pack(convs, eos, lm.device)
-        losses = -answer_logprobs(lm.model, batch, prefix).gather(1, batch.targets[:, None])[:, 0]
+        losses = -target_logprobs(lm.model, batch, prefix).gather(1, batch.targets[:, None])[:, 0]
         content = batch.targets != eos
         nll["with"] += float(losses.sum())
         nll["without"] += float(losses[content].sum())

@@ -27,7 +27,7 @@ from cartridges.store import Store, StoreURI
 from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
-from cartridges_trainer.batching import answer_logprobs, pack
+from cartridges_trainer.batching import pack, target_logprobs
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.distill import TrainableCartridge, distill_loss, initial_cartridge, step_batch
 from cartridges_trainer.evaluate import evaluate
@@ -170,6 +170,7 @@ def test_synthesis_shard_shapes_and_teacher_alignment(shard: Shard, tiny_model: 
     for conv in shard.conversations:
         answer = conv.answer
         assert 1 <= len(answer) <= OPTIONS.max_answer_tokens
+        assert conv.target_start == conv.answer_start  # the paper's recipe distills answers only
         assert conv.topk_ids.shape == conv.topk_logprobs.shape == (len(answer), 4)
         assert (conv.topk_logprobs <= 0).all() and (conv.topk_logprobs.diff(dim=-1) <= 0).all()
         # bot B answers greedily, so the teacher's top-1 at each answer position is the answer token itself
@@ -180,30 +181,40 @@ def test_synthesis_shard_shapes_and_teacher_alignment(shard: Shard, tiny_model: 
     loaded = Shard.load(path)
     assert torch.equal(loaded.context, shard.context)
     for a, b in zip(loaded.conversations, shard.conversations, strict=True):
-        assert torch.equal(a.ids, b.ids) and a.answer_start == b.answer_start
+        assert torch.equal(a.ids, b.ids) and (a.answer_start, a.target_start) == (b.answer_start, b.target_start)
         assert torch.equal(a.topk_ids, b.topk_ids.int()) and torch.equal(a.topk_logprobs, b.topk_logprobs)
 
 
-def test_grounded_shard_answers_with_the_chunks_own_words(tiny_model: LoadedModel) -> None:
+@pytest.mark.parametrize("fits", [True, False])
+def test_grounded_shard_asks_about_the_windows_facts_with_the_corpus_in_context(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch, fits: bool
+) -> None:
     corpus = tiny_corpus(tiny_model)
+    if not fits:  # a corpus longer than the model's positions: the teacher reads the shard's window
+        monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", len(corpus.tokens))
     shard = synthesize_shard(tiny_model, corpus, STUDY, OPTIONS, "synth/train-00001.safetensors")
     assert OPTIONS.recipe == "grounded" and len(shard.conversations) == OPTIONS.synthesis_batch_size
     start, end = corpus.window(1, STUDY.maxChunkTokens)
     chunk = tiny_model.tokenizer.decode(corpus.tokens[start:end])
-    assert chunk in tiny_model.tokenizer.decode(shard.context.tolist())
+    context = tiny_model.tokenizer.decode(shard.context.tolist())
+    assert (CORPUS_TEXT.strip() in context) is fits and chunk in context
     eos = tiny_model.tokenizer.eos_token_id
     for conv in shard.conversations:
         answer = conv.answer.tolist()
         assert answer[-1] == eos and tiny_model.tokenizer.decode(answer[:-1]) in chunk
-        assert conv.topk_ids.shape == conv.topk_logprobs.shape == (len(answer), 4)
-    # the teacher reads the chunk once, then the conversations: the same log-probs as reading it all at once
+        # the user turn is distilled too, from its second token (the first has no prediction after the cartridge)
+        assert conv.target_start == 1 < conv.answer_start
+        assert conv.topk_ids.shape == conv.topk_logprobs.shape == (len(conv.ids) - 1, 4)
+    # the teacher reads the context once, then the conversations: the same log-probs as reading it all at once
     conv = shard.conversations[0]
     with torch.no_grad():
         ids = torch.cat([shard.context, conv.ids]).unsqueeze(0)
         logprobs = tiny_model.model(input_ids=ids).logits[0].log_softmax(-1)
-    at = len(shard.context) + conv.answer_start - 1
-    expected = logprobs[at : at + len(conv.answer)].gather(-1, conv.topk_ids.long())
+    at = len(shard.context) + conv.target_start - 1
+    expected = logprobs[at : at + len(conv.targets)].gather(-1, conv.topk_ids.long())
     assert torch.allclose(expected, conv.topk_logprobs, atol=1e-4)
+    scored = conv.answer_only()
+    assert torch.equal(scored.topk_ids, conv.topk_ids[conv.answer_start - 1 :]) and len(scored.targets) == len(answer)
 
 
 def test_corpus_windows_cover_every_token_evenly() -> None:
@@ -223,14 +234,14 @@ def test_loss_matches_a_direct_computation(shard: Shard, tiny_model: LoadedModel
     batch = pack(shard.conversations, 0, tiny_model.device, row_tokens=128)
     assert len(batch.input_ids) < len(shard.conversations)  # packed: the direct computation below is unpacked
     with torch.no_grad():
-        loss = distill_loss(answer_logprobs(tiny_model.model, batch, init), batch)
+        loss = distill_loss(target_logprobs(tiny_model.model, batch, init), batch)
         expected, count = 0.0, 0
         for conv in shard.conversations:  # one unpadded conversation at a time, full logits
             ids = conv.ids.unsqueeze(0)
             hidden = forward_with_cartridge(tiny_model.model, init, ids, torch.ones_like(ids))
             logq = tiny_model.model.lm_head(hidden[0]).log_softmax(-1)
-            for j in range(len(conv.answer)):
-                row = logq[conv.answer_start + j - 1]
+            for j in range(len(conv.targets)):
+                row = logq[conv.target_start + j - 1]
                 expected -= float((conv.topk_logprobs[j].exp() * row[conv.topk_ids[j].long()]).sum())
                 count += 1
     assert loss.item() == pytest.approx(expected / count, rel=1e-4)
@@ -246,7 +257,7 @@ def test_gradients_reach_only_trainable_rows_and_loss_goes_down(shard: Shard, ti
     batch.topk_logprobs = torch.tensor([0.9, 0.05, 0.03, 0.02]).log().expand_as(batch.topk_logprobs)
     losses = []
     for _ in range(30):
-        loss = distill_loss(answer_logprobs(tiny_model.model, batch, trainable.cartridge()), batch)
+        loss = distill_loss(target_logprobs(tiny_model.model, batch, trainable.cartridge()), batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -350,7 +361,7 @@ def test_restart_skips_finished_shards_and_steps(
     def crash_after_two(*args: object) -> Shard:
         if len(made) == 2:
             raise RuntimeError("simulated kill during synthesis")
-        made.append(str(args[-1]))
+        made.append(str(args[4]))  # (lm, corpus, study, options, name, teacher)
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(synthesis_module, "synthesize_shard", crash_after_two)

@@ -1,8 +1,8 @@
-"""Packed batches of conversations, and the frozen model's answer log-probs over them.
+"""Packed batches of conversations, and the frozen model's log-probs at their distilled tokens.
 
 Several conversations share a row when they fit (first-fit decreasing), each seeing only the cartridge and its own
 earlier tokens, with positions restarting after the cartridge: the result equals one conversation per row, without
-the padding. Only answer positions are projected to the vocabulary (``rows``/``cols``), which keeps logits small.
+the padding. Only target positions are projected to the vocabulary (``rows``/``cols``), which keeps logits small.
 """
 
 from __future__ import annotations
@@ -19,10 +19,16 @@ from cartridges.kvcache import cartridge_cache
 
 @dataclass
 class Conversation:
-    """Student tokens (user turn + answer) and the teacher's top-k log-probs of each answer token."""
+    """Student tokens (user turn + answer) and the teacher's top-k log-probs of each distilled token.
+
+    Distillation covers the tokens from ``target_start`` on: the answer (``answer_start``), and with the grounded
+    recipe the user turn too, whose quoted corpus text the teacher predicts from its context. Evaluation scores
+    only the answer (:meth:`answer_only`).
+    """
 
     ids: torch.Tensor
     answer_start: int
+    target_start: int
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
 
@@ -30,14 +36,27 @@ class Conversation:
     def answer(self) -> torch.Tensor:
         return self.ids[self.answer_start :]
 
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.ids[self.target_start :]
+
+    def answer_only(self) -> Conversation:
+        """The same conversation distilled (or scored) on its answer tokens alone."""
+        skip = self.answer_start - self.target_start
+        return Conversation(
+            self.ids, self.answer_start, self.answer_start, self.topk_ids[skip:], self.topk_logprobs[skip:]
+        )
+
     def truncated(self, max_tokens: int) -> Conversation | None:
-        """Cut the answer's tail to fit ``max_tokens``; ``None`` when not a single answer token fits."""
+        """Cut the tail to fit ``max_tokens``; ``None`` when not a single answer token fits."""
         if len(self.ids) <= max_tokens:
             return self
-        keep = max_tokens - self.answer_start
-        if keep <= 0:
+        if max_tokens <= self.answer_start:
             return None
-        return Conversation(self.ids[:max_tokens], self.answer_start, self.topk_ids[:keep], self.topk_logprobs[:keep])
+        keep = max_tokens - self.target_start
+        return Conversation(
+            self.ids[:max_tokens], self.answer_start, self.target_start, self.topk_ids[:keep], self.topk_logprobs[:keep]
+        )
 
 
 @dataclass
@@ -48,7 +67,7 @@ class Batch:
     positions: torch.Tensor
     """Each token's position within its own sequence."""
     rows: torch.Tensor
-    """(rows, cols): positions whose next token is an answer token."""
+    """(rows, cols): positions whose next token is a target token."""
     cols: torch.Tensor
     targets: torch.Tensor
     topk_ids: torch.Tensor
@@ -95,8 +114,8 @@ def pack(
         input_ids[row, offset:end] = seq
         segments[row, offset:end] = segment
         positions[row, offset:end] = torch.arange(len(seq))
-        cols.append(torch.arange(offset + conv.answer_start - 1, end - 1))
-        rows.append(torch.full((len(conv.answer),), row))
+        cols.append(torch.arange(offset + conv.target_start - 1, end - 1))
+        rows.append(torch.full((len(conv.targets),), row))
         topk_ids.append(conv.topk_ids)
         topk_logprobs.append(conv.topk_logprobs)
     row_index, col_index = torch.cat(rows), torch.cat(cols)
@@ -112,8 +131,8 @@ def pack(
     )
 
 
-def answer_logprobs(model: PreTrainedModel, batch: Batch, cartridge: Cartridge | None = None) -> torch.Tensor:
-    """Log-softmax over the vocabulary at every answer position, ``[answer_tokens, vocab]``.
+def target_logprobs(model: PreTrainedModel, batch: Batch, cartridge: Cartridge | None = None) -> torch.Tensor:
+    """Log-softmax over the vocabulary at every target position, ``[target_tokens, vocab]``.
 
     With a cartridge, every sequence reads it as past key/values and its positions start at p.
     """

@@ -16,7 +16,7 @@ from cartridges.api import CartridgeSpec
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import prefix_cartridge
 from cartridges.models import LoadedModel
-from cartridges_trainer.batching import Batch, Conversation, answer_logprobs, pack
+from cartridges_trainer.batching import Batch, Conversation, pack, target_logprobs
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.options import TrainerOptions
@@ -151,7 +151,7 @@ def distill(
     for step in range(start, training.steps):
         share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
         batch = pack(share, pad_id, lm.device, training.sequenceLength)
-        loss = distill_loss(answer_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
+        loss = distill_loss(target_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
         loss = loss * (len(batch.targets) / world.sum(len(batch.targets)))  # this rank's share of the step's loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

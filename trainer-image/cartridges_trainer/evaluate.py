@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import prefix_cartridge
 from cartridges.models import LoadedModel
-from cartridges_trainer.batching import answer_logprobs, pack
+from cartridges_trainer.batching import pack, target_logprobs
 from cartridges_trainer.synthesis import Shard
 
 EVAL_BATCH = 8
@@ -44,9 +44,9 @@ def evaluate(
     for shard in shards:
         icl = corpus_icl or prefix_cartridge(lm.model, shard.context.tolist(), frozen_tokens=0)
         for i in range(0, len(shard.conversations), EVAL_BATCH):
-            batch = pack(shard.conversations[i : i + EVAL_BATCH], pad_id, lm.device)
+            batch = pack([c.answer_only() for c in shard.conversations[i : i + EVAL_BATCH]], pad_id, lm.device)
             for name, prefix in (("noContext", None), ("icl", icl), ("cartridge", cartridge)):
-                logprobs = answer_logprobs(lm.model, batch, prefix)
+                logprobs = target_logprobs(lm.model, batch, prefix)
                 totals[name] += F.nll_loss(logprobs, batch.targets, reduction="sum").item()
             tokens += len(batch.targets)
     scores: dict[str, float | int | str | None] = {name: total / tokens for name, total in totals.items()}

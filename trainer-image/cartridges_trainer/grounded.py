@@ -1,11 +1,12 @@
-"""Grounded self-study tasks: a user turn built from one sentence of the chunk, answered with the chunk's own words.
+"""Grounded self-study tasks: questions about one fact of a sentence of the chunk, answered with its own words.
 
-Why: a small model (SmolLM2-135M) asked to write questions about a chunk writes generic or wrong ones, so the paper's
-teacher signal carries few facts and the cartridge learns almost nothing (bench/quality/EXPERIMENTS.md). Here the
-tasks and answers come from the text itself; the teacher (the model with the chunk in context) is still scored on
-each answer token and its top-k stays the distillation target, so the cartridge learns what the chunk makes the
-model predict. The three tasks ask for facts from cues (cloze), the passage in order (next sentence), and the text
-that goes with a name or number (quote).
+Why: a small model (SmolLM2-135M) asked to write questions about a chunk writes generic or wrong ones ("What is the
+answer to this question?"), so the paper's teacher signal carries few facts and the cartridge learns almost nothing
+(bench/quality/EXPERIMENTS.md). Here every task is built from a fact of the text (a name, a number, a date) and the
+sentence around it: a question with the fact replaced by a wh-phrase ("... rises to how many metres?") or a
+fill-in-the-blank, answered with the fact itself. The teacher (the model with the corpus in context) still gives the
+distillation target at every token, and since the user turn quotes the corpus, distilling it too teaches the
+cartridge the text the questions are about.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from dataclasses import dataclass
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _NUMBER = re.compile(r"\d[\d,.]*\d|\d")
 _NAME = re.compile(r"[A-Z][\w'-]*(?:\s+(?:of\s+|the\s+|and\s+)?[A-Z][\w'-]*)*")
+_MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+_DATE = re.compile(rf"\d{{1,2}} (?:{_MONTHS}) \d{{4}}")
+_YEAR = re.compile(r"1\d{3}|20\d{2}")
+_AFTER_YEAR_WORD = re.compile(r"\b(?:year|in|since|from|until)\s+$")
+_ARTICLE = re.compile(r"\b(?:the|a|an|The|A|An)\s+$")
 _UNIT = re.compile(r"\s([a-z]+)")
 _NOT_UNITS = frozenset(
     [
@@ -51,6 +57,9 @@ _NOT_UNITS = frozenset(
     ]
 )
 MIN_SENTENCE_WORDS = 5
+MIN_QUESTION_WORDS = 4
+CLOZE_SHARE = 1 / 3
+"""The share of fill-in-the-blank tasks; the rest are questions, the form users ask in."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,10 @@ def sentences(text: str, *, cut_head: bool, cut_tail: bool) -> list[str]:
 
 
 def fact_spans(sentence: str) -> list[tuple[int, int]]:
-    """Character spans worth asking for: numbers (with a following unit word) and names not opening the sentence."""
-    spans = []
+    """Character spans worth asking for: whole dates, numbers (with a following unit word), and names not opening
+    the sentence, a name with the article before it (answers read "the Tarrow Moot", as people write them)."""
+    dates = [m.span() for m in _DATE.finditer(sentence)]
+    spans = list(dates)
     for match in _NUMBER.finditer(sentence):
         end = match.end()
         unit = _UNIT.match(sentence, end)
@@ -77,49 +88,65 @@ def fact_spans(sentence: str) -> list[tuple[int, int]]:
         spans.append((match.start(), end))
     for match in _NAME.finditer(sentence):
         if match.start() > 0 or " " in match.group():
-            spans.append((match.start(), match.end()))
-    return spans
+            article = _ARTICLE.search(sentence, 0, match.start())
+            spans.append((article.start() if article else match.start(), match.end()))
+    return [(a, b) for a, b in spans if (a, b) in dates or not any(x <= a and b <= y for x, y in dates)]
 
 
-def _cloze(rng: random.Random, sentence: str) -> Task:
-    spans = fact_spans(sentence)
-    if spans:
-        start, end = rng.choice(spans)
-    else:  # no name or number: ask for the closing words
-        words = sentence.rstrip(".!?").split()
-        tail = " ".join(words[-rng.randint(2, 4) :])
-        start = sentence.rindex(tail)
-        end = start + len(tail)
+def closing_words(sentence: str) -> tuple[int, int]:
+    """The span of a sentence's last three words: what to ask for when it names no fact."""
+    tail = " ".join(sentence.rstrip(".!?").split()[-3:])
+    start = sentence.rindex(tail)
+    return start, start + len(tail)
+
+
+def wh_phrase(sentence: str, start: int, end: int) -> str:
+    """What a question puts in place of the span: "what date", "what year", "how many <unit>" or "what"."""
+    span = sentence[start:end]
+    if _DATE.fullmatch(span):
+        return "what date"
+    if _YEAR.fullmatch(span) or (span.isdigit() and _AFTER_YEAR_WORD.search(sentence, 0, start)):
+        return "what year"
+    if span[0].isdigit():
+        unit = span.split(maxsplit=1)[1:]
+        return " ".join(["how many", *unit])
+    return "what"
+
+
+def _clause(rng: random.Random, sentence: str, start: int, end: int) -> tuple[int, int]:
+    """The stretch of the sentence a question keeps: sometimes only the clause around the span, so questions vary in
+    length and cue, like the short ones people ask; the whole sentence when the clause alone says too little."""
+    text_end = len(sentence.rstrip(".!?"))
+    left = max(sentence.rfind(", ", 0, start), sentence.rfind("; ", 0, start))
+    right = [i for i in (sentence.find(", ", end), sentence.find("; ", end)) if i >= 0]
+    lo = left + 2 if left >= 0 and rng.random() < 0.5 else 0
+    hi = min(right) if right and rng.random() < 0.7 else text_end
+    if len((sentence[lo:start] + sentence[end:hi]).split()) < MIN_QUESTION_WORDS:
+        return 0, text_end
+    return lo, hi
+
+
+def question(rng: random.Random, sentence: str, start: int, end: int) -> Task:
+    """The sentence (or its clause) asked about the span in place: "Its highest point is what?"."""
+    lo, hi = _clause(rng, sentence, start, end)
+    body = f"{sentence[lo:start]}{wh_phrase(sentence, start, end)}{sentence[end:hi]}".strip().rstrip(".,;:")
+    return Task(f"{body[0].upper()}{body[1:]}?", sentence[start:end])
+
+
+def cloze(sentence: str, start: int, end: int) -> Task:
     blanked = f"{sentence[:start]}_____{sentence[end:]}"
     return Task(f"Fill in the blank with the exact words from the document:\n{blanked}", sentence[start:end])
 
 
-def _next(sentence: str, following: str) -> Task:
-    return Task(f"Which sentence comes right after this one in the document?\n{sentence}", following)
-
-
-def _quote(rng: random.Random, sentence: str) -> Task:
-    spans = fact_spans(sentence)
-    if not spans:
-        return Task(f"Quote the sentence of the document that begins with: {' '.join(sentence.split()[:4])}", sentence)
-    start, end = rng.choice(spans)
-    return Task(f"Quote the sentence of the document that mentions {sentence[start:end]}.", sentence)
-
-
 def grounded_tasks(rng: random.Random, text: str, count: int, *, cut_head: bool, cut_tail: bool) -> list[Task]:
-    """``count`` tasks over the sentences of ``text``, visiting every sentence before repeating one."""
+    """``count`` tasks over the facts of ``text``, visiting every fact (or fact-less sentence) before repeating one."""
     found = sentences(text, cut_head=cut_head, cut_tail=cut_tail) or [text.strip()]
+    facts = [(s, span) for s in found for span in (fact_spans(s) or [closing_words(s)])]
     order: list[int] = []
     tasks = []
     for _ in range(count):
         if not order:
-            order = rng.sample(range(len(found)), len(found))
-        i = order.pop()
-        kind = rng.choice(("cloze", "next", "quote") if i + 1 < len(found) else ("cloze", "quote"))
-        if kind == "cloze":
-            tasks.append(_cloze(rng, found[i]))
-        elif kind == "next":
-            tasks.append(_next(found[i], found[i + 1]))
-        else:
-            tasks.append(_quote(rng, found[i]))
+            order = rng.sample(range(len(facts)), len(facts))
+        sentence, (start, end) = facts[order.pop()]
+        tasks.append(cloze(sentence, start, end) if rng.random() < CLOZE_SHARE else question(rng, sentence, start, end))
     return tasks

@@ -1,10 +1,12 @@
 """Self-study synthesis: conversations about a chunk of the corpus, and the teacher's top-k log-probs on each answer.
 
 The teacher is the model with the chunk in context. Two recipes (``TrainerOptions.recipe``): ``paper``, where bot A
-asks about the chunk and bot B answers greedily; ``grounded``, where tasks and answers come from the chunk's own
-sentences (:mod:`cartridges_trainer.grounded`). One shard = one chunk and a batch of conversations about it, made
-together (batched generation, the chunk read once). Shards are
-named by index and seeded by name, so a restart skips what the store holds and regenerates the rest identically.
+asks about a random chunk and bot B answers greedily, distilled on the answers; ``grounded``, where tasks and answers
+come from the facts of a window of the corpus (:mod:`cartridges_trainer.grounded`), the teacher reads the whole
+corpus when it fits the model (what ICL and so the cartridge stand for), and the whole user turn is distilled too.
+One shard = one context and a batch of conversations about it, made together (batched generation, the context read
+once). Shards are named by index and seeded by name, so a restart skips what the store holds and regenerates the
+rest identically.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cartridges.api import SelfStudy
+from cartridges.artifact import Cartridge
 from cartridges.kvcache import forward_with_cartridge, prefix_cartridge
 from cartridges.models import LoadedModel
 from cartridges.store import IntegrityError
@@ -53,6 +56,7 @@ class Shard:
                 "ids": torch.cat([c.ids for c in convs]),
                 "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
                 "answer_starts": torch.tensor([c.answer_start for c in convs]),
+                "target_starts": torch.tensor([c.target_start for c in convs]),
                 "topk_ids": torch.cat([c.topk_ids for c in convs]).int(),
                 "topk_logprobs": torch.cat([c.topk_logprobs for c in convs]).float(),
             },
@@ -63,18 +67,11 @@ class Shard:
     def load(cls, path: Path) -> Shard:
         t = load_file(str(path))
         offsets, starts = t["offsets"].tolist(), t["answer_starts"].tolist()
-        convs, answer_offset = [], 0
-        for begin, end, start in zip(offsets, offsets[1:], starts, strict=False):
-            answer = end - begin - start
-            convs.append(
-                Conversation(
-                    t["ids"][begin:end],
-                    start,
-                    t["topk_ids"][answer_offset : answer_offset + answer],
-                    t["topk_logprobs"][answer_offset : answer_offset + answer],
-                )
-            )
-            answer_offset += answer
+        convs, top_offset = [], 0
+        for begin, end, start, target in zip(offsets, offsets[1:], starts, t["target_starts"].tolist(), strict=False):
+            top = slice(top_offset, top_offset + end - begin - target)
+            convs.append(Conversation(t["ids"][begin:end], start, target, t["topk_ids"][top], t["topk_logprobs"][top]))
+            top_offset = top.stop
         return cls(t["context"], convs)
 
 
@@ -134,41 +131,67 @@ def generate(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, tem
     return results
 
 
+class TeacherContext:
+    """The teacher's KV cache of the last context it read: the shards of a corpus that fits the model share one."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self._tokens: list[int] = []
+        self._kv: Cartridge | None = None
+
+    def kv(self, tokens: list[int]) -> Cartridge:
+        if self._kv is None or tokens != self._tokens:
+            self._tokens, self._kv = tokens, prefix_cartridge(self.lm.model, tokens, frozen_tokens=0)
+        return self._kv
+
+
 @torch.no_grad()
 def teacher_topk(
-    lm: LoadedModel, context: list[int], turns: list[list[int]], answers: list[list[int]], k: int
+    lm: LoadedModel, context: Cartridge, seqs: list[list[int]], starts: list[int], k: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Top-k (ids, log-probs) of the teacher at each answer token of ``context + turn + answer``.
+    """Top-k (ids, log-probs) of the teacher at each token ``seq[start:]`` of ``context + seq``.
 
-    The shared context (the chunk) is read once into a KV cache; the conversations follow it in right-padded
-    batches of ``TEACHER_BATCH`` (the cache is copied per row, so this bounds memory).
+    The shared context is read once into a KV cache; the conversations follow it in right-padded batches of
+    ``TEACHER_BATCH`` (the cache is copied per row, so this bounds memory).
     """
-    prefix = prefix_cartridge(lm.model, context, frozen_tokens=0)
     head: torch.nn.Module = lm.model.get_output_embeddings()
     results = []
-    for i in range(0, len(turns), TEACHER_BATCH):
-        batch_turns, batch_answers = turns[i : i + TEACHER_BATCH], answers[i : i + TEACHER_BATCH]
-        seqs = [t + a for t, a in zip(batch_turns, batch_answers, strict=True)]
-        ids, mask = _pad(seqs, 0, lm.device, left=False)
-        hidden = forward_with_cartridge(lm.model, prefix, ids, mask)
-        for row, (turn, answer) in enumerate(zip(batch_turns, batch_answers, strict=True)):
-            logprobs = head(hidden[row, len(turn) - 1 : len(turn) + len(answer) - 1]).float().log_softmax(-1)
+    for i in range(0, len(seqs), TEACHER_BATCH):
+        batch = seqs[i : i + TEACHER_BATCH]
+        ids, mask = _pad(batch, 0, lm.device, left=False)
+        hidden = forward_with_cartridge(lm.model, context, ids, mask)
+        for row, (seq, start) in enumerate(zip(batch, starts[i : i + TEACHER_BATCH], strict=True)):
+            logprobs = head(hidden[row, start - 1 : len(seq) - 1]).float().log_softmax(-1)
             top = logprobs.topk(k, dim=-1)
             results.append((top.indices.int().cpu(), top.values.cpu()))
     return results
 
 
-def synthesize_shard(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, name: str) -> Shard:
-    """One chunk and ``synthesis_batch_size`` conversations about it, by ``options.recipe``, with teacher top-k."""
+def synthesize_shard(
+    lm: LoadedModel,
+    corpus: Corpus,
+    study: SelfStudy,
+    options: TrainerOptions,
+    name: str,
+    teacher: TeacherContext | None = None,
+) -> Shard:
+    """One context and ``synthesis_batch_size`` conversations about it, by ``options.recipe``, with teacher top-k.
+
+    The grounded recipe distills every token of a conversation after its first (the user turn quotes the corpus),
+    the paper's only the answer.
+    """
     seed = zlib.crc32(f"{options.seed}:{name}".encode())
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    make = _grounded_conversations if options.recipe == "grounded" else _paper_conversations
+    grounded = options.recipe == "grounded"
+    make = _grounded_conversations if grounded else _paper_conversations
     context, turns, answers = make(lm, corpus, study, options, name, rng)
-    tops = teacher_topk(lm, context, turns, answers, study.topK)
+    seqs = [turn + answer for turn, answer in zip(turns, answers, strict=True)]
+    targets = [1 if grounded else len(turn) for turn in turns]
+    tops = teacher_topk(lm, (teacher or TeacherContext(lm)).kv(context), seqs, targets, study.topK)
     conversations = [
-        Conversation(torch.tensor(turn + answer), len(turn), top_ids, top_lp)
-        for turn, answer, (top_ids, top_lp) in zip(turns, answers, tops, strict=True)
+        Conversation(torch.tensor(seq), len(turn), target, top_ids, top_lp)
+        for seq, turn, target, (top_ids, top_lp) in zip(seqs, turns, targets, tops, strict=True)
     ]
     return Shard(torch.tensor(context), conversations)
 
@@ -196,22 +219,26 @@ def _paper_conversations(
 def _grounded_conversations(
     lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, name: str, rng: random.Random
 ) -> Turns:
-    """The shard's window of the corpus; tasks whose answers are its own words, ended by the end-of-turn token."""
+    """Tasks about the facts of the shard's window of the corpus, answered with its own words and the end-of-turn
+    token; the teacher reads the whole corpus if it fits the model with the longest conversation, else the window."""
     index = int(name.rsplit("-", 1)[1].split(".")[0])
     start, end = corpus.window(index, study.maxChunkTokens)
     chunk = _text(lm, corpus.tokens[start:end])
-    system = system_prompt(corpus.description, chunk)
     tasks = grounded_tasks(
         rng, chunk, options.synthesis_batch_size, cut_head=start > 0, cut_tail=end < len(corpus.tokens)
     )
-    rendered = [render(lm.tokenizer, system, task.user) for task in tasks]
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     answers = [
         list(lm.tokenizer(task.answer, add_special_tokens=False)["input_ids"])[: options.max_answer_tokens - len(eos)]
         + eos
         for task in tasks
     ]
-    return rendered[0][0], [turn for _, turn in rendered], answers
+    rendered = [render(lm.tokenizer, system_prompt(corpus.description, chunk), task.user) for task in tasks]
+    turns = [turn for _, turn in rendered]
+    whole = corpus_context(lm, corpus)
+    longest = max(len(turn) + len(answer) for turn, answer in zip(turns, answers, strict=True))
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    return (whole if limit is None or len(whole) + longest <= limit else rendered[0][0]), turns, answers
 
 
 def corpus_context(lm: LoadedModel, corpus: Corpus) -> list[int]:
@@ -250,8 +277,9 @@ def synthesize(
             shards[name] = shard
     missing = [name for name in names if name not in shards]
     progress.phase("synthesizing", total=len(names), done=len(shards))
+    teacher = TeacherContext(lm)
     for made, name in enumerate(missing[world.rank :: world.size], start=1):
-        shards[name] = synthesize_shard(lm, corpus, study, options, name)
+        shards[name] = synthesize_shard(lm, corpus, study, options, name, teacher)
         shards[name].save(workspace.path(name))
         workspace.upload(name)
         # the other ranks make shards alongside this one: extrapolate to the whole world
