@@ -124,6 +124,11 @@ def score(lm: LoadedModel, prefix: Cartridge | None, questions: list[Question]) 
     }
 
 
+def _prefix(config: TrainerConfig, generation: int) -> str:
+    """The output prefix of generation ``generation`` of the same benchmark cartridge (generation = p here)."""
+    return config.model_copy(update={"generation": generation}).output_prefix
+
+
 def _copy_synthesis(store: Store, source: str, target: str) -> None:
     """Put the stored synthesis shards of one generation into another, so its trainer skips synthesis."""
     for uri in store.list(f"{source}/{SYNTH_FOLDER}"):
@@ -193,8 +198,9 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
             corpus_description=DESCRIPTION,
             spec=spec,
         )
-        if first is not None:
-            _copy_synthesis(store, first.output_prefix, config.output_prefix)
+        source = first.output_prefix if first else args.synthesis_from and _prefix(config, args.synthesis_from)
+        if source:
+            _copy_synthesis(store, source, config.output_prefix)
         train(config, store, options=options, model=lm)
         local = Path(tempfile.mkdtemp(prefix="quality-"))
         download_artifact(store, config.output_prefix, local)
@@ -203,6 +209,8 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
         if first is None:
             first = config
             stats = {k: training[k] for k in ("synthesis_seconds", "synthesis_tokens_per_s")}
+            if args.synthesis_from:  # the shards came from another run: its synthesis figures are the real ones
+                stats = {}
         init = initial_cartridge(lm, corpus, spec, options.seed)
         rows.append({"method": "cartridge_init", "p": p, "train_seconds": 0.0, **score(lm, init, questions)})
         rows.append(
@@ -234,6 +242,7 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
                 "command": shlex.join(["python", *sys.argv]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads {args.threads}",
                 "wall_seconds": time.monotonic() - started,
+                "workdir": str(args.workdir.resolve()),
             }
         )
 
@@ -246,6 +255,27 @@ def _recovered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             gain = none[f"answer_nll{suffix}"] - icl[f"answer_nll{suffix}"]
             row[f"recovered{suffix}"] = (none[f"answer_nll{suffix}"] - row[f"answer_nll{suffix}"]) / gain
     return rows
+
+
+def _merged(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``result`` with the rows of a run beside it in the same workdir (``--synthesis-from``), as last saved."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if earlier.get("workdir") != result["workdir"]:
+        return result
+    mine = {(r["method"], r["p"]) for r in result["rows"]}
+    rows = result["rows"] + [r for r in earlier["rows"] if (r["method"], r["p"]) not in mine]
+    rows.sort(key=lambda r: ({"none": 0, "icl": 1}.get(r["method"], 2), -r["p"], r["method"] == "cartridge"))
+    commands = [c for c in (earlier["command"], result["command"]) if c]
+    rates = [r["distill_tokens_per_s"] for r in rows if "distill_tokens_per_s" in r]
+    return (
+        earlier
+        | {k: v for k, v in result.items() if k not in earlier or v}
+        | {
+            "rows": rows,
+            "command": " && ".join(dict.fromkeys(" && ".join(commands).split(" && "))),
+            "distill_tokens_per_s": sum(rates) / len(rates),
+        }
+    )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -280,11 +310,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--recipe", choices=["grounded", "paper"], default="grounded")
-    parser.add_argument("--conversations", type=int, default=768)
+    parser.add_argument("--conversations", type=int, default=512)
     parser.add_argument("--shard-size", type=int, default=32, help="conversations per synthesis shard")
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--max-answer-tokens", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--sequence-length", type=int, default=256)
@@ -294,10 +324,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.mkdtemp(prefix="quality-store-")))
     parser.add_argument("--baselines", type=Path, help="JSON of the none and ICL rows: read if present, else written")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    parser.add_argument(
+        "--synthesis-from",
+        type=int,
+        metavar="P",
+        help="reuse the synthesis of size P's run in the same --workdir (a second process beside it, sharing its "
+        "shards) and merge this run's rows into --out",
+    )
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(result: dict[str, Any]) -> None:
+        result = _merged(result, args.out)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         plot(result, args.out.with_suffix(".png"))
         for r in result["rows"]:
