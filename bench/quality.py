@@ -168,7 +168,6 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
             args.baselines.write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(rows, indent=1), flush=True)
     options = TrainerOptions(
-        recipe=args.recipe,
         synthesis_batch_size=args.shard_size,
         max_answer_tokens=args.max_answer_tokens,
         checkpoint_every=args.steps,
@@ -182,7 +181,10 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
             baseModel=api.BaseModelRef(name="smollm2", uri=f"file://{smollm2_gguf()}"),
             size=p,
             selfStudy=api.SelfStudy(
-                conversations=args.conversations, minChunkTokens=args.chunk_tokens, maxChunkTokens=args.chunk_tokens
+                recipe=args.recipe,
+                conversations=args.conversations,
+                minChunkTokens=args.chunk_tokens,
+                maxChunkTokens=args.chunk_tokens,
             ),
             training=api.Training(
                 steps=args.steps, learningRate=args.lr, batchSize=args.batch, sequenceLength=args.sequence_length

@@ -121,6 +121,9 @@ SeedPrompt = Literal["structuring", "summarization", "question", "use_case", "cr
 SEED_PROMPTS: tuple[SeedPrompt, ...] = ("structuring", "summarization", "question", "use_case", "creative")
 
 
+Recipe = Literal["grounded", "paper"]
+
+
 def _all_seed_prompts() -> list[SeedPrompt]:
     return list(SEED_PROMPTS)
 
@@ -133,6 +136,14 @@ class SelfStudy(Spec):
         ),
     )
 
+    recipe: Recipe = Field(
+        default="grounded",
+        description=(
+            "grounded: questions and blanks about every fact of the corpus, answered with its own words, the teacher "
+            "reading the whole corpus when it fits; works with small models. paper: the seed prompts of Eyuboglu "
+            "et al. 2025, questions and answers written by the model about random chunks; for capable models"
+        ),
+    )
     conversations: int = Field(default=8192, ge=1, le=10_000_000)
     minChunkTokens: int = Field(default=512, ge=16, le=32768)
     maxChunkTokens: int = Field(default=4096, ge=16, le=32768)

@@ -104,8 +104,8 @@ STUDY = api.SelfStudy(minChunkTokens=16, maxChunkTokens=64, topK=4)
 def shard(tiny_model: LoadedModel) -> Shard:
     """A shard of the paper's recipe (generated questions and greedy answers)."""
     torch.set_num_threads(1)
-    options = OPTIONS.model_copy(update={"recipe": "paper"})
-    return synthesize_shard(tiny_model, tiny_corpus(tiny_model), STUDY, options, "synth/train-00000.safetensors")
+    study = STUDY.model_copy(update={"recipe": "paper"})
+    return synthesize_shard(tiny_model, tiny_corpus(tiny_model), study, OPTIONS, "synth/train-00000.safetensors")
 
 
 # --- cartridges as past key/values -------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_grounded_shard_asks_about_the_windows_facts_with_the_corpus_in_context(
     if not fits:  # a corpus longer than the model's positions: the teacher reads the shard's window
         monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", len(corpus.tokens))
     shard = synthesize_shard(tiny_model, corpus, STUDY, OPTIONS, "synth/train-00001.safetensors")
-    assert OPTIONS.recipe == "grounded" and len(shard.conversations) == OPTIONS.synthesis_batch_size
+    assert STUDY.recipe == "grounded" and len(shard.conversations) == OPTIONS.synthesis_batch_size
     start, end = corpus.window(1, STUDY.maxChunkTokens)
     chunk = tiny_model.tokenizer.decode(corpus.tokens[start:end])
     context = tiny_model.tokenizer.decode(shard.context.tolist())

@@ -1,6 +1,6 @@
 """Self-study synthesis: conversations about a chunk of the corpus, and the teacher's top-k log-probs on each answer.
 
-The teacher is the model with the chunk in context. Two recipes (``TrainerOptions.recipe``): ``paper``, where bot A
+The teacher is the model with the chunk in context. Two recipes (``selfStudy.recipe``): ``paper``, where bot A
 asks about a random chunk and bot B answers greedily, distilled on the answers; ``grounded``, where tasks and answers
 come from the facts of a window of the corpus (:mod:`cartridges_trainer.grounded`), the teacher reads the whole
 corpus when it fits the model (what ICL and so the cartridge stand for), and the whole user turn is distilled too.
@@ -175,7 +175,7 @@ def synthesize_shard(
     name: str,
     teacher: TeacherContext | None = None,
 ) -> Shard:
-    """One context and ``synthesis_batch_size`` conversations about it, by ``options.recipe``, with teacher top-k.
+    """One context and ``synthesis_batch_size`` conversations about it, by ``study.recipe``, with teacher top-k.
 
     The grounded recipe distills every token of a conversation after its first (the user turn quotes the corpus),
     the paper's only the answer.
@@ -183,7 +183,7 @@ def synthesize_shard(
     seed = zlib.crc32(f"{options.seed}:{name}".encode())
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    grounded = options.recipe == "grounded"
+    grounded = study.recipe == "grounded"
     make = _grounded_conversations if grounded else _paper_conversations
     context, turns, answers = make(lm, corpus, study, options, name, rng)
     seqs = [turn + answer for turn, answer in zip(turns, answers, strict=True)]
