@@ -267,14 +267,16 @@ def _merged(result: dict[str, Any], path: Path) -> dict[str, Any]:
     mine = {(r["method"], r["p"]) for r in result["rows"]}
     rows = result["rows"] + [r for r in earlier["rows"] if (r["method"], r["p"]) not in mine]
     rows.sort(key=lambda r: ({"none": 0, "icl": 1}.get(r["method"], 2), -r["p"], r["method"] == "cartridge"))
-    commands = [c for c in (earlier["command"], result["command"]) if c]
+    # the run that synthesized first: the other one copies its shards once they are stored (or makes them itself)
+    commands = sorted(dict.fromkeys(" & ".join((earlier["command"], result["command"])).split(" & ")))
+    commands.sort(key=lambda command: "--synthesis-from" in command)
     rates = [r["distill_tokens_per_s"] for r in rows if "distill_tokens_per_s" in r]
     return (
         earlier
         | {k: v for k, v in result.items() if k not in earlier or v}
         | {
             "rows": rows,
-            "command": " && ".join(dict.fromkeys(" && ".join(commands).split(" && "))),
+            "command": " & ".join(commands),
             "distill_tokens_per_s": sum(rates) / len(rates),
         }
     )
