@@ -119,6 +119,7 @@ def score(lm: LoadedModel, prefix: Cartridge | None, questions: list[Question]) 
     return {
         "answer_nll": nll["without"] / tokens["without"],
         "answer_nll_eos": nll["with"] / tokens["with"],
+        "accuracy": contains / len(questions),  # the headline accuracy: the gold answer appears in the greedy one
         "accuracy_exact": exact / len(questions),
         "accuracy_contains": contains / len(questions),
     }
