@@ -70,6 +70,9 @@ class Clock:
         return round(self.at[end] - self.at[start], 1)
 
 
+POLL_S = 0.05  # the tiny model's phases last about a second: poll well below that
+
+
 class ProgressWatcher(threading.Thread):
     """Records when each trainer phase first shows in ``progress.json`` (the trainer writes every phase change)."""
 
@@ -83,12 +86,12 @@ class ProgressWatcher(threading.Thread):
             try:
                 phase = str(self.store.get_json(self.uri)["phase"])
             except StoreError:  # not written yet
-                time.sleep(0.2)
+                time.sleep(POLL_S)
                 continue
             self.clock.mark(f"trainer:{phase}")
             if phase in ("done", "failed"):
                 return
-            time.sleep(0.2)
+            time.sleep(POLL_S)
 
 
 def on_tiny_model(cartridge: Json, model_uri: str) -> Json:
@@ -101,7 +104,7 @@ def on_tiny_model(cartridge: Json, model_uri: str) -> Json:
     spec["baseModel"] = {"name": "tiny", "uri": model_uri}
     spec["size"] = 16
     spec["selfStudy"] = {"conversations": 8, "minChunkTokens": 32, "maxChunkTokens": 128}
-    spec["training"] = {"steps": 4, "batchSize": 4, "sequenceLength": 256}
+    spec["training"] = {"steps": 64, "batchSize": 4, "sequenceLength": 256}  # long enough for the watcher to see
     spec["resources"] = {**spec["resources"], "cpu": "1", "memory": "2Gi"}
     return {**cartridge, "spec": spec}
 
@@ -386,7 +389,7 @@ def write_results(clock: Clock, started: float) -> None:
         "phases_s": phases,
         "apply_to_first_answer_s": clock.between("applied", "first answer"),
         "test_wall_s": round(time.monotonic() - started, 1),
-        "model": "tiny random Llama (2 layers), cartridge p=16, 8 conversations, 4 steps, 1 CPU thread per pod",
+        "model": "tiny random Llama (2 layers), cartridge p=16, 8 conversations, 64 steps, 1 CPU thread per pod",
         "command": f"CARTRIDGES_E2E_RESULTS={target} python -m pytest {Path(__file__).relative_to(REPO)}",
         "machine": f"{platform.machine()}, {platform.system()}, {os.cpu_count()} cpus",
         "load_average_at_end": round(os.getloadavg()[0], 1),  # the cores are shared: how busy they were
