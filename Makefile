@@ -26,11 +26,11 @@ lint: setup
 test: services lint
 	$(PY) -m pytest
 
-# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 10 minutes on 2 cores).
+# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 4 minutes on 2 cores).
 demo: setup
 	$(VENV)/bin/cartridges demo
 
-# The same with the small training budget (a few minutes): what CI runs.
+# The same with the small training budget (under a minute): what CI runs.
 demo-quick: setup
 	$(VENV)/bin/cartridges demo --quick
 

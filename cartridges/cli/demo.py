@@ -81,13 +81,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="train, evaluate, serve and query a cartridge on the bundled corpus",
         description=__doc__,
         epilog=examples(
-            "cartridges demo            # about 10 minutes on 2 CPU cores",
-            "cartridges demo --quick    # a smaller budget: a few minutes, for CI",
+            "cartridges demo            # about 4 minutes on 2 CPU cores",
+            "cartridges demo --quick    # a smaller budget: under a minute, for CI",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[store_options(), model_options()],
     )
-    parser.add_argument("--quick", action="store_true", help="the small training budget (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="the small training budget (under a minute)")
     parser.add_argument("--force", action="store_true", help="train again even if the cartridge is in the store")
     parser.add_argument("--plot", type=Path, default=Path("cartridges-demo.png"), help="where to save the plot")
     parser.add_argument("--port", type=int, help="HTTP port of the server (default: a free one)")

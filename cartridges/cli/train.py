@@ -65,11 +65,11 @@ class Budget:
 
 
 BUDGETS = {
-    # a few minutes on 2 CPU cores with SmolLM2-135M: enough to see the cartridge move towards ICL
+    # under a minute on 2 CPU cores with SmolLM2-135M (48 s for `make demo-quick`): the cartridge moves towards ICL
     "small": Budget(
         size=64, conversations=16, steps=16, batch=4, chunk_tokens=(128, 256), question_tokens=24, answer_tokens=32
     ),
-    # about 10 minutes on 2 otherwise idle CPU cores (measured: 10 min 30 s for `make demo`): the demo's default
+    # about 4 minutes on 2 otherwise idle CPU cores (measured: 237 s for `make demo`): the demo's default
     "medium": Budget(
         size=128, conversations=128, steps=192, batch=8, chunk_tokens=(256, 512), question_tokens=32, answer_tokens=48
     ),
