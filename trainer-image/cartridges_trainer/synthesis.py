@@ -234,11 +234,13 @@ def _grounded_conversations(
         for task in tasks
     ]
     rendered = [render(lm.tokenizer, system_prompt(corpus.description, chunk), task.user) for task in tasks]
-    turns = [turn for _, turn in rendered]
-    whole = corpus_context(lm, corpus)
+    turns, window = [turn for _, turn in rendered], rendered[0][0]
     longest = max(len(turn) + len(answer) for turn, answer in zip(turns, answers, strict=True))
     limit = getattr(lm.model.config, "max_position_embeddings", None)
-    return (whole if limit is None or len(whole) + longest <= limit else rendered[0][0]), turns, answers
+    if limit is not None and len(corpus.tokens) + longest > limit:  # too long: not even worth rendering
+        return window, turns, answers
+    whole = corpus_context(lm, corpus)
+    return (whole if limit is None or len(whole) + longest <= limit else window), turns, answers
 
 
 def corpus_context(lm: LoadedModel, corpus: Corpus) -> list[int]:
