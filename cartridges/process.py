@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -72,6 +73,8 @@ class Service:
         raise ServiceError(f"{self.name} not ready after {timeout_s:.0f}s:\n{log_tail(self.log_path)}")
 
     def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the group, SIGKILL it after ``grace_s``; then SIGKILL what of the group outlived its leader
+        (Triton's Python-backend stubs ignore SIGTERM and were left running after tritonserver exited)."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -81,6 +84,8 @@ class Service:
                 self.proc.wait()
             except ProcessLookupError:
                 pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
 
 
