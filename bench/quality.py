@@ -125,11 +125,6 @@ def score(lm: LoadedModel, prefix: Cartridge | None, questions: list[Question]) 
     }
 
 
-def _prefix(config: TrainerConfig, generation: int) -> str:
-    """The output prefix of generation ``generation`` of the same benchmark cartridge (generation = p here)."""
-    return config.model_copy(update={"generation": generation}).output_prefix
-
-
 def _copy_synthesis(store: Store, source: str, target: str) -> None:
     """Put the stored synthesis shards of one generation into another, so its trainer skips synthesis."""
     for uri in store.list(f"{source}/{SYNTH_FOLDER}"):
@@ -201,9 +196,11 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
             corpus_description=DESCRIPTION,
             spec=spec,
         )
-        source = first.output_prefix if first else args.synthesis_from and _prefix(config, args.synthesis_from)
-        if source:
-            _copy_synthesis(store, source, config.output_prefix)
+        if first is not None:
+            _copy_synthesis(store, first.output_prefix, config.output_prefix)
+        elif args.synthesis_from:  # generation = p in this benchmark
+            source = config.model_copy(update={"generation": args.synthesis_from})
+            _copy_synthesis(store, source.output_prefix, config.output_prefix)
         train(config, store, options=options, model=lm)
         local = Path(tempfile.mkdtemp(prefix="quality-"))
         download_artifact(store, config.output_prefix, local)
@@ -211,9 +208,9 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
         training = manifest.training
         if first is None:
             first = config
-            stats = {k: training[k] for k in ("synthesis_seconds", "synthesis_tokens_per_s")}
-            if args.synthesis_from:  # the shards came from another run: its synthesis figures are the real ones
-                stats = {}
+            # with shards from another run, that run's synthesis figures are the real ones
+            synthesis = () if args.synthesis_from else ("synthesis_seconds", "synthesis_tokens_per_s")
+            stats = {k: training[k] for k in synthesis}
         init = initial_cartridge(lm, corpus, spec, options.seed)
         rows.append({"method": "cartridge_init", "p": p, "train_seconds": 0.0, **score(lm, init, questions)})
         rows.append(
@@ -268,9 +265,11 @@ def _merged(result: dict[str, Any], path: Path) -> dict[str, Any]:
     mine = {(r["method"], r["p"]) for r in result["rows"]}
     rows = result["rows"] + [r for r in earlier["rows"] if (r["method"], r["p"]) not in mine]
     rows.sort(key=lambda r: ({"none": 0, "icl": 1}.get(r["method"], 2), -r["p"], r["method"] == "cartridge"))
-    # the run that synthesized first: the other one copies its shards once they are stored (or makes them itself)
-    commands = sorted(dict.fromkeys(" & ".join((earlier["command"], result["command"])).split(" & ")))
-    commands.sort(key=lambda command: "--synthesis-from" in command)
+    # the run that synthesizes first: the other copies its shards once they are stored (or makes them itself)
+    commands = sorted(
+        {*earlier["command"].split(" & "), result["command"]},
+        key=lambda command: ("--synthesis-from" in command, command),
+    )
     rates = [r["distill_tokens_per_s"] for r in rows if "distill_tokens_per_s" in r]
     return (
         earlier
