@@ -41,7 +41,7 @@ from cartridges_kernels import (
     prefill_attention,
     quantize_kv,
 )
-from cartridges_kernels.config import default_config
+from cartridges_kernels.config import SWEEP_CONFIGS, default_config
 from cartridges_kernels.dispatch import segmented_attention_triton
 from cartridges_kernels.quantize import QuantFormat
 
@@ -303,12 +303,8 @@ def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) ->
     case = cases(shapes)[0]
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
-    base = default_config(shapes.head_dim)
-    # block_m 16 (4 requests per tile at GQA 4): more CTAs, so the fused decode kernel needs fewer splits.
-    tiles = ((64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 3), (32, 64, 2, 3), (16, 64, 1, 3))
-    configs = [base] + [KernelConfig(block_m, block_n, warps, stages) for block_m, block_n, warps, stages in tiles]
     rows = []
-    for config in configs:
+    for config in (default_config(shapes.head_dim), *SWEEP_CONFIGS):
         for splits in (None, 1, 2, 4, 8, 16):
             try:
                 run = functools.partial(_decode_with, config=config, num_splits=splits)

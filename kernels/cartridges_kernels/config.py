@@ -73,6 +73,20 @@ def default_config(head_dim: int) -> KernelConfig:
     return KernelConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
+# The tile configs the GPU benchmark times against the default at head_dim 128 (bench/kernels_gpu.py sweep).
+# Each compiles for sm_90 without spilling registers (tests/kernels/test_gpu_compile.py): a spilling config
+# is slow for a reason no sweep needs to measure. block_m 16 (4 requests a tile at GQA 4) gives decode more
+# CTAs, so it needs fewer splits.
+SWEEP_CONFIGS = (
+    KernelConfig(64, 64, 4, 3),
+    KernelConfig(64, 64, 8, 3),
+    KernelConfig(128, 64, 8, 3),
+    KernelConfig(32, 64, 2, 3),
+    KernelConfig(16, 64, 4, 3),
+    KernelConfig(16, 128, 4, 3),
+)
+
+
 def choose_num_splits(ctas: int, max_len: int, device: torch.device) -> int:
     """Split long segments across CTAs only when the grid would leave a CUDA device's SMs idle."""
     if device.type != "cuda" or ctas == 0:

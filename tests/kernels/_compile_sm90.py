@@ -7,12 +7,16 @@ Python and misses errors only the compiler reports (types of loop-carried values
 from __future__ import annotations
 
 import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from cartridges_kernels.config import SWEEP_CONFIGS, KernelConfig, default_config
 from cartridges_kernels.fused_kernel import _fused_decode_kernel
 from cartridges_kernels.merge_kernel import _merge_kernel
 from cartridges_kernels.segment_kernel import _segment_partials_kernel
@@ -20,16 +24,32 @@ from cartridges_kernels.segment_kernel import _segment_partials_kernel
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(kernel: triton.JITFunction, types: dict[str, str], constants: dict[str, object]) -> tuple[int, int]:
-    """Compile with the given runtime argument types and constexprs; returns (shared memory bytes, number of
-    16-byte global loads in the PTX: asynchronous copies or vector loads)."""
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def compile_kernel(
+    kernel: triton.JITFunction, types: dict[str, str], constants: dict[str, object], warps: int = 4, stages: int = 2
+) -> triton.compiler.CompiledKernel:
+    """Compile with the given runtime argument types and constexprs."""
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
-    compiled = triton.compile(
-        ASTSource(kernel, signature, constants), target=TARGET, options={"num_warps": 4, "num_stages": 2}
-    )
-    ptx = compiled.asm["ptx"]
-    wide = len(re.findall(r"cp\.async\.cg\.shared\.global|ld\.global(?:\.\w+)*\.v4\.b32", ptx))
-    return int(compiled.metadata.shared), wide
+    options = {"num_warps": warps, "num_stages": stages}
+    return triton.compile(ASTSource(kernel, signature, constants), target=TARGET, options=options)
+
+
+def wide_loads(compiled: triton.compiler.CompiledKernel) -> int:
+    """16-byte global loads in the PTX: asynchronous copies or vector loads."""
+    return len(re.findall(r"cp\.async\.cg\.shared\.global|ld\.global(?:\.\w+)*\.v4\.b32", compiled.asm["ptx"]))
+
+
+def registers_and_stack(compiled: triton.compiler.CompiledKernel) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of the cubin; stack > 0 means registers spilled."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout)
+    assert found, usage.stdout
+    return int(found[1]), int(found[2])
 
 
 def _side(prefix: str, k: object, v: object, k_scale: int, v_scale: int, is_aligned: bool) -> dict[str, object]:
@@ -41,6 +61,22 @@ def _side(prefix: str, k: object, v: object, k_scale: int, v_scale: int, is_alig
         f"{prefix}_V_SCALE": v_scale,
         f"{prefix}_ALIGNED": is_aligned,
     }
+
+
+def compile_tiles(
+    kernel: triton.JITFunction, types: dict[str, str], formats: dict[str, object], config: KernelConfig
+) -> triton.compiler.CompiledKernel:
+    """The kernel at head_dim 128, GQA 4, with the config's tiles, warps and stages."""
+    tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": 128, "BLOCK_D": 128}
+    constants = {"GROUP": 4, "GROUP_PAD": 4, **tiles, **formats}
+    if kernel is _fused_decode_kernel:
+        constants["HAS_OWN"] = True
+    return compile_kernel(kernel, types, constants, config.num_warps, config.num_stages)
+
+
+def print_registers(name: str, config: KernelConfig, compiled: triton.compiler.CompiledKernel) -> None:
+    registers, stack = registers_and_stack(compiled)
+    print(f"registers {name} {config}: {registers} registers, {stack} bytes stack")
 
 
 def main() -> None:
@@ -78,10 +114,9 @@ def main() -> None:
         ),
     ]
     for q_type, formats in variants:
-        smem, wide = compile_kernel(
-            _segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats}
-        )
-        print(f"segment kernel q={q_type} {formats}: ok, {smem} bytes shared memory, {wide} wide loads")
+        compiled = compile_kernel(_segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats})
+        print(f"segment kernel q={q_type} {formats}: ok, {compiled.metadata.shared} bytes shared memory, "
+              f"{wide_loads(compiled)} wide loads")  # fmt: skip
     fused_types = {
         **{name: "*i64" for name in ["seg_meta_ptr", "own_meta_ptr"]},
         **{name: "*i32" for name in ["tiles_ptr", "tile_segments_ptr", "row_request_ptr"]},
@@ -106,8 +141,17 @@ def main() -> None:
     ]
     for q_type, out_type, formats in fused_variants:
         types = {**fused_types, "q_ptr": f"*{q_type}", "out_ptr": f"*{out_type}"}
-        smem, wide = compile_kernel(_fused_decode_kernel, types, {**shape, **formats, "HAS_OWN": True})
-        print(f"fused kernel q={q_type} {formats}: ok, {smem} bytes shared memory, {wide} wide loads")
+        compiled = compile_kernel(_fused_decode_kernel, types, {**shape, **formats, "HAS_OWN": True})
+        print(f"fused kernel q={q_type} {formats}: ok, {compiled.metadata.shared} bytes shared memory, "
+              f"{wide_loads(compiled)} wide loads")  # fmt: skip
+    bf16_types = {**fused_types, "q_ptr": "*bf16", "out_ptr": "*bf16"}
+    for config in (default_config(128), *SWEEP_CONFIGS):
+        print_registers("fused", config, compile_tiles(_fused_decode_kernel, bf16_types, fused_variants[0][2], config))
+    segment_formats = {**variants[0][1], "CAUSAL": True}
+    segment = compile_tiles(
+        _segment_partials_kernel, {**seg_types, "q_ptr": "*bf16"}, segment_formats, default_config(128)
+    )
+    print_registers("segment", default_config(128), segment)
     merge_types = {
         "part_o_ptr": "*fp32",
         "part_lse_ptr": "*fp32",

@@ -8,14 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cartridges_kernels.config import SWEEP_CONFIGS
+
 HERE = Path(__file__).resolve().parent
 
 
 def test_kernels_compile_for_sm90() -> None:
     import triton
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    assert ptxas.exists() or shutil.which("ptxas"), "the pinned triton wheel ships ptxas; this install lacks it"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    assert (tools / "ptxas").exists() or shutil.which("ptxas"), (
+        "the pinned triton wheel ships ptxas; this install lacks it"
+    )
+    assert (tools / "cuobjdump").exists(), "the pinned triton wheel ships cuobjdump; this install lacks it"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1] / "kernels"), env.get("PYTHONPATH", "")])
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
@@ -30,6 +35,12 @@ def test_kernels_compile_for_sm90() -> None:
     fused = next(line for line in lines if "'SEG_ALIGNED': True" in line and "'OWN_ALIGNED': True" in line)
     # The fused kernel's cartridge loop and own-KV loop must each get the segment kernel's wide loads.
     assert _wide_loads(fused) >= 2 * _wide_loads(aligned), f"fused aligned variant lost 16-byte loads: {fused}"
+    # The default tiles and every config the GPU benchmark sweeps fit in registers: a spill is a slowdown
+    # that would otherwise only show up as a worse number after a GPU run.
+    usage = [line for line in lines if line.startswith("registers ")]
+    assert len(usage) == len(SWEEP_CONFIGS) + 2, proc.stdout
+    spilling = [line for line in usage if not line.endswith(" 0 bytes stack")]
+    assert not spilling, "configs that spill registers on sm_90:\n" + "\n".join(spilling)
 
 
 def _wide_loads(line: str) -> int:
