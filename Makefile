@@ -23,6 +23,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Regenerate crds/ and the chart's CRDs from the typed API models (a test fails on drift).
+crds: setup
+	$(PY) -m cartridges.crd
+
 test: services lint
 	$(PY) -m pytest
 

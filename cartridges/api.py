@@ -15,6 +15,9 @@ GROUP = "cartridges.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 MIN_SIZE, MAX_SIZE = 16, 65536
+# The Cartridge spec fields a trained artifact depends on: a change to one of them trains a new generation.
+TRAINING_FIELDS = ("corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training")
+DEFAULT_KEEP_GENERATIONS = 3  # the promoted generation and the two before it
 
 
 def cel(*rules: tuple[str, str]) -> dict[str, Any]:
@@ -214,7 +217,18 @@ class CartridgeSpec(Spec):
     resources: Resources = Field(default_factory=Resources)
     serving: Serving = Field(default_factory=Serving)
     retention: Literal["Delete", "Retain"] = Field(default="Retain", description="what deletion does to artifacts")
+    keepGenerations: int = Field(
+        default=DEFAULT_KEEP_GENERATIONS,
+        ge=1,
+        le=1000,
+        description="training generations kept in the store, the promoted one included; older ones (their "
+        "synthesized data, checkpoints and artifacts) are deleted once a newer one is promoted",
+    )
     suspend: bool = False
+
+    def training_inputs(self) -> dict[str, Any]:
+        """The TRAINING_FIELDS of this spec, as JSON values."""
+        return self.model_dump(include=set(TRAINING_FIELDS), mode="json")
 
 
 class Progress(Spec):

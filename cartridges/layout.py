@@ -7,6 +7,7 @@ Every component builds paths through these functions, so the layout is written d
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Literal
 
@@ -43,6 +44,24 @@ def generation_prefix(root: str, namespace: str, cartridge: str, generation: int
 
 def current_pointer(root: str, namespace: str, cartridge: str) -> str:
     return _join(cartridge_prefix(root, namespace, cartridge), CURRENT_POINTER)
+
+
+def stored_generations(store: Store, root: str, namespace: str, cartridge: str) -> list[int]:
+    """The generations with anything stored under ``g<N>/``, ascending (one listing, however large they are)."""
+    names = store.children(cartridge_prefix(root, namespace, cartridge))
+    return sorted(int(m[1]) for name in names if (m := re.fullmatch(r"g(\d+)", name)))
+
+
+def prune_generations(store: Store, root: str, namespace: str, cartridge: str, promoted: int, keep: int) -> list[int]:
+    """Delete every generation older than the newest ``keep`` up to the promoted one; returns those deleted.
+
+    Generations newer than ``promoted`` (one training now) are never touched, nor is ``promoted`` itself.
+    """
+    oldest_kept = promoted - max(keep, 1) + 1
+    doomed = [g for g in stored_generations(store, root, namespace, cartridge) if g < oldest_kept]
+    for generation in doomed:
+        store.delete_prefix(generation_prefix(root, namespace, cartridge, generation))
+    return doomed
 
 
 class Document(BaseModel):

@@ -139,6 +139,7 @@ class _Backend(Protocol):
     def get_bytes(self, uri: StoreURI) -> bytes: ...
     def stat(self, uri: StoreURI) -> ObjectInfo: ...
     def list(self, prefix: StoreURI) -> Iterator[StoreURI]: ...
+    def children(self, prefix: StoreURI) -> Iterator[str]: ...
     def delete(self, uri: StoreURI) -> None: ...
     def ensure_bucket(self, uri: StoreURI) -> None: ...
 
@@ -190,6 +191,15 @@ class _FileBackend:
         for path in sorted(root.rglob("*")):
             if path.is_file() and not path.name.startswith(".tmp-"):
                 yield StoreURI("file", "", str(path))
+
+    def children(self, prefix: StoreURI) -> Iterator[str]:
+        root = Path(prefix.key)
+        if not root.is_dir():
+            return
+        for path in sorted(root.iterdir()):  # a directory emptied by deletes is gone, as in S3
+            stored = not path.name.startswith(".tmp-") if path.is_file() else any(p.is_file() for p in path.rglob("*"))
+            if stored:
+                yield path.name
 
     def delete(self, uri: StoreURI) -> None:
         self._path(uri).unlink(missing_ok=True)
@@ -252,6 +262,12 @@ class _S3Backend:
         for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=True):
             if obj.object_name and not obj.is_dir:
                 yield StoreURI("s3", prefix.bucket, obj.object_name)
+
+    def children(self, prefix: StoreURI) -> Iterator[str]:
+        directory = prefix.key.rstrip("/") + "/" if prefix.key else ""
+        for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=False):
+            if obj.object_name:
+                yield obj.object_name[len(directory) :].rstrip("/")
 
     def delete(self, uri: StoreURI) -> None:
         self.client.remove_object(uri.bucket, uri.key)
@@ -359,6 +375,14 @@ class Store:
         except ObjectNotFound:
             return False
         return True
+
+    def children(self, prefix: str) -> list[str]:
+        """The names directly under the directory ``prefix``: objects and sub-directories, one request on S3
+        (a listing that stops at the next ``/``), however many objects the sub-directories hold."""
+        parsed = StoreURI.parse(prefix)
+        backend = self._backend(parsed)
+        names: list[str] = self._call(parsed, lambda: list(backend.children(parsed)))
+        return names
 
     def list(self, prefix: str) -> list[str]:
         """Every object under the directory ``prefix`` (``.../cart-1`` lists ``.../cart-1/*`` only)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cartridges import layout
 from cartridges.process import free_port
 from cartridges.store import (
     AccessDenied,
@@ -47,6 +48,27 @@ def test_listing_a_prefix_does_not_match_longer_names(store_and_root: tuple[Stor
     assert len(listed) == 2
     assert store.delete_prefix(f"{root}/cart-1") == 2
     assert store.list(f"{root}/cart-1") == [] and len(store.list(f"{root}/cart-10")) == 1
+
+
+def test_children_are_the_names_one_level_down(store_and_root: tuple[Store, str]) -> None:
+    store, root = store_and_root
+    for key in ("cart/g1/synth/a", "cart/g1/x", "cart/g12/y", "cart/current.json", "cart-2/g1/z"):
+        store.put_bytes(f"{root}/{key}", b"x")
+    assert sorted(store.children(f"{root}/cart")) == ["current.json", "g1", "g12"]
+    store.delete_prefix(f"{root}/cart/g1")
+    assert sorted(store.children(f"{root}/cart")) == ["current.json", "g12"]  # an emptied directory is gone
+    assert store.children(f"{root}/absent") == []
+
+
+def test_prune_keeps_the_newest_generations_up_to_the_promoted_one(store_and_root: tuple[Store, str]) -> None:
+    store, root = store_and_root
+    for generation in range(1, 7):  # 6 is training: newer than the promoted 5
+        store.put_bytes(f"{layout.generation_prefix(root, 'ns', 'c', generation)}/synth/shard-0", b"x")
+    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=2) == [1, 2, 3]
+    assert layout.stored_generations(store, root, "ns", "c") == [4, 5, 6]
+    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=2) == []  # idempotent
+    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=1) == [4]
+    assert layout.stored_generations(store, root, "ns", "c") == [5, 6]
 
 
 def test_missing_object_names_the_uri(store_and_root: tuple[Store, str]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cartridges import layout
+from cartridges import api, layout
 from cartridges.manifest import MANIFEST_FILE, CartridgeManifest
 from cartridges.paths import cache_dir
 from cartridges.store import ObjectNotFound, Store, StoreURI
@@ -177,16 +177,24 @@ def load(store: Store, stored: Stored, lm: LoadedModel) -> Cartridge:
 
 
 def next_generation(store: Store, root: str, namespace: str, name: str) -> int:
-    prefix = layout.cartridge_prefix(root, namespace, name)
-    found = [int(m.group(1)) for uri in store.list(prefix) if (m := re.search(r"/g(\d+)/", uri[len(prefix) :]))]
-    return max(found, default=0) + 1
+    return max(layout.stored_generations(store, root, namespace, name), default=0) + 1
 
 
-def promote(store: Store, root: str, namespace: str, name: str, generation: int, manifest: CartridgeManifest) -> None:
-    """Point ``current.json`` at a verified generation, as the operator does."""
+def promote(
+    store: Store,
+    root: str,
+    namespace: str,
+    name: str,
+    generation: int,
+    manifest: CartridgeManifest,
+    keep: int = api.DEFAULT_KEEP_GENERATIONS,
+) -> None:
+    """Point ``current.json`` at a verified generation and keep the newest ``keep`` generations, as the operator
+    does."""
     prefix = layout.generation_prefix(root, namespace, name, generation)
     pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
     store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
+    layout.prune_generations(store, root, namespace, name, generation, keep)
 
 
 def print_json(value: Any) -> None:

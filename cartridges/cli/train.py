@@ -145,7 +145,7 @@ def train_cartridge(
         progress_interval_s=2.0,
     )
     manifest = train(config, store, options=options, model=lm or load_model(model, store))
-    promote(store, root, namespace, name, config.generation, manifest)
+    promote(store, root, namespace, name, config.generation, manifest, keep=spec.keepGenerations)
     return find(store, root, namespace, name), True
 
 
@@ -154,7 +154,9 @@ def _as_uri(source: str) -> str:
 
 
 def _same_spec(stored: Stored, spec: api.CartridgeSpec) -> bool:
-    return bool(stored.manifest.training.get("spec") == spec.model_dump(mode="json"))
+    """Whether the stored generation was trained on these inputs (retention and the like do not count)."""
+    trained = stored.manifest.training.get("spec") or {}
+    return {field: trained.get(field) for field in api.TRAINING_FIELDS} == spec.training_inputs()
 
 
 def summary(stored: Stored) -> dict[str, object]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
 
-TRAINING_FIELDS = ("corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training")
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +99,7 @@ def _reconcile(run: Pass) -> dict[str, Any]:
     if not _passes_quality_gate(run):
         return run.status
     _promote(run, trainer)
+    _prune(run, trainer.generation)
     return _serve(run)
 
 
@@ -124,8 +126,7 @@ def _ready_corpora(run: Pass) -> list[tuple[str, str, str]] | None:
 
 
 def _training_hash(spec: api.CartridgeSpec, corpora: list[tuple[str, str, str]]) -> str:
-    fields = spec.model_dump(include=set(TRAINING_FIELDS), mode="json")
-    payload = json.dumps({"spec": fields, "corpora": [(n, d) for n, d, _ in corpora]}, sort_keys=True)
+    payload = json.dumps({"spec": spec.training_inputs(), "corpora": [(n, d) for n, d, _ in corpora]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -255,6 +256,20 @@ def _promote(run: Pass, trainer: TrainerConfig) -> None:
         current = None
     if current != pointer:
         run.store.put_json(pointer_uri, pointer.model_dump())
+
+
+def _prune(run: Pass, promoted: int) -> None:
+    """Keep the newest ``keepGenerations`` up to the promoted one; checked every pass (one small listing), so a
+    delete that failed, or a lowered keepGenerations, is acted on in the next pass. A store that refuses deletes
+    costs space, never serving: the failure is logged, not put in the Ready condition."""
+    keep = run.spec.keepGenerations
+    try:
+        deleted = layout.prune_generations(run.store, run.config.store_root, run.namespace, run.name, promoted, keep)
+    except StoreError as err:
+        LOG.warning(f"Cartridge {run.namespace}/{run.name}: cannot delete old generations yet: {err}")
+        return
+    if deleted:
+        LOG.info(f"Cartridge {run.namespace}/{run.name}: deleted generations {deleted} (keepGenerations {keep})")
 
 
 def _serve(run: Pass) -> dict[str, Any]:

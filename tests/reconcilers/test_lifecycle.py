@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -122,3 +123,26 @@ def test_failed_new_generation_keeps_the_previous_one_promoted(operator_env: Ope
     assert status(env, "steady")["artifact"] == good  # generation 1 is still what is served
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "steady"))
     assert pointer["generation"] == 1
+
+
+def test_generations_beyond_keep_generations_are_deleted(operator_env: OperatorEnv) -> None:
+    env = operator_env
+
+    def stored() -> list[int]:
+        return layout.stored_generations(env.store, env.store_root, env.namespace, "churn")
+
+    def promoted(generation: int) -> bool:
+        pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "churn"))
+        return bool(pointer["generation"] == generation)
+
+    env.create("corpora", "churn", {"description": "d", "sources": [{"inline": "Fact one."}]})
+    env.create("cartridges", "churn", cartridge_spec("churn", keepGenerations=2))
+    env.wait_condition("cartridges", "churn", "Ready", "True")
+    for generation, text in ((2, "Fact two."), (3, "Fact three.")):
+        env.patch_spec("corpora", "churn", {"sources": [{"inline": text}]})
+        wait_for(f"generation {generation} promoted", functools.partial(promoted, generation), 60)
+    wait_for("generation 1 deleted", lambda: stored() == [2, 3], 30)
+    env.patch_spec("cartridges", "churn", {"keepGenerations": 1})  # no retraining: only what is kept changes
+    wait_for("generation 2 deleted", lambda: stored() == [3], 30)
+    assert status(env, "churn")["generation"] == 3 and jobs(env, "churn")[-1] == "churn-g3"
+    assert env.store.exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'churn', 3)}/manifest.json")
