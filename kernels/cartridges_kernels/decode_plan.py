@@ -66,7 +66,6 @@ def plan_decode(
     Every request gets a tile row, even one with no keys (its output is written as zeros), so the outputs
     need no initialization. ``num_splits`` forces split-KV; None picks it from the grid (choose_num_splits).
     """
-    per_tile = block_m // group_pad
     tiles: list[tuple[int, int, int, int, int]] = []
     tile_segments: list[int] = []
     row_request: list[int] = []
@@ -75,6 +74,9 @@ def plan_decode(
         first = len(tile_segments)
         tile_segments += segments
         shared_keys = sum(structure.segment_lens[i] for i in segments)
+        # A tile walks each request's own KV with all of its rows, so batching requests pays only for the
+        # cartridge keys they share; requests that share none (an ICL prompt each) get a tile each: more CTAs.
+        per_tile = block_m // group_pad if shared_keys else 1
         for start in range(0, len(requests), per_tile):
             chunk = requests[start : start + per_tile]
             own_keys = 0 if structure.own_lens is None else sum(structure.own_lens[r] for r in chunk)

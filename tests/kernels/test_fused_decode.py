@@ -128,6 +128,17 @@ def test_plan_shares_one_tile_per_cartridge_list() -> None:
     assert spill.tiles[:, 3].tolist() == [2, 1, 2]
 
 
+def test_requests_that_share_no_cartridge_get_a_tile_each() -> None:
+    """Nothing to read once for several requests (ICL prompts, or only empty cartridges): one request a tile, so
+    no tile walks other requests' own KV with rows that are masked out."""
+    structure = DecodeStructure(request_segments=((), (), (0,), (0,), ()), segment_lens=(0,), own_lens=(9, 8, 7, 6, 5))
+    plan = plan_decode(structure, 2, 4, 64, torch.device("cpu"), True, 1)
+    assert plan.tiles[:, 3].tolist() == [1] * 5 and plan.block_m == 16
+    torch.manual_seed(4)
+    batch = make_batch([0, 12], [[], [], [0], [1], [1], []], own_lens=[9, 8, 7, 6, 5, 4])
+    torch.testing.assert_close(fused(batch).double(), oracle(batch), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("num_splits", [2, 5, 13])
 def test_shared_per_request_split_and_multi_launch_agree(num_splits: int) -> None:
     torch.manual_seed(5)
