@@ -23,6 +23,10 @@ SERVING_COMMAND = [
 """The serving image's CMD (serving-image/Dockerfile); the operator's Deployments run exactly this."""
 SERVING_UID = 1000  # triton-server in the NGC Triton images
 
+STORE_CA_KEY = "ca.crt"
+"""An optional key of the per-namespace store Secret (beside accessKey and secretKey): the PEM of the private CA
+that the object store's TLS certificate chains to; pods trust it instead of the system's CAs."""
+
 EXIT_OK = 0
 EXIT_PERMANENT = 65
 """Bad input that no retry can fix (corpus unreadable or empty, model mismatch, invalid config): the Job's

@@ -107,7 +107,8 @@ class S3Config:
     secret_key: str
     secure: bool = False
     region: str | None = None
-    ca_bundle: str | None = None
+    ca_bundle: str | None = None  # CA certificates to trust instead of the system's (a store with a private CA)
+    ca_pem: str | None = None  # the same as PEM text: what a pod gets from the ``ca.crt`` key of the store Secret
     timeout_s: float = 10.0
     retries: int = 2
 
@@ -126,6 +127,7 @@ class S3Config:
             secure=secure,
             region=env.get("CARTRIDGES_S3_REGION") or None,
             ca_bundle=env.get("CARTRIDGES_S3_CA_BUNDLE") or None,
+            ca_pem=env.get("CARTRIDGES_S3_CA_PEM") or None,
         )
 
     def __repr__(self) -> str:  # never print the secret
@@ -224,6 +226,7 @@ class _S3Backend:
             retries=urllib3.Retry(total=config.retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
             cert_reqs="CERT_REQUIRED" if config.secure else "CERT_NONE",
             ca_certs=config.ca_bundle,
+            ca_cert_data=config.ca_pem,
         )
         self.client = Minio(
             config.endpoint,
@@ -307,6 +310,13 @@ class Store:
             raise kind(message, str(uri)) from err
         except urllib3.exceptions.HTTPError as err:
             endpoint = self._s3_config.endpoint if self._s3_config else "?"
+            if isinstance(getattr(err, "reason", err), urllib3.exceptions.SSLError):
+                raise StoreUnavailable(
+                    f"TLS to the object store at {endpoint} failed ({getattr(err, 'reason', err)}); for a private "
+                    "CA set CARTRIDGES_S3_CA_PEM or CARTRIDGES_S3_CA_BUNDLE (in a cluster: key ca.crt of the store "
+                    "Secret)",
+                    str(uri),
+                ) from err
             raise StoreUnavailable(
                 f"object store at {endpoint} is unreachable ({type(err).__name__})", str(uri)
             ) from err

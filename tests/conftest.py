@@ -52,6 +52,20 @@ def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinioServ
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def minio_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinioServer]:
+    """A second MinIO, serving TLS with a certificate of a private CA (its PEM in ``config.ca_pem``)."""
+    from cartridges_e2e.minio import start_minio
+    from cartridges_e2e.pki import Pki
+
+    workdir = tmp_path_factory.mktemp("minio-tls")
+    started = time.monotonic()
+    server = start_minio(workdir, Pki(workdir / "pki"))
+    record_timing("minio with TLS (start)", time.monotonic() - started)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def s3_prefix(minio_server: MinioServer, request: pytest.FixtureRequest) -> str:
     """A fresh bucket for one test, as an ``s3://`` prefix."""

@@ -134,6 +134,21 @@ def test_wrong_credentials_and_missing_bucket(minio_server: MinioServer) -> None
         minio_server.store().get_bytes("s3://no-such-bucket/x")
 
 
+@pytest.mark.minio
+def test_tls_store_with_a_private_ca_is_trusted_only_with_that_ca(minio_tls_server: MinioServer) -> None:
+    """The CA's PEM from the environment (a pod's comes from key ca.crt of the store Secret) is enough; without
+    it the certificate is refused with an error that says what to set."""
+    env = minio_tls_server.env()
+    assert env["CARTRIDGES_S3_ENDPOINT"].startswith("https://") and "CARTRIDGES_S3_CA_PEM" in env
+    store = Store(S3Config.from_env(env))
+    store.ensure_bucket("s3://tls-bucket")
+    store.put_bytes("s3://tls-bucket/x", b"over TLS")
+    assert store.get_bytes("s3://tls-bucket/x") == b"over TLS"
+    untrusting = Store(S3Config.from_env({k: v for k, v in env.items() if k != "CARTRIDGES_S3_CA_PEM"}))
+    with pytest.raises(StoreUnavailable, match="TLS .* failed .*CERTIFICATE_VERIFY_FAILED.*CARTRIDGES_S3_CA_PEM"):
+        untrusting.get_bytes("s3://tls-bucket/x")
+
+
 def test_store_down_fails_fast_with_the_endpoint() -> None:
     store = Store(S3Config(f"127.0.0.1:{free_port()}", "k", "s", timeout_s=1.0, retries=0))
     with pytest.raises(StoreUnavailable, match="unreachable"):

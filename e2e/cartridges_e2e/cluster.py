@@ -8,23 +8,19 @@ There is no scheduler and no kubelet; ``cartridges_e2e.node`` plays both for tes
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from cartridges.process import Service, ServiceError, free_port, http_ok
 from cartridges_e2e import binaries
+from cartridges_e2e.pki import Pem, Pki, key_pem
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -53,94 +49,7 @@ ADMISSION_PLUGINS = [
 ]
 
 
-@dataclass(frozen=True)
-class _Pem:
-    cert: Path
-    key: Path
-
-
-def _certificate(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-    )
-
-
-class _Pki:
-    """A throw-away CA that issues the serving and client certificates of one cluster (EC keys: quick)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cartridges-test-ca")])
-        ca_usage = x509.KeyUsage(
-            digital_signature=True,
-            key_cert_sign=True,
-            crl_sign=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            encipher_only=False,
-            decipher_only=False,
-        )
-        cert = (
-            _certificate(self._name, self._name, self._key)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(ca_usage, critical=True)
-            .sign(self._key, hashes.SHA256())
-        )
-        self.ca = self._write("ca", cert, self._key)
-
-    def _write(self, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> _Pem:
-        pem = _Pem(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
-        pem.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        pem.key.write_bytes(_key_pem(key))
-        pem.key.chmod(0o600)
-        return pem
-
-    def issue(
-        self, stem: str, common_name: str, *, groups: tuple[str, ...] = (), server_names: tuple[str, ...] = ()
-    ) -> _Pem:
-        """A server certificate when ``server_names`` (DNS names, IPs) are given, else a client one."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name(
-            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, group) for group in groups]
-            + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-        )
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = _certificate(subject, self._name, key).add_extension(x509.ExtendedKeyUsage([usage]), False)
-        if server_names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(_general_names(server_names)), False)
-        return self._write(stem, builder.sign(self._key, hashes.SHA256()), key)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-
-
-def _general_names(names: tuple[str, ...]) -> list[x509.GeneralName]:
-    result: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            result.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            result.append(x509.DNSName(name))
-    return result
-
-
-def _write_kubeconfig(path: Path, server: str, ca: Path, user: _Pem) -> Path:
+def _write_kubeconfig(path: Path, server: str, ca: Path, user: Pem) -> Path:
     def b64(file: Path) -> str:
         return base64.b64encode(file.read_bytes()).decode()
 
@@ -180,7 +89,7 @@ class Cluster:
             service.stop()
 
 
-def _admin_ssl_context(ca: _Pem, admin: _Pem) -> ssl.SSLContext:
+def _admin_ssl_context(ca: Pem, admin: Pem) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca.cert))
     context.load_cert_chain(str(admin.cert), str(admin.key))
     return context
@@ -215,7 +124,7 @@ def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
     bins = binaries.control_plane()
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
-    pki = _Pki(workdir / "pki")
+    pki = Pki(workdir / "pki")
     api_port, etcd_port, peer_port, kcm_port = free_port(), free_port(), free_port(), free_port()
     server = f"https://127.0.0.1:{api_port}"
     in_cluster_names = ("kubernetes", "kubernetes.default", "kubernetes.default.svc")
@@ -223,7 +132,7 @@ def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
     admin = pki.issue("admin", "cartridges-test-admin", groups=("system:masters",))
     kcm_user = pki.issue("kube-controller-manager", "system:kube-controller-manager")
     sa_key = pki.directory / "service-account.key"
-    sa_key.write_bytes(_key_pem(ec.generate_private_key(ec.SECP256R1())))
+    sa_key.write_bytes(key_pem(ec.generate_private_key(ec.SECP256R1())))
     kubeconfig = _write_kubeconfig(workdir / "admin.kubeconfig", server, pki.ca.cert, admin)
     kcm_config = _write_kubeconfig(workdir / "kube-controller-manager.kubeconfig", server, pki.ca.cert, kcm_user)
     etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"

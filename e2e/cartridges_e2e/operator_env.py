@@ -15,6 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
+from cartridges.contract import STORE_CA_KEY
 from cartridges.process import Service, free_port, http_ok
 from cartridges.store import S3Config, Store
 from cartridges_e2e.node import NodeHarness
@@ -35,12 +36,15 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) 
 
 
 def store_secret(config: S3Config | None = None, name: str = "cartridges-store") -> dict[str, Any]:
-    """The Secret with the object-store credentials the operator's pods read (dummy keys for a file:// store)."""
+    """The Secret with the object-store credentials the operator's pods read (dummy keys for a file:// store),
+    and the store's private CA when it has one."""
     keys = (
         {"accessKey": config.access_key, "secretKey": config.secret_key}
         if config
         else {"accessKey": "-", "secretKey": "-"}
     )
+    if config and config.ca_pem:
+        keys[STORE_CA_KEY] = config.ca_pem
     return {"metadata": {"name": name}, "stringData": keys}
 
 

@@ -7,7 +7,14 @@ import hashlib
 from typing import Any
 
 from cartridges import api
-from cartridges.contract import EXIT_PERMANENT, SERVING_COMMAND, SERVING_UID, TRAINER_UID, TrainerConfig
+from cartridges.contract import (
+    EXIT_PERMANENT,
+    SERVING_COMMAND,
+    SERVING_UID,
+    STORE_CA_KEY,
+    TRAINER_UID,
+    TrainerConfig,
+)
 from cartridges_operator.config import OperatorConfig
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "cartridges-operator", "app.kubernetes.io/part-of": "cartridges"}
@@ -51,11 +58,13 @@ def owner_reference(body: dict[str, Any], controller: bool = True) -> dict[str, 
 
 def store_env(config: OperatorConfig) -> list[dict[str, Any]]:
     """Store settings for a pod, as the operator got them: endpoint, TLS and region as values, credentials only as
-    Secret references. The operator's CA bundle is a file in its own namespace; pods use the system trust store."""
+    Secret references. A store with a private CA: the namespace's store Secret holds the CA's PEM under ``ca.crt``
+    (optional: without it pods trust the system's CAs)."""
     secret = config.store_secret
 
-    def from_secret(name: str, key: str) -> dict[str, Any]:
-        return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+    def from_secret(name: str, key: str, optional: bool = False) -> dict[str, Any]:
+        ref = {"name": secret, "key": key, **({"optional": True} if optional else {})}
+        return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
     settings = {
         "CARTRIDGES_S3_ENDPOINT": config.s3_endpoint,
@@ -66,6 +75,7 @@ def store_env(config: OperatorConfig) -> list[dict[str, Any]]:
         *({"name": name, "value": value} for name, value in settings.items() if value),
         from_secret("CARTRIDGES_S3_ACCESS_KEY", "accessKey"),
         from_secret("CARTRIDGES_S3_SECRET_KEY", "secretKey"),
+        from_secret("CARTRIDGES_S3_CA_PEM", STORE_CA_KEY, optional=True),
     ]
 
 

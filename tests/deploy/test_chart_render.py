@@ -82,6 +82,20 @@ def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: p
     assert pod_store.secure and pod_store.region == "eu-west-1"
 
 
+def test_a_private_ca_reaches_every_store_secret_and_the_operator(render: Render) -> None:
+    """store.tls.caCert goes under ca.crt into each Secret the chart creates, where the operator reads it as the
+    trainer and serving pods do (optional: a Secret without it means the system's CAs)."""
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    sets = {"store.tls.caCert": pem, "operator.watchNamespaces[0]": "team-a"}
+    objects = render("quickstart-values.yaml", namespace="demo", sets=sets)
+    secrets = find(objects, "Secret", "cartridges-store")
+    assert sorted(s["metadata"]["namespace"] for s in secrets) == ["demo", "team-a"]
+    assert all(s["stringData"]["ca.crt"] == pem for s in secrets)
+    env = {e["name"]: e.get("valueFrom") for e in container(objects, "cartridges-operator")["env"]}
+    ref = {"name": "cartridges-store", "key": "ca.crt", "optional": True}
+    assert env["CARTRIDGES_S3_CA_PEM"] == {"secretKeyRef": ref}
+
+
 def test_quickstart_creates_credentials_minio_and_bucket(render: Render) -> None:
     objects = render("quickstart-values.yaml", namespace="demo")
     (secret,) = find(objects, "Secret", "cartridges-store")
@@ -147,6 +161,7 @@ BAD_VALUES = [
     ({"operator.replicas": "2"}, ["additional properties 'replicas' not allowed"]),
     ({"networkPolicy.apiServer.cidrs[0]": "10.0.0.1"}, ["/networkPolicy/apiServer/cidrs/0"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
+    ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
 ]
 
 

@@ -22,6 +22,30 @@ def crds_installed(k8s_cluster: Cluster) -> None:
     install_crds(k8s_cluster.api_client())
 
 
+def _operator_env(
+    cluster: Cluster, harness: NodeHarness, minio: MinioServer, workdir: Path, prefix: str
+) -> Iterator[OperatorEnv]:
+    """The operator on a namespace of its own, storing into a fresh MinIO bucket with credentials from a Secret."""
+    api_client = cluster.api_client()
+    namespace = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": namespace}})
+    core.create_namespaced_secret(namespace, store_secret(minio.config))
+    store = minio.store()
+    store_root = f"s3://{namespace}"
+    store.ensure_bucket(store_root)
+    fake_trainer = [sys.executable, str(Path(__file__).parent / "fake_trainer.py")]
+    settings = {
+        **minio.env(),
+        "CARTRIDGES_STORE_ROOT": store_root,
+        "CARTRIDGES_TRAINER_COMMAND": json.dumps(fake_trainer),
+    }
+    env = OperatorEnv.start(cluster.kubeconfig, namespace, api_client, harness, store, workdir, settings)
+    yield env
+    env.operator.stop()
+    core.delete_namespace(namespace)
+
+
 @pytest.fixture(scope="module")
 def operator_env(
     k8s_cluster: Cluster,
@@ -30,23 +54,17 @@ def operator_env(
     minio_server: MinioServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorEnv]:
-    """The operator on a namespace of its own, storing into a fresh MinIO bucket with credentials from a Secret."""
-    api_client = k8s_cluster.api_client()
-    namespace = f"op-{uuid.uuid4().hex[:6]}"
-    core = client.CoreV1Api(api_client)
-    core.create_namespace({"metadata": {"name": namespace}})
-    core.create_namespaced_secret(namespace, store_secret(minio_server.config))
-    store = minio_server.store()
-    store_root = f"s3://{namespace}"
-    store.ensure_bucket(store_root)
-    fake_trainer = [sys.executable, str(Path(__file__).parent / "fake_trainer.py")]
-    settings = {
-        **minio_server.env(),
-        "CARTRIDGES_STORE_ROOT": store_root,
-        "CARTRIDGES_TRAINER_COMMAND": json.dumps(fake_trainer),
-    }
-    workdir = tmp_path_factory.mktemp("operator")
-    env = OperatorEnv.start(k8s_cluster.kubeconfig, namespace, api_client, node_harness, store, workdir, settings)
-    yield env
-    env.operator.stop()
-    core.delete_namespace(namespace)
+    yield from _operator_env(k8s_cluster, node_harness, minio_server, tmp_path_factory.mktemp("operator"), "op")
+
+
+@pytest.fixture(scope="module")
+def operator_env_tls(
+    k8s_cluster: Cluster,
+    node_harness: NodeHarness,
+    crds_installed: None,
+    minio_tls_server: MinioServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorEnv]:
+    """The same against a store that serves TLS with a private CA: the CA's PEM is in the namespace's Secret."""
+    workdir = tmp_path_factory.mktemp("operator-tls")
+    yield from _operator_env(k8s_cluster, node_harness, minio_tls_server, workdir, "tls")

@@ -59,6 +59,7 @@ def test_cartridge_trains_promotes_and_rolls_out_serving(operator_env: OperatorE
     assert secret_refs == {
         "CARTRIDGES_S3_ACCESS_KEY": "cartridges-store",
         "CARTRIDGES_S3_SECRET_KEY": "cartridges-store",
+        "CARTRIDGES_S3_CA_PEM": "cartridges-store",
     }
     assert job.spec.template.spec.security_context.run_as_non_root is True
 
