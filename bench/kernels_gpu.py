@@ -8,7 +8,7 @@ splits); each case is compared with the multi-launch path it replaced (partials 
 with PyTorch SDPA on the concatenated KV, and with the kernel reading every cartridge once per request.
 Achieved bandwidth = bytes that must be read per step (each cartridge once) / (time x measured copy bandwidth).
 
-    python bench/kernels_gpu.py [--out DIR]             # on a CUDA machine
+    PYTHONPATH=.:kernels python bench/kernels_gpu.py [--out DIR]   # on a CUDA machine
     python bench/kernels_gpu.py --smoke --out /tmp/x    # tiny shapes on CPU (Triton interpreter)
 
 Writes DIR/kernels-gpu.json (and kernels-gpu.png when matplotlib is importable); DIR defaults to
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cartridges.quantize import QuantFormat
 from cartridges_kernels import (
     KernelConfig,
     KVSegment,
@@ -43,7 +44,6 @@ from cartridges_kernels import (
 )
 from cartridges_kernels.config import SWEEP_CONFIGS, default_config
 from cartridges_kernels.dispatch import segmented_attention_triton
-from cartridges_kernels.quantize import QuantFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -5,15 +5,19 @@ pairs (qa.jsonl, never used in training), with SmolLM2-135M-Instruct, every cond
 
 - ``none``: the question alone; ``icl``: the whole corpus in the system turn, as the teacher renders it;
 - ``cartridge_init``: the cartridge before training (the KV of the first p corpus tokens);
-- ``cartridge``: trained by the real trainer (``cartridges_trainer.train``) into a file store.
+- ``cartridge``: trained by the real trainer (``cartridges_trainer.train``) into a file store;
+- ``cartridge_int8`` / ``cartridge_fp8`` (``--formats``): that cartridge as a quantized artifact stores it
+  (``quantize_cartridge``: keys per channel, values per token), dequantized as the kernels do: the quality cost of
+  serving it in one byte per element (``stored_bytes``; the bf16 size on the ``cartridge`` row).
 
 Scores: answer NLL per token counting the end-of-turn token and without it, greedy exact-match and contains
 accuracy, and recovered = (NLL_none - NLL_x) / (NLL_none - NLL_icl) (without the end token; ``_eos`` with it).
 Synthesis does not depend on p (the teacher reads the chunk, never the cartridge): it runs once, and its shards are
-copied into every other generation, which the trainer then finds and skips. Writes ``quality.json`` and
-``quality.png``::
+copied into every other generation, which the trainer then finds and skips. A generation already trained in
+``--workdir`` is not trained again, so a rerun there only scores. Writes ``quality.json`` and ``quality.png``::
 
     python bench/quality.py --threads 2
+    python bench/quality.py --workdir DIR --formats int8 fp8 --out bench/results/quantization.json  # rescore DIR
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 import torch
 
 from cartridges import api, layout
-from cartridges.artifact import Cartridge, download_artifact, load_cartridge
+from cartridges.artifact import Cartridge, download_artifact, load_cartridge, quantize_cartridge
 from cartridges.contract import TrainerConfig
 from cartridges.corpus import NormalizedCorpus, publish
 from cartridges.embedded import smollm2_gguf
@@ -221,10 +225,15 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
                 "distill_tokens_per_s": training["distill_tokens_per_s"],
                 "final_loss": training["final_loss"],
                 "trainer_eval": manifest.metrics,
+                "stored_bytes": trained.to(dtype=torch.bfloat16).nbytes,
                 **score(lm, trained, questions),
             }
         )
-        print(json.dumps(rows[-2:], indent=1), flush=True)
+        for fmt in args.formats:
+            stored = quantize_cartridge(trained, fmt)
+            quantized = {"method": f"cartridge_{fmt}", "p": p, "stored_bytes": stored.nbytes}
+            rows.append(quantized | score(lm, stored.dequantize(), questions))
+        print(json.dumps(rows[-2 - len(args.formats) :], indent=1), flush=True)
         distill_rates = [r["distill_tokens_per_s"] for r in rows if "distill_tokens_per_s" in r]
         save(
             {
@@ -295,9 +304,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         (axes[0], "recovered", "fraction of the ICL gain recovered (answer NLL)"),
         (axes[1], "accuracy_contains", "greedy accuracy (answer contained)"),
     ):
-        for method, style in (("cartridge", "o-"), ("cartridge_init", "s--")):
+        styles = {"cartridge": "o-", "cartridge_init": "s--", "cartridge_int8": "^-", "cartridge_fp8": "v-"}
+        for method, style in styles.items():
             points = sorted((r["p"], r[key]) for r in rows if r["method"] == method)
-            axis.plot(*zip(*points, strict=True), style, label=method.replace("_init", " (untrained)"))
+            if points:
+                axis.plot(*zip(*points, strict=True), style, label=method.replace("_init", " (untrained)"))
         for r, color in ((rows[0], "gray"), (rows[1], "tab:green")):
             axis.axhline(r[key], color=color, linestyle=":", label=r["method"])
         axis.set_xscale("log", base=2)
@@ -328,6 +339,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.mkdtemp(prefix="quality-store-")))
     parser.add_argument("--baselines", type=Path, help="JSON of the none and ICL rows: read if present, else written")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    parser.add_argument(
+        "--formats", nargs="*", choices=["int8", "fp8"], default=[], help="also score each trained cartridge quantized"
+    )
     parser.add_argument(
         "--synthesis-from",
         type=int,

@@ -16,8 +16,11 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 MIN_SIZE, MAX_SIZE = 16, 65536
 # The Cartridge spec fields a trained artifact depends on: a change to one of them trains a new generation.
-TRAINING_FIELDS = ("corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training")
-DEFAULT_KEEP_GENERATIONS = 3  # the promoted generation and the two before it
+TRAINING_FIELDS = (
+    "corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training", "quantization",
+)  # fmt: skip
+DEFAULT_KEEP_GENERATIONS = 3
+StorageQuantization = Literal["none", "int8", "fp8"]  # the promoted generation and the two before it
 
 
 def cel(*rules: tuple[str, str]) -> dict[str, Any]:
@@ -216,6 +219,12 @@ class CartridgeSpec(Spec):
     training: Training = Field(default_factory=Training)
     resources: Resources = Field(default_factory=Resources)
     serving: Serving = Field(default_factory=Serving)
+    quantization: StorageQuantization = Field(
+        default="none",
+        description="store the trained cartridge in one byte per element (keys scaled per channel, values per "
+        "token): half the bytes of bf16 to keep and to read each decode step. The evaluation scores the stored "
+        "cartridge (status.evaluation.cartridgeUnquantized: before quantization); a change trains a new generation",
+    )
     retention: Literal["Delete", "Retain"] = Field(default="Retain", description="what deletion does to artifacts")
     keepGenerations: int = Field(
         default=DEFAULT_KEEP_GENERATIONS,
@@ -227,8 +236,12 @@ class CartridgeSpec(Spec):
     suspend: bool = False
 
     def training_inputs(self) -> dict[str, Any]:
-        """The TRAINING_FIELDS of this spec, as JSON values."""
-        return self.model_dump(include=set(TRAINING_FIELDS), mode="json")
+        """The TRAINING_FIELDS of this spec, as JSON values; quantization only when set, so the Cartridges trained
+        before it existed keep their training hash (and are not retrained)."""
+        inputs = self.model_dump(include=set(TRAINING_FIELDS), mode="json")
+        if inputs["quantization"] == "none":
+            del inputs["quantization"]
+        return inputs
 
 
 class Progress(Spec):
@@ -251,6 +264,7 @@ class Evaluation(Spec):
     noContext: float | None = None
     icl: float | None = None
     cartridge: float | None = None
+    cartridgeUnquantized: float | None = Field(default=None, description="with spec.quantization: before it")
     iclGainRecovered: float | None = None
 
 

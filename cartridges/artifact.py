@@ -3,10 +3,16 @@
 Tensors are ``layers.<i>.keys`` / ``layers.<i>.values`` shaped ``[kv_heads, p, head_dim]``, keys stored after RoPE
 at positions ``0..p-1``, the first ``frozen_tokens`` rows included. The manifest pins the base model (weights and
 tokenizer hashes, architecture numbers) so a cartridge only ever loads into the model it was trained for.
+
+A quantized artifact (``dtype`` int8 or fp8, see :func:`quantize_cartridge`) stores one byte per element plus
+float32 ``layers.<i>.keys_scales`` / ``layers.<i>.values_scales``, per token or per channel as its manifest's
+``quantization`` says; serving keeps it quantized (the kernels dequantize on load), everything else reads it
+dequantized.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,29 +29,30 @@ from cartridges.manifest import (
     ArtifactError,
     CartridgeManifest,
     ModelFingerprint,
+    Quantization,
     read_manifest,
 )
+from cartridges.quantize import STORAGE_DTYPES, Granularity, QuantFormat, QuantizedKV, quantize_kv
 from cartridges.store import IntegrityError, Store
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@dataclass
-class Cartridge:
-    """Per-layer keys and values, each ``[kv_heads, p, head_dim]``."""
+class _Layers:
+    """What dense and quantized cartridges share: per-layer keys and values of one shape, and their geometry."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    frozen_tokens: int = 1
+    keys: Sequence[torch.Tensor | QuantizedKV]
+    values: Sequence[torch.Tensor | QuantizedKV]
+    frozen_tokens: int
 
-    def __post_init__(self) -> None:
+    def _check_shapes(self) -> None:
         if not self.keys or len(self.keys) != len(self.values):
             raise ArtifactError(
                 f"need the same non-zero number of key and value layers, got {len(self.keys)}/{len(self.values)}"
             )
         shape = self.keys[0].shape
         for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            if k.dim() != 3 or k.shape != shape or v.shape != shape:
+            if len(k.shape) != 3 or k.shape != shape or v.shape != shape:
                 raise ArtifactError(
                     f"layer {i}: keys {tuple(k.shape)} / values {tuple(v.shape)}, expected {tuple(shape)}"
                 )
@@ -68,6 +75,26 @@ class Cartridge:
     def head_dim(self) -> int:
         return int(self.keys[0].shape[2])
 
+    def check_fits(self, model: ModelFingerprint) -> None:
+        geometry = (self.num_layers, self.num_kv_heads, self.head_dim)
+        expected = (model.num_layers, model.num_kv_heads, model.head_dim)
+        if geometry != expected:
+            raise ArtifactError(
+                f"cartridge geometry (layers, kv_heads, head_dim)={geometry} does not match {model.model_id} {expected}"
+            )
+
+
+@dataclass
+class Cartridge(_Layers):
+    """Per-layer keys and values, each ``[kv_heads, p, head_dim]``."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    frozen_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        self._check_shapes()
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
@@ -79,13 +106,57 @@ class Cartridge:
             self.frozen_tokens,
         )
 
-    def check_fits(self, model: ModelFingerprint) -> None:
-        geometry = (self.num_layers, self.num_kv_heads, self.head_dim)
-        expected = (model.num_layers, model.num_kv_heads, model.head_dim)
-        if geometry != expected:
-            raise ArtifactError(
-                f"cartridge geometry (layers, kv_heads, head_dim)={geometry} does not match {model.model_id} {expected}"
-            )
+
+@dataclass
+class QuantizedCartridge(_Layers):
+    """A cartridge in one byte per element (int8 or fp8 e4m3) plus float32 scales: half the bytes of bf16 for the
+    attention kernels to read each decode step, which dequantize on load."""
+
+    keys: list[QuantizedKV]
+    values: list[QuantizedKV]
+    frozen_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        self._check_shapes()
+        if len({x.format for x in (*self.keys, *self.values)}) != 1:
+            raise ArtifactError("a quantized cartridge stores every layer's keys and values in one format")
+
+    @property
+    def format(self) -> QuantFormat:
+        return self.keys[0].format
+
+    @property
+    def quantization(self) -> Quantization:
+        return Quantization(keys=self.keys[0].granularity, values=self.values[0].granularity)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in (*self.keys, *self.values))
+
+    def to(self, device: torch.device | str) -> QuantizedCartridge:
+        return QuantizedCartridge(
+            [k.to(device) for k in self.keys], [v.to(device) for v in self.values], self.frozen_tokens
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Cartridge:
+        return Cartridge(
+            [k.dequantize(dtype) for k in self.keys], [v.dequantize(dtype) for v in self.values], self.frozen_tokens
+        )
+
+
+def quantize_cartridge(
+    cartridge: Cartridge, fmt: QuantFormat, keys: Granularity = "channel", values: Granularity = "token"
+) -> QuantizedCartridge:
+    """Absmax-quantize every layer. Per-channel scales suit keys (RoPE leaves outlier channels), per-token scales
+    suit values; bench/quantization.py measures what each choice costs in answer NLL."""
+    return QuantizedCartridge(
+        [quantize_kv(k, fmt, keys) for k in cartridge.keys],
+        [quantize_kv(v, fmt, values) for v in cartridge.values],
+        cartridge.frozen_tokens,
+    )
+
+
+StoredCartridge = Cartridge | QuantizedCartridge
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -96,7 +167,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def save_cartridge(
-    cartridge: Cartridge,
+    cartridge: StoredCartridge,
     directory: Path,
     base_model: ModelFingerprint,
     *,
@@ -107,18 +178,28 @@ def save_cartridge(
     """Write the two artifact files into ``directory`` and return the manifest (with the file's sha256)."""
     cartridge.check_fits(base_model)
     directory.mkdir(parents=True, exist_ok=True)
-    dtype = _dtype_name(cartridge.keys[0].dtype)
     tensors: dict[str, torch.Tensor] = {}
-    for i, (k, v) in enumerate(zip(cartridge.keys, cartridge.values, strict=True)):
-        tensors[f"layers.{i}.keys"] = k.detach().to("cpu").contiguous()
-        tensors[f"layers.{i}.values"] = v.detach().to("cpu").contiguous()
+    for i in range(cartridge.num_layers):
+        for side in ("keys", "values"):
+            x = getattr(cartridge, side)[i]
+            if isinstance(x, QuantizedKV):
+                tensors[f"layers.{i}.{side}_scales"] = x.scales.detach().to("cpu").contiguous()
+                x = x.data
+            tensors[f"layers.{i}.{side}"] = x.detach().to("cpu").contiguous()
     tensors_path = directory / TENSORS_FILE
     save_file(tensors, str(tensors_path), metadata={"format_version": str(FORMAT_VERSION)})
+    dtype: str
+    quantization: Quantization | None
+    if isinstance(cartridge, QuantizedCartridge):
+        dtype, quantization = cartridge.format, cartridge.quantization
+    else:
+        dtype, quantization = _dtype_name(cartridge.keys[0].dtype), None
     manifest = CartridgeManifest(
         base_model=base_model,
         p=cartridge.p,
         frozen_tokens=cartridge.frozen_tokens,
         dtype=dtype,
+        quantization=quantization,
         corpus_digest=corpus_digest,
         training=training or {},
         metrics=metrics or {},
@@ -136,7 +217,24 @@ def load_cartridge(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> tuple[Cartridge, CartridgeManifest]:
-    """Load and verify an artifact: file sha256, manifest vs tensors, and (if given) manifest vs base model."""
+    """Load and verify an artifact: file sha256, manifest vs tensors, and (if given) manifest vs base model.
+
+    A quantized artifact comes back dequantized (to ``dtype``, default float32)."""
+    cartridge, manifest = load_stored_cartridge(directory, expected_model=expected_model, device=device, dtype=dtype)
+    if isinstance(cartridge, QuantizedCartridge):
+        return cartridge.dequantize(dtype or torch.float32), manifest
+    return cartridge, manifest
+
+
+def load_stored_cartridge(
+    directory: Path,
+    *,
+    expected_model: ModelFingerprint | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[StoredCartridge, CartridgeManifest]:
+    """:func:`load_cartridge`, but a quantized artifact stays quantized (``dtype`` applies to dense ones): what
+    serving holds."""
     manifest = read_manifest(directory / MANIFEST_FILE)
     if manifest.format_version != FORMAT_VERSION:
         raise ArtifactError(f"{directory}: format version {manifest.format_version}, this build reads {FORMAT_VERSION}")
@@ -155,20 +253,40 @@ def load_cartridge(
         tensors = load_file(str(tensors_path), device=str(device))
     except (SafetensorError, OSError) as err:
         raise ArtifactError(f"{tensors_path}: unreadable safetensors ({err})") from err
-    layers = manifest.base_model.num_layers
+    layers = range(manifest.base_model.num_layers)
     try:
-        keys = [tensors[f"layers.{i}.keys"] for i in range(layers)]
-        values = [tensors[f"layers.{i}.values"] for i in range(layers)]
+        keys = [_layer_tensor(tensors, manifest, f"layers.{i}.keys") for i in layers]
+        values = [_layer_tensor(tensors, manifest, f"layers.{i}.values") for i in layers]
     except KeyError as err:
-        raise ArtifactError(f"{tensors_path}: missing tensor {err} for a {layers}-layer model") from err
-    cartridge = Cartridge(keys, values, manifest.frozen_tokens)
+        raise ArtifactError(f"{tensors_path}: missing tensor {err} for a {len(layers)}-layer model") from err
+    except ValueError as err:  # a quantized layer whose data or scales do not fit together
+        raise ArtifactError(f"{tensors_path}: {err}") from err
+    cartridge: StoredCartridge = (
+        QuantizedCartridge(keys, values, manifest.frozen_tokens)
+        if manifest.quantization
+        else Cartridge(keys, values, manifest.frozen_tokens)
+    )
     cartridge.check_fits(manifest.base_model)
-    if cartridge.p != manifest.p or _dtype_name(keys[0].dtype) != manifest.dtype:
+    stored = cartridge.format if isinstance(cartridge, QuantizedCartridge) else _dtype_name(keys[0].dtype)
+    if cartridge.p != manifest.p or stored != manifest.dtype:
         raise ArtifactError(
-            f"{tensors_path}: tensors have p={cartridge.p} dtype={keys[0].dtype}, "
+            f"{tensors_path}: tensors have p={cartridge.p} dtype={stored}, "
             f"manifest says p={manifest.p} dtype={manifest.dtype}"
         )
-    return (cartridge.to(dtype=dtype) if dtype is not None else cartridge), manifest
+    if isinstance(cartridge, Cartridge) and dtype is not None:
+        return cartridge.to(dtype=dtype), manifest
+    return cartridge, manifest
+
+
+def _layer_tensor(tensors: dict[str, torch.Tensor], manifest: CartridgeManifest, name: str) -> Any:
+    """One layer's keys or values: the tensor, or for a quantized artifact the data with its scales."""
+    if manifest.quantization is None:
+        return tensors[name]
+    data = tensors[name]
+    if data.dtype != STORAGE_DTYPES.get(manifest.dtype):
+        raise ValueError(f"{name} is {data.dtype}, the manifest says {manifest.dtype}")
+    granularity = getattr(manifest.quantization, name.rsplit(".", 1)[-1])
+    return QuantizedKV(data, tensors[f"{name}_scales"], granularity)
 
 
 def upload_artifact(store: Store, directory: Path, prefix: str) -> CartridgeManifest:

@@ -6,7 +6,7 @@ Kept free of torch so light components (the operator) can read and check manifes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,12 +48,20 @@ class ModelFingerprint(BaseModel):
         ]
 
 
+class Quantization(BaseModel):
+    """How a quantized artifact's scales run (``dtype`` int8 or fp8): per token or per channel, for each side."""
+
+    keys: Literal["token", "channel"]
+    values: Literal["token", "channel"]
+
+
 class CartridgeManifest(BaseModel):
     format_version: int = FORMAT_VERSION
     base_model: ModelFingerprint
     p: int = Field(gt=0)
     frozen_tokens: int = Field(ge=0)
     dtype: str
+    quantization: Quantization | None = None
     corpus_digest: str | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cartridges import layout
-from cartridges.artifact import Cartridge, ModelFingerprint, save_cartridge, upload_artifact
+from cartridges.artifact import Cartridge, ModelFingerprint, StoredCartridge, save_cartridge, upload_artifact
 from cartridges.models import LoadedModel
 from cartridges.store import Store
 
@@ -29,7 +29,7 @@ def publish(
     root: str,
     namespace: str,
     name: str,
-    cartridge: Cartridge,
+    cartridge: StoredCartridge,
     fingerprint: ModelFingerprint,
     generation: int = 1,
 ) -> str:

@@ -13,12 +13,16 @@ from cartridges.artifact import (
     TENSORS_FILE,
     ArtifactError,
     Cartridge,
+    QuantizedCartridge,
     download_artifact,
     load_cartridge,
+    load_stored_cartridge,
+    quantize_cartridge,
     save_cartridge,
     upload_artifact,
 )
 from cartridges.models import LoadedModel, tiny_llama
+from cartridges.quantize import QuantFormat
 from cartridges.store import Store
 from cartridges_e2e.minio import MinioServer
 
@@ -66,6 +70,41 @@ def test_manifest_that_lies_about_p_is_rejected(tiny_model: LoadedModel, tmp_pat
     manifest["p"] = 32
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="manifest says p=32"):
+        load_cartridge(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantized_round_trip_stays_quantized_for_serving(
+    fmt: QuantFormat, tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    cartridge = random_cartridge(tiny_model)
+    quantized = quantize_cartridge(cartridge, fmt)
+    manifest = save_cartridge(quantized, tmp_path, tiny_model.fingerprint)
+    assert manifest.dtype == fmt and manifest.quantization is not None
+    assert (manifest.quantization.keys, manifest.quantization.values) == ("channel", "token")
+    stored, _ = load_stored_cartridge(tmp_path, expected_model=tiny_model.fingerprint)
+    assert isinstance(stored, QuantizedCartridge) and stored.format == fmt
+    for a, b in zip(quantized.keys + quantized.values, stored.keys + stored.values, strict=True):
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scales, b.scales)
+    dense, _ = load_cartridge(tmp_path, dtype=torch.float32)  # everything but serving reads it dequantized
+    assert isinstance(dense, Cartridge)
+    tolerance = {"int8": 0.02, "fp8": 0.07}[fmt]  # of the largest magnitude per scale group
+    for exact, approx in zip(cartridge.keys + cartridge.values, dense.keys + dense.values, strict=True):
+        assert (approx - exact).abs().max() <= tolerance * exact.abs().max()
+    assert stored.nbytes < cartridge.nbytes / 2
+
+
+def test_quantized_artifact_whose_tensors_disagree_is_rejected(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    cartridge = random_cartridge(tiny_model, p=8)  # p differs from head_dim: token and channel scales differ
+    save_cartridge(quantize_cartridge(cartridge, "int8"), tmp_path, tiny_model.fingerprint)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["dtype"] = "fp8"
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="layers.0.keys is torch.int8, the manifest says fp8"):
+        load_stored_cartridge(tmp_path)
+    manifest["dtype"], manifest["quantization"]["keys"] = "int8", "token"  # scales shaped per channel
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="token scales must be float32"):
         load_cartridge(tmp_path)
 
 

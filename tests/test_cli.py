@@ -19,7 +19,7 @@ from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, 
 from cartridges.models import LoadedModel
 from cartridges.process import free_port
 
-COMMANDS = ("demo", "train", "eval", "serve", "ask", "ls", "inspect", "import")
+COMMANDS = ("demo", "train", "eval", "serve", "ask", "ls", "inspect", "import", "quantize")
 CORPUS = (
     "The lighthouse of Varnholm was lit in 1873 by keeper Ilse Marrow. Its lens came from a foundry in Ostrava. "
     "Every winter the keeper logged the ice on the fjord, and in 1901 the ice reached the harbour wall.\n"
@@ -205,6 +205,27 @@ def test_import_reference_pt(
     one_line_error(err)
     code, _, err = cli(capsys, "import", "x", str(tmp_path / "missing.pt"), "--store", store)
     assert code == EXIT_NOT_FOUND
+
+
+def test_quantize_promotes_an_int8_generation_that_eval_reads(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "dense", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2"]
+    assert cli(capsys, *argv)[0] == 0
+    code, out, _ = cli(capsys, "quantize", "dense", "--store", store, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["generation"] == 2 and info["quantizedFrom"] == 1 and info["dtype"] == "int8"
+    code, out, _ = cli(capsys, "ls", "--store", store, "--json")
+    (listed,) = json.loads(out)
+    assert listed["generation"] == 2 and listed["bytes"] < info["bytes"] * 4  # stored: one byte per element
+    code, _, err = cli(capsys, "quantize", "dense", "--store", store, "--format", "fp8")
+    assert code == EXIT_INPUT and "already stored in int8" in err
+    one_line_error(err)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    code, out, _ = cli(capsys, "eval", "dense", "--qa", str(qa), "--model", "tiny", "--store", store, "--json")
+    assert code == 0 and len(json.loads(out)["rows"]) == 3
 
 
 def test_import_peft_prefix_adapter(tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,8 +14,9 @@ from _cartridge_store import publish, random_cartridge
 from transformers import DynamicCache
 
 from cartridges import layout
-from cartridges.artifact import TENSORS_FILE, Cartridge
+from cartridges.artifact import TENSORS_FILE, Cartridge, QuantizedCartridge, quantize_cartridge
 from cartridges.models import LoadedModel, tiny_llama
+from cartridges.quantize import QuantFormat
 from cartridges.store import Store
 from cartridges_serving import (
     CartridgeCache,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 NAMESPACE = "team-a"
 SIZES = {"alpha": 6, "beta": 4, "gamma": 9}
+QUANTIZED: dict[str, tuple[str, QuantFormat]] = {"alpha-int8": ("alpha", "int8"), "gamma-fp8": ("gamma", "fp8")}
 GREEDY = SamplingParams(max_tokens=12)
 
 
@@ -40,8 +42,11 @@ GREEDY = SamplingParams(max_tokens=12)
 def store_root(tmp_path_factory: pytest.TempPathFactory, tiny_model: LoadedModel) -> str:
     """alpha/beta/gamma in team-a; "secret" only in team-b; bad artifacts for the error tests."""
     root, store = f"file://{tmp_path_factory.mktemp('store')}", Store()
-    for seed, (name, p) in enumerate(SIZES.items()):
-        publish(store, root, NAMESPACE, name, random_cartridge(tiny_model.fingerprint, p, seed), tiny_model.fingerprint)
+    dense = {name: random_cartridge(tiny_model.fingerprint, p, seed) for seed, (name, p) in enumerate(SIZES.items())}
+    for name, cartridge in dense.items():
+        publish(store, root, NAMESPACE, name, cartridge, tiny_model.fingerprint)
+    for name, (source, fmt) in QUANTIZED.items():
+        publish(store, root, NAMESPACE, name, quantize_cartridge(dense[source], fmt), tiny_model.fingerprint)
     publish(store, root, "team-b", "secret", random_cartridge(tiny_model.fingerprint, 4, 7), tiny_model.fingerprint)
     other = tiny_llama(seed=1).fingerprint
     publish(store, root, NAMESPACE, "other-model", random_cartridge(other, 4, 8), other)
@@ -64,8 +69,12 @@ def engine(tiny_model: LoadedModel, store_root: str) -> Iterator[Engine]:
 
 
 def cartridges_of(engine: Engine, names: Sequence[str]) -> list[Cartridge]:
+    """The cartridges the engine serves, as dense tensors (a quantized one as the kernels dequantize it)."""
     assert engine.cartridges is not None
-    return [engine.cartridges.get(n).cartridge for n in names]
+    served = [engine.cartridges.get(n).cartridge for n in names]
+    return [
+        c if isinstance(c, Cartridge) else c.dequantize(next(engine.loaded.model.parameters()).dtype) for c in served
+    ]
 
 
 def hf_greedy(model: LoadedModel, cartridges: Sequence[Cartridge], prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -97,7 +106,7 @@ def assert_matches_reference(engine: Engine, names: Sequence[str], prompt: str) 
     reference = hf_greedy(engine.loaded, cartridges_of(engine, names), prompt_ids, GREEDY.max_tokens)
     assert completion.token_ids == reference[: len(completion.token_ids)]
     assert completion.finish_reason == "length" or completion.token_ids[-1] in engine.eos_ids
-    assert completion.cartridge_tokens == sum(SIZES[n] for n in names)
+    assert completion.cartridge_tokens == sum(SIZES[QUANTIZED.get(n, (n,))[0]] for n in names)
     return completion.token_ids
 
 
@@ -110,6 +119,18 @@ def test_greedy_matches_transformers_with_zero_one_two_cartridges(engine: Engine
     # Keys keep the RoPE of their own training positions 0..p-1 (DESIGN.md §5), so composition is a set of keys:
     # the order changes no attention score, and the request's positions depend only on the summed lengths.
     assert two == swapped
+
+
+def test_quantized_cartridges_are_served_quantized_and_compose_with_dense_ones(engine: Engine) -> None:
+    """An int8 or fp8 artifact stays one byte per element in the cache (the kernels dequantize on load) and
+    answers as transformers does on its dequantized values, alone and composed with a dense cartridge."""
+    assert engine.cartridges is not None
+    int8, dense = engine.cartridges.get("alpha-int8"), engine.cartridges.get("alpha")
+    assert isinstance(int8.cartridge, QuantizedCartridge) and int8.cartridge.format == "int8"
+    assert int8.nbytes < dense.nbytes / 2  # a quarter of float32, plus scales (which weigh on the tiny model)
+    quantized = assert_matches_reference(engine, ["alpha-int8"], "The handbook says")
+    assert_matches_reference(engine, ["gamma-fp8", "beta"], "The handbook says")
+    assert quantized == assert_matches_reference(engine, ["alpha"], "The handbook says")  # int8 is close enough
 
 
 def test_concurrent_requests_equal_their_sequential_results(engine: Engine) -> None:

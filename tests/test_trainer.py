@@ -17,7 +17,7 @@ import torch
 from _cartridge_store import put_model
 
 from cartridges import api
-from cartridges.artifact import Cartridge, download_artifact, load_cartridge
+from cartridges.artifact import Cartridge, QuantizedCartridge, download_artifact, load_cartridge, load_stored_cartridge
 from cartridges.contract import EXIT_PERMANENT, TrainerConfig
 from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
@@ -337,6 +337,26 @@ def test_train_end_to_end_into_a_file_store(tiny_model: LoadedModel, file_store_
     before = store.stat(f"{config.output_prefix}/cartridge.safetensors")
     assert train(config, store, options=OPTIONS, model=tiny_model).file_sha256 == manifest.file_sha256
     assert store.stat(f"{config.output_prefix}/cartridge.safetensors") == before
+
+
+def test_quantized_generation_is_stored_and_scored_as_served(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """spec.quantization int8: the artifact is int8 with scales, and the evaluation scores the stored cartridge
+    beside the one it was quantized from, with the same conversations and ICL."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    config = config.model_copy(update={"spec": config.spec.model_copy(update={"quantization": "int8"})})
+    manifest = train(config, store, options=OPTIONS, model=tiny_model)
+    assert manifest.dtype == "int8" and manifest.quantization is not None
+    download_artifact(store, config.output_prefix, tmp_path)
+    stored, _ = load_stored_cartridge(tmp_path, expected_model=tiny_model.fingerprint)
+    assert isinstance(stored, QuantizedCartridge) and stored.p == config.spec.size
+    scores = store.get_json(f"{config.output_prefix}/{EVAL_FILE}")
+    assert scores["cartridge"] != scores["cartridgeUnquantized"]  # the stored one is what is scored
+    assert abs(scores["cartridge"] - scores["cartridgeUnquantized"]) < 0.05 * scores["cartridgeUnquantized"]
+    gain = scores["noContext"] - scores["icl"]
+    assert scores["iclGainRecovered"] == pytest.approx((scores["noContext"] - scores["cartridge"]) / gain)
 
 
 @pytest.mark.minio

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from cartridges.cli import ask, demo, evaluate, importer, inventory, serve, train
+from cartridges.cli import ask, demo, evaluate, importer, inventory, quantize, serve, train
 from cartridges.cli.common import (
     EXIT_CODES,
     EXIT_FAILURE,
@@ -24,7 +24,7 @@ from cartridges.cli.common import (
     CLIError,
 )
 
-COMMANDS = (demo, train, evaluate, serve, ask, inventory, importer)
+COMMANDS = (demo, train, evaluate, serve, ask, inventory, importer, quantize)
 
 
 def parser() -> argparse.ArgumentParser:

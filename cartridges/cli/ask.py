@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from cartridges.cli.common import check_name, examples, print_json
+from cartridges.cli.common import add_command, check_name, print_json
 
 
 def answer(url: str, question: str, cartridges: Sequence[str], max_tokens: int, temperature: float) -> str:
@@ -41,17 +41,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "ask",
-        help="ask a serving endpoint a question, with cartridges",
+        summary="ask a serving endpoint a question, with cartridges",
         description="Send one question to the router model's generate_stream endpoint and print the answer as it "
         "streams. Each -c adds a cartridge; several are composed in the order given.",
-        epilog=examples(
+        examples=(
             'cartridges ask "What does the handbook say about on-call?" -c handbook',
             'cartridges ask "Compare the two" -c handbook -c runbooks   # composed, in order',
             'cartridges ask "Hello" --json                                # no cartridge, JSON out',
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("question")
     parser.add_argument("-c", "--cartridge", action="append", default=[], help="cartridge name (repeatable)")

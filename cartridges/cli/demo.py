@@ -12,7 +12,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from cartridges.cli.common import examples, load_model, model_options, open_store, store_options
+from cartridges.cli.common import add_command, load_model, model_options, open_store, store_options
 from cartridges.cli.evaluate import evaluate_stored, plot, read_qa, table
 from cartridges.cli.serve import local_server
 from cartridges.cli.train import BUDGETS, read_files, train_cartridge
@@ -76,15 +76,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "demo",
-        help="train, evaluate, serve and query a cartridge on the bundled corpus",
+        summary="train, evaluate, serve and query a cartridge on the bundled corpus",
         description=__doc__,
-        epilog=examples(
+        examples=(
             "cartridges demo            # about 4 minutes on 2 CPU cores",
             "cartridges demo --quick    # a smaller budget: under a minute, for CI",
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[store_options(), model_options()],
     )
     parser.add_argument("--quick", action="store_true", help="the small training budget (under a minute)")

@@ -19,8 +19,8 @@ from cartridges.cli.common import (
     EXIT_NOT_FOUND,
     CLIError,
     Stored,
+    add_command,
     check_name,
-    examples,
     find,
     human_bytes,
     load,
@@ -155,16 +155,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "eval",
-        help="compare no context, ICL and the cartridge on a QA file",
+        summary="compare no context, ICL and the cartridge on a QA file",
         description=__doc__,
-        epilog=examples(
+        examples=(
             "cartridges eval handbook --qa questions.jsonl",
             "cartridges eval handbook --qa questions.jsonl --plot eval.png --json",
             'questions.jsonl holds one {"question": "...", "answer": "..."} per line',
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[store_options(), model_options()],
     )
     parser.add_argument("name", help="the cartridge to evaluate")

@@ -9,8 +9,8 @@ from pathlib import Path
 from cartridges.cli.common import (
     EXIT_NOT_FOUND,
     CLIError,
+    add_command,
     check_name,
-    examples,
     find,
     load_model,
     model_options,
@@ -51,18 +51,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "import",
-        help="import a reference-implementation .pt cartridge or a PEFT prefix-tuning adapter",
+        summary="import a reference-implementation .pt cartridge or a PEFT prefix-tuning adapter",
         description="Convert a cartridge trained elsewhere into this product's format, bound to --model, and "
         "promote it: a .pt of the reference implementation (trainable_keys/values, optional frozen_*), or a PEFT "
         "prefix-tuning adapter directory (adapter_config.json + adapter_model.safetensors, as save_pretrained "
         "writes it). The tensors must fit the model's layers, KV heads and head dimension.",
-        epilog=examples(
+        examples=(
             "cartridges import handbook cache-step-2000.pt",
             "cartridges import notes ./prefix-adapter/ --json",
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[store_options(), model_options()],
     )
     parser.add_argument("name", help="name to give the cartridge")

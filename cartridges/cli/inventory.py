@@ -8,8 +8,8 @@ from typing import Any
 from cartridges import layout
 from cartridges.cli.common import (
     Stored,
+    add_command,
     check_name,
-    examples,
     find,
     human_bytes,
     names,
@@ -101,22 +101,22 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "ls",
-        help="list the cartridges in a store",
+        summary="list the cartridges in a store",
         description="List promoted cartridges: generation, p, size, base model, corpus digest, ICL gain recovered.",
-        epilog=examples("cartridges ls", "cartridges ls --store s3://cartridges --namespace team-a --json"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=("cartridges ls", "cartridges ls --store s3://cartridges --namespace team-a --json"),
         parents=[store_options()],
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list")
     parser.set_defaults(func=run_ls)
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "inspect",
-        help="show one cartridge's manifest, scores and training",
+        summary="show one cartridge's manifest, scores and training",
         description="Show a promoted cartridge: artifact, base model fingerprint, corpus, scores, training spec.",
-        epilog=examples("cartridges inspect handbook", "cartridges inspect handbook --json | jq .scores"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=("cartridges inspect handbook", "cartridges inspect handbook --json | jq .scores"),
         parents=[store_options()],
     )
     parser.add_argument("name")

@@ -17,7 +17,7 @@ from cartridges.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_UNAVAILABLE,
     CLIError,
-    examples,
+    add_command,
     model_options,
     model_source,
     open_store,
@@ -80,18 +80,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "serve",
-        help="serve the store's cartridges from a local Triton server",
+        summary="serve the store's cartridges from a local Triton server",
         description="Start tritonserver (from the nvidia-pytriton wheel, CPU only) with the router model: it loads "
         "the base model and, per request, the named cartridges from the store. Ctrl-C stops it cleanly.",
-        epilog=examples(
+        examples=(
             "cartridges serve                      # http://127.0.0.1:8000",
             "cartridges serve --port 9000 --store s3://cartridges",
             'curl -d \'{"text_input": "Who founded it?", "cartridges": ["handbook"]}\' '
             "http://127.0.0.1:8000/v2/models/router/generate",
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[store_options(), model_options()],
     )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")

@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from cartridges import api, layout
 from cartridges.cli.common import (
     EXIT_NOT_FOUND,
     CLIError,
     Stored,
+    add_command,
     check_name,
-    examples,
     find,
     human_bytes,
     load_model,
@@ -107,6 +109,7 @@ def train_cartridge(
     *,
     lm: LoadedModel | None = None,
     force: bool = False,
+    quantization: api.StorageQuantization = "none",
 ) -> tuple[Stored, bool]:
     """Store the corpus, train a new generation and promote it; returns it and whether it was trained now.
 
@@ -120,7 +123,7 @@ def train_cartridge(
     publish(corpus, description, store, corpus_prefix)
     source = model_source(model)
     model_ref = api.BaseModelRef(name=model if model in ("smollm2", "tiny") else "custom", uri=_as_uri(source))
-    spec = budget.spec(model_ref, name)
+    spec = budget.spec(model_ref, name).model_copy(update={"quantization": quantization})
     if not force:
         try:
             current = find(store, root, namespace, name)
@@ -155,8 +158,11 @@ def _as_uri(source: str) -> str:
 
 def _same_spec(stored: Stored, spec: api.CartridgeSpec) -> bool:
     """Whether the stored generation was trained on these inputs (retention and the like do not count)."""
-    trained = stored.manifest.training.get("spec") or {}
-    return {field: trained.get(field) for field in api.TRAINING_FIELDS} == spec.training_inputs()
+    try:
+        trained = api.CartridgeSpec.model_validate(stored.manifest.training.get("spec") or {})
+    except ValidationError:  # trained under a spec this version no longer reads
+        return False
+    return trained.training_inputs() == spec.training_inputs()
 
 
 def summary(stored: Stored) -> dict[str, object]:
@@ -182,7 +188,16 @@ def run(args: argparse.Namespace) -> int:
     budget = Budget(**{**budget.__dict__, **overrides})
     description = args.description or f"the documents {', '.join(d.id for d in corpus.documents)}"
     stored, trained = train_cartridge(
-        store, args.store, args.namespace, name, corpus, description, args.model, budget, force=args.force
+        store,
+        args.store,
+        args.namespace,
+        name,
+        corpus,
+        description,
+        args.model,
+        budget,
+        force=args.force,
+        quantization=args.quantization,
     )
     if args.json:
         print_json({**summary(stored), "trained": trained})
@@ -200,16 +215,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "train",
-        help="train a cartridge on corpus files",
+        summary="train a cartridge on corpus files",
         description="Store the corpus, run self-study and distillation in this process, and promote the result.",
-        epilog=examples(
+        examples=(
             "cartridges train handbook docs/               # every file under docs/, embedded SmolLM2",
             "cartridges train notes a.md b.txt --budget medium --size 256",
             "cartridges train handbook docs/ --store s3://cartridges   # with CARTRIDGES_S3_* set",
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[store_options(), model_options()],
     )
     parser.add_argument("name", help="cartridge name (lowercase letters, digits, '-')")
@@ -218,6 +233,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small", help="training budget (default: small)")
     parser.add_argument("--size", type=int, help="p, trainable KV tokens per layer (a multiple of 16)")
     parser.add_argument("--steps", type=int, help="distillation steps")
+    parser.add_argument(
+        "--quantization",
+        choices=["none", "int8", "fp8"],
+        default="none",
+        help="store the cartridge in one byte per element (scored as stored; default: none)",
+    )
     parser.add_argument("--force", action="store_true", help="train a new generation even if nothing changed")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)

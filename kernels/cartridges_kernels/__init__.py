@@ -5,9 +5,9 @@ elsewhere), the inputs :class:`SegmentTable` and :class:`KVSegment`, and quantiz
 :func:`quantize_kv`.
 """
 
+from cartridges.quantize import QuantizedKV, quantize_kv
 from cartridges_kernels.config import KernelConfig
 from cartridges_kernels.dispatch import BACKEND_ENV, decode_attention, prefill_attention
-from cartridges_kernels.quantize import QuantizedKV, quantize_kv
 from cartridges_kernels.segments import KVSegment, SegmentTable
 
 __all__ = [

@@ -15,10 +15,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cartridges.quantize import QuantizedKV
 from cartridges_kernels.config import KernelConfig, default_config, next_pow2
 from cartridges_kernels.decode_plan import DecodeStructure, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
-from cartridges_kernels.quantize import QuantizedKV
 from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
 from cartridges_kernels.torch_backend import segmented_attention_torch
 

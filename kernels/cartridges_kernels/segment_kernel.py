@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cartridges.quantize import QuantizedKV
 from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2
 from cartridges_kernels.plan import LaunchPlan
-from cartridges_kernels.quantize import QuantizedKV
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segments import KVData, KVSegment, storage_of
 from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cartridges_kernels.quantize import QuantizedKV
+from cartridges.quantize import QuantizedKV
 
 KVData = Tensor | QuantizedKV
 

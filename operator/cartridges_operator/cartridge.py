@@ -222,9 +222,7 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
 def _record_evaluation(run: Pass, prefix: str) -> None:
     try:
         scores = run.store.get_json(f"{prefix}/{layout.EVAL_FILE}")
-        evaluation = api.Evaluation.model_validate(
-            {k: scores.get(k) for k in ("noContext", "icl", "cartridge", "iclGainRecovered")}
-        )
+        evaluation = api.Evaluation.model_validate({k: scores.get(k) for k in api.Evaluation.model_fields})
     except (ObjectNotFound, ValidationError, AttributeError) as err:
         run.condition("Evaluated", False, "NoEvaluation", f"{layout.EVAL_FILE}: {err}")
         return

@@ -23,7 +23,13 @@ import torch
 from pydantic import ValidationError
 
 from cartridges import layout
-from cartridges.artifact import ArtifactError, Cartridge, ModelFingerprint, download_artifact, load_cartridge
+from cartridges.artifact import (
+    ArtifactError,
+    ModelFingerprint,
+    StoredCartridge,
+    download_artifact,
+    load_stored_cartridge,
+)
 from cartridges.store import ObjectNotFound, Store, StoreError
 from cartridges_serving.errors import CartridgeInvalid, CartridgeNotFound, CartridgeRefused, EngineUnavailable
 
@@ -40,7 +46,7 @@ class LoadedCartridge:
     id: str
     generation: int
     sha256: str
-    cartridge: Cartridge
+    cartridge: StoredCartridge
 
     @property
     def nbytes(self) -> int:
@@ -145,7 +151,7 @@ class CartridgeCache:
                     raise ArtifactError(
                         f"tensors sha256 {manifest.file_sha256} does not match the promoted {pointer.sha256}"
                     )
-                cartridge, _ = load_cartridge(
+                cartridge, _ = load_stored_cartridge(
                     Path(tmp), expected_model=self.model, device=self.device, dtype=self.dtype
                 )
             except ObjectNotFound as err:

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from cartridges.artifact import Cartridge
+from cartridges.artifact import StoredCartridge
 from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
 from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache
@@ -178,7 +178,7 @@ class RequestHandle:
 class _Active:
     handle: RequestHandle
     prompt_ids: list[int]
-    cartridges: list[Cartridge]
+    cartridges: list[StoredCartridge]
     params: SamplingParams
     text: TextStream
     generator: torch.Generator | None
@@ -325,7 +325,7 @@ class Engine:
             self._wakeup.notify()
         self._thread.join(timeout)
 
-    def _cartridge(self, cartridge_id: str) -> Cartridge:
+    def _cartridge(self, cartridge_id: str) -> StoredCartridge:
         if self.cartridges is None:
             raise InvalidRequest("this server has no cartridge store configured (CARTRIDGES_STORE_ROOT)")
         return self.cartridges.get(cartridge_id).cartridge

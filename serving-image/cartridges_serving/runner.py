@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from cartridges.artifact import Cartridge
+from cartridges.artifact import StoredCartridge
 from cartridges_kernels import KVSegment, SegmentTable, prefill_attention
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
@@ -48,7 +48,7 @@ class BatchItem:
 
     token_ids: Sequence[int]
     start_position: int
-    cartridges: Sequence[Cartridge]
+    cartridges: Sequence[StoredCartridge]
     own: OwnKV
 
 
@@ -117,9 +117,9 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def _unique_cartridges(items: Sequence[BatchItem]) -> tuple[list[Cartridge], list[list[int]]]:
+def _unique_cartridges(items: Sequence[BatchItem]) -> tuple[list[StoredCartridge], list[list[int]]]:
     """Each distinct cartridge object once (so kernels read it once for all its users) and per-request indices."""
-    order: list[Cartridge] = []
+    order: list[StoredCartridge] = []
     index: dict[int, int] = {}
     per_request = []
     for item in items:

@@ -122,7 +122,10 @@ def operator_settings(objects: list[Json], release: str, namespace: str) -> dict
     settings = {}
     for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
         ref = item.get("valueFrom", {}).get("secretKeyRef")
-        settings[item["name"]] = secrets[ref["name"]][ref["key"]] if ref else item["value"]
+        if ref is None:
+            settings[item["name"]] = item["value"]
+        elif ref["key"] in secrets[ref["name"]] or not ref.get("optional"):  # as the kubelet: optional may be absent
+            settings[item["name"]] = secrets[ref["name"]][ref["key"]]
     return settings
 
 

@@ -15,6 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
+from cartridges.quantize import Granularity, QuantFormat
 from cartridges_kernels import (
     KernelConfig,
     KVSegment,
@@ -28,7 +29,6 @@ from cartridges_kernels import (
 from cartridges_kernels.config import default_config
 from cartridges_kernels.decode_plan import DecodeStructure, plan_decode
 from cartridges_kernels.dispatch import segmented_attention_triton
-from cartridges_kernels.quantize import Granularity, QuantFormat
 from cartridges_kernels.reference import segmented_attention_reference
 
 from ._build import Batch, make_batch, oracle, pool_views

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cartridges.quantize import Granularity, QuantFormat
 from cartridges_kernels import KVSegment, QuantizedKV, SegmentTable, prefill_attention, quantize_kv
-from cartridges_kernels.quantize import Granularity, QuantFormat
 
 from ._build import make_batch, oracle
 

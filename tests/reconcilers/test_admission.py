@@ -41,6 +41,7 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ("text-init-without-text", "cartridges", {**CARTRIDGE, "initialization": {"strategy": "text"}}, "text is set"),
     ("bad-digest-pin", "cartridges", {**CARTRIDGE, "corpusRefs": [{"name": "c", "digest": "xyz"}]}, "digest"),
     ("bad-retention", "cartridges", {**CARTRIDGE, "retention": "Sometimes"}, "Unsupported value"),
+    ("bad-quantization", "cartridges", {**CARTRIDGE, "quantization": "int4"}, "Unsupported value"),
     ("keep-no-generation", "cartridges", {**CARTRIDGE, "keepGenerations": 0}, "keepGenerations"),
     ("two-source-kinds", "corpora", {"description": "d", "sources": [{"inline": "x", "configMap": TWO}]},
      "exactly one of inline, configMap, object, http"),

@@ -30,23 +30,32 @@ def fits_context(lm: LoadedModel, context_tokens: int, shards: Sequence[Shard]) 
 
 @torch.no_grad()
 def evaluate(
-    lm: LoadedModel, cartridge: Cartridge, shards: Sequence[Shard], corpus_context: list[int] | None = None
+    lm: LoadedModel,
+    cartridge: Cartridge,
+    shards: Sequence[Shard],
+    corpus_context: list[int] | None = None,
+    unquantized: Cartridge | None = None,
 ) -> dict[str, float | int | str | None]:
     """Mean answer NLL per token under the three conditions, and the fraction of the ICL gain recovered.
 
     ``corpus_context`` is the whole corpus as a system turn; it is used for ICL when it fits, else the chunks.
+    ``cartridge`` is what is stored and served; a quantized one comes dequantized, with the cartridge it was
+    quantized from as ``unquantized`` (scored as ``cartridgeUnquantized``: the quantization's cost).
     """
     whole = corpus_context is not None and fits_context(lm, len(corpus_context), shards)
     corpus_icl = prefix_cartridge(lm.model, corpus_context, frozen_tokens=0) if whole and corpus_context else None
-    totals = {"noContext": 0.0, "icl": 0.0, "cartridge": 0.0}
+    conditions: dict[str, Cartridge | None] = {"noContext": None, "icl": None, "cartridge": cartridge}
+    if unquantized is not None:
+        conditions["cartridgeUnquantized"] = unquantized
+    totals = dict.fromkeys(conditions, 0.0)
     tokens = 0
     pad_id = lm.tokenizer.pad_token_id or 0
     for shard in shards:
         icl = corpus_icl or prefix_cartridge(lm.model, shard.context.tolist(), frozen_tokens=0)
         for i in range(0, len(shard.conversations), EVAL_BATCH):
             batch = pack([c.answer_only() for c in shard.conversations[i : i + EVAL_BATCH]], pad_id, lm.device)
-            for name, prefix in (("noContext", None), ("icl", icl), ("cartridge", cartridge)):
-                logprobs = target_logprobs(lm.model, batch, prefix)
+            for name, prefix in conditions.items():
+                logprobs = target_logprobs(lm.model, batch, icl if name == "icl" else prefix)
                 totals[name] += F.nll_loss(logprobs, batch.targets, reduction="sum").item()
             tokens += len(batch.targets)
     scores: dict[str, float | int | str | None] = {name: total / tokens for name, total in totals.items()}

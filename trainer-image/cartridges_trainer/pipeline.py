@@ -9,7 +9,15 @@ from pathlib import Path
 
 import torch
 
-from cartridges.artifact import MANIFEST_FILE, CartridgeManifest, download_artifact, save_cartridge, upload_artifact
+from cartridges.artifact import (
+    MANIFEST_FILE,
+    CartridgeManifest,
+    StoredCartridge,
+    download_artifact,
+    quantize_cartridge,
+    save_cartridge,
+    upload_artifact,
+)
 from cartridges.contract import TrainerConfig
 from cartridges.layout import EVAL_FILE
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model
@@ -118,13 +126,20 @@ def _run(
 
     steps = spec.training.steps
     progress.phase("evaluating", total=steps, done=steps)
-    scores = evaluate(lm, cartridge, eval_shards, corpus_context(lm, corpus))
+    context = corpus_context(lm, corpus)
+    served: StoredCartridge = cartridge
+    if spec.quantization == "none":
+        scores = evaluate(lm, cartridge, eval_shards, context)
+    else:
+        served = quantize_cartridge(cartridge, spec.quantization)
+        dtype = cartridge.keys[0].dtype
+        scores = evaluate(lm, served.dequantize(dtype), eval_shards, context, unquantized=cartridge)
     store.put_json(workspace.uri(EVAL_FILE), scores)
 
     progress.phase("uploading", total=steps, done=steps)
     artifact = workspace.path("artifact")
     manifest = save_cartridge(
-        cartridge,
+        served,
         artifact,
         lm.fingerprint,
         corpus_digest=corpus.digest,

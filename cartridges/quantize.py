@@ -17,7 +17,7 @@ from torch import Tensor
 QuantFormat = Literal["int8", "fp8"]
 Granularity = Literal["token", "channel"]
 
-_STORAGE_DTYPE: dict[QuantFormat, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+STORAGE_DTYPES: dict[str, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _QMAX: dict[QuantFormat, float] = {"int8": 127.0, "fp8": 448.0}
 
 
@@ -34,7 +34,7 @@ class QuantizedKV:
     granularity: Granularity
 
     def __post_init__(self) -> None:
-        if self.data.dtype not in _STORAGE_DTYPE.values():
+        if self.data.dtype not in STORAGE_DTYPES.values():
             raise ValueError(f"quantized data must be int8 or float8_e4m3fn, got {self.data.dtype}")
         if self.data.dim() != 3:
             raise ValueError(f"quantized data must be [kv_heads, tokens, head_dim], got {tuple(self.data.shape)}")
@@ -53,6 +53,17 @@ class QuantizedKV:
     @property
     def device(self) -> torch.device:
         return self.data.device
+
+    @property
+    def format(self) -> QuantFormat:
+        return "int8" if self.data.dtype == torch.int8 else "fp8"
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def to(self, device: torch.device | str) -> QuantizedKV:
+        return QuantizedKV(self.data.to(device), self.scales.to(device), self.granularity)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The real-valued tensor, as the kernels see it (used by the reference path and by tests)."""

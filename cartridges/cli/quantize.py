@@ -1,0 +1,87 @@
+"""``cartridges quantize``: a promoted cartridge stored again in int8 or fp8, as a new promoted generation."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from cartridges.cli.common import (
+    EXIT_INPUT,
+    CLIError,
+    add_command,
+    check_name,
+    find,
+    human_bytes,
+    next_generation,
+    open_store,
+    print_json,
+    promote,
+    store_options,
+)
+from cartridges.cli.inventory import describe
+
+
+def run(args: argparse.Namespace) -> int:
+    from cartridges import layout
+    from cartridges.artifact import (
+        download_artifact,
+        load_cartridge,
+        quantize_cartridge,
+        save_cartridge,
+        upload_artifact,
+    )
+
+    name = check_name(args.name)
+    store = open_store(args.store)
+    source = find(store, args.store, args.namespace, name)
+    if source.manifest.quantization is not None:
+        raise CLIError(
+            f"{name} generation {source.pointer.generation} is already stored in {source.manifest.dtype}; "
+            "quantize a generation trained without quantization",
+            EXIT_INPUT,
+        )
+    generation = next_generation(store, args.store, args.namespace, name)
+    with tempfile.TemporaryDirectory(prefix="cartridges-quantize-") as tmp:
+        dense_dir, quantized_dir = Path(tmp) / "dense", Path(tmp) / "quantized"
+        download_artifact(store, source.pointer.prefix, dense_dir)
+        dense, manifest = load_cartridge(dense_dir)
+        manifest = save_cartridge(
+            quantize_cartridge(dense, args.format, args.keys, args.values),
+            quantized_dir,
+            manifest.base_model,
+            corpus_digest=manifest.corpus_digest,
+            training={**manifest.training, "quantizedFrom": source.pointer.generation},
+        )  # no metrics: the source's scores are not this cartridge's; `cartridges eval` measures it
+        upload_artifact(store, quantized_dir, layout.generation_prefix(args.store, args.namespace, name, generation))
+    promote(store, args.store, args.namespace, name, generation, manifest)
+    stored = find(store, args.store, args.namespace, name)
+    if args.json:
+        print_json({**describe(stored), "quantizedFrom": source.pointer.generation})
+        return 0
+    print(
+        f"{name}: generation {generation} is generation {source.pointer.generation} in {args.format} "
+        f"({human_bytes(source.manifest.file_bytes)} -> {human_bytes(manifest.file_bytes)}); "
+        f"`cartridges eval {name} --qa FILE` measures what it costs"
+    )
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands,
+        "quantize",
+        summary="store a promoted cartridge in int8 or fp8 as a new generation",
+        description="Quantize the promoted generation of a cartridge (absmax scales, keys per channel and values "
+        "per token by default) and promote the result as a new generation: one byte per element, half the "
+        "bytes of bf16 to store and for the attention kernels to read, which dequantize on load. For a local "
+        "store; in a cluster set spec.quantization on the Cartridge, so the trainer stores and scores it.",
+        examples=("cartridges quantize handbook", "cartridges quantize handbook --format fp8 --json"),
+        parents=[store_options()],
+    )
+    parser.add_argument("name", help="the cartridge to quantize")
+    parser.add_argument("--format", choices=["int8", "fp8"], default="int8", help="stored format (default: int8)")
+    parser.add_argument("--keys", choices=["channel", "token"], default="channel", help="key scales (default: channel)")
+    parser.add_argument("--values", choices=["token", "channel"], default="token", help="value scales (default: token)")
+    parser.add_argument("--json", action="store_true", help="print the new generation as JSON")
+    parser.set_defaults(func=run)
