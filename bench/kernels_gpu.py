@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import json
 import os
 import statistics
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)",
+        "versions": {"torch": torch.__version__, "triton": importlib.metadata.version("triton")},
         "copy_bandwidth_gbps": copy_gbps,
         "timing": "kernel_ms (fused decode kernel), multi_launch_ms (the path it replaced), per_request_ms and "
         "reference_ms: median CUDA-graph replay of a step over all layers; kernel_eager_ms: the kernel's step "

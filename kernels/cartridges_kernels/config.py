@@ -81,7 +81,7 @@ SWEEP_CONFIGS = (
     KernelConfig(64, 64, 4, 3),
     KernelConfig(64, 64, 8, 3),
     KernelConfig(128, 64, 8, 3),
-    KernelConfig(32, 64, 2, 3),
+    KernelConfig(32, 64, 4, 3),
     KernelConfig(16, 64, 4, 3),
     KernelConfig(16, 128, 4, 3),
 )
