@@ -133,11 +133,6 @@ class QuantizedCartridge(_Layers):
     def nbytes(self) -> int:
         return sum(x.nbytes for x in (*self.keys, *self.values))
 
-    def to(self, device: torch.device | str) -> QuantizedCartridge:
-        return QuantizedCartridge(
-            [k.to(device) for k in self.keys], [v.to(device) for v in self.values], self.frozen_tokens
-        )
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Cartridge:
         return Cartridge(
             [k.dequantize(dtype) for k in self.keys], [v.dequantize(dtype) for v in self.values], self.frozen_tokens
@@ -148,7 +143,7 @@ def quantize_cartridge(
     cartridge: Cartridge, fmt: QuantFormat, keys: Granularity = "channel", values: Granularity = "token"
 ) -> QuantizedCartridge:
     """Absmax-quantize every layer. Per-channel scales suit keys (RoPE leaves outlier channels), per-token scales
-    suit values; bench/quantization.py measures what each choice costs in answer NLL."""
+    suit values; ``bench/quality.py --formats`` measures the answer-NLL cost of the defaults."""
     return QuantizedCartridge(
         [quantize_kv(k, fmt, keys) for k in cartridge.keys],
         [quantize_kv(v, fmt, values) for v in cartridge.values],

@@ -62,9 +62,6 @@ class QuantizedKV:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
 
-    def to(self, device: torch.device | str) -> QuantizedKV:
-        return QuantizedKV(self.data.to(device), self.scales.to(device), self.granularity)
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The real-valued tensor, as the kernels see it (used by the reference path and by tests)."""
         scales = self.scales.unsqueeze(-1) if self.granularity == "token" else self.scales.unsqueeze(1)
