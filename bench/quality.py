@@ -12,9 +12,10 @@ pairs (qa.jsonl, never used in training), with SmolLM2-135M-Instruct, every cond
 
 Scores: answer NLL per token counting the end-of-turn token and without it, greedy exact-match and contains
 accuracy, and recovered = (NLL_none - NLL_x) / (NLL_none - NLL_icl) (without the end token; ``_eos`` with it).
-Synthesis does not depend on p (the teacher reads the chunk, never the cartridge): it runs once, and its shards are
-copied into every other generation, which the trainer then finds and skips. A generation already trained in
-``--workdir`` is not trained again, so a rerun there only scores. Writes ``quality.json`` and ``quality.png``::
+Synthesis does not depend on p (the teacher reads the chunk, never the cartridge): it runs once, and the trainer
+copies its shards into every later generation (``cartridges_trainer.synthesis.adopt_synthesis``). A generation
+already trained in ``--workdir`` is not trained again, so a rerun there only scores. Writes ``quality.json`` and
+``quality.png``::
 
     python bench/quality.py --threads 2
     python bench/quality.py --workdir DIR --formats int8 fp8 --out bench/results/quantization.json  # rescore DIR
@@ -51,7 +52,6 @@ from cartridges_trainer.batching import Conversation, pack, target_logprobs
 from cartridges_trainer.corpus import load_corpus
 from cartridges_trainer.distill import initial_cartridge
 from cartridges_trainer.prompts import render, system_prompt
-from cartridges_trainer.synthesis import SYNTH_FOLDER
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "quality"
@@ -129,12 +129,6 @@ def score(lm: LoadedModel, prefix: Cartridge | None, questions: list[Question]) 
     }
 
 
-def _copy_synthesis(store: Store, source: str, target: str) -> None:
-    """Put the stored synthesis shards of one generation into another, so its trainer skips synthesis."""
-    for uri in store.list(f"{source}/{SYNTH_FOLDER}"):
-        store.put_bytes(target + uri[len(source) :], store.get_bytes(uri))
-
-
 def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> None:
     """Score every condition, calling ``save`` with the results so far after each size p."""
     started = time.monotonic()
@@ -200,11 +194,6 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> Non
             corpus_description=DESCRIPTION,
             spec=spec,
         )
-        if first is not None:
-            _copy_synthesis(store, first.output_prefix, config.output_prefix)
-        elif args.synthesis_from:  # generation = p in this benchmark
-            source = config.model_copy(update={"generation": args.synthesis_from})
-            _copy_synthesis(store, source.output_prefix, config.output_prefix)
         train(config, store, options=options, model=lm)
         local = Path(tempfile.mkdtemp(prefix="quality-"))
         download_artifact(store, config.output_prefix, local)
@@ -346,8 +335,8 @@ def main() -> None:
         "--synthesis-from",
         type=int,
         metavar="P",
-        help="reuse the synthesis of size P's run in the same --workdir (a second process beside it, sharing its "
-        "shards) and merge this run's rows into --out",
+        help="a second process beside size P's run in the same --workdir: the trainer copies that run's shards, so "
+        "this run reports no synthesis figures, and its rows are merged into --out",
     )
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)

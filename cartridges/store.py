@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.error import S3Error
 
 from cartridges.hashing import sha256_bytes, sha256_file
@@ -142,6 +143,7 @@ class _Backend(Protocol):
     def stat(self, uri: StoreURI) -> ObjectInfo: ...
     def list(self, prefix: StoreURI) -> Iterator[StoreURI]: ...
     def children(self, prefix: StoreURI) -> Iterator[str]: ...
+    def copy(self, source: StoreURI, target: StoreURI) -> None: ...
     def delete(self, uri: StoreURI) -> None: ...
     def ensure_bucket(self, uri: StoreURI) -> None: ...
 
@@ -202,6 +204,9 @@ class _FileBackend:
             stored = not path.name.startswith(".tmp-") if path.is_file() else any(p.is_file() for p in path.rglob("*"))
             if stored:
                 yield path.name
+
+    def copy(self, source: StoreURI, target: StoreURI) -> None:
+        self.put_file(target, self._existing(source), "")
 
     def delete(self, uri: StoreURI) -> None:
         self._path(uri).unlink(missing_ok=True)
@@ -271,6 +276,10 @@ class _S3Backend:
         for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=False):
             if obj.object_name:
                 yield obj.object_name[len(directory) :].rstrip("/")
+
+    def copy(self, source: StoreURI, target: StoreURI) -> None:
+        """Server-side: the bytes never leave the store, and the recorded sha256 (user metadata) goes along."""
+        self.client.copy_object(target.bucket, target.key, CopySource(source.bucket, source.key))
 
     def delete(self, uri: StoreURI) -> None:
         self.client.remove_object(uri.bucket, uri.key)
@@ -400,6 +409,13 @@ class Store:
         backend = self._backend(parsed)
         listed: list[str] = self._call(parsed, lambda: [str(u) for u in backend.list(parsed)])
         return listed
+
+    def copy(self, source: str, target: str) -> None:
+        """Copy one object within the store (server-side on S3) with its recorded sha256."""
+        source_uri, target_uri = StoreURI.parse(source), StoreURI.parse(target)
+        if source_uri.scheme != target_uri.scheme:
+            raise StoreError(f"cannot copy between stores of different kinds (to {target})", source)
+        self._call(source_uri, self._backend(source_uri).copy, source_uri, target_uri)
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under the directory ``prefix``; returns how many were deleted."""

@@ -60,6 +60,16 @@ def test_children_are_the_names_one_level_down(store_and_root: tuple[Store, str]
     assert store.children(f"{root}/absent") == []
 
 
+def test_copy_keeps_bytes_and_recorded_sha256(store_and_root: tuple[Store, str]) -> None:
+    store, root = store_and_root
+    info = store.put_bytes(f"{root}/g1/synth/shard", b"shard bytes")
+    store.copy(f"{root}/g1/synth/shard", f"{root}/g2/synth/shard")
+    assert store.get_bytes(f"{root}/g2/synth/shard", expected_sha256=info.sha256) == b"shard bytes"
+    assert store.stat(f"{root}/g2/synth/shard").sha256 == info.sha256
+    with pytest.raises(ObjectNotFound):
+        store.copy(f"{root}/g1/absent", f"{root}/g2/absent")
+
+
 def test_prune_keeps_the_newest_generations_up_to_the_promoted_one(store_and_root: tuple[Store, str]) -> None:
     store, root = store_and_root
     for generation in range(1, 7):  # 6 is training: newer than the promoted 5

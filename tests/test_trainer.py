@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -359,6 +359,33 @@ def test_quantized_generation_is_stored_and_scored_as_served(
     assert scores["iclGainRecovered"] == pytest.approx((scores["noContext"] - scores["cartridge"]) / gain)
 
 
+def test_a_new_generation_reuses_the_synthesis_of_one_made_from_the_same_inputs(
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only p and steps change from generation 1 to 2: its shards are copied, not synthesized again. A change to
+    selfStudy (generation 3) synthesizes anew."""
+    store = Store()
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
+    first = make_config(file_store_root, corpus)
+    train(first, store, options=OPTIONS, model=tiny_model)
+    made: list[str] = []
+    real = synthesis_module.synthesize_shard
+
+    def counting(*args: Any) -> Shard:
+        made.append(str(args[4]))
+        return real(*args)
+
+    monkeypatch.setattr(synthesis_module, "synthesize_shard", counting)
+    resized = make_config(file_store_root, corpus, size=32, steps=2).model_copy(update={"generation": 2})
+    manifest = train(resized, store, options=OPTIONS, model=tiny_model)
+    assert made == [] and manifest.training["synthesis_from"] == first.output_prefix
+    for name in ("synth/train-00000.safetensors", "synth/eval-00000.safetensors", "synth/inputs.json"):
+        assert store.get_bytes(f"{resized.output_prefix}/{name}") == store.get_bytes(f"{first.output_prefix}/{name}")
+    restudied = make_config(file_store_root, corpus, conversations=4).model_copy(update={"generation": 3})
+    assert train(restudied, store, options=OPTIONS, model=tiny_model).training["synthesis_from"] is None
+    assert len(made) == 1 + OPTIONS.eval_shards  # 4 conversations in one shard, plus the held-out shard
+
+
 @pytest.mark.minio
 def test_train_end_to_end_into_minio(
     tiny_model: LoadedModel, s3_prefix: str, minio_server: MinioServer, tmp_path: Path
@@ -387,7 +414,8 @@ def test_restart_skips_finished_shards_and_steps(
     monkeypatch.setattr(synthesis_module, "synthesize_shard", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(config, store, options=OPTIONS, model=tiny_model)
-    kept, corrupt = (Path(StoreURI.parse(u).key) for u in store.list(f"{config.output_prefix}/synth"))
+    shards = [u for u in store.list(f"{config.output_prefix}/synth") if u.endswith(".safetensors")]
+    kept, corrupt = (Path(StoreURI.parse(u).key) for u in shards)
     assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
     corrupt.write_bytes(b"half a shard")
     kept_mtime = kept.stat().st_mtime_ns

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cartridges import layout
 from cartridges.artifact import (
     MANIFEST_FILE,
     CartridgeManifest,
@@ -22,14 +23,14 @@ from cartridges.contract import TrainerConfig
 from cartridges.layout import EVAL_FILE
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model
 from cartridges.store import Store
-from cartridges_trainer.corpus import load_corpus
+from cartridges_trainer.corpus import Corpus, load_corpus
 from cartridges_trainer.distill import distill, initial_cartridge
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
-from cartridges_trainer.synthesis import corpus_context, synthesize
+from cartridges_trainer.synthesis import adopt_synthesis, corpus_context, synthesis_inputs, synthesize
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,33 @@ def _load_model(config: TrainerConfig, store: Store, world: World) -> LoadedMode
         )
     except ModelLoadError as err:
         raise InputError(str(err)) from err
+
+
+def _adopt_earlier_synthesis(
+    config: TrainerConfig,
+    store: Store,
+    lm: LoadedModel,
+    corpus: Corpus,
+    options: TrainerOptions,
+    workspace: Workspace,
+    world: World,
+) -> str | None:
+    """Rank 0 copies the shards of the newest earlier generation of this cartridge made from the same inputs (a
+    change of p, training or quantization needs no new synthesis); the other ranks wait for it."""
+    reused = None
+    if world.is_main:
+        generations = layout.stored_generations(store, config.store_root, config.namespace, config.cartridge)
+        earlier = [
+            layout.generation_prefix(config.store_root, config.namespace, config.cartridge, g)
+            for g in reversed(generations)
+            if g != config.generation
+        ]
+        inputs = synthesis_inputs(lm, corpus, config.spec.selfStudy, options)
+        reused = adopt_synthesis(store, workspace, inputs, earlier)
+        if reused:
+            log.info("synthesis shards copied from %s (same model, corpus and selfStudy)", reused)
+    world.barrier()
+    return reused
 
 
 def train(
@@ -112,6 +140,7 @@ def _run(
     init = initial_cartridge(lm, corpus, spec, options.seed)
 
     started = time.monotonic()
+    reused = _adopt_earlier_synthesis(config, store, lm, corpus, options, workspace, world)
     train_shards, eval_shards = synthesize(lm, corpus, spec.selfStudy, options, workspace, progress, world)
     synthesis_rate = progress.progress.tokens_per_s  # None when every shard was already stored
     stats: dict[str, float | int | None] = {"synthesis_seconds": time.monotonic() - started}
@@ -143,7 +172,13 @@ def _run(
         artifact,
         lm.fingerprint,
         corpus_digest=corpus.digest,
-        training={"spec": spec.model_dump(mode="json"), "options": options.model_dump(), **stats, **rates},
+        training={
+            "spec": spec.model_dump(mode="json"),
+            "options": options.model_dump(),
+            "synthesis_from": reused,
+            **stats,
+            **rates,
+        },
         metrics=scores,
     )
     upload_artifact(store, artifact, workspace.prefix)

@@ -6,16 +6,22 @@ come from the facts of a window of the corpus (:mod:`cartridges_trainer.grounded
 corpus when it fits the model (what ICL and so the cartridge stand for), and the whole user turn is distilled too.
 One shard = one context and a batch of conversations about it, made together (batched generation, the context read
 once). Shards are named by index and seeded by name, so a restart skips what the store holds and regenerates the
-rest identically.
+rest identically. ``synth/inputs.json`` records what the shards depend on (model, corpus, selfStudy, the synthesis
+options; not p, initialization or training): a new generation that differs only elsewhere copies the shards of
+an earlier one instead of synthesizing again (:func:`adopt_synthesis`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -25,7 +31,7 @@ from cartridges.api import SelfStudy
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import forward_with_cartridge, prefix_cartridge
 from cartridges.models import LoadedModel
-from cartridges.store import IntegrityError
+from cartridges.store import IntegrityError, ObjectNotFound, Store
 from cartridges_trainer.batching import Conversation
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.grounded import grounded_tasks
@@ -37,6 +43,7 @@ from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
 SYNTH_FOLDER = "synth"
+INPUTS_FILE = f"{SYNTH_FOLDER}/inputs.json"
 TEACHER_BATCH = 8
 
 
@@ -260,6 +267,42 @@ def _stored_shard(workspace: Workspace, name: str, stored: set[str]) -> Shard | 
         return None
 
 
+def synthesis_inputs(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions) -> dict[str, Any]:
+    """Everything the shards depend on, with its sha256 as ``key``: equal keys, interchangeable shards."""
+    inputs = {
+        "model": lm.fingerprint.model_dump(mode="json"),
+        "corpus": {"digest": corpus.digest, "description": corpus.description},
+        "selfStudy": study.model_dump(mode="json"),
+        "options": options.model_dump(
+            include={"synthesis_batch_size", "max_question_tokens", "max_answer_tokens", "eval_shards", "seed"}
+        ),
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return {"key": key, **inputs}
+
+
+def adopt_synthesis(store: Store, workspace: Workspace, inputs: dict[str, Any], earlier: Sequence[str]) -> str | None:
+    """Copy (server-side) the shards of the first of the ``earlier`` generation prefixes synthesized from the same
+    inputs into this generation, unless it has shards of its own; returns the prefix copied from.
+
+    A shard is a function of the inputs and its name, so an earlier generation's partial set is as good: what is
+    missing is synthesized as after a restart."""
+    if workspace.names(SYNTH_FOLDER):
+        return None
+    for prefix in earlier:
+        try:
+            if store.get_json(f"{prefix}/{INPUTS_FILE}").get("key") != inputs["key"]:
+                continue
+        except ObjectNotFound:
+            continue
+        for uri in store.list(f"{prefix}/{SYNTH_FOLDER}"):
+            if not uri.endswith(INPUTS_FILE):
+                store.copy(uri, workspace.uri(uri[len(prefix) + 1 :]))
+        store.put_json(workspace.uri(INPUTS_FILE), inputs)
+        return prefix
+    return None
+
+
 def synthesize(
     lm: LoadedModel,
     corpus: Corpus,
@@ -279,6 +322,8 @@ def synthesize(
             shards[name] = shard
     missing = [name for name in names if name not in shards]
     progress.phase("synthesizing", total=len(names), done=len(shards))
+    if world.is_main and INPUTS_FILE not in stored:  # written before any new shard: what they are made from
+        workspace.store.put_json(workspace.uri(INPUTS_FILE), synthesis_inputs(lm, corpus, study, options))
     teacher = TeacherContext(lm)
     for made, name in enumerate(missing[world.rank :: world.size], start=1):
         shards[name] = synthesize_shard(lm, corpus, study, options, name, teacher)
