@@ -19,8 +19,8 @@ MIN_SIZE, MAX_SIZE = 16, 65536
 TRAINING_FIELDS = (
     "corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training", "quantization",
 )  # fmt: skip
-DEFAULT_KEEP_GENERATIONS = 3
-StorageQuantization = Literal["none", "int8", "fp8"]  # the promoted generation and the two before it
+DEFAULT_KEEP_GENERATIONS = 3  # the promoted generation and the two before it
+StorageQuantization = Literal["none", "int8", "fp8"]
 
 
 def cel(*rules: tuple[str, str]) -> dict[str, Any]:

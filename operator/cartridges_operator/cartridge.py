@@ -264,10 +264,10 @@ def _prune(run: Pass, promoted: int) -> None:
     try:
         deleted = layout.prune_generations(run.store, run.config.store_root, run.namespace, run.name, promoted, keep)
     except StoreError as err:
-        LOG.warning(f"Cartridge {run.namespace}/{run.name}: cannot delete old generations yet: {err}")
+        LOG.warning("Cartridge %s/%s: cannot delete old generations yet: %s", run.namespace, run.name, err)
         return
     if deleted:
-        LOG.info(f"Cartridge {run.namespace}/{run.name}: deleted generations {deleted} (keepGenerations {keep})")
+        LOG.info("Cartridge %s/%s: deleted generations %s (keepGenerations %d)", run.namespace, run.name, deleted, keep)
 
 
 def _serve(run: Pass) -> dict[str, Any]:
