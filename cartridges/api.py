@@ -19,7 +19,6 @@ MIN_SIZE, MAX_SIZE = 16, 65536
 TRAINING_FIELDS = (
     "corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training", "quantization",
 )  # fmt: skip
-DEFAULT_KEEP_GENERATIONS = 3  # the promoted generation and the two before it
 StorageQuantization = Literal["none", "int8", "fp8"]
 
 
@@ -226,12 +225,13 @@ class CartridgeSpec(Spec):
         "cartridge (status.evaluation.cartridgeUnquantized: before quantization); a change trains a new generation",
     )
     retention: Literal["Delete", "Retain"] = Field(default="Retain", description="what deletion does to artifacts")
-    keepGenerations: int = Field(
-        default=DEFAULT_KEEP_GENERATIONS,
-        ge=1,
+    keepGenerations: int | None = Field(
+        default=None,
+        ge=2,
         le=1000,
-        description="training generations kept in the store, the promoted one included; older ones (their "
-        "synthesized data, checkpoints and artifacts) are deleted once a newer one is promoted",
+        description="trained generations kept in the store: the promoted one and the newest before it; every other "
+        "generation up to the promoted one (synthesized data, checkpoints, artifact; failed ones too) is deleted, "
+        "and its Job. At least 2, so replicas still loading the previous one find it. Unset: all are kept",
     )
     suspend: bool = False
 

@@ -53,12 +53,15 @@ def stored_generations(store: Store, root: str, namespace: str, cartridge: str) 
 
 
 def prune_generations(store: Store, root: str, namespace: str, cartridge: str, promoted: int, keep: int) -> list[int]:
-    """Delete every generation older than the newest ``keep`` up to the promoted one; returns those deleted.
+    """Keep the promoted generation and the newest ``keep - 1`` trained ones before it (those with a manifest);
+    delete every other generation older than the promoted one, failed ones included. Returns those deleted.
 
-    Generations newer than ``promoted`` (one training now) are never touched, nor is ``promoted`` itself.
+    Generations newer than ``promoted`` (one training now, or one the quality gate held back) are never touched.
     """
-    oldest_kept = promoted - max(keep, 1) + 1
-    doomed = [g for g in stored_generations(store, root, namespace, cartridge) if g < oldest_kept]
+    older = [g for g in stored_generations(store, root, namespace, cartridge) if g < promoted]
+    trained = [g for g in older if store.exists(f"{generation_prefix(root, namespace, cartridge, g)}/{MANIFEST_FILE}")]
+    kept = set(trained[-(keep - 1) :]) if keep > 1 else set()
+    doomed = [g for g in older if g not in kept]
     for generation in doomed:
         store.delete_prefix(generation_prefix(root, namespace, cartridge, generation))
     return doomed

@@ -212,13 +212,16 @@ def test_quantize_promotes_an_int8_generation_that_eval_reads(
 ) -> None:
     store = f"file://{tmp_path / 'store'}"
     argv = ["train", "dense", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2"]
-    assert cli(capsys, *argv)[0] == 0
+    code, out, _ = cli(capsys, *argv, "--json")
+    dense_bytes = json.loads(out)["bytes"]
     code, out, _ = cli(capsys, "quantize", "dense", "--store", store, "--json")
     info = json.loads(out)
     assert code == 0 and info["generation"] == 2 and info["quantizedFrom"] == 1 and info["dtype"] == "int8"
+    assert info["bytes"] < dense_bytes / 2  # one byte per element (plus scales) instead of four
     code, out, _ = cli(capsys, "ls", "--store", store, "--json")
-    (listed,) = json.loads(out)
-    assert listed["generation"] == 2 and listed["bytes"] < info["bytes"] * 4  # stored: one byte per element
+    assert [(c["generation"], c["dtype"]) for c in json.loads(out)] == [(2, "int8")]
+    code, out, _ = cli(capsys, *argv, "--quantization", "int8", "--json")  # what it holds: nothing to train
+    assert code == 0 and json.loads(out)["trained"] is False
     code, _, err = cli(capsys, "quantize", "dense", "--store", store, "--format", "fp8")
     assert code == EXIT_INPUT and "already stored in int8" in err
     one_line_error(err)

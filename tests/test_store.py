@@ -70,15 +70,20 @@ def test_copy_keeps_bytes_and_recorded_sha256(store_and_root: tuple[Store, str])
         store.copy(f"{root}/g1/absent", f"{root}/g2/absent")
 
 
-def test_prune_keeps_the_newest_generations_up_to_the_promoted_one(store_and_root: tuple[Store, str]) -> None:
+def test_prune_keeps_the_promoted_and_the_newest_trained_generations_before_it(
+    store_and_root: tuple[Store, str],
+) -> None:
     store, root = store_and_root
-    for generation in range(1, 7):  # 6 is training: newer than the promoted 5
-        store.put_bytes(f"{layout.generation_prefix(root, 'ns', 'c', generation)}/synth/shard-0", b"x")
-    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=2) == [1, 2, 3]
-    assert layout.stored_generations(store, root, "ns", "c") == [4, 5, 6]
-    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=2) == []  # idempotent
-    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=1) == [4]
-    assert layout.stored_generations(store, root, "ns", "c") == [5, 6]
+    for generation in range(1, 8):  # 3 and 4 failed (no manifest); 6 failed the quality gate; 7 is training
+        prefix = layout.generation_prefix(root, "ns", "c", generation)
+        store.put_bytes(f"{prefix}/synth/shard-0", b"x")
+        if generation not in (3, 4, 7):
+            store.put_bytes(f"{prefix}/{layout.MANIFEST_FILE}", b"{}")
+    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=3) == [3, 4]  # failed ones go
+    assert layout.stored_generations(store, root, "ns", "c") == [1, 2, 5, 6, 7]
+    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=3) == []  # idempotent
+    assert layout.prune_generations(store, root, "ns", "c", promoted=5, keep=2) == [1]  # 2 is the newest trained
+    assert layout.stored_generations(store, root, "ns", "c") == [2, 5, 6, 7]
 
 
 def test_missing_object_names_the_uri(store_and_root: tuple[Store, str]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cartridges import api, layout
+from cartridges import layout
 from cartridges.manifest import MANIFEST_FILE, CartridgeManifest
 from cartridges.paths import cache_dir
 from cartridges.store import ObjectNotFound, Store, StoreURI
@@ -188,14 +188,15 @@ def promote(
     name: str,
     generation: int,
     manifest: CartridgeManifest,
-    keep: int = api.DEFAULT_KEEP_GENERATIONS,
+    keep: int | None = None,
 ) -> None:
-    """Point ``current.json`` at a verified generation and keep the newest ``keep`` generations, as the operator
-    does."""
+    """Point ``current.json`` at a verified generation and, with ``keep``, delete the generations it does not keep,
+    as the operator does."""
     prefix = layout.generation_prefix(root, namespace, name, generation)
     pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
     store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
-    layout.prune_generations(store, root, namespace, name, generation, keep)
+    if keep is not None:
+        layout.prune_generations(store, root, namespace, name, generation, keep)
 
 
 def print_json(value: Any) -> None:

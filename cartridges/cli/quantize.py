@@ -46,12 +46,15 @@ def run(args: argparse.Namespace) -> int:
         dense_dir, quantized_dir = Path(tmp) / "dense", Path(tmp) / "quantized"
         download_artifact(store, source.pointer.prefix, dense_dir)
         dense, manifest = load_cartridge(dense_dir)
+        training = {**manifest.training, "quantizedFrom": source.pointer.generation}
+        if spec := manifest.training.get("spec"):  # as if trained with spec.quantization (`train` compares it)
+            training["spec"] = {**spec, "quantization": args.format}
         manifest = save_cartridge(
             quantize_cartridge(dense, args.format, args.keys, args.values),
             quantized_dir,
             manifest.base_model,
             corpus_digest=manifest.corpus_digest,
-            training={**manifest.training, "quantizedFrom": source.pointer.generation},
+            training=training,
         )  # no metrics: the source's scores are not this cartridge's; `cartridges eval` measures it
         upload_artifact(store, quantized_dir, layout.generation_prefix(args.store, args.namespace, name, generation))
     promote(store, args.store, args.namespace, name, generation, manifest)

@@ -257,15 +257,20 @@ def _promote(run: Pass, trainer: TrainerConfig) -> None:
 
 
 def _prune(run: Pass, promoted: int) -> None:
-    """Keep the newest ``keepGenerations`` up to the promoted one; checked every pass (one small listing), so a
-    delete that failed, or a lowered keepGenerations, is acted on in the next pass. A store that refuses deletes
-    costs space, never serving: the failure is logged, not put in the Ready condition."""
+    """With ``keepGenerations`` set, delete the generations it does not keep, and their Jobs (a superseded one may
+    still run). Checked every pass (one small listing), so a delete that failed, or a lowered keepGenerations, is
+    acted on in the next pass. A store that refuses deletes costs space, never serving: the failure is logged, not
+    put in the Ready condition."""
     keep = run.spec.keepGenerations
+    if keep is None:
+        return
     try:
         deleted = layout.prune_generations(run.store, run.config.store_root, run.namespace, run.name, promoted, keep)
     except StoreError as err:
         LOG.warning("Cartridge %s/%s: cannot delete old generations yet: %s", run.namespace, run.name, err)
         return
+    for generation in deleted:
+        kube.delete_job(run.namespace, manifests.job_name(run.name, generation))
     if deleted:
         LOG.info("Cartridge %s/%s: deleted generations %s (keepGenerations %d)", run.namespace, run.name, deleted, keep)
 

@@ -103,6 +103,15 @@ def create_job(body: dict[str, Any]) -> None:
             raise
 
 
+def delete_job(namespace: str, name: str) -> None:
+    """Delete a Job and its pods if it exists (a pruned generation's: finished, or superseded and still running)."""
+    try:
+        batch().delete_namespaced_job(name, namespace, propagation_policy="Background")
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
 def set_job_suspended(namespace: str, name: str, suspend: bool) -> None:
     batch().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 

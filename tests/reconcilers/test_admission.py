@@ -42,7 +42,7 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ("bad-digest-pin", "cartridges", {**CARTRIDGE, "corpusRefs": [{"name": "c", "digest": "xyz"}]}, "digest"),
     ("bad-retention", "cartridges", {**CARTRIDGE, "retention": "Sometimes"}, "Unsupported value"),
     ("bad-quantization", "cartridges", {**CARTRIDGE, "quantization": "int4"}, "Unsupported value"),
-    ("keep-no-generation", "cartridges", {**CARTRIDGE, "keepGenerations": 0}, "keepGenerations"),
+    ("keep-one-generation", "cartridges", {**CARTRIDGE, "keepGenerations": 1}, "keepGenerations"),
     ("two-source-kinds", "corpora", {"description": "d", "sources": [{"inline": "x", "configMap": TWO}]},
      "exactly one of inline, configMap, object, http"),
     ("no-source-kind", "corpora", {"description": "d", "sources": [{"name": "empty"}]}, "exactly one of"),

@@ -125,7 +125,9 @@ def test_failed_new_generation_keeps_the_previous_one_promoted(operator_env: Ope
     assert pointer["generation"] == 1
 
 
-def test_generations_beyond_keep_generations_are_deleted(operator_env: OperatorEnv) -> None:
+def test_generations_beyond_keep_generations_are_deleted_with_their_jobs(operator_env: OperatorEnv) -> None:
+    """Unset, keepGenerations keeps every generation (as before it existed); set, it deletes the rest at once,
+    without retraining, and their Jobs."""
     env = operator_env
 
     def stored() -> list[int]:
@@ -136,13 +138,14 @@ def test_generations_beyond_keep_generations_are_deleted(operator_env: OperatorE
         return bool(pointer["generation"] == generation)
 
     env.create("corpora", "churn", {"description": "d", "sources": [{"inline": "Fact one."}]})
-    env.create("cartridges", "churn", cartridge_spec("churn", keepGenerations=2))
+    env.create("cartridges", "churn", cartridge_spec("churn"))
     env.wait_condition("cartridges", "churn", "Ready", "True")
     for generation, text in ((2, "Fact two."), (3, "Fact three.")):
         env.patch_spec("corpora", "churn", {"sources": [{"inline": text}]})
         wait_for(f"generation {generation} promoted", functools.partial(promoted, generation), 60)
+    assert stored() == [1, 2, 3] and jobs(env, "churn") == ["churn-g1", "churn-g2", "churn-g3"]
+    env.patch_spec("cartridges", "churn", {"keepGenerations": 2})
     wait_for("generation 1 deleted", lambda: stored() == [2, 3], 30)
-    env.patch_spec("cartridges", "churn", {"keepGenerations": 1})  # no retraining: only what is kept changes
-    wait_for("generation 2 deleted", lambda: stored() == [3], 30)
-    assert status(env, "churn")["generation"] == 3 and jobs(env, "churn")[-1] == "churn-g3"
+    wait_for("its Job deleted", lambda: jobs(env, "churn") == ["churn-g2", "churn-g3"], 30)
+    assert status(env, "churn")["generation"] == 3  # nothing retrained
     assert env.store.exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'churn', 3)}/manifest.json")

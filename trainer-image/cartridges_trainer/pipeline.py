@@ -82,7 +82,7 @@ def _adopt_earlier_synthesis(
         earlier = [
             layout.generation_prefix(config.store_root, config.namespace, config.cartridge, g)
             for g in reversed(generations)
-            if g != config.generation
+            if g < config.generation
         ]
         inputs = synthesis_inputs(lm, corpus, config.spec.selfStudy, options)
         reused = adopt_synthesis(store, workspace, inputs, earlier)

@@ -44,6 +44,7 @@ from cartridges_trainer.workspace import Workspace
 log = logging.getLogger(__name__)
 SYNTH_FOLDER = "synth"
 INPUTS_FILE = f"{SYNTH_FOLDER}/inputs.json"
+SYNTHESIS_VERSION = 1  # bump when this module's shards change for the same inputs: older ones are then not reused
 TEACHER_BATCH = 8
 
 
@@ -270,6 +271,7 @@ def _stored_shard(workspace: Workspace, name: str, stored: set[str]) -> Shard | 
 def synthesis_inputs(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions) -> dict[str, Any]:
     """Everything the shards depend on, with its sha256 as ``key``: equal keys, interchangeable shards."""
     inputs = {
+        "version": SYNTHESIS_VERSION,
         "model": lm.fingerprint.model_dump(mode="json"),
         "corpus": {"digest": corpus.digest, "description": corpus.description},
         "selfStudy": study.model_dump(mode="json"),
@@ -322,7 +324,8 @@ def synthesize(
             shards[name] = shard
     missing = [name for name in names if name not in shards]
     progress.phase("synthesizing", total=len(names), done=len(shards))
-    if world.is_main and INPUTS_FILE not in stored:  # written before any new shard: what they are made from
+    if world.is_main and not stored:
+        # every shard will be made by this code from these inputs (a set begun by an older version stays unlabelled)
         workspace.store.put_json(workspace.uri(INPUTS_FILE), synthesis_inputs(lm, corpus, study, options))
     teacher = TeacherContext(lm)
     for made, name in enumerate(missing[world.rank :: world.size], start=1):
