@@ -41,6 +41,9 @@ class TrainerConfig(BaseModel):
     corpus_prefixes: list[str] = Field(min_length=1, description="store prefixes of the corpus versions to study")
     corpus_description: str
     spec: api.CartridgeSpec
+    training_hash: str = Field(
+        default="", description="the operator's hash of the training inputs, recorded in the manifest it checks"
+    )
 
     @property
     def output_prefix(self) -> str:

@@ -146,6 +146,7 @@ def _current_generation(run: Pass, corpora: list[tuple[str, str, str]]) -> Train
         corpus_prefixes=[layout.corpus_prefix(run.config.store_root, run.namespace, n, d) for n, d, _ in corpora],
         corpus_description=" ".join(desc for _, _, desc in corpora),
         spec=run.spec,
+        training_hash=training_hash,
     )
 
 
@@ -199,6 +200,9 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
         problem = ""
         if tensors.sha256 != manifest.file_sha256:
             problem = f"{TENSORS_FILE} sha256 {tensors.sha256} does not match the manifest's {manifest.file_sha256}"
+        elif manifest.training.get("training_hash") not in (None, trainer.training_hash):  # None: trained before
+            _move_past_stored_generations(run, trainer)  # hashes were recorded
+            return False
         elif manifest.p != run.spec.size:
             problem = f"artifact has p={manifest.p}, spec.size is {run.spec.size}"
     if problem:
@@ -217,6 +221,22 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
     run.condition("Trained", True, "ArtifactVerified", f"generation {trainer.generation}: {uri}")
     _record_evaluation(run, prefix)
     return True
+
+
+def _move_past_stored_generations(run: Pass, trainer: TrainerConfig) -> None:
+    """The generation's prefix held an artifact trained from other inputs, which the trainer took as already done:
+    a Cartridge of this name existed before and its artifacts were retained. Train under the next free number.
+
+    Idempotent: until the status write lands, every pass computes the same number (no Job exists for it yet)."""
+    stored = layout.stored_generations(run.store, run.config.store_root, run.namespace, run.name)
+    generation = max(trainer.generation, *stored) + 1
+    message = (
+        f"generation {trainer.generation} in the store was trained from other inputs (an earlier Cartridge named "
+        f"{run.name}?); training generation {generation}"
+    )
+    run.status.update(generation=generation, progress=None, trainingJob=manifests.job_name(run.name, generation))
+    run.condition("Trained", False, "StaleArtifact", message)
+    run.not_ready("Training", message)
 
 
 def _record_evaluation(run: Pass, prefix: str) -> None:

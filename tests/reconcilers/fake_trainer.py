@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cartridges import layout
-from cartridges.artifact import Cartridge, save_cartridge, upload_artifact
+from cartridges.artifact import MANIFEST_FILE, Cartridge, save_cartridge, upload_artifact
 from cartridges.contract import EXIT_PERMANENT, TrainerConfig
 from cartridges.models import tiny_llama
 from cartridges.store import Store
@@ -23,6 +23,8 @@ def main() -> int:
     config = TrainerConfig.model_validate_json(parser.parse_args().config)
     store = Store.from_env()
     out = config.output_prefix
+    if store.exists(f"{out}/{MANIFEST_FILE}"):  # as the real trainer: a finished generation is not trained again
+        return 0
     documents = [d for prefix in config.corpus_prefixes for d in layout.read_documents(store, prefix)]
     if any("PERMANENT-FAILURE" in d.text for d in documents):
         print("corpus is unusable: it says PERMANENT-FAILURE", file=sys.stderr)
@@ -34,7 +36,8 @@ def main() -> int:
     layers = range(fp.num_layers)
     cartridge = Cartridge([torch.randn(shape) for _ in layers], [torch.randn(shape) for _ in layers])
     with tempfile.TemporaryDirectory() as tmp:
-        save_cartridge(cartridge, Path(tmp), fp, corpus_digest=config.corpus_prefixes[0].rsplit("/", 1)[-1])
+        digest = config.corpus_prefixes[0].rsplit("/", 1)[-1]
+        save_cartridge(cartridge, Path(tmp), fp, corpus_digest=digest, training={"training_hash": config.training_hash})
         upload_artifact(store, Path(tmp), out)
     if any("CORRUPT-ARTIFACT" in d.text for d in documents):
         store.put_bytes(f"{out}/cartridge.safetensors", b"corrupted after upload")

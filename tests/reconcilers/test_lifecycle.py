@@ -149,3 +149,23 @@ def test_generations_beyond_keep_generations_are_deleted_with_their_jobs(operato
     wait_for("its Job deleted", lambda: jobs(env, "churn") == ["churn-g2", "churn-g3"], 30)
     assert status(env, "churn")["generation"] == 3  # nothing retrained
     assert env.store.exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'churn', 3)}/manifest.json")
+
+
+def test_a_recreated_cartridge_never_takes_a_retained_generation_as_its_own(operator_env: OperatorEnv) -> None:
+    """Deleted with retention Retain and applied again with another corpus: the trainer finds g1 already trained,
+    but from other inputs, so the operator trains under the next free number instead of promoting the old one."""
+    env = operator_env
+    env.create("corpora", "first-life", {"description": "d", "sources": [{"inline": "The old facts."}]})
+    env.create("corpora", "second-life", {"description": "d", "sources": [{"inline": "The new facts."}]})
+    env.create("cartridges", "reborn", cartridge_spec("first-life"))
+    env.wait_condition("cartridges", "reborn", "Ready", "True")
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "reborn")
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "reborn") is None, 30)
+    env.create("cartridges", "reborn", cartridge_spec("second-life"))
+    wait_for("generation 2 trained", lambda: status(env, "reborn").get("artifact", {}).get("uri", "").startswith(
+        layout.generation_prefix(env.store_root, env.namespace, "reborn", 2)), 90)  # fmt: skip
+    env.wait_condition("cartridges", "reborn", "Ready", "True")
+    pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "reborn"))
+    manifest = env.store.get_json(f"{pointer['prefix']}/manifest.json")
+    assert pointer["generation"] == 2
+    assert manifest["corpus_digest"] == (env.get("corpora", "second-life") or {})["status"]["digest"]

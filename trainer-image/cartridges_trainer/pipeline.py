@@ -176,6 +176,7 @@ def _run(
             "spec": spec.model_dump(mode="json"),
             "options": options.model_dump(),
             "synthesis_from": reused,
+            "training_hash": config.training_hash,
             **stats,
             **rates,
         },
