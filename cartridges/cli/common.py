@@ -20,7 +20,7 @@ from cartridges.paths import cache_dir
 from cartridges.store import ObjectNotFound, Store, StoreURI
 
 if TYPE_CHECKING:
-    from cartridges.artifact import Cartridge
+    from cartridges.artifact import Cartridge, ModelFingerprint, StoredCartridge
     from cartridges.models import LoadedModel
 
 EXIT_OK = 0
@@ -197,6 +197,29 @@ def promote(
     store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
     if keep is not None:
         layout.prune_generations(store, root, namespace, name, generation, keep)
+
+
+def publish_generation(
+    store: Store,
+    root: str,
+    namespace: str,
+    name: str,
+    cartridge: StoredCartridge,
+    base_model: ModelFingerprint,
+    training: dict[str, Any],
+    corpus_digest: str | None = None,
+) -> Stored:
+    """Save ``cartridge`` as the next generation of ``name``, upload and promote it: a cartridge made here rather
+    than by the trainer (imported, quantized)."""
+    from cartridges.artifact import save_cartridge, upload_artifact
+
+    generation = next_generation(store, root, namespace, name)
+    with tempfile.TemporaryDirectory(prefix="cartridges-generation-") as tmp:
+        manifest = save_cartridge(cartridge, Path(tmp), base_model, corpus_digest=corpus_digest, training=training)
+        store.ensure_bucket(root)
+        upload_artifact(store, Path(tmp), layout.generation_prefix(root, namespace, name, generation))
+    promote(store, root, namespace, name, generation, manifest)
+    return find(store, root, namespace, name)
 
 
 def print_json(value: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from cartridges.cli.common import (
@@ -11,21 +10,17 @@ from cartridges.cli.common import (
     CLIError,
     add_command,
     check_name,
-    find,
     load_model,
     model_options,
-    next_generation,
     open_store,
     print_json,
-    promote,
+    publish_generation,
     store_options,
 )
 from cartridges.cli.inventory import describe
 
 
 def run(args: argparse.Namespace) -> int:
-    from cartridges import layout
-    from cartridges.artifact import save_cartridge, upload_artifact
     from cartridges.importers import import_cartridge
 
     name = check_name(args.name)
@@ -34,18 +29,15 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     cartridge = import_cartridge(args.file)
     lm = load_model(args.model, store)
-    generation = next_generation(store, args.store, args.namespace, name)
-    with tempfile.TemporaryDirectory(prefix="cartridges-import-") as tmp:
-        manifest = save_cartridge(cartridge, Path(tmp), lm.fingerprint, training={"importedFrom": args.file.name})
-        store.ensure_bucket(args.store)
-        upload_artifact(store, Path(tmp), layout.generation_prefix(args.store, args.namespace, name, generation))
-    promote(store, args.store, args.namespace, name, generation, manifest)
-    stored = find(store, args.store, args.namespace, name)
+    training = {"importedFrom": args.file.name}
+    stored = publish_generation(store, args.store, args.namespace, name, cartridge, lm.fingerprint, training)
     if args.json:
         print_json(describe(stored))
     else:
+        manifest = stored.manifest
         print(
-            f"{name}: imported {args.file} as generation {generation} (p={manifest.p}, {manifest.base_model.model_id})"
+            f"{name}: imported {args.file} as generation {stored.pointer.generation} "
+            f"(p={manifest.p}, {manifest.base_model.model_id})"
         )
     return 0
 

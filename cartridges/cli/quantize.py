@@ -13,24 +13,16 @@ from cartridges.cli.common import (
     check_name,
     find,
     human_bytes,
-    next_generation,
     open_store,
     print_json,
-    promote,
+    publish_generation,
     store_options,
 )
 from cartridges.cli.inventory import describe
 
 
 def run(args: argparse.Namespace) -> int:
-    from cartridges import layout
-    from cartridges.artifact import (
-        download_artifact,
-        load_cartridge,
-        quantize_cartridge,
-        save_cartridge,
-        upload_artifact,
-    )
+    from cartridges.artifact import download_artifact, load_cartridge, quantize_cartridge
 
     name = check_name(args.name)
     store = open_store(args.store)
@@ -41,30 +33,23 @@ def run(args: argparse.Namespace) -> int:
             "quantize a generation trained without quantization",
             EXIT_INPUT,
         )
-    generation = next_generation(store, args.store, args.namespace, name)
     with tempfile.TemporaryDirectory(prefix="cartridges-quantize-") as tmp:
-        dense_dir, quantized_dir = Path(tmp) / "dense", Path(tmp) / "quantized"
-        download_artifact(store, source.pointer.prefix, dense_dir)
-        dense, manifest = load_cartridge(dense_dir)
-        training = {**manifest.training, "quantizedFrom": source.pointer.generation}
-        if spec := manifest.training.get("spec"):  # as if trained with spec.quantization (`train` compares it)
-            training["spec"] = {**spec, "quantization": args.format}
-        manifest = save_cartridge(
-            quantize_cartridge(dense, args.format, args.keys, args.values),
-            quantized_dir,
-            manifest.base_model,
-            corpus_digest=manifest.corpus_digest,
-            training=training,
-        )  # no metrics: the source's scores are not this cartridge's; `cartridges eval` measures it
-        upload_artifact(store, quantized_dir, layout.generation_prefix(args.store, args.namespace, name, generation))
-    promote(store, args.store, args.namespace, name, generation, manifest)
-    stored = find(store, args.store, args.namespace, name)
+        download_artifact(store, source.pointer.prefix, Path(tmp))
+        dense, manifest = load_cartridge(Path(tmp))
+    training = {**manifest.training, "quantizedFrom": source.pointer.generation}
+    if spec := manifest.training.get("spec"):  # as if trained with spec.quantization (`train` compares it)
+        training["spec"] = {**spec, "quantization": args.format}
+    quantized = quantize_cartridge(dense, args.format, args.keys, args.values)
+    # no metrics: the source's scores are not this cartridge's; `cartridges eval` measures it
+    stored = publish_generation(
+        store, args.store, args.namespace, name, quantized, manifest.base_model, training, manifest.corpus_digest
+    )
     if args.json:
         print_json({**describe(stored), "quantizedFrom": source.pointer.generation})
         return 0
     print(
-        f"{name}: generation {generation} is generation {source.pointer.generation} in {args.format} "
-        f"({human_bytes(source.manifest.file_bytes)} -> {human_bytes(manifest.file_bytes)}); "
+        f"{name}: generation {stored.pointer.generation} is generation {source.pointer.generation} in {args.format} "
+        f"({human_bytes(source.manifest.file_bytes)} -> {human_bytes(stored.manifest.file_bytes)}); "
         f"`cartridges eval {name} --qa FILE` measures what it costs"
     )
     return 0

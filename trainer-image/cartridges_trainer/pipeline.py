@@ -67,7 +67,6 @@ def _load_model(config: TrainerConfig, store: Store, world: World) -> LoadedMode
 
 def _adopt_earlier_synthesis(
     config: TrainerConfig,
-    store: Store,
     lm: LoadedModel,
     corpus: Corpus,
     options: TrainerOptions,
@@ -75,17 +74,18 @@ def _adopt_earlier_synthesis(
     world: World,
 ) -> str | None:
     """Rank 0 copies the shards of the newest earlier generation of this cartridge made from the same inputs (a
-    change of p, training or quantization needs no new synthesis); the other ranks wait for it."""
+    change of p, training or quantization needs no new synthesis), or records the inputs of the shards to come;
+    the other ranks wait for it."""
     reused = None
     if world.is_main:
-        generations = layout.stored_generations(store, config.store_root, config.namespace, config.cartridge)
+        generations = layout.stored_generations(workspace.store, config.store_root, config.namespace, config.cartridge)
         earlier = [
             layout.generation_prefix(config.store_root, config.namespace, config.cartridge, g)
             for g in reversed(generations)
             if g < config.generation
         ]
         inputs = synthesis_inputs(lm, corpus, config.spec.selfStudy, options)
-        reused = adopt_synthesis(store, workspace, inputs, earlier)
+        reused = adopt_synthesis(workspace, inputs, earlier)
         if reused:
             log.info("synthesis shards copied from %s (same model, corpus and selfStudy)", reused)
     world.barrier()
@@ -140,7 +140,7 @@ def _run(
     init = initial_cartridge(lm, corpus, spec, options.seed)
 
     started = time.monotonic()
-    reused = _adopt_earlier_synthesis(config, store, lm, corpus, options, workspace, world)
+    reused = _adopt_earlier_synthesis(config, lm, corpus, options, workspace, world)
     train_shards, eval_shards = synthesize(lm, corpus, spec.selfStudy, options, workspace, progress, world)
     synthesis_rate = progress.progress.tokens_per_s  # None when every shard was already stored
     stats: dict[str, float | int | None] = {"synthesis_seconds": time.monotonic() - started}

@@ -31,7 +31,7 @@ from cartridges.api import SelfStudy
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import forward_with_cartridge, prefix_cartridge
 from cartridges.models import LoadedModel
-from cartridges.store import IntegrityError, ObjectNotFound, Store
+from cartridges.store import IntegrityError, ObjectNotFound
 from cartridges_trainer.batching import Conversation
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.grounded import grounded_tasks
@@ -283,26 +283,31 @@ def synthesis_inputs(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options:
     return {"key": key, **inputs}
 
 
-def adopt_synthesis(store: Store, workspace: Workspace, inputs: dict[str, Any], earlier: Sequence[str]) -> str | None:
-    """Copy (server-side) the shards of the first of the ``earlier`` generation prefixes synthesized from the same
-    inputs into this generation, unless it has shards of its own; returns the prefix copied from.
+def adopt_synthesis(workspace: Workspace, inputs: dict[str, Any], earlier: Sequence[str]) -> str | None:
+    """Before a generation's first shard: copy (server-side) the shards of the first of the ``earlier`` generation
+    prefixes synthesized from the same inputs, and return that prefix; with none, record ``inputs`` for the shards
+    about to be made here. A generation that has shards already is left as it is (a set begun by an older version
+    stays unlabelled, so it is never adopted).
 
     A shard is a function of the inputs and its name, so an earlier generation's partial set is as good: what is
     missing is synthesized as after a restart."""
+    store = workspace.store
     if workspace.names(SYNTH_FOLDER):
         return None
+    source = None
     for prefix in earlier:
         try:
-            if store.get_json(f"{prefix}/{INPUTS_FILE}").get("key") != inputs["key"]:
-                continue
+            if store.get_json(f"{prefix}/{INPUTS_FILE}").get("key") == inputs["key"]:
+                source = prefix
+                break
         except ObjectNotFound:
             continue
-        for uri in store.list(f"{prefix}/{SYNTH_FOLDER}"):
+    if source is not None:
+        for uri in store.list(f"{source}/{SYNTH_FOLDER}"):
             if not uri.endswith(INPUTS_FILE):
-                store.copy(uri, workspace.uri(uri[len(prefix) + 1 :]))
-        store.put_json(workspace.uri(INPUTS_FILE), inputs)
-        return prefix
-    return None
+                store.copy(uri, workspace.uri(uri[len(source) + 1 :]))
+    store.put_json(workspace.uri(INPUTS_FILE), inputs)
+    return source
 
 
 def synthesize(
@@ -324,9 +329,6 @@ def synthesize(
             shards[name] = shard
     missing = [name for name in names if name not in shards]
     progress.phase("synthesizing", total=len(names), done=len(shards))
-    if world.is_main and not stored:
-        # every shard will be made by this code from these inputs (a set begun by an older version stays unlabelled)
-        workspace.store.put_json(workspace.uri(INPUTS_FILE), synthesis_inputs(lm, corpus, study, options))
     teacher = TeacherContext(lm)
     for made, name in enumerate(missing[world.rank :: world.size], start=1):
         shards[name] = synthesize_shard(lm, corpus, study, options, name, teacher)
