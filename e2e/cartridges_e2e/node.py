@@ -357,7 +357,8 @@ class NodeHarness:
 
     def endpoint(self, namespace: str, service: str, port: str) -> str | None:
         """``http://host:port`` where the Service's named port reaches a ready pod on this node (kube-proxy's
-        job), or None while no pod behind it is ready."""
+        job), or None while no pod behind it is ready. Ready as the API server has it, as for the endpoints
+        controller: a pod whose probe just passed counts once its status says so."""
         spec = _body(self._core.read_namespaced_service(service, namespace, _preload_content=False))["spec"]
         target = next(p.get("targetPort", p["port"]) for p in spec["ports"] if p.get("name") == port)
         selector = ",".join(f"{key}={value}" for key, value in spec["selector"].items())
@@ -365,7 +366,9 @@ class NodeHarness:
         for pod in pods["items"]:
             run = self._runs.get(pod["metadata"]["uid"])
             number = container_port(pod["spec"]["containers"][0], target)
-            if run is not None and run.ready and number in run.ports:
+            conditions = (pod.get("status") or {}).get("conditions") or []
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            if run is not None and ready and number in run.ports:
                 return f"http://{HOST_IP}:{run.ports[number]}"
         return None
 
