@@ -321,6 +321,33 @@ def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) ->
     return rows
 
 
+def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
+    """Where the shared-cartridge step's time goes: the fused kernel over the cartridge alone, over the
+    requests' own KV alone, and over both (default config, graph replay), each with its own bandwidth fraction."""
+    case = cases(shapes)[0]
+    kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
+    layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
+    no_cartridges = SegmentTable([], [[]] * batch)
+    phases: dict[str, tuple[Callable[[Layer], object], int]] = {
+        "cartridge+own": (lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), kernel_bytes),
+        "cartridge only": (
+            lambda x: decode_attention(x.q, x.table, None, backend="triton"),
+            sum(map(stored_bytes, layers[0].table.segments)),
+        ),
+        "own only": (
+            lambda x: decode_attention(x.q, no_cartridges, x.own, backend="triton"),
+            batch * stored_bytes(layers[0].own[0]),
+        ),
+    }
+    rows = []
+    for phase, (run, phase_bytes) in phases.items():
+        ms, _ = time_per_step(run, layers, shapes, device)
+        rows.append({"phase": phase, "batch": batch, "kernel_ms": ms,
+                     "bandwidth_fraction": phase_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps})  # fmt: skip
+        print(f"breakdown {rows[-1]}", flush=True)
+    return rows
+
+
 COLUMNS = (("kernel_ms", "kernel ms", 3), ("kernel_eager_ms", "eager ms", 3), ("multi_launch_ms", "multi ms", 3),
            ("reference_ms", "sdpa ms", 3), ("per_request_ms", "per-req ms", 3),
            ("bandwidth_fraction", "bw frac", 2))  # fmt: skip
@@ -396,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"].append(measure(shapes, case, batch, device, copy_gbps))
             print_row(result["rows"][-1])
             (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
+    focus = (64, 256) if device.type == "cuda" else shapes.batches  # the batches the targets name
+    result["breakdown"] = [row for batch in focus for row in breakdown(shapes, batch, device, copy_gbps)]
+    (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     if device.type == "cuda":
-        result["sweep"] = [row for batch in (64, 256) for row in sweep(shapes, batch, device, copy_gbps)]
+        result["sweep"] = [row for batch in focus for row in sweep(shapes, batch, device, copy_gbps)]
         (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     plotted = plot(result["rows"], args.out / "kernels-gpu.png")
     print(f"wrote {args.out / 'kernels-gpu.json'}" + (" and kernels-gpu.png" if plotted else ""))
