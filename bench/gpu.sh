@@ -4,10 +4,20 @@
 # writes gpu.txt, kernels-gpu.{json,png,log} and serving-gpu.{json,log} under $OUT (default bench/results), and
 # exits non-zero if either benchmark failed. The device image has its own torch and Triton (3.6 when last seen);
 # tests/kernels/test_gpu_compile.py can be run against that Triton here first (PYTHONPATH=<unpacked wheel>:kernels:.).
+#
+# The device image has torch, transformers and safetensors but not pydantic, which the serving runner imports
+# (through cartridges.manifest). Carry it as wheels in .whl/ (ignored by git; run(carry=[".whl"])):
+#     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 pydantic_core==2.50.5 \
+#         annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
 set -uo pipefail
 out="${OUT:-bench/results}"
 mkdir -p "$out"
 export PYTHONPATH=".:serving-image:kernels" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
+        PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'

@@ -3,8 +3,9 @@
 Cases (Llama-3.1-8B-like: 8 KV heads, 32 query heads, head_dim 128, timed over 32 layers' worth of distinct
 tensors so L2 cannot hold a step): one 2048-token cartridge shared by the whole batch (bf16 and int8), two
 composed cartridges, and in-context-learning baselines with a 32k / 100k-token prompt per request. The kernel
-is what decode_attention runs on CUDA (the fused decode kernel: one launch per layer, plus a merge when it
-splits); each case is compared with the multi-launch path it replaced (partials per segment kind, then a merge),
+is what decode_attention runs on CUDA (the fused decode kernel: one launch per layer, shared-cartridge and
+own-KV programs side by side, plus a merge when a row has several slots); each case is compared with the
+multi-launch path it replaced (a fill, partials per segment kind, then a merge),
 with PyTorch SDPA on the concatenated KV, and with the kernel reading every cartridge once per request.
 Achieved bandwidth = bytes that must be read per step (each cartridge once) / (time x measured copy bandwidth).
 

@@ -75,23 +75,29 @@ def default_config(head_dim: int) -> KernelConfig:
 
 # The tile configs the GPU benchmark times against the default at head_dim 128 (bench/kernels_gpu.py sweep).
 # Each compiles for sm_90 without spilling registers (tests/kernels/test_gpu_compile.py): a spilling config
-# is slow for a reason no sweep needs to measure. block_m 16 (4 requests a tile at GQA 4) gives decode more
-# CTAs, so it needs fewer splits.
+# is slow for a reason no sweep needs to measure. block_m sets how many requests a shared tile batches (16:
+# 4 requests at GQA 4, more programs); block_n 128 reads a 128-token own KV in one block.
 SWEEP_CONFIGS = (
     KernelConfig(64, 64, 4, 3),
     KernelConfig(64, 64, 8, 3),
     KernelConfig(128, 64, 8, 3),
     KernelConfig(32, 64, 4, 3),
     KernelConfig(16, 64, 4, 3),
-    KernelConfig(16, 128, 4, 3),
+    KernelConfig(16, 128, 4, 2),
+    KernelConfig(32, 128, 8, 2),
 )
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs a launch needs to keep a CUDA device's SMs busy (two per SM); 0 elsewhere (never split)."""
+    if device.type != "cuda":
+        return 0
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_num_splits(ctas: int, max_len: int, device: torch.device) -> int:
     """Split long segments across CTAs only when the grid would leave a CUDA device's SMs idle."""
-    if device.type != "cuda" or ctas == 0:
-        return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    if ctas >= target:
+    target = target_programs(device)
+    if ctas == 0 or ctas >= target:
         return 1
     return max(1, min(math.ceil(target / ctas), max_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS))

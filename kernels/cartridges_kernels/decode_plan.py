@@ -1,8 +1,13 @@
-"""Host-side planning of the fused decode launch: which requests share a tile, and which segments it walks.
+"""Host-side planning of the fused decode launch: which requests share a tile, and how each walk is split.
 
-A decode tile holds requests that read the same cartridge list, so each cartridge is streamed once per tile
-for all of them; the tile then reads each of its requests' own KV in turn. Split-KV cuts a tile's keys (its
-cartridges, then its requests' own KV, laid end to end) into equal chunks, one per CTA.
+The launch runs two kinds of programs. A *shared* program walks the cartridges of a tile: requests that read
+the same cartridge list, their queries batched, so each cartridge is streamed once per tile for all of them.
+An *own* program walks one request's own KV with only that request's query rows. Keeping the own KV out of
+the shared tiles matters: a tile that walked each of its requests' own KV in turn did a full tile's dot
+products for one request's rows, which doubled the compute of a shared-cartridge step on an H200 (measured:
+bench/results/kernels-gpu.json). Each walk is cut into chunks (split-KV) that write partial outputs and
+base-2 LSEs to their own slot, and the merge kernel combines the slots; a step with one slot per row (a
+cartridge-only or own-KV-only step that is not split) writes the output directly.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cartridges_kernels.config import MIN_DOT, choose_num_splits, next_pow2
+from cartridges_kernels.config import MAX_SPLITS, MIN_DOT, MIN_KEYS_PER_SPLIT, next_pow2, target_programs
 
-TILE_COLUMNS = 5  # first entry in tile_segments, number of segments, first row, row count, keys in total
+TILE_COLUMNS = 5  # first entry in tile_segments, number of segments, first row, row count, cartridge keys
 
 
 @dataclass(frozen=True)
@@ -30,13 +35,32 @@ class DecodeStructure:
 @dataclass(frozen=True)
 class DecodePlan:
     """The fused launch: ``tiles`` int32 [num_tiles, TILE_COLUMNS] (see TILE_COLUMNS), ``tile_segments`` the
-    tiles' segment lists back to back (int32), ``row_request`` the request of each tile row (int32)."""
+    tiles' segment lists back to back (int32), ``row_request`` the request of each tile row (int32).
+
+    Shared programs come first on grid axis 0 (tile-major, ``shared_splits`` per tile) and write slots
+    0..shared_splits-1; own programs follow (request-major, ``own_splits`` per request) and write the slots
+    after those. ``shared_splits`` is 0 when no request reads a cartridge key (and has own KV), ``own_splits``
+    is 0 without own KV."""
 
     tiles: Tensor
     tile_segments: Tensor
     row_request: Tensor
     block_m: int
-    num_splits: int
+    shared_splits: int
+    own_splits: int
+    num_requests: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.shared_splits + self.own_splits
+
+    @property
+    def shared_programs(self) -> int:
+        return self.tiles.shape[0] * self.shared_splits
+
+    @property
+    def programs(self) -> int:
+        return self.shared_programs + self.num_requests * self.own_splits
 
 
 def _share_groups(structure: DecodeStructure, shared_reads: bool) -> dict[tuple[int, ...], list[int]]:
@@ -51,42 +75,91 @@ def _share_groups(structure: DecodeStructure, shared_reads: bool) -> dict[tuple[
     return groups
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def choose_decode_splits(
+    tiles: int,
+    max_shared: int,
+    requests: int,
+    max_own: int | None,
+    kv_heads: int,
+    block_n: int,
+    device: torch.device,
+) -> tuple[int, int]:
+    """(shared_splits, own_splits) for a step whose tiles read up to ``max_shared`` cartridge keys and whose
+    requests hold up to ``max_own`` own keys (None: no own KV).
+
+    Own KV is split only when its programs alone would leave SMs idle (long ICL prompts at small batch).
+    Cartridge walks are cut into chunks no longer than an own walk (at least MIN_KEYS_PER_SPLIT keys), so no
+    shared program runs long after the own programs are done, and further when the grid would not fill the
+    GPU (small batches, where partials are cheap)."""
+    if requests == 0:
+        return 0, 0
+    target = target_programs(device) // max(kv_heads, 1)
+    own = 0
+    if max_own is not None:
+        own = 1
+        if requests < target:
+            own = max(1, min(_cdiv(target, requests), max_own // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    if max_shared == 0 and max_own is not None:
+        return 0, own
+    chunk = max(MIN_KEYS_PER_SPLIT, _cdiv(max_own or 0, max(own, 1)))
+    shared = _cdiv(max_shared, chunk)
+    if tiles * shared + requests * own < target:
+        shared = _cdiv(target - requests * own, tiles)
+    return max(1, min(shared, _cdiv(max_shared, block_n), MAX_SPLITS)), own
+
+
 @functools.lru_cache(maxsize=16)
 def plan_decode(
     structure: DecodeStructure,
     kv_heads: int,
     group_pad: int,
     block_m: int,
+    block_n: int,
     device: torch.device,
     shared_reads: bool,
     num_splits: int | None,
 ) -> DecodePlan:
     """The fused launch for one decode step, cached: every layer of a step has the same structure.
 
-    Every request gets a tile row, even one with no keys (its output is written as zeros), so the outputs
-    need no initialization. ``num_splits`` forces split-KV; None picks it from the grid (choose_num_splits).
+    Every request gets a tile row, even one that reads no cartridge key (its rows then record that they saw
+    none), so no output or slot needs initializing. ``num_splits`` forces the number of chunks of every walk
+    (at most one per ``block_n`` keys of the longest); None chooses them (choose_decode_splits).
     """
     tiles: list[tuple[int, int, int, int, int]] = []
     tile_segments: list[int] = []
     row_request: list[int] = []
+    per_tile = block_m // group_pad
     for key, requests in _share_groups(structure, shared_reads).items():
         segments = [i for i in key if i >= 0]
         first = len(tile_segments)
         tile_segments += segments
         shared_keys = sum(structure.segment_lens[i] for i in segments)
-        # A tile walks each request's own KV with all of its rows, so batching requests pays only for the
-        # cartridge keys they share; requests that share none (an ICL prompt each) get a tile each: more CTAs.
-        per_tile = block_m // group_pad if shared_keys else 1
         for start in range(0, len(requests), per_tile):
             chunk = requests[start : start + per_tile]
-            own_keys = 0 if structure.own_lens is None else sum(structure.own_lens[r] for r in chunk)
-            tiles.append((first, len(segments), len(row_request), len(chunk), shared_keys + own_keys))
+            tiles.append((first, len(segments), len(row_request), len(chunk), shared_keys))
             row_request += chunk
-    splits = num_splits or choose_num_splits(len(tiles) * kv_heads, max((t[4] for t in tiles), default=0), device)
+    max_shared = max((t[4] for t in tiles), default=0)
+    own_lens = structure.own_lens
+    max_own = None if own_lens is None else max(own_lens, default=0)
+    if num_splits is None:
+        shared_splits, own_splits = choose_decode_splits(
+            len(tiles), max_shared, len(row_request), max_own, kv_heads, block_n, device
+        )
+    else:
+        shared_splits = max(1, min(num_splits, _cdiv(max_shared, block_n)))
+        if max_shared == 0 and max_own is not None:
+            shared_splits = 0
+        own_splits = 0 if max_own is None else max(1, min(num_splits, _cdiv(max_own, block_n)))
     return DecodePlan(
-        tiles=torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, TILE_COLUMNS),
+        tiles=torch.tensor(tiles if shared_splits else [], dtype=torch.int32, device=device).reshape(-1, TILE_COLUMNS),
         tile_segments=torch.tensor(tile_segments or [0], dtype=torch.int32, device=device),
         row_request=torch.tensor(row_request or [0], dtype=torch.int32, device=device),
         block_m=max(MIN_DOT, group_pad * next_pow2(max((t[3] for t in tiles), default=1))),
-        num_splits=splits,
+        shared_splits=shared_splits,
+        own_splits=own_splits,
+        num_requests=len(structure.request_segments),
     )

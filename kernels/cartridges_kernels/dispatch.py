@@ -101,8 +101,9 @@ def segmented_attention_triton(
     fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Kernel path. Decode (one query token per request) whose cartridges share one storage format and whose
-    own KV share one runs the fused kernel: one launch per layer, plus a merge only when split. Otherwise (and
-    with ``fused=False``, kept to compare): one partials launch per storage format, one for own KV, a merge.
+    own KV share one runs the fused kernel: one launch per layer, plus a merge when a row has several slots.
+    Otherwise (and with ``fused=False``, kept to compare): one partials launch per storage format, one for own
+    KV, a merge.
 
     Returns (out [tokens, q_heads, head_dim] in q's dtype, base-2 LSE [tokens, q_heads] float32).
     """
@@ -155,7 +156,10 @@ def fused_decode_triton(
     shared_reads: bool,
     config: KernelConfig,
 ) -> tuple[Tensor, Tensor]:
-    """The fused decode path (see fused_kernel): writes the output directly, or partials + merge if split."""
+    """The fused decode path (see fused_kernel): one launch, plus a merge when a row has several slots.
+
+    Partials are kept in q's dtype, as the output is: a 16-bit partial rounds as the output will, and halves
+    what the launch writes and the merge reads."""
     from cartridges_kernels.fused_kernel import launch_fused_decode  # imports triton only on this path
     from cartridges_kernels.merge_kernel import launch_merge
 
@@ -167,14 +171,16 @@ def fused_decode_triton(
         own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
     )
     group_pad = next_pow2(q_heads // kv_heads)
-    plan = plan_decode(structure, kv_heads, group_pad, config.block_m, q.device, shared_reads, num_splits)
+    plan = plan_decode(
+        structure, kv_heads, group_pad, config.block_m, config.block_n, q.device, shared_reads, num_splits
+    )
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
-    if plan.num_splits == 1:
+    if plan.num_slots == 1:
         launch_fused_decode(q, plan, kv_heads, table.segments, used, own_kv, out, out_lse, sm_scale, config)
         return out, out_lse
-    part_o = torch.empty((plan.num_splits, tokens, q_heads, head_dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((plan.num_splits, tokens, q_heads), dtype=torch.float32, device=q.device)
+    part_o = torch.empty((plan.num_slots, tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    part_lse = torch.empty((plan.num_slots, tokens, q_heads), dtype=torch.float32, device=q.device)
     launch_fused_decode(q, plan, kv_heads, table.segments, used, own_kv, part_o, part_lse, sm_scale, config)
     launch_merge(part_o, part_lse, out, out_lse)
     return out, out_lse

@@ -1,12 +1,11 @@
-"""Triton kernel: one launch per layer for decode, cartridges and own KV in the same online-softmax loop.
+"""Triton kernel: one launch per layer for decode, cartridges and own KV walked by programs of their own.
 
-The multi-launch path (segment_kernel + merge_kernel) costs four short launches per layer (fill, cartridge partials,
-own-KV partials, merge) and a round trip of fp32 partials through memory; at decode sizes those fixed costs
-dominate. Here grid = (tiles, kv_heads, splits): a tile is the requests that read the same cartridge list
-(their queries batched, so each cartridge is streamed once for all of them), it walks those cartridges and
-then each request's own KV with one running softmax state, and writes the normalized output directly. Only
-when the grid would not fill the GPU does each split write partials + base-2 LSE for the merge kernel; every
-split writes every row of its tile (LSE -inf where it saw no key), so nothing needs filling beforehand.
+The multi-launch path (segment_kernel + merge_kernel) costs four launches per layer (fill, cartridge partials,
+own-KV partials, merge). Here one launch runs every program of the step (decode_plan.DecodePlan says which):
+shared programs walk a tile's cartridges with all of its requests' queries (each cartridge streamed once
+for all of them), own programs walk one request's own KV with that request's query rows alone. Each writes
+its rows of one slot, the normalized output plus base-2 LSE (-inf where it saw no key), so nothing needs
+filling beforehand; the merge kernel combines the slots, unless there is only one, which is then the output.
 """
 
 from __future__ import annotations
@@ -23,7 +22,15 @@ from cartridges_kernels.decode_plan import TILE_COLUMNS, DecodePlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import TL_DTYPE, aligned, granularity, segment_meta
 from cartridges_kernels.segments import KVSegment, storage_of
-from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows
+from cartridges_kernels.tile import (
+    attend_keys,
+    empty_state,
+    load_query_rows,
+    load_segment,
+    load_token_rows,
+    split_range,
+    store_rows,
+)
 
 _TILE_COLUMNS = tl.constexpr(TILE_COLUMNS)
 
@@ -43,9 +50,13 @@ def _fused_decode_kernel(
     n_tokens: int,
     q_heads: int,
     qk_scale: float,
+    shared_programs: int,
+    shared_splits: int,
+    own_splits: int,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    OWN_BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -59,53 +70,128 @@ def _fused_decode_kernel(
     OWN_K_SCALE: tl.constexpr,
     OWN_V_SCALE: tl.constexpr,
     OWN_ALIGNED: tl.constexpr,
-    HAS_OWN: tl.constexpr,
 ) -> None:
-    tile = tl.program_id(0)
+    program = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    if program < shared_programs:
+        _shared_program(
+            q_ptr, stride_qt, stride_qh, seg_meta_ptr, tiles_ptr, tile_segments_ptr, row_request_ptr, out_ptr,
+            lse_ptr, n_tokens, q_heads, qk_scale, program // shared_splits, program % shared_splits, shared_splits,
+            kv_head, GROUP, GROUP_PAD, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+            SEG_K_DTYPE, SEG_V_DTYPE, SEG_K_SCALE, SEG_V_SCALE, SEG_ALIGNED,
+        )  # fmt: skip
+    else:
+        item = program - shared_programs
+        _own_program(
+            q_ptr, stride_qt, stride_qh, own_meta_ptr, out_ptr, lse_ptr, n_tokens, q_heads, qk_scale,
+            item // own_splits, item % own_splits, own_splits, shared_splits, kv_head,
+            GROUP, GROUP_PAD, OWN_BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+            OWN_K_DTYPE, OWN_V_DTYPE, OWN_K_SCALE, OWN_V_SCALE, OWN_ALIGNED,
+        )  # fmt: skip
 
+
+@triton.jit
+def _shared_program(
+    q_ptr: tl.tensor,
+    stride_qt: tl.tensor,
+    stride_qh: tl.tensor,
+    meta_ptr: tl.tensor,
+    tiles_ptr: tl.tensor,
+    tile_segments_ptr: tl.tensor,
+    row_request_ptr: tl.tensor,
+    out_ptr: tl.tensor,
+    lse_ptr: tl.tensor,
+    n_tokens: tl.tensor,
+    q_heads: tl.tensor,
+    qk_scale: tl.tensor,
+    tile: tl.tensor,
+    split: tl.tensor,
+    num_splits: tl.tensor,
+    kv_head: tl.tensor,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+) -> None:
+    """Chunk ``split`` of a tile's cartridges, laid end to end, for all of the tile's query rows: slot ``split``."""
     desc = tiles_ptr + tile * _TILE_COLUMNS
     first_segment = tl.load(desc)
     segment_count = tl.load(desc + 1)
-    row_start = tl.load(desc + 2)
-    row_count = tl.load(desc + 3)
-    total_keys = tl.load(desc + 4)
-    q, t, t_valid, row_valid, token, head = load_query_rows(
-        q_ptr, stride_qt, stride_qh, row_request_ptr, row_start, row_count, kv_head,
+    q, _, t_valid, row_valid, token, head = load_query_rows(
+        q_ptr, stride_qt, stride_qh, row_request_ptr, tl.load(desc + 2), tl.load(desc + 3), kv_head,
         GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
-
-    # This split's keys [lo, hi) of the tile's cartridges and then its requests' own KV, laid end to end;
-    # ``base`` is where the current segment starts in that sequence.
-    lo, hi = split_range(total_keys, BLOCK_N)
-    base = lo * 0
-    qpos = tl.zeros([BLOCK_M], dtype=tl.int32)  # unused: decode sees all of its own KV
+    lo, hi = split_range(tl.load(desc + 4), split, num_splits, BLOCK_N)
+    base = lo * 0  # where the current cartridge starts among the tile's keys
+    qpos = tl.zeros([BLOCK_M], dtype=tl.int32)  # unused: decode sees every key
     m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
     for i in range(segment_count):
         segment = tl.load(tile_segments_ptr + first_segment + i)
         k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length = load_segment(
-            seg_meta_ptr, segment, kv_head, SEG_K_DTYPE, SEG_V_DTYPE, SEG_ALIGNED
+            meta_ptr, segment, kv_head, K_DTYPE, V_DTYPE, ALIGNED
         )
         m_i, l_i, acc = attend_keys(
             q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr,
             tl.maximum(lo - base, 0), tl.minimum(hi - base, length), qk_scale, t_valid, qpos,
-            BLOCK_N, HEAD_DIM, BLOCK_D, SEG_K_SCALE, SEG_V_SCALE, False,
+            BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, False,
         )  # fmt: skip
         base += length
-    if HAS_OWN:
-        for j in range(row_count):  # each request's own KV, seen only by that request's rows
-            request = tl.load(row_request_ptr + row_start + j)
-            k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length = load_segment(
-                own_meta_ptr, request, kv_head, OWN_K_DTYPE, OWN_V_DTYPE, OWN_ALIGNED
-            )
-            m_i, l_i, acc = attend_keys(
-                q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr,
-                tl.maximum(lo - base, 0), tl.minimum(hi - base, length), qk_scale, t == j, qpos,
-                BLOCK_N, HEAD_DIM, BLOCK_D, OWN_K_SCALE, OWN_V_SCALE, False,
-            )  # fmt: skip
-            base += length
     store_rows(out_ptr, lse_ptr, split, token, head, row_valid, m_i, l_i, acc, n_tokens, q_heads, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _own_program(
+    q_ptr: tl.tensor,
+    stride_qt: tl.tensor,
+    stride_qh: tl.tensor,
+    meta_ptr: tl.tensor,
+    out_ptr: tl.tensor,
+    lse_ptr: tl.tensor,
+    n_tokens: tl.tensor,
+    q_heads: tl.tensor,
+    qk_scale: tl.tensor,
+    request: tl.tensor,
+    split: tl.tensor,
+    num_splits: tl.tensor,
+    first_slot: tl.tensor,
+    kv_head: tl.tensor,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+) -> None:
+    """Chunk ``split`` of one request's own KV for that request's GROUP query rows (padded to BLOCK_M):
+    slot ``first_slot + split``."""
+    rows = tl.arange(0, BLOCK_M) // GROUP_PAD
+    q, _, t_valid, row_valid, token, head = load_token_rows(
+        q_ptr, stride_qt, stride_qh, (rows * 0 + request).to(tl.int64), rows == 0, kv_head,
+        GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D,
+    )  # fmt: skip
+    k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length = load_segment(
+        meta_ptr, request, kv_head, K_DTYPE, V_DTYPE, ALIGNED
+    )
+    lo, hi = split_range(length, split, num_splits, BLOCK_N)
+    m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
+    m_i, l_i, acc = attend_keys(
+        q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale, t_valid,
+        tl.zeros([BLOCK_M], dtype=tl.int32), BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, False,
+    )  # fmt: skip
+    slot = first_slot + split
+    store_rows(out_ptr, lse_ptr, slot, token, head, row_valid, m_i, l_i, acc, n_tokens, q_heads, HEAD_DIM, BLOCK_D)
 
 
 def _format_constants(prefix: str, segments: Sequence[KVSegment], fallback: torch.dtype) -> dict[str, object]:
@@ -144,8 +230,8 @@ def launch_fused_decode(
 ) -> None:
     """Run the planned launch. ``segments`` is the whole table (indexed by the plan), ``used`` the ones the
     plan reads (one storage format), ``own_kv`` one per request (one format). Writes ``out`` / ``lse``
-    [splits, tokens, q_heads(, head_dim)]: the final output (any float dtype) when the plan has one split,
-    fp32 partials for launch_merge otherwise."""
+    [plan.num_slots, tokens, q_heads(, head_dim)]: the output itself (any float dtype) when there is one slot,
+    partials for launch_merge otherwise."""
     tokens, q_heads, head_dim = q.shape
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
@@ -155,11 +241,11 @@ def launch_fused_decode(
     )
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
-    if plan.tiles.shape[0] == 0:
+    if plan.programs == 0:
         return
     seg_meta = segment_meta(segments, q.device) if segments else torch.zeros(1, 11, dtype=torch.int64, device=q.device)
     own_meta = seg_meta if own_kv is None else segment_meta(own_kv, q.device)
-    _fused_decode_kernel[(plan.tiles.shape[0], kv_heads, plan.num_splits)](
+    _fused_decode_kernel[(plan.programs, kv_heads)](
         q,
         q.stride(0),
         q.stride(1),
@@ -173,15 +259,18 @@ def launch_fused_decode(
         tokens,
         q_heads,
         sm_scale * LOG2E,
+        plan.shared_programs,
+        plan.shared_splits,
+        plan.own_splits,
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_M=plan.block_m,
+        OWN_BLOCK_M=max(MIN_DOT, group_pad),
         BLOCK_N=config.block_n,
         HEAD_DIM=head_dim,
         BLOCK_D=max(next_pow2(head_dim), MIN_DOT),
         **_format_constants("SEG", used, q.dtype),
         **_format_constants("OWN", own_kv or [], q.dtype),
-        HAS_OWN=own_kv is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -45,7 +45,7 @@ def _merge_kernel(
             part_o_ptr + (offs_p[:, None] * num_rows + row) * HEAD_DIM + offs_d[None, :],
             mask=(lse > float("-inf"))[:, None] & d_valid[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         acc = acc * scale + tl.sum(o * w[:, None], axis=0)
         total = total * scale + tl.sum(w, axis=0)
         m_run = m_new
@@ -59,8 +59,9 @@ def _merge_kernel(
 
 
 def launch_merge(part_o: Tensor, part_lse: Tensor, out: Tensor, out_lse: Tensor) -> None:
-    """Merge ``part_o`` [slots, tokens, q_heads, head_dim] / ``part_lse`` [slots, tokens, q_heads] (fp32) into
-    contiguous ``out`` [tokens, q_heads, head_dim] (any float dtype) and ``out_lse`` [tokens, q_heads] fp32.
+    """Merge ``part_o`` [slots, tokens, q_heads, head_dim] (any float dtype) / ``part_lse`` [slots, tokens,
+    q_heads] (fp32) into contiguous ``out`` [tokens, q_heads, head_dim] (any float dtype) and ``out_lse``
+    [tokens, q_heads] fp32.
     """
     slots, tokens, q_heads, head_dim = part_o.shape
     if not (out.is_contiguous() and out_lse.is_contiguous() and part_o.is_contiguous() and part_lse.is_contiguous()):

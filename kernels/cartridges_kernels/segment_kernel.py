@@ -80,7 +80,7 @@ def _segment_partials_kernel(
         GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
 
-    lo, hi = split_range(length, BLOCK_N)
+    lo, hi = split_range(length, split, tl.num_programs(2), BLOCK_N)
     qpos = tl.zeros([BLOCK_M], dtype=tl.int32)
     if CAUSAL:
         qpos = tl.load(row_qpos_ptr + row_start + t, mask=t_valid, other=-1)

@@ -29,13 +29,35 @@ def load_query_rows(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ) -> tuple[tl.tensor, ...]:
-    """The tile's queries [BLOCK_M, BLOCK_D] and, per row, its tile token, query token, head and validity."""
+    """The tile's queries [BLOCK_M, BLOCK_D] and, per row, its tile token, query token, head and validity;
+    tile token t is query token row_token_ptr[row_start + t]."""
+    t = tl.arange(0, BLOCK_M) // GROUP_PAD
+    t_valid = t < row_count
+    token = tl.load(row_token_ptr + row_start + t, mask=t_valid, other=0).to(tl.int64)
+    return load_token_rows(
+        q_ptr, stride_qt, stride_qh, token, t_valid, kv_head, GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D
+    )
+
+
+@triton.jit
+def load_token_rows(
+    q_ptr: tl.tensor,
+    stride_qt: tl.tensor,
+    stride_qh: tl.tensor,
+    token: tl.tensor,
+    t_valid: tl.tensor,
+    kv_head: tl.tensor,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> tuple[tl.tensor, ...]:
+    """load_query_rows for rows whose query tokens ``token`` [BLOCK_M] the caller already knows."""
     offs_m = tl.arange(0, BLOCK_M)
     t = offs_m // GROUP_PAD
     g = offs_m % GROUP_PAD
-    t_valid = t < row_count
     row_valid = t_valid & (g < GROUP)
-    token = tl.load(row_token_ptr + row_start + t, mask=t_valid, other=0).to(tl.int64)
     head = kv_head * GROUP + g
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -75,10 +97,12 @@ def load_segment(
 
 
 @triton.jit
-def split_range(total: tl.tensor, BLOCK_N: tl.constexpr) -> tuple[tl.tensor, ...]:
-    """This program's keys [lo, hi) of ``total`` under split-KV (grid axis 2), in whole BLOCK_N blocks."""
-    chunk = tl.cdiv(tl.cdiv(total, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-    lo = tl.program_id(2) * chunk
+def split_range(
+    total: tl.tensor, split: tl.tensor, num_splits: tl.tensor, BLOCK_N: tl.constexpr
+) -> tuple[tl.tensor, ...]:
+    """Keys [lo, hi) of ``total`` that split ``split`` of ``num_splits`` handles, in whole BLOCK_N blocks."""
+    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
     return lo, tl.minimum(lo + chunk, total)
 
 

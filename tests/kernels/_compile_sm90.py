@@ -70,7 +70,7 @@ def compile_tiles(
     tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": 128, "BLOCK_D": 128}
     constants = {"GROUP": 4, "GROUP_PAD": 4, **tiles, **formats}
     if kernel is _fused_decode_kernel:
-        constants["HAS_OWN"] = True
+        constants["OWN_BLOCK_M"] = 16
     return compile_kernel(kernel, types, constants, config.num_warps, config.num_stages)
 
 
@@ -83,7 +83,18 @@ def main() -> None:
     pointers = ["meta_ptr", "tiles_ptr", "row_token_ptr", "row_slot_ptr", "row_qpos_ptr"]
     seg_types = {
         **{name: "*i64" if name == "meta_ptr" else "*i32" for name in pointers},
-        **{name: "i32" for name in ["stride_qt", "stride_qh", "n_tokens", "q_heads"]},
+        **{
+            name: "i32"
+            for name in [
+                "stride_qt",
+                "stride_qh",
+                "n_tokens",
+                "q_heads",
+                "shared_programs",
+                "shared_splits",
+                "own_splits",
+            ]
+        },
         "part_o_ptr": "*fp32",
         "part_lse_ptr": "*fp32",
         "qk_scale": "fp32",
@@ -120,7 +131,18 @@ def main() -> None:
     fused_types = {
         **{name: "*i64" for name in ["seg_meta_ptr", "own_meta_ptr"]},
         **{name: "*i32" for name in ["tiles_ptr", "tile_segments_ptr", "row_request_ptr"]},
-        **{name: "i32" for name in ["stride_qt", "stride_qh", "n_tokens", "q_heads"]},
+        **{
+            name: "i32"
+            for name in [
+                "stride_qt",
+                "stride_qh",
+                "n_tokens",
+                "q_heads",
+                "shared_programs",
+                "shared_splits",
+                "own_splits",
+            ]
+        },
         "lse_ptr": "*fp32",
         "qk_scale": "fp32",
     }
@@ -133,21 +155,21 @@ def main() -> None:
                 **_side("OWN", tl.bfloat16, tl.bfloat16, 0, 0, True),
             },
         ),
-        (  # int8/fp8 cartridges, unaligned own KV, fp32 partials for the merge
+        (  # int8/fp8 cartridges, unaligned own KV, fp16 partials for the merge
             "fp16",
-            "fp32",
+            "fp16",
             {**_side("SEG", tl.int8, tl.float8e4nv, 2, 1, True), **_side("OWN", tl.float16, tl.float16, 0, 0, False)},
         ),
     ]
     for q_type, out_type, formats in fused_variants:
         types = {**fused_types, "q_ptr": f"*{q_type}", "out_ptr": f"*{out_type}"}
-        compiled = compile_kernel(_fused_decode_kernel, types, {**shape, **formats, "HAS_OWN": True})
+        compiled = compile_kernel(_fused_decode_kernel, types, {**shape, **formats, "OWN_BLOCK_M": 16})
         print(f"fused kernel q={q_type} {formats}: ok, {compiled.metadata.shared} bytes shared memory, "
               f"{wide_loads(compiled)} wide loads")  # fmt: skip
     bf16_types = {**fused_types, "q_ptr": "*bf16", "out_ptr": "*bf16"}
     for config in (default_config(128), *SWEEP_CONFIGS):
         print_registers("fused", config, compile_tiles(_fused_decode_kernel, bf16_types, fused_variants[0][2], config))
-    quantized_types = {**fused_types, "q_ptr": "*fp16", "out_ptr": "*fp32"}  # int8/fp8 cartridges, split partials
+    quantized_types = {**fused_types, "q_ptr": "*fp16", "out_ptr": "*fp16"}  # int8/fp8 cartridges, partials
     quantized = compile_tiles(_fused_decode_kernel, quantized_types, fused_variants[1][2], default_config(128))
     print_registers("fused-quantized", default_config(128), quantized)
     segment_formats = {**variants[0][1], "CAUSAL": True}
@@ -163,7 +185,10 @@ def main() -> None:
         "num_slots": "i32",
         "num_rows": "i32",
     }
-    compile_kernel(_merge_kernel, merge_types, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_P": 16})
+    for partials in ("*fp32", "*bf16"):  # the multi-launch path's partials, the fused decode path's
+        compile_kernel(
+            _merge_kernel, {**merge_types, "part_o_ptr": partials}, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_P": 16}
+        )
     print("merge kernel: ok")
 
 

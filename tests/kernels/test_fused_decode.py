@@ -21,6 +21,7 @@ from cartridges_kernels import (
     KVSegment,
     SegmentTable,
     decode_attention,
+    decode_plan,
     fused_kernel,
     merge_kernel,
     quantize_kv,
@@ -54,12 +55,12 @@ def launches() -> Iterator[dict[str, mock.MagicMock]]:
 def fused(
     batch: Batch, *, num_splits: int | None = None, shared_reads: bool = True, config: KernelConfig = SMALL
 ) -> torch.Tensor:
-    """Decode through the dispatcher, asserting that it took the fused kernel (and a merge only if split)."""
+    """Decode through the dispatcher, asserting that it took the fused kernel (one launch, at most one merge)."""
     options: dict[str, Any] = {"num_splits": num_splits, "shared_reads": shared_reads, "config": config}
     with launches() as calls:
         out = decode_attention(batch.q, batch.table, batch.own_kv, backend="triton", **options)
     assert calls["fused"].call_count == 1 and calls["partials"].call_count == 0
-    assert calls["merge"].call_count == (0 if num_splits in (None, 1) else 1)
+    assert calls["merge"].call_count <= 1
     return out
 
 
@@ -116,27 +117,71 @@ def test_plan_shares_one_tile_per_cartridge_list() -> None:
         own_lens=(1, 2, 3, 4, 5),
     )
     cpu = torch.device("cpu")
-    shared = plan_decode(structure, 2, 4, 64, cpu, True, 1)
-    # (first segment entry, segment count, first row, rows, keys in total)
-    assert shared.tiles.tolist() == [[0, 2, 0, 3, 150 + 1 + 3 + 5], [2, 1, 3, 2, 50 + 2 + 4]]
+    shared = plan_decode(structure, 2, 4, 64, 16, cpu, True, 1)
+    # (first segment entry, segment count, first row, rows, cartridge keys)
+    assert shared.tiles.tolist() == [[0, 2, 0, 3, 150], [2, 1, 3, 2, 50]]
     assert shared.tile_segments.tolist() == [0, 1, 1]
     assert shared.row_request.tolist() == [0, 2, 4, 1, 3]
     assert shared.block_m == 16  # 3 requests x 4 padded query heads
-    single = plan_decode(structure, 2, 4, 64, cpu, False, 1)
+    # Shared programs (2 tiles x 1 split) write slot 0, own programs (one per request) slot 1.
+    assert (shared.shared_splits, shared.own_splits, shared.num_slots, shared.programs) == (1, 1, 2, 2 + 5)
+    single = plan_decode(structure, 2, 4, 64, 16, cpu, False, 1)
     assert single.tiles.shape[0] == 5 and single.block_m == 16
-    spill = plan_decode(structure, 2, 4, 8, cpu, True, 1)  # 2 requests per tile
+    spill = plan_decode(structure, 2, 4, 8, 16, cpu, True, 1)  # 2 requests per tile
     assert spill.tiles[:, 3].tolist() == [2, 1, 2]
+    split = plan_decode(structure, 2, 4, 64, 16, cpu, True, 4)  # own KVs of at most 5 keys: one chunk
+    assert (split.shared_splits, split.own_splits, split.programs) == (4, 1, 2 * 4 + 5)
 
 
-def test_requests_that_share_no_cartridge_get_a_tile_each() -> None:
-    """Nothing to read once for several requests (ICL prompts, or only empty cartridges): one request a tile, so
-    no tile walks other requests' own KV with rows that are masked out."""
-    structure = DecodeStructure(request_segments=((), (), (0,), (0,), ()), segment_lens=(0,), own_lens=(9, 8, 7, 6, 5))
-    plan = plan_decode(structure, 2, 4, 64, torch.device("cpu"), True, 1)
-    assert plan.tiles[:, 3].tolist() == [1] * 5 and plan.block_m == 16
+def test_requests_that_share_no_cartridge() -> None:
+    """Requests that read no cartridge key share tiles that walk nothing (they record that they saw no key);
+    a step in which no request reads one (ICL prompts) has no shared programs and writes the output directly."""
+    structure = DecodeStructure(
+        request_segments=((), (), (0,), (1,), ()), segment_lens=(0, 7), own_lens=(9, 8, 7, 6, 5)
+    )
+    plan = plan_decode(structure, 2, 4, 64, 16, torch.device("cpu"), True, 1)
+    assert plan.tiles[:, 3].tolist() == [4, 1] and plan.tiles[:, 4].tolist() == [0, 7]
+    icl = DecodeStructure(request_segments=((), (0,), ()), segment_lens=(0,), own_lens=(9, 8, 7))
+    plan = plan_decode(icl, 2, 4, 64, 16, torch.device("cpu"), True, None)
+    assert (plan.shared_splits, plan.own_splits, plan.num_slots, plan.programs) == (0, 1, 1, 3)
     torch.manual_seed(4)
-    batch = make_batch([0, 12], [[], [], [0], [1], [1], []], own_lens=[9, 8, 7, 6, 5, 4])
-    torch.testing.assert_close(fused(batch).double(), oracle(batch), atol=ATOL, rtol=0)
+    for lists in ([[], [], [0], [1], [1], []], [[], [0], [], [0], [], []]):
+        batch = make_batch([0, 12], lists, own_lens=[9, 8, 7, 6, 5, 4])
+        with launches() as calls:
+            out = fused(batch)
+        torch.testing.assert_close(out.double(), oracle(batch), atol=ATOL, rtol=0)
+        assert calls["merge"].call_count == (1 if [1] in lists else 0)
+
+
+def test_one_slot_per_row_writes_the_output_directly() -> None:
+    torch.manual_seed(12)
+    cartridges_only = make_batch([30, 5], [[0, 1], [1], [0]], own_lens=None)
+    both = make_batch([30, 5], [[0, 1], [1], [0]], own_lens=[3, 1, 4])
+    for batch, merges in ((cartridges_only, 0), (both, 1)):
+        with launches() as calls:
+            out = fused(batch)
+        assert calls["merge"].call_count == merges
+        torch.testing.assert_close(out.double(), oracle(batch), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("tiles", "max_shared", "requests", "max_own", "want"),
+    [
+        (4, 2048, 64, 128, (8, 1)),  # batch 64 sharing a 2048-token cartridge: chunks of 256 cartridge keys
+        (16, 2048, 256, 128, (8, 1)),
+        (1, 2048, 1, 128, (32, 1)),  # batch 1: cut until the grid fills 264 programs (33 per KV head)
+        (0, 0, 4, 32768, (0, 9)),  # ICL prompts at batch 4: only the own KV, split to fill the grid
+        (1, 2048, 4, None, (32, 0)),  # cartridges only: one tile, cut to fill the grid, a block a chunk at most
+        (0, 0, 0, None, (0, 0)),
+    ],
+)
+def test_decode_splits_balance_and_fill_the_grid(
+    tiles: int, max_shared: int, requests: int, max_own: int | None, want: tuple[int, int]
+) -> None:
+    with mock.patch.object(decode_plan, "target_programs", return_value=264):  # an H200: 132 SMs
+        assert (
+            decode_plan.choose_decode_splits(tiles, max_shared, requests, max_own, 8, 64, torch.device("cuda")) == want
+        )
 
 
 @pytest.mark.parametrize("num_splits", [2, 5, 13])
@@ -160,18 +205,19 @@ def test_shared_per_request_split_and_multi_launch_agree(num_splits: int) -> Non
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_every_output_row_is_written(num_splits: int) -> None:
-    """Outputs and partials start as NaN: a row or split the kernel skipped would show (no fill launch)."""
+    """Partials start as NaN: a row or slot the kernel skipped would show (no fill launch)."""
     torch.manual_seed(6)
-    batch = make_batch([9, 0], [[0], [1], [0, 1], []], own_lens=[4, 0, 2, 0], group=2)
+    batch = make_batch([40, 0], [[0], [1], [0, 1], []], own_lens=[35, 0, 2, 0], group=2)
     tokens, q_heads, head_dim = batch.q.shape
     structure = DecodeStructure(
         request_segments=tuple(tuple(s) for s in batch.table.request_segments),
         segment_lens=tuple(s.num_tokens for s in batch.table.segments),
         own_lens=tuple(s.num_tokens for s in batch.own_kv or []),
     )
-    plan = plan_decode(structure, 2, 2, SMALL.block_m, batch.q.device, True, num_splits)
-    out = torch.full((num_splits, tokens, q_heads, head_dim), float("nan"))
-    lse = torch.full((num_splits, tokens, q_heads), float("nan"))
+    plan = plan_decode(structure, 2, 2, SMALL.block_m, 16, batch.q.device, True, num_splits)
+    assert plan.num_slots == (2 if num_splits == 1 else 3 + 3)  # at most one chunk per 16 keys of a walk
+    out = torch.full((plan.num_slots, tokens, q_heads, head_dim), float("nan"))
+    lse = torch.full((plan.num_slots, tokens, q_heads), float("nan"))
     segments = batch.table.segments
     fused_kernel.launch_fused_decode(
         batch.q, plan, 2, segments, [segments[0]], batch.own_kv, out, lse, 1 / math.sqrt(head_dim), SMALL
