@@ -3,10 +3,11 @@
 Cases (Llama-3.1-8B-like: 8 KV heads, 32 query heads, head_dim 128, timed over 32 layers' worth of distinct
 tensors so L2 cannot hold a step): one 2048-token cartridge shared by the whole batch (bf16 and int8), two
 composed cartridges, and in-context-learning baselines with a 32k / 100k-token prompt per request. The kernel
-is what decode_attention runs on CUDA (the fused decode kernel: one launch per layer, shared-cartridge and
-own-KV programs side by side, plus a merge when a row has several slots); each case is compared with the
-multi-launch path it replaced (a fill, partials per segment kind, then a merge),
-with PyTorch SDPA on the concatenated KV, and with the kernel reading every cartridge once per request.
+is what decode_attention runs on CUDA: the fused decode kernel (one launch per layer, shared-cartridge and
+own-KV programs side by side, plus a merge when a row has several slots) below
+config.FUSED_DECODE_MAX_SHARED_ROWS, the multi-launch path (a fill, partials per segment kind, a merge) above;
+both are also timed on their own (fused_ms, multi_launch_ms), to re-check that threshold. Each case is also
+compared with PyTorch SDPA on the concatenated KV, and with the kernel reading every cartridge once per request.
 Achieved bandwidth = bytes that must be read per step (each cartridge once) / (time x measured copy bandwidth).
 
     PYTHONPATH=.:kernels python bench/kernels_gpu.py [--out DIR]   # on a CUDA machine
@@ -226,7 +227,8 @@ def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_g
     """One (case, batch) row; methods that do not fit in memory are reported as null."""
     kernel_bytes, dense_bytes = layer_bytes(shapes, case, batch, device)
     row: dict[str, Any] = {"case": case.name, "batch": batch, "bytes_per_step": kernel_bytes * shapes.layers}
-    row.update(kernel_ms=None, kernel_eager_ms=None, multi_launch_ms=None, per_request_ms=None, reference_ms=None)
+    row.update(kernel_ms=None, kernel_eager_ms=None, fused_ms=None, multi_launch_ms=None, per_request_ms=None)
+    row.update(reference_ms=None)
     row.update(bandwidth_fraction=None)
     n_layers = layers_fitting(kernel_bytes, shapes, device)
     if n_layers:
@@ -234,7 +236,8 @@ def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_g
         row["kernel_ms"], row["kernel_eager_ms"] = time_per_step(
             lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), layers, shapes, device
         )
-        row["multi_launch_ms"], _ = time_per_step(multi_launch, layers, shapes, device)
+        row["fused_ms"], _ = time_per_step(functools.partial(forced, fused=True), layers, shapes, device)
+        row["multi_launch_ms"], _ = time_per_step(functools.partial(forced, fused=False), layers, shapes, device)
         if case.cartridges:
             row["per_request_ms"], _ = time_per_step(
                 lambda x: decode_attention(x.q, x.table, x.own, backend="triton", shared_reads=False),
@@ -272,7 +275,8 @@ def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
             "default": decode_attention(layer.q, layer.table, layer.own, backend="triton"),
             "per-request": decode_attention(layer.q, layer.table, layer.own, backend="triton", shared_reads=False),
             "split": decode_attention(layer.q, layer.table, layer.own, backend="triton", num_splits=4),
-            "multi-launch": multi_launch(layer),
+            "fused": forced(layer, fused=True),
+            "multi-launch": forced(layer, fused=False),
         }
         for label, got in variants.items():
             err = (got.float() - expected).abs().max().item()
@@ -287,12 +291,12 @@ def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
     return failures
 
 
-def multi_launch(layer: Layer) -> Tensor:
-    """Decode through the multi-launch path the fused kernel replaced (kept for comparison)."""
+def forced(layer: Layer, fused: bool) -> Tensor:
+    """Decode through the fused kernel or the multi-launch path, whatever the dispatcher would pick."""
     scale = layer.q.shape[-1] ** -0.5
     config = default_config(layer.q.shape[-1])
     batch = [1] * layer.q.shape[0]
-    return segmented_attention_triton(layer.q, batch, layer.table, layer.own, scale, None, True, config, fused=False)[0]
+    return segmented_attention_triton(layer.q, batch, layer.table, layer.own, scale, None, True, config, fused)[0]
 
 
 def _decode_with(layer: Layer, config: KernelConfig, num_splits: int | None) -> Tensor:
@@ -349,7 +353,8 @@ def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float
     return rows
 
 
-COLUMNS = (("kernel_ms", "kernel ms", 3), ("kernel_eager_ms", "eager ms", 3), ("multi_launch_ms", "multi ms", 3),
+COLUMNS = (("kernel_ms", "kernel ms", 3), ("kernel_eager_ms", "eager ms", 3), ("fused_ms", "fused ms", 3),
+           ("multi_launch_ms", "multi ms", 3),
            ("reference_ms", "sdpa ms", 3), ("per_request_ms", "per-req ms", 3),
            ("bandwidth_fraction", "bw frac", 2))  # fmt: skip
 
@@ -410,9 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)",
         "versions": {"torch": torch.__version__, "triton": importlib.metadata.version("triton")},
         "copy_bandwidth_gbps": copy_gbps,
-        "timing": "kernel_ms (fused decode kernel), multi_launch_ms (the path it replaced), per_request_ms and "
-        "reference_ms: median CUDA-graph replay of a step over all layers; kernel_eager_ms: the kernel's step "
-        "launched eagerly from Python",
+        "timing": "kernel_ms (what decode_attention dispatches to), fused_ms (the fused decode kernel), "
+        "multi_launch_ms (the multi-launch path), per_request_ms and reference_ms: median CUDA-graph replay of a "
+        "step over all layers; kernel_eager_ms: the dispatched step launched eagerly from Python",
         "shapes": {k: str(v) for k, v in asdict(shapes).items()},
         "rows": [],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

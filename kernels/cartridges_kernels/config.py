@@ -20,6 +20,11 @@ MAX_ACC_PER_THREAD = 128  # fp32 accumulator elements per thread before register
 SHARED_MEMORY_BYTES = 160 * 1024  # what every supported GPU (sm80+) gives one block, opt-in
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
+# Decode takes the fused kernel while its shared walks cover fewer (request, cartridge key) pairs than this,
+# and the multi-launch path from there on. Measured on an H200 (bench/results/kernels-gpu.json, head_dim 128,
+# GQA 4): the fused kernel is 1.1-1.6x faster below 2**17 pairs (one 2048-token cartridge at batch <= 32, two
+# at batch <= 16) and 5-60% slower from there (one at batch 64: 1.29 vs 1.22 ms; two at 256: 6.86 vs 4.25).
+FUSED_DECODE_MAX_SHARED_ROWS = 1 << 17
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,9 @@ def plan_decode(
         tiles=torch.tensor(tiles if shared_splits else [], dtype=torch.int32, device=device).reshape(-1, TILE_COLUMNS),
         tile_segments=torch.tensor(tile_segments or [0], dtype=torch.int32, device=device),
         row_request=torch.tensor(row_request or [0], dtype=torch.int32, device=device),
-        block_m=max(MIN_DOT, group_pad * next_pow2(max((t[3] for t in tiles), default=1))),
+        # Without shared programs the tile size only sets the registers the (unused) shared branch reserves,
+        # which would cut the own programs' occupancy: at batch 8 of 32k-token ICL prompts 11.9 ms vs 8.4.
+        block_m=max(MIN_DOT, group_pad * next_pow2(max((t[3] for t in tiles), default=1) if shared_splits else 1)),
         shared_splits=shared_splits,
         own_splits=own_splits,
         num_requests=len(structure.request_segments),

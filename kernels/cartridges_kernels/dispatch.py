@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cartridges.quantize import QuantizedKV
-from cartridges_kernels.config import KernelConfig, default_config, next_pow2
+from cartridges_kernels.config import FUSED_DECODE_MAX_SHARED_ROWS, KernelConfig, default_config, next_pow2
 from cartridges_kernels.decode_plan import DecodeStructure, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
 from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
@@ -98,15 +98,18 @@ def segmented_attention_triton(
     num_splits: int | None,
     shared_reads: bool,
     config: KernelConfig,
-    fused: bool = True,
+    fused: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kernel path. Decode (one query token per request) whose cartridges share one storage format and whose
-    own KV share one runs the fused kernel: one launch per layer, plus a merge when a row has several slots.
-    Otherwise (and with ``fused=False``, kept to compare): one partials launch per storage format, one for own
-    KV, a merge.
+    own KV share one, and whose shared walks are short enough for it to win (config.FUSED_DECODE_MAX_SHARED_ROWS),
+    runs the fused kernel: one launch per layer, plus a merge when a row has several slots. Otherwise: one
+    partials launch per storage format, one for own KV, a merge. ``fused`` True or False forces the choice
+    (where the batch allows the fused kernel at all), for benchmarks and tests.
 
     Returns (out [tokens, q_heads, head_dim] in q's dtype, base-2 LSE [tokens, q_heads] float32).
     """
+    if fused is None:
+        fused = _shared_rows(table) < FUSED_DECODE_MAX_SHARED_ROWS
     if fused and all(n == 1 for n in query_lens):
         used = _used_segments(table)
         if _one_format(used) and _one_format([s for s in own_kv or [] if s.num_tokens > 0]):
@@ -184,6 +187,11 @@ def fused_decode_triton(
     launch_fused_decode(q, plan, kv_heads, table.segments, used, own_kv, part_o, part_lse, sm_scale, config)
     launch_merge(part_o, part_lse, out, out_lse)
     return out, out_lse
+
+
+def _shared_rows(table: SegmentTable) -> int:
+    """(request, cartridge key) pairs of a decode step: the work of its shared walks."""
+    return sum(sum(table.segments[i].num_tokens for i in set(indices)) for indices in table.request_segments)
 
 
 def _used_segments(table: SegmentTable) -> list[KVSegment]:

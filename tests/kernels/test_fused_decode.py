@@ -22,6 +22,7 @@ from cartridges_kernels import (
     SegmentTable,
     decode_attention,
     decode_plan,
+    dispatch,
     fused_kernel,
     merge_kernel,
     quantize_kv,
@@ -265,6 +266,19 @@ def test_quantized_cartridges_and_own_kv(
             # Loose: within the stated bound of attention over the unquantized inputs (own KV quantized too).
             error = (out.double() - oracle(exact)).abs().max().item()
             assert 1e-5 < error < OUTPUT_BOUND[fmt]
+
+
+def test_long_shared_walks_take_the_multi_launch_path() -> None:
+    """Above FUSED_DECODE_MAX_SHARED_ROWS (request, cartridge key) pairs the dispatcher takes the multi-launch path,
+    which an H200 measured faster there; below it, the fused kernel."""
+    torch.manual_seed(13)
+    batch = make_batch([30, 5], [[0, 1], [1], [0], [0, 1]], own_lens=[3, 1, 4, 2])  # 35 + 5 + 30 + 35 = 105 pairs
+    for threshold, fused_launches in ((106, 1), (105, 0)):
+        with mock.patch.object(dispatch, "FUSED_DECODE_MAX_SHARED_ROWS", threshold), launches() as calls:
+            out = decode_attention(batch.q, batch.table, batch.own_kv, backend="triton", config=SMALL)
+        assert calls["fused"].call_count == fused_launches
+        assert calls["partials"].call_count == 2 * (1 - fused_launches)  # cartridges, own KV
+        torch.testing.assert_close(out.double(), oracle(batch), atol=ATOL, rtol=0)
 
 
 def test_mixed_storage_formats_take_the_multi_launch_path() -> None:
