@@ -22,6 +22,7 @@ from cartridges_kernels.merge_kernel import _merge_kernel
 from cartridges_kernels.segment_kernel import _segment_partials_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
+SCALARS = ["stride_qt", "stride_qh", "n_tokens", "q_heads"]  # integer arguments every attention kernel takes
 
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -83,18 +84,7 @@ def main() -> None:
     pointers = ["meta_ptr", "tiles_ptr", "row_token_ptr", "row_slot_ptr", "row_qpos_ptr"]
     seg_types = {
         **{name: "*i64" if name == "meta_ptr" else "*i32" for name in pointers},
-        **{
-            name: "i32"
-            for name in [
-                "stride_qt",
-                "stride_qh",
-                "n_tokens",
-                "q_heads",
-                "shared_programs",
-                "shared_splits",
-                "own_splits",
-            ]
-        },
+        **{name: "i32" for name in SCALARS},
         "part_o_ptr": "*fp32",
         "part_lse_ptr": "*fp32",
         "qk_scale": "fp32",
@@ -131,18 +121,7 @@ def main() -> None:
     fused_types = {
         **{name: "*i64" for name in ["seg_meta_ptr", "own_meta_ptr"]},
         **{name: "*i32" for name in ["tiles_ptr", "tile_segments_ptr", "row_request_ptr"]},
-        **{
-            name: "i32"
-            for name in [
-                "stride_qt",
-                "stride_qh",
-                "n_tokens",
-                "q_heads",
-                "shared_programs",
-                "shared_splits",
-                "own_splits",
-            ]
-        },
+        **{name: "i32" for name in [*SCALARS, "shared_programs", "shared_splits", "own_splits"]},
         "lse_ptr": "*fp32",
         "qk_scale": "fp32",
     }
