@@ -292,7 +292,7 @@ def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
 
 
 def forced(layer: Layer, fused: bool) -> Tensor:
-    """Decode through the fused kernel or the multi-launch path, whatever the dispatcher would pick."""
+    """Decode through the fused kernel or the multi-launch path, regardless of which the dispatcher would pick."""
     scale = layer.q.shape[-1] ** -0.5
     config = default_config(layer.q.shape[-1])
     batch = [1] * layer.q.shape[0]

@@ -49,6 +49,7 @@ class DecodePlan:
     shared_splits: int
     own_splits: int
     num_requests: int
+    shared_rows: int  # (request, cartridge key) pairs the shared walks cover: the work the dispatcher weighs
 
     @property
     def num_slots(self) -> int:
@@ -87,16 +88,23 @@ def choose_decode_splits(
     kv_heads: int,
     block_n: int,
     device: torch.device,
+    forced: int | None = None,
 ) -> tuple[int, int]:
     """(shared_splits, own_splits) for a step whose tiles read up to ``max_shared`` cartridge keys and whose
-    requests hold up to ``max_own`` own keys (None: no own KV).
+    requests hold up to ``max_own`` own keys (None: no own KV); shared_splits is 0 when only own KV is read.
 
     Own KV is split only when its programs alone would leave SMs idle (long ICL prompts at small batch).
     Cartridge walks are cut into chunks no longer than an own walk (at least MIN_KEYS_PER_SPLIT keys), so no
     shared program runs long after the own programs are done, and further when the grid would not fill the
-    GPU (small batches, where partials are cheap)."""
+    GPU (small batches, where partials are cheap). ``forced`` sets both counts instead, each at most one chunk
+    per ``block_n`` keys of the longest walk."""
     if requests == 0:
         return 0, 0
+    if forced is not None:
+        own = 0 if max_own is None else max(1, min(forced, _cdiv(max_own, block_n)))
+        if max_shared == 0 and max_own is not None:
+            return 0, own
+        return max(1, min(forced, _cdiv(max_shared, block_n))), own
     target = target_programs(device) // max(kv_heads, 1)
     own = 0
     if max_own is not None:
@@ -126,8 +134,8 @@ def plan_decode(
     """The fused launch for one decode step, cached: every layer of a step has the same structure.
 
     Every request gets a tile row, even one that reads no cartridge key (its rows then record that they saw
-    none), so no output or slot needs initializing. ``num_splits`` forces the number of chunks of every walk
-    (at most one per ``block_n`` keys of the longest); None chooses them (choose_decode_splits).
+    none), so no output or slot needs initializing. ``num_splits`` forces the number of chunks of every walk;
+    None chooses them (both: choose_decode_splits).
     """
     tiles: list[tuple[int, int, int, int, int]] = []
     tile_segments: list[int] = []
@@ -145,23 +153,19 @@ def plan_decode(
     max_shared = max((t[4] for t in tiles), default=0)
     own_lens = structure.own_lens
     max_own = None if own_lens is None else max(own_lens, default=0)
-    if num_splits is None:
-        shared_splits, own_splits = choose_decode_splits(
-            len(tiles), max_shared, len(row_request), max_own, kv_heads, block_n, device
-        )
-    else:
-        shared_splits = max(1, min(num_splits, _cdiv(max_shared, block_n)))
-        if max_shared == 0 and max_own is not None:
-            shared_splits = 0
-        own_splits = 0 if max_own is None else max(1, min(num_splits, _cdiv(max_own, block_n)))
+    shared_splits, own_splits = choose_decode_splits(
+        len(tiles), max_shared, len(row_request), max_own, kv_heads, block_n, device, num_splits
+    )
+    # Without shared programs the tile size only sets the registers the (unused) shared branch reserves,
+    # which would cut the own programs' occupancy: at batch 8 of 32k-token ICL prompts 11.9 ms vs 8.4.
+    rows_per_tile = max((t[3] for t in tiles), default=1) if shared_splits else 1
     return DecodePlan(
         tiles=torch.tensor(tiles if shared_splits else [], dtype=torch.int32, device=device).reshape(-1, TILE_COLUMNS),
         tile_segments=torch.tensor(tile_segments or [0], dtype=torch.int32, device=device),
         row_request=torch.tensor(row_request or [0], dtype=torch.int32, device=device),
-        # Without shared programs the tile size only sets the registers the (unused) shared branch reserves,
-        # which would cut the own programs' occupancy: at batch 8 of 32k-token ICL prompts 11.9 ms vs 8.4.
-        block_m=max(MIN_DOT, group_pad * next_pow2(max((t[3] for t in tiles), default=1) if shared_splits else 1)),
+        block_m=max(MIN_DOT, group_pad * next_pow2(rows_per_tile)),
         shared_splits=shared_splits,
         own_splits=own_splits,
         num_requests=len(structure.request_segments),
+        shared_rows=sum(t[3] * t[4] for t in tiles),
     )

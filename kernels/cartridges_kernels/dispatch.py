@@ -17,7 +17,7 @@ from torch import Tensor
 
 from cartridges.quantize import QuantizedKV
 from cartridges_kernels.config import FUSED_DECODE_MAX_SHARED_ROWS, KernelConfig, default_config, next_pow2
-from cartridges_kernels.decode_plan import DecodeStructure, plan_decode
+from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
 from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
 from cartridges_kernels.torch_backend import segmented_attention_torch
@@ -108,12 +108,13 @@ def segmented_attention_triton(
 
     Returns (out [tokens, q_heads, head_dim] in q's dtype, base-2 LSE [tokens, q_heads] float32).
     """
-    if fused is None:
-        fused = _shared_rows(table) < FUSED_DECODE_MAX_SHARED_ROWS
-    if fused and all(n == 1 for n in query_lens):
+    if fused is not False and all(n == 1 for n in query_lens):
         used = _used_segments(table)
         if _one_format(used) and _one_format([s for s in own_kv or [] if s.num_tokens > 0]):
-            return fused_decode_triton(q, table, used, own_kv, sm_scale, num_splits, shared_reads, config)
+            kv_heads = _kv_heads(table, own_kv, q.shape[1])
+            fused_plan = _plan_decode(q, table, own_kv, kv_heads, num_splits, shared_reads, config)
+            if fused or fused_plan.shared_rows < FUSED_DECODE_MAX_SHARED_ROWS:
+                return fused_decode_triton(q, fused_plan, kv_heads, table, used, own_kv, sm_scale, config)
     from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
     from cartridges_kernels.segment_kernel import launch_segment_partials
 
@@ -149,14 +150,35 @@ def segmented_attention_triton(
     return out, out_lse
 
 
+def _plan_decode(
+    q: Tensor,
+    table: SegmentTable,
+    own_kv: Sequence[KVSegment] | None,
+    kv_heads: int,
+    num_splits: int | None,
+    shared_reads: bool,
+    config: KernelConfig,
+) -> DecodePlan:
+    """The fused decode plan of this step (cached by the step's structure: every layer reuses it)."""
+    structure = DecodeStructure(
+        request_segments=tuple(tuple(s) for s in table.request_segments),
+        segment_lens=tuple(s.num_tokens for s in table.segments),
+        own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
+    )
+    group_pad = next_pow2(q.shape[1] // kv_heads)
+    return plan_decode(
+        structure, kv_heads, group_pad, config.block_m, config.block_n, q.device, shared_reads, num_splits
+    )
+
+
 def fused_decode_triton(
     q: Tensor,
+    plan: DecodePlan,
+    kv_heads: int,
     table: SegmentTable,
     used: Sequence[KVSegment],
     own_kv: Sequence[KVSegment] | None,
     sm_scale: float,
-    num_splits: int | None,
-    shared_reads: bool,
     config: KernelConfig,
 ) -> tuple[Tensor, Tensor]:
     """The fused decode path (see fused_kernel): one launch, plus a merge when a row has several slots.
@@ -167,16 +189,6 @@ def fused_decode_triton(
     from cartridges_kernels.merge_kernel import launch_merge
 
     tokens, q_heads, head_dim = q.shape
-    kv_heads = _kv_heads(table, own_kv, q_heads)
-    structure = DecodeStructure(
-        request_segments=tuple(tuple(s) for s in table.request_segments),
-        segment_lens=tuple(s.num_tokens for s in table.segments),
-        own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
-    )
-    group_pad = next_pow2(q_heads // kv_heads)
-    plan = plan_decode(
-        structure, kv_heads, group_pad, config.block_m, config.block_n, q.device, shared_reads, num_splits
-    )
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
     if plan.num_slots == 1:
@@ -187,11 +199,6 @@ def fused_decode_triton(
     launch_fused_decode(q, plan, kv_heads, table.segments, used, own_kv, part_o, part_lse, sm_scale, config)
     launch_merge(part_o, part_lse, out, out_lse)
     return out, out_lse
-
-
-def _shared_rows(table: SegmentTable) -> int:
-    """(request, cartridge key) pairs of a decode step: the work of its shared walks."""
-    return sum(sum(table.segments[i].num_tokens for i in set(indices)) for indices in table.request_segments)
 
 
 def _used_segments(table: SegmentTable) -> list[KVSegment]:
