@@ -18,6 +18,11 @@ MAX_BLOCK_N = 256
 MAX_HEAD_DIM = 256
 MAX_ACC_PER_THREAD = 128  # fp32 accumulator elements per thread before registers spill
 SHARED_MEMORY_BYTES = 160 * 1024  # what every supported GPU (sm80+) gives one block, opt-in
+# K+V bytes an own program of the fused decode kernel keeps in flight. Triton stages the own walk's loads
+# num_stages - 1 deep (its dots are mma.sync, which read registers; the shared walk's wgmma reads shared memory
+# and gets num_stages buffers), so at 2 stages each own block is one serial round trip: 64 KB makes that one
+# trip for a 128-token bf16 own KV at head_dim 128 instead of two 64-key ones.
+OWN_BLOCK_BYTES = 64 * 1024
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
 # Decode takes the fused kernel while its shared walks cover fewer (request, cartridge key) pairs than this,
@@ -29,12 +34,14 @@ FUSED_DECODE_MAX_SHARED_ROWS = 1 << 17
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Segment-kernel tiles: ``block_m`` query rows (tokens x padded GQA group), ``block_n`` keys."""
+    """Segment-kernel tiles: ``block_m`` query rows (tokens x padded GQA group), ``block_n`` keys;
+    ``own_block_n`` keys per block of the fused decode kernel's own-KV walk (None: see own_block_n())."""
 
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    own_block_n: int | None = None
 
 
 def next_pow2(n: int) -> int:
@@ -52,6 +59,10 @@ def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: 
         raise ValueError(f"block_m={config.block_m} must be a power of two in [{MIN_DOT}, {MAX_BLOCK_M}]")
     if not (_is_pow2(config.block_n) and MIN_DOT <= config.block_n <= MAX_BLOCK_N):
         raise ValueError(f"block_n={config.block_n} must be a power of two in [{MIN_DOT}, {MAX_BLOCK_N}]")
+    if config.own_block_n is not None and not (
+        _is_pow2(config.own_block_n) and MIN_DOT <= config.own_block_n <= MAX_BLOCK_N
+    ):
+        raise ValueError(f"own_block_n={config.own_block_n} must be a power of two in [{MIN_DOT}, {MAX_BLOCK_N}]")
     if config.block_m < group_pad:
         raise ValueError(f"block_m={config.block_m} is smaller than the GQA group ({group_pad} query heads)")
     if head_dim > MAX_HEAD_DIM:
@@ -71,6 +82,29 @@ def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: 
             f"block_n={config.block_n}, head_dim {block_d}, {config.num_stages} stages need {smem} bytes of "
             f"shared memory (max {SHARED_MEMORY_BYTES}); lower block_n or num_stages"
         )
+    own_smem = max(1, config.num_stages - 1) * 2 * (config.own_block_n or 0) * block_d * kv_bytes
+    if own_smem > SHARED_MEMORY_BYTES:
+        raise ValueError(
+            f"own_block_n={config.own_block_n}, head_dim {block_d}, {config.num_stages} stages need {own_smem} "
+            f"bytes of shared memory (max {SHARED_MEMORY_BYTES}); lower own_block_n or num_stages"
+        )
+
+
+def own_block_n(config: KernelConfig, head_dim: int, kv_bytes: int, dequantizes: bool = False) -> int:
+    """Keys per own-KV block of the fused decode kernel: config.own_block_n, else the most (up to 128, at
+    least config.block_n) whose staged key and value blocks fit OWN_BLOCK_BYTES. A kernel that ``dequantizes``
+    cartridges keeps config.block_n: it is at the register limit already (255 on sm_90 at the default tiles)
+    and bigger own blocks make it spill (tests/kernels/test_gpu_compile.py)."""
+    if config.own_block_n is not None:
+        return config.own_block_n
+    if dequantizes:
+        return config.block_n
+    buffers = max(1, config.num_stages - 1)
+    block_d = max(next_pow2(head_dim), MIN_DOT)
+    n = 128
+    while n > config.block_n and buffers * 2 * n * block_d * kv_bytes > OWN_BLOCK_BYTES:
+        n //= 2
+    return max(n, config.block_n)
 
 
 def default_config(head_dim: int) -> KernelConfig:
@@ -81,10 +115,12 @@ def default_config(head_dim: int) -> KernelConfig:
 # The tile configs the GPU benchmark times against the default at head_dim 128 (bench/kernels_gpu.py sweep).
 # Each compiles for sm_90 without spilling registers (tests/kernels/test_gpu_compile.py): a spilling config
 # is slow for a reason no sweep needs to measure. block_m sets how many requests a shared tile batches (16:
-# 4 requests at GQA 4, more programs); block_n 128 reads a 128-token own KV in one block.
+# 4 requests at GQA 4, more programs); block_n 128 reads a 128-token own KV in one block; own_block_n=64 is
+# the own walk before OWN_BLOCK_BYTES (two round trips for a 128-token own KV). 8 warps leave one program per
+# SM at these tiles' registers (the compile test prints it): (64, 64, 8, 3) lost everywhere on the H200.
 SWEEP_CONFIGS = (
     KernelConfig(64, 64, 4, 3),
-    KernelConfig(64, 64, 8, 3),
+    KernelConfig(64, 64, 4, 2, own_block_n=64),
     KernelConfig(128, 64, 8, 3),
     KernelConfig(32, 64, 4, 3),
     KernelConfig(16, 64, 4, 3),

@@ -117,7 +117,9 @@ def choose_decode_splits(
     shared = _cdiv(max_shared, chunk)
     if tiles * shared + requests * own < target:
         shared = _cdiv(target - requests * own, tiles)
-    return max(1, min(shared, _cdiv(max_shared, block_n), MAX_SPLITS)), own
+    blocks = max(1, _cdiv(max_shared, block_n))
+    shared = max(1, min(shared, blocks, MAX_SPLITS))
+    return _cdiv(blocks, _cdiv(blocks, shared)), own  # whole-block chunks: no trailing split left empty
 
 
 @functools.lru_cache(maxsize=16)

@@ -11,13 +11,14 @@ filling beforehand; the merge kernel combines the slots, unless there is only on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2
+from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2, own_block_n
 from cartridges_kernels.decode_plan import TILE_COLUMNS, DecodePlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import TL_DTYPE, aligned, granularity, segment_meta
@@ -58,6 +59,7 @@ def _fused_decode_kernel(
     BLOCK_M: tl.constexpr,
     OWN_BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    OWN_BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SEG_K_DTYPE: tl.constexpr,
@@ -85,7 +87,7 @@ def _fused_decode_kernel(
         _own_program(
             q_ptr, stride_qt, stride_qh, own_meta_ptr, out_ptr, lse_ptr, n_tokens, q_heads, qk_scale,
             item // own_splits, item % own_splits, own_splits, shared_splits, kv_head,
-            GROUP, GROUP_PAD, OWN_BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+            GROUP, GROUP_PAD, OWN_BLOCK_M, OWN_BLOCK_N, HEAD_DIM, BLOCK_D,
             OWN_K_DTYPE, OWN_V_DTYPE, OWN_K_SCALE, OWN_V_SCALE, OWN_ALIGNED,
         )  # fmt: skip
 
@@ -236,15 +238,15 @@ def launch_fused_decode(
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
     kv_bytes = max(_kv_bytes(used), _kv_bytes(own_kv or []))
-    check_config(
-        KernelConfig(plan.block_m, config.block_n, config.num_warps, config.num_stages), group_pad, head_dim, kv_bytes
-    )
+    check_config(replace(config, block_m=plan.block_m), group_pad, head_dim, kv_bytes)
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
     if plan.programs == 0:
         return
     seg_meta = segment_meta(segments, q.device) if segments else torch.zeros(1, 11, dtype=torch.int64, device=q.device)
     own_meta = seg_meta if own_kv is None else segment_meta(own_kv, q.device)
+    cartridge_format = _format_constants("SEG", used, q.dtype)
+    dequantizes = bool(cartridge_format["SEG_K_SCALE"] or cartridge_format["SEG_V_SCALE"])
     _fused_decode_kernel[(plan.programs, kv_heads)](
         q,
         q.stride(0),
@@ -267,9 +269,10 @@ def launch_fused_decode(
         BLOCK_M=plan.block_m,
         OWN_BLOCK_M=max(MIN_DOT, group_pad),
         BLOCK_N=config.block_n,
+        OWN_BLOCK_N=own_block_n(config, head_dim, _kv_bytes(own_kv or []), dequantizes),
         HEAD_DIM=head_dim,
         BLOCK_D=max(next_pow2(head_dim), MIN_DOT),
-        **_format_constants("SEG", used, q.dtype),
+        **cartridge_format,
         **_format_constants("OWN", own_kv or [], q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

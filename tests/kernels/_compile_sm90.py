@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from cartridges_kernels.config import SWEEP_CONFIGS, KernelConfig, default_config
+from cartridges_kernels.config import SWEEP_CONFIGS, KernelConfig, default_config, own_block_n
 from cartridges_kernels.fused_kernel import _fused_decode_kernel
 from cartridges_kernels.merge_kernel import _merge_kernel
 from cartridges_kernels.segment_kernel import _segment_partials_kernel
@@ -71,13 +71,23 @@ def compile_tiles(
     tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": 128, "BLOCK_D": 128}
     constants = {"GROUP": 4, "GROUP_PAD": 4, **tiles, **formats}
     if kernel is _fused_decode_kernel:
-        constants["OWN_BLOCK_M"] = 16
+        dequantizes = bool(formats["SEG_K_SCALE"] or formats["SEG_V_SCALE"])
+        constants.update(OWN_BLOCK_M=16, OWN_BLOCK_N=own_block_n(config, 128, 2, dequantizes))
     return compile_kernel(kernel, types, constants, config.num_warps, config.num_stages)
+
+
+def resident_programs(registers: int, shared_bytes: int, warps: int) -> int:
+    """Programs an H100/H200 SM holds at once (65536 registers allocated per warp in 256s, 228 KB of shared
+    memory with 1 KB reserved per block): the occupancy a memory-bound walk gets."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 228 * 1024 // (shared_bytes + 1024), 64 // warps)
 
 
 def print_registers(name: str, config: KernelConfig, compiled: triton.compiler.CompiledKernel) -> None:
     registers, stack = registers_and_stack(compiled)
-    print(f"registers {name} {config}: {registers} registers, {stack} bytes stack")
+    shared = compiled.metadata.shared
+    print(f"registers {name} {config}: {registers} registers, {shared} bytes shared memory, "
+          f"{resident_programs(registers, shared, config.num_warps)} programs per SM, {stack} bytes stack")  # fmt: skip
 
 
 def main() -> None:
@@ -142,7 +152,9 @@ def main() -> None:
     ]
     for q_type, out_type, formats in fused_variants:
         types = {**fused_types, "q_ptr": f"*{q_type}", "out_ptr": f"*{out_type}"}
-        compiled = compile_kernel(_fused_decode_kernel, types, {**shape, **formats, "OWN_BLOCK_M": 16})
+        compiled = compile_kernel(
+            _fused_decode_kernel, types, {**shape, **formats, "OWN_BLOCK_M": 16, "OWN_BLOCK_N": 128}
+        )
         print(f"fused kernel q={q_type} {formats}: ok, {compiled.metadata.shared} bytes shared memory, "
               f"{wide_loads(compiled)} wide loads")  # fmt: skip
     bf16_types = {**fused_types, "q_ptr": "*bf16", "out_ptr": "*bf16"}

@@ -37,7 +37,7 @@ from ._build import Batch, make_batch, oracle, pool_views
 from .test_quantized_attention import OUTPUT_BOUND
 
 ATOL = 2e-4  # fp32 compute
-SMALL = KernelConfig(block_m=16, block_n=16)  # several tiles and key blocks from small inputs
+SMALL = KernelConfig(block_m=16, block_n=16, own_block_n=16)  # several tiles and key blocks from small inputs
 
 
 @contextmanager
@@ -86,6 +86,17 @@ def test_matches_oracle(segment_lens: list[int], request_segments: list[list[int
     own_lens = [3, 9, 1, 2, 17][: len(request_segments)]
     batch = make_batch(segment_lens, request_segments, own_lens=own_lens, kv_heads=kv_heads, group=group)
     torch.testing.assert_close(fused(batch).double(), oracle(batch), atol=ATOL, rtol=0)
+
+
+def test_own_walks_in_automatic_blocks() -> None:
+    """Without own_block_n the own walk takes blocks of up to 128 keys (config.own_block_n): own KVs shorter
+    than one block, exactly one, and several with a ragged end, split or not."""
+    torch.manual_seed(13)
+    batch = make_batch([21], [[0]] * 4, own_lens=[5, 128, 300, 129], group=2)
+    auto = KernelConfig(block_m=16, block_n=16)
+    for splits in (None, 3):
+        out = fused(batch, num_splits=splits, config=auto)
+        torch.testing.assert_close(out.double(), oracle(batch), atol=ATOL, rtol=0)
 
 
 def test_empty_segments_and_requests_without_keys() -> None:
@@ -173,6 +184,7 @@ def test_one_slot_per_row_writes_the_output_directly() -> None:
         (1, 2048, 1, 128, (32, 1)),  # batch 1: cut until the grid fills 264 programs (33 per KV head)
         (0, 0, 4, 32768, (0, 9)),  # ICL prompts at batch 4: only the own KV, split to fill the grid
         (1, 2048, 4, None, (32, 0)),  # cartridges only: one tile, cut to fill the grid, a block a chunk at most
+        (4, 2048, 64, None, (8, 0)),  # 9 splits would fill the grid, but 4-block chunks leave the 9th empty
         (0, 0, 0, None, (0, 0)),
     ],
 )

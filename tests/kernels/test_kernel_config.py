@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cartridges_kernels import KernelConfig, prefill_attention
-from cartridges_kernels.config import check_config, default_config
+from cartridges_kernels.config import check_config, default_config, own_block_n
 
 from ._build import make_batch
 
@@ -20,6 +20,8 @@ from ._build import make_batch
         (KernelConfig(num_warps=3), "num_warps=3"),
         (KernelConfig(block_m=128, num_warps=1), "accumulator registers"),
         (KernelConfig(block_n=256, num_stages=4), "shared memory"),
+        (KernelConfig(own_block_n=48), "own_block_n=48 must be a power of two"),
+        (KernelConfig(own_block_n=256, num_stages=3), "own_block_n=256.*shared memory"),
     ],
 )
 def test_bad_configs_are_rejected(config: KernelConfig, message: str) -> None:
@@ -48,3 +50,21 @@ def test_group_larger_than_block_is_rejected() -> None:
 def test_default_config_is_valid_for_llama_shapes() -> None:
     for head_dim in (64, 128, 256):
         check_config(default_config(head_dim), group_pad=4, head_dim=head_dim, kv_bytes=2)
+
+
+@pytest.mark.parametrize(
+    ("config", "head_dim", "kv_bytes", "want"),
+    [
+        (KernelConfig(), 128, 2, 128),  # a 128-token bf16 own KV in one round trip
+        (KernelConfig(num_stages=3), 128, 2, 64),  # two staged blocks share the same bytes
+        (KernelConfig(), 128, 4, 64),  # fp32
+        (KernelConfig(), 256, 2, 64),
+        (KernelConfig(block_n=32), 256, 4, 32),  # never below block_n
+        (KernelConfig(own_block_n=16), 128, 2, 16),  # explicit
+    ],
+)
+def test_own_block_n_keeps_one_round_trip_of_bytes(
+    config: KernelConfig, head_dim: int, kv_bytes: int, want: int
+) -> None:
+    assert own_block_n(config, head_dim, kv_bytes) == want
+    assert own_block_n(config, head_dim, kv_bytes, dequantizes=True) == (config.own_block_n or config.block_n)
