@@ -9,6 +9,8 @@ config.FUSED_DECODE_MAX_SHARED_ROWS, the multi-launch path (a fill, partials per
 both are also timed on their own (fused_ms, multi_launch_ms), to re-check that threshold. Each case is also
 compared with PyTorch SDPA on the concatenated KV, and with the kernel reading every cartridge once per request.
 Achieved bandwidth = bytes that must be read per step (each cartridge once) / (time x measured copy bandwidth).
+At batch 64 and 256 the shared-cartridge step is also broken down (cartridge alone, own KV alone, each beside
+torch's flash attention on the same half), profiled per kernel (torch.profiler), and swept over tile configs.
 
     PYTHONPATH=.:kernels python bench/kernels_gpu.py [--out DIR]   # on a CUDA machine
     python bench/kernels_gpu.py --smoke --out /tmp/x    # tiny shapes on CPU (Triton interpreter)
@@ -326,30 +328,111 @@ def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) ->
     return rows
 
 
+@dataclass
+class FlashInputs:
+    """One layer's shared-cartridge step laid out for torch's flash attention: the GQA group of each KV head
+    folded into query rows, so each half is one SDPA call without repeating keys."""
+
+    cartridge_q: Tensor  # [1, kv_heads, batch * group, head_dim]
+    cartridge_k: Tensor  # [1, kv_heads, cartridge tokens, head_dim]
+    cartridge_v: Tensor
+    own_q: Tensor  # [batch, kv_heads, group, head_dim]
+    own_k: Tensor  # [batch, kv_heads, own tokens, head_dim]
+    own_v: Tensor
+
+    @classmethod
+    def of(cls, layer: Layer) -> FlashInputs:
+        batch, q_heads, head_dim = layer.q.shape
+        (cartridge,) = layer.table.segments
+        kv_heads = cartridge.kv_heads
+        grouped = layer.q.view(batch, kv_heads, q_heads // kv_heads, head_dim)
+        keys, values = cartridge.dense(layer.q.dtype)
+        own = [x.dense(layer.q.dtype) for x in layer.own]
+        return cls(
+            cartridge_q=grouped.transpose(0, 1).reshape(1, kv_heads, -1, head_dim),
+            cartridge_k=keys[None],
+            cartridge_v=values[None],
+            own_q=grouped,
+            own_k=torch.stack([k for k, _ in own]),
+            own_v=torch.stack([v for _, v in own]),
+        )
+
+
+def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA on torch's flash-attention backend on CUDA (a mature kernel to hold ours against), default elsewhere."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
     """Where the shared-cartridge step's time goes: the fused kernel over the cartridge alone, over the
-    requests' own KV alone, and over both (default config, graph replay), each with its own bandwidth fraction."""
+    requests' own KV alone, and over both (default config, graph replay), each with its own bandwidth fraction;
+    and each half on torch's flash attention (no LSE, no merge: a floor for what a mature kernel takes)."""
     case = cases(shapes)[0]
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
+    flash = [FlashInputs.of(layer) for layer in layers]
     no_cartridges = SegmentTable([], [[]] * batch)
-    phases: dict[str, tuple[Callable[[Layer], object], int]] = {
-        "cartridge+own": (lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), kernel_bytes),
-        "cartridge only": (
-            lambda x: decode_attention(x.q, x.table, None, backend="triton"),
-            sum(map(stored_bytes, layers[0].table.segments)),
+    cartridge_bytes = sum(map(stored_bytes, layers[0].table.segments))
+    own_bytes = batch * stored_bytes(layers[0].own[0])
+    phases: dict[str, tuple[Callable[[Any], object], list[Any], int]] = {
+        "cartridge+own": (lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), layers, kernel_bytes),
+        "cartridge only": (lambda x: decode_attention(x.q, x.table, None, backend="triton"), layers, cartridge_bytes),
+        "own only": (lambda x: decode_attention(x.q, no_cartridges, x.own, backend="triton"), layers, own_bytes),
+        "cartridge only, torch flash SDPA": (
+            lambda x: flash_sdpa(x.cartridge_q, x.cartridge_k, x.cartridge_v),
+            flash,
+            cartridge_bytes,
         ),
-        "own only": (
-            lambda x: decode_attention(x.q, no_cartridges, x.own, backend="triton"),
-            batch * stored_bytes(layers[0].own[0]),
-        ),
+        "own only, torch flash SDPA": (lambda x: flash_sdpa(x.own_q, x.own_k, x.own_v), flash, own_bytes),
     }
     rows = []
-    for phase, (run, phase_bytes) in phases.items():
-        ms, _ = time_per_step(run, layers, shapes, device)
+    for phase, (run, inputs, phase_bytes) in phases.items():
+        try:
+            ms, _ = time_per_step(run, inputs, shapes, device)
+        except RuntimeError as error:  # e.g. no flash kernel for this GPU: keep the other rows
+            print(f"breakdown {phase}: {error}", file=sys.stderr)
+            continue
         rows.append({"phase": phase, "batch": batch, "kernel_ms": ms,
                      "bandwidth_fraction": phase_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps})  # fmt: skip
         print(f"breakdown {rows[-1]}", flush=True)
+    return rows
+
+
+def kernel_profile(shapes: Shapes, batch: int, device: torch.device) -> list[dict[str, Any]]:
+    """Device time per kernel of one eagerly launched shared-cartridge step, fused and multi-launch paths
+    (torch.profiler): what each launch costs, and by difference with the graph replay, the gaps between them.
+    Empty without CUDA."""
+    if device.type != "cuda":
+        return []
+    try:
+        return _profile_paths(shapes, batch, device)
+    except RuntimeError as error:  # a profiler the machine refuses must not cost the sweep after it
+        print(f"kernel profile at batch {batch}: {error}", file=sys.stderr)
+        return []
+
+
+def _profile_paths(shapes: Shapes, batch: int, device: torch.device) -> list[dict[str, Any]]:
+    case = cases(shapes)[0]
+    kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
+    layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
+    rows = []
+    for path, fused in (("fused", True), ("multi-launch", False)):
+        for layer in layers:  # warm-up: compile, fill the plan caches
+            forced(layer, fused)
+        sync(device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for layer in layers:
+                forced(layer, fused)
+            sync(device)
+        for event in prof.key_averages():
+            device_us = getattr(event, "device_time_total", 0.0)
+            if device_us > 0:
+                per_layer = {"calls_per_layer": event.count / len(layers), "us_per_layer": device_us / len(layers)}
+                rows.append({"path": path, "batch": batch, "kernel": event.key[:80], **per_layer})
+                print(f"profile {rows[-1]}", flush=True)
     return rows
 
 
@@ -431,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
     focus = (64, 256) if device.type == "cuda" else shapes.batches  # the batches the targets name
     result["breakdown"] = [row for batch in focus for row in breakdown(shapes, batch, device, copy_gbps)]
+    result["kernel_profile"] = [row for batch in focus for row in kernel_profile(shapes, batch, device)]
     (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     if device.type == "cuda":
         result["sweep"] = [row for batch in focus for row in sweep(shapes, batch, device, copy_gbps)]

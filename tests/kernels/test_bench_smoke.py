@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,3 +38,35 @@ def test_bench_smoke_writes_results(tmp_path: Path) -> None:
         assert row["fused_ms"] > 0 and row["multi_launch_ms"] > 0  # both paths the dispatcher chooses from
         assert (row["per_request_ms"] is None) == row["case"].startswith("icl")
     assert "shared-1x40" in proc.stdout
+    phases = {row["phase"] for row in result["breakdown"] if row["kernel_ms"] > 0}
+    assert phases == {"cartridge+own", "cartridge only", "own only", "cartridge only, torch flash SDPA",
+                      "own only, torch flash SDPA"}  # fmt: skip
+    assert result["kernel_profile"] == []  # CUDA only
+
+
+def test_flash_baseline_computes_the_same_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The breakdown's flash-SDPA rows time the same attention as the kernel's halves, not a cheaper one."""
+    import importlib.util
+
+    import torch
+
+    from cartridges_kernels import SegmentTable, decode_attention
+
+    spec = importlib.util.spec_from_file_location("kernels_gpu", ROOT / "bench" / "kernels_gpu.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    shapes = bench.SMOKE
+    layer = bench.make_layer(shapes, bench.cases(shapes)[0], 3, torch.device("cpu"))
+    flash = bench.FlashInputs.of(layer)
+    batch, q_heads, head_dim = layer.q.shape
+    kv_heads = shapes.kv_heads
+    cartridge = bench.flash_sdpa(flash.cartridge_q, flash.cartridge_k, flash.cartridge_v)
+    cartridge = cartridge.view(kv_heads, batch, q_heads // kv_heads, head_dim).transpose(0, 1).reshape(layer.q.shape)
+    want = decode_attention(layer.q, layer.table, None, backend="torch")
+    torch.testing.assert_close(cartridge, want, atol=1e-5, rtol=0)
+    own = bench.flash_sdpa(flash.own_q, flash.own_k, flash.own_v).reshape(layer.q.shape)
+    want = decode_attention(layer.q, SegmentTable([], [[]] * batch), layer.own, backend="torch")
+    torch.testing.assert_close(own, want, atol=1e-5, rtol=0)
