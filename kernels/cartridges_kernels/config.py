@@ -8,7 +8,7 @@ the same way on CPU as it would on a GPU, with a message that says what to chang
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,13 +48,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """BLOCK_D: head_dim rounded up to a power of two a dot accepts."""
+    return max(next_pow2(head_dim), MIN_DOT)
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
 def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: int) -> None:
     """Raise ValueError if the config cannot compile, or would spill, on a GPU."""
-    block_d = max(next_pow2(head_dim), MIN_DOT)
+    block_d = padded_head_dim(head_dim)
     if not (_is_pow2(config.block_m) and MIN_DOT <= config.block_m <= MAX_BLOCK_M):
         raise ValueError(f"block_m={config.block_m} must be a power of two in [{MIN_DOT}, {MAX_BLOCK_M}]")
     if not (_is_pow2(config.block_n) and MIN_DOT <= config.block_n <= MAX_BLOCK_N):
@@ -76,7 +81,7 @@ def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: 
             f"per thread with {config.num_warps} warps (max {MAX_ACC_PER_THREAD}); lower block_m or raise "
             "num_warps"
         )
-    smem = config.num_stages * 2 * config.block_n * block_d * kv_bytes + config.block_m * block_d * 4
+    smem = shared_memory_bytes(config, head_dim, kv_bytes)
     if smem > SHARED_MEMORY_BYTES:
         raise ValueError(
             f"block_n={config.block_n}, head_dim {block_d}, {config.num_stages} stages need {smem} bytes of "
@@ -100,16 +105,33 @@ def own_block_n(config: KernelConfig, head_dim: int, kv_bytes: int, dequantizes:
     if dequantizes:
         return config.block_n
     buffers = max(1, config.num_stages - 1)
-    block_d = max(next_pow2(head_dim), MIN_DOT)
+    block_d = padded_head_dim(head_dim)
     n = 128
     while n > config.block_n and buffers * 2 * n * block_d * kv_bytes > OWN_BLOCK_BYTES:
         n //= 2
     return max(n, config.block_n)
 
 
-def default_config(head_dim: int) -> KernelConfig:
-    """A fixed config (no autotuning: the interpreter cannot time, and decode shapes vary every step)."""
-    return KernelConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+def shared_memory_bytes(config: KernelConfig, head_dim: int, kv_bytes: int) -> int:
+    """An upper bound on the shared memory of the config's key/value pipeline and query tile."""
+    block_d = padded_head_dim(head_dim)
+    return config.num_stages * 2 * config.block_n * block_d * kv_bytes + config.block_m * block_d * 4
+
+
+def default_config(head_dim: int, kv_bytes: int = 2, dequantizes: bool = False) -> KernelConfig:
+    """A fixed config (no autotuning: the interpreter cannot time, and decode shapes vary every step).
+
+    Three pipeline stages: on an H200 they were 3-6% faster than two for decode at batch 64 and 256, with as
+    many programs per SM (bench/results/kernels-gpu.json). Two where the kernel ``dequantizes`` cartridges (at
+    255 registers on sm_90 already, a third stage spills) or shared memory runs out (fp32 KV), and smaller key
+    blocks where even two do not fit (fp32 KV at head_dim 256)."""
+    config = KernelConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_stages=2 if dequantizes else 3)
+    while shared_memory_bytes(config, head_dim, kv_bytes) > SHARED_MEMORY_BYTES:
+        if config.num_stages > 2:
+            config = replace(config, num_stages=2)
+        else:
+            config = replace(config, block_n=config.block_n // 2)
+    return config
 
 
 # The tile configs the GPU benchmark times against the default at head_dim 128 (bench/kernels_gpu.py sweep).
@@ -119,7 +141,7 @@ def default_config(head_dim: int) -> KernelConfig:
 # the own walk before OWN_BLOCK_BYTES (two round trips for a 128-token own KV). 8 warps leave one program per
 # SM at these tiles' registers (the compile test prints it): (64, 64, 8, 3) lost everywhere on the H200.
 SWEEP_CONFIGS = (
-    KernelConfig(64, 64, 4, 3),
+    KernelConfig(64, 64, 4, 2),
     KernelConfig(64, 64, 4, 2, own_block_n=64),
     KernelConfig(128, 64, 8, 3),
     KernelConfig(32, 64, 4, 3),

@@ -19,7 +19,7 @@ from cartridges.quantize import QuantizedKV
 from cartridges_kernels.config import FUSED_DECODE_MAX_SHARED_ROWS, KernelConfig, default_config, next_pow2
 from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
-from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
+from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, any_quantized, kv_element_bytes, storage_of
 from cartridges_kernels.torch_backend import segmented_attention_torch
 
 Backend = Literal["auto", "triton", "torch"]
@@ -85,7 +85,7 @@ def prefill_attention(
     if _resolve_backend(backend, q) == "torch":
         return segmented_attention_torch(q, query_lens, table, own_kv, scale)[0]
     return segmented_attention_triton(
-        q, query_lens, table, own_kv, scale, num_splits, shared_reads, config or default_config(q.shape[-1])
+        q, query_lens, table, own_kv, scale, num_splits, shared_reads, config or default_config_for(q, table, own_kv)
     )[0]
 
 
@@ -148,6 +148,12 @@ def segmented_attention_triton(
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
     launch_merge(part_o, part_lse, out, out_lse)
     return out, out_lse
+
+
+def default_config_for(q: Tensor, table: SegmentTable, own_kv: Sequence[KVSegment] | None) -> KernelConfig:
+    """The config a call without one gets: config.default_config for these queries' head_dim and KV storage."""
+    segments = [*table.segments, *(own_kv or [])]
+    return default_config(q.shape[-1], kv_element_bytes(segments), any_quantized(segments))
 
 
 def _plan_decode(

@@ -18,11 +18,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2, own_block_n
+from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2, own_block_n, padded_head_dim
 from cartridges_kernels.decode_plan import TILE_COLUMNS, DecodePlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import TL_DTYPE, aligned, granularity, segment_meta
-from cartridges_kernels.segments import KVSegment, storage_of
+from cartridges_kernels.segments import KVSegment, any_quantized, kv_element_bytes, storage_of
 from cartridges_kernels.tile import (
     attend_keys,
     empty_state,
@@ -214,10 +214,6 @@ def _format_constants(prefix: str, segments: Sequence[KVSegment], fallback: torc
     }
 
 
-def _kv_bytes(segments: Sequence[KVSegment]) -> int:
-    return max((storage_of(x).element_size() for s in segments for x in (s.keys, s.values)), default=1)
-
-
 def launch_fused_decode(
     q: Tensor,
     plan: DecodePlan,
@@ -237,7 +233,7 @@ def launch_fused_decode(
     tokens, q_heads, head_dim = q.shape
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
-    kv_bytes = max(_kv_bytes(used), _kv_bytes(own_kv or []))
+    kv_bytes = kv_element_bytes([*used, *(own_kv or [])])
     check_config(replace(config, block_m=plan.block_m), group_pad, head_dim, kv_bytes)
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
@@ -245,8 +241,6 @@ def launch_fused_decode(
         return
     seg_meta = segment_meta(segments, q.device) if segments else torch.zeros(1, 11, dtype=torch.int64, device=q.device)
     own_meta = seg_meta if own_kv is None else segment_meta(own_kv, q.device)
-    cartridge_format = _format_constants("SEG", used, q.dtype)
-    dequantizes = bool(cartridge_format["SEG_K_SCALE"] or cartridge_format["SEG_V_SCALE"])
     _fused_decode_kernel[(plan.programs, kv_heads)](
         q,
         q.stride(0),
@@ -269,10 +263,10 @@ def launch_fused_decode(
         BLOCK_M=plan.block_m,
         OWN_BLOCK_M=max(MIN_DOT, group_pad),
         BLOCK_N=config.block_n,
-        OWN_BLOCK_N=own_block_n(config, head_dim, _kv_bytes(own_kv or []), dequantizes),
+        OWN_BLOCK_N=own_block_n(config, head_dim, kv_element_bytes(own_kv or []), any_quantized(used)),
         HEAD_DIM=head_dim,
-        BLOCK_D=max(next_pow2(head_dim), MIN_DOT),
-        **cartridge_format,
+        BLOCK_D=padded_head_dim(head_dim),
+        **_format_constants("SEG", used, q.dtype),
         **_format_constants("OWN", own_kv or [], q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

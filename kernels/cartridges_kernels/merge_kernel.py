@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cartridges_kernels.config import MIN_DOT, next_pow2
+from cartridges_kernels.config import padded_head_dim
 
 BLOCK_P = 16
 
@@ -77,6 +77,6 @@ def launch_merge(part_o: Tensor, part_lse: Tensor, out: Tensor, out_lse: Tensor)
         slots,
         num_rows,
         HEAD_DIM=head_dim,
-        BLOCK_D=max(next_pow2(head_dim), MIN_DOT),
+        BLOCK_D=padded_head_dim(head_dim),
         BLOCK_P=BLOCK_P,
     )

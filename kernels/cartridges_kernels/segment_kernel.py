@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import triton
@@ -18,10 +19,10 @@ import triton.language as tl
 from torch import Tensor
 
 from cartridges.quantize import QuantizedKV
-from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2
+from cartridges_kernels.config import KernelConfig, check_config, next_pow2, padded_head_dim
 from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
-from cartridges_kernels.segments import KVData, KVSegment, storage_of
+from cartridges_kernels.segments import KVData, KVSegment, kv_element_bytes, storage_of
 from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows
 
 # Scale modes (constexpr): how stored keys/values turn into real values.
@@ -179,13 +180,7 @@ def launch_segment_partials(
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
     keys, values = segments[0].keys, segments[0].values
-    kv_bytes = max(storage_of(keys).element_size(), storage_of(values).element_size())
-    check_config(
-        KernelConfig(plan.block_m, config.block_n, config.num_warps, config.num_stages),
-        group_pad,
-        head_dim,
-        kv_bytes,
-    )
+    check_config(replace(config, block_m=plan.block_m), group_pad, head_dim, kv_element_bytes(segments[:1]))
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
     grid = (plan.tiles.shape[0], kv_heads, plan.num_splits)
@@ -208,7 +203,7 @@ def launch_segment_partials(
         BLOCK_M=plan.block_m,
         BLOCK_N=config.block_n,
         HEAD_DIM=head_dim,
-        BLOCK_D=max(next_pow2(head_dim), MIN_DOT),
+        BLOCK_D=padded_head_dim(head_dim),
         K_DTYPE=TL_DTYPE[storage_of(keys).dtype],
         V_DTYPE=TL_DTYPE[storage_of(values).dtype],
         K_SCALE=granularity(keys),

@@ -23,6 +23,17 @@ def storage_of(x: KVData) -> Tensor:
     return x.data if isinstance(x, QuantizedKV) else x
 
 
+def any_quantized(segments: Sequence[KVSegment]) -> bool:
+    """Whether a kernel reading ``segments`` dequantizes keys or values (which costs it registers)."""
+    return any(isinstance(x, QuantizedKV) for s in segments for x in (s.keys, s.values))
+
+
+def kv_element_bytes(segments: Sequence[KVSegment]) -> int:
+    """Bytes per stored key/value element, the widest over ``segments`` (1 when there are none): what sizes
+    the kernels' shared-memory pipelines."""
+    return max((storage_of(x).element_size() for s in segments for x in (s.keys, s.values)), default=1)
+
+
 @dataclass(frozen=True)
 class KVSegment:
     """Keys and values of one layer, each [kv_heads, capacity, head_dim]; only the first ``length`` rows are

@@ -161,8 +161,9 @@ def main() -> None:
     for config in (default_config(128), *SWEEP_CONFIGS):
         print_registers("fused", config, compile_tiles(_fused_decode_kernel, bf16_types, fused_variants[0][2], config))
     quantized_types = {**fused_types, "q_ptr": "*fp16", "out_ptr": "*fp16"}  # int8/fp8 cartridges, partials
-    quantized = compile_tiles(_fused_decode_kernel, quantized_types, fused_variants[1][2], default_config(128))
-    print_registers("fused-quantized", default_config(128), quantized)
+    dequantizing = default_config(128, dequantizes=True)
+    quantized = compile_tiles(_fused_decode_kernel, quantized_types, fused_variants[1][2], dequantizing)
+    print_registers("fused-quantized", dequantizing, quantized)
     segment_formats = {**variants[0][1], "CAUSAL": True}
     segment = compile_tiles(
         _segment_partials_kernel, {**seg_types, "q_ptr": "*bf16"}, segment_formats, default_config(128)

@@ -49,7 +49,14 @@ def test_group_larger_than_block_is_rejected() -> None:
 
 def test_default_config_is_valid_for_llama_shapes() -> None:
     for head_dim in (64, 128, 256):
-        check_config(default_config(head_dim), group_pad=4, head_dim=head_dim, kv_bytes=2)
+        for kv_bytes in (1, 2, 4):
+            check_config(default_config(head_dim, kv_bytes), group_pad=4, head_dim=head_dim, kv_bytes=kv_bytes)
+            check_config(default_config(head_dim, kv_bytes, dequantizes=True), 4, head_dim, kv_bytes)
+    # Three pipeline stages where they fit (16-bit or 8-bit KV), two for fp32 KV at head_dim 128 or when
+    # dequantizing (the kernel is at the register limit), and smaller key blocks for fp32 at head_dim 256.
+    assert [default_config(128, kv_bytes).num_stages for kv_bytes in (1, 2, 4)] == [3, 3, 2]
+    assert default_config(128, 2, dequantizes=True).num_stages == 2
+    assert default_config(256, 4) == KernelConfig(block_m=64, block_n=16, num_stages=2)
 
 
 @pytest.mark.parametrize(
