@@ -9,7 +9,8 @@ config.FUSED_DECODE_MAX_SHARED_ROWS, the multi-launch path (a fill, partials per
 both are also timed on their own (fused_ms, multi_launch_ms), to re-check that threshold. Each case is also
 compared with PyTorch SDPA on the concatenated KV, and with the kernel reading every cartridge once per request.
 Achieved bandwidth = bytes that must be read per step (each cartridge once) / (time x measured copy bandwidth).
-At batch 64 and 256 the shared-cartridge step is also broken down (cartridge alone, own KV alone, each beside
+At batch 64 the shared-cartridge case is re-run with shorter and longer own KV (own_lengths); at batch 64
+and 256 the shared-cartridge step is also broken down (cartridge alone, own KV alone, each beside
 torch's flash attention on the same half), profiled per kernel (torch.profiler), and swept over tile configs.
 
     PYTHONPATH=.:kernels python bench/kernels_gpu.py [--out DIR]   # on a CUDA machine
@@ -63,6 +64,7 @@ class Shapes:
     head_dim: int
     cartridge_len: int
     own_len: int  # tokens a request has generated so far (its own KV in the cartridge cases)
+    other_own_lens: tuple[int, ...]  # the shared-cartridge case again at the first focus batch, longer or shorter
     icl_lens: tuple[int, ...]
     batches: tuple[int, ...]
     dtype: torch.dtype
@@ -71,9 +73,9 @@ class Shapes:
     memory_fraction: float  # of free device memory one measurement may allocate
 
 
-FULL = Shapes(32, 8, 32, 128, 2048, 128, (32_768, 100_000), (1, 2, 4, 8, 16, 32, 64, 128, 256),
+FULL = Shapes(32, 8, 32, 128, 2048, 128, (32, 512, 2048), (32_768, 100_000), (1, 2, 4, 8, 16, 32, 64, 128, 256),
               torch.bfloat16, 20, 3, 0.4)  # fmt: skip
-SMOKE = Shapes(1, 2, 4, 16, 40, 5, (64,), (3,), torch.float32, 1, 0, 0.4)
+SMOKE = Shapes(1, 2, 4, 16, 40, 5, (9,), (64,), (3,), torch.float32, 1, 0, 0.4)
 
 
 @dataclass(frozen=True)
@@ -513,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
             print_row(result["rows"][-1])
             (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
     focus = (64, 256) if device.type == "cuda" else shapes.batches  # the batches the targets name
+    result["own_lengths"] = []  # how the shared-cartridge step's bandwidth fraction moves with the own KV
+    for own_len in shapes.other_own_lens:
+        case = Case(f"shared-1x{shapes.cartridge_len}-own{own_len}", 1, own_len)
+        result["own_lengths"].append(measure(shapes, case, focus[0], device, copy_gbps))
+        print_row(result["own_lengths"][-1])
     result["breakdown"] = [row for batch in focus for row in breakdown(shapes, batch, device, copy_gbps)]
     result["kernel_profile"] = [row for batch in focus for row in kernel_profile(shapes, batch, device)]
     (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")

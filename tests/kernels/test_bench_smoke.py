@@ -42,6 +42,8 @@ def test_bench_smoke_writes_results(tmp_path: Path) -> None:
     assert phases == {"cartridge+own", "cartridge only", "own only", "cartridge only, torch flash SDPA",
                       "own only, torch flash SDPA"}  # fmt: skip
     assert result["kernel_profile"] == []  # CUDA only
+    assert [(row["case"], row["batch"]) for row in result["own_lengths"]] == [("shared-1x40-own9", 3)]
+    assert result["own_lengths"][0]["kernel_ms"] > 0
 
 
 def test_flash_baseline_computes_the_same_attention(monkeypatch: pytest.MonkeyPatch) -> None:
