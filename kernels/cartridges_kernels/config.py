@@ -129,8 +129,10 @@ def default_config(head_dim: int, kv_bytes: int = 2, dequantizes: bool = False) 
     while shared_memory_bytes(config, head_dim, kv_bytes) > SHARED_MEMORY_BYTES:
         if config.num_stages > 2:
             config = replace(config, num_stages=2)
-        else:
+        elif config.block_n > MIN_DOT:
             config = replace(config, block_n=config.block_n // 2)
+        else:
+            break  # nothing fits (head_dim beyond MAX_HEAD_DIM): check_config says so at launch
     return config
 
 

@@ -57,6 +57,8 @@ def test_default_config_is_valid_for_llama_shapes() -> None:
     assert [default_config(128, kv_bytes).num_stages for kv_bytes in (1, 2, 4)] == [3, 3, 2]
     assert default_config(128, 2, dequantizes=True).num_stages == 2
     assert default_config(256, 4) == KernelConfig(block_m=64, block_n=16, num_stages=2)
+    with pytest.raises(ValueError, match="head_dim=512 exceeds"):  # no config fits: the message names the cause
+        check_config(default_config(512), group_pad=4, head_dim=512, kv_bytes=2)
 
 
 @pytest.mark.parametrize(
