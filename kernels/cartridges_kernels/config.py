@@ -16,7 +16,9 @@ MIN_DOT = 16  # tl.dot needs every dimension >= 16
 MAX_BLOCK_M = 128
 MAX_BLOCK_N = 256
 MAX_HEAD_DIM = 256
-MAX_ACC_PER_THREAD = 128  # fp32 accumulator elements per thread before registers spill
+# fp32 accumulator elements per thread before registers spill: 128 (64 rows x head_dim 256 on 4 warps) spills on
+# sm_90 with Triton 3.6 and 3.9 (tests/kernels/test_gpu_compile.py compiles the defaults)
+MAX_ACC_PER_THREAD = 64
 SHARED_MEMORY_BYTES = 160 * 1024  # what every supported GPU (sm80+) gives one block, opt-in
 # K+V bytes an own program of the fused decode kernel keeps in flight. Triton stages the own walk's loads
 # num_stages - 1 deep (its dots are mma.sync, which read registers; the shared walk's wgmma reads shared memory
@@ -123,16 +125,13 @@ def default_config(head_dim: int, kv_bytes: int = 2, dequantizes: bool = False) 
 
     Three pipeline stages: on an H200 they were 3-6% faster than two for decode at batch 64 and 256, with as
     many programs per SM (bench/results/kernels-gpu.json). Two where the kernel ``dequantizes`` cartridges (at
-    255 registers on sm_90 already, a third stage spills) or shared memory runs out (fp32 KV), and smaller key
-    blocks where even two do not fit (fp32 KV at head_dim 256)."""
-    config = KernelConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_stages=2 if dequantizes else 3)
-    while shared_memory_bytes(config, head_dim, kv_bytes) > SHARED_MEMORY_BYTES:
-        if config.num_stages > 2:
-            config = replace(config, num_stages=2)
-        elif config.block_n > MIN_DOT:
-            config = replace(config, block_n=config.block_n // 2)
-        else:
-            break  # nothing fits (head_dim beyond MAX_HEAD_DIM): check_config says so at launch
+    255 registers on sm_90 already, a third stage spills) or three do not fit in shared memory (fp32 KV).
+    Above head_dim 128, 32-row tiles: 64 rows of a 256-wide accumulator spill on sm_90 (the compile test
+    checks the defaults at head_dim 64, 128 and 256)."""
+    small = head_dim <= 128
+    config = KernelConfig(block_m=64 if small else 32, block_n=64 if small else 32, num_stages=2 if dequantizes else 3)
+    if shared_memory_bytes(config, head_dim, kv_bytes) > SHARED_MEMORY_BYTES:
+        return replace(config, num_stages=2)
     return config
 
 

@@ -65,14 +65,18 @@ def _side(prefix: str, k: object, v: object, k_scale: int, v_scale: int, is_alig
 
 
 def compile_tiles(
-    kernel: triton.JITFunction, types: dict[str, str], formats: dict[str, object], config: KernelConfig
+    kernel: triton.JITFunction,
+    types: dict[str, str],
+    formats: dict[str, object],
+    config: KernelConfig,
+    head_dim: int = 128,
 ) -> triton.compiler.CompiledKernel:
-    """The kernel at head_dim 128, GQA 4, with the config's tiles, warps and stages."""
-    tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": 128, "BLOCK_D": 128}
+    """The kernel at GQA 4 with the config's tiles, warps and stages."""
+    tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": head_dim, "BLOCK_D": head_dim}
     constants = {"GROUP": 4, "GROUP_PAD": 4, **tiles, **formats}
     if kernel is _fused_decode_kernel:
         dequantizes = bool(formats["SEG_K_SCALE"] or formats["SEG_V_SCALE"])
-        constants.update(OWN_BLOCK_M=16, OWN_BLOCK_N=own_block_n(config, 128, 2, dequantizes))
+        constants.update(OWN_BLOCK_M=16, OWN_BLOCK_N=own_block_n(config, head_dim, 2, dequantizes))
     return compile_kernel(kernel, types, constants, config.num_warps, config.num_stages)
 
 
@@ -160,6 +164,10 @@ def main() -> None:
     bf16_types = {**fused_types, "q_ptr": "*bf16", "out_ptr": "*bf16"}
     for config in (default_config(128), *SWEEP_CONFIGS):
         print_registers("fused", config, compile_tiles(_fused_decode_kernel, bf16_types, fused_variants[0][2], config))
+    for head_dim in (64, 256):  # the defaults at the other head sizes models use
+        config = default_config(head_dim)
+        compiled = compile_tiles(_fused_decode_kernel, bf16_types, fused_variants[0][2], config, head_dim)
+        print_registers(f"fused head_dim {head_dim}", config, compiled)
     quantized_types = {**fused_types, "q_ptr": "*fp16", "out_ptr": "*fp16"}  # int8/fp8 cartridges, partials
     dequantizing = default_config(128, dequantizes=True)
     quantized = compile_tiles(_fused_decode_kernel, quantized_types, fused_variants[1][2], dequantizing)

@@ -38,7 +38,8 @@ def test_kernels_compile_for_sm90() -> None:
     # The default tiles and every config the GPU benchmark sweeps fit in registers: a spill is a slowdown
     # that would otherwise only show up as a worse number after a GPU run.
     usage = [line for line in lines if line.startswith("registers ")]
-    assert len(usage) == len(SWEEP_CONFIGS) + 3, proc.stdout  # + default bf16, default quantized, segment
+    # + the default bf16 at head_dim 128, 64 and 256, the default quantized, the segment kernel
+    assert len(usage) == len(SWEEP_CONFIGS) + 5, proc.stdout
     spilling = [line for line in usage if not line.endswith(" 0 bytes stack")]
     assert not spilling, "configs that spill registers on sm_90:\n" + "\n".join(spilling)
 
