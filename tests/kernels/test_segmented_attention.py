@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
-from cartridges_kernels import KernelConfig, SegmentTable, decode_attention, prefill_attention
+from cartridges_kernels import KernelConfig, SegmentTable, decode_attention, merge_kernel, prefill_attention
 
 from ._build import Batch, make_batch, oracle, pool_views
 
@@ -134,9 +136,12 @@ def test_segment_views_into_larger_buffers() -> None:
 
 
 def test_fp16_compute() -> None:
+    """fp16 queries and KV: partials are kept in fp16 too (half the bytes the merge reads), within fp16 error."""
     torch.manual_seed(9)
     batch = make_batch([21, 6], [[0, 1], [1]], own_lens=[3, 4], dtype=torch.float16, query_lens=[2, 1])
-    out = run(batch)
+    with mock.patch.object(merge_kernel, "launch_merge", wraps=merge_kernel.launch_merge) as merge:
+        out = run(batch, num_splits=3)
+    assert merge.call_args.args[0].dtype == torch.float16
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double(), oracle(batch), atol=3e-3, rtol=0)
 
