@@ -394,7 +394,9 @@ def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float
     for phase, (run, inputs, phase_bytes) in phases.items():
         try:
             ms, _ = time_per_step(run, inputs, shapes, device)
-        except RuntimeError as error:  # e.g. no flash kernel for this GPU: keep the other rows
+        except RuntimeError as error:  # no flash kernel for this GPU: keep the other rows (ours must not fail)
+            if inputs is not flash:
+                raise
             print(f"breakdown {phase}: {error}", file=sys.stderr)
             continue
         rows.append({"phase": phase, "batch": batch, "kernel_ms": ms,
@@ -430,7 +432,7 @@ def _profile_paths(shapes: Shapes, batch: int, device: torch.device) -> list[dic
                 forced(layer, fused)
             sync(device)
         for event in prof.key_averages():
-            device_us = getattr(event, "device_time_total", 0.0)
+            device_us = float(getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0))
             if device_us > 0:
                 per_layer = {"calls_per_layer": event.count / len(layers), "us_per_layer": device_us / len(layers)}
                 rows.append({"path": path, "batch": batch, "kernel": event.key[:80], **per_layer})

@@ -22,8 +22,8 @@ MAX_ACC_PER_THREAD = 64
 SHARED_MEMORY_BYTES = 160 * 1024  # what every supported GPU (sm80+) gives one block, opt-in
 # K+V bytes an own program of the fused decode kernel keeps in flight. Triton stages the own walk's loads
 # num_stages - 1 deep (its dots are mma.sync, which read registers; the shared walk's wgmma reads shared memory
-# and gets num_stages buffers), so at 2 stages each own block is one serial round trip: 64 KB makes that one
-# trip for a 128-token bf16 own KV at head_dim 128 instead of two 64-key ones.
+# and gets num_stages buffers): at 2 stages each own block was one serial round trip. 64 KB reads a 128-token
+# bf16 own KV at head_dim 128 in one trip: one 128-key block at 2 stages, two 64-key blocks at 3.
 OWN_BLOCK_BYTES = 64 * 1024
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
@@ -100,8 +100,8 @@ def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: 
 def own_block_n(config: KernelConfig, head_dim: int, kv_bytes: int, dequantizes: bool = False) -> int:
     """Keys per own-KV block of the fused decode kernel: config.own_block_n, else the most (up to 128, at
     least config.block_n) whose staged key and value blocks fit OWN_BLOCK_BYTES. A kernel that ``dequantizes``
-    cartridges keeps config.block_n: it is at the register limit already (255 on sm_90 at the default tiles)
-    and bigger own blocks make it spill (tests/kernels/test_gpu_compile.py)."""
+    (cartridges or own KV) keeps config.block_n: it is at the register limit already (255 on sm_90 at the
+    default tiles) and bigger own blocks make it spill (tests/kernels/test_gpu_compile.py)."""
     if config.own_block_n is not None:
         return config.own_block_n
     if dequantizes:

@@ -46,6 +46,7 @@ class DecodePlan:
     tile_segments: Tensor
     row_request: Tensor
     block_m: int
+    own_block_n: int  # keys per block of the own walks (config.own_block_n), which their splits are cut in
     shared_splits: int
     own_splits: int
     num_requests: int
@@ -87,6 +88,7 @@ def choose_decode_splits(
     max_own: int | None,
     kv_heads: int,
     block_n: int,
+    own_block_n: int,
     device: torch.device,
     forced: int | None = None,
 ) -> tuple[int, int]:
@@ -96,30 +98,36 @@ def choose_decode_splits(
     Own KV is split only when its programs alone would leave SMs idle (long ICL prompts at small batch).
     Cartridge walks are cut into chunks no longer than an own walk (at least MIN_KEYS_PER_SPLIT keys), so no
     shared program runs long after the own programs are done, and further when the grid would not fill the
-    GPU (small batches, where partials are cheap). ``forced`` sets both counts instead, each at most one chunk
-    per ``block_n`` keys of the longest walk."""
+    GPU (small batches, where partials are cheap). ``forced`` sets both counts instead. Chunks are whole
+    blocks (``block_n`` cartridge keys, ``own_block_n`` own keys), and each count is cut to the fewest chunks of
+    that size covering the longest walk, so its last chunk is never empty."""
     if requests == 0:
         return 0, 0
-    if forced is not None:
-        own = 0 if max_own is None else max(1, min(forced, _cdiv(max_own, block_n)))
-        if max_shared == 0 and max_own is not None:
-            return 0, own
-        return max(1, min(forced, _cdiv(max_shared, block_n))), own
     target = target_programs(device) // max(kv_heads, 1)
     own = 0
     if max_own is not None:
-        own = 1
-        if requests < target:
-            own = max(1, min(_cdiv(target, requests), max_own // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+        if forced is not None:
+            own = forced
+        elif requests < target:
+            own = min(_cdiv(target, requests), max_own // MIN_KEYS_PER_SPLIT)
+        own = _whole_blocks(own, max_own, own_block_n)
     if max_shared == 0 and max_own is not None:
         return 0, own
+    if forced is not None:
+        return _whole_blocks(forced, max_shared, block_n), own
     chunk = max(MIN_KEYS_PER_SPLIT, _cdiv(max_own or 0, max(own, 1)))
     shared = _cdiv(max_shared, chunk)
     if tiles * shared + requests * own < target:
         shared = _cdiv(target - requests * own, tiles)
-    blocks = max(1, _cdiv(max_shared, block_n))
-    shared = max(1, min(shared, blocks, MAX_SPLITS))
-    return _cdiv(blocks, _cdiv(blocks, shared)), own  # whole-block chunks: no trailing split left empty
+    return _whole_blocks(shared, max_shared, block_n), own
+
+
+def _whole_blocks(splits: int, keys: int, block: int) -> int:
+    """The fewest chunks of whole ``block``-key blocks that cut ``keys`` as finely as ``splits`` would (at least
+    one, at most MAX_SPLITS): the kernel's split_range then leaves none of them empty."""
+    blocks = max(1, _cdiv(keys, block))
+    splits = max(1, min(splits, blocks, MAX_SPLITS))
+    return _cdiv(blocks, _cdiv(blocks, splits))
 
 
 @functools.lru_cache(maxsize=16)
@@ -129,6 +137,7 @@ def plan_decode(
     group_pad: int,
     block_m: int,
     block_n: int,
+    own_block_n: int,
     device: torch.device,
     shared_reads: bool,
     num_splits: int | None,
@@ -156,7 +165,7 @@ def plan_decode(
     own_lens = structure.own_lens
     max_own = None if own_lens is None else max(own_lens, default=0)
     shared_splits, own_splits = choose_decode_splits(
-        len(tiles), max_shared, len(row_request), max_own, kv_heads, block_n, device, num_splits
+        len(tiles), max_shared, len(row_request), max_own, kv_heads, block_n, own_block_n, device, num_splits
     )
     # Without shared programs the tile size only sets the registers the (unused) shared branch reserves,
     # which would cut the own programs' occupancy: at batch 8 of 32k-token ICL prompts 11.9 ms vs 8.4.
@@ -166,6 +175,7 @@ def plan_decode(
         tile_segments=torch.tensor(tile_segments or [0], dtype=torch.int32, device=device),
         row_request=torch.tensor(row_request or [0], dtype=torch.int32, device=device),
         block_m=max(MIN_DOT, group_pad * next_pow2(rows_per_tile)),
+        own_block_n=own_block_n,
         shared_splits=shared_splits,
         own_splits=own_splits,
         num_requests=len(structure.request_segments),

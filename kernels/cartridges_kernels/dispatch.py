@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from cartridges.quantize import QuantizedKV
-from cartridges_kernels.config import FUSED_DECODE_MAX_SHARED_ROWS, KernelConfig, default_config, next_pow2
+from cartridges_kernels.config import (
+    FUSED_DECODE_MAX_SHARED_ROWS,
+    KernelConfig,
+    default_config,
+    next_pow2,
+    own_block_n,
+)
 from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
 from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, any_quantized, kv_element_bytes, storage_of
@@ -110,9 +116,9 @@ def segmented_attention_triton(
     """
     if fused is not False and all(n == 1 for n in query_lens):
         used = _used_segments(table)
-        if _one_format(used) and _one_format([s for s in own_kv or [] if s.num_tokens > 0]):
+        if _one_format(used) and _one_format(_nonempty(own_kv)):
             kv_heads = _kv_heads(table, own_kv, q.shape[1])
-            fused_plan = _plan_decode(q, table, own_kv, kv_heads, num_splits, shared_reads, config)
+            fused_plan = _plan_decode(q, table, used, own_kv, kv_heads, num_splits, shared_reads, config)
             if fused or fused_plan.shared_rows < FUSED_DECODE_MAX_SHARED_ROWS:
                 return fused_decode_triton(q, fused_plan, kv_heads, table, used, own_kv, sm_scale, config)
     from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
@@ -153,14 +159,20 @@ def segmented_attention_triton(
 
 
 def default_config_for(q: Tensor, table: SegmentTable, own_kv: Sequence[KVSegment] | None) -> KernelConfig:
-    """The config a call without one gets: config.default_config for these queries' head_dim and KV storage."""
-    segments = [*table.segments, *(own_kv or [])]
-    return default_config(q.shape[-1], kv_element_bytes(segments), any_quantized(segments))
+    """The config a call without one gets: config.default_config for these queries' head_dim and the storage of
+    the KV they read."""
+    read = [*_used_segments(table), *_nonempty(own_kv)]
+    return default_config(q.shape[-1], kv_element_bytes(read), any_quantized(read))
+
+
+def _nonempty(segments: Sequence[KVSegment] | None) -> list[KVSegment]:
+    return [s for s in segments or [] if s.num_tokens > 0]
 
 
 def _plan_decode(
     q: Tensor,
     table: SegmentTable,
+    used: Sequence[KVSegment],
     own_kv: Sequence[KVSegment] | None,
     kv_heads: int,
     num_splits: int | None,
@@ -174,8 +186,11 @@ def _plan_decode(
         own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
     )
     group_pad = next_pow2(q.shape[1] // kv_heads)
+    own = _nonempty(own_kv)  # without any, the own branch never runs: blocks as small as the shared walk's
+    dequantizes = any_quantized([*used, *own])
+    own_n = own_block_n(config, q.shape[-1], kv_element_bytes(own), dequantizes) if own else config.block_n
     return plan_decode(
-        structure, kv_heads, group_pad, config.block_m, config.block_n, q.device, shared_reads, num_splits
+        structure, kv_heads, group_pad, config.block_m, config.block_n, own_n, q.device, shared_reads, num_splits
     )
 
 

@@ -18,11 +18,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2, own_block_n, padded_head_dim
+from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2, padded_head_dim
 from cartridges_kernels.decode_plan import TILE_COLUMNS, DecodePlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import TL_DTYPE, aligned, granularity, segment_meta
-from cartridges_kernels.segments import KVSegment, any_quantized, kv_element_bytes, storage_of
+from cartridges_kernels.segments import KVSegment, kv_element_bytes, storage_of
 from cartridges_kernels.tile import (
     attend_keys,
     empty_state,
@@ -263,7 +263,7 @@ def launch_fused_decode(
         BLOCK_M=plan.block_m,
         OWN_BLOCK_M=max(MIN_DOT, group_pad),
         BLOCK_N=config.block_n,
-        OWN_BLOCK_N=own_block_n(config, head_dim, kv_element_bytes(own_kv or []), any_quantized(used)),
+        OWN_BLOCK_N=plan.own_block_n,
         HEAD_DIM=head_dim,
         BLOCK_D=padded_head_dim(head_dim),
         **_format_constants("SEG", used, q.dtype),

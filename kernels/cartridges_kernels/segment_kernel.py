@@ -172,9 +172,9 @@ def launch_segment_partials(
     sm_scale: float,
     config: KernelConfig,
 ) -> None:
-    """Run one planned launch, writing partial outputs into ``part_o`` [slots, tokens, q_heads, head_dim] fp32
-    and ``part_lse`` [slots, tokens, q_heads] fp32. ``segments`` are the launch's segments in plan order and
-    must share one storage format."""
+    """Run one planned launch, writing partial outputs into ``part_o`` [slots, tokens, q_heads, head_dim] (any
+    float dtype; the dispatcher uses q's) and ``part_lse`` [slots, tokens, q_heads] fp32. ``segments`` are
+    the launch's segments in plan order and must share one storage format."""
     tokens, q_heads, head_dim = q.shape
     kv_heads = segments[0].kv_heads
     group = q_heads // kv_heads

@@ -70,13 +70,16 @@ def compile_tiles(
     formats: dict[str, object],
     config: KernelConfig,
     head_dim: int = 128,
+    own_keys: int | None = None,
 ) -> triton.compiler.CompiledKernel:
-    """The kernel at GQA 4 with the config's tiles, warps and stages."""
+    """The kernel at GQA 4 with the config's tiles, warps and stages; the fused kernel's own blocks are
+    ``own_keys`` keys, or what the dispatcher picks for 16-bit own KV."""
     tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": head_dim, "BLOCK_D": head_dim}
     constants = {"GROUP": 4, "GROUP_PAD": 4, **tiles, **formats}
     if kernel is _fused_decode_kernel:
-        dequantizes = bool(formats["SEG_K_SCALE"] or formats["SEG_V_SCALE"])
-        constants.update(OWN_BLOCK_M=16, OWN_BLOCK_N=own_block_n(config, head_dim, 2, dequantizes))
+        dequantizes = any(formats[f"{side}_{kv}_SCALE"] for side in ("SEG", "OWN") for kv in "KV")
+        own_keys = own_keys or own_block_n(config, head_dim, 2, dequantizes)
+        constants.update(OWN_BLOCK_M=16, OWN_BLOCK_N=own_keys)
     return compile_kernel(kernel, types, constants, config.num_warps, config.num_stages)
 
 
@@ -128,8 +131,9 @@ def main() -> None:
             },
         ),
     ]
-    for q_type, formats in variants:
-        compiled = compile_kernel(_segment_partials_kernel, {**seg_types, "q_ptr": f"*{q_type}"}, {**shape, **formats})
+    for q_type, formats in variants:  # partials in q's dtype, as the dispatcher allocates them
+        types = {**seg_types, "q_ptr": f"*{q_type}", "part_o_ptr": f"*{q_type}"}
+        compiled = compile_kernel(_segment_partials_kernel, types, {**shape, **formats})
         print(f"segment kernel q={q_type} {formats}: ok, {compiled.metadata.shared} bytes shared memory, "
               f"{wide_loads(compiled)} wide loads")  # fmt: skip
     fused_types = {
@@ -164,6 +168,12 @@ def main() -> None:
     bf16_types = {**fused_types, "q_ptr": "*bf16", "out_ptr": "*bf16"}
     for config in (default_config(128), *SWEEP_CONFIGS):
         print_registers("fused", config, compile_tiles(_fused_decode_kernel, bf16_types, fused_variants[0][2], config))
+    # A step without own KV: the own branch is compiled for q's dtype, unaligned, never run, with the shared
+    # walk's block size (the dispatcher's choice), so it must not cost the shared programs occupancy.
+    cartridges_only = {**fused_variants[0][2], **_side("OWN", tl.bfloat16, tl.bfloat16, 0, 0, False)}
+    config = default_config(128)
+    compiled = compile_tiles(_fused_decode_kernel, bf16_types, cartridges_only, config, own_keys=config.block_n)
+    print_registers("fused cartridges only", config, compiled)
     for head_dim in (64, 256):  # the defaults at the other head sizes models use
         config = default_config(head_dim)
         compiled = compile_tiles(_fused_decode_kernel, bf16_types, fused_variants[0][2], config, head_dim)
@@ -174,8 +184,9 @@ def main() -> None:
     print_registers("fused-quantized", dequantizing, quantized)
     segment_formats = {**variants[0][1], "CAUSAL": True}
     segment = compile_tiles(
-        _segment_partials_kernel, {**seg_types, "q_ptr": "*bf16"}, segment_formats, default_config(128)
-    )
+        _segment_partials_kernel, {**seg_types, "q_ptr": "*bf16", "part_o_ptr": "*bf16"}, segment_formats,
+        default_config(128),
+    )  # fmt: skip
     print_registers("segment", default_config(128), segment)
     merge_types = {
         "part_o_ptr": "*fp32",

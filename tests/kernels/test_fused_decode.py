@@ -129,7 +129,7 @@ def test_plan_shares_one_tile_per_cartridge_list() -> None:
         own_lens=(1, 2, 3, 4, 5),
     )
     cpu = torch.device("cpu")
-    shared = plan_decode(structure, 2, 4, 64, 16, cpu, True, 1)
+    shared = plan_decode(structure, 2, 4, 64, 16, 16, cpu, True, 1)
     # (first segment entry, segment count, first row, rows, cartridge keys)
     assert shared.tiles.tolist() == [[0, 2, 0, 3, 150], [2, 1, 3, 2, 50]]
     assert shared.tile_segments.tolist() == [0, 1, 1]
@@ -137,11 +137,11 @@ def test_plan_shares_one_tile_per_cartridge_list() -> None:
     assert shared.block_m == 16  # 3 requests x 4 padded query heads
     # Shared programs (2 tiles x 1 split) write slot 0, own programs (one per request) slot 1.
     assert (shared.shared_splits, shared.own_splits, shared.num_slots, shared.programs) == (1, 1, 2, 2 + 5)
-    single = plan_decode(structure, 2, 4, 64, 16, cpu, False, 1)
+    single = plan_decode(structure, 2, 4, 64, 16, 16, cpu, False, 1)
     assert single.tiles.shape[0] == 5 and single.block_m == 16
-    spill = plan_decode(structure, 2, 4, 8, 16, cpu, True, 1)  # 2 requests per tile
+    spill = plan_decode(structure, 2, 4, 8, 16, 16, cpu, True, 1)  # 2 requests per tile
     assert spill.tiles[:, 3].tolist() == [2, 1, 2]
-    split = plan_decode(structure, 2, 4, 64, 16, cpu, True, 4)  # own KVs of at most 5 keys: one chunk
+    split = plan_decode(structure, 2, 4, 64, 16, 16, cpu, True, 4)  # own KVs of at most 5 keys: one chunk
     assert (split.shared_splits, split.own_splits, split.programs) == (4, 1, 2 * 4 + 5)
 
 
@@ -151,10 +151,10 @@ def test_requests_that_share_no_cartridge() -> None:
     structure = DecodeStructure(
         request_segments=((), (), (0,), (1,), ()), segment_lens=(0, 7), own_lens=(9, 8, 7, 6, 5)
     )
-    plan = plan_decode(structure, 2, 4, 64, 16, torch.device("cpu"), True, 1)
+    plan = plan_decode(structure, 2, 4, 64, 16, 16, torch.device("cpu"), True, 1)
     assert plan.tiles[:, 3].tolist() == [4, 1] and plan.tiles[:, 4].tolist() == [0, 7]
     icl = DecodeStructure(request_segments=((), (0,), ()), segment_lens=(0,), own_lens=(9, 8, 7))
-    plan = plan_decode(icl, 2, 4, 64, 16, torch.device("cpu"), True, None)
+    plan = plan_decode(icl, 2, 4, 64, 16, 16, torch.device("cpu"), True, None)
     assert (plan.shared_splits, plan.own_splits, plan.num_slots, plan.programs) == (0, 1, 1, 3)
     torch.manual_seed(4)
     for lists in ([[], [], [0], [1], [1], []], [[], [0], [], [0], [], []]):
@@ -193,8 +193,29 @@ def test_decode_splits_balance_and_fill_the_grid(
 ) -> None:
     with mock.patch.object(decode_plan, "target_programs", return_value=264):  # an H200: 132 SMs
         assert (
-            decode_plan.choose_decode_splits(tiles, max_shared, requests, max_own, 8, 64, torch.device("cuda")) == want
+            decode_plan.choose_decode_splits(tiles, max_shared, requests, max_own, 8, 64, 128, torch.device("cuda"))
+            == want
         )
+
+
+@pytest.mark.parametrize("forced", [None, 1, 3, 7, 64])
+def test_no_split_is_left_empty(forced: int | None) -> None:
+    """For any step shape, the longest cartridge walk and the longest own walk, cut as the kernel's split_range
+    cuts them (whole blocks of the given size), have keys in their last chunk."""
+
+    def last_chunk_has_keys(keys: int, splits: int, block: int) -> bool:
+        chunk = math.ceil(math.ceil(keys / splits) / block) * block  # as split_range computes it
+        return keys == 0 or (splits - 1) * chunk < keys
+
+    with mock.patch.object(decode_plan, "target_programs", return_value=264):
+        for tiles, requests in ((1, 1), (1, 3), (4, 64), (16, 256), (7, 100)):
+            for max_shared in (0, 1, 63, 64, 65, 300, 2048, 5000):
+                for max_own in (None, 0, 1, 129, 3000, 4000, 32896):
+                    shared, own = decode_plan.choose_decode_splits(
+                        tiles, max_shared, requests, max_own, 8, 64, 128, torch.device("cuda"), forced
+                    )
+                    assert shared == 0 or last_chunk_has_keys(max_shared, shared, 64), (tiles, max_shared, shared)
+                    assert own == 0 or last_chunk_has_keys(max_own or 0, own, 128), (requests, max_own, own)
 
 
 @pytest.mark.parametrize("num_splits", [2, 5, 13])
@@ -227,7 +248,7 @@ def test_every_output_row_is_written(num_splits: int) -> None:
         segment_lens=tuple(s.num_tokens for s in batch.table.segments),
         own_lens=tuple(s.num_tokens for s in batch.own_kv or []),
     )
-    plan = plan_decode(structure, 2, 2, SMALL.block_m, 16, batch.q.device, True, num_splits)
+    plan = plan_decode(structure, 2, 2, SMALL.block_m, 16, 16, batch.q.device, True, num_splits)
     assert plan.num_slots == (2 if num_splits == 1 else 3 + 3)  # at most one chunk per 16 keys of a walk
     out = torch.full((plan.num_slots, tokens, q_heads, head_dim), float("nan"))
     lse = torch.full((plan.num_slots, tokens, q_heads), float("nan"))

@@ -38,10 +38,17 @@ def test_kernels_compile_for_sm90() -> None:
     # The default tiles and every config the GPU benchmark sweeps fit in registers: a spill is a slowdown
     # that would otherwise only show up as a worse number after a GPU run.
     usage = [line for line in lines if line.startswith("registers ")]
-    # + the default bf16 at head_dim 128, 64 and 256, the default quantized, the segment kernel
-    assert len(usage) == len(SWEEP_CONFIGS) + 5, proc.stdout
+    # + the default bf16 at head_dim 128, 64 and 256, without own KV, the default quantized, the segment kernel
+    assert len(usage) == len(SWEEP_CONFIGS) + 6, proc.stdout
     spilling = [line for line in usage if not line.endswith(" 0 bytes stack")]
     assert not spilling, "configs that spill registers on sm_90:\n" + "\n".join(spilling)
+    # A step without own KV holds as many shared programs per SM as one with it.
+    default, cartridges_only = usage[0], next(line for line in usage if "cartridges only" in line)
+    assert _programs_per_sm(cartridges_only) == _programs_per_sm(default), (default, cartridges_only)
+
+
+def _programs_per_sm(line: str) -> int:
+    return int(line.split(" programs per SM")[0].rsplit(" ", 1)[-1])
 
 
 def _wide_loads(line: str) -> int:

@@ -65,7 +65,7 @@ def test_default_config_is_valid_for_llama_shapes() -> None:
 @pytest.mark.parametrize(
     ("config", "head_dim", "kv_bytes", "want"),
     [
-        (KernelConfig(), 128, 2, 128),  # a 128-token bf16 own KV in one round trip
+        (KernelConfig(), 128, 2, 128),  # 2 stages: a 128-token bf16 own KV in one 128-key block
         (KernelConfig(num_stages=3), 128, 2, 64),  # two staged blocks share the same bytes
         (KernelConfig(), 128, 4, 64),  # fp32
         (KernelConfig(), 256, 2, 64),
