@@ -15,6 +15,7 @@ torch's flash attention on the same half), profiled per kernel (torch.profiler),
 
     PYTHONPATH=.:kernels python bench/kernels_gpu.py [--out DIR]   # on a CUDA machine
     python bench/kernels_gpu.py --smoke --out /tmp/x    # tiny shapes on CPU (Triton interpreter)
+    python bench/kernels_gpu.py --one-step 64           # one layer's launches, for a profiler (bench/ncu_gpu.sh)
 
 Writes DIR/kernels-gpu.json (and kernels-gpu.png when matplotlib is importable); DIR defaults to
 bench/results.
@@ -482,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for kernels-gpu.json / .png")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    parser.add_argument(
+        "--one-step", type=int, metavar="BATCH", help="only launch one layer's shared-cartridge step at BATCH on "
+        "each path, fused then multi-launch (what bench/ncu_gpu.sh profiles), and exit"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels first import triton
@@ -492,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device; use --smoke to check the script on CPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    if args.one_step:
+        layer = make_layer(shapes, cases(shapes)[0], args.one_step, device)
+        for fused in (True, False):
+            forced(layer, fused)
+        sync(device)
+        return 0
     failures = check_correctness(shapes, device)
     if failures:
         print("correctness check failed:\n  " + "\n  ".join(failures), file=sys.stderr)

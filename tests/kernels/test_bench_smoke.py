@@ -13,20 +13,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_smoke_writes_results(tmp_path: Path) -> None:
+def run_smoke(out: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """bench/kernels_gpu.py --smoke (CPU, Triton interpreter), asserting it exits 0."""
     env = {
         **os.environ,
         "TRITON_INTERPRET": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "kernels_gpu.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "bench" / "kernels_gpu.py"), "--smoke", "--out", str(out), *options],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_bench_smoke_writes_results(tmp_path: Path) -> None:
+    proc = run_smoke(tmp_path)
     result = json.loads((tmp_path / "kernels-gpu.json").read_text())
     assert {"device", "copy_bandwidth_gbps", "rows", "command"} <= result.keys()
     assert "--smoke" in result["command"]
@@ -44,6 +50,12 @@ def test_bench_smoke_writes_results(tmp_path: Path) -> None:
     assert result["kernel_profile"] == []  # CUDA only
     assert [(row["case"], row["batch"]) for row in result["own_lengths"]] == [("shared-1x40-own9", 3)]
     assert result["own_lengths"][0]["kernel_ms"] > 0
+
+
+def test_one_step_only_launches(tmp_path: Path) -> None:
+    """--one-step (what bench/ncu_gpu.sh profiles) launches one layer on both paths and writes nothing."""
+    run_smoke(tmp_path, "--one-step", "3")
+    assert not list(tmp_path.iterdir())
 
 
 def test_flash_baseline_computes_the_same_attention(monkeypatch: pytest.MonkeyPatch) -> None:
