@@ -52,6 +52,24 @@ def test_bench_smoke_writes_results(tmp_path: Path) -> None:
     assert result["own_lengths"][0]["kernel_ms"] > 0
 
 
+def test_report_states_the_targets(tmp_path: Path) -> None:
+    """bench/kernels_report.py on the committed H200 results (older fields only) and on a fresh smoke run."""
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kernels_report.py")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "shared-1x2048, batch 64: 0.26 of copy bandwidth (target 0.7: not met)" in report
+    assert "batch 256: 3.1x faster than per-request reads (target 2.0x: met)" in report
+    assert "| shared-1x2048 | 64 | 1.294 | - | 1.224 |" in report  # this run predates fused_ms
+    run_smoke(tmp_path)
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kernels_report.py"), str(tmp_path / "kernels-gpu.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "| shared-1x40-own9 | 3 |" in report and "cartridge only, torch flash SDPA" in report
+
+
 def test_one_step_only_launches(tmp_path: Path) -> None:
     """--one-step (what bench/ncu_gpu.sh profiles) launches one layer on both paths and writes nothing."""
     run_smoke(tmp_path, "--one-step", "3")
