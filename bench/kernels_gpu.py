@@ -50,7 +50,7 @@ from cartridges_kernels import (
     quantize_kv,
 )
 from cartridges_kernels.config import SWEEP_CONFIGS, default_config
-from cartridges_kernels.dispatch import default_config_for, segmented_attention_triton
+from cartridges_kernels.dispatch import segmented_attention_triton
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -299,9 +299,8 @@ def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
 def forced(layer: Layer, fused: bool) -> Tensor:
     """Decode through the fused kernel or the multi-launch path, regardless of which the dispatcher would pick."""
     scale = layer.q.shape[-1] ** -0.5
-    config = default_config_for(layer.q, layer.table, layer.own)
     batch = [1] * layer.q.shape[0]
-    return segmented_attention_triton(layer.q, batch, layer.table, layer.own, scale, None, True, config, fused)[0]
+    return segmented_attention_triton(layer.q, batch, layer.table, layer.own, scale, None, True, None, fused)[0]
 
 
 def _decode_with(layer: Layer, config: KernelConfig, num_splits: int | None) -> Tensor:

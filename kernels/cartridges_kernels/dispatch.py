@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Literal
 
 import torch
@@ -25,7 +26,7 @@ from cartridges_kernels.config import (
 )
 from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
-from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, any_quantized, kv_element_bytes, storage_of
+from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
 from cartridges_kernels.torch_backend import segmented_attention_torch
 
 Backend = Literal["auto", "triton", "torch"]
@@ -90,9 +91,7 @@ def prefill_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     if _resolve_backend(backend, q) == "torch":
         return segmented_attention_torch(q, query_lens, table, own_kv, scale)[0]
-    return segmented_attention_triton(
-        q, query_lens, table, own_kv, scale, num_splits, shared_reads, config or default_config_for(q, table, own_kv)
-    )[0]
+    return segmented_attention_triton(q, query_lens, table, own_kv, scale, num_splits, shared_reads, config)[0]
 
 
 def segmented_attention_triton(
@@ -103,24 +102,29 @@ def segmented_attention_triton(
     sm_scale: float,
     num_splits: int | None,
     shared_reads: bool,
-    config: KernelConfig,
+    config: KernelConfig | None,
     fused: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Kernel path. Decode (one query token per request) whose cartridges share one storage format and whose
     own KV share one, and whose shared walks are short enough for it to win (config.FUSED_DECODE_MAX_SHARED_ROWS),
     runs the fused kernel: one launch per layer, plus a merge when a row has several slots. Otherwise: one
     partials launch per storage format, one for own KV, a merge. ``fused`` True or False forces the choice
-    (where the batch allows the fused kernel at all), for benchmarks and tests.
+    (where the batch allows the fused kernel at all), for benchmarks and tests. ``config`` None takes
+    config.default_config for the storage of the KV the step reads.
 
     Returns (out [tokens, q_heads, head_dim] in q's dtype, base-2 LSE [tokens, q_heads] float32).
     """
-    if fused is not False and all(n == 1 for n in query_lens):
-        used = _used_segments(table)
-        if _one_format(used) and _one_format(_nonempty(own_kv)):
-            kv_heads = _kv_heads(table, own_kv, q.shape[1])
-            fused_plan = _plan_decode(q, table, used, own_kv, kv_heads, num_splits, shared_reads, config)
-            if fused or fused_plan.shared_rows < FUSED_DECODE_MAX_SHARED_ROWS:
-                return fused_decode_triton(q, fused_plan, kv_heads, table, used, own_kv, sm_scale, config)
+    used = _used_segments(table)
+    used_formats = {_format(s) for s in used}
+    own_formats = {_format(s) for s in own_kv or [] if s.num_tokens > 0}
+    config = config or default_config(q.shape[-1], *_storage(used_formats | own_formats))
+    if fused is not False and all(n == 1 for n in query_lens) and len(used_formats) <= 1 and len(own_formats) <= 1:
+        kv_heads = _kv_heads(table, own_kv, q.shape[1])
+        # Without own KV the own branch never runs: it gets blocks as small as the shared walk's.
+        own_n = own_block_n(config, q.shape[-1], *_storage(own_formats, used_formats)) if own_formats else None
+        fused_plan = _plan_decode(q, table, own_kv, kv_heads, num_splits, shared_reads, config, own_n)
+        if fused or fused_plan.shared_rows < FUSED_DECODE_MAX_SHARED_ROWS:
+            return fused_decode_triton(q, fused_plan, kv_heads, table, used, own_kv, sm_scale, config)
     from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
     from cartridges_kernels.segment_kernel import launch_segment_partials
 
@@ -158,39 +162,34 @@ def segmented_attention_triton(
     return out, out_lse
 
 
-def default_config_for(q: Tensor, table: SegmentTable, own_kv: Sequence[KVSegment] | None) -> KernelConfig:
-    """The config a call without one gets: config.default_config for these queries' head_dim and the storage of
-    the KV they read."""
-    read = [*_used_segments(table), *_nonempty(own_kv)]
-    return default_config(q.shape[-1], kv_element_bytes(read), any_quantized(read))
-
-
-def _nonempty(segments: Sequence[KVSegment] | None) -> list[KVSegment]:
-    return [s for s in segments or [] if s.num_tokens > 0]
+def _storage(formats: AbstractSet[FormatKey], others: AbstractSet[FormatKey] = frozenset()) -> tuple[int, bool]:
+    """(widest element in bytes of ``formats``, 1 when empty; whether any of ``formats`` or ``others`` is
+    quantized): what sizes a kernel's shared-memory pipeline, and what costs it registers."""
+    element_bytes = max((dtype.itemsize for k, v, _, _ in formats for dtype in (k, v)), default=1)
+    return element_bytes, any(k or v for _, _, k, v in formats | others)
 
 
 def _plan_decode(
     q: Tensor,
     table: SegmentTable,
-    used: Sequence[KVSegment],
     own_kv: Sequence[KVSegment] | None,
     kv_heads: int,
     num_splits: int | None,
     shared_reads: bool,
     config: KernelConfig,
+    own_n: int | None,
 ) -> DecodePlan:
-    """The fused decode plan of this step (cached by the step's structure: every layer reuses it)."""
+    """The fused decode plan of this step (cached by the step's structure: every layer reuses it); own walks in
+    blocks of ``own_n`` keys (None: config.block_n)."""
     structure = DecodeStructure(
         request_segments=tuple(tuple(s) for s in table.request_segments),
         segment_lens=tuple(s.num_tokens for s in table.segments),
         own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
     )
     group_pad = next_pow2(q.shape[1] // kv_heads)
-    own = _nonempty(own_kv)  # without any, the own branch never runs: blocks as small as the shared walk's
-    dequantizes = any_quantized([*used, *own])
-    own_n = own_block_n(config, q.shape[-1], kv_element_bytes(own), dequantizes) if own else config.block_n
+    own_keys = own_n or config.block_n
     return plan_decode(
-        structure, kv_heads, group_pad, config.block_m, config.block_n, own_n, q.device, shared_reads, num_splits
+        structure, kv_heads, group_pad, config.block_m, config.block_n, own_keys, q.device, shared_reads, num_splits
     )
 
 
@@ -228,10 +227,6 @@ def _used_segments(table: SegmentTable) -> list[KVSegment]:
     """The non-empty segments some request reads, each once."""
     indices = dict.fromkeys(i for r in table.request_segments for i in r if table.segments[i].num_tokens > 0)
     return [table.segments[i] for i in indices]
-
-
-def _one_format(segments: Sequence[KVSegment]) -> bool:
-    return len({_format(s) for s in segments}) <= 1
 
 
 def _resolve_backend(backend: Backend | None, q: Tensor) -> Literal["triton", "torch"]:

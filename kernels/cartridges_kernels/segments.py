@@ -23,11 +23,6 @@ def storage_of(x: KVData) -> Tensor:
     return x.data if isinstance(x, QuantizedKV) else x
 
 
-def any_quantized(segments: Sequence[KVSegment]) -> bool:
-    """Whether a kernel reading ``segments`` dequantizes keys or values (which costs it registers)."""
-    return any(isinstance(x, QuantizedKV) for s in segments for x in (s.keys, s.values))
-
-
 def kv_element_bytes(segments: Sequence[KVSegment]) -> int:
     """Bytes per stored key/value element, the widest over ``segments`` (1 when there are none): what sizes
     the kernels' shared-memory pipelines."""
