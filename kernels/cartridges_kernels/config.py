@@ -136,7 +136,7 @@ def default_config(head_dim: int, kv_bytes: int = 2, dequantizes: bool = False) 
 
 
 # The tile configs the GPU benchmark times against the default at head_dim 128 (bench/kernels_gpu.py sweep).
-# Each compiles for sm_90 without spilling registers (tests/kernels/test_gpu_compile.py): a spilling config
+# Each compiles for sm_90 without spilling in its loops (tests/kernels/test_gpu_compile.py): a spilling config
 # is slow for a reason no sweep needs to measure. block_m sets how many requests a shared tile batches (16:
 # 4 requests at GQA 4, more programs); block_n 128 reads a 128-token own KV in one block; own_block_n=64 is
 # the own walk before OWN_BLOCK_BYTES (two round trips for a 128-token own KV). 8 warps leave one program per

@@ -82,13 +82,15 @@ def prefill_attention(
     ``length - query_lens[r] + i`` (causal). ``own_kv=None`` attends over cartridges only. q_heads must be a
     multiple of kv_heads (GQA). Returns [sum(query_lens), q_heads, head_dim] in q's dtype.
 
-    Options: ``sm_scale`` (default 1/sqrt(head_dim)); ``backend`` ("auto": Triton on CUDA, else PyTorch;
+    Options: ``sm_scale`` (> 0, default 1/sqrt(head_dim)); ``backend`` ("auto": Triton on CUDA, else PyTorch;
     default from $CARTRIDGES_KERNELS_BACKEND); ``num_splits`` forces split-KV (default: only when the grid
     would not fill the GPU); ``shared_reads=False`` gives every request its own pass over a cartridge (for
     comparison); ``config`` overrides the tile sizes.
     """
     _validate(q, query_lens, table, own_kv)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    if not scale > 0:  # the kernels take the running max of unscaled scores
+        raise ValueError(f"sm_scale must be positive, got {sm_scale}")
     if _resolve_backend(backend, q) == "torch":
         return segmented_attention_torch(q, query_lens, table, own_kv, scale)[0]
     return segmented_attention_triton(q, query_lens, table, own_kv, scale, num_splits, shared_reads, config)[0]

@@ -126,7 +126,7 @@ def _shared_program(
     desc = tiles_ptr + tile * _TILE_COLUMNS
     first_segment = tl.load(desc)
     segment_count = tl.load(desc + 1)
-    q, _, t_valid, row_valid, token, head = load_query_rows(
+    q, _, _, row_valid, token, head = load_query_rows(
         q_ptr, stride_qt, stride_qh, row_request_ptr, tl.load(desc + 2), tl.load(desc + 3), kv_head,
         GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
@@ -141,7 +141,7 @@ def _shared_program(
         )
         m_i, l_i, acc = attend_keys(
             q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr,
-            tl.maximum(lo - base, 0), tl.minimum(hi - base, length), qk_scale, t_valid, qpos,
+            tl.maximum(lo - base, 0), tl.minimum(hi - base, length), qk_scale, qpos,
             BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, False,
         )  # fmt: skip
         base += length
@@ -179,7 +179,7 @@ def _own_program(
     """Chunk ``split`` of one request's own KV for that request's GROUP query rows (padded to BLOCK_M):
     slot ``first_slot + split``."""
     rows = tl.arange(0, BLOCK_M) // GROUP_PAD
-    q, _, t_valid, row_valid, token, head = load_token_rows(
+    q, _, _, row_valid, token, head = load_token_rows(
         q_ptr, stride_qt, stride_qh, (rows * 0 + request).to(tl.int64), rows == 0, kv_head,
         GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
@@ -189,7 +189,7 @@ def _own_program(
     lo, hi = split_range(length, split, num_splits, BLOCK_N)
     m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
     m_i, l_i, acc = attend_keys(
-        q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale, t_valid,
+        q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale,
         tl.zeros([BLOCK_M], dtype=tl.int32), BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, False,
     )  # fmt: skip
     slot = first_slot + split

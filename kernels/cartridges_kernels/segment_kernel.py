@@ -90,7 +90,7 @@ def _segment_partials_kernel(
     m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
     m_i, l_i, acc = attend_keys(
         q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale,
-        t_valid, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL,
+        qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL,
     )  # fmt: skip
     slot = tl.load(row_slot_ptr + row_start + t, mask=t_valid, other=0) + split
     store_rows(

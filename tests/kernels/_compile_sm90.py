@@ -26,6 +26,7 @@ SCALARS = ["stride_qt", "stride_qh", "n_tokens", "q_heads"]  # integer arguments
 
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+NVDISASM = CUOBJDUMP.with_name("nvdisasm")
 
 
 def compile_kernel(
@@ -83,6 +84,40 @@ def compile_tiles(
     return compile_kernel(kernel, types, constants, config.num_warps, config.num_stages)
 
 
+def innermost_loops(compiled: triton.compiler.CompiledKernel) -> list[list[str]]:
+    """The SASS opcodes of each innermost loop (a backward branch's body holding no other backward branch),
+    in address order: what a program executes once per key block."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([NVDISASM, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    labels: dict[str, int] = {}
+    code: list[tuple[int, str]] = []  # (address, instruction without its predicate)
+    pending: list[str] = []
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            pending.append(label[1])
+        elif found := re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([^;]+);", line):
+            address = int(found[1], 16)
+            labels.update(dict.fromkeys(pending, address))
+            pending = []
+            code.append((address, found[2].strip()))
+    loops = []
+    for address, instruction in code:
+        target = re.match(r"BRA\s+`\((\.L_x_\d+)\)", instruction)
+        if target and labels[target[1]] < address:
+            loops.append((labels[target[1]], address))
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [[op.split()[0] for at, op in code if a <= at <= b] for a, b in innermost]
+
+
+def loop_summary(compiled: triton.compiler.CompiledKernel) -> str:
+    """Instructions per pass of each innermost loop, and local-memory (spill) instructions inside them."""
+    loops = innermost_loops(compiled)
+    local = sum(op.startswith(("LDL", "STL")) for loop in loops for op in loop)
+    return f"loops of {'/'.join(str(len(loop)) for loop in loops)} instructions, {local} local-memory ops in loops"
+
+
 def resident_programs(registers: int, shared_bytes: int, warps: int) -> int:
     """Programs an H100/H200 SM holds at once (65536 registers allocated per warp in 256s, 228 KB of shared
     memory with 1 KB reserved per block): the occupancy a memory-bound walk gets."""
@@ -94,7 +129,8 @@ def print_registers(name: str, config: KernelConfig, compiled: triton.compiler.C
     registers, stack = registers_and_stack(compiled)
     shared = compiled.metadata.shared
     print(f"registers {name} {config}: {registers} registers, {shared} bytes shared memory, "
-          f"{resident_programs(registers, shared, config.num_warps)} programs per SM, {stack} bytes stack")  # fmt: skip
+          f"{resident_programs(registers, shared, config.num_warps)} programs per SM, {stack} bytes stack, "
+          f"{loop_summary(compiled)}")  # fmt: skip
 
 
 def main() -> None:

@@ -35,13 +35,14 @@ def test_kernels_compile_for_sm90() -> None:
     fused = next(line for line in lines if "'SEG_ALIGNED': True" in line and "'OWN_ALIGNED': True" in line)
     # The fused kernel's cartridge loop and own-KV loop must each get the segment kernel's wide loads.
     assert _wide_loads(fused) >= 2 * _wide_loads(aligned), f"fused aligned variant lost 16-byte loads: {fused}"
-    # The default tiles and every config the GPU benchmark sweeps fit in registers: a spill is a slowdown
-    # that would otherwise only show up as a worse number after a GPU run.
+    # The default tiles and every config the GPU benchmark sweeps keep their key-block loops in registers: a
+    # spill there is a slowdown that would otherwise only show up as a worse number after a GPU run. (ptxas
+    # may park a few predicates on the stack outside the loops, once per program: that is not checked.)
     usage = [line for line in lines if line.startswith("registers ")]
     # + the default bf16 at head_dim 128, 64 and 256, without own KV, the default quantized, the segment kernel
     assert len(usage) == len(SWEEP_CONFIGS) + 6, proc.stdout
-    spilling = [line for line in usage if not line.endswith(" 0 bytes stack")]
-    assert not spilling, "configs that spill registers on sm_90:\n" + "\n".join(spilling)
+    spilling = [line for line in usage if not line.endswith(" 0 local-memory ops in loops")]
+    assert not spilling, "configs that spill registers in their loops on sm_90:\n" + "\n".join(spilling)
     # A step without own KV holds as many shared programs per SM as one with it.
     default, cartridges_only = usage[0], next(line for line in usage if "cartridges only" in line)
     assert _programs_per_sm(cartridges_only) == _programs_per_sm(default), (default, cartridges_only)

@@ -67,6 +67,8 @@ def test_invalid_inputs_are_reported() -> None:
     wrong_dim = SegmentTable([KVSegment(torch.randn(2, 4, 8), torch.randn(2, 4, 8))], [[0], [0]])
     with pytest.raises(ValueError, match="head_dim 8"):
         decode_attention(batch.q, wrong_dim, batch.own_kv)
+    with pytest.raises(ValueError, match="sm_scale must be positive"):
+        decode_attention(batch.q, batch.table, batch.own_kv, sm_scale=-0.5)
     with pytest.raises(ValueError, match="names segment 3"):
         SegmentTable(batch.table.segments, [[3]])
     with pytest.raises(ValueError, match="own KV has 1 rows but 2 queries"):
