@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -268,10 +268,15 @@ def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_g
     return row
 
 
+def tolerance(shapes: Shapes) -> float:
+    """Max abs error vs the PyTorch reference a kernel output may have at the benchmark's dtype."""
+    return 2e-2 if shapes.dtype in (torch.bfloat16, torch.float16) else 2e-4
+
+
 def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
     """Kernel vs the PyTorch reference on this device for every case (batch 3, ICL prompts cut to 4k)."""
     failures = []
-    tol = 2e-2 if shapes.dtype in (torch.bfloat16, torch.float16) else 2e-4
+    tol = tolerance(shapes)
     for case in cases(shapes):
         small = Case(case.name, case.cartridges, min(case.own_len, 4096), case.quant)
         layer = make_layer(shapes, small, 3, device)
@@ -307,6 +312,25 @@ def _decode_with(layer: Layer, config: KernelConfig, num_splits: int | None) -> 
     return decode_attention(layer.q, layer.table, layer.own, backend="triton", config=config, num_splits=num_splits)
 
 
+def correct_configs(layer: Layer, shapes: Shapes, configs: Sequence[KernelConfig]) -> list[KernelConfig]:
+    """The configs whose decode of ``layer`` matches the PyTorch reference on this device: a sweep times only
+    those (a config the launcher rejects, whose lowering fails here, or that computes wrong attention is
+    reported and left out, without losing the rest of the run)."""
+    expected = decode_attention(layer.q, layer.table, layer.own, backend="torch").float()
+    correct = []
+    for config in configs:
+        try:
+            error = (_decode_with(layer, config, None).float() - expected).abs().max().item()
+        except Exception as failure:  # anything a launch raises costs this config, not the GPU run
+            print(f"sweep {config}: {type(failure).__name__}: {failure}; not timed", file=sys.stderr)
+            continue
+        if error <= tolerance(shapes):
+            correct.append(config)
+        else:
+            print(f"sweep {config}: max error {error:.3g} > {tolerance(shapes)}; not timed", file=sys.stderr)
+    return correct
+
+
 def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
     """Decode time of the shared-cartridge case at one batch over tile configs and split factors (graph replay),
     to choose the fixed default config from measurements rather than guesses."""
@@ -314,7 +338,7 @@ def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) ->
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
     rows = []
-    for config in (default_config(shapes.head_dim), *SWEEP_CONFIGS):
+    for config in correct_configs(layers[0], shapes, (default_config(shapes.head_dim), *SWEEP_CONFIGS)):
         for splits in (None, 1, 2, 4, 8, 16):
             try:
                 run = functools.partial(_decode_with, config=config, num_splits=splits)

@@ -87,7 +87,17 @@ def report(result: dict[str, Any]) -> str:
         best = []
         for batch in sorted({r["batch"] for r in result["sweep"]}):
             best += sorted((r for r in result["sweep"] if r["batch"] == batch), key=lambda r: r["kernel_ms"])[:5]
-        keys = ["batch", "block_m", "block_n", "num_warps", "num_stages", "own_block_n", "num_splits", "kernel_ms"]
+        keys = [
+            "batch",
+            "block_m",
+            "block_n",
+            "num_warps",
+            "num_stages",
+            "own_block_n",
+            "tma",
+            "num_splits",
+            "kernel_ms",
+        ]
         lines += table(keys, (["auto" if k in r and r[k] is None else r.get(k) for k in keys] for r in best))
     return "\n".join(lines) + "\n"
 

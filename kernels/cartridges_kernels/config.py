@@ -37,13 +37,16 @@ FUSED_DECODE_MAX_SHARED_ROWS = 1 << 17
 @dataclass(frozen=True)
 class KernelConfig:
     """Segment-kernel tiles: ``block_m`` query rows (tokens x padded GQA group), ``block_n`` keys;
-    ``own_block_n`` keys per block of the fused decode kernel's own-KV walk (None: see own_block_n())."""
+    ``own_block_n`` keys per block of the fused decode kernel's own-KV walk (None: see own_block_n());
+    ``tma``: copy the blocks of 16-byte-aligned segments with the Tensor Memory Accelerator (sm_90+; off by
+    default until a GPU run shows it faster: the benchmark sweeps it)."""
 
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     own_block_n: int | None = None
+    tma: bool = False
 
 
 def next_pow2(n: int) -> int:
@@ -142,6 +145,8 @@ def default_config(head_dim: int, kv_bytes: int = 2, dequantizes: bool = False) 
 # the own walk before OWN_BLOCK_BYTES (two round trips for a 128-token own KV). 8 warps leave one program per
 # SM at these tiles' registers (the compile test prints it): (64, 64, 8, 3) lost everywhere on the H200.
 SWEEP_CONFIGS = (
+    KernelConfig(64, 64, 4, 3, tma=True),
+    KernelConfig(64, 64, 4, 2, tma=True),
     KernelConfig(64, 64, 4, 2),
     KernelConfig(64, 64, 4, 2, own_block_n=64),
     KernelConfig(128, 64, 8, 3),

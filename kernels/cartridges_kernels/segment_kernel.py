@@ -65,6 +65,7 @@ def _segment_partials_kernel(
     V_SCALE: tl.constexpr,
     CAUSAL: tl.constexpr,
     ALIGNED: tl.constexpr,
+    TMA: tl.constexpr,
 ) -> None:
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -90,7 +91,7 @@ def _segment_partials_kernel(
     m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
     m_i, l_i, acc = attend_keys(
         q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale,
-        qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL,
+        qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA and ALIGNED,
     )  # fmt: skip
     slot = tl.load(row_slot_ptr + row_start + t, mask=t_valid, other=0) + split
     store_rows(
@@ -159,6 +160,22 @@ def aligned(segment: KVSegment) -> bool:
     return True
 
 
+def tma_descriptors(config: KernelConfig, device: torch.device) -> bool:
+    """Whether a launch copies aligned segments' blocks with TMA (``config.tma``). If so, checks that the GPU
+    has it and gives Triton the allocator its on-device tensor descriptors need (a little global scratch per
+    program, allocated at launch: on the graph's pool under CUDA-graph capture)."""
+    if not config.tma:
+        return False
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        raise ValueError("KernelConfig(tma=True) needs a GPU with TMA (sm_90 or newer); leave tma off here")
+    triton.set_allocator(_descriptor_scratch)
+    return True
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def granularity(x: KVData) -> int:
     return _SCALE_MODE[x.granularity if isinstance(x, QuantizedKV) else None]
 
@@ -210,6 +227,7 @@ def launch_segment_partials(
         V_SCALE=granularity(values),
         CAUSAL=plan.own,
         ALIGNED=all(map(aligned, segments)),
+        TMA=tma_descriptors(config, q.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -137,6 +137,7 @@ def attend_keys(
     K_SCALE: tl.constexpr,
     V_SCALE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
 ) -> tuple[tl.tensor, ...]:
     """Fold keys [lo, hi) of one segment into the running base-2 softmax state (m_i, l_i, acc) of the tile.
 
@@ -148,6 +149,11 @@ def attend_keys(
     The softmax scale rides in the exponent's multiply-add and p @ v accumulates into the rescaled acc, as in
     Triton's fused-attention tutorial: on sm_90 that took the shared walk from 590 to 524 instructions per
     64-key block (Triton 3.6; 630 to 564 with 3.9) and freed registers (tests/kernels/_compile_sm90.py).
+
+    With TMA (sm_90+, a segment whose rows are 16-byte aligned), key and value blocks are copied by the
+    Tensor Memory Accelerator: one descriptor per segment instead of an address and a mask per thread and
+    16-byte piece, and rows past ``hi`` arrive as zeros. The callers' launchers set the allocator Triton
+    needs for descriptors made on the device.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -155,14 +161,20 @@ def attend_keys(
         q = (q.to(tl.float32) * tl.load(ks_ptr + offs_d, mask=d_valid, other=0.0)[None, :]).to(q.dtype)
     if V_SCALE == 2:
         v_chan = tl.load(vs_ptr + offs_d, mask=d_valid, other=0.0)
+    if TMA:
+        k_rows = tl.make_tensor_descriptor(k_base, [hi, HEAD_DIM], [k_stride_t, 1], [BLOCK_N, BLOCK_D])
+        v_rows = tl.make_tensor_descriptor(v_base, [hi, HEAD_DIM], [v_stride_t, 1], [BLOCK_N, BLOCK_D])
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        k = tl.load(
-            k_base + offs_n[None, :].to(tl.int64) * k_stride_t + offs_d[:, None],
-            mask=n_valid[None, :] & d_valid[:, None],
-            other=0.0,
-        )
+        if TMA:
+            k = k_rows.load([start, 0]).T
+        else:
+            k = tl.load(
+                k_base + offs_n[None, :].to(tl.int64) * k_stride_t + offs_d[:, None],
+                mask=n_valid[None, :] & d_valid[:, None],
+                other=0.0,
+            )
         s = tl.dot(q, k.to(q.dtype))
         if K_SCALE == 1:  # per-token key scales and the softmax scale in one multiply per score
             s *= (tl.load(ks_ptr + offs_n, mask=n_valid, other=0.0) * qk_scale)[None, :]
@@ -178,11 +190,14 @@ def attend_keys(
         p = tl.exp2(s * exp_scale - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_base + offs_n[:, None].to(tl.int64) * v_stride_t + offs_d[None, :],
-            mask=n_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        if TMA:
+            v = v_rows.load([start, 0]).to(tl.float32)
+        else:
+            v = tl.load(
+                v_base + offs_n[:, None].to(tl.int64) * v_stride_t + offs_d[None, :],
+                mask=n_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            ).to(tl.float32)
         if V_SCALE == 1:
             v *= tl.load(vs_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
         if V_SCALE == 2:

@@ -75,7 +75,8 @@ def compile_tiles(
 ) -> triton.compiler.CompiledKernel:
     """The kernel at GQA 4 with the config's tiles, warps and stages; the fused kernel's own blocks are
     ``own_keys`` keys, or what the dispatcher picks for 16-bit own KV."""
-    tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": head_dim, "BLOCK_D": head_dim}
+    tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "HEAD_DIM": head_dim, "BLOCK_D": head_dim,
+             "TMA": config.tma}  # fmt: skip
     constants = {"GROUP": 4, "GROUP_PAD": 4, **tiles, **formats}
     if kernel is _fused_decode_kernel:
         dequantizes = any(formats[f"{side}_{kv}_SCALE"] for side in ("SEG", "OWN") for kv in "KV")
@@ -142,7 +143,7 @@ def main() -> None:
         "part_lse_ptr": "*fp32",
         "qk_scale": "fp32",
     }
-    shape = {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_M": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "BLOCK_D": 128}
+    shape = {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_M": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "BLOCK_D": 128, "TMA": False}
     variants = [
         (
             "bf16",

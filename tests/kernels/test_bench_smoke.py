@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -29,6 +31,16 @@ def run_smoke(out: Path, *options: str) -> subprocess.CompletedProcess[str]:
     )
     assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def bench_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/kernels_gpu.py imported in this process (kernels interpreted, as conftest sets up)."""
+    spec = importlib.util.spec_from_file_location("kernels_gpu", ROOT / "bench" / "kernels_gpu.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def test_bench_smoke_writes_results(tmp_path: Path) -> None:
@@ -78,17 +90,11 @@ def test_one_step_only_launches(tmp_path: Path) -> None:
 
 def test_flash_baseline_computes_the_same_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     """The breakdown's flash-SDPA rows time the same attention as the kernel's halves, not a cheaper one."""
-    import importlib.util
-
     import torch
 
     from cartridges_kernels import SegmentTable, decode_attention
 
-    spec = importlib.util.spec_from_file_location("kernels_gpu", ROOT / "bench" / "kernels_gpu.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = bench_module(monkeypatch)
     torch.manual_seed(0)
     shapes = bench.SMOKE
     layer = bench.make_layer(shapes, bench.cases(shapes)[0], 3, torch.device("cpu"))
@@ -102,3 +108,25 @@ def test_flash_baseline_computes_the_same_attention(monkeypatch: pytest.MonkeyPa
     own = bench.flash_sdpa(flash.own_q, flash.own_k, flash.own_v).reshape(layer.q.shape)
     want = decode_attention(layer.q, SegmentTable([], [[]] * batch), layer.own, backend="torch")
     torch.testing.assert_close(own, want, atol=1e-5, rtol=0)
+
+
+def test_sweep_times_only_configs_that_compute_the_right_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swept config that raises on the device or disagrees with the reference is left out, not fatal."""
+    import torch
+
+    from cartridges_kernels import KernelConfig
+
+    bench = bench_module(monkeypatch)
+    torch.manual_seed(0)
+    layer = bench.make_layer(bench.SMOKE, bench.cases(bench.SMOKE)[0], 3, torch.device("cpu"))
+    good, wrong, failing = KernelConfig(16, 16), KernelConfig(32, 16), KernelConfig(16, 32, tma=True)
+    decode = bench._decode_with
+
+    def on_device(layer: object, config: KernelConfig, num_splits: int | None) -> torch.Tensor:
+        if config == failing:
+            raise RuntimeError("this lowering fails here")
+        out = decode(layer, config, num_splits)
+        return out + 0.1 if config == wrong else out
+
+    monkeypatch.setattr(bench, "_decode_with", on_device)
+    assert bench.correct_configs(layer, bench.SMOKE, [good, wrong, failing]) == [good]
