@@ -152,60 +152,118 @@ def attend_keys(
 
     With TMA (sm_90+, a segment whose rows are 16-byte aligned), key and value blocks are copied by the
     Tensor Memory Accelerator: one descriptor per segment instead of an address and a mask per thread and
-    16-byte piece, and rows past ``hi`` arrive as zeros. The callers' launchers set the allocator Triton
-    needs for descriptors made on the device.
+    16-byte piece, and rows past ``hi`` arrive as zeros. Whole blocks are then folded without masks and only
+    a partial last block with them (on sm_90 with Triton 3.6: 326 instructions per shared-walk block, against
+    395 masked). The callers' launchers set the allocator Triton needs for descriptors made on the device.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     if K_SCALE == 2:  # q . (k * s) == (q * s) . k
         q = (q.to(tl.float32) * tl.load(ks_ptr + offs_d, mask=d_valid, other=0.0)[None, :]).to(q.dtype)
+    v_chan = tl.zeros([BLOCK_D], dtype=tl.float32)  # per-channel value scales (unused otherwise)
     if V_SCALE == 2:
         v_chan = tl.load(vs_ptr + offs_d, mask=d_valid, other=0.0)
     if TMA:
         k_rows = tl.make_tensor_descriptor(k_base, [hi, HEAD_DIM], [k_stride_t, 1], [BLOCK_N, BLOCK_D])
         v_rows = tl.make_tensor_descriptor(v_base, [hi, HEAD_DIM], [v_stride_t, 1], [BLOCK_N, BLOCK_D])
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < hi
-        if TMA:
-            k = k_rows.load([start, 0]).T
-        else:
-            k = tl.load(
-                k_base + offs_n[None, :].to(tl.int64) * k_stride_t + offs_d[:, None],
-                mask=n_valid[None, :] & d_valid[:, None],
-                other=0.0,
-            )
-        s = tl.dot(q, k.to(q.dtype))
-        if K_SCALE == 1:  # per-token key scales and the softmax scale in one multiply per score
-            s *= (tl.load(ks_ptr + offs_n, mask=n_valid, other=0.0) * qk_scale)[None, :]
-            exp_scale = 1.0
-        else:
-            exp_scale = qk_scale
+    else:
+        k_rows = k_base
+        v_rows = v_base
+    if TMA and not CAUSAL:  # whole blocks unmasked, then the partial one
+        masked_from = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for start in range(lo, masked_from, BLOCK_N):
+            m_i, l_i, acc = _fold_block(
+                q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, start, hi,
+                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, False,
+            )  # fmt: skip
+        if masked_from < hi:
+            m_i, l_i, acc = _fold_block(
+                q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, masked_from, hi,
+                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, True,
+            )  # fmt: skip
+    else:  # pointer loads: a separate tail would stage its loads through registers and spill (sm_90 compile)
+        for start in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _fold_block(
+                q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, start, hi,
+                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, True,
+            )  # fmt: skip
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fold_block(
+    q: tl.tensor,
+    m_i: tl.tensor,
+    l_i: tl.tensor,
+    acc: tl.tensor,
+    k_rows: tl.tensor,
+    v_rows: tl.tensor,
+    k_stride_t: tl.tensor,
+    v_stride_t: tl.tensor,
+    ks_ptr: tl.tensor,
+    vs_ptr: tl.tensor,
+    v_chan: tl.tensor,
+    start: tl.tensor,
+    hi: tl.tensor,
+    qk_scale: tl.tensor,
+    qpos: tl.tensor,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    TMA: tl.constexpr,
+    MASKED: tl.constexpr,
+) -> tuple[tl.tensor, ...]:
+    """Keys [start, start + BLOCK_N) into the state. ``k_rows`` / ``v_rows``: tensor descriptors with TMA,
+    else the segment's key/value base pointers. Without MASKED every key of the block is below ``hi`` and
+    visible to every row: no score is masked and no row can still be without a key."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < hi
+    if TMA:
+        k = k_rows.load([start, 0]).T
+    else:
+        k = tl.load(
+            k_rows + offs_n[None, :].to(tl.int64) * k_stride_t + offs_d[:, None],
+            mask=n_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
+    s = tl.dot(q, k.to(q.dtype))
+    if K_SCALE == 1:  # per-token key scales and the softmax scale in one multiply per score
+        s *= (tl.load(ks_ptr + offs_n, mask=n_valid, other=0.0) * qk_scale)[None, :]
+        exp_scale = 1.0
+    else:
+        exp_scale = qk_scale
+    if MASKED:
         visible = n_valid[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= qpos[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * exp_scale)  # exp_scale > 0: the max commutes with it
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-        p = tl.exp2(s * exp_scale - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if TMA:
-            v = v_rows.load([start, 0]).to(tl.float32)
-        else:
-            v = tl.load(
-                v_base + offs_n[:, None].to(tl.int64) * v_stride_t + offs_d[None, :],
-                mask=n_valid[:, None] & d_valid[None, :],
-                other=0.0,
-            ).to(tl.float32)
-        if V_SCALE == 1:
-            v *= tl.load(vs_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
-        if V_SCALE == 2:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype)) * v_chan[None, :]
-        else:
-            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
-        m_i = m_new
-    return m_i, l_i, acc
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * exp_scale)  # exp_scale > 0: the max commutes with it
+    m_safe = m_new
+    if MASKED:  # a row that has seen no key yet keeps m = -inf; the exponent needs a finite reference
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s * exp_scale - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if TMA:
+        v = v_rows.load([start, 0]).to(tl.float32)
+    else:
+        v = tl.load(
+            v_rows + offs_n[:, None].to(tl.int64) * v_stride_t + offs_d[None, :],
+            mask=n_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    if V_SCALE == 1:
+        v *= tl.load(vs_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
+    if V_SCALE == 2:
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype)) * v_chan[None, :]
+    else:
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+    return m_new, l_i, acc
 
 
 @triton.jit

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import triton
@@ -113,10 +114,12 @@ def innermost_loops(compiled: triton.compiler.CompiledKernel) -> list[list[str]]
 
 
 def loop_summary(compiled: triton.compiler.CompiledKernel) -> str:
-    """Instructions per pass of each innermost loop, and local-memory (spill) instructions inside them."""
+    """Instructions per pass of each key-block loop (innermost loops but the few-instruction spins that wait
+    on a TMA barrier), and local-memory (spill) instructions inside any innermost loop."""
     loops = innermost_loops(compiled)
     local = sum(op.startswith(("LDL", "STL")) for loop in loops for op in loop)
-    return f"loops of {'/'.join(str(len(loop)) for loop in loops)} instructions, {local} local-memory ops in loops"
+    blocks = "/".join(str(len(loop)) for loop in loops if len(loop) > 8)
+    return f"loops of {blocks} instructions, {local} local-memory ops in loops"
 
 
 def resident_programs(registers: int, shared_bytes: int, warps: int) -> int:
@@ -217,6 +220,9 @@ def main() -> None:
         print_registers(f"fused head_dim {head_dim}", config, compiled)
     quantized_types = {**fused_types, "q_ptr": "*fp16", "out_ptr": "*fp16"}  # int8/fp8 cartridges, partials
     dequantizing = default_config(128, dequantizes=True)
+    quantized = compile_tiles(_fused_decode_kernel, quantized_types, fused_variants[1][2], dequantizing)
+    print_registers("fused-quantized", dequantizing, quantized)
+    dequantizing = replace(dequantizing, tma=True)  # 1-byte blocks through descriptors
     quantized = compile_tiles(_fused_decode_kernel, quantized_types, fused_variants[1][2], dequantizing)
     print_registers("fused-quantized", dequantizing, quantized)
     segment_formats = {**variants[0][1], "CAUSAL": True}

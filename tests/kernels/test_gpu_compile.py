@@ -39,8 +39,9 @@ def test_kernels_compile_for_sm90() -> None:
     # spill there is a slowdown that would otherwise only show up as a worse number after a GPU run. (ptxas
     # may park a few predicates on the stack outside the loops, once per program: that is not checked.)
     usage = [line for line in lines if line.startswith("registers ")]
-    # + the default bf16 at head_dim 128, 64 and 256, without own KV, the default quantized, the segment kernel
-    assert len(usage) == len(SWEEP_CONFIGS) + 6, proc.stdout
+    # + the default bf16 at head_dim 128, 64 and 256, without own KV, the default quantized with and without
+    # TMA, the segment kernel
+    assert len(usage) == len(SWEEP_CONFIGS) + 7, proc.stdout
     spilling = [line for line in usage if not line.endswith(" 0 local-memory ops in loops")]
     assert not spilling, "configs that spill registers in their loops on sm_90:\n" + "\n".join(spilling)
     # A step without own KV holds as many shared programs per SM as one with it.
