@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,8 @@ class Shapes:
     memory_fraction: float  # of free device memory one measurement may allocate
 
 
+MIN_ITERS = 5
+MEASURE_BUDGET_MS = 2000.0
 FULL = Shapes(32, 8, 32, 128, 2048, 128, (32, 512, 2048), (32_768, 100_000), (1, 2, 4, 8, 16, 32, 64, 128, 256),
               torch.bfloat16, 20, 3, 0.4)  # fmt: skip
 SMOKE = Shapes(1, 2, 4, 16, 40, 5, (9,), (64,), (3,), torch.float32, 1, 0, 0.4)
@@ -161,13 +163,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_runs(iters: int, times: Sequence[float]) -> int:
+    """Timed runs a measurement takes: ``iters``, or fewer (never under MIN_ITERS) once the slowest run so
+    far says that many would take more than MEASURE_BUDGET_MS."""
+    if not times:
+        return iters
+    return min(iters, max(MIN_ITERS, int(MEASURE_BUDGET_MS // max(times))))
+
+
 def median_ms(step: Callable[[], object], shapes: Shapes, device: torch.device) -> float:
-    """Median wall time of ``step`` in ms: CUDA events on a GPU, perf_counter elsewhere."""
+    """Median wall time of ``step`` in ms: CUDA events on a GPU, perf_counter elsewhere. ``shapes.iters``
+    timed runs, fewer (never under MIN_ITERS) for steps so slow that they would take over MEASURE_BUDGET_MS:
+    a 100k-token ICL step at batch 128 takes 0.4 s, and 20 of them per variant would use up the device run's
+    time limit before the sweep."""
     for _ in range(shapes.warmup):
         step()
     sync(device)
-    times = []
-    for _ in range(shapes.iters):
+    times: list[float] = []
+    while len(times) < timed_runs(shapes.iters, times):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -331,13 +344,13 @@ def correct_configs(layer: Layer, shapes: Shapes, configs: Sequence[KernelConfig
     return correct
 
 
-def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
+def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> Iterator[dict[str, Any]]:
     """Decode time of the shared-cartridge case at one batch over tile configs and split factors (graph replay),
-    to choose the fixed default config from measurements rather than guesses."""
+    to choose the fixed default config from measurements rather than guesses; row by row, so a run cut short
+    by its time limit keeps the rows it measured."""
     case = cases(shapes)[0]
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
-    rows = []
     for config in correct_configs(layers[0], shapes, (default_config(shapes.head_dim), *SWEEP_CONFIGS)):
         for splits in (None, 1, 2, 4, 8, 16):
             try:
@@ -346,12 +359,10 @@ def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) ->
             except (ValueError, RuntimeError) as error:  # a config the launcher rejects or that fails to compile
                 print(f"sweep {config} splits={splits}: {error}", file=sys.stderr)
                 continue
-            rows.append(
-                {**asdict(config), "num_splits": splits, "batch": batch, "kernel_ms": ms,
-                 "bandwidth_fraction": kernel_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps}
-            )  # fmt: skip
-            print(f"sweep {rows[-1]}", flush=True)
-    return rows
+            row = {**asdict(config), "num_splits": splits, "batch": batch, "kernel_ms": ms,
+                   "bandwidth_fraction": kernel_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps}  # fmt: skip
+            print(f"sweep {row}", flush=True)
+            yield row
 
 
 @dataclass
@@ -538,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         "copy_bandwidth_gbps": copy_gbps,
         "timing": "kernel_ms (what decode_attention dispatches to), fused_ms (the fused decode kernel), "
         "multi_launch_ms (the multi-launch path), per_request_ms and reference_ms: median CUDA-graph replay of a "
-        "step over all layers; kernel_eager_ms: the dispatched step launched eagerly from Python",
+        "step over all layers; kernel_eager_ms: the dispatched step launched eagerly from Python. Medians of "
+        f"{shapes.iters} timed runs, of fewer (at least {MIN_ITERS}) where they would take over "
+        f"{MEASURE_BUDGET_MS / 1e3:g} s",
         "shapes": {k: str(v) for k, v in asdict(shapes).items()},
         "rows": [],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -560,8 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     result["kernel_profile"] = [row for batch in focus for row in kernel_profile(shapes, batch, device)]
     (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     if device.type == "cuda":
-        result["sweep"] = [row for batch in focus for row in sweep(shapes, batch, device, copy_gbps)]
-        (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["sweep"] = []
+        for row in (row for batch in focus for row in sweep(shapes, batch, device, copy_gbps)):
+            result["sweep"].append(row)
+            (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     plotted = plot(result["rows"], args.out / "kernels-gpu.png")
     print(f"wrote {args.out / 'kernels-gpu.json'}" + (" and kernels-gpu.png" if plotted else ""))
     return 0

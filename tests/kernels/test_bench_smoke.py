@@ -130,3 +130,13 @@ def test_sweep_times_only_configs_that_compute_the_right_attention(monkeypatch: 
 
     monkeypatch.setattr(bench, "_decode_with", on_device)
     assert bench.correct_configs(layer, bench.SMOKE, [good, wrong, failing]) == [good]
+
+
+def test_slow_steps_take_fewer_timed_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0.4 s step is timed 5 times, not 20: the device run's time limit is for the whole benchmark."""
+    bench = bench_module(monkeypatch)
+    assert bench.timed_runs(20, []) == 20
+    assert bench.timed_runs(20, [1.0, 3.0]) == 20
+    assert bench.timed_runs(20, [150.0]) == 13
+    assert bench.timed_runs(20, [400.0, 380.0]) == bench.MIN_ITERS == 5
+    assert bench.timed_runs(1, [400.0]) == 1
