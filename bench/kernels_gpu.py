@@ -204,6 +204,22 @@ def copy_bandwidth_gbps(shapes: Shapes, device: torch.device) -> float:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(shapes: Shapes, device: torch.device) -> float:
+    """Dense matmul throughput in the benchmark's dtype (tera-FLOP/s): the practical ceiling for a walk whose
+    dot products, not its bytes, bound it (a cartridge shared by a large batch)."""
+    n = 8192 if device.type == "cuda" else 256
+    a = torch.randn(n, n, device=device, dtype=shapes.dtype)
+    b = torch.randn(n, n, device=device, dtype=shapes.dtype)
+    ms = median_ms(lambda: a @ b, replace(shapes, iters=10, warmup=2), device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def attention_flops(shapes: Shapes, batch: int, keys: int) -> int:
+    """FLOPs of one decode step's attention over ``keys`` keys per request, all layers: q.k and p.v, a
+    multiply-add each per key, query head and channel."""
+    return 4 * shapes.layers * batch * shapes.q_heads * keys * shapes.head_dim
+
+
 def layers_fitting(bytes_per_layer: int, shapes: Shapes, device: torch.device) -> int:
     """How many distinct layers one measurement can hold (0: not even one fits)."""
     if device.type != "cuda":
@@ -414,19 +430,36 @@ def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float
     no_cartridges = SegmentTable([], [[]] * batch)
     cartridge_bytes = sum(map(stored_bytes, layers[0].table.segments))
     own_bytes = batch * stored_bytes(layers[0].own[0])
-    phases: dict[str, tuple[Callable[[Any], object], list[Any], int]] = {
-        "cartridge+own": (lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), layers, kernel_bytes),
-        "cartridge only": (lambda x: decode_attention(x.q, x.table, None, backend="triton"), layers, cartridge_bytes),
-        "own only": (lambda x: decode_attention(x.q, no_cartridges, x.own, backend="triton"), layers, own_bytes),
+    cartridge_keys, own_keys = shapes.cartridge_len * case.cartridges, case.own_len
+    phases: dict[str, tuple[Callable[[Any], object], list[Any], int, int]] = {
+        "cartridge+own": (
+            lambda x: decode_attention(x.q, x.table, x.own, backend="triton"),
+            layers,
+            kernel_bytes,
+            cartridge_keys + own_keys,
+        ),
+        "cartridge only": (
+            lambda x: decode_attention(x.q, x.table, None, backend="triton"),
+            layers,
+            cartridge_bytes,
+            cartridge_keys,
+        ),
+        "own only": (
+            lambda x: decode_attention(x.q, no_cartridges, x.own, backend="triton"),
+            layers,
+            own_bytes,
+            own_keys,
+        ),
         "cartridge only, torch flash SDPA": (
             lambda x: flash_sdpa(x.cartridge_q, x.cartridge_k, x.cartridge_v),
             flash,
             cartridge_bytes,
+            cartridge_keys,
         ),
-        "own only, torch flash SDPA": (lambda x: flash_sdpa(x.own_q, x.own_k, x.own_v), flash, own_bytes),
+        "own only, torch flash SDPA": (lambda x: flash_sdpa(x.own_q, x.own_k, x.own_v), flash, own_bytes, own_keys),
     }
     rows = []
-    for phase, (run, inputs, phase_bytes) in phases.items():
+    for phase, (run, inputs, phase_bytes, keys) in phases.items():
         try:
             ms, _ = time_per_step(run, inputs, shapes, device)
         except RuntimeError as error:  # no flash kernel for this GPU: keep the other rows (ours must not fail)
@@ -435,7 +468,8 @@ def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float
             print(f"breakdown {phase}: {error}", file=sys.stderr)
             continue
         rows.append({"phase": phase, "batch": batch, "kernel_ms": ms,
-                     "bandwidth_fraction": phase_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps})  # fmt: skip
+                     "bandwidth_fraction": phase_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps,
+                     "tflops": attention_flops(shapes, batch, keys) / (ms * 1e-3) / 1e12})  # fmt: skip
         print(f"breakdown {rows[-1]}", flush=True)
     return rows
 
@@ -542,11 +576,13 @@ def main(argv: list[str] | None = None) -> int:
         print("correctness check failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     copy_gbps = copy_bandwidth_gbps(shapes, device)
+    peak_tflops = matmul_tflops(shapes, device)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)",
         "versions": {"torch": torch.__version__, "triton": importlib.metadata.version("triton")},
         "copy_bandwidth_gbps": copy_gbps,
+        "matmul_tflops": peak_tflops,
         "timing": "kernel_ms (what decode_attention dispatches to), fused_ms (the fused decode kernel), "
         "multi_launch_ms (the multi-launch path), per_request_ms and reference_ms: median CUDA-graph replay of a "
         "step over all layers; kernel_eager_ms: the dispatched step launched eagerly from Python. Medians of "
@@ -556,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    print(f"copy bandwidth {copy_gbps:.0f} GB/s on {result['device']}")
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s, matmul {peak_tflops:.0f} TFLOP/s on {result['device']}")
     print_row(None)
     for case in cases(shapes):
         for batch in shapes.batches:

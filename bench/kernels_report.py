@@ -61,7 +61,12 @@ def targets(result: dict[str, Any]) -> list[str]:
 
 def report(result: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
-    lines = [f"{result['device']} ({versions}); copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s", ""]
+    peak = result.get("matmul_tflops")
+    lines = [
+        f"{result['device']} ({versions}); copy bandwidth {result['copy_bandwidth_gbps']:.0f} GB/s"
+        + (f", dense matmul {peak:.0f} TFLOP/s" if peak else ""),
+        "",
+    ]
     lines += [*targets(result), "", "ms per decode step over all layers (CUDA-graph replay):", ""]
     step_rows = [*result["rows"], *result.get("own_lengths", [])]
     lines += table(
@@ -70,9 +75,13 @@ def report(result: dict[str, Any]) -> str:
     if result.get("breakdown"):
         lines += ["", "Breakdown of the shared-cartridge step:", ""]
         lines += table(
-            ["phase", "batch", "ms", "bandwidth_fraction"],
-            ([r["phase"], r["batch"], r["kernel_ms"], r["bandwidth_fraction"]] for r in result["breakdown"]),
-        )
+            ["phase", "batch", "ms", "bandwidth_fraction", "TFLOP/s", "matmul_fraction"],
+            (
+                [r["phase"], r["batch"], r["kernel_ms"], r["bandwidth_fraction"], r.get("tflops"),
+                 r["tflops"] / peak if peak and r.get("tflops") else None]
+                for r in result["breakdown"]
+            ),
+        )  # fmt: skip
     if result.get("kernel_profile"):
         lines += ["", "Device time per kernel and layer (one eager step, torch.profiler):", ""]
         lines += table(

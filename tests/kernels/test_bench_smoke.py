@@ -48,7 +48,7 @@ def test_bench_smoke_writes_results(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "kernels-gpu.json").read_text())
     assert {"device", "copy_bandwidth_gbps", "rows", "command"} <= result.keys()
     assert "--smoke" in result["command"]
-    assert result["copy_bandwidth_gbps"] > 0
+    assert result["copy_bandwidth_gbps"] > 0 and result["matmul_tflops"] > 0
     cases = {row["case"] for row in result["rows"]}
     assert cases == {"shared-1x40", "shared-1x40-int8", "composed-2x40", "icl-64"}
     for row in result["rows"]:
@@ -56,7 +56,7 @@ def test_bench_smoke_writes_results(tmp_path: Path) -> None:
         assert row["fused_ms"] > 0 and row["multi_launch_ms"] > 0  # both paths the dispatcher chooses from
         assert (row["per_request_ms"] is None) == row["case"].startswith("icl")
     assert "shared-1x40" in proc.stdout
-    phases = {row["phase"] for row in result["breakdown"] if row["kernel_ms"] > 0}
+    phases = {row["phase"] for row in result["breakdown"] if row["kernel_ms"] > 0 and row["tflops"] > 0}
     assert phases == {"cartridge+own", "cartridge only", "own only", "cartridge only, torch flash SDPA",
                       "own only, torch flash SDPA"}  # fmt: skip
     assert result["kernel_profile"] == []  # CUDA only
@@ -80,6 +80,7 @@ def test_report_states_the_targets(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert "| shared-1x40-own9 | 3 |" in report and "cartridge only, torch flash SDPA" in report
+    assert "TFLOP/s" in report and "dense matmul" in report
 
 
 def test_one_step_only_launches(tmp_path: Path) -> None:
