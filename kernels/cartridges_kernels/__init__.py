@@ -1,19 +1,20 @@
 """Attention kernels that compose cartridges: segmented attention over shared KV segments plus own KV.
 
 Public API: :func:`decode_attention`, :func:`prefill_attention` (dispatch to Triton on CUDA, PyTorch
-elsewhere), the inputs :class:`SegmentTable` and :class:`KVSegment`, and quantized storage via
-:func:`quantize_kv`.
+elsewhere), the inputs :class:`SegmentTable`, :class:`KVSegment` and :class:`PooledKV` (every request's own
+KV in one pool), and quantized storage via :func:`quantize_kv`.
 """
 
 from cartridges.quantize import QuantizedKV, quantize_kv
 from cartridges_kernels.config import KernelConfig
 from cartridges_kernels.dispatch import BACKEND_ENV, decode_attention, prefill_attention
-from cartridges_kernels.segments import KVSegment, SegmentTable
+from cartridges_kernels.segments import KVSegment, PooledKV, SegmentTable
 
 __all__ = [
     "BACKEND_ENV",
     "KVSegment",
     "KernelConfig",
+    "PooledKV",
     "QuantizedKV",
     "SegmentTable",
     "decode_attention",

@@ -26,7 +26,16 @@ from cartridges_kernels.config import (
 )
 from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
-from cartridges_kernels.segments import KVData, KVSegment, SegmentTable, storage_of
+from cartridges_kernels.segments import (
+    KVData,
+    KVSegment,
+    PooledKV,
+    SegmentTable,
+    segment_lengths,
+    select,
+    storage_of,
+    storage_segments,
+)
 from cartridges_kernels.torch_backend import segmented_attention_torch
 
 Backend = Literal["auto", "triton", "torch"]
@@ -118,7 +127,7 @@ def segmented_attention_triton(
     """
     used = _used_segments(table)
     used_formats = {_format(s) for s in used}
-    own_formats = {_format(s) for s in own_kv or [] if s.num_tokens > 0}
+    own_formats = {_format(s) for s in storage_segments(own_kv or [])}
     config = config or default_config(q.shape[-1], *_storage(used_formats | own_formats))
     if fused is not False and all(n == 1 for n in query_lens) and len(used_formats) <= 1 and len(own_formats) <= 1:
         kv_heads = _kv_heads(table, own_kv, q.shape[1])
@@ -137,8 +146,8 @@ def segmented_attention_triton(
         request_segments=tuple(tuple(s) for s in table.request_segments),
         segment_lens=tuple(s.num_tokens for s in table.segments),
         segment_formats=tuple(_format(s) for s in table.segments),
-        own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
-        own_formats=None if own_kv is None else tuple(_format(s) for s in own_kv),
+        own_lens=None if own_kv is None else segment_lengths(own_kv),
+        own_formats=None if own_kv is None else _formats(own_kv),
     )
     plan = plan_attention(
         structure,
@@ -156,7 +165,7 @@ def segmented_attention_triton(
     for launch in plan.launches:
         sources = own_kv if launch.own else table.segments
         assert sources is not None
-        segments = [sources[i] for i in launch.sources]
+        segments = select(sources, launch.sources)
         launch_segment_partials(q, launch, segments, part_o, part_lse, sm_scale, config)
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
@@ -186,7 +195,7 @@ def _plan_decode(
     structure = DecodeStructure(
         request_segments=tuple(tuple(s) for s in table.request_segments),
         segment_lens=tuple(s.num_tokens for s in table.segments),
-        own_lens=None if own_kv is None else tuple(s.num_tokens for s in own_kv),
+        own_lens=None if own_kv is None else segment_lengths(own_kv),
     )
     group_pad = next_pow2(q.shape[1] // kv_heads)
     own_keys = own_n or config.block_n
@@ -248,8 +257,15 @@ def _format(segment: KVSegment) -> FormatKey:
     return storage_of(k).dtype, storage_of(v).dtype, granularity(k), granularity(v)
 
 
+def _formats(segments: Sequence[KVSegment]) -> tuple[FormatKey, ...]:
+    """The storage format of each segment (a pool's, once)."""
+    if isinstance(segments, PooledKV):
+        return (_format(segments.whole),) * len(segments)
+    return tuple(_format(s) for s in segments)
+
+
 def _kv_heads(table: SegmentTable, own_kv: Sequence[KVSegment] | None, q_heads: int) -> int:
-    segments = [*table.segments, *(own_kv or [])]
+    segments = [*table.segments[:1], *storage_segments(own_kv or [], nonempty=False)[:1]]
     return segments[0].kv_heads if segments else q_heads
 
 
@@ -265,7 +281,7 @@ def _validate(q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv:
         raise ValueError(f"{len(own_kv)} own-KV segments for {len(query_lens)} requests")
     q_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = _kv_heads(table, own_kv, q_heads)
-    for seg in [*table.segments, *(own_kv or [])]:
+    for seg in [*table.segments, *storage_segments(own_kv or [], nonempty=False)]:
         if seg.kv_heads != kv_heads or seg.head_dim != head_dim:
             raise ValueError(
                 f"segment [{seg.kv_heads} heads, head_dim {seg.head_dim}] does not match "
@@ -276,6 +292,6 @@ def _validate(q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv:
     if q_heads % kv_heads:
         raise ValueError(f"q_heads {q_heads} is not a multiple of kv_heads {kv_heads}")
     if own_kv is not None:
-        for r, (seg, n) in enumerate(zip(own_kv, query_lens, strict=True)):
-            if seg.num_tokens < n:
-                raise ValueError(f"request {r}: own KV has {seg.num_tokens} rows but {n} queries")
+        for r, (rows, n) in enumerate(zip(segment_lengths(own_kv), query_lens, strict=True)):
+            if rows < n:
+                raise ValueError(f"request {r}: own KV has {rows} rows but {n} queries")

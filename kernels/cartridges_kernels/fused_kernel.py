@@ -22,7 +22,7 @@ from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_
 from cartridges_kernels.decode_plan import TILE_COLUMNS, DecodePlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import TL_DTYPE, aligned, granularity, segment_meta, tma_descriptors
-from cartridges_kernels.segments import KVSegment, kv_element_bytes, storage_of
+from cartridges_kernels.segments import KVSegment, kv_element_bytes, storage_of, storage_segments
 from cartridges_kernels.tile import (
     attend_keys,
     empty_state,
@@ -202,7 +202,7 @@ def _own_program(
 def _format_constants(prefix: str, segments: Sequence[KVSegment], fallback: torch.dtype) -> dict[str, object]:
     """The storage-format constexprs of one side (cartridges or own KV); the caller checked that its non-empty
     segments share one (empty ones are never read)."""
-    segments = [s for s in segments if s.num_tokens > 0]
+    segments = storage_segments(segments)
     if not segments:
         dtype = TL_DTYPE[fallback]
         return {f"{prefix}_K_DTYPE": dtype, f"{prefix}_V_DTYPE": dtype, f"{prefix}_K_SCALE": 0,
@@ -236,7 +236,7 @@ def launch_fused_decode(
     tokens, q_heads, head_dim = q.shape
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
-    kv_bytes = kv_element_bytes([*used, *(own_kv or [])])
+    kv_bytes = kv_element_bytes([*used, *storage_segments(own_kv or [])])
     check_config(replace(config, block_m=plan.block_m), group_pad, head_dim, kv_bytes)
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")

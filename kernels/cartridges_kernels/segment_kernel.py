@@ -22,7 +22,7 @@ from cartridges.quantize import QuantizedKV
 from cartridges_kernels.config import KernelConfig, check_config, next_pow2, padded_head_dim
 from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
-from cartridges_kernels.segments import KVData, KVSegment, kv_element_bytes, storage_of
+from cartridges_kernels.segments import KVData, KVSegment, PooledKV, kv_element_bytes, storage_of, storage_segments
 from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows
 
 # Scale modes (constexpr): how stored keys/values turn into real values.
@@ -115,7 +115,10 @@ def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
 
     The device tensor is cached by its contents: every layer of every decode step over the same cartridges
     reuses it instead of paying a host-to-device copy per launch (which would also break CUDA-graph capture).
-    A cached table stays valid because it holds nothing but the values it was keyed by."""
+    A cached table stays valid because it holds nothing but the values it was keyed by. A pool's table is
+    not cached (its lengths change every step) and comes from its starts without a view per request."""
+    if isinstance(segments, PooledKV):
+        return torch.tensor(_pooled_meta_rows(segments), dtype=torch.int64, device=device)
     rows = _meta_rows(segments)
     return _meta_tensor(rows, device)
 
@@ -149,6 +152,18 @@ def _meta_rows(segments: Sequence[KVSegment]) -> tuple[tuple[int, ...], ...]:
             )
         )
     return tuple(rows)
+
+
+def _pooled_meta_rows(pool: PooledKV) -> list[tuple[int, ...]]:
+    """The rows of _meta_rows for each request of a pool: the pool's row with its pointers moved to the
+    request's first row and its length."""
+    k_ptr, v_ptr, _, _, _, *strides = _meta_rows([pool.whole])[0]
+    k, v = pool.keys, pool.values
+    k_row, v_row = k.stride(1) * k.element_size(), v.stride(1) * v.element_size()
+    return [
+        (k_ptr + start * k_row, v_ptr + start * v_row, 0, 0, length, *strides)
+        for start, length in zip(pool.starts, pool.lengths, strict=True)
+    ]
 
 
 def aligned(segment: KVSegment) -> bool:
@@ -193,11 +208,12 @@ def launch_segment_partials(
     float dtype; the dispatcher uses q's) and ``part_lse`` [slots, tokens, q_heads] fp32. ``segments`` are
     the launch's segments in plan order and must share one storage format."""
     tokens, q_heads, head_dim = q.shape
-    kv_heads = segments[0].kv_heads
+    first = storage_segments(segments, nonempty=False)[0]  # all share its format
+    kv_heads = first.kv_heads
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
-    keys, values = segments[0].keys, segments[0].values
-    check_config(replace(config, block_m=plan.block_m), group_pad, head_dim, kv_element_bytes(segments[:1]))
+    keys, values = first.keys, first.values
+    check_config(replace(config, block_m=plan.block_m), group_pad, head_dim, kv_element_bytes([first]))
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
     grid = (plan.tiles.shape[0], kv_heads, plan.num_splits)
@@ -226,7 +242,7 @@ def launch_segment_partials(
         K_SCALE=granularity(keys),
         V_SCALE=granularity(values),
         CAUSAL=plan.own,
-        ALIGNED=all(map(aligned, segments)),
+        ALIGNED=all(map(aligned, storage_segments(segments))),
         TMA=tma_descriptors(config, q.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -7,8 +7,9 @@ all of its users instead of once per request.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -99,3 +100,63 @@ class SegmentTable:
     @property
     def num_requests(self) -> int:
         return len(self.request_segments)
+
+
+class PooledKV(Sequence[KVSegment]):
+    """Every request's own KV as a range of rows of one keys and one values tensor, ``[kv_heads, rows,
+    head_dim]``: request r reads rows ``starts[r] : starts[r] + lengths[r]``.
+
+    It is a sequence of :class:`KVSegment` views, which is all the PyTorch backend reads; the Triton path never
+    makes those views. A pool has one storage format and one alignment, checked once, and the kernels' segment
+    table comes from arithmetic on the starts: per-request Python at batch 64 took longer than the step's
+    kernels (a pooled cache, like the serving runner's, hands one of these to every layer).
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, starts: Sequence[int], lengths: Sequence[int]) -> None:
+        self.keys, self.values = keys, values
+        self.whole = KVSegment(keys, values)  # checks shapes, device
+        self.starts, self.lengths = tuple(starts), tuple(lengths)
+        if len(self.starts) != len(self.lengths):
+            raise ValueError(f"{len(self.starts)} starts for {len(self.lengths)} lengths")
+        rows = self.whole.num_tokens
+        for r, (start, length) in enumerate(zip(self.starts, self.lengths, strict=True)):
+            if start < 0 or length < 0 or start + length > rows:
+                raise ValueError(f"request {r}: rows {start}..{start + length} outside the pool's {rows}")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, index: int) -> KVSegment: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[KVSegment]: ...
+
+    def __getitem__(self, index: int | slice) -> KVSegment | Sequence[KVSegment]:
+        if isinstance(index, slice):
+            return self.subset(range(len(self))[index])
+        start, length = self.starts[index], self.lengths[index]
+        return KVSegment(self.keys[:, start : start + length], self.values[:, start : start + length])
+
+    def subset(self, indices: Iterable[int]) -> PooledKV:
+        """The requests ``indices``, in that order, over the same pool."""
+        picked = list(indices)
+        return PooledKV(self.keys, self.values, [self.starts[i] for i in picked], [self.lengths[i] for i in picked])
+
+
+def segment_lengths(segments: Sequence[KVSegment]) -> tuple[int, ...]:
+    """The used rows of each segment."""
+    return segments.lengths if isinstance(segments, PooledKV) else tuple(s.num_tokens for s in segments)
+
+
+def storage_segments(segments: Sequence[KVSegment], nonempty: bool = True) -> Sequence[KVSegment]:
+    """Segments that between them show every tensor ``segments`` store their rows in (only those of non-empty
+    segments with ``nonempty``): what formats, alignment, shapes and devices are checked on. A pool is one."""
+    if isinstance(segments, PooledKV):
+        return [segments.whole] if not nonempty or any(segments.lengths) else []
+    return [s for s in segments if s.num_tokens > 0] if nonempty else segments
+
+
+def select(segments: Sequence[KVSegment], indices: Sequence[int]) -> Sequence[KVSegment]:
+    """``segments[i]`` for i in ``indices``, a pool staying a pool."""
+    return segments.subset(indices) if isinstance(segments, PooledKV) else [segments[i] for i in indices]

@@ -28,7 +28,8 @@ from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
 from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache
 from cartridges_serving.errors import EngineError, EngineUnavailable, InvalidRequest
-from cartridges_serving.runner import BatchItem, LlamaRunner, OwnKV
+from cartridges_serving.own_kv import OwnKV
+from cartridges_serving.runner import BatchItem, LlamaRunner
 from cartridges_serving.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,12 @@ class _Active:
         done = self.own.length
         tokens = self.prompt_ids[done : done + budget] if done < len(self.prompt_ids) else self.generated[-1:]
         return BatchItem(tokens, self.cartridge_tokens + done, self.cartridges, self.own)
+
+    def release_own_kv(self) -> None:
+        """Return the own KV's rows to the runner's pool (a finished request needs them no more)."""
+        if self.own is not None:
+            self.own.release()
+            self.own = None
 
     def completion(self, reason: FinishReason) -> Completion:
         return Completion(self.text.text, list(self.generated), reason, len(self.prompt_ids), self.cartridge_tokens)
@@ -422,14 +429,14 @@ class Engine:
 
     def _finish(self, active: _Active, reason: FinishReason, delta: str = "") -> None:
         self._running.remove(active)
-        active.own = None
+        active.release_own_kv()
         tail = delta + active.text.flush()
         self._finished += 1
         active.handle._emit(StreamEvent(tail, completion=active.completion(reason)))
 
     def _fail(self, active: _Active, error: EngineError) -> None:
         self._running.remove(active)
-        active.own = None
+        active.release_own_kv()
         self._failed += 1
         active.handle._emit(StreamEvent("", error=error))
 

@@ -3,7 +3,8 @@
 transformers' own forward wants one dense padded KV cache per batch, which would copy every cartridge into every
 request's cache. Here the decoder layers are run by hand (the weights stay in the HF modules) and every attention
 call goes through ``cartridges_kernels.prefill_attention``: shared cartridge segments are read in place, each
-request keeps its own preallocated KV, and prefill chunks and single decode tokens mix in one step.
+request's own KV is a range of rows in one pool (``own_kv``: a layer's new keys for the whole batch are one
+write), and prefill chunks and single decode tokens mix in one step.
 """
 
 from __future__ import annotations
@@ -17,29 +18,10 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from cartridges.artifact import StoredCartridge
-from cartridges_kernels import KVSegment, SegmentTable, prefill_attention
+from cartridges_kernels import KVSegment, PooledKV, SegmentTable, prefill_attention
+from cartridges_serving.own_kv import OwnKV, OwnKVPool
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
-
-
-class OwnKV:
-    """One request's own keys/values: per layer ``[kv_heads, capacity, head_dim]``, ``length`` rows filled."""
-
-    def __init__(
-        self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device
-    ):
-        shape = (layers, kv_heads, capacity, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return int(self.keys.shape[2])
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
 
 
 @dataclass
@@ -68,14 +50,21 @@ class LlamaRunner:
         self.max_positions = int(config.max_position_embeddings)
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
+        self.own_kv = OwnKVPool(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
 
     def new_own_kv(self, capacity: int) -> OwnKV:
-        return OwnKV(self.num_layers, self.num_kv_heads, capacity, self.head_dim, self.dtype, self.device)
+        """Rows for one request's own KV (``capacity`` tokens), from this runner's pool."""
+        return self.own_kv.allocate(capacity)
 
     @torch.inference_mode()
     def step(self, items: Sequence[BatchItem]) -> Tensor:
         """Append each item's tokens to its own KV and return logits of each item's last token: [items, vocab]."""
         query_lens = [len(item.token_ids) for item in items]
+        for item, n in zip(items, query_lens, strict=True):
+            if item.own.pool is not self.own_kv:
+                raise ValueError("own KV must come from this runner's new_own_kv")
+            if item.own.length + n > item.own.capacity:
+                raise ValueError(f"{n} new tokens overflow an own KV of {item.own.capacity} ({item.own.length} used)")
         ids = torch.tensor([t for item in items for t in item.token_ids], dtype=torch.long, device=self.device)
         positions = torch.cat(
             [
@@ -87,22 +76,26 @@ class LlamaRunner:
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [tokens, 1, head_dim], broadcast over heads
-        starts = [item.own.length for item in items]
+        # Pool rows of this step's new tokens, in q's order: one index_copy_ per layer writes them all.
+        rows = torch.tensor(
+            [item.own.start + item.own.length + i for item, n in zip(items, query_lens, strict=True) for i in range(n)],
+            dtype=torch.long,
+            device=self.device,
+        )
+        keys, values = self.own_kv.keys, self.own_kv.values
+        own_starts = [item.own.start for item in items]
+        own_lengths = [item.own.length + n for item, n in zip(items, query_lens, strict=True)]
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
             q = _rope(attn.q_proj(x).view(-1, self.num_heads, self.head_dim), cos, sin)
             k = _rope(attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim), cos, sin)
             v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-            own_segments = []
-            offset = 0
-            for item, n, start in zip(items, query_lens, starts, strict=True):
-                item.own.keys[index, :, start : start + n] = k[offset : offset + n].transpose(0, 1)
-                item.own.values[index, :, start : start + n] = v[offset : offset + n].transpose(0, 1)
-                own_segments.append(KVSegment(item.own.keys[index], item.own.values[index], start + n))
-                offset += n
+            keys[index].index_copy_(1, rows, k.transpose(0, 1))
+            values[index].index_copy_(1, rows, v.transpose(0, 1))
+            own_kv = PooledKV(keys[index], values[index], own_starts, own_lengths)
             table = SegmentTable([KVSegment(c.keys[index], c.values[index]) for c in table_order], request_segments)
-            out = prefill_attention(q, query_lens, table, own_segments, sm_scale=float(attn.scaling))
+            out = prefill_attention(q, query_lens, table, own_kv, sm_scale=float(attn.scaling))
             hidden = hidden + attn.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         for item, n in zip(items, query_lens, strict=True):

@@ -19,7 +19,7 @@ class Batch:
     q: Tensor
     query_lens: list[int]
     table: SegmentTable
-    own_kv: list[KVSegment] | None
+    own_kv: Sequence[KVSegment] | None
 
 
 def rand_segment(

@@ -1,0 +1,124 @@
+"""Every request's own KV as a range of rows in one pooled keys tensor and one values tensor.
+
+A decode step appends one key and one value per request per layer. With a tensor per request that is two copies
+per request per layer (128 launches a layer at batch 64, which made decode on a GPU host-bound); with every
+request's rows in one pool, the runner writes a layer's new keys of the whole batch with one ``index_copy_`` and
+the kernels read each request's range in place (a view: no copy, no concatenation).
+
+The pool grows by reallocating and copying when no free range fits, so a request's handle holds row offsets,
+never tensors; a range returns to the pool when its handle is released (or garbage-collected).
+"""
+
+from __future__ import annotations
+
+import bisect
+import weakref
+
+import torch
+from torch import Tensor
+
+GROWTH = 2  # a full pool grows to at least this multiple of its rows (amortized copies)
+
+
+class OwnKVPool:
+    """Keys and values ``[layers, kv_heads, rows, head_dim]`` handed out as row ranges (first fit)."""
+
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, rows: int = 0
+    ) -> None:
+        shape = (layers, kv_heads, rows, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self._free: list[tuple[int, int]] = [(0, rows)] if rows else []  # (start, rows), sorted, coalesced
+
+    @property
+    def rows(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def free_rows(self) -> int:
+        return sum(n for _, n in self._free)
+
+    def allocate(self, capacity: int) -> OwnKV:
+        """A handle on ``capacity`` free rows; grows the pool when no free range is long enough."""
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if capacity == 0:
+            return OwnKV(self, 0, 0)
+        index = next((i for i, (_, n) in enumerate(self._free) if n >= capacity), None)
+        if index is None:
+            self._grow(capacity)
+            index = next(i for i, (_, n) in enumerate(self._free) if n >= capacity)
+        start, n = self._free[index]
+        if n == capacity:
+            del self._free[index]
+        else:
+            self._free[index] = (start + capacity, n - capacity)
+        return OwnKV(self, start, capacity)
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocate with room for ``capacity`` more rows at the end: GROWTH times the rows, or just enough
+        when that much memory is not there."""
+        old = self.rows
+        tail = self._free[-1][1] if self._free and sum(self._free[-1]) == old else 0
+        needed = old - tail + capacity
+        try:
+            keys, values = self._reallocated(max(GROWTH * old, needed))
+        except torch.OutOfMemoryError:
+            keys, values = self._reallocated(needed)
+        self.keys, self.values = keys, values
+        self._release(old, self.rows - old)
+
+    def _reallocated(self, rows: int) -> tuple[Tensor, Tensor]:
+        """Copies of keys and values with ``rows`` rows (the current ones first)."""
+        copies = []
+        for current in (self.keys, self.values):
+            grown = current.new_empty((*current.shape[:2], rows, current.shape[3]))
+            grown[:, :, : current.shape[2]] = current
+            copies.append(grown)
+        return copies[0], copies[1]
+
+    def _release(self, start: int, rows: int) -> None:
+        """Return a range, merged with free neighbours."""
+        if rows == 0:
+            return
+        index = bisect.bisect(self._free, (start, rows))
+        if index < len(self._free) and start + rows == self._free[index][0]:
+            rows += self._free.pop(index)[1]
+        if index > 0 and sum(self._free[index - 1]) == start:
+            start, previous = self._free.pop(index - 1)
+            rows += previous
+            index -= 1
+        self._free.insert(index, (start, rows))
+
+
+class OwnKV:
+    """One request's own KV: rows ``[start, start + capacity)`` of its pool, the first ``length`` filled.
+
+    Its rows go back to the pool on ``release()`` or when the handle is garbage-collected.
+    """
+
+    def __init__(self, pool: OwnKVPool, start: int, capacity: int) -> None:
+        self.pool = pool
+        self.start = start
+        self.capacity = capacity
+        self.length = 0
+        self._finalizer = weakref.finalize(self, pool._release, start, capacity)
+
+    @property
+    def keys(self) -> Tensor:
+        """[layers, kv_heads, capacity, head_dim], a view of the pool (valid until the pool next grows)."""
+        return self.pool.keys[:, :, self.start : self.start + self.capacity]
+
+    @property
+    def values(self) -> Tensor:
+        return self.pool.values[:, :, self.start : self.start + self.capacity]
+
+    @property
+    def nbytes(self) -> int:
+        keys = self.pool.keys
+        return 2 * keys.shape[0] * keys.shape[1] * self.capacity * keys.shape[3] * keys.element_size()
+
+    def release(self) -> None:
+        """Give the rows back now (idempotent)."""
+        self._finalizer()

@@ -1,0 +1,81 @@
+"""The own-KV pool: first-fit row ranges, coalescing on release, growth that keeps every request's rows."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from cartridges_serving.own_kv import OwnKVPool
+
+
+def new_pool(rows: int = 0) -> OwnKVPool:
+    return OwnKVPool(layers=2, kv_heads=3, head_dim=4, dtype=torch.float32, device=torch.device("cpu"), rows=rows)
+
+
+def test_ranges_are_disjoint_and_first_fit_reuses_released_rows() -> None:
+    pool = new_pool(rows=10)
+    a, b, c = pool.allocate(3), pool.allocate(4), pool.allocate(2)
+    assert [(o.start, o.capacity) for o in (a, b, c)] == [(0, 3), (3, 4), (7, 2)]
+    b.release()
+    d = pool.allocate(2)
+    assert (d.start, pool.free_rows) == (3, 3)  # first fit: the released range, split
+    assert pool.rows == 10
+
+
+def test_released_neighbours_coalesce_into_one_range() -> None:
+    pool = new_pool(rows=9)
+    a, b, c = pool.allocate(3), pool.allocate(3), pool.allocate(3)
+    a.release()
+    c.release()
+    b.release()
+    assert pool._free == [(0, 9)]
+    assert pool.allocate(9).start == 0  # fits without growing
+    assert pool.rows == 9
+
+
+def test_growth_keeps_the_rows_of_live_requests() -> None:
+    pool = new_pool()
+    a = pool.allocate(5)
+    a.keys.copy_(torch.randn_like(a.keys))
+    a.values.copy_(torch.randn_like(a.values))
+    before = a.keys.clone(), a.values.clone()
+    b = pool.allocate(7)  # no room: the pool reallocates
+    assert pool.rows >= 12 and b.start == 5
+    assert torch.equal(a.keys, before[0]) and torch.equal(a.values, before[1])
+    assert a.keys.shape == (2, 3, 5, 4) and a.nbytes == 2 * 2 * 3 * 5 * 4 * 4
+
+
+def test_growth_absorbs_a_free_tail() -> None:
+    pool = new_pool(rows=4)
+    first = pool.allocate(1)
+    big = pool.allocate(6)  # the 3 free rows at the end plus new ones, one range
+    assert (first.start, big.start) == (0, 1)
+    assert pool.rows >= 7
+
+
+def test_a_dropped_handle_gives_its_rows_back() -> None:
+    pool = new_pool(rows=8)
+    handle = pool.allocate(8)
+    assert pool.free_rows == 0
+    del handle
+    gc.collect()
+    assert pool.free_rows == 8
+
+
+def test_release_is_idempotent_and_zero_capacity_takes_nothing() -> None:
+    pool = new_pool(rows=4)
+    handle = pool.allocate(4)
+    handle.release()
+    handle.release()
+    assert pool._free == [(0, 4)]
+    empty = pool.allocate(0)
+    assert empty.capacity == 0 and pool.free_rows == 4
+    empty.release()
+    assert pool._free == [(0, 4)]
+
+
+def test_negative_capacity_is_refused() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        new_pool().allocate(-1)
