@@ -1,0 +1,141 @@
+"""Host time of a serving decode step: what the runner's Python costs per step on the kernel path.
+
+On an H200 the kernels of a batch-64 decode step with a shared 2048-token cartridge take about 1.3 ms for 32
+layers (bench/results/kernels-gpu.json), while the serving runner took 77 ms a step (bench/results/serving-gpu.json):
+decode there is bound by the host, which a faster GPU does not help. This runs ``LlamaRunner.step`` with the
+Triton dispatcher on and its three kernels replaced by no-ops, so what it times is the host's part of a step,
+on any machine: a random model with Llama-3.2-1B's layer and head counts (16 layers, 32 query and 8 KV heads)
+cut to tiny widths (hidden 256, head_dim 8: the host work is per op and per request, not per byte), float32
+on the CPU, every request reading one shared 2048-token cartridge after an 8-token prompt. Each ``--label`` (a
+code version) keeps its rows in ``bench/results/decode-host.json``, with a plot beside it. Timings on a busy
+2-core machine vary by a few ms a step; compare labels at batch 32 and above.
+
+    python bench/decode_host.py --label pooled-own-kv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import serving_gpu
+import torch
+
+from cartridges_kernels import BACKEND_ENV, fused_kernel, merge_kernel, segment_kernel
+from cartridges_serving.runner import BatchItem, LlamaRunner
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decode-host.json"
+BATCHES = (1, 8, 32, 64, 128, 256)
+CARTRIDGE_TOKENS = 2048
+PROMPT_TOKENS = 8
+
+
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid: object) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def without_kernels() -> None:
+    """The Triton path with every launch a no-op: the dispatcher, planners and launchers still run."""
+    os.environ[BACKEND_ENV] = "triton"
+    fused_kernel._fused_decode_kernel = _NoLaunch()
+    segment_kernel._segment_partials_kernel = _NoLaunch()
+    merge_kernel._merge_kernel = _NoLaunch()
+
+
+def decode_host_ms(runner: LlamaRunner, batch: int, steps: int) -> list[float]:
+    """Wall time of each of ``steps`` decode steps for ``batch`` requests sharing one cartridge."""
+    cartridge = serving_gpu.random_cartridge(runner, CARTRIDGE_TOKENS)
+    items = [
+        BatchItem([1 + i for i in range(PROMPT_TOKENS)], CARTRIDGE_TOKENS, [cartridge], runner.new_own_kv(64 + steps))
+        for _ in range(batch)
+    ]
+    runner.step(items)  # prefill
+    times = []
+    for step in range(steps + 1):
+        for item in items:
+            item.start_position += len(item.token_ids)
+            item.token_ids = [1]
+        started = time.perf_counter()
+        runner.step(items)
+        if step:  # the first decode step plans a new structure
+            times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def measure(label: str, batches: tuple[int, ...], steps: int) -> list[dict[str, Any]]:
+    without_kernels()
+    serving_gpu.DEVICE = "cpu"
+    runner = LlamaRunner(serving_gpu.random_llama(256, 16, 32, 8, 64, torch.float32))
+    rows = []
+    print(f"{'label':<24}{'batch':>6}{'host ms/step':>14}{'us/layer':>10}", flush=True)
+    for batch in batches:
+        times = decode_host_ms(runner, batch, steps)
+        ms = statistics.median(times)
+        rows.append({"label": label, "batch": batch, "host_ms_per_step": ms, "host_us_per_layer": ms * 1e3 / 16})
+        print(f"{label:<24}{batch:>6}{ms:>14.2f}{ms * 1e3 / 16:>10.0f}", flush=True)
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(row["label"] for row in rows):
+        mine = [row for row in rows if row["label"] == label]
+        ax.plot([r["batch"] for r in mine], [r["host_ms_per_step"] for r in mine], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("requests in the decode step")
+    ax.set_ylabel("host ms per 16-layer step (kernels not run)")
+    ax.set_title("Serving runner: host time of a decode step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", required=True, help="names this code version's rows (replaces earlier ones)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    args = parser.parse_args(argv)
+    rows = measure(args.label, tuple(args.batches), args.steps)
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+    result["runs"][args.label] = {
+        "commit": _commit(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot([row for run in result["runs"].values() for row in run["rows"]], args.out.with_suffix(".png"))
+    return 0
+
+
+def _commit() -> str:
+    """The commit of the code that ran (``dirty`` appended when the tree has changes)."""
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True)
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""bench/decode_host.py end to end at tiny batches: rows per label, earlier labels kept, a plot beside."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(out: Path, label: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in (".", "serving-image", "kernels"))}
+    script = [sys.executable, str(ROOT / "bench" / "decode_host.py")]
+    proc = subprocess.run(
+        [*script, "--label", label, "--out", str(out), "--batches", "1", "3", "--steps", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_each_label_keeps_its_rows_and_the_plot_shows_them(tmp_path: Path) -> None:
+    out = tmp_path / "decode-host.json"
+    run_bench(out, "first")
+    run_bench(out, "second")
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["first", "second"]
+    for run in runs.values():
+        assert [row["batch"] for row in run["rows"]] == [1, 3]
+        assert all(row["host_ms_per_step"] > 0 for row in run["rows"])
+        assert run["commit"] and "--label" in run["command"]
+    assert out.with_suffix(".png").stat().st_size > 0
