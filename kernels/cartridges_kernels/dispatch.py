@@ -8,6 +8,7 @@ variable ``CARTRIDGES_KERNELS_BACKEND=triton``) forces the kernels, which on CPU
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -129,7 +130,8 @@ def segmented_attention_triton(
     used_formats = {_format(s) for s in used}
     own_formats = {_format(s) for s in storage_segments(own_kv or [])}
     config = config or default_config(q.shape[-1], *_storage(used_formats | own_formats))
-    if fused is not False and all(n == 1 for n in query_lens) and len(used_formats) <= 1 and len(own_formats) <= 1:
+    decode = set(query_lens) <= {1}  # one token per request
+    if fused is not False and decode and len(used_formats) <= 1 and len(own_formats) <= 1:
         kv_heads = _kv_heads(table, own_kv, q.shape[1])
         # Without own KV the own branch never runs: it gets blocks as small as the shared walk's.
         own_n = own_block_n(config, q.shape[-1], *_storage(own_formats, used_formats)) if own_formats else None
@@ -143,7 +145,7 @@ def segmented_attention_triton(
     kv_heads = _kv_heads(table, own_kv, q_heads)
     structure = BatchStructure(
         query_lens=tuple(query_lens),
-        request_segments=tuple(tuple(s) for s in table.request_segments),
+        request_segments=tuple(map(tuple, table.request_segments)),
         segment_lens=tuple(s.num_tokens for s in table.segments),
         segment_formats=tuple(_format(s) for s in table.segments),
         own_lens=None if own_kv is None else segment_lengths(own_kv),
@@ -193,7 +195,7 @@ def _plan_decode(
     """The fused decode plan of this step (cached by the step's structure: every layer reuses it); own walks in
     blocks of ``own_n`` keys (None: config.block_n)."""
     structure = DecodeStructure(
-        request_segments=tuple(tuple(s) for s in table.request_segments),
+        request_segments=tuple(map(tuple, table.request_segments)),
         segment_lens=tuple(s.num_tokens for s in table.segments),
         own_lens=None if own_kv is None else segment_lengths(own_kv),
     )
@@ -236,8 +238,8 @@ def fused_decode_triton(
 
 def _used_segments(table: SegmentTable) -> list[KVSegment]:
     """The non-empty segments some request reads, each once."""
-    indices = dict.fromkeys(i for r in table.request_segments for i in r if table.segments[i].num_tokens > 0)
-    return [table.segments[i] for i in indices]
+    named = set().union(*table.request_segments)
+    return [s for i, s in enumerate(table.segments) if i in named and s.num_tokens > 0]
 
 
 def _resolve_backend(backend: Backend | None, q: Tensor) -> Literal["triton", "torch"]:
@@ -273,7 +275,7 @@ def _validate(q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv:
     """Fail with a clear message on shape mismatches the kernels would otherwise turn into garbage."""
     if q.dim() != 3:
         raise ValueError(f"q must be [tokens, q_heads, head_dim], got {tuple(q.shape)}")
-    if sum(query_lens) != q.shape[0] or any(n < 0 for n in query_lens):
+    if sum(query_lens) != q.shape[0] or min(query_lens, default=0) < 0:
         raise ValueError(f"query_lens {list(query_lens)} do not partition {q.shape[0]} query tokens")
     if table.num_requests != len(query_lens):
         raise ValueError(f"table describes {table.num_requests} requests, batch has {len(query_lens)}")
@@ -292,6 +294,7 @@ def _validate(q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv:
     if q_heads % kv_heads:
         raise ValueError(f"q_heads {q_heads} is not a multiple of kv_heads {kv_heads}")
     if own_kv is not None:
-        for r, (rows, n) in enumerate(zip(segment_lengths(own_kv), query_lens, strict=True)):
-            if rows < n:
-                raise ValueError(f"request {r}: own KV has {rows} rows but {n} queries")
+        lengths = segment_lengths(own_kv)
+        if any(map(operator.lt, lengths, query_lens)):
+            r = next(r for r, (rows, n) in enumerate(zip(lengths, query_lens, strict=True)) if rows < n)
+            raise ValueError(f"request {r}: own KV has {lengths[r]} rows but {query_lens[r]} queries")

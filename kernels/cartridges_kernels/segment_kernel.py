@@ -118,7 +118,7 @@ def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
     A cached table stays valid because it holds nothing but the values it was keyed by. A pool's table is
     not cached (its lengths change every step) and comes from its starts without a view per request."""
     if isinstance(segments, PooledKV):
-        return torch.tensor(_pooled_meta_rows(segments), dtype=torch.int64, device=device)
+        return pooled_meta(segments).to(device)
     rows = _meta_rows(segments)
     return _meta_tensor(rows, device)
 
@@ -154,16 +154,17 @@ def _meta_rows(segments: Sequence[KVSegment]) -> tuple[tuple[int, ...], ...]:
     return tuple(rows)
 
 
-def _pooled_meta_rows(pool: PooledKV) -> list[tuple[int, ...]]:
-    """The rows of _meta_rows for each request of a pool: the pool's row with its pointers moved to the
-    request's first row and its length."""
-    k_ptr, v_ptr, _, _, _, *strides = _meta_rows([pool.whole])[0]
-    k, v = pool.keys, pool.values
-    k_row, v_row = k.stride(1) * k.element_size(), v.stride(1) * v.element_size()
-    return [
-        (k_ptr + start * k_row, v_ptr + start * v_row, 0, 0, length, *strides)
-        for start, length in zip(pool.starts, pool.lengths, strict=True)
-    ]
+def pooled_meta(pool: PooledKV) -> Tensor:
+    """The rows of _meta_rows for each request of a pool (on the CPU): the pool's row with its pointers moved
+    to the request's first row and its length, in a few tensor ops whatever the batch."""
+    k_row = pool.keys.stride(1) * pool.keys.element_size()
+    v_row = pool.values.stride(1) * pool.values.element_size()
+    starts = torch.tensor(pool.starts, dtype=torch.int64)
+    meta = torch.tensor(_meta_rows([pool.whole]), dtype=torch.int64).repeat(len(pool), 1)
+    meta[:, 0] += starts * k_row
+    meta[:, 1] += starts * v_row
+    meta[:, 4] = torch.tensor(pool.lengths, dtype=torch.int64)
+    return meta
 
 
 def aligned(segment: KVSegment) -> bool:

@@ -7,6 +7,7 @@ all of its users instead of once per request.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -92,10 +93,15 @@ class SegmentTable:
     request_segments: Sequence[Sequence[int]]
 
     def __post_init__(self) -> None:
-        for r, indices in enumerate(self.request_segments):
-            for i in indices:
-                if not 0 <= i < len(self.segments):
-                    raise ValueError(f"request {r} names segment {i}, table has {len(self.segments)}")
+        named = set().union(*self.request_segments)  # in C: a table is built every layer of every step
+        if named and (min(named) < 0 or max(named) >= len(self.segments)):
+            r, i = next(
+                (r, i)
+                for r, indices in enumerate(self.request_segments)
+                for i in indices
+                if not 0 <= i < len(self.segments)
+            )
+            raise ValueError(f"request {r} names segment {i}, table has {len(self.segments)}")
 
     @property
     def num_requests(self) -> int:
@@ -119,9 +125,10 @@ class PooledKV(Sequence[KVSegment]):
         if len(self.starts) != len(self.lengths):
             raise ValueError(f"{len(self.starts)} starts for {len(self.lengths)} lengths")
         rows = self.whole.num_tokens
-        for r, (start, length) in enumerate(zip(self.starts, self.lengths, strict=True)):
-            if start < 0 or length < 0 or start + length > rows:
-                raise ValueError(f"request {r}: rows {start}..{start + length} outside the pool's {rows}")
+        ends = tuple(map(operator.add, self.starts, self.lengths))
+        if min(self.starts + self.lengths, default=0) < 0 or max(ends, default=0) > rows:
+            r = next(r for r, end in enumerate(ends) if min(self.starts[r], self.lengths[r]) < 0 or end > rows)
+            raise ValueError(f"request {r}: rows {self.starts[r]}..{ends[r]} outside the pool's {rows}")
 
     def __len__(self) -> int:
         return len(self.starts)

@@ -71,6 +71,8 @@ def test_invalid_inputs_are_reported() -> None:
         decode_attention(batch.q, batch.table, batch.own_kv, sm_scale=-0.5)
     with pytest.raises(ValueError, match="names segment 3"):
         SegmentTable(batch.table.segments, [[3]])
+    with pytest.raises(ValueError, match="request 1 names segment -1"):
+        SegmentTable(batch.table.segments, [[0], [0, -1]])
     with pytest.raises(ValueError, match="own KV has 1 rows but 2 queries"):
         prefill_attention(torch.randn(3, 4, 16), [1, 2], batch.table, batch.own_kv)
     with pytest.raises(ValueError, match="length 9 outside"):
