@@ -1,0 +1,54 @@
+"""The serving runner on the Triton kernel path (interpreted on CPU, as conftest sets up) against its PyTorch path.
+
+What a GPU server runs: own KV from the runner's pool handed to the kernels as one PooledKV, ragged prefill chunks
+beside decode tokens, zero, one and two composed cartridges, and a pool that grows between steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cartridges.artifact import Cartridge
+from cartridges.models import LoadedModel
+from cartridges_kernels import BACKEND_ENV
+from cartridges_serving.runner import BatchItem, LlamaRunner
+
+
+def random_cartridge(runner: LlamaRunner, p: int, seed: int) -> Cartridge:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (runner.num_layers, runner.num_kv_heads, p, runner.head_dim)
+    keys, values = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    return Cartridge(list(keys), list(values))
+
+
+def generate(runner: LlamaRunner, cartridges: list[list[Cartridge]]) -> torch.Tensor:
+    """Logits of a chunked prefill then two decode steps; a late request joins (the pool grows) at the first."""
+    prompts = [[5, 9, 200, 31, 7, 3, 3], [17, 3, 99], [250, 1, 2, 3, 4, 8, 16, 32, 64]]
+    items = [
+        BatchItem(ids[:4], sum(c.p for c in carts), carts, runner.new_own_kv(len(ids) + 2))
+        for ids, carts in zip(prompts, cartridges, strict=True)
+    ]
+    logits = [runner.step(items)]  # the first chunk of every prompt
+    for item, ids in zip(items, prompts, strict=True):
+        item.start_position += len(item.token_ids)
+        item.token_ids = ids[4:] or [1]
+    late = BatchItem([40, 41, 42, 43, 44], 0, [], runner.new_own_kv(64))
+    logits.append(runner.step([*items, late]))
+    for item in [*items, late]:
+        item.start_position += len(item.token_ids)
+        item.token_ids = [7]
+    logits.append(runner.step([*items, late]))
+    return torch.cat(logits)
+
+
+def test_kernel_path_gives_the_torch_path_logits(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = LlamaRunner(tiny_model.model)
+    a, b = random_cartridge(runner, 24, 0), random_cartridge(runner, 9, 1)
+    compositions = [[], [a], [a, b]]
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    expected = generate(runner, compositions)
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    got = generate(runner, compositions)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+    assert runner.own_kv.free_rows == runner.own_kv.rows  # every request's rows went back
