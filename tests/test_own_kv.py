@@ -30,7 +30,7 @@ def test_released_neighbours_coalesce_into_one_range() -> None:
     a.release()
     c.release()
     b.release()
-    assert pool._free == [(0, 9)]
+    assert pool.free_ranges == [(0, 9)]
     assert pool.allocate(9).start == 0  # fits without growing
     assert pool.rows == 9
 
@@ -69,11 +69,40 @@ def test_release_is_idempotent_and_zero_capacity_takes_nothing() -> None:
     handle = pool.allocate(4)
     handle.release()
     handle.release()
-    assert pool._free == [(0, 4)]
+    assert pool.free_ranges == [(0, 4)]
     empty = pool.allocate(0)
     assert empty.capacity == 0 and pool.free_rows == 4
     empty.release()
-    assert pool._free == [(0, 4)]
+    assert pool.free_ranges == [(0, 4)]
+
+
+def test_a_released_handle_holds_no_rows() -> None:
+    pool = new_pool(rows=4)
+    handle = pool.allocate(4)
+    handle.length = 2
+    handle.release()
+    assert (handle.capacity, handle.length, handle.keys.shape[2]) == (0, 0, 0)
+    assert pool.allocate(4).start == 0
+
+
+def test_growth_falls_back_to_just_enough_rows_when_double_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = new_pool(rows=8)
+    live = pool.allocate(8)
+    real = OwnKVPool._reallocated
+    attempts: list[int] = []
+
+    def limited(self: OwnKVPool, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        attempts.append(rows)
+        if rows > 11:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, rows)
+
+    monkeypatch.setattr(OwnKVPool, "_reallocated", limited)
+    grown = pool.allocate(3)
+    assert attempts == [16, 11] and pool.rows == 11
+    assert (live.start, grown.start) == (0, 8)
+    with pytest.raises(torch.OutOfMemoryError):
+        pool.allocate(1)  # 12 rows needed, none to spare: the error is the caller's
 
 
 def test_negative_capacity_is_refused() -> None:

@@ -51,4 +51,12 @@ def test_kernel_path_gives_the_torch_path_logits(tiny_model: LoadedModel, monkey
     monkeypatch.setenv(BACKEND_ENV, "triton")
     got = generate(runner, compositions)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
-    assert runner.own_kv.free_rows == runner.own_kv.rows  # every request's rows went back
+    assert runner.own_kv_pool.free_rows == runner.own_kv_pool.rows  # every request's rows went back
+
+
+def test_a_released_own_kv_cannot_be_written(tiny_model: LoadedModel) -> None:
+    runner = LlamaRunner(tiny_model.model)
+    own = runner.new_own_kv(8)
+    own.release()
+    with pytest.raises(ValueError, match="overflow an own KV of 0"):
+        runner.step([BatchItem([5, 6], 0, [], own)])

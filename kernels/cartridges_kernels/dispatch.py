@@ -267,8 +267,10 @@ def _formats(segments: Sequence[KVSegment]) -> tuple[FormatKey, ...]:
 
 
 def _kv_heads(table: SegmentTable, own_kv: Sequence[KVSegment] | None, q_heads: int) -> int:
-    segments = [*table.segments[:1], *storage_segments(own_kv or [], nonempty=False)[:1]]
-    return segments[0].kv_heads if segments else q_heads
+    if table.segments:
+        return table.segments[0].kv_heads
+    own = storage_segments(own_kv or [], include_empty=True)
+    return own[0].kv_heads if own else q_heads
 
 
 def _validate(q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv: Sequence[KVSegment] | None) -> None:
@@ -283,7 +285,7 @@ def _validate(q: Tensor, query_lens: Sequence[int], table: SegmentTable, own_kv:
         raise ValueError(f"{len(own_kv)} own-KV segments for {len(query_lens)} requests")
     q_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = _kv_heads(table, own_kv, q_heads)
-    for seg in [*table.segments, *storage_segments(own_kv or [], nonempty=False)]:
+    for seg in [*table.segments, *storage_segments(own_kv or [], include_empty=True)]:
         if seg.kv_heads != kv_heads or seg.head_dim != head_dim:
             raise ValueError(
                 f"segment [{seg.kv_heads} heads, head_dim {seg.head_dim}] does not match "

@@ -117,7 +117,9 @@ def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
     The device tensor is cached by its contents: every layer of every decode step over the same cartridges
     reuses it instead of paying a host-to-device copy per launch (which would also break CUDA-graph capture).
     A cached table stays valid because it holds nothing but the values it was keyed by. A pool's table is
-    not cached (its lengths change every step) and comes from its starts without a view per request."""
+    not cached (its lengths change every step) and comes from its starts without a view per request; like an
+    uncached table it is copied to the device on every call, so a launch that reads a pool cannot be captured
+    in a CUDA graph as it is."""
     if isinstance(segments, PooledKV):
         return pooled_meta(segments).to(device)
     rows = _meta_rows(segments)
@@ -157,12 +159,13 @@ def _meta_rows(segments: Sequence[KVSegment]) -> tuple[tuple[int, ...], ...]:
 
 def pooled_meta(pool: PooledKV) -> Tensor:
     """The rows of _meta_rows for each request of a pool (on the CPU): the pool's row with its pointers moved
-    to the request's first row and its length. Built as a flat int64 array (row repeat and column writes in C):
-    8 us at batch 1 and 58 at 256 on this project's CPU, where tuples per request took 300 at 256 and tensor
-    ops 40 at batch 1."""
+    to the request's first row and its length, written into a flat int64 array (the row repeat and column
+    writes run in C, so the cost barely grows with the batch) and wrapped without a copy."""
     k, v = pool.keys, pool.values
     k_row, v_row = k.stride(1) * k.element_size(), v.stride(1) * v.element_size()
     row = _meta_rows([pool.whole])[0]
+    if not pool:
+        return torch.empty((0, len(row)), dtype=torch.int64)
     flat = array("q", row) * len(pool)
     flat[0 :: len(row)] = array("q", [k.data_ptr() + start * k_row for start in pool.starts])
     flat[1 :: len(row)] = array("q", [v.data_ptr() + start * v_row for start in pool.starts])
@@ -212,7 +215,7 @@ def launch_segment_partials(
     float dtype; the dispatcher uses q's) and ``part_lse`` [slots, tokens, q_heads] fp32. ``segments`` are
     the launch's segments in plan order and must share one storage format."""
     tokens, q_heads, head_dim = q.shape
-    first = storage_segments(segments, nonempty=False)[0]  # all share its format
+    first = storage_segments(segments, include_empty=True)[0]  # all share its format
     kv_heads = first.kv_heads
     group = q_heads // kv_heads
     group_pad = next_pow2(group)

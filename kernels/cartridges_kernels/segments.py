@@ -119,6 +119,8 @@ class PooledKV(Sequence[KVSegment]):
     """
 
     def __init__(self, keys: Tensor, values: Tensor, starts: Sequence[int], lengths: Sequence[int]) -> None:
+        if not isinstance(keys, Tensor) or not isinstance(values, Tensor):
+            raise TypeError("a PooledKV holds plain tensors; pass quantized own KV as KVSegments")
         self.keys, self.values = keys, values
         self.whole = KVSegment(keys, values)  # checks shapes, device
         self.starts, self.lengths = tuple(starts), tuple(lengths)
@@ -156,12 +158,13 @@ def segment_lengths(segments: Sequence[KVSegment]) -> tuple[int, ...]:
     return segments.lengths if isinstance(segments, PooledKV) else tuple(s.num_tokens for s in segments)
 
 
-def storage_segments(segments: Sequence[KVSegment], nonempty: bool = True) -> Sequence[KVSegment]:
-    """Segments that between them show every tensor ``segments`` store their rows in (only those of non-empty
-    segments with ``nonempty``): what formats, alignment, shapes and devices are checked on. A pool is one."""
+def storage_segments(segments: Sequence[KVSegment], include_empty: bool = False) -> Sequence[KVSegment]:
+    """What checks of storage (format, alignment, heads, head_dim, device) look at: the segments themselves,
+    or a pool's whole tensor once. Empty segments are never read, so they are left out unless
+    ``include_empty`` (their shapes must still match)."""
     if isinstance(segments, PooledKV):
-        return [segments.whole] if not nonempty or any(segments.lengths) else []
-    return [s for s in segments if s.num_tokens > 0] if nonempty else segments
+        return [segments.whole] if include_empty or any(segments.lengths) else []
+    return segments if include_empty else [s for s in segments if s.num_tokens > 0]
 
 
 def select(segments: Sequence[KVSegment], indices: Sequence[int]) -> Sequence[KVSegment]:

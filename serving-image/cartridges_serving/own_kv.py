@@ -6,7 +6,9 @@ request's rows in one pool, the runner writes a layer's new keys of the whole ba
 the kernels read each request's range in place (a view: no copy, no concatenation).
 
 The pool grows by reallocating and copying when no free range fits, so a request's handle holds row offsets,
-never tensors; a range returns to the pool when its handle is released (or garbage-collected).
+never tensors; a range returns to the pool when its handle is released (or garbage-collected). The pool is
+used from one thread (the engine's scheduler); a handle collected elsewhere, or by the cycle collector in the
+middle of an allocation, only queues its range, and the pool takes it back at its next call.
 """
 
 from __future__ import annotations
@@ -30,14 +32,21 @@ class OwnKVPool:
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self._free: list[tuple[int, int]] = [(0, rows)] if rows else []  # (start, rows), sorted, coalesced
+        self._returned: list[tuple[int, int]] = []  # released ranges not yet merged into _free
 
     @property
     def rows(self) -> int:
         return int(self.keys.shape[2])
 
     @property
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """(start, rows) of every free range, sorted and coalesced."""
+        self._take_back()
+        return list(self._free)
+
+    @property
     def free_rows(self) -> int:
-        return sum(n for _, n in self._free)
+        return sum(n for _, n in self.free_ranges)
 
     def allocate(self, capacity: int) -> OwnKV:
         """A handle on ``capacity`` free rows; grows the pool when no free range is long enough."""
@@ -45,6 +54,7 @@ class OwnKVPool:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if capacity == 0:
             return OwnKV(self, 0, 0)
+        self._take_back()
         index = next((i for i, (_, n) in enumerate(self._free) if n >= capacity), None)
         if index is None:
             self._grow(capacity)
@@ -62,12 +72,15 @@ class OwnKVPool:
         old = self.rows
         tail = self._free[-1][1] if self._free and sum(self._free[-1]) == old else 0
         needed = old - tail + capacity
+        rows = max(GROWTH * old, needed)
         try:
-            keys, values = self._reallocated(max(GROWTH * old, needed))
+            grown = self._reallocated(rows)
         except torch.OutOfMemoryError:
-            keys, values = self._reallocated(needed)
-        self.keys, self.values = keys, values
-        self._release(old, self.rows - old)
+            if rows == needed:
+                raise
+            grown = None  # retried below: here the failed attempt's half-made copy is still referenced
+        self.keys, self.values = grown or self._reallocated(needed)
+        self._merge(old, self.rows - old)
 
     def _reallocated(self, rows: int) -> tuple[Tensor, Tensor]:
         """Copies of keys and values with ``rows`` rows (the current ones first)."""
@@ -78,8 +91,12 @@ class OwnKVPool:
             copies.append(grown)
         return copies[0], copies[1]
 
-    def _release(self, start: int, rows: int) -> None:
-        """Return a range, merged with free neighbours."""
+    def _take_back(self) -> None:
+        while self._returned:
+            self._merge(*self._returned.pop())
+
+    def _merge(self, start: int, rows: int) -> None:
+        """Put a range back into the free list, merged with free neighbours."""
         if rows == 0:
             return
         index = bisect.bisect(self._free, (start, rows))
@@ -103,7 +120,7 @@ class OwnKV:
         self.start = start
         self.capacity = capacity
         self.length = 0
-        self._finalizer = weakref.finalize(self, pool._release, start, capacity)
+        self._finalizer = weakref.finalize(self, pool._returned.append, (start, capacity))
 
     @property
     def keys(self) -> Tensor:
@@ -120,5 +137,6 @@ class OwnKV:
         return 2 * keys.shape[0] * keys.shape[1] * self.capacity * keys.shape[3] * keys.element_size()
 
     def release(self) -> None:
-        """Give the rows back now (idempotent)."""
+        """Give the rows back now (idempotent). The handle keeps no rows: writing through it again fails."""
         self._finalizer()
+        self.capacity = self.length = 0

@@ -3,7 +3,7 @@
 transformers' own forward wants one dense padded KV cache per batch, which would copy every cartridge into every
 request's cache. Here the decoder layers are run by hand (the weights stay in the HF modules) and every attention
 call goes through ``cartridges_kernels.prefill_attention``: shared cartridge segments are read in place, each
-request's own KV is a range of rows in one pool (``own_kv``: a layer's new keys for the whole batch are one
+request's own KV is a range of rows in one pool (``own_kv_pool``: a layer's new keys for the whole batch are one
 write), and prefill chunks and single decode tokens mix in one step.
 """
 
@@ -50,18 +50,18 @@ class LlamaRunner:
         self.max_positions = int(config.max_position_embeddings)
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
-        self.own_kv = OwnKVPool(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        self.own_kv_pool = OwnKVPool(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
 
     def new_own_kv(self, capacity: int) -> OwnKV:
         """Rows for one request's own KV (``capacity`` tokens), from this runner's pool."""
-        return self.own_kv.allocate(capacity)
+        return self.own_kv_pool.allocate(capacity)
 
     @torch.inference_mode()
     def step(self, items: Sequence[BatchItem]) -> Tensor:
         """Append each item's tokens to its own KV and return logits of each item's last token: [items, vocab]."""
         query_lens = [len(item.token_ids) for item in items]
         for item, n in zip(items, query_lens, strict=True):
-            if item.own.pool is not self.own_kv:
+            if item.own.pool is not self.own_kv_pool:
                 raise ValueError("own KV must come from this runner's new_own_kv")
             if item.own.length + n > item.own.capacity:
                 raise ValueError(f"{n} new tokens overflow an own KV of {item.own.capacity} ({item.own.length} used)")
@@ -82,7 +82,7 @@ class LlamaRunner:
             dtype=torch.long,
             device=self.device,
         )
-        keys, values = self.own_kv.keys, self.own_kv.values
+        keys, values = self.own_kv_pool.keys, self.own_kv_pool.values
         own_starts = [item.own.start for item in items]
         own_lengths = [item.own.length + n for item, n in zip(items, query_lens, strict=True)]
         for index, layer in enumerate(self.decoder.layers):
