@@ -24,6 +24,7 @@ from cartridges_serving import (
     CartridgeNotFound,
     CartridgeRefused,
     Engine,
+    EngineUnavailable,
     InvalidRequest,
     SamplingParams,
 )
@@ -234,6 +235,24 @@ def test_bad_requests_fail_alone(
     running = engine.submit("keep going", ["alpha"], GREEDY)
     with pytest.raises(error, match=message):
         engine.submit(prompt, names, params)
+    assert running.result(timeout=60).token_ids == expected
+
+
+def test_a_request_whose_kv_does_not_fit_fails_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = engine.generate("keep going", ["alpha"], GREEDY).token_ids
+    allocate = engine.runner.new_own_kv
+    huge = SamplingParams(max_tokens=999)
+
+    def out_of_memory_for_huge(capacity: int) -> Any:
+        if capacity >= huge.max_tokens:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+        return allocate(capacity)
+
+    monkeypatch.setattr(engine.runner, "new_own_kv", out_of_memory_for_huge)
+    running = engine.submit("keep going", ["alpha"], GREEDY)
+    doomed = engine.submit("a long answer please", [], huge)
+    with pytest.raises(EngineUnavailable, match=r"no memory for this request's KV \(\d+ tokens\)"):
+        doomed.result(timeout=60)
     assert running.result(timeout=60).token_ids == expected
 
 

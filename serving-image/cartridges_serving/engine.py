@@ -399,12 +399,11 @@ class Engine:
         return scheduled
 
     def _step(self) -> None:
-        scheduled = self._schedule()
+        scheduled = [(active, n) for active, n in self._schedule() if self._own_kv_ready(active)]
         batch = [active for active, _ in scheduled]
+        if not batch:
+            return
         try:
-            for active in batch:
-                if active.own is None:
-                    active.own = self.runner.new_own_kv(len(active.prompt_ids) + active.params.max_tokens)
             logits = self.runner.step([active.next_item(n) for active, n in scheduled])
         except Exception as err:  # one failed step fails its batch, never the engine
             log.exception("engine step failed for %d requests", len(batch))
@@ -426,6 +425,19 @@ class Engine:
                 self._finish(active, "length", delta)
             elif delta:
                 active.handle._emit(StreamEvent(delta))
+
+    def _own_kv_ready(self, active: _Active) -> bool:
+        """Rows for a new request's own KV; a request that cannot get them (memory) fails alone."""
+        if active.own is None:
+            tokens = len(active.prompt_ids) + active.params.max_tokens
+            try:
+                active.own = self.runner.new_own_kv(tokens)
+            except (torch.OutOfMemoryError, RuntimeError) as err:  # CUDA reports the former, the CPU the latter
+                log.warning("no memory for a request's KV (%d tokens): %s", tokens, err)
+                self._fail(active, EngineUnavailable(f"no memory for this request's KV ({tokens} tokens); retry later "
+                                                     "or ask for fewer max_tokens"))  # fmt: skip
+                return False
+        return True
 
     def _finish(self, active: _Active, reason: FinishReason, delta: str = "") -> None:
         self._running.remove(active)
