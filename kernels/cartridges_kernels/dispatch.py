@@ -238,8 +238,7 @@ def fused_decode_triton(
 
 def _used_segments(table: SegmentTable) -> list[KVSegment]:
     """The non-empty segments some request reads, each once."""
-    named = set().union(*table.request_segments)
-    return [s for i, s in enumerate(table.segments) if i in named and s.num_tokens > 0]
+    return [s for i, s in enumerate(table.segments) if i in table.named_segments and s.num_tokens > 0]
 
 
 def _resolve_backend(backend: Backend | None, q: Tensor) -> Literal["triton", "torch"]:

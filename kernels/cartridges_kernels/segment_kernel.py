@@ -161,14 +161,14 @@ def pooled_meta(pool: PooledKV) -> Tensor:
     """The rows of _meta_rows for each request of a pool (on the CPU): the pool's row with its pointers moved
     to the request's first row and its length, written into a flat int64 array (the row repeat and column
     writes run in C, so the cost barely grows with the batch) and wrapped without a copy."""
-    k, v = pool.keys, pool.values
-    k_row, v_row = k.stride(1) * k.element_size(), v.stride(1) * v.element_size()
     row = _meta_rows([pool.whole])[0]
     if not pool:
         return torch.empty((0, len(row)), dtype=torch.int64)
+    k_ptr, v_ptr, k_token_stride, v_token_stride = row[0], row[1], row[6], row[8]
+    k_row, v_row = k_token_stride * pool.keys.element_size(), v_token_stride * pool.values.element_size()
     flat = array("q", row) * len(pool)
-    flat[0 :: len(row)] = array("q", [k.data_ptr() + start * k_row for start in pool.starts])
-    flat[1 :: len(row)] = array("q", [v.data_ptr() + start * v_row for start in pool.starts])
+    flat[0 :: len(row)] = array("q", [k_ptr + start * k_row for start in pool.starts])
+    flat[1 :: len(row)] = array("q", [v_ptr + start * v_row for start in pool.starts])
     flat[4 :: len(row)] = array("q", pool.lengths)
     return torch.frombuffer(flat, dtype=torch.int64).view(len(pool), len(row))
 

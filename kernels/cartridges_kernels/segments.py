@@ -7,6 +7,7 @@ all of its users instead of once per request.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ class SegmentTable:
     request_segments: Sequence[Sequence[int]]
 
     def __post_init__(self) -> None:
-        named = set().union(*self.request_segments)  # in C: a table is built every layer of every step
+        named = self.named_segments
         if named and (min(named) < 0 or max(named) >= len(self.segments)):
             r, i = next(
                 (r, i)
@@ -106,6 +107,11 @@ class SegmentTable:
     @property
     def num_requests(self) -> int:
         return len(self.request_segments)
+
+    @functools.cached_property
+    def named_segments(self) -> frozenset[int]:
+        """Indices some request names (in C: a table is built every layer of every step)."""
+        return frozenset().union(*self.request_segments)
 
 
 class PooledKV(Sequence[KVSegment]):

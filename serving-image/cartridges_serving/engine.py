@@ -432,10 +432,14 @@ class Engine:
             tokens = len(active.prompt_ids) + active.params.max_tokens
             try:
                 active.own = self.runner.new_own_kv(tokens)
-            except (torch.OutOfMemoryError, RuntimeError) as err:  # CUDA reports the former, the CPU the latter
+            except torch.OutOfMemoryError as err:
                 log.warning("no memory for a request's KV (%d tokens): %s", tokens, err)
                 self._fail(active, EngineUnavailable(f"no memory for this request's KV ({tokens} tokens); retry later "
                                                      "or ask for fewer max_tokens"))  # fmt: skip
+                return False
+            except Exception as err:  # fails this request, never the batch or the scheduler thread
+                log.exception("allocating a request's KV failed")
+                self._fail(active, EngineError(f"inference failed: {type(err).__name__}: {err}"))
                 return False
         return True
 
