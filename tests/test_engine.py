@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from cartridges_serving import (
     EngineUnavailable,
     InvalidRequest,
     SamplingParams,
+    StreamEvent,
 )
 from cartridges_serving.protocol import parse_request
 
@@ -254,6 +255,63 @@ def test_a_request_whose_kv_does_not_fit_fails_alone(engine: Engine, monkeypatch
     with pytest.raises(EngineUnavailable, match=r"no memory for this request's KV \(\d+ tokens\)"):
         doomed.result(timeout=60)
     assert running.result(timeout=60).token_ids == expected
+
+
+def test_a_request_whose_kv_does_not_fit_yet_waits_for_running_ones(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = engine.generate("keep going", ["alpha"], GREEDY).token_ids
+    pool, allocate = engine.runner.own_kv_pool, engine.runner.new_own_kv
+
+    def out_of_memory_beside_another(capacity: int) -> Any:
+        if pool.free_rows < pool.rows:  # another request holds rows: there is no memory for a second one
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return allocate(capacity)
+
+    monkeypatch.setattr(engine.runner, "new_own_kv", out_of_memory_beside_another)
+    order = EventOrder()
+    first, second = (engine.submit("keep going", ["alpha"], GREEDY, on_event=order.of(r)) for r in ("1st", "2nd"))
+    assert first.result(timeout=60).token_ids == second.result(timeout=60).token_ids == expected
+    order.assert_ran_one_after_the_other("1st", "2nd")
+
+
+class EventOrder:
+    """The order in which the scheduler emitted events, over several requests."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, bool]] = []  # (request, final)
+
+    def of(self, request: str) -> Callable[[StreamEvent], None]:
+        return lambda event: self.events.append((request, event.final))
+
+    def assert_ran_one_after_the_other(self, first: str, second: str) -> None:
+        assert self.events.index((first, True)) < min(i for i, (r, _) in enumerate(self.events) if r == second)
+
+
+def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedModel, store_root: str) -> None:
+    cache = CartridgeCache(Store(), store_root, NAMESPACE, tiny_model.fingerprint, capacity_bytes=1 << 20)
+    probe = Engine(tiny_model, cache)
+    tokens = len(probe._encode("keep going", chat=True)) + GREEDY.max_tokens
+    expected = probe.generate("keep going", ["alpha"], GREEDY).token_ids
+    probe.close()
+    row_bytes = probe.runner.own_kv_pool.row_bytes
+    engine = Engine(tiny_model, cache, kv_bytes=row_bytes * (tokens + tokens // 2))  # room for one request
+    try:
+        keys = engine.runner.own_kv_pool.keys
+        order = EventOrder()
+        first, second = (engine.submit("keep going", ["alpha"], GREEDY, on_event=order.of(r)) for r in ("1st", "2nd"))
+        assert first.result(timeout=60).token_ids == second.result(timeout=60).token_ids == expected
+        order.assert_ran_one_after_the_other("1st", "2nd")
+        assert engine.runner.own_kv_pool.keys is keys  # reserved at start, never reallocated
+        with pytest.raises(InvalidRequest, match=r"KV for \d+ tokens .* reserves \d+ for all requests"):
+            engine.submit("keep going", [], SamplingParams(max_tokens=2 * tokens))
+    finally:
+        engine.close()
+
+
+def test_reserved_kv_must_hold_a_token(tiny_model: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="hold no token"):
+        Engine(tiny_model, kv_bytes=1)
 
 
 def test_cache_evicts_least_recently_used_by_bytes(tiny_model: LoadedModel, store_root: str) -> None:

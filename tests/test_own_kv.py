@@ -7,11 +7,12 @@ import gc
 import pytest
 import torch
 
-from cartridges_serving.own_kv import OwnKVPool
+from cartridges_serving.own_kv import OwnKVFull, OwnKVPool
 
 
-def new_pool(rows: int = 0) -> OwnKVPool:
-    return OwnKVPool(layers=2, kv_heads=3, head_dim=4, dtype=torch.float32, device=torch.device("cpu"), rows=rows)
+def new_pool(rows: int = 0, max_rows: int | None = None) -> OwnKVPool:
+    cpu = torch.device("cpu")
+    return OwnKVPool(layers=2, kv_heads=3, head_dim=4, dtype=torch.float32, device=cpu, rows=rows, max_rows=max_rows)
 
 
 def test_ranges_are_disjoint_and_first_fit_reuses_released_rows() -> None:
@@ -108,3 +109,31 @@ def test_growth_falls_back_to_just_enough_rows_when_double_does_not_fit(monkeypa
 def test_negative_capacity_is_refused() -> None:
     with pytest.raises(ValueError, match="capacity"):
         new_pool().allocate(-1)
+
+
+def test_growth_stops_at_max_rows() -> None:
+    pool = new_pool(rows=4, max_rows=6)
+    live = pool.allocate(4)
+    grown = pool.allocate(2)
+    assert grown.start == 4 and pool.rows == 6  # grows to the limit, not to twice its rows
+    with pytest.raises(OwnKVFull, match="no free range of 1 rows"):
+        pool.allocate(1)
+    live.release()
+    assert pool.allocate(4).start == 0 and pool.rows == 6
+
+
+def test_a_reserved_pool_never_reallocates() -> None:
+    pool = new_pool(rows=5, max_rows=5)
+    keys = pool.keys
+    a, b = pool.allocate(2), pool.allocate(3)
+    b.release()
+    with pytest.raises(OwnKVFull, match=r"no free range of 4 rows \(3 of 5 rows free\)"):
+        pool.allocate(4)
+    a.release()
+    assert pool.allocate(5).start == 0 and pool.keys is keys
+    assert pool.row_bytes == 2 * 2 * 3 * 4 * 4
+
+
+def test_a_pool_larger_than_its_limit_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_rows=3"):
+        new_pool(rows=4, max_rows=3)

@@ -26,12 +26,14 @@ from cartridges.store import Store
 from cartridges.tritonserver import TritonServer
 from cartridges_e2e.triton import TritonFactory
 from cartridges_serving import MODEL_REPOSITORY, CartridgeCache, Engine, SamplingParams
+from cartridges_serving.runner import LlamaRunner
 
 pytestmark = pytest.mark.triton
 
 REPOSITORY = MODEL_REPOSITORY
 NAMESPACE = "team-a"
 MAX_TOKENS = 8
+KV_TOKENS = 128  # own KV reserved for all requests: a few at once, so 32 concurrent ones queue for it
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +65,15 @@ def cartridge_ids(store_root: str, served_model: LoadedModel, tiny_model: Loaded
 
 
 @pytest.fixture(scope="module")
-def server(triton_server_factory: TritonFactory, store_root: str, cartridge_ids: None) -> TritonServer:
+def server(
+    triton_server_factory: TritonFactory, store_root: str, served_model: LoadedModel, cartridge_ids: None
+) -> TritonServer:
     env = {
         "CARTRIDGES_MODEL_URI": f"{store_root}/models/tiny",
         "CARTRIDGES_STORE_ROOT": store_root,
         "CARTRIDGES_NAMESPACE": NAMESPACE,
         "CARTRIDGES_CACHE_BYTES": str(1 << 20),
+        "CARTRIDGES_KV_BYTES": str(KV_TOKENS * LlamaRunner(served_model.model).own_kv_pool.row_bytes),
     }
     return triton_server_factory(REPOSITORY, env)
 
@@ -156,6 +161,7 @@ def test_32_concurrent_mixed_requests(server: TritonServer, reference: Engine) -
         ({"cartridges": ["alpha"] * 700}, 400, "context window is 4096"),
         ({"text_input": ""}, 400, "prompt is empty"),
         ({"max_tokens": -1}, 400, "max_tokens must be >= 0"),
+        ({"max_tokens": 1000}, 400, f"this server reserves {KV_TOKENS} for all requests"),
         ({"max_tokens": "many"}, 500, "Unable to parse 'data'"),
         ({"temperature": -0.5}, 400, "temperature must be"),
     ],

@@ -28,7 +28,7 @@ from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
 from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache
 from cartridges_serving.errors import EngineError, EngineUnavailable, InvalidRequest
-from cartridges_serving.own_kv import OwnKV
+from cartridges_serving.own_kv import OwnKV, OwnKVFull
 from cartridges_serving.runner import BatchItem, LlamaRunner
 from cartridges_serving.text import TextStream
 
@@ -104,6 +104,7 @@ class EngineConfig:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_batch_size: int = 32
     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
+    kv_bytes: int = 0  # memory reserved at start for requests' own KV; 0 grows it on demand
     pointer_ttl_s: float = DEFAULT_POINTER_TTL_S
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -121,6 +122,7 @@ class EngineConfig:
             cache_bytes=int(env.get("CARTRIDGES_CACHE_BYTES", defaults.cache_bytes)),
             max_batch_size=int(env.get("CARTRIDGES_MAX_BATCH_SIZE", defaults.max_batch_size)),
             max_prefill_tokens=int(env.get("CARTRIDGES_MAX_PREFILL_TOKENS", defaults.max_prefill_tokens)),
+            kv_bytes=int(env.get("CARTRIDGES_KV_BYTES", defaults.kv_bytes)),
             pointer_ttl_s=float(env.get("CARTRIDGES_POINTER_TTL_S", defaults.pointer_ttl_s)),
             device=env.get("CARTRIDGES_DEVICE", defaults.device),
         )
@@ -202,12 +204,6 @@ class _Active:
         tokens = self.prompt_ids[done : done + budget] if done < len(self.prompt_ids) else self.generated[-1:]
         return BatchItem(tokens, self.cartridge_tokens + done, self.cartridges, self.own)
 
-    def release_own_kv(self) -> None:
-        """Return the own KV's rows to the runner's pool (a finished request needs them no more)."""
-        if self.own is not None:
-            self.own.release()
-            self.own = None
-
     def completion(self, reason: FinishReason) -> Completion:
         return Completion(self.text.text, list(self.generated), reason, len(self.prompt_ids), self.cartridge_tokens)
 
@@ -222,11 +218,14 @@ class Engine:
         *,
         max_batch_size: int = 32,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        kv_bytes: int = 0,
     ) -> None:
+        """``kv_bytes`` > 0 reserves memory for requests' own KV now: requests wait for room in it, first come
+        first served. 0 grows it as requests come, and a request waits only when growing runs out of memory."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.cartridges = cartridges
-        self.runner = LlamaRunner(loaded.model)
+        self.runner = LlamaRunner(loaded.model, own_kv_bytes=kv_bytes)
         self.max_batch_size = max_batch_size
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
@@ -237,6 +236,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._waiting: deque[_Active] = deque()
         self._running: list[_Active] = []
+        self._kv_wait = False  # the queue's head waits for KV rows: retry once a running request returns its own
         self._wakeup = threading.Condition()
         self._closed = False
         self._tokens = self._finished = self._failed = 0
@@ -260,7 +260,13 @@ class Engine:
                 dtype=next(loaded.model.parameters()).dtype,
                 pointer_ttl_s=config.pointer_ttl_s,
             )
-        return cls(loaded, cache, max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens)
+        return cls(
+            loaded,
+            cache,
+            max_batch_size=config.max_batch_size,
+            max_prefill_tokens=config.max_prefill_tokens,
+            kv_bytes=config.kv_bytes,
+        )
 
     # -- submission (caller threads) -------------------------------------------------------------------------------
 
@@ -290,6 +296,14 @@ class Engine:
                 f"request needs {needed} positions ({len(loaded)} cartridges: {cartridge_tokens} tokens, prompt: "
                 f"{len(prompt_ids)} tokens, max_tokens: {params.max_tokens}); the context window is "
                 f"{self.runner.max_positions}"
+            )
+        own_tokens = len(prompt_ids) + params.max_tokens
+        kv_rows = self.runner.own_kv_pool.max_rows
+        if kv_rows is not None and own_tokens > kv_rows:
+            raise InvalidRequest(
+                f"request needs KV for {own_tokens} tokens (prompt: {len(prompt_ids)}, max_tokens: "
+                f"{params.max_tokens}); this server reserves {kv_rows} for all requests (CARTRIDGES_KV_BYTES); "
+                "ask for fewer max_tokens"
             )
         handle = RequestHandle(next(self._ids), on_event)
         generator = None
@@ -355,8 +369,7 @@ class Engine:
                     self._wakeup.wait()
                 if self._closed:
                     break
-                while self._waiting and len(self._running) < self.max_batch_size:
-                    self._running.append(self._waiting.popleft())
+            self._admit()
             self._retire_cancelled_and_empty()
             if self._running:
                 self._step()
@@ -373,6 +386,50 @@ class Engine:
             log.info("engine metrics: %s", self.metrics())
         except Exception:
             log.exception("collecting engine metrics failed")
+
+    def _admit(self) -> None:
+        """Move queued requests into the batch, first come first served, while it has room and their KV fits.
+
+        A request whose KV does not fit waits at the head of the queue while running requests will free rows
+        or memory; with nothing running it never would, so it fails alone.
+        """
+        while len(self._running) < self.max_batch_size:
+            with self._wakeup:  # submitters only append: the head stays ours between the two locks
+                if not self._waiting:
+                    return
+                active = self._waiting[0]
+            try:
+                if not self._reserve_own_kv(active):
+                    return
+            except EngineError as err:
+                with self._wakeup:
+                    self._waiting.popleft()
+                self._failed += 1
+                active.handle._emit(StreamEvent("", error=err))
+                continue
+            with self._wakeup:
+                self._running.append(self._waiting.popleft())
+
+    def _reserve_own_kv(self, active: _Active) -> bool:
+        """Rows for a request's own KV: True once it has them, False while it should wait for them."""
+        if active.handle.cancelled or active.params.max_tokens == 0:
+            return True  # retired before its first step: needs no rows
+        if self._kv_wait:
+            return False  # a failed try is not repeated every step (a failed growth costs device allocations)
+        tokens = len(active.prompt_ids) + active.params.max_tokens
+        try:
+            active.own = self.runner.new_own_kv(tokens)
+            return True
+        except (OwnKVFull, torch.OutOfMemoryError) as err:
+            if self._running:
+                self._kv_wait = True
+                return False
+            log.warning("no memory for a request's KV (%d tokens) with no request running: %s", tokens, err)
+            raise EngineUnavailable(f"no memory for this request's KV ({tokens} tokens); retry later or ask for "
+                                    "fewer max_tokens") from err  # fmt: skip
+        except Exception as err:  # fails this request, never the batch or the scheduler thread
+            log.exception("allocating a request's KV failed")
+            raise EngineError(f"inference failed: {type(err).__name__}: {err}") from err
 
     def _retire_cancelled_and_empty(self) -> None:
         for active in list(self._running):
@@ -399,7 +456,7 @@ class Engine:
         return scheduled
 
     def _step(self) -> None:
-        scheduled = [(active, n) for active, n in self._schedule() if self._own_kv_ready(active)]
+        scheduled = self._schedule()
         batch = [active for active, _ in scheduled]
         if not batch:
             return
@@ -426,33 +483,22 @@ class Engine:
             elif delta:
                 active.handle._emit(StreamEvent(delta))
 
-    def _own_kv_ready(self, active: _Active) -> bool:
-        """Rows for a new request's own KV; a request that cannot get them (memory) fails alone."""
-        if active.own is None:
-            tokens = len(active.prompt_ids) + active.params.max_tokens
-            try:
-                active.own = self.runner.new_own_kv(tokens)
-            except torch.OutOfMemoryError as err:
-                log.warning("no memory for a request's KV (%d tokens): %s", tokens, err)
-                self._fail(active, EngineUnavailable(f"no memory for this request's KV ({tokens} tokens); retry later "
-                                                     "or ask for fewer max_tokens"))  # fmt: skip
-                return False
-            except Exception as err:  # fails this request, never the batch or the scheduler thread
-                log.exception("allocating a request's KV failed")
-                self._fail(active, EngineError(f"inference failed: {type(err).__name__}: {err}"))
-                return False
-        return True
+    def _retire(self, active: _Active) -> None:
+        """Take a request out of the batch; its rows go back to the pool, so a waiting request may fit now."""
+        self._running.remove(active)
+        self._kv_wait = False
+        if active.own is not None:
+            active.own.release()
+            active.own = None
 
     def _finish(self, active: _Active, reason: FinishReason, delta: str = "") -> None:
-        self._running.remove(active)
-        active.release_own_kv()
+        self._retire(active)
         tail = delta + active.text.flush()
         self._finished += 1
         active.handle._emit(StreamEvent(tail, completion=active.completion(reason)))
 
     def _fail(self, active: _Active, error: EngineError) -> None:
-        self._running.remove(active)
-        active.release_own_kv()
+        self._retire(active)
         self._failed += 1
         active.handle._emit(StreamEvent("", error=error))
 

@@ -5,8 +5,9 @@ per request per layer (128 launches a layer at batch 64, which made decode on a 
 request's rows in one pool, the runner writes a layer's new keys of the whole batch with one ``index_copy_`` and
 the kernels read each request's range in place (a view: no copy, no concatenation).
 
-The pool grows by reallocating and copying when no free range fits, so a request's handle holds row offsets,
-never tensors; a range returns to the pool when its handle is released (or garbage-collected). The pool is
+The pool grows by reallocating and copying when no free range fits (up to ``max_rows``, when set; a server
+that reserves its rows at start-up sets both to the same number and never grows), so a request's handle holds
+row offsets, never tensors; a range returns to the pool when its handle is released (or garbage-collected). The pool is
 used from one thread (the engine's scheduler); a handle collected elsewhere, or by the cycle collector in the
 middle of an allocation, only queues its range, and the pool takes it back at its next call.
 """
@@ -22,12 +23,26 @@ from torch import Tensor
 GROWTH = 2  # a full pool grows to at least this multiple of its rows (amortized copies)
 
 
+class OwnKVFull(Exception):
+    """No free range is long enough and the pool may not grow past ``max_rows``: wait for rows to come back."""
+
+
 class OwnKVPool:
     """Keys and values ``[layers, kv_heads, rows, head_dim]`` handed out as row ranges (first fit)."""
 
     def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, rows: int = 0
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rows: int = 0,
+        max_rows: int | None = None,
     ) -> None:
+        if max_rows is not None and not 0 <= rows <= max_rows:
+            raise ValueError(f"a pool of {rows} rows cannot have max_rows={max_rows}")
+        self.max_rows = max_rows
         shape = (layers, kv_heads, rows, head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
@@ -37,6 +52,12 @@ class OwnKVPool:
     @property
     def rows(self) -> int:
         return int(self.keys.shape[2])
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of keys and values one row (one token) takes over all layers and heads."""
+        layers, kv_heads, _, head_dim = self.keys.shape
+        return 2 * layers * kv_heads * head_dim * self.keys.element_size()
 
     @property
     def free_ranges(self) -> list[tuple[int, int]]:
@@ -49,7 +70,11 @@ class OwnKVPool:
         return sum(n for _, n in self.free_ranges)
 
     def allocate(self, capacity: int) -> OwnKV:
-        """A handle on ``capacity`` free rows; grows the pool when no free range is long enough."""
+        """A handle on ``capacity`` free rows; grows the pool when no free range is long enough.
+
+        Raises :class:`OwnKVFull` when growing would pass ``max_rows``, ``torch.OutOfMemoryError`` when the
+        device has no memory for it.
+        """
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if capacity == 0:
@@ -67,12 +92,16 @@ class OwnKVPool:
         return OwnKV(self, start, capacity)
 
     def _grow(self, capacity: int) -> None:
-        """Reallocate with room for ``capacity`` more rows at the end: GROWTH times the rows, or just enough
-        when that much memory is not there."""
+        """Reallocate with room for ``capacity`` more rows at the end: GROWTH times the rows (at most
+        ``max_rows``), or just enough when that much memory is not there."""
         old = self.rows
         tail = self._free[-1][1] if self._free and sum(self._free[-1]) == old else 0
         needed = old - tail + capacity
         rows = max(GROWTH * old, needed)
+        if self.max_rows is not None:
+            if needed > self.max_rows:
+                raise OwnKVFull(f"no free range of {capacity} rows ({self.free_rows} of {self.max_rows} rows free)")
+            rows = min(rows, self.max_rows)
         try:
             grown = self._reallocated(rows)
         except torch.OutOfMemoryError:
@@ -133,8 +162,7 @@ class OwnKV:
 
     @property
     def nbytes(self) -> int:
-        keys = self.pool.keys
-        return 2 * keys.shape[0] * keys.shape[1] * self.capacity * keys.shape[3] * keys.element_size()
+        return self.capacity * self.pool.row_bytes
 
     def release(self) -> None:
         """Give the rows back now (idempotent). The handle keeps no rows: writing through it again fails."""

@@ -37,7 +37,9 @@ class BatchItem:
 class LlamaRunner:
     """Runs the decoder layers of a loaded HF Llama-family model; returns next-token logits per request."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, own_kv_bytes: int = 0) -> None:
+        """``own_kv_bytes`` > 0 reserves that much memory for requests' own KV now, and never more; 0 grows the
+        pool as requests need it."""
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"the serving engine runs {sorted(SUPPORTED_MODEL_TYPES)} models, not {config.model_type}")
@@ -50,7 +52,15 @@ class LlamaRunner:
         self.max_positions = int(config.max_position_embeddings)
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
-        self.own_kv_pool = OwnKVPool(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        if own_kv_bytes < 0:
+            raise ValueError(f"own_kv_bytes must be >= 0, got {own_kv_bytes}")
+        row_bytes = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        rows = own_kv_bytes // row_bytes if own_kv_bytes > 0 else 0
+        if own_kv_bytes > 0 and rows == 0:
+            raise ValueError(f"{own_kv_bytes} bytes of own KV hold no token (one takes {row_bytes} bytes)")
+        self.own_kv_pool = OwnKVPool(
+            self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, rows, max_rows=rows or None
+        )
 
     def new_own_kv(self, capacity: int) -> OwnKV:
         """Rows for one request's own KV (``capacity`` tokens), from this runner's pool."""
