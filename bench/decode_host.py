@@ -9,7 +9,8 @@ cut to tiny widths (hidden 256, head_dim 8: the host work is per op and per requ
 on the CPU, every request reading one shared 2048-token cartridge after an 8-token prompt. Each ``--label`` (a
 code version) keeps its rows in ``bench/results/decode-host.json``, with a plot beside it. Timings on a busy
 2-core machine vary by a few ms a step (each row has the median and the fastest step); compare labels at
-batch 32 and above.
+batch 32 and above. Each row also counts the step's ops: every aten op that is not a view, plus every kernel
+launch, is a launch on a GPU (or a copy to it), so the count is what a GPU host pays per step, on any machine.
 
     python bench/decode_host.py --label pooled-own-kv
 """
@@ -29,6 +30,7 @@ from typing import Any
 
 import serving_gpu
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cartridges_kernels import BACKEND_ENV, fused_kernel, merge_kernel, segment_kernel
 from cartridges_serving.runner import BatchItem, LlamaRunner
@@ -40,10 +42,29 @@ PROMPT_TOKENS = 8
 
 
 class _NoLaunch:
-    """Stands in for a @triton.jit kernel: ``kernel[grid](...)`` does nothing."""
+    """Stands in for a @triton.jit kernel: ``kernel[grid](...)`` does nothing but count the launch."""
+
+    launches = 0
 
     def __getitem__(self, grid: object) -> Any:
-        return lambda *args, **kwargs: None
+        def launch(*args: object, **kwargs: object) -> None:
+            _NoLaunch.launches += 1
+
+        return launch
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that would launch work on a GPU: all but views and allocations."""
+
+    FREE = frozenset({"empty", "empty_strided", "detach", "detach_", "lift_fresh", "alias"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += not func.is_view and func.__name__.split(".")[0] not in self.FREE
+        return func(*args, **(kwargs or {}))
 
 
 def without_kernels() -> None:
@@ -54,8 +75,9 @@ def without_kernels() -> None:
     merge_kernel._merge_kernel = _NoLaunch()
 
 
-def decode_host_ms(runner: LlamaRunner, batch: int, steps: int) -> list[float]:
-    """Wall time of each of ``steps`` decode steps for ``batch`` requests sharing one cartridge."""
+def decode_host_ms(runner: LlamaRunner, batch: int, steps: int) -> tuple[list[float], int]:
+    """Wall time of each of ``steps`` decode steps for ``batch`` requests sharing one cartridge, and the ops of
+    one more step (counted apart: counting slows it)."""
     cartridge = serving_gpu.random_cartridge(runner, CARTRIDGE_TOKENS)
     items = [
         BatchItem([1 + i for i in range(PROMPT_TOKENS)], CARTRIDGE_TOKENS, [cartridge], runner.new_own_kv(64 + steps))
@@ -71,7 +93,12 @@ def decode_host_ms(runner: LlamaRunner, batch: int, steps: int) -> list[float]:
         runner.step(items)
         if step:  # the first decode step plans a new structure
             times.append((time.perf_counter() - started) * 1e3)
-    return times
+    for item in items:
+        item.start_position += 1
+    launches, counter = _NoLaunch.launches, _CountOps()
+    with counter:
+        runner.step(items)
+    return times, counter.ops + _NoLaunch.launches - launches
 
 
 def measure(label: str, batches: tuple[int, ...], steps: int) -> list[dict[str, Any]]:
@@ -79,13 +106,13 @@ def measure(label: str, batches: tuple[int, ...], steps: int) -> list[dict[str, 
     serving_gpu.DEVICE = "cpu"
     runner = LlamaRunner(serving_gpu.random_llama(256, 16, 32, 8, 64, torch.float32))
     rows = []
-    print(f"{'label':<24}{'batch':>6}{'host ms/step':>14}{'us/layer':>10}{'fastest':>10}", flush=True)
+    print(f"{'label':<24}{'batch':>6}{'host ms/step':>14}{'us/layer':>10}{'fastest':>10}{'ops/step':>10}", flush=True)
     for batch in batches:
-        times = decode_host_ms(runner, batch, steps)
+        times, ops = decode_host_ms(runner, batch, steps)
         ms, fastest = statistics.median(times), min(times)
         rows.append({"label": label, "batch": batch, "host_ms_per_step": ms, "host_us_per_layer": ms * 1e3 / 16,
-                     "fastest_host_ms_per_step": fastest})  # fmt: skip
-        print(f"{label:<24}{batch:>6}{ms:>14.2f}{ms * 1e3 / 16:>10.0f}{fastest:>10.2f}", flush=True)
+                     "fastest_host_ms_per_step": fastest, "ops_per_step": ops})  # fmt: skip
+        print(f"{label:<24}{batch:>6}{ms:>14.2f}{ms * 1e3 / 16:>10.0f}{fastest:>10.2f}{ops:>10}", flush=True)
     return rows
 
 
@@ -95,16 +122,23 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (host, ops) = plt.subplots(1, 2, figsize=(11, 4))
     for label in dict.fromkeys(row["label"] for row in rows):
         mine = [row for row in rows if row["label"] == label]
-        ax.plot([r["batch"] for r in mine], [r["host_ms_per_step"] for r in mine], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("requests in the decode step")
-    ax.set_ylabel("host ms per 16-layer step (kernels not run)")
-    ax.set_title("Serving runner: host time of a decode step")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        host.plot([r["batch"] for r in mine], [r["host_ms_per_step"] for r in mine], marker="o", label=label)
+        counted = [r for r in mine if "ops_per_step" in r]  # rows measured before ops were counted have none
+        if counted:
+            ops.plot([r["batch"] for r in counted], [r["ops_per_step"] for r in counted], marker="o", label=label)
+    host.set_ylabel("host ms per 16-layer step (kernels not run)")
+    host.set_title("Serving runner: host time of a decode step")
+    ops.set_ylabel("ops per step (launches on a GPU)")
+    ops.set_title("Ops per 16-layer decode step")
+    ops.set_ylim(bottom=0)
+    for ax in (host, ops):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("requests in the decode step")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -32,6 +32,6 @@ def test_each_label_keeps_its_rows_and_the_plot_shows_them(tmp_path: Path) -> No
     assert list(runs) == ["first", "second"]
     for run in runs.values():
         assert [row["batch"] for row in run["rows"]] == [1, 3]
-        assert all(row["host_ms_per_step"] > 0 for row in run["rows"])
+        assert all(row["host_ms_per_step"] > 0 and row["ops_per_step"] > 16 for row in run["rows"])  # 16 layers
         assert run["commit"] and "--label" in run["command"]
     assert out.with_suffix(".png").stat().st_size > 0

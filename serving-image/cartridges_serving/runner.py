@@ -4,17 +4,21 @@ transformers' own forward wants one dense padded KV cache per batch, which would
 request's cache. Here the decoder layers are run by hand (the weights stay in the HF modules) and every attention
 call goes through ``cartridges_kernels.prefill_attention``: shared cartridge segments are read in place, each
 request's own KV is a range of rows in one pool (``own_kv_pool``: a layer's new keys for the whole batch are one
-write), and prefill chunks and single decode tokens mix in one step.
+write), and prefill chunks and single decode tokens mix in one step. A layer's q, k and v projections run as one
+matmul and so do the MLP's gate and up projections (their weights become views of one tensor: no extra memory),
+and RoPE turns q and k together: on a GPU every op is a launch, and the step's host time is its op count.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from cartridges.artifact import StoredCartridge
@@ -61,6 +65,10 @@ class LlamaRunner:
         self.own_kv_pool = OwnKVPool(
             self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, rows, max_rows=rows or None
         )
+        self._qkv = [
+            _fuse_linears(a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in self.decoder.layers)
+        ]
+        self._gate_up = [_fuse_linears(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.decoder.layers]
 
     def new_own_kv(self, capacity: int) -> OwnKV:
         """Rows for one request's own KV (``capacity`` tokens), from this runner's pool."""
@@ -75,49 +83,92 @@ class LlamaRunner:
                 raise ValueError("own KV must come from this runner's new_own_kv")
             if item.own.length + n > item.own.capacity:
                 raise ValueError(f"{n} new tokens overflow an own KV of {item.own.capacity} ({item.own.length} used)")
-        ids = torch.tensor([t for item in items for t in item.token_ids], dtype=torch.long, device=self.device)
-        positions = torch.cat(
-            [
-                torch.arange(it.start_position, it.start_position + n, device=self.device)
-                for it, n in zip(items, query_lens, strict=True)
-            ]
-        )
+        tokens = sum(query_lens)
+        # One host-to-device copy for all of the step's index tensors.
+        indices = torch.tensor(_step_indices(items, query_lens), dtype=torch.long, device=self.device)
+        ids, positions, rows, last = indices.split([tokens, tokens, tokens, len(items)])
         table_order, request_segments = _unique_cartridges(items)
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [tokens, 1, head_dim], broadcast over heads
-        # Pool rows of this step's new tokens, in q's order: one index_copy_ per layer writes them all.
-        rows = torch.tensor(
-            [item.own.start + item.own.length + i for item, n in zip(items, query_lens, strict=True) for i in range(n)],
-            dtype=torch.long,
-            device=self.device,
-        )
+        cos, sin = cos[0, :, None, :], _signed_sin(sin[0, :, None, :])  # [tokens, 1, head_dim]: broadcast over heads
         keys, values = self.own_kv_pool.keys, self.own_kv_pool.values
         own_starts = [item.own.start for item in items]
         own_lengths = [item.own.length + n for item, n in zip(items, query_lens, strict=True)]
+        heads, rotated = self.num_heads, self.num_heads + self.num_kv_heads  # q and k heads: both get RoPE
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = _rope(attn.q_proj(x).view(-1, self.num_heads, self.head_dim), cos, sin)
-            k = _rope(attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-            v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+            qkv = F.linear(_norm(layer.input_layernorm, hidden), *self._qkv[index])
+            qkv = qkv.view(tokens, rotated + self.num_kv_heads, self.head_dim)
+            qk, v = _rope(qkv[:, :rotated], cos, sin), qkv[:, rotated:]
+            q, k = qk[:, :heads], qk[:, heads:]
             keys[index].index_copy_(1, rows, k.transpose(0, 1))
             values[index].index_copy_(1, rows, v.transpose(0, 1))
             own_kv = PooledKV(keys[index], values[index], own_starts, own_lengths)
             table = SegmentTable([KVSegment(c.keys[index], c.values[index]) for c in table_order], request_segments)
             out = prefill_attention(q, query_lens, table, own_kv, sm_scale=float(attn.scaling))
-            hidden = hidden + attn.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = _plus_linear(hidden, out.reshape(tokens, heads * self.head_dim), attn.o_proj)
+            gate, up = F.linear(_norm(layer.post_attention_layernorm, hidden), *self._gate_up[index]).chunk(2, dim=-1)
+            hidden = _plus_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)
         for item, n in zip(items, query_lens, strict=True):
             item.own.length += n
-        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-        return self.model.lm_head(self.decoder.norm(hidden[last])).float()
+        return self.model.lm_head(_norm(self.decoder.norm, hidden[last])).float()
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _step_indices(items: Sequence[BatchItem], query_lens: Sequence[int]) -> list[int]:
+    """Token ids, their positions, their pool rows (in q's order: one index_copy_ per layer writes a layer's new
+    keys), then each request's last token: one list, so one copy to the device."""
+    ids: list[int] = []
+    positions: list[int] = []
+    rows: list[int] = []
+    for item, n in zip(items, query_lens, strict=True):
+        ids += item.token_ids
+        positions += range(item.start_position, item.start_position + n)
+        rows += range(item.own.start + item.own.length, item.own.start + item.own.length + n)
+    return ids + positions + rows + [end - 1 for end in itertools.accumulate(query_lens)]
+
+
+def _fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """One weight (and bias) for linears that read the same input; each keeps its rows of it as a view, so the
+    model holds the same memory and its own forward still works."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    with_bias = any(linear.bias is not None for linear in linears)
+    bias = torch.cat([_bias(linear) for linear in linears]) if with_bias else None
+    start = 0
+    for linear in linears:
+        rows = slice(start, start + linear.out_features)
+        linear.weight = nn.Parameter(weight[rows], requires_grad=False)
+        if linear.bias is not None and bias is not None:
+            linear.bias = nn.Parameter(bias[rows], requires_grad=False)
+        start = rows.stop
+    return weight, bias
+
+
+def _bias(linear: nn.Linear) -> Tensor:
+    if linear.bias is None:
+        return linear.weight.new_zeros(linear.out_features)
+    return linear.bias.detach()
+
+
+def _norm(norm: Any, x: Tensor) -> Tensor:
+    """The model's RMSNorm as one op (HF's takes six; it rounds to x's dtype before the weight, this after)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _plus_linear(hidden: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
+    """``hidden + linear(x)`` as one matmul: the residual is its accumulator."""
+    base = hidden if linear.bias is None else hidden + linear.bias
+    return torch.addmm(base, x, linear.weight.t())
+
+
+def _signed_sin(sin: Tensor) -> Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(half) * signed sin."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """HF's x * cos + rotate_half(x) * sin in three ops (rotate_half takes two more)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def _unique_cartridges(items: Sequence[BatchItem]) -> tuple[list[StoredCartridge], list[list[int]]]:
