@@ -169,7 +169,12 @@ def _commit() -> str:
     """The commit of the code that ran (``dirty`` appended when the tree has changes)."""
     here = Path(__file__).resolve().parent
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(  # results written by earlier runs do not make the code dirty
+        ["git", "status", "--porcelain", "--", ":/", ":(top,exclude)bench/results"],
+        cwd=here,
+        capture_output=True,
+        text=True,
+    )
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
