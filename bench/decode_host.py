@@ -123,12 +123,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (host, ops) = plt.subplots(1, 2, figsize=(11, 4))
-    for label in dict.fromkeys(row["label"] for row in rows):
-        mine = [row for row in rows if row["label"] == label]
-        host.plot([r["batch"] for r in mine], [r["host_ms_per_step"] for r in mine], marker="o", label=label)
+    for index, label in enumerate(dict.fromkeys(row["label"] for row in rows)):
+        mine, style = (
+            [row for row in rows if row["label"] == label],
+            {"marker": "o", "label": label, "color": f"C{index}"},
+        )
+        host.plot([r["batch"] for r in mine], [r["host_ms_per_step"] for r in mine], **style)
         counted = [r for r in mine if "ops_per_step" in r]  # rows measured before ops were counted have none
         if counted:
-            ops.plot([r["batch"] for r in counted], [r["ops_per_step"] for r in counted], marker="o", label=label)
+            ops.plot([r["batch"] for r in counted], [r["ops_per_step"] for r in counted], **style)
     host.set_ylabel("host ms per 16-layer step (kernels not run)")
     host.set_title("Serving runner: host time of a decode step")
     ops.set_ylabel("ops per step (launches on a GPU)")
