@@ -26,7 +26,7 @@ from cartridges_kernels.config import (
     own_block_n,
 )
 from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, plan_decode
-from cartridges_kernels.plan import BatchStructure, FormatKey, plan_attention
+from cartridges_kernels.plan import BatchStructure, FormatKey, own_split_len, plan_attention
 from cartridges_kernels.segments import (
     KVData,
     KVSegment,
@@ -148,7 +148,7 @@ def segmented_attention_triton(
         request_segments=tuple(map(tuple, table.request_segments)),
         segment_lens=tuple(s.num_tokens for s in table.segments),
         segment_formats=tuple(_format(s) for s in table.segments),
-        own_lens=None if own_kv is None else segment_lengths(own_kv),
+        own_max_len=0 if own_kv is None else own_split_len(segment_lengths(own_kv)),
         own_formats=None if own_kv is None else _formats(own_kv),
     )
     plan = plan_attention(
@@ -192,17 +192,18 @@ def _plan_decode(
     config: KernelConfig,
     own_n: int | None,
 ) -> DecodePlan:
-    """The fused decode plan of this step (cached by the step's structure: every layer reuses it); own walks in
-    blocks of ``own_n`` keys (None: config.block_n)."""
+    """The fused decode plan of this step (cached by the step's structure: every layer reuses it, and so do the
+    next steps until the longest own KV needs another block); own walks in blocks of ``own_n`` keys (None:
+    config.block_n)."""
+    own_block = own_n or config.block_n
     structure = DecodeStructure(
         request_segments=tuple(map(tuple, table.request_segments)),
         segment_lens=tuple(s.num_tokens for s in table.segments),
-        own_lens=None if own_kv is None else segment_lengths(own_kv),
+        own_keys=None if own_kv is None else -(-max(segment_lengths(own_kv), default=0) // own_block) * own_block,
     )
     group_pad = next_pow2(q.shape[1] // kv_heads)
-    own_keys = own_n or config.block_n
     return plan_decode(
-        structure, kv_heads, group_pad, config.block_m, config.block_n, own_keys, q.device, shared_reads, num_splits
+        structure, kv_heads, group_pad, config.block_m, config.block_n, own_block, q.device, shared_reads, num_splits
     )
 
 

@@ -2,7 +2,10 @@
 writes.
 
 The plan depends only on the batch's structure (lengths and segment lists), not on tensor contents, so it is
-built once per step and reused by every layer (see :func:`plan_attention`'s cache).
+built once per step and reused by every layer (see :func:`plan_attention`'s cache). Of the own KVs it needs only
+their formats and the longest one's length to the split choice's grain: a decode step's own KVs are one key
+longer than the last step's, and it reuses that step's plan (causal rows find their position from the own KV's
+length in the kernel).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cartridges_kernels.config import MIN_DOT, choose_num_splits, next_pow2
+from cartridges_kernels.config import MIN_DOT, MIN_KEYS_PER_SPLIT, choose_num_splits, next_pow2
 
 # A segment's storage format: (key dtype, value dtype, key scale granularity, value scale granularity).
 FormatKey = tuple[torch.dtype, torch.dtype, str | None, str | None]
@@ -28,8 +31,8 @@ class BatchStructure:
     request_segments: tuple[tuple[int, ...], ...]
     segment_lens: tuple[int, ...]
     segment_formats: tuple[FormatKey, ...]
-    own_lens: tuple[int, ...] | None
-    own_formats: tuple[FormatKey, ...] | None
+    own_max_len: int  # the longest own KV, rounded down to MIN_KEYS_PER_SPLIT (see own_split_len)
+    own_formats: tuple[FormatKey, ...] | None  # None: no own KV
 
     @property
     def query_starts(self) -> list[int]:
@@ -46,7 +49,8 @@ class LaunchPlan:
     ``sources`` names the launch's segments in meta-table order: table indices for cartridges, request indices
     for own KV (``own`` is True). ``tiles`` is int32 [num_tiles, 3]: (segment in launch, first row, row
     count). Rows hold the query token, its first partial-output slot (split s writes slot + s) and, for causal
-    launches, its position in the own KV. ``block_m`` is the tile height actually needed.
+    launches, how many of its request's query tokens follow it (its position in the own KV is the KV's
+    length - 1 - that). ``block_m`` is the tile height actually needed.
     """
 
     sources: tuple[int, ...]
@@ -54,7 +58,7 @@ class LaunchPlan:
     tiles: Tensor
     row_token: Tensor
     row_slot: Tensor
-    row_qpos: Tensor
+    row_back: Tensor
     block_m: int
     num_splits: int
 
@@ -84,14 +88,10 @@ def _group_uses(structure: BatchStructure) -> list[tuple[bool, list[int], list[_
             uses += [_Use(local[i], r, p) for p, i in enumerate(mine) if structure.query_lens[r] > 0]
         if uses:
             groups.append((False, sources, uses))
-    if structure.own_lens is not None and structure.own_formats is not None:
+    if structure.own_formats is not None:  # an own KV holds at least its request's queries (validated)
         for fmt in dict.fromkeys(structure.own_formats):
             requests = [r for r, f in enumerate(structure.own_formats) if f == fmt]
-            uses = [
-                _Use(j, r, 0)
-                for j, r in enumerate(requests)
-                if structure.own_lens[r] > 0 and structure.query_lens[r] > 0
-            ]
+            uses = [_Use(j, r, 0) for j, r in enumerate(requests) if structure.query_lens[r] > 0]
             if uses:
                 groups.append((True, requests, uses))
     return groups
@@ -108,7 +108,7 @@ def _tile_rows(
     tiles: list[tuple[int, int, int]] = []
     row_token: list[int] = []
     row_use: list[int] = []
-    row_qpos: list[int] = []
+    row_back: list[int] = []
     for (source, _), run in runs.items():
         first = len(row_token)
         for u in run:
@@ -116,11 +116,11 @@ def _tile_rows(
             n = structure.query_lens[r]
             row_token += range(starts[r], starts[r] + n)
             row_use += [u] * n
-            if own and structure.own_lens is not None:
-                row_qpos += range(structure.own_lens[r] - n, structure.own_lens[r])
+            if own:
+                row_back += range(n - 1, -1, -1)
         for tile_start in range(first, len(row_token), block_t):
             tiles.append((source, tile_start, min(block_t, len(row_token) - tile_start)))
-    return tiles, row_token, row_use, row_qpos
+    return tiles, row_token, row_use, row_back
 
 
 @functools.lru_cache(maxsize=16)
@@ -142,12 +142,11 @@ def plan_attention(
     launches: list[LaunchPlan] = []
     num_slots = 0
     for own, sources, uses in _group_uses(structure):
-        tiles, row_token, row_use, row_qpos = _tile_rows(
+        tiles, row_token, row_use, row_back = _tile_rows(
             structure, uses, own, block_m // group_pad, shared_reads or own
         )
-        lens = structure.own_lens if own else structure.segment_lens
-        assert lens is not None
-        splits = num_splits or choose_num_splits(len(tiles) * kv_heads, max(lens[s] for s in sources), device)
+        longest = structure.own_max_len if own else max(structure.segment_lens[s] for s in sources)
+        splits = num_splits or choose_num_splits(len(tiles) * kv_heads, longest, device)
         use_slot = [num_slots + use.part * splits for use in uses]
         num_slots += (max(use.part for use in uses) + 1) * splits
         launches.append(
@@ -157,12 +156,18 @@ def plan_attention(
                 tiles=_int32(tiles, device),
                 row_token=_int32(row_token, device),
                 row_slot=_int32([use_slot[u] for u in row_use], device),
-                row_qpos=_int32(row_qpos if own else [0], device),
+                row_back=_int32(row_back if own else [0], device),
                 block_m=max(MIN_DOT, group_pad * next_pow2(max(t[2] for t in tiles))),
                 num_splits=splits,
             )
         )
     return AttentionPlan(launches=tuple(launches), num_slots=num_slots)
+
+
+def own_split_len(lengths: Sequence[int]) -> int:
+    """The longest of ``lengths`` to the grain choose_num_splits reads it in: steps whose own KVs differ by less
+    plan alike."""
+    return max(lengths, default=0) // MIN_KEYS_PER_SPLIT * MIN_KEYS_PER_SPLIT
 
 
 def _int32(values: Sequence[int] | Sequence[tuple[int, int, int]], device: torch.device) -> Tensor:

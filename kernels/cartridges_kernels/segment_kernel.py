@@ -48,7 +48,7 @@ def _segment_partials_kernel(
     tiles_ptr: tl.tensor,
     row_token_ptr: tl.tensor,
     row_slot_ptr: tl.tensor,
-    row_qpos_ptr: tl.tensor,
+    row_back_ptr: tl.tensor,
     part_o_ptr: tl.tensor,
     part_lse_ptr: tl.tensor,
     n_tokens: int,
@@ -86,7 +86,8 @@ def _segment_partials_kernel(
     lo, hi = split_range(length, split, tl.num_programs(2), BLOCK_N)
     qpos = tl.zeros([BLOCK_M], dtype=tl.int32)
     if CAUSAL:
-        qpos = tl.load(row_qpos_ptr + row_start + t, mask=t_valid, other=-1)
+        back = tl.load(row_back_ptr + row_start + t, mask=t_valid, other=0)
+        qpos = tl.where(t_valid, length - 1 - back, -1)  # the row's position in its own KV
         hi = tl.minimum(hi, tl.max(qpos, axis=0) + 1)
 
     m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
@@ -232,7 +233,7 @@ def launch_segment_partials(
         plan.tiles,
         plan.row_token,
         plan.row_slot,
-        plan.row_qpos,
+        plan.row_back,
         part_o,
         part_lse,
         tokens,

@@ -138,7 +138,7 @@ def print_registers(name: str, config: KernelConfig, compiled: triton.compiler.C
 
 
 def main() -> None:
-    pointers = ["meta_ptr", "tiles_ptr", "row_token_ptr", "row_slot_ptr", "row_qpos_ptr"]
+    pointers = ["meta_ptr", "tiles_ptr", "row_token_ptr", "row_slot_ptr", "row_back_ptr"]
     seg_types = {
         **{name: "*i64" if name == "meta_ptr" else "*i32" for name in pointers},
         **{name: "i32" for name in SCALARS},

@@ -126,7 +126,7 @@ def test_plan_shares_one_tile_per_cartridge_list() -> None:
     structure = DecodeStructure(
         request_segments=((0, 1), (1,), (1, 0), (1, 2), (0, 1)),
         segment_lens=(100, 50, 0),  # segment 2 is empty, so [1, 2] reads what [1] reads
-        own_lens=(1, 2, 3, 4, 5),
+        own_keys=5,
     )
     cpu = torch.device("cpu")
     shared = plan_decode(structure, 2, 4, 64, 16, 16, cpu, True, 1)
@@ -148,12 +148,10 @@ def test_plan_shares_one_tile_per_cartridge_list() -> None:
 def test_requests_that_share_no_cartridge() -> None:
     """Requests that read no cartridge key share tiles that walk nothing (they record that they saw no key);
     a step in which no request reads one (ICL prompts) has no shared programs and writes the output directly."""
-    structure = DecodeStructure(
-        request_segments=((), (), (0,), (1,), ()), segment_lens=(0, 7), own_lens=(9, 8, 7, 6, 5)
-    )
+    structure = DecodeStructure(request_segments=((), (), (0,), (1,), ()), segment_lens=(0, 7), own_keys=9)
     plan = plan_decode(structure, 2, 4, 64, 16, 16, torch.device("cpu"), True, 1)
     assert plan.tiles[:, 3].tolist() == [4, 1] and plan.tiles[:, 4].tolist() == [0, 7]
-    icl = DecodeStructure(request_segments=((), (0,), ()), segment_lens=(0,), own_lens=(9, 8, 7))
+    icl = DecodeStructure(request_segments=((), (0,), ()), segment_lens=(0,), own_keys=9)
     plan = plan_decode(icl, 2, 4, 64, 16, 16, torch.device("cpu"), True, None)
     assert (plan.shared_splits, plan.own_splits, plan.num_slots, plan.programs) == (0, 1, 1, 3)
     torch.manual_seed(4)
@@ -246,7 +244,7 @@ def test_every_output_row_is_written(num_splits: int) -> None:
     structure = DecodeStructure(
         request_segments=tuple(tuple(s) for s in batch.table.request_segments),
         segment_lens=tuple(s.num_tokens for s in batch.table.segments),
-        own_lens=tuple(s.num_tokens for s in batch.own_kv or []),
+        own_keys=max(s.num_tokens for s in batch.own_kv or []),
     )
     plan = plan_decode(structure, 2, 2, SMALL.block_m, 16, 16, batch.q.device, True, num_splits)
     assert plan.num_slots == (2 if num_splits == 1 else 3 + 3)  # at most one chunk per 16 keys of a walk

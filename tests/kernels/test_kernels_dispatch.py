@@ -97,6 +97,41 @@ def test_plan_is_reused_across_layers() -> None:
     assert (info.misses, info.hits) == (1, 2)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_steps_whose_own_kv_grew_reuse_the_plan(fused: bool) -> None:
+    """A decode step's own KVs are a key longer than the last step's: it reuses that step's plan (the kernels
+    read the lengths from the segment table), so steps are not re-planned and their plan tensors stay put."""
+    from cartridges_kernels.decode_plan import plan_decode
+    from cartridges_kernels.plan import plan_attention
+
+    cache = plan_decode if fused else plan_attention
+    cache.cache_clear()
+    torch.manual_seed(5)
+    for step in range(3):
+        batch = make_batch([6, 9], [[0, 1], [1], [0]], own_lens=[3 + step, 2 + step, 14 + step])
+        out, _ = dispatch.segmented_attention_triton(
+            batch.q, batch.query_lens, batch.table, batch.own_kv, 0.25, None, True, None, fused
+        )
+        torch.testing.assert_close(out.double(), oracle(batch, 0.25), atol=2e-5, rtol=0)
+    info = cache.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+def test_prefill_chunks_reuse_the_plan_with_causal_positions_from_the_own_kv() -> None:
+    """Same chunk sizes over longer own KVs: one plan, and each query still sees exactly the own keys up to
+    its position (rows past it are random, so a stale position would show)."""
+    from cartridges_kernels.plan import plan_attention
+
+    plan_attention.cache_clear()
+    torch.manual_seed(6)
+    for own_lens in ([5, 3], [9, 6], [13, 9]):
+        batch = make_batch([7], [[0], []], own_lens=own_lens, query_lens=[2, 3])
+        out = prefill_attention(batch.q, batch.query_lens, batch.table, batch.own_kv, backend="triton")
+        torch.testing.assert_close(out.double(), oracle(batch), atol=2e-5, rtol=0)
+    info = plan_attention.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
 def test_torch_backend_reads_shared_segments_once_and_matches_the_reference() -> None:
     """The serving pattern: many decode requests on one cartridge, some composing two, plus a prefill chunk."""
     from cartridges_kernels.reference import segmented_attention_reference
