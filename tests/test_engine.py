@@ -136,8 +136,9 @@ def test_quantized_cartridges_are_served_quantized_and_compose_with_dense_ones(e
 
 
 def test_concurrent_requests_equal_their_sequential_results(engine: Engine) -> None:
+    """Greedy and seeded sampled requests batched together give what each gives alone."""
     jobs = [
-        (f"question {i}", names, SamplingParams(max_tokens=6 + i % 5))
+        (f"question {i}", names, SamplingParams(max_tokens=6 + i % 5, temperature=0.8 * (i % 3 == 2), seed=i))
         for i, names in enumerate([[], ["alpha"], ["beta", "gamma"], ["gamma"], ["alpha", "alpha"], ["beta"]] * 2)
     ]
     sequential = [engine.generate(prompt, names, params).token_ids for prompt, names, params in jobs]

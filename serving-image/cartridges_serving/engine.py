@@ -467,10 +467,9 @@ class Engine:
             for active in batch:
                 self._fail(active, EngineError(f"inference failed: {type(err).__name__}: {err}"))
             return
-        ready = [(active, row) for active, row in zip(batch, logits, strict=True) if active.pending_prompt == 0]
+        ready = [(row, active) for row, active in enumerate(batch) if active.pending_prompt == 0]
         self._count_tokens(len(ready))
-        for active, row in ready:
-            token = _sample(row, active.params, active.generator)
+        for (_, active), token in zip(ready, _next_tokens(logits, ready), strict=True):
             active.generated.append(token)
             if token in self.eos_ids:
                 self._finish(active, "stop")
@@ -508,10 +507,18 @@ class Engine:
             self._rate.append((time.monotonic(), n))
 
 
+def _next_tokens(logits: torch.Tensor, ready: Sequence[tuple[int, _Active]]) -> list[int]:
+    """The next token of each (logits row, request): greedy ones from one argmax over the batch, sampled ones on
+    the CPU, where their seeded generators live (their rows copied there together). On a GPU that is one or two
+    transfers a step, not a synchronizing one per request."""
+    greedy = logits.argmax(dim=-1).tolist() if any(a.params.temperature == 0 for _, a in ready) else []
+    sampled = [row for row, a in ready if a.params.temperature > 0]
+    rows = dict(zip(sampled, logits[sampled].cpu(), strict=True)) if sampled else {}
+    return [greedy[row] if a.params.temperature == 0 else _sample(rows[row], a.params, a.generator) for row, a in ready]
+
+
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else nucleus sampling (top-p) at the given temperature."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
+    """Nucleus sampling (top-p) at the given temperature (> 0)."""
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
