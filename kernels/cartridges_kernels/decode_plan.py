@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from cartridges_kernels.config import MAX_SPLITS, MIN_DOT, MIN_KEYS_PER_SPLIT, next_pow2, target_programs
+from cartridges_kernels.transfer import int32_tensor
 
 TILE_COLUMNS = 5  # first entry in tile_segments, number of segments, first row, row count, cartridge keys
 
@@ -169,9 +170,9 @@ def plan_decode(
     # which would cut the own programs' occupancy: at batch 8 of 32k-token ICL prompts 11.9 ms vs 8.4.
     rows_per_tile = max((t[3] for t in tiles), default=1) if shared_splits else 1
     return DecodePlan(
-        tiles=torch.tensor(tiles if shared_splits else [], dtype=torch.int32, device=device).reshape(-1, TILE_COLUMNS),
-        tile_segments=torch.tensor(tile_segments or [0], dtype=torch.int32, device=device),
-        row_request=torch.tensor(row_request or [0], dtype=torch.int32, device=device),
+        tiles=int32_tensor(tiles if shared_splits else [], device).reshape(-1, TILE_COLUMNS),
+        tile_segments=int32_tensor(tile_segments or [0], device),
+        row_request=int32_tensor(row_request or [0], device),
         block_m=max(MIN_DOT, group_pad * next_pow2(rows_per_tile)),
         own_block_n=own_block_n,
         shared_splits=shared_splits,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from cartridges_kernels.config import MIN_DOT, MIN_KEYS_PER_SPLIT, choose_num_splits, next_pow2
+from cartridges_kernels.transfer import int32_tensor
 
 # A segment's storage format: (key dtype, value dtype, key scale granularity, value scale granularity).
 FormatKey = tuple[torch.dtype, torch.dtype, str | None, str | None]
@@ -153,10 +154,10 @@ def plan_attention(
             LaunchPlan(
                 sources=tuple(sources),
                 own=own,
-                tiles=_int32(tiles, device),
-                row_token=_int32(row_token, device),
-                row_slot=_int32([use_slot[u] for u in row_use], device),
-                row_back=_int32(row_back if own else [0], device),
+                tiles=int32_tensor(tiles, device),
+                row_token=int32_tensor(row_token, device),
+                row_slot=int32_tensor([use_slot[u] for u in row_use], device),
+                row_back=int32_tensor(row_back if own else [0], device),
                 block_m=max(MIN_DOT, group_pad * next_pow2(max(t[2] for t in tiles))),
                 num_splits=splits,
             )
@@ -168,7 +169,3 @@ def own_split_len(lengths: Sequence[int]) -> int:
     """The longest of ``lengths`` to the grain choose_num_splits reads it in: steps whose own KVs differ by less
     plan alike."""
     return max(lengths, default=0) // MIN_KEYS_PER_SPLIT * MIN_KEYS_PER_SPLIT
-
-
-def _int32(values: Sequence[int] | Sequence[tuple[int, int, int]], device: torch.device) -> Tensor:
-    return torch.tensor(values, dtype=torch.int32, device=device)

@@ -25,6 +25,7 @@ from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segments import KVData, KVSegment, PooledKV, kv_element_bytes, storage_of, storage_segments
 from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows
+from cartridges_kernels.transfer import to_device
 
 # Scale modes (constexpr): how stored keys/values turn into real values.
 SCALE_NONE, SCALE_TOKEN, SCALE_CHANNEL = 0, 1, 2
@@ -118,18 +119,20 @@ def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
     The device tensor is cached by its contents: every layer of every decode step over the same cartridges
     reuses it instead of paying a host-to-device copy per launch (which would also break CUDA-graph capture).
     A cached table stays valid because it holds nothing but the values it was keyed by. A pool's table is
-    not cached (its lengths change every step) and comes from its starts without a view per request; like an
-    uncached table it is copied to the device on every call, so a launch that reads a pool cannot be captured
-    in a CUDA graph as it is."""
+    not cached (its lengths change every step) and comes from its starts without a view per request; a pool
+    that is one of :class:`PoolLayers` gets its rows of the table made for every layer on the first layer's
+    call (one copy per step). Copies are queued without stalling the host (``transfer.to_device``), but a
+    launch that reads a pool still takes a table made that step, so capturing it in a CUDA graph would need
+    the table in a buffer of its own, rewritten before each replay."""
     if isinstance(segments, PooledKV):
-        return pooled_meta(segments).to(device)
+        return _layer_table(segments, device) if segments.layers else to_device(pooled_meta(segments), device)
     rows = _meta_rows(segments)
     return _meta_tensor(rows, device)
 
 
 @functools.lru_cache(maxsize=1024)
 def _meta_tensor(rows: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    return to_device(torch.tensor(rows, dtype=torch.int64), device)
 
 
 def _meta_rows(segments: Sequence[KVSegment]) -> tuple[tuple[int, ...], ...]:
@@ -172,6 +175,21 @@ def pooled_meta(pool: PooledKV) -> Tensor:
     flat[1 :: len(row)] = array("q", [v_ptr + start * v_row for start in pool.starts])
     flat[4 :: len(row)] = array("q", pool.lengths)
     return torch.frombuffer(flat, dtype=torch.int64).view(len(pool), len(row))
+
+
+def _layer_table(pool: PooledKV, device: torch.device) -> Tensor:
+    """Layer ``pool.layer``'s rows of the table of every layer of ``pool.layers``, made and copied on first use:
+    layer l's pointers are layer 0's moved by l layer strides."""
+    layers = pool.layers
+    assert layers is not None
+    if layers.tables is None:
+        first = pooled_meta(layers.pools[0])
+        tables = first.repeat(len(layers.pools), 1, 1)
+        steps = torch.arange(len(layers.pools), dtype=torch.int64)[:, None]
+        tables[:, :, 0] += steps * (layers.keys.stride(0) * layers.keys.element_size())
+        tables[:, :, 1] += steps * (layers.values.stride(0) * layers.values.element_size())
+        layers.tables = to_device(tables, device)
+    return layers.tables[pool.layer]
 
 
 def aligned(segment: KVSegment) -> bool:

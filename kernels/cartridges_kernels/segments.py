@@ -124,7 +124,17 @@ class PooledKV(Sequence[KVSegment]):
     kernels (a pooled cache, like the serving runner's, hands one of these to every layer).
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, starts: Sequence[int], lengths: Sequence[int]) -> None:
+    def __init__(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        starts: Sequence[int],
+        lengths: Sequence[int],
+        layers: PoolLayers | None = None,
+        layer: int = 0,
+    ) -> None:
+        """``layers``/``layer``: this pool is layer ``layer`` of ``layers`` (see :class:`PoolLayers`)."""
+        self.layers, self.layer = layers, layer
         if not isinstance(keys, Tensor) or not isinstance(values, Tensor):
             raise TypeError("a PooledKV holds plain tensors; pass quantized own KV as KVSegments")
         self.keys, self.values = keys, values
@@ -154,9 +164,23 @@ class PooledKV(Sequence[KVSegment]):
         return KVSegment(self.keys[:, start : start + length], self.values[:, start : start + length])
 
     def subset(self, indices: Iterable[int]) -> PooledKV:
-        """The requests ``indices``, in that order, over the same pool."""
+        """The requests ``indices``, in that order, over the same pool (itself when that is all of them)."""
         picked = list(indices)
+        if picked == list(range(len(self))):
+            return self
         return PooledKV(self.keys, self.values, [self.starts[i] for i in picked], [self.lengths[i] for i in picked])
+
+
+class PoolLayers:
+    """The same request ranges over every layer of a pooled cache, ``keys``/``values`` [layers, kv_heads, rows,
+    head_dim]: ``pools[l]`` is layer l's :class:`PooledKV`. The kernels make the segment tables of all layers
+    together, on the first layer's call (``tables``), so a step copies one table to the device, not one per
+    layer."""
+
+    def __init__(self, keys: Tensor, values: Tensor, starts: Sequence[int], lengths: Sequence[int]) -> None:
+        self.keys, self.values = keys, values
+        self.pools = [PooledKV(keys[i], values[i], starts, lengths, self, i) for i in range(keys.shape[0])]
+        self.tables: Tensor | None = None  # [layers, requests, meta columns] on the device, filled by the kernels
 
 
 def segment_lengths(segments: Sequence[KVSegment]) -> tuple[int, ...]:

@@ -22,7 +22,8 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from cartridges.artifact import StoredCartridge
-from cartridges_kernels import KVSegment, PooledKV, SegmentTable, prefill_attention
+from cartridges_kernels import KVSegment, PoolLayers, SegmentTable, prefill_attention
+from cartridges_kernels.transfer import to_device
 from cartridges_serving.own_kv import OwnKV, OwnKVPool
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
@@ -85,15 +86,15 @@ class LlamaRunner:
                 raise ValueError(f"{n} new tokens overflow an own KV of {item.own.capacity} ({item.own.length} used)")
         tokens = sum(query_lens)
         # One host-to-device copy for all of the step's index tensors.
-        indices = torch.tensor(_step_indices(items, query_lens), dtype=torch.long, device=self.device)
+        indices = to_device(torch.tensor(_step_indices(items, query_lens), dtype=torch.long), self.device)
         ids, positions, rows, last = indices.split([tokens, tokens, tokens, len(items)])
         table_order, request_segments = _unique_cartridges(items)
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0, :, None, :], _signed_sin(sin[0, :, None, :])  # [tokens, 1, head_dim]: broadcast over heads
         keys, values = self.own_kv_pool.keys, self.own_kv_pool.values
-        own_starts = [item.own.start for item in items]
         own_lengths = [item.own.length + n for item, n in zip(items, query_lens, strict=True)]
+        own_kv = PoolLayers(keys, values, [item.own.start for item in items], own_lengths).pools
         heads, rotated = self.num_heads, self.num_heads + self.num_kv_heads  # q and k heads: both get RoPE
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
@@ -103,9 +104,8 @@ class LlamaRunner:
             q, k = qk[:, :heads], qk[:, heads:]
             keys[index].index_copy_(1, rows, k.transpose(0, 1))
             values[index].index_copy_(1, rows, v.transpose(0, 1))
-            own_kv = PooledKV(keys[index], values[index], own_starts, own_lengths)
             table = SegmentTable([KVSegment(c.keys[index], c.values[index]) for c in table_order], request_segments)
-            out = prefill_attention(q, query_lens, table, own_kv, sm_scale=float(attn.scaling))
+            out = prefill_attention(q, query_lens, table, own_kv[index], sm_scale=float(attn.scaling))
             hidden = _plus_linear(hidden, out.reshape(tokens, heads * self.head_dim), attn.o_proj)
             gate, up = F.linear(_norm(layer.post_attention_layernorm, hidden), *self._gate_up[index]).chunk(2, dim=-1)
             hidden = _plus_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cartridges_kernels import KVSegment, PooledKV, SegmentTable, dispatch, prefill_attention
-from cartridges_kernels.segment_kernel import _meta_rows, pooled_meta
+from cartridges_kernels import KVSegment, PooledKV, PoolLayers, SegmentTable, dispatch, prefill_attention
+from cartridges_kernels.segment_kernel import _meta_rows, pooled_meta, segment_meta
 
 from ._build import Batch, make_batch, oracle
 
@@ -52,6 +52,22 @@ def test_pool_meta_rows_equal_those_of_its_views() -> None:
             assert tuple(pooled[request]) == viewed[request]
         else:  # torch gives an empty view a null pointer; no kernel reads it
             assert tuple(pooled[request][4:]) == viewed[request][4:]
+
+
+def test_layers_of_a_pool_share_one_table_made_once() -> None:
+    """Every layer's rows equal its own pool's table; the first layer's call makes them all, later ones slice."""
+    keys, values = torch.randn(4, 2, 30, 16), torch.randn(2, 4, 30, 16).transpose(0, 1)  # other layer strides
+    layers = PoolLayers(keys, values, [20, 0, 9], [5, 9, 1])
+    cpu = torch.device("cpu")
+    first = segment_meta(layers.pools[0], cpu)
+    made = layers.tables
+    for layer, pool in enumerate(layers.pools):
+        alone = PooledKV(keys[layer], values[layer], pool.starts, pool.lengths)
+        assert torch.equal(segment_meta(pool, cpu), pooled_meta(alone))
+    assert made is not None and layers.tables is made
+    assert torch.equal(first, made[0])
+    assert layers.pools[2].subset(range(3)) is layers.pools[2]  # a launch over all requests keeps the table
+    assert layers.pools[2].subset([1]).layers is None
 
 
 @pytest.mark.parametrize("fused", [True, False])
