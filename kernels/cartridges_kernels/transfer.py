@@ -18,6 +18,11 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
     """``host`` (a CPU tensor) on ``device``, queued without waiting where the device is a GPU."""
     if device.type != "cuda":
         return host.to(device)
+    if torch.cuda.is_current_stream_capturing():  # from pageable memory CUDA refuses; from pinned it would not
+        raise RuntimeError(
+            "a host-to-device copy inside CUDA-graph capture would replay a reused host buffer; "
+            "run the step once before capturing it (plans and tables are cached then)"
+        )
     return host.pin_memory().to(device, non_blocking=True)
 
 
