@@ -5,8 +5,46 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from cartridges.contract import TRAINER_COMMAND
+
+
+@dataclass(frozen=True)
+class ServingEngine:
+    """Settings of the engine in every serving pod (the chart's ``serving.engine``), passed on as its env."""
+
+    maxBatchSize: int = 32  # requests in one decode step
+    maxPrefillTokens: int = 1024  # prompt tokens read per step
+    cacheBytes: int = 2 * 1024**3  # device memory for cartridges (LRU)
+    kvBytes: int = 0  # device memory reserved at start for requests' own KV; 0 grows it as requests come
+
+    MINIMUMS: ClassVar[dict[str, int]] = {"maxBatchSize": 1, "maxPrefillTokens": 1, "cacheBytes": 1, "kvBytes": 0}
+    ENV: ClassVar[dict[str, str]] = {
+        "maxBatchSize": "CARTRIDGES_MAX_BATCH_SIZE",
+        "maxPrefillTokens": "CARTRIDGES_MAX_PREFILL_TOKENS",
+        "cacheBytes": "CARTRIDGES_CACHE_BYTES",
+        "kvBytes": "CARTRIDGES_KV_BYTES",
+    }
+
+    @classmethod
+    def from_json(cls, text: str) -> ServingEngine:
+        """Parse the chart's JSON; an unknown key or a value out of range is an error naming it."""
+        settings = json.loads(text)
+        if not isinstance(settings, dict):
+            raise ValueError(f"CARTRIDGES_SERVING_ENGINE must be a JSON object, got {text!r}")
+        unknown = sorted(set(settings) - set(cls.ENV))
+        if unknown:
+            raise ValueError(f"CARTRIDGES_SERVING_ENGINE: unknown keys {unknown}; known: {sorted(cls.ENV)}")
+        for key, value in settings.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < cls.MINIMUMS[key]:
+                raise ValueError(
+                    f"CARTRIDGES_SERVING_ENGINE: {key} must be an integer >= {cls.MINIMUMS[key]}, got {value!r}"
+                )
+        return cls(**settings)
+
+    def env(self) -> list[dict[str, str]]:
+        return [{"name": name, "value": str(getattr(self, key))} for key, name in self.ENV.items()]
 
 
 @dataclass(frozen=True)
@@ -22,11 +60,13 @@ class OperatorConfig:
     job_deadline_s: int = 24 * 3600
     job_ttl_s: int = 7 * 24 * 3600
     job_backoff_limit: int = 3
+    serving_engine: ServingEngine = field(default_factory=ServingEngine)
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
         env = os.environ
         command = env.get("CARTRIDGES_TRAINER_COMMAND")
+        engine = env.get("CARTRIDGES_SERVING_ENGINE")
         return cls(
             store_root=env.get("CARTRIDGES_STORE_ROOT", "s3://cartridges"),
             store_secret=env.get("CARTRIDGES_STORE_SECRET", cls.store_secret),
@@ -36,4 +76,5 @@ class OperatorConfig:
             trainer_image=env.get("CARTRIDGES_TRAINER_IMAGE", cls.trainer_image),
             serving_image=env.get("CARTRIDGES_SERVING_IMAGE", cls.serving_image),
             trainer_command=json.loads(command) if command else list(TRAINER_COMMAND),
+            serving_engine=ServingEngine.from_json(engine) if engine else ServingEngine(),
         )

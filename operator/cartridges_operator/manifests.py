@@ -170,6 +170,7 @@ def serving_deployment(
         {"name": "CARTRIDGES_MODEL_URI", "value": base_model.uri},
         {"name": "CARTRIDGES_STORE_ROOT", "value": config.store_root},
         {"name": "CARTRIDGES_NAMESPACE", "value": namespace},
+        *config.serving_engine.env(),
     ]
     container = {
         "name": "triton",

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -34,6 +34,7 @@ from cartridges_serving.text import TextStream
 
 log = logging.getLogger(__name__)
 
+N = TypeVar("N", int, float)
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 DEFAULT_MAX_PREFILL_TOKENS = 1024
@@ -119,13 +120,28 @@ class EngineConfig:
             model_uri=model_uri,
             store_root=env.get("CARTRIDGES_STORE_ROOT") or None,
             namespace=env.get("CARTRIDGES_NAMESPACE", defaults.namespace),
-            cache_bytes=int(env.get("CARTRIDGES_CACHE_BYTES", defaults.cache_bytes)),
-            max_batch_size=int(env.get("CARTRIDGES_MAX_BATCH_SIZE", defaults.max_batch_size)),
-            max_prefill_tokens=int(env.get("CARTRIDGES_MAX_PREFILL_TOKENS", defaults.max_prefill_tokens)),
-            kv_bytes=int(env.get("CARTRIDGES_KV_BYTES", defaults.kv_bytes)),
-            pointer_ttl_s=float(env.get("CARTRIDGES_POINTER_TTL_S", defaults.pointer_ttl_s)),
+            cache_bytes=_env_number(env, "CARTRIDGES_CACHE_BYTES", defaults.cache_bytes, 1),
+            max_batch_size=_env_number(env, "CARTRIDGES_MAX_BATCH_SIZE", defaults.max_batch_size, 1),
+            max_prefill_tokens=_env_number(env, "CARTRIDGES_MAX_PREFILL_TOKENS", defaults.max_prefill_tokens, 1),
+            kv_bytes=_env_number(env, "CARTRIDGES_KV_BYTES", defaults.kv_bytes, 0),
+            pointer_ttl_s=_env_number(env, "CARTRIDGES_POINTER_TTL_S", defaults.pointer_ttl_s, 0.0),
             device=env.get("CARTRIDGES_DEVICE", defaults.device),
         )
+
+
+def _env_number(env: Mapping[str, str], name: str, default: N, minimum: N) -> N:
+    """``env[name]`` as the type of ``default`` (``default`` when unset); a bad value fails naming the setting."""
+    text = env.get(name)
+    if text is None:
+        return default
+    try:
+        value = type(default)(text)
+    except ValueError:
+        value = None
+    if value is None or not value >= minimum:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"{name} must be {kind} >= {minimum}, got {text!r}")
+    return value
 
 
 class RequestHandle:

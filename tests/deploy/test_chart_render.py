@@ -12,6 +12,7 @@ from cartridges import api
 from cartridges.store import S3Config
 from cartridges_operator import manifests
 from cartridges_operator.config import OperatorConfig
+from cartridges_serving.engine import EngineConfig
 
 VALUES_FILES = sorted(p.name for p in CI_VALUES.glob("*.yaml"))
 
@@ -80,6 +81,21 @@ def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: p
     pod_store = S3Config.from_env({**env, "CARTRIDGES_S3_ACCESS_KEY": "a", "CARTRIDGES_S3_SECRET_KEY": "s"})
     assert pod_store.endpoint == "cartridges-minio.demo.svc:9000"
     assert pod_store.secure and pod_store.region == "eu-west-1"
+
+
+def test_serving_engine_settings_reach_the_engine(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serving.engine in the chart -> the operator's env -> every serving pod's env -> the engine's config."""
+    sets = {"serving.engine.maxBatchSize": "64", "serving.engine.kvBytes": "85899345920"}  # 80 GiB
+    operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
+    for item in operator["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    model = api.BaseModelRef(name="m", uri="s3://cartridges/models/m")
+    deployment = manifests.serving_deployment("ns", model, 1, [], OperatorConfig.from_env())
+    pod = deployment["spec"]["template"]["spec"]["containers"][0]
+    engine = EngineConfig.from_env({e["name"]: e["value"] for e in pod["env"] if "value" in e})
+    assert (engine.max_batch_size, engine.kv_bytes) == (64, 80 * 2**30)
+    assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # the chart's defaults
 
 
 def test_a_private_ca_reaches_every_store_secret_and_the_operator(render: Render) -> None:
@@ -162,6 +178,8 @@ BAD_VALUES = [
     ({"networkPolicy.apiServer.cidrs[0]": "10.0.0.1"}, ["/networkPolicy/apiServer/cidrs/0"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
+    ({"serving.engine.maxBatchSize": "0"}, ["/serving/engine/maxBatchSize", "minimum"]),
+    ({"serving.engine.gpuMemory": "1"}, ["additional properties 'gpuMemory' not allowed"]),
 ]
 
 
