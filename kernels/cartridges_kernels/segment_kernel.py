@@ -184,7 +184,7 @@ def _layer_table(pool: PooledKV, device: torch.device) -> Tensor:
     assert layers is not None
     if layers.tables is None:
         first = pooled_meta(layers.pools[0])
-        tables = first.repeat(len(layers.pools), 1, 1)
+        tables = first.expand(len(layers.pools), -1, -1).clone()  # (repeat() of a frombuffer tensor is 40x slower)
         steps = torch.arange(len(layers.pools), dtype=torch.int64)[:, None]
         tables[:, :, 0] += steps * (layers.keys.stride(0) * layers.keys.element_size())
         tables[:, :, 1] += steps * (layers.values.stride(0) * layers.values.element_size())
