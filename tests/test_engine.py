@@ -24,6 +24,7 @@ from cartridges_serving import (
     CartridgeNotFound,
     CartridgeRefused,
     Engine,
+    EngineError,
     EngineUnavailable,
     InvalidRequest,
     SamplingParams,
@@ -313,6 +314,32 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
 def test_reserved_kv_must_hold_a_token(tiny_model: LoadedModel) -> None:
     with pytest.raises(ValueError, match="hold no token"):
         Engine(tiny_model, kv_bytes=1)
+
+
+def test_a_tiny_temperature_samples_greedily(engine: Engine) -> None:
+    greedy = engine.generate("keep going", ["alpha"], GREEDY).token_ids
+    tiny = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=1e-45, seed=3)  # FP32's smallest, via Triton
+    assert engine.generate("keep going", ["alpha"], tiny).token_ids == greedy
+
+
+def test_a_failure_choosing_tokens_fails_its_batch_not_the_engine(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cartridges_serving.engine as engine_module
+
+    expected = engine.generate("keep going", ["alpha"], GREEDY).token_ids
+    real, calls = engine_module.next_tokens, []
+
+    def fails_once(*args: Any) -> list[int]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("sampling broke (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "next_tokens", fails_once)
+    with pytest.raises(EngineError, match="inference failed: RuntimeError: sampling broke"):
+        engine.generate("doomed", [], GREEDY)
+    assert engine.generate("keep going", ["alpha"], GREEDY).token_ids == expected
 
 
 def test_cache_evicts_least_recently_used_by_bytes(tiny_model: LoadedModel, store_root: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import queue
 import threading
@@ -30,6 +29,7 @@ from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, Cartridg
 from cartridges_serving.errors import EngineError, EngineUnavailable, InvalidRequest
 from cartridges_serving.own_kv import OwnKV, OwnKVFull
 from cartridges_serving.runner import BatchItem, LlamaRunner
+from cartridges_serving.sampling import Pick, SamplingParams, next_tokens
 from cartridges_serving.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -39,27 +39,6 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 DEFAULT_MAX_PREFILL_TOKENS = 1024
 METRICS_LOG_INTERVAL_S = 10.0
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation settings; ``temperature == 0`` is greedy, ``seed`` makes sampling repeatable."""
-
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def validate(self) -> None:
-        if self.max_tokens < 0:
-            raise InvalidRequest(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
-            raise InvalidRequest("stop strings must not be empty")
 
 
 @dataclass(frozen=True)
@@ -385,10 +364,15 @@ class Engine:
                     self._wakeup.wait()
                 if self._closed:
                     break
-            self._admit()
-            self._retire_cancelled_and_empty()
-            if self._running:
-                self._step()
+            try:
+                self._admit()
+                self._retire_cancelled_and_empty()
+                if self._running:
+                    self._step()
+            except Exception as err:  # a bug here must not leave every caller waiting on a dead thread
+                log.exception("engine scheduler failed; failing the running requests")
+                for active in list(self._running):
+                    self._fail(active, EngineError(f"internal error: {type(err).__name__}: {err}"))
             if time.monotonic() - last_log > METRICS_LOG_INTERVAL_S:
                 last_log = time.monotonic()
                 self._log_metrics()
@@ -478,14 +462,15 @@ class Engine:
             return
         try:
             logits = self.runner.step([active.next_item(n) for active, n in scheduled])
+            ready = [(row, active) for row, active in enumerate(batch) if active.pending_prompt == 0]
+            tokens = next_tokens(logits, [Pick(row, a.params, a.generator) for row, a in ready])
         except Exception as err:  # one failed step fails its batch, never the engine
             log.exception("engine step failed for %d requests", len(batch))
             for active in batch:
                 self._fail(active, EngineError(f"inference failed: {type(err).__name__}: {err}"))
             return
-        ready = [(row, active) for row, active in enumerate(batch) if active.pending_prompt == 0]
         self._count_tokens(len(ready))
-        for (_, active), token in zip(ready, _next_tokens(logits, ready), strict=True):
+        for (_, active), token in zip(ready, tokens, strict=True):
             active.generated.append(token)
             if token in self.eos_ids:
                 self._finish(active, "stop")
@@ -521,24 +506,3 @@ class Engine:
         self._tokens += n
         with self._wakeup:
             self._rate.append((time.monotonic(), n))
-
-
-def _next_tokens(logits: torch.Tensor, ready: Sequence[tuple[int, _Active]]) -> list[int]:
-    """The next token of each (logits row, request): greedy ones from one argmax over the batch, sampled ones on
-    the CPU, where their seeded generators live (their rows copied there together). On a GPU that is one or two
-    transfers a step, not a synchronizing one per request."""
-    greedy = logits.argmax(dim=-1).tolist() if any(a.params.temperature == 0 for _, a in ready) else []
-    sampled = [row for row, a in ready if a.params.temperature > 0]
-    rows = dict(zip(sampled, logits[sampled].cpu(), strict=True)) if sampled else {}
-    return [greedy[row] if a.params.temperature == 0 else _sample(rows[row], a.params, a.generator) for row, a in ready]
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Nucleus sampling (top-p) at the given temperature (> 0)."""
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,55 @@
+"""Next-token choice: greedy by argmax, sampling batched on the logits' device with per-request seeds."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+from cartridges_serving.sampling import Pick, SamplingParams, next_tokens
+
+PROBS = [0.5, 0.3, 0.2, 0.0]
+
+
+def logits_of(probs: list[float], rows: int = 1) -> torch.Tensor:
+    return torch.tensor([[math.log(p) if p else -math.inf for p in probs]] * rows)
+
+
+def draws(params: SamplingParams, n: int = 6000) -> Counter[int]:
+    picks = [Pick(row, params, torch.Generator().manual_seed(row)) for row in range(n)]
+    return Counter(next_tokens(logits_of(PROBS, n), picks))
+
+
+def test_sampling_follows_the_distribution() -> None:
+    counts = draws(SamplingParams(temperature=1.0))
+    for token, p in enumerate(PROBS):
+        assert abs(counts[token] / 6000 - p) < 0.025, counts
+
+
+def test_top_p_keeps_the_smallest_head_that_reaches_it() -> None:
+    counts = draws(SamplingParams(temperature=1.0, top_p=0.6))  # 0.5 < 0.6 <= 0.5 + 0.3: tokens 0 and 1
+    assert set(counts) == {0, 1}
+    assert abs(counts[0] / 6000 - 0.5 / 0.8) < 0.025, counts
+
+
+def test_a_tiny_temperature_is_greedy_not_an_error() -> None:
+    logits = torch.randn(3, 50) * 30
+    picks = [Pick(row, SamplingParams(temperature=1e-45, top_p=p, seed=1), None) for row, p in enumerate((1, 0.5, 1))]
+    assert next_tokens(logits, picks) == logits.argmax(dim=-1).tolist()
+
+
+def test_a_seeded_draw_does_not_depend_on_the_rest_of_the_batch() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
+
+    def alone_and_in_a_batch(row: int) -> tuple[int, int]:
+        alone = next_tokens(logits[row : row + 1], [Pick(0, seeded, torch.Generator().manual_seed(7))])[0]
+        others = [Pick(r, SamplingParams(temperature=r / 2, top_p=1 - r / 10), None) for r in range(5) if r != row]
+        batch = [*others, Pick(row, seeded, torch.Generator().manual_seed(7))]
+        return alone, next_tokens(logits, batch)[-1]
+
+    for row in range(5):
+        alone, batched = alone_and_in_a_batch(row)
+        assert alone == batched
