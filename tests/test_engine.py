@@ -254,7 +254,7 @@ def test_a_request_whose_kv_does_not_fit_fails_alone(engine: Engine, monkeypatch
     monkeypatch.setattr(engine.runner, "new_own_kv", out_of_memory_for_huge)
     running = engine.submit("keep going", ["alpha"], GREEDY)
     doomed = engine.submit("a long answer please", [], huge)
-    with pytest.raises(EngineUnavailable, match=r"no memory for this request's KV \(\d+ tokens\)"):
+    with pytest.raises(EngineUnavailable, match=r"no memory for this request's KV \(\d+ tokens; the KV pool holds \d+"):
         doomed.result(timeout=60)
     assert running.result(timeout=60).token_ids == expected
 
@@ -311,9 +311,30 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
         engine.close()
 
 
-def test_reserved_kv_must_hold_a_token(tiny_model: LoadedModel) -> None:
+def test_a_request_cancelled_behind_a_waiting_head_leaves_at_once(tiny_model: LoadedModel) -> None:
+    long = SamplingParams(max_tokens=200)
+    probe = Engine(tiny_model)
+    tokens = len(probe._encode("keep going", chat=True)) + long.max_tokens
+    probe.close()
+    engine = Engine(tiny_model, kv_bytes=probe.runner.own_kv_pool.row_bytes * tokens)  # room for one request
+    try:
+        order = EventOrder()
+        running = engine.submit("keep going", [], long, on_event=order.of("running"))
+        engine.submit("keep going", [], long, on_event=order.of("head"))  # waits for the running one's rows
+        behind = engine.submit("keep going", [], long, on_event=order.of("behind"))
+        behind.cancel()
+        assert behind.result(timeout=60).finish_reason == "cancelled"
+        running.result(timeout=60)
+        assert order.events.index(("behind", True)) < order.events.index(("running", True))
+    finally:
+        engine.close()
+
+
+def test_reserved_kv_must_hold_a_token_and_a_batch_a_request(tiny_model: LoadedModel) -> None:
     with pytest.raises(ValueError, match="hold no token"):
         Engine(tiny_model, kv_bytes=1)
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        Engine(tiny_model, max_batch_size=0)
 
 
 def test_a_tiny_temperature_samples_greedily(engine: Engine) -> None:

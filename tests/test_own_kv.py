@@ -127,6 +127,7 @@ def test_a_reserved_pool_never_reallocates() -> None:
     keys = pool.keys
     a, b = pool.allocate(2), pool.allocate(3)
     b.release()
+    assert pool.fits(3) and not pool.fits(4)
     with pytest.raises(OwnKVFull, match=r"no free range of 4 rows \(3 of 5 rows free\)"):
         pool.allocate(4)
     a.release()

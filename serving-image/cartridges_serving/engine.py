@@ -221,6 +221,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.cartridges = cartridges
         self.runner = LlamaRunner(loaded.model, own_kv_bytes=kv_bytes)
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
@@ -231,7 +233,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._waiting: deque[_Active] = deque()
         self._running: list[_Active] = []
-        self._kv_wait = False  # the queue's head waits for KV rows: retry once a running request returns its own
+        self._head_waits = False  # the queue's head found no rows: try again once the pool has a free range for it
         self._wakeup = threading.Condition()
         self._closed = False
         self._tokens = self._finished = self._failed = 0
@@ -390,8 +392,8 @@ class Engine:
     def _admit(self) -> None:
         """Move queued requests into the batch, first come first served, while it has room and their KV fits.
 
-        A request whose KV does not fit waits at the head of the queue while running requests will free rows
-        or memory; with nothing running it never would, so it fails alone.
+        A request whose KV does not fit waits at the head of the queue while running requests will give rows
+        back; one that cannot fit even then fails alone. Cancelled requests behind a waiting head leave at once.
         """
         while len(self._running) < self.max_batch_size:
             with self._wakeup:  # submitters only append: the head stays ours between the two locks
@@ -400,6 +402,7 @@ class Engine:
                 active = self._waiting[0]
             try:
                 if not self._reserve_own_kv(active):
+                    self._finish_queued_without_work()
                     return
             except EngineError as err:
                 with self._wakeup:
@@ -411,25 +414,44 @@ class Engine:
                 self._running.append(self._waiting.popleft())
 
     def _reserve_own_kv(self, active: _Active) -> bool:
-        """Rows for a request's own KV: True once it has them, False while it should wait for them."""
+        """Rows for a request's own KV: True once it has them, False while it should wait for them.
+
+        Finished requests give their rows back to the pool, not memory to the device (the pool keeps it), so
+        after a failed try the head waits until a free range of the pool can hold it, and fails at once when
+        the whole pool could not.
+        """
         if active.handle.cancelled or active.params.max_tokens == 0:
             return True  # retired before its first step: needs no rows
-        if self._kv_wait:
-            return False  # a failed try is not repeated every step (a failed growth costs device allocations)
         tokens = len(active.prompt_ids) + active.params.max_tokens
+        pool = self.runner.own_kv_pool
+        if self._head_waits and self._running and not pool.fits(tokens):
+            return False  # trying would fail again (and a failed growth costs device allocations)
         try:
             active.own = self.runner.new_own_kv(tokens)
-            return True
         except (OwnKVFull, torch.OutOfMemoryError) as err:
-            if self._running:
-                self._kv_wait = True
+            self._head_waits = bool(self._running) and tokens <= pool.rows
+            if self._head_waits:
                 return False
-            log.warning("no memory for a request's KV (%d tokens) with no request running: %s", tokens, err)
-            raise EngineUnavailable(f"no memory for this request's KV ({tokens} tokens); retry later or ask for "
+            log.warning("no memory for a request's KV (%d tokens, the pool holds %d): %s", tokens, pool.rows, err)
+            raise EngineUnavailable(f"no memory for this request's KV ({tokens} tokens; the KV pool holds "
+                                    f"{pool.rows} and the device has no room to grow it); retry later or ask for "
                                     "fewer max_tokens") from err  # fmt: skip
         except Exception as err:  # fails this request, never the batch or the scheduler thread
+            self._head_waits = False
             log.exception("allocating a request's KV failed")
             raise EngineError(f"inference failed: {type(err).__name__}: {err}") from err
+        self._head_waits = False
+        return True
+
+    def _finish_queued_without_work(self) -> None:
+        """Queued requests that were cancelled or ask for no tokens need no rows: they finish now, not after
+        the head that waits for rows."""
+        with self._wakeup:
+            done = [a for a in self._waiting if a.handle.cancelled or a.params.max_tokens == 0]
+            for active in done:
+                self._waiting.remove(active)
+        for active in done:
+            self._complete(active, "cancelled" if active.handle.cancelled else "length")
 
     def _retire_cancelled_and_empty(self) -> None:
         for active in list(self._running):
@@ -486,13 +508,15 @@ class Engine:
     def _retire(self, active: _Active) -> None:
         """Take a request out of the batch; its rows go back to the pool, so a waiting request may fit now."""
         self._running.remove(active)
-        self._kv_wait = False
         if active.own is not None:
             active.own.release()
             active.own = None
 
     def _finish(self, active: _Active, reason: FinishReason, delta: str = "") -> None:
         self._retire(active)
+        self._complete(active, reason, delta)
+
+    def _complete(self, active: _Active, reason: FinishReason, delta: str = "") -> None:
         tail = delta + active.text.flush()
         self._finished += 1
         active.handle._emit(StreamEvent(tail, completion=active.completion(reason)))

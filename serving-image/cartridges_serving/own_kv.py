@@ -69,6 +69,10 @@ class OwnKVPool:
     def free_rows(self) -> int:
         return sum(n for _, n in self.free_ranges)
 
+    def fits(self, capacity: int) -> bool:
+        """Whether a free range holds ``capacity`` rows now (allocating them would not grow the pool)."""
+        return any(n >= capacity for _, n in self.free_ranges)
+
     def allocate(self, capacity: int) -> OwnKV:
         """A handle on ``capacity`` free rows; grows the pool when no free range is long enough.
 
