@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cartridges.artifact import Cartridge
-from cartridges.models import LoadedModel
+from cartridges.models import LoadedModel, tiny_llama
 from cartridges_kernels import BACKEND_ENV
 from cartridges_serving.runner import BatchItem, LlamaRunner
 
@@ -60,3 +60,17 @@ def test_a_released_own_kv_cannot_be_written(tiny_model: LoadedModel) -> None:
     own.release()
     with pytest.raises(ValueError, match="overflow an own KV of 0"):
         runner.step([BatchItem([5, 6], 0, [], own)])
+
+
+def test_runners_on_one_model_share_its_fused_weights() -> None:
+    """A second runner must not leave the first a stale copy: a weight update reaches both, and the model."""
+    model = tiny_llama(seed=0).model
+    first, second = LlamaRunner(model), LlamaRunner(model)
+    item = BatchItem([5, 9, 200], 0, [], first.new_own_kv(3))
+    before = first.step([item])
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(0.5)
+        model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+    logits = [r.step([BatchItem([5, 9, 200], 0, [], r.new_own_kv(3))]) for r in (first, second)]
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+    assert not torch.allclose(logits[0], before)

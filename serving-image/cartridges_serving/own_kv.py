@@ -53,11 +53,25 @@ class OwnKVPool:
     def rows(self) -> int:
         return int(self.keys.shape[2])
 
+    @classmethod
+    def with_budget(
+        cls, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, nbytes: int
+    ) -> OwnKVPool:
+        """``nbytes`` > 0: a pool of that much memory, reserved now, that never grows; 0: an empty pool that
+        grows as requests need it."""
+        if nbytes < 0:
+            raise ValueError(f"own KV bytes must be >= 0, got {nbytes}")
+        row = _row_bytes(layers, kv_heads, head_dim, dtype)
+        rows = nbytes // row
+        if nbytes and not rows:
+            raise ValueError(f"{nbytes} bytes of own KV hold no token (one takes {row} bytes)")
+        return cls(layers, kv_heads, head_dim, dtype, device, rows, max_rows=rows or None)
+
     @property
     def row_bytes(self) -> int:
         """Bytes of keys and values one row (one token) takes over all layers and heads."""
         layers, kv_heads, _, head_dim = self.keys.shape
-        return 2 * layers * kv_heads * head_dim * self.keys.element_size()
+        return _row_bytes(layers, kv_heads, head_dim, self.keys.dtype)
 
     @property
     def free_ranges(self) -> list[tuple[int, int]]:
@@ -140,6 +154,10 @@ class OwnKVPool:
             rows += previous
             index -= 1
         self._free.insert(index, (start, rows))
+
+
+def _row_bytes(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
 
 
 class OwnKV:

@@ -57,14 +57,8 @@ class LlamaRunner:
         self.max_positions = int(config.max_position_embeddings)
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
-        if own_kv_bytes < 0:
-            raise ValueError(f"own_kv_bytes must be >= 0, got {own_kv_bytes}")
-        row_bytes = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-        rows = own_kv_bytes // row_bytes if own_kv_bytes > 0 else 0
-        if own_kv_bytes > 0 and rows == 0:
-            raise ValueError(f"{own_kv_bytes} bytes of own KV hold no token (one takes {row_bytes} bytes)")
-        self.own_kv_pool = OwnKVPool(
-            self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, rows, max_rows=rows or None
+        self.own_kv_pool = OwnKVPool.with_budget(
+            self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, own_kv_bytes
         )
         self._qkv = [
             _fuse_linears(a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in self.decoder.layers)
@@ -129,7 +123,11 @@ def _step_indices(items: Sequence[BatchItem], query_lens: Sequence[int]) -> list
 
 def _fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
     """One weight (and bias) for linears that read the same input; each keeps its rows of it as a view, so the
-    model holds the same memory and its own forward still works."""
+    model holds the same memory and its own forward still works. A second runner on the same model finds the
+    fused tensors on the first linear and shares them (fusing again would leave the first runner a copy)."""
+    fused: tuple[Tensor, Tensor | None] | None = getattr(linears[0], "_cartridges_fused", None)
+    if fused is not None and all(_shares_storage(linear.weight, fused[0]) for linear in linears):
+        return fused
     weight = torch.cat([linear.weight.detach() for linear in linears])
     with_bias = any(linear.bias is not None for linear in linears)
     bias = torch.cat([_bias(linear) for linear in linears]) if with_bias else None
@@ -137,10 +135,15 @@ def _fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
     for linear in linears:
         rows = slice(start, start + linear.out_features)
         linear.weight = nn.Parameter(weight[rows], requires_grad=False)
-        if linear.bias is not None and bias is not None:
+        if linear.bias is not None and bias is not None:  # (the second for the type checker)
             linear.bias = nn.Parameter(bias[rows], requires_grad=False)
         start = rows.stop
+    setattr(linears[0], "_cartridges_fused", (weight, bias))  # noqa: B010 (nn.Module's typed __setattr__)
     return weight, bias
+
+
+def _shares_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _bias(linear: nn.Linear) -> Tensor:
@@ -151,7 +154,8 @@ def _bias(linear: nn.Linear) -> Tensor:
 
 def _norm(norm: Any, x: Tensor) -> Tensor:
     """The model's RMSNorm as one op (HF's takes six; it rounds to x's dtype before the weight, this after)."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps  # Llama/Mistral/Qwen2 name it so; others eps
+    return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
 
 
 def _plus_linear(hidden: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
