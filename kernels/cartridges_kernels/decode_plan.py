@@ -13,6 +13,7 @@ cartridge-only or own-KV-only step that is not split) writes the output directly
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ class DecodeStructure:
 
     request_segments: tuple[tuple[int, ...], ...]
     segment_lens: tuple[int, ...]
-    own_keys: int | None  # the longest own KV (None: no own KV); the dispatcher rounds it up to whole own blocks
+    own_keys: int | None  # the longest own KV (None: no own KV), rounded up by own_walk_keys
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ class DecodePlan:
     @property
     def programs(self) -> int:
         return self.shared_programs + self.num_requests * self.own_splits
+
+
+def own_walk_keys(lengths: Sequence[int], own_block_n: int) -> int:
+    """The longest of ``lengths`` rounded up to whole ``own_block_n`` blocks: the decode steps of one block
+    share a plan. The split choice then sees up to a block more keys than the longest walk (it may cut the own
+    walks once more; any cut is correct, the kernel reads each walk's length from its table)."""
+    return -(-max(lengths, default=0) // own_block_n) * own_block_n
 
 
 def _share_groups(structure: DecodeStructure, shared_reads: bool) -> dict[tuple[int, ...], list[int]]:

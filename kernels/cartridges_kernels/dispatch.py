@@ -25,7 +25,7 @@ from cartridges_kernels.config import (
     next_pow2,
     own_block_n,
 )
-from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, plan_decode
+from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, own_walk_keys, plan_decode
 from cartridges_kernels.plan import BatchStructure, FormatKey, own_split_len, plan_attention
 from cartridges_kernels.segments import (
     KVData,
@@ -199,7 +199,7 @@ def _plan_decode(
     structure = DecodeStructure(
         request_segments=tuple(map(tuple, table.request_segments)),
         segment_lens=tuple(s.num_tokens for s in table.segments),
-        own_keys=None if own_kv is None else -(-max(segment_lengths(own_kv), default=0) // own_block) * own_block,
+        own_keys=None if own_kv is None else own_walk_keys(segment_lengths(own_kv), own_block),
     )
     group_pad = next_pow2(q.shape[1] // kv_heads)
     return plan_decode(

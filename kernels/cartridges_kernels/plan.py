@@ -167,5 +167,6 @@ def plan_attention(
 
 def own_split_len(lengths: Sequence[int]) -> int:
     """The longest of ``lengths`` to the grain choose_num_splits reads it in: steps whose own KVs differ by less
-    plan alike."""
+    plan alike. It is taken over every own KV, whatever its format, so a launch of one format may be split for a
+    longer walk than its own (any split is correct: the kernel reads each walk's length from its table)."""
     return max(lengths, default=0) // MIN_KEYS_PER_SPLIT * MIN_KEYS_PER_SPLIT

@@ -182,7 +182,7 @@ def _layer_table(pool: PooledKV, device: torch.device) -> Tensor:
     layer l's pointers are layer 0's moved by l layer strides."""
     layers = pool.layers
     assert layers is not None
-    if layers.tables is None:
+    if layers.tables is None or layers.tables.device != device:
         first = pooled_meta(layers.pools[0])
         tables = first.expand(len(layers.pools), -1, -1).clone()  # (repeat() of a frombuffer tensor is 40x slower)
         steps = torch.arange(len(layers.pools), dtype=torch.int64)[:, None]
