@@ -12,20 +12,18 @@ from cartridges.contract import TRAINER_COMMAND
 
 @dataclass(frozen=True)
 class ServingEngine:
-    """Settings of the engine in every serving pod (the chart's ``serving.engine``), passed on as its env."""
+    """Settings of the engine in every serving pod (the chart's ``serving.engine``), passed on as its env; a
+    setting left out keeps the engine's own default (``cartridges_serving.EngineConfig``)."""
 
-    maxBatchSize: int = 32  # requests in one decode step
-    maxPrefillTokens: int = 1024  # prompt tokens read per step
-    cacheBytes: int = 2 * 1024**3  # device memory for cartridges (LRU)
-    kvBytes: int = 0  # device memory reserved at start for requests' own KV; 0 grows it as requests come
+    settings: tuple[tuple[str, int], ...] = ()
 
-    MINIMUMS: ClassVar[dict[str, int]] = {"maxBatchSize": 1, "maxPrefillTokens": 1, "cacheBytes": 1, "kvBytes": 0}
     ENV: ClassVar[dict[str, str]] = {
-        "maxBatchSize": "CARTRIDGES_MAX_BATCH_SIZE",
-        "maxPrefillTokens": "CARTRIDGES_MAX_PREFILL_TOKENS",
-        "cacheBytes": "CARTRIDGES_CACHE_BYTES",
-        "kvBytes": "CARTRIDGES_KV_BYTES",
+        "maxBatchSize": "CARTRIDGES_MAX_BATCH_SIZE",  # requests in one decode step
+        "maxPrefillTokens": "CARTRIDGES_MAX_PREFILL_TOKENS",  # prompt tokens read per step
+        "cacheBytes": "CARTRIDGES_CACHE_BYTES",  # device memory for cartridges (LRU)
+        "kvBytes": "CARTRIDGES_KV_BYTES",  # device memory reserved at start for requests' own KV
     }
+    MINIMUMS: ClassVar[dict[str, int]] = {"maxBatchSize": 1, "maxPrefillTokens": 1, "cacheBytes": 1, "kvBytes": 0}
 
     @classmethod
     def from_json(cls, text: str) -> ServingEngine:
@@ -41,10 +39,10 @@ class ServingEngine:
                 raise ValueError(
                     f"CARTRIDGES_SERVING_ENGINE: {key} must be an integer >= {cls.MINIMUMS[key]}, got {value!r}"
                 )
-        return cls(**settings)
+        return cls(tuple(sorted(settings.items())))
 
     def env(self) -> list[dict[str, str]]:
-        return [{"name": name, "value": str(getattr(self, key))} for key, name in self.ENV.items()]
+        return [{"name": self.ENV[key], "value": str(value)} for key, value in self.settings]
 
 
 @dataclass(frozen=True)

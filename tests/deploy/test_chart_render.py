@@ -95,7 +95,7 @@ def test_serving_engine_settings_reach_the_engine(render: Render, monkeypatch: p
     pod = deployment["spec"]["template"]["spec"]["containers"][0]
     engine = EngineConfig.from_env({e["name"]: e["value"] for e in pod["env"] if "value" in e})
     assert (engine.max_batch_size, engine.kv_bytes) == (64, 80 * 2**30)
-    assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # the chart's defaults
+    assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # unset: the engine's defaults
 
 
 def test_a_private_ca_reaches_every_store_secret_and_the_operator(render: Render) -> None:
