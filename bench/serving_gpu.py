@@ -4,7 +4,8 @@
    each request's logits against transformers reading the composed cartridge as past key/values (SDPA).
 2. A Llama-3.2-1B-shaped random model in bf16: decode tokens/s of a batch sharing one 2048-token cartridge vs the
    same batch with the 2048 tokens as each request's own prompt (ICL), at batch 1…64. The runner launches every
-   layer eagerly from Python, so these are host-inclusive numbers.
+   layer eagerly from Python, so these are host-inclusive numbers; ``decode_device_busy_ms`` (the kernels and
+   copies of one step, torch.profiler) beside ``decode_step_ms`` says how far the host is the bound.
 
     PYTHONPATH=.:serving-image:kernels python bench/serving_gpu.py --out bench/results
 
@@ -17,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,17 @@ def check_correctness() -> dict[str, Any]:
     return {"max_abs_logit_error": max(errors), "logit_scale": scale, "ok": max(errors) <= 2e-2 * max(scale, 1.0)}
 
 
+def device_busy_ms(step: Callable[[], object]) -> float | None:
+    """Summed device time of the kernels and copies ``step`` issues (torch.profiler); None without CUDA."""
+    if DEVICE != "cuda":
+        return None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        synchronize()
+    events = prof.key_averages()
+    return sum(float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)) for e in events) / 1e3
+
+
 def decode_rate(runner: LlamaRunner, batch: int, context: int, shared: bool, steps: int) -> dict[str, Any]:
     """Decode tokens/s for ``batch`` requests over a ``context``-token cartridge (shared) or own prompt (ICL)."""
     cartridge = random_cartridge(runner, context) if shared else None
@@ -102,7 +114,7 @@ def decode_rate(runner: LlamaRunner, batch: int, context: int, shared: bool, ste
             [1 + i % 500 for i in range(prompt)],  # within the 512-token vocabulary
             context if shared else 0,
             [cartridge] if cartridge is not None else [],
-            runner.new_own_kv(prompt + steps + 1),
+            runner.new_own_kv(prompt + steps + 2),  # prefill, a warm-up step, the timed steps, a profiled one
         )
         for _ in range(batch)
     ]
@@ -123,12 +135,17 @@ def decode_rate(runner: LlamaRunner, batch: int, context: int, shared: bool, ste
         runner.step(items)
     synchronize()
     decode_s = time.perf_counter() - started
+    for item in items:
+        item.start_position += 1
+    busy_ms = device_busy_ms(lambda: runner.step(items))
     return {
         "method": "cartridge" if shared else "icl",
         "context_tokens": context,
         "batch": batch,
         "prefill_s": prefill_s,
         "decode_step_ms": decode_s / steps * 1e3,
+        # Kernel and copy time of one more step: far below the step's wall time means the host is the bound.
+        "decode_device_busy_ms": busy_ms,
         "decode_tokens_per_s": batch * steps / decode_s,
         "own_kv_bytes_per_request": items[0].own.nbytes,
         "shared_cartridge_bytes": cartridge.nbytes if cartridge is not None else 0,
@@ -158,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     big = (128, 2, 4, 2, 256, torch.float32) if args.smoke else (2048, 16, 32, 8, 8192, torch.bfloat16)
     runner = LlamaRunner(random_llama(*big))
-    print(f"{'method':<10}{'batch':>6}{'prefill s':>11}{'step ms':>10}{'tok/s':>10}{'own KV MB':>11}", flush=True)
+    print(f"{'method':<10}{'batch':>6}{'prefill s':>11}{'step ms':>10}{'busy ms':>9}{'tok/s':>10}{'own KV MB':>11}")
     for batch in (1, 2) if args.smoke else (1, 8, 32, 64):
         for shared in (True, False):
             row = decode_rate(runner, batch, 64 if args.smoke else 2048, shared, args.steps)
             result["rows"].append(row)
             print(
                 f"{row['method']:<10}{batch:>6}{row['prefill_s']:>11.3f}{row['decode_step_ms']:>10.2f}"
+                f"{row['decode_device_busy_ms'] or float('nan'):>9.2f}"
                 f"{row['decode_tokens_per_s']:>10.1f}{row['own_kv_bytes_per_request'] / 2**20:>11.1f}",
                 flush=True,
             )
