@@ -300,10 +300,19 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
     engine = Engine(tiny_model, cache, kv_bytes=row_bytes * (tokens + tokens // 2))  # room for one request
     try:
         keys = engine.runner.own_kv_pool.keys
-        order = EventOrder()
-        first, second = (engine.submit("keep going", ["alpha"], GREEDY, on_event=order.of(r)) for r in ("1st", "2nd"))
+        order, seen = EventOrder(), []
+
+        def first_event(event: StreamEvent) -> None:
+            order.of("1st")(event)
+            seen.append(engine.metrics().kv)  # what the metrics port shows while the first request runs
+
+        first = engine.submit("keep going", ["alpha"], GREEDY, on_event=first_event)
+        second = engine.submit("keep going", ["alpha"], GREEDY, on_event=order.of("2nd"))
         assert first.result(timeout=60).token_ids == second.result(timeout=60).token_ids == expected
         order.assert_ran_one_after_the_other("1st", "2nd")
+        assert any(kv.waiting for kv in seen), "the second request should have waited for rows"
+        assert {kv.pool_bytes for kv in seen} == {row_bytes * (tokens + tokens // 2)}
+        assert max(kv.used_bytes for kv in seen) == row_bytes * tokens
         assert engine.runner.own_kv_pool.keys is keys  # reserved at start, never reallocated
         with pytest.raises(InvalidRequest, match=r"KV for \d+ tokens .* reserves \d+ for all requests"):
             engine.submit("keep going", [], SamplingParams(max_tokens=2 * tokens))

@@ -64,6 +64,16 @@ class StreamEvent:
 
 
 @dataclass(frozen=True)
+class KVStats:
+    """The own-KV pool as the scheduler last saw it: bytes held, bytes given to requests, and whether the oldest
+    queued request waits for rows (requests queue for memory, not only for batch slots)."""
+
+    pool_bytes: int
+    used_bytes: int
+    waiting: bool
+
+
+@dataclass(frozen=True)
 class EngineMetrics:
     running: int
     queued: int
@@ -72,6 +82,7 @@ class EngineMetrics:
     requests_finished: int
     requests_failed: int
     cache: CacheStats | None
+    kv: KVStats
 
 
 @dataclass(frozen=True)
@@ -234,6 +245,7 @@ class Engine:
         self._waiting: deque[_Active] = deque()
         self._running: list[_Active] = []
         self._head_waits = False  # the queue's head found no rows: try again once the pool has a free range for it
+        self._kv_stats = KVStats(0, 0, False)  # written by the scheduler thread only (the pool is not thread-safe)
         self._wakeup = threading.Condition()
         self._closed = False
         self._tokens = self._finished = self._failed = 0
@@ -334,6 +346,7 @@ class Engine:
             requests_finished=self._finished,
             requests_failed=self._failed,
             cache=self.cartridges.stats() if self.cartridges else None,
+            kv=self._kv_stats,
         )
 
     def close(self, timeout: float = 10.0) -> None:
@@ -371,6 +384,7 @@ class Engine:
                 self._retire_cancelled_and_empty()
                 if self._running:
                     self._step()
+                self._kv_stats = self._snapshot_kv()
             except Exception as err:  # a bug here must not leave every caller waiting on a dead thread
                 log.exception("engine scheduler failed; failing the running requests")
                 for active in list(self._running):
@@ -381,6 +395,10 @@ class Engine:
         shutdown = EngineUnavailable("the engine shut down before this request finished")
         for active in [*self._running, *self._waiting]:
             active.handle._emit(StreamEvent("", error=shutdown))
+
+    def _snapshot_kv(self) -> KVStats:
+        pool = self.runner.own_kv_pool
+        return KVStats(pool.rows * pool.row_bytes, (pool.rows - pool.free_rows) * pool.row_bytes, self._head_waits)
 
     def _log_metrics(self) -> None:
         """Metrics are best effort: a failure collecting them (say, in the cache's stats) must not stop serving."""

@@ -31,6 +31,9 @@ GAUGES = {
     "tokens_per_s": "generated tokens per second, recent window",
     "cache_bytes": "bytes of cartridges held in the cache",
     "cache_entries": "cartridges held in the cache",
+    "kv_pool_bytes": "bytes of the requests' own-KV pool",
+    "kv_used_bytes": "bytes of the own-KV pool given to requests",
+    "kv_waiting": "1 while the oldest queued request waits for own-KV memory",
 }
 COUNTERS = {
     "tokens_generated": "tokens generated",
@@ -136,6 +139,9 @@ class Metrics:
             "tokens_per_s": m.tokens_per_s,
             "cache_bytes": cache.bytes if cache else 0,
             "cache_entries": cache.entries if cache else 0,
+            "kv_pool_bytes": m.kv.pool_bytes,
+            "kv_used_bytes": m.kv.used_bytes,
+            "kv_waiting": int(m.kv.waiting),
             "tokens_generated": m.tokens_generated,
             "requests_finished": m.requests_finished,
             "requests_failed": m.requests_failed,
