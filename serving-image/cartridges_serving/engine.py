@@ -228,15 +228,15 @@ class Engine:
     ) -> None:
         """``kv_bytes`` > 0 reserves memory for requests' own KV now: requests wait for room in it, first come
         first served. 0 grows it as requests come, and a request waits only when growing runs out of memory."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.cartridges = cartridges
-        self.runner = LlamaRunner(loaded.model, own_kv_bytes=kv_bytes)
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.runner = LlamaRunner(loaded.model, own_kv_bytes=kv_bytes)  # after the checks: it may reserve memory
         self.max_batch_size = max_batch_size
-        if max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
         eos = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
         eos_ids = eos if isinstance(eos, list) else [eos]
@@ -425,11 +425,13 @@ class Engine:
             except EngineError as err:
                 with self._wakeup:
                     self._waiting.popleft()
+                self._head_waits = False  # a new head has not tried yet
                 self._failed += 1
                 active.handle._emit(StreamEvent("", error=err))
                 continue
             with self._wakeup:
                 self._running.append(self._waiting.popleft())
+            self._head_waits = False
 
     def _reserve_own_kv(self, active: _Active) -> bool:
         """Rows for a request's own KV: True once it has them, False while it should wait for them.
@@ -455,10 +457,8 @@ class Engine:
                                     f"{pool.rows} and the device has no room to grow it); retry later or ask for "
                                     "fewer max_tokens") from err  # fmt: skip
         except Exception as err:  # fails this request, never the batch or the scheduler thread
-            self._head_waits = False
             log.exception("allocating a request's KV failed")
             raise EngineError(f"inference failed: {type(err).__name__}: {err}") from err
-        self._head_waits = False
         return True
 
     def _finish_queued_without_work(self) -> None:
