@@ -85,7 +85,8 @@ class OwnKVPool:
 
     def fits(self, capacity: int) -> bool:
         """Whether a free range holds ``capacity`` rows now (allocating them would not grow the pool)."""
-        return any(n >= capacity for _, n in self.free_ranges)
+        self._take_back()
+        return self._first_fit(capacity) is not None
 
     def allocate(self, capacity: int) -> OwnKV:
         """A handle on ``capacity`` free rows; grows the pool when no free range is long enough.
@@ -98,16 +99,21 @@ class OwnKVPool:
         if capacity == 0:
             return OwnKV(self, 0, 0)
         self._take_back()
-        index = next((i for i, (_, n) in enumerate(self._free) if n >= capacity), None)
+        index = self._first_fit(capacity)
         if index is None:
             self._grow(capacity)
-            index = next(i for i, (_, n) in enumerate(self._free) if n >= capacity)
+            index = self._first_fit(capacity)
+            assert index is not None  # growth leaves a free range of at least capacity rows at the end
         start, n = self._free[index]
         if n == capacity:
             del self._free[index]
         else:
             self._free[index] = (start + capacity, n - capacity)
         return OwnKV(self, start, capacity)
+
+    def _first_fit(self, capacity: int) -> int | None:
+        """Index of the first free range of at least ``capacity`` rows."""
+        return next((i for i, (_, n) in enumerate(self._free) if n >= capacity), None)
 
     def _grow(self, capacity: int) -> None:
         """Reallocate with room for ``capacity`` more rows at the end: GROWTH times the rows (at most

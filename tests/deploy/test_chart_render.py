@@ -67,9 +67,8 @@ def test_operator_reads_what_the_chart_sets(render: Render, monkeypatch: pytest.
     assert config.trainer_image.endswith("/trainer:0.1.0") and config.serving_image.endswith("/serving:0.1.0")
 
 
-def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the chart tells the operator about the store reaches the trainer and serving pods it creates."""
-    sets = {"store.tls.enabled": "true", "store.region": "eu-west-1"}
+def serving_pod_env(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, str]:
+    """The env of a serving pod the operator creates when it runs with the env the chart renders for ``sets``."""
     operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
@@ -77,7 +76,12 @@ def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: p
     model = api.BaseModelRef(name="m", uri="s3://cartridges/models/m")
     deployment = manifests.serving_deployment("ns", model, 1, [], OperatorConfig.from_env())
     pod = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in pod["env"] if "value" in e}
+    return {e["name"]: e["value"] for e in pod["env"] if "value" in e}
+
+
+def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the chart tells the operator about the store reaches the trainer and serving pods it creates."""
+    env = serving_pod_env(render, monkeypatch, {"store.tls.enabled": "true", "store.region": "eu-west-1"})
     pod_store = S3Config.from_env({**env, "CARTRIDGES_S3_ACCESS_KEY": "a", "CARTRIDGES_S3_SECRET_KEY": "s"})
     assert pod_store.endpoint == "cartridges-minio.demo.svc:9000"
     assert pod_store.secure and pod_store.region == "eu-west-1"
@@ -86,14 +90,7 @@ def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: p
 def test_serving_engine_settings_reach_the_engine(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
     """serving.engine in the chart -> the operator's env -> every serving pod's env -> the engine's config."""
     sets = {"serving.engine.maxBatchSize": "64", "serving.engine.kvBytes": "85899345920"}  # 80 GiB
-    operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
-    for item in operator["env"]:
-        if "value" in item:
-            monkeypatch.setenv(item["name"], item["value"])
-    model = api.BaseModelRef(name="m", uri="s3://cartridges/models/m")
-    deployment = manifests.serving_deployment("ns", model, 1, [], OperatorConfig.from_env())
-    pod = deployment["spec"]["template"]["spec"]["containers"][0]
-    engine = EngineConfig.from_env({e["name"]: e["value"] for e in pod["env"] if "value" in e})
+    engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, sets))
     assert (engine.max_batch_size, engine.kv_bytes) == (64, 80 * 2**30)
     assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # unset: the engine's defaults
 
