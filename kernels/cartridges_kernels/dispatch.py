@@ -38,6 +38,7 @@ from cartridges_kernels.segments import (
     storage_segments,
 )
 from cartridges_kernels.torch_backend import segmented_attention_torch
+from cartridges_kernels.transfer import retained
 
 Backend = Literal["auto", "triton", "torch"]
 BACKEND_ENV = "CARTRIDGES_KERNELS_BACKEND"
@@ -151,14 +152,16 @@ def segmented_attention_triton(
         own_max_len=0 if own_kv is None else own_split_len(segment_lengths(own_kv)),
         own_formats=None if own_kv is None else _formats(own_kv),
     )
-    plan = plan_attention(
-        structure,
-        kv_heads,
-        next_pow2(q_heads // kv_heads),
-        config.block_m,
-        q.device,
-        shared_reads,
-        num_splits,
+    plan = retained(
+        plan_attention(
+            structure,
+            kv_heads,
+            next_pow2(q_heads // kv_heads),
+            config.block_m,
+            q.device,
+            shared_reads,
+            num_splits,
+        )
     )
     # Partials in q's dtype, as on the fused path: at batch 64 with a shared cartridge fp32 ones added 45% to
     # the bytes a decode step must move (9 slots written and merged), 16-bit ones half that.
@@ -202,8 +205,18 @@ def _plan_decode(
         own_keys=None if own_kv is None else own_walk_keys(segment_lengths(own_kv), own_block),
     )
     group_pad = next_pow2(q.shape[1] // kv_heads)
-    return plan_decode(
-        structure, kv_heads, group_pad, config.block_m, config.block_n, own_block, q.device, shared_reads, num_splits
+    return retained(
+        plan_decode(
+            structure,
+            kv_heads,
+            group_pad,
+            config.block_m,
+            config.block_n,
+            own_block,
+            q.device,
+            shared_reads,
+            num_splits,
+        )
     )
 
 

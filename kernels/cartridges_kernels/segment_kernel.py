@@ -23,9 +23,17 @@ from cartridges.quantize import QuantizedKV
 from cartridges_kernels.config import KernelConfig, check_config, next_pow2, padded_head_dim
 from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
-from cartridges_kernels.segments import KVData, KVSegment, PooledKV, kv_element_bytes, storage_of, storage_segments
+from cartridges_kernels.segments import (
+    KVData,
+    KVSegment,
+    PooledKV,
+    PoolLayers,
+    kv_element_bytes,
+    storage_of,
+    storage_segments,
+)
 from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows
-from cartridges_kernels.transfer import to_device
+from cartridges_kernels.transfer import retained, to_device
 
 # Scale modes (constexpr): how stored keys/values turn into real values.
 SCALE_NONE, SCALE_TOKEN, SCALE_CHANNEL = 0, 1, 2
@@ -121,13 +129,12 @@ def segment_meta(segments: Sequence[KVSegment], device: torch.device) -> Tensor:
     A cached table stays valid because it holds nothing but the values it was keyed by. A pool's table is
     not cached (its lengths change every step) and comes from its starts without a view per request; a pool
     that is one of :class:`PoolLayers` gets its rows of the table made for every layer on the first layer's
-    call (one copy per step). Copies are queued without stalling the host (``transfer.to_device``), but a
-    launch that reads a pool still takes a table made that step, so capturing it in a CUDA graph would need
-    the table in a buffer of its own, rewritten before each replay."""
+    call (one copy per step), unless the caller set ``tables`` already: a captured step's buffer, rewritten with
+    ``pool_layer_tables`` before each replay. Copies are queued without stalling the host
+    (``transfer.to_device``)."""
     if isinstance(segments, PooledKV):
         return _layer_table(segments, device) if segments.layers else to_device(pooled_meta(segments), device)
-    rows = _meta_rows(segments)
-    return _meta_tensor(rows, device)
+    return retained(_meta_tensor(_meta_rows(segments), device))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -178,18 +185,23 @@ def pooled_meta(pool: PooledKV) -> Tensor:
 
 
 def _layer_table(pool: PooledKV, device: torch.device) -> Tensor:
-    """Layer ``pool.layer``'s rows of the table of every layer of ``pool.layers``, made and copied on first use:
-    layer l's pointers are layer 0's moved by l layer strides."""
+    """Layer ``pool.layer``'s rows of the table of every layer of ``pool.layers``, made and copied on first use."""
     layers = pool.layers
     assert layers is not None
     if layers.tables is None or layers.tables.device != device:
-        first = pooled_meta(layers.pools[0])
-        tables = first.expand(len(layers.pools), -1, -1).clone()  # (repeat() of a frombuffer tensor is 40x slower)
-        steps = torch.arange(len(layers.pools), dtype=torch.int64)[:, None]
-        tables[:, :, 0] += steps * (layers.keys.stride(0) * layers.keys.element_size())
-        tables[:, :, 1] += steps * (layers.values.stride(0) * layers.values.element_size())
-        layers.tables = to_device(tables, device)
+        layers.tables = to_device(pool_layer_tables(layers), device)
     return layers.tables[pool.layer]
+
+
+def pool_layer_tables(layers: PoolLayers) -> Tensor:
+    """The tables of every layer of ``layers`` on the CPU, int64 [layers, requests, meta columns]: layer l's
+    pointers are layer 0's moved by l layer strides."""
+    first = pooled_meta(layers.pools[0])
+    tables = first.expand(len(layers.pools), -1, -1).clone()  # (repeat() of a frombuffer tensor is 40x slower)
+    steps = torch.arange(len(layers.pools), dtype=torch.int64)[:, None]
+    tables[:, :, 0] += steps * (layers.keys.stride(0) * layers.keys.element_size())
+    tables[:, :, 1] += steps * (layers.values.stride(0) * layers.values.element_size())
+    return tables
 
 
 def aligned(segment: KVSegment) -> bool:

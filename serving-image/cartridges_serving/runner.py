@@ -39,6 +39,19 @@ class BatchItem:
     own: OwnKV
 
 
+@dataclass
+class StepInputs:
+    """What a step's forward pass reads, prepared on the host: the query lengths, one index tensor (token ids,
+    positions, pool rows, last rows), the own-KV ranges of every layer, and the distinct cartridges with each
+    request's indices into them."""
+
+    query_lens: list[int]
+    indices: Tensor
+    own: PoolLayers
+    cartridges: list[StoredCartridge]
+    request_segments: list[list[int]]
+
+
 class LlamaRunner:
     """Runs the decoder layers of a loaded HF Llama-family model; returns next-token logits per request."""
 
@@ -69,26 +82,44 @@ class LlamaRunner:
         """Rows for one request's own KV (``capacity`` tokens), from this runner's pool."""
         return self.own_kv_pool.allocate(capacity)
 
-    @torch.inference_mode()
     def step(self, items: Sequence[BatchItem]) -> Tensor:
         """Append each item's tokens to its own KV and return logits of each item's last token: [items, vocab]."""
+        inputs = self.prepare(items)
+        logits = self.forward(inputs, to_device(inputs.indices, self.device))
+        self.advance(items)
+        return logits
+
+    def prepare(self, items: Sequence[BatchItem]) -> StepInputs:
+        """The host's part of a step: checks, and what :meth:`forward` reads (its index tensor still on the CPU)."""
         query_lens = [len(item.token_ids) for item in items]
         for item, n in zip(items, query_lens, strict=True):
             if item.own.pool is not self.own_kv_pool:
                 raise ValueError("own KV must come from this runner's new_own_kv")
             if item.own.length + n > item.own.capacity:
                 raise ValueError(f"{n} new tokens overflow an own KV of {item.own.capacity} ({item.own.length} used)")
-        tokens = sum(query_lens)
-        # One host-to-device copy for all of the step's index tensors.
-        indices = to_device(torch.tensor(_step_indices(items, query_lens), dtype=torch.long), self.device)
-        ids, positions, rows, last = indices.split([tokens, tokens, tokens, len(items)])
-        table_order, request_segments = _unique_cartridges(items)
+        own_lengths = [item.own.length + n for item, n in zip(items, query_lens, strict=True)]
+        pool = self.own_kv_pool
+        cartridges, request_segments = _unique_cartridges(items)
+        return StepInputs(
+            query_lens=query_lens,
+            indices=torch.tensor(_step_indices(items, query_lens), dtype=torch.long),
+            own=PoolLayers(pool.keys, pool.values, [item.own.start for item in items], own_lengths),
+            cartridges=cartridges,
+            request_segments=request_segments,
+        )
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, indices: Tensor) -> Tensor:
+        """The device's part of a step: writes the new tokens' keys and values to the pool and returns logits.
+
+        ``indices`` is ``inputs.indices`` on the device. Nothing here copies from the host or reads a tensor's
+        value on it, so a CUDA graph can capture this call (see ``graphs``)."""
+        tokens, query_lens = sum(inputs.query_lens), inputs.query_lens
+        ids, positions, rows, last = indices.split([tokens, tokens, tokens, len(query_lens)])
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0, :, None, :], _signed_sin(sin[0, :, None, :])  # [tokens, 1, head_dim]: broadcast over heads
-        keys, values = self.own_kv_pool.keys, self.own_kv_pool.values
-        own_lengths = [item.own.length + n for item, n in zip(items, query_lens, strict=True)]
-        own_kv = PoolLayers(keys, values, [item.own.start for item in items], own_lengths).pools
+        keys, values = inputs.own.keys, inputs.own.values
         heads, rotated = self.num_heads, self.num_heads + self.num_kv_heads  # q and k heads: both get RoPE
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
@@ -98,14 +129,19 @@ class LlamaRunner:
             q, k = qk[:, :heads], qk[:, heads:]
             keys[index].index_copy_(1, rows, k.transpose(0, 1))
             values[index].index_copy_(1, rows, v.transpose(0, 1))
-            table = SegmentTable([KVSegment(c.keys[index], c.values[index]) for c in table_order], request_segments)
-            out = prefill_attention(q, query_lens, table, own_kv[index], sm_scale=float(attn.scaling))
+            segments = [KVSegment(c.keys[index], c.values[index]) for c in inputs.cartridges]
+            table = SegmentTable(segments, inputs.request_segments)
+            out = prefill_attention(q, query_lens, table, inputs.own.pools[index], sm_scale=float(attn.scaling))
             hidden = _plus_linear(hidden, out.reshape(tokens, heads * self.head_dim), attn.o_proj)
             gate, up = F.linear(_norm(layer.post_attention_layernorm, hidden), *self._gate_up[index]).chunk(2, dim=-1)
             hidden = _plus_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)
-        for item, n in zip(items, query_lens, strict=True):
-            item.own.length += n
         return self.model.lm_head(_norm(self.decoder.norm, hidden[last])).float()
+
+    @staticmethod
+    def advance(items: Sequence[BatchItem]) -> None:
+        """Count each item's tokens into its own KV, once the step that wrote them has been issued."""
+        for item in items:
+            item.own.length += len(item.token_ids)
 
 
 def _step_indices(items: Sequence[BatchItem], query_lens: Sequence[int]) -> list[int]:

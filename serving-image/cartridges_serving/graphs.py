@@ -1,0 +1,171 @@
+"""Decode steps replayed from CUDA graphs: a GPU step issues ~300 launches from Python, one replay issues one.
+
+On an H200 a batch-64 decode step's kernels took about 1.3 ms while the runner took 77 ms to issue them
+(bench/results/serving-gpu.json): decode is bound by the host. A captured step replays every launch with the
+arguments it was captured with, so only what lives in tensors may change between replays. The runner keeps
+everything that changes from one decode step to the next in two tensors (``StepInputs``): the step's index
+tensor (token ids, positions, pool rows) and the own-KV segment table of every layer (each request's rows and
+length); a replay rewrites both, then runs. Everything else a step's launches read is fixed for a batch of
+as many requests reading the same cartridges from the same pool: the graph key (requests are put in one order by
+the cartridges they read, so a batch whose requests come in another order replays the same graph).
+
+A key is captured once it has come ``capture_after`` steps in a row (a batch that changes every step would
+capture for nothing), and the capture is checked: the step runs eagerly first and the replay must give its
+logits (it writes the same keys and values to the same rows). A capture that fails or disagrees turns graphs
+off for this runner, logged, and steps run eagerly. The kernels' plans may be made for shorter own KVs than a
+replay's: any split of an own walk is correct (the kernel reads each walk's length from the table).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cartridges_kernels.transfer import copy_into, retain_cached, to_device
+from cartridges_serving.runner import BatchItem, LlamaRunner, StepInputs
+
+log = logging.getLogger(__name__)
+
+Replay = Callable[[], Tensor]
+Capture = Callable[[Callable[[], Tensor]], Replay]  # records a step's work; the replay runs it again
+
+
+def cuda_capture() -> Capture:
+    """Captures into CUDA graphs that share one memory pool (replays never overlap: the engine reads each
+    step's logits before the next step)."""
+    pool = torch.cuda.graph_pool_handle()
+
+    def capture(step: Callable[[], Tensor]) -> Replay:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+
+        def replay() -> Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    return capture
+
+
+@dataclass
+class _Graph:
+    inputs: StepInputs  # as captured: its own-KV tables and ``indices`` are rewritten before each replay
+    indices: Tensor  # the index tensor on the device
+    replay: Replay
+    kept: list[object] = field(default_factory=list)  # cached plans and tables the captured launches read
+
+
+@dataclass
+class GraphStats:
+    captures: int = 0
+    replays: int = 0
+    eager_steps: int = 0
+    disabled: str = ""  # why graphs were turned off ("" while on)
+
+
+class DecodeGraphs:
+    """Runs a runner's decode steps from captured graphs (prefill and mixed steps run eagerly)."""
+
+    def __init__(
+        self, runner: LlamaRunner, capture: Capture | None = None, max_graphs: int = 8, capture_after: int = 2
+    ) -> None:
+        """``capture`` None: CUDA graphs (the runner must be on a GPU). ``max_graphs`` bounds the graphs kept
+        (least recently replayed dropped first); each holds its step's intermediates and its cartridges."""
+        if capture is None and runner.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {runner.device}")
+        if max_graphs < 1 or capture_after < 1:
+            raise ValueError(f"max_graphs and capture_after must be >= 1, got {max_graphs}, {capture_after}")
+        self.runner = runner
+        self.capture = capture or cuda_capture()
+        self.max_graphs, self.capture_after = max_graphs, capture_after
+        self.stats = GraphStats()
+        self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self._last: tuple[Hashable, int] | None = None  # the last eager decode step's key and its run length
+        self._pool: Tensor | None = None  # the own-KV pool tensor the graphs write to
+
+    def step(self, items: Sequence[BatchItem]) -> Tensor:
+        """``runner.step(items)``, from a graph where there is one (or one is due)."""
+        if self.stats.disabled or any(len(item.token_ids) != 1 for item in items):
+            return self._eager(items)
+        if self._pool is not self.runner.own_kv_pool.keys:  # the pool grew: every graph writes to the old one
+            self._graphs.clear()
+            self._pool = self.runner.own_kv_pool.keys
+        # Requests in a canonical order (by the cartridges they read), so a batch that reads the same cartridges
+        # in another order replays the same graph; the logits come back in the items' order.
+        reads = [tuple(map(id, item.cartridges)) for item in items]
+        order = sorted(range(len(items)), key=reads.__getitem__)
+        logits = self._step(tuple(reads[r] for r in order), [items[r] for r in order])
+        if order == list(range(len(items))):
+            return logits
+        inverse = torch.tensor(order).argsort()
+        return logits.index_select(0, to_device(inverse, logits.device))
+
+    def _step(self, key: Hashable, items: Sequence[BatchItem]) -> Tensor:
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            return self._replay(graph, items)
+        run = self._last[1] + 1 if self._last and self._last[0] == key else 1
+        if run < self.capture_after:
+            self._last = (key, run)
+            return self._eager(items)
+        self._last = None
+        return self._capture(key, items)
+
+    def _eager(self, items: Sequence[BatchItem]) -> Tensor:
+        self.stats.eager_steps += 1
+        return self.runner.step(items)
+
+    def _replay(self, graph: _Graph, items: Sequence[BatchItem]) -> Tensor:
+        from cartridges_kernels.segment_kernel import pool_layer_tables  # imports triton: only where graphs run
+
+        fresh = self.runner.prepare(items)  # checks the items and gives this step's values
+        tables = graph.inputs.own.tables
+        assert tables is not None
+        copy_into(graph.indices, fresh.indices)
+        copy_into(tables, pool_layer_tables(fresh.own))
+        logits = graph.replay()
+        self.runner.advance(items)
+        self.stats.replays += 1
+        return logits
+
+    def _capture(self, key: Hashable, items: Sequence[BatchItem]) -> Tensor:
+        """Run the step eagerly, capture it over the same inputs, and keep the graph if its replay agrees."""
+        from cartridges_kernels.segment_kernel import pool_layer_tables
+
+        runner = self.runner
+        inputs = runner.prepare(items)
+        inputs.own.tables = to_device(pool_layer_tables(inputs.own), runner.device)
+        indices = to_device(inputs.indices, runner.device)
+        expected = runner.forward(inputs, indices)  # also makes the plans and tables the capture will find cached
+        try:
+            with retain_cached() as kept:
+                replay = self.capture(lambda: runner.forward(inputs, indices))
+            got = replay()  # writes the same keys and values to the same rows again
+        except Exception as err:  # a step that cannot be captured still runs, eagerly
+            log.exception("capturing a decode step failed; decode steps run eagerly from now on")
+            return self._turn_off(f"capture failed: {type(err).__name__}: {err}", items, expected)
+        difference = float((got - expected).abs().max()) if got.numel() else 0.0
+        if not difference <= 1e-2 * max(float(expected.abs().max()), 1.0):
+            log.error("a captured decode step gave other logits (max difference %.3g); graphs off", difference)
+            return self._turn_off(f"replay disagreed with the eager step by {difference:.3g}", items, expected)
+        self._graphs[key] = _Graph(inputs, indices, replay, kept)
+        if len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        runner.advance(items)
+        self.stats.captures += 1
+        return got
+
+    def _turn_off(self, reason: str, items: Sequence[BatchItem], logits: Tensor) -> Tensor:
+        self.stats.disabled = reason
+        self._graphs.clear()
+        self.runner.advance(items)
+        self.stats.eager_steps += 1
+        return logits

@@ -1,0 +1,192 @@
+"""Decode steps replayed from captured graphs give the logits of eager steps, through joins, leaves and reorders.
+
+The captures here are CPU emulations of CUDA graphs (tests/_graph_replay.py): Python runs once at capture, and a
+replay re-runs the recorded ops and interpreted Triton launches over the same tensors, so anything a step
+decided in Python is frozen as on a GPU. The kernels run interpreted (conftest), as the graph would run them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from _graph_replay import emulated_capture
+from test_runner_kernels import random_cartridge
+from torch import Tensor
+
+from cartridges.artifact import Cartridge
+from cartridges.models import LoadedModel
+from cartridges_kernels import BACKEND_ENV, dispatch
+from cartridges_kernels.decode_plan import plan_decode
+from cartridges_kernels.transfer import retain_cached
+from cartridges_serving.graphs import DecodeGraphs, Replay
+from cartridges_serving.runner import BatchItem, LlamaRunner
+
+
+@pytest.fixture(autouse=True)
+def _kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+
+
+class Batch:
+    """Requests on one runner, stepped together: ``join`` prefills a request, ``decode`` feeds each a token."""
+
+    def __init__(self, step: Callable[[list[BatchItem]], Tensor], runner: LlamaRunner) -> None:
+        self.step, self.runner = step, runner
+        self.items: list[BatchItem] = []
+
+    def join(self, prompt: list[int], cartridges: list[Cartridge]) -> Tensor:
+        item = BatchItem(prompt, sum(c.p for c in cartridges), cartridges, self.runner.new_own_kv(64))
+        for other in self.items:
+            self._next(other, 3)
+        self.items.append(item)
+        return self.step(self.items)
+
+    def decode(self, token: int) -> Tensor:
+        for item in self.items:
+            self._next(item, token)
+        return self.step(self.items)
+
+    def leave(self, index: int) -> None:
+        self.items.pop(index).own.release()
+
+    @staticmethod
+    def _next(item: BatchItem, token: int) -> None:
+        item.start_position += len(item.token_ids)
+        item.token_ids = [token]
+
+
+def scenario(batch: Batch, a: Cartridge, b: Cartridge) -> list[Tensor]:
+    """Logits of every step: decode runs long enough to capture and replay, a request leaves, requests join
+    (prefill beside decode), and the batch's order of cartridges changes."""
+    logits = [batch.join([5, 9, 200, 31], [a]), batch.join([17, 3], [a, b]), batch.join([250, 1, 2], [a])]
+    logits += [batch.decode(t) for t in (7, 8, 9, 10)]
+    batch.leave(0)  # now [a, b], [a]: another key
+    logits += [batch.decode(t) for t in (11, 12, 13)]
+    logits.append(batch.join([40, 41], [b]))
+    logits += [batch.decode(t) for t in (14, 15, 16, 17)]
+    return logits
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "multi-launch"])
+def test_replayed_steps_give_the_eager_logits(
+    fused: bool, tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fused:  # decode takes the multi-launch path above this many (request, cartridge key) pairs
+        monkeypatch.setattr(dispatch, "FUSED_DECODE_MAX_SHARED_ROWS", 0)
+    eager_runner, graph_runner = LlamaRunner(tiny_model.model), LlamaRunner(tiny_model.model)
+    a, b = random_cartridge(eager_runner, 24, 0), random_cartridge(eager_runner, 9, 1)
+    expected = scenario(Batch(eager_runner.step, eager_runner), a, b)
+    graphs = DecodeGraphs(graph_runner, emulated_capture(monkeypatch))
+    got = scenario(Batch(graphs.step, graph_runner), a, b)
+    for step, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert (g - e).abs().max() <= 2e-4, f"step {step}"
+    assert graphs.stats.disabled == ""
+    assert graphs.stats.captures == 3  # one per decode batch
+    assert graphs.stats.replays == 2 + 1 + 2
+
+
+def test_requests_in_another_order_replay_the_same_graph(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eager_runner, runner = LlamaRunner(tiny_model.model), LlamaRunner(tiny_model.model)
+    a, b = random_cartridge(runner, 24, 0), random_cartridge(runner, 9, 1)
+    graphs = DecodeGraphs(runner, emulated_capture(monkeypatch))
+    logits = []
+    for batch in (Batch(eager_runner.step, eager_runner), Batch(graphs.step, runner)):
+        for prompt, cartridges in (([5, 9], [a]), ([17, 3], [b]), ([8, 8], [a])):
+            batch.join(prompt, cartridges)
+        batch.decode(1)
+        batch.decode(2)  # captured in the order [a], [a], [b]
+        batch.items.reverse()  # [a], [b], [a]
+        logits.append(batch.decode(3))
+    assert graphs.stats.captures == 1 and graphs.stats.replays == 1
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-4, rtol=0)
+
+
+def test_a_capture_that_fails_turns_graphs_off(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(step: Callable[[], Tensor]) -> Replay:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    runner = LlamaRunner(tiny_model.model)
+    graphs = DecodeGraphs(runner, refuse)
+    batch = Batch(graphs.step, runner)
+    batch.join([5, 9, 1], [])
+    logits = [batch.decode(t) for t in (1, 2, 3)]
+    assert "capture failed: RuntimeError" in graphs.stats.disabled
+    assert graphs.stats.eager_steps == 4 and graphs.stats.replays == 0
+    assert [item.own.length for item in batch.items] == [6]  # the failed capture's step still counted once
+    assert all(torch.isfinite(x).all() for x in logits)
+
+
+def test_a_replay_that_disagrees_turns_graphs_off(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    emulated = emulated_capture(monkeypatch)
+
+    def wrong(step: Callable[[], Tensor]) -> Replay:
+        replay = emulated(step)
+        return lambda: replay() + 1.0
+
+    eager_runner, runner = LlamaRunner(tiny_model.model), LlamaRunner(tiny_model.model)
+    expected_batch, batch = Batch(eager_runner.step, eager_runner), Batch(DecodeGraphs(runner, wrong).step, runner)
+    expected_batch.join([5, 9, 1], [])
+    batch.join([5, 9, 1], [])
+    for token in (1, 2, 3):
+        torch.testing.assert_close(batch.decode(token), expected_batch.decode(token), atol=2e-4, rtol=0)
+
+
+def test_a_step_that_copies_from_the_host_cannot_be_captured(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emulation refuses what CUDA capture refuses: here, plans made during capture (not cached before)."""
+    runner = LlamaRunner(tiny_model.model)
+    graphs = DecodeGraphs(runner, emulated_capture(monkeypatch))
+    batch = Batch(graphs.step, runner)
+    batch.join([5, 9, 1], [])
+    monkeypatch.setattr(runner, "forward", _clearing_plans(runner.forward))
+    batch.decode(1)
+    batch.decode(2)
+    assert "host-to-device copy inside capture" in graphs.stats.disabled
+
+
+def _clearing_plans(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def run(*args: object) -> Tensor:
+        plan_decode.cache_clear()
+        return forward(*args)
+
+    return run
+
+
+def test_graphs_are_bounded_and_dropped_when_the_pool_grows(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = LlamaRunner(tiny_model.model)
+    graphs = DecodeGraphs(runner, emulated_capture(monkeypatch), max_graphs=1, capture_after=1)
+    batch = Batch(graphs.step, runner)
+    batch.join([5, 9, 1], [])
+    batch.decode(1)
+    batch.join([7, 7], [])
+    batch.decode(2)  # a second key: the first graph goes
+    assert graphs.stats.captures == 2 and len(graphs._graphs) == 1
+    pool = runner.own_kv_pool.keys
+    batch.join(list(range(1, 40)), [])  # needs rows the pool does not have yet: it grows
+    assert runner.own_kv_pool.keys is not pool
+    batch.decode(3)
+    assert graphs.stats.captures == 3 and len(graphs._graphs) == 1
+
+
+def test_capture_retains_the_cached_plans_it_read(tiny_model: LoadedModel) -> None:
+    runner = LlamaRunner(tiny_model.model)
+    item = BatchItem([1, 2], 0, [], runner.new_own_kv(8))
+    runner.step([item])
+    item.start_position, item.token_ids = 2, [3]
+    inputs = runner.prepare([item])
+    with retain_cached() as kept:
+        runner.forward(inputs, inputs.indices)
+    plans = [k for k in kept if type(k).__name__ == "DecodePlan"]
+    assert len(plans) == runner.num_layers and all(p is plans[0] for p in plans)
+
+
+def test_graphs_need_a_gpu_or_a_capture(tiny_model: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="CUDA device"):
+        DecodeGraphs(LlamaRunner(tiny_model.model))
