@@ -23,6 +23,7 @@ def test_engine_reads_its_settings_and_keeps_defaults() -> None:
         ("CARTRIDGES_KV_BYTES", "2GiB", "CARTRIDGES_KV_BYTES must be an integer >= 0, got '2GiB'"),
         ("CARTRIDGES_KV_BYTES", "-1", "CARTRIDGES_KV_BYTES must be an integer >= 0"),
         ("CARTRIDGES_POINTER_TTL_S", "nan", "CARTRIDGES_POINTER_TTL_S must be a number >= 0.0"),
+        ("CARTRIDGES_CUDA_GRAPHS", "on", "CARTRIDGES_CUDA_GRAPHS must be true or false, got 'on'"),
     ],
 )
 def test_bad_engine_settings_name_the_setting(name: str, value: str, message: str) -> None:
@@ -31,10 +32,11 @@ def test_bad_engine_settings_name_the_setting(name: str, value: str, message: st
 
 
 def test_operator_passes_the_charts_engine_settings_on() -> None:
-    engine = ServingEngine.from_json('{"maxBatchSize": 8, "kvBytes": 1024}')
+    engine = ServingEngine.from_json('{"maxBatchSize": 8, "kvBytes": 1024, "cudaGraphs": true}')
     env = {e["name"]: e["value"] for e in engine.env()}
     assert env["CARTRIDGES_MAX_BATCH_SIZE"] == "8" and env["CARTRIDGES_KV_BYTES"] == "1024"
-    assert len(env) == 2  # unset keys keep the engine's own defaults
+    assert EngineConfig.from_env({**MODEL, **env}).cuda_graphs
+    assert len(env) == 3  # unset keys keep the engine's own defaults
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,7 @@ def test_operator_passes_the_charts_engine_settings_on() -> None:
         ('{"maxBatchSize": 0}', "maxBatchSize must be an integer >= 1, got 0"),
         ('{"kvBytes": "80Gi"}', "kvBytes must be an integer >= 0, got '80Gi'"),
         ('{"maxBatchSize": true}', "maxBatchSize must be an integer"),
+        ('{"cudaGraphs": 1}', "cudaGraphs must be true or false, got 1"),
         ('{"gpuMemory": 1}', r"unknown keys \['gpuMemory'\]"),
         ("[32]", "must be a JSON object"),
     ],

@@ -7,6 +7,7 @@ decided in Python is frozen as on a GPU. The kernels run interpreted (conftest),
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -20,7 +21,8 @@ from cartridges.models import LoadedModel
 from cartridges_kernels import BACKEND_ENV, dispatch
 from cartridges_kernels.decode_plan import plan_decode
 from cartridges_kernels.transfer import retain_cached
-from cartridges_serving.graphs import DecodeGraphs, Replay
+from cartridges_serving import Engine, SamplingParams, engine
+from cartridges_serving.graphs import DecodeGraphs, GraphStats, Replay
 from cartridges_serving.runner import BatchItem, LlamaRunner
 
 
@@ -190,3 +192,23 @@ def test_capture_retains_the_cached_plans_it_read(tiny_model: LoadedModel) -> No
 def test_graphs_need_a_gpu_or_a_capture(tiny_model: LoadedModel) -> None:
     with pytest.raises(ValueError, match="CUDA device"):
         DecodeGraphs(LlamaRunner(tiny_model.model))
+    with pytest.raises(ValueError, match="CUDA device"):
+        Engine(tiny_model, cuda_graphs=True)
+
+
+def test_engine_answers_are_the_same_with_graphs(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "DecodeGraphs", functools.partial(DecodeGraphs, capture=emulated_capture(monkeypatch)))
+    prompts, params = ["hello", "what is a cartridge?", "x"], SamplingParams(max_tokens=10)
+
+    def answers(cuda_graphs: bool) -> tuple[list[str], GraphStats | None]:
+        served = Engine(tiny_model, cuda_graphs=cuda_graphs)
+        try:
+            handles = [served.submit(prompt, params=params) for prompt in prompts]
+            texts = [handle.result(timeout=600).text for handle in handles]
+            return texts, served.graphs.stats if served.graphs else None
+        finally:
+            served.close()
+
+    (eager, _), (replayed, stats) = answers(False), answers(True)
+    assert replayed == eager
+    assert stats is not None and stats.replays > 0 and not stats.disabled

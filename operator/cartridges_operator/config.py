@@ -15,13 +15,14 @@ class ServingEngine:
     """Settings of the engine in every serving pod (the chart's ``serving.engine``), passed on as its env; a
     setting left out keeps the engine's own default (``cartridges_serving.EngineConfig``)."""
 
-    settings: tuple[tuple[str, int], ...] = ()
+    settings: tuple[tuple[str, int | bool], ...] = ()
 
     ENV: ClassVar[dict[str, str]] = {
         "maxBatchSize": "CARTRIDGES_MAX_BATCH_SIZE",  # requests in one decode step
         "maxPrefillTokens": "CARTRIDGES_MAX_PREFILL_TOKENS",  # prompt tokens read per step
         "cacheBytes": "CARTRIDGES_CACHE_BYTES",  # device memory for cartridges (LRU)
         "kvBytes": "CARTRIDGES_KV_BYTES",  # device memory reserved at start for requests' own KV
+        "cudaGraphs": "CARTRIDGES_CUDA_GRAPHS",  # replay decode steps from CUDA graphs
     }
     MINIMUMS: ClassVar[dict[str, int]] = {"maxBatchSize": 1, "maxPrefillTokens": 1, "cacheBytes": 1, "kvBytes": 0}
 
@@ -35,14 +36,17 @@ class ServingEngine:
         if unknown:
             raise ValueError(f"CARTRIDGES_SERVING_ENGINE: unknown keys {unknown}; known: {sorted(cls.ENV)}")
         for key, value in settings.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < cls.MINIMUMS[key]:
+            if key not in cls.MINIMUMS:  # the switches
+                if not isinstance(value, bool):
+                    raise ValueError(f"CARTRIDGES_SERVING_ENGINE: {key} must be true or false, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < cls.MINIMUMS[key]:
                 raise ValueError(
                     f"CARTRIDGES_SERVING_ENGINE: {key} must be an integer >= {cls.MINIMUMS[key]}, got {value!r}"
                 )
         return cls(tuple(sorted(settings.items())))
 
     def env(self) -> list[dict[str, str]]:
-        return [{"name": self.ENV[key], "value": str(value)} for key, value in self.settings]
+        return [{"name": self.ENV[key], "value": str(value).lower()} for key, value in self.settings]
 
 
 @dataclass(frozen=True)

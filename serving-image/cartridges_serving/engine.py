@@ -27,6 +27,7 @@ from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
 from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache
 from cartridges_serving.errors import EngineError, EngineUnavailable, InvalidRequest
+from cartridges_serving.graphs import DecodeGraphs
 from cartridges_serving.own_kv import OwnKV, OwnKVFull
 from cartridges_serving.runner import BatchItem, LlamaRunner
 from cartridges_serving.sampling import Pick, SamplingParams, next_tokens
@@ -96,6 +97,7 @@ class EngineConfig:
     max_batch_size: int = 32
     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
     kv_bytes: int = 0  # memory reserved at start for requests' own KV; 0 grows it on demand
+    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (graphs.DecodeGraphs)
     pointer_ttl_s: float = DEFAULT_POINTER_TTL_S
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -114,6 +116,7 @@ class EngineConfig:
             max_batch_size=_env_number(env, "CARTRIDGES_MAX_BATCH_SIZE", defaults.max_batch_size, 1),
             max_prefill_tokens=_env_number(env, "CARTRIDGES_MAX_PREFILL_TOKENS", defaults.max_prefill_tokens, 1),
             kv_bytes=_env_number(env, "CARTRIDGES_KV_BYTES", defaults.kv_bytes, 0),
+            cuda_graphs=_env_flag(env, "CARTRIDGES_CUDA_GRAPHS", defaults.cuda_graphs),
             pointer_ttl_s=_env_number(env, "CARTRIDGES_POINTER_TTL_S", defaults.pointer_ttl_s, 0.0),
             device=env.get("CARTRIDGES_DEVICE", defaults.device),
         )
@@ -131,6 +134,17 @@ def _env_number(env: Mapping[str, str], name: str, default: N, minimum: N) -> N:
     if value is None or not value >= minimum:
         kind = "an integer" if isinstance(default, int) else "a number"
         raise ValueError(f"{name} must be {kind} >= {minimum}, got {text!r}")
+    return value
+
+
+def _env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """``env[name]`` as true/false (also 1/0, yes/no; ``default`` when unset); anything else names the setting."""
+    text = env.get(name)
+    if text is None:
+        return default
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(f"{name} must be true or false, got {text!r}")
     return value
 
 
@@ -225,9 +239,11 @@ class Engine:
         max_batch_size: int = 32,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         kv_bytes: int = 0,
+        cuda_graphs: bool = False,
     ) -> None:
         """``kv_bytes`` > 0 reserves memory for requests' own KV now: requests wait for room in it, first come
-        first served. 0 grows it as requests come, and a request waits only when growing runs out of memory."""
+        first served. 0 grows it as requests come, and a request waits only when growing runs out of memory.
+        ``cuda_graphs`` replays decode steps from CUDA graphs (the model must be on a GPU)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_prefill_tokens < 1:
@@ -236,6 +252,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.cartridges = cartridges
         self.runner = LlamaRunner(loaded.model, own_kv_bytes=kv_bytes)  # after the checks: it may reserve memory
+        self.graphs = DecodeGraphs(self.runner) if cuda_graphs else None
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         eos = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
@@ -275,6 +292,7 @@ class Engine:
             max_batch_size=config.max_batch_size,
             max_prefill_tokens=config.max_prefill_tokens,
             kv_bytes=config.kv_bytes,
+            cuda_graphs=config.cuda_graphs,
         )
 
     # -- submission (caller threads) -------------------------------------------------------------------------------
@@ -501,7 +519,7 @@ class Engine:
         if not batch:
             return
         try:
-            logits = self.runner.step([active.next_item(n) for active, n in scheduled])
+            logits = (self.graphs or self.runner).step([active.next_item(n) for active, n in scheduled])
             ready = [(row, active) for row, active in enumerate(batch) if active.pending_prompt == 0]
             tokens = next_tokens(logits, [Pick(row, a.params, a.generator) for row, a in ready])
         except Exception as err:  # one failed step fails its batch, never the engine

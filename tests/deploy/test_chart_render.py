@@ -90,8 +90,8 @@ def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: p
 def test_serving_engine_settings_reach_the_engine(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
     """serving.engine in the chart -> the operator's env -> every serving pod's env -> the engine's config."""
     sets = {"serving.engine.maxBatchSize": "64", "serving.engine.kvBytes": "85899345920"}  # 80 GiB
-    engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, sets))
-    assert (engine.max_batch_size, engine.kv_bytes) == (64, 80 * 2**30)
+    engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, {**sets, "serving.engine.cudaGraphs": "true"}))
+    assert (engine.max_batch_size, engine.kv_bytes, engine.cuda_graphs) == (64, 80 * 2**30, True)
     assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # unset: the engine's defaults
 
 
