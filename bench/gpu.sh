@@ -25,9 +25,9 @@ fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } 2>&1 | tee "$out/gpu.txt"
-timeout 420 python3 bench/kernels_gpu.py --out "$out" 2>&1 | tee "$out/kernels-gpu.log"
+timeout 390 python3 bench/kernels_gpu.py --out "$out" 2>&1 | tee "$out/kernels-gpu.log"
 kernels=${PIPESTATUS[0]}
-timeout 110 python3 bench/serving_gpu.py --out "$out" 2>&1 | tee "$out/serving-gpu.log"
+timeout 150 python3 bench/serving_gpu.py --out "$out" 2>&1 | tee "$out/serving-gpu.log"
 serving=${PIPESTATUS[0]}
 echo "kernels_gpu.py exit $kernels, serving_gpu.py exit $serving"
 [ "$kernels" -eq 0 ] && [ "$serving" -eq 0 ]

@@ -5,7 +5,9 @@
 2. A Llama-3.2-1B-shaped random model in bf16: decode tokens/s of a batch sharing one 2048-token cartridge vs the
    same batch with the 2048 tokens as each request's own prompt (ICL), at batch 1…64. The runner launches every
    layer eagerly from Python, so these are host-inclusive numbers; ``decode_device_busy_ms`` (the kernels and
-   copies of one step, torch.profiler) beside ``decode_step_ms`` says how far the host is the bound.
+   copies of one step, torch.profiler) beside ``decode_step_ms`` says how far the host is the bound. The
+   cartridge rows run again with every decode step replayed from a CUDA graph (``cuda_graphs``), after a check
+   that replayed steps give the eager steps' logits (``cuda_graphs_check``).
 
     PYTHONPATH=.:serving-image:kernels python bench/serving_gpu.py --out bench/results
 
@@ -27,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import compose, forward_with_cartridge
+from cartridges_serving.graphs import DecodeGraphs
 from cartridges_serving.runner import BatchItem, LlamaRunner
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,6 +97,39 @@ def check_correctness() -> dict[str, Any]:
     return {"max_abs_logit_error": max(errors), "logit_scale": scale, "ok": max(errors) <= 2e-2 * max(scale, 1.0)}
 
 
+def check_graphs() -> dict[str, Any] | None:
+    """Max |replayed - eager| logit error of decode steps through CUDA graphs (DecodeGraphs) on a batch reading 0,
+    1 and 2 cartridges, over steps that capture, replay, and lose a request; None without CUDA."""
+    if DEVICE != "cuda":
+        return None
+    model = random_llama(256, 4, 8, 2, 512, torch.float32)
+    eager, captured = LlamaRunner(model), LlamaRunner(model)
+    graphs = DecodeGraphs(captured)
+    a, b = random_cartridge(eager, 40), random_cartridge(eager, 23)
+    batches = []
+    for runner in (eager, captured):
+        batches.append(
+            [
+                BatchItem([5, 9, 200], c_p, carts, runner.new_own_kv(32))
+                for carts, c_p in (([], 0), ([a], 40), ([a, b], 63))
+            ]
+        )
+    errors = []
+    for step in range(12):
+        if step == 6:  # a request leaves: another graph
+            for items in batches:
+                items.pop(1).own.release()
+        logits = [eager.step(batches[0]), graphs.step(batches[1])]
+        errors.append((logits[1] - logits[0]).abs().max().item())
+        for items in batches:
+            for item in items:
+                item.start_position += len(item.token_ids)
+                item.token_ids = [7 + step]
+    stats = graphs.stats
+    ok = max(errors) <= 1e-3 and stats.replays >= 6 and not stats.disabled
+    return {"max_abs_logit_error": max(errors), **vars(stats), "ok": ok}
+
+
 def device_busy_ms(step: Callable[[], object]) -> float | None:
     """Summed device time of the kernels and copies ``step`` issues (torch.profiler); None without CUDA."""
     if DEVICE != "cuda":
@@ -105,8 +141,12 @@ def device_busy_ms(step: Callable[[], object]) -> float | None:
     return sum(float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)) for e in events) / 1e3
 
 
-def decode_rate(runner: LlamaRunner, batch: int, context: int, shared: bool, steps: int) -> dict[str, Any]:
-    """Decode tokens/s for ``batch`` requests over a ``context``-token cartridge (shared) or own prompt (ICL)."""
+def decode_rate(
+    runner: LlamaRunner, batch: int, context: int, shared: bool, steps: int, cuda_graphs: bool = False
+) -> dict[str, Any]:
+    """Decode tokens/s for ``batch`` requests over a ``context``-token cartridge (shared) or own prompt (ICL),
+    each step launched eagerly or replayed from a CUDA graph."""
+    step = DecodeGraphs(runner).step if cuda_graphs else runner.step
     cartridge = random_cartridge(runner, context) if shared else None
     prompt = 8 if shared else context
     items = [
@@ -114,7 +154,7 @@ def decode_rate(runner: LlamaRunner, batch: int, context: int, shared: bool, ste
             [1 + i % 500 for i in range(prompt)],  # within the 512-token vocabulary
             context if shared else 0,
             [cartridge] if cartridge is not None else [],
-            runner.new_own_kv(prompt + steps + 2),  # prefill, a warm-up step, the timed steps, a profiled one
+            runner.new_own_kv(prompt + steps + 3),  # prefill, warm-up steps, the timed steps, a profiled one
         )
         for _ in range(batch)
     ]
@@ -126,20 +166,24 @@ def decode_rate(runner: LlamaRunner, batch: int, context: int, shared: bool, ste
     for item in items:
         item.start_position += len(item.token_ids)
         item.token_ids = [1]
-    runner.step(items)  # first decode step compiles the decode-shaped kernels
+    for _ in range(2):  # the first decode step compiles the decode-shaped kernels, the second captures a graph
+        for item in items:
+            item.start_position += 1
+        step(items)
     synchronize()
     started = time.perf_counter()
     for _ in range(steps):
         for item in items:
             item.start_position += 1
-        runner.step(items)
+        step(items)
     synchronize()
     decode_s = time.perf_counter() - started
     for item in items:
         item.start_position += 1
-    busy_ms = device_busy_ms(lambda: runner.step(items))
+    busy_ms = device_busy_ms(lambda: step(items))
     return {
         "method": "cartridge" if shared else "icl",
+        "cuda_graphs": cuda_graphs,
         "context_tokens": context,
         "batch": batch,
         "prefill_s": prefill_s,
@@ -171,23 +215,28 @@ def main(argv: list[str] | None = None) -> int:
         "model": "random Llama-3.2-1B shape: hidden 2048, 16 layers, 32 heads, 8 KV heads, head_dim 64, bf16",
         "rows": [],
     }
-    print(f"correctness: {result['correctness']}", flush=True)
+    result["cuda_graphs_check"] = check_graphs()
+    print(f"correctness: {result['correctness']}\ncuda graphs: {result['cuda_graphs_check']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     big = (128, 2, 4, 2, 256, torch.float32) if args.smoke else (2048, 16, 32, 8, 8192, torch.bfloat16)
     runner = LlamaRunner(random_llama(*big))
-    print(f"{'method':<10}{'batch':>6}{'prefill s':>11}{'step ms':>10}{'busy ms':>9}{'tok/s':>10}{'own KV MB':>11}")
+    print(f"{'method':<16}{'batch':>6}{'prefill s':>11}{'step ms':>10}{'busy ms':>9}{'tok/s':>10}{'own KV MB':>11}")
     for batch in (1, 2) if args.smoke else (1, 8, 32, 64):
-        for shared in (True, False):
-            row = decode_rate(runner, batch, 64 if args.smoke else 2048, shared, args.steps)
+        for shared, graphs in ((True, False), (True, True), (False, False)):
+            if graphs and args.smoke:
+                continue
+            row = decode_rate(runner, batch, 64 if args.smoke else 2048, shared, args.steps, graphs)
             result["rows"].append(row)
+            label = row["method"] + (" (graphs)" if graphs else "")
             print(
-                f"{row['method']:<10}{batch:>6}{row['prefill_s']:>11.3f}{row['decode_step_ms']:>10.2f}"
+                f"{label:<16}{batch:>6}{row['prefill_s']:>11.3f}{row['decode_step_ms']:>10.2f}"
                 f"{row['decode_device_busy_ms'] or float('nan'):>9.2f}"
                 f"{row['decode_tokens_per_s']:>10.1f}{row['own_kv_bytes_per_request'] / 2**20:>11.1f}",
                 flush=True,
             )
             (args.out / "serving-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if result["correctness"]["ok"] else 1
+    graphs_ok = result["cuda_graphs_check"] is None or result["cuda_graphs_check"]["ok"]
+    return 0 if result["correctness"]["ok"] and graphs_ok else 1
 
 
 if __name__ == "__main__":
