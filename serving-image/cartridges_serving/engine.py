@@ -9,6 +9,7 @@ KV; its token positions start after the summed cartridge lengths.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -27,7 +28,7 @@ from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
 from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache
 from cartridges_serving.errors import EngineError, EngineUnavailable, InvalidRequest
-from cartridges_serving.graphs import DecodeGraphs
+from cartridges_serving.graphs import DecodeGraphs, GraphStats
 from cartridges_serving.own_kv import OwnKV, OwnKVFull
 from cartridges_serving.runner import BatchItem, LlamaRunner
 from cartridges_serving.sampling import Pick, SamplingParams, next_tokens
@@ -84,6 +85,7 @@ class EngineMetrics:
     requests_failed: int
     cache: CacheStats | None
     kv: KVStats
+    graphs: GraphStats | None = None  # decode steps from CUDA graphs, when on
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,7 @@ class Engine:
             requests_failed=self._failed,
             cache=self.cartridges.stats() if self.cartridges else None,
             kv=self._kv_stats,
+            graphs=dataclasses.replace(self.graphs.stats) if self.graphs else None,
         )
 
     def close(self, timeout: float = 10.0) -> None:

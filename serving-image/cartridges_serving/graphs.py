@@ -19,6 +19,7 @@ replay's: any split of an own walk is correct (the kernel reads each walk's leng
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class GraphStats:
     captures: int = 0
     replays: int = 0
     eager_steps: int = 0
+    capture_seconds: float = 0.0  # host time of every capture: its eager step, the capture, the checked replay
     disabled: str = ""  # why graphs were turned off ("" while on)
 
 
@@ -117,7 +119,11 @@ class DecodeGraphs:
             self._last = (key, run)
             return self._eager(items)
         self._last = None
-        return self._capture(key, items)
+        started = time.perf_counter()
+        try:
+            return self._capture(key, items)
+        finally:
+            self.stats.capture_seconds += time.perf_counter() - started
 
     def _eager(self, items: Sequence[BatchItem]) -> Tensor:
         self.stats.eager_steps += 1

@@ -34,6 +34,7 @@ GAUGES = {
     "kv_pool_bytes": "bytes of the requests' own-KV pool",
     "kv_used_bytes": "bytes of the own-KV pool given to requests",
     "kv_waiting": "1 while the oldest queued request waits for own-KV memory",
+    "cuda_graphs_off": "1 once CUDA graphs (serving.engine.cudaGraphs) were turned off after a failed capture",
 }
 COUNTERS = {
     "tokens_generated": "tokens generated",
@@ -41,6 +42,8 @@ COUNTERS = {
     "requests_failed": "requests failed inside the engine",
     "cache_hits": "cartridge cache hits",
     "cache_misses": "cartridge cache misses (loads from the object store)",
+    "cuda_graph_replays": "decode steps replayed from CUDA graphs",
+    "cuda_graph_captures": "decode steps captured into CUDA graphs",
 }
 
 
@@ -142,11 +145,14 @@ class Metrics:
             "kv_pool_bytes": m.kv.pool_bytes,
             "kv_used_bytes": m.kv.used_bytes,
             "kv_waiting": int(m.kv.waiting),
+            "cuda_graphs_off": int(bool(m.graphs and m.graphs.disabled)),
             "tokens_generated": m.tokens_generated,
             "requests_finished": m.requests_finished,
             "requests_failed": m.requests_failed,
             "cache_hits": cache.hits if cache else 0,
             "cache_misses": cache.misses if cache else 0,
+            "cuda_graph_replays": m.graphs.replays if m.graphs else 0,
+            "cuda_graph_captures": m.graphs.captures if m.graphs else 0,
         }
 
     def run(self) -> None:
