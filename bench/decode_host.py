@@ -12,7 +12,12 @@ code version) keeps its rows in ``bench/results/decode-host.json``, with a plot 
 batch 32 and above. Each row also counts the step's ops: every aten op that is not a view, plus every kernel
 launch, is a launch on a GPU (or a copy to it), so the count is what a GPU host pays per step, on any machine.
 
+With ``--graphs`` every decode step goes through ``DecodeGraphs`` with a replay that costs nothing: what remains
+is the host part of a replayed step (its index tensor and own-KV tables made and copied), to which a GPU adds one
+graph launch.
+
     python bench/decode_host.py --label pooled-own-kv
+    python bench/decode_host.py --label cuda-graphs-host-part --graphs
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import serving_gpu
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cartridges_kernels import BACKEND_ENV, fused_kernel, merge_kernel, segment_kernel
+from cartridges_serving.graphs import DecodeGraphs, Replay
 from cartridges_serving.runner import BatchItem, LlamaRunner
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode-host.json"
@@ -75,40 +83,48 @@ def without_kernels() -> None:
     merge_kernel._merge_kernel = _NoLaunch()
 
 
-def decode_host_ms(runner: LlamaRunner, batch: int, steps: int) -> tuple[list[float], int]:
+def host_replays(step: Callable[[], Tensor]) -> Replay:
+    """A capture whose replay costs the host nothing: what is left of a decode step replayed from a CUDA graph
+    is its host part (the step's index tensor and own-KV tables, made and copied), plus one graph launch."""
+    out = step()
+    return lambda: out
+
+
+def decode_host_ms(runner: LlamaRunner, batch: int, steps: int, graphs: bool) -> tuple[list[float], int]:
     """Wall time of each of ``steps`` decode steps for ``batch`` requests sharing one cartridge, and the ops of
-    one more step (counted apart: counting slows it)."""
+    one more step (counted apart: counting slows it). ``graphs``: each step through DecodeGraphs."""
+    step = DecodeGraphs(runner, host_replays, verify=False).step if graphs else runner.step  # no-op kernels
     cartridge = serving_gpu.random_cartridge(runner, CARTRIDGE_TOKENS)
     items = [
         BatchItem([1 + i for i in range(PROMPT_TOKENS)], CARTRIDGE_TOKENS, [cartridge], runner.new_own_kv(64 + steps))
         for _ in range(batch)
     ]
-    runner.step(items)  # prefill
+    step(items)  # prefill
     times = []
-    for step in range(steps + 1):
+    for index in range(steps + 2):
         for item in items:
             item.start_position += len(item.token_ids)
             item.token_ids = [1]
         started = time.perf_counter()
-        runner.step(items)
-        if step:  # the first decode step plans a new structure
+        step(items)
+        if index >= 2:  # the first decode step plans a new structure, the second captures a graph
             times.append((time.perf_counter() - started) * 1e3)
     for item in items:
         item.start_position += 1
     launches, counter = _NoLaunch.launches, _CountOps()
     with counter:
-        runner.step(items)
+        step(items)
     return times, counter.ops + _NoLaunch.launches - launches
 
 
-def measure(label: str, batches: tuple[int, ...], steps: int) -> list[dict[str, Any]]:
+def measure(label: str, batches: tuple[int, ...], steps: int, graphs: bool) -> list[dict[str, Any]]:
     without_kernels()
     serving_gpu.DEVICE = "cpu"
     runner = LlamaRunner(serving_gpu.random_llama(256, 16, 32, 8, 64, torch.float32))
     rows = []
     print(f"{'label':<24}{'batch':>6}{'host ms/step':>14}{'us/layer':>10}{'fastest':>10}{'ops/step':>10}", flush=True)
     for batch in batches:
-        times, ops = decode_host_ms(runner, batch, steps)
+        times, ops = decode_host_ms(runner, batch, steps, graphs)
         ms, fastest = statistics.median(times), min(times)
         rows.append({"label": label, "batch": batch, "host_ms_per_step": ms, "host_us_per_layer": ms * 1e3 / 16,
                      "fastest_host_ms_per_step": fastest, "ops_per_step": ops})  # fmt: skip
@@ -153,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--graphs", action="store_true", help="decode steps as replays of captured graphs")
     args = parser.parse_args(argv)
-    rows = measure(args.label, tuple(args.batches), args.steps)
+    rows = measure(args.label, tuple(args.batches), args.steps, args.graphs)
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
     result["runs"][args.label] = {
         "commit": _commit(),

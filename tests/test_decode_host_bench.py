@@ -11,11 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(out: Path, label: str) -> None:
+def run_bench(out: Path, label: str, *extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in (".", "serving-image", "kernels"))}
     script = [sys.executable, str(ROOT / "bench" / "decode_host.py")]
     proc = subprocess.run(
-        [*script, "--label", label, "--out", str(out), "--batches", "1", "3", "--steps", "2"],
+        [*script, "--label", label, "--out", str(out), "--batches", "1", "3", "--steps", "2", *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -27,11 +27,13 @@ def run_bench(out: Path, label: str) -> None:
 def test_each_label_keeps_its_rows_and_the_plot_shows_them(tmp_path: Path) -> None:
     out = tmp_path / "decode-host.json"
     run_bench(out, "first")
-    run_bench(out, "second")
+    run_bench(out, "graphs", "--graphs")
     runs = json.loads(out.read_text())["runs"]
-    assert list(runs) == ["first", "second"]
+    assert list(runs) == ["first", "graphs"]
     for run in runs.values():
         assert [row["batch"] for row in run["rows"]] == [1, 3]
-        assert all(row["host_ms_per_step"] > 0 and row["ops_per_step"] > 16 for row in run["rows"])  # 16 layers
+        assert all(row["host_ms_per_step"] > 0 for row in run["rows"])
         assert run["commit"] and "--label" in run["command"]
+    assert all(row["ops_per_step"] > 16 * 10 for row in runs["first"]["rows"])  # 16 layers
+    assert all(row["ops_per_step"] < 16 for row in runs["graphs"]["rows"])  # tables and two copies, no layer
     assert out.with_suffix(".png").stat().st_size > 0
