@@ -83,11 +83,11 @@ def without_kernels() -> None:
     merge_kernel._merge_kernel = _NoLaunch()
 
 
-def host_replays(step: Callable[[], Tensor]) -> Replay:
+def host_replays(step: Callable[[], Tensor]) -> tuple[Tensor, Replay]:
     """A capture whose replay costs the host nothing: what is left of a decode step replayed from a CUDA graph
     is its host part (the step's index tensor and own-KV tables, made and copied), plus one graph launch."""
     out = step()
-    return lambda: out
+    return out, lambda: out
 
 
 def decode_host_ms(runner: LlamaRunner, batch: int, steps: int, graphs: bool) -> tuple[list[float], int]:

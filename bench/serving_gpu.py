@@ -29,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import compose, forward_with_cartridge
-from cartridges_serving.graphs import DecodeGraphs
+from cartridges_serving.graphs import Capture, DecodeGraphs
 from cartridges_serving.runner import BatchItem, LlamaRunner
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,28 +97,30 @@ def check_correctness() -> dict[str, Any]:
     return {"max_abs_logit_error": max(errors), "logit_scale": scale, "ok": max(errors) <= 2e-2 * max(scale, 1.0)}
 
 
-def check_graphs() -> dict[str, Any] | None:
-    """Max |replayed - eager| logit error of decode steps through CUDA graphs (DecodeGraphs) on a batch reading 0,
-    1 and 2 cartridges, over steps that capture, replay, and lose a request; None without CUDA."""
-    if DEVICE != "cuda":
+def check_graphs(capture: Capture | None = None, long_prompt: int = 600) -> dict[str, Any] | None:
+    """Max |replayed - eager| logit error of decode steps through CUDA graphs (DecodeGraphs) over steps that
+    capture, replay with split walks (a ``long_prompt``-token prompt), and replay again after a request was
+    replaced by another reading the same cartridges (new rows, maybe a grown pool); None without CUDA (tests
+    pass a CPU emulation as ``capture``, and a short prompt: the interpreter is slow)."""
+    if DEVICE != "cuda" and capture is None:
         return None
     model = random_llama(256, 4, 8, 2, 512, torch.float32)
     eager, captured = LlamaRunner(model), LlamaRunner(model)
-    graphs = DecodeGraphs(captured)
+    graphs = DecodeGraphs(captured, capture)
     a, b = random_cartridge(eager, 40), random_cartridge(eager, 23)
-    batches = []
-    for runner in (eager, captured):
-        batches.append(
-            [
-                BatchItem([5, 9, 200], c_p, carts, runner.new_own_kv(32))
-                for carts, c_p in (([], 0), ([a], 40), ([a, b], 63))
-            ]
-        )
+
+    def request(runner: LlamaRunner, prompt: int, cartridges: list[Cartridge]) -> BatchItem:
+        ids = [1 + i % 500 for i in range(prompt)]
+        return BatchItem(ids, sum(c.p for c in cartridges), cartridges, runner.new_own_kv(prompt + 16))
+
+    shapes: list[tuple[int, list[Cartridge]]] = [(long_prompt, []), (5, [a]), (7, [a, b])]
+    batches = [[request(runner, n, c) for n, c in shapes] for runner in (eager, captured)]
     errors = []
-    for step in range(12):
-        if step == 6:  # a request leaves: another graph
-            for items in batches:
+    for step in range(14):
+        if step == 7:  # another request reading [a] takes the place of the second
+            for items, runner in zip(batches, (eager, captured), strict=True):
                 items.pop(1).own.release()
+                items.append(request(runner, long_prompt // 2, [a]))
         logits = [eager.step(batches[0]), graphs.step(batches[1])]
         errors.append((logits[1] - logits[0]).abs().max().item())
         for items in batches:
@@ -146,7 +148,8 @@ def decode_rate(
 ) -> dict[str, Any]:
     """Decode tokens/s for ``batch`` requests over a ``context``-token cartridge (shared) or own prompt (ICL),
     each step launched eagerly or replayed from a CUDA graph."""
-    step = DecodeGraphs(runner).step if cuda_graphs else runner.step
+    graphs = DecodeGraphs(runner) if cuda_graphs else None
+    step = graphs.step if graphs else runner.step
     cartridge = random_cartridge(runner, context) if shared else None
     prompt = 8 if shared else context
     items = [
@@ -193,6 +196,7 @@ def decode_rate(
         "decode_tokens_per_s": batch * steps / decode_s,
         "own_kv_bytes_per_request": items[0].own.nbytes,
         "shared_cartridge_bytes": cartridge.nbytes if cartridge is not None else 0,
+        "graph_stats": vars(graphs.stats) if graphs else None,
     }
 
 

@@ -28,7 +28,7 @@ KERNELS = [
     (segment_kernel, "_segment_partials_kernel"),
     (merge_kernel, "_merge_kernel"),
 ]
-HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"}
+HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2"}
 
 
 class _Recording(TorchDispatchMode):
@@ -94,7 +94,8 @@ def emulated_capture(monkeypatch: pytest.MonkeyPatch) -> Capture:
 
     monkeypatch.setattr(transfer, "_refuse_in_capture", refuse_copies)
 
-    def capture(step: Callable[[], Tensor]) -> Replay:
+    def capture(step: Callable[[], Tensor]) -> tuple[Tensor, Replay]:
+        expected = step()
         recording = _Recording()
         recordings.append(recording)
         try:
@@ -107,6 +108,6 @@ def emulated_capture(monkeypatch: pytest.MonkeyPatch) -> Capture:
             recording.replay()
             return out
 
-        return replay
+        return expected, replay
 
     return capture

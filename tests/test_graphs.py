@@ -18,9 +18,9 @@ from torch import Tensor
 
 from cartridges.artifact import Cartridge
 from cartridges.models import LoadedModel
-from cartridges_kernels import BACKEND_ENV, dispatch
-from cartridges_kernels.decode_plan import plan_decode
-from cartridges_kernels.transfer import retain_cached
+from cartridges_kernels import BACKEND_ENV, config, decode_plan, dispatch, plan
+from cartridges_kernels.decode_plan import DecodePlan, plan_decode
+from cartridges_kernels.transfer import copy_into, retain_cached
 from cartridges_serving import Engine, SamplingParams, engine
 from cartridges_serving.graphs import DecodeGraphs, GraphStats, Replay
 from cartridges_serving.runner import BatchItem, LlamaRunner
@@ -39,7 +39,8 @@ class Batch:
         self.items: list[BatchItem] = []
 
     def join(self, prompt: list[int], cartridges: list[Cartridge]) -> Tensor:
-        item = BatchItem(prompt, sum(c.p for c in cartridges), cartridges, self.runner.new_own_kv(64))
+        own = self.runner.new_own_kv(len(prompt) + 32)
+        item = BatchItem(prompt, sum(c.p for c in cartridges), cartridges, own)
         for other in self.items:
             self._next(other, 3)
         self.items.append(item)
@@ -107,8 +108,36 @@ def test_requests_in_another_order_replay_the_same_graph(
     torch.testing.assert_close(logits[1], logits[0], atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "multi-launch"])
+def test_replays_stay_right_when_walks_are_split(
+    fused: bool, tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a GPU with idle SMs: cartridge and own walks cut into chunks, chosen for the lengths at capture."""
+    for module in (config, decode_plan, plan):
+        monkeypatch.setattr(module, "MIN_KEYS_PER_SPLIT", 16, raising=False)
+    for module in (config, decode_plan):
+        monkeypatch.setattr(module, "target_programs", lambda device: 256)
+    monkeypatch.setattr(config, "OWN_BLOCK_BYTES", 0)  # own walks in 64-key blocks
+    if not fused:
+        monkeypatch.setattr(dispatch, "FUSED_DECODE_MAX_SHARED_ROWS", 0)
+    eager_runner, runner = LlamaRunner(tiny_model.model), LlamaRunner(tiny_model.model)
+    cartridge = random_cartridge(eager_runner, 100, 2)  # two 64-key blocks
+    graphs = DecodeGraphs(runner, emulated_capture(monkeypatch))
+    logits = []
+    for batch in (Batch(eager_runner.step, eager_runner), Batch(graphs.step, runner)):
+        batch.join([1 + i % 200 for i in range(70)], [cartridge])  # two 64-key own blocks
+        batch.join([7, 3, 5], [cartridge])
+        logits.append([batch.decode(t) for t in range(5)])
+    plans = [k for graph in graphs._graphs.values() for k in graph.kept if isinstance(k, DecodePlan)]
+    if fused:
+        assert plans and plans[0].own_splits > 1 and plans[0].shared_splits > 1
+    assert graphs.stats.captures == 1 and graphs.stats.replays == 3
+    for got, expected in zip(*logits, strict=True):
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+
+
 def test_a_capture_that_fails_turns_graphs_off(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(step: Callable[[], Tensor]) -> Replay:
+    def refuse(step: Callable[[], Tensor]) -> tuple[Tensor, Replay]:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     runner = LlamaRunner(tiny_model.model)
@@ -122,19 +151,28 @@ def test_a_capture_that_fails_turns_graphs_off(tiny_model: LoadedModel, monkeypa
     assert all(torch.isfinite(x).all() for x in logits)
 
 
-def test_a_replay_that_disagrees_turns_graphs_off(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stale", [False, True], ids=["at-capture", "at-first-replay"])
+def test_a_replay_that_disagrees_turns_graphs_off(
+    stale: bool, tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off by one everywhere is caught at capture; a replay that never reads its new inputs (as a wrongly frozen
+    value would) agrees at capture and is caught by the first replay's check. The answers stay the eager ones."""
     emulated = emulated_capture(monkeypatch)
 
-    def wrong(step: Callable[[], Tensor]) -> Replay:
-        replay = emulated(step)
-        return lambda: replay() + 1.0
+    def wrong(step: Callable[[], Tensor]) -> tuple[Tensor, Replay]:
+        expected, replay = emulated(step)
+        captured = replay()
+        return expected, (lambda: captured) if stale else (lambda: replay() + 1.0)
 
     eager_runner, runner = LlamaRunner(tiny_model.model), LlamaRunner(tiny_model.model)
-    expected_batch, batch = Batch(eager_runner.step, eager_runner), Batch(DecodeGraphs(runner, wrong).step, runner)
+    graphs = DecodeGraphs(runner, wrong)
+    expected_batch, batch = Batch(eager_runner.step, eager_runner), Batch(graphs.step, runner)
     expected_batch.join([5, 9, 1], [])
     batch.join([5, 9, 1], [])
-    for token in (1, 2, 3):
+    for token in (1, 2, 3, 4):
         torch.testing.assert_close(batch.decode(token), expected_batch.decode(token), atol=2e-4, rtol=0)
+    assert "disagreed" in graphs.stats.disabled
+    assert graphs.stats.captures == int(stale) and graphs.stats.replays == 0
 
 
 def test_a_step_that_copies_from_the_host_cannot_be_captured(
@@ -196,6 +234,15 @@ def test_graphs_need_a_gpu_or_a_capture(tiny_model: LoadedModel) -> None:
         Engine(tiny_model, cuda_graphs=True)
 
 
+def test_models_whose_rope_reads_positions_on_the_host_are_refused(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = LlamaRunner(tiny_model.model)
+    monkeypatch.setattr(runner.decoder.rotary_emb, "rope_type", "dynamic")
+    with pytest.raises(ValueError, match="cannot capture 'dynamic' RoPE"):
+        DecodeGraphs(runner, emulated_capture(monkeypatch))
+
+
 def test_engine_answers_are_the_same_with_graphs(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "DecodeGraphs", functools.partial(DecodeGraphs, capture=emulated_capture(monkeypatch)))
     prompts, params = ["hello", "what is a cartridge?", "x"], SamplingParams(max_tokens=10)
@@ -212,3 +259,8 @@ def test_engine_answers_are_the_same_with_graphs(tiny_model: LoadedModel, monkey
     (eager, _), (replayed, stats) = answers(False), answers(True)
     assert replayed == eager
     assert stats is not None and stats.replays > 0 and not stats.disabled and stats.capture_seconds > 0
+
+
+def test_an_input_buffer_is_only_overwritten_whole() -> None:
+    with pytest.raises(ValueError, match=r"cannot overwrite \(2, 3\) with \(3,\)"):
+        copy_into(torch.zeros(2, 3), torch.zeros(3))

@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from _graph_replay import emulated_capture
+
+from cartridges_kernels import BACKEND_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +33,15 @@ def test_smoke_run_checks_the_runner_and_writes_rows(tmp_path: Path) -> None:
         ("cartridge", 1), ("icl", 1), ("cartridge", 2), ("icl", 2)
     ]  # fmt: skip
     assert all(row["decode_tokens_per_s"] > 0 for row in result["rows"])
+
+
+def test_the_cuda_graph_check_passes_on_emulated_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_graphs, which a GPU run depends on, over the CPU emulation of graphs with the kernels interpreted."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import serving_gpu
+
+    monkeypatch.setattr(serving_gpu, "DEVICE", "cpu")
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    result = serving_gpu.check_graphs(emulated_capture(monkeypatch), long_prompt=24)
+    assert result is not None and result["ok"], result
+    assert result["captures"] >= 1 and result["replays"] >= 8

@@ -35,6 +35,8 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
 def copy_into(target: Tensor, host: Tensor) -> None:
     """Overwrite ``target`` (same shape, any device) with ``host``, queued without waiting on a GPU: how a
     captured step's input buffers get the next step's values before a replay."""
+    if target.shape != host.shape:  # copy_ would broadcast
+        raise ValueError(f"cannot overwrite {tuple(target.shape)} with {tuple(host.shape)}")
     _refuse_in_capture(target.device)
     if target.device.type != "cuda":
         target.copy_(host)

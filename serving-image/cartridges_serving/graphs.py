@@ -27,30 +27,45 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cartridges_kernels.config import MIN_KEYS_PER_SPLIT
 from cartridges_kernels.transfer import copy_into, retain_cached, to_device
 from cartridges_serving.runner import BatchItem, LlamaRunner, StepInputs
 
 log = logging.getLogger(__name__)
 
 Replay = Callable[[], Tensor]
-Capture = Callable[[Callable[[], Tensor]], Replay]  # records a step's work; the replay runs it again
+# Runs a step once eagerly (its logits: what the replay must give), then records it; the replay runs it again.
+Capture = Callable[[Callable[[], Tensor]], tuple[Tensor, Replay]]
+UNCAPTURABLE_ROPE = {"dynamic", "longrope"}  # transformers reads the largest position on the host each step
 
 
-def cuda_capture() -> Capture:
-    """Captures into CUDA graphs that share one memory pool (replays never overlap: the engine reads each
-    step's logits before the next step)."""
+def cuda_capture(device: torch.device) -> Capture:
+    """Captures into CUDA graphs on one side stream, sharing one memory pool (replays never overlap).
+
+    The eager run goes on the capture stream too (the order PyTorch's docs give for a first capture). Errors are
+    thread-local: a request thread loading a cartridge (device allocation, copy) during a capture neither breaks
+    it nor fails. The stream is restored whatever the capture raises."""
     pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)
 
-    def capture(step: Callable[[], Tensor]) -> Replay:
+    def capture(step: Callable[[], Tensor]) -> tuple[Tensor, Replay]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = step()
+        torch.cuda.synchronize(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            expected = step()
+            graph.capture_begin(pool, capture_error_mode="thread_local")
+            try:
+                out = step()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
 
         def replay() -> Tensor:
             graph.replay()
             return out
 
-        return replay
+        return expected, replay
 
     return capture
 
@@ -61,6 +76,7 @@ class _Graph:
     indices: Tensor  # the index tensor on the device
     replay: Replay
     kept: list[object] = field(default_factory=list)  # cached plans and tables the captured launches read
+    verified: bool = False  # a replay with another step's inputs gave that step's eager logits
 
 
 @dataclass
@@ -85,14 +101,19 @@ class DecodeGraphs:
     ) -> None:
         """``capture`` None: CUDA graphs (the runner must be on a GPU). ``max_graphs`` bounds the graphs kept
         (least recently replayed dropped first); each holds its step's intermediates and its cartridges.
-        ``verify=False`` keeps a capture without comparing its replay with the eager step: only for stubbed
-        kernels whose outputs are garbage (bench/decode_host.py)."""
+        ``verify=False`` keeps graphs without comparing replays with eager steps: only for stubbed kernels
+        whose outputs are garbage (bench/decode_host.py)."""
         if capture is None and runner.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {runner.device}")
+        rope = getattr(runner.decoder.rotary_emb, "rope_type", "default")
+        if rope in UNCAPTURABLE_ROPE:
+            raise ValueError(
+                f"CUDA graphs cannot capture {rope!r} RoPE (it reads positions on the host); turn them off"
+            )
         if max_graphs < 1 or capture_after < 1:
             raise ValueError(f"max_graphs and capture_after must be >= 1, got {max_graphs}, {capture_after}")
         self.runner = runner
-        self.capture = capture or cuda_capture()
+        self.capture = capture or cuda_capture(runner.device)
         self.max_graphs, self.capture_after, self.verify = max_graphs, capture_after, verify
         self.stats = GraphStats()
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
@@ -101,16 +122,19 @@ class DecodeGraphs:
 
     def step(self, items: Sequence[BatchItem]) -> Tensor:
         """``runner.step(items)``, from a graph where there is one (or one is due)."""
-        if self.stats.disabled or any(len(item.token_ids) != 1 for item in items):
-            return self._eager(items)
         if self._pool is not self.runner.own_kv_pool.keys:  # the pool grew: every graph writes to the old one
             self._graphs.clear()
             self._pool = self.runner.own_kv_pool.keys
+        if self.stats.disabled or any(len(item.token_ids) != 1 for item in items):
+            return self._eager(items)
         # Requests in a canonical order (by the cartridges they read), so a batch that reads the same cartridges
-        # in another order replays the same graph; the logits come back in the items' order.
+        # in another order replays the same graph; the logits come back in the items' order. The longest own KV
+        # (to a power of two) is part of the key: the kernels' splits were chosen for the lengths at capture (and
+        # are alike below MIN_KEYS_PER_SPLIT, where no own walk is split).
         reads = [tuple(map(id, item.cartridges)) for item in items]
         order = sorted(range(len(items)), key=reads.__getitem__)
-        logits = self._step(tuple(reads[r] for r in order), [items[r] for r in order])
+        longest = max(MIN_KEYS_PER_SPLIT, *(item.own.length + 1 for item in items)).bit_length()
+        logits = self._step((longest, *(reads[r] for r in order)), [items[r] for r in order])
         if order == list(range(len(items))):
             return logits
         inverse = torch.tensor(order).argsort()
@@ -137,46 +161,62 @@ class DecodeGraphs:
         return self.runner.step(items)
 
     def _replay(self, graph: _Graph, items: Sequence[BatchItem]) -> Tensor:
+        """Rewrite the graph's inputs with this step's and replay it. The first replay is also run eagerly and
+        compared (both write the same keys and values): the check at capture cannot see a value wrongly frozen."""
         from cartridges_kernels.segment_kernel import pool_layer_tables  # imports triton: only where graphs run
 
         fresh = self.runner.prepare(items)  # checks the items and gives this step's values
         tables = graph.inputs.own.tables
         assert tables is not None
+        expected = None
+        if self.verify and not graph.verified:
+            expected = self.runner.forward(fresh, to_device(fresh.indices, self.runner.device))
         copy_into(graph.indices, fresh.indices)
         copy_into(tables, pool_layer_tables(fresh.own))
-        logits = graph.replay()
+        logits = graph.replay().clone()  # the graph's own output is rewritten by the next replay
+        if expected is not None:
+            if not self._agree(logits, expected):
+                return self._turn_off("a replay disagreed with its eager step", items, expected)
+            graph.verified = True
         self.runner.advance(items)
         self.stats.replays += 1
         return logits
 
     def _capture(self, key: Hashable, items: Sequence[BatchItem]) -> Tensor:
-        """Run the step eagerly, capture it over the same inputs, and keep the graph if its replay agrees."""
+        """Capture the step (after running it eagerly) and keep the graph if its replay gives the eager logits."""
         from cartridges_kernels.segment_kernel import pool_layer_tables
 
         runner = self.runner
         inputs = runner.prepare(items)
         inputs.own.tables = to_device(pool_layer_tables(inputs.own), runner.device)
         indices = to_device(inputs.indices, runner.device)
-        expected = runner.forward(inputs, indices)  # also makes the plans and tables the capture will find cached
         try:
             with retain_cached() as kept:
-                replay = self.capture(lambda: runner.forward(inputs, indices))
-            got = replay()  # writes the same keys and values to the same rows again
+                expected, replay = self.capture(lambda: runner.forward(inputs, indices))
+            logits = replay().clone()  # writes the same keys and values to the same rows again
         except Exception as err:  # a step that cannot be captured still runs, eagerly
             log.exception("capturing a decode step failed; decode steps run eagerly from now on")
-            return self._turn_off(f"capture failed: {type(err).__name__}: {err}", items, expected)
-        difference = float((got - expected).abs().max()) if got.numel() else 0.0
-        if self.verify and not difference <= 1e-2 * max(float(expected.abs().max()), 1.0):
-            log.error("a captured decode step gave other logits (max difference %.3g); graphs off", difference)
-            return self._turn_off(f"replay disagreed with the eager step by {difference:.3g}", items, expected)
+            self.stats.disabled = f"capture failed: {type(err).__name__}: {err}"
+            self._graphs.clear()
+            return self._eager(items)
+        if self.verify and not self._agree(logits, expected):
+            return self._turn_off("a captured step disagreed with its eager run", items, expected)
         self._graphs[key] = _Graph(inputs, indices, replay, kept)
         if len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         runner.advance(items)
         self.stats.captures += 1
-        return got
+        return logits
+
+    @staticmethod
+    def _agree(logits: Tensor, expected: Tensor) -> bool:
+        """Within 1% of the logits' scale: the same launches on the same inputs (cuBLAS may pick another
+        algorithm inside a graph); a wrongly frozen input gives other logits altogether."""
+        difference = float((logits - expected).abs().max()) if logits.numel() else 0.0
+        return difference <= 1e-2 * max(float(expected.abs().max()), 1.0)
 
     def _turn_off(self, reason: str, items: Sequence[BatchItem], logits: Tensor) -> Tensor:
+        log.error("%s; CUDA graphs are off, decode steps run eagerly", reason)
         self.stats.disabled = reason
         self._graphs.clear()
         self.runner.advance(items)
