@@ -7,7 +7,10 @@ tensor objects, writing each op's fresh result into the tensor the step got from
 in Python (lengths, plans, pointers in a table made then) stays as it was at capture, as on a GPU. Like CUDA
 capture, it refuses host-to-device copies and reads of a tensor's value on the host while recording.
 
-It is the seam where the real thing needs a GPU: bench/serving_gpu.py checks real CUDA graphs on one.
+It is the seam where the real thing needs a GPU: bench/serving_gpu.py checks real CUDA graphs on one. What it
+cannot see: it keeps every tensor it recorded alive, so a buffer a real graph would read after it was freed
+(DecodeGraphs keeps them: ``retain_cached``) passes here; it has no streams; and it catches host copies only
+through ``transfer`` (a bare ``.to("cuda")`` would be invisible on a CPU).
 """
 
 from __future__ import annotations

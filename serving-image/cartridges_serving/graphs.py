@@ -7,13 +7,16 @@ everything that changes from one decode step to the next in two tensors (``StepI
 tensor (token ids, positions, pool rows) and the own-KV segment table of every layer (each request's rows and
 length); a replay rewrites both, then runs. Everything else a step's launches read is fixed for a batch of
 as many requests reading the same cartridges from the same pool: the graph key (requests are put in one order by
-the cartridges they read, so a batch whose requests come in another order replays the same graph).
+the cartridges they read, so a batch whose requests come in another order replays the same graph). The key also
+holds the longest own KV to a power of two: the kernels chose their splits for the lengths at capture, and any
+split stays correct (each walk's length comes from the table) but a graph captured at 50 own tokens would walk
+8k with too few programs.
 
 A key is captured once it has come ``capture_after`` steps in a row (a batch that changes every step would
-capture for nothing), and the capture is checked: the step runs eagerly first and the replay must give its
-logits (it writes the same keys and values to the same rows). A capture that fails or disagrees turns graphs
-off for this runner, logged, and steps run eagerly. The kernels' plans may be made for shorter own KVs than a
-replay's: any split of an own walk is correct (the kernel reads each walk's length from the table).
+capture for nothing). Each capture is checked (the step runs eagerly first and the replay must give its logits:
+it writes the same keys and values to the same rows), and so is each graph's first replay with another step's
+inputs, which is what would show a value wrongly frozen at capture. A capture that fails or disagrees turns
+graphs off for this runner, logged and counted in ``stats``, and steps run eagerly.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ request's own KV is a range of rows in one pool (``own_kv_pool``: a layer's new 
 write), and prefill chunks and single decode tokens mix in one step. A layer's q, k and v projections run as one
 matmul and so do the MLP's gate and up projections (their weights become views of one tensor: no extra memory),
 and RoPE turns q and k together: on a GPU every op is a launch, and the step's host time is its op count.
+A step is :meth:`LlamaRunner.prepare` (the host's part), :meth:`LlamaRunner.forward` (the device's part, which a
+CUDA graph can capture: ``graphs``) and :meth:`LlamaRunner.advance`.
 """
 
 from __future__ import annotations
