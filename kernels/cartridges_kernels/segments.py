@@ -7,6 +7,7 @@ all of its users instead of once per request.
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 from collections.abc import Iterable, Sequence
@@ -163,6 +164,15 @@ class PooledKV(Sequence[KVSegment]):
         start, length = self.starts[index], self.lengths[index]
         return KVSegment(self.keys[:, start : start + length], self.values[:, start : start + length])
 
+    def on_layer(self, layer: int) -> PooledKV:
+        """The same requests' rows in layer ``layer`` of ``self.layers``, without checking the ranges again
+        (every layer of a pool has the same rows)."""
+        assert self.layers is not None
+        pool = copy.copy(self)
+        pool.layer, pool.keys, pool.values = layer, self.layers.keys[layer], self.layers.values[layer]
+        pool.whole = KVSegment(pool.keys, pool.values)
+        return pool
+
     def subset(self, indices: Iterable[int]) -> PooledKV:
         """The requests ``indices``, in that order, over the same pool (itself when that is all of them)."""
         picked = list(indices)
@@ -179,7 +189,8 @@ class PoolLayers:
 
     def __init__(self, keys: Tensor, values: Tensor, starts: Sequence[int], lengths: Sequence[int]) -> None:
         self.keys, self.values = keys, values
-        self.pools = [PooledKV(keys[i], values[i], starts, lengths, self, i) for i in range(keys.shape[0])]
+        first = PooledKV(keys[0], values[0], starts, lengths, self, 0)
+        self.pools = [first, *(first.on_layer(i) for i in range(1, keys.shape[0]))]
         self.tables: Tensor | None = None  # [layers, requests, meta columns] on the device, filled by the kernels
 
 
