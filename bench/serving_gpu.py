@@ -157,7 +157,7 @@ def decode_rate(
             [1 + i % 500 for i in range(prompt)],  # within the 512-token vocabulary
             context if shared else 0,
             [cartridge] if cartridge is not None else [],
-            runner.new_own_kv(prompt + steps + 3),  # prefill, warm-up steps, the timed steps, a profiled one
+            runner.new_own_kv(prompt + steps + 4),  # prefill, warm-up steps, the timed steps, a profiled one
         )
         for _ in range(batch)
     ]
@@ -169,20 +169,22 @@ def decode_rate(
     for item in items:
         item.start_position += len(item.token_ids)
         item.token_ids = [1]
-    for _ in range(2):  # the first decode step compiles the decode-shaped kernels, the second captures a graph
+
+    def decode() -> None:
+        step(items)
         for item in items:
             item.start_position += 1
-        step(items)
+
+    # The first decode step compiles the decode-shaped kernels; with graphs the second captures one and the
+    # third, the graph's first replay, is also run eagerly to check it.
+    for _ in range(3 if cuda_graphs else 1):
+        decode()
     synchronize()
     started = time.perf_counter()
     for _ in range(steps):
-        for item in items:
-            item.start_position += 1
-        step(items)
+        decode()
     synchronize()
     decode_s = time.perf_counter() - started
-    for item in items:
-        item.start_position += 1
     busy_ms = device_busy_ms(lambda: step(items))
     return {
         "method": "cartridge" if shared else "icl",
