@@ -22,7 +22,7 @@ from cartridges_kernels import BACKEND_ENV, config, decode_plan, dispatch, plan
 from cartridges_kernels.decode_plan import DecodePlan, plan_decode
 from cartridges_kernels.transfer import copy_into, retain_cached
 from cartridges_serving import Engine, SamplingParams, engine
-from cartridges_serving.graphs import DecodeGraphs, GraphStats, Replay
+from cartridges_serving.graphs import DecodeGraphs, GraphStats, Replay, batch_bucket
 from cartridges_serving.runner import BatchItem, LlamaRunner
 
 
@@ -134,6 +134,52 @@ def test_replays_stay_right_when_walks_are_split(
     assert graphs.stats.captures == 1 and graphs.stats.replays == 3
     for got, expected in zip(*logits, strict=True):
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+
+
+def test_batch_buckets() -> None:
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 17, 32, 33, 64, 65, 250)] == [1, 2, 4, 8, 32, 32, 64, 64, 96, 256]
+
+
+def decode_both(
+    eager_runner: LlamaRunner, graphs: DecodeGraphs, prompts: list[list[int]], cartridge: Cartridge, leave: bool
+) -> list[list[Tensor]]:
+    """Logits of three decode steps (eager, capture, replay) on both runners, then (``leave``: after the second
+    request left) three more."""
+    logits = []
+    for batch in (Batch(eager_runner.step, eager_runner), Batch(graphs.step, graphs.runner)):
+        for prompt in prompts:
+            batch.join(prompt, [cartridge])
+        steps = [batch.decode(t) for t in (1, 2, 3)]
+        if leave:
+            batch.leave(1)
+            steps += [batch.decode(t) for t in (4, 5, 6)]
+        logits.append(steps)
+    for got, expected in zip(*logits, strict=True):
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+    return logits
+
+
+def test_batches_of_one_bucket_share_a_graph(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four requests lose one: the three are padded back to four with requests writing a scratch row, and the
+    same graph replays."""
+    eager_runner, runner = LlamaRunner(tiny_model.model), LlamaRunner(tiny_model.model)
+    graphs = DecodeGraphs(runner, emulated_capture(monkeypatch))
+    prompts = [[5, 9, 200], [17, 3], [8, 8, 8, 8], [250, 1]]
+    decode_both(eager_runner, graphs, prompts, random_cartridge(runner, 24, 0), leave=True)
+    assert graphs.stats.captures == 1 and graphs.stats.replays == 4
+
+
+def test_a_full_pool_runs_its_batch_unpadded(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No free row for fillers: three requests are captured as three."""
+    prompts = [[5, 9, 200], [17, 3], [8, 8, 8, 8]]
+    eager_runner = LlamaRunner(tiny_model.model)
+    rows = sum(len(prompt) + 32 for prompt in prompts)  # what Batch.join takes: nothing is left
+    runner = LlamaRunner(tiny_model.model, own_kv_bytes=rows * eager_runner.own_kv_pool.row_bytes)
+    graphs = DecodeGraphs(runner, emulated_capture(monkeypatch))
+    decode_both(eager_runner, graphs, prompts, random_cartridge(runner, 24, 0), leave=False)
+    assert graphs.stats.captures == 1 and graphs.stats.replays == 1
+    keys = [key for key in graphs._graphs if isinstance(key, tuple)]
+    assert [len(key) for key in keys] == [1 + 3]  # the longest own KV and three requests' cartridges
 
 
 def test_a_capture_that_fails_turns_graphs_off(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,18 +12,21 @@ holds the longest own KV to a power of two: the kernels chose their splits for t
 split stays correct (each walk's length comes from the table) but a graph captured at 50 own tokens would walk
 8k with too few programs.
 
-A key is captured once it has come ``capture_after`` steps in a row (a batch that changes every step would
-capture for nothing). Each capture is checked (the step runs eagerly first and the replay must give its logits:
-it writes the same keys and values to the same rows), and so is each graph's first replay with another step's
-inputs, which is what would show a value wrongly frozen at capture. A capture that fails or disagrees turns
-graphs off for this runner, logged and counted in ``stats``, and steps run eagerly.
+A batch is padded to its size bucket (``batch_bucket``) with filler requests that read the cartridges most of
+it reads and write one scratch row, taken from the pool for the step and given back (no padding when no row is
+free): a request leaving or joining then keeps the key. A key is captured once it has come ``capture_after``
+steps in a row (a batch that changes every step would capture for nothing). Each capture is checked (the step
+runs eagerly first and the replay must give its logits: it writes the same keys and values to the same rows),
+and so is each graph's first replay with another step's inputs, which is what would show a value wrongly frozen
+at capture. A capture that fails or disagrees turns graphs off for this runner, logged and counted in
+``stats``, and steps run eagerly.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from cartridges_kernels.config import MIN_KEYS_PER_SPLIT
 from cartridges_kernels.transfer import copy_into, retain_cached, to_device
+from cartridges_serving.own_kv import OwnKV
 from cartridges_serving.runner import BatchItem, LlamaRunner, StepInputs
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,25 @@ class GraphStats:
     disabled: str = ""  # why graphs were turned off ("" while on)
 
 
+def batch_bucket(batch: int) -> int:
+    """The batch size a decode graph is captured for: powers of two up to 32, then multiples of 32. A batch is
+    padded up to it (at most twice the rows at small batches, where a step costs the same; at most 32 more
+    above), so batches of a few sizes share a graph instead of each size capturing its own."""
+    return 1 << (batch - 1).bit_length() if batch <= 32 else -(-batch // 32) * 32
+
+
+def _fillers(items: Sequence[BatchItem], count: int, scratch: OwnKV | None) -> list[BatchItem]:
+    """``count`` requests that write one token to the scratch row and read the cartridges most of ``items``
+    read (a batch whose requests all read one cartridge keeps one key whatever its size in the bucket);
+    nothing without a scratch row."""
+    if scratch is None:
+        return []
+    reads = Counter(tuple(map(id, item.cartridges)) for item in items).most_common(1)[0][0]
+    like = next(item for item in items if tuple(map(id, item.cartridges)) == reads)
+    position = sum(c.p for c in like.cartridges)
+    return [BatchItem([0], position, like.cartridges, scratch) for _ in range(count)]
+
+
 class DecodeGraphs:
     """Runs a runner's decode steps from captured graphs (prefill and mixed steps run eagerly)."""
 
@@ -128,20 +151,34 @@ class DecodeGraphs:
         if self._pool is not self.runner.own_kv_pool.keys:  # the pool grew: every graph writes to the old one
             self._graphs.clear()
             self._pool = self.runner.own_kv_pool.keys
-        if self.stats.disabled or any(len(item.token_ids) != 1 for item in items):
+        if self.stats.disabled or not items or any(len(item.token_ids) != 1 for item in items):
             return self._eager(items)
-        # Requests in a canonical order (by the cartridges they read), so a batch that reads the same cartridges
-        # in another order replays the same graph; the logits come back in the items' order. The longest own KV
-        # (to a power of two) is part of the key: the kernels' splits were chosen for the lengths at capture (and
-        # are alike below MIN_KEYS_PER_SPLIT, where no own walk is split).
-        reads = [tuple(map(id, item.cartridges)) for item in items]
-        order = sorted(range(len(items)), key=reads.__getitem__)
-        longest = max(MIN_KEYS_PER_SPLIT, *(item.own.length + 1 for item in items)).bit_length()
-        logits = self._step((longest, *(reads[r] for r in order)), [items[r] for r in order])
+        scratch = self._scratch_row(len(items))
+        try:
+            padded = [*items, *_fillers(items, batch_bucket(len(items)) - len(items), scratch)]
+            # Requests in a canonical order (by the cartridges they read), so a batch that reads the same
+            # cartridges in another order replays the same graph. The longest own KV (to a power of two) is part
+            # of the key: the kernels' splits were chosen for the lengths at capture (and are alike below
+            # MIN_KEYS_PER_SPLIT, where no own walk is split).
+            reads = [tuple(map(id, item.cartridges)) for item in padded]
+            order = sorted(range(len(padded)), key=reads.__getitem__)
+            longest = max(MIN_KEYS_PER_SPLIT, *(item.own.length + 1 for item in padded)).bit_length()
+            logits = self._step((longest, *(reads[r] for r in order)), [padded[r] for r in order])
+        finally:
+            if scratch is not None:
+                scratch.release()
         if order == list(range(len(items))):
             return logits
-        inverse = torch.tensor(order).argsort()
-        return logits.index_select(0, to_device(inverse, logits.device))
+        rows = torch.tensor(order).argsort()[: len(items)]  # each item's row of the canonical order
+        return logits.index_select(0, to_device(rows, logits.device))
+
+    def _scratch_row(self, batch: int) -> OwnKV | None:
+        """One pool row the filler requests of a padded batch all write (and nothing reads after the step); None
+        when the batch needs no fillers or no row is free (taking one must not grow the pool)."""
+        pool = self.runner.own_kv_pool
+        if batch_bucket(batch) == batch or not pool.fits(1):
+            return None
+        return pool.allocate(1)
 
     def _step(self, key: Hashable, items: Sequence[BatchItem]) -> Tensor:
         graph = self._graphs.get(key)
