@@ -25,6 +25,7 @@ class ServingEngine:
         "cudaGraphs": "CARTRIDGES_CUDA_GRAPHS",  # replay decode steps from CUDA graphs
     }
     MINIMUMS: ClassVar[dict[str, int]] = {"maxBatchSize": 1, "maxPrefillTokens": 1, "cacheBytes": 1, "kvBytes": 0}
+    SWITCHES: ClassVar[frozenset[str]] = frozenset({"cudaGraphs"})  # true/false; the others are integers
 
     @classmethod
     def from_json(cls, text: str) -> ServingEngine:
@@ -36,7 +37,7 @@ class ServingEngine:
         if unknown:
             raise ValueError(f"CARTRIDGES_SERVING_ENGINE: unknown keys {unknown}; known: {sorted(cls.ENV)}")
         for key, value in settings.items():
-            if key not in cls.MINIMUMS:  # the switches
+            if key in cls.SWITCHES:
                 if not isinstance(value, bool):
                     raise ValueError(f"CARTRIDGES_SERVING_ENGINE: {key} must be true or false, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < cls.MINIMUMS[key]:

@@ -102,14 +102,15 @@ def batch_bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length() if batch <= 32 else -(-batch // 32) * 32
 
 
-def _fillers(items: Sequence[BatchItem], count: int, scratch: OwnKV | None) -> list[BatchItem]:
+def _fillers(
+    items: Sequence[BatchItem], reads: Sequence[tuple[int, ...]], count: int, scratch: OwnKV | None
+) -> list[BatchItem]:
     """``count`` requests that write one token to the scratch row and read the cartridges most of ``items``
-    read (a batch whose requests all read one cartridge keeps one key whatever its size in the bucket);
-    nothing without a scratch row."""
+    read (``reads``: each item's cartridge ids), so a batch whose requests all read one cartridge keeps one key
+    whatever its size in the bucket; nothing without a scratch row."""
     if scratch is None:
         return []
-    reads = Counter(tuple(map(id, item.cartridges)) for item in items).most_common(1)[0][0]
-    like = next(item for item in items if tuple(map(id, item.cartridges)) == reads)
+    like = items[reads.index(Counter(reads).most_common(1)[0][0])]
     position = sum(c.p for c in like.cartridges)
     return [BatchItem([0], position, like.cartridges, scratch) for _ in range(count)]
 
@@ -155,12 +156,14 @@ class DecodeGraphs:
             return self._eager(items)
         scratch = self._scratch_row(len(items))
         try:
-            padded = [*items, *_fillers(items, batch_bucket(len(items)) - len(items), scratch)]
             # Requests in a canonical order (by the cartridges they read), so a batch that reads the same
             # cartridges in another order replays the same graph. The longest own KV (to a power of two) is part
             # of the key: the kernels' splits were chosen for the lengths at capture (and are alike below
             # MIN_KEYS_PER_SPLIT, where no own walk is split).
-            reads = [tuple(map(id, item.cartridges)) for item in padded]
+            reads = [tuple(map(id, item.cartridges)) for item in items]
+            fillers = _fillers(items, reads, batch_bucket(len(items)) - len(items), scratch)
+            padded = [*items, *fillers]
+            reads += [tuple(map(id, filler.cartridges)) for filler in fillers]
             order = sorted(range(len(padded)), key=reads.__getitem__)
             longest = max(MIN_KEYS_PER_SPLIT, *(item.own.length + 1 for item in padded)).bit_length()
             logits = self._step((longest, *(reads[r] for r in order)), [padded[r] for r in order])
@@ -235,10 +238,8 @@ class DecodeGraphs:
                 expected, replay = self.capture(lambda: runner.forward(inputs, indices))
             logits = replay().clone()  # writes the same keys and values to the same rows again
         except Exception as err:  # a step that cannot be captured still runs, eagerly
-            log.exception("capturing a decode step failed; decode steps run eagerly from now on")
-            self.stats.disabled = f"capture failed: {type(err).__name__}: {err}"
-            self._graphs.clear()
-            return self._eager(items)
+            log.exception("capturing a decode step failed")
+            return self._turn_off(f"capture failed: {type(err).__name__}: {err}", items)
         if self.verify and not self._agree(logits, expected):
             return self._turn_off("a captured step disagreed with its eager run", items, expected)
         self._graphs[key] = _Graph(inputs, indices, replay, kept)
@@ -255,10 +256,13 @@ class DecodeGraphs:
         difference = float((logits - expected).abs().max()) if logits.numel() else 0.0
         return difference <= 1e-2 * max(float(expected.abs().max()), 1.0)
 
-    def _turn_off(self, reason: str, items: Sequence[BatchItem], logits: Tensor) -> Tensor:
+    def _turn_off(self, reason: str, items: Sequence[BatchItem], logits: Tensor | None = None) -> Tensor:
+        """Graphs off from now on; this step's answer is ``logits`` from its eager run, or (None) an eager step."""
         log.error("%s; CUDA graphs are off, decode steps run eagerly", reason)
         self.stats.disabled = reason
         self._graphs.clear()
+        if logits is None:
+            return self._eager(items)
         self.runner.advance(items)
         self.stats.eager_steps += 1
         return logits
