@@ -10,7 +10,8 @@ on the CPU, every request reading one shared 2048-token cartridge after an 8-tok
 code version) keeps its rows in ``bench/results/decode-host.json``, with a plot beside it. Timings on a busy
 2-core machine vary by a few ms a step (each row has the median and the fastest step); compare labels at
 batch 32 and above. Each row also counts the step's ops: every aten op that is not a view, plus every kernel
-launch, is a launch on a GPU (or a copy to it), so the count is what a GPU host pays per step, on any machine.
+launch, is a launch on a GPU (or a copy to it), so the count is what a GPU host pays per step, on any machine;
+and so does its count of Python function calls (``python_calls_per_step``), the interpreter's share.
 
 With ``--graphs`` every decode step goes through ``DecodeGraphs`` with a replay that costs nothing: what remains
 is the host part of a replayed step (its index tensor and own-KV tables made and copied), to which a GPU adds one
@@ -90,9 +91,27 @@ def host_replays(step: Callable[[], Tensor]) -> tuple[Tensor, Replay]:
     return out, lambda: out
 
 
-def decode_host_ms(runner: LlamaRunner, batch: int, steps: int, graphs: bool) -> tuple[list[float], int]:
-    """Wall time of each of ``steps`` decode steps for ``batch`` requests sharing one cartridge, and the ops of
-    one more step (counted apart: counting slows it). ``graphs``: each step through DecodeGraphs."""
+def python_calls(work: Callable[[], object]) -> int:
+    """Python function calls ``work`` makes: the host's interpreter work, counted the same on any machine
+    (timings on a busy 2-core VM move by more than a small change saves)."""
+    calls = 0
+
+    def count(frame: object, event: str, arg: object) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        work()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def decode_host_ms(runner: LlamaRunner, batch: int, steps: int, graphs: bool) -> tuple[list[float], int, int]:
+    """Wall time of each of ``steps`` decode steps for ``batch`` requests sharing one cartridge, then the ops
+    and the Python calls of one more step each (counted apart: counting slows a step). ``graphs``: each step
+    through DecodeGraphs."""
     step = DecodeGraphs(runner, host_replays, verify=False).step if graphs else runner.step  # no-op kernels
     cartridge = serving_gpu.random_cartridge(runner, CARTRIDGE_TOKENS)
     items = [
@@ -102,19 +121,23 @@ def decode_host_ms(runner: LlamaRunner, batch: int, steps: int, graphs: bool) ->
     step(items)  # prefill
     times = []
     for index in range(steps + 2):
-        for item in items:
-            item.start_position += len(item.token_ids)
-            item.token_ids = [1]
+        _next_token(items)
         started = time.perf_counter()
         step(items)
         if index >= 2:  # the first decode step plans a new structure, the second captures a graph
             times.append((time.perf_counter() - started) * 1e3)
-    for item in items:
-        item.start_position += 1
+    _next_token(items)
     launches, counter = _NoLaunch.launches, _CountOps()
     with counter:
         step(items)
-    return times, counter.ops + _NoLaunch.launches - launches
+    _next_token(items)
+    return times, counter.ops + _NoLaunch.launches - launches, python_calls(lambda: step(items))
+
+
+def _next_token(items: list[BatchItem]) -> None:
+    for item in items:
+        item.start_position += len(item.token_ids)
+        item.token_ids = [1]
 
 
 def measure(label: str, batches: tuple[int, ...], steps: int, graphs: bool) -> list[dict[str, Any]]:
@@ -122,13 +145,16 @@ def measure(label: str, batches: tuple[int, ...], steps: int, graphs: bool) -> l
     serving_gpu.DEVICE = "cpu"
     runner = LlamaRunner(serving_gpu.random_llama(256, 16, 32, 8, 64, torch.float32))
     rows = []
-    print(f"{'label':<24}{'batch':>6}{'host ms/step':>14}{'us/layer':>10}{'fastest':>10}{'ops/step':>10}", flush=True)
+    print(f"{'label':<24}{'batch':>6}{'host ms/step':>14}{'us/layer':>10}{'fastest':>10}{'ops/step':>10}"
+          f"{'calls/step':>12}", flush=True)  # fmt: skip
     for batch in batches:
-        times, ops = decode_host_ms(runner, batch, steps, graphs)
+        times, ops, calls = decode_host_ms(runner, batch, steps, graphs)
         ms, fastest = statistics.median(times), min(times)
         rows.append({"label": label, "batch": batch, "host_ms_per_step": ms, "host_us_per_layer": ms * 1e3 / 16,
-                     "fastest_host_ms_per_step": fastest, "ops_per_step": ops})  # fmt: skip
-        print(f"{label:<24}{batch:>6}{ms:>14.2f}{ms * 1e3 / 16:>10.0f}{fastest:>10.2f}{ops:>10}", flush=True)
+                     "fastest_host_ms_per_step": fastest, "ops_per_step": ops,
+                     "python_calls_per_step": calls})  # fmt: skip
+        print(f"{label:<24}{batch:>6}{ms:>14.2f}{ms * 1e3 / 16:>10.0f}{fastest:>10.2f}{ops:>10}{calls:>12}",
+              flush=True)  # fmt: skip
     return rows
 
 
@@ -138,22 +164,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (host, ops) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (host, ops, calls) = plt.subplots(1, 3, figsize=(16, 4))
     for index, label in enumerate(dict.fromkeys(row["label"] for row in rows)):
         mine, style = (
             [row for row in rows if row["label"] == label],
             {"marker": "o", "label": label, "color": f"C{index}"},
         )
         host.plot([r["batch"] for r in mine], [r["host_ms_per_step"] for r in mine], **style)
-        counted = [r for r in mine if "ops_per_step" in r]  # rows measured before ops were counted have none
-        if counted:
-            ops.plot([r["batch"] for r in counted], [r["ops_per_step"] for r in counted], **style)
+        for ax, key in ((ops, "ops_per_step"), (calls, "python_calls_per_step")):
+            counted = [r for r in mine if key in r]  # rows measured before a count existed have none
+            if counted:
+                ax.plot([r["batch"] for r in counted], [r[key] for r in counted], **style)
     host.set_ylabel("host ms per 16-layer step (kernels not run)")
     host.set_title("Serving runner: host time of a decode step")
     ops.set_ylabel("ops per step (launches on a GPU)")
     ops.set_title("Ops per 16-layer decode step")
-    ops.set_ylim(bottom=0)
-    for ax in (host, ops):
+    calls.set_ylabel("Python function calls per step")
+    calls.set_title("Interpreter work per decode step")
+    for ax in (ops, calls):
+        ax.set_ylim(bottom=0)
+    for ax in (host, ops, calls):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("requests in the decode step")
         ax.grid(alpha=0.3)

@@ -36,4 +36,6 @@ def test_each_label_keeps_its_rows_and_the_plot_shows_them(tmp_path: Path) -> No
         assert run["commit"] and "--label" in run["command"]
     assert all(row["ops_per_step"] > 16 * 10 for row in runs["first"]["rows"])  # 16 layers
     assert all(row["ops_per_step"] < 16 for row in runs["graphs"]["rows"])  # tables and two copies, no layer
+    for eager, replay in zip(runs["first"]["rows"], runs["graphs"]["rows"], strict=True):
+        assert 0 < 4 * replay["python_calls_per_step"] < eager["python_calls_per_step"]  # no layer's Python
     assert out.with_suffix(".png").stat().st_size > 0
