@@ -270,7 +270,7 @@ def test_capture_retains_the_cached_plans_it_read(tiny_model: LoadedModel) -> No
     with retain_cached() as kept:
         runner.forward(inputs, inputs.indices)
     plans = [k for k in kept if type(k).__name__ == "DecodePlan"]
-    assert len(plans) == runner.num_layers and all(p is plans[0] for p in plans)
+    assert len(plans) == 1  # looked up on the first layer, which every layer's launch reads
 
 
 def test_graphs_need_a_gpu_or_a_capture(tiny_model: LoadedModel) -> None:

@@ -7,6 +7,7 @@ the same way on CPU as it would on a GPU, with a message that says what to chang
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -98,6 +99,13 @@ def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: 
             f"own_block_n={config.own_block_n}, head_dim {block_d}, {config.num_stages} stages need {own_smem} "
             f"bytes of shared memory (max {SHARED_MEMORY_BYTES}); lower own_block_n or num_stages"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def check_launch(config: KernelConfig, block_m: int, group_pad: int, head_dim: int, kv_bytes: int) -> None:
+    """check_config for a launch whose plan sized its tiles to ``block_m`` query rows. Cached (a failing check
+    is not): every layer of every step launches with the same few."""
+    check_config(replace(config, block_m=block_m), group_pad, head_dim, kv_bytes)
 
 
 def own_block_n(config: KernelConfig, head_dim: int, kv_bytes: int, dequantizes: bool = False) -> int:

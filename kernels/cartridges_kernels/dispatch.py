@@ -12,6 +12,7 @@ import operator
 import os
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,7 +27,7 @@ from cartridges_kernels.config import (
     own_block_n,
 )
 from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, own_walk_keys, plan_decode
-from cartridges_kernels.plan import BatchStructure, FormatKey, own_split_len, plan_attention
+from cartridges_kernels.plan import AttentionPlan, BatchStructure, FormatKey, own_split_len, plan_attention
 from cartridges_kernels.segments import (
     KVData,
     KVSegment,
@@ -96,15 +97,70 @@ def prefill_attention(
     Options: ``sm_scale`` (> 0, default 1/sqrt(head_dim)); ``backend`` ("auto": Triton on CUDA, else PyTorch;
     default from $CARTRIDGES_KERNELS_BACKEND); ``num_splits`` forces split-KV (default: only when the grid
     would not fill the GPU); ``shared_reads=False`` gives every request its own pass over a cartridge (for
-    comparison); ``config`` overrides the tile sizes.
+    comparison); ``config`` overrides the tile sizes. A model's layers call :class:`StepAttention` instead.
     """
-    _validate(q, query_lens, table, own_kv)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    if not scale > 0:  # the kernels take the running max of unscaled scores
-        raise ValueError(f"sm_scale must be positive, got {sm_scale}")
-    if _resolve_backend(backend, q) == "torch":
-        return segmented_attention_torch(q, query_lens, table, own_kv, scale)[0]
-    return segmented_attention_triton(q, query_lens, table, own_kv, scale, num_splits, shared_reads, config)[0]
+    step = StepAttention(
+        query_lens,
+        table.request_segments,
+        backend=backend,
+        num_splits=num_splits,
+        shared_reads=shared_reads,
+        config=config,
+    )
+    return step(q, table.segments, own_kv, sm_scale=sm_scale)
+
+
+class StepAttention:
+    """Segmented attention for every layer of one step (see :func:`prefill_attention` for the arguments).
+
+    The layers of a step share its structure (query lengths, the cartridges each request reads, the own KVs'
+    lengths) and differ only in their tensors. So the checks, the choice of kernel path and its launch plans
+    are made on the first layer's call and reused: a later call compares its tensors' layout (shapes, storage
+    formats, lengths, device: per cartridge, and once for a pool of own KV) with the first's and goes straight
+    to the launches. A call whose layout differs is checked and routed again.
+    """
+
+    def __init__(
+        self,
+        query_lens: Sequence[int],
+        request_segments: Sequence[Sequence[int]],
+        *,
+        backend: Backend | None = None,
+        num_splits: int | None = None,
+        shared_reads: bool = True,
+        config: KernelConfig | None = None,
+    ) -> None:
+        self.query_lens = tuple(query_lens)
+        self.request_segments = tuple(map(tuple, request_segments))
+        self.backend, self.num_splits, self.shared_reads, self.config = backend, num_splits, shared_reads, config
+        self._layout: tuple[object, ...] | None = None
+        self._route: _Route | None = None  # None: the PyTorch backend
+
+    def __call__(
+        self,
+        q: Tensor,
+        segments: Sequence[KVSegment],
+        own_kv: Sequence[KVSegment] | None,
+        *,
+        sm_scale: float | None = None,
+    ) -> Tensor:
+        """This layer's attention: ``segments`` are its cartridge segments, indexed by ``request_segments``."""
+        table = SegmentTable(segments, self.request_segments)
+        layout = _layout(q, segments, own_kv)
+        if layout != self._layout:
+            _validate(q, self.query_lens, table, own_kv)
+            self._route = None
+            if _resolve_backend(self.backend, q) == "triton":
+                self._route = _route(
+                    q, self.query_lens, table, own_kv, self.num_splits, self.shared_reads, self.config, None
+                )
+            self._layout = layout
+        scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+        if not scale > 0:  # the kernels take the running max of unscaled scores
+            raise ValueError(f"sm_scale must be positive, got {sm_scale}")
+        if self._route is None:
+            return segmented_attention_torch(q, self.query_lens, table, own_kv, scale)[0]
+        return _attend(self._route, q, self.query_lens, table, own_kv, scale)[0]
 
 
 def segmented_attention_triton(
@@ -118,32 +174,57 @@ def segmented_attention_triton(
     config: KernelConfig | None,
     fused: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Kernel path. Decode (one query token per request) whose cartridges share one storage format and whose
-    own KV share one, and whose shared walks are short enough for it to win (config.FUSED_DECODE_MAX_SHARED_ROWS),
-    runs the fused kernel: one launch per layer, plus a merge when a row has several slots. Otherwise: one
-    partials launch per storage format, one for own KV, a merge. ``fused`` True or False forces the choice
-    (where the batch allows the fused kernel at all), for benchmarks and tests. ``config`` None takes
-    config.default_config for the storage of the KV the step reads.
+    """Kernel path (inputs already checked). Decode (one query token per request) whose cartridges share one
+    storage format and whose own KV share one, and whose shared walks are short enough for it to win
+    (config.FUSED_DECODE_MAX_SHARED_ROWS), runs the fused kernel: one launch per layer, plus a merge when a row
+    has several slots. Otherwise: one partials launch per storage format, one for own KV, a merge. ``fused``
+    True or False forces the choice (where the batch allows the fused kernel at all), for benchmarks and
+    tests. ``config`` None takes config.default_config for the storage of the KV the step reads.
 
     Returns (out [tokens, q_heads, head_dim] in q's dtype, base-2 LSE [tokens, q_heads] float32).
     """
-    used = _used_segments(table)
-    used_formats = {_format(s) for s in used}
+    route = _route(q, query_lens, table, own_kv, num_splits, shared_reads, config, fused)
+    return _attend(route, q, query_lens, table, own_kv, sm_scale)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How the kernels run a call, worked out from its structure alone: every layer of a step takes the same.
+    ``decode`` is the fused kernel's plan, else ``launches`` the multi-launch path's; ``used`` are the table
+    indices of the non-empty segments some request reads."""
+
+    config: KernelConfig
+    kv_heads: int
+    used: tuple[int, ...]
+    decode: DecodePlan | None = None
+    launches: AttentionPlan | None = None
+
+
+def _route(
+    q: Tensor,
+    query_lens: Sequence[int],
+    table: SegmentTable,
+    own_kv: Sequence[KVSegment] | None,
+    num_splits: int | None,
+    shared_reads: bool,
+    config: KernelConfig | None,
+    fused: bool | None,
+) -> _Route:
+    """The path and plans of a call (see segmented_attention_triton)."""
+    named = table.named_segments
+    used = tuple(i for i, s in enumerate(table.segments) if i in named and s.num_tokens > 0)
+    used_formats = {_format(table.segments[i]) for i in used}
     own_formats = {_format(s) for s in storage_segments(own_kv or [])}
     config = config or default_config(q.shape[-1], *_storage(used_formats | own_formats))
+    q_heads = q.shape[1]
+    kv_heads = _kv_heads(table, own_kv, q_heads)
     decode = set(query_lens) <= {1}  # one token per request
     if fused is not False and decode and len(used_formats) <= 1 and len(own_formats) <= 1:
-        kv_heads = _kv_heads(table, own_kv, q.shape[1])
         # Without own KV the own branch never runs: it gets blocks as small as the shared walk's.
         own_n = own_block_n(config, q.shape[-1], *_storage(own_formats, used_formats)) if own_formats else None
         fused_plan = _plan_decode(q, table, own_kv, kv_heads, num_splits, shared_reads, config, own_n)
         if fused or fused_plan.shared_rows < FUSED_DECODE_MAX_SHARED_ROWS:
-            return fused_decode_triton(q, fused_plan, kv_heads, table, used, own_kv, sm_scale, config)
-    from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
-    from cartridges_kernels.segment_kernel import launch_segment_partials
-
-    tokens, q_heads, head_dim = q.shape
-    kv_heads = _kv_heads(table, own_kv, q_heads)
+            return _Route(config, kv_heads, used, decode=fused_plan)
     structure = BatchStructure(
         query_lens=tuple(query_lens),
         request_segments=tuple(map(tuple, table.request_segments)),
@@ -152,17 +233,29 @@ def segmented_attention_triton(
         own_max_len=0 if own_kv is None else own_split_len(segment_lengths(own_kv)),
         own_formats=None if own_kv is None else _formats(own_kv),
     )
-    plan = retained(
-        plan_attention(
-            structure,
-            kv_heads,
-            next_pow2(q_heads // kv_heads),
-            config.block_m,
-            q.device,
-            shared_reads,
-            num_splits,
-        )
-    )
+    group_pad = next_pow2(q_heads // kv_heads)
+    plan = plan_attention(structure, kv_heads, group_pad, config.block_m, q.device, shared_reads, num_splits)
+    return _Route(config, kv_heads, used, launches=retained(plan))
+
+
+def _attend(
+    route: _Route,
+    q: Tensor,
+    query_lens: Sequence[int],
+    table: SegmentTable,
+    own_kv: Sequence[KVSegment] | None,
+    sm_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Run a routed call's launches over this call's tensors."""
+    if route.decode is not None:
+        used = [table.segments[i] for i in route.used]
+        return fused_decode_triton(q, route.decode, route.kv_heads, table, used, own_kv, sm_scale, route.config)
+    from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
+    from cartridges_kernels.segment_kernel import launch_segment_partials
+
+    plan = route.launches
+    assert plan is not None
+    tokens, q_heads, head_dim = q.shape
     # Partials in q's dtype, as on the fused path: at batch 64 with a shared cartridge fp32 ones added 45% to
     # the bytes a decode step must move (9 slots written and merged), 16-bit ones half that.
     part_o = torch.empty((plan.num_slots, tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -171,11 +264,27 @@ def segmented_attention_triton(
         sources = own_kv if launch.own else table.segments
         assert sources is not None
         segments = select(sources, launch.sources)
-        launch_segment_partials(q, launch, segments, part_o, part_lse, sm_scale, config)
+        launch_segment_partials(q, launch, segments, part_o, part_lse, sm_scale, route.config)
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
     launch_merge(part_o, part_lse, out, out_lse)
     return out, out_lse
+
+
+def _layout(q: Tensor, segments: Sequence[KVSegment], own_kv: Sequence[KVSegment] | None) -> tuple[object, ...]:
+    """What the checks and the route read of a call's tensors: calls of equal layouts pass the same checks
+    and take the same route."""
+    if own_kv is None:
+        own: object = None
+    elif isinstance(own_kv, PooledKV):
+        own = (_segment_layout(own_kv.whole), own_kv.lengths)
+    else:
+        own = tuple(map(_segment_layout, own_kv))
+    return q.shape, q.dtype, q.device, tuple(map(_segment_layout, segments)), own
+
+
+def _segment_layout(segment: KVSegment) -> tuple[object, ...]:
+    return _format(segment), segment.num_tokens, segment.kv_heads, segment.head_dim, segment.device
 
 
 def _storage(formats: AbstractSet[FormatKey], others: AbstractSet[FormatKey] = frozenset()) -> tuple[int, bool]:
@@ -248,11 +357,6 @@ def fused_decode_triton(
     launch_fused_decode(q, plan, kv_heads, table.segments, used, own_kv, part_o, part_lse, sm_scale, config)
     launch_merge(part_o, part_lse, out, out_lse)
     return out, out_lse
-
-
-def _used_segments(table: SegmentTable) -> list[KVSegment]:
-    """The non-empty segments some request reads, each once."""
-    return [s for i, s in enumerate(table.segments) if i in table.named_segments and s.num_tokens > 0]
 
 
 def _resolve_backend(backend: Backend | None, q: Tensor) -> Literal["triton", "torch"]:

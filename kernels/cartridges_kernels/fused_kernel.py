@@ -11,14 +11,13 @@ filling beforehand; the merge kernel combines the slots, unless there is only on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from cartridges_kernels.config import MIN_DOT, KernelConfig, check_config, next_pow2, padded_head_dim
+from cartridges_kernels.config import MIN_DOT, KernelConfig, check_launch, next_pow2, padded_head_dim
 from cartridges_kernels.decode_plan import TILE_COLUMNS, DecodePlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import TL_DTYPE, aligned, granularity, segment_meta, tma_descriptors
@@ -237,7 +236,7 @@ def launch_fused_decode(
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
     kv_bytes = kv_element_bytes([*used, *storage_segments(own_kv or [])])
-    check_config(replace(config, block_m=plan.block_m), group_pad, head_dim, kv_bytes)
+    check_launch(config, plan.block_m, group_pad, head_dim, kv_bytes)
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
     if plan.programs == 0:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 from array import array
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 import triton
@@ -20,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cartridges.quantize import QuantizedKV
-from cartridges_kernels.config import KernelConfig, check_config, next_pow2, padded_head_dim
+from cartridges_kernels.config import KernelConfig, check_launch, next_pow2, padded_head_dim
 from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segments import (
@@ -251,7 +250,7 @@ def launch_segment_partials(
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
     keys, values = first.keys, first.values
-    check_config(replace(config, block_m=plan.block_m), group_pad, head_dim, kv_element_bytes([first]))
+    check_launch(config, plan.block_m, group_pad, head_dim, kv_element_bytes([first]))
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
     grid = (plan.tiles.shape[0], kv_heads, plan.num_splits)

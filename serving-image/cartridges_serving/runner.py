@@ -2,7 +2,7 @@
 
 transformers' own forward wants one dense padded KV cache per batch, which would copy every cartridge into every
 request's cache. Here the decoder layers are run by hand (the weights stay in the HF modules) and every attention
-call goes through ``cartridges_kernels.prefill_attention``: shared cartridge segments are read in place, each
+call goes through ``cartridges_kernels.StepAttention``: shared cartridge segments are read in place, each
 request's own KV is a range of rows in one pool (``own_kv_pool``: a layer's new keys for the whole batch are one
 write), and prefill chunks and single decode tokens mix in one step. A layer's q, k and v projections run as one
 matmul and so do the MLP's gate and up projections (their weights become views of one tensor: no extra memory),
@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from cartridges.artifact import StoredCartridge
-from cartridges_kernels import KVSegment, PoolLayers, SegmentTable, prefill_attention
+from cartridges_kernels import KVSegment, PoolLayers, StepAttention
 from cartridges_kernels.transfer import to_device
 from cartridges_serving.own_kv import OwnKV, OwnKVPool
 
@@ -123,6 +123,7 @@ class LlamaRunner:
         cos, sin = cos[0, :, None, :], _signed_sin(sin[0, :, None, :])  # [tokens, 1, head_dim]: broadcast over heads
         keys, values = inputs.own.keys, inputs.own.values
         heads, rotated = self.num_heads, self.num_heads + self.num_kv_heads  # q and k heads: both get RoPE
+        attention = StepAttention(query_lens, inputs.request_segments)  # checked and planned on layer 0
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             qkv = F.linear(_norm(layer.input_layernorm, hidden), *self._qkv[index])
@@ -132,8 +133,7 @@ class LlamaRunner:
             keys[index].index_copy_(1, rows, k.transpose(0, 1))
             values[index].index_copy_(1, rows, v.transpose(0, 1))
             segments = [KVSegment(c.keys[index], c.values[index]) for c in inputs.cartridges]
-            table = SegmentTable(segments, inputs.request_segments)
-            out = prefill_attention(q, query_lens, table, inputs.own.pools[index], sm_scale=float(attn.scaling))
+            out = attention(q, segments, inputs.own.pools[index], sm_scale=float(attn.scaling))
             hidden = _plus_linear(hidden, out.reshape(tokens, heads * self.head_dim), attn.o_proj)
             gate, up = F.linear(_norm(layer.post_attention_layernorm, hidden), *self._gate_up[index]).chunk(2, dim=-1)
             hidden = _plus_linear(hidden, layer.mlp.act_fn(gate) * up, layer.mlp.down_proj)

@@ -9,6 +9,7 @@ from cartridges_kernels import (
     BACKEND_ENV,
     KVSegment,
     SegmentTable,
+    StepAttention,
     decode_attention,
     dispatch,
     prefill_attention,
@@ -37,13 +38,13 @@ def test_torch_reference_matches_oracle(dtype: torch.dtype) -> None:
 def test_auto_uses_torch_on_cpu_and_env_forces_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = make_batch([4], [[0]], own_lens=[2])
     calls: list[int] = []
-    real = dispatch.segmented_attention_triton
+    real = dispatch._attend
 
     def spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(dispatch, "segmented_attention_triton", spy)
+    monkeypatch.setattr(dispatch, "_attend", spy)
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     auto = decode_attention(batch.q, batch.table, batch.own_kv)
     assert calls == []
@@ -95,6 +96,38 @@ def test_plan_is_reused_across_layers() -> None:
         prefill_attention(q, [1, 2], layer.table, layer.own_kv, backend="triton")
     info = plan_attention.cache_info()
     assert (info.misses, info.hits) == (1, 2)
+
+
+@pytest.mark.parametrize("query_lens", [None, [1, 2]], ids=["decode", "prefill"])
+def test_step_attention_checks_and_routes_once_per_step(
+    monkeypatch: pytest.MonkeyPatch, query_lens: list[int] | None
+) -> None:
+    """Every layer of a step gets its own tensors' answer, while the checks and the route run on the first
+    layer only; a layer whose tensors differ in layout is checked and routed again."""
+    torch.manual_seed(8)
+    checks: list[int] = []
+    real = dispatch._validate
+
+    def spy(*args: object) -> None:
+        checks.append(1)
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dispatch, "_validate", spy)
+    layers = [make_batch([6, 9], [[0, 1], [1]], own_lens=[3, 4], query_lens=query_lens) for _ in range(3)]
+    structure = [list(r) for r in layers[0].table.request_segments]
+    step = StepAttention(layers[0].query_lens, structure, backend="triton")
+    structure[1].append(0)  # the step keeps its own copy of the structure
+    for layer in layers:
+        out = step(layer.q, layer.table.segments, layer.own_kv, sm_scale=0.25)
+        torch.testing.assert_close(out.double(), oracle(layer, 0.25), atol=2e-5, rtol=0)
+    assert checks == [1]
+    longer = make_batch([6, 11], [[0, 1], [1]], own_lens=[3, 4], query_lens=query_lens)
+    out = step(longer.q, longer.table.segments, longer.own_kv, sm_scale=0.25)
+    torch.testing.assert_close(out.double(), oracle(longer, 0.25), atol=2e-5, rtol=0)
+    assert checks == [1, 1]
+    wrong = make_batch([6, 9], [[0, 1], [1]], own_lens=[3, 4], query_lens=query_lens, head_dim=8)
+    with pytest.raises(ValueError, match="head_dim 8"):
+        step(layers[0].q, wrong.table.segments, layers[0].own_kv)
 
 
 @pytest.mark.parametrize("fused", [True, False])
