@@ -104,6 +104,7 @@ def report(result: dict[str, Any]) -> str:
             "num_stages",
             "own_block_n",
             "tma",
+            "warp_specialize",
             "num_splits",
             "kernel_ms",
         ]

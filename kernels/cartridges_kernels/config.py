@@ -40,7 +40,8 @@ class KernelConfig:
     """Segment-kernel tiles: ``block_m`` query rows (tokens x padded GQA group), ``block_n`` keys;
     ``own_block_n`` keys per block of the fused decode kernel's own-KV walk (None: see own_block_n());
     ``tma``: copy the blocks of 16-byte-aligned segments with the Tensor Memory Accelerator (sm_90+; off by
-    default until a GPU run shows it faster: the benchmark sweeps it)."""
+    default until a GPU run shows it faster: the benchmark sweeps it); ``warp_specialize`` (with ``tma``): the
+    multi-launch path's cartridge launches run ``ws_kernel`` (sm_90; swept, not yet timed)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -48,6 +49,7 @@ class KernelConfig:
     num_stages: int = 2
     own_block_n: int | None = None
     tma: bool = False
+    warp_specialize: bool = False
 
 
 def next_pow2(n: int) -> int:
@@ -74,6 +76,8 @@ def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: 
         _is_pow2(config.own_block_n) and MIN_DOT <= config.own_block_n <= MAX_BLOCK_N
     ):
         raise ValueError(f"own_block_n={config.own_block_n} must be a power of two in [{MIN_DOT}, {MAX_BLOCK_N}]")
+    if config.warp_specialize and not config.tma:
+        raise ValueError("warp_specialize=True reads through tensor descriptors: set tma=True too")
     if config.block_m < group_pad:
         raise ValueError(f"block_m={config.block_m} is smaller than the GQA group ({group_pad} query heads)")
     if head_dim > MAX_HEAD_DIM:
@@ -152,7 +156,10 @@ def default_config(head_dim: int, kv_bytes: int = 2, dequantizes: bool = False) 
 # 4 requests at GQA 4, more programs); block_n 128 reads a 128-token own KV in one block; own_block_n=64 is
 # the own walk before OWN_BLOCK_BYTES (two round trips for a 128-token own KV). 8 warps leave one program per
 # SM at these tiles' registers (the compile test prints it): (64, 64, 8, 3) lost everywhere on the H200.
+# The warp-specialized ones come first (untimed so far): a run cut short by its time limit still times them.
 SWEEP_CONFIGS = (
+    KernelConfig(64, 64, 4, 2, tma=True, warp_specialize=True),
+    KernelConfig(64, 64, 4, 3, tma=True, warp_specialize=True),
     KernelConfig(64, 64, 4, 3, tma=True),
     KernelConfig(64, 64, 4, 2, tma=True),
     KernelConfig(64, 64, 4, 2),

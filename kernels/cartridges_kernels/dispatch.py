@@ -252,6 +252,7 @@ def _attend(
         return fused_decode_triton(q, route.decode, route.kv_heads, table, used, own_kv, sm_scale, route.config)
     from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
     from cartridges_kernels.segment_kernel import launch_segment_partials
+    from cartridges_kernels.ws_kernel import launch_ws_partials, warp_specializes
 
     plan = route.launches
     assert plan is not None
@@ -264,7 +265,8 @@ def _attend(
         sources = own_kv if launch.own else table.segments
         assert sources is not None
         segments = select(sources, launch.sources)
-        launch_segment_partials(q, launch, segments, part_o, part_lse, sm_scale, route.config)
+        launcher = launch_ws_partials if warp_specializes(route.config, launch, segments) else launch_segment_partials
+        launcher(q, launch, segments, part_o, part_lse, sm_scale, route.config)
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
     launch_merge(part_o, part_lse, out, out_lse)

@@ -51,7 +51,9 @@ class LaunchPlan:
     for own KV (``own`` is True). ``tiles`` is int32 [num_tiles, 3]: (segment in launch, first row, row
     count). Rows hold the query token, its first partial-output slot (split s writes slot + s) and, for causal
     launches, how many of its request's query tokens follow it (its position in the own KV is the KV's
-    length - 1 - that). ``block_m`` is the tile height actually needed.
+    length - 1 - that). ``block_m`` is the tile height actually needed. ``tile_tokens`` (cartridge launches)
+    is each tile's query token per row of block_m // group_pad, the last one repeated past the tile's count:
+    the order in which ``ws_kernel.tile_queries`` gathers the queries.
     """
 
     sources: tuple[int, ...]
@@ -62,6 +64,7 @@ class LaunchPlan:
     row_back: Tensor
     block_m: int
     num_splits: int
+    tile_tokens: Tensor
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ def plan_attention(
         splits = num_splits or choose_num_splits(len(tiles) * kv_heads, longest, device)
         use_slot = [num_slots + use.part * splits for use in uses]
         num_slots += (max(use.part for use in uses) + 1) * splits
+        launch_block_m = max(MIN_DOT, group_pad * next_pow2(max(t[2] for t in tiles)))
+        rows = launch_block_m // group_pad
+        tile_tokens = [] if own else [row_token[start + min(i, n - 1)] for _, start, n in tiles for i in range(rows)]
         launches.append(
             LaunchPlan(
                 sources=tuple(sources),
@@ -158,8 +164,9 @@ def plan_attention(
                 row_token=int32_tensor(row_token, device),
                 row_slot=int32_tensor([use_slot[u] for u in row_use], device),
                 row_back=int32_tensor(row_back if own else [0], device),
-                block_m=max(MIN_DOT, group_pad * next_pow2(max(t[2] for t in tiles))),
+                block_m=launch_block_m,
                 num_splits=splits,
+                tile_tokens=int32_tensor(tile_tokens or [0], device),
             )
         )
     return AttentionPlan(launches=tuple(launches), num_slots=num_slots)

@@ -31,7 +31,15 @@ from cartridges_kernels.segments import (
     storage_of,
     storage_segments,
 )
-from cartridges_kernels.tile import attend_keys, empty_state, load_query_rows, load_segment, split_range, store_rows
+from cartridges_kernels.tile import (
+    attend_keys,
+    empty_state,
+    launch_tile,
+    load_query_rows,
+    load_segment,
+    split_range,
+    store_rows,
+)
 from cartridges_kernels.transfer import retained, to_device
 
 # Scale modes (constexpr): how stored keys/values turn into real values.
@@ -80,9 +88,7 @@ def _segment_partials_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seg = tl.load(tiles_ptr + tile * 3)
-    row_start = tl.load(tiles_ptr + tile * 3 + 1)
-    row_count = tl.load(tiles_ptr + tile * 3 + 2)
+    seg, row_start, row_count = launch_tile(tiles_ptr, tile)
     k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length = load_segment(
         meta_ptr, seg, kv_head, K_DTYPE, V_DTYPE, ALIGNED
     )

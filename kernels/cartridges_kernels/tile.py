@@ -97,6 +97,12 @@ def load_segment(
 
 
 @triton.jit
+def launch_tile(tiles_ptr: tl.tensor, tile: tl.tensor) -> tuple[tl.tensor, ...]:
+    """(segment in the launch, first row, row count) of tile ``tile`` of a LaunchPlan's tiles."""
+    return tl.load(tiles_ptr + tile * 3), tl.load(tiles_ptr + tile * 3 + 1), tl.load(tiles_ptr + tile * 3 + 2)
+
+
+@triton.jit
 def split_range(
     total: tl.tensor, split: tl.tensor, num_splits: tl.tensor, BLOCK_N: tl.constexpr
 ) -> tuple[tl.tensor, ...]:
@@ -172,18 +178,18 @@ def attend_keys(
     if TMA and not CAUSAL:  # whole blocks unmasked, then the partial one
         masked_from = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for start in range(lo, masked_from, BLOCK_N):
-            m_i, l_i, acc = _fold_block(
+            m_i, l_i, acc = fold_block(
                 q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, start, hi,
                 qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, False,
             )  # fmt: skip
         if masked_from < hi:
-            m_i, l_i, acc = _fold_block(
+            m_i, l_i, acc = fold_block(
                 q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, masked_from, hi,
                 qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, True,
             )  # fmt: skip
     else:  # pointer loads: a separate tail would stage its loads through registers and spill (sm_90 compile)
         for start in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _fold_block(
+            m_i, l_i, acc = fold_block(
                 q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, start, hi,
                 qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, True,
             )  # fmt: skip
@@ -191,7 +197,7 @@ def attend_keys(
 
 
 @triton.jit
-def _fold_block(
+def fold_block(
     q: tl.tensor,
     m_i: tl.tensor,
     l_i: tl.tensor,

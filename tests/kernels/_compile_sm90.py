@@ -21,6 +21,7 @@ from cartridges_kernels.config import SWEEP_CONFIGS, KernelConfig, default_confi
 from cartridges_kernels.fused_kernel import _fused_decode_kernel
 from cartridges_kernels.merge_kernel import _merge_kernel
 from cartridges_kernels.segment_kernel import _segment_partials_kernel
+from cartridges_kernels.ws_kernel import _cartridge_ws_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 SCALARS = ["stride_qt", "stride_qh", "n_tokens", "q_heads"]  # integer arguments every attention kernel takes
@@ -83,7 +84,8 @@ def compile_tiles(
         dequantizes = any(formats[f"{side}_{kv}_SCALE"] for side in ("SEG", "OWN") for kv in "KV")
         own_keys = own_keys or own_block_n(config, head_dim, 2, dequantizes)
         constants.update(OWN_BLOCK_M=16, OWN_BLOCK_N=own_keys)
-    return compile_kernel(kernel, types, constants, config.num_warps, config.num_stages)
+    taken = {name: value for name, value in constants.items() if name in kernel.arg_names}  # ws_kernel: no TMA
+    return compile_kernel(kernel, types, taken, config.num_warps, config.num_stages)
 
 
 def innermost_loops(compiled: triton.compiler.CompiledKernel) -> list[list[str]]:
@@ -131,9 +133,9 @@ def resident_programs(registers: int, shared_bytes: int, warps: int) -> int:
 
 def print_registers(name: str, config: KernelConfig, compiled: triton.compiler.CompiledKernel) -> None:
     registers, stack = registers_and_stack(compiled)
-    shared = compiled.metadata.shared
-    print(f"registers {name} {config}: {registers} registers, {shared} bytes shared memory, "
-          f"{resident_programs(registers, shared, config.num_warps)} programs per SM, {stack} bytes stack, "
+    shared, warps = compiled.metadata.shared, compiled.metadata.num_warps  # warp specialization adds warps
+    print(f"registers {name} {config}: {registers} registers, {shared} bytes shared memory, {warps} warps, "
+          f"{resident_programs(registers, shared, warps)} programs per SM, {stack} bytes stack, "
           f"{loop_summary(compiled)}")  # fmt: skip
 
 
@@ -225,6 +227,12 @@ def main() -> None:
     dequantizing = replace(dequantizing, tma=True)  # 1-byte blocks through descriptors
     quantized = compile_tiles(_fused_decode_kernel, quantized_types, fused_variants[1][2], dequantizing)
     print_registers("fused-quantized", dequantizing, quantized)
+    ws_types = {**{name: "*i32" for name in ["tiles_ptr", "row_token_ptr", "row_slot_ptr"]}, "meta_ptr": "*i64",
+                "q_tiles_ptr": "*bf16", "kv_base_ptr": "*bf16", "part_o_ptr": "*bf16", "part_lse_ptr": "*fp32",
+                "n_tokens": "i32", "q_heads": "i32", "qk_scale": "fp32", "num_tiles": "i32"}  # fmt: skip
+    for config in (c for c in SWEEP_CONFIGS if c.warp_specialize):
+        ws = compile_tiles(_cartridge_ws_kernel, ws_types, {}, config)
+        print_registers(f"ws ({len(re.findall('setmaxnreg', ws.asm['ptx']))} setmaxnreg)", config, ws)
     segment_formats = {**variants[0][1], "CAUSAL": True}
     segment = compile_tiles(
         _segment_partials_kernel, {**seg_types, "q_ptr": "*bf16", "part_o_ptr": "*bf16"}, segment_formats,

@@ -40,8 +40,13 @@ def test_kernels_compile_for_sm90() -> None:
     # may park a few predicates on the stack outside the loops, once per program: that is not checked.)
     usage = [line for line in lines if line.startswith("registers ")]
     # + the default bf16 at head_dim 128, 64 and 256, without own KV, the default quantized with and without
-    # TMA, the segment kernel
-    assert len(usage) == len(SWEEP_CONFIGS) + 7, proc.stdout
+    # TMA, the segment kernel, and the warp-specialized kernel at each swept config that asks for it
+    specialized = [line for line in usage if line.startswith("registers ws ")]
+    assert len(specialized) == sum(c.warp_specialize for c in SWEEP_CONFIGS) > 0, proc.stdout
+    assert len(usage) == len(SWEEP_CONFIGS) + 7 + len(specialized), proc.stdout
+    # Triton turns warp specialization off without a word when a loop does not suit it; setmaxnreg (producer
+    # warps giving registers to consumer warpgroups) shows it is on.
+    assert all(int(line.split("(")[1].split()[0]) > 0 for line in specialized), specialized
     spilling = [line for line in usage if not line.endswith(" 0 local-memory ops in loops")]
     assert not spilling, "configs that spill registers in their loops on sm_90:\n" + "\n".join(spilling)
     # A step without own KV holds as many shared programs per SM as one with it.

@@ -1,0 +1,166 @@
+"""Triton kernel: the multi-launch path's cartridge partials, warp-specialized (``KernelConfig.warp_specialize``).
+
+The shared walk is bounded by its dot products, not its bytes (a cartridge read by 64 requests at GQA 4 does
+256 FLOPs per byte), and one warpgroup that waits on each QK^T before its softmax leaves the tensor cores idle
+half the time. Triton's automatic warp specialization splits such a loop into a producer warp that issues the
+TMA copies and consumer warpgroups that run the dots and the softmax. On sm_90 (Triton 3.6 and 3.9) it takes
+only a loop whose operands all come through tensor descriptors: a pointer load of the queries, or a descriptor
+made from a pointer read out of a table, fails the compile; a partial last block after the loop, or the loop
+inside a branch, silently turns it off. So this kernel differs from ``segment_kernel`` in three ways:
+
+- the queries come gathered into tile order (``tile_queries``: each program's rows are one contiguous block);
+- a segment's key and value pointers are a typed base pointer plus the offset from the segment table;
+- one loop walks every block of the chunk, the last one masked in the loop like the others.
+
+It runs cartridge launches over aligned 16-bit segments; own KV (causal) and quantized cartridges keep
+``segment_kernel``. The merge is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.nn import functional as F
+
+from cartridges_kernels.config import KernelConfig, check_launch, next_pow2, padded_head_dim
+from cartridges_kernels.plan import LaunchPlan
+from cartridges_kernels.reference import LOG2E
+from cartridges_kernels.segment_kernel import aligned, segment_meta, tma_descriptors
+from cartridges_kernels.segments import KVSegment, storage_of, storage_segments
+from cartridges_kernels.tile import META_COLUMNS, empty_state, fold_block, launch_tile, split_range, store_rows
+
+
+@triton.jit
+def _cartridge_ws_kernel(
+    q_tiles_ptr: tl.tensor,
+    kv_base_ptr: tl.tensor,
+    meta_ptr: tl.tensor,
+    tiles_ptr: tl.tensor,
+    row_token_ptr: tl.tensor,
+    row_slot_ptr: tl.tensor,
+    part_o_ptr: tl.tensor,
+    part_lse_ptr: tl.tensor,
+    n_tokens: int,
+    q_heads: int,
+    qk_scale: float,
+    num_tiles: int,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> None:
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seg, row_start, row_count = launch_tile(tiles_ptr, tile)
+
+    q_rows = tl.make_tensor_descriptor(
+        q_tiles_ptr, [tl.num_programs(1) * num_tiles * BLOCK_M, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_M, BLOCK_D]
+    )
+    q = q_rows.load([(kv_head * num_tiles + tile) * BLOCK_M, 0])
+    meta = meta_ptr + seg.to(tl.int64) * META_COLUMNS
+    base = kv_base_ptr.to(tl.int64)
+    element = kv_base_ptr.dtype.element_ty.primitive_bitwidth // 8
+    k_base = kv_base_ptr + (tl.load(meta + 0) - base) // element + kv_head * tl.load(meta + 5)
+    v_base = kv_base_ptr + (tl.load(meta + 1) - base) // element + kv_head * tl.load(meta + 7)
+    k_stride_t = tl.multiple_of(tl.load(meta + 6), 16)
+    v_stride_t = tl.multiple_of(tl.load(meta + 8), 16)
+    lo, hi = split_range(tl.load(meta + 4).to(tl.int32), split, tl.num_programs(2), BLOCK_N)
+    k_rows = tl.make_tensor_descriptor(k_base, [hi, HEAD_DIM], [k_stride_t, 1], [BLOCK_N, BLOCK_D])
+    v_rows = tl.make_tensor_descriptor(v_base, [hi, HEAD_DIM], [v_stride_t, 1], [BLOCK_N, BLOCK_D])
+
+    unused = tl.zeros([BLOCK_D], dtype=tl.float32)  # scales and positions: 16-bit cartridges, no causality
+    qpos = tl.zeros([BLOCK_M], dtype=tl.int32)
+    m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+        m_i, l_i, acc = fold_block(
+            q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, kv_base_ptr, kv_base_ptr, unused, start, hi,
+            qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, 0, 0, False, True, True,
+        )  # fmt: skip
+
+    t = tl.arange(0, BLOCK_M) // GROUP_PAD
+    g = tl.arange(0, BLOCK_M) % GROUP_PAD
+    t_valid = t < row_count
+    token = tl.load(row_token_ptr + row_start + t, mask=t_valid, other=0).to(tl.int64)
+    slot = tl.load(row_slot_ptr + row_start + t, mask=t_valid, other=0) + split
+    head = kv_head * GROUP + g
+    store_rows(
+        part_o_ptr, part_lse_ptr, slot, token, head, t_valid & (g < GROUP), m_i, l_i, acc, n_tokens, q_heads,
+        HEAD_DIM, BLOCK_D,
+    )  # fmt: skip
+
+
+def warp_specializes(config: KernelConfig, plan: LaunchPlan, segments: Sequence[KVSegment]) -> bool:
+    """Whether ``config`` asks for this kernel and the launch is one it runs: cartridges (not own KV) stored
+    unquantized in 16 bits, every one aligned for descriptors."""
+    stored = storage_segments(segments)
+    return (
+        config.warp_specialize
+        and not plan.own
+        and all(
+            isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16)
+            for s in stored
+            for x in (s.keys, s.values)
+        )
+        and all(map(aligned, stored))
+    )
+
+
+def tile_queries(q: Tensor, plan: LaunchPlan, kv_heads: int) -> Tensor:
+    """q's rows in the kernel's tile order, [kv_heads * tiles * BLOCK_M, head_dim]: KV head h's tile t is rows
+    (h * tiles + t) * BLOCK_M onwards, row m its token m // GROUP_PAD's query head h * GROUP + m % GROUP_PAD
+    (``plan.tile_tokens``). Padding rows hold a copy of a real one; their results are not stored."""
+    tokens, q_heads, head_dim = q.shape
+    group = q_heads // kv_heads
+    grouped = q.view(tokens, kv_heads, group, head_dim).index_select(0, plan.tile_tokens)
+    if next_pow2(group) != group:
+        grouped = F.pad(grouped, (0, 0, 0, next_pow2(group) - group))
+    return grouped.transpose(0, 1).reshape(-1, head_dim)
+
+
+def launch_ws_partials(
+    q: Tensor,
+    plan: LaunchPlan,
+    segments: Sequence[KVSegment],
+    part_o: Tensor,
+    part_lse: Tensor,
+    sm_scale: float,
+    config: KernelConfig,
+) -> None:
+    """Run one planned cartridge launch with this kernel (see ``warp_specializes``); same outputs as
+    ``segment_kernel.launch_segment_partials``."""
+    tokens, q_heads, head_dim = q.shape
+    first = storage_segments(segments, include_empty=True)[0]
+    kv_heads = first.kv_heads
+    group_pad = next_pow2(q_heads // kv_heads)
+    check_launch(config, plan.block_m, group_pad, head_dim, storage_of(first.keys).element_size())
+    tma_descriptors(config, q.device)  # checks the GPU, sets the descriptors' allocator
+    num_tiles = plan.tiles.shape[0]
+    _cartridge_ws_kernel[(num_tiles, kv_heads, plan.num_splits)](
+        tile_queries(q, plan, kv_heads),
+        storage_of(first.keys),
+        segment_meta(segments, q.device),
+        plan.tiles,
+        plan.row_token,
+        plan.row_slot,
+        part_o,
+        part_lse,
+        tokens,
+        q_heads,
+        sm_scale * LOG2E,
+        num_tiles,
+        GROUP=q_heads // kv_heads,
+        GROUP_PAD=group_pad,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=config.block_n,
+        HEAD_DIM=head_dim,
+        BLOCK_D=padded_head_dim(head_dim),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
