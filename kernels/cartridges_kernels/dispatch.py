@@ -149,12 +149,12 @@ class StepAttention:
         layout = _layout(q, segments, own_kv)
         if layout != self._layout:
             _validate(q, self.query_lens, table, own_kv)
-            self._route = None
+            route = None
             if _resolve_backend(self.backend, q) == "triton":
-                self._route = _route(
-                    q, self.query_lens, table, own_kv, self.num_splits, self.shared_reads, self.config, None
+                route = _route(
+                    q, self.query_lens, table, own_kv, self.num_splits, self.shared_reads, self.config, fused=None
                 )
-            self._layout = layout
+            self._route, self._layout = route, layout  # together: a failed call leaves the last layer's
         scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
         if not scale > 0:  # the kernels take the running max of unscaled scores
             raise ValueError(f"sm_scale must be positive, got {sm_scale}")
@@ -174,12 +174,13 @@ def segmented_attention_triton(
     config: KernelConfig | None,
     fused: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Kernel path (inputs already checked). Decode (one query token per request) whose cartridges share one
-    storage format and whose own KV share one, and whose shared walks are short enough for it to win
-    (config.FUSED_DECODE_MAX_SHARED_ROWS), runs the fused kernel: one launch per layer, plus a merge when a row
-    has several slots. Otherwise: one partials launch per storage format, one for own KV, a merge. ``fused``
-    True or False forces the choice (where the batch allows the fused kernel at all), for benchmarks and
-    tests. ``config`` None takes config.default_config for the storage of the KV the step reads.
+    """Kernel path, without prefill_attention's checks of the inputs. Decode (one query token per request)
+    whose cartridges share one storage format and whose own KV share one, and whose shared walks are short
+    enough for it to win (config.FUSED_DECODE_MAX_SHARED_ROWS), runs the fused kernel: one launch per layer,
+    plus a merge when a row has several slots. Otherwise: one partials launch per storage format, one for own
+    KV, a merge. ``fused`` True or False forces the choice (where the batch allows the fused kernel at all),
+    for benchmarks and tests. ``config`` None takes config.default_config for the storage of the KV the step
+    reads.
 
     Returns (out [tokens, q_heads, head_dim] in q's dtype, base-2 LSE [tokens, q_heads] float32).
     """
@@ -190,13 +191,13 @@ def segmented_attention_triton(
 @dataclass(frozen=True)
 class _Route:
     """How the kernels run a call, worked out from its structure alone: every layer of a step takes the same.
-    ``decode`` is the fused kernel's plan, else ``launches`` the multi-launch path's; ``used`` are the table
-    indices of the non-empty segments some request reads."""
+    ``fused_plan`` is the fused decode kernel's plan, else ``launches`` the multi-launch path's; ``used`` are
+    the table indices of the non-empty segments some request reads."""
 
     config: KernelConfig
     kv_heads: int
     used: tuple[int, ...]
-    decode: DecodePlan | None = None
+    fused_plan: DecodePlan | None = None
     launches: AttentionPlan | None = None
 
 
@@ -224,7 +225,7 @@ def _route(
         own_n = own_block_n(config, q.shape[-1], *_storage(own_formats, used_formats)) if own_formats else None
         fused_plan = _plan_decode(q, table, own_kv, kv_heads, num_splits, shared_reads, config, own_n)
         if fused or fused_plan.shared_rows < FUSED_DECODE_MAX_SHARED_ROWS:
-            return _Route(config, kv_heads, used, decode=fused_plan)
+            return _Route(config, kv_heads, used, fused_plan=fused_plan)
     structure = BatchStructure(
         query_lens=tuple(query_lens),
         request_segments=tuple(map(tuple, table.request_segments)),
@@ -234,7 +235,8 @@ def _route(
         own_formats=None if own_kv is None else _formats(own_kv),
     )
     group_pad = next_pow2(q_heads // kv_heads)
-    plan = plan_attention(structure, kv_heads, group_pad, config.block_m, q.device, shared_reads, num_splits)
+    ws_heads = q_heads if config.warp_specialize else None  # the warp-specialized kernel's query gather
+    plan = plan_attention(structure, kv_heads, group_pad, config.block_m, q.device, shared_reads, num_splits, ws_heads)
     return _Route(config, kv_heads, used, launches=retained(plan))
 
 
@@ -247,9 +249,9 @@ def _attend(
     sm_scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Run a routed call's launches over this call's tensors."""
-    if route.decode is not None:
+    if route.fused_plan is not None:
         used = [table.segments[i] for i in route.used]
-        return fused_decode_triton(q, route.decode, route.kv_heads, table, used, own_kv, sm_scale, route.config)
+        return fused_decode_triton(q, route.fused_plan, route.kv_heads, table, used, own_kv, sm_scale, route.config)
     from cartridges_kernels.merge_kernel import launch_merge  # imports triton only on this path
     from cartridges_kernels.segment_kernel import launch_segment_partials
     from cartridges_kernels.ws_kernel import launch_ws_partials, warp_specializes
@@ -265,7 +267,8 @@ def _attend(
         sources = own_kv if launch.own else table.segments
         assert sources is not None
         segments = select(sources, launch.sources)
-        launcher = launch_ws_partials if warp_specializes(route.config, launch, segments) else launch_segment_partials
+        specialized = warp_specializes(route.config, launch, segments, q)
+        launcher = launch_ws_partials if specialized else launch_segment_partials
         launcher(q, launch, segments, part_o, part_lse, sm_scale, route.config)
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)

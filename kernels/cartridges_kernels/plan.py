@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cartridges_kernels.config import MIN_DOT, MIN_KEYS_PER_SPLIT, choose_num_splits, next_pow2
-from cartridges_kernels.transfer import int32_tensor
+from cartridges_kernels.transfer import int32_tensor, to_device
 
 # A segment's storage format: (key dtype, value dtype, key scale granularity, value scale granularity).
 FormatKey = tuple[torch.dtype, torch.dtype, str | None, str | None]
@@ -51,9 +51,8 @@ class LaunchPlan:
     for own KV (``own`` is True). ``tiles`` is int32 [num_tiles, 3]: (segment in launch, first row, row
     count). Rows hold the query token, its first partial-output slot (split s writes slot + s) and, for causal
     launches, how many of its request's query tokens follow it (its position in the own KV is the KV's
-    length - 1 - that). ``block_m`` is the tile height actually needed. ``tile_tokens`` (cartridge launches)
-    is each tile's query token per row of block_m // group_pad, the last one repeated past the tile's count:
-    the order in which ``ws_kernel.tile_queries`` gathers the queries.
+    length - 1 - that). ``block_m`` is the tile height actually needed. ``query_rows`` is only planned for the
+    warp-specialized kernel's cartridge launches (see :func:`plan_attention`).
     """
 
     sources: tuple[int, ...]
@@ -64,7 +63,7 @@ class LaunchPlan:
     row_back: Tensor
     block_m: int
     num_splits: int
-    tile_tokens: Tensor
+    query_rows: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -136,12 +135,14 @@ def plan_attention(
     device: torch.device,
     shared_reads: bool,
     num_splits: int | None,
+    q_heads: int | None = None,
 ) -> AttentionPlan:
     """The launches for one step, cached: every layer of a step has the same structure.
 
     ``block_m`` caps a tile's query rows (tokens x ``group_pad``); launches whose tiles are smaller get a
     smaller block. ``num_splits`` forces the split-KV factor; None picks it from the grid size (see
-    choose_num_splits).
+    choose_num_splits). ``q_heads`` given: cartridge launches also get ``query_rows`` for the warp-specialized
+    kernel (see :func:`_query_rows`).
     """
     launches: list[LaunchPlan] = []
     num_slots = 0
@@ -154,8 +155,10 @@ def plan_attention(
         use_slot = [num_slots + use.part * splits for use in uses]
         num_slots += (max(use.part for use in uses) + 1) * splits
         launch_block_m = max(MIN_DOT, group_pad * next_pow2(max(t[2] for t in tiles)))
-        rows = launch_block_m // group_pad
-        tile_tokens = [] if own else [row_token[start + min(i, n - 1)] for _, start, n in tiles for i in range(rows)]
+        query_rows = None
+        if q_heads and not own:
+            rows = _query_rows(tiles, row_token, launch_block_m // group_pad, kv_heads, group_pad, q_heads)
+            query_rows = to_device(torch.tensor(rows, dtype=torch.long), device)
         launches.append(
             LaunchPlan(
                 sources=tuple(sources),
@@ -166,10 +169,34 @@ def plan_attention(
                 row_back=int32_tensor(row_back if own else [0], device),
                 block_m=launch_block_m,
                 num_splits=splits,
-                tile_tokens=int32_tensor(tile_tokens or [0], device),
+                query_rows=query_rows,
             )
         )
     return AttentionPlan(launches=tuple(launches), num_slots=num_slots)
+
+
+def _query_rows(
+    tiles: list[tuple[int, int, int]],
+    row_token: list[int],
+    tokens_per_tile: int,
+    kv_heads: int,
+    group_pad: int,
+    q_heads: int,
+) -> list[list[int]]:
+    """[tokens, heads]: the query token and head of every row the warp-specialized kernel reads, KV head by KV
+    head, tile by tile (row m of a tile is its token m // group_pad's head kv_head * group + m % group_pad), so
+    one gather puts each program's rows in one contiguous block. Padding rows (past a tile's tokens or its GQA
+    group) repeat a real row; the kernel does not store them."""
+    group = q_heads // kv_heads
+    tokens: list[int] = []
+    heads: list[int] = []
+    for kv_head in range(kv_heads):
+        group_heads = [kv_head * group + min(g, group - 1) for g in range(group_pad)]
+        for _, start, count in tiles:
+            for i in range(tokens_per_tile):
+                tokens += [row_token[start + min(i, count - 1)]] * group_pad
+                heads += group_heads
+    return [tokens, heads]
 
 
 def own_split_len(lengths: Sequence[int]) -> int:

@@ -34,11 +34,11 @@ from cartridges_kernels.segments import (
 from cartridges_kernels.tile import (
     attend_keys,
     empty_state,
-    launch_tile,
     load_query_rows,
     load_segment,
     split_range,
     store_rows,
+    tile_entry,
 )
 from cartridges_kernels.transfer import retained, to_device
 
@@ -88,7 +88,7 @@ def _segment_partials_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seg, row_start, row_count = launch_tile(tiles_ptr, tile)
+    seg, row_start, row_count = tile_entry(tiles_ptr, tile)
     k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, length = load_segment(
         meta_ptr, seg, kv_head, K_DTYPE, V_DTYPE, ALIGNED
     )

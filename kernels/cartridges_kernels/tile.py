@@ -97,7 +97,7 @@ def load_segment(
 
 
 @triton.jit
-def launch_tile(tiles_ptr: tl.tensor, tile: tl.tensor) -> tuple[tl.tensor, ...]:
+def tile_entry(tiles_ptr: tl.tensor, tile: tl.tensor) -> tuple[tl.tensor, ...]:
     """(segment in the launch, first row, row count) of tile ``tile`` of a LaunchPlan's tiles."""
     return tl.load(tiles_ptr + tile * 3), tl.load(tiles_ptr + tile * 3 + 1), tl.load(tiles_ptr + tile * 3 + 2)
 

@@ -9,7 +9,8 @@ made from a pointer read out of a table, fails the compile; a partial last block
 inside a branch, silently turns it off. So this kernel differs from ``segment_kernel`` in three ways:
 
 - the queries come gathered into tile order (``tile_queries``: each program's rows are one contiguous block);
-- a segment's key and value pointers are a typed base pointer plus the offset from the segment table;
+- a segment's key and value pointers are typed base pointers (the first segment's) plus the offsets from the
+  segment table;
 - one loop walks every block of the chunk, the last one masked in the loop like the others.
 
 It runs cartridge launches over aligned 16-bit segments; own KV (causal) and quantized cartridges keep
@@ -24,20 +25,20 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.nn import functional as F
 
 from cartridges_kernels.config import KernelConfig, check_launch, next_pow2, padded_head_dim
 from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import aligned, segment_meta, tma_descriptors
-from cartridges_kernels.segments import KVSegment, storage_of, storage_segments
-from cartridges_kernels.tile import META_COLUMNS, empty_state, fold_block, launch_tile, split_range, store_rows
+from cartridges_kernels.segments import KVSegment, kv_element_bytes, storage_of, storage_segments
+from cartridges_kernels.tile import META_COLUMNS, empty_state, fold_block, split_range, store_rows, tile_entry
 
 
 @triton.jit
 def _cartridge_ws_kernel(
     q_tiles_ptr: tl.tensor,
-    kv_base_ptr: tl.tensor,
+    k_base_ptr: tl.tensor,
+    v_base_ptr: tl.tensor,
     meta_ptr: tl.tensor,
     tiles_ptr: tl.tensor,
     row_token_ptr: tl.tensor,
@@ -58,17 +59,15 @@ def _cartridge_ws_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seg, row_start, row_count = launch_tile(tiles_ptr, tile)
+    seg, row_start, row_count = tile_entry(tiles_ptr, tile)
 
     q_rows = tl.make_tensor_descriptor(
         q_tiles_ptr, [tl.num_programs(1) * num_tiles * BLOCK_M, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_M, BLOCK_D]
     )
     q = q_rows.load([(kv_head * num_tiles + tile) * BLOCK_M, 0])
     meta = meta_ptr + seg.to(tl.int64) * META_COLUMNS
-    base = kv_base_ptr.to(tl.int64)
-    element = kv_base_ptr.dtype.element_ty.primitive_bitwidth // 8
-    k_base = kv_base_ptr + (tl.load(meta + 0) - base) // element + kv_head * tl.load(meta + 5)
-    v_base = kv_base_ptr + (tl.load(meta + 1) - base) // element + kv_head * tl.load(meta + 7)
+    k_base = _from_base(k_base_ptr, tl.load(meta + 0)) + kv_head * tl.load(meta + 5)
+    v_base = _from_base(v_base_ptr, tl.load(meta + 1)) + kv_head * tl.load(meta + 7)
     k_stride_t = tl.multiple_of(tl.load(meta + 6), 16)
     v_stride_t = tl.multiple_of(tl.load(meta + 8), 16)
     lo, hi = split_range(tl.load(meta + 4).to(tl.int32), split, tl.num_programs(2), BLOCK_N)
@@ -80,7 +79,7 @@ def _cartridge_ws_kernel(
     m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
         m_i, l_i, acc = fold_block(
-            q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, kv_base_ptr, kv_base_ptr, unused, start, hi,
+            q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, k_base_ptr, v_base_ptr, unused, start, hi,
             qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, 0, 0, False, True, True,
         )  # fmt: skip
 
@@ -96,13 +95,23 @@ def _cartridge_ws_kernel(
     )  # fmt: skip
 
 
-def warp_specializes(config: KernelConfig, plan: LaunchPlan, segments: Sequence[KVSegment]) -> bool:
+@triton.jit
+def _from_base(base_ptr: tl.tensor, address: tl.tensor) -> tl.tensor:
+    """The pointer at ``address`` (an int64 read from a segment table) as ``base_ptr`` plus an offset: a
+    descriptor made from an integer cast to a pointer fails Triton's warp specialization on sm_90."""
+    element = base_ptr.dtype.element_ty.primitive_bitwidth // 8
+    return base_ptr + (address - base_ptr.to(tl.int64)) // element
+
+
+def warp_specializes(config: KernelConfig, plan: LaunchPlan, segments: Sequence[KVSegment], q: Tensor) -> bool:
     """Whether ``config`` asks for this kernel and the launch is one it runs: cartridges (not own KV) stored
-    unquantized in 16 bits, every one aligned for descriptors."""
+    unquantized in 16 bits, every one aligned for descriptors, and query rows whose width is a whole number of
+    16-byte pieces (the gathered queries' row stride, which a descriptor needs)."""
     stored = storage_segments(segments)
     return (
         config.warp_specialize
-        and not plan.own
+        and plan.query_rows is not None
+        and q.shape[-1] * q.element_size() % 16 == 0
         and all(
             isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16)
             for s in stored
@@ -112,16 +121,11 @@ def warp_specializes(config: KernelConfig, plan: LaunchPlan, segments: Sequence[
     )
 
 
-def tile_queries(q: Tensor, plan: LaunchPlan, kv_heads: int) -> Tensor:
-    """q's rows in the kernel's tile order, [kv_heads * tiles * BLOCK_M, head_dim]: KV head h's tile t is rows
-    (h * tiles + t) * BLOCK_M onwards, row m its token m // GROUP_PAD's query head h * GROUP + m % GROUP_PAD
-    (``plan.tile_tokens``). Padding rows hold a copy of a real one; their results are not stored."""
-    tokens, q_heads, head_dim = q.shape
-    group = q_heads // kv_heads
-    grouped = q.view(tokens, kv_heads, group, head_dim).index_select(0, plan.tile_tokens)
-    if next_pow2(group) != group:
-        grouped = F.pad(grouped, (0, 0, 0, next_pow2(group) - group))
-    return grouped.transpose(0, 1).reshape(-1, head_dim)
+def tile_queries(q: Tensor, plan: LaunchPlan) -> Tensor:
+    """q's rows in the kernel's tile order, [kv_heads * tiles * BLOCK_M, head_dim], in one gather: KV head h's
+    tile t is rows (h * tiles + t) * BLOCK_M onwards (``plan.query_rows``)."""
+    assert plan.query_rows is not None
+    return q[plan.query_rows[0], plan.query_rows[1]]
 
 
 def launch_ws_partials(
@@ -139,12 +143,13 @@ def launch_ws_partials(
     first = storage_segments(segments, include_empty=True)[0]
     kv_heads = first.kv_heads
     group_pad = next_pow2(q_heads // kv_heads)
-    check_launch(config, plan.block_m, group_pad, head_dim, storage_of(first.keys).element_size())
+    check_launch(config, plan.block_m, group_pad, head_dim, kv_element_bytes([first]))
     tma_descriptors(config, q.device)  # checks the GPU, sets the descriptors' allocator
     num_tiles = plan.tiles.shape[0]
     _cartridge_ws_kernel[(num_tiles, kv_heads, plan.num_splits)](
-        tile_queries(q, plan, kv_heads),
+        tile_queries(q, plan),
         storage_of(first.keys),
+        storage_of(first.values),
         segment_meta(segments, q.device),
         plan.tiles,
         plan.row_token,

@@ -84,8 +84,9 @@ def compile_tiles(
         dequantizes = any(formats[f"{side}_{kv}_SCALE"] for side in ("SEG", "OWN") for kv in "KV")
         own_keys = own_keys or own_block_n(config, head_dim, 2, dequantizes)
         constants.update(OWN_BLOCK_M=16, OWN_BLOCK_N=own_keys)
-    taken = {name: value for name, value in constants.items() if name in kernel.arg_names}  # ws_kernel: no TMA
-    return compile_kernel(kernel, types, taken, config.num_warps, config.num_stages)
+    if "TMA" not in kernel.arg_names:  # ws_kernel: always through descriptors
+        del constants["TMA"]
+    return compile_kernel(kernel, types, constants, config.num_warps, config.num_stages)
 
 
 def innermost_loops(compiled: triton.compiler.CompiledKernel) -> list[list[str]]:
@@ -228,8 +229,9 @@ def main() -> None:
     quantized = compile_tiles(_fused_decode_kernel, quantized_types, fused_variants[1][2], dequantizing)
     print_registers("fused-quantized", dequantizing, quantized)
     ws_types = {**{name: "*i32" for name in ["tiles_ptr", "row_token_ptr", "row_slot_ptr"]}, "meta_ptr": "*i64",
-                "q_tiles_ptr": "*bf16", "kv_base_ptr": "*bf16", "part_o_ptr": "*bf16", "part_lse_ptr": "*fp32",
-                "n_tokens": "i32", "q_heads": "i32", "qk_scale": "fp32", "num_tiles": "i32"}  # fmt: skip
+                **{name: "*bf16" for name in ["q_tiles_ptr", "k_base_ptr", "v_base_ptr", "part_o_ptr"]},
+                "part_lse_ptr": "*fp32", "n_tokens": "i32", "q_heads": "i32", "qk_scale": "fp32",
+                "num_tiles": "i32"}  # fmt: skip
     for config in (c for c in SWEEP_CONFIGS if c.warp_specialize):
         ws = compile_tiles(_cartridge_ws_kernel, ws_types, {}, config)
         print_registers(f"ws ({len(re.findall('setmaxnreg', ws.asm['ptx']))} setmaxnreg)", config, ws)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -128,6 +130,24 @@ def test_step_attention_checks_and_routes_once_per_step(
     wrong = make_batch([6, 9], [[0, 1], [1]], own_lens=[3, 4], query_lens=query_lens, head_dim=8)
     with pytest.raises(ValueError, match="head_dim 8"):
         step(layers[0].q, wrong.table.segments, layers[0].own_kv)
+
+
+def test_step_attention_keeps_its_route_when_a_layer_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer whose routing fails (say, a plan that would be copied inside a CUDA-graph capture) leaves the
+    step's route as it was: the next layer like the first still runs the kernels."""
+    torch.manual_seed(9)
+    first = make_batch([6, 9], [[0, 1], [1]], own_lens=[3, 4])
+    longer = make_batch([6, 11], [[0, 1], [1]], own_lens=[3, 4])
+    step = StepAttention(first.query_lens, first.table.request_segments, backend="triton")
+    step(first.q, first.table.segments, first.own_kv)
+    monkeypatch.setattr(dispatch, "_route", mock.Mock(side_effect=RuntimeError("no plan copies here")))
+    with pytest.raises(RuntimeError, match="no plan copies"):
+        step(longer.q, longer.table.segments, longer.own_kv)
+    kernels = mock.Mock(wraps=dispatch._attend)
+    monkeypatch.setattr(dispatch, "_attend", kernels)
+    out = step(first.q, first.table.segments, first.own_kv)
+    torch.testing.assert_close(out.double(), oracle(first), atol=2e-5, rtol=0)
+    assert kernels.call_count == 1
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -15,8 +15,10 @@ import torch
 from cartridges_kernels import KernelConfig, KVSegment, SegmentTable, dispatch, prefill_attention, quantize_kv
 from cartridges_kernels.config import check_config
 from cartridges_kernels.dispatch import segmented_attention_triton
+from cartridges_kernels.segment_kernel import aligned
+from cartridges_kernels.segments import storage_of
 
-from ._build import make_batch, oracle
+from ._build import Batch, make_batch, oracle
 
 ATOL = 2e-3  # fp16 inputs
 WS = KernelConfig(block_m=16, block_n=16, tma=True, warp_specialize=True)
@@ -67,12 +69,33 @@ def test_prefill_and_many_tiles_match_oracle(ws_launches: list[int]) -> None:
     assert ws_launches == [1]
 
 
+def test_keys_and_values_of_different_16_bit_types(ws_launches: list[int]) -> None:
+    torch.manual_seed(35)
+    batch = make_batch([37, 20], [[0, 1], [1]], own_lens=[3, 2], dtype=torch.float16)
+    mixed = SegmentTable(
+        [KVSegment(s.keys, storage_of(s.values).to(torch.bfloat16), s.length) for s in batch.table.segments],
+        batch.table.request_segments,
+    )
+    out = segmented_attention_triton(batch.q, batch.query_lens, mixed, batch.own_kv, 0.25, None, True, WS, False)[0]
+    expected = oracle(Batch(batch.q, batch.query_lens, mixed, batch.own_kv), 0.25)
+    torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=0)
+    assert ws_launches == [1]
+
+
 def test_other_launches_keep_the_segment_kernel(ws_launches: list[int]) -> None:
-    """fp32 or quantized cartridges, and unaligned ones, are not this kernel's: same answers, no launch of it."""
+    """fp32 or quantized cartridges, unaligned ones, and queries whose rows a descriptor cannot step over (12
+    fp16 channels: 24 bytes) are not this kernel's: same answers, no launch of it."""
     torch.manual_seed(33)
     wide = make_batch([29, 7], [[0, 1], [1], [0]], own_lens=[3, 2, 1])
     unaligned = make_batch([29], [[0], [0]], own_lens=[4, 2], head_dim=12, dtype=torch.float16)
-    for batch in (wide, unaligned):
+    padded = make_batch([29], [[0], [0]], own_lens=[4, 2], head_dim=12, dtype=torch.float16)
+    rows = torch.zeros(2, 29, 16, dtype=torch.float16)  # each row starts on 32 bytes: aligned storage
+    keys, values = rows.clone(), rows.clone()
+    keys[..., :12], values[..., :12] = padded.table.segments[0].dense(torch.float16)
+    segment = KVSegment(keys[..., :12], values[..., :12])
+    padded = Batch(padded.q, padded.query_lens, SegmentTable([segment], [[0], [0]]), padded.own_kv)
+    assert aligned(segment)
+    for batch in (wide, unaligned, padded):
         out = prefill_attention(batch.q, batch.query_lens, batch.table, batch.own_kv, backend="triton", config=WS)
         torch.testing.assert_close(out.double(), oracle(batch), atol=ATOL, rtol=0)
     quantized = SegmentTable(
