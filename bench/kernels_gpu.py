@@ -16,6 +16,7 @@ torch's flash attention on the same half), profiled per kernel (torch.profiler),
     PYTHONPATH=.:kernels python bench/kernels_gpu.py [--out DIR]   # on a CUDA machine
     python bench/kernels_gpu.py --smoke --out /tmp/x    # tiny shapes on CPU (Triton interpreter)
     python bench/kernels_gpu.py --one-step 64           # one layer's launches, for a profiler (bench/ncu_gpu.sh)
+    python bench/kernels_gpu.py --probe '{"tma": true, "warp_specialize": true}'   # one config, checked apart
 
 Writes DIR/kernels-gpu.json (and kernels-gpu.png when matplotlib is importable); DIR defaults to
 bench/results.
@@ -29,6 +30,7 @@ import importlib.metadata
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -360,15 +362,21 @@ def correct_configs(layer: Layer, shapes: Shapes, configs: Sequence[KernelConfig
     return correct
 
 
+SWEEP_SPLITS = (None, 1, 2, 4, 8, 16)
+
+
 def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> Iterator[dict[str, Any]]:
     """Decode time of the shared-cartridge case at one batch over tile configs and split factors (graph replay),
     to choose the fixed default config from measurements rather than guesses; row by row, so a run cut short
-    by its time limit keeps the rows it measured."""
+    by its time limit keeps the rows it measured. Warp-specialized configs are first tried apart
+    (``runs_apart``)."""
     case = cases(shapes)[0]
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
-    for config in correct_configs(layers[0], shapes, (default_config(shapes.head_dim), *SWEEP_CONFIGS)):
-        for splits in (None, 1, 2, 4, 8, 16):
+    swept = (default_config(shapes.head_dim), *SWEEP_CONFIGS)
+    configs = [c for c in swept if not c.warp_specialize or runs_apart(c, shapes)]
+    for config in correct_configs(layers[0], shapes, configs):
+        for splits in SWEEP_SPLITS:
             try:
                 run = functools.partial(_decode_with, config=config, num_splits=splits)
                 ms, _ = time_per_step(run, layers, shapes, device)
@@ -379,6 +387,38 @@ def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) ->
                    "bandwidth_fraction": kernel_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps}  # fmt: skip
             print(f"sweep {row}", flush=True)
             yield row
+
+
+@functools.cache
+def runs_apart(config: KernelConfig, shapes: Shapes, timeout_s: float = 150.0) -> bool:
+    """Whether the shared-cartridge decode with ``config`` is right at every batch and split the sweep times,
+    run in a child process (``--probe``). Triton's warp specialization on sm_90 is experimental: a kernel that
+    faults leaves this process's CUDA context unusable for every config after it, and one that deadlocks never
+    returns, so such a config must not run here first."""
+    smoke = ["--smoke"] if shapes == SMOKE else []
+    command = [sys.executable, __file__, *smoke, "--probe", json.dumps(asdict(config))]
+    try:
+        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"sweep {config}: no answer in {timeout_s:g} s; not timed", file=sys.stderr)
+        return False
+    if child.returncode != 0:
+        print(f"sweep {config}: failed apart ({child.stderr.strip()[-500:]}); not timed", file=sys.stderr)
+    return child.returncode == 0
+
+
+def probe(config: KernelConfig, shapes: Shapes, device: torch.device) -> int:
+    """``--probe``: 0 when ``config`` decodes the shared-cartridge case right at each swept batch and split."""
+    for batch in (64, 256) if device.type == "cuda" else shapes.batches:
+        layer = make_layer(shapes, cases(shapes)[0], batch, device)
+        expected = decode_attention(layer.q, layer.table, layer.own, backend="torch").float()
+        for splits in SWEEP_SPLITS:
+            error = (_decode_with(layer, config, splits).float() - expected).abs().max().item()
+            if not error <= tolerance(shapes):
+                print(f"batch {batch}, splits {splits}: max error {error:.3g}", file=sys.stderr)
+                return 1
+    sync(device)
+    return 0
 
 
 @dataclass
@@ -555,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         "--one-step", type=int, metavar="BATCH", help="only launch one layer's shared-cartridge step at BATCH on "
         "each path, fused then multi-launch (what bench/ncu_gpu.sh profiles), and exit"
     )  # fmt: skip
+    parser.add_argument("--probe", metavar="CONFIG_JSON", help="only check one KernelConfig (what the sweep runs "
+                        "apart for warp-specialized configs) and exit 0 if it decodes right")  # fmt: skip
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels first import triton
@@ -565,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device; use --smoke to check the script on CPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    if args.probe:
+        return probe(KernelConfig(**json.loads(args.probe)), shapes, device)
     if args.one_step:
         layer = make_layer(shapes, cases(shapes)[0], args.one_step, device)
         for fused in (True, False):

@@ -133,6 +133,19 @@ def test_sweep_times_only_configs_that_compute_the_right_attention(monkeypatch: 
     assert bench.correct_configs(layer, bench.SMOKE, [good, wrong, failing]) == [good]
 
 
+def test_experimental_configs_are_checked_in_a_child_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """runs_apart: a config that decodes right passes; one that fails, or does not answer in time, is left
+    out without touching this process."""
+    from cartridges_kernels import KernelConfig
+
+    bench = bench_module(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
+    assert bench.runs_apart(KernelConfig(16, 16), bench.SMOKE)
+    assert not bench.runs_apart(KernelConfig(16, 8), bench.SMOKE)  # block_n below a dot's 16: refused
+    assert not bench.runs_apart(KernelConfig(16, 16), bench.SMOKE, timeout_s=0.01)
+
+
 def test_slow_steps_take_fewer_timed_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 0.4 s step is timed 5 times, not 20: the device run's time limit is for the whole benchmark."""
     bench = bench_module(monkeypatch)
