@@ -462,7 +462,8 @@ def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
     """Where the shared-cartridge step's time goes: the fused kernel over the cartridge alone, over the
     requests' own KV alone, and over both (default config, graph replay), each with its own bandwidth fraction;
-    and each half on torch's flash attention (no LSE, no merge: a floor for what a mature kernel takes)."""
+    each half on torch's flash attention (no LSE, no merge: a floor for what a mature kernel takes); and the
+    cartridge alone with the first warp-specialized swept config (the walk it is meant to speed up)."""
     case = cases(shapes)[0]
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
@@ -498,6 +499,14 @@ def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float
         ),
         "own only, torch flash SDPA": (lambda x: flash_sdpa(x.own_q, x.own_k, x.own_v), flash, own_bytes, own_keys),
     }
+    specialized = next(c for c in SWEEP_CONFIGS if c.warp_specialize)
+    if device.type != "cuda" or runs_apart(specialized, shapes):  # on a GPU, only once it has run right apart
+        phases["cartridge only, warp-specialized"] = (
+            lambda x: decode_attention(x.q, x.table, None, backend="triton", config=specialized),
+            layers,
+            cartridge_bytes,
+            cartridge_keys,
+        )
     rows = []
     for phase, (run, inputs, phase_bytes, keys) in phases.items():
         try:
