@@ -267,8 +267,7 @@ def _attend(
         sources = own_kv if launch.own else table.segments
         assert sources is not None
         segments = select(sources, launch.sources)
-        specialized = warp_specializes(route.config, launch, segments, q)
-        launcher = launch_ws_partials if specialized else launch_segment_partials
+        launcher = launch_ws_partials if warp_specializes(launch, segments, q) else launch_segment_partials
         launcher(q, launch, segments, part_o, part_lse, sm_scale, route.config)
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)

@@ -29,14 +29,13 @@ def load_query_rows(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ) -> tuple[tl.tensor, ...]:
-    """The tile's queries [BLOCK_M, BLOCK_D] and, per row, its tile token, query token, head and validity;
-    tile token t is query token row_token_ptr[row_start + t]."""
-    t = tl.arange(0, BLOCK_M) // GROUP_PAD
-    t_valid = t < row_count
-    token = tl.load(row_token_ptr + row_start + t, mask=t_valid, other=0).to(tl.int64)
-    return load_token_rows(
-        q_ptr, stride_qt, stride_qh, token, t_valid, kv_head, GROUP, GROUP_PAD, BLOCK_M, HEAD_DIM, BLOCK_D
+    """The tile's queries [BLOCK_M, BLOCK_D] and, per row, its tile token, query token, head and validity
+    (see tile_rows)."""
+    t, t_valid, token, row_valid, head = tile_rows(
+        row_token_ptr, row_start, row_count, kv_head, GROUP, GROUP_PAD, BLOCK_M
     )
+    q = _load_queries(q_ptr, stride_qt, stride_qh, token, head, row_valid, HEAD_DIM, BLOCK_D)
+    return q, t, t_valid, row_valid, token, head
 
 
 @triton.jit
@@ -54,19 +53,57 @@ def load_token_rows(
     BLOCK_D: tl.constexpr,
 ) -> tuple[tl.tensor, ...]:
     """load_query_rows for rows whose query tokens ``token`` [BLOCK_M] the caller already knows."""
-    offs_m = tl.arange(0, BLOCK_M)
-    t = offs_m // GROUP_PAD
-    g = offs_m % GROUP_PAD
-    row_valid = t_valid & (g < GROUP)
-    head = kv_head * GROUP + g
+    row_valid, head = group_heads(t_valid, kv_head, GROUP, GROUP_PAD, BLOCK_M)
+    q = _load_queries(q_ptr, stride_qt, stride_qh, token, head, row_valid, HEAD_DIM, BLOCK_D)
+    return q, tl.arange(0, BLOCK_M) // GROUP_PAD, t_valid, row_valid, token, head
+
+
+@triton.jit
+def tile_rows(
+    row_token_ptr: tl.tensor,
+    row_start: tl.tensor,
+    row_count: tl.tensor,
+    kv_head: tl.tensor,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+) -> tuple[tl.tensor, ...]:
+    """Per row of a tile: its tile token t, whether t is one of the tile's ``row_count``, its query token
+    row_token_ptr[row_start + t], whether the row is real, and its query head (see group_heads)."""
+    t = tl.arange(0, BLOCK_M) // GROUP_PAD
+    t_valid = t < row_count
+    token = tl.load(row_token_ptr + row_start + t, mask=t_valid, other=0).to(tl.int64)
+    row_valid, head = group_heads(t_valid, kv_head, GROUP, GROUP_PAD, BLOCK_M)
+    return t, t_valid, token, row_valid, head
+
+
+@triton.jit
+def group_heads(
+    t_valid: tl.tensor, kv_head: tl.tensor, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr
+) -> tuple[tl.tensor, ...]:
+    """Row m's query head kv_head * GROUP + m % GROUP_PAD, and whether the row is real (its token is, and its
+    place in the padded group is one of the GROUP heads)."""
+    g = tl.arange(0, BLOCK_M) % GROUP_PAD
+    return t_valid & (g < GROUP), kv_head * GROUP + g
+
+
+@triton.jit
+def _load_queries(
+    q_ptr: tl.tensor,
+    stride_qt: tl.tensor,
+    stride_qh: tl.tensor,
+    token: tl.tensor,
+    head: tl.tensor,
+    row_valid: tl.tensor,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+) -> tl.tensor:
     offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    q = tl.load(
+    return tl.load(
         q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_valid[:, None] & d_valid[None, :],
+        mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :],
         other=0.0,
     )
-    return q, t, t_valid, row_valid, token, head
 
 
 @triton.jit

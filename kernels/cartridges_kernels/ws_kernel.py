@@ -31,7 +31,15 @@ from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import aligned, segment_meta, tma_descriptors
 from cartridges_kernels.segments import KVSegment, kv_element_bytes, storage_of, storage_segments
-from cartridges_kernels.tile import META_COLUMNS, empty_state, fold_block, split_range, store_rows, tile_entry
+from cartridges_kernels.tile import (
+    META_COLUMNS,
+    empty_state,
+    fold_block,
+    split_range,
+    store_rows,
+    tile_entry,
+    tile_rows,
+)
 
 
 @triton.jit
@@ -83,16 +91,13 @@ def _cartridge_ws_kernel(
             qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, 0, 0, False, True, True,
         )  # fmt: skip
 
-    t = tl.arange(0, BLOCK_M) // GROUP_PAD
-    g = tl.arange(0, BLOCK_M) % GROUP_PAD
-    t_valid = t < row_count
-    token = tl.load(row_token_ptr + row_start + t, mask=t_valid, other=0).to(tl.int64)
+    t, t_valid, token, row_valid, head = tile_rows(
+        row_token_ptr, row_start, row_count, kv_head, GROUP, GROUP_PAD, BLOCK_M
+    )
     slot = tl.load(row_slot_ptr + row_start + t, mask=t_valid, other=0) + split
-    head = kv_head * GROUP + g
     store_rows(
-        part_o_ptr, part_lse_ptr, slot, token, head, t_valid & (g < GROUP), m_i, l_i, acc, n_tokens, q_heads,
-        HEAD_DIM, BLOCK_D,
-    )  # fmt: skip
+        part_o_ptr, part_lse_ptr, slot, token, head, row_valid, m_i, l_i, acc, n_tokens, q_heads, HEAD_DIM, BLOCK_D
+    )
 
 
 @triton.jit
@@ -103,14 +108,14 @@ def _from_base(base_ptr: tl.tensor, address: tl.tensor) -> tl.tensor:
     return base_ptr + (address - base_ptr.to(tl.int64)) // element
 
 
-def warp_specializes(config: KernelConfig, plan: LaunchPlan, segments: Sequence[KVSegment], q: Tensor) -> bool:
-    """Whether ``config`` asks for this kernel and the launch is one it runs: cartridges (not own KV) stored
-    unquantized in 16 bits, every one aligned for descriptors, and query rows whose width is a whole number of
-    16-byte pieces (the gathered queries' row stride, which a descriptor needs)."""
+def warp_specializes(plan: LaunchPlan, segments: Sequence[KVSegment], q: Tensor) -> bool:
+    """Whether the launch was planned for this kernel (``query_rows``: a cartridge launch under a
+    ``warp_specialize`` config) and is one it runs: cartridges stored unquantized in 16 bits, every one aligned
+    for descriptors, and query rows whose width is a whole number of 16-byte pieces (the gathered queries' row
+    stride, which a descriptor needs)."""
     stored = storage_segments(segments)
     return (
-        config.warp_specialize
-        and plan.query_rows is not None
+        plan.query_rows is not None
         and q.shape[-1] * q.element_size() % 16 == 0
         and all(
             isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16)
