@@ -332,11 +332,18 @@ def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
     return failures
 
 
-def forced(layer: Layer, fused: bool) -> Tensor:
-    """Decode through the fused kernel or the multi-launch path, regardless of which the dispatcher would pick."""
+def forced(layer: Layer, fused: bool, config: KernelConfig | None = None, own: bool = True) -> Tensor:
+    """Decode through the fused kernel or the multi-launch path, regardless of which the dispatcher would pick;
+    over the cartridges and, if ``own``, the own KV."""
     scale = layer.q.shape[-1] ** -0.5
     batch = [1] * layer.q.shape[0]
-    return segmented_attention_triton(layer.q, batch, layer.table, layer.own, scale, None, True, None, fused)[0]
+    own_kv = layer.own if own else None
+    return segmented_attention_triton(layer.q, batch, layer.table, own_kv, scale, None, True, config, fused)[0]
+
+
+def side_by_side(config: KernelConfig) -> KernelConfig:
+    """``config`` with the multi-launch path's partial launches on streams of their own."""
+    return replace(config, side_by_side=True)
 
 
 def _decode_with(layer: Layer, config: KernelConfig, num_splits: int | None) -> Tensor:
@@ -374,7 +381,7 @@ def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) ->
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
     swept = (default_config(shapes.head_dim), *SWEEP_CONFIGS)
-    configs = [c for c in swept if not c.warp_specialize or runs_apart(c, shapes)]
+    configs = [c for c in swept if not c.warp_specialize or runs_apart(replace(c, side_by_side=False), shapes)]
     for config in correct_configs(layers[0], shapes, configs):
         for splits in SWEEP_SPLITS:
             try:
@@ -460,10 +467,13 @@ def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
-    """Where the shared-cartridge step's time goes: the fused kernel over the cartridge alone, over the
+    """Where the shared-cartridge step's time goes: the dispatched kernels over the cartridge alone, over the
     requests' own KV alone, and over both (default config, graph replay), each with its own bandwidth fraction;
-    each half on torch's flash attention (no LSE, no merge: a floor for what a mature kernel takes); and the
-    cartridge alone with the first warp-specialized swept config (the walk it is meant to speed up)."""
+    both again with the multi-launch path's launches side by side (the own walk, bound by bandwidth, may then
+    overlap the cartridge walk, bound by latency: at batch 64 the two in a row cannot reach the target); each
+    half on torch's flash attention (no LSE, no merge: a floor for what a mature kernel takes); and with the
+    first warp-specialized swept config, the cartridge alone (the walk it is meant to speed up) and both side
+    by side."""
     case = cases(shapes)[0]
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
@@ -499,20 +509,29 @@ def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float
         ),
         "own only, torch flash SDPA": (lambda x: flash_sdpa(x.own_q, x.own_k, x.own_v), flash, own_bytes, own_keys),
     }
+    # Not yet run on a GPU: timed only once right on this one (the warp-specialized kernel first apart), and a
+    # failure costs its own row, as torch's flash kernels may (a GPU they have no kernel for).
     specialized = next(c for c in SWEEP_CONFIGS if c.warp_specialize)
-    if device.type != "cuda" or runs_apart(specialized, shapes):  # on a GPU, only once it has run right apart
-        phases["cartridge only, warp-specialized"] = (
-            lambda x: decode_attention(x.q, x.table, None, backend="triton", config=specialized),
-            layers,
-            cartridge_bytes,
-            cartridge_keys,
-        )
+    trials = [side_by_side(default_config(shapes.head_dim))]
+    if device.type != "cuda" or runs_apart(specialized, shapes):
+        trials += [specialized, side_by_side(specialized)]
+    right = correct_configs(layers[0], shapes, trials)
+    experimental = {
+        "cartridge+own, multi-launch side by side": (trials[0], kernel_bytes, cartridge_keys + own_keys),
+        "cartridge only, warp-specialized": (specialized, cartridge_bytes, cartridge_keys),
+        "cartridge+own, warp-specialized side by side": (side_by_side(specialized), kernel_bytes,
+                                                         cartridge_keys + own_keys),
+    }  # fmt: skip
+    for phase, (config, phase_bytes, keys) in experimental.items():
+        if config in right:
+            own = "cartridge+own" in phase
+            phases[phase] = (functools.partial(forced, fused=False, config=config, own=own), layers, phase_bytes, keys)
     rows = []
     for phase, (run, inputs, phase_bytes, keys) in phases.items():
         try:
             ms, _ = time_per_step(run, inputs, shapes, device)
-        except RuntimeError as error:  # no flash kernel for this GPU: keep the other rows (ours must not fail)
-            if inputs is not flash:
+        except RuntimeError as error:
+            if inputs is not flash and phase not in experimental:  # ours must not fail
                 raise
             print(f"breakdown {phase}: {error}", file=sys.stderr)
             continue

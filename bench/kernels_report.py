@@ -105,6 +105,7 @@ def report(result: dict[str, Any]) -> str:
             "own_block_n",
             "tma",
             "warp_specialize",
+            "side_by_side",
             "num_splits",
             "kernel_ms",
         ]

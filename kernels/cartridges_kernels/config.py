@@ -41,7 +41,9 @@ class KernelConfig:
     ``own_block_n`` keys per block of the fused decode kernel's own-KV walk (None: see own_block_n());
     ``tma``: copy the blocks of 16-byte-aligned segments with the Tensor Memory Accelerator (sm_90+; off by
     default until a GPU run shows it faster: the benchmark sweeps it); ``warp_specialize`` (with ``tma``): the
-    multi-launch path's cartridge launches run ``ws_kernel`` (sm_90; swept, not yet timed)."""
+    multi-launch path's cartridge launches run ``ws_kernel`` (sm_90; swept, not yet timed); ``side_by_side``:
+    the multi-launch path queues its partial launches on CUDA streams of their own (``streams``), so the own-KV
+    walk may overlap the cartridge walk (swept, not yet timed)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -50,6 +52,7 @@ class KernelConfig:
     own_block_n: int | None = None
     tma: bool = False
     warp_specialize: bool = False
+    side_by_side: bool = False
 
 
 def next_pow2(n: int) -> int:
@@ -156,10 +159,14 @@ def default_config(head_dim: int, kv_bytes: int = 2, dequantizes: bool = False) 
 # 4 requests at GQA 4, more programs); block_n 128 reads a 128-token own KV in one block; own_block_n=64 is
 # the own walk before OWN_BLOCK_BYTES (two round trips for a 128-token own KV). 8 warps leave one program per
 # SM at these tiles' registers (the compile test prints it): (64, 64, 8, 3) lost everywhere on the H200.
-# The warp-specialized ones come first (untimed so far): a run cut short by its time limit still times them.
+# The warp-specialized and side-by-side ones come first (untimed so far): a run cut short by its time limit
+# still times them. Side by side, an SM holds one own program (16-row tiles) beside a cartridge program at 3
+# stages and three at 2 (shared memory and registers; the compile test prints it).
 SWEEP_CONFIGS = (
     KernelConfig(64, 64, 4, 2, tma=True, warp_specialize=True),
     KernelConfig(64, 64, 4, 3, tma=True, warp_specialize=True),
+    KernelConfig(64, 64, 4, 3, side_by_side=True),
+    KernelConfig(64, 64, 4, 2, side_by_side=True),
     KernelConfig(64, 64, 4, 3, tma=True),
     KernelConfig(64, 64, 4, 2, tma=True),
     KernelConfig(64, 64, 4, 2),

@@ -7,6 +7,7 @@ variable ``CARTRIDGES_KERNELS_BACKEND=triton``) forces the kernels, which on CPU
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -38,6 +39,7 @@ from cartridges_kernels.segments import (
     storage_of,
     storage_segments,
 )
+from cartridges_kernels.streams import run_side_by_side
 from cartridges_kernels.torch_backend import segmented_attention_torch
 from cartridges_kernels.transfer import retained
 
@@ -263,12 +265,18 @@ def _attend(
     # the bytes a decode step must move (9 slots written and merged), 16-bit ones half that.
     part_o = torch.empty((plan.num_slots, tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     part_lse = torch.full((plan.num_slots, tokens, q_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    jobs = []
     for launch in plan.launches:
         sources = own_kv if launch.own else table.segments
         assert sources is not None
         segments = select(sources, launch.sources)
         launcher = launch_ws_partials if warp_specializes(launch, segments, q) else launch_segment_partials
-        launcher(q, launch, segments, part_o, part_lse, sm_scale, route.config)
+        jobs.append(functools.partial(launcher, q, launch, segments, part_o, part_lse, sm_scale, route.config))
+    if route.config.side_by_side:
+        run_side_by_side(jobs, q.device)
+    else:
+        for job in jobs:
+            job()
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
     out_lse = torch.empty((tokens, q_heads), dtype=torch.float32, device=q.device)
     launch_merge(part_o, part_lse, out, out_lse)

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from cartridges_kernels.config import SWEEP_CONFIGS, KernelConfig, default_config, own_block_n
+from cartridges_kernels.config import MIN_DOT, SWEEP_CONFIGS, KernelConfig, default_config, own_block_n
 from cartridges_kernels.fused_kernel import _fused_decode_kernel
 from cartridges_kernels.merge_kernel import _merge_kernel
 from cartridges_kernels.segment_kernel import _segment_partials_kernel
@@ -140,15 +140,40 @@ def print_registers(name: str, config: KernelConfig, compiled: triton.compiler.C
           f"{loop_summary(compiled)}")  # fmt: skip
 
 
+SEGMENT_POINTERS = ["meta_ptr", "tiles_ptr", "row_token_ptr", "row_slot_ptr", "row_back_ptr"]
+SEGMENT_TYPES = {
+    **{name: "*i64" if name == "meta_ptr" else "*i32" for name in SEGMENT_POINTERS},
+    **{name: "i32" for name in SCALARS},
+    "part_o_ptr": "*fp32",
+    "part_lse_ptr": "*fp32",
+    "qk_scale": "fp32",
+}
+
+
+def print_side_by_side(config: KernelConfig) -> None:
+    """The multi-launch path's two bf16 decode launches at batch 64 with a shared cartridge (the cartridge's
+    64-row tiles, own KV's 16-row causal ones), and how many own programs an SM holds beside one cartridge
+    program: with ``side_by_side`` the two walks overlap within an SM only if that is at least one."""
+    types = {**SEGMENT_TYPES, "q_ptr": "*bf16", "part_o_ptr": "*bf16"}
+    formats = {"K_DTYPE": tl.bfloat16, "V_DTYPE": tl.bfloat16, "K_SCALE": 0, "V_SCALE": 0, "ALIGNED": True}
+    usage = []  # (registers, shared bytes, warps) of one cartridge program, then one own program
+    for block_m, causal in ((config.block_m, False), (MIN_DOT, True)):
+        tiles = replace(config, block_m=block_m)
+        compiled = compile_tiles(_segment_partials_kernel, types, {**formats, "CAUSAL": causal}, tiles)
+        print_registers(f"side by side {'own' if causal else 'cartridge'}", tiles, compiled)
+        registers, _ = registers_and_stack(compiled)
+        warps = compiled.metadata.num_warps
+        usage.append((-(-registers * 32 // 256) * 256 * warps, compiled.metadata.shared + 1024, warps))
+    (cartridge_registers, cartridge_shared, cartridge_warps), (own_registers, own_shared, own_warps) = usage
+    beside = min(
+        (65536 - cartridge_registers) // own_registers,
+        (228 * 1024 - cartridge_shared) // own_shared,
+        (64 - cartridge_warps) // own_warps,
+    )
+    print(f"side by side {config}: {beside} own programs per SM beside a cartridge program")
+
+
 def main() -> None:
-    pointers = ["meta_ptr", "tiles_ptr", "row_token_ptr", "row_slot_ptr", "row_back_ptr"]
-    seg_types = {
-        **{name: "*i64" if name == "meta_ptr" else "*i32" for name in pointers},
-        **{name: "i32" for name in SCALARS},
-        "part_o_ptr": "*fp32",
-        "part_lse_ptr": "*fp32",
-        "qk_scale": "fp32",
-    }
     shape = {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_M": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "BLOCK_D": 128, "TMA": False}
     variants = [
         (
@@ -175,7 +200,7 @@ def main() -> None:
         ),
     ]
     for q_type, formats in variants:  # partials in q's dtype, as the dispatcher allocates them
-        types = {**seg_types, "q_ptr": f"*{q_type}", "part_o_ptr": f"*{q_type}"}
+        types = {**SEGMENT_TYPES, "q_ptr": f"*{q_type}", "part_o_ptr": f"*{q_type}"}
         compiled = compile_kernel(_segment_partials_kernel, types, {**shape, **formats})
         print(f"segment kernel q={q_type} {formats}: ok, {compiled.metadata.shared} bytes shared memory, "
               f"{wide_loads(compiled)} wide loads")  # fmt: skip
@@ -237,10 +262,12 @@ def main() -> None:
         print_registers(f"ws ({len(re.findall('setmaxnreg', ws.asm['ptx']))} setmaxnreg)", config, ws)
     segment_formats = {**variants[0][1], "CAUSAL": True}
     segment = compile_tiles(
-        _segment_partials_kernel, {**seg_types, "q_ptr": "*bf16", "part_o_ptr": "*bf16"}, segment_formats,
+        _segment_partials_kernel, {**SEGMENT_TYPES, "q_ptr": "*bf16", "part_o_ptr": "*bf16"}, segment_formats,
         default_config(128),
     )  # fmt: skip
     print_registers("segment", default_config(128), segment)
+    for config in (c for c in SWEEP_CONFIGS if c.side_by_side):
+        print_side_by_side(config)
     merge_types = {
         "part_o_ptr": "*fp32",
         "part_lse_ptr": "*fp32",

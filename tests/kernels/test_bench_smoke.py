@@ -57,8 +57,9 @@ def test_bench_smoke_writes_results(tmp_path: Path) -> None:
         assert (row["per_request_ms"] is None) == row["case"].startswith("icl")
     assert "shared-1x40" in proc.stdout
     phases = {row["phase"] for row in result["breakdown"] if row["kernel_ms"] > 0 and row["tflops"] > 0}
-    assert phases == {"cartridge+own", "cartridge only", "own only", "cartridge only, torch flash SDPA",
-                      "own only, torch flash SDPA", "cartridge only, warp-specialized"}  # fmt: skip
+    assert phases == {"cartridge+own", "cartridge+own, multi-launch side by side", "cartridge only", "own only",
+                      "cartridge only, torch flash SDPA", "own only, torch flash SDPA",
+                      "cartridge only, warp-specialized", "cartridge+own, warp-specialized side by side"}  # fmt: skip
     assert result["kernel_profile"] == []  # CUDA only
     assert [(row["case"], row["batch"]) for row in result["own_lengths"]] == [("shared-1x40-own9", 3)]
     assert result["own_lengths"][0]["kernel_ms"] > 0

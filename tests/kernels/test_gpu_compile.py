@@ -40,10 +40,12 @@ def test_kernels_compile_for_sm90() -> None:
     # may park a few predicates on the stack outside the loops, once per program: that is not checked.)
     usage = [line for line in lines if line.startswith("registers ")]
     # + the default bf16 at head_dim 128, 64 and 256, without own KV, the default quantized with and without
-    # TMA, the segment kernel, and the warp-specialized kernel at each swept config that asks for it
+    # TMA, the segment kernel, the warp-specialized kernel at each swept config that asks for it, and the
+    # cartridge and own launches of each side-by-side config
     specialized = [line for line in usage if line.startswith("registers ws ")]
     assert len(specialized) == sum(c.warp_specialize for c in SWEEP_CONFIGS) > 0, proc.stdout
-    assert len(usage) == len(SWEEP_CONFIGS) + 7 + len(specialized), proc.stdout
+    side_by_side = [c for c in SWEEP_CONFIGS if c.side_by_side]
+    assert len(usage) == len(SWEEP_CONFIGS) + 7 + len(specialized) + 2 * len(side_by_side), proc.stdout
     # Triton turns warp specialization off without a word when a loop does not suit it; setmaxnreg (producer
     # warps giving registers to consumer warpgroups) shows it is on.
     assert all(int(line.split("(")[1].split()[0]) > 0 for line in specialized), specialized
@@ -52,6 +54,10 @@ def test_kernels_compile_for_sm90() -> None:
     # A step without own KV holds as many shared programs per SM as one with it.
     default, cartridges_only = usage[0], next(line for line in usage if "cartridges only" in line)
     assert _programs_per_sm(cartridges_only) == _programs_per_sm(default), (default, cartridges_only)
+    # Side by side, the own walk can overlap the cartridge walk within an SM, not only across SMs.
+    beside = [line for line in lines if line.endswith("own programs per SM beside a cartridge program")]
+    assert len(beside) == len(side_by_side) > 0, proc.stdout
+    assert all(int(line.rsplit(": ", 1)[1].split()[0]) >= 1 for line in beside), beside
 
 
 def _programs_per_sm(line: str) -> int:
