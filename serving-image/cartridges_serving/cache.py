@@ -5,6 +5,12 @@ An id is a cartridge name inside the server's namespace; it resolves through
 ``pointer_ttl_s`` (a store round trip per request would cost more than a decode step), so a newly promoted
 generation is served within that time; the loaded tensors are cached by (id, generation, sha256) and evicted
 least-recently-used once their bytes exceed the budget.
+
+Locking: one lock guards the pointers, the entries, the loads in flight and the counters, and is held only to
+look up and to update them, never across a store round trip or a load. A miss marks its key as loading (a
+``Future``) and loads without the lock; other misses on that key wait on the future, so a cartridge is loaded
+once and a failed load raises in every waiter and is not cached. ``stats()`` and hits therefore never wait on
+a load.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +99,12 @@ class CartridgeCache:
         self.pointer_ttl_s, self._clock = pointer_ttl_s, clock
         self._pointers: dict[str, tuple[float, layout.Pointer]] = {}
         self._entries: OrderedDict[tuple[str, int, str], LoadedCartridge] = OrderedDict()
+        self._loading: dict[tuple[str, int, str], Future[LoadedCartridge]] = {}
         self._lock = threading.Lock()
         self._hits = self._misses = self._bytes = 0
 
     def get(self, cartridge_id: str) -> LoadedCartridge:
+        """The cartridge's promoted generation, from the cache or loaded (once, however many threads ask)."""
         check_cartridge_id(cartridge_id, self.namespace)
         pointer = self._pointer(cartridge_id)
         key = (cartridge_id, pointer.generation, pointer.sha256)
@@ -104,10 +113,27 @@ class CartridgeCache:
                 self._hits += 1
                 self._entries.move_to_end(key)
                 return self._entries[key]
-            self._misses += 1
+            loading = self._loading.get(key)
+            if loading is not None:
+                self._hits += 1  # another thread's load serves this one: the store is read once
+            else:
+                self._misses += 1
+                owned: Future[LoadedCartridge] = Future()
+                self._loading[key] = owned
+        if loading is not None:
+            return loading.result()  # raises the load's error
+        try:
             loaded = self._load(cartridge_id, pointer)
+        except BaseException as err:  # every waiter gets the error; nothing is cached
+            with self._lock:
+                del self._loading[key]
+            owned.set_exception(err)
+            raise
+        with self._lock:
+            del self._loading[key]
             self._insert(key, loaded)
-            return loaded
+        owned.set_result(loaded)
+        return loaded
 
     def stats(self) -> CacheStats:
         with self._lock:
