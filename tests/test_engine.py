@@ -388,6 +388,66 @@ def test_cache_evicts_least_recently_used_by_bytes(tiny_model: LoadedModel, stor
     assert (cache.stats().hits, cache.stats().misses) == (2, 4)
 
 
+class CountingLoads(Store):
+    """Counts downloads of cartridge tensors: each is a load."""
+
+    loads = 0
+
+    def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> Any:
+        self.loads += uri.endswith(TENSORS_FILE)
+        return super().download(uri, path, expected_sha256)
+
+
+def test_a_cartridge_in_use_is_not_evicted_nor_loaded_twice(tiny_model: LoadedModel, store_root: str) -> None:
+    store = CountingLoads()
+    one = random_cartridge(tiny_model.fingerprint, SIZES["alpha"], 0).nbytes  # room for one cartridge
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, one)
+    first = cache.acquire("alpha")  # request A runs with alpha
+    cache.acquire("beta")  # request B loads beta: over the budget, but alpha is in use
+    stats = cache.stats()
+    assert (stats.entries, stats.in_use_entries, stats.bytes) == (2, 2, stats.in_use_bytes)
+    assert stats.bytes > stats.capacity_bytes
+    again = cache.acquire("alpha")  # request C shares A's copy
+    assert again is first and store.loads == 2
+    cache.release(first)
+    cache.release(again)  # alpha is unused now and the least recently used: evicted
+    stats = cache.stats()
+    assert (stats.entries, stats.in_use_entries, stats.misses) == (1, 1, 2) and stats.bytes == stats.in_use_bytes
+    assert cache.get("beta").id == "beta" and store.loads == 2
+
+
+def test_requests_hold_their_cartridges_until_they_end(tiny_model: LoadedModel, store_root: str) -> None:
+    store = CountingLoads()
+    one = random_cartridge(tiny_model.fingerprint, SIZES["alpha"], 0).nbytes
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, one)
+    engine = Engine(tiny_model, cache, max_batch_size=4)
+    try:
+        while_running: list[Any] = []
+
+        def midway(event: StreamEvent) -> None:  # the scheduler thread calls this while the request is live
+            if not event.final and not while_running:
+                while_running.extend([cache.get("beta"), cache.get("alpha"), cache.stats()])
+
+        handle = engine.submit("keep going", ["alpha"], SamplingParams(max_tokens=24), on_event=midway)
+        handle.result(WAIT_S)
+        assert while_running, "the request produced no text before its end"
+        _, alpha, stats = while_running
+        # beta, used by no request, does not fit beside alpha; alpha, in use, stays and is not loaded again
+        assert (stats.entries, stats.in_use_entries, store.loads) == (1, 1, 2) and alpha.id == "alpha"
+        assert cache.stats().in_use_entries == 0  # given back at the end
+        with pytest.raises(CartridgeNotFound):
+            engine.submit("x", ["alpha", "missing"], GREEDY)
+        with pytest.raises(InvalidRequest, match="positions"):
+            engine.submit("x", ["alpha"], SamplingParams(max_tokens=1 << 20))
+        cancelled = engine.submit("x", ["alpha", "beta"], SamplingParams(max_tokens=1 << 10))
+        cancelled.cancel()
+        assert cancelled.result(WAIT_S).finish_reason == "cancelled"
+        stats = cache.stats()
+        assert (stats.in_use_entries, stats.entries) == (0, 1) and stats.bytes <= stats.capacity_bytes
+    finally:
+        engine.close()
+
+
 class CountingStore(Store):
     """Counts ``current.json`` reads, to see which lookups reach the store."""
 
