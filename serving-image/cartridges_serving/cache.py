@@ -91,7 +91,9 @@ def check_cartridge_id(cartridge_id: str, namespace: str) -> None:
 
 
 class CartridgeCache:
-    """Loads cartridges for one (store root, namespace, base model) and keeps at most ``capacity_bytes`` of them."""
+    """Loads cartridges for one (store root, namespace, base model) and keeps at most ``capacity_bytes`` of them,
+    plus those requests use (see the module's docstring). Thread-safe: the engine's submitters acquire, its
+    scheduler thread releases, and neither ever waits on another cartridge's load."""
 
     def __init__(
         self,
