@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from cartridges import layout
 from cartridges.artifact import TENSORS_FILE, Cartridge, QuantizedCartridge, quantize_cartridge
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.quantize import QuantFormat
-from cartridges.store import Store
+from cartridges.store import Store, StoreError
 from cartridges_serving import (
     CartridgeCache,
     CartridgeInvalid,
@@ -387,6 +388,66 @@ def test_cache_evicts_least_recently_used_by_bytes(tiny_model: LoadedModel, stor
     assert (cache.stats().hits, cache.stats().misses) == (2, 4)
 
 
+class CountingLoads(Store):
+    """Counts downloads of cartridge tensors: each is a load."""
+
+    loads = 0
+
+    def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> Any:
+        self.loads += uri.endswith(TENSORS_FILE)
+        return super().download(uri, path, expected_sha256)
+
+
+def test_a_cartridge_in_use_is_not_evicted_nor_loaded_twice(tiny_model: LoadedModel, store_root: str) -> None:
+    store = CountingLoads()
+    one = random_cartridge(tiny_model.fingerprint, SIZES["alpha"], 0).nbytes  # room for one cartridge
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, one)
+    first = cache.acquire("alpha")  # request A runs with alpha
+    cache.acquire("beta")  # request B loads beta: over the budget, but alpha is in use
+    stats = cache.stats()
+    assert (stats.entries, stats.in_use_entries, stats.bytes) == (2, 2, stats.in_use_bytes)
+    assert stats.bytes > stats.capacity_bytes
+    again = cache.acquire("alpha")  # request C shares A's copy
+    assert again is first and store.loads == 2
+    cache.release(first)
+    cache.release(again)  # alpha is unused now and the least recently used: evicted
+    stats = cache.stats()
+    assert (stats.entries, stats.in_use_entries, stats.misses) == (1, 1, 2) and stats.bytes == stats.in_use_bytes
+    assert cache.get("beta").id == "beta" and store.loads == 2
+
+
+def test_requests_hold_their_cartridges_until_they_end(tiny_model: LoadedModel, store_root: str) -> None:
+    store = CountingLoads()
+    one = random_cartridge(tiny_model.fingerprint, SIZES["alpha"], 0).nbytes
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, one)
+    engine = Engine(tiny_model, cache, max_batch_size=4)
+    try:
+        while_running: list[Any] = []
+
+        def midway(event: StreamEvent) -> None:  # the scheduler thread calls this while the request is live
+            if not event.final and not while_running:
+                while_running.extend([cache.get("beta"), cache.get("alpha"), cache.stats()])
+
+        handle = engine.submit("keep going", ["alpha"], SamplingParams(max_tokens=24), on_event=midway)
+        handle.result(WAIT_S)
+        assert while_running, "the request produced no text before its end"
+        _, alpha, stats = while_running
+        # beta, used by no request, does not fit beside alpha; alpha, in use, stays and is not loaded again
+        assert (stats.entries, stats.in_use_entries, store.loads) == (1, 1, 2) and alpha.id == "alpha"
+        assert cache.stats().in_use_entries == 0  # given back at the end
+        with pytest.raises(CartridgeNotFound):
+            engine.submit("x", ["alpha", "missing"], GREEDY)
+        with pytest.raises(InvalidRequest, match="positions"):
+            engine.submit("x", ["alpha"], SamplingParams(max_tokens=1 << 20))
+        cancelled = engine.submit("x", ["alpha", "beta"], SamplingParams(max_tokens=1 << 10))
+        cancelled.cancel()
+        assert cancelled.result(WAIT_S).finish_reason == "cancelled"
+        stats = cache.stats()
+        assert (stats.in_use_entries, stats.entries) == (0, 1) and stats.bytes <= stats.capacity_bytes
+    finally:
+        engine.close()
+
+
 class CountingStore(Store):
     """Counts ``current.json`` reads, to see which lookups reach the store."""
 
@@ -395,6 +456,91 @@ class CountingStore(Store):
     def get_json(self, uri: str) -> Any:
         self.pointer_reads += uri.endswith(layout.CURRENT_POINTER)
         return super().get_json(uri)
+
+
+class GatedStore(Store):
+    """Holds the download of one cartridge's tensors until ``release`` is set (failing it if ``fail`` is)."""
+
+    def __init__(self, gated: str) -> None:
+        super().__init__()
+        self.gated, self.fail, self.downloads = gated, False, 0
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> Any:
+        if f"/{self.gated}/" in uri and uri.endswith(TENSORS_FILE):
+            self.downloads += 1
+            self.started.set()
+            assert self.release.wait(WAIT_S), "the test never released the download"
+            if self.fail:
+                raise StoreError("download failed (simulated)", uri)
+        return super().download(uri, path, expected_sha256)
+
+
+WAIT_S = 60.0  # a failure guard only: every wait below ends on an event long before
+
+
+def in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Runs ``target`` in a daemon thread; the list gets its result or the exception it raised."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(target())
+        except BaseException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_loading_cartridge_blocks_neither_hits_nor_stats(tiny_model: LoadedModel, store_root: str) -> None:
+    store = GatedStore("beta")
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    alpha = cache.get("alpha")
+    loader, loaded = in_thread(lambda: cache.get("beta"))
+    assert store.started.wait(WAIT_S)
+    try:
+        reader, read = in_thread(lambda: (cache.get("alpha"), cache.stats()))
+        reader.join(WAIT_S)
+        assert read, "a hit and stats() waited for another cartridge's load"
+        assert read[0][0] is alpha and read[0][1].entries == 1
+    finally:
+        store.release.set()
+    loader.join(WAIT_S)
+    assert loaded[0].id == "beta" and cache.stats().entries == 2
+
+
+def wait_for_hits(cache: CartridgeCache, hits: int) -> None:
+    """Until ``hits`` lookups have been counted (a waiter on a load in flight is counted before it waits)."""
+    deadline = time.monotonic() + WAIT_S
+    while cache.stats().hits < hits:
+        assert time.monotonic() < deadline, "the second lookup never came"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_concurrent_misses_share_one_load(tiny_model: LoadedModel, store_root: str, fail: bool) -> None:
+    store = GatedStore("beta")
+    store.fail = fail
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    first, first_out = in_thread(lambda: cache.get("beta"))
+    assert store.started.wait(WAIT_S)
+    second, second_out = in_thread(lambda: cache.get("beta"))
+    try:
+        wait_for_hits(cache, 1)
+    finally:
+        store.release.set()
+    first.join(WAIT_S)
+    second.join(WAIT_S)
+    assert store.downloads == 1 and cache.stats().misses == 1
+    if fail:  # every waiter sees the load's error, and the failure is not cached
+        assert all(isinstance(out[0], EngineUnavailable) for out in (first_out, second_out))
+        assert cache.stats().entries == 0
+        store.fail = False
+        assert cache.get("beta").id == "beta" and store.downloads == 2
+    else:
+        assert first_out[0] is second_out[0]
 
 
 def test_promoted_generation_is_served_once_the_pointer_expires(tiny_model: LoadedModel, tmp_path: Path) -> None:

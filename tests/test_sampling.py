@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import pytest
 import torch
 
 from cartridges_serving.sampling import Pick, SamplingParams, next_tokens
@@ -53,3 +54,10 @@ def test_a_seeded_draw_does_not_depend_on_the_rest_of_the_batch() -> None:
     for row in range(5):
         alone, batched = alone_and_in_a_batch(row)
         assert alone == batched
+
+
+def test_a_uniform_of_exactly_zero_never_picks_a_token_of_probability_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.zeros(()))  # a draw of 0.0 (prob 2^-24)
+    logits = logits_of([0.0, 0.0, 0.6, 0.4], rows=2)
+    picks = [Pick(0, SamplingParams(temperature=1.0), None), Pick(1, SamplingParams(temperature=1.0, top_p=0.9), None)]
+    assert next_tokens(logits, picks) == [2, 2]

@@ -218,8 +218,9 @@ def test_engine_metrics_are_exported(server: TritonServer) -> None:
     assert metrics['cartridges_cache_misses{model="router"}'] >= 1
     assert metrics['cartridges_cache_bytes{model="router"}'] > 0
     assert metrics['cartridges_kv_pool_bytes{model="router"}'] > 0  # reserved at start (CARTRIDGES_KV_BYTES)
-    for name in ("running", "queued", "tokens_per_s", "cache_hits", "cache_entries", "requests_finished",
-                 "kv_used_bytes", "kv_waiting", "cuda_graphs_off", "cuda_graph_replays"):  # fmt: skip
+    for name in ("running", "queued", "tokens_per_s", "cache_hits", "cache_entries", "cache_in_use_bytes",
+                 "requests_finished", "kv_used_bytes", "kv_waiting", "cuda_graphs_off",
+                 "cuda_graph_replays"):  # fmt: skip
         assert f'cartridges_{name}{{model="router"}}' in metrics
 
 

@@ -5,6 +5,18 @@ An id is a cartridge name inside the server's namespace; it resolves through
 ``pointer_ttl_s`` (a store round trip per request would cost more than a decode step), so a newly promoted
 generation is served within that time; the loaded tensors are cached by (id, generation, sha256) and evicted
 least-recently-used once their bytes exceed the budget.
+
+Entries in use are never evicted: :meth:`CartridgeCache.acquire` counts a use (the engine takes one per request
+that composes the cartridge, from submission until the request ends) and :meth:`CartridgeCache.release` gives it
+back. Evicting a cartridge a request still reads would free no memory, and the next request asking for it would
+load a second copy (and the batch would read both). So the budget is a bound on unused bytes: ``bytes`` may exceed
+``capacity_bytes`` while entries in use (``in_use_bytes``) hold it, and drops back when they are released.
+
+Locking: one lock guards the pointers, the entries, the loads in flight and the counters, and is held only to
+look up and to update them, never across a store round trip or a load. A miss marks its key as loading (a
+``Future``) and loads without the lock; other misses on that key wait on the future, so a cartridge is loaded
+once and a failed load raises in every waiter and is not cached. ``stats()`` and hits therefore never wait on
+a load.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +65,10 @@ class LoadedCartridge:
     def nbytes(self) -> int:
         return self.cartridge.nbytes
 
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.id, self.generation, self.sha256)
+
 
 @dataclass(frozen=True)
 class CacheStats:
@@ -60,6 +77,8 @@ class CacheStats:
     bytes: int
     entries: int
     capacity_bytes: int
+    in_use_entries: int = 0  # entries some request uses: kept even while ``bytes`` exceeds ``capacity_bytes``
+    in_use_bytes: int = 0
 
 
 def check_cartridge_id(cartridge_id: str, namespace: str) -> None:
@@ -72,7 +91,9 @@ def check_cartridge_id(cartridge_id: str, namespace: str) -> None:
 
 
 class CartridgeCache:
-    """Loads cartridges for one (store root, namespace, base model) and keeps at most ``capacity_bytes`` of them."""
+    """Loads cartridges for one (store root, namespace, base model) and keeps at most ``capacity_bytes`` of them,
+    plus those requests use (see the module's docstring). Thread-safe: the engine's submitters acquire, its
+    scheduler thread releases, and neither ever waits on another cartridge's load."""
 
     def __init__(
         self,
@@ -92,26 +113,65 @@ class CartridgeCache:
         self.pointer_ttl_s, self._clock = pointer_ttl_s, clock
         self._pointers: dict[str, tuple[float, layout.Pointer]] = {}
         self._entries: OrderedDict[tuple[str, int, str], LoadedCartridge] = OrderedDict()
+        self._loading: dict[tuple[str, int, str], Future[LoadedCartridge]] = {}
+        self._uses: dict[tuple[str, int, str], int] = {}  # entries in use: never evicted
         self._lock = threading.Lock()
         self._hits = self._misses = self._bytes = 0
 
     def get(self, cartridge_id: str) -> LoadedCartridge:
+        """The cartridge's promoted generation, from the cache or loaded (once, however many threads ask)."""
+        return self._get(cartridge_id, use=False)
+
+    def acquire(self, cartridge_id: str) -> LoadedCartridge:
+        """:meth:`get`, and count a use: the entry is not evicted until :meth:`release` gives the use back."""
+        return self._get(cartridge_id, use=True)
+
+    def release(self, loaded: LoadedCartridge) -> None:
+        """Give back a use taken by :meth:`acquire`; an entry no longer in use may be evicted now."""
+        with self._lock:
+            uses = self._uses.pop(loaded.key) - 1
+            if uses:
+                self._uses[loaded.key] = uses
+            self._evict()
+
+    def _get(self, cartridge_id: str, use: bool) -> LoadedCartridge:
         check_cartridge_id(cartridge_id, self.namespace)
         pointer = self._pointer(cartridge_id)
         key = (cartridge_id, pointer.generation, pointer.sha256)
         with self._lock:
             if key in self._entries:
                 self._hits += 1
-                self._entries.move_to_end(key)
-                return self._entries[key]
-            self._misses += 1
+                return self._keep(key, self._entries[key], use)
+            loading = self._loading.get(key)
+            if loading is not None:
+                self._hits += 1  # another thread's load serves this one: the store is read once
+            else:
+                self._misses += 1
+                owned: Future[LoadedCartridge] = Future()
+                self._loading[key] = owned
+        if loading is not None:
+            loaded = loading.result()  # raises the load's error
+            with self._lock:  # kept again if it was evicted meanwhile: the object is alive, never load a copy
+                return self._keep(key, loaded, use)
+        try:
             loaded = self._load(cartridge_id, pointer)
-            self._insert(key, loaded)
-            return loaded
+        except BaseException as err:  # every waiter gets the error; nothing is cached
+            with self._lock:
+                del self._loading[key]
+            owned.set_exception(err)
+            raise
+        with self._lock:
+            del self._loading[key]
+            kept = self._keep(key, loaded, use)
+        owned.set_result(loaded)
+        return kept
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(self._hits, self._misses, self._bytes, len(self._entries), self.capacity_bytes)
+            in_use = [self._entries[key].nbytes for key in self._uses]
+            return CacheStats(
+                self._hits, self._misses, self._bytes, len(self._entries), self.capacity_bytes, len(in_use), sum(in_use)
+            )
 
     def _pointer(self, cartridge_id: str) -> layout.Pointer:
         """The resolved pointer, from the store at most once per ``pointer_ttl_s``; failures are never cached."""
@@ -165,13 +225,25 @@ class CartridgeCache:
         )
         return LoadedCartridge(cartridge_id, pointer.generation, pointer.sha256, cartridge)
 
-    def _insert(self, key: tuple[str, int, str], loaded: LoadedCartridge) -> None:
-        """Keep the newest entry unless it alone exceeds the budget; evict least-recently-used ones until it fits."""
-        if loaded.nbytes > self.capacity_bytes:
-            return
-        self._entries[key] = loaded
-        self._bytes += loaded.nbytes
-        while self._bytes > self.capacity_bytes:
-            _, evicted = self._entries.popitem(last=False)
+    def _keep(self, key: tuple[str, int, str], loaded: LoadedCartridge, use: bool) -> LoadedCartridge:
+        """The entry for ``key`` (``loaded`` unless one is cached), now the most recently used, with ``use`` counted;
+        then evict down to the budget. Called with the lock held."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = entry = loaded
+            self._bytes += loaded.nbytes
+        self._entries.move_to_end(key)
+        if use:
+            self._uses[key] = self._uses.get(key, 0) + 1
+        self._evict()
+        return entry
+
+    def _evict(self) -> None:
+        """Evict least-recently-used entries that no request uses until the bytes fit the budget (the newest goes
+        last, so it stays unless it alone, with the entries in use, exceeds the budget). Called with the lock held."""
+        for key in [key for key in self._entries if key not in self._uses]:
+            if self._bytes <= self.capacity_bytes:
+                return
+            evicted = self._entries.pop(key)
             self._bytes -= evicted.nbytes
             log.info("evicted cartridge %s g%d (%d bytes)", evicted.id, evicted.generation, evicted.nbytes)

@@ -26,7 +26,7 @@ import torch
 from cartridges.artifact import StoredCartridge
 from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
-from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache
+from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache, LoadedCartridge
 from cartridges_serving.errors import EngineError, EngineUnavailable, InvalidRequest
 from cartridges_serving.graphs import DecodeGraphs, GraphStats
 from cartridges_serving.own_kv import OwnKV, OwnKVFull
@@ -209,6 +209,7 @@ class _Active:
     generator: torch.Generator | None
     own: OwnKV | None = None
     generated: list[int] = field(default_factory=list)
+    uses: list[LoadedCartridge] = field(default_factory=list)  # the cache's entries it uses, given back at its end
 
     @property
     def cartridge_tokens(self) -> int:
@@ -316,7 +317,22 @@ class Engine:
         params.validate()
         if not prompt:
             raise InvalidRequest("the prompt is empty")
-        loaded = [self._cartridge(c) for c in cartridges]
+        uses = self._acquire(cartridges)
+        try:
+            return self._queue(prompt, uses, params, on_event, chat)
+        except BaseException:
+            self._release(uses)
+            raise
+
+    def _queue(
+        self,
+        prompt: str,
+        uses: list[LoadedCartridge],
+        params: SamplingParams,
+        on_event: Callable[[StreamEvent], None] | None,
+        chat: bool,
+    ) -> RequestHandle:
+        loaded = [use.cartridge for use in uses]
         prompt_ids = self._encode(prompt, chat)
         cartridge_tokens = sum(c.p for c in loaded)
         needed = cartridge_tokens + len(prompt_ids) + params.max_tokens
@@ -339,6 +355,7 @@ class Engine:
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator().manual_seed(params.seed)
         active = _Active(handle, prompt_ids, loaded, params, TextStream(self.tokenizer, params.stop), generator)
+        active.uses = uses
         with self._wakeup:
             if self._closed:
                 raise EngineUnavailable("the engine is shutting down")
@@ -377,10 +394,26 @@ class Engine:
             self._wakeup.notify()
         self._thread.join(timeout)
 
-    def _cartridge(self, cartridge_id: str) -> StoredCartridge:
+    def _acquire(self, cartridge_ids: Sequence[str]) -> list[LoadedCartridge]:
+        """The request's cartridges, each with a use counted in the cache (so none is evicted while it runs);
+        all or none: a failure gives back the ones already taken."""
+        if not cartridge_ids:
+            return []
         if self.cartridges is None:
             raise InvalidRequest("this server has no cartridge store configured (CARTRIDGES_STORE_ROOT)")
-        return self.cartridges.get(cartridge_id).cartridge
+        uses: list[LoadedCartridge] = []
+        try:
+            for cartridge_id in cartridge_ids:
+                uses.append(self.cartridges.acquire(cartridge_id))
+        except BaseException:
+            self._release(uses)
+            raise
+        return uses
+
+    def _release(self, uses: list[LoadedCartridge]) -> None:
+        if self.cartridges is not None:
+            for use in uses:
+                self.cartridges.release(use)
 
     def _encode(self, prompt: str, chat: bool) -> list[int]:
         if chat and self.tokenizer.chat_template:
@@ -415,7 +448,7 @@ class Engine:
                 self._log_metrics()
         shutdown = EngineUnavailable("the engine shut down before this request finished")
         for active in [*self._running, *self._waiting]:
-            active.handle._emit(StreamEvent("", error=shutdown))
+            self._end(active, StreamEvent("", error=shutdown))
 
     def _snapshot_kv(self) -> KVStats:
         pool = self.runner.own_kv_pool
@@ -448,7 +481,7 @@ class Engine:
                     self._waiting.popleft()
                 self._head_waits = False  # a new head has not tried yet
                 self._failed += 1
-                active.handle._emit(StreamEvent("", error=err))
+                self._end(active, StreamEvent("", error=err))
                 continue
             with self._wakeup:
                 self._running.append(self._waiting.popleft())
@@ -558,12 +591,19 @@ class Engine:
     def _complete(self, active: _Active, reason: FinishReason, delta: str = "") -> None:
         tail = delta + active.text.flush()
         self._finished += 1
-        active.handle._emit(StreamEvent(tail, completion=active.completion(reason)))
+        self._end(active, StreamEvent(tail, completion=active.completion(reason)))
 
     def _fail(self, active: _Active, error: EngineError) -> None:
         self._retire(active)
         self._failed += 1
-        active.handle._emit(StreamEvent("", error=error))
+        self._end(active, StreamEvent("", error=error))
+
+    def _end(self, active: _Active, final: StreamEvent) -> None:
+        """A request's last event: its cartridges' uses go back to the cache first (a caller that sees the end
+        sees them released), then the event."""
+        uses, active.uses = active.uses, []
+        self._release(uses)
+        active.handle._emit(final)
 
     def _count_tokens(self, n: int) -> None:
         self._tokens += n

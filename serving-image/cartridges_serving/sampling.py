@@ -74,6 +74,7 @@ def _sample(logits: Tensor, picks: Sequence[Pick], nucleus: bool) -> list[int]:
         probs, order = probs.sort(dim=-1, descending=True, stable=True)
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)
     cdf = probs.cumsum(dim=-1)
-    chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_(max=cdf.shape[-1] - 1)
+    # right=True: the first token whose cdf exceeds the draw, so a draw of exactly 0 skips tokens of probability 0
+    chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
     tokens = chosen if order is None else order.gather(-1, chosen)
     return [int(t) for t in tokens.squeeze(-1).tolist()]

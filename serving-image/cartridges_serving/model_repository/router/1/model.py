@@ -3,8 +3,11 @@
 The engine answers on its scheduler thread through a per-request callback; streaming requests get one response per
 text chunk, others one response with the whole text. Sending a response and asking whether the client went away
 are round trips to the server process, so the callback only queues the event and one outbox thread does the
-talking: the engine's decode steps never wait on IPC. Every failure is that request's error response; the model
-and the other requests carry on. Configuration comes from the environment (see ``EngineConfig.from_env``).
+talking: the engine's decode steps never wait on IPC. The same thread asks every live request, every
+``CANCEL_CHECK_INTERVAL_S``, whether its client went away, whether or not the request produces anything: a queued
+request or one reading a long prompt is cancelled too (the engine retires it before its next step). Every failure
+is that request's error response; the model and the other requests carry on. Configuration comes from the
+environment (see ``EngineConfig.from_env``).
 """
 
 import json
@@ -23,7 +26,7 @@ log = logging.getLogger("cartridges.router")
 # Names of pb_utils.TritonError codes; the stub fills in pb_utils.TritonError only after this module is imported.
 ERROR_CODES = {"invalid_argument": "INVALID_ARG", "not_found": "NOT_FOUND", "unavailable": "UNAVAILABLE"}
 METRICS_INTERVAL_S = 1.0
-CANCEL_CHECK_INTERVAL_S = 0.5  # how often a running request asks the server whether its client is still there
+CANCEL_CHECK_INTERVAL_S = 0.5  # how often the outbox asks the server whether each live request's client is there
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 GAUGES = {
     "running": "requests in the running batch",
@@ -31,6 +34,7 @@ GAUGES = {
     "tokens_per_s": "generated tokens per second, recent window",
     "cache_bytes": "bytes of cartridges held in the cache",
     "cache_entries": "cartridges held in the cache",
+    "cache_in_use_bytes": "bytes of cached cartridges that requests use (kept even over the cache's budget)",
     "kv_pool_bytes": "bytes of the requests' own-KV pool",
     "kv_used_bytes": "bytes of the own-KV pool given to requests",
     "kv_waiting": "1 while the oldest queued request waits for own-KV memory",
@@ -57,22 +61,75 @@ def text_response(text: str) -> "pb_utils.InferenceResponse":
 
 
 class Outbox:
-    """One thread that delivers every request's events to Triton, in order, off the engine's scheduler thread."""
+    """One thread that delivers every request's events to Triton, in order, off the engine's scheduler thread, and
+    cancels the live requests whose clients went away.
 
-    def __init__(self) -> None:
+    All calls into Triton (send, is_cancelled) happen on this thread. ``live`` is shared with the threads that
+    call :meth:`track` (Triton's ``execute``), so it is guarded by ``lock``; a responder's ``done`` is set under it
+    too, so a request that ended before it was tracked is never tracked.
+    """
+
+    def __init__(self, cancel_check_s: float = CANCEL_CHECK_INTERVAL_S) -> None:
+        self.cancel_check_s = cancel_check_s
         self.queue: queue.Queue[tuple[Responder, StreamEvent] | None] = queue.Queue()
+        self.live: set[Responder] = set()
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.run, name="cartridges-outbox", daemon=True)
         self.thread.start()
 
+    def track(self, responder: "Responder") -> None:
+        """Watch a submitted request for its client going away until its last event is delivered."""
+        with self.lock:
+            if not responder.done:
+                self.live.add(responder)
+
+    def finished(self, responder: "Responder") -> None:
+        with self.lock:
+            responder.done = True
+            self.live.discard(responder)
+
     def run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            responder, event = item
+        next_check = time.monotonic() + self.cancel_check_s
+        while True:
             try:
-                responder.deliver(event)
-            except Exception:  # one request's failed send must not stop the others' responses
-                log.exception("delivering a response failed; cancelling the request")
-                if responder.handle is not None:
-                    responder.handle.cancel()
+                item = self.queue.get(timeout=max(0.0, next_check - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                self.deliver(*item)
+            if time.monotonic() >= next_check:
+                self.cancel_gone_clients()
+                next_check = time.monotonic() + self.cancel_check_s
+
+    def deliver(self, responder: "Responder", event: StreamEvent) -> None:
+        if event.final:
+            self.finished(responder)
+        try:
+            responder.deliver(event)
+        except Exception:  # one request's failed send must not stop the others' responses
+            log.exception("delivering a response failed; cancelling the request")
+            self.cancel(responder)
+
+    def cancel_gone_clients(self) -> None:
+        with self.lock:
+            live = list(self.live)
+        for responder in live:
+            try:
+                gone = responder.request.is_cancelled()
+            except Exception:  # asking failed: ask again next time
+                log.exception("asking whether a request was cancelled failed")
+                continue
+            if gone:
+                self.cancel(responder)
+
+    def cancel(self, responder: "Responder") -> None:
+        """Ask the engine to retire the request; its final event still comes (and ends the tracking)."""
+        if responder.handle is not None:
+            responder.handle.cancel()
+        with self.lock:
+            self.live.discard(responder)
 
     def stop(self) -> None:
         self.queue.put(None)
@@ -80,7 +137,7 @@ class Outbox:
 
 
 class Responder:
-    """Turns one request's engine events into Triton responses; notices a client that went away."""
+    """Turns one request's engine events into Triton responses."""
 
     def __init__(
         self,
@@ -92,17 +149,13 @@ class Responder:
         self.request, self.sender, self.stream, self.outbox = request, sender, stream, outbox
         self.parts: list[str] = []
         self.handle = None
-        self.next_cancel_check = 0.0
+        self.done = False  # the last event was handed to the outbox's thread (set under the outbox's lock)
 
     def __call__(self, event: StreamEvent) -> None:
         """The engine's callback (scheduler thread): hand the event to the outbox."""
         self.outbox.queue.put((self, event))
 
     def deliver(self, event: StreamEvent) -> None:
-        if self.handle is not None and not event.final and time.monotonic() >= self.next_cancel_check:
-            self.next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
-            if self.request.is_cancelled():
-                self.handle.cancel()
         if event.error is not None:
             self.sender.send(error_response(event.error), flags=FINAL)
         elif self.stream:
@@ -142,6 +195,7 @@ class Metrics:
             "tokens_per_s": m.tokens_per_s,
             "cache_bytes": cache.bytes if cache else 0,
             "cache_entries": cache.entries if cache else 0,
+            "cache_in_use_bytes": cache.in_use_bytes if cache else 0,
             "kv_pool_bytes": m.kv.pool_bytes,
             "kv_used_bytes": m.kv.used_bytes,
             "kv_waiting": int(m.kv.waiting),
@@ -197,6 +251,7 @@ class TritonPythonModel:
                 responder.handle = self.engine.submit(
                     parsed.prompt, parsed.cartridges, parsed.params, on_event=responder
                 )
+                self.outbox.track(responder)
             except EngineError as error:
                 sender.send(error_response(error), flags=FINAL)
             except Exception as error:  # anything unexpected is still only this request's failure
