@@ -16,6 +16,7 @@ from _peft_adapter import peft_prefix_adapter
 
 from cartridges.cli import main
 from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
+from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel
 from cartridges.process import free_port
 
@@ -59,6 +60,9 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "notes").mkdir()
     (directory / "notes" / "ice.txt").write_text("The ice of 1901 reached the harbour wall.\n")
     (directory / ".hidden").write_text("skipped")
+    (directory / "notes" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1\xff")  # hidden, and not UTF-8
+    (directory / ".git").mkdir()
+    (directory / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     return directory
 
 
@@ -93,6 +97,10 @@ def test_every_command_has_help_with_examples(command: str, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert "examples:" in out and "exit codes:" in out
+
+
+def test_corpus_directories_skip_hidden_files_at_any_depth(corpus_dir: Path) -> None:
+    assert [d.id for d in read_files([corpus_dir]).documents] == ["lighthouse.md", "notes/ice.txt"]
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], corpus_dir: Path, store: str) -> None:

@@ -85,7 +85,7 @@ def read_files(paths: list[Path]) -> NormalizedCorpus:
         if not path.exists():
             raise CLIError(f"{path}: no such file or directory", EXIT_NOT_FOUND)
         files = (
-            [f for f in sorted(path.rglob("*")) if f.is_file() and not f.relative_to(path).as_posix().startswith(".")]
+            [f for f in sorted(path.rglob("*")) if f.is_file() and not _hidden(f.relative_to(path))]
             if path.is_dir()
             else [path]
         )
@@ -95,6 +95,11 @@ def read_files(paths: list[Path]) -> NormalizedCorpus:
             doc_id = file.relative_to(path).as_posix() if path.is_dir() else file.name
             documents.append(layout.Document(id=doc_id, text=normalize_text(file.read_bytes(), str(file))))
     return NormalizedCorpus.of(documents)
+
+
+def _hidden(relative: Path) -> bool:
+    """Whether a path inside a corpus directory is hidden or lies in a hidden directory (.git/, sub/.DS_Store)."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def train_cartridge(
