@@ -156,6 +156,20 @@ def test_train_ls_inspect_and_retrain(
     assert code == 0 and json.loads(out)["generation"] == 2
 
 
+def test_ls_reads_a_file_store_however_its_uri_is_spelled(
+    trained: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(trained["store"]).removeprefix("file://")
+    parent, leaf = path.rsplit("/", 1)
+    code, out, _ = cli(capsys, "ls", "--store", str(trained["store"]), "--json")
+    listed = [c["name"] for c in json.loads(out)]
+    assert code == 0 and "lighthouse" in listed
+    for spelling in (f"file://localhost{path}", f"file://{parent}//{leaf}", f"file://{parent}/./{leaf}"):
+        code, out, err = cli(capsys, "ls", "--store", spelling, "--json")
+        assert code == 0, err
+        assert [c["name"] for c in json.loads(out)] == listed
+
+
 def test_eval_table_json_and_plot(
     trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

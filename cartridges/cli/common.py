@@ -160,11 +160,13 @@ def find(store: Store, root: str, namespace: str, name: str) -> Stored:
 
 
 def names(store: Store, root: str, namespace: str) -> list[str]:
-    """Cartridges of ``namespace`` that have a promoted generation."""
+    """Cartridges of ``namespace`` that have a promoted generation.
+
+    Names come from the store's listing of the directory (``children``), not from cutting listed URIs, which the
+    store spells in its own normal form (``file://localhost/a``, ``file:///a//b`` or ``file:///a/./b`` list as
+    ``file:///a/...``)."""
     base = layout.cartridge_prefix(root, namespace, "").rstrip("/")
-    suffix = f"/{layout.CURRENT_POINTER}"
-    found = {uri[len(base) + 1 : -len(suffix)] for uri in store.list(base) if uri.endswith(suffix)}
-    return sorted(n for n in found if "/" not in n)
+    return sorted(n for n in store.children(base) if store.exists(layout.current_pointer(root, namespace, n)))
 
 
 def load(store: Store, stored: Stored, lm: LoadedModel) -> Cartridge:
