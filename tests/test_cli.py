@@ -236,6 +236,11 @@ def test_quantize_promotes_an_int8_generation_that_eval_reads(
     argv = ["train", "dense", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2"]
     code, out, _ = cli(capsys, *argv, "--json")
     dense_bytes = json.loads(out)["bytes"]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    evaluate = ["eval", "dense", "--qa", str(qa), "--model", "tiny", "--store", store, "--json"]
+    code, out, _ = cli(capsys, *evaluate)
+    dense_kv = json.loads(out)["rows"][2]["kv_bytes"]
     code, out, _ = cli(capsys, "quantize", "dense", "--store", store, "--json")
     info = json.loads(out)
     assert code == 0 and info["generation"] == 2 and info["quantizedFrom"] == 1 and info["dtype"] == "int8"
@@ -247,10 +252,10 @@ def test_quantize_promotes_an_int8_generation_that_eval_reads(
     code, _, err = cli(capsys, "quantize", "dense", "--store", store, "--format", "fp8")
     assert code == EXIT_INPUT and "already stored in int8" in err
     one_line_error(err)
-    qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
-    code, out, _ = cli(capsys, "eval", "dense", "--qa", str(qa), "--model", "tiny", "--store", store, "--json")
-    assert code == 0 and len(json.loads(out)["rows"]) == 3
+    code, out, _ = cli(capsys, *evaluate)
+    rows = json.loads(out)["rows"]
+    assert code == 0 and len(rows) == 3 and "int8" in rows[2]["condition"]
+    assert 0 < rows[2]["kv_bytes"] < dense_kv / 2  # what is stored and served, not the dequantized copy
 
 
 def test_import_peft_prefix_adapter(tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,7 @@ from cartridges.paths import cache_dir
 from cartridges.store import ObjectNotFound, Store, StoreURI
 
 if TYPE_CHECKING:
-    from cartridges.artifact import Cartridge, ModelFingerprint, StoredCartridge
+    from cartridges.artifact import ModelFingerprint, StoredCartridge
     from cartridges.models import LoadedModel
 
 EXIT_OK = 0
@@ -169,13 +169,14 @@ def names(store: Store, root: str, namespace: str) -> list[str]:
     return sorted(n for n in store.children(base) if store.exists(layout.current_pointer(root, namespace, n)))
 
 
-def load(store: Store, stored: Stored, lm: LoadedModel) -> Cartridge:
-    """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error)."""
-    from cartridges.artifact import download_artifact, load_cartridge
+def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
+    """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error), as stored
+    and served: a quantized one stays quantized."""
+    from cartridges.artifact import download_artifact, load_stored_cartridge
 
     with tempfile.TemporaryDirectory(prefix="cartridges-") as tmp:
         download_artifact(store, stored.pointer.prefix, Path(tmp))
-        cartridge, _ = load_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+        cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
     return cartridge
 
 
