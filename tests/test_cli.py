@@ -15,7 +15,7 @@ import torch
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges.cli import main
-from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
+from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE, CLIError
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel
 from cartridges.process import free_port
@@ -192,6 +192,31 @@ def test_eval_table_json_and_plot(
     assert code == EXIT_INPUT and "bad.jsonl:1" in err
     code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(tmp_path / "nope.jsonl"), "--store", store)
     assert code == EXIT_NOT_FOUND
+
+
+def test_eval_icl_falls_back_to_a_chunk_that_fits_the_model(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the trainer's evaluation: the whole corpus when it fits the model's positions with the longest question
+    and answer, else the leading chunk of the corpus that does, labelled as such."""
+    from cartridges.artifact import Cartridge
+    from cartridges.cli.evaluate import QA as Pair
+    from cartridges.cli.scoring import compare
+
+    fp = tiny_model.fingerprint
+    layers = [torch.zeros(fp.num_kv_heads, 16, fp.head_dim) for _ in range(fp.num_layers)]
+    cartridge = Cartridge(layers, layers, frozen_tokens=1)
+    pairs = [Pair(**qa) for qa in QA]
+    whole = compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)[1]
+    assert whole.condition.startswith("ICL (") and "chunk" not in whole.condition
+    positions = int(whole.condition.split("(")[1].split()[0])  # the system turn holding the whole corpus
+    monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", positions)
+    chunk = compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)[1]
+    assert "chunk: first" in chunk.condition
+    assert 0 < chunk.kv_bytes < whole.kv_bytes * 0.9  # the question and its answer need their positions too
+    monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", 8)
+    with pytest.raises(CLIError, match="leave no room for the corpus"):
+        compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)
 
 
 def test_unknown_cartridge(store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

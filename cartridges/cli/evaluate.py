@@ -87,9 +87,11 @@ def corpus_of(store: Store, root: str, namespace: str, stored: Stored) -> tuple[
 
 
 def table(rows: list[Row]) -> str:
-    lines = [f"{'condition':<28} {'answer NLL/token':>16} {'KV cache':>12} {'tokens/s':>10}"]
+    width = max(28, *(len(r.condition) for r in rows))
+    lines = [f"{'condition':<{width}} {'answer NLL/token':>16} {'KV cache':>12} {'tokens/s':>10}"]
     lines += [
-        f"{r.condition:<28} {r.answer_nll:>16.3f} {human_bytes(r.kv_bytes):>12} {r.tokens_per_s:>10.1f}" for r in rows
+        f"{r.condition:<{width}} {r.answer_nll:>16.3f} {human_bytes(r.kv_bytes):>12} {r.tokens_per_s:>10.1f}"
+        for r in rows
     ]
     none, icl, cart = rows
     gain = none.answer_nll - icl.answer_nll
