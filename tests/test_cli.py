@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -236,6 +237,23 @@ def test_store_that_is_down(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
         code, _, err = cli(capsys, *argv, "--store", "s3://cartridges")
         assert code == EXIT_UNAVAILABLE and "unreachable" in err
         one_line_error(err)
+
+
+def test_an_unreachable_store_is_one_line_on_stderr_without_library_logs(tmp_path: Path) -> None:
+    """urllib3 logs a WARNING per retry; without --debug only the error line reaches stderr."""
+    env = {
+        **os.environ,
+        "CARTRIDGES_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "CARTRIDGES_S3_ACCESS_KEY": "key",
+        "CARTRIDGES_S3_SECRET_KEY": "secret",
+    }
+    argv = [sys.executable, "-m", "cartridges.cli", "ls", "--store", "s3://cartridges"]
+    quiet = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert quiet.returncode == EXIT_UNAVAILABLE
+    one_line_error(quiet.stderr)
+    assert "secret" not in quiet.stderr
+    loud = subprocess.run([*argv, "--debug"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert "Retrying" in loud.stderr  # the logs are there for --debug
 
 
 def test_import_reference_pt(
