@@ -53,6 +53,10 @@ class StoreUnavailable(StoreError):
     pass
 
 
+class StoreNotConfigured(StoreError):
+    """An ``s3://`` URI with no S3 endpoint in the environment: a setting to add, not a store to retry."""
+
+
 class IntegrityError(StoreError):
     """The bytes read do not have the sha256 they were recorded with (corrupt or truncated object)."""
 
@@ -306,7 +310,11 @@ class Store:
         if uri.scheme == "file":
             return self._file
         if self._s3_config is None:
-            raise StoreError("no S3 endpoint configured (set CARTRIDGES_S3_ENDPOINT and credentials)", str(uri))
+            raise StoreNotConfigured(
+                "no S3 endpoint configured: set CARTRIDGES_S3_ENDPOINT (host:port), CARTRIDGES_S3_ACCESS_KEY and "
+                "CARTRIDGES_S3_SECRET_KEY for",
+                str(uri),
+            )
         if self._s3 is None:
             self._s3 = _S3Backend(self._s3_config)
         return self._s3

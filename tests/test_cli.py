@@ -119,6 +119,15 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], corpus_dir: Pa
     assert code == EXIT_USAGE and "unsupported store URI" in err
 
 
+def test_an_s3_store_without_an_endpoint_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CARTRIDGES_S3_ENDPOINT", raising=False)
+    code, _, err = cli(capsys, "ls", "--store", "s3://x")
+    assert code == EXIT_USAGE and "set CARTRIDGES_S3_ENDPOINT" in err
+    one_line_error(err)
+
+
 def test_missing_and_unreadable_inputs(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, corpus_dir: Path, store: str
 ) -> None:
@@ -191,6 +200,11 @@ def test_eval_table_json_and_plot(
     bad.write_text('{"question": "no answer"}\n')
     code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(bad), "--model", "tiny", "--store", store)
     assert code == EXIT_INPUT and "bad.jsonl:1" in err
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"question": "Qui a allumé le phare ?", "answer": "Ilse"}\n'.encode("latin-1"))
+    code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(latin1), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and f"{latin1}: not UTF-8" in err
+    one_line_error(err)
     code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(tmp_path / "nope.jsonl"), "--store", store)
     assert code == EXIT_NOT_FOUND
 
@@ -270,6 +284,12 @@ def test_import_reference_pt(
     one_line_error(err)
     code, _, err = cli(capsys, "import", "x", str(tmp_path / "missing.pt"), "--store", store)
     assert code == EXIT_NOT_FOUND
+    checkpoint = torch.load(good, weights_only=True)
+    for frozen_values in (checkpoint["frozen_values"][:0], checkpoint["frozen_values"][:1]):  # none, or too few
+        torch.save({**checkpoint, "frozen_values": frozen_values}, tmp_path / "broken.pt")
+        code, _, err = cli(capsys, "import", "x", str(tmp_path / "broken.pt"), "--model", "tiny", "--store", store)
+        assert code == EXIT_INPUT and "frozen_values" in err
+        one_line_error(err)
 
 
 def test_quantize_promotes_an_int8_generation_that_eval_reads(

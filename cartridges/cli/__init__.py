@@ -54,7 +54,7 @@ def _code(err: BaseException) -> int:
     from cartridges.corpus import SourceError
     from cartridges.manifest import ArtifactError
     from cartridges.models import ModelLoadError
-    from cartridges.store import BucketNotFound, ObjectNotFound, StoreUnavailable
+    from cartridges.store import BucketNotFound, ObjectNotFound, StoreNotConfigured, StoreUnavailable
     from cartridges_trainer.errors import InputError
 
     if isinstance(err, CLIError):
@@ -65,7 +65,7 @@ def _code(err: BaseException) -> int:
         return EXIT_NOT_FOUND
     if isinstance(err, GenerateError) and "not found" in err.message:
         return EXIT_NOT_FOUND
-    if isinstance(err, ValidationError):
+    if isinstance(err, ValidationError | StoreNotConfigured):
         return EXIT_USAGE
     if isinstance(err, SourceError | ArtifactError | ModelLoadError | InputError):
         return EXIT_INPUT

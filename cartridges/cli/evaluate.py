@@ -30,6 +30,7 @@ from cartridges.cli.common import (
     print_json,
     store_options,
 )
+from cartridges.corpus import decode_utf8
 from cartridges.store import Store
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def read_qa(path: Path) -> list[QA]:
     if not path.is_file():
         raise CLIError(f"{path}: no such file", EXIT_NOT_FOUND)
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
         if not line.strip():
             continue
         try:
