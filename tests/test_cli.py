@@ -180,6 +180,32 @@ def test_ls_reads_a_file_store_however_its_uri_is_spelled(
         assert [c["name"] for c in json.loads(out)] == listed
 
 
+def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after distillation leaves g1 without a manifest: the same command again resumes g1 from its last
+    checkpoint; a run on other inputs (here other --steps) starts a new generation instead."""
+    from cartridges_trainer import pipeline
+
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "resumed", str(corpus_dir), "--model", "tiny", "--store", store, "--json"]
+    real = pipeline.evaluate
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate", interrupted)
+    code, _, err = cli(capsys, *argv, "--steps", "2")
+    assert code == 130 and err.strip() == "cartridges: interrupted"
+    code, _, _ = cli(capsys, *argv, "--steps", "4")  # other inputs: not g1's
+    assert code == 130
+    monkeypatch.setattr(pipeline, "evaluate", real)
+    code, out, _ = cli(capsys, *argv, "--steps", "4")
+    assert code == 0 and json.loads(out)["generation"] == 2
+    code, out, _ = cli(capsys, "inspect", "resumed", "--store", store, "--json")
+    assert json.loads(out)["training"]["resumed_from_step"] == 4
+
+
 def test_eval_table_json_and_plot(
     trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from cartridges import layout
+from cartridges.api import CartridgeSpec
 from cartridges.artifact import (
     MANIFEST_FILE,
     CartridgeManifest,
@@ -68,15 +69,21 @@ def _load_model(config: TrainerConfig, store: Store, world: World) -> LoadedMode
         raise InputError(str(err)) from err
 
 
-def training_inputs(config: TrainerConfig, options: TrainerOptions, synthesis: dict[str, Any]) -> dict[str, Any]:
-    """What a generation's checkpoints depend on, with its sha256 as ``key``: the synthesis inputs (model, corpus,
-    selfStudy), the spec's training inputs and the options that change results (not the cadences)."""
-    inputs = {
-        "synthesis": synthesis["key"],
-        "spec": config.spec.training_inputs(),
-        "corpus": synthesis["corpus"]["digest"],
+def training_inputs(spec: CartridgeSpec, options: TrainerOptions, corpus_digest: str) -> dict[str, Any]:
+    """What a generation trains on, as recorded in ``layout.TRAINING_INPUTS_FILE`` (beside the synthesis key and
+    the ``key`` of it all): the spec's training inputs, the corpus and the options that change results (not the
+    cadences). ``cartridges train`` compares them to resume an interrupted generation."""
+    return {
+        "spec": spec.training_inputs(),
+        "corpus": corpus_digest,
         "options": options.model_dump(mode="json", exclude={"checkpoint_every", "progress_interval_s"}),
     }
+
+
+def _recorded_inputs(config: TrainerConfig, options: TrainerOptions, synthesis: dict[str, Any]) -> dict[str, Any]:
+    """:func:`training_inputs` with the synthesis inputs' key (model, corpus, selfStudy), and the sha256 of both as
+    ``key``: what a checkpoint records, so only a run on the same inputs resumes it."""
+    inputs = training_inputs(config.spec, options, synthesis["corpus"]["digest"]) | {"synthesis": synthesis["key"]}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return {"key": key, **inputs}
 
@@ -96,7 +103,7 @@ def _prepare_workspace(
     from and the training inputs' key."""
     reused = None
     synthesis = synthesis_inputs(lm, corpus, config.spec.selfStudy, options)
-    inputs = training_inputs(config, options, synthesis)
+    inputs = _recorded_inputs(config, options, synthesis)
     if world.is_main:
         discard_stale_checkpoints(workspace, inputs["key"])
         workspace.store.put_json(workspace.uri(TRAINING_INPUTS_FILE), inputs)
