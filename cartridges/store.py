@@ -403,6 +403,18 @@ class Store:
             return False
         return True
 
+    def names(self, prefix: str) -> list[str]:
+        """The paths relative to the directory ``prefix`` of every object under it, however ``prefix`` is spelled:
+        ``list`` returns URIs in the store's normal form (``file://localhost/a/b``, ``file:///a//b`` and
+        ``file:///a/./b`` all list as ``file:///a/b/...``), so cutting them at ``len(prefix)`` is wrong."""
+        parsed = StoreURI.parse(prefix)
+        backend = self._backend(parsed)
+        listed: list[StoreURI] = self._call(parsed, lambda: list(backend.list(parsed)))
+        if parsed.scheme == "file":
+            return [Path(uri.key).relative_to(Path(parsed.key)).as_posix() for uri in listed]
+        directory = parsed.key.rstrip("/") + "/" if parsed.key else ""
+        return [uri.key[len(directory) :] for uri in listed]
+
     def children(self, prefix: str) -> list[str]:
         """The names directly under the directory ``prefix``: objects and sub-directories, one request on S3
         (a listing that stops at the next ``/``), however many objects the sub-directories hold."""

@@ -372,11 +372,15 @@ def count_synthesized(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return made
 
 
+@pytest.mark.parametrize("spelling", ["file:///path", "file:///pa//th"])
 def test_a_new_generation_reuses_the_synthesis_of_one_made_from_the_same_inputs(
-    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch, spelling: str
 ) -> None:
     """Only p and steps change from generation 1 to 2: its shards are copied, not synthesized again. A change to
-    selfStudy (generation 3) synthesizes anew."""
+    selfStudy (generation 3) synthesizes anew. Also with a root that the store lists in another spelling."""
+    if spelling == "file:///pa//th":
+        parent, leaf = file_store_root.rsplit("/", 1)
+        file_store_root = f"{parent}//{leaf}"
     store = Store()
     corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
     first = make_config(file_store_root, corpus)
@@ -387,6 +391,7 @@ def test_a_new_generation_reuses_the_synthesis_of_one_made_from_the_same_inputs(
     assert made == [] and manifest.training["synthesis_from"] == first.output_prefix
     for name in ("synth/train-00000.safetensors", "synth/eval-00000.safetensors", "synth/inputs.json"):
         assert store.get_bytes(f"{resized.output_prefix}/{name}") == store.get_bytes(f"{first.output_prefix}/{name}")
+    assert store.children(resized.output_prefix) == store.children(first.output_prefix)  # nothing misnamed
     restudied = make_config(file_store_root, corpus, conversations=4).model_copy(update={"generation": 3})
     assert train(restudied, store, options=OPTIONS, model=tiny_model).training["synthesis_from"] is None
     assert len(made) == 1 + OPTIONS.eval_shards  # 4 conversations in one shard, plus the held-out shard

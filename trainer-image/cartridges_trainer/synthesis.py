@@ -317,9 +317,9 @@ def adopt_synthesis(workspace: Workspace, inputs: dict[str, Any], earlier: Seque
         except ObjectNotFound:
             continue
     if source is not None:
-        for uri in store.list(f"{source}/{SYNTH_FOLDER}"):
-            if not uri.endswith(INPUTS_FILE):
-                store.copy(uri, workspace.uri(uri[len(source) + 1 :]))
+        for name in store.names(f"{source}/{SYNTH_FOLDER}"):
+            if f"{SYNTH_FOLDER}/{name}" != INPUTS_FILE:
+                store.copy(f"{source}/{SYNTH_FOLDER}/{name}", workspace.uri(f"{SYNTH_FOLDER}/{name}"))
     store.put_json(workspace.uri(INPUTS_FILE), inputs)
     return source
 
