@@ -20,12 +20,17 @@ class SourceError(ValueError):
     """A source cannot be read; the message names the source and says what to fix."""
 
 
+def decode_utf8(raw: bytes, where: str) -> str:
+    """``raw`` as UTF-8 text (a byte-order mark dropped); anything else is a :class:`SourceError` naming ``where``."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{where}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from err
+
+
 def normalize_text(raw: bytes | str, where: str) -> str:
     if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise SourceError(f"{where}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from err
+        raw = decode_utf8(raw, where)
     text = unicodedata.normalize("NFC", raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n"))
     return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n") + "\n"
 

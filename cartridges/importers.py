@@ -47,12 +47,18 @@ def import_reference_pt(path: Path) -> Cartridge:
 
     trainable_k, trainable_v = layers("trainable_keys"), layers("trainable_values")
     frozen_k, frozen_v = layers("frozen_keys"), layers("frozen_values")
-    if frozen_k and len(frozen_k) != len(trainable_k):
-        raise ArtifactError(f"{path}: {len(frozen_k)} frozen layers vs {len(trainable_k)} trainable layers")
-    frozen = int(frozen_k[0].shape[1]) if frozen_k else 0
+    if (frozen_k or frozen_v) and not len(frozen_k) == len(frozen_v) == len(trainable_k):
+        raise ArtifactError(
+            f"{path}: {len(frozen_k)} frozen_keys and {len(frozen_v)} frozen_values layers for "
+            f"{len(trainable_k)} trainable layers; expected one of each per layer"
+        )
+    frozen = int(frozen_k[0].shape[1]) if frozen_k and frozen_k[0].dim() == 3 else 0
     if frozen_k:
-        trainable_k = [torch.cat([f, t], dim=1) for f, t in zip(frozen_k, trainable_k, strict=True)]
-        trainable_v = [torch.cat([f, t], dim=1) for f, t in zip(frozen_v, trainable_v, strict=True)]
+        try:
+            trainable_k = [torch.cat([f, t], dim=1) for f, t in zip(frozen_k, trainable_k, strict=True)]
+            trainable_v = [torch.cat([f, t], dim=1) for f, t in zip(frozen_v, trainable_v, strict=True)]
+        except RuntimeError as err:  # frozen and trainable rows of different heads or head sizes
+            raise ArtifactError(f"{path}: frozen rows do not match the trainable ones ({err})") from err
     return Cartridge(trainable_k, trainable_v, frozen)
 
 

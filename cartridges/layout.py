@@ -20,6 +20,9 @@ MANIFEST_FILE = "manifest.json"
 EVAL_FILE = "eval.json"
 PROGRESS_FILE = "progress.json"
 CURRENT_POINTER = "current.json"
+TRAINING_INPUTS_FILE = "inputs.json"
+"""Beside a generation's outputs, written by the trainer as it starts: what it trains on (and the sha256 ``key`` its
+checkpoints record), so a later run under the same prefix can tell whether that state is its own."""
 
 
 def _join(root: str, *parts: str) -> str:

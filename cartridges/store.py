@@ -53,6 +53,10 @@ class StoreUnavailable(StoreError):
     pass
 
 
+class StoreNotConfigured(StoreError):
+    """An ``s3://`` URI with no S3 endpoint in the environment: a setting to add, not a store to retry."""
+
+
 class IntegrityError(StoreError):
     """The bytes read do not have the sha256 they were recorded with (corrupt or truncated object)."""
 
@@ -306,7 +310,11 @@ class Store:
         if uri.scheme == "file":
             return self._file
         if self._s3_config is None:
-            raise StoreError("no S3 endpoint configured (set CARTRIDGES_S3_ENDPOINT and credentials)", str(uri))
+            raise StoreNotConfigured(
+                "no S3 endpoint configured: set CARTRIDGES_S3_ENDPOINT (host:port), CARTRIDGES_S3_ACCESS_KEY and "
+                "CARTRIDGES_S3_SECRET_KEY for",
+                str(uri),
+            )
         if self._s3 is None:
             self._s3 = _S3Backend(self._s3_config)
         return self._s3
@@ -394,6 +402,18 @@ class Store:
         except ObjectNotFound:
             return False
         return True
+
+    def names(self, prefix: str) -> list[str]:
+        """The paths relative to the directory ``prefix`` of every object under it, however ``prefix`` is spelled:
+        ``list`` returns URIs in the store's normal form (``file://localhost/a/b``, ``file:///a//b`` and
+        ``file:///a/./b`` all list as ``file:///a/b/...``), so cutting them at ``len(prefix)`` is wrong."""
+        parsed = StoreURI.parse(prefix)
+        backend = self._backend(parsed)
+        listed: list[StoreURI] = self._call(parsed, lambda: list(backend.list(parsed)))
+        if parsed.scheme == "file":
+            return [Path(uri.key).relative_to(Path(parsed.key)).as_posix() for uri in listed]
+        directory = parsed.key.rstrip("/") + "/" if parsed.key else ""
+        return [uri.key[len(directory) :] for uri in listed]
 
     def children(self, prefix: str) -> list[str]:
         """The names directly under the directory ``prefix``: objects and sub-directories, one request on S3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import torch
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges.cli import main
-from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE
+from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE, CLIError
+from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel
 from cartridges.process import free_port
 
@@ -59,6 +61,9 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "notes").mkdir()
     (directory / "notes" / "ice.txt").write_text("The ice of 1901 reached the harbour wall.\n")
     (directory / ".hidden").write_text("skipped")
+    (directory / "notes" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1\xff")  # hidden, and not UTF-8
+    (directory / ".git").mkdir()
+    (directory / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     return directory
 
 
@@ -95,6 +100,10 @@ def test_every_command_has_help_with_examples(command: str, capsys: pytest.Captu
     assert "examples:" in out and "exit codes:" in out
 
 
+def test_corpus_directories_skip_hidden_files_at_any_depth(corpus_dir: Path) -> None:
+    assert [d.id for d in read_files([corpus_dir]).documents] == ["lighthouse.md", "notes/ice.txt"]
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], corpus_dir: Path, store: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])
@@ -108,6 +117,15 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], corpus_dir: Pa
     one_line_error(err)
     code, _, err = cli(capsys, "ls", "--store", "http://not-a-store")
     assert code == EXIT_USAGE and "unsupported store URI" in err
+
+
+def test_an_s3_store_without_an_endpoint_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CARTRIDGES_S3_ENDPOINT", raising=False)
+    code, _, err = cli(capsys, "ls", "--store", "s3://x")
+    assert code == EXIT_USAGE and "set CARTRIDGES_S3_ENDPOINT" in err
+    one_line_error(err)
 
 
 def test_missing_and_unreadable_inputs(
@@ -148,6 +166,46 @@ def test_train_ls_inspect_and_retrain(
     assert code == 0 and json.loads(out)["generation"] == 2
 
 
+def test_ls_reads_a_file_store_however_its_uri_is_spelled(
+    trained: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(trained["store"]).removeprefix("file://")
+    parent, leaf = path.rsplit("/", 1)
+    code, out, _ = cli(capsys, "ls", "--store", str(trained["store"]), "--json")
+    listed = [c["name"] for c in json.loads(out)]
+    assert code == 0 and "lighthouse" in listed
+    for spelling in (f"file://localhost{path}", f"file://{parent}//{leaf}", f"file://{parent}/./{leaf}"):
+        code, out, err = cli(capsys, "ls", "--store", spelling, "--json")
+        assert code == 0, err
+        assert [c["name"] for c in json.loads(out)] == listed
+
+
+def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after distillation leaves g1 without a manifest: the same command again resumes g1 from its last
+    checkpoint; a run on other inputs (here other --steps) starts a new generation instead."""
+    from cartridges_trainer import pipeline
+
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "resumed", str(corpus_dir), "--model", "tiny", "--store", store, "--json"]
+    real = pipeline.evaluate
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate", interrupted)
+    code, _, err = cli(capsys, *argv, "--steps", "2")
+    assert code == 130 and err.strip() == "cartridges: interrupted"
+    code, _, _ = cli(capsys, *argv, "--steps", "4")  # other inputs: not g1's
+    assert code == 130
+    monkeypatch.setattr(pipeline, "evaluate", real)
+    code, out, _ = cli(capsys, *argv, "--steps", "4")
+    assert code == 0 and json.loads(out)["generation"] == 2
+    code, out, _ = cli(capsys, "inspect", "resumed", "--store", store, "--json")
+    assert json.loads(out)["training"]["resumed_from_step"] == 4
+
+
 def test_eval_table_json_and_plot(
     trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -168,8 +226,38 @@ def test_eval_table_json_and_plot(
     bad.write_text('{"question": "no answer"}\n')
     code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(bad), "--model", "tiny", "--store", store)
     assert code == EXIT_INPUT and "bad.jsonl:1" in err
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"question": "Qui a allumé le phare ?", "answer": "Ilse"}\n'.encode("latin-1"))
+    code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(latin1), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and f"{latin1}: not UTF-8" in err
+    one_line_error(err)
     code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(tmp_path / "nope.jsonl"), "--store", store)
     assert code == EXIT_NOT_FOUND
+
+
+def test_eval_icl_falls_back_to_a_chunk_that_fits_the_model(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the trainer's evaluation: the whole corpus when it fits the model's positions with the longest question
+    and answer, else the leading chunk of the corpus that does, labelled as such."""
+    from cartridges.artifact import Cartridge
+    from cartridges.cli.evaluate import QA as Pair
+    from cartridges.cli.scoring import compare
+
+    fp = tiny_model.fingerprint
+    layers = [torch.zeros(fp.num_kv_heads, 16, fp.head_dim) for _ in range(fp.num_layers)]
+    cartridge = Cartridge(layers, layers, frozen_tokens=1)
+    pairs = [Pair(**qa) for qa in QA]
+    whole = compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)[1]
+    assert whole.condition.startswith("ICL (") and "chunk" not in whole.condition
+    positions = int(whole.condition.split("(")[1].split()[0])  # the system turn holding the whole corpus
+    monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", positions)
+    chunk = compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)[1]
+    assert "chunk: first" in chunk.condition
+    assert 0 < chunk.kv_bytes < whole.kv_bytes * 0.9  # the question and its answer need their positions too
+    monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", 8)
+    with pytest.raises(CLIError, match="leave no room for the corpus"):
+        compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)
 
 
 def test_unknown_cartridge(store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,6 +279,23 @@ def test_store_that_is_down(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
         one_line_error(err)
 
 
+def test_an_unreachable_store_is_one_line_on_stderr_without_library_logs(tmp_path: Path) -> None:
+    """urllib3 logs a WARNING per retry; without --debug only the error line reaches stderr."""
+    env = {
+        **os.environ,
+        "CARTRIDGES_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "CARTRIDGES_S3_ACCESS_KEY": "key",
+        "CARTRIDGES_S3_SECRET_KEY": "secret",
+    }
+    argv = [sys.executable, "-m", "cartridges.cli", "ls", "--store", "s3://cartridges"]
+    quiet = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert quiet.returncode == EXIT_UNAVAILABLE
+    one_line_error(quiet.stderr)
+    assert "secret" not in quiet.stderr
+    loud = subprocess.run([*argv, "--debug"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert "Retrying" in loud.stderr  # the logs are there for --debug
+
+
 def test_import_reference_pt(
     tiny_model: LoadedModel, tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -205,6 +310,12 @@ def test_import_reference_pt(
     one_line_error(err)
     code, _, err = cli(capsys, "import", "x", str(tmp_path / "missing.pt"), "--store", store)
     assert code == EXIT_NOT_FOUND
+    checkpoint = torch.load(good, weights_only=True)
+    for frozen_values in (checkpoint["frozen_values"][:0], checkpoint["frozen_values"][:1]):  # none, or too few
+        torch.save({**checkpoint, "frozen_values": frozen_values}, tmp_path / "broken.pt")
+        code, _, err = cli(capsys, "import", "x", str(tmp_path / "broken.pt"), "--model", "tiny", "--store", store)
+        assert code == EXIT_INPUT and "frozen_values" in err
+        one_line_error(err)
 
 
 def test_quantize_promotes_an_int8_generation_that_eval_reads(
@@ -214,6 +325,11 @@ def test_quantize_promotes_an_int8_generation_that_eval_reads(
     argv = ["train", "dense", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2"]
     code, out, _ = cli(capsys, *argv, "--json")
     dense_bytes = json.loads(out)["bytes"]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    evaluate = ["eval", "dense", "--qa", str(qa), "--model", "tiny", "--store", store, "--json"]
+    code, out, _ = cli(capsys, *evaluate)
+    dense_kv = json.loads(out)["rows"][2]["kv_bytes"]
     code, out, _ = cli(capsys, "quantize", "dense", "--store", store, "--json")
     info = json.loads(out)
     assert code == 0 and info["generation"] == 2 and info["quantizedFrom"] == 1 and info["dtype"] == "int8"
@@ -225,10 +341,10 @@ def test_quantize_promotes_an_int8_generation_that_eval_reads(
     code, _, err = cli(capsys, "quantize", "dense", "--store", store, "--format", "fp8")
     assert code == EXIT_INPUT and "already stored in int8" in err
     one_line_error(err)
-    qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
-    code, out, _ = cli(capsys, "eval", "dense", "--qa", str(qa), "--model", "tiny", "--store", store, "--json")
-    assert code == 0 and len(json.loads(out)["rows"]) == 3
+    code, out, _ = cli(capsys, *evaluate)
+    rows = json.loads(out)["rows"]
+    assert code == 0 and len(rows) == 3 and "int8" in rows[2]["condition"]
+    assert 0 < rows[2]["kv_bytes"] < dense_kv / 2  # what is stored and served, not the dequantized copy
 
 
 def test_import_peft_prefix_adapter(tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]) -> None:

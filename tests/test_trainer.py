@@ -359,31 +359,68 @@ def test_quantized_generation_is_stored_and_scored_as_served(
     assert scores["iclGainRecovered"] == pytest.approx((scores["noContext"] - scores["cartridge"]) / gain)
 
 
-def test_a_new_generation_reuses_the_synthesis_of_one_made_from_the_same_inputs(
-    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Only p and steps change from generation 1 to 2: its shards are copied, not synthesized again. A change to
-    selfStudy (generation 3) synthesizes anew."""
-    store = Store()
-    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
-    first = make_config(file_store_root, corpus)
-    train(first, store, options=OPTIONS, model=tiny_model)
+def count_synthesized(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the shards synthesized from now on (not copied or resumed), in order."""
     made: list[str] = []
     real = synthesis_module.synthesize_shard
 
     def counting(*args: Any) -> Shard:
-        made.append(str(args[4]))
+        made.append(str(args[4]))  # (lm, corpus, study, options, name, teacher)
         return real(*args)
 
     monkeypatch.setattr(synthesis_module, "synthesize_shard", counting)
+    return made
+
+
+@pytest.mark.parametrize("spelling", ["file:///path", "file:///pa//th"])
+def test_a_new_generation_reuses_the_synthesis_of_one_made_from_the_same_inputs(
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch, spelling: str
+) -> None:
+    """Only p and steps change from generation 1 to 2: its shards are copied, not synthesized again. A change to
+    selfStudy (generation 3) synthesizes anew. Also with a root that the store lists in another spelling."""
+    if spelling == "file:///pa//th":
+        parent, leaf = file_store_root.rsplit("/", 1)
+        file_store_root = f"{parent}//{leaf}"
+    store = Store()
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
+    first = make_config(file_store_root, corpus)
+    train(first, store, options=OPTIONS, model=tiny_model)
+    made = count_synthesized(monkeypatch)
     resized = make_config(file_store_root, corpus, size=32, steps=2).model_copy(update={"generation": 2})
     manifest = train(resized, store, options=OPTIONS, model=tiny_model)
     assert made == [] and manifest.training["synthesis_from"] == first.output_prefix
     for name in ("synth/train-00000.safetensors", "synth/eval-00000.safetensors", "synth/inputs.json"):
         assert store.get_bytes(f"{resized.output_prefix}/{name}") == store.get_bytes(f"{first.output_prefix}/{name}")
+    assert store.children(resized.output_prefix) == store.children(first.output_prefix)  # nothing misnamed
     restudied = make_config(file_store_root, corpus, conversations=4).model_copy(update={"generation": 3})
     assert train(restudied, store, options=OPTIONS, model=tiny_model).training["synthesis_from"] is None
     assert len(made) == 1 + OPTIONS.eval_shards  # 4 conversations in one shard, plus the held-out shard
+
+
+def test_leftovers_of_another_run_under_the_prefix_are_discarded_not_resumed(
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """g1 holds the shards and checkpoint of a run on corpus A (say the Cartridge was deleted mid-training and
+    created again on corpus B): training B into g1 synthesizes and trains afresh. Its own state is then resumed."""
+    store = Store()
+    first = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    train(first, store, options=OPTIONS, model=tiny_model)
+    Path(StoreURI.parse(f"{first.output_prefix}/{MANIFEST_FILE}").key).unlink()  # as if killed before the upload
+    other_text = "The mill of Brakka ground rye for the islands until 1920, when its sails burned in a storm. " * 4
+    other = first.model_copy(update={"corpus_prefixes": [put_corpus(store, file_store_root, "mill", [other_text])]})
+    made = count_synthesized(monkeypatch)
+    with caplog.at_level("WARNING"):
+        manifest = train(other, store, options=OPTIONS, model=tiny_model)
+    assert manifest.training["resumed_from_step"] == 0
+    assert len(made) == 2 + OPTIONS.eval_shards  # every shard made anew, from corpus B
+    assert manifest.corpus_digest is not None and other.corpus_prefixes[0].endswith(manifest.corpus_digest)
+    assert "discarding the synthesis shards" in caplog.text and "discarding the checkpoints" in caplog.text
+
+    # the same run restarted after its last checkpoint resumes it and keeps its shards
+    Path(StoreURI.parse(f"{other.output_prefix}/{MANIFEST_FILE}").key).unlink()
+    made.clear()
+    again = train(other, store, options=OPTIONS, model=tiny_model)
+    assert made == [] and again.training["resumed_from_step"] == other.spec.training.steps
 
 
 @pytest.mark.minio

@@ -54,7 +54,7 @@ def _code(err: BaseException) -> int:
     from cartridges.corpus import SourceError
     from cartridges.manifest import ArtifactError
     from cartridges.models import ModelLoadError
-    from cartridges.store import BucketNotFound, ObjectNotFound, StoreUnavailable
+    from cartridges.store import BucketNotFound, ObjectNotFound, StoreNotConfigured, StoreUnavailable
     from cartridges_trainer.errors import InputError
 
     if isinstance(err, CLIError):
@@ -65,7 +65,7 @@ def _code(err: BaseException) -> int:
         return EXIT_NOT_FOUND
     if isinstance(err, GenerateError) and "not found" in err.message:
         return EXIT_NOT_FOUND
-    if isinstance(err, ValidationError):
+    if isinstance(err, ValidationError | StoreNotConfigured):
         return EXIT_USAGE
     if isinstance(err, SourceError | ArtifactError | ModelLoadError | InputError):
         return EXIT_INPUT
@@ -82,12 +82,21 @@ def _message(err: BaseException) -> str:
     return text if isinstance(err, CLIError) else f"{text} ({type(err).__name__}; --debug shows the traceback)"
 
 
+def _configure_logging(debug: bool) -> None:
+    """Library logs (urllib3's retries, transformers, the trainer's progress) and Python warnings only with
+    ``--debug``; otherwise only their errors reach stderr, so a failure stays one line."""
+    level = logging.INFO if debug else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when something configured logging before us
+    logging.captureWarnings(not debug)  # warnings.warn(...) becomes a py.warnings WARNING record, below ERROR
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _configure_logging(debug)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

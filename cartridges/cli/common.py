@@ -20,7 +20,7 @@ from cartridges.paths import cache_dir
 from cartridges.store import ObjectNotFound, Store, StoreURI
 
 if TYPE_CHECKING:
-    from cartridges.artifact import Cartridge, ModelFingerprint, StoredCartridge
+    from cartridges.artifact import ModelFingerprint, StoredCartridge
     from cartridges.models import LoadedModel
 
 EXIT_OK = 0
@@ -160,20 +160,23 @@ def find(store: Store, root: str, namespace: str, name: str) -> Stored:
 
 
 def names(store: Store, root: str, namespace: str) -> list[str]:
-    """Cartridges of ``namespace`` that have a promoted generation."""
+    """Cartridges of ``namespace`` that have a promoted generation.
+
+    Names come from the store's listing of the directory (``children``), not from cutting listed URIs, which the
+    store spells in its own normal form (``file://localhost/a``, ``file:///a//b`` or ``file:///a/./b`` list as
+    ``file:///a/...``)."""
     base = layout.cartridge_prefix(root, namespace, "").rstrip("/")
-    suffix = f"/{layout.CURRENT_POINTER}"
-    found = {uri[len(base) + 1 : -len(suffix)] for uri in store.list(base) if uri.endswith(suffix)}
-    return sorted(n for n in found if "/" not in n)
+    return sorted(n for n in store.children(base) if store.exists(layout.current_pointer(root, namespace, n)))
 
 
-def load(store: Store, stored: Stored, lm: LoadedModel) -> Cartridge:
-    """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error)."""
-    from cartridges.artifact import download_artifact, load_cartridge
+def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
+    """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error), as stored
+    and served: a quantized one stays quantized."""
+    from cartridges.artifact import download_artifact, load_stored_cartridge
 
     with tempfile.TemporaryDirectory(prefix="cartridges-") as tmp:
         download_artifact(store, stored.pointer.prefix, Path(tmp))
-        cartridge, _ = load_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+        cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
     return cartridge
 
 

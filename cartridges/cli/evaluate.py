@@ -30,6 +30,7 @@ from cartridges.cli.common import (
     print_json,
     store_options,
 )
+from cartridges.corpus import decode_utf8
 from cartridges.store import Store
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def read_qa(path: Path) -> list[QA]:
     if not path.is_file():
         raise CLIError(f"{path}: no such file", EXIT_NOT_FOUND)
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -87,9 +88,11 @@ def corpus_of(store: Store, root: str, namespace: str, stored: Stored) -> tuple[
 
 
 def table(rows: list[Row]) -> str:
-    lines = [f"{'condition':<28} {'answer NLL/token':>16} {'KV cache':>12} {'tokens/s':>10}"]
+    width = max(28, *(len(r.condition) for r in rows))
+    lines = [f"{'condition':<{width}} {'answer NLL/token':>16} {'KV cache':>12} {'tokens/s':>10}"]
     lines += [
-        f"{r.condition:<28} {r.answer_nll:>16.3f} {human_bytes(r.kv_bytes):>12} {r.tokens_per_s:>10.1f}" for r in rows
+        f"{r.condition:<{width}} {r.answer_nll:>16.3f} {human_bytes(r.kv_bytes):>12} {r.tokens_per_s:>10.1f}"
+        for r in rows
     ]
     none, icl, cart = rows
     gain = none.answer_nll - icl.answer_nll

@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from cartridges.artifact import Cartridge
+from cartridges.artifact import Cartridge, QuantizedCartridge, StoredCartridge
+from cartridges.cli.common import EXIT_INPUT, CLIError
 from cartridges.cli.evaluate import QA, Row
 from cartridges.kvcache import cartridge_cache, prefix_cartridge
 from cartridges.models import LoadedModel
@@ -15,27 +16,57 @@ DECODE_TOKENS = 32
 
 
 @torch.no_grad()
-def compare(lm: LoadedModel, cartridge: Cartridge, description: str, text: str, pairs: list[QA]) -> list[Row]:
-    """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt."""
+def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: str, pairs: list[QA]) -> list[Row]:
+    """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt. A quantized
+    cartridge is scored dequantized, and its KV memory is what it is stored and served in."""
     from cartridges_trainer.prompts import render, system_prompt
 
     system = system_prompt(description, text)
     turns = [render(lm.tokenizer, system, qa.question) for qa in pairs]
-    icl = prefix_cartridge(lm.model, turns[0][0], frozen_tokens=0)
+    cartridge = stored.dequantize() if isinstance(stored, QuantizedCartridge) else stored
+    quantized = f", {stored.format}" if isinstance(stored, QuantizedCartridge) else ""
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     answers = [list(lm.tokenizer(qa.answer, add_special_tokens=False)["input_ids"]) + eos for qa in pairs]
-    conditions = {
-        "no context": None,
-        f"ICL ({len(turns[0][0])} corpus tokens)": icl,
-        f"cartridge (p={cartridge.p})": cartridge,
-    }
+    longest = max(len(turn) + len(answer) for (_, turn), answer in zip(turns, answers, strict=True))
+    context, icl_label = icl_context(lm, description, text, turns[0][0], longest)
+    icl = prefix_cartridge(lm.model, context, frozen_tokens=0)
+    conditions: list[tuple[str, Cartridge | None, int]] = [
+        ("no context", None, 0),
+        (icl_label, icl, icl.nbytes),
+        (f"cartridge (p={cartridge.p}{quantized})", cartridge, stored.nbytes),
+    ]
     rows = []
-    for name, prefix in conditions.items():
+    for name, prefix, kv_bytes in conditions:
         nll = sum(_answer_nll(lm, prefix, turn, answer) for (_, turn), answer in zip(turns, answers, strict=True))
         tokens = sum(len(a) for a in answers)
         rate = _tokens_per_s(lm, prefix, turns[0][1])
-        rows.append(Row(name, nll / tokens, prefix.nbytes if prefix else 0, rate))
+        rows.append(Row(name, nll / tokens, kv_bytes, rate))
     return rows
+
+
+def icl_context(lm: LoadedModel, description: str, text: str, whole: list[int], longest: int) -> tuple[list[int], str]:
+    """The ICL system turn and its label: ``whole`` (the corpus) when it fits the model's positions with the longest
+    question and answer, as the trainer's evaluation decides; else the longest leading chunk of the corpus that does.
+    """
+    from cartridges_trainer.evaluate import fits_context
+    from cartridges_trainer.prompts import render, system_prompt
+
+    if fits_context(lm, len(whole), longest):
+        return whole, f"ICL ({len(whole)} corpus tokens)"
+    tokens = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    limit = int(lm.model.config.max_position_embeddings)
+    keep, context = len(tokens), whole
+    while not fits_context(lm, len(context), longest):
+        keep -= max(1, len(context) + longest - limit)  # rendering the decoded chunk may add a token or two
+        if keep <= 0:
+            raise CLIError(
+                f"the questions and answers alone leave no room for the corpus in {lm.fingerprint.model_id}'s "
+                f"{limit} positions",
+                EXIT_INPUT,
+            )
+        chunk = lm.tokenizer.decode(tokens[:keep])
+        context = render(lm.tokenizer, system_prompt(description, chunk if isinstance(chunk, str) else ""), "")[0]
+    return context, f"ICL (chunk: first {keep} of {len(tokens)} corpus tokens)"
 
 
 def _logits(lm: LoadedModel, prefix: Cartridge | None, ids: list[int], cache: object = None) -> torch.Tensor:

@@ -21,14 +21,13 @@ from cartridges.cli.common import (
     load_model,
     model_options,
     model_source,
-    next_generation,
     open_store,
     print_json,
     promote,
     store_options,
 )
 from cartridges.corpus import NormalizedCorpus, normalize_text, publish
-from cartridges.store import Store
+from cartridges.store import ObjectNotFound, Store
 
 if TYPE_CHECKING:
     from cartridges.models import LoadedModel
@@ -85,7 +84,7 @@ def read_files(paths: list[Path]) -> NormalizedCorpus:
         if not path.exists():
             raise CLIError(f"{path}: no such file or directory", EXIT_NOT_FOUND)
         files = (
-            [f for f in sorted(path.rglob("*")) if f.is_file() and not f.relative_to(path).as_posix().startswith(".")]
+            [f for f in sorted(path.rglob("*")) if f.is_file() and not _hidden(f.relative_to(path))]
             if path.is_dir()
             else [path]
         )
@@ -95,6 +94,11 @@ def read_files(paths: list[Path]) -> NormalizedCorpus:
             doc_id = file.relative_to(path).as_posix() if path.is_dir() else file.name
             documents.append(layout.Document(id=doc_id, text=normalize_text(file.read_bytes(), str(file))))
     return NormalizedCorpus.of(documents)
+
+
+def _hidden(relative: Path) -> bool:
+    """Whether a path inside a corpus directory is hidden or lies in a hidden directory (.git/, sub/.DS_Store)."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def train_cartridge(
@@ -117,6 +121,7 @@ def train_cartridge(
     """
     from cartridges.contract import TrainerConfig
     from cartridges_trainer import TrainerOptions, train
+    from cartridges_trainer.pipeline import training_inputs
 
     store.ensure_bucket(root)
     corpus_prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
@@ -131,15 +136,6 @@ def train_cartridge(
             current = None
         if current and current.manifest.corpus_digest == corpus.digest and _same_spec(current, spec):
             return current, False
-    config = TrainerConfig(
-        namespace=namespace,
-        cartridge=name,
-        generation=next_generation(store, root, namespace, name),
-        store_root=root,
-        corpus_prefixes=[corpus_prefix],
-        corpus_description=description,
-        spec=spec,
-    )
     options = TrainerOptions(
         synthesis_batch_size=min(8, budget.conversations),
         max_question_tokens=budget.question_tokens,
@@ -147,9 +143,42 @@ def train_cartridge(
         checkpoint_every=max(1, budget.steps // 4),
         progress_interval_s=2.0,
     )
+    config = TrainerConfig(
+        namespace=namespace,
+        cartridge=name,
+        generation=_generation_to_train(store, root, namespace, name, training_inputs(spec, options, corpus.digest)),
+        store_root=root,
+        corpus_prefixes=[corpus_prefix],
+        corpus_description=description,
+        spec=spec,
+    )
     manifest = train(config, store, options=options, model=lm or load_model(model, store))
     promote(store, root, namespace, name, config.generation, manifest, keep=spec.keepGenerations)
     return find(store, root, namespace, name), True
+
+
+def _generation_to_train(store: Store, root: str, namespace: str, name: str, inputs: dict[str, object]) -> int:
+    """The newest generation if it is unfinished (no manifest), newer than the promoted one and recorded as trained
+    on ``inputs`` (an interrupted run of this same command: the trainer resumes its shards and checkpoint); else a
+    new one. The trainer itself discards any state under the prefix that was made from other inputs."""
+    generations = layout.stored_generations(store, root, namespace, name)
+    if not generations:
+        return 1
+    newest = generations[-1]
+    prefix = layout.generation_prefix(root, namespace, name, newest)
+
+    def stored(uri: str) -> object:
+        try:
+            return store.get_json(uri)
+        except ObjectNotFound:
+            return None
+
+    promoted = stored(layout.current_pointer(root, namespace, name))
+    recorded = stored(f"{prefix}/{layout.TRAINING_INPUTS_FILE}")
+    newer = not isinstance(promoted, dict) or newest > layout.Pointer.model_validate(promoted).generation
+    unfinished = newer and not store.exists(f"{prefix}/{layout.MANIFEST_FILE}")
+    same = isinstance(recorded, dict) and all(recorded.get(key) == value for key, value in inputs.items())
+    return newest if unfinished and same else newest + 1
 
 
 def _as_uri(source: str) -> str:

@@ -7,8 +7,9 @@ continues with exactly the batches it would have seen; no RNG state needs saving
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -102,17 +103,46 @@ def _latest_checkpoint(workspace: Workspace) -> int | None:
 
 
 def _save_checkpoint(
-    workspace: Workspace, step: int, trainable: TrainableCartridge, optimizer: torch.optim.Optimizer
+    workspace: Workspace,
+    step: int,
+    trainable: TrainableCartridge,
+    optimizer: torch.optim.Optimizer,
+    inputs_key: str,
 ) -> None:
-    """Upload the new checkpoint, then drop older ones: a kill in between leaves at least one complete checkpoint."""
+    """Upload the new checkpoint, then drop older ones: a kill in between leaves at least one complete checkpoint.
+
+    The checkpoint records ``inputs_key`` (what the run trains on), so a run on other inputs never resumes it."""
     previous = _latest_checkpoint(workspace)
     name = f"{_checkpoint_dir(step)}/{STATE_FILE}"
-    torch.save(
-        {"step": step, "cartridge": trainable.state_dict(), "optimizer": optimizer.state_dict()}, workspace.path(name)
-    )
+    state = {"step": step, "inputs": inputs_key, "cartridge": trainable.state_dict()}
+    torch.save(state | {"optimizer": optimizer.state_dict()}, workspace.path(name))
     workspace.upload(name)
     if previous is not None and previous != step:
         workspace.delete(_checkpoint_dir(previous))
+
+
+def load_checkpoint(workspace: Workspace, inputs_key: str, device: torch.device) -> dict[str, Any] | None:
+    """The newest stored checkpoint if it was trained on ``inputs_key``, else ``None``."""
+    if (latest := _latest_checkpoint(workspace)) is None:
+        return None
+    name = f"{_checkpoint_dir(latest)}/{STATE_FILE}"
+    state: dict[str, Any] = torch.load(workspace.fetch(name), map_location=device, weights_only=True)
+    if state.get("inputs") != inputs_key:
+        log.warning("ignoring the checkpoint %s: it was trained on other inputs", workspace.uri(name))
+        return None
+    return state
+
+
+def discard_stale_checkpoints(workspace: Workspace, inputs_key: str) -> None:
+    """Delete the checkpoints under the workspace unless the newest was trained on ``inputs_key``: they were left
+    by another run under this prefix (e.g. a cartridge deleted mid-training and created again on other inputs)."""
+    if (
+        _latest_checkpoint(workspace) is not None
+        and load_checkpoint(workspace, inputs_key, torch.device("cpu")) is None
+    ):
+        log.warning("discarding the checkpoints under %s; training starts afresh", workspace.uri(CHECKPOINT_FOLDER))
+        workspace.delete(CHECKPOINT_FOLDER)
+        shutil.rmtree(workspace.local / CHECKPOINT_FOLDER, ignore_errors=True)
 
 
 def distill(
@@ -124,8 +154,10 @@ def distill(
     workspace: Workspace,
     progress: ProgressReporter,
     world: World,
+    inputs_key: str,
 ) -> tuple[Cartridge, dict[str, float | int]]:
-    """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint); the cartridge and run stats.
+    """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint trained on ``inputs_key``); the
+    cartridge and run stats.
 
     With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints.
     """
@@ -137,10 +169,7 @@ def distill(
     trainable = TrainableCartridge(init)
     optimizer = torch.optim.Adam(trainable.parameters(), lr=training.learningRate)
     start = 0
-    if (latest := _latest_checkpoint(workspace)) is not None:
-        state = torch.load(
-            workspace.fetch(f"{_checkpoint_dir(latest)}/{STATE_FILE}"), map_location=lm.device, weights_only=True
-        )
+    if (state := load_checkpoint(workspace, inputs_key, lm.device)) is not None:
         trainable.load_state_dict(state["cartridge"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -160,6 +189,6 @@ def distill(
         loss_value = world.sum(loss.item())
         progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
         if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
-            _save_checkpoint(workspace, step + 1, trainable, optimizer)
+            _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key)
     stats: dict[str, float | int] = {"steps": training.steps, "resumed_from_step": start, "final_loss": loss_value}
     return trainable.cartridge(lm.model.dtype), stats

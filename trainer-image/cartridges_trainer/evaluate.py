@@ -21,10 +21,14 @@ from cartridges_trainer.synthesis import Shard
 EVAL_BATCH = 8
 
 
-def fits_context(lm: LoadedModel, context_tokens: int, shards: Sequence[Shard]) -> bool:
-    """Whether ``context_tokens`` followed by the longest held-out conversation fits the model's positions."""
+def fits_context(lm: LoadedModel, context_tokens: int, shards: Sequence[Shard] | int) -> bool:
+    """Whether ``context_tokens`` followed by the longest held-out conversation (of ``shards``, or that many
+    tokens) fits the model's positions."""
     limit = getattr(lm.model.config, "max_position_embeddings", None)
-    longest = max((len(c.ids) for s in shards for c in s.conversations), default=0)
+    if isinstance(shards, int):
+        longest = shards
+    else:
+        longest = max((len(c.ids) for s in shards for c in s.conversations), default=0)
     return limit is None or context_tokens + longest <= limit
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cartridges import layout
+from cartridges.api import CartridgeSpec
 from cartridges.artifact import (
     MANIFEST_FILE,
     CartridgeManifest,
@@ -20,11 +24,11 @@ from cartridges.artifact import (
     upload_artifact,
 )
 from cartridges.contract import TrainerConfig
-from cartridges.layout import EVAL_FILE
+from cartridges.layout import EVAL_FILE, TRAINING_INPUTS_FILE
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model
 from cartridges.store import Store
 from cartridges_trainer.corpus import Corpus, load_corpus
-from cartridges_trainer.distill import distill, initial_cartridge
+from cartridges_trainer.distill import discard_stale_checkpoints, distill, initial_cartridge
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.options import TrainerOptions
@@ -65,31 +69,55 @@ def _load_model(config: TrainerConfig, store: Store, world: World) -> LoadedMode
         raise InputError(str(err)) from err
 
 
-def _adopt_earlier_synthesis(
+def training_inputs(spec: CartridgeSpec, options: TrainerOptions, corpus_digest: str) -> dict[str, Any]:
+    """What a generation trains on, as recorded in ``layout.TRAINING_INPUTS_FILE`` (beside the synthesis key and
+    the ``key`` of it all): the spec's training inputs, the corpus and the options that change results (not the
+    cadences). ``cartridges train`` compares them to resume an interrupted generation."""
+    return {
+        "spec": spec.training_inputs(),
+        "corpus": corpus_digest,
+        "options": options.model_dump(mode="json", exclude={"checkpoint_every", "progress_interval_s"}),
+    }
+
+
+def _recorded_inputs(config: TrainerConfig, options: TrainerOptions, synthesis: dict[str, Any]) -> dict[str, Any]:
+    """:func:`training_inputs` with the synthesis inputs' key (model, corpus, selfStudy), and the sha256 of both as
+    ``key``: what a checkpoint records, so only a run on the same inputs resumes it."""
+    inputs = training_inputs(config.spec, options, synthesis["corpus"]["digest"]) | {"synthesis": synthesis["key"]}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return {"key": key, **inputs}
+
+
+def _prepare_workspace(
     config: TrainerConfig,
     lm: LoadedModel,
     corpus: Corpus,
     options: TrainerOptions,
     workspace: Workspace,
     world: World,
-) -> str | None:
-    """Rank 0 copies the shards of the newest earlier generation of this cartridge made from the same inputs (a
-    change of p, training or quantization needs no new synthesis), or records the inputs of the shards to come;
-    the other ranks wait for it."""
+) -> tuple[str | None, str]:
+    """Rank 0 discards what another run left under this prefix (checkpoints or shards of other inputs), copies the
+    shards of the newest earlier generation of this cartridge made from the same inputs (a change of p, training or
+    quantization needs no new synthesis) or records the inputs of the shards to come, and records the training
+    inputs (``layout.TRAINING_INPUTS_FILE``); the other ranks wait for it. Returns the prefix the shards were copied
+    from and the training inputs' key."""
     reused = None
+    synthesis = synthesis_inputs(lm, corpus, config.spec.selfStudy, options)
+    inputs = _recorded_inputs(config, options, synthesis)
     if world.is_main:
+        discard_stale_checkpoints(workspace, inputs["key"])
+        workspace.store.put_json(workspace.uri(TRAINING_INPUTS_FILE), inputs)
         generations = layout.stored_generations(workspace.store, config.store_root, config.namespace, config.cartridge)
         earlier = [
             layout.generation_prefix(config.store_root, config.namespace, config.cartridge, g)
             for g in reversed(generations)
             if g < config.generation
         ]
-        inputs = synthesis_inputs(lm, corpus, config.spec.selfStudy, options)
-        reused = adopt_synthesis(workspace, inputs, earlier)
+        reused = adopt_synthesis(workspace, synthesis, earlier)
         if reused:
             log.info("synthesis shards copied from %s (same model, corpus and selfStudy)", reused)
     world.barrier()
-    return reused
+    return reused, inputs["key"]
 
 
 def train(
@@ -140,13 +168,13 @@ def _run(
     init = initial_cartridge(lm, corpus, spec, options.seed)
 
     started = time.monotonic()
-    reused = _adopt_earlier_synthesis(config, lm, corpus, options, workspace, world)
+    reused, inputs_key = _prepare_workspace(config, lm, corpus, options, workspace, world)
     train_shards, eval_shards = synthesize(lm, corpus, spec.selfStudy, options, workspace, progress, world)
     synthesis_rate = progress.progress.tokens_per_s  # None when every shard was already stored
     stats: dict[str, float | int | None] = {"synthesis_seconds": time.monotonic() - started}
     conversations = [c for shard in train_shards for c in shard.conversations]
     started = time.monotonic()
-    cartridge, distill_stats = distill(lm, init, conversations, spec, options, workspace, progress, world)
+    cartridge, distill_stats = distill(lm, init, conversations, spec, options, workspace, progress, world, inputs_key)
     stats |= distill_stats | {"distill_seconds": time.monotonic() - started}
     rates = {"synthesis_tokens_per_s": synthesis_rate, "distill_tokens_per_s": progress.progress.tokens_per_s}
     if not world.is_main:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -286,14 +287,27 @@ def synthesis_inputs(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options:
 def adopt_synthesis(workspace: Workspace, inputs: dict[str, Any], earlier: Sequence[str]) -> str | None:
     """Before a generation's first shard: copy (server-side) the shards of the first of the ``earlier`` generation
     prefixes synthesized from the same inputs, and return that prefix; with none, record ``inputs`` for the shards
-    about to be made here. A generation that has shards already is left as it is (a set begun by an older version
-    stays unlabelled, so it is never adopted).
+    about to be made here. A generation whose shards were made from these inputs is left as it is (a restart); shards
+    made from other inputs (left by another run under this prefix) or unlabelled ones are deleted first.
 
     A shard is a function of the inputs and its name, so an earlier generation's partial set is as good: what is
     missing is synthesized as after a restart."""
     store = workspace.store
     if workspace.names(SYNTH_FOLDER):
-        return None
+        try:
+            recorded = store.get_json(workspace.uri(INPUTS_FILE)).get("key")
+        except ObjectNotFound:
+            recorded = None
+        if recorded == inputs["key"]:
+            return None
+        log.warning(
+            "discarding the synthesis shards under %s: they were made from other inputs (%s), not this run's (%s)",
+            workspace.uri(SYNTH_FOLDER),
+            recorded[:12] if isinstance(recorded, str) else "unrecorded",
+            inputs["key"][:12],
+        )
+        workspace.delete(SYNTH_FOLDER)
+        shutil.rmtree(workspace.local / SYNTH_FOLDER, ignore_errors=True)
     source = None
     for prefix in earlier:
         try:
@@ -303,9 +317,9 @@ def adopt_synthesis(workspace: Workspace, inputs: dict[str, Any], earlier: Seque
         except ObjectNotFound:
             continue
     if source is not None:
-        for uri in store.list(f"{source}/{SYNTH_FOLDER}"):
-            if not uri.endswith(INPUTS_FILE):
-                store.copy(uri, workspace.uri(uri[len(source) + 1 :]))
+        for name in store.names(f"{source}/{SYNTH_FOLDER}"):
+            if f"{SYNTH_FOLDER}/{name}" != INPUTS_FILE:
+                store.copy(f"{source}/{SYNTH_FOLDER}/{name}", workspace.uri(f"{SYNTH_FOLDER}/{name}"))
     store.put_json(workspace.uri(INPUTS_FILE), inputs)
     return source
 

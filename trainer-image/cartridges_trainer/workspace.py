@@ -28,8 +28,7 @@ class Workspace:
 
     def names(self, folder: str) -> list[str]:
         """Names (relative to the prefix) of the objects stored under ``folder``."""
-        root = self.prefix.rstrip("/") + "/"
-        return sorted(uri[len(root) :] for uri in self.store.list(self.uri(folder)))
+        return sorted(f"{folder}/{name}" for name in self.store.names(self.uri(folder)))
 
     def upload(self, name: str) -> None:
         self.store.put_file(self.uri(name), self.path(name))
