@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from cartridges import api
@@ -42,6 +43,20 @@ def dns_name(*parts: str, limit: int = 63) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def dns_label(*parts: str, limit: int = 63) -> str:
+    """Join parts into a DNS-1035 label (what a Service name must be: ``[a-z]([-a-z0-9]*[a-z0-9])?``). Characters
+    outside ``[a-z0-9-]`` (the dots a base model's name may have) become ``-``; a name that had to change or be cut
+    gets a hash of the original as its tail, so ``llama-3.1`` and ``llama-3-1`` keep distinct names. Names that are
+    labels already stay as they are."""
+    original = "-".join(parts)
+    name = re.sub(r"[^a-z0-9-]", "-", original.lower()).strip("-")
+    if name == original and len(name) <= limit and name[:1].isalpha():
+        return name
+    digest = hashlib.sha256(original.encode()).hexdigest()[:8]
+    head = name if name[:1].isalpha() else f"x{name}"  # a label starts with a letter
+    return f"{head[: limit - 9].rstrip('-')}-{digest}"
 
 
 def owner_reference(body: dict[str, Any], controller: bool = True) -> dict[str, Any]:
@@ -152,7 +167,8 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
 
 
 def serving_name(model: str) -> str:
-    return dns_name("triton", model)
+    """The Deployment's and Service's name: a DNS-1035 label, as Service names must be."""
+    return dns_label("triton", model)
 
 
 def serving_labels(model: str) -> dict[str, str]:
