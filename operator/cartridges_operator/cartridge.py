@@ -298,6 +298,9 @@ def _prune(run: Pass, promoted: int) -> None:
 def _serve(run: Pass) -> dict[str, Any]:
     serving, model = run.spec.serving, run.spec.baseModel
     if not serving.enabled:
+        # Leave the shared serving objects: deleted once no other Cartridge of this base model is served by them.
+        for kind in ("Deployment", "Service"):
+            kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
         run.condition("Serving", False, "ServingDisabled", "spec.serving.enabled is false")
         run.status["endpoint"] = None
         run.condition("Stalled", False, "Trained")

@@ -130,3 +130,32 @@ def test_deletion_removes_serving_owner_and_artifacts(operator_env: OperatorEnv)
     wait_for("cartridge deleted", lambda: env.get("cartridges", "gone") is None, 30)
     assert env.store.list(prefix) == []
     assert "gone" not in owners() and "keeper" in owners()
+
+
+def test_disabling_serving_leaves_the_shared_serving_objects(operator_env: OperatorEnv) -> None:
+    """serving.enabled true -> false drops this Cartridge's owner reference; the last one to leave deletes the
+    Deployment and Service (the other Cartridge's serving is untouched until then)."""
+    env = operator_env
+    model = {"name": "flip", "uri": "file:///models/flip"}
+    env.create("corpora", "flip", {"description": "d", "sources": [{"inline": "Facts served, then not."}]})
+    for name in ("flip-a", "flip-b"):
+        env.create("cartridges", name, cartridge_spec("flip", baseModel=model))
+    apps, core = client.AppsV1Api(env.api), client.CoreV1Api(env.api)
+
+    def owners(read: Any) -> set[str] | None:
+        try:
+            return {o.name for o in read("triton-flip", env.namespace).metadata.owner_references or []}
+        except client.ApiException as err:
+            assert err.status == 404
+            return None
+
+    deployment, service = apps.read_namespaced_deployment, core.read_namespaced_service
+    wait_for("both own the serving objects", lambda: owners(deployment) == owners(service) == {"flip-a", "flip-b"})
+    env.patch_spec("cartridges", "flip-a", {"serving": {"enabled": False}})
+    wait_for("flip-a left", lambda: owners(deployment) == owners(service) == {"flip-b"})
+    disabled = env.wait_condition("cartridges", "flip-a", "Serving", "False")
+    assert disabled["reason"] == "ServingDisabled"
+    assert (env.get("cartridges", "flip-a") or {})["status"].get("endpoint") is None
+    env.patch_spec("cartridges", "flip-b", {"serving": {"enabled": False}})
+    wait_for("serving objects deleted", lambda: owners(deployment) is None and owners(service) is None)
+    env.wait_condition("cartridges", "flip-b", "Ready", "True")
