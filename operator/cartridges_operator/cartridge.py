@@ -135,7 +135,7 @@ def _current_generation(run: Pass, corpora: list[tuple[str, str, str]]) -> Train
     training_hash = _training_hash(run.spec, corpora)
     generation = int(run.status.get("generation") or 0)
     if run.status.get("trainingHash") != training_hash:
-        generation += 1
+        generation = generation + 1 if generation else _first_generation(run)
         run.status.update(generation=generation, trainingHash=training_hash, progress=None, lastFailure=None)
     run.status["trainingJob"] = manifests.job_name(run.name, generation)
     return TrainerConfig(
@@ -148,6 +148,21 @@ def _current_generation(run: Pass, corpora: list[tuple[str, str, str]]) -> Train
         spec=run.spec,
         training_hash=training_hash,
     )
+
+
+def _first_generation(run: Pass) -> int:
+    """The first generation of a Cartridge without one in its status: after every generation with anything stored
+    (a Cartridge of this name may have been deleted mid-training, leaving synthesized data or checkpoints that the
+    trainer would resume from, although they came from other inputs). The exception is a newest generation whose
+    Job this very Cartridge created: its status write was lost, and that generation is its own."""
+    stored = layout.stored_generations(run.store, run.config.store_root, run.namespace, run.name)
+    newest = max(stored, default=0)
+    if newest:
+        job = kube.get_job(run.namespace, manifests.job_name(run.name, newest))
+        uid = run.body["metadata"].get("uid")
+        if job is not None and any(ref.uid == uid for ref in job.metadata.owner_references or []):
+            return newest
+    return newest + 1
 
 
 def _job_finished(job: Any) -> bool | None:

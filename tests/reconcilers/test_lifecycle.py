@@ -169,3 +169,27 @@ def test_a_recreated_cartridge_never_takes_a_retained_generation_as_its_own(oper
     manifest = env.store.get_json(f"{pointer['prefix']}/manifest.json")
     assert pointer["generation"] == 2
     assert manifest["corpus_digest"] == (env.get("corpora", "second-life") or {})["status"]["digest"]
+
+
+def test_a_recreated_cartridge_skips_a_generation_left_half_trained(operator_env: OperatorEnv) -> None:
+    """A Cartridge deleted mid-training leaves synthesized shards and checkpoints under g1/ but no manifest; one of
+    the same name applied later must not resume from them: it starts after every generation with anything stored."""
+    env = operator_env
+    leftovers = layout.generation_prefix(env.store_root, env.namespace, "halfway", 1)
+    env.store.put_bytes(f"{leftovers}/synth/shard-00000.jsonl", b'{"old": "conversation"}\n')
+    env.store.put_bytes(f"{leftovers}/checkpoint/step-100.pt", b"old weights")
+    env.create("corpora", "halfway", {"description": "d", "sources": [{"inline": "Fresh facts."}]})
+    env.create("cartridges", "halfway", cartridge_spec("halfway"))
+    env.wait_condition("cartridges", "halfway", "Ready", "True")
+    assert status(env, "halfway")["generation"] == 2 and jobs(env, "halfway") == ["halfway-g2"]
+    pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "halfway"))
+    assert pointer["generation"] == 2
+
+    # A status write lost after the Job was created (here: the status cleared): the Job this Cartridge owns says
+    # which generation is its own, so nothing trains again under a new number.
+    cleared = {k: None for k in ("generation", "trainingHash", "trainingJob", "artifact", "progress")}
+    env.custom.patch_namespaced_custom_object_status(
+        api.GROUP, api.VERSION, env.namespace, "cartridges", "halfway", {"status": cleared}
+    )
+    wait_for("generation recomputed", lambda: status(env, "halfway").get("artifact") is not None, 30)
+    assert status(env, "halfway")["generation"] == 2 and jobs(env, "halfway") == ["halfway-g2"]
