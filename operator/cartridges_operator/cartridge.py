@@ -79,7 +79,11 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             if not kube.secret_exists(run.namespace, run.config.store_secret):
                 message = f"Secret {run.config.store_secret} with the object-store credentials is missing"
                 return run.not_ready("StoreSecretMissing", f"{message} in namespace {run.namespace}", stalled=True)
-            kube.create_job(manifests.training_job(run.body, trainer, run.config))
+            try:
+                kube.create_job(manifests.training_job(run.body, trainer, run.config))
+            except kube.Invalid as err:
+                run.condition("Trained", False, "InvalidJob", str(err))
+                return run.not_ready("InvalidJob", str(err), stalled=True)
             run.condition("Trained", False, "Training", f"generation {trainer.generation} started")
             return run.not_ready("Training", f"training generation {trainer.generation}")
         if bool(job.spec.suspend) != run.spec.suspend:
@@ -322,8 +326,12 @@ def _serve(run: Pass) -> dict[str, Any]:
         run.condition("Ready", True, "Trained", "trained and promoted; serving disabled")
         return run.status
     owner = [manifests.owner_reference(run.body, controller=False)]
-    kube.apply_owned(manifests.serving_deployment(run.namespace, model, serving.replicas, owner, run.config))
-    kube.apply_owned(manifests.serving_service(run.namespace, model.name, owner))
+    try:
+        kube.apply_owned(manifests.serving_deployment(run.namespace, model, serving.replicas, owner, run.config))
+        kube.apply_owned(manifests.serving_service(run.namespace, model.name, owner))
+    except kube.Invalid as err:
+        run.condition("Serving", False, "InvalidServing", str(err))
+        return run.not_ready("InvalidServing", str(err), stalled=True)
     ready, desired = kube.deployment_ready(run.namespace, manifests.serving_name(model.name))
     run.status["endpoint"] = {
         "url": manifests.endpoint_url(run.namespace, model.name),

@@ -42,7 +42,7 @@ def dns_name(*parts: str, limit: int = 63) -> str:
     if len(name) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+    return f"{name[: limit - 9].rstrip('-.')}-{digest}"
 
 
 def dns_label(*parts: str, limit: int = 63) -> str:
@@ -94,6 +94,12 @@ def store_env(config: OperatorConfig) -> list[dict[str, Any]]:
     ]
 
 
+def cartridge_label(cartridge: str) -> str:
+    """The value of CARTRIDGE_LABEL: a Cartridge's name may have 253 characters, a label value at most 63. Every
+    selector by that label takes its value from here."""
+    return dns_name(cartridge)
+
+
 def job_name(cartridge: str, generation: int) -> str:
     return dns_name(cartridge, f"g{generation}")
 
@@ -104,7 +110,7 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
     labels = {
         **MANAGED_BY,
         "app.kubernetes.io/name": "cartridges-trainer",
-        CARTRIDGE_LABEL: name,
+        CARTRIDGE_LABEL: cartridge_label(name),
         GENERATION_LABEL: str(trainer.generation),
     }
     resources = spec.resources
