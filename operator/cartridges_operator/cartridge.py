@@ -316,6 +316,9 @@ def _prune(run: Pass, promoted: int) -> None:
 
 def _serve(run: Pass) -> dict[str, Any]:
     serving, model = run.spec.serving, run.spec.baseModel
+    legacy = manifests.legacy_serving_name(model.name)
+    if legacy is not None:  # created before its Service was refused for the dots in its name: it must not hold a GPU
+        kube.remove_owner("Deployment", run.namespace, legacy, run.body["metadata"]["uid"])
     if not serving.enabled:
         # Leave the shared serving objects: deleted once no other Cartridge of this base model is served by them.
         for kind in ("Deployment", "Service"):

@@ -177,6 +177,13 @@ def serving_name(model: str) -> str:
     return dns_label("triton", model)
 
 
+def legacy_serving_name(model: str) -> str | None:
+    """The name operators before the DNS-1035 serving name gave the Deployment of a base model whose name is no
+    label (dots): the Deployment was created, its Service refused. None when the names agree."""
+    legacy = dns_name("triton", model)
+    return None if legacy == serving_name(model) else legacy
+
+
 def serving_labels(model: str) -> dict[str, str]:
     return {**MANAGED_BY, "app.kubernetes.io/name": "cartridges-serving", MODEL_LABEL: model}
 

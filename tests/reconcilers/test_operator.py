@@ -159,3 +159,37 @@ def test_disabling_serving_leaves_the_shared_serving_objects(operator_env: Opera
     env.patch_spec("cartridges", "flip-b", {"serving": {"enabled": False}})
     wait_for("serving objects deleted", lambda: owners(deployment) is None and owners(service) is None)
     env.wait_condition("cartridges", "flip-b", "Ready", "True")
+
+
+def test_a_base_model_with_dots_is_served_and_its_pre_label_deployment_goes(operator_env: OperatorEnv) -> None:
+    """Base-model names may have dots; Service names may not. The serving objects get a DNS-1035 name, so the
+    Cartridge reaches its serving stage; a Deployment under the name operators used before (dots kept, created
+    before its Service was refused) is left, so it does not hold a GPU."""
+    env = operator_env
+    model = {"name": "llama-3.1-8b", "uri": "file:///models/llama"}
+    env.create("corpora", "dotted", {"description": "d", "sources": [{"inline": "Facts for a dotted model."}]})
+    created = env.create("cartridges", "dotted", cartridge_spec("dotted", baseModel=model))
+    legacy = {
+        "metadata": {"name": "triton-llama-3.1-8b", "ownerReferences": [
+            {"apiVersion": api.API_VERSION, "kind": "Cartridge", "name": "dotted", "uid": created["metadata"]["uid"]}]},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "legacy"}},
+                 "template": {"metadata": {"labels": {"app": "legacy"}},
+                              "spec": {"containers": [{"name": "c", "image": "x"}]}}},
+    }  # fmt: skip
+    apps = client.AppsV1Api(env.api)
+    apps.create_namespaced_deployment(env.namespace, legacy)
+    wait_for("serving objects", lambda: (env.condition("cartridges", "dotted", "Serving") or {}).get("reason")
+             == "ServingNotReady", 30)  # fmt: skip
+    name = (env.get("cartridges", "dotted") or {})["status"]["endpoint"]["url"].split("//")[1].split(".")[0]
+    assert name.startswith("triton-llama-3-1-8b-")
+    assert client.CoreV1Api(env.api).read_namespaced_service(name, env.namespace).metadata.name == name
+    assert apps.read_namespaced_deployment(name, env.namespace).metadata.owner_references[0].name == "dotted"
+
+    def legacy_gone() -> bool:
+        try:
+            apps.read_namespaced_deployment("triton-llama-3.1-8b", env.namespace)
+        except client.ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for("the Deployment under the old name deleted", legacy_gone, 30)
