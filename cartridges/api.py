@@ -165,6 +165,26 @@ class Training(Spec):
 
 
 class Toleration(Spec):
+    """A Kubernetes toleration of the training pods; the rules are the ones the API server checks on the Job."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=cel(
+            (
+                "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "value must be empty when operator is Exists",
+            ),
+            (
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds requires effect NoExecute",
+            ),
+            (
+                "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                "operator must be Exists when key is empty (a toleration of every taint)",
+            ),
+        ),
+    )
+
     key: str | None = None
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = None

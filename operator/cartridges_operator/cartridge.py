@@ -79,7 +79,11 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             if not kube.secret_exists(run.namespace, run.config.store_secret):
                 message = f"Secret {run.config.store_secret} with the object-store credentials is missing"
                 return run.not_ready("StoreSecretMissing", f"{message} in namespace {run.namespace}", stalled=True)
-            kube.create_job(manifests.training_job(run.body, trainer, run.config))
+            try:
+                kube.create_job(manifests.training_job(run.body, trainer, run.config))
+            except kube.Invalid as err:
+                run.condition("Trained", False, "InvalidJob", str(err))
+                return run.not_ready("InvalidJob", str(err), stalled=True)
             run.condition("Trained", False, "Training", f"generation {trainer.generation} started")
             return run.not_ready("Training", f"training generation {trainer.generation}")
         if bool(job.spec.suspend) != run.spec.suspend:
@@ -135,7 +139,7 @@ def _current_generation(run: Pass, corpora: list[tuple[str, str, str]]) -> Train
     training_hash = _training_hash(run.spec, corpora)
     generation = int(run.status.get("generation") or 0)
     if run.status.get("trainingHash") != training_hash:
-        generation += 1
+        generation = generation + 1 if generation else _first_generation(run)
         run.status.update(generation=generation, trainingHash=training_hash, progress=None, lastFailure=None)
     run.status["trainingJob"] = manifests.job_name(run.name, generation)
     return TrainerConfig(
@@ -148,6 +152,21 @@ def _current_generation(run: Pass, corpora: list[tuple[str, str, str]]) -> Train
         spec=run.spec,
         training_hash=training_hash,
     )
+
+
+def _first_generation(run: Pass) -> int:
+    """The first generation of a Cartridge without one in its status: after every generation with anything stored
+    (a Cartridge of this name may have been deleted mid-training, leaving synthesized data or checkpoints that the
+    trainer would resume from, although they came from other inputs). The exception is a newest generation whose
+    Job this very Cartridge created: its status write was lost, and that generation is its own."""
+    stored = layout.stored_generations(run.store, run.config.store_root, run.namespace, run.name)
+    newest = max(stored, default=0)
+    if newest:
+        job = kube.get_job(run.namespace, manifests.job_name(run.name, newest))
+        uid = run.body["metadata"].get("uid")
+        if job is not None and any(ref.uid == uid for ref in job.metadata.owner_references or []):
+            return newest
+    return newest + 1
 
 
 def _job_finished(job: Any) -> bool | None:
@@ -297,15 +316,25 @@ def _prune(run: Pass, promoted: int) -> None:
 
 def _serve(run: Pass) -> dict[str, Any]:
     serving, model = run.spec.serving, run.spec.baseModel
+    legacy = manifests.legacy_serving_name(model.name)
+    if legacy is not None:  # created before its Service was refused for the dots in its name: it must not hold a GPU
+        kube.remove_owner("Deployment", run.namespace, legacy, run.body["metadata"]["uid"])
     if not serving.enabled:
+        # Leave the shared serving objects: deleted once no other Cartridge of this base model is served by them.
+        for kind in ("Deployment", "Service"):
+            kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
         run.condition("Serving", False, "ServingDisabled", "spec.serving.enabled is false")
         run.status["endpoint"] = None
         run.condition("Stalled", False, "Trained")
         run.condition("Ready", True, "Trained", "trained and promoted; serving disabled")
         return run.status
     owner = [manifests.owner_reference(run.body, controller=False)]
-    kube.apply_owned(manifests.serving_deployment(run.namespace, model, serving.replicas, owner, run.config))
-    kube.apply_owned(manifests.serving_service(run.namespace, model.name, owner))
+    try:
+        kube.apply_owned(manifests.serving_deployment(run.namespace, model, serving.replicas, owner, run.config))
+        kube.apply_owned(manifests.serving_service(run.namespace, model.name, owner))
+    except kube.Invalid as err:
+        run.condition("Serving", False, "InvalidServing", str(err))
+        return run.not_ready("InvalidServing", str(err), stalled=True)
     ready, desired = kube.deployment_ready(run.namespace, manifests.serving_name(model.name))
     run.status["endpoint"] = {
         "url": manifests.endpoint_url(run.namespace, model.name),

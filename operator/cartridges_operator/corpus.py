@@ -37,7 +37,7 @@ def reconcile_corpus(
         "digest": manifest.digest,
         "documents": manifest.documents,
         "bytes": manifest.bytes,
-        "tokens": manifest.tokens,
+        "tokens": tokens,  # this spec's tokenizer: a stored manifest keeps the count of the one it was stored with
         "artifact": prefix,
         "conditions": conditions,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 from typing import Any
 
 from kubernetes import client, config
@@ -11,6 +12,18 @@ from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
 from cartridges.corpus import SourceError
+
+
+class Invalid(Exception):
+    """The API server refused an object the operator built (422): a spec value the CRD admits that the object's own
+    validation does not. The message is the API server's, for a status condition (it names the field)."""
+
+    def __init__(self, kind: str, name: str, err: ApiException):
+        try:
+            message = str(json.loads(err.body)["message"])
+        except (TypeError, ValueError, KeyError):
+            message = str(err.reason)
+        super().__init__(f"the API server refused {kind} {name}: {message}"[:2000])
 
 
 @functools.cache
@@ -99,6 +112,8 @@ def create_job(body: dict[str, Any]) -> None:
     try:
         batch().create_namespaced_job(body["metadata"]["namespace"], body)
     except ApiException as err:
+        if err.status == 422:
+            raise Invalid("Job", body["metadata"]["name"], err) from err
         if err.status != 409:
             raise
 
@@ -130,7 +145,17 @@ def failed_pod_details(namespace: str, job: str) -> tuple[str | None, int | None
 
 
 def apply_owned(body: dict[str, Any]) -> None:
-    """Create a Deployment or Service, or merge our fields into the existing one (owners are unioned)."""
+    """Create a Deployment or Service, or merge our fields into the existing one (owners are unioned). Raises
+    :class:`Invalid` when the API server refuses the object."""
+    try:
+        _apply_owned(body)
+    except ApiException as err:
+        if err.status == 422:
+            raise Invalid(body["kind"], body["metadata"]["name"], err) from err
+        raise
+
+
+def _apply_owned(body: dict[str, Any]) -> None:
     kind, meta = body["kind"], body["metadata"]
     create, read, patch = {
         "Deployment": (

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from cartridges import api
@@ -41,7 +42,21 @@ def dns_name(*parts: str, limit: int = 63) -> str:
     if len(name) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+    return f"{name[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def dns_label(*parts: str, limit: int = 63) -> str:
+    """Join parts into a DNS-1035 label (what a Service name must be: ``[a-z]([-a-z0-9]*[a-z0-9])?``). Characters
+    outside ``[a-z0-9-]`` (the dots a base model's name may have) become ``-``; a name that had to change or be cut
+    gets a hash of the original as its tail, so ``llama-3.1`` and ``llama-3-1`` keep distinct names. Names that are
+    labels already stay as they are."""
+    original = "-".join(parts)
+    name = re.sub(r"[^a-z0-9-]", "-", original.lower()).strip("-")
+    if name == original and len(name) <= limit and name[:1].isalpha():
+        return name
+    digest = hashlib.sha256(original.encode()).hexdigest()[:8]
+    head = name if name[:1].isalpha() else f"x{name}"  # a label starts with a letter
+    return f"{head[: limit - 9].rstrip('-')}-{digest}"
 
 
 def owner_reference(body: dict[str, Any], controller: bool = True) -> dict[str, Any]:
@@ -79,6 +94,12 @@ def store_env(config: OperatorConfig) -> list[dict[str, Any]]:
     ]
 
 
+def cartridge_label(cartridge: str) -> str:
+    """The value of CARTRIDGE_LABEL: a Cartridge's name may have 253 characters, a label value at most 63. Every
+    selector by that label takes its value from here."""
+    return dns_name(cartridge)
+
+
 def job_name(cartridge: str, generation: int) -> str:
     return dns_name(cartridge, f"g{generation}")
 
@@ -89,7 +110,7 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
     labels = {
         **MANAGED_BY,
         "app.kubernetes.io/name": "cartridges-trainer",
-        CARTRIDGE_LABEL: name,
+        CARTRIDGE_LABEL: cartridge_label(name),
         GENERATION_LABEL: str(trainer.generation),
     }
     resources = spec.resources
@@ -152,7 +173,15 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
 
 
 def serving_name(model: str) -> str:
-    return dns_name("triton", model)
+    """The Deployment's and Service's name: a DNS-1035 label, as Service names must be."""
+    return dns_label("triton", model)
+
+
+def legacy_serving_name(model: str) -> str | None:
+    """The name operators before the DNS-1035 serving name gave the Deployment of a base model whose name is no
+    label (dots): the Deployment was created, its Service refused. None when the names agree."""
+    legacy = dns_name("triton", model)
+    return None if legacy == serving_name(model) else legacy
 
 
 def serving_labels(model: str) -> dict[str, str]:

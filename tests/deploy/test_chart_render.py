@@ -161,7 +161,21 @@ def test_network_policies(render: Render) -> None:
     egress = operator["spec"]["egress"]
     assert egress[1]["to"] == [{"ipBlock": {"cidr": "10.96.0.1/32"}}]
     assert egress[2] == {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
+    web = [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]
+    assert egress[3] == {"ports": web}, "the operator downloads http(s) Corpus sources itself"
+    assert len(egress) == 4
     assert not operator["spec"]["ingress"], "no metrics namespaces configured: nothing may connect"
+
+
+def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> None:
+    def egress(**sets: str) -> list[dict[str, Any]]:
+        (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
+        rules: list[dict[str, Any]] = operator["spec"]["egress"]
+        return rules
+
+    narrowed = egress(**{"networkPolicy.corpusSources.cidrs[0]": "192.0.2.0/24"})
+    assert narrowed[3]["to"] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
+    assert len(egress(**{"networkPolicy.corpusSources.enabled": "false"})) == 3
 
 
 # (what is set, what the error must say): helm prints the JSON-schema path and the rule that failed.
@@ -173,6 +187,7 @@ BAD_VALUES = [
     ({"operator.watchNamespaces[0]": "Team_Docs"}, ["/operator/watchNamespaces/0", "does not match pattern"]),
     ({"operator.replicas": "2"}, ["additional properties 'replicas' not allowed"]),
     ({"networkPolicy.apiServer.cidrs[0]": "10.0.0.1"}, ["/networkPolicy/apiServer/cidrs/0"]),
+    ({"networkPolicy.corpusSources.ports[0]": "0"}, ["/networkPolicy/corpusSources/ports/0"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
     ({"serving.engine.maxBatchSize": "0"}, ["/serving/engine/maxBatchSize", "minimum"]),

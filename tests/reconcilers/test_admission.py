@@ -50,6 +50,13 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ("bad-object-uri", "corpora", {"description": "d", "sources": [{"object": {"uri": "gs://b/k"}}]}, "object.uri"),
     ("bad-http-url", "corpora", {"description": "d", "sources": [{"http": {"url": "ftp://x"}}]}, "http.url"),
     ("empty-description", "corpora", {**CORPUS, "description": ""}, "description"),
+    ("exists-with-value", "cartridges", {**CARTRIDGE, "resources": {"tolerations": [
+        {"key": "gpu", "operator": "Exists", "value": "yes"}]}}, "value must be empty when operator is Exists"),
+    ("seconds-without-no-execute", "cartridges", {**CARTRIDGE, "resources": {"tolerations": [
+        {"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 30}]}},
+     "tolerationSeconds requires effect NoExecute"),
+    ("no-key-equal", "cartridges", {**CARTRIDGE, "resources": {"tolerations": [{"operator": "Equal", "value": "x"}]}},
+     "operator must be Exists when key is empty"),
 ]  # fmt: skip
 
 

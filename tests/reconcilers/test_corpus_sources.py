@@ -104,3 +104,17 @@ def test_tokens_are_counted_with_the_named_tokenizer(tmp_path: Path) -> None:
     )  # fmt: skip
     stalled = next(c for c in missing["conditions"] if c["type"] == "Stalled")
     assert stalled["reason"] == "InvalidSource" and "no tokenizer.json" in stalled["message"]
+
+
+def test_tokens_follow_a_tokenizer_added_to_a_stored_corpus(tmp_path: Path) -> None:
+    """The text (and so the digest) is unchanged when spec.tokenizer is added or dropped: the corpus is stored
+    already, but the status counts with the tokenizer the spec names now."""
+    tiny_llama().tokenizer.save_pretrained(tmp_path / "model")
+    root, sources = f"file://{tmp_path}/store", [{"inline": "abc"}]
+    first = reconcile_corpus({"description": "d", "sources": sources}, {}, "ns", "c", 1, Store(), root)
+    assert first["tokens"] is None
+    spec = {"description": "d", "sources": sources, "tokenizer": f"file://{tmp_path}/model"}
+    counted = reconcile_corpus(spec, first, "ns", "c", 2, Store(), root)
+    assert counted["digest"] == first["digest"] and counted["tokens"] == 4
+    dropped = reconcile_corpus({"description": "d", "sources": sources}, counted, "ns", "c", 3, Store(), root)
+    assert dropped["tokens"] is None

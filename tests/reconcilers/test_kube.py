@@ -10,8 +10,10 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from cartridges import api
 from cartridges_e2e.cluster import Cluster
-from cartridges_operator import kube
+from cartridges_operator import kube, manifests
+from cartridges_operator.config import OperatorConfig
 
 pytestmark = pytest.mark.cluster
 
@@ -66,3 +68,22 @@ def test_an_object_we_do_not_own_is_left_alone(namespace: str) -> None:
     kube.core().create_namespaced_service(namespace, service)
     kube.remove_owner("Service", namespace, "theirs", str(uuid.uuid4()))
     assert kube.core().read_namespaced_service("theirs", namespace).metadata.name == "theirs"
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "llama-3-1-8b", "q" * 63])
+def test_serving_objects_of_any_admitted_base_model_name_are_accepted(namespace: str, model: str) -> None:
+    """The CRD admits dots in base-model names (and 63 characters); Service names are DNS-1035 labels, so the
+    serving name maps them and keeps models that differ only there apart."""
+    base_model = api.BaseModelRef(name=model, uri="file:///models/m")
+    owner = kube.core().create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
+    refs = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}]
+    kube.apply_owned(
+        manifests.serving_deployment(namespace, base_model, 0, refs, OperatorConfig(store_root="s3://cartridges"))
+    )
+    kube.apply_owned(manifests.serving_service(namespace, model, refs))
+    name = manifests.serving_name(model)
+    assert kube.core().read_namespaced_service(name, namespace).metadata.name == name
+    assert kube.deployment_ready(namespace, name) == (0, 0)
+    assert manifests.endpoint_url(namespace, model) == f"http://{name}.{namespace}.svc:8000"
+    assert manifests.serving_name("llama-3.1-8b") != manifests.serving_name("llama-3-1-8b")
+    assert manifests.serving_name("tiny") == "triton-tiny"  # names that are labels already do not move

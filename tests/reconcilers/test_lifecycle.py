@@ -10,6 +10,7 @@ from kubernetes import client
 
 from cartridges import api, layout
 from cartridges_e2e.operator_env import OperatorEnv, wait_for
+from cartridges_operator import manifests
 
 pytestmark = pytest.mark.cluster
 
@@ -26,7 +27,7 @@ def status(env: OperatorEnv, name: str) -> dict[str, Any]:
 
 def jobs(env: OperatorEnv, cartridge: str) -> list[str]:
     found = client.BatchV1Api(env.api).list_namespaced_job(
-        env.namespace, label_selector=f"cartridges.dev/cartridge={cartridge}"
+        env.namespace, label_selector=f"{manifests.CARTRIDGE_LABEL}={manifests.cartridge_label(cartridge)}"
     )
     return sorted(j.metadata.name for j in found.items)
 
@@ -169,3 +170,55 @@ def test_a_recreated_cartridge_never_takes_a_retained_generation_as_its_own(oper
     manifest = env.store.get_json(f"{pointer['prefix']}/manifest.json")
     assert pointer["generation"] == 2
     assert manifest["corpus_digest"] == (env.get("corpora", "second-life") or {})["status"]["digest"]
+
+
+def test_a_recreated_cartridge_skips_a_generation_left_half_trained(operator_env: OperatorEnv) -> None:
+    """A Cartridge deleted mid-training leaves synthesized shards and checkpoints under g1/ but no manifest; one of
+    the same name applied later must not resume from them: it starts after every generation with anything stored."""
+    env = operator_env
+    leftovers = layout.generation_prefix(env.store_root, env.namespace, "halfway", 1)
+    env.store.put_bytes(f"{leftovers}/synth/shard-00000.jsonl", b'{"old": "conversation"}\n')
+    env.store.put_bytes(f"{leftovers}/checkpoint/step-100.pt", b"old weights")
+    env.create("corpora", "halfway", {"description": "d", "sources": [{"inline": "Fresh facts."}]})
+    env.create("cartridges", "halfway", cartridge_spec("halfway"))
+    env.wait_condition("cartridges", "halfway", "Ready", "True")
+    assert status(env, "halfway")["generation"] == 2 and jobs(env, "halfway") == ["halfway-g2"]
+    pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "halfway"))
+    assert pointer["generation"] == 2
+
+    # A status write lost after the Job was created (here: the status cleared): the Job this Cartridge owns says
+    # which generation is its own, so nothing trains again under a new number.
+    cleared = {k: None for k in ("generation", "trainingHash", "trainingJob", "artifact", "progress")}
+    env.custom.patch_namespaced_custom_object_status(
+        api.GROUP, api.VERSION, env.namespace, "cartridges", "halfway", {"status": cleared}
+    )
+    wait_for("generation recomputed", lambda: status(env, "halfway").get("artifact") is not None, 30)
+    assert status(env, "halfway")["generation"] == 2 and jobs(env, "halfway") == ["halfway-g2"]
+
+
+def test_a_cartridge_name_longer_than_a_label_value_trains(operator_env: OperatorEnv) -> None:
+    """Cartridge names may have 253 characters, label values 63: the Job's label holds a label-safe value that the
+    lookups by label use as well."""
+    env = operator_env
+    name = "a-very-long-cartridge-name." + "x" * 80
+    env.create("corpora", "longname", {"description": "d", "sources": [{"inline": "Facts with a long name."}]})
+    env.create("cartridges", name, cartridge_spec("longname"))
+    env.wait_condition("cartridges", name, "Ready", "True")
+    [job] = jobs(env, name)
+    labels = client.BatchV1Api(env.api).read_namespaced_job(job, env.namespace).metadata.labels
+    assert len(labels[manifests.CARTRIDGE_LABEL]) <= 63 and job == manifests.job_name(name, 1)
+
+
+def test_a_job_the_api_server_refuses_stalls_with_its_message_and_recovers(operator_env: OperatorEnv) -> None:
+    """A spec the CRD admits but the Job's validation refuses (here a nodeSelector key that is no label key) puts
+    the API server's message in the status, instead of failing every pass; fixing the spec trains."""
+    env = operator_env
+    env.create("corpora", "refused", {"description": "d", "sources": [{"inline": "Facts for a refused Job."}]})
+    resources = {"gpus": 0, "nodeSelector": {"not a valid key!": "x"}}
+    env.create("cartridges", "refused", cartridge_spec("refused", resources=resources))
+    stalled = env.wait_condition("cartridges", "refused", "Stalled", "True")
+    assert stalled["reason"] == "InvalidJob" and "nodeSelector" in stalled["message"]
+    assert "refused Job refused-g1" in stalled["message"] and jobs(env, "refused") == []
+    env.patch_spec("cartridges", "refused", {"resources": {"nodeSelector": {"not a valid key!": None}}})
+    env.wait_condition("cartridges", "refused", "Ready", "True")
+    assert jobs(env, "refused") == ["refused-g1"]

@@ -130,3 +130,66 @@ def test_deletion_removes_serving_owner_and_artifacts(operator_env: OperatorEnv)
     wait_for("cartridge deleted", lambda: env.get("cartridges", "gone") is None, 30)
     assert env.store.list(prefix) == []
     assert "gone" not in owners() and "keeper" in owners()
+
+
+def test_disabling_serving_leaves_the_shared_serving_objects(operator_env: OperatorEnv) -> None:
+    """serving.enabled true -> false drops this Cartridge's owner reference; the last one to leave deletes the
+    Deployment and Service (the other Cartridge's serving is untouched until then)."""
+    env = operator_env
+    model = {"name": "flip", "uri": "file:///models/flip"}
+    env.create("corpora", "flip", {"description": "d", "sources": [{"inline": "Facts served, then not."}]})
+    for name in ("flip-a", "flip-b"):
+        env.create("cartridges", name, cartridge_spec("flip", baseModel=model))
+    apps, core = client.AppsV1Api(env.api), client.CoreV1Api(env.api)
+
+    def owners(read: Any) -> set[str] | None:
+        try:
+            return {o.name for o in read("triton-flip", env.namespace).metadata.owner_references or []}
+        except client.ApiException as err:
+            assert err.status == 404
+            return None
+
+    deployment, service = apps.read_namespaced_deployment, core.read_namespaced_service
+    wait_for("both own the serving objects", lambda: owners(deployment) == owners(service) == {"flip-a", "flip-b"})
+    env.patch_spec("cartridges", "flip-a", {"serving": {"enabled": False}})
+    wait_for("flip-a left", lambda: owners(deployment) == owners(service) == {"flip-b"})
+    disabled = env.wait_condition("cartridges", "flip-a", "Serving", "False")
+    assert disabled["reason"] == "ServingDisabled"
+    assert (env.get("cartridges", "flip-a") or {})["status"].get("endpoint") is None
+    env.patch_spec("cartridges", "flip-b", {"serving": {"enabled": False}})
+    wait_for("serving objects deleted", lambda: owners(deployment) is None and owners(service) is None)
+    env.wait_condition("cartridges", "flip-b", "Ready", "True")
+
+
+def test_a_base_model_with_dots_is_served_and_its_pre_label_deployment_goes(operator_env: OperatorEnv) -> None:
+    """Base-model names may have dots; Service names may not. The serving objects get a DNS-1035 name, so the
+    Cartridge reaches its serving stage; a Deployment under the name operators used before (dots kept, created
+    before its Service was refused) is left, so it does not hold a GPU."""
+    env = operator_env
+    model = {"name": "llama-3.1-8b", "uri": "file:///models/llama"}
+    env.create("corpora", "dotted", {"description": "d", "sources": [{"inline": "Facts for a dotted model."}]})
+    created = env.create("cartridges", "dotted", cartridge_spec("dotted", baseModel=model))
+    legacy = {
+        "metadata": {"name": "triton-llama-3.1-8b", "ownerReferences": [
+            {"apiVersion": api.API_VERSION, "kind": "Cartridge", "name": "dotted", "uid": created["metadata"]["uid"]}]},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "legacy"}},
+                 "template": {"metadata": {"labels": {"app": "legacy"}},
+                              "spec": {"containers": [{"name": "c", "image": "x"}]}}},
+    }  # fmt: skip
+    apps = client.AppsV1Api(env.api)
+    apps.create_namespaced_deployment(env.namespace, legacy)
+    wait_for("serving objects", lambda: (env.condition("cartridges", "dotted", "Serving") or {}).get("reason")
+             == "ServingNotReady", 30)  # fmt: skip
+    name = (env.get("cartridges", "dotted") or {})["status"]["endpoint"]["url"].split("//")[1].split(".")[0]
+    assert name.startswith("triton-llama-3-1-8b-")
+    assert client.CoreV1Api(env.api).read_namespaced_service(name, env.namespace).metadata.name == name
+    assert apps.read_namespaced_deployment(name, env.namespace).metadata.owner_references[0].name == "dotted"
+
+    def legacy_gone() -> bool:
+        try:
+            apps.read_namespaced_deployment("triton-llama-3.1-8b", env.namespace)
+        except client.ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for("the Deployment under the old name deleted", legacy_gone, 30)
