@@ -8,6 +8,7 @@ checked against.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from transformers import (
 from cartridges.artifact import ModelFingerprint
 from cartridges.hashing import sha256_bytes, sha256_file
 from cartridges.paths import cache_dir
-from cartridges.store import Store, StoreURI
+from cartridges.store import ObjectInfo, Store, StoreURI
+
+log = logging.getLogger(__name__)
 
 CAUSAL_LM_GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -183,15 +186,16 @@ def _local_copy(source: str, store: Store) -> Path:
     """Download a store URI (one GGUF object or an HF directory prefix) into the content-keyed cache."""
     uri = StoreURI.parse(source)
     if uri.key.endswith(".gguf"):
-        recorded = store.stat(source).sha256
-        target = cache_dir() / "models" / "store" / (recorded or sha256_bytes(source.encode())) / uri.name
+        info = store.stat(source)
+        target = cache_dir() / "models" / "store" / (info.sha256 or _unverified_key(info)) / uri.name
         if not target.exists():
-            store.download(source, target, expected_sha256=recorded)
+            store.download(source, target, expected_sha256=info.sha256)
         return target
     objects = store.list(source)
     if not objects:
         raise ModelLoadError(f"no model files under {source}")
-    listing = "\n".join(f"{o} {store.stat(o).sha256}" for o in objects)
+    infos = [store.stat(o) for o in objects]
+    listing = "\n".join(f"{info.uri} {info.sha256 or _unverified_key(info)}" for info in infos)
     target = cache_dir() / "models" / "store" / sha256_bytes(listing.encode())
     prefix = source.rstrip("/") + "/"
     for obj in objects:
@@ -199,6 +203,13 @@ def _local_copy(source: str, store: Store) -> Path:
         if not local.exists():
             store.download(obj, local)
     return target
+
+
+def _unverified_key(info: ObjectInfo) -> str:
+    """The cache key of an object uploaded without a recorded sha256 (by another tool than this one's store):
+    its URI and revision, so replacing it is noticed; its bytes cannot be checked."""
+    log.warning("%s has no recorded sha256 (uploaded by another tool?): cached by its revision, not verified", info.uri)
+    return sha256_bytes(f"{info.uri} {info.revision}".encode())
 
 
 def load_base_model(

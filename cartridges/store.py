@@ -98,9 +98,14 @@ class StoreURI:
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """``sha256`` is the one recorded at upload (None for an object another tool wrote to S3); ``revision``
+    names this version of the object as the backend knows it without reading it (S3: ETag, size and
+    modification time), so an object without a recorded sha256 can still be told from its replacement."""
+
     uri: str
     size: int
     sha256: str | None
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,7 +272,9 @@ class _S3Backend:
     def stat(self, uri: StoreURI) -> ObjectInfo:
         stat = self.client.stat_object(uri.bucket, uri.key)
         metadata = {k.lower(): v for k, v in (stat.metadata or {}).items()}
-        return ObjectInfo(str(uri), int(stat.size or 0), metadata.get(f"x-amz-meta-{SHA256_META}"))
+        modified = stat.last_modified.isoformat() if stat.last_modified else ""
+        revision = f"{stat.etag} {stat.size} {modified}"
+        return ObjectInfo(str(uri), int(stat.size or 0), metadata.get(f"x-amz-meta-{SHA256_META}"), revision)
 
     def list(self, prefix: StoreURI) -> Iterator[StoreURI]:
         directory = prefix.key.rstrip("/") + "/" if prefix.key else ""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model, tiny_llama
-from cartridges.store import Store
+from cartridges.store import Store, StoreURI
+from cartridges_e2e.minio import MinioServer
 
 
 def test_tiny_model_is_deterministic_and_fingerprinted() -> None:
@@ -70,3 +71,28 @@ def test_smollm2_answers_a_simple_question_greedily(smollm2: LoadedModel) -> Non
     assert "paris" in answer.lower()
     fp = smollm2.fingerprint
     assert (fp.num_layers, fp.num_kv_heads, fp.head_dim) == (30, 3, 64)
+
+
+@pytest.mark.minio
+def test_a_replaced_model_without_a_recorded_sha256_is_loaded_again(
+    minio_server: MinioServer, s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights another tool uploaded (no sha256 in the metadata) and later replaced are not served from the
+    cache of the first upload: the cache key follows the object's revision."""
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(tmp_path / "cache"))
+    store = minio_server.store()
+    source = f"{s3_prefix}models/tiny"
+    loaded, expected = [], []
+    for seed in (0, 1):
+        local = tmp_path / f"tiny-{seed}"
+        model = tiny_llama(seed=seed)
+        model.model.save_pretrained(local)
+        model.tokenizer.save_pretrained(local)
+        for path in local.iterdir():  # as another S3 client writes them: no sha256 metadata
+            parsed = StoreURI.parse(f"{source}/{path.name}")
+            client = store._backend(parsed).client  # type: ignore[attr-defined]
+            client.fput_object(parsed.bucket, parsed.key, str(path))
+        assert store.stat(f"{source}/config.json").sha256 is None
+        loaded.append(load_base_model(source, store=store).fingerprint.weights_sha256)
+        expected.append(load_base_model(local).fingerprint.weights_sha256)
+    assert loaded == expected and expected[0] != expected[1]
