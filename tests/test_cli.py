@@ -16,7 +16,8 @@ import torch
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges.cli import main
-from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE, CLIError
+from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE, CLIError, find, open_store
+from cartridges.cli.evaluate import corpus_of
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel
 from cartridges.process import free_port
@@ -406,3 +407,18 @@ def test_demo_quick_with_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFi
     assert out.count("with    the cartridge:") == 3 and out.count("without the cartridge:") == 3
     assert plot.is_file() and "done in" in out
     assert time.monotonic() - started < 600
+
+
+def test_eval_prompts_with_the_description_the_cartridge_was_trained_with(
+    store: str, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A retrain with a new --description keeps the stored corpus (same text, same digest), whose manifest has
+    the first description; evaluation must prompt with the one the trainer used."""
+    argv = ["train", "described", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2", "--json"]
+    assert cli(capsys, *argv, "--description", "the first words")[0] == 0
+    assert cli(capsys, *argv, "--description", "the second words", "--force")[0] == 0
+    opened = open_store(store)
+    stored = find(opened, store, "default", "described")
+    assert stored.pointer.generation == 2
+    description, _ = corpus_of(opened, store, "default", stored)
+    assert description == "the second words"

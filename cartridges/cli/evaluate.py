@@ -84,6 +84,8 @@ def corpus_of(store: Store, root: str, namespace: str, stored: Stored) -> tuple[
         manifest = layout.CorpusManifest.model_validate(store.get_json(f"{prefix}/{layout.MANIFEST_FILE}"))
         description = description or manifest.description
         texts.extend(doc.text for doc in layout.read_documents(store, prefix))
+    # The description the trainer's prompts used: a stored corpus keeps the one it was first published with.
+    description = stored.manifest.training.get("corpus_description") or description
     return description, DOCUMENT_SEPARATOR.join(t for t in texts if t.strip())
 
 

@@ -202,6 +202,7 @@ def _run(
         corpus_digest=corpus.digest,
         training={
             "spec": spec.model_dump(mode="json"),
+            "corpus_description": corpus.description,  # what the prompts said; the stored corpus keeps its first
             "options": options.model_dump(),
             "synthesis_from": reused,
             "training_hash": config.training_hash,
