@@ -79,6 +79,7 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             if not kube.secret_exists(run.namespace, run.config.store_secret):
                 message = f"Secret {run.config.store_secret} with the object-store credentials is missing"
                 return run.not_ready("StoreSecretMissing", f"{message} in namespace {run.namespace}", stalled=True)
+            _cancel_superseded(run, trainer.generation)
             try:
                 kube.create_job(manifests.training_job(run.body, trainer, run.config))
             except kube.Invalid as err:
@@ -167,6 +168,26 @@ def _first_generation(run: Pass) -> int:
         if job is not None and any(ref.uid == uid for ref in job.metadata.owner_references or []):
             return newest
     return newest + 1
+
+
+def _cancel_superseded(run: Pass, generation: int) -> None:
+    """Before generation's Job starts, delete the unfinished Jobs of this Cartridge's earlier generations, so it never
+    trains two generations at once (each holding GPUs until its activeDeadlineSeconds). The promoted generation's
+    Job has completed, so it is never among them. What the cancelled ones stored stays (``keepGenerations`` decides
+    about it, as for any generation). Earlier generations: the one the status named before this pass, and every one
+    with anything stored (one listing)."""
+    earlier = set(layout.stored_generations(run.store, run.config.store_root, run.namespace, run.name))
+    earlier.add(int((run.body.get("status") or {}).get("generation") or 0))
+    uid = run.body["metadata"].get("uid")
+    for old in sorted(g for g in earlier if 0 < g < generation):
+        job = kube.get_job(run.namespace, manifests.job_name(run.name, old))
+        if job is None or _job_finished(job) is not None:
+            continue
+        if all(ref.uid != uid for ref in job.metadata.owner_references or []):
+            continue  # an earlier Cartridge of this name's: the garbage collector deletes it
+        kube.delete_job(run.namespace, job.metadata.name)
+        LOG.info("Cartridge %s/%s: cancelled training Job %s of generation %d, superseded by generation %d",
+                 run.namespace, run.name, job.metadata.name, old, generation)  # fmt: skip
 
 
 def _job_finished(job: Any) -> bool | None:
@@ -296,10 +317,10 @@ def _promote(run: Pass, trainer: TrainerConfig) -> None:
 
 
 def _prune(run: Pass, promoted: int) -> None:
-    """With ``keepGenerations`` set, delete the generations it does not keep, and their Jobs (a superseded one may
-    still run). Checked every pass (one small listing), so a delete that failed, or a lowered keepGenerations, is
-    acted on in the next pass. A store that refuses deletes costs space, never serving: the failure is logged, not
-    put in the Ready condition."""
+    """With ``keepGenerations`` set, delete the generations it does not keep, and their Jobs (finished: a superseded
+    one still running was cancelled when the next generation started). Checked every pass (one small listing), so a
+    delete that failed, or a lowered keepGenerations, is acted on in the next pass. A store that refuses deletes
+    costs space, never serving: the failure is logged, not put in the Ready condition."""
     keep = run.spec.keepGenerations
     if keep is None:
         return

@@ -119,7 +119,7 @@ def create_job(body: dict[str, Any]) -> None:
 
 
 def delete_job(namespace: str, name: str) -> None:
-    """Delete a Job and its pods if it exists (a pruned generation's: finished, or superseded and still running)."""
+    """Delete a Job and its pods if it exists (a pruned generation's, or a superseded one still running)."""
     try:
         batch().delete_namespaced_job(name, namespace, propagation_policy="Background")
     except ApiException as err:
