@@ -76,6 +76,8 @@ def _reconcile(run: Pass) -> dict[str, Any]:
     trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
     if not trained:
         if job is None:
+            if run.body["metadata"].get("deletionTimestamp"):  # the deletion handler stops its Jobs: start none
+                return run.not_ready("Deleting", "the Cartridge is being deleted")
             if not kube.secret_exists(run.namespace, run.config.store_secret):
                 message = f"Secret {run.config.store_secret} with the object-store credentials is missing"
                 return run.not_ready("StoreSecretMissing", f"{message} in namespace {run.namespace}", stalled=True)

@@ -127,6 +127,23 @@ def delete_job(namespace: str, name: str) -> None:
             raise
 
 
+def stop_job(namespace: str, name: str, owner_uid: str) -> bool:
+    """Delete a Job the given owner has, with its pods first (Foreground); True while the Job or any of its pods is
+    still there (a pod gets its grace period to stop). A Job of another owner is not touched (False)."""
+    job = get_job(namespace, name)
+    if job is not None:
+        if all(ref.uid != owner_uid for ref in job.metadata.owner_references or []):
+            return False
+        if job.metadata.deletion_timestamp is None:
+            try:
+                batch().delete_namespaced_job(name, namespace, propagation_policy="Foreground")
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        return True
+    return bool(core().list_namespaced_pod(namespace, label_selector=f"job-name={name}").items)
+
+
 def set_job_suspended(namespace: str, name: str, suspend: bool) -> None:
     batch().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import pytest
@@ -240,3 +241,20 @@ def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(op
     env.wait_condition("cartridges", "retrain", "Ready", "True")
     assert status(env, "retrain")["generation"] == 2
     assert env.store.exists(f"{first}/{layout.PROGRESS_FILE}")  # its artifacts stay (keepGenerations unset)
+
+
+def test_retention_delete_stops_the_training_job_before_deleting_the_artifacts(operator_env: OperatorEnv) -> None:
+    """Deleted while its trainer still writes (progress every 0.2 s here): the Job and its pod go first, then the
+    prefix, so nothing reappears under it after the Cartridge is gone."""
+    env = operator_env
+    env.create("corpora", "doomed", {"description": "d", "sources": [{"inline": "SLOW-TRAINING doomed facts."}]})
+    env.create("cartridges", "doomed", cartridge_spec("doomed", retention="Delete"))
+    prefix = layout.cartridge_prefix(env.store_root, env.namespace, "doomed")
+    first = layout.generation_prefix(env.store_root, env.namespace, "doomed", 1)
+    wait_for("generation 1 training", lambda: env.store.exists(f"{first}/{layout.PROGRESS_FILE}"), 60)
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "doomed")
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "doomed") is None, 60)
+    pods = client.CoreV1Api(env.api).list_namespaced_pod(env.namespace, label_selector="job-name=doomed-g1")
+    assert jobs(env, "doomed") == [] and pods.items == []
+    time.sleep(2)  # ten of the trainer's writes, had it still been running
+    assert env.store.list(prefix) == []
