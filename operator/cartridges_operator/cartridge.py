@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -337,6 +338,33 @@ def _prune(run: Pass, promoted: int) -> None:
         LOG.info("Cartridge %s/%s: deleted generations %s (keepGenerations %d)", run.namespace, run.name, deleted, keep)
 
 
+def _shared_serving(run: Pass) -> tuple[str, str, int]:
+    """(first Cartridge, uri, replicas) of the Deployment shared by every Cartridge in the namespace that serves this
+    base model, the same in every one's pass, so their passes never undo each other: the uri is the one the
+    Cartridge created first names (baseModel is immutable; ties go by name), the replicas the most any Cartridge
+    with that uri asks for. Cartridges being deleted or with serving disabled do not count."""
+    model = run.spec.baseModel.name
+    served = [(run.body["metadata"].get("creationTimestamp") or "", run.name, run.spec)]
+    for item in kube.list_cartridges(run.namespace):
+        meta = item["metadata"]
+        if meta["name"] == run.name or meta.get("deletionTimestamp"):
+            continue
+        try:
+            spec = api.CartridgeSpec.model_validate(item.get("spec") or {})
+        except ValidationError:
+            continue
+        if spec.baseModel.name == model and spec.serving.enabled:
+            served.append((meta.get("creationTimestamp") or "", meta["name"], spec))
+    _, first, spec = min(served, key=lambda s: (s[0], s[1]))
+    uri = spec.baseModel.uri
+    return first, uri, max(s.serving.replicas for _, _, s in served if s.baseModel.uri == uri)
+
+
+def _redacted(uri: str) -> str:
+    """A URI without the user information it may carry (``scheme://user:secret@host/...``)."""
+    return re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", uri)
+
+
 def _serve(run: Pass) -> dict[str, Any]:
     serving, model = run.spec.serving, run.spec.baseModel
     legacy = manifests.legacy_serving_name(model.name)
@@ -351,9 +379,21 @@ def _serve(run: Pass) -> dict[str, Any]:
         run.condition("Stalled", False, "Trained")
         run.condition("Ready", True, "Trained", "trained and promoted; serving disabled")
         return run.status
+    first, uri, replicas = _shared_serving(run)
+    if uri != model.uri:  # never roll the GPU pods of the Cartridges served now onto other weights
+        for kind in ("Deployment", "Service"):
+            kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
+        message = (
+            f"base model {model.name} is already served in namespace {run.namespace} from {_redacted(uri)} (first "
+            f"named by Cartridge {first}); this Cartridge names {_redacted(model.uri)}: give it the same "
+            "baseModel.uri, or another baseModel.name"
+        )
+        run.status["endpoint"] = None
+        run.condition("Serving", False, "ConflictingBaseModel", message)
+        return run.not_ready("ConflictingBaseModel", message, stalled=True)
     owner = [manifests.owner_reference(run.body, controller=False)]
     try:
-        kube.apply_owned(manifests.serving_deployment(run.namespace, model, serving.replicas, owner, run.config))
+        kube.apply_owned(manifests.serving_deployment(run.namespace, model, replicas, owner, run.config))
         kube.apply_owned(manifests.serving_service(run.namespace, model.name, owner))
     except kube.Invalid as err:
         run.condition("Serving", False, "InvalidServing", str(err))
