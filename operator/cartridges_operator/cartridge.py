@@ -349,6 +349,8 @@ def _shared_serving(run: Pass) -> tuple[str, str, int]:
         meta = item["metadata"]
         if meta["name"] == run.name or meta.get("deletionTimestamp"):
             continue
+        if ((item.get("spec") or {}).get("baseModel") or {}).get("name") != model:
+            continue  # cheap: only those of this base model are validated
         try:
             spec = api.CartridgeSpec.model_validate(item.get("spec") or {})
         except ValidationError:
@@ -384,9 +386,9 @@ def _serve(run: Pass) -> dict[str, Any]:
         for kind in ("Deployment", "Service"):
             kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
         message = (
-            f"base model {model.name} is already served in namespace {run.namespace} from {_redacted(uri)} (first "
-            f"named by Cartridge {first}); this Cartridge names {_redacted(model.uri)}: give it the same "
-            "baseModel.uri, or another baseModel.name"
+            f"base model {model.name} is served in namespace {run.namespace} from {_redacted(uri)}, the uri of "
+            f"Cartridge {first} (created first); this Cartridge names {_redacted(model.uri)}: re-create it with "
+            "the same baseModel.uri, or with another baseModel.name (baseModel is immutable)"
         )
         run.status["endpoint"] = None
         run.condition("Serving", False, "ConflictingBaseModel", message)
