@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,9 +77,12 @@ def _reconcile(run: Pass) -> dict[str, Any]:
     trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
     if not trained:
         if job is None:
+            if run.body["metadata"].get("deletionTimestamp"):  # the deletion handler stops its Jobs: start none
+                return run.not_ready("Deleting", "the Cartridge is being deleted")
             if not kube.secret_exists(run.namespace, run.config.store_secret):
                 message = f"Secret {run.config.store_secret} with the object-store credentials is missing"
                 return run.not_ready("StoreSecretMissing", f"{message} in namespace {run.namespace}", stalled=True)
+            _cancel_superseded(run, trainer.generation)
             try:
                 kube.create_job(manifests.training_job(run.body, trainer, run.config))
             except kube.Invalid as err:
@@ -167,6 +171,26 @@ def _first_generation(run: Pass) -> int:
         if job is not None and any(ref.uid == uid for ref in job.metadata.owner_references or []):
             return newest
     return newest + 1
+
+
+def _cancel_superseded(run: Pass, generation: int) -> None:
+    """Before generation's Job starts, delete the unfinished Jobs of this Cartridge's earlier generations, so it never
+    trains two generations at once (each holding GPUs until its activeDeadlineSeconds). The promoted generation's
+    Job has completed, so it is never among them. What the cancelled ones stored stays (``keepGenerations`` decides
+    about it, as for any generation). Earlier generations: the one the status named before this pass, and every one
+    with anything stored (one listing)."""
+    earlier = set(layout.stored_generations(run.store, run.config.store_root, run.namespace, run.name))
+    earlier.add(int((run.body.get("status") or {}).get("generation") or 0))
+    uid = run.body["metadata"].get("uid")
+    for old in sorted(g for g in earlier if 0 < g < generation):
+        job = kube.get_job(run.namespace, manifests.job_name(run.name, old))
+        if job is None or _job_finished(job) is not None:
+            continue
+        if all(ref.uid != uid for ref in job.metadata.owner_references or []):
+            continue  # an earlier Cartridge of this name's: the garbage collector deletes it
+        kube.delete_job(run.namespace, job.metadata.name)
+        LOG.info("Cartridge %s/%s: cancelled training Job %s of generation %d, superseded by generation %d",
+                 run.namespace, run.name, job.metadata.name, old, generation)  # fmt: skip
 
 
 def _job_finished(job: Any) -> bool | None:
@@ -296,10 +320,10 @@ def _promote(run: Pass, trainer: TrainerConfig) -> None:
 
 
 def _prune(run: Pass, promoted: int) -> None:
-    """With ``keepGenerations`` set, delete the generations it does not keep, and their Jobs (a superseded one may
-    still run). Checked every pass (one small listing), so a delete that failed, or a lowered keepGenerations, is
-    acted on in the next pass. A store that refuses deletes costs space, never serving: the failure is logged, not
-    put in the Ready condition."""
+    """With ``keepGenerations`` set, delete the generations it does not keep, and their Jobs (finished: a superseded
+    one still running was cancelled when the next generation started). Checked every pass (one small listing), so a
+    delete that failed, or a lowered keepGenerations, is acted on in the next pass. A store that refuses deletes
+    costs space, never serving: the failure is logged, not put in the Ready condition."""
     keep = run.spec.keepGenerations
     if keep is None:
         return
@@ -312,6 +336,35 @@ def _prune(run: Pass, promoted: int) -> None:
         kube.delete_job(run.namespace, manifests.job_name(run.name, generation))
     if deleted:
         LOG.info("Cartridge %s/%s: deleted generations %s (keepGenerations %d)", run.namespace, run.name, deleted, keep)
+
+
+def _shared_serving(run: Pass) -> tuple[str, str, int]:
+    """(first Cartridge, uri, replicas) of the Deployment shared by every Cartridge in the namespace that serves this
+    base model, the same in every one's pass, so their passes never undo each other: the uri is the one the
+    Cartridge created first names (baseModel is immutable; ties go by name), the replicas the most any Cartridge
+    with that uri asks for. Cartridges being deleted or with serving disabled do not count."""
+    model = run.spec.baseModel.name
+    served = [(run.body["metadata"].get("creationTimestamp") or "", run.name, run.spec)]
+    for item in kube.list_cartridges(run.namespace):
+        meta = item["metadata"]
+        if meta["name"] == run.name or meta.get("deletionTimestamp"):
+            continue
+        if ((item.get("spec") or {}).get("baseModel") or {}).get("name") != model:
+            continue  # cheap: only those of this base model are validated
+        try:
+            spec = api.CartridgeSpec.model_validate(item.get("spec") or {})
+        except ValidationError:
+            continue
+        if spec.baseModel.name == model and spec.serving.enabled:
+            served.append((meta.get("creationTimestamp") or "", meta["name"], spec))
+    _, first, spec = min(served, key=lambda s: (s[0], s[1]))
+    uri = spec.baseModel.uri
+    return first, uri, max(s.serving.replicas for _, _, s in served if s.baseModel.uri == uri)
+
+
+def _redacted(uri: str) -> str:
+    """A URI without the user information it may carry (``scheme://user:secret@host/...``)."""
+    return re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", uri)
 
 
 def _serve(run: Pass) -> dict[str, Any]:
@@ -328,9 +381,21 @@ def _serve(run: Pass) -> dict[str, Any]:
         run.condition("Stalled", False, "Trained")
         run.condition("Ready", True, "Trained", "trained and promoted; serving disabled")
         return run.status
+    first, uri, replicas = _shared_serving(run)
+    if uri != model.uri:  # never roll the GPU pods of the Cartridges served now onto other weights
+        for kind in ("Deployment", "Service"):
+            kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
+        message = (
+            f"base model {model.name} is served in namespace {run.namespace} from {_redacted(uri)}, the uri of "
+            f"Cartridge {first} (created first); this Cartridge names {_redacted(model.uri)}: re-create it with "
+            "the same baseModel.uri, or with another baseModel.name (baseModel is immutable)"
+        )
+        run.status["endpoint"] = None
+        run.condition("Serving", False, "ConflictingBaseModel", message)
+        return run.not_ready("ConflictingBaseModel", message, stalled=True)
     owner = [manifests.owner_reference(run.body, controller=False)]
     try:
-        kube.apply_owned(manifests.serving_deployment(run.namespace, model, serving.replicas, owner, run.config))
+        kube.apply_owned(manifests.serving_deployment(run.namespace, model, replicas, owner, run.config))
         kube.apply_owned(manifests.serving_service(run.namespace, model.name, owner))
     except kube.Invalid as err:
         run.condition("Serving", False, "InvalidServing", str(err))

@@ -24,6 +24,7 @@ PREFIX = "cartridges.dev"
 RESYNC_S = 5.0
 CORPUS_RETRY_S = 10.0
 DELETE_RETRIES = 3
+JOB_STOP_RETRIES = 60  # 2 s apart: time for the training pods' grace period
 WARNING_REASONS = {"Stalled"}
 
 CONFIG = OperatorConfig.from_env()
@@ -122,11 +123,22 @@ def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, **_: Any
     metrics.record_cartridge(f"{namespace}/{name}", ready.get("status", "Unknown"), ready.get("reason", ""))
 
 
-@kopf.on.delete(api.GROUP, api.VERSION, "cartridges", retries=DELETE_RETRIES, backoff=2)
+@kopf.on.delete(api.GROUP, api.VERSION, "cartridges", retries=JOB_STOP_RETRIES + DELETE_RETRIES, backoff=2)
 def cartridge_deleted(
-    spec: kopf.Spec, namespace: str | None, name: str, meta: kopf.Meta, retry: int, logger: kopf.Logger, **_: Any
+    spec: kopf.Spec,
+    status: kopf.Status,
+    namespace: str | None,
+    name: str,
+    meta: kopf.Meta,
+    retry: int,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
 ) -> None:
-    """Leave serving, then delete or keep artifacts. A store that stays down never blocks deletion forever."""
+    """Leave serving, then delete or keep artifacts. A store that stays down never blocks deletion forever.
+
+    With retention Delete, the training Jobs are stopped first (their pods gone): a trainer still running would
+    write progress, shards and checkpoints under the prefix after it was deleted."""
     assert namespace is not None
     metrics.forget_cartridge(f"{namespace}/{name}")
     model = spec.get("baseModel", {}).get("name", "")
@@ -135,14 +147,39 @@ def cartridge_deleted(
     if spec.get("retention", "Retain") != "Delete":
         return
     prefix = layout.cartridge_prefix(CONFIG.store_root, namespace, name)
+    running = [
+        job for job in _training_jobs(namespace, name, dict(status)) if kube.stop_job(namespace, job, meta["uid"])
+    ]
+    if running and retry + 1 < JOB_STOP_RETRIES:
+        jobs = ", ".join(running)
+        raise kopf.TemporaryError(f"waiting for training Job(s) {jobs} to stop before deleting {prefix}", delay=2)
+    if running:
+        logger.error(f"training Job(s) {', '.join(running)} still have pods after {retry + 1} tries; deleting the "
+                     f"artifacts under {prefix} anyway (what they write later stays)")  # fmt: skip
     try:
         deleted = STORE.delete_prefix(prefix)
         logger.info(f"deleted {deleted} objects under {prefix}")
     except StoreError as err:
-        if retry + 1 >= DELETE_RETRIES:
-            logger.error(f"artifacts under {prefix} were NOT deleted after {retry + 1} tries ({err}); releasing")
+        memo.store_failures = memo.get("store_failures", 0) + 1  # counted apart from the waits for Jobs
+        if memo.store_failures >= DELETE_RETRIES or retry + 1 >= JOB_STOP_RETRIES + DELETE_RETRIES:
+            logger.error(
+                f"artifacts under {prefix} were NOT deleted after {memo.store_failures} tries ({err}); releasing"
+            )
             return
         raise kopf.TemporaryError(f"cannot delete artifacts yet: {err}", delay=2) from err
+
+
+def _training_jobs(namespace: str, name: str, status: dict[str, Any]) -> list[str]:
+    """The names of the Cartridge's training Jobs that may exist: the status's, and one per stored generation."""
+    names = {manifests.job_name(name, int(status.get("generation") or 0))} if status.get("generation") else set()
+    if status.get("trainingJob"):
+        names.add(str(status["trainingJob"]))
+    try:
+        generations = layout.stored_generations(STORE, CONFIG.store_root, namespace, name)
+    except StoreError:
+        generations = []  # the prefix cannot be deleted either: the retries below wait for the store
+    names.update(manifests.job_name(name, generation) for generation in generations)
+    return sorted(names)
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -79,6 +79,11 @@ def get_corpus(namespace: str, name: str) -> dict[str, Any] | None:
     return body
 
 
+def list_cartridges(namespace: str) -> list[dict[str, Any]]:
+    listed = custom().list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "cartridges")
+    return list(listed.get("items", []))
+
+
 def corpora_using_configmap(namespace: str, configmap: str) -> list[dict[str, Any]]:
     listed = custom().list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora")
     return [
@@ -119,12 +124,29 @@ def create_job(body: dict[str, Any]) -> None:
 
 
 def delete_job(namespace: str, name: str) -> None:
-    """Delete a Job and its pods if it exists (a pruned generation's: finished, or superseded and still running)."""
+    """Delete a Job and its pods if it exists (a pruned generation's, or a superseded one still running)."""
     try:
         batch().delete_namespaced_job(name, namespace, propagation_policy="Background")
     except ApiException as err:
         if err.status != 404:
             raise
+
+
+def stop_job(namespace: str, name: str, owner_uid: str) -> bool:
+    """Delete a Job the given owner has, with its pods first (Foreground); True while the Job or any of its pods is
+    still there (a pod gets its grace period to stop). A Job of another owner is not touched (False)."""
+    job = get_job(namespace, name)
+    if job is not None:
+        if all(ref.uid != owner_uid for ref in job.metadata.owner_references or []):
+            return False
+        if job.metadata.deletion_timestamp is None:
+            try:
+                batch().delete_namespaced_job(name, namespace, propagation_policy="Foreground")
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        return True
+    return bool(core().list_namespaced_pod(namespace, label_selector=f"job-name={name}").items)
 
 
 def set_job_suspended(namespace: str, name: str, suspend: bool) -> None:

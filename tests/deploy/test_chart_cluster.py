@@ -142,7 +142,8 @@ def test_operator_reconciles_under_the_charts_service_account(
         from_configmap = {"configMap": {"name": "notes", "key": "a.md"}}
         create("corpora", "Corpus", "notes", {"description": "d", "sources": [from_configmap]})
         create("corpora", "Corpus", "broken", {"description": "d", "sources": [{"inline": "PERMANENT-FAILURE"}]})
-        create("cartridges", "Cartridge", "notes", {"corpusRefs": [{"name": "notes"}], **base})
+        # retention Delete: deletion stops its training Jobs first (jobs get/delete, pods list).
+        create("cartridges", "Cartridge", "notes", {"corpusRefs": [{"name": "notes"}], "retention": "Delete", **base})
         create("cartridges", "Cartridge", "broken", {"corpusRefs": [{"name": "broken"}], **base})
         # Corpus (configmaps, status), Job (secrets, jobs), promotion and serving objects (deployments, services).
         reaches("cartridges", "notes", "Serving", "False")

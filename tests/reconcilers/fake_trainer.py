@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from cartridges.artifact import MANIFEST_FILE, Cartridge, save_cartridge, upload
 from cartridges.contract import EXIT_PERMANENT, TrainerConfig
 from cartridges.models import tiny_llama
 from cartridges.store import Store
+
+SLOW_TRAINING_S = 120.0
 
 
 def main() -> int:
@@ -29,7 +32,13 @@ def main() -> int:
     if any("PERMANENT-FAILURE" in d.text for d in documents):
         print("corpus is unusable: it says PERMANENT-FAILURE", file=sys.stderr)
         return EXIT_PERMANENT
-    store.put_json(f"{out}/{layout.PROGRESS_FILE}", layout.Progress(phase="training", step=1, total=2).model_dump())
+    training = layout.Progress(phase="training", step=1, total=2).model_dump()
+    store.put_json(f"{out}/{layout.PROGRESS_FILE}", training)
+    if any("SLOW-TRAINING" in d.text for d in documents):  # keeps writing, as a long training run does, until killed
+        deadline = time.monotonic() + SLOW_TRAINING_S
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            store.put_json(f"{out}/{layout.PROGRESS_FILE}", training)
     model = tiny_llama()
     fp, p = model.fingerprint, config.spec.size
     shape = (fp.num_kv_heads, p, fp.head_dim)

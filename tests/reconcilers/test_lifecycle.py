@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import pytest
@@ -222,3 +223,38 @@ def test_a_job_the_api_server_refuses_stalls_with_its_message_and_recovers(opera
     env.patch_spec("cartridges", "refused", {"resources": {"nodeSelector": {"not a valid key!": None}}})
     env.wait_condition("cartridges", "refused", "Ready", "True")
     assert jobs(env, "refused") == ["refused-g1"]
+
+
+def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(operator_env: OperatorEnv) -> None:
+    """A training input changes while generation 1 still trains: generation 2's Job starts and generation 1's is
+    deleted, so one Cartridge never runs two training Jobs; what generation 1 wrote stays in the store."""
+    env = operator_env
+    env.create("corpora", "retrain", {"description": "d", "sources": [{"inline": "SLOW-TRAINING facts."}]})
+    env.create("cartridges", "retrain", cartridge_spec("retrain"))
+    first = layout.generation_prefix(env.store_root, env.namespace, "retrain", 1)
+    wait_for("generation 1 training", lambda: env.store.exists(f"{first}/{layout.PROGRESS_FILE}"), 60)
+    env.patch_spec("corpora", "retrain", {"sources": [{"inline": "Quick facts."}]})
+    wait_for("generation 2 started", lambda: "retrain-g2" in jobs(env, "retrain"), 30)
+    wait_for("generation 1's Job deleted", lambda: jobs(env, "retrain") == ["retrain-g2"], 30)
+    wait_for("its pod gone", lambda: not client.CoreV1Api(env.api).list_namespaced_pod(
+        env.namespace, label_selector="job-name=retrain-g1").items, 30)  # fmt: skip
+    env.wait_condition("cartridges", "retrain", "Ready", "True")
+    assert status(env, "retrain")["generation"] == 2
+    assert env.store.exists(f"{first}/{layout.PROGRESS_FILE}")  # its artifacts stay (keepGenerations unset)
+
+
+def test_retention_delete_stops_the_training_job_before_deleting_the_artifacts(operator_env: OperatorEnv) -> None:
+    """Deleted while its trainer still writes (progress every 0.2 s here): the Job and its pod go first, then the
+    prefix, so nothing reappears under it after the Cartridge is gone."""
+    env = operator_env
+    env.create("corpora", "doomed", {"description": "d", "sources": [{"inline": "SLOW-TRAINING doomed facts."}]})
+    env.create("cartridges", "doomed", cartridge_spec("doomed", retention="Delete"))
+    prefix = layout.cartridge_prefix(env.store_root, env.namespace, "doomed")
+    first = layout.generation_prefix(env.store_root, env.namespace, "doomed", 1)
+    wait_for("generation 1 training", lambda: env.store.exists(f"{first}/{layout.PROGRESS_FILE}"), 60)
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "doomed")
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "doomed") is None, 60)
+    pods = client.CoreV1Api(env.api).list_namespaced_pod(env.namespace, label_selector="job-name=doomed-g1")
+    assert jobs(env, "doomed") == [] and pods.items == []
+    time.sleep(2)  # ten of the trainer's writes, had it still been running
+    assert env.store.list(prefix) == []

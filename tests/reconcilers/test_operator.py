@@ -3,6 +3,7 @@ the node harness (with a contract-honouring stand-in trainer), promotion, servin
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -193,3 +194,45 @@ def test_a_base_model_with_dots_is_served_and_its_pre_label_deployment_goes(oper
         return False
 
     wait_for("the Deployment under the old name deleted", legacy_gone, 30)
+
+
+def test_cartridges_sharing_a_base_model_apply_the_same_deployment(operator_env: OperatorEnv) -> None:
+    """Two Cartridges of one base model asking for 2 and 1 replicas: every pass of either applies the most, so the
+    shared Deployment never scales up and down. A third naming the same base model with another uri is refused
+    with the reason, and the Deployment (its pods) is not rolled onto other weights."""
+    env = operator_env
+    model = {"name": "pair", "uri": "file:///models/pair"}
+    env.create("corpora", "pair", {"description": "d", "sources": [{"inline": "Facts served by a pair."}]})
+    env.create("cartridges", "pair-big", cartridge_spec("pair", baseModel=model, serving={"replicas": 2}))
+    env.create("cartridges", "pair-small", cartridge_spec("pair", baseModel=model))
+    apps = client.AppsV1Api(env.api)
+
+    def deployment() -> Any:
+        try:
+            return apps.read_namespaced_deployment("triton-pair", env.namespace)
+        except client.ApiException as err:
+            assert err.status == 404
+            return None
+
+    def owners() -> set[str]:
+        found = deployment()
+        return {o.name for o in found.metadata.owner_references or []} if found else set()
+
+    wait_for("both own the serving Deployment", lambda: owners() == {"pair-big", "pair-small"}, 60)
+    before = deployment()
+    assert before.spec.replicas == 2
+    time.sleep(12)  # two passes of each (every 5 s)
+    after = deployment()
+    assert after.spec.replicas == 2 and after.metadata.generation == before.metadata.generation
+
+    other = {"name": "pair", "uri": "file:///models/elsewhere"}
+    env.create("cartridges", "pair-other", cartridge_spec("pair", baseModel=other))
+    serving = wait_for("the conflict reported", lambda: (c := env.condition("cartridges", "pair-other", "Serving"))
+                       and c["reason"] == "ConflictingBaseModel" and c, 60)  # fmt: skip
+    assert "pair-big" in serving["message"] and "file:///models/pair" in serving["message"]
+    assert "file:///models/elsewhere" in serving["message"]
+    assert (env.condition("cartridges", "pair-other", "Stalled") or {}).get("status") == "True"
+    final = deployment()
+    env_uri = {e.name: e.value for e in final.spec.template.spec.containers[0].env}["CARTRIDGES_MODEL_URI"]
+    assert env_uri == "file:///models/pair" and final.metadata.generation == before.metadata.generation
+    assert owners() == {"pair-big", "pair-small"}
