@@ -168,7 +168,7 @@ def _first_generation(run: Pass) -> int:
     if newest:
         job = kube.get_job(run.namespace, manifests.job_name(run.name, newest))
         uid = run.body["metadata"].get("uid")
-        if job is not None and any(ref.uid == uid for ref in job.metadata.owner_references or []):
+        if job is not None and kube.owned_by(job, uid):
             return newest
     return newest + 1
 
@@ -177,20 +177,30 @@ def _cancel_superseded(run: Pass, generation: int) -> None:
     """Before generation's Job starts, delete the unfinished Jobs of this Cartridge's earlier generations, so it never
     trains two generations at once (each holding GPUs until its activeDeadlineSeconds). The promoted generation's
     Job has completed, so it is never among them. What the cancelled ones stored stays (``keepGenerations`` decides
-    about it, as for any generation). Earlier generations: the one the status named before this pass, and every one
-    with anything stored (one listing)."""
-    earlier = set(layout.stored_generations(run.store, run.config.store_root, run.namespace, run.name))
-    earlier.add(int((run.body.get("status") or {}).get("generation") or 0))
+    about it, as for any generation)."""
     uid = run.body["metadata"].get("uid")
-    for old in sorted(g for g in earlier if 0 < g < generation):
+    status = run.body.get("status") or {}  # as this pass read it: the generation it named before
+    earlier = job_generations(run.store, run.config, run.namespace, run.name, status)
+    for old in sorted(g for g in earlier if g < generation):
         job = kube.get_job(run.namespace, manifests.job_name(run.name, old))
         if job is None or _job_finished(job) is not None:
             continue
-        if all(ref.uid != uid for ref in job.metadata.owner_references or []):
+        if not kube.owned_by(job, uid):
             continue  # an earlier Cartridge of this name's: the garbage collector deletes it
         kube.delete_job(run.namespace, job.metadata.name)
         LOG.info("Cartridge %s/%s: cancelled training Job %s of generation %d, superseded by generation %d",
                  run.namespace, run.name, job.metadata.name, old, generation)  # fmt: skip
+
+
+def job_generations(
+    store: Store, config: OperatorConfig, namespace: str, name: str, status: dict[str, Any]
+) -> set[int]:
+    """The generations of a Cartridge that may have a training Job: every one with anything stored (one listing),
+    and the one its status names (whose Job may not have stored anything yet)."""
+    generations = set(layout.stored_generations(store, config.store_root, namespace, name))
+    if status.get("generation"):
+        generations.add(int(status["generation"]))
+    return generations
 
 
 def _job_finished(job: Any) -> bool | None:

@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from cartridges import api, layout
 from cartridges.store import Store, StoreError
 from cartridges_operator import kube, manifests, metrics
-from cartridges_operator.cartridge import reconcile_cartridge
+from cartridges_operator.cartridge import job_generations, reconcile_cartridge
 from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
 from cartridges_operator.corpus import reconcile_corpus
@@ -170,16 +170,12 @@ def cartridge_deleted(
 
 
 def _training_jobs(namespace: str, name: str, status: dict[str, Any]) -> list[str]:
-    """The names of the Cartridge's training Jobs that may exist: the status's, and one per stored generation."""
-    names = {manifests.job_name(name, int(status.get("generation") or 0))} if status.get("generation") else set()
-    if status.get("trainingJob"):
-        names.add(str(status["trainingJob"]))
+    """The names of the Cartridge's training Jobs that may exist (see job_generations)."""
     try:
-        generations = layout.stored_generations(STORE, CONFIG.store_root, namespace, name)
-    except StoreError:
-        generations = []  # the prefix cannot be deleted either: the retries below wait for the store
-    names.update(manifests.job_name(name, generation) for generation in generations)
-    return sorted(names)
+        generations = job_generations(STORE, CONFIG, namespace, name, status)
+    except StoreError:  # the prefix cannot be deleted either: the retries below wait for the store
+        generations = {int(status["generation"])} if status.get("generation") else set()
+    return [manifests.job_name(name, generation) for generation in sorted(generations)]
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -103,6 +103,11 @@ def secret_exists(namespace: str, name: str) -> bool:
     return True
 
 
+def owned_by(obj: Any, uid: str) -> bool:
+    """Whether a read object (Job, Deployment, Service) lists the owner ``uid`` among its owner references."""
+    return any(ref.uid == uid for ref in obj.metadata.owner_references or [])
+
+
 def get_job(namespace: str, name: str) -> client.V1Job | None:
     try:
         return batch().read_namespaced_job(name, namespace)
@@ -137,7 +142,7 @@ def stop_job(namespace: str, name: str, owner_uid: str) -> bool:
     still there (a pod gets its grace period to stop). A Job of another owner is not touched (False)."""
     job = get_job(namespace, name)
     if job is not None:
-        if all(ref.uid != owner_uid for ref in job.metadata.owner_references or []):
+        if not owned_by(job, owner_uid):
             return False
         if job.metadata.deletion_timestamp is None:
             try:
@@ -219,7 +224,7 @@ def remove_owner(kind: str, namespace: str, name: str, uid: str) -> None:
     }[kind]
     try:
         existing = read(name, namespace)
-        if all(o.uid != uid for o in existing.metadata.owner_references or []):
+        if not owned_by(existing, uid):
             return  # not ours to touch
         current = patch(name, namespace, {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}})
         for _ in range(DELETE_ATTEMPTS):
