@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,10 @@ from cartridges_operator.config import OperatorConfig
 LOG = logging.getLogger(__name__)
 
 
+PeerLookup = Callable[[str], Iterable[dict[str, Any]]]
+"""The Cartridges of this namespace that name a base model (each as ``{"metadata", "spec"}``), none being deleted."""
+
+
 @dataclass
 class Pass:
     """One reconcile pass: the inputs, and the status being built."""
@@ -39,6 +44,7 @@ class Pass:
     generation: int
     config: OperatorConfig
     store: Store
+    same_base_model: PeerLookup
 
     def condition(self, type_: str, ok: bool | None, reason: str, message: str = "") -> None:
         conditions = self.status.get("conditions") or []
@@ -51,7 +57,12 @@ class Pass:
 
 
 def reconcile_cartridge(
-    body: dict[str, Any], namespace: str, name: str, config: OperatorConfig, store: Store
+    body: dict[str, Any],
+    namespace: str,
+    name: str,
+    config: OperatorConfig,
+    store: Store,
+    same_base_model: PeerLookup,
 ) -> dict[str, Any]:
     status = dict(body.get("status") or {})
     generation = int(body["metadata"].get("generation") or 0)
@@ -61,7 +72,7 @@ def reconcile_cartridge(
     except ValidationError as err:
         conditions = set_condition(status.get("conditions") or [], "Ready", False, "InvalidSpec", str(err), generation)
         return {**status, "conditions": set_condition(conditions, "Stalled", True, "InvalidSpec", str(err), generation)}
-    run = Pass(body, spec, status, namespace, name, generation, config, store)
+    run = Pass(body, spec, status, namespace, name, generation, config, store, same_base_model)
     try:
         return _reconcile(run)
     except StoreError as err:
@@ -355,12 +366,10 @@ def _shared_serving(run: Pass) -> tuple[str, str, int]:
     with that uri asks for. Cartridges being deleted or with serving disabled do not count."""
     model = run.spec.baseModel.name
     served = [(run.body["metadata"].get("creationTimestamp") or "", run.name, run.spec)]
-    for item in kube.list_cartridges(run.namespace):
+    for item in run.same_base_model(model):
         meta = item["metadata"]
-        if meta["name"] == run.name or meta.get("deletionTimestamp"):
+        if meta["name"] == run.name:
             continue
-        if ((item.get("spec") or {}).get("baseModel") or {}).get("name") != model:
-            continue  # cheap: only those of this base model are validated
         try:
             spec = api.CartridgeSpec.model_validate(item.get("spec") or {})
         except ValidationError:

@@ -112,12 +112,28 @@ def configmap_changed(event: kopf.RawEvent, namespace: str | None, name: str, lo
         write_status("corpora", corpus_body, _reconcile_corpus(corpus_body))
 
 
+@kopf.index(api.GROUP, api.VERSION, "cartridges", when=lambda meta, **_: not meta.get("deletionTimestamp"))
+def cartridges_by_base_model(
+    namespace: str | None, name: str, meta: kopf.Meta, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str | None, Any], dict[str, Any]]:
+    """Cartridges not being deleted, by (namespace, base model name), kept current from the watch: a serving pass
+    finds the Cartridges sharing its Deployment without listing the namespace (every pass of every Cartridge)."""
+    model = (spec.get("baseModel") or {}).get("name")
+    item = {"metadata": {"name": name, "creationTimestamp": meta.get("creationTimestamp")}, "spec": dict(spec)}
+    return {(namespace, model): item}
+
+
 @kopf.timer(api.GROUP, api.VERSION, "cartridges", interval=RESYNC_S, initial_delay=0.5)
-def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, **kwargs: Any) -> None:
     """Level-triggered: every pass recomputes status from the world (Job, corpora, store, serving replicas)."""
     assert namespace is not None
+    index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["cartridges_by_base_model"]  # kopf passes indices
+
+    def same_base_model(model: str) -> list[dict[str, Any]]:
+        return list(index.get((namespace, model), []))
+
     with metrics.reconciling("Cartridge"):
-        desired = reconcile_cartridge(_plain(body), namespace, name, CONFIG, STORE)
+        desired = reconcile_cartridge(_plain(body), namespace, name, CONFIG, STORE, same_base_model)
     write_status("cartridges", body, desired)
     ready: dict[str, Any] = next((c for c in desired.get("conditions") or [] if c["type"] == "Ready"), {})
     metrics.record_cartridge(f"{namespace}/{name}", ready.get("status", "Unknown"), ready.get("reason", ""))

@@ -79,11 +79,6 @@ def get_corpus(namespace: str, name: str) -> dict[str, Any] | None:
     return body
 
 
-def list_cartridges(namespace: str) -> list[dict[str, Any]]:
-    listed = custom().list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "cartridges")
-    return list(listed.get("items", []))
-
-
 def corpora_using_configmap(namespace: str, configmap: str) -> list[dict[str, Any]]:
     listed = custom().list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora")
     return [

@@ -236,3 +236,9 @@ def test_cartridges_sharing_a_base_model_apply_the_same_deployment(operator_env:
     env_uri = {e.name: e.value for e in final.spec.template.spec.containers[0].env}["CARTRIDGES_MODEL_URI"]
     assert env_uri == "file:///models/pair" and final.metadata.generation == before.metadata.generation
     assert owners() == {"pair-big", "pair-small"}
+
+    # The operator's index of Cartridges by base model follows deletions: the one asking for 2 replicas gone, the
+    # remaining one's passes scale the Deployment down to its own 1.
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "pair-big")
+    wait_for("scaled to the remaining Cartridge's replicas", lambda: deployment().spec.replicas == 1, 60)
+    assert owners() == {"pair-small"}
