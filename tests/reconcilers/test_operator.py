@@ -10,6 +10,7 @@ import pytest
 from kubernetes import client
 
 from cartridges import api, layout
+from cartridges.process import free_port
 from cartridges_e2e.operator_env import OperatorEnv, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -242,3 +243,26 @@ def test_cartridges_sharing_a_base_model_apply_the_same_deployment(operator_env:
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "pair-big")
     wait_for("scaled to the remaining Cartridge's replicas", lambda: deployment().spec.replicas == 1, 60)
     assert owners() == {"pair-small"}
+
+
+def test_deletion_with_the_store_down_releases_the_cartridge_and_keeps_its_artifacts(operator_env: OperatorEnv) -> None:
+    """retention Delete while the store stays down: a few tries, then the finalizer is released (deletion is never
+    blocked forever) with an error that says the artifacts were NOT deleted, and they are all still there."""
+    env = operator_env
+    env.create("corpora", "stranded", {"description": "d", "sources": [{"inline": "Facts kept through an outage."}]})
+    env.create("cartridges", "stranded", cartridge_spec("stranded", retention="Delete"))
+    env.wait_condition("cartridges", "stranded", "Trained", "True")
+    prefix = layout.cartridge_prefix(env.store_root, env.namespace, "stranded")
+    stored = env.store.list(prefix)
+    assert stored
+    healthy = env.settings
+    env.settings = {**healthy, "CARTRIDGES_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}  # nothing listens
+    env.restart()
+    try:
+        env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "stranded")
+        wait_for("the finalizer released", lambda: env.get("cartridges", "stranded") is None, 120)
+        assert f"artifacts under {prefix} were NOT deleted" in env.operator.log_path.read_text()
+    finally:
+        env.settings = healthy
+        env.restart()
+    assert env.store.list(prefix) == stored
