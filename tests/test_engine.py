@@ -123,6 +123,8 @@ def test_greedy_matches_transformers_with_zero_one_two_cartridges(engine: Engine
     # Keys keep the RoPE of their own training positions 0..p-1 (DESIGN.md §5), so composition is a set of keys:
     # the order changes no attention score, and the request's positions depend only on the summed lengths.
     assert two == swapped
+    twice = assert_matches_reference(engine, ["alpha", "alpha"], "The handbook says")  # alpha's keys count twice
+    assert twice != one
 
 
 def test_quantized_cartridges_are_served_quantized_and_compose_with_dense_ones(engine: Engine) -> None:

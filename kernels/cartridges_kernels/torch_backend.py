@@ -43,17 +43,26 @@ def segmented_attention_torch(
             causal_from = own.num_tokens - (end - first)  # query i sees own rows 0 .. causal_from + i
             o, s = _partial(qc[first:end], *own.dense(compute), sm_scale, causal_from if end - first > 1 else None)
             out[first:end], lse[first:end] = o, s
-    users: dict[int, list[int]] = {}
-    for r, indices in enumerate(table.request_segments):
-        for i in indices:
-            users.setdefault(i, []).append(r)
-    for i, requests in users.items():
-        user_rows = torch.cat([torch.arange(starts[r], starts[r + 1], device=q.device) for r in requests])
+    for i, uses in _segment_uses(table.request_segments).items():
+        user_rows = torch.cat([torch.arange(starts[r], starts[r + 1], device=q.device) for r in uses])
         if user_rows.numel() == 0:
             continue
         o, s = _partial(qc[user_rows], *table.segments[i].dense(compute), sm_scale, None)
-        _merge_into(out, lse, user_rows, o, s)
+        repeats = torch.cat([torch.full((starts[r + 1] - starts[r],), n, dtype=compute) for r, n in uses.items()])
+        _merge_into(out, lse, user_rows, o, s + repeats.to(q.device).log()[:, None])
     return out.to(q.dtype), lse / LN2
+
+
+def _segment_uses(request_segments: Sequence[Sequence[int]]) -> dict[int, dict[int, int]]:
+    """segment -> {request: how many times the request names it}. A segment named twice is concatenated twice:
+    its keys count twice in the softmax, which is its partial with ln(2) added to the log-sum-exp (the rows of a
+    partial must be distinct to merge)."""
+    uses: dict[int, dict[int, int]] = {}
+    for r, indices in enumerate(request_segments):
+        for i in indices:
+            counts = uses.setdefault(i, {})
+            counts[r] = counts.get(r, 0) + 1
+    return uses
 
 
 def _partial(q: Tensor, k: Tensor, v: Tensor, sm_scale: float, causal_from: int | None) -> tuple[Tensor, Tensor]:

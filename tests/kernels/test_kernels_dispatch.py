@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Literal
 from unittest import mock
 
 import pytest
@@ -204,3 +205,13 @@ def test_torch_backend_reads_shared_segments_once_and_matches_the_reference() ->
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.double(), oracle(batch, 0.3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_segment_named_twice_counts_twice(backend: Literal["torch", "triton"]) -> None:
+    """["x", "x"] composes x concatenated twice (what the engine's positions assume), in shared reads beside
+    requests that name it once, for decode and prefill."""
+    torch.manual_seed(3)
+    batch = make_batch([11, 6], [[0, 0], [0], [1, 0, 1, 1], []], own_lens=[2, 3, 4, 5], query_lens=[1, 1, 3, 2])
+    out = prefill_attention(batch.q, batch.query_lens, batch.table, batch.own_kv, backend=backend)
+    torch.testing.assert_close(out.double(), oracle(batch), atol=2e-4, rtol=0)
