@@ -235,7 +235,7 @@ def serving_deployment(
         *config.serving_engine.env(),
         *cache_env(),
     ]
-    container = {
+    container: dict[str, Any] = {
         "name": "triton",
         "image": config.serving_image,
         **pull_policy(config.serving_pull_policy),
