@@ -113,3 +113,18 @@ class Pointer(BaseModel):
     generation: int
     prefix: str
     sha256: str
+
+
+class PointerOutsideCartridge(ValueError):
+    """A pointer names a prefix outside its own cartridge's."""
+
+
+def confined_pointer(root: str, namespace: str, cartridge: str, pointer: Pointer) -> Pointer:
+    """``pointer`` with its prefix resolved under the cartridge's own prefix (a relative prefix is taken from there).
+    A pointer is data anyone with write access to the store can change: one that led to another cartridge or
+    namespace (or ``..``) would load what this cartridge never trained, so it is refused."""
+    own = cartridge_prefix(root, namespace, cartridge) + "/"
+    prefix = pointer.prefix if "://" in pointer.prefix else own + pointer.prefix.strip("/")
+    if not prefix.startswith(own) or ".." in prefix[len(own) :].split("/"):
+        raise PointerOutsideCartridge(f"cartridge {cartridge!r}: pointer leaves the cartridge's prefix: {prefix}")
+    return pointer.model_copy(update={"prefix": prefix})

@@ -1,12 +1,15 @@
 """One object-store API for the whole product: ``s3://bucket/key`` (MinIO or any S3) and ``file:///path``.
 
-Every write records the object's sha256 (S3 user metadata; recomputed for local files) and every verified read
-checks it. Pointers (``current.json``) are replaced atomically. Prefixes are always listed as directories, so
-``cart-1`` never matches ``cart-10``. Failures become :class:`StoreError` subclasses that name the URI.
+Every write records the object's sha256 (S3 user metadata; recomputed for local files) and every read checks it:
+``get_bytes``/``get_json`` against the sha256 that came with the bytes, ``download`` against the recorded or the
+expected one; ``sha256`` hashes the bytes as stored now. Pointers (``current.json``) are replaced atomically.
+Prefixes are always listed as directories, so ``cart-1`` never matches ``cart-10``. Failures become
+:class:`StoreError` subclasses that name the URI.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,6 +30,7 @@ from cartridges.hashing import sha256_bytes, sha256_file
 
 SHA256_META = "sha256"
 PART_SIZE = 16 * 1024 * 1024
+HASH_CHUNK = 1 << 20
 
 
 class StoreError(RuntimeError):
@@ -148,7 +152,8 @@ class _Backend(Protocol):
     def put_file(self, uri: StoreURI, path: Path, sha256: str) -> None: ...
     def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None: ...
     def get_to_file(self, uri: StoreURI, path: Path) -> None: ...
-    def get_bytes(self, uri: StoreURI) -> bytes: ...
+    def get_bytes(self, uri: StoreURI) -> tuple[bytes, str | None]: ...
+    def sha256(self, uri: StoreURI) -> str: ...
     def stat(self, uri: StoreURI) -> ObjectInfo: ...
     def list(self, prefix: StoreURI) -> Iterator[StoreURI]: ...
     def children(self, prefix: StoreURI) -> Iterator[str]: ...
@@ -184,8 +189,11 @@ class _FileBackend:
     def get_to_file(self, uri: StoreURI, path: Path) -> None:
         shutil.copyfile(self._existing(uri), path)
 
-    def get_bytes(self, uri: StoreURI) -> bytes:
-        return self._existing(uri).read_bytes()
+    def get_bytes(self, uri: StoreURI) -> tuple[bytes, str | None]:
+        return self._existing(uri).read_bytes(), None  # a local file records no sha256 apart from its bytes
+
+    def sha256(self, uri: StoreURI) -> str:
+        return sha256_file(self._existing(uri))
 
     def stat(self, uri: StoreURI) -> ObjectInfo:
         path = self._existing(uri)
@@ -261,13 +269,26 @@ class _S3Backend:
     def get_to_file(self, uri: StoreURI, path: Path) -> None:
         self.client.fget_object(uri.bucket, uri.key, str(path))
 
-    def get_bytes(self, uri: StoreURI) -> bytes:
+    def get_bytes(self, uri: StoreURI) -> tuple[bytes, str | None]:
+        """The bytes and the sha256 recorded with them, from one response (so never another version's)."""
         response = self.client.get_object(uri.bucket, uri.key)
         try:
-            return bytes(response.read())
+            return bytes(response.read()), response.headers.get(f"x-amz-meta-{SHA256_META}")
         finally:
             response.close()
             response.release_conn()
+
+    def sha256(self, uri: StoreURI) -> str:
+        """Hash the object as it streams by, in chunks: nothing is written, a large object is never all in memory."""
+        digest = hashlib.sha256()
+        response = self.client.get_object(uri.bucket, uri.key)
+        try:
+            for chunk in response.stream(HASH_CHUNK):
+                digest.update(chunk)
+        finally:
+            response.close()
+            response.release_conn()
+        return digest.hexdigest()
 
     def stat(self, uri: StoreURI) -> ObjectInfo:
         stat = self.client.stat_object(uri.bucket, uri.key)
@@ -368,14 +389,25 @@ class Store:
         return self.put_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode())
 
     def get_bytes(self, uri: str, expected_sha256: str | None = None) -> bytes:
+        """The object's bytes, checked against ``expected_sha256``, else against the sha256 recorded when it was
+        written (objects another tool wrote without one are returned unchecked). A mismatch is an
+        :class:`IntegrityError`: a manifest, pointer or score file altered behind the store's back is never used."""
         parsed = StoreURI.parse(uri)
-        data: bytes = self._call(parsed, self._backend(parsed).get_bytes, parsed)
-        if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
-            raise IntegrityError(f"sha256 mismatch (expected {expected_sha256})", uri)
-        return data
+        data, recorded = self._call(parsed, self._backend(parsed).get_bytes, parsed)
+        expected = expected_sha256 or recorded
+        if expected is not None and (actual := sha256_bytes(data)) != expected:
+            raise IntegrityError(f"sha256 mismatch (expected {expected}, read {actual})", uri)
+        return bytes(data)
 
     def get_json(self, uri: str) -> Any:
+        """A JSON object, verified as :meth:`get_bytes` verifies."""
         return json.loads(self.get_bytes(uri))
+
+    def sha256(self, uri: str) -> str:
+        """The sha256 of the object's bytes as stored now, hashed while streaming them (not the recorded one)."""
+        parsed = StoreURI.parse(uri)
+        digest: str = self._call(parsed, self._backend(parsed).sha256, parsed)
+        return digest
 
     def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> ObjectInfo:
         """Stream an object to ``path`` and check its sha256 against ``expected_sha256`` or the recorded one.

@@ -13,14 +13,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cartridge_store import publish, random_cartridge
 from _peft_adapter import peft_prefix_adapter
 
+from cartridges import layout
 from cartridges.cli import main
-from cartridges.cli.common import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE, CLIError, find, open_store
+from cartridges.cli.common import (
+    EXIT_INPUT,
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    CLIError,
+    find,
+    load,
+    open_store,
+)
 from cartridges.cli.evaluate import corpus_of
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel
 from cartridges.process import free_port
+from cartridges_e2e.minio import MinioServer
 
 COMMANDS = ("demo", "train", "eval", "serve", "ask", "ls", "inspect", "import", "quantize")
 CORPUS = (
@@ -268,6 +280,26 @@ def test_unknown_cartridge(store: str, tmp_path: Path, capsys: pytest.CaptureFix
         code, _, err = cli(capsys, *argv, "--store", store)
         assert code == EXIT_NOT_FOUND and "unknown cartridge 'nope'" in err
         one_line_error(err)
+
+
+@pytest.mark.minio
+def test_load_checks_the_pointer_as_serving_does(
+    minio_server: MinioServer, s3_prefix: str, tiny_model: LoadedModel
+) -> None:
+    """current.json is data in the store: one that leads to another cartridge's prefix, or promised other tensors
+    than the manifest's, is refused rather than loaded."""
+    store, root, fp = minio_server.store(), s3_prefix.rstrip("/"), tiny_model.fingerprint
+    publish(store, root, "team-a", "ours", random_cartridge(fp, 4, seed=1), fp)
+    theirs = publish(store, root, "team-b", "theirs", random_cartridge(fp, 4, seed=2), fp)
+    assert len(load(store, find(store, root, "team-a", "ours"), tiny_model).keys) == fp.num_layers
+    pointer_uri = layout.current_pointer(root, "team-a", "ours")
+    promoted = store.get_json(pointer_uri)
+    store.put_json(pointer_uri, {**promoted, "prefix": theirs})
+    with pytest.raises(CLIError, match="pointer leaves the cartridge's prefix"):
+        find(store, root, "team-a", "ours")
+    store.put_json(pointer_uri, {**promoted, "sha256": "0" * 64})
+    with pytest.raises(CLIError, match="does not match the promoted 0000"):
+        load(store, find(store, root, "team-a", "ours"), tiny_model)
 
 
 def test_store_that_is_down(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

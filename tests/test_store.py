@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -131,12 +133,54 @@ def test_corrupted_object_in_minio_is_detected(minio_server: MinioServer, s3_pre
     store.put_bytes(uri, b"A" * 1000)
     recorded = store.stat(uri).sha256
     parsed = StoreURI.parse(uri)
-    import io
-
     backend = store._backend(parsed)
     backend.client.put_object(parsed.bucket, parsed.key, io.BytesIO(b"A" * 999), 999)  # type: ignore[attr-defined]
     with pytest.raises(IntegrityError, match="weights.bin"):
         store.download(uri, tmp_path / "w.bin", expected_sha256=recorded)
+
+
+def _replace_keeping_recorded_sha256(store: Store, uri: str, data: bytes) -> None:
+    """Rewrite an object in MinIO behind the store's back, with the sha256 it recorded for the old bytes."""
+    parsed = StoreURI.parse(uri)
+    recorded = {"sha256": store.stat(uri).sha256 or ""}
+    client = store._backend(parsed).client  # type: ignore[attr-defined]
+    client.put_object(parsed.bucket, parsed.key, io.BytesIO(data), len(data), metadata=recorded)
+
+
+@pytest.mark.minio
+def test_json_read_checks_the_recorded_sha256(minio_server: MinioServer, s3_prefix: str) -> None:
+    """Manifests, pointers and score files are read with get_json: altered bytes are refused, not trusted."""
+    store = minio_server.store()
+    uri = f"{s3_prefix}eval.json"
+    store.put_json(uri, {"iclGainRecovered": 0.1})
+    assert store.get_json(uri) == {"iclGainRecovered": 0.1}
+    _replace_keeping_recorded_sha256(store, uri, b'{"iclGainRecovered": 0.99}')
+    with pytest.raises(IntegrityError, match="eval.json"):
+        store.get_json(uri)
+
+
+@pytest.mark.minio
+def test_objects_without_a_recorded_sha256_are_read_unchecked(minio_server: MinioServer, s3_prefix: str) -> None:
+    store = minio_server.store()
+    uri = f"{s3_prefix}foreign.json"
+    parsed = StoreURI.parse(uri)
+    client = store._backend(parsed).client  # type: ignore[attr-defined]
+    client.put_object(parsed.bucket, parsed.key, io.BytesIO(b"[1]"), 3)
+    assert store.stat(uri).sha256 is None and store.get_json(uri) == [1]
+
+
+def test_sha256_hashes_the_stored_bytes_not_the_record(store_and_root: tuple[Store, str]) -> None:
+    store, root = store_and_root
+    uri = f"{root}/cartridge.safetensors"
+    info = store.put_bytes(uri, b"T" * (3 << 20))
+    assert store.sha256(uri) == info.sha256
+    if uri.startswith("s3://"):
+        _replace_keeping_recorded_sha256(store, uri, b"T" * (3 << 20) + b"!")
+    else:
+        Path(StoreURI.parse(uri).key).write_bytes(b"T" * (3 << 20) + b"!")
+    assert store.sha256(uri) == hashlib.sha256(b"T" * (3 << 20) + b"!").hexdigest() != info.sha256
+    with pytest.raises(ObjectNotFound):
+        store.sha256(f"{root}/missing")
 
 
 @pytest.mark.minio

@@ -155,6 +155,10 @@ def find(store: Store, root: str, namespace: str, name: str) -> Stored:
             f"unknown cartridge {name!r} in {root} (namespace {namespace}); `cartridges ls` lists them",
             EXIT_NOT_FOUND,
         ) from None
+    try:
+        pointer = layout.confined_pointer(root, namespace, name, pointer)
+    except layout.PointerOutsideCartridge as err:
+        raise CLIError(f"{err}; refusing to load it (re-promote a generation of {name!r})") from err
     manifest = CartridgeManifest.model_validate(store.get_json(f"{pointer.prefix}/{MANIFEST_FILE}"))
     return Stored(name, pointer, manifest)
 
@@ -175,7 +179,12 @@ def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
     from cartridges.artifact import download_artifact, load_stored_cartridge
 
     with tempfile.TemporaryDirectory(prefix="cartridges-") as tmp:
-        download_artifact(store, stored.pointer.prefix, Path(tmp))
+        manifest = download_artifact(store, stored.pointer.prefix, Path(tmp))
+        if manifest.file_sha256 != stored.pointer.sha256:
+            raise CLIError(
+                f"cartridge {stored.name!r} g{stored.pointer.generation}: tensors sha256 {manifest.file_sha256} "
+                f"does not match the promoted {stored.pointer.sha256}; refusing to load it"
+            )
         cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
     return cartridge
 

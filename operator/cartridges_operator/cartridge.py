@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from cartridges import api, layout
 from cartridges.contract import TrainerConfig
 from cartridges.manifest import MANIFEST_FILE, TENSORS_FILE, CartridgeManifest
-from cartridges.store import ObjectNotFound, Store, StoreError
+from cartridges.store import IntegrityError, ObjectNotFound, Store, StoreError
 from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
@@ -253,12 +253,15 @@ def _record_failure(run: Pass, job: Any) -> dict[str, Any]:
 
 
 def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
-    """Check the uploaded artifact before trusting it: manifest parses, tensors' sha256 and p match the spec."""
+    """Check the uploaded artifact before trusting it: manifest parses, tensors' sha256 and p match the spec. The
+    tensors' bytes are hashed too (once per generation: a cartridge is MBs), so a file altered or truncated after
+    upload is refused here, while the promoted generation keeps serving, rather than promoted and refused by
+    serving."""
     prefix = trainer.output_prefix
     try:
         manifest = CartridgeManifest.model_validate(run.store.get_json(f"{prefix}/{MANIFEST_FILE}"))
         tensors = run.store.stat(f"{prefix}/{TENSORS_FILE}")
-    except (ObjectNotFound, ValidationError) as err:
+    except (ObjectNotFound, IntegrityError, ValidationError) as err:
         problem = f"artifact under {prefix} is missing or unreadable: {err}"
     else:
         problem = ""
@@ -269,6 +272,11 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
             return False
         elif manifest.p != run.spec.size:
             problem = f"artifact has p={manifest.p}, spec.size is {run.spec.size}"
+        elif (actual := run.store.sha256(f"{prefix}/{TENSORS_FILE}")) != manifest.file_sha256:
+            problem = (
+                f"{TENSORS_FILE} is corrupt: its bytes hash to sha256 {actual}, the manifest says "
+                f"{manifest.file_sha256}; not promoted (a promoted generation keeps serving)"
+            )
     if problem:
         run.condition("Trained", False, "ArtifactInvalid", problem)
         run.not_ready("ArtifactInvalid", problem, stalled=True)
@@ -307,7 +315,7 @@ def _record_evaluation(run: Pass, prefix: str) -> None:
     try:
         scores = run.store.get_json(f"{prefix}/{layout.EVAL_FILE}")
         evaluation = api.Evaluation.model_validate({k: scores.get(k) for k in api.Evaluation.model_fields})
-    except (ObjectNotFound, ValidationError, AttributeError) as err:
+    except (ObjectNotFound, IntegrityError, ValidationError, AttributeError) as err:
         run.condition("Evaluated", False, "NoEvaluation", f"{layout.EVAL_FILE}: {err}")
         return
     run.status["evaluation"] = evaluation.model_dump()
@@ -334,7 +342,7 @@ def _promote(run: Pass, trainer: TrainerConfig) -> None:
     )
     try:
         current = layout.Pointer.model_validate(run.store.get_json(pointer_uri))
-    except ObjectNotFound:
+    except (ObjectNotFound, IntegrityError):  # none yet, or altered: written afresh
         current = None
     if current != pointer:
         run.store.put_json(pointer_uri, pointer.model_dump())

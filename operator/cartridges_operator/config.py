@@ -50,6 +50,25 @@ class ServingEngine:
         return [{"name": self.ENV[key], "value": str(value).lower()} for key, value in self.settings]
 
 
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+def pull_policy(env: dict[str, str] | os._Environ[str], name: str) -> str:
+    """An imagePullPolicy from ``env[name]``; empty leaves Kubernetes' default."""
+    policy = env.get(name, "")
+    if policy and policy not in PULL_POLICIES:
+        raise ValueError(f"{name} must be one of {', '.join(PULL_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def pull_secrets(text: str) -> tuple[str, ...]:
+    """The names in the chart's ``imagePullSecrets`` (JSON ``[{"name": ...}]``), for the pods the operator creates."""
+    entries = json.loads(text) if text else []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("name") for e in entries):
+        raise ValueError(f'CARTRIDGES_IMAGE_PULL_SECRETS must be a JSON list of {{"name": ...}}, got {text!r}')
+    return tuple(str(e["name"]) for e in entries)
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     store_root: str
@@ -59,6 +78,9 @@ class OperatorConfig:
     s3_region: str = ""
     trainer_image: str = "ghcr.io/cartridges-dev/trainer:0.1.0"
     serving_image: str = "ghcr.io/cartridges-dev/serving:0.1.0"
+    trainer_pull_policy: str = ""  # empty: Kubernetes' default
+    serving_pull_policy: str = ""
+    image_pull_secrets: tuple[str, ...] = ()  # Secrets in the Cartridge's namespace
     trainer_command: list[str] = field(default_factory=lambda: list(TRAINER_COMMAND))
     job_deadline_s: int = 24 * 3600
     job_ttl_s: int = 7 * 24 * 3600
@@ -78,6 +100,9 @@ class OperatorConfig:
             s3_region=env.get("CARTRIDGES_S3_REGION", ""),
             trainer_image=env.get("CARTRIDGES_TRAINER_IMAGE", cls.trainer_image),
             serving_image=env.get("CARTRIDGES_SERVING_IMAGE", cls.serving_image),
+            trainer_pull_policy=pull_policy(env, "CARTRIDGES_TRAINER_PULL_POLICY"),
+            serving_pull_policy=pull_policy(env, "CARTRIDGES_SERVING_PULL_POLICY"),
+            image_pull_secrets=pull_secrets(env.get("CARTRIDGES_IMAGE_PULL_SECRETS", "")),
             trainer_command=json.loads(command) if command else list(TRAINER_COMMAND),
             serving_engine=ServingEngine.from_json(engine) if engine else ServingEngine(),
         )

@@ -34,6 +34,37 @@ def non_root_pod(uid: int) -> dict[str, Any]:
 
 
 LOCKED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+SCRATCH = "/tmp"  # an emptyDir: the only writable path besides /dev/shm (read-only root filesystem)
+# Where the libraries in the trainer and serving images cache: OpenAI Triton's compiled kernels (default
+# $HOME/.triton), torch inductor, Hugging Face, CUDA's JIT cache ($HOME/.nv). Set on the pods, not only in our images,
+# so a custom image with an unwritable $HOME works too.
+CACHE_ENV = {
+    "HOME": SCRATCH,
+    "XDG_CACHE_HOME": f"{SCRATCH}/.cache",
+    "TRITON_HOME": SCRATCH,
+    "TRITON_CACHE_DIR": f"{SCRATCH}/triton-cache",
+    "TORCHINDUCTOR_CACHE_DIR": f"{SCRATCH}/torchinductor",
+    "HF_HOME": f"{SCRATCH}/hf-home",
+    "CARTRIDGES_CACHE": f"{SCRATCH}/cartridges-cache",
+}
+
+
+def cache_env() -> list[dict[str, str]]:
+    return [{"name": name, "value": value} for name, value in CACHE_ENV.items()]
+
+
+def pull_policy(policy: str) -> dict[str, str]:
+    """A container's imagePullPolicy, when the chart set one."""
+    return {"imagePullPolicy": policy} if policy else {}
+
+
+def pull_secrets(config: OperatorConfig) -> dict[str, list[dict[str, str]]]:
+    """A pod spec's imagePullSecrets, when the chart set some."""
+    return (
+        {"imagePullSecrets": [{"name": name} for name in config.image_pull_secrets]}
+        if config.image_pull_secrets
+        else {}
+    )
 
 
 def dns_name(*parts: str, limit: int = 63) -> str:
@@ -123,17 +154,19 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
         "securityContext": non_root_pod(TRAINER_UID),
         "nodeSelector": resources.nodeSelector,
         "tolerations": [t.model_dump(exclude_none=True) for t in resources.tolerations],
+        **pull_secrets(config),
         "containers": [
             {
                 "name": TRAINER_CONTAINER,
                 "image": config.trainer_image,
+                **pull_policy(config.trainer_pull_policy),
                 "command": config.trainer_command,
                 "args": trainer.to_args(),
-                "env": store_env(config),
+                "env": [*store_env(config), *cache_env()],
                 "resources": {"requests": {"cpu": resources.cpu, "memory": resources.memory}, "limits": limits},
                 "securityContext": {**LOCKED_CONTAINER, "readOnlyRootFilesystem": True},
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
+                "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}, {"name": "shm", "mountPath": "/dev/shm"}],
             }
         ],
         "volumes": [{"name": "scratch", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory"}}],
@@ -200,10 +233,12 @@ def serving_deployment(
         {"name": "CARTRIDGES_STORE_ROOT", "value": config.store_root},
         {"name": "CARTRIDGES_NAMESPACE", "value": namespace},
         *config.serving_engine.env(),
+        *cache_env(),
     ]
-    container = {
+    container: dict[str, Any] = {
         "name": "triton",
         "image": config.serving_image,
+        **pull_policy(config.serving_pull_policy),
         "command": SERVING_COMMAND,
         "ports": [{"name": n, "containerPort": p} for n, p in PORTS.items()],
         "env": env,
@@ -212,7 +247,7 @@ def serving_deployment(
         "readinessProbe": {"httpGet": {**http, "path": f"/v2/models/{ROUTER_MODEL}/ready"}, "periodSeconds": 5},
         "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}},
         "securityContext": {**LOCKED_CONTAINER, "readOnlyRootFilesystem": True},
-        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH}],
     }
     return {
         "apiVersion": "apps/v1",
@@ -226,6 +261,7 @@ def serving_deployment(
                 "spec": {
                     "automountServiceAccountToken": False,
                     "securityContext": non_root_pod(SERVING_UID),
+                    **pull_secrets(config),
                     "containers": [container],
                     "volumes": [
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},

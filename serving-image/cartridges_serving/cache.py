@@ -197,11 +197,10 @@ class CartridgeCache:
             raise CartridgeInvalid(f"cartridge {cartridge_id!r}: unreadable {layout.CURRENT_POINTER}: {err}") from err
         except StoreError as err:
             raise EngineUnavailable(f"cartridge {cartridge_id!r}: object store error: {err}") from err
-        own_prefix = layout.cartridge_prefix(self.root, self.namespace, cartridge_id) + "/"
-        prefix = pointer.prefix if "://" in pointer.prefix else own_prefix + pointer.prefix.strip("/")
-        if not prefix.startswith(own_prefix) or ".." in prefix[len(own_prefix) :].split("/"):
-            raise CartridgeRefused(f"cartridge {cartridge_id!r}: pointer leaves the cartridge's prefix: {prefix}")
-        return pointer.model_copy(update={"prefix": prefix})
+        try:
+            return layout.confined_pointer(self.root, self.namespace, cartridge_id, pointer)
+        except layout.PointerOutsideCartridge as err:
+            raise CartridgeRefused(str(err)) from err
 
     def _load(self, cartridge_id: str, pointer: layout.Pointer) -> LoadedCartridge:
         with tempfile.TemporaryDirectory(prefix="cartridge-") as tmp:

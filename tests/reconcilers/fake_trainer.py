@@ -4,6 +4,7 @@ eval out, exit codes) in a second, with a random cartridge for the tiny model. T
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import tempfile
 import time
@@ -15,7 +16,7 @@ from cartridges import layout
 from cartridges.artifact import MANIFEST_FILE, Cartridge, save_cartridge, upload_artifact
 from cartridges.contract import EXIT_PERMANENT, TrainerConfig
 from cartridges.models import tiny_llama
-from cartridges.store import Store
+from cartridges.store import Store, StoreURI
 
 SLOW_TRAINING_S = 120.0
 
@@ -50,10 +51,23 @@ def main() -> int:
         upload_artifact(store, Path(tmp), out)
     if any("CORRUPT-ARTIFACT" in d.text for d in documents):
         store.put_bytes(f"{out}/cartridge.safetensors", b"corrupted after upload")
+    if any("BITROT-ARTIFACT" in d.text for d in documents):
+        _rot_keeping_recorded_sha256(store, f"{out}/cartridge.safetensors")
     scores = {"noContext": 3.0, "icl": 1.0, "cartridge": 1.5, "iclGainRecovered": 0.75}
     store.put_json(f"{out}/{layout.EVAL_FILE}", scores)
     store.put_json(f"{out}/{layout.PROGRESS_FILE}", layout.Progress(phase="done", step=2, total=2).model_dump())
     return 0
+
+
+def _rot_keeping_recorded_sha256(store: Store, uri: str) -> None:
+    """Flip the last byte behind the store's back (bit rot, a rogue writer): the recorded sha256 still matches the
+    manifest, only the bytes do not."""
+    parsed = StoreURI.parse(uri)
+    data = bytearray(store.get_bytes(uri))
+    data[-1] ^= 0xFF
+    client = store._backend(parsed).client  # type: ignore[attr-defined]
+    recorded = {"sha256": store.stat(uri).sha256 or ""}
+    client.put_object(parsed.bucket, parsed.key, io.BytesIO(bytes(data)), len(data), metadata=recorded)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,23 @@ def test_corrupt_artifact_is_not_promoted(operator_env: OperatorEnv) -> None:
     assert not env.store.exists(layout.current_pointer(env.store_root, env.namespace, "corrupt"))
 
 
+def test_tensors_altered_after_upload_are_not_promoted_and_the_promoted_generation_stays(
+    operator_env: OperatorEnv,
+) -> None:
+    """The recorded sha256 matches the manifest, the bytes do not: the operator hashes them before promoting."""
+    env = operator_env
+    env.create("corpora", "rotting", {"description": "d", "sources": [{"inline": "Sound facts."}]})
+    env.create("cartridges", "rotting", cartridge_spec("rotting"))
+    env.wait_condition("cartridges", "rotting", "Ready", "True")
+    env.patch_spec("corpora", "rotting", {"sources": [{"inline": "BITROT-ARTIFACT facts."}]})
+    wait_for("generation 2", lambda: status(env, "rotting").get("generation") == 2, 30)
+    stalled = env.wait_condition("cartridges", "rotting", "Stalled", "True", timeout_s=90)
+    assert stalled["reason"] == "ArtifactInvalid" and "is corrupt: its bytes hash to sha256" in stalled["message"]
+    pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "rotting"))
+    assert pointer["generation"] == 1, "the corrupt generation replaced the working one"
+    assert status(env, "rotting")["artifact"]["uri"].endswith("/g1/cartridge.safetensors")
+
+
 def test_missing_store_secret_stalls_then_recovers(operator_env: OperatorEnv) -> None:
     env = operator_env
     core = client.CoreV1Api(env.api)

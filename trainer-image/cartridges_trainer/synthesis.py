@@ -296,7 +296,7 @@ def adopt_synthesis(workspace: Workspace, inputs: dict[str, Any], earlier: Seque
     if workspace.names(SYNTH_FOLDER):
         try:
             recorded = store.get_json(workspace.uri(INPUTS_FILE)).get("key")
-        except ObjectNotFound:
+        except (ObjectNotFound, IntegrityError):  # unrecorded, or altered: the shards cannot be trusted
             recorded = None
         if recorded == inputs["key"]:
             return None
@@ -314,7 +314,7 @@ def adopt_synthesis(workspace: Workspace, inputs: dict[str, Any], earlier: Seque
             if store.get_json(f"{prefix}/{INPUTS_FILE}").get("key") == inputs["key"]:
                 source = prefix
                 break
-        except ObjectNotFound:
+        except (ObjectNotFound, IntegrityError):
             continue
     if source is not None:
         for name in store.names(f"{source}/{SYNTH_FOLDER}"):

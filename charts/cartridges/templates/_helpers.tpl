@@ -30,10 +30,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "cartridges.fullname" .) .Values.operator.serviceAccount.name -}}
 {{- end -}}
 
-{{/* An image reference; the tag defaults to the chart's appVersion. */}}
+{{/* An image reference; the tag defaults to the chart's appVersion. A tag "@sha256:<hex>" pins a digest alone
+(repository@sha256:...), "1.2@sha256:<hex>" a tag and its digest (repository:1.2@sha256:...). */}}
 {{- define "cartridges.image" -}}
 {{- $image := index . 0 -}}{{- $root := index . 1 -}}
-{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) -}}
+{{- $tag := default $root.Chart.AppVersion $image.tag -}}
+{{- printf "%s%s%s" $image.repository (ternary "" ":" (hasPrefix "@" $tag)) $tag -}}
+{{- end -}}
+
+{{/* A pod spec's imagePullSecrets (the chart's top-level list), for a pod spec indented by 6. */}}
+{{- define "cartridges.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+{{- end }}
+{{- end -}}
+
+{{/* The operator's settings, for the checksum that restarts it when they change. The store credentials are left
+out: a pod annotation is readable by anyone who may read pods, and a hash of the keys would let them test guesses
+offline (a salted hash needs a salt kept secret, which a chart rendered by `helm template` has nowhere to keep).
+Rotating the keys therefore restarts nothing: `kubectl rollout restart` the operator and serving Deployments. */}}
+{{- define "cartridges.settingsChecksum" -}}
+{{- $store := omit .Values.store "credentials" -}}
+{{- $credentials := pick .Values.store.credentials "existingSecret" "secretName" -}}
+{{- toJson (list $store $credentials .Values.trainer .Values.serving .Values.imagePullSecrets) | sha256sum -}}
 {{- end -}}
 
 {{/* The Secret with accessKey/secretKey: an existing one, or the one this chart creates. */}}
