@@ -149,6 +149,7 @@ class _Backend(Protocol):
     def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None: ...
     def get_to_file(self, uri: StoreURI, path: Path) -> None: ...
     def get_bytes(self, uri: StoreURI) -> bytes: ...
+    def get_head(self, uri: StoreURI, length: int) -> bytes: ...
     def stat(self, uri: StoreURI) -> ObjectInfo: ...
     def list(self, prefix: StoreURI) -> Iterator[StoreURI]: ...
     def children(self, prefix: StoreURI) -> Iterator[str]: ...
@@ -186,6 +187,10 @@ class _FileBackend:
 
     def get_bytes(self, uri: StoreURI) -> bytes:
         return self._existing(uri).read_bytes()
+
+    def get_head(self, uri: StoreURI, length: int) -> bytes:
+        with self._existing(uri).open("rb") as fh:
+            return fh.read(length)
 
     def stat(self, uri: StoreURI) -> ObjectInfo:
         path = self._existing(uri)
@@ -262,7 +267,19 @@ class _S3Backend:
         self.client.fget_object(uri.bucket, uri.key, str(path))
 
     def get_bytes(self, uri: StoreURI) -> bytes:
-        response = self.client.get_object(uri.bucket, uri.key)
+        return self._read(self.client.get_object(uri.bucket, uri.key))
+
+    def get_head(self, uri: StoreURI, length: int) -> bytes:
+        """A ranged GET: the store sends no more than ``length`` bytes (an empty object has no range to send)."""
+        try:
+            return self._read(self.client.get_object(uri.bucket, uri.key, offset=0, length=length))
+        except S3Error as err:
+            if err.code == "InvalidRange":
+                return b""
+            raise
+
+    @staticmethod
+    def _read(response: Any) -> bytes:
         try:
             return bytes(response.read())
         finally:
@@ -372,6 +389,13 @@ class Store:
         data: bytes = self._call(parsed, self._backend(parsed).get_bytes, parsed)
         if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
             raise IntegrityError(f"sha256 mismatch (expected {expected_sha256})", uri)
+        return data
+
+    def get_head(self, uri: str, length: int) -> bytes:
+        """At most the first ``length`` (>= 1) bytes of an object, never more in memory: read ``limit + 1`` to tell
+        whether an object is larger than ``limit`` without downloading it."""
+        parsed = StoreURI.parse(uri)
+        data: bytes = self._call(parsed, self._backend(parsed).get_head, parsed, length)
         return data
 
     def get_json(self, uri: str) -> Any:
