@@ -254,6 +254,7 @@ def test_a_corpus_larger_than_the_operators_limit_is_refused_while_reading(endle
     assert len(read_sources(spec({"inline": half}), Store(), no_configmaps, access).documents) == 1
 
 
+@pytest.mark.timeout(30)  # without the deadline, the dripping download never ends
 def test_a_slow_http_source_times_out_as_a_whole(endless_server: str) -> None:
     started = time.monotonic()
     with pytest.raises(SourceError, match="did not finish within timeoutSeconds=1"):
