@@ -274,3 +274,11 @@ def test_http_sources_on_internal_addresses_are_refused(web_page: str, endless_s
                 f"{endless_server}/to-metadata"):  # fmt: skip
         with pytest.raises(SourceError, match="link-local address"):
             read_sources(spec({"http": {"url": url, "timeoutSeconds": 2}}), Store(), no_configmaps, LOCAL)
+
+
+def test_corpus_limits_from_the_environment() -> None:
+    env = {"CARTRIDGES_CORPUS_MAX_BYTES": "1048576", "CARTRIDGES_CORPUS_SOURCE_BUCKETS": "docs, wiki,"}
+    assert CorpusLimits.from_env(env) == CorpusLimits(max_bytes=1 << 20, source_buckets=("docs", "wiki"))
+    assert CorpusLimits.from_env({}) == CorpusLimits(max_bytes=32 << 20, source_buckets=())
+    with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_MAX_BYTES must be an integer >= 1, got '32Mi'"):
+        CorpusLimits.from_env({"CARTRIDGES_CORPUS_MAX_BYTES": "32Mi"})
