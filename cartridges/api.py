@@ -39,15 +39,24 @@ class ConfigMapKeyRef(Spec):
 class ObjectSource(Spec):
     """One object, or every object under a prefix (``uri`` ending in ``/``) filtered by globs."""
 
-    uri: str = Field(pattern=r"^(s3|file)://.+", description="s3://bucket/key, or s3://bucket/prefix/ for many")
+    uri: str = Field(
+        pattern=r"^(s3|file)://.+",
+        description="s3://bucket/key, or s3://bucket/prefix/ for many. In the store's own bucket only under "
+        "<store root>/sources/<namespace>/; file:// only for an operator run locally with a file:// store",
+    )
     include: list[str] = Field(default_factory=list, max_length=64, description="globs relative to the prefix")
     exclude: list[str] = Field(default_factory=list, max_length=64)
 
 
 class HttpSource(Spec):
     url: str = Field(pattern=r"^https?://.+")
-    maxBytes: int = Field(default=16 * 1024 * 1024, ge=1, le=1024 * 1024 * 1024)
-    timeoutSeconds: int = Field(default=30, ge=1, le=600)
+    maxBytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        le=1024 * 1024 * 1024,
+        description="largest body accepted; the operator's limit for all of a Corpus's sources applies as well",
+    )
+    timeoutSeconds: int = Field(default=30, ge=1, le=600, description="for the whole download, not per read")
 
 
 class CorpusSource(Spec):
@@ -74,7 +83,8 @@ class CorpusSpec(Spec):
     tokenizer: str | None = Field(
         default=None,
         pattern=r"^(s3|file)://.+",
-        description="tokenizer.json, or an HF model directory holding one, whose tokenizer counts status.tokens",
+        description="tokenizer.json, or an HF model directory holding one, whose tokenizer counts status.tokens "
+        "(file:// only for an operator run locally with a file:// store)",
     )
 
 

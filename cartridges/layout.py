@@ -33,6 +33,12 @@ def corpus_prefix(root: str, namespace: str, corpus: str, digest: str) -> str:
     return _join(root, "corpora", namespace, corpus, digest)
 
 
+def sources_prefix(root: str, namespace: str) -> str:
+    """Where documents for the Corpora of ``namespace`` may be uploaded inside the store (the only place in the
+    store's bucket that a Corpus's object sources may read)."""
+    return _join(root, "sources", namespace)
+
+
 def model_prefix(root: str, model: str) -> str:
     return _join(root, "models", model)
 

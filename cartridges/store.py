@@ -153,6 +153,7 @@ class _Backend(Protocol):
     def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None: ...
     def get_to_file(self, uri: StoreURI, path: Path) -> None: ...
     def get_bytes(self, uri: StoreURI) -> tuple[bytes, str | None]: ...
+    def get_head(self, uri: StoreURI, length: int) -> bytes: ...
     def sha256(self, uri: StoreURI) -> str: ...
     def stat(self, uri: StoreURI) -> ObjectInfo: ...
     def list(self, prefix: StoreURI) -> Iterator[StoreURI]: ...
@@ -194,6 +195,10 @@ class _FileBackend:
 
     def sha256(self, uri: StoreURI) -> str:
         return sha256_file(self._existing(uri))
+
+    def get_head(self, uri: StoreURI, length: int) -> bytes:
+        with self._existing(uri).open("rb") as fh:
+            return fh.read(length)
 
     def stat(self, uri: StoreURI) -> ObjectInfo:
         path = self._existing(uri)
@@ -272,8 +277,21 @@ class _S3Backend:
     def get_bytes(self, uri: StoreURI) -> tuple[bytes, str | None]:
         """The bytes and the sha256 recorded with them, from one response (so never another version's)."""
         response = self.client.get_object(uri.bucket, uri.key)
+        return self._read(response), response.headers.get(f"x-amz-meta-{SHA256_META}")
+
+    def get_head(self, uri: StoreURI, length: int) -> bytes:
+        """A ranged GET: the store sends no more than ``length`` bytes (an empty object has no range to send)."""
         try:
-            return bytes(response.read()), response.headers.get(f"x-amz-meta-{SHA256_META}")
+            return self._read(self.client.get_object(uri.bucket, uri.key, offset=0, length=length))
+        except S3Error as err:
+            if err.code == "InvalidRange":
+                return b""
+            raise
+
+    @staticmethod
+    def _read(response: Any) -> bytes:
+        try:
+            return bytes(response.read())
         finally:
             response.close()
             response.release_conn()
@@ -398,6 +416,13 @@ class Store:
         if expected is not None and (actual := sha256_bytes(data)) != expected:
             raise IntegrityError(f"sha256 mismatch (expected {expected}, read {actual})", uri)
         return bytes(data)
+
+    def get_head(self, uri: str, length: int) -> bytes:
+        """At most the first ``length`` (>= 1) bytes of an object, never more in memory: read ``limit + 1`` to tell
+        whether an object is larger than ``limit`` without downloading it."""
+        parsed = StoreURI.parse(uri)
+        data: bytes = self._call(parsed, self._backend(parsed).get_head, parsed, length)
+        return data
 
     def get_json(self, uri: str) -> Any:
         """A JSON object, verified as :meth:`get_bytes` verifies."""

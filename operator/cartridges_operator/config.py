@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -70,6 +71,30 @@ def pull_secrets(text: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class CorpusLimits:
+    """What one Corpus may make the operator read (the chart's ``corpus`` values).
+
+    ``max_bytes`` caps all of a Corpus's sources together, so one tenant's Corpus cannot exhaust the memory of the
+    operator that serves every namespace (the text is held and normalized in memory, a few times its size).
+    ``source_buckets`` names the buckets object sources may read; empty: any bucket other than the store's."""
+
+    max_bytes: int = 32 * 1024 * 1024
+    source_buckets: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> CorpusLimits:
+        """``CARTRIDGES_CORPUS_MAX_BYTES`` (an integer >= 1), ``CARTRIDGES_CORPUS_SOURCE_BUCKETS`` (comma-separated)."""
+        text = env.get("CARTRIDGES_CORPUS_MAX_BYTES", "")
+        max_bytes = cls.max_bytes
+        if text:
+            if not text.isdigit() or int(text) < 1:
+                raise ValueError(f"CARTRIDGES_CORPUS_MAX_BYTES must be an integer >= 1, got {text!r}")
+            max_bytes = int(text)
+        buckets = env.get("CARTRIDGES_CORPUS_SOURCE_BUCKETS", "")
+        return cls(max_bytes, tuple(b.strip() for b in buckets.split(",") if b.strip()))
+
+
+@dataclass(frozen=True)
 class OperatorConfig:
     store_root: str
     store_secret: str = "cartridges-store"
@@ -86,6 +111,7 @@ class OperatorConfig:
     job_ttl_s: int = 7 * 24 * 3600
     job_backoff_limit: int = 3
     serving_engine: ServingEngine = field(default_factory=ServingEngine)
+    corpus_limits: CorpusLimits = field(default_factory=CorpusLimits)
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -105,4 +131,5 @@ class OperatorConfig:
             image_pull_secrets=pull_secrets(env.get("CARTRIDGES_IMAGE_PULL_SECRETS", "")),
             trainer_command=json.loads(command) if command else list(TRAINER_COMMAND),
             serving_engine=ServingEngine.from_json(engine) if engine else ServingEngine(),
+            corpus_limits=CorpusLimits.from_env(env),
         )

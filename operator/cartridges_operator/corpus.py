@@ -11,17 +11,29 @@ from cartridges.corpus import SourceError, count_tokens, publish
 from cartridges.store import Store, StoreError
 from cartridges_operator import kube
 from cartridges_operator.conditions import set_condition
+from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus_sources import read_sources
+from cartridges_operator.source_access import SourceAccess
 
 
 def reconcile_corpus(
-    spec: dict[str, Any], status: dict[str, Any], namespace: str, name: str, generation: int, store: Store, root: str
+    spec: dict[str, Any],
+    status: dict[str, Any],
+    namespace: str,
+    name: str,
+    generation: int,
+    store: Store,
+    root: str,
+    limits: CorpusLimits | None = None,
 ) -> dict[str, Any]:
     """The new status. Unchanged text keeps its digest, so Cartridges see no change and retrain nothing."""
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
+    access = SourceAccess(root, namespace, limits or CorpusLimits())
     try:
         corpus_spec = api.CorpusSpec.model_validate(spec)
-        corpus = read_sources(corpus_spec, store, kube.configmap_reader(namespace))
+        if corpus_spec.tokenizer:
+            access.check_tokenizer(corpus_spec.tokenizer)
+        corpus = read_sources(corpus_spec, store, kube.configmap_reader(namespace), access)
         prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
         tokens = count_tokens(corpus, corpus_spec.tokenizer, store) if corpus_spec.tokenizer else None
         manifest = publish(corpus, corpus_spec.description, store, prefix, tokens, corpus_spec.tokenizer)

@@ -1,15 +1,18 @@
-"""Read a Corpus's sources into normalized documents (``cartridges.corpus`` normalizes and stores them)."""
+"""Read a Corpus's sources into normalized documents (``cartridges.corpus`` normalizes and stores them).
+
+Every read is checked against what the Corpus may read (``SourceAccess``) and counted against its byte limit as
+it happens, so a source past the limit is never held in memory whole."""
 
 from __future__ import annotations
 
 import fnmatch
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 
 from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, SourceError, normalize_text
 from cartridges.store import Store, StoreURI
+from cartridges_operator.http_fetch import fetch
+from cartridges_operator.source_access import ByteBudget, SourceAccess
 
 ConfigMapReader = Callable[[str, str], str]
 """(configmap name, key) -> text, in the Corpus's namespace; raises SourceError when absent."""
@@ -20,49 +23,70 @@ def _matches(relative: str, source: api.ObjectSource) -> bool:
     return included and not any(fnmatch.fnmatch(relative, g) for g in source.exclude)
 
 
-def _object_documents(source: api.ObjectSource, store: Store) -> Iterator[tuple[str, bytes]]:
+def _read_object(uri: str, store: Store, budget: ByteBudget) -> bytes:
+    data = store.get_head(uri, budget.left + 1)
+    budget.take(len(data), uri)
+    return data
+
+
+def _object_documents(source: api.ObjectSource, store: Store, budget: ByteBudget) -> Iterator[tuple[str, bytes]]:
     if not source.uri.endswith("/"):
-        yield StoreURI.parse(source.uri).name, store.get_bytes(source.uri)
+        yield StoreURI.parse(source.uri).name, _read_object(source.uri, store, budget)
         return
     found = False
     for uri in sorted(store.list(source.uri)):
         relative = uri[len(source.uri) :]
         if _matches(relative, source):
             found = True
-            yield relative, store.get_bytes(uri)
+            yield relative, _read_object(uri, store, budget)
     if not found:
         raise SourceError(f"no objects under {source.uri} match include={source.include} exclude={source.exclude}")
 
 
-def _http_document(source: api.HttpSource) -> bytes:
-    try:
-        with urllib.request.urlopen(source.url, timeout=source.timeoutSeconds) as response:
-            data: bytes = response.read(source.maxBytes + 1)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-        raise SourceError(f"{source.url}: cannot fetch ({err})") from err
+def _http_document(source: api.HttpSource, access: SourceAccess, budget: ByteBudget) -> bytes:
+    data = fetch(source.url, min(source.maxBytes, budget.left), source.timeoutSeconds, allow_loopback=access.local)
     if len(data) > source.maxBytes:
         raise SourceError(f"{source.url}: larger than maxBytes={source.maxBytes}; raise the limit or split it")
+    budget.take(len(data), source.url)
     return data
 
 
-def read_sources(spec: api.CorpusSpec, store: Store, read_configmap: ConfigMapReader) -> NormalizedCorpus:
+def _source_documents(
+    index: int,
+    source: api.CorpusSource,
+    store: Store,
+    read_configmap: ConfigMapReader,
+    access: SourceAccess,
+    budget: ByteBudget,
+) -> list[tuple[str, bytes | str]]:
+    """(document id, raw text) of one source."""
+    label = source.name or f"source-{index}"
+    if source.inline is not None:
+        budget.take(len(source.inline.encode()), label)
+        return [(label, source.inline)]
+    if source.configMap is not None:
+        ref = source.configMap
+        text = read_configmap(ref.name, ref.key)
+        budget.take(len(text.encode()), f"ConfigMap {ref.name} key {ref.key}")
+        return [(source.name or f"{ref.name}/{ref.key}", text)]
+    if source.object is not None:
+        access.check_object(source.object.uri)
+        return [
+            (f"{label}/{name}" if source.name else name, data)
+            for name, data in _object_documents(source.object, store, budget)
+        ]
+    if source.http is not None:
+        return [(source.name or source.http.url, _http_document(source.http, access, budget))]
+    raise SourceError(f"sources[{index}] sets no source kind")  # the CRD's CEL rule makes this unreachable
+
+
+def read_sources(
+    spec: api.CorpusSpec, store: Store, read_configmap: ConfigMapReader, access: SourceAccess
+) -> NormalizedCorpus:
     """Every document of every source, in spec order (objects under a prefix in key order)."""
+    budget = ByteBudget(access.limits.max_bytes)
     documents: list[layout.Document] = []
     for index, source in enumerate(spec.sources):
-        label = source.name or f"source-{index}"
-        if source.inline is not None:
-            raw: list[tuple[str, bytes | str]] = [(label, source.inline)]
-        elif source.configMap is not None:
-            ref = source.configMap
-            raw = [(source.name or f"{ref.name}/{ref.key}", read_configmap(ref.name, ref.key))]
-        elif source.object is not None:
-            raw = [
-                (f"{label}/{name}" if source.name else name, data)
-                for name, data in _object_documents(source.object, store)
-            ]
-        elif source.http is not None:
-            raw = [(source.name or source.http.url, _http_document(source.http))]
-        else:  # the CRD's CEL rule makes this unreachable for admitted objects
-            raise SourceError(f"sources[{index}] sets no source kind")
+        raw = _source_documents(index, source, store, read_configmap, access, budget)
         documents.extend(layout.Document(id=doc_id, text=normalize_text(data, doc_id)) for doc_id, data in raw)
     return NormalizedCorpus.of(documents)

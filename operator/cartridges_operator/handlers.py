@@ -80,7 +80,7 @@ def _reconcile_corpus(body: kopf.Body) -> dict[str, Any]:
     with metrics.reconciling("Corpus"):
         return reconcile_corpus(
             dict(body.spec), dict(body.status), meta["namespace"], meta["name"], int(meta["generation"]),
-            STORE, CONFIG.store_root,
+            STORE, CONFIG.store_root, CONFIG.corpus_limits,
         )  # fmt: skip
 
 

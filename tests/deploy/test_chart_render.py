@@ -11,7 +11,7 @@ from _chart import CHART, CI_VALUES, REPO, Render, container, find, run_helm, te
 from cartridges import api
 from cartridges.store import S3Config
 from cartridges_operator import manifests
-from cartridges_operator.config import OperatorConfig
+from cartridges_operator.config import CorpusLimits, OperatorConfig
 from cartridges_serving.engine import EngineConfig
 
 VALUES_FILES = sorted(p.name for p in CI_VALUES.glob("*.yaml"))
@@ -65,6 +65,18 @@ def test_operator_reads_what_the_chart_sets(render: Render, monkeypatch: pytest.
     assert config.store_root == "s3://cartridges"
     assert config.s3_endpoint == "http://cartridges-minio.demo.svc:9000"
     assert config.trainer_image.endswith("/trainer:0.1.0") and config.serving_image.endswith("/serving:0.1.0")
+    assert config.corpus_limits == CorpusLimits(max_bytes=32 * 2**20, source_buckets=())
+
+
+def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    sets = {"corpus.maxBytes": "134217728", "corpus.sourceBuckets[0]": "docs", "corpus.sourceBuckets[1]": "wiki"}
+    operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
+    for item in operator["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    assert OperatorConfig.from_env().corpus_limits == CorpusLimits(
+        max_bytes=128 * 2**20, source_buckets=("docs", "wiki")
+    )
 
 
 def serving_pod_env(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, str]:
@@ -162,7 +174,13 @@ def test_network_policies(render: Render) -> None:
     assert egress[1]["to"] == [{"ipBlock": {"cidr": "10.96.0.1/32"}}]
     assert egress[2] == {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
     web = [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]
-    assert egress[3] == {"ports": web}, "the operator downloads http(s) Corpus sources itself"
+    anywhere_but_link_local = [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
+        {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}},
+    ]
+    assert egress[3] == {"ports": web, "to": anywhere_but_link_local}, (
+        "the operator downloads http(s) Corpus sources itself, but never from cloud metadata (169.254.169.254)"
+    )
     assert len(egress) == 4
     assert not operator["spec"]["ingress"], "no metrics namespaces configured: nothing may connect"
 
@@ -188,6 +206,8 @@ BAD_VALUES = [
     ({"operator.replicas": "2"}, ["additional properties 'replicas' not allowed"]),
     ({"networkPolicy.apiServer.cidrs[0]": "10.0.0.1"}, ["/networkPolicy/apiServer/cidrs/0"]),
     ({"networkPolicy.corpusSources.ports[0]": "0"}, ["/networkPolicy/corpusSources/ports/0"]),
+    ({"corpus.maxBytes": "0"}, ["/corpus/maxBytes", "minimum"]),
+    ({"corpus.sourceBuckets[0]": "Docs_Bucket"}, ["/corpus/sourceBuckets/0", "does not match pattern"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
     ({"serving.engine.maxBatchSize": "0"}, ["/serving/engine/maxBatchSize", "minimum"]),

@@ -1,9 +1,11 @@
-"""Corpus source reading and normalization, without a cluster: objects with globs, HTTP limits, a store that is down."""
+"""Corpus source reading and normalization, without a cluster: objects with globs, HTTP limits, a store that is down,
+and what a Corpus may not make the operator read (its pod's files, other namespaces' data, internal addresses)."""
 
 from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +17,15 @@ from cartridges.models import tiny_llama
 from cartridges.process import free_port
 from cartridges.store import S3Config, Store
 from cartridges_e2e.minio import MinioServer
+from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus import reconcile_corpus
 from cartridges_operator.corpus_sources import read_sources
+from cartridges_operator.source_access import SourceAccess
+
+LOCAL = SourceAccess("file:///var/empty/store", "ns")
+"""An operator run on a developer's machine (file:// store): its files and loopback servers are the user's."""
+CLUSTER = SourceAccess("s3://cartridges", "ns")
+"""An operator in a cluster (s3:// store)."""
 
 
 def no_configmaps(name: str, key: str) -> str:
@@ -32,21 +41,22 @@ def test_normalization_makes_the_digest_depend_on_text_only() -> None:
     assert normalize_text("e\u0301", "x") == "\u00e9\n"  # NFC
     with pytest.raises(SourceError, match="not UTF-8"):
         normalize_text(b"\xff\xfe\x00", "doc")
-    first = read_sources(spec({"inline": "Same text.\r\n"}), Store(), no_configmaps)
-    second = read_sources(spec({"inline": "Same text.  "}), Store(), no_configmaps)
+    first = read_sources(spec({"inline": "Same text.\r\n"}), Store(), no_configmaps, LOCAL)
+    second = read_sources(spec({"inline": "Same text.  "}), Store(), no_configmaps, LOCAL)
     assert first.digest == second.digest
 
 
 @pytest.mark.minio
 def test_object_prefix_with_globs_in_key_order(minio_server: MinioServer, s3_prefix: str) -> None:
     store = minio_server.store()
-    for key, text in [("docs/b.md", "B"), ("docs/a.md", "A"), ("docs/skip.txt", "no"), ("docs/draft.md", "no")]:
+    docs = [("docs/b.md", "B"), ("docs/a.md", "A"), ("docs/skip.txt", "no"), ("docs/draft.md", "no"), ("docs/c.md", "")]
+    for key, text in docs:
         store.put_bytes(f"{s3_prefix}{key}", text.encode())
     source: dict[str, object] = {"object": {"uri": f"{s3_prefix}docs/", "include": ["*.md"], "exclude": ["draft*"]}}
-    corpus = read_sources(spec(source), store, no_configmaps)
-    assert [(d.id, d.text) for d in corpus.documents] == [("a.md", "A\n"), ("b.md", "B\n")]
+    corpus = read_sources(spec(source), store, no_configmaps, CLUSTER)
+    assert [(d.id, d.text) for d in corpus.documents] == [("a.md", "A\n"), ("b.md", "B\n"), ("c.md", "\n")]
     with pytest.raises(SourceError, match="no objects under"):
-        read_sources(spec({"object": {"uri": f"{s3_prefix}empty/"}}), store, no_configmaps)
+        read_sources(spec({"object": {"uri": f"{s3_prefix}empty/"}}), store, no_configmaps, CLUSTER)
 
 
 @pytest.fixture
@@ -69,13 +79,13 @@ def web_page() -> Iterator[str]:
 
 
 def test_http_source_respects_its_size_limit(web_page: str) -> None:
-    corpus = read_sources(spec({"http": {"url": web_page}}), Store(), no_configmaps)
+    corpus = read_sources(spec({"http": {"url": web_page}}), Store(), no_configmaps, LOCAL)
     assert corpus.documents[0].text.startswith("Fetched over HTTP.")
     with pytest.raises(SourceError, match="larger than maxBytes=50"):
-        read_sources(spec({"http": {"url": web_page, "maxBytes": 50}}), Store(), no_configmaps)
+        read_sources(spec({"http": {"url": web_page, "maxBytes": 50}}), Store(), no_configmaps, LOCAL)
     closed = f"http://127.0.0.1:{free_port()}/x"
     with pytest.raises(SourceError, match="cannot fetch"):
-        read_sources(spec({"http": {"url": closed, "timeoutSeconds": 2}}), Store(), no_configmaps)
+        read_sources(spec({"http": {"url": closed, "timeoutSeconds": 2}}), Store(), no_configmaps, LOCAL)
 
 
 def test_store_down_is_a_clear_condition_and_keeps_the_last_digest() -> None:
@@ -118,3 +128,157 @@ def test_tokens_follow_a_tokenizer_added_to_a_stored_corpus(tmp_path: Path) -> N
     assert counted["digest"] == first["digest"] and counted["tokens"] == 4
     dropped = reconcile_corpus({"description": "d", "sources": sources}, counted, "ns", "c", 3, Store(), root)
     assert dropped["tokens"] is None
+
+
+def stalled(status: dict[str, object]) -> dict[str, str]:
+    conditions: list[dict[str, str]] = status["conditions"]  # type: ignore[assignment]
+    return next(c for c in conditions if c["type"] == "Stalled")
+
+
+def test_an_operator_in_a_cluster_reads_no_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """file:// object sources and tokenizers would read the operator pod's own files (its environment holds the
+    store's secret key): only an operator whose own store is file:// (a local run) reads them."""
+    monkeypatch.setenv("CARTRIDGES_S3_SECRET_KEY", "operator-secret")
+    (tmp_path / "doc.md").write_text("a local document")
+    for source in ({"object": {"uri": "file:///proc/self/environ"}}, {"object": {"uri": "file:///etc/"}}):
+        status = reconcile_corpus(
+            {"description": "d", "sources": [source]}, {}, "ns", "c", 1, Store(), "s3://cartridges"
+        )
+        refused = stalled(status)
+        assert refused["status"] == "True" and refused["reason"] == "InvalidSource"
+        assert "may not name file:// URIs" in refused["message"] and "s3://" in refused["message"]
+        assert "artifact" not in status
+    tokenizer = {"description": "d", "sources": [{"inline": "a"}], "tokenizer": "file:///var/run/secrets/token"}
+    assert (
+        "spec.tokenizer may not name file://"
+        in stalled(reconcile_corpus(tokenizer, {}, "ns", "c", 1, Store(), "s3://cartridges"))["message"]
+    )
+    local = reconcile_corpus(
+        {"description": "d", "sources": [{"object": {"uri": f"file://{tmp_path}/doc.md"}}]},
+        {}, "ns", "c", 1, Store(), f"file://{tmp_path}/store",
+    )  # fmt: skip
+    assert local["documents"] == 1, "a local run reads local files"
+
+
+def test_object_sources_stay_in_their_namespaces_area_of_a_local_store(tmp_path: Path) -> None:
+    root = f"file://{tmp_path}/store"
+    secret = {"description": "a", "sources": [{"inline": "tenant-a confidential"}]}
+    assert reconcile_corpus(secret, {}, "tenant-a", "private", 1, Store(), root)["documents"] == 1
+    for uri in (f"{root}/corpora/tenant-a/", f"{root}/", f"{root}/sources/tenant-b/../../corpora/tenant-a/"):
+        steal = {"description": "b", "sources": [{"object": {"uri": uri, "include": ["*/*/corpus.jsonl"]}}]}
+        refused = stalled(reconcile_corpus(steal, {}, "tenant-b", "stolen", 1, Store(), root))
+        assert refused["reason"] == "InvalidSource", uri
+        assert f"{root}/sources/tenant-b/" in refused["message"] or "'..'" in refused["message"]
+
+
+@pytest.mark.minio
+def test_object_sources_in_the_stores_bucket_only_under_their_namespaces_area(
+    minio_server: MinioServer, s3_prefix: str
+) -> None:
+    """The operator's credentials cover the whole bucket, so a Corpus reads there only its namespace's sources/
+    area: not another namespace's corpora or cartridges, nor the bucket outside the store's prefix."""
+    store, root = minio_server.store(), f"{s3_prefix}store"
+    reconcile_corpus({"description": "a", "sources": [{"inline": "secret"}]}, {}, "tenant-a", "c", 1, store, root)
+    store.put_bytes(f"{s3_prefix}elsewhere/notes.md", b"not the operator's")
+    store.put_bytes(f"{root}/sources/tenant-b/handbook.md", b"tenant-b's handbook")
+    store.put_bytes(f"{root}/sources/tenant-bb/other.md", b"another namespace's")
+    for uri in (f"{root}/corpora/tenant-a/", f"{root}/", s3_prefix, f"{s3_prefix}elsewhere/notes.md",
+                f"{root}/sources/tenant-bb/"):  # fmt: skip
+        status = reconcile_corpus({"description": "b", "sources": [{"object": {"uri": uri}}]}, {}, "tenant-b", "c",
+                                  1, store, root)  # fmt: skip
+        assert stalled(status)["reason"] == "InvalidSource" and "may read only" in stalled(status)["message"], uri
+    own = {"description": "b", "sources": [{"object": {"uri": f"{root}/sources/tenant-b/"}}]}
+    status = reconcile_corpus(own, {}, "tenant-b", "c", 1, store, root)
+    assert status["documents"] == 1 and store.get_bytes(f"{status['artifact']}/corpus.jsonl").count(b"handbook") == 2
+
+
+@pytest.mark.minio
+def test_source_buckets_limit_which_buckets_object_sources_read(minio_server: MinioServer, s3_prefix: str) -> None:
+    store, bucket = minio_server.store(), s3_prefix.removeprefix("s3://").rstrip("/")
+    root = f"s3://{bucket}-store"
+    store.ensure_bucket(root)
+    store.put_bytes(f"{s3_prefix}doc.md", b"allowed")
+    allowed, only_docs = CorpusLimits(source_buckets=(bucket,)), CorpusLimits(source_buckets=("docs",))
+    source = {"description": "d", "sources": [{"object": {"uri": f"{s3_prefix}doc.md"}}]}
+    assert reconcile_corpus(source, {}, "ns", "c", 1, store, root, allowed)["documents"] == 1
+    refused = stalled(reconcile_corpus(source, {}, "ns", "c", 1, store, root, only_docs))
+    assert refused["reason"] == "InvalidSource" and "only from the buckets docs" in refused["message"]
+    assert "corpus.sourceBuckets" in refused["message"]
+
+
+@pytest.fixture
+def endless_server() -> Iterator[str]:
+    """/fast streams bytes without end; /drip sends one byte every 0.2 s without end; /to-metadata redirects to the
+    cloud metadata address."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/to-metadata":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"x" * (1 << 16) if self.path == "/fast" else b"x")
+                    self.wfile.flush()
+                    if self.path != "/fast":
+                        time.sleep(0.2)
+            except OSError:
+                pass  # the reader hung up
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_a_corpus_larger_than_the_operators_limit_is_refused_while_reading(endless_server: str, tmp_path: Path) -> None:
+    """All sources together count against the limit, and reading stops there: an endless download ends."""
+    access = SourceAccess(LOCAL.store_root, "ns", CorpusLimits(max_bytes=1 << 20))
+    endless: dict[str, object] = {"http": {"url": f"{endless_server}/fast", "maxBytes": 1 << 30}}
+    with pytest.raises(SourceError, match=r"larger than 1 MiB in all .*corpus\.maxBytes"):
+        read_sources(spec(endless), Store(), no_configmaps, access)
+    (tmp_path / "big.txt").write_bytes(b"y" * (1 << 20) + b"y")
+    with pytest.raises(SourceError, match=r"larger than 1 MiB in all \(reading file://.*big\.txt\)"):
+        read_sources(spec({"object": {"uri": f"file://{tmp_path}/big.txt"}}), Store(), no_configmaps, access)
+    half = "z" * (600 * 1024)
+    with pytest.raises(SourceError, match="larger than 1 MiB in all"):
+        read_sources(spec({"inline": half}, {"inline": half}), Store(), no_configmaps, access)
+    assert len(read_sources(spec({"inline": half}), Store(), no_configmaps, access).documents) == 1
+
+
+@pytest.mark.timeout(30)  # without the deadline, the dripping download never ends
+def test_a_slow_http_source_times_out_as_a_whole(endless_server: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="did not finish within timeoutSeconds=1"):
+        read_sources(spec({"http": {"url": f"{endless_server}/drip", "timeoutSeconds": 1}}), Store(), no_configmaps,
+                     LOCAL)  # fmt: skip
+    assert time.monotonic() - started < 5
+
+
+def test_http_sources_on_internal_addresses_are_refused(web_page: str, endless_server: str) -> None:
+    """The operator's own pod (loopback) is refused in a cluster; cloud metadata (link-local) always, also when a
+    redirect leads there."""
+    with pytest.raises(SourceError, match="127.0.0.1 a loopback address"):
+        read_sources(spec({"http": {"url": web_page}}), Store(), no_configmaps, CLUSTER)
+    with pytest.raises(SourceError, match="localhost resolves to 127.0.0.1, a loopback address"):
+        read_sources(spec({"http": {"url": "http://localhost/x"}}), Store(), no_configmaps, CLUSTER)
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://[::ffff:169.254.169.254]/", "http://[fe80::1]/",
+                f"{endless_server}/to-metadata"):  # fmt: skip
+        with pytest.raises(SourceError, match="link-local address"):
+            read_sources(spec({"http": {"url": url, "timeoutSeconds": 2}}), Store(), no_configmaps, LOCAL)
+
+
+def test_corpus_limits_from_the_environment() -> None:
+    env = {"CARTRIDGES_CORPUS_MAX_BYTES": "1048576", "CARTRIDGES_CORPUS_SOURCE_BUCKETS": "docs, wiki,"}
+    assert CorpusLimits.from_env(env) == CorpusLimits(max_bytes=1 << 20, source_buckets=("docs", "wiki"))
+    assert CorpusLimits.from_env({}) == CorpusLimits(max_bytes=32 << 20, source_buckets=())
+    with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_MAX_BYTES must be an integer >= 1, got '32Mi'"):
+        CorpusLimits.from_env({"CARTRIDGES_CORPUS_MAX_BYTES": "32Mi"})

@@ -46,6 +46,23 @@ def test_corpus_from_inline_and_configmap(operator_env: OperatorEnv) -> None:
     assert stalled["reason"] == "InvalidSource" and "ConfigMap" in stalled["message"] and "nope" in stalled["message"]
 
 
+def test_a_corpus_reads_neither_the_operators_files_nor_other_namespaces_data(operator_env: OperatorEnv) -> None:
+    """The operator reads sources with its own pod and credentials: a Corpus gets only its namespace's share."""
+    env, root = operator_env, f"s3://{operator_env.namespace}"
+    env.store.put_bytes(f"{root}/sources/{env.namespace}/notes.md", b"Our own notes.")
+    refused = {"environ": "file:///proc/self/environ", "corpora": f"{root}/corpora/", "bucket": f"{root}/"}
+    for name, uri in refused.items():
+        env.create("corpora", name, {"description": "d", "sources": [{"object": {"uri": uri}}]})
+    env.create(
+        "corpora", "own", {"description": "d", "sources": [{"object": {"uri": f"{root}/sources/{env.namespace}/"}}]}
+    )
+    assert env.wait_condition("corpora", "own", "Ready", "True")
+    for name in refused:
+        stalled = env.wait_condition("corpora", name, "Stalled", "True")
+        assert stalled["reason"] == "InvalidSource", stalled
+        assert "may not name file://" in stalled["message"] or f"{root}/sources/{env.namespace}/" in stalled["message"]
+
+
 def test_cartridge_trains_promotes_and_rolls_out_serving(operator_env: OperatorEnv) -> None:
     env = operator_env
     env.create("corpora", "facts", {"description": "Facts", "sources": [{"inline": "The sky is green here."}]})

@@ -1,0 +1,176 @@
+"""Download an http(s) Corpus source inside hard limits: a byte limit enforced while reading, one deadline for the
+whole download (``timeout`` alone bounds each socket operation, so a server dripping a byte at a time would hold a
+worker forever), and no connection to the pod's own or link-local addresses (cloud metadata at 169.254.169.254),
+checked on the address actually connected to, for redirects too, so DNS cannot swap it after the check."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import ipaddress
+import socket
+import ssl
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from cartridges.corpus import SourceError
+
+CHUNK = 1 << 16
+LINK_LOCAL = (
+    ipaddress.ip_network("169.254.0.0/16"),  # cloud metadata services, link-local
+    ipaddress.ip_network("fe80::/10"),
+    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS metadata over IPv6
+)
+LOOPBACK = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+    ipaddress.ip_network("0.0.0.0/32"),  # connects to the host itself
+    ipaddress.ip_network("::/128"),
+)
+
+
+@dataclass
+class _Guard:
+    """Connects only to allowed addresses and cuts every connection it made once the deadline passes."""
+
+    url: str
+    allow_loopback: bool
+    sockets: list[socket.socket] = field(default_factory=list)
+    expired: bool = False
+
+    def refusal(self, address: str) -> str | None:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in LINK_LOCAL):
+            return "a link-local address (where cloud metadata services answer)"
+        if not self.allow_loopback and any(ip in net for net in LOOPBACK):
+            return "a loopback address (the operator's own pod)"
+        return None
+
+    def addresses(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        """Every address ``host`` resolves to; refused if any is forbidden (no picking among them)."""
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for info in infos:
+            address = str(info[4][0])
+            reason = self.refusal(address)
+            if reason is not None:
+                where = host if address == host else f"{host} resolves to {address},"
+                raise SourceError(
+                    f"{self.url}: {where} {reason}, from which the operator fetches no Corpus sources; serve the "
+                    "document from another host"
+                )
+        return infos
+
+    def check_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+
+    def connect(self, address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
+        """``socket.create_connection`` to the addresses just checked (no second lookup)."""
+        error: OSError = OSError(f"{address[0]} has no address")
+        for family, kind, proto, _, sockaddr in self.addresses(*address):
+            sock = socket.socket(family, kind, proto)
+            self.sockets.append(sock)
+            try:
+                if isinstance(timeout, (int, float)):
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                if self.expired:
+                    raise TimeoutError("deadline passed")
+                return sock
+            except OSError as err:
+                sock.close()
+                error = err
+        raise error
+
+    def expire(self) -> None:
+        self.expired = True
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):  # closed already
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Checks where a redirect goes before following it (the connect check covers it too, but not via a proxy)."""
+
+    def __init__(self, guard: _Guard) -> None:
+        self.guard = guard
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        self.guard.check_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _guarded(connection: type[http.client.HTTPConnection], guard: _Guard, host: str, **kwargs: Any) -> Any:
+    conn = connection(host, **kwargs)
+    conn._create_connection = guard.connect  # type: ignore[attr-defined]  # http.client's own hook
+    return conn
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, guard: _Guard) -> None:
+        super().__init__()
+        self.guard = guard
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(functools.partial(_guarded, http.client.HTTPConnection, self.guard), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, guard: _Guard) -> None:
+        self.context = ssl.create_default_context()
+        super().__init__(context=self.context)
+        self.guard = guard
+
+    def https_open(self, req: Any) -> Any:
+        return self.do_open(
+            functools.partial(_guarded, http.client.HTTPSConnection, self.guard), req, context=self.context
+        )
+
+
+def fetch(url: str, limit: int, timeout_s: float, allow_loopback: bool = False) -> bytes:
+    """The body of ``url``, at most ``limit + 1`` bytes (more means: too large), within ``timeout_s`` in all."""
+    guard = _Guard(url, allow_loopback)
+    guard.check_url(url)
+    opener = urllib.request.build_opener(_HTTPHandler(guard), _HTTPSHandler(guard), _RedirectHandler(guard))
+    timer = threading.Timer(timeout_s, guard.expire)
+    timer.start()
+    try:
+        with opener.open(url, timeout=timeout_s) as response:
+            data = _read_at_most(response, limit + 1)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        if guard.expired:
+            raise _too_slow(url, timeout_s) from err
+        raise SourceError(f"{url}: cannot fetch ({err})") from err
+    finally:
+        timer.cancel()
+    if guard.expired:  # cut off: what was read may look complete but is not
+        raise _too_slow(url, timeout_s)
+    return data
+
+
+def _read_at_most(response: Any, size: int) -> bytes:
+    chunks: list[bytes] = []
+    read = 0
+    while read < size:
+        chunk = response.read(min(CHUNK, size - read))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        read += len(chunk)
+    return b"".join(chunks)
+
+
+def _too_slow(url: str, timeout_s: float) -> SourceError:
+    return SourceError(
+        f"{url}: the download did not finish within timeoutSeconds={timeout_s:g}; raise it (at most 600) or "
+        "serve the document faster"
+    )
