@@ -264,7 +264,14 @@ class CartridgeSpec(Spec):
         return inputs
 
 
-class Progress(Spec):
+class Measured(Spec):
+    """Numbers the trainer wrote, on their way into status: NaN and infinity are refused (JSON has neither, and the
+    API server refuses a status holding one; a NaN score would also compare as passing a quality gate)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+
+class Progress(Measured):
     phase: str | None = None
     step: int | None = None
     total: int | None = None
@@ -280,7 +287,7 @@ class ArtifactStatus(Spec):
     dtype: str
 
 
-class Evaluation(Spec):
+class Evaluation(Measured):
     noContext: float | None = None
     icl: float | None = None
     cartridge: float | None = None

@@ -108,9 +108,7 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             return run.not_ready("Suspended", "training is suspended")
         finished = _job_finished(job)
         if finished is None:
-            _copy_progress(run, trainer)
-            run.condition("Trained", False, "Training", f"generation {trainer.generation} running")
-            return run.not_ready("Training", f"training generation {trainer.generation}")
+            return _training(run, trainer, job)
         if not finished:
             return _record_failure(run, job)
         if not _verify_and_record(run, trainer):
@@ -222,11 +220,24 @@ def _job_finished(job: Any) -> bool | None:
     return None
 
 
-def _copy_progress(run: Pass, trainer: TrainerConfig) -> None:
+def _training(run: Pass, trainer: TrainerConfig, job: Any) -> dict[str, Any]:
+    """A generation whose Job has not finished: its progress."""
+    unusable = _copy_progress(run, trainer)
+    run.condition("Trained", False, "Training", f"generation {trainer.generation} running{unusable}")
+    return run.not_ready("Training", f"training generation {trainer.generation}")
+
+
+def _copy_progress(run: Pass, trainer: TrainerConfig) -> str:
+    """Copy the trainer's progress.json into status; "" when copied or absent, else why it is unusable (a NaN loss:
+    the API server would refuse the whole status write), for the Trained condition, the progress being cleared."""
+    uri = f"{trainer.output_prefix}/{layout.PROGRESS_FILE}"
     try:
-        progress = layout.Progress.model_validate(run.store.get_json(f"{trainer.output_prefix}/{layout.PROGRESS_FILE}"))
+        progress = layout.Progress.model_validate(run.store.get_json(uri))
     except ObjectNotFound:
-        return
+        return ""
+    except ValueError as err:  # not JSON, or a record Progress refuses (ValidationError is a ValueError)
+        run.status["progress"] = None
+        return f"; {uri} is unusable: {' '.join(str(err).split())}"[:500]
     eta = None if progress.eta_s is None else int(progress.eta_s)
     run.status["progress"] = {
         "phase": progress.phase,
@@ -235,6 +246,7 @@ def _copy_progress(run: Pass, trainer: TrainerConfig) -> None:
         "loss": progress.loss,
         "etaSeconds": eta,
     }
+    return ""
 
 
 def _record_failure(run: Pass, job: Any) -> dict[str, Any]:
@@ -307,7 +319,8 @@ def _record_evaluation(run: Pass, prefix: str) -> None:
     try:
         scores = run.store.get_json(f"{prefix}/{layout.EVAL_FILE}")
         evaluation = api.Evaluation.model_validate({k: scores.get(k) for k in api.Evaluation.model_fields})
-    except (ObjectNotFound, ValidationError, AttributeError) as err:
+    except (ObjectNotFound, ValueError, AttributeError) as err:
+        run.status["evaluation"] = None  # never an earlier generation's scores, which the quality gate would read
         run.condition("Evaluated", False, "NoEvaluation", f"{layout.EVAL_FILE}: {err}")
         return
     run.status["evaluation"] = evaluation.model_dump()
@@ -319,7 +332,7 @@ def _passes_quality_gate(run: Pass) -> bool:
     recovered = (run.status.get("evaluation") or {}).get("iclGainRecovered")
     if minimum is None:
         return True
-    if recovered is None or recovered < minimum:
+    if recovered is None or not recovered >= minimum:  # a NaN score fails: every comparison with NaN is False
         message = f"ICL gain recovered {recovered} is below the quality gate {minimum}; not promoted"
         run.not_ready("QualityGateFailed", message, stalled=True)
         return False

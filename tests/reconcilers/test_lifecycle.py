@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from fake_trainer import RELEASE_FILE
 from kubernetes import client
 
 from cartridges import api, layout
@@ -241,6 +242,27 @@ def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(op
     env.wait_condition("cartridges", "retrain", "Ready", "True")
     assert status(env, "retrain")["generation"] == 2
     assert env.store.exists(f"{first}/{layout.PROGRESS_FILE}")  # its artifacts stay (keepGenerations unset)
+
+
+def test_nan_from_a_diverged_trainer_is_reported_and_never_promoted(operator_env: OperatorEnv) -> None:
+    """A NaN loss in progress.json (JSON the API server refuses in a status) is reported as unusable while the
+    status keeps updating; NaN scores in eval.json are no evaluation, so the quality gate holds the artifact back."""
+    env = operator_env
+    env.create("corpora", "diverged", {"description": "d", "sources": [{"inline": "NAN-SCORES facts."}]})
+    gate = {"enabled": False, "qualityGate": {"minIclGainRecovered": 0.5}}
+    env.create("cartridges", "diverged", cartridge_spec("diverged", serving=gate))
+    wait_for("the NaN progress reported", lambda: "is unusable" in (env.condition(
+        "cartridges", "diverged", "Trained") or {}).get("message", ""), 60)  # fmt: skip
+    trained = env.condition("cartridges", "diverged", "Trained") or {}
+    assert "finite number" in trained["message"] and status(env, "diverged").get("progress") is None
+    prefix = layout.generation_prefix(env.store_root, env.namespace, "diverged", 1)
+    env.store.put_json(f"{prefix}/{RELEASE_FILE}", {})
+    stalled = env.wait_condition("cartridges", "diverged", "Stalled", "True")
+    assert stalled["reason"] == "QualityGateFailed", stalled
+    evaluated = env.condition("cartridges", "diverged", "Evaluated") or {}
+    assert evaluated["reason"] == "NoEvaluation" and "finite number" in evaluated["message"]
+    pointer = layout.current_pointer(env.store_root, env.namespace, "diverged")
+    assert status(env, "diverged").get("evaluation") is None and not env.store.exists(pointer)
 
 
 def test_retention_delete_stops_the_training_job_before_deleting_the_artifacts(operator_env: OperatorEnv) -> None:
