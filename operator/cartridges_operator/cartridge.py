@@ -24,6 +24,7 @@ from cartridges.store import ObjectNotFound, Store, StoreError
 from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
+from cartridges_operator.training_start import start_problem
 
 LOG = logging.getLogger(__name__)
 
@@ -221,7 +222,12 @@ def _job_finished(job: Any) -> bool | None:
 
 
 def _training(run: Pass, trainer: TrainerConfig, job: Any) -> dict[str, Any]:
-    """A generation whose Job has not finished: its progress."""
+    """A generation whose Job has not finished: its progress, or why its pod does not start (for that, a Job gets
+    no condition until its activeDeadlineSeconds)."""
+    problem = start_problem(run.namespace, job)
+    if problem is not None:
+        run.condition("Trained", False, "TrainingPodsNotStarting", problem.message)
+        return run.not_ready("TrainingPodsNotStarting", problem.message, stalled=problem.stalled)
     unusable = _copy_progress(run, trainer)
     run.condition("Trained", False, "Training", f"generation {trainer.generation} running{unusable}")
     return run.not_ready("Training", f"training generation {trainer.generation}")

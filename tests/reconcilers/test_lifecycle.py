@@ -226,6 +226,28 @@ def test_a_job_the_api_server_refuses_stalls_with_its_message_and_recovers(opera
     assert jobs(env, "refused") == ["refused-g1"]
 
 
+def test_a_job_that_cannot_create_its_pod_stalls_with_the_reason_and_recovers(operator_env: OperatorEnv) -> None:
+    """A Job whose pod the API server refuses (a PriorityClass that does not exist) gets no condition for hours;
+    the Job controller's FailedCreate Event says why, and the Cartridge shows it at once. Once the PriorityClass
+    exists, the Job controller's next try creates the pod and the Cartridge trains."""
+    env = operator_env
+    priority = f"missing-{env.namespace}"
+    env.create("corpora", "unplaced", {"description": "d", "sources": [{"inline": "Facts without a pod."}]})
+    env.create(
+        "cartridges", "unplaced", cartridge_spec("unplaced", resources={"gpus": 0, "priorityClassName": priority})
+    )
+    stalled = env.wait_condition("cartridges", "unplaced", "Stalled", "True")
+    assert stalled["reason"] == "TrainingPodsNotStarting", stalled
+    assert f"no PriorityClass with name {priority} was found" in stalled["message"]
+    assert "training Job unplaced-g1" in stalled["message"]
+    scheduling = client.SchedulingV1Api(env.api)
+    scheduling.create_priority_class({"metadata": {"name": priority}, "value": 1000})
+    try:
+        env.wait_condition("cartridges", "unplaced", "Ready", "True", timeout_s=120)
+    finally:
+        scheduling.delete_priority_class(priority)
+
+
 def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(operator_env: OperatorEnv) -> None:
     """A training input changes while generation 1 still trains: generation 2's Job starts and generation 1's is
     deleted, so one Cartridge never runs two training Jobs; what generation 1 wrote stays in the store."""
