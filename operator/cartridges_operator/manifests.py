@@ -13,6 +13,8 @@ from cartridges.contract import (
     SERVING_COMMAND,
     SERVING_UID,
     STORE_CA_KEY,
+    TERMINATION_MESSAGE_ENV,
+    TERMINATION_MESSAGE_PATH,
     TRAINER_UID,
     TrainerConfig,
 )
@@ -129,9 +131,10 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
                 "image": config.trainer_image,
                 "command": config.trainer_command,
                 "args": trainer.to_args(),
-                "env": store_env(config),
+                "env": [*store_env(config), {"name": TERMINATION_MESSAGE_ENV, "value": TERMINATION_MESSAGE_PATH}],
                 "resources": {"requests": {"cpu": resources.cpu, "memory": resources.memory}, "limits": limits},
                 "securityContext": {**LOCKED_CONTAINER, "readOnlyRootFilesystem": True},
+                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
             }
