@@ -15,6 +15,9 @@ GROUP = "cartridges.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 MIN_SIZE, MAX_SIZE = 16, 65536
+MAX_INIT_TEXT = 16384
+"""Characters of spec.initialization.text: even at 6 bytes each in JSON (control characters), it leaves a third of
+the trainer's one command-line argument (128 KiB) to the rest of its config."""
 # The Cartridge spec fields a trained artifact depends on: a change to one of them trains a new generation.
 TRAINING_FIELDS = (
     "corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training", "quantization",
@@ -119,7 +122,12 @@ class Initialization(Spec):
     )
 
     strategy: Literal["corpus", "text", "random"] = "corpus"
-    text: str | None = None
+    text: str | None = Field(
+        default=None,
+        max_length=MAX_INIT_TEXT,
+        description="the first KV rows: its tokens, repeated or cut to spec.size; at most 16384 characters (it "
+        "travels in the trainer's command line, which Linux limits to 128 KiB per argument)",
+    )
 
 
 SeedPrompt = Literal["structuring", "summarization", "question", "use_case", "creative"]

@@ -97,7 +97,7 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             _cancel_superseded(run, trainer.generation)
             try:
                 kube.create_job(manifests.training_job(run.body, trainer, run.config))
-            except kube.Invalid as err:
+            except (kube.Invalid, manifests.ConfigTooLarge) as err:
                 run.condition("Trained", False, "InvalidJob", str(err))
                 return run.not_ready("InvalidJob", str(err), stalled=True)
             run.condition("Trained", False, "Training", f"generation {trainer.generation} started")

@@ -3,7 +3,10 @@ command line that exec accepts for any spec the CRD admits (or a clear refusal b
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any
+
+import pytest
 
 from cartridges import api
 from cartridges.contract import TrainerConfig
@@ -11,6 +14,7 @@ from cartridges_operator import manifests
 from cartridges_operator.config import OperatorConfig
 
 BODY = {"kind": "Cartridge", "metadata": {"name": "c", "namespace": "ns", "uid": "u"}}
+WORST_CHARACTER = "\x01"  # six bytes in JSON (\u0001): the most any admitted character costs
 
 
 def trainer_config(text: str, descriptions: list[str]) -> TrainerConfig:
@@ -35,3 +39,17 @@ def test_the_trainer_is_told_where_the_kubelet_reads_its_termination_message() -
     trainer = container(trainer_config("facts", ["d"]))
     env = {e["name"]: e.get("value") for e in trainer["env"]}
     assert env["TERMINATION_MESSAGE_PATH"] == trainer["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_the_longest_initialization_text_the_crd_admits_still_execs() -> None:
+    """Linux refuses an argument over 128 KiB (E2BIG) and the container could never start."""
+    text = WORST_CHARACTER * api.MAX_INIT_TEXT
+    args = container(trainer_config(text, ["a description of the corpus"]))["args"]
+    assert max(len(arg.encode()) for arg in args) <= manifests.MAX_ARGUMENT_BYTES
+    subprocess.run(["/bin/true", *args], check=True)
+
+
+def test_a_config_over_the_argument_limit_is_refused_with_what_to_shorten() -> None:
+    descriptions = ["長" * 2000] * 16  # sixteen corpora with the longest descriptions, three bytes a character
+    with pytest.raises(manifests.ConfigTooLarge, match="shorten spec.initialization.text or the descriptions"):
+        container(trainer_config("知" * api.MAX_INIT_TEXT, descriptions))
