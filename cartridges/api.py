@@ -15,6 +15,9 @@ GROUP = "cartridges.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 MIN_SIZE, MAX_SIZE = 16, 65536
+MAX_INIT_TEXT = 16384
+"""Characters of spec.initialization.text: even at 6 bytes each in JSON (control characters), it leaves a third of
+the trainer's one command-line argument (128 KiB) to the rest of its config."""
 # The Cartridge spec fields a trained artifact depends on: a change to one of them trains a new generation.
 TRAINING_FIELDS = (
     "corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training", "quantization",
@@ -129,7 +132,12 @@ class Initialization(Spec):
     )
 
     strategy: Literal["corpus", "text", "random"] = "corpus"
-    text: str | None = None
+    text: str | None = Field(
+        default=None,
+        max_length=MAX_INIT_TEXT,
+        description="the first KV rows: its tokens, repeated or cut to spec.size; at most 16384 characters (it "
+        "travels in the trainer's command line, which Linux limits to 128 KiB per argument)",
+    )
 
 
 SeedPrompt = Literal["structuring", "summarization", "question", "use_case", "creative"]
@@ -274,7 +282,14 @@ class CartridgeSpec(Spec):
         return inputs
 
 
-class Progress(Spec):
+class Measured(Spec):
+    """Numbers the trainer wrote, on their way into status: NaN and infinity are refused (JSON has neither, and the
+    API server refuses a status holding one; a NaN score would also compare as passing a quality gate)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+
+class Progress(Measured):
     phase: str | None = None
     step: int | None = None
     total: int | None = None
@@ -290,7 +305,7 @@ class ArtifactStatus(Spec):
     dtype: str
 
 
-class Evaluation(Spec):
+class Evaluation(Measured):
     noContext: float | None = None
     icl: float | None = None
     cartridge: float | None = None

@@ -27,6 +27,11 @@ STORE_CA_KEY = "ca.crt"
 """An optional key of the per-namespace store Secret (beside accessKey and secretKey): the PEM of the private CA
 that the object store's TLS certificate chains to; pods trust it instead of the system's CAs."""
 
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_ENV = "TERMINATION_MESSAGE_PATH"
+"""The trainer writes its one-line reason for a permanent failure to the file this variable names; the training Job
+sets it to the container's terminationMessagePath (no kubelet sets such a variable), where the kubelet reads it."""
+
 EXIT_OK = 0
 EXIT_PERMANENT = 65
 """Bad input that no retry can fix (corpus unreadable or empty, model mismatch, invalid config): the Job's

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cartridges.store import Store
 
@@ -102,7 +102,11 @@ def read_documents(store: Store, prefix: str) -> Iterator[Document]:
 
 
 class Progress(BaseModel):
-    """``progress.json`` of one training generation, rewritten by the trainer as it goes; read by the operator."""
+    """``progress.json`` of one training generation, rewritten by the trainer as it goes; read by the operator.
+
+    NaN and infinity are refused: JSON has no such numbers, so the API server would refuse a status holding one."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     phase: Literal["starting", "synthesizing", "training", "evaluating", "uploading", "done", "failed"]
     step: int = 0

@@ -29,9 +29,13 @@ from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import pack, target_logprobs
 from cartridges_trainer.corpus import Corpus
-from cartridges_trainer.distill import TrainableCartridge, distill_loss, initial_cartridge, step_batch
+from cartridges_trainer.distill import TrainableCartridge, distill, distill_loss, initial_cartridge, step_batch
+from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
+from cartridges_trainer.parallel import World
+from cartridges_trainer.progress import ProgressReporter
 from cartridges_trainer.synthesis import Shard, corpus_context, synthesize_shard
+from cartridges_trainer.workspace import Workspace
 
 if TYPE_CHECKING:
     from cartridges_e2e.minio import MinioServer
@@ -270,6 +274,26 @@ def test_gradients_reach_only_trainable_rows_and_loss_goes_down(shard: Shard, ti
         assert torch.equal(before[:, :2], after[:, :2])
         assert not torch.equal(before[:, 2:], after[:, 2:])
     assert losses[-1] < losses[0] - 0.1  # the random model's residual stream bounds how far a cartridge can move it
+
+
+def test_a_diverged_loss_stops_training_for_good_naming_the_step_and_the_learning_rate(
+    shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """A NaN loss (here from a cartridge holding inf, as an exploding one ends up) is an InputError (exit 65): no
+    checkpoint is written, and progress.json never holds the NaN, which no JSON reader (the operator) accepts."""
+    store, config = Store(), make_config(file_store_root, "file:///x")
+    spec = config.spec
+    init = initial_cartridge(tiny_model, tiny_corpus(tiny_model), spec, 0)
+    init.keys[0][:, 1:] = float("inf")
+    workspace = Workspace(store, config.output_prefix, tmp_path)
+    progress = ProgressReporter(store, config.output_prefix, interval_s=0.0)
+    with pytest.raises(InputError) as caught:
+        distill(tiny_model, init, shard.conversations, spec, OPTIONS, workspace, progress, World(), "key")
+    message = str(caught.value)
+    assert "diverged at step 1" in message and "lower spec.training.learningRate (now 0.01)" in message
+    assert store.list(f"{config.output_prefix}/checkpoints") == []
+    written = Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}"))
+    assert written.phase == "training" and written.loss is None
 
 
 def test_step_batches_are_a_function_of_the_step() -> None:

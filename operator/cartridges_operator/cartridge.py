@@ -24,6 +24,7 @@ from cartridges.store import IntegrityError, ObjectNotFound, Store, StoreError
 from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
+from cartridges_operator.training_start import start_problem
 
 LOG = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             _cancel_superseded(run, trainer.generation)
             try:
                 kube.create_job(manifests.training_job(run.body, trainer, run.config))
-            except kube.Invalid as err:
+            except (kube.Invalid, manifests.ConfigTooLarge) as err:
                 run.condition("Trained", False, "InvalidJob", str(err))
                 return run.not_ready("InvalidJob", str(err), stalled=True)
             run.condition("Trained", False, "Training", f"generation {trainer.generation} started")
@@ -108,9 +109,7 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             return run.not_ready("Suspended", "training is suspended")
         finished = _job_finished(job)
         if finished is None:
-            _copy_progress(run, trainer)
-            run.condition("Trained", False, "Training", f"generation {trainer.generation} running")
-            return run.not_ready("Training", f"training generation {trainer.generation}")
+            return _training(run, trainer, job)
         if not finished:
             return _record_failure(run, job)
         if not _verify_and_record(run, trainer):
@@ -222,11 +221,29 @@ def _job_finished(job: Any) -> bool | None:
     return None
 
 
-def _copy_progress(run: Pass, trainer: TrainerConfig) -> None:
+def _training(run: Pass, trainer: TrainerConfig, job: Any) -> dict[str, Any]:
+    """A generation whose Job has not finished: its progress, or why its pod does not start (for that, a Job gets
+    no condition until its activeDeadlineSeconds)."""
+    problem = start_problem(run.namespace, job)
+    if problem is not None:
+        run.condition("Trained", False, "TrainingPodsNotStarting", problem.message)
+        return run.not_ready("TrainingPodsNotStarting", problem.message, stalled=problem.stalled)
+    unusable = _copy_progress(run, trainer)
+    run.condition("Trained", False, "Training", f"generation {trainer.generation} running{unusable}")
+    return run.not_ready("Training", f"training generation {trainer.generation}")
+
+
+def _copy_progress(run: Pass, trainer: TrainerConfig) -> str:
+    """Copy the trainer's progress.json into status; "" when copied or absent, else why it is unusable (a NaN loss:
+    the API server would refuse the whole status write), for the Trained condition, the progress being cleared."""
+    uri = f"{trainer.output_prefix}/{layout.PROGRESS_FILE}"
     try:
-        progress = layout.Progress.model_validate(run.store.get_json(f"{trainer.output_prefix}/{layout.PROGRESS_FILE}"))
+        progress = layout.Progress.model_validate(run.store.get_json(uri))
     except ObjectNotFound:
-        return
+        return ""
+    except ValueError as err:  # not JSON, or a record Progress refuses (ValidationError is a ValueError)
+        run.status["progress"] = None
+        return f"; {uri} is unusable: {' '.join(str(err).split())}"[:500]
     eta = None if progress.eta_s is None else int(progress.eta_s)
     run.status["progress"] = {
         "phase": progress.phase,
@@ -235,6 +252,7 @@ def _copy_progress(run: Pass, trainer: TrainerConfig) -> None:
         "loss": progress.loss,
         "etaSeconds": eta,
     }
+    return ""
 
 
 def _record_failure(run: Pass, job: Any) -> dict[str, Any]:
@@ -315,7 +333,8 @@ def _record_evaluation(run: Pass, prefix: str) -> None:
     try:
         scores = run.store.get_json(f"{prefix}/{layout.EVAL_FILE}")
         evaluation = api.Evaluation.model_validate({k: scores.get(k) for k in api.Evaluation.model_fields})
-    except (ObjectNotFound, IntegrityError, ValidationError, AttributeError) as err:
+    except (ObjectNotFound, IntegrityError, ValueError, AttributeError) as err:
+        run.status["evaluation"] = None  # never an earlier generation's scores, which the quality gate would read
         run.condition("Evaluated", False, "NoEvaluation", f"{layout.EVAL_FILE}: {err}")
         return
     run.status["evaluation"] = evaluation.model_dump()
@@ -327,7 +346,7 @@ def _passes_quality_gate(run: Pass) -> bool:
     recovered = (run.status.get("evaluation") or {}).get("iclGainRecovered")
     if minimum is None:
         return True
-    if recovered is None or recovered < minimum:
+    if recovered is None or not recovered >= minimum:  # a NaN score fails: every comparison with NaN is False
         message = f"ICL gain recovered {recovered} is below the quality gate {minimum}; not promoted"
         run.not_ready("QualityGateFailed", message, stalled=True)
         return False

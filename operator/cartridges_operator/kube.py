@@ -146,17 +146,30 @@ def stop_job(namespace: str, name: str, owner_uid: str) -> bool:
                 if err.status != 404:
                     raise
         return True
-    return bool(core().list_namespaced_pod(namespace, label_selector=f"job-name={name}").items)
+    return bool(job_pods(namespace, name))
 
 
 def set_job_suspended(namespace: str, name: str, suspend: bool) -> None:
     batch().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 
 
+def job_pods(namespace: str, job: str) -> list[client.V1Pod]:
+    """The pods a Job created (the Job controller labels them with its name)."""
+    pods: list[client.V1Pod] = core().list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+    return pods
+
+
+def failed_creates(namespace: str, job_uid: str) -> list[client.CoreV1Event]:
+    """The Job controller's ``FailedCreate`` Events of one Job: why it could not create a pod (the Job itself shows
+    no sign of it until its activeDeadlineSeconds)."""
+    selector = f"involvedObject.uid={job_uid},reason=FailedCreate"
+    events: list[client.CoreV1Event] = core().list_namespaced_event(namespace, field_selector=selector).items
+    return events
+
+
 def failed_pod_details(namespace: str, job: str) -> tuple[str | None, int | None, str]:
     """(pod, exit code, termination message) of the most recent failed trainer pod of a Job."""
-    pods = core().list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
-    failed = [p for p in pods if p.status and p.status.phase == "Failed"]
+    failed = [p for p in job_pods(namespace, job) if p.status and p.status.phase == "Failed"]
     failed.sort(key=lambda p: p.metadata.creation_timestamp)
     for pod in reversed(failed):
         for status in pod.status.container_statuses or []:

@@ -13,6 +13,8 @@ from cartridges.contract import (
     SERVING_COMMAND,
     SERVING_UID,
     STORE_CA_KEY,
+    TERMINATION_MESSAGE_ENV,
+    TERMINATION_MESSAGE_PATH,
     TRAINER_UID,
     TrainerConfig,
 )
@@ -131,6 +133,27 @@ def cartridge_label(cartridge: str) -> str:
     return dns_name(cartridge)
 
 
+MAX_ARGUMENT_BYTES = 128 * 1024 - 1
+"""Linux's limit on one command-line argument (MAX_ARG_STRLEN, 128 KiB with its NUL): a container with a longer one
+can never start (exec fails with E2BIG)."""
+
+
+class ConfigTooLarge(ValueError):
+    """The TrainerConfig does not fit in one command-line argument of the trainer."""
+
+
+def trainer_args(trainer: TrainerConfig) -> list[str]:
+    """The trainer's arguments, refused here (with what to shorten) if Linux would refuse them at exec."""
+    args = trainer.to_args()
+    size = max(len(arg.encode()) for arg in args)
+    if size > MAX_ARGUMENT_BYTES:
+        raise ConfigTooLarge(
+            f"the trainer's config is {size} bytes, more than the {MAX_ARGUMENT_BYTES} Linux allows in one "
+            "command-line argument: shorten spec.initialization.text or the descriptions of the Corpora it studies"
+        )
+    return args
+
+
 def job_name(cartridge: str, generation: int) -> str:
     return dns_name(cartridge, f"g{generation}")
 
@@ -161,10 +184,15 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
                 "image": config.trainer_image,
                 **pull_policy(config.trainer_pull_policy),
                 "command": config.trainer_command,
-                "args": trainer.to_args(),
-                "env": [*store_env(config), *cache_env()],
+                "args": trainer_args(trainer),
+                "env": [
+                    *store_env(config),
+                    *cache_env(),
+                    {"name": TERMINATION_MESSAGE_ENV, "value": TERMINATION_MESSAGE_PATH},
+                ],
                 "resources": {"requests": {"cpu": resources.cpu, "memory": resources.memory}, "limits": limits},
                 "securityContext": {**LOCKED_CONTAINER, "readOnlyRootFilesystem": True},
+                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}, {"name": "shm", "mountPath": "/dev/shm"}],
             }

@@ -152,6 +152,11 @@ def test_operator_reconciles_under_the_charts_service_account(
         # A permanent trainer failure is read from the failed pod (pods list).
         stalled = reaches("cartridges", "broken", "Stalled", "True")
         assert "65" in stalled["message"] or "PERMANENT" in stalled["message"], stalled
+        # A Job that cannot create its pod says why from its FailedCreate Events (events list).
+        unplaced = {**base, "resources": {"gpus": 0, "priorityClassName": "does-not-exist"}}
+        create("cartridges", "Cartridge", "unplaced", {"corpusRefs": [{"name": "notes"}], **unplaced})
+        stalled = reaches("cartridges", "unplaced", "Stalled", "True")
+        assert stalled["reason"] == "TrainingPodsNotStarting" and "does-not-exist" in stalled["message"], stalled
 
         # A changed ConfigMap re-reads its Corpus (configmaps watch).
         def digest() -> str:
@@ -162,7 +167,7 @@ def test_operator_reconciles_under_the_charts_service_account(
         core.patch_namespaced_config_map("notes", work, {"data": {"a.md": "Beta facts."}})
         wait_for("a new corpus digest", lambda: digest() != before, 60)
         # Deleting the last Cartridge of a model removes the serving objects (deployments/services delete).
-        for name in ("notes", "broken"):
+        for name in ("notes", "broken", "unplaced"):
             custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, work, "cartridges", name)
         wait_for("serving Deployment removed", lambda: not apps.list_namespaced_deployment(work).items, 60)
     finally:

@@ -39,6 +39,8 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ),
     ("frozen-not-below-size", "cartridges", {**CARTRIDGE, "frozenTokens": 16}, "frozenTokens must be smaller"),
     ("text-init-without-text", "cartridges", {**CARTRIDGE, "initialization": {"strategy": "text"}}, "text is set"),
+    ("text-init-too-long", "cartridges", {**CARTRIDGE, "initialization": {"strategy": "text", "text": "x" * 16385}},
+     "spec.initialization.text: Too long"),
     ("bad-digest-pin", "cartridges", {**CARTRIDGE, "corpusRefs": [{"name": "c", "digest": "xyz"}]}, "digest"),
     ("bad-retention", "cartridges", {**CARTRIDGE, "retention": "Sometimes"}, "Unsupported value"),
     ("bad-quantization", "cartridges", {**CARTRIDGE, "quantization": "int4"}, "Unsupported value"),

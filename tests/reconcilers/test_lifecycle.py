@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from fake_trainer import RELEASE_FILE
 from kubernetes import client
 
 from cartridges import api, layout
@@ -242,6 +243,28 @@ def test_a_job_the_api_server_refuses_stalls_with_its_message_and_recovers(opera
     assert jobs(env, "refused") == ["refused-g1"]
 
 
+def test_a_job_that_cannot_create_its_pod_stalls_with_the_reason_and_recovers(operator_env: OperatorEnv) -> None:
+    """A Job whose pod the API server refuses (a PriorityClass that does not exist) gets no condition for hours;
+    the Job controller's FailedCreate Event says why, and the Cartridge shows it at once. Once the PriorityClass
+    exists, the Job controller's next try creates the pod and the Cartridge trains."""
+    env = operator_env
+    priority = f"missing-{env.namespace}"
+    env.create("corpora", "unplaced", {"description": "d", "sources": [{"inline": "Facts without a pod."}]})
+    env.create(
+        "cartridges", "unplaced", cartridge_spec("unplaced", resources={"gpus": 0, "priorityClassName": priority})
+    )
+    stalled = env.wait_condition("cartridges", "unplaced", "Stalled", "True")
+    assert stalled["reason"] == "TrainingPodsNotStarting", stalled
+    assert f"no PriorityClass with name {priority} was found" in stalled["message"]
+    assert "training Job unplaced-g1" in stalled["message"]
+    scheduling = client.SchedulingV1Api(env.api)
+    scheduling.create_priority_class({"metadata": {"name": priority}, "value": 1000})
+    try:
+        env.wait_condition("cartridges", "unplaced", "Ready", "True", timeout_s=120)
+    finally:
+        scheduling.delete_priority_class(priority)
+
+
 def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(operator_env: OperatorEnv) -> None:
     """A training input changes while generation 1 still trains: generation 2's Job starts and generation 1's is
     deleted, so one Cartridge never runs two training Jobs; what generation 1 wrote stays in the store."""
@@ -258,6 +281,27 @@ def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(op
     env.wait_condition("cartridges", "retrain", "Ready", "True")
     assert status(env, "retrain")["generation"] == 2
     assert env.store.exists(f"{first}/{layout.PROGRESS_FILE}")  # its artifacts stay (keepGenerations unset)
+
+
+def test_nan_from_a_diverged_trainer_is_reported_and_never_promoted(operator_env: OperatorEnv) -> None:
+    """A NaN loss in progress.json (JSON the API server refuses in a status) is reported as unusable while the
+    status keeps updating; NaN scores in eval.json are no evaluation, so the quality gate holds the artifact back."""
+    env = operator_env
+    env.create("corpora", "diverged", {"description": "d", "sources": [{"inline": "NAN-SCORES facts."}]})
+    gate = {"enabled": False, "qualityGate": {"minIclGainRecovered": 0.5}}
+    env.create("cartridges", "diverged", cartridge_spec("diverged", serving=gate))
+    wait_for("the NaN progress reported", lambda: "is unusable" in (env.condition(
+        "cartridges", "diverged", "Trained") or {}).get("message", ""), 60)  # fmt: skip
+    trained = env.condition("cartridges", "diverged", "Trained") or {}
+    assert "finite number" in trained["message"] and status(env, "diverged").get("progress") is None
+    prefix = layout.generation_prefix(env.store_root, env.namespace, "diverged", 1)
+    env.store.put_json(f"{prefix}/{RELEASE_FILE}", {})
+    stalled = env.wait_condition("cartridges", "diverged", "Stalled", "True")
+    assert stalled["reason"] == "QualityGateFailed", stalled
+    evaluated = env.condition("cartridges", "diverged", "Evaluated") or {}
+    assert evaluated["reason"] == "NoEvaluation" and "finite number" in evaluated["message"]
+    pointer = layout.current_pointer(env.store_root, env.namespace, "diverged")
+    assert status(env, "diverged").get("evaluation") is None and not env.store.exists(pointer)
 
 
 def test_retention_delete_stops_the_training_job_before_deleting_the_artifacts(operator_env: OperatorEnv) -> None:

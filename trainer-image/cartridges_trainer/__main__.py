@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from cartridges.contract import EXIT_OK, EXIT_PERMANENT, TrainerConfig
+from cartridges.contract import EXIT_OK, EXIT_PERMANENT, TERMINATION_MESSAGE_ENV, TrainerConfig
 from cartridges.store import Store
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.options import TrainerOptions
@@ -44,7 +44,7 @@ def _permanent(message: str) -> int:
     """Report an input error on one line: stderr, Kubernetes' termination message, the launcher's marker."""
     line = " ".join(message.split())
     print(f"cartridges-trainer: {line}", file=sys.stderr)
-    for variable in ("TERMINATION_MESSAGE_PATH", PERMANENT_MARKER_ENV):
+    for variable in (TERMINATION_MESSAGE_ENV, PERMANENT_MARKER_ENV):
         if path := os.environ.get(variable):
             Path(path).write_text(line)
     return EXIT_PERMANENT

@@ -7,6 +7,7 @@ continues with exactly the batches it would have seen; no RNG state needs saving
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -83,6 +84,16 @@ def distill_loss(logprobs: torch.Tensor, batch: Batch) -> torch.Tensor:
     """-Σ_topk p_teacher · log q_student, averaged over answer tokens."""
     student = logprobs.gather(-1, batch.topk_ids)
     return -(batch.topk_logprobs.exp() * student).sum() / len(student)
+
+
+def _stop_if_diverged(loss: float, step: int, learning_rate: float) -> None:
+    """A non-finite loss never comes back (Adam spreads it into every row), and retrying replays the same batches:
+    stop for good, before the loss reaches progress.json or a checkpoint, saying what to change."""
+    if not math.isfinite(loss):
+        raise InputError(
+            f"training diverged at step {step}: the loss is {loss}; lower spec.training.learningRate "
+            f"(now {learning_rate}) to train a new generation"
+        )
 
 
 def step_batch(items: Sequence[T], batch_size: int, seed: int, step: int) -> list[T]:
@@ -187,6 +198,7 @@ def distill(
         world.sum_gradients(trainable.parameters())
         optimizer.step()
         loss_value = world.sum(loss.item())
+        _stop_if_diverged(loss_value, step + 1, training.learningRate)
         progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
         if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
             _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key)

@@ -1,0 +1,55 @@
+"""The training Job as the kubelet and Linux will take it: where the trainer's termination message goes, and a
+command line that exec accepts for any spec the CRD admits (or a clear refusal before the Job exists)."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import pytest
+
+from cartridges import api
+from cartridges.contract import TrainerConfig
+from cartridges_operator import manifests
+from cartridges_operator.config import OperatorConfig
+
+BODY = {"kind": "Cartridge", "metadata": {"name": "c", "namespace": "ns", "uid": "u"}}
+WORST_CHARACTER = "\x01"  # six bytes in JSON (\u0001): the most any admitted character costs
+
+
+def trainer_config(text: str, descriptions: list[str]) -> TrainerConfig:
+    spec = api.CartridgeSpec.model_validate({
+        "corpusRefs": [{"name": f"c{i}"} for i in range(len(descriptions))],
+        "baseModel": {"name": "m", "uri": "s3://b/m.gguf"}, "size": 512,
+        "initialization": {"strategy": "text", "text": text},
+    })  # fmt: skip
+    prefixes = [f"s3://b/corpora/ns/c{i}/{'ab' * 32}" for i in range(len(descriptions))]
+    return TrainerConfig(namespace="ns", cartridge="c", generation=1, store_root="s3://b", corpus_prefixes=prefixes,
+                         corpus_description=" ".join(descriptions), spec=spec)  # fmt: skip
+
+
+def container(trainer: TrainerConfig) -> dict[str, Any]:
+    job = manifests.training_job(BODY, trainer, OperatorConfig(store_root="s3://b"))
+    found: dict[str, Any] = job["spec"]["template"]["spec"]["containers"][0]
+    return found
+
+
+def test_the_trainer_is_told_where_the_kubelet_reads_its_termination_message() -> None:
+    """No kubelet sets $TERMINATION_MESSAGE_PATH: the Job sets it to the container's terminationMessagePath."""
+    trainer = container(trainer_config("facts", ["d"]))
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["TERMINATION_MESSAGE_PATH"] == trainer["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_the_longest_initialization_text_the_crd_admits_still_execs() -> None:
+    """Linux refuses an argument over 128 KiB (E2BIG) and the container could never start."""
+    text = WORST_CHARACTER * api.MAX_INIT_TEXT
+    args = container(trainer_config(text, ["a description of the corpus"]))["args"]
+    assert max(len(arg.encode()) for arg in args) <= manifests.MAX_ARGUMENT_BYTES
+    subprocess.run(["/bin/true", *args], check=True)
+
+
+def test_a_config_over_the_argument_limit_is_refused_with_what_to_shorten() -> None:
+    descriptions = ["長" * 2000] * 16  # sixteen corpora with the longest descriptions, three bytes a character
+    with pytest.raises(manifests.ConfigTooLarge, match="shorten spec.initialization.text or the descriptions"):
+        container(trainer_config("知" * api.MAX_INIT_TEXT, descriptions))
