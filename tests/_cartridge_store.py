@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cartridges import layout
-from cartridges.artifact import Cartridge, ModelFingerprint, StoredCartridge, save_cartridge, upload_artifact
+from cartridges.artifact import (
+    TENSORS_FILE,
+    Cartridge,
+    ModelFingerprint,
+    StoredCartridge,
+    save_cartridge,
+    upload_artifact,
+)
 from cartridges.models import LoadedModel
-from cartridges.store import Store
+from cartridges.store import Store, StoreError
+
+GATE_WAIT_S = 60.0  # a failure guard only: tests release the gate long before
 
 
 def random_cartridge(fingerprint: ModelFingerprint, p: int, seed: int, scale: float = 1.0) -> Cartridge:
@@ -50,3 +61,21 @@ def put_model(lm: LoadedModel, store: Store, uri: str) -> None:
         lm.tokenizer.save_pretrained(tmp)
         for path in Path(tmp).iterdir():
             store.put_file(f"{uri}/{path.name}", path)
+
+
+class GatedStore(Store):
+    """Holds the download of one cartridge's tensors until ``release`` is set (failing it if ``fail`` is)."""
+
+    def __init__(self, gated: str) -> None:
+        super().__init__()
+        self.gated, self.fail, self.downloads = gated, False, 0
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> Any:
+        if f"/{self.gated}/" in uri and uri.endswith(TENSORS_FILE):
+            self.downloads += 1
+            self.started.set()
+            assert self.release.wait(GATE_WAIT_S), "the test never released the download"
+            if self.fail:
+                raise StoreError("download failed (simulated)", uri)
+        return super().download(uri, path, expected_sha256)

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import torch
-from _cartridge_store import publish, random_cartridge
+from _cartridge_store import GatedStore, publish, random_cartridge
 from transformers import DynamicCache
 
 from cartridges import layout
 from cartridges.artifact import TENSORS_FILE, Cartridge, QuantizedCartridge, quantize_cartridge
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.quantize import QuantFormat
-from cartridges.store import Store, StoreError
+from cartridges.store import Store
 from cartridges_serving import (
     CartridgeCache,
     CartridgeInvalid,
@@ -28,9 +28,11 @@ from cartridges_serving import (
     EngineError,
     EngineUnavailable,
     InvalidRequest,
+    RequestHandle,
     SamplingParams,
     StreamEvent,
 )
+from cartridges_serving.engine import RATE_WINDOW_S, TokenRate
 from cartridges_serving.protocol import parse_request
 
 if TYPE_CHECKING:
@@ -235,13 +237,16 @@ def test_cancel_stops_generation(engine: Engine) -> None:
     ],
 )
 def test_bad_requests_fail_alone(
-    engine: Engine, names: list[str], params: SamplingParams, prompt: str, error: type[Exception], message: str
+    engine: Engine, names: list[str], params: SamplingParams, prompt: str, error: type[EngineError], message: str
 ) -> None:
+    """A refused request ends with its error (submit never raises) and is counted by its status."""
     expected = engine.generate("keep going", ["alpha"], GREEDY).token_ids
+    refused = engine.metrics().requests_refused.get(error.status, 0)
     running = engine.submit("keep going", ["alpha"], GREEDY)
     with pytest.raises(error, match=message):
-        engine.submit(prompt, names, params)
+        engine.submit(prompt, names, params).result(WAIT_S)
     assert running.result(timeout=60).token_ids == expected
+    assert engine.metrics().requests_refused[error.status] == refused + 1
 
 
 def test_a_request_whose_kv_does_not_fit_fails_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,9 +280,20 @@ def test_a_request_whose_kv_does_not_fit_yet_waits_for_running_ones(
 
     monkeypatch.setattr(engine.runner, "new_own_kv", out_of_memory_beside_another)
     order = EventOrder()
-    first, second = (engine.submit("keep going", ["alpha"], GREEDY, on_event=order.of(r)) for r in ("1st", "2nd"))
+    first = queued(engine, engine.submit("keep going", ["alpha"], GREEDY, on_event=order.of("1st")))
+    second = engine.submit("keep going", ["alpha"], GREEDY, on_event=order.of("2nd"))
     assert first.result(timeout=60).token_ids == second.result(timeout=60).token_ids == expected
     order.assert_ran_one_after_the_other("1st", "2nd")
+
+
+def queued(engine: Engine, handle: RequestHandle) -> RequestHandle:
+    """``handle`` once no request is being prepared: a request submitted next queues behind it (requests
+    queue in the order they are ready, and two loader threads may finish in either order)."""
+    deadline = time.monotonic() + WAIT_S
+    while engine.metrics().preparing:
+        assert time.monotonic() < deadline, "the request never left the loader threads"
+        time.sleep(0.01)
+    return handle
 
 
 class EventOrder:
@@ -309,7 +325,7 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
             order.of("1st")(event)
             seen.append(engine.metrics().kv)  # what the metrics port shows while the first request runs
 
-        first = engine.submit("keep going", ["alpha"], GREEDY, on_event=first_event)
+        first = queued(engine, engine.submit("keep going", ["alpha"], GREEDY, on_event=first_event))
         second = engine.submit("keep going", ["alpha"], GREEDY, on_event=order.of("2nd"))
         assert first.result(timeout=60).token_ids == second.result(timeout=60).token_ids == expected
         order.assert_ran_one_after_the_other("1st", "2nd")
@@ -318,7 +334,7 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
         assert max(kv.used_bytes for kv in seen) == row_bytes * tokens
         assert engine.runner.own_kv_pool.keys is keys  # reserved at start, never reallocated
         with pytest.raises(InvalidRequest, match=r"KV for \d+ tokens .* reserves \d+ for all requests"):
-            engine.submit("keep going", [], SamplingParams(max_tokens=2 * tokens))
+            engine.submit("keep going", [], SamplingParams(max_tokens=2 * tokens)).result(WAIT_S)
     finally:
         engine.close()
 
@@ -438,9 +454,9 @@ def test_requests_hold_their_cartridges_until_they_end(tiny_model: LoadedModel, 
         assert (stats.entries, stats.in_use_entries, store.loads) == (1, 1, 2) and alpha.id == "alpha"
         assert cache.stats().in_use_entries == 0  # given back at the end
         with pytest.raises(CartridgeNotFound):
-            engine.submit("x", ["alpha", "missing"], GREEDY)
+            engine.submit("x", ["alpha", "missing"], GREEDY).result(WAIT_S)
         with pytest.raises(InvalidRequest, match="positions"):
-            engine.submit("x", ["alpha"], SamplingParams(max_tokens=1 << 20))
+            engine.submit("x", ["alpha"], SamplingParams(max_tokens=1 << 20)).result(WAIT_S)
         cancelled = engine.submit("x", ["alpha", "beta"], SamplingParams(max_tokens=1 << 10))
         cancelled.cancel()
         assert cancelled.result(WAIT_S).finish_reason == "cancelled"
@@ -458,24 +474,6 @@ class CountingStore(Store):
     def get_json(self, uri: str) -> Any:
         self.pointer_reads += uri.endswith(layout.CURRENT_POINTER)
         return super().get_json(uri)
-
-
-class GatedStore(Store):
-    """Holds the download of one cartridge's tensors until ``release`` is set (failing it if ``fail`` is)."""
-
-    def __init__(self, gated: str) -> None:
-        super().__init__()
-        self.gated, self.fail, self.downloads = gated, False, 0
-        self.started, self.release = threading.Event(), threading.Event()
-
-    def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> Any:
-        if f"/{self.gated}/" in uri and uri.endswith(TENSORS_FILE):
-            self.downloads += 1
-            self.started.set()
-            assert self.release.wait(WAIT_S), "the test never released the download"
-            if self.fail:
-                raise StoreError("download failed (simulated)", uri)
-        return super().download(uri, path, expected_sha256)
 
 
 WAIT_S = 60.0  # a failure guard only: every wait below ends on an event long before
@@ -619,3 +617,83 @@ def test_router_inputs_become_an_engine_request() -> None:
     )
     assert parsed.prompt == "hi" and parsed.stream and parsed.cartridges == ("beta", "alpha")
     assert parsed.params == SamplingParams(max_tokens=7, temperature=0.5, seed=3, stop=("\n\n",))
+
+
+def test_a_slow_cartridge_load_holds_up_no_other_request(
+    engine: Engine, tiny_model: LoadedModel, store_root: str
+) -> None:
+    """``submit`` returns while a cartridge downloads; requests without cartridges or with cached ones are
+    answered meanwhile (a front end submitting from one thread serves them), and the slow one answers right."""
+    wanted = {
+        name: engine.generate("keep going", [name] if name else [], GREEDY).token_ids for name in ("", "alpha", "beta")
+    }
+    store = GatedStore("beta")
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    gated = Engine(tiny_model, cache)
+    try:
+        cache.get("alpha")
+        try:
+            slow = gated.submit("keep going", ["beta"], GREEDY)
+            assert store.started.wait(WAIT_S)
+            assert gated.metrics().preparing == 1
+            assert gated.generate("keep going", [], GREEDY).token_ids == wanted[""]
+            assert gated.generate("keep going", ["alpha"], GREEDY).token_ids == wanted["alpha"]
+            with pytest.raises(TimeoutError):
+                slow.result(timeout=0)  # still held
+        finally:
+            store.release.set()
+        assert slow.result(WAIT_S).token_ids == wanted["beta"]
+        assert gated.metrics().preparing == 0
+    finally:
+        gated.close()
+
+
+def test_a_request_cancelled_while_its_cartridges_load_gives_them_back(
+    tiny_model: LoadedModel, store_root: str
+) -> None:
+    store = GatedStore("beta")
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    gated = Engine(tiny_model, cache)
+    try:
+        handle = gated.submit("never read", ["alpha", "beta", "gamma"], GREEDY)
+        assert store.started.wait(WAIT_S)
+        handle.cancel()
+        store.release.set()
+        completion = handle.result(WAIT_S)
+        assert (completion.finish_reason, completion.token_ids) == ("cancelled", [])
+        assert completion.cartridge_tokens == SIZES["alpha"] + SIZES["beta"]
+        stats = cache.stats()
+        assert (stats.in_use_entries, stats.misses) == (0, 2)  # alpha and beta given back; gamma never loaded
+        assert gated.metrics().preparing == 0
+    finally:
+        store.release.set()
+        gated.close()
+
+
+def test_a_closed_engine_refuses_requests(tiny_model: LoadedModel) -> None:
+    closed = Engine(tiny_model)
+    closed.close()
+    with pytest.raises(EngineUnavailable, match="shutting down"):
+        closed.submit("anyone there?").result(WAIT_S)
+    assert closed.metrics().requests_refused == {"unavailable": 1}
+
+
+def test_tokens_per_s_counts_recent_steps_only() -> None:
+    now = [100.0]
+    rate = TokenRate(window_s=10.0, clock=lambda: now[0])
+    for _ in range(5):  # 8 tokens every half second, the last step at 102
+        rate.add(8)
+        now[0] += 0.5
+    assert rate.per_s() == pytest.approx(4 * 8 / 2.5)  # the tokens after the oldest step, over the time since
+    now[0] = 107.0
+    assert rate.per_s() == pytest.approx(4 * 8 / 7.0)  # falls while nothing is generated
+    now[0] = 112.5
+    assert rate.per_s() == 0.0  # no step in the last 10 s (it used to keep the last busy value)
+
+
+def test_tokens_per_s_is_zero_once_the_engine_is_idle(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.generate("count me", [], GREEDY)
+    assert engine.metrics().tokens_per_s > 0
+    later = time.monotonic() + RATE_WINDOW_S + 1
+    monkeypatch.setattr(engine._rate, "_clock", lambda: later)
+    assert engine.metrics().tokens_per_s == 0.0

@@ -1,5 +1,6 @@
-"""The Triton router's Outbox and Responder without a server: a stand-in ``triton_python_backend_utils`` records
-what would be sent, so cancellation is checked deterministically (the real server runs them in test_serving)."""
+"""The Triton router without a server: a stand-in ``triton_python_backend_utils`` records what would be sent, so
+cancellation, refusals and a slow cartridge load are checked deterministically (the real server runs the router in
+test_serving)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import sys
 import threading
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from _cartridge_store import GatedStore, publish, random_cartridge
 
-from cartridges_serving import MODEL_REPOSITORY, Completion, StreamEvent
+from cartridges.models import LoadedModel
+from cartridges_serving import MODEL_REPOSITORY, CartridgeCache, Completion, Engine, SamplingParams, StreamEvent
 
 WAIT_S = 60.0  # a failure guard only: every wait below ends on an event long before
 
@@ -24,12 +29,22 @@ def router(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1  # type: ignore[attr-defined]
     pb_utils.InferenceResponse = lambda *args, **kwargs: (args, kwargs)  # type: ignore[attr-defined]
     pb_utils.Tensor = lambda name, array: (name, array)  # type: ignore[attr-defined]
+    pb_utils.TritonError = TritonError  # type: ignore[attr-defined]
+    pb_utils.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
     spec = importlib.util.spec_from_file_location("router_model", MODEL_REPOSITORY / "router" / "1" / "model.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class TritonError(Exception):
+    INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL = "INVALID_ARG", "NOT_FOUND", "UNAVAILABLE", "INTERNAL"
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Request:
@@ -97,3 +112,99 @@ def test_an_ended_request_is_no_longer_watched(router: Any, outbox: Any) -> None
     outbox.track(responder)  # tracked only after its end (a request that finished at once): never watched
     assert responder not in outbox.live
     assert [flags for _, flags in sender.sent] == [1] and not handle.cancelled.is_set()
+
+
+MAX_TOKENS = 6
+
+
+def texts(*values: str) -> np.ndarray:
+    return np.array([value.encode() for value in values], dtype=np.object_)
+
+
+class Tensor:
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+class Inference(Request):
+    """A request as ``execute`` gets it: input tensors and the sender of its responses."""
+
+    def __init__(self, prompt: str, cartridges: tuple[str, ...] = (), **inputs: np.ndarray) -> None:
+        super().__init__()
+        arrays = {"text_input": texts(prompt), "max_tokens": np.array([MAX_TOKENS], dtype=np.int32), **inputs}
+        if cartridges:
+            arrays["cartridges"] = texts(*cartridges)
+        self.tensors = {name: Tensor(array) for name, array in arrays.items()}
+        self.sender = Sender()
+
+    def get_response_sender(self) -> Sender:
+        return self.sender
+
+    def text(self) -> str:
+        """The one response's text (a request that is not streamed gets one)."""
+        (response, flags), *rest = self.sender.sent
+        assert not rest and flags, self.sender.sent
+        args, kwargs = response
+        assert "error" not in kwargs, kwargs["error"]
+        ((_, array),) = args[0]
+        return str(array[0].decode())
+
+    def error(self) -> TritonError:
+        ((response, flags),) = self.sender.sent
+        assert flags
+        return response[1]["error"]
+
+
+@pytest.fixture
+def served(router: Any, tiny_model: LoadedModel, tmp_path: Path) -> Iterator[tuple[Any, GatedStore]]:
+    """The router model on a real engine whose store holds the download of cartridge "slow" until released."""
+    root, store = f"file://{tmp_path}", GatedStore("slow")
+    for seed, name in enumerate(("slow", "quick")):
+        publish(store, root, "team-a", name, random_cartridge(tiny_model.fingerprint, 4, seed), tiny_model.fingerprint)
+    model = router.TritonPythonModel()
+    model.engine = Engine(tiny_model, CartridgeCache(store, root, "team-a", tiny_model.fingerprint, 1 << 20))
+    model.outbox = router.Outbox()
+    try:
+        yield model, store
+    finally:
+        store.release.set()
+        model.outbox.stop()
+        model.engine.close()
+
+
+def test_a_slow_cartridge_load_holds_up_no_other_request(served: tuple[Any, GatedStore]) -> None:
+    """``execute`` runs one call at a time: it must hand a request over, not wait for its cartridges' load."""
+    model, store = served
+    wanted = {
+        names: model.engine.generate("hello", list(names), SamplingParams(max_tokens=MAX_TOKENS)).text
+        for names in ((), ("quick",))
+    }
+    slow, plain, cached = Inference("hello", ("slow",)), Inference("hello"), Inference("hello", ("quick",))
+    model.execute([slow])
+    assert store.started.wait(WAIT_S)
+    model.execute([plain, cached])
+    assert plain.sender.final.wait(WAIT_S) and cached.sender.final.wait(WAIT_S)
+    assert (plain.text(), cached.text()) == (wanted[()], wanted[("quick",)])
+    assert not slow.sender.sent  # its download is still held
+    store.release.set()
+    assert slow.sender.final.wait(WAIT_S)
+    assert slow.text() == model.engine.generate("hello", ["slow"], SamplingParams(max_tokens=MAX_TOKENS)).text
+
+
+def test_refused_requests_get_their_error_and_are_counted(served: tuple[Any, GatedStore]) -> None:
+    """Malformed inputs (refused by the router) and unknown cartridges (refused by the engine) both answer with
+    their error and count in ``requests_refused`` by status."""
+    model, _ = served
+    typed = Inference("hi", max_tokens=np.array([1.5], dtype=np.float32))
+    missing, empty = Inference("hi", ("missing",)), Inference("")
+    model.execute([typed, missing, empty])
+    for request in (typed, missing, empty):
+        assert request.sender.final.wait(WAIT_S)
+    assert (typed.error().code, str(typed.error())) == ("INVALID_ARG", "input 'max_tokens' has type float32, "
+                                                        "expected an integer")  # fmt: skip
+    assert missing.error().code == "NOT_FOUND" and "cartridge 'missing' not found" in str(missing.error())
+    assert (empty.error().code, str(empty.error())) == ("INVALID_ARG", "the prompt is empty")
+    assert model.engine.metrics().requests_refused == {"invalid_argument": 2, "not_found": 1}

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from cartridges_serving.sampling import Pick, SamplingParams, next_tokens
+from cartridges_serving.errors import InvalidRequest
+from cartridges_serving.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS, Pick, SamplingParams, next_tokens
 
 PROBS = [0.5, 0.3, 0.2, 0.0]
 
@@ -61,3 +62,19 @@ def test_a_uniform_of_exactly_zero_never_picks_a_token_of_probability_zero(monke
     logits = logits_of([0.0, 0.0, 0.6, 0.4], rows=2)
     picks = [Pick(0, SamplingParams(temperature=1.0), None), Pick(1, SamplingParams(temperature=1.0, top_p=0.9), None)]
     assert next_tokens(logits, picks) == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [
+        (("",), "stop strings must not be empty"),
+        (tuple(str(i) for i in range(MAX_STOP_STRINGS + 1)), f"at most {MAX_STOP_STRINGS} stop strings"),
+        (("ok", "x" * (MAX_STOP_LENGTH + 1)), f"at most {MAX_STOP_LENGTH} characters, got one of 257"),
+    ],
+)
+def test_stop_strings_are_bounded(stop: tuple[str, ...], message: str) -> None:
+    """Every step checks them on the scheduler thread the whole batch waits for."""
+    with pytest.raises(InvalidRequest, match=message):
+        SamplingParams(stop=stop).validate()
+    at_the_limits = tuple(str(i).rjust(MAX_STOP_LENGTH, "x") for i in range(MAX_STOP_STRINGS))
+    SamplingParams(stop=at_the_limits).validate()

@@ -218,10 +218,33 @@ def test_engine_metrics_are_exported(server: TritonServer) -> None:
     assert metrics['cartridges_cache_misses{model="router"}'] >= 1
     assert metrics['cartridges_cache_bytes{model="router"}'] > 0
     assert metrics['cartridges_kv_pool_bytes{model="router"}'] > 0  # reserved at start (CARTRIDGES_KV_BYTES)
-    for name in ("running", "queued", "tokens_per_s", "cache_hits", "cache_entries", "cache_in_use_bytes",
-                 "requests_finished", "kv_used_bytes", "kv_waiting", "cuda_graphs_off",
+    for name in ("running", "queued", "preparing", "tokens_per_s", "cache_hits", "cache_entries",
+                 "cache_in_use_bytes", "requests_finished", "kv_used_bytes", "kv_waiting", "cuda_graphs_off",
                  "cuda_graph_replays"):  # fmt: skip
         assert f'cartridges_{name}{{model="router"}}' in metrics
+
+
+def refused(metrics: dict[str, float]) -> dict[str, float]:
+    """``cartridges_requests_refused`` by its status label."""
+    series = {key: value for key, value in metrics.items() if key.startswith("cartridges_requests_refused{")}
+    return {key.split('status="')[1].split('"')[0]: value for key, value in series.items()}
+
+
+def test_refused_requests_are_counted_by_status(server: TritonServer) -> None:
+    """Requests refused before they run (Triton counts them as successes) show in ``cartridges_requests_refused``."""
+    before = refused(scrape(server))
+    assert set(before) == {"invalid_argument", "not_found", "unavailable", "internal"}
+    for names, temperature in ((["missing"], 0.0), (["Bad/Id"], 0.0), ([], -1.0)):
+        with pytest.raises(client.GenerateError):
+            client.generate(server.http_url, "hi", names, max_tokens=2, temperature=temperature)
+    wanted = {**before, "not_found": before["not_found"] + 1, "invalid_argument": before["invalid_argument"] + 2}
+    after = before
+    for _ in range(20):  # refreshed about once a second
+        after = refused(scrape(server))
+        if after == wanted:
+            break
+        time.sleep(0.5)
+    assert after == wanted
 
 
 def test_client_reports_an_unreachable_server() -> None:

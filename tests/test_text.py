@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from cartridges.models import LoadedModel
-from cartridges_serving.text import TextStream
+from cartridges_serving.sampling import MAX_STOP_STRINGS
+from cartridges_serving.text import StopPrefix, TextStream
 
 TEXT = "Kestrel Rock — station «KR-7», est. 1987: 北极站 🐕‍🦺 naïve café, ünïcödé; ok!  Two  spaces.\nNew line."
 
@@ -75,3 +76,77 @@ def test_each_token_decodes_a_short_window(smollm2: LoadedModel) -> None:
     chunks, _ = stream(Counting(), ids)
     assert "".join(chunks) == full_decode(tokenizer, ids)
     assert max(seen[:-1]) <= 8  # the final flush aside
+
+
+def lone_byte_token(tokenizer: Any) -> int:
+    """A token that is one byte of no complete character: output repeating it is never valid UTF-8."""
+    return next(t for t in range(tokenizer.vocab_size) if full_decode(tokenizer, [t, t, t]) == "\ufffd" * 3)
+
+
+def test_output_that_is_not_utf8_streams_with_short_windows(tokenizer: Any) -> None:
+    """Output ending in an incomplete character for long stretches waits a few tokens only, then streams its
+    replacement characters, each decode still seeing a short window (it used to wait for the end, decoding a
+    window as long as the answer on every token)."""
+    seen: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int], **kwargs: Any) -> str:
+            seen.append(len(ids))
+            return str(tokenizer.decode(ids, **kwargs))
+
+    text_ids = list(tokenizer("ok ünïcödé 🐕", add_special_tokens=False)["input_ids"])
+    ids = [lone_byte_token(tokenizer)] * 300 + text_ids + [lone_byte_token(tokenizer)] * 300
+    chunks, _ = stream(Counting(), ids)
+    assert "".join(chunks) == full_decode(tokenizer, ids)
+    assert len("".join(chunks[:-1])) > len(chunks[-1])  # streamed along, not all at the end
+    assert max(seen[:-1]) <= 16  # the final flush aside
+
+
+def longest_stop_prefix(text: str, stop: str) -> int:
+    """The definition: the longest tail of ``text`` that is a proper prefix of ``stop``."""
+    return max((n for n in range(len(stop)) if text.endswith(stop[:n])), default=0)
+
+
+def test_stop_prefix_follows_the_text_character_by_character() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 8)))
+        text, tracked = "", StopPrefix(stop)
+        while len(text) < 40:
+            added = "".join(rng.choice("ab") for _ in range(rng.randint(1, 3)))
+            if stop in text + added:
+                break
+            text += added
+            tracked.feed(added)
+            assert tracked.length == longest_stop_prefix(text, stop), (stop, text)
+
+
+class CountingReads(str):
+    """A stop string that counts how often its characters or slices are read."""
+
+    reads = 0
+
+    def __getitem__(self, key: Any) -> str:
+        CountingReads.reads += 1
+        return super().__getitem__(key)
+
+
+def test_long_stop_strings_cost_a_few_reads_per_character(tokenizer: Any) -> None:
+    """Holding back text that could start a stop string reads each stop string a few times per character of it
+    and of the answer, however long the stop strings (comparing every prefix read one up to 255 times a token)."""
+    ids = list(tokenizer(TEXT * 4, add_special_tokens=False)["input_ids"])
+    stops = tuple(CountingReads("Z" * 255 + str(i)) for i in range(MAX_STOP_STRINGS))
+    CountingReads.reads = 0
+    chunks, text = stream(tokenizer, ids, stops)
+    assert "".join(chunks) == text.text == full_decode(tokenizer, ids)
+    assert CountingReads.reads <= 4 * len(stops) * (len(stops[0]) + len(text.text))
+
+
+def test_a_stop_string_completed_in_the_held_back_end_still_ends_the_text(smollm2: LoadedModel) -> None:
+    """A token that completes a stop string and starts an incomplete character: the text waits for the next
+    token, the answer ends first, and the stop string is still cut at the flush."""
+    tokenizer = smollm2.tokenizer
+    space_then_byte = next(t for t in range(tokenizer.vocab_size) if full_decode(tokenizer, [t]) == " \ufffd")
+    ids = [*tokenizer("Done", add_special_tokens=False)["input_ids"], space_then_byte]
+    chunks, text = stream(tokenizer, ids, ("Done ",))
+    assert text.stopped and "".join(chunks) == text.text == ""

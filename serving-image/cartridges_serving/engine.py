@@ -1,10 +1,19 @@
 """The inference engine: one base model, cartridges from the store, continuous batching on a scheduler thread.
 
-Requests are validated and their cartridges loaded in the caller's thread (so a bad request fails alone and fast),
-then queued. The scheduler thread admits queued requests between steps, runs one step for the whole batch (prompt
-chunks of new requests and one token of every running request together), samples, streams text, and retires
-requests that finished or were cancelled. Each request attends over its own ordered cartridges followed by its own
-KV; its token positions start after the summed cartridge lengths.
+``submit`` returns a handle at once: a loader thread validates the request, loads its cartridges and tokenizes
+its prompt, then queues it (a bad request ends alone with its error). The scheduler thread admits queued requests
+between steps, runs one step for the whole batch (prompt chunks of new requests and one token of every running
+request together), samples, streams text, and retires requests that finished or were cancelled. Each request
+attends over its own ordered cartridges followed by its own KV; its token positions start after the summed
+cartridge lengths.
+
+Threads: a caller's thread only creates the handle, so a front end that submits from one thread (Triton's
+``execute``) never waits on a store. Requests with cartridges are prepared on ``LOADER_THREADS`` loader threads,
+those without on a thread of their own, so they never wait behind a load. The cache is thread-safe, tokenizing
+is serialized (a fast tokenizer is not safe to call from several threads), and a prepared request joins the
+queue under ``_wakeup``. The scheduler thread alone touches the batch, the runner and the own-KV pool. A
+request's events come from one thread at a time: its loader until it is queued (a refusal, or a cancel during
+its load), the scheduler after. Counters and the token rate are updated under ``_wakeup``.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -41,6 +51,8 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 DEFAULT_MAX_PREFILL_TOKENS = 1024
 METRICS_LOG_INTERVAL_S = 10.0
+LOADER_THREADS = 4  # cartridge loads in flight at once; more requests with cartridges wait for a loader
+RATE_WINDOW_S = 10.0  # tokens_per_s counts the steps of this recent window only
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,8 @@ class EngineMetrics:
     cache: CacheStats | None
     kv: KVStats
     graphs: GraphStats | None = None  # decode steps from CUDA graphs, when on
+    requests_refused: Mapping[str, int] = field(default_factory=dict)  # by status: refused before they were queued
+    preparing: int = 0  # requests whose cartridges are loading or whose prompt is being tokenized
 
 
 @dataclass(frozen=True)
@@ -162,7 +176,8 @@ class RequestHandle:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Ask the scheduler to retire this request before its next step (finish reason ``cancelled``)."""
+        """Retire this request before its next step (finish reason ``cancelled``); one still loading cartridges
+        stops after the load in flight and gives back what it took."""
         self.cancelled = True
 
     def _emit(self, event: StreamEvent) -> None:
@@ -199,6 +214,38 @@ class RequestHandle:
         return self._final.completion
 
 
+class TokenRate:
+    """Generated tokens per second over the last steps within ``window_s`` seconds, up to now: it falls as
+    generation slows and is 0 once no step is that recent (it never keeps the last busy value). Not thread-safe."""
+
+    def __init__(
+        self, window_s: float = RATE_WINDOW_S, steps: int = 64, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.window_s, self._clock = window_s, clock
+        self._steps: deque[tuple[float, int]] = deque(maxlen=steps)
+
+    def add(self, tokens: int) -> None:
+        self._steps.append((self._clock(), tokens))
+
+    def per_s(self) -> float:
+        now = self._clock()
+        recent = [(at, n) for at, n in self._steps if now - at <= self.window_s]
+        if len(recent) < 2 or now <= recent[0][0]:
+            return 0.0
+        return sum(n for _, n in recent[1:]) / (now - recent[0][0])  # the oldest step's tokens came before it
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    """A request as submitted, before a loader thread validates it, loads its cartridges and tokenizes it."""
+
+    handle: RequestHandle
+    prompt: str
+    cartridge_ids: tuple[str, ...]
+    params: SamplingParams
+    chat: bool
+
+
 @dataclass
 class _Active:
     handle: RequestHandle
@@ -232,7 +279,8 @@ class _Active:
 
 
 class Engine:
-    """Continuous-batching generation with per-request cartridge composition. Thread-safe ``submit``."""
+    """Continuous-batching generation with per-request cartridge composition. ``submit`` is thread-safe and
+    never waits (see the module's docstring for the threads)."""
 
     def __init__(
         self,
@@ -268,8 +316,12 @@ class Engine:
         self._kv_stats = KVStats(0, 0, False)  # written by the scheduler thread only (the pool is not thread-safe)
         self._wakeup = threading.Condition()
         self._closed = False
-        self._tokens = self._finished = self._failed = 0
-        self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+        self._tokens = self._finished = self._failed = self._preparing = 0
+        self._refused: Counter[str] = Counter()
+        self._rate = TokenRate()
+        self._encoding = threading.Lock()
+        self._loaders = ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="cartridges-loader")
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="cartridges-encoder")  # requests without cartridges
         self._thread = threading.Thread(target=self._loop, name="cartridges-engine", daemon=True)
         self._thread.start()
 
@@ -298,7 +350,7 @@ class Engine:
             cuda_graphs=config.cuda_graphs,
         )
 
-    # -- submission (caller threads) -------------------------------------------------------------------------------
+    # -- submission (caller threads, then loader threads) --------------------------------------------------------------
 
     def submit(
         self,
@@ -309,31 +361,68 @@ class Engine:
         on_event: Callable[[StreamEvent], None] | None = None,
         chat: bool = True,
     ) -> RequestHandle:
-        """Validate, load the cartridges and queue the request; raises :class:`EngineError` for a bad request.
+        """Hand the request to a loader thread and return its handle at once.
 
-        ``chat=True`` wraps the prompt as one user turn with the tokenizer's chat template.
+        A refused request (bad values, unknown or bad cartridge, too long for the context or the KV) ends with
+        its :class:`EngineError`, which ``result()`` and iteration raise. ``chat=True`` wraps the prompt as one
+        user turn with the tokenizer's chat template.
         """
-        params = params or SamplingParams()
-        params.validate()
-        if not prompt:
-            raise InvalidRequest("the prompt is empty")
-        uses = self._acquire(cartridges)
+        handle = RequestHandle(next(self._ids), on_event)
+        request = _Submitted(handle, prompt, tuple(cartridges), params or SamplingParams(), chat)
+        with self._wakeup:
+            self._preparing += 1
         try:
-            return self._queue(prompt, uses, params, on_event, chat)
-        except BaseException:
-            self._release(uses)
-            raise
+            (self._loaders if request.cartridge_ids else self._encoder).submit(self._prepare, request)
+        except RuntimeError:  # the loaders were shut down: the engine is closed
+            self._refuse(handle, [], EngineUnavailable("the engine is shutting down"))
+        return handle
 
-    def _queue(
-        self,
-        prompt: str,
-        uses: list[LoadedCartridge],
-        params: SamplingParams,
-        on_event: Callable[[StreamEvent], None] | None,
-        chat: bool,
-    ) -> RequestHandle:
+    def count_refused(self, error: EngineError) -> None:
+        """Count a request a front end refused before submitting it (a malformed input), with the engine's own
+        refusals, so one metric counts every refused request."""
+        with self._wakeup:
+            self._refused[error.status] += 1
+
+    def _prepare(self, request: _Submitted) -> None:
+        """Loader thread: validate, take the cartridges, tokenize and queue; a refusal ends the request alone."""
+        uses: list[LoadedCartridge] = []
+        try:
+            request.params.validate()
+            if not request.prompt:
+                raise InvalidRequest("the prompt is empty")
+            uses = self._acquire(request.cartridge_ids, request.handle)
+            if request.handle.cancelled:
+                self._cancel_unqueued(request.handle, uses)
+            else:
+                self._queue(request, uses)
+        except EngineError as error:
+            self._refuse(request.handle, uses, error)
+        except Exception as error:  # a bug fails this request alone, never a loader thread
+            log.exception("preparing request %d failed", request.handle.id)
+            self._refuse(request.handle, uses, EngineError(f"internal error: {type(error).__name__}: {error}"))
+
+    def _queue(self, request: _Submitted, uses: list[LoadedCartridge]) -> None:
+        """Tokenize the prompt, check that the request fits, and queue it (requests queue in the order they are
+        ready: one whose cartridges load slowly lets later ones pass)."""
+        params = request.params
+        with self._encoding:
+            prompt_ids = self._encode(request.prompt, request.chat)
         loaded = [use.cartridge for use in uses]
-        prompt_ids = self._encode(prompt, chat)
+        self._check_fits(prompt_ids, loaded, params)
+        generator = None
+        if params.seed is not None and params.temperature > 0:
+            generator = torch.Generator().manual_seed(params.seed)
+        text = TextStream(self.tokenizer, params.stop)
+        active = _Active(request.handle, prompt_ids, loaded, params, text, generator, uses=uses)
+        with self._wakeup:
+            if self._closed:
+                raise EngineUnavailable("the engine is shutting down")
+            self._preparing -= 1
+            self._waiting.append(active)
+            self._wakeup.notify()
+
+    def _check_fits(self, prompt_ids: list[int], loaded: list[StoredCartridge], params: SamplingParams) -> None:
+        """Refuse a request longer than the context window, or whose own KV exceeds what the server reserves."""
         cartridge_tokens = sum(c.p for c in loaded)
         needed = cartridge_tokens + len(prompt_ids) + params.max_tokens
         if needed > self.runner.max_positions:
@@ -350,18 +439,23 @@ class Engine:
                 f"{params.max_tokens}); this server reserves {kv_rows} for all requests (CARTRIDGES_KV_BYTES); "
                 "ask for fewer max_tokens"
             )
-        handle = RequestHandle(next(self._ids), on_event)
-        generator = None
-        if params.seed is not None and params.temperature > 0:
-            generator = torch.Generator().manual_seed(params.seed)
-        active = _Active(handle, prompt_ids, loaded, params, TextStream(self.tokenizer, params.stop), generator)
-        active.uses = uses
+
+    def _refuse(self, handle: RequestHandle, uses: list[LoadedCartridge], error: EngineError) -> None:
+        """End a request that was never queued with its error, giving back the cartridges it took."""
+        self._release(uses)
         with self._wakeup:
-            if self._closed:
-                raise EngineUnavailable("the engine is shutting down")
-            self._waiting.append(active)
-            self._wakeup.notify()
-        return handle
+            self._preparing -= 1
+            self._refused[error.status] += 1
+        handle._emit(StreamEvent("", error=error))
+
+    def _cancel_unqueued(self, handle: RequestHandle, uses: list[LoadedCartridge]) -> None:
+        """End a request cancelled while its cartridges loaded, giving them back; it read no prompt."""
+        self._release(uses)
+        with self._wakeup:
+            self._preparing -= 1
+            self._finished += 1
+        cartridge_tokens = sum(use.cartridge.p for use in uses)
+        handle._emit(StreamEvent("", completion=Completion("", [], "cancelled", 0, cartridge_tokens)))
 
     def generate(
         self, prompt: str, cartridges: Sequence[str] = (), params: SamplingParams | None = None, *, chat: bool = True
@@ -369,34 +463,35 @@ class Engine:
         return self.submit(prompt, cartridges, params, chat=chat).result()
 
     def metrics(self) -> EngineMetrics:
+        cache = self.cartridges.stats() if self.cartridges else None  # outside our lock: the cache has its own
         with self._wakeup:
-            running, queued = len(self._running), len(self._waiting)
-            rate = list(self._rate)
-        tokens_per_s = 0.0
-        if len(rate) >= 2 and rate[-1][0] > rate[0][0]:
-            tokens_per_s = sum(n for _, n in rate[1:]) / (rate[-1][0] - rate[0][0])
-        return EngineMetrics(
-            running=running,
-            queued=queued,
-            tokens_generated=self._tokens,
-            tokens_per_s=tokens_per_s,
-            requests_finished=self._finished,
-            requests_failed=self._failed,
-            cache=self.cartridges.stats() if self.cartridges else None,
-            kv=self._kv_stats,
-            graphs=dataclasses.replace(self.graphs.stats) if self.graphs else None,
-        )
+            return EngineMetrics(
+                running=len(self._running),
+                queued=len(self._waiting),
+                tokens_generated=self._tokens,
+                tokens_per_s=self._rate.per_s(),
+                requests_finished=self._finished,
+                requests_failed=self._failed,
+                cache=cache,
+                kv=self._kv_stats,
+                graphs=dataclasses.replace(self.graphs.stats) if self.graphs else None,
+                requests_refused=dict(self._refused),
+                preparing=self._preparing,
+            )
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop admitting requests, fail the queued and running ones, and join the scheduler thread."""
+        """Stop admitting requests, fail the queued and running ones, and join the scheduler thread. Requests
+        still loading end with :class:`EngineUnavailable` once their load returns."""
         with self._wakeup:
             self._closed = True
             self._wakeup.notify()
+        self._loaders.shutdown(wait=False)
+        self._encoder.shutdown(wait=False)
         self._thread.join(timeout)
 
-    def _acquire(self, cartridge_ids: Sequence[str]) -> list[LoadedCartridge]:
+    def _acquire(self, cartridge_ids: Sequence[str], handle: RequestHandle) -> list[LoadedCartridge]:
         """The request's cartridges, each with a use counted in the cache (so none is evicted while it runs);
-        all or none: a failure gives back the ones already taken."""
+        all or none: a failure gives back the ones already taken. A cancel stops before the next cartridge."""
         if not cartridge_ids:
             return []
         if self.cartridges is None:
@@ -404,6 +499,8 @@ class Engine:
         uses: list[LoadedCartridge] = []
         try:
             for cartridge_id in cartridge_ids:
+                if handle.cancelled:
+                    break
                 uses.append(self.cartridges.acquire(cartridge_id))
         except BaseException:
             self._release(uses)
@@ -479,8 +576,8 @@ class Engine:
             except EngineError as err:
                 with self._wakeup:
                     self._waiting.popleft()
+                    self._failed += 1
                 self._head_waits = False  # a new head has not tried yet
-                self._failed += 1
                 self._end(active, StreamEvent("", error=err))
                 continue
             with self._wakeup:
@@ -590,12 +687,14 @@ class Engine:
 
     def _complete(self, active: _Active, reason: FinishReason, delta: str = "") -> None:
         tail = delta + active.text.flush()
-        self._finished += 1
+        with self._wakeup:
+            self._finished += 1
         self._end(active, StreamEvent(tail, completion=active.completion(reason)))
 
     def _fail(self, active: _Active, error: EngineError) -> None:
         self._retire(active)
-        self._failed += 1
+        with self._wakeup:
+            self._failed += 1
         self._end(active, StreamEvent("", error=error))
 
     def _end(self, active: _Active, final: StreamEvent) -> None:
@@ -606,6 +705,6 @@ class Engine:
         active.handle._emit(final)
 
     def _count_tokens(self, n: int) -> None:
-        self._tokens += n
         with self._wakeup:
-            self._rate.append((time.monotonic(), n))
+            self._tokens += n
+            self._rate.add(n)

@@ -17,6 +17,11 @@ from torch import Tensor
 
 from cartridges_serving.errors import InvalidRequest
 
+# Every step checks each running request's stop strings against its new text on the scheduler thread, which the
+# whole batch waits for: bounded so one request cannot slow the others.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -37,6 +42,11 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_LENGTH:
+            raise InvalidRequest(f"a stop string may have at most {MAX_STOP_LENGTH} characters, got one of {longest}")
 
 
 @dataclass(frozen=True)

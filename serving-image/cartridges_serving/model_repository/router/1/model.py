@@ -1,6 +1,8 @@
 """Triton Python-backend router (decoupled): parses the LLM-convention tensors and hands requests to the engine.
 
-The engine answers on its scheduler thread through a per-request callback; streaming requests get one response per
+``execute`` only parses a request and submits it: the engine loads cartridges and tokenizes on its own loader
+threads, so a slow cartridge load never holds up the requests after it. The engine answers on its threads through
+a per-request callback (a refused request's error included); streaming requests get one response per
 text chunk, others one response with the whole text. Sending a response and asking whether the client went away
 are round trips to the server process, so the callback only queues the event and one outbox thread does the
 talking: the engine's decode steps never wait on IPC. The same thread asks every live request, every
@@ -15,11 +17,13 @@ import logging
 import queue
 import threading
 import time
+from typing import get_args
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cartridges_serving import Engine, EngineConfig, EngineError, EngineMetrics, StreamEvent
+from cartridges_serving.errors import Status
 from cartridges_serving.protocol import INPUT_KINDS, parse_request
 
 log = logging.getLogger("cartridges.router")
@@ -31,6 +35,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 GAUGES = {
     "running": "requests in the running batch",
     "queued": "requests waiting to join the batch",
+    "preparing": "requests whose cartridges are loading or whose prompt is being tokenized",
     "tokens_per_s": "generated tokens per second, recent window",
     "cache_bytes": "bytes of cartridges held in the cache",
     "cache_entries": "cartridges held in the cache",
@@ -44,6 +49,7 @@ COUNTERS = {
     "tokens_generated": "tokens generated",
     "requests_finished": "requests finished",
     "requests_failed": "requests failed inside the engine",
+    "requests_refused": "requests refused before they ran (bad input, unknown cartridge, store unreachable), by status",
     "cache_hits": "cartridge cache hits",
     "cache_misses": "cartridge cache misses (loads from the object store)",
     "cuda_graph_replays": "decode steps replayed from CUDA graphs",
@@ -181,8 +187,12 @@ class Metrics:
             for name, description in names.items():
                 family = pb_utils.MetricFamily(name=f"cartridges_{name}", description=description, kind=kind)
                 self.families.append(family)
-                self.metrics[name] = family.Metric(labels=labels)
-        self.last = dict.fromkeys(COUNTERS, 0)
+                if name == "requests_refused":  # one series per status
+                    for status in get_args(Status):
+                        self.metrics[f"{name}:{status}"] = family.Metric(labels={**labels, "status": status})
+                else:
+                    self.metrics[name] = family.Metric(labels=labels)
+        self.last = dict.fromkeys(self.metrics, 0)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="cartridges-metrics", daemon=True)
         self.thread.start()
@@ -192,6 +202,7 @@ class Metrics:
         return {
             "running": m.running,
             "queued": m.queued,
+            "preparing": m.preparing,
             "tokens_per_s": m.tokens_per_s,
             "cache_bytes": cache.bytes if cache else 0,
             "cache_entries": cache.entries if cache else 0,
@@ -203,6 +214,7 @@ class Metrics:
             "tokens_generated": m.tokens_generated,
             "requests_finished": m.requests_finished,
             "requests_failed": m.requests_failed,
+            **{f"requests_refused:{status}": m.requests_refused.get(status, 0) for status in get_args(Status)},
             "cache_hits": cache.hits if cache else 0,
             "cache_misses": cache.misses if cache else 0,
             "cuda_graph_replays": m.graphs.replays if m.graphs else 0,
@@ -219,7 +231,7 @@ class Metrics:
 
     def refresh(self) -> None:
         for name, value in self.values(self.engine.metrics()).items():
-            if name in GAUGES:
+            if name in GAUGES:  # counters are the rest
                 self.metrics[name].set(float(value))
             else:
                 self.metrics[name].increment(float(value - self.last[name]))
@@ -252,11 +264,16 @@ class TritonPythonModel:
                     parsed.prompt, parsed.cartridges, parsed.params, on_event=responder
                 )
                 self.outbox.track(responder)
-            except EngineError as error:
-                sender.send(error_response(error), flags=FINAL)
+            except EngineError as error:  # malformed inputs
+                self._refuse(sender, error)
             except Exception as error:  # anything unexpected is still only this request's failure
                 log.exception("request failed")
-                sender.send(error_response(EngineError(f"{type(error).__name__}: {error}")), flags=FINAL)
+                self._refuse(sender, EngineError(f"{type(error).__name__}: {error}"))
+
+    def _refuse(self, sender: "pb_utils.InferenceResponseSender", error: EngineError) -> None:
+        """Answer a request the router could not submit with its error, counted with the engine's refusals."""
+        self.engine.count_refused(error)
+        sender.send(error_response(error), flags=FINAL)
 
     @staticmethod
     def _input(request: "pb_utils.InferenceRequest", name: str) -> "np.ndarray | None":
