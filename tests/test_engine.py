@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,13 @@ def test_greedy_matches_transformers_with_zero_one_two_cartridges(engine: Engine
     assert two == swapped
     twice = assert_matches_reference(engine, ["alpha", "alpha"], "The handbook says")  # alpha's keys count twice
     assert twice != one
+
+
+def test_a_repetition_penalty_breaks_a_greedy_loop(engine: Engine) -> None:
+    """The random tiny model loops under greedy decoding; a penalty on seen tokens makes it repeat itself less."""
+    plain = engine.generate("The handbook says", ["alpha"], GREEDY, chat=False).token_ids
+    penalized = engine.generate("The handbook says", ["alpha"], replace(GREEDY, repetition_penalty=3.0), chat=False)
+    assert len(set(penalized.token_ids)) > len(set(plain))
 
 
 def test_quantized_cartridges_are_served_quantized_and_compose_with_dense_ones(engine: Engine) -> None:
@@ -610,13 +618,16 @@ def test_router_inputs_become_an_engine_request() -> None:
             "max_tokens": np.array([7], dtype=np.int32),
             "temperature": np.array([0.5], dtype=np.float32),
             "seed": np.array([3], dtype=np.int64),
+            "repetition_penalty": np.array([1.25], dtype=np.float32),
             "stream": np.array([True]),
             "stop": np.array([b"\n\n"], dtype=np.object_),
             "cartridges": np.array([b"beta", b"alpha"], dtype=np.object_),
         }
     )
     assert parsed.prompt == "hi" and parsed.stream and parsed.cartridges == ("beta", "alpha")
-    assert parsed.params == SamplingParams(max_tokens=7, temperature=0.5, seed=3, stop=("\n\n",))
+    assert parsed.params == SamplingParams(
+        max_tokens=7, temperature=0.5, seed=3, stop=("\n\n",), repetition_penalty=1.25
+    )
 
 
 def test_a_slow_cartridge_load_holds_up_no_other_request(

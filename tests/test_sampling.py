@@ -78,3 +78,21 @@ def test_stop_strings_are_bounded(stop: tuple[str, ...], message: str) -> None:
         SamplingParams(stop=stop).validate()
     at_the_limits = tuple(str(i).rjust(MAX_STOP_LENGTH, "x") for i in range(MAX_STOP_STRINGS))
     SamplingParams(stop=at_the_limits).validate()
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens() -> None:
+    logits = torch.tensor([[4.0, 3.0, -1.0, -1.5], [4.0, 3.0, -1.0, -1.5]])
+    penalized, plain = SamplingParams(repetition_penalty=2.0), SamplingParams()
+    picks = [Pick(0, penalized, None, seen=[0, 2, 0]), Pick(1, plain, None, seen=[0, 2])]
+    assert next_tokens(logits, picks) == [1, 0]  # 4 / 2 < 3 for the penalized row; the other row keeps token 0
+    picks = [Pick(0, SamplingParams(repetition_penalty=2.0), None, seen=[0, 1])]
+    assert next_tokens(logits, picks) == [0]  # 4/2 = 2 > 3/2: both seen, the order between them stays
+    picks = [Pick(0, SamplingParams(repetition_penalty=8.0), None, seen=[0, 1, 2])]
+    assert next_tokens(logits, picks) == [0]  # 0.5 > 0.375 > -1.5 > -8: negative seen logits only sink further
+    assert logits[0].tolist() == [4.0, 3.0, -1.0, -1.5]  # the step's logits are not changed in place
+
+
+@pytest.mark.parametrize("penalty", [0.0, -1.0, math.inf, math.nan])
+def test_repetition_penalty_must_be_a_positive_number(penalty: float) -> None:
+    with pytest.raises(InvalidRequest, match="repetition_penalty must be a finite number > 0"):
+        SamplingParams(repetition_penalty=penalty).validate()

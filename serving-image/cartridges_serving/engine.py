@@ -274,6 +274,10 @@ class _Active:
         tokens = self.prompt_ids[done : done + budget] if done < len(self.prompt_ids) else self.generated[-1:]
         return BatchItem(tokens, self.cartridge_tokens + done, self.cartridges, self.own)
 
+    def seen_tokens(self) -> list[int]:
+        """What the repetition penalty applies to: the prompt's and the answer's tokens (none without a penalty)."""
+        return [*self.prompt_ids, *self.generated] if self.params.repetition_penalty != 1 else []
+
     def completion(self, reason: FinishReason) -> Completion:
         return Completion(self.text.text, list(self.generated), reason, len(self.prompt_ids), self.cartridge_tokens)
 
@@ -654,7 +658,7 @@ class Engine:
         try:
             logits = (self.graphs or self.runner).step([active.next_item(n) for active, n in scheduled])
             ready = [(row, active) for row, active in enumerate(batch) if active.pending_prompt == 0]
-            tokens = next_tokens(logits, [Pick(row, a.params, a.generator) for row, a in ready])
+            tokens = next_tokens(logits, [Pick(row, a.params, a.generator, a.seen_tokens()) for row, a in ready])
         except Exception as err:  # one failed step fails its batch, never the engine
             log.exception("engine step failed for %d requests", len(batch))
             for active in batch:

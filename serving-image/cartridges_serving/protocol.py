@@ -1,8 +1,8 @@
 """The router's tensors (Triton LLM conventions) to an engine request, kept apart from Triton so it is testable.
 
 Inputs: ``text_input`` (BYTES, one element), optional ``max_tokens`` (INT32), ``temperature`` (FP32), ``top_p``
-(FP32), ``seed`` (INT64), ``stream`` (BOOL), ``stop`` (BYTES list), ``cartridges`` (BYTES list, in composition
-order). Output: ``text_output`` (BYTES).
+(FP32), ``repetition_penalty`` (FP32), ``seed`` (INT64), ``stream`` (BOOL), ``stop`` (BYTES list), ``cartridges``
+(BYTES list, in composition order). Output: ``text_output`` (BYTES).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ INPUT_KINDS = {
     "max_tokens": "i",
     "temperature": "f",
     "top_p": "f",
+    "repetition_penalty": "f",
     "seed": "i",
     "stream": "b",
     "stop": "S",
@@ -49,6 +50,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> RouterRequest:
     defaults = SamplingParams(max_tokens=DEFAULT_MAX_TOKENS)
     max_tokens, temperature = _scalar(inputs, "max_tokens"), _scalar(inputs, "temperature")
     top_p, seed, stream = _scalar(inputs, "top_p"), _scalar(inputs, "seed"), _scalar(inputs, "stream")
+    repetition_penalty = _scalar(inputs, "repetition_penalty")
     return RouterRequest(
         prompt=_text("text_input", prompt),
         cartridges=_texts(inputs, "cartridges"),
@@ -58,6 +60,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> RouterRequest:
             top_p=defaults.top_p if top_p is None else float(top_p),
             seed=None if seed is None else int(seed),
             stop=_texts(inputs, "stop"),
+            repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
         ),
         stream=bool(stream) if stream is not None else False,
     )

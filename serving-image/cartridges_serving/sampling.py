@@ -25,13 +25,17 @@ MAX_STOP_LENGTH = 256  # characters
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings; ``temperature == 0`` is greedy, ``seed`` makes sampling repeatable."""
+    """Per-request generation settings; ``temperature == 0`` is greedy, ``seed`` makes sampling repeatable.
+
+    ``repetition_penalty`` > 1 makes tokens already in the prompt or the answer less likely (their positive logits
+    divided by it, negative ones multiplied), the usual cure for a greedy answer stuck in a loop; 1 leaves them."""
 
     max_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
 
     def validate(self) -> None:
         if self.max_tokens < 0:
@@ -40,6 +44,8 @@ class SamplingParams:
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -51,15 +57,18 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Pick:
-    """One request's next token to choose: its row of the logits, its settings and its generator (seeded)."""
+    """One request's next token to choose: its row of the logits, its settings, its generator (seeded) and the
+    tokens its repetition penalty applies to (the prompt's and the answer's so far)."""
 
     row: int
     params: SamplingParams
     generator: torch.Generator | None
+    seen: Sequence[int] = ()
 
 
 def next_tokens(logits: Tensor, picks: Sequence[Pick]) -> list[int]:
     """The next token of each pick, from ``logits`` [rows, vocab]."""
+    logits = _penalize_repetition(logits, picks)
     greedy = logits.argmax(dim=-1).tolist() if any(p.params.temperature == 0 for p in picks) else []
     drawn: dict[int, int] = {}
     for nucleus in (False, True):  # apart, so a request's draw never depends on the other requests
@@ -88,3 +97,16 @@ def _sample(logits: Tensor, picks: Sequence[Pick], nucleus: bool) -> list[int]:
     chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
     tokens = chosen if order is None else order.gather(-1, chosen)
     return [int(t) for t in tokens.squeeze(-1).tolist()]
+
+
+def _penalize_repetition(logits: Tensor, picks: Sequence[Pick]) -> Tensor:
+    """``logits`` with each penalized pick's seen tokens made less likely (a copy; the rows of others unchanged)."""
+    penalized = [p for p in picks if p.params.repetition_penalty != 1 and p.seen]
+    if not penalized:
+        return logits
+    logits = logits.clone()
+    for pick in penalized:
+        seen = torch.tensor(sorted(set(pick.seen)), dtype=torch.long, device=logits.device)
+        scores, penalty = logits[pick.row, seen], pick.params.repetition_penalty
+        logits[pick.row, seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
