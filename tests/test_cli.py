@@ -454,3 +454,45 @@ def test_eval_prompts_with_the_description_the_cartridge_was_trained_with(
     assert stored.pointer.generation == 2
     description, _ = corpus_of(opened, store, "default", stored)
     assert description == "the second words"
+
+
+def test_serve_refuses_a_missing_or_unloadable_model_before_starting_triton(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    missing = ["file:///nowhere/nothing.gguf", "file:///nowhere/nothing", str(tmp_path / "nothing.gguf")]
+    for model in missing:
+        code, _, err = cli(capsys, "serve", "--model", model, "--store", store, "--port", str(free_port()))
+        assert code == EXIT_NOT_FOUND, err
+        one_line_error(err)
+    (tmp_path / "bad.gguf").write_text("not a gguf")
+    (tmp_path / "empty-dir").mkdir()
+    for model, reason in ((tmp_path / "bad.gguf", "not a GGUF file"), (tmp_path / "empty-dir", "needs config.json")):
+        code, _, err = cli(capsys, "serve", "--model", str(model), "--store", store, "--port", str(free_port()))
+        assert code == EXIT_INPUT and reason in err
+        one_line_error(err)
+    assert time.monotonic() - started < 20  # no Triton was started to find out
+
+
+def test_serve_port_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "70000"])
+    assert exit_info.value.code == EXIT_USAGE
+
+
+@pytest.mark.triton
+def test_serve_startup_failure_is_one_line_naming_a_log_that_exists(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that passes the quick checks but fails in the router: the first error Triton logged, on one line,
+    and the log it names is still there."""
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "models" / "bad.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)  # the right magic, nothing after it
+    code, _, err = cli(capsys, "serve", "--model", f"file://{bad}", "--store", store, "--port", str(free_port()))
+    assert code == 1
+    one_line_error(err)
+    assert "failed to load 'router'" in err and "bad.gguf" in err and "At:" not in err and "+---" not in err
+    log = Path(err.split("(log: ")[1].split(")")[0])
+    assert log.is_relative_to(tmp_path / "cache" / "logs") and "failed to load" in log.read_text()
