@@ -542,3 +542,31 @@ def test_the_cli_takes_every_cartridge_name_the_cluster_and_the_router_take(
         code, _, err = cli(capsys, "inspect", name, "--store", store)
         assert code == EXIT_USAGE and "invalid cartridge name" in err
         one_line_error(err)
+
+
+def test_eval_checks_plot_before_evaluating_and_prints_results_before_plotting(
+    trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cartridges.cli import evaluate
+
+    store = str(trained["store"])
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    argv = ["eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", store]
+    monkeypatch.setattr(evaluate, "load_model", lambda *_: pytest.fail("loaded the model before checking --plot"))
+    for target, reason in ((tmp_path / "out.xyz", "cannot plot to '.xyz'"), ("/proc/nope/out.png", "cannot write")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--plot", str(target)])
+        assert exit_info.value.code == EXIT_USAGE
+        assert reason in capsys.readouterr().err
+    monkeypatch.undo()
+    code, out, _ = cli(capsys, *argv, "--plot", str(tmp_path / "out"))
+    assert code == 0 and out.strip().endswith(f"plot: {tmp_path / 'out.png'}")
+    assert (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG")
+
+    def disk_full(*args: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "plot", disk_full)
+    code, out, err = cli(capsys, *argv, "--plot", str(tmp_path / "full.svg"))
+    assert code == 1 and "No space left" in err and "cartridge (p=64)" in out  # the table was printed first

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,8 +107,28 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def plot_path(text: str) -> Path:
+    """``--plot``: a file matplotlib can write, checked before any work (argparse makes a failure exit 2). Without
+    an extension it is a PNG, as matplotlib would save it (``out`` -> ``out.png``); the parent is created now."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    if not path.suffix:
+        path = path.with_name(f"{path.name}.png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise argparse.ArgumentTypeError(f"{text}: cannot plot to {path.suffix!r}; use one of {', '.join(formats)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({err.strerror or err})") from None
+    return path
+
+
 def plot(rows: list[Row], path: Path, title: str) -> Path:
-    """Three bar charts (quality, memory, speed) in one PNG."""
+    """Three bar charts (quality, memory, speed) in one file, its format from ``path``'s extension."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,14 +169,14 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     find(store, args.store, args.namespace, name)  # fail on an unknown cartridge before loading the model
     rows = evaluate_stored(store, args.store, args.namespace, name, load_model(args.model, store), pairs)
-    if args.plot:
-        plot(rows, args.plot, f"{name}: {len(pairs)} questions")
-    if args.json:
+    if args.json:  # the results first: a plot that fails to save must not lose them
         print_json({"cartridge": name, "questions": len(pairs), "rows": [asdict(r) for r in rows]})
     else:
-        print(table(rows))
-        if args.plot:
-            print(f"plot: {args.plot}")
+        print(table(rows), flush=True)
+    if args.plot:
+        written = plot(rows, args.plot, f"{name}: {len(pairs)} questions")
+        if not args.json:
+            print(f"plot: {written}")
     return 0
 
 
@@ -174,6 +195,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("name", help="the cartridge to evaluate")
     parser.add_argument("--qa", type=Path, required=True, help="JSON lines of question/answer pairs")
-    parser.add_argument("--plot", type=Path, help="save a PNG of the comparison here")
+    parser.add_argument("--plot", type=plot_path, help="save a chart of the comparison here (.png, .svg, .pdf, ...)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.set_defaults(func=run)
