@@ -30,7 +30,7 @@ from cartridges.cli.common import (
 )
 from cartridges.cli.evaluate import corpus_of
 from cartridges.cli.train import read_files
-from cartridges.models import LoadedModel
+from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
 from cartridges_e2e.minio import MinioServer
 
@@ -399,6 +399,8 @@ def test_serve_ask_and_ctrl_c(
     store, port = str(trained["store"]), free_port()
     pt = reference_pt(tiny_model, tmp_path / "ref.pt")
     assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
+    other = tiny_llama(seed=1).fingerprint
+    publish(open_store(store), store, "default", "other-model", random_cartridge(other, 4, seed=3), other)
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "cartridges.cli", "serve", "--model", "tiny", "--store", store, "--port", str(port)]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -418,6 +420,12 @@ def test_serve_ask_and_ctrl_c(
         assert code == 0 and json.loads(out)["cartridges"] == ["lighthouse", "imported"]
         code, _, err = cli(capsys, "ask", "Hi", "-c", "nope", "--url", url)
         assert code == EXIT_NOT_FOUND and "not found" in err
+        one_line_error(err)
+        code, _, err = cli(capsys, "ask", "Hi", "-c", "other-model", "--url", url)
+        assert code == EXIT_INPUT and "was trained for" in err
+        one_line_error(err)
+        code, _, err = cli(capsys, "ask", "Hi", "--url", url, "--max-tokens", "100000")
+        assert code == EXIT_USAGE and "data:" not in err
         one_line_error(err)
         code, _, err = cli(capsys, "serve", "--model", "tiny", "--store", store, "--port", str(port))
         assert code == EXIT_UNAVAILABLE and "already in use" in err
@@ -570,3 +578,48 @@ def test_eval_checks_plot_before_evaluating_and_prints_results_before_plotting(
     monkeypatch.setattr(evaluate, "plot", disk_full)
     code, out, err = cli(capsys, *argv, "--plot", str(tmp_path / "full.svg"))
     assert code == 1 and "No space left" in err and "cartridge (p=64)" in out  # the table was printed first
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ask", ""],
+        ["ask", "Hi", "--max-tokens", "-1"],
+        ["ask", "Hi", "--temperature", "-1"],
+        ["ask", "Hi", "--temperature", "nan"],
+        ["ask", "Hi", "--url", "127.0.0.1:18555"],
+    ],
+)
+def test_ask_refuses_bad_values_before_sending_them(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == EXIT_USAGE
+
+
+@pytest.mark.parametrize(
+    ("message", "status", "code"),
+    [  # the router's messages (tests/test_serving.py), as Triton sends them: HTTP 400, or in-band on gRPC
+        ("cartridge 'missing' not found in namespace 'team-a' (no promoted generation)", 400, EXIT_NOT_FOUND),
+        ("cartridge 'x' g1: no such object: s3://b/cartridges/team-a/x/g1/manifest.json", 400, EXIT_NOT_FOUND),
+        ("cartridge 'x' g1: /tmp/c: cartridge was trained for smollm2, not the loaded tiny (layers 30 != 2)", 400, 65),
+        ("cartridge 'corrupt' g1: tensors sha256 abc does not match the manifest", 400, EXIT_INPUT),
+        ("cartridge id '../b' is not a cartridge name in namespace 'a' (no '/' or '..')", 400, EXIT_USAGE),
+        ("max_tokens must be >= 0, got -1", 400, EXIT_USAGE),
+        ("the prompt and max_tokens need 100010 positions; the context window is 4096", None, EXIT_USAGE),
+        ("Unable to parse 'data'", 500, 1),
+        ("the engine is shutting down", 503, EXIT_UNAVAILABLE),
+    ],
+)
+def test_ask_exit_codes_follow_the_routers_refusals(message: str, status: int | None, code: int) -> None:
+    from cartridges.cli.ask import exit_code
+    from cartridges.client import GenerateError
+
+    assert exit_code(GenerateError(message, status)) == code
+
+
+def test_a_refused_stream_reads_as_the_servers_message() -> None:
+    from cartridges.client import _error_message
+
+    assert _error_message(b'data: {"error":"max_tokens must be >= 0, got -1"}\n\n') == "max_tokens must be >= 0, got -1"
+    assert _error_message(b'{"error":"plain"}') == "plain"
+    assert _error_message(b"not json") == "not json"

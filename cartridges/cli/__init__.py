@@ -59,11 +59,11 @@ def _code(err: BaseException) -> int:
 
     if isinstance(err, CLIError):
         return err.code
-    if isinstance(err, StoreUnavailable) or (isinstance(err, GenerateError) and err.status is None):
+    if isinstance(err, GenerateError):
+        return ask.exit_code(err)
+    if isinstance(err, StoreUnavailable):
         return EXIT_UNAVAILABLE
     if isinstance(err, ObjectNotFound | BucketNotFound | FileNotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(err, GenerateError) and "not found" in err.message:
         return EXIT_NOT_FOUND
     if isinstance(err, ValidationError | StoreNotConfigured):
         return EXIT_USAGE
