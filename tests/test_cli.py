@@ -623,3 +623,26 @@ def test_a_refused_stream_reads_as_the_servers_message() -> None:
     assert _error_message(b'data: {"error":"max_tokens must be >= 0, got -1"}\n\n') == "max_tokens must be >= 0, got -1"
     assert _error_message(b'{"error":"plain"}') == "plain"
     assert _error_message(b"not json") == "not json"
+
+
+def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    opened, fp = open_store(store), tiny_model.fingerprint
+    for seed, name in enumerate(("good", "lost-manifest", "bad-pointer")):
+        publish(opened, store, "default", name, random_cartridge(fp, 4, seed=seed), fp)
+    manifest = f"{layout.generation_prefix(store, 'default', 'lost-manifest', 1)}/{layout.MANIFEST_FILE}"
+    Path(manifest.removeprefix("file://")).unlink()
+    pointer = layout.current_pointer(store, "default", "bad-pointer")
+    opened.put_bytes(pointer, b"{not json")
+    code, out, _ = cli(capsys, "ls", "--store", store, "--json")
+    listed = {c["name"]: c for c in json.loads(out)}
+    assert code == 0 and listed["good"]["generation"] == 1
+    assert "has no manifest" in listed["lost-manifest"]["error"]
+    assert pointer in listed["bad-pointer"]["error"] and "not valid JSON" in listed["bad-pointer"]["error"]
+    code, out, _ = cli(capsys, "ls", "--store", store)
+    assert code == 0 and out.count("BROKEN: ") == 2 and "tiny-llama-seed0" in out
+    code, _, err = cli(capsys, "inspect", "bad-pointer", "--store", store)
+    assert code == EXIT_INPUT and pointer in err
+    one_line_error(err)

@@ -11,12 +11,16 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from cartridges import layout
 from cartridges.manifest import MANIFEST_FILE, CartridgeManifest
 from cartridges.paths import cache_dir
 from cartridges.store import ObjectNotFound, Store, StoreURI
+
+DocumentModel = TypeVar("DocumentModel", bound=BaseModel)
 
 if TYPE_CHECKING:
     from cartridges.artifact import ModelFingerprint, StoredCartridge
@@ -164,7 +168,7 @@ class Stored:
 def find(store: Store, root: str, namespace: str, name: str) -> Stored:
     """The promoted generation of ``name``; a missing one is a one-line error saying how to list them."""
     try:
-        pointer = layout.Pointer.model_validate(store.get_json(layout.current_pointer(root, namespace, name)))
+        pointer = read_document(store, layout.current_pointer(root, namespace, name), layout.Pointer)
     except ObjectNotFound:
         raise CLIError(
             f"unknown cartridge {name!r} in {root} (namespace {namespace}); `cartridges ls` lists them",
@@ -174,8 +178,27 @@ def find(store: Store, root: str, namespace: str, name: str) -> Stored:
         pointer = layout.confined_pointer(root, namespace, name, pointer)
     except layout.PointerOutsideCartridge as err:
         raise CLIError(f"{err}; refusing to load it (re-promote a generation of {name!r})") from err
-    manifest = CartridgeManifest.model_validate(store.get_json(f"{pointer.prefix}/{MANIFEST_FILE}"))
+    manifest_uri = f"{pointer.prefix}/{MANIFEST_FILE}"
+    try:
+        manifest = read_document(store, manifest_uri, CartridgeManifest)
+    except ObjectNotFound:
+        raise CLIError(
+            f"cartridge {name!r}: the promoted g{pointer.generation} has no manifest ({manifest_uri})", EXIT_NOT_FOUND
+        ) from None
     return Stored(name, pointer, manifest)
+
+
+def read_document(store: Store, uri: str, model: type[DocumentModel]) -> DocumentModel:
+    """A JSON document of the store as ``model``; one that is not valid JSON or not such a document is an error
+    naming the object, which a bare ``JSONDecodeError`` or ``ValidationError`` would not."""
+    try:
+        return model.model_validate(store.get_json(uri))
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{uri}: not valid JSON ({err})", EXIT_INPUT) from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "document"
+        raise CLIError(f"{uri}: not a valid {model.__name__} ({where}: {first['msg']})", EXIT_INPUT) from None
 
 
 def names(store: Store, root: str, namespace: str) -> list[str]:
