@@ -646,3 +646,14 @@ def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
     code, _, err = cli(capsys, "inspect", "bad-pointer", "--store", store)
     assert code == EXIT_INPUT and pointer in err
     one_line_error(err)
+
+
+def test_a_new_description_trains_again(store: str, corpus_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The description is in the self-study prompts: another one is another cartridge, not "already trained"."""
+    argv = ["train", "redescribed", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2", "--json"]
+    code, out, _ = cli(capsys, *argv, "--description", "the first words")
+    assert code == 0 and json.loads(out)["generation"] == 1
+    code, out, _ = cli(capsys, *argv, "--description", "the first words")
+    assert code == 0 and json.loads(out)["trained"] is False
+    code, out, _ = cli(capsys, *argv, "--description", "the second words")
+    assert code == 0 and json.loads(out)["trained"] is True and json.loads(out)["generation"] == 2

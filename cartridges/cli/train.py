@@ -117,7 +117,7 @@ def train_cartridge(
 ) -> tuple[Stored, bool]:
     """Store the corpus, train a new generation and promote it; returns it and whether it was trained now.
 
-    Without ``force``, a promoted cartridge already trained on this corpus with this spec is kept.
+    Without ``force``, a promoted cartridge already trained on this corpus, description and spec is kept.
     """
     from cartridges.contract import TrainerConfig
     from cartridges_trainer import TrainerOptions, train
@@ -134,7 +134,7 @@ def train_cartridge(
             current = find(store, root, namespace, name)
         except CLIError:
             current = None
-        if current and current.manifest.corpus_digest == corpus.digest and _same_spec(current, spec):
+        if current and _trained_on(current, corpus.digest, description, spec):
             return current, False
     options = TrainerOptions(
         synthesis_batch_size=min(8, budget.conversations),
@@ -183,6 +183,17 @@ def _generation_to_train(store: Store, root: str, namespace: str, name: str, inp
 
 def _as_uri(source: str) -> str:
     return source if "://" in source else f"file://{source}"
+
+
+def _trained_on(stored: Stored, corpus_digest: str, description: str, spec: api.CartridgeSpec) -> bool:
+    """Whether the stored generation was trained on this corpus, described so (the description is in every
+    self-study prompt, so another one trains another cartridge) and with this spec."""
+    trained_description = stored.manifest.training.get("corpus_description")
+    return (
+        stored.manifest.corpus_digest == corpus_digest
+        and trained_description == description
+        and _same_spec(stored, spec)
+    )
 
 
 def _same_spec(stored: Stored, spec: api.CartridgeSpec) -> bool:
