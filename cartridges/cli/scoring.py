@@ -11,6 +11,7 @@ from cartridges.cli.common import EXIT_INPUT, CLIError
 from cartridges.cli.evaluate import QA, Row
 from cartridges.kvcache import cartridge_cache, prefix_cartridge
 from cartridges.models import LoadedModel
+from cartridges_trainer.progress import StatusLines
 
 DECODE_TOKENS = 32
 
@@ -36,8 +37,10 @@ def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: st
         (f"cartridge (p={cartridge.p}{quantized})", cartridge, stored.nbytes),
     ]
     rows = []
-    for name, prefix, kv_bytes in conditions:
-        nll = sum(_answer_nll(lm, prefix, turn, answer) for (_, turn), answer in zip(turns, answers, strict=True))
+    lines = StatusLines()
+    for number, (name, prefix, kv_bytes) in enumerate(conditions, 1):
+        label = f"eval: {name} ({number}/{len(conditions)})"
+        nll = _total_nll(lm, prefix, [turn for _, turn in turns], answers, lines, label)
         tokens = sum(len(a) for a in answers)
         rate = _tokens_per_s(lm, prefix, turns[0][1])
         rows.append(Row(name, nll / tokens, kv_bytes, rate))
@@ -76,6 +79,23 @@ def _logits(lm: LoadedModel, prefix: Cartridge | None, ids: list[int], cache: ob
     out = lm.model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=cache is not None)
     logits: torch.Tensor = out.logits[0]
     return logits
+
+
+def _total_nll(
+    lm: LoadedModel,
+    prefix: Cartridge | None,
+    turns: list[list[int]],
+    answers: list[list[int]],
+    lines: StatusLines,
+    label: str,
+) -> float:
+    """The summed answer NLL of every pair after ``prefix``, with a status line now and then when stderr is no
+    terminal (a long evaluation is otherwise silent)."""
+    total = 0.0
+    for question, (turn, answer) in enumerate(zip(turns, answers, strict=True), 1):
+        lines.show(f"{label}: question {question}/{len(answers)}", now=question == 1)
+        total += _answer_nll(lm, prefix, turn, answer)
+    return total
 
 
 def _answer_nll(lm: LoadedModel, prefix: Cartridge | None, turn: list[int], answer: list[int]) -> float:
