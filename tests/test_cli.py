@@ -681,3 +681,25 @@ def test_progress_lines_when_stderr_is_no_terminal(
     monkeypatch.setattr(StatusLines, "interval_s", 3600.0)
     code, _, err = cli(capsys, *argv, "--force")
     assert code == 0 and err.count("training: ") == 1  # throttled: the phase's first line only
+
+
+def test_an_imported_cartridge_is_evaluated_with_a_given_corpus_or_without_icl(
+    tiny_model: LoadedModel, tmp_path: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    pt = reference_pt(tiny_model, tmp_path / "ref.pt")
+    assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    evaluate = ["eval", "imported", "--qa", str(qa), "--model", "tiny", "--store", store]
+    code, out, err = cli(capsys, *evaluate, "--json")
+    rows = json.loads(out)["rows"]
+    assert code == 0 and [r["condition"].split(" (")[0] for r in rows] == ["no context", "cartridge"]
+    assert "no corpus recorded" in err and "--corpus" in err
+    code, out, _ = cli(capsys, *evaluate, "--corpus", str(corpus_dir), "--json")
+    rows = json.loads(out)["rows"]
+    assert code == 0 and len(rows) == 3 and rows[1]["condition"].startswith("ICL (") and rows[1]["kv_bytes"] > 0
+    code, out, _ = cli(capsys, *evaluate, "--plot", str(tmp_path / "two.png"))
+    assert code == 0 and "cartridge (p=16)" in out and "ICL" not in out
+    code, out, _ = cli(capsys, "quantize", "imported", "--store", store)
+    assert code == 0 and "`cartridges eval imported --qa FILE --corpus FILES`" in out

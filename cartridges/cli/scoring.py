@@ -17,25 +17,25 @@ DECODE_TOKENS = 32
 
 
 @torch.no_grad()
-def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: str, pairs: list[QA]) -> list[Row]:
-    """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt. A quantized
-    cartridge is scored dequantized, and its KV memory is what it is stored and served in."""
+def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: str | None, pairs: list[QA]) -> list[Row]:
+    """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt (no ICL row without
+    a corpus ``text``). A quantized cartridge is scored dequantized, and its KV memory is what it is stored and
+    served in."""
     from cartridges_trainer.prompts import render, system_prompt
 
-    system = system_prompt(description, text)
+    system = system_prompt(description, text or "")
     turns = [render(lm.tokenizer, system, qa.question) for qa in pairs]
     cartridge = stored.dequantize() if isinstance(stored, QuantizedCartridge) else stored
     quantized = f", {stored.format}" if isinstance(stored, QuantizedCartridge) else ""
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     answers = [list(lm.tokenizer(qa.answer, add_special_tokens=False)["input_ids"]) + eos for qa in pairs]
-    longest = max(len(turn) + len(answer) for (_, turn), answer in zip(turns, answers, strict=True))
-    context, icl_label = icl_context(lm, description, text, turns[0][0], longest)
-    icl = prefix_cartridge(lm.model, context, frozen_tokens=0)
-    conditions: list[tuple[str, Cartridge | None, int]] = [
-        ("no context", None, 0),
-        (icl_label, icl, icl.nbytes),
-        (f"cartridge (p={cartridge.p}{quantized})", cartridge, stored.nbytes),
-    ]
+    conditions: list[tuple[str, Cartridge | None, int]] = [("no context", None, 0)]
+    if text is not None:
+        longest = max(len(turn) + len(answer) for (_, turn), answer in zip(turns, answers, strict=True))
+        context, icl_label = icl_context(lm, description, text, turns[0][0], longest)
+        icl = prefix_cartridge(lm.model, context, frozen_tokens=0)
+        conditions.append((icl_label, icl, icl.nbytes))
+    conditions.append((f"cartridge (p={cartridge.p}{quantized})", cartridge, stored.nbytes))
     rows = []
     lines = StatusLines()
     for number, (name, prefix, kv_bytes) in enumerate(conditions, 1):

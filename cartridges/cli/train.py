@@ -96,6 +96,11 @@ def read_files(paths: list[Path]) -> NormalizedCorpus:
     return NormalizedCorpus.of(documents)
 
 
+def default_description(corpus: NormalizedCorpus) -> str:
+    """The description of a corpus given none: what it holds."""
+    return f"the documents {', '.join(d.id for d in corpus.documents)}"
+
+
 def _hidden(relative: Path) -> bool:
     """Whether a path inside a corpus directory is hidden or lies in a hidden directory (.git/, sub/.DS_Store)."""
     return any(part.startswith(".") for part in relative.parts)
@@ -226,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     budget = BUDGETS[args.budget]
     overrides = {k: v for k, v in (("size", args.size), ("steps", args.steps)) if v is not None}
     budget = Budget(**{**budget.__dict__, **overrides})
-    description = args.description or f"the documents {', '.join(d.id for d in corpus.documents)}"
+    description = args.description or default_description(corpus)
     stored, trained = train_cartridge(
         store,
         args.store,
