@@ -17,7 +17,7 @@ from _cartridge_store import publish, random_cartridge
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout
-from cartridges.cli import main
+from cartridges.cli import main, parser
 from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_NOT_FOUND,
@@ -703,3 +703,57 @@ def test_an_imported_cartridge_is_evaluated_with_a_given_corpus_or_without_icl(
     assert code == 0 and "cartridge (p=16)" in out and "ICL" not in out
     code, out, _ = cli(capsys, "quantize", "imported", "--store", store)
     assert code == 0 and "`cartridges eval imported --qa FILE --corpus FILES`" in out
+
+
+def test_same_named_files_from_different_directories_are_two_documents(tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "readme.md").write_text(f"readme of {folder}\n")
+    corpus = read_files([tmp_path / "a" / "readme.md", tmp_path / "b" / "readme.md"])
+    assert [d.id for d in corpus.documents] == ["a/readme.md", "b/readme.md"]
+    assert [d.id for d in read_files([tmp_path / "a", tmp_path / "b"]).documents] == ["a/readme.md", "b/readme.md"]
+    assert [d.id for d in read_files([tmp_path / "a" / "readme.md"]).documents] == ["readme.md"]
+    with pytest.raises(CLIError, match="given twice") as raised:
+        read_files([tmp_path / "a", tmp_path / "a" / "readme.md"])
+    assert raised.value.code == EXIT_USAGE
+
+
+def test_debug_before_the_command(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = parser().parse_args(["--debug", "ls", "--store", store])
+    assert args.debug is True
+    assert parser().parse_args(["ls", "--debug"]).debug is True and parser().parse_args(["ls"]).debug is False
+    assert cli(capsys, "--debug", "ls", "--store", store)[0] == 0
+
+
+def test_a_closed_pipe_on_stdout_exits_quietly(trained: dict[str, object], tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "cartridges.cli", "ls", "--store", str(trained["store"]), "--json"]
+    reader = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.close()  # like `| head -0`: nobody reads what ls prints
+    assert reader.wait(120) == 0
+    assert reader.stderr.read() == b""
+
+
+def test_a_cartridge_for_another_model_is_named_not_its_download_directory(
+    trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cartridges.cli import evaluate
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps(QA[0]) + "\n")
+    monkeypatch.setattr(evaluate, "load_model", lambda *_: tiny_llama(seed=1))
+    argv = ["eval", "lighthouse", "--qa", str(qa), "--store", str(trained["store"])]
+    code, _, err = cli(capsys, *argv)
+    assert code == EXIT_INPUT and "cartridge 'lighthouse' g" in err and "was trained for" in err
+    assert "/cartridges-" not in err  # no temporary directory
+    one_line_error(err)
+
+
+def test_importing_a_text_file_says_what_to_give(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "a.md"
+    text.write_text("The Acme handbook.\n")
+    code, _, err = cli(capsys, "import", "x", str(text), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and "reference implementation's .pt" in err and "weights_only" not in err
+    one_line_error(err)

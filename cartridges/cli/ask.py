@@ -127,5 +127,5 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--temperature", type=non_negative_float, default=0.0, help="0 is greedy (default: %(default)s)"
     )
     parser.add_argument("--json", action="store_true", help="print {answer, cartridges, seconds} once done")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     parser.set_defaults(func=run)

@@ -74,7 +74,10 @@ def store_options() -> argparse.ArgumentParser:
     parser.add_argument(
         "--namespace", type=namespace_name, default=NAMESPACE, help="namespace of the cartridges (default: %(default)s)"
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    # SUPPRESS: an unset subcommand flag must not overwrite `cartridges --debug COMMAND`'s
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and library logs"
+    )
     return parser
 
 
@@ -215,15 +218,20 @@ def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
     """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error), as stored
     and served: a quantized one stays quantized."""
     from cartridges.artifact import download_artifact, load_stored_cartridge
+    from cartridges.manifest import ArtifactError
 
+    which = f"cartridge {stored.name!r} g{stored.pointer.generation}"
     with tempfile.TemporaryDirectory(prefix="cartridges-") as tmp:
         manifest = download_artifact(store, stored.pointer.prefix, Path(tmp))
         if manifest.file_sha256 != stored.pointer.sha256:
             raise CLIError(
-                f"cartridge {stored.name!r} g{stored.pointer.generation}: tensors sha256 {manifest.file_sha256} "
+                f"{which}: tensors sha256 {manifest.file_sha256} "
                 f"does not match the promoted {stored.pointer.sha256}; refusing to load it"
             )
-        cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+        try:
+            cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+        except ArtifactError as err:  # named by the download directory, which is gone by the time it is shown
+            raise CLIError(f"{which}: {str(err).removeprefix(f'{tmp}: ')}", EXIT_INPUT) from err
     return cartridge
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from cartridges import api, layout
 from cartridges.cli.common import (
     EXIT_NOT_FOUND,
+    EXIT_USAGE,
     CLIError,
     Stored,
     add_command,
@@ -78,11 +80,14 @@ BUDGETS = {
 
 
 def read_files(paths: list[Path]) -> NormalizedCorpus:
-    """Every file (directories recursively, hidden files skipped) as one normalized document each."""
+    """Every file (directories recursively, hidden files skipped) as one normalized document each, its id the path
+    relative to ``_id_base`` (so ``a/readme.md b/readme.md`` are two documents, not one id twice)."""
     documents: list[layout.Document] = []
     for path in paths:
         if not path.exists():
             raise CLIError(f"{path}: no such file or directory", EXIT_NOT_FOUND)
+    base, ids = _id_base(paths), set[str]()
+    for path in paths:
         files = (
             [f for f in sorted(path.rglob("*")) if f.is_file() and not _hidden(f.relative_to(path))]
             if path.is_dir()
@@ -91,9 +96,20 @@ def read_files(paths: list[Path]) -> NormalizedCorpus:
         if not files:
             raise CLIError(f"{path}: the directory holds no files", EXIT_NOT_FOUND)
         for file in files:
-            doc_id = file.relative_to(path).as_posix() if path.is_dir() else file.name
+            doc_id = Path(os.path.abspath(file)).relative_to(base).as_posix()
+            if doc_id in ids:
+                raise CLIError(f"{file}: given twice (as {doc_id})", EXIT_USAGE)
+            ids.add(doc_id)
             documents.append(layout.Document(id=doc_id, text=normalize_text(file.read_bytes(), str(file))))
     return NormalizedCorpus.of(documents)
+
+
+def _id_base(paths: list[Path]) -> Path:
+    """What document ids are relative to: a single directory itself, else the common parent of everything given."""
+    absolute = [Path(os.path.abspath(p)) for p in paths]  # not resolve(): a symlink stays where it was given
+    if len(absolute) == 1 and absolute[0].is_dir():
+        return absolute[0]
+    return Path(os.path.commonpath([p.parent for p in absolute]))
 
 
 def default_description(corpus: NormalizedCorpus) -> str:
