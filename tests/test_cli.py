@@ -475,8 +475,8 @@ def test_serve_refuses_a_missing_or_unloadable_model_before_starting_triton(
         one_line_error(err)
     (tmp_path / "bad.gguf").write_text("not a gguf")
     (tmp_path / "empty-dir").mkdir()
-    for model, reason in ((tmp_path / "bad.gguf", "not a GGUF file"), (tmp_path / "empty-dir", "needs config.json")):
-        code, _, err = cli(capsys, "serve", "--model", str(model), "--store", store, "--port", str(free_port()))
+    for unloadable, reason in ((tmp_path / "bad.gguf", "not a GGUF file"), (tmp_path / "empty-dir", "config.json")):
+        code, _, err = cli(capsys, "serve", "--model", str(unloadable), "--store", store, "--port", str(free_port()))
         assert code == EXIT_INPUT and reason in err
         one_line_error(err)
     assert time.monotonic() - started < 20  # no Triton was started to find out
