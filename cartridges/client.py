@@ -36,16 +36,19 @@ TENSOR_TYPES: dict[str, type] = {
 class GenerateError(RuntimeError):
     """The request failed: ``status`` is the HTTP status, ``grpc_code`` the gRPC status name (``UNAVAILABLE``).
 
-    Both are None when the server was not reached or timed out, and for a model's refusal on a gRPC stream (Triton
-    sends it in-band, as a message without a status code).
+    Both are None when the server was not reached or timed out (``unreachable``), and for a model's refusal on a
+    gRPC stream (Triton sends it in-band, as a message without a status code).
     """
 
-    def __init__(self, message: str, status: int | None = None, grpc_code: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, grpc_code: str | None = None, *, unreachable: bool = False
+    ) -> None:
         prefix = f"HTTP {status}: " if status is not None else f"gRPC {grpc_code}: " if grpc_code else ""
         super().__init__(prefix + message)
         self.status = status
         self.grpc_code = grpc_code
         self.message = message
+        self.unreachable = unreachable
 
 
 @overload
@@ -152,7 +155,7 @@ def grpc_stream(
             try:
                 result, error = responses.get(timeout=timeout)
             except queue.Empty:
-                raise GenerateError(f"no response from {target} within {timeout}s") from None
+                raise GenerateError(f"no response from {target} within {timeout}s", unreachable=True) from None
             if error is not None:
                 raise _grpc_error(error, target)
             output = result.as_numpy("text_output")
@@ -176,7 +179,7 @@ def _grpc_error(error: Any, target: str) -> GenerateError:
     """A server's refusal keeps its status code; an unreachable server reads like the HTTP client's."""
     code = str(error.status() or "").removeprefix("StatusCode.") or None
     if code == "UNAVAILABLE" and "failed to connect" in error.message().lower():
-        return GenerateError(f"cannot reach {target}: {error.message()}")
+        return GenerateError(f"cannot reach {target}: {error.message()}", unreachable=True)
     return GenerateError(error.message(), grpc_code=code)
 
 
@@ -190,7 +193,7 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> Any:
         raise GenerateError(_error_message(err.read()), err.code) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
         reason = getattr(err, "reason", err)
-        raise GenerateError(f"cannot reach {url}: {reason}") from None
+        raise GenerateError(f"cannot reach {url}: {reason}", unreachable=True) from None
 
 
 def _stream(url: str, body: dict[str, Any], timeout: float) -> Iterator[str]:
@@ -203,7 +206,7 @@ def _stream(url: str, body: dict[str, Any], timeout: float) -> Iterator[str]:
                     if text:
                         yield text
         except TimeoutError as err:
-            raise GenerateError(f"no data from {url} within {timeout}s") from err
+            raise GenerateError(f"no data from {url} within {timeout}s", unreachable=True) from err
 
 
 def _json(data: bytes) -> dict[str, Any]:
@@ -223,7 +226,9 @@ def _text(body: dict[str, Any]) -> str:
 
 
 def _error_message(data: bytes) -> str:
+    """The ``error`` of an error body; a refused stream sends it as a server-sent event (``data: {"error": ...}``)."""
+    text = data.decode(errors="replace").strip()
     try:
-        return str(json.loads(data).get("error", data.decode(errors="replace")))
+        return str(json.loads(text.removeprefix("data:")).get("error", text))
     except (ValueError, AttributeError):
-        return data.decode(errors="replace")
+        return text

@@ -37,7 +37,11 @@ def import_reference_pt(path: Path) -> Cartridge:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad pickle
-        raise ArtifactError(f"{path}: not a readable torch checkpoint ({err})") from err
+        # Not torch's own advice (load with weights_only=False: run the file's code), but what the file should be.
+        raise ArtifactError(
+            f"{path}: not a readable torch checkpoint: expected the reference implementation's .pt (a torch.save "
+            "of tensors only) or a PEFT prefix-tuning adapter directory"
+        ) from err
     if not isinstance(state, dict) or "trainable_keys" not in state or "trainable_values" not in state:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ArtifactError(f"{path}: expected a dict with trainable_keys/trainable_values, found {found}")

@@ -25,7 +25,33 @@ TRAINING_INPUTS_FILE = "inputs.json"
 checkpoints record), so a later run under the same prefix can tell whether that state is its own."""
 
 
+# Kubernetes object names (DNS-1123 subdomain): what a Cartridge or Corpus may be called, so what a cartridge in
+# the store may be called; the router's CARTRIDGE_ID (serving-image/cartridges_serving/cache.py) is the same rule.
+RESOURCE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_RESOURCE_NAME = 253
+# Kubernetes namespace names (DNS-1123 label).
+NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAMESPACE_NAME = 63
+
+
+def is_resource_name(name: str) -> bool:
+    return len(name) <= MAX_RESOURCE_NAME and RESOURCE_NAME.match(name) is not None
+
+
+def is_namespace_name(name: str) -> bool:
+    return len(name) <= MAX_NAMESPACE_NAME and NAMESPACE_NAME.match(name) is not None
+
+
+class UnsafePathSegment(ValueError):
+    """A name that would not stay one path segment of the store (empty, ``.``, ``..`` or holding ``/``)."""
+
+
 def _join(root: str, *parts: str) -> str:
+    """``root/part/...``; each part must be exactly one segment, so no name can climb out of its prefix or land in
+    another's (``namespace=".."`` would write beside the store, ``""`` into the parent directory)."""
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part:
+            raise UnsafePathSegment(f"{part!r} is not a usable name in the store (one path segment, not . or ..)")
     return "/".join([root.rstrip("/"), *parts])
 
 
@@ -43,8 +69,13 @@ def model_prefix(root: str, model: str) -> str:
     return _join(root, "models", model)
 
 
+def cartridges_prefix(root: str, namespace: str) -> str:
+    """Where the cartridges of ``namespace`` live, one directory each."""
+    return _join(root, "cartridges", namespace)
+
+
 def cartridge_prefix(root: str, namespace: str, cartridge: str) -> str:
-    return _join(root, "cartridges", namespace, cartridge)
+    return _join(cartridges_prefix(root, namespace), cartridge)
 
 
 def generation_prefix(root: str, namespace: str, cartridge: str, generation: int) -> str:

@@ -28,10 +28,11 @@ from transformers import (
 from cartridges.artifact import ModelFingerprint
 from cartridges.hashing import sha256_bytes, sha256_file
 from cartridges.paths import cache_dir
-from cartridges.store import ObjectInfo, Store, StoreURI
+from cartridges.store import ObjectInfo, ObjectNotFound, Store, StoreURI
 
 log = logging.getLogger(__name__)
 
+GGUF_MAGIC = b"GGUF"
 CAUSAL_LM_GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 CHAT_TEMPLATE = (
@@ -210,6 +211,32 @@ def _unverified_key(info: ObjectInfo) -> str:
     its URI and revision, so replacing it is noticed; its bytes cannot be checked."""
     log.warning("%s has no recorded sha256 (uploaded by another tool?): cached by its revision, not verified", info.uri)
     return sha256_bytes(f"{info.uri} {info.revision}".encode())
+
+
+def check_model_files(source: str, store: Store) -> None:
+    """Fail fast on a model that cannot load, before a server spends a minute starting to find out: a missing
+    path or store object (``FileNotFoundError``/``ObjectNotFound``), or files that are no model (``ModelLoadError``).
+
+    Cheap checks only (existence, the GGUF magic, an HF directory's config.json); a store model is only looked up,
+    not downloaded."""
+    if "://" in source:
+        if source.endswith(".gguf"):
+            store.stat(source)
+        elif not store.list(source):
+            raise ObjectNotFound("no model files under", source)
+        return
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: an HF model directory needs config.json")
+        return
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: a model file must be .gguf (or give an HF directory)")
+    with path.open("rb") as file:
+        if file.read(4) != GGUF_MAGIC:
+            raise ModelLoadError(f"{path}: not a GGUF file (it does not start with {GGUF_MAGIC!r})")
 
 
 def load_base_model(

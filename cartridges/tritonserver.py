@@ -149,10 +149,25 @@ class TritonServer:
         self.service.stop()
 
 
-def error_lines(log_path: Path) -> str:
-    """Triton's error lines: a failed model load is logged long before the tail ``ServiceError`` shows."""
+# Logged at start-up on every CPU-only machine; never the reason a server failed.
+BENIGN_ERRORS = ("CudaDriverHelper has not been initialized",)
+
+
+def first_error(log_path: Path) -> str | None:
+    """The first line of the reason Triton logged for failing: a model's load failure if any (it comes first in
+    the log, long before the server gives up), else the first other error line; without the traceback Triton
+    appends to a Python model's exception."""
     lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-    return "\n".join(line for line in lines if re.match(r"E\d{4} ", line)) or "(none)"
+    messages = [_error_message(line) for line in lines if re.match(r"E\d{4} ", line)]
+    messages = [m for m in messages if m and not m.startswith(BENIGN_ERRORS)]
+    load_failures = [m for m in messages if m.startswith("failed to load")]
+    return next(iter(load_failures or messages), None)
+
+
+def _error_message(line: str) -> str:
+    """``E1206 22:17:17.860 19626 file.cc:642] "message\\n\\nAt: ..."`` -> ``message``."""
+    message = line.split("] ", 1)[-1].strip().strip('"')
+    return message.split("\\n", 1)[0].strip()
 
 
 @dataclass(frozen=True)
@@ -184,11 +199,13 @@ def start_triton(
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
     http_port: int | None = None,
+    log_path: Path | None = None,
 ) -> TritonServer:
     """Start Triton on ``model_repository`` with every model loaded; returns once the server is ready.
 
     Explicit model control keeps the repository API usable for loading and unloading later. The HTTP port is
-    ``http_port`` when given, else a free one, like the gRPC and metrics ports.
+    ``http_port`` when given, else a free one, like the gRPC and metrics ports. The log goes to ``log_path``
+    (default: ``workdir/tritonserver.log``): outside ``workdir`` when that is removed before a failure is shown.
     """
     runtime = local_runtime(workdir)
     http, grpc, metrics = http_port or free_port(), free_port(), free_port()
@@ -214,7 +231,7 @@ def start_triton(
     service = Service(
         "tritonserver",
         argv,
-        workdir / "tritonserver.log",
+        log_path or workdir / "tritonserver.log",
         env={**runtime.env, **(env or {})},
         cwd=workdir,
     )
@@ -222,9 +239,9 @@ def start_triton(
     try:
         startup = service.wait_until(lambda: http_ok(ready_url), timeout_s=timeout_s)
     except ServiceError as error:
-        raise ServiceError(
-            f"{error}\n\nerrors logged in {service.log_path}:\n{error_lines(service.log_path)}"
-        ) from None
+        what_happened = str(error).splitlines()[0].rstrip(":")  # "tritonserver exited with 1" / "not ready after"
+        reason = first_error(service.log_path) or "no error logged"
+        raise ServiceError(f"{what_happened}: {reason} (log: {service.log_path})") from None
     except BaseException:  # Ctrl-C while starting: the server runs in its own session and would outlive us
         service.stop()
         raise

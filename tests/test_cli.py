@@ -17,7 +17,7 @@ from _cartridge_store import publish, random_cartridge
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout
-from cartridges.cli import main
+from cartridges.cli import main, parser
 from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_NOT_FOUND,
@@ -30,7 +30,7 @@ from cartridges.cli.common import (
 )
 from cartridges.cli.evaluate import corpus_of
 from cartridges.cli.train import read_files
-from cartridges.models import LoadedModel
+from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
 from cartridges_e2e.minio import MinioServer
 
@@ -209,7 +209,7 @@ def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
 
     monkeypatch.setattr(pipeline, "evaluate", interrupted)
     code, _, err = cli(capsys, *argv, "--steps", "2")
-    assert code == 130 and err.strip() == "cartridges: interrupted"
+    assert code == 130 and err.strip().splitlines()[-1] == "cartridges: interrupted"
     code, _, _ = cli(capsys, *argv, "--steps", "4")  # other inputs: not g1's
     assert code == 130
     monkeypatch.setattr(pipeline, "evaluate", real)
@@ -399,6 +399,8 @@ def test_serve_ask_and_ctrl_c(
     store, port = str(trained["store"]), free_port()
     pt = reference_pt(tiny_model, tmp_path / "ref.pt")
     assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
+    other = tiny_llama(seed=1).fingerprint
+    publish(open_store(store), store, "default", "other-model", random_cartridge(other, 4, seed=3), other)
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "cartridges.cli", "serve", "--model", "tiny", "--store", store, "--port", str(port)]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -418,6 +420,12 @@ def test_serve_ask_and_ctrl_c(
         assert code == 0 and json.loads(out)["cartridges"] == ["lighthouse", "imported"]
         code, _, err = cli(capsys, "ask", "Hi", "-c", "nope", "--url", url)
         assert code == EXIT_NOT_FOUND and "not found" in err
+        one_line_error(err)
+        code, _, err = cli(capsys, "ask", "Hi", "-c", "other-model", "--url", url)
+        assert code == EXIT_INPUT and "was trained for" in err
+        one_line_error(err)
+        code, _, err = cli(capsys, "ask", "Hi", "--url", url, "--max-tokens", "100000")
+        assert code == EXIT_USAGE and "data:" not in err
         one_line_error(err)
         code, _, err = cli(capsys, "serve", "--model", "tiny", "--store", store, "--port", str(port))
         assert code == EXIT_UNAVAILABLE and "already in use" in err
@@ -454,3 +462,298 @@ def test_eval_prompts_with_the_description_the_cartridge_was_trained_with(
     assert stored.pointer.generation == 2
     description, _ = corpus_of(opened, store, "default", stored)
     assert description == "the second words"
+
+
+def test_serve_refuses_a_missing_or_unloadable_model_before_starting_triton(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    missing = ["file:///nowhere/nothing.gguf", "file:///nowhere/nothing", str(tmp_path / "nothing.gguf")]
+    for model in missing:
+        code, _, err = cli(capsys, "serve", "--model", model, "--store", store, "--port", str(free_port()))
+        assert code == EXIT_NOT_FOUND, err
+        one_line_error(err)
+    (tmp_path / "bad.gguf").write_text("not a gguf")
+    (tmp_path / "empty-dir").mkdir()
+    for unloadable, reason in ((tmp_path / "bad.gguf", "not a GGUF file"), (tmp_path / "empty-dir", "config.json")):
+        code, _, err = cli(capsys, "serve", "--model", str(unloadable), "--store", store, "--port", str(free_port()))
+        assert code == EXIT_INPUT and reason in err
+        one_line_error(err)
+    assert time.monotonic() - started < 20  # no Triton was started to find out
+
+
+def test_serve_port_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "70000"])
+    assert exit_info.value.code == EXIT_USAGE
+
+
+@pytest.mark.triton
+def test_serve_startup_failure_is_one_line_naming_a_log_that_exists(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that passes the quick checks but fails in the router: the first error Triton logged, on one line,
+    and the log it names is still there."""
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "models" / "bad.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)  # the right magic, nothing after it
+    code, _, err = cli(capsys, "serve", "--model", f"file://{bad}", "--store", store, "--port", str(free_port()))
+    assert code == 1
+    one_line_error(err)
+    assert "failed to load 'router'" in err and "bad.gguf" in err and "At:" not in err and "+---" not in err
+    log = Path(err.split("(log: ")[1].split(")")[0])
+    assert log.is_relative_to(tmp_path / "cache" / "logs") and "failed to load" in log.read_text()
+
+
+def test_namespace_must_be_a_kubernetes_namespace_name(
+    tmp_path: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "deep" / "store"
+    for namespace in ("../../escaped", "", "Team A", ".", "a/b", "x" * 64):
+        argv = ["train", "esc", str(corpus_dir), "--model", "tiny", "--store", f"file://{store}", "--steps", "1"]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--namespace", namespace])
+        assert exit_info.value.code == EXIT_USAGE, namespace
+        assert "invalid namespace" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*esc*"))  # nothing written, inside the store or beside it
+
+
+@pytest.mark.parametrize("segment", ["", ".", "..", "a/b"])
+def test_layout_refuses_names_that_are_not_one_path_segment(segment: str) -> None:
+    with pytest.raises(layout.UnsafePathSegment):
+        layout.current_pointer("file:///store", segment, "handbook")
+    with pytest.raises(layout.UnsafePathSegment):
+        layout.generation_prefix("file:///store", "default", segment, 1)
+    with pytest.raises(layout.UnsafePathSegment):
+        layout.corpus_prefix("file:///store", "default", "handbook", segment)
+
+
+def test_the_cli_takes_every_cartridge_name_the_cluster_and_the_router_take(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dotted and long names are Kubernetes object names: ls lists them, so inspect (and the rest) must take them."""
+    from cartridges_serving import cache
+
+    assert (cache.CARTRIDGE_ID.pattern, cache.MAX_ID_LENGTH) == (layout.RESOURCE_NAME.pattern, layout.MAX_RESOURCE_NAME)
+    store = f"file://{tmp_path / 'store'}"
+    fp = tiny_model.fingerprint
+    names = ["handbook.v2", "a" * 100, "b" * 253]
+    for seed, name in enumerate(names):
+        publish(open_store(store), store, "default", name, random_cartridge(fp, 4, seed=seed), fp)
+    code, out, _ = cli(capsys, "ls", "--store", store, "--json")
+    assert code == 0 and sorted(c["name"] for c in json.loads(out)) == sorted(names)
+    for name in names:
+        code, out, err = cli(capsys, "inspect", name, "--store", store, "--json")
+        assert code == 0, err
+    for name in ("b" * 254, "handbook..v2", ".v2", "Handbook"):
+        code, _, err = cli(capsys, "inspect", name, "--store", store)
+        assert code == EXIT_USAGE and "invalid cartridge name" in err
+        one_line_error(err)
+
+
+def test_eval_checks_plot_before_evaluating_and_prints_results_before_plotting(
+    trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cartridges.cli import evaluate
+
+    store = str(trained["store"])
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    argv = ["eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", store]
+    monkeypatch.setattr(evaluate, "load_model", lambda *_: pytest.fail("loaded the model before checking --plot"))
+    for target, reason in ((tmp_path / "out.xyz", "cannot plot to '.xyz'"), ("/proc/nope/out.png", "cannot write")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--plot", str(target)])
+        assert exit_info.value.code == EXIT_USAGE
+        assert reason in capsys.readouterr().err
+    monkeypatch.undo()
+    code, out, _ = cli(capsys, *argv, "--plot", str(tmp_path / "out"))
+    assert code == 0 and out.strip().endswith(f"plot: {tmp_path / 'out.png'}")
+    assert (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG")
+
+    def disk_full(*args: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "plot", disk_full)
+    code, out, err = cli(capsys, *argv, "--plot", str(tmp_path / "full.svg"))
+    assert code == 1 and "No space left" in err and "cartridge (p=64)" in out  # the table was printed first
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ask", ""],
+        ["ask", "Hi", "--max-tokens", "-1"],
+        ["ask", "Hi", "--temperature", "-1"],
+        ["ask", "Hi", "--temperature", "nan"],
+        ["ask", "Hi", "--url", "127.0.0.1:18555"],
+    ],
+)
+def test_ask_refuses_bad_values_before_sending_them(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == EXIT_USAGE
+
+
+@pytest.mark.parametrize(
+    ("message", "status", "code"),
+    [  # the router's messages (tests/test_serving.py), as Triton sends them: HTTP 400, or in-band on gRPC
+        ("cartridge 'missing' not found in namespace 'team-a' (no promoted generation)", 400, EXIT_NOT_FOUND),
+        ("cartridge 'x' g1: no such object: s3://b/cartridges/team-a/x/g1/manifest.json", 400, EXIT_NOT_FOUND),
+        ("cartridge 'x' g1: /tmp/c: cartridge was trained for smollm2, not the loaded tiny (layers 30 != 2)", 400, 65),
+        ("cartridge 'corrupt' g1: tensors sha256 abc does not match the manifest", 400, EXIT_INPUT),
+        ("cartridge id '../b' is not a cartridge name in namespace 'a' (no '/' or '..')", 400, EXIT_USAGE),
+        ("max_tokens must be >= 0, got -1", 400, EXIT_USAGE),
+        ("the prompt and max_tokens need 100010 positions; the context window is 4096", None, EXIT_USAGE),
+        ("Unable to parse 'data'", 500, 1),
+        ("the engine is shutting down", 503, EXIT_UNAVAILABLE),
+    ],
+)
+def test_ask_exit_codes_follow_the_routers_refusals(message: str, status: int | None, code: int) -> None:
+    from cartridges.cli.ask import exit_code
+    from cartridges.client import GenerateError
+
+    assert exit_code(GenerateError(message, status)) == code
+
+
+def test_a_refused_stream_reads_as_the_servers_message() -> None:
+    from cartridges.client import _error_message
+
+    assert _error_message(b'data: {"error":"max_tokens must be >= 0, got -1"}\n\n') == "max_tokens must be >= 0, got -1"
+    assert _error_message(b'{"error":"plain"}') == "plain"
+    assert _error_message(b"not json") == "not json"
+
+
+def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    opened, fp = open_store(store), tiny_model.fingerprint
+    for seed, name in enumerate(("good", "lost-manifest", "bad-pointer")):
+        publish(opened, store, "default", name, random_cartridge(fp, 4, seed=seed), fp)
+    manifest = f"{layout.generation_prefix(store, 'default', 'lost-manifest', 1)}/{layout.MANIFEST_FILE}"
+    Path(manifest.removeprefix("file://")).unlink()
+    pointer = layout.current_pointer(store, "default", "bad-pointer")
+    opened.put_bytes(pointer, b"{not json")
+    code, out, _ = cli(capsys, "ls", "--store", store, "--json")
+    listed = {c["name"]: c for c in json.loads(out)}
+    assert code == 0 and listed["good"]["generation"] == 1
+    assert "has no manifest" in listed["lost-manifest"]["error"]
+    assert pointer in listed["bad-pointer"]["error"] and "not valid JSON" in listed["bad-pointer"]["error"]
+    code, out, _ = cli(capsys, "ls", "--store", store)
+    assert code == 0 and out.count("BROKEN: ") == 2 and "tiny-llama-seed0" in out
+    code, _, err = cli(capsys, "inspect", "bad-pointer", "--store", store)
+    assert code == EXIT_INPUT and pointer in err
+    one_line_error(err)
+
+
+def test_a_new_description_trains_again(store: str, corpus_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The description is in the self-study prompts: another one is another cartridge, not "already trained"."""
+    argv = ["train", "redescribed", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2", "--json"]
+    code, out, _ = cli(capsys, *argv, "--description", "the first words")
+    assert code == 0 and json.loads(out)["generation"] == 1
+    code, out, _ = cli(capsys, *argv, "--description", "the first words")
+    assert code == 0 and json.loads(out)["trained"] is False
+    code, out, _ = cli(capsys, *argv, "--description", "the second words")
+    assert code == 0 and json.loads(out)["trained"] is True and json.loads(out)["generation"] == 2
+
+
+def test_progress_lines_when_stderr_is_no_terminal(
+    tmp_path: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under CI or ``| tee`` there is no bar: training and evaluation print a line now and then (every 15 s; here
+    at every chance), so a long run is not silent."""
+    from cartridges_trainer.progress import StatusLines
+
+    monkeypatch.setattr(StatusLines, "interval_s", 0.0)
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "chatty", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "4", "--json"]
+    code, out, err = cli(capsys, *argv)
+    assert code == 0 and json.loads(out)["trained"] is True  # stdout stays the JSON alone
+    assert "synthesizing: step 0/" in err and "training: step 4/4, loss " in err and "ETA " in err
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    code, out, err = cli(capsys, "eval", "chatty", "--qa", str(qa), "--model", "tiny", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["rows"]
+    for condition in ("eval: no context (1/3): question 1/1", "(2/3): question 1/1", "eval: cartridge (p=64) (3/3)"):
+        assert condition in err
+    monkeypatch.setattr(StatusLines, "interval_s", 3600.0)
+    code, _, err = cli(capsys, *argv, "--force")
+    assert code == 0 and err.count("training: ") == 1  # throttled: the phase's first line only
+
+
+def test_an_imported_cartridge_is_evaluated_with_a_given_corpus_or_without_icl(
+    tiny_model: LoadedModel, tmp_path: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    pt = reference_pt(tiny_model, tmp_path / "ref.pt")
+    assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(x) + "\n" for x in QA))
+    evaluate = ["eval", "imported", "--qa", str(qa), "--model", "tiny", "--store", store]
+    code, out, err = cli(capsys, *evaluate, "--json")
+    rows = json.loads(out)["rows"]
+    assert code == 0 and [r["condition"].split(" (")[0] for r in rows] == ["no context", "cartridge"]
+    assert "no corpus recorded" in err and "--corpus" in err
+    code, out, _ = cli(capsys, *evaluate, "--corpus", str(corpus_dir), "--json")
+    rows = json.loads(out)["rows"]
+    assert code == 0 and len(rows) == 3 and rows[1]["condition"].startswith("ICL (") and rows[1]["kv_bytes"] > 0
+    code, out, _ = cli(capsys, *evaluate, "--plot", str(tmp_path / "two.png"))
+    assert code == 0 and "cartridge (p=16)" in out and "ICL" not in out
+    code, out, _ = cli(capsys, "quantize", "imported", "--store", store)
+    assert code == 0 and "`cartridges eval imported --qa FILE --corpus FILES`" in out
+
+
+def test_same_named_files_from_different_directories_are_two_documents(tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "readme.md").write_text(f"readme of {folder}\n")
+    corpus = read_files([tmp_path / "a" / "readme.md", tmp_path / "b" / "readme.md"])
+    assert [d.id for d in corpus.documents] == ["a/readme.md", "b/readme.md"]
+    assert [d.id for d in read_files([tmp_path / "a", tmp_path / "b"]).documents] == ["a/readme.md", "b/readme.md"]
+    assert [d.id for d in read_files([tmp_path / "a" / "readme.md"]).documents] == ["readme.md"]
+    with pytest.raises(CLIError, match="given twice") as raised:
+        read_files([tmp_path / "a", tmp_path / "a" / "readme.md"])
+    assert raised.value.code == EXIT_USAGE
+
+
+def test_debug_before_the_command(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = parser().parse_args(["--debug", "ls", "--store", store])
+    assert args.debug is True
+    assert parser().parse_args(["ls", "--debug"]).debug is True and parser().parse_args(["ls"]).debug is False
+    assert cli(capsys, "--debug", "ls", "--store", store)[0] == 0
+
+
+def test_a_closed_pipe_on_stdout_exits_quietly(trained: dict[str, object], tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "cartridges.cli", "ls", "--store", str(trained["store"]), "--json"]
+    reader = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.close()  # like `| head -0`: nobody reads what ls prints
+    assert reader.wait(120) == 0
+    assert reader.stderr.read() == b""
+
+
+def test_a_cartridge_for_another_model_is_named_not_its_download_directory(
+    trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cartridges.cli import evaluate
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps(QA[0]) + "\n")
+    monkeypatch.setattr(evaluate, "load_model", lambda *_: tiny_llama(seed=1))
+    argv = ["eval", "lighthouse", "--qa", str(qa), "--store", str(trained["store"])]
+    code, _, err = cli(capsys, *argv)
+    assert code == EXIT_INPUT and "cartridge 'lighthouse' g" in err and "was trained for" in err
+    assert "/cartridges-" not in err  # no temporary directory
+    one_line_error(err)
+
+
+def test_importing_a_text_file_says_what_to_give(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "a.md"
+    text.write_text("The Acme handbook.\n")
+    code, _, err = cli(capsys, "import", "x", str(text), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and "reference implementation's .pt" in err and "weights_only" not in err
+    one_line_error(err)

@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 
 import cartridges
 from cartridges.process import ServiceError, http_ok
-from cartridges.tritonserver import TritonServer, start_triton
+from cartridges.tritonserver import TritonServer, first_error, start_triton
 from cartridges_e2e.triton import TritonFactory
 
 pytestmark = pytest.mark.triton
@@ -100,5 +100,23 @@ def test_load_failure_reports_model_error(tmp_path: Path) -> None:
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text((MODELS / "echo" / "config.pbtxt").read_text())
     (model / "1" / "model.py").write_text("raise RuntimeError('broken on purpose')\n")
-    with pytest.raises(ServiceError, match="broken on purpose"):
-        start_triton(tmp_path / "models", tmp_path / "work")
+    with pytest.raises(ServiceError, match="broken on purpose") as raised:
+        start_triton(tmp_path / "models", tmp_path / "work", log_path=tmp_path / "logs" / "triton.log")
+    message = str(raised.value)
+    assert "\n" not in message and "At:" not in message  # the first error, not the log's tables and tracebacks
+    assert f"(log: {tmp_path / 'logs' / 'triton.log'})" in message
+    assert "broken on purpose" in (tmp_path / "logs" / "triton.log").read_text()
+
+
+def test_first_error_prefers_a_model_load_failure_and_skips_cpu_noise(tmp_path: Path) -> None:
+    log = tmp_path / "triton.log"
+    log.write_text(
+        'I1206 22:17:03.700000 1 server.cc:100] "starting"\n'
+        'E1206 22:17:03.766504 1 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+        'E1206 22:17:17.860147 1 backend_model.cc:692] "ERROR: Failed to create instance: boom\\n\\nAt:\\n x.py"\n'
+        "E1206 22:17:17.860358 1 lifecycle.cc:642] \"failed to load 'router' version 1: Internal: boom\\n\\nAt:\"\n"
+        "error: creating server: Internal - failed to load all models\n"
+    )
+    assert first_error(log) == "failed to load 'router' version 1: Internal: boom"
+    log.write_text('E1206 22:17:03.766504 1 server.cc:241] "CudaDriverHelper has not been initialized."\n')
+    assert first_error(log) is None

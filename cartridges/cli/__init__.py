@@ -19,6 +19,7 @@ from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
+    EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     CLIError,
@@ -40,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
         "`cartridges COMMAND --help` shows each command's options and examples.\n\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    root.add_argument("--debug", action="store_true", help="show tracebacks and library logs (also after COMMAND)")
     commands = root.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.register(commands)
@@ -59,11 +61,11 @@ def _code(err: BaseException) -> int:
 
     if isinstance(err, CLIError):
         return err.code
-    if isinstance(err, StoreUnavailable) or (isinstance(err, GenerateError) and err.status is None):
+    if isinstance(err, GenerateError):
+        return ask.exit_code(err)
+    if isinstance(err, StoreUnavailable):
         return EXIT_UNAVAILABLE
     if isinstance(err, ObjectNotFound | BucketNotFound | FileNotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(err, GenerateError) and "not found" in err.message:
         return EXIT_NOT_FOUND
     if isinstance(err, ValidationError | StoreNotConfigured):
         return EXIT_USAGE
@@ -93,6 +95,14 @@ def _configure_logging(debug: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _silence_stdout() -> None:
+    """The reader of stdout went away (``| head``): not an error. What is left unwritten goes to /dev/null, so the
+    flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
@@ -102,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cartridges: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
     except Exception as err:
         if debug:
             raise

@@ -3,11 +3,73 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from cartridges.cli.common import add_command, check_name, print_json
+from cartridges.cli.common import (
+    EXIT_FAILURE,
+    EXIT_INPUT,
+    EXIT_NOT_FOUND,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    add_command,
+    check_name,
+    print_json,
+)
+
+if TYPE_CHECKING:
+    from cartridges.client import GenerateError
+
+URL_SCHEMES = ("http://", "https://", "grpc://")
+# The router's messages (serving-image/cartridges_serving/errors.py). Triton answers every model error with HTTP 400
+# (in-band, without a code, on a gRPC stream), so what kind of refusal it was shows only in the message.
+NOT_FOUND = re.compile(r"\bnot found\b|no such object")
+UNUSABLE_CARTRIDGE = re.compile(r"was trained for|^cartridge '[^']*'( g\d+)?: ")
+
+
+def exit_code(err: GenerateError) -> int:
+    """The exit code of a failed request: unreachable (4), a missing cartridge (3), a cartridge the server cannot
+    use, such as one for another base model (65), any other refusal of the request (2)."""
+    if err.unreachable or err.status == 503 or err.grpc_code == "UNAVAILABLE":
+        return EXIT_UNAVAILABLE
+    if NOT_FOUND.search(err.message) or err.status == 404 or err.grpc_code == "NOT_FOUND":
+        return EXIT_NOT_FOUND
+    if UNUSABLE_CARTRIDGE.search(err.message):
+        return EXIT_INPUT
+    refused = err.status == 400 or err.grpc_code == "INVALID_ARG" or (err.status is None and err.grpc_code is None)
+    return EXIT_USAGE if refused else EXIT_FAILURE
+
+
+def server_url(text: str) -> str:
+    if not text.startswith(URL_SCHEMES):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the scheme too ({', '.join(URL_SCHEMES)}), e.g. http://{text}"
+        )
+    return text
+
+
+def question_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the question is empty")
+    return text
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def answer(url: str, question: str, cartridges: Sequence[str], max_tokens: int, temperature: float) -> str:
@@ -53,11 +115,17 @@ def register(commands: argparse._SubParsersAction) -> None:
             'cartridges ask "Hello" --json                                # no cartridge, JSON out',
         ),
     )
-    parser.add_argument("question")
+    parser.add_argument("question", type=question_text)
     parser.add_argument("-c", "--cartridge", action="append", default=[], help="cartridge name (repeatable)")
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="answer length limit (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    parser.add_argument(
+        "--url", type=server_url, default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=non_negative_int, default=128, help="answer length limit (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="0 is greedy (default: %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="print {answer, cartridges, seconds} once done")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     parser.set_defaults(func=run)

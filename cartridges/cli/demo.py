@@ -13,8 +13,8 @@ from importlib import resources
 from pathlib import Path
 
 from cartridges.cli.common import add_command, load_model, model_options, open_store, store_options
-from cartridges.cli.evaluate import evaluate_stored, plot, read_qa, table
-from cartridges.cli.serve import local_server
+from cartridges.cli.evaluate import evaluate_stored, plot, plot_path, read_qa, table
+from cartridges.cli.serve import local_server, port_number
 from cartridges.cli.train import BUDGETS, read_files, train_cartridge
 
 NAME = "kestrel-rock"
@@ -89,7 +89,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="the small training budget (under a minute)")
     parser.add_argument("--force", action="store_true", help="train again even if the cartridge is in the store")
-    parser.add_argument("--plot", type=Path, default=Path("cartridges-demo.png"), help="where to save the plot")
-    parser.add_argument("--port", type=int, help="HTTP port of the server (default: a free one)")
+    parser.add_argument("--plot", type=plot_path, default="cartridges-demo.png", help="where to save the plot")
+    parser.add_argument("--port", type=port_number, help="HTTP port of the server (default: a free one)")
     parser.add_argument("--max-tokens", type=int, default=48, help="answer length (default: %(default)s)")
     parser.set_defaults(func=run)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,9 @@ from cartridges.store import Store
 
 if TYPE_CHECKING:
     from cartridges.models import LoadedModel
+
+
+CONDITION_COLORS = {"no": "#9e9e9e", "ICL": "#1f77b4"}  # by a condition's first word; the cartridge's is red
 
 
 @dataclass(frozen=True)
@@ -69,14 +74,22 @@ def read_qa(path: Path) -> list[QA]:
     return pairs
 
 
+def records_its_corpus(stored: Stored) -> bool:
+    """Whether the manifest says which stored corpus the cartridge was trained on (an imported one does not)."""
+    refs = stored.manifest.training.get("spec", {}).get("corpusRefs")
+    return bool(refs and stored.manifest.corpus_digest)
+
+
 def corpus_of(store: Store, root: str, namespace: str, stored: Stored) -> tuple[str, str]:
     """The description and text the cartridge was trained on, joined as the trainer joins them."""
     from cartridges_trainer.corpus import DOCUMENT_SEPARATOR
 
-    spec, digest = stored.manifest.training.get("spec", {}), stored.manifest.corpus_digest
-    refs = spec.get("corpusRefs") or []
-    if not refs or not digest:
-        raise CLIError(f"{stored.name}: the manifest does not say which corpus it was trained on", EXIT_INPUT)
+    if not records_its_corpus(stored):
+        raise CLIError(
+            f"{stored.name}: the manifest does not say which corpus it was trained on; give it with --corpus FILES",
+            EXIT_INPUT,
+        )
+    refs, digest = stored.manifest.training["spec"]["corpusRefs"], str(stored.manifest.corpus_digest)
     texts: list[str] = []
     description = ""
     for ref, part in zip(refs, digest.split("+"), strict=False):
@@ -89,6 +102,16 @@ def corpus_of(store: Store, root: str, namespace: str, stored: Stored) -> tuple[
     return description, DOCUMENT_SEPARATOR.join(t for t in texts if t.strip())
 
 
+def given_corpus(paths: list[Path], description: str | None) -> tuple[str, str]:
+    """``--corpus``: the description and text for the ICL condition, read and joined as ``train`` would."""
+    from cartridges.cli.train import default_description, read_files
+    from cartridges_trainer.corpus import DOCUMENT_SEPARATOR
+
+    corpus = read_files(paths)
+    text = DOCUMENT_SEPARATOR.join(d.text for d in corpus.documents if d.text.strip())
+    return description or default_description(corpus), text
+
+
 def table(rows: list[Row]) -> str:
     width = max(28, *(len(r.condition) for r in rows))
     lines = [f"{'condition':<{width}} {'answer NLL/token':>16} {'KV cache':>12} {'tokens/s':>10}"]
@@ -96,6 +119,8 @@ def table(rows: list[Row]) -> str:
         f"{r.condition:<{width}} {r.answer_nll:>16.3f} {human_bytes(r.kv_bytes):>12} {r.tokens_per_s:>10.1f}"
         for r in rows
     ]
+    if len(rows) < 3:
+        return "\n".join(lines)  # no ICL row: no gain to recover
     none, icl, cart = rows
     gain = none.answer_nll - icl.answer_nll
     if gain > 0:
@@ -106,15 +131,35 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def plot_path(text: str) -> Path:
+    """``--plot``: a file matplotlib can write, checked before any work (argparse makes a failure exit 2). Without
+    an extension it is a PNG, as matplotlib would save it (``out`` -> ``out.png``); the parent is created now."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    if not path.suffix:
+        path = path.with_name(f"{path.name}.png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise argparse.ArgumentTypeError(f"{text}: cannot plot to {path.suffix!r}; use one of {', '.join(formats)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({err.strerror or err})") from None
+    return path
+
+
 def plot(rows: list[Row], path: Path, title: str) -> Path:
-    """Three bar charts (quality, memory, speed) in one PNG."""
+    """Three bar charts (quality, memory, speed) in one file, its format from ``path``'s extension."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r.condition.split(" (")[0] for r in rows]
-    colors = ["#9e9e9e", "#1f77b4", "#d62728"]
+    colors = [CONDITION_COLORS.get(name.split()[0], "#d62728") for name in names]
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     panels = (
         ("answer NLL per token (lower is better)", [r.answer_nll for r in rows]),
@@ -134,11 +179,23 @@ def plot(rows: list[Row], path: Path, title: str) -> Path:
     return path
 
 
-def evaluate_stored(store: Store, root: str, namespace: str, name: str, lm: LoadedModel, pairs: list[QA]) -> list[Row]:
+def evaluate_stored(
+    store: Store,
+    root: str,
+    namespace: str,
+    name: str,
+    lm: LoadedModel,
+    pairs: list[QA],
+    corpus: tuple[str, str] | None = None,
+) -> list[Row]:
+    """The conditions on ``pairs``; ICL on ``corpus`` (description, text) when given, else on the corpus the
+    cartridge was trained on, else (an imported cartridge) no ICL row."""
     from cartridges.cli.scoring import compare
 
     stored = find(store, root, namespace, name)
-    description, text = corpus_of(store, root, namespace, stored)
+    if corpus is None and records_its_corpus(stored):
+        corpus = corpus_of(store, root, namespace, stored)
+    description, text = corpus or (str(stored.manifest.training.get("corpus_description") or name), None)
     return compare(lm, load(store, stored, lm), description, text, pairs)
 
 
@@ -146,16 +203,24 @@ def run(args: argparse.Namespace) -> int:
     name = check_name(args.name)
     pairs = read_qa(args.qa)
     store = open_store(args.store)
-    find(store, args.store, args.namespace, name)  # fail on an unknown cartridge before loading the model
-    rows = evaluate_stored(store, args.store, args.namespace, name, load_model(args.model, store), pairs)
-    if args.plot:
-        plot(rows, args.plot, f"{name}: {len(pairs)} questions")
-    if args.json:
+    stored = find(store, args.store, args.namespace, name)  # fail on an unknown cartridge before loading the model
+    corpus = given_corpus(args.corpus, args.description) if args.corpus else None
+    if corpus is None and not records_its_corpus(stored):
+        print(
+            f"{name}: no corpus recorded (imported?): scoring no context and the cartridge only; "
+            "--corpus FILES adds the corpus in context (ICL)",
+            file=sys.stderr,
+        )
+    lm = load_model(args.model, store)
+    rows = evaluate_stored(store, args.store, args.namespace, name, lm, pairs, corpus)
+    if args.json:  # the results first: a plot that fails to save must not lose them
         print_json({"cartridge": name, "questions": len(pairs), "rows": [asdict(r) for r in rows]})
     else:
-        print(table(rows))
-        if args.plot:
-            print(f"plot: {args.plot}")
+        print(table(rows), flush=True)
+    if args.plot:
+        written = plot(rows, args.plot, f"{name}: {len(pairs)} questions")
+        if not args.json:
+            print(f"plot: {written}")
     return 0
 
 
@@ -168,12 +233,22 @@ def register(commands: argparse._SubParsersAction) -> None:
         examples=(
             "cartridges eval handbook --qa questions.jsonl",
             "cartridges eval handbook --qa questions.jsonl --plot eval.png --json",
+            "cartridges eval imported --qa questions.jsonl --corpus docs/   # ICL on docs/ for an imported one",
             'questions.jsonl holds one {"question": "...", "answer": "..."} per line',
         ),
         parents=[store_options(), model_options()],
     )
     parser.add_argument("name", help="the cartridge to evaluate")
     parser.add_argument("--qa", type=Path, required=True, help="JSON lines of question/answer pairs")
-    parser.add_argument("--plot", type=Path, help="save a PNG of the comparison here")
+    parser.add_argument(
+        "--corpus",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="files or directories for the ICL condition (default: the corpus the cartridge was trained on; "
+        "needed for an imported cartridge)",
+    )
+    parser.add_argument("--description", help="what --corpus is, as in `train --description`")
+    parser.add_argument("--plot", type=plot_path, help="save a chart of the comparison here (.png, .svg, .pdf, ...)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.set_defaults(func=run)

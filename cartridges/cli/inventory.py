@@ -7,6 +7,7 @@ from typing import Any
 
 from cartridges import layout
 from cartridges.cli.common import (
+    CLIError,
     Stored,
     add_command,
     check_name,
@@ -43,9 +44,18 @@ def _recovered(scores: dict[str, Any]) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def describe_or_error(store: Store, root: str, namespace: str, name: str) -> dict[str, Any]:
+    """``describe`` of one listed cartridge, or ``{"name", "error"}`` when it cannot be read: one broken cartridge
+    (a lost manifest, a damaged current.json) must not hide the others."""
+    try:
+        return describe(find(store, root, namespace, name))
+    except CLIError as err:
+        return {"name": name, "error": str(err)}
+
+
 def run_ls(args: argparse.Namespace) -> int:
     store = open_store(args.store)
-    found = [describe(find(store, args.store, args.namespace, n)) for n in names(store, args.store, args.namespace)]
+    found = [describe_or_error(store, args.store, args.namespace, n) for n in names(store, args.store, args.namespace)]
     if args.json:
         print_json(found)
         return 0
@@ -55,11 +65,15 @@ def run_ls(args: argparse.Namespace) -> int:
     header = f"{'NAME':<24} {'GEN':>3} {'P':>5} {'SIZE':>10}  {'BASE MODEL':<28} {'CORPUS':<14} {'ICL GAIN':>8}"
     print(header)
     for c in found:
-        print(
-            f"{c['name']:<24} {c['generation']:>3} {c['p']:>5} {human_bytes(c['bytes']):>10}  "
-            f"{c['baseModel'][:28]:<28} {(c['corpusDigest'] or '-')[:12]:<14} {_recovered(c['scores']):>8}"
-        )
+        print(f"{c['name']:<24} BROKEN: {c['error']}" if "error" in c else _row(c))
     return 0
+
+
+def _row(c: dict[str, Any]) -> str:
+    return (
+        f"{c['name']:<24} {c['generation']:>3} {c['p']:>5} {human_bytes(c['bytes']):>10}  "
+        f"{c['baseModel'][:28]:<28} {(c['corpusDigest'] or '-')[:12]:<14} {_recovered(c['scores']):>8}"
+    )
 
 
 def _progress(store: Store, prefix: str) -> dict[str, Any] | None:

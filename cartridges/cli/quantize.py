@@ -18,6 +18,7 @@ from cartridges.cli.common import (
     publish_generation,
     store_options,
 )
+from cartridges.cli.evaluate import records_its_corpus
 from cartridges.cli.inventory import describe
 
 
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{name}: generation {stored.pointer.generation} is generation {source.pointer.generation} in {args.format} "
         f"({human_bytes(source.manifest.file_bytes)} -> {human_bytes(stored.manifest.file_bytes)}); "
-        f"`cartridges eval {name} --qa FILE` measures what it costs"
+        f"`cartridges eval {name} --qa FILE{'' if records_its_corpus(stored) else ' --corpus FILES'}` "
+        "measures what it costs"
     )
     return 0
 

@@ -11,33 +11,36 @@ from cartridges.cli.common import EXIT_INPUT, CLIError
 from cartridges.cli.evaluate import QA, Row
 from cartridges.kvcache import cartridge_cache, prefix_cartridge
 from cartridges.models import LoadedModel
+from cartridges_trainer.progress import StatusLines
 
 DECODE_TOKENS = 32
 
 
 @torch.no_grad()
-def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: str, pairs: list[QA]) -> list[Row]:
-    """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt. A quantized
-    cartridge is scored dequantized, and its KV memory is what it is stored and served in."""
+def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: str | None, pairs: list[QA]) -> list[Row]:
+    """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt (no ICL row without
+    a corpus ``text``). A quantized cartridge is scored dequantized, and its KV memory is what it is stored and
+    served in."""
     from cartridges_trainer.prompts import render, system_prompt
 
-    system = system_prompt(description, text)
+    system = system_prompt(description, text or "")
     turns = [render(lm.tokenizer, system, qa.question) for qa in pairs]
     cartridge = stored.dequantize() if isinstance(stored, QuantizedCartridge) else stored
     quantized = f", {stored.format}" if isinstance(stored, QuantizedCartridge) else ""
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     answers = [list(lm.tokenizer(qa.answer, add_special_tokens=False)["input_ids"]) + eos for qa in pairs]
-    longest = max(len(turn) + len(answer) for (_, turn), answer in zip(turns, answers, strict=True))
-    context, icl_label = icl_context(lm, description, text, turns[0][0], longest)
-    icl = prefix_cartridge(lm.model, context, frozen_tokens=0)
-    conditions: list[tuple[str, Cartridge | None, int]] = [
-        ("no context", None, 0),
-        (icl_label, icl, icl.nbytes),
-        (f"cartridge (p={cartridge.p}{quantized})", cartridge, stored.nbytes),
-    ]
+    conditions: list[tuple[str, Cartridge | None, int]] = [("no context", None, 0)]
+    if text is not None:
+        longest = max(len(turn) + len(answer) for (_, turn), answer in zip(turns, answers, strict=True))
+        context, icl_label = icl_context(lm, description, text, turns[0][0], longest)
+        icl = prefix_cartridge(lm.model, context, frozen_tokens=0)
+        conditions.append((icl_label, icl, icl.nbytes))
+    conditions.append((f"cartridge (p={cartridge.p}{quantized})", cartridge, stored.nbytes))
     rows = []
-    for name, prefix, kv_bytes in conditions:
-        nll = sum(_answer_nll(lm, prefix, turn, answer) for (_, turn), answer in zip(turns, answers, strict=True))
+    lines = StatusLines()
+    for number, (name, prefix, kv_bytes) in enumerate(conditions, 1):
+        label = f"eval: {name} ({number}/{len(conditions)})"
+        nll = _total_nll(lm, prefix, [turn for _, turn in turns], answers, lines, label)
         tokens = sum(len(a) for a in answers)
         rate = _tokens_per_s(lm, prefix, turns[0][1])
         rows.append(Row(name, nll / tokens, kv_bytes, rate))
@@ -76,6 +79,23 @@ def _logits(lm: LoadedModel, prefix: Cartridge | None, ids: list[int], cache: ob
     out = lm.model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=cache is not None)
     logits: torch.Tensor = out.logits[0]
     return logits
+
+
+def _total_nll(
+    lm: LoadedModel,
+    prefix: Cartridge | None,
+    turns: list[list[int]],
+    answers: list[list[int]],
+    lines: StatusLines,
+    label: str,
+) -> float:
+    """The summed answer NLL of every pair after ``prefix``, with a status line now and then when stderr is no
+    terminal (a long evaluation is otherwise silent)."""
+    total = 0.0
+    for question, (turn, answer) in enumerate(zip(turns, answers, strict=True), 1):
+        lines.show(f"{label}: question {question}/{len(answers)}", now=question == 1)
+        total += _answer_nll(lm, prefix, turn, answer)
+    return total
 
 
 def _answer_nll(lm: LoadedModel, prefix: Cartridge | None, turn: list[int], answer: list[int]) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -23,7 +24,8 @@ from cartridges.cli.common import (
     open_store,
     store_options,
 )
-from cartridges.tritonserver import TritonServer
+from cartridges.paths import cache_dir
+from cartridges.tritonserver import TritonServer, first_error
 
 STARTUP_TIMEOUT_S = 600.0
 
@@ -37,22 +39,50 @@ def model_repository() -> Path:
     return MODEL_REPOSITORY
 
 
+def serve_log_path() -> Path:
+    """A log of its own for each server, in the cache directory: it outlives the scratch directory, so the path a
+    failure names is still there to read."""
+    return cache_dir() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1-65535 (argparse turns the ValueError into a usage error)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
+
+
 @contextmanager
 def local_server(root: str, namespace: str, model: str, port: int | None) -> Iterator[TritonServer]:
     """Triton with the router model serving ``namespace`` of the store at ``root``; stopped on exit."""
+    from cartridges.models import check_model_files
+    from cartridges.process import ServiceError
     from cartridges.tritonserver import start_triton
 
     if port is not None:
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 raise CLIError(f"port {port} is already in use; pick another with --port", EXIT_UNAVAILABLE)
+    source = model_source(model)
+    check_model_files(source, open_store(root))
     env = {
-        "CARTRIDGES_MODEL_URI": model_source(model),
+        "CARTRIDGES_MODEL_URI": source,
         "CARTRIDGES_STORE_ROOT": root,
         "CARTRIDGES_NAMESPACE": namespace,
     }
     with tempfile.TemporaryDirectory(prefix="cartridges-serve-") as workdir:
-        server = start_triton(model_repository(), Path(workdir), env, timeout_s=STARTUP_TIMEOUT_S, http_port=port)
+        try:
+            server = start_triton(
+                model_repository(),
+                Path(workdir),
+                env,
+                timeout_s=STARTUP_TIMEOUT_S,
+                http_port=port,
+                log_path=serve_log_path(),
+            )
+        except ServiceError as err:
+            raise CLIError(str(err)) from err
         try:
             yield server
         finally:
@@ -76,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("stopping ...", file=sys.stderr, flush=True)
             return 0
-    raise CLIError(f"tritonserver exited with code {server.service.proc.returncode}; log: {server.log_path}")
+    reason = first_error(server.log_path) or "no error logged"
+    raise CLIError(f"tritonserver exited with code {server.service.proc.returncode}: {reason} (log: {server.log_path})")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -94,5 +125,5 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
         parents=[store_options(), model_options()],
     )
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--port", type=port_number, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")
     parser.set_defaults(func=run)

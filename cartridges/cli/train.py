@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from cartridges import api, layout
 from cartridges.cli.common import (
     EXIT_NOT_FOUND,
+    EXIT_USAGE,
     CLIError,
     Stored,
     add_command,
@@ -78,11 +80,14 @@ BUDGETS = {
 
 
 def read_files(paths: list[Path]) -> NormalizedCorpus:
-    """Every file (directories recursively, hidden files skipped) as one normalized document each."""
+    """Every file (directories recursively, hidden files skipped) as one normalized document each, its id the path
+    relative to ``_id_base`` (so ``a/readme.md b/readme.md`` are two documents, not one id twice)."""
     documents: list[layout.Document] = []
     for path in paths:
         if not path.exists():
             raise CLIError(f"{path}: no such file or directory", EXIT_NOT_FOUND)
+    base, ids = _id_base(paths), set[str]()
+    for path in paths:
         files = (
             [f for f in sorted(path.rglob("*")) if f.is_file() and not _hidden(f.relative_to(path))]
             if path.is_dir()
@@ -91,9 +96,25 @@ def read_files(paths: list[Path]) -> NormalizedCorpus:
         if not files:
             raise CLIError(f"{path}: the directory holds no files", EXIT_NOT_FOUND)
         for file in files:
-            doc_id = file.relative_to(path).as_posix() if path.is_dir() else file.name
+            doc_id = Path(os.path.abspath(file)).relative_to(base).as_posix()
+            if doc_id in ids:
+                raise CLIError(f"{file}: given twice (as {doc_id})", EXIT_USAGE)
+            ids.add(doc_id)
             documents.append(layout.Document(id=doc_id, text=normalize_text(file.read_bytes(), str(file))))
     return NormalizedCorpus.of(documents)
+
+
+def _id_base(paths: list[Path]) -> Path:
+    """What document ids are relative to: a single directory itself, else the common parent of everything given."""
+    absolute = [Path(os.path.abspath(p)) for p in paths]  # not resolve(): a symlink stays where it was given
+    if len(absolute) == 1 and absolute[0].is_dir():
+        return absolute[0]
+    return Path(os.path.commonpath([p.parent for p in absolute]))
+
+
+def default_description(corpus: NormalizedCorpus) -> str:
+    """The description of a corpus given none: what it holds."""
+    return f"the documents {', '.join(d.id for d in corpus.documents)}"
 
 
 def _hidden(relative: Path) -> bool:
@@ -117,7 +138,7 @@ def train_cartridge(
 ) -> tuple[Stored, bool]:
     """Store the corpus, train a new generation and promote it; returns it and whether it was trained now.
 
-    Without ``force``, a promoted cartridge already trained on this corpus with this spec is kept.
+    Without ``force``, a promoted cartridge already trained on this corpus, description and spec is kept.
     """
     from cartridges.contract import TrainerConfig
     from cartridges_trainer import TrainerOptions, train
@@ -134,7 +155,7 @@ def train_cartridge(
             current = find(store, root, namespace, name)
         except CLIError:
             current = None
-        if current and current.manifest.corpus_digest == corpus.digest and _same_spec(current, spec):
+        if current and _trained_on(current, corpus.digest, description, spec):
             return current, False
     options = TrainerOptions(
         synthesis_batch_size=min(8, budget.conversations),
@@ -185,6 +206,17 @@ def _as_uri(source: str) -> str:
     return source if "://" in source else f"file://{source}"
 
 
+def _trained_on(stored: Stored, corpus_digest: str, description: str, spec: api.CartridgeSpec) -> bool:
+    """Whether the stored generation was trained on this corpus, described so (the description is in every
+    self-study prompt, so another one trains another cartridge) and with this spec."""
+    trained_description = stored.manifest.training.get("corpus_description")
+    return (
+        stored.manifest.corpus_digest == corpus_digest
+        and trained_description == description
+        and _same_spec(stored, spec)
+    )
+
+
 def _same_spec(stored: Stored, spec: api.CartridgeSpec) -> bool:
     """Whether the stored generation was trained on these inputs (retention and the like do not count)."""
     try:
@@ -215,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     budget = BUDGETS[args.budget]
     overrides = {k: v for k, v in (("size", args.size), ("steps", args.steps)) if v is not None}
     budget = Budget(**{**budget.__dict__, **overrides})
-    description = args.description or f"the documents {', '.join(d.id for d in corpus.documents)}"
+    description = args.description or default_description(corpus)
     stored, trained = train_cartridge(
         store,
         args.store,

@@ -191,7 +191,7 @@ class Deployed:
             *(f"pod {p.metadata.name}" for p in self.core.list_namespaced_pod(ns).items),
             *(f"deployment {d.metadata.name}" for d in apps.list_namespaced_deployment(ns).items),
             *(f"service {s.metadata.name}" for s in self.core.list_namespaced_service(ns).items),
-            *self.store.list(layout.cartridge_prefix(self.root, ns, "")),
+            *self.store.list(layout.cartridges_prefix(self.root, ns) + "/"),
         ]
 
 

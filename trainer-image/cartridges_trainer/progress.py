@@ -1,4 +1,5 @@
-"""``progress.json`` for the operator (throttled) and a tqdm bar for a human on a terminal."""
+"""``progress.json`` for the operator (throttled); for a human, a tqdm bar on a terminal, else (CI logs, ``| tee``,
+``kubectl logs``) a line on stderr now and then."""
 
 from __future__ import annotations
 
@@ -10,6 +11,37 @@ from tqdm import tqdm
 
 from cartridges.layout import PROGRESS_FILE, Progress
 from cartridges.store import Store
+
+
+class StatusLines:
+    """One line on stderr at most every ``interval_s`` when stderr is no terminal (where a bar would not show), so a
+    long run is not silent for minutes; nothing on a terminal, which gets a bar instead."""
+
+    interval_s = 15.0
+
+    def __init__(self) -> None:
+        self._shown = -float("inf")
+
+    @staticmethod
+    def wanted() -> bool:
+        return not sys.stderr.isatty()
+
+    def show(self, text: str, *, now: bool = False) -> None:
+        """Print ``text`` if the last line is ``interval_s`` old (or ``now``: a new phase is worth a line)."""
+        if self.wanted() and (now or time.monotonic() - self._shown >= self.interval_s):
+            print(text, file=sys.stderr, flush=True)
+            self._shown = time.monotonic()
+
+
+def status_line(progress: Progress) -> str:
+    """``training: step 12/40, loss 1.2345, ETA 1m05s``: the phase, how far, the loss and the time left."""
+    parts = [f"step {progress.step}/{progress.total}" if progress.total else "", progress.message]
+    if progress.loss is not None and progress.phase == "training":
+        parts.append(f"loss {progress.loss:.4f}")
+    if progress.eta_s is not None:
+        minutes, seconds = divmod(round(progress.eta_s), 60)
+        parts.append(f"ETA {minutes}m{seconds:02d}s")
+    return f"{progress.phase}: {', '.join(p for p in parts if p)}"
 
 
 class ProgressReporter:
@@ -29,6 +61,7 @@ class ProgressReporter:
         self._first_step = 0
         self._tokens = 0
         self._written = 0.0
+        self._lines = StatusLines()
 
     def phase(self, phase: str, total: int = 0, done: int = 0, message: str = "") -> None:
         """Enter a phase; ``done`` counts units finished before a restart (they do not count towards speed).
@@ -41,6 +74,7 @@ class ProgressReporter:
         self._started, self._first_step, self._tokens = time.monotonic(), done, 0
         if self.enabled and done < total and sys.stderr.isatty():
             self._bar = tqdm(total=total, initial=done, desc=phase, unit="step", dynamic_ncols=True)
+        self._show(now=True)
         self._write()
 
     def advance(self, step: int, tokens: int = 0, loss: float | None = None) -> None:
@@ -55,6 +89,7 @@ class ProgressReporter:
             self._bar.update(step - self._bar.n)
             if loss is not None:
                 self._bar.set_postfix(loss=f"{loss:.4f}")
+        self._show()
         if time.monotonic() - self._written >= self.interval_s or step >= self.progress.total:
             self._write()
 
@@ -64,6 +99,10 @@ class ProgressReporter:
         update = {"phase": phase, "message": message, "eta_s": None}
         self.progress = Progress.model_validate({**self.progress.model_dump(), **update})
         self._write()
+
+    def _show(self, now: bool = False) -> None:
+        if self.enabled:
+            self._lines.show(status_line(self.progress), now=now)
 
     def _write(self) -> None:
         if not self.enabled:
