@@ -26,6 +26,7 @@ TENSOR_TYPES: dict[str, type] = {
     "max_tokens": np.int32,
     "temperature": np.float32,
     "top_p": np.float32,
+    "repetition_penalty": np.float32,
     "seed": np.int64,
     "stream": np.bool_,
     "stop": np.object_,
@@ -61,6 +62,7 @@ def generate(
     max_tokens: int = ...,
     temperature: float = ...,
     top_p: float | None = ...,
+    repetition_penalty: float | None = ...,
     seed: int | None = ...,
     stop: Sequence[str] = ...,
     stream: Literal[False] = ...,
@@ -78,6 +80,7 @@ def generate(
     max_tokens: int = ...,
     temperature: float = ...,
     top_p: float | None = ...,
+    repetition_penalty: float | None = ...,
     seed: int | None = ...,
     stop: Sequence[str] = ...,
     stream: Literal[True],
@@ -94,6 +97,7 @@ def generate(
     max_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float | None = None,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
     stream: bool = False,
@@ -111,6 +115,8 @@ def generate(
         body["stop"] = list(stop)
     if top_p is not None:
         body["top_p"] = top_p
+    if repetition_penalty is not None:
+        body["repetition_penalty"] = repetition_penalty
     if seed is not None:
         body["seed"] = seed
     if url.startswith(GRPC_SCHEME):

@@ -26,7 +26,7 @@ checkpoints record), so a later run under the same prefix can tell whether that 
 
 
 # Kubernetes object names (DNS-1123 subdomain): what a Cartridge or Corpus may be called, so what a cartridge in
-# the store may be called; the router's CARTRIDGE_ID (serving-image/cartridges_serving/cache.py) is the same rule.
+# the store may be called, and what the router takes as a cartridge id.
 RESOURCE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_RESOURCE_NAME = 253
 # Kubernetes namespace names (DNS-1123 label).

@@ -418,6 +418,8 @@ def test_serve_ask_and_ctrl_c(
         assert code == 0 and out.endswith("\n")
         code, out, _ = cli(capsys, "ask", "Hi", "-c", "lighthouse", "-c", "imported", "--url", url, "--json")
         assert code == 0 and json.loads(out)["cartridges"] == ["lighthouse", "imported"]
+        code, out, err = cli(capsys, "ask", "Hi", "--url", url, "--repetition-penalty", "1.2", "--max-tokens", "4")
+        assert code == 0, err  # the router's config declares the input
         code, _, err = cli(capsys, "ask", "Hi", "-c", "nope", "--url", url)
         assert code == EXIT_NOT_FOUND and "not found" in err
         one_line_error(err)
@@ -534,8 +536,8 @@ def test_the_cli_takes_every_cartridge_name_the_cluster_and_the_router_take(
 ) -> None:
     """Dotted and long names are Kubernetes object names: ls lists them, so inspect (and the rest) must take them."""
     from cartridges_serving import cache
+    from cartridges_serving.errors import CartridgeRefused
 
-    assert (cache.CARTRIDGE_ID.pattern, cache.MAX_ID_LENGTH) == (layout.RESOURCE_NAME.pattern, layout.MAX_RESOURCE_NAME)
     store = f"file://{tmp_path / 'store'}"
     fp = tiny_model.fingerprint
     names = ["handbook.v2", "a" * 100, "b" * 253]
@@ -546,10 +548,13 @@ def test_the_cli_takes_every_cartridge_name_the_cluster_and_the_router_take(
     for name in names:
         code, out, err = cli(capsys, "inspect", name, "--store", store, "--json")
         assert code == 0, err
+        cache.check_cartridge_id(name, "default")  # the router takes it too
     for name in ("b" * 254, "handbook..v2", ".v2", "Handbook"):
         code, _, err = cli(capsys, "inspect", name, "--store", store)
         assert code == EXIT_USAGE and "invalid cartridge name" in err
         one_line_error(err)
+        with pytest.raises(CartridgeRefused):
+            cache.check_cartridge_id(name, "default")
 
 
 def test_eval_checks_plot_before_evaluating_and_prints_results_before_plotting(
@@ -588,6 +593,8 @@ def test_eval_checks_plot_before_evaluating_and_prints_results_before_plotting(
         ["ask", "Hi", "--temperature", "-1"],
         ["ask", "Hi", "--temperature", "nan"],
         ["ask", "Hi", "--url", "127.0.0.1:18555"],
+        ["ask", "Hi", "--repetition-penalty", "0"],
+        ["ask", "Hi", "--repetition-penalty", "inf"],
     ],
 )
 def test_ask_refuses_bad_values_before_sending_them(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cartridges.cli.common import (
@@ -66,19 +66,41 @@ def non_negative_int(text: str) -> int:
 
 
 def non_negative_float(text: str) -> float:
+    return _finite(text, lambda value: value >= 0, ">= 0")
+
+
+def positive_float(text: str) -> float:
+    return _finite(text, lambda value: value > 0, "> 0")
+
+
+def _finite(text: str, allowed: Callable[[float], bool], bound: str) -> float:
     value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    if not (math.isfinite(value) and allowed(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
     return value
 
 
-def answer(url: str, question: str, cartridges: Sequence[str], max_tokens: int, temperature: float) -> str:
+def answer(
+    url: str,
+    question: str,
+    cartridges: Sequence[str],
+    max_tokens: int,
+    temperature: float,
+    repetition_penalty: float | None = None,
+) -> str:
     """The whole answer, printed to stdout chunk by chunk as the server streams it."""
     from cartridges import client
 
     parts = []
     for chunk in client.generate(
-        url, question, list(cartridges), max_tokens=max_tokens, temperature=temperature, stream=True, timeout=300
+        url,
+        question,
+        list(cartridges),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        repetition_penalty=repetition_penalty,
+        stream=True,
+        timeout=300,
     ):
         parts.append(chunk)
         sys.stdout.write(chunk)
@@ -94,11 +116,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         started = time.monotonic()
         text = client.generate(
-            args.url, args.question, cartridges, max_tokens=args.max_tokens, temperature=args.temperature, timeout=300
+            args.url,
+            args.question,
+            cartridges,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            repetition_penalty=args.repetition_penalty,
+            timeout=300,
         )
         print_json({"answer": text, "cartridges": cartridges, "seconds": round(time.monotonic() - started, 3)})
     else:
-        answer(args.url, args.question, cartridges, args.max_tokens, args.temperature)
+        answer(args.url, args.question, cartridges, args.max_tokens, args.temperature, args.repetition_penalty)
     return 0
 
 
@@ -125,6 +153,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--temperature", type=non_negative_float, default=0.0, help="0 is greedy (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=positive_float,
+        default=None,
+        help="above 1 makes tokens already in the question or answer less likely; 1.1-1.3 stops a looping answer "
+        "(default: the server's, 1 = off)",
     )
     parser.add_argument("--json", action="store_true", help="print {answer, cartridges, seconds} once done")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")

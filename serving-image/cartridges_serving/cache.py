@@ -22,7 +22,6 @@ a load.
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 import threading
 import time
@@ -49,8 +48,6 @@ from cartridges_serving.errors import CartridgeInvalid, CartridgeNotFound, Cartr
 log = logging.getLogger(__name__)
 
 # A Kubernetes resource name (RFC 1123 subdomain): no "/", no "..", nothing that leaves the namespace prefix.
-CARTRIDGE_ID = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-MAX_ID_LENGTH = 253
 DEFAULT_POINTER_TTL_S = 2.0
 
 
@@ -83,7 +80,7 @@ class CacheStats:
 
 def check_cartridge_id(cartridge_id: str, namespace: str) -> None:
     """Refuse ids that are not plain resource names: they could address another namespace's prefix."""
-    if len(cartridge_id) > MAX_ID_LENGTH or not CARTRIDGE_ID.match(cartridge_id):
+    if not layout.is_resource_name(cartridge_id):  # the names a Cartridge may have
         raise CartridgeRefused(
             f"cartridge id {cartridge_id!r} is not a cartridge name in namespace {namespace!r} "
             "(lowercase letters, digits, '-' and '.'; no '/' or '..')"
