@@ -41,6 +41,7 @@ import torch
 
 from cartridges import api, layout
 from cartridges.artifact import Cartridge, download_artifact, load_cartridge, quantize_cartridge
+from cartridges.chat import render
 from cartridges.contract import TrainerConfig
 from cartridges.corpus import NormalizedCorpus, publish
 from cartridges.embedded import smollm2_gguf
@@ -51,7 +52,7 @@ from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer.batching import Conversation, pack, target_logprobs
 from cartridges_trainer.corpus import load_corpus
 from cartridges_trainer.distill import initial_cartridge
-from cartridges_trainer.prompts import render, system_prompt
+from cartridges_trainer.prompts import system_prompt
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "quality"

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from cartridges import layout
 from cartridges.artifact import TENSORS_FILE, Cartridge, QuantizedCartridge, quantize_cartridge
+from cartridges.chat import render
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.quantize import QuantFormat
 from cartridges.store import Store
@@ -135,6 +136,26 @@ def test_a_repetition_penalty_breaks_a_greedy_loop(engine: Engine) -> None:
     plain = engine.generate("The handbook says", ["alpha"], GREEDY, chat=False).token_ids
     penalized = engine.generate("The handbook says", ["alpha"], replace(GREEDY, repetition_penalty=3.0), chat=False)
     assert len(set(penalized.token_ids)) > len(set(plain))
+
+
+def test_a_question_after_a_cartridge_reads_as_the_trainer_rendered_it(smollm2: LoadedModel, tmp_path: Path) -> None:
+    """SmolLM2's template gives a conversation without a system turn its default one. After a cartridge (which
+    stands in for a system turn) the server sends the user turn the trainer's student read, and answers as
+    transformers does on exactly those ids; without cartridges, the model's own template with its default."""
+    root = f"file://{tmp_path}/store"
+    publish(Store(), root, NAMESPACE, "handbook", random_cartridge(smollm2.fingerprint, 16, 0), smollm2.fingerprint)
+    engine = Engine(smollm2, CartridgeCache(Store(), root, NAMESPACE, smollm2.fingerprint, 1 << 26))
+    question, short = "What is the refund window?", SamplingParams(max_tokens=4)
+    try:
+        _, turn = render(smollm2.tokenizer, "You are answering about the handbook.", question)
+        served = engine.generate(question, ["handbook"], short)
+        assert served.prompt_tokens == len(turn)
+        assert served.token_ids == hf_greedy(smollm2, cartridges_of(engine, ["handbook"]), turn, 4)
+        default = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False)
+        assert "You are a helpful AI assistant" in str(default)  # the default system turn the cartridge replaces
+        assert engine.generate(question, [], short).prompt_tokens > len(turn)
+    finally:
+        engine.close()
 
 
 def test_quantized_cartridges_are_served_quantized_and_compose_with_dense_ones(engine: Engine) -> None:
@@ -320,7 +341,7 @@ class EventOrder:
 def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedModel, store_root: str) -> None:
     cache = CartridgeCache(Store(), store_root, NAMESPACE, tiny_model.fingerprint, capacity_bytes=1 << 20)
     probe = Engine(tiny_model, cache)
-    tokens = len(probe._encode("keep going", chat=True)) + GREEDY.max_tokens
+    tokens = len(probe._encode("keep going", chat=True, after_cartridges=True)) + GREEDY.max_tokens
     expected = probe.generate("keep going", ["alpha"], GREEDY).token_ids
     probe.close()
     row_bytes = probe.runner.own_kv_pool.row_bytes
@@ -350,7 +371,7 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
 def test_a_request_cancelled_behind_a_waiting_head_leaves_at_once(tiny_model: LoadedModel) -> None:
     long = SamplingParams(max_tokens=200)
     probe = Engine(tiny_model)
-    tokens = len(probe._encode("keep going", chat=True)) + long.max_tokens
+    tokens = len(probe._encode("keep going", chat=True, after_cartridges=False)) + long.max_tokens
     probe.close()
     engine = Engine(tiny_model, kv_bytes=probe.runner.own_kv_pool.row_bytes * tokens)  # room for one request
     try:

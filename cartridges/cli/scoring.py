@@ -21,7 +21,8 @@ def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: st
     """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt (no ICL row without
     a corpus ``text``). A quantized cartridge is scored dequantized, and its KV memory is what it is stored and
     served in."""
-    from cartridges_trainer.prompts import render, system_prompt
+    from cartridges.chat import render
+    from cartridges_trainer.prompts import system_prompt
 
     system = system_prompt(description, text or "")
     turns = [render(lm.tokenizer, system, qa.question) for qa in pairs]
@@ -51,8 +52,9 @@ def icl_context(lm: LoadedModel, description: str, text: str, whole: list[int], 
     """The ICL system turn and its label: ``whole`` (the corpus) when it fits the model's positions with the longest
     question and answer, as the trainer's evaluation decides; else the longest leading chunk of the corpus that does.
     """
+    from cartridges.chat import render
     from cartridges_trainer.evaluate import fits_context
-    from cartridges_trainer.prompts import render, system_prompt
+    from cartridges_trainer.prompts import system_prompt
 
     if fits_context(lm, len(whole), longest):
         return whole, f"ICL ({len(whole)} corpus tokens)"

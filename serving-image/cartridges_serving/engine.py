@@ -18,6 +18,7 @@ its load), the scheduler after. Counters and the token rate are updated under ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -34,6 +35,7 @@ from typing import Literal, TypeVar
 import torch
 
 from cartridges.artifact import StoredCartridge
+from cartridges.chat import turn_after_cartridges
 from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import Store
 from cartridges_serving.cache import DEFAULT_POINTER_TTL_S, CacheStats, CartridgeCache, LoadedCartridge
@@ -410,7 +412,7 @@ class Engine:
         ready: one whose cartridges load slowly lets later ones pass)."""
         params = request.params
         with self._encoding:
-            prompt_ids = self._encode(request.prompt, request.chat)
+            prompt_ids = self._encode(request.prompt, request.chat, after_cartridges=bool(uses))
         loaded = [use.cartridge for use in uses]
         self._check_fits(prompt_ids, loaded, params)
         generator = None
@@ -516,8 +518,14 @@ class Engine:
             for use in uses:
                 self.cartridges.release(use)
 
-    def _encode(self, prompt: str, chat: bool) -> list[int]:
+    def _encode(self, prompt: str, chat: bool, after_cartridges: bool) -> list[int]:
+        """With ``chat``, one user turn in the chat template: after cartridges as the trainer rendered it (a
+        template's default system turn would come between the cartridge and the question), else as the model's
+        own template renders a conversation without a system turn."""
         if chat and self.tokenizer.chat_template:
+            if after_cartridges:
+                with contextlib.suppress(ValueError):  # a template with no system turn: as if without cartridges
+                    return turn_after_cartridges(self.tokenizer, prompt)
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )

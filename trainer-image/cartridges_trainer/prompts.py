@@ -1,8 +1,7 @@
-"""Self-study prompts: the seed instructions for bot A and the chat rendering both bots share."""
+"""Self-study prompts: the seed instructions for bot A and the system turn the cartridge replaces (the chat
+rendering both bots share is :func:`cartridges.chat.render`)."""
 
 from __future__ import annotations
-
-from transformers import PreTrainedTokenizerBase
 
 from cartridges.api import SeedPrompt
 
@@ -33,21 +32,3 @@ SEED_INSTRUCTIONS: dict[SeedPrompt, str] = {
 def system_prompt(description: str, chunk: str) -> str:
     """The context the cartridge replaces: what the corpus is, and one chunk of it."""
     return f"You are answering about this corpus: {description}\n\n<document>\n{chunk}\n</document>"
-
-
-def render(tokenizer: PreTrainedTokenizerBase, system: str, user: str) -> tuple[list[int], list[int]]:
-    """Token ids of the system turn and of the user turn (with the assistant header), rendered by the chat template.
-
-    Split at the text boundary so ``system + turn`` is exactly the teacher's prompt and ``turn`` alone what the
-    student reads after the cartridge.
-    """
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    head = tokenizer.apply_chat_template(messages[:1], tokenize=False)
-    if not isinstance(full, str) or not isinstance(head, str) or not full.startswith(head):
-        raise ValueError("the chat template does not render the system turn as a prefix of the conversation")
-
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return ids(head), ids(full[len(head) :])

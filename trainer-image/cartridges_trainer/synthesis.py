@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from cartridges.api import SelfStudy
 from cartridges.artifact import Cartridge
+from cartridges.chat import render
 from cartridges.kvcache import forward_with_cartridge, prefix_cartridge
 from cartridges.models import LoadedModel
 from cartridges.store import IntegrityError, ObjectNotFound
@@ -39,7 +40,7 @@ from cartridges_trainer.grounded import grounded_tasks
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
-from cartridges_trainer.prompts import SEED_INSTRUCTIONS, render, system_prompt
+from cartridges_trainer.prompts import SEED_INSTRUCTIONS, system_prompt
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
