@@ -35,12 +35,15 @@ def import_reference_pt(path: Path) -> Cartridge:
     Each list holds one tensor per layer shaped ``[1, kv_heads, tokens, head_dim]``; frozen rows come first.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # The reference TrainableCache.save() pickles nn.ParameterList objects; allowing that one class keeps
+        # weights_only's guarantee (no code from the file runs) while reading real reference checkpoints.
+        with torch.serialization.safe_globals([torch.nn.ParameterList]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad pickle
         # Not torch's own advice (load with weights_only=False: run the file's code), but what the file should be.
         raise ArtifactError(
             f"{path}: not a readable torch checkpoint: expected the reference implementation's .pt (a torch.save "
-            "of tensors only) or a PEFT prefix-tuning adapter directory"
+            "of tensors and ParameterLists only) or a PEFT prefix-tuning adapter directory"
         ) from err
     if not isinstance(state, dict) or "trainable_keys" not in state or "trainable_values" not in state:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__

@@ -31,6 +31,33 @@ def test_reference_pt_import_puts_frozen_rows_first(tmp_path: Path) -> None:
     assert torch.equal(cartridge.values[0][:, 1:], trainable_values[0][0].detach())
 
 
+@pytest.mark.parametrize("frozen", [1, 0])
+def test_reference_pt_import_reads_the_reference_parameter_lists(tmp_path: Path, frozen: int) -> None:
+    """The reference TrainableCache.save() stores nn.ParameterLists (empty frozen ones when num_frozen_tokens=0)."""
+    layers, heads, tokens, dim = 2, 2, 6, 8
+    keys = [torch.randn(1, heads, tokens, dim) for _ in range(layers)]
+    values = [torch.randn(1, heads, tokens, dim) for _ in range(layers)]
+
+    def parameters(rows: list[torch.Tensor], part: slice, trainable: bool) -> torch.nn.ParameterList:
+        if part.start == part.stop:  # the reference keeps empty frozen lists, not lists of empty tensors
+            return torch.nn.ParameterList()
+        return torch.nn.ParameterList(
+            [torch.nn.Parameter(x[:, :, part].contiguous(), requires_grad=trainable) for x in rows]
+        )
+
+    state = {  # exactly TrainableCache.save's dict
+        "trainable_keys": parameters(keys, slice(frozen, tokens), True),
+        "trainable_values": parameters(values, slice(frozen, tokens), True),
+        "frozen_keys": parameters(keys, slice(0, frozen), False),
+        "frozen_values": parameters(values, slice(0, frozen), False),
+    }
+    torch.save(state, tmp_path / "cache.pt")
+    cartridge = import_cartridge(tmp_path / "cache.pt")
+    assert (cartridge.p, cartridge.frozen_tokens, cartridge.num_layers) == (tokens, frozen, layers)
+    for imported, original in zip(cartridge.keys + cartridge.values, keys + values, strict=True):
+        assert imported.shape == (heads, tokens, dim) and torch.equal(imported, original[0])
+
+
 def test_reference_import_rejects_other_checkpoints(tmp_path: Path) -> None:
     torch.save({"model": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ArtifactError, match="trainable_keys"):

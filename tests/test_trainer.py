@@ -447,6 +447,29 @@ def test_leftovers_of_another_run_under_the_prefix_are_discarded_not_resumed(
     assert made == [] and again.training["resumed_from_step"] == other.spec.training.steps
 
 
+def test_a_run_resumed_after_its_last_checkpoint_reports_the_final_loss(
+    tiny_model: LoadedModel, file_store_root: str
+) -> None:
+    """Killed after the last step's checkpoint but before the manifest upload, the rerun trains no step: its
+    final_loss is the checkpointed one (not NaN, which is no JSON). A checkpoint from before losses were recorded
+    gives null (unknown)."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    manifest_path = Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key)
+    uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)
+    manifest_path.unlink()  # as if killed before the upload
+    resumed = train(config, store, options=OPTIONS, model=tiny_model)
+    assert resumed.training["resumed_from_step"] == config.spec.training.steps
+    assert resumed.training["final_loss"] == uninterrupted.training["final_loss"]
+    json.loads(manifest_path.read_text(), parse_constant=lambda name: pytest.fail(f"manifest holds {name}"))
+
+    [checkpoint] = store.list(f"{config.output_prefix}/checkpoints")
+    state_path = Path(StoreURI.parse(checkpoint).key)
+    torch.save({k: v for k, v in torch.load(state_path, weights_only=True).items() if k != "loss"}, state_path)
+    manifest_path.unlink()
+    assert train(config, store, options=OPTIONS, model=tiny_model).training["final_loss"] is None
+
+
 @pytest.mark.minio
 def test_train_end_to_end_into_minio(
     tiny_model: LoadedModel, s3_prefix: str, minio_server: MinioServer, tmp_path: Path

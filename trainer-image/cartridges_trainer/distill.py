@@ -119,13 +119,15 @@ def _save_checkpoint(
     trainable: TrainableCartridge,
     optimizer: torch.optim.Optimizer,
     inputs_key: str,
+    loss: float,
 ) -> None:
     """Upload the new checkpoint, then drop older ones: a kill in between leaves at least one complete checkpoint.
 
-    The checkpoint records ``inputs_key`` (what the run trains on), so a run on other inputs never resumes it."""
+    The checkpoint records ``inputs_key`` (what the run trains on), so a run on other inputs never resumes it, and
+    ``loss`` (the step's), so a run resumed after its last step still reports its final loss."""
     previous = _latest_checkpoint(workspace)
     name = f"{_checkpoint_dir(step)}/{STATE_FILE}"
-    state = {"step": step, "inputs": inputs_key, "cartridge": trainable.state_dict()}
+    state = {"step": step, "inputs": inputs_key, "loss": loss, "cartridge": trainable.state_dict()}
     torch.save(state | {"optimizer": optimizer.state_dict()}, workspace.path(name))
     workspace.upload(name)
     if previous is not None and previous != step:
@@ -166,7 +168,7 @@ def distill(
     progress: ProgressReporter,
     world: World,
     inputs_key: str,
-) -> tuple[Cartridge, dict[str, float | int]]:
+) -> tuple[Cartridge, dict[str, float | int | None]]:
     """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint trained on ``inputs_key``); the
     cartridge and run stats.
 
@@ -180,14 +182,17 @@ def distill(
     trainable = TrainableCartridge(init)
     optimizer = torch.optim.Adam(trainable.parameters(), lr=training.learningRate)
     start = 0
+    # The last step's loss. A checkpoint saved before checkpoints recorded it gives None (null in the manifest:
+    # unknown), which the loop replaces unless the run resumes after its last step; never NaN (not valid JSON).
+    loss_value: float | None = None
     if (state := load_checkpoint(workspace, inputs_key, lm.device)) is not None:
         trainable.load_state_dict(state["cartridge"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
+        loss_value = state.get("loss")
         log.info("resuming distillation at step %d", start)
     pad_id = lm.tokenizer.pad_token_id or 0
     progress.phase("training", total=training.steps, done=start)
-    loss_value = float("nan")
     for step in range(start, training.steps):
         share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
         batch = pack(share, pad_id, lm.device, training.sequenceLength)
@@ -201,6 +206,10 @@ def distill(
         _stop_if_diverged(loss_value, step + 1, training.learningRate)
         progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
         if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
-            _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key)
-    stats: dict[str, float | int] = {"steps": training.steps, "resumed_from_step": start, "final_loss": loss_value}
+            _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
+    stats: dict[str, float | int | None] = {
+        "steps": training.steps,
+        "resumed_from_step": start,
+        "final_loss": loss_value,
+    }
     return trainable.cartridge(lm.model.dtype), stats
