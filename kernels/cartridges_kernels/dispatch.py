@@ -251,6 +251,8 @@ def _attend(
     sm_scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Run a routed call's launches over this call's tensors."""
+    if q.stride(-1) != 1:  # the kernels load a query row as one vector (a transposed projection, say)
+        q = q.contiguous()
     if route.fused_plan is not None:
         used = [table.segments[i] for i in route.used]
         return fused_decode_triton(q, route.fused_plan, route.kv_heads, table, used, own_kv, sm_scale, route.config)

@@ -50,8 +50,8 @@ class KVSegment:
         k, v = storage_of(self.keys), storage_of(self.values)
         if k.dim() != 3 or v.dim() != 3:
             raise ValueError(f"keys/values must be [kv_heads, tokens, head_dim], got {tuple(k.shape)}")
-        if k.shape[:2] != v.shape[:2]:
-            raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} disagree on heads or tokens")
+        if k.shape != v.shape:  # the kernels read values with the keys' head_dim
+            raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} must have the same shape")
         if k.device != v.device:
             raise ValueError("keys and values must be on the same device")
         if self.length is not None and not 0 <= self.length <= k.shape[1]:

@@ -81,6 +81,8 @@ def test_invalid_inputs_are_reported() -> None:
         prefill_attention(torch.randn(3, 4, 16), [1, 2], batch.table, batch.own_kv)
     with pytest.raises(ValueError, match="length 9 outside"):
         KVSegment(torch.randn(2, 4, 8), torch.randn(2, 4, 8), length=9)
+    with pytest.raises(ValueError, match=r"keys \(2, 4, 16\) and values \(2, 4, 8\) must have the same shape"):
+        KVSegment(torch.randn(2, 4, 16), torch.randn(2, 4, 8))  # the kernels would read values 16 wide
 
 
 def test_plan_is_reused_across_layers() -> None:
@@ -215,3 +217,23 @@ def test_a_segment_named_twice_counts_twice(backend: Literal["torch", "triton"])
     batch = make_batch([11, 6], [[0, 0], [0], [1, 0, 1, 1], []], own_lens=[2, 3, 4, 5], query_lens=[1, 1, 3, 2])
     out = prefill_attention(batch.q, batch.query_lens, batch.table, batch.own_kv, backend=backend)
     torch.testing.assert_close(out.double(), oracle(batch), atol=2e-4, rtol=0)
+
+
+def test_the_kernels_take_strided_queries_and_single_token_scales() -> None:
+    """A transposed projection's queries (head_dim stride != 1) and the scales of a one-token cartridge whose last
+    dimension has a stride but one element: the torch backend takes both, so the kernels must too."""
+    from cartridges.quantize import QuantizedKV, quantize_kv
+    from cartridges_kernels.segments import storage_of
+
+    torch.manual_seed(5)
+    batch = make_batch([1, 20], [[0, 1], [1]], own_lens=[5, 4])
+    batch.q = batch.q.transpose(1, 2).contiguous().transpose(1, 2)
+    one = batch.table.segments[0]
+    keys = quantize_kv(storage_of(one.keys), "int8", "token")  # make_batch segments are dense
+    scales = torch.empty(1, keys.scales.shape[0]).t()  # [heads, 1 token], stride(-1) == heads
+    scales.copy_(keys.scales)
+    segments = [KVSegment(QuantizedKV(keys.data, scales, "token"), one.values), batch.table.segments[1]]
+    batch.table = SegmentTable(segments, batch.table.request_segments)
+    assert batch.q.stride(-1) != 1 and scales.stride(-1) != 1
+    out = decode_attention(batch.q, batch.table, batch.own_kv, backend="triton")
+    torch.testing.assert_close(out.double(), oracle(batch), atol=3e-3, rtol=0)
