@@ -29,6 +29,7 @@ from cartridges.cli.common import (
     open_store,
 )
 from cartridges.cli.evaluate import corpus_of
+from cartridges.cli.serve import KEPT_SERVE_LOGS, serve_log_path
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
@@ -482,6 +483,20 @@ def test_serve_refuses_a_missing_or_unloadable_model_before_starting_triton(
         assert code == EXIT_INPUT and reason in err
         one_line_error(err)
     assert time.monotonic() - started < 20  # no Triton was started to find out
+
+
+def test_serve_keeps_the_newest_logs_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(tmp_path))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    names = [f"serve-202612{day:02d}-120000-1.log" for day in range(1, KEPT_SERVE_LOGS + 6)]
+    for name in reversed(names):  # creation order must not matter, the start time in the name does
+        (logs / name).write_text("old run")
+    (logs / "notes.txt").write_text("not a serve log")
+    new = serve_log_path()
+    kept = sorted(log.name for log in logs.glob("serve-*.log"))
+    assert kept == names[-(KEPT_SERVE_LOGS - 1) :] and new.parent == logs and not new.exists()
+    assert (logs / "notes.txt").exists()
 
 
 def test_serve_port_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

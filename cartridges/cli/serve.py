@@ -28,6 +28,8 @@ from cartridges.paths import cache_dir
 from cartridges.tritonserver import TritonServer, first_error
 
 STARTUP_TIMEOUT_S = 600.0
+KEPT_SERVE_LOGS = 20
+"""Serve logs kept in the cache: enough to look back at recent failures, without growing one file per run forever."""
 
 
 def model_repository() -> Path:
@@ -41,8 +43,12 @@ def model_repository() -> Path:
 
 def serve_log_path() -> Path:
     """A log of its own for each server, in the cache directory: it outlives the scratch directory, so the path a
-    failure names is still there to read."""
-    return cache_dir() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    failure names is still there to read. The oldest logs go, so that ``KEPT_SERVE_LOGS`` remain with this one."""
+    logs = cache_dir() / "logs"
+    older = sorted(logs.glob("serve-*.log"))  # named by start time, so oldest first
+    for log in older[: max(0, len(older) - KEPT_SERVE_LOGS + 1)]:
+        log.unlink(missing_ok=True)
+    return logs / f"serve-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 def port_number(text: str) -> int:
