@@ -4,7 +4,7 @@
 ``/v2/models/<model>/generate`` (``stream=True``: ``generate_stream``, server-sent events); with a ``grpc://host:port``
 URL it sends the same fields as tensors over tritonclient's gRPC stream (the router is decoupled, so gRPC always
 streams; ``stream`` only decides whether the server sends chunks or one final text). Failures raise
-:class:`GenerateError` with the HTTP status or gRPC status code and Triton's message.
+:class:`GenerateError` with the HTTP status or gRPC status code, the router's error kind and its message.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
+
+from cartridges.error_kind import ErrorKind, parse
 
 DEFAULT_MODEL = "router"
 GRPC_SCHEME = "grpc://"
@@ -35,20 +37,24 @@ TENSOR_TYPES: dict[str, type] = {
 
 
 class GenerateError(RuntimeError):
-    """The request failed: ``status`` is the HTTP status, ``grpc_code`` the gRPC status name (``UNAVAILABLE``).
+    """The request failed: ``kind`` is what went wrong, as the router marks it (:mod:`cartridges.error_kind`);
+    ``status`` is the HTTP status, ``grpc_code`` the gRPC status name (``UNAVAILABLE``).
 
-    Both are None when the server was not reached or timed out (``unreachable``), and for a model's refusal on a
-    gRPC stream (Triton sends it in-band, as a message without a status code).
+    ``kind`` is the one to act on: Triton answers every model error with HTTP 400, and a model's error on a gRPC
+    stream in-band, without a status code. It is None for an error without a marker (an older server, or Triton's
+    own refusal, such as a tensor of the wrong type); ``status`` and ``grpc_code`` are None when the server was not
+    reached or timed out (``unreachable``). ``message`` is the text without the marker.
     """
 
     def __init__(
-        self, message: str, status: int | None = None, grpc_code: str | None = None, *, unreachable: bool = False
+        self, text: str, status: int | None = None, grpc_code: str | None = None, *, unreachable: bool = False
     ) -> None:
+        self.kind: ErrorKind | None
+        self.kind, self.message = parse(text)
         prefix = f"HTTP {status}: " if status is not None else f"gRPC {grpc_code}: " if grpc_code else ""
-        super().__init__(prefix + message)
+        super().__init__(prefix + self.message)
         self.status = status
         self.grpc_code = grpc_code
-        self.message = message
         self.unreachable = unreachable
 
 

@@ -619,24 +619,41 @@ def test_ask_refuses_bad_values_before_sending_them(argv: list[str], capsys: pyt
 
 
 @pytest.mark.parametrize(
-    ("message", "status", "code"),
-    [  # the router's messages (tests/test_serving.py), as Triton sends them: HTTP 400, or in-band on gRPC
-        ("cartridge 'missing' not found in namespace 'team-a' (no promoted generation)", 400, EXIT_NOT_FOUND),
-        ("cartridge 'x' g1: no such object: s3://b/cartridges/team-a/x/g1/manifest.json", 400, EXIT_NOT_FOUND),
-        ("cartridge 'x' g1: /tmp/c: cartridge was trained for smollm2, not the loaded tiny (layers 30 != 2)", 400, 65),
-        ("cartridge 'corrupt' g1: tensors sha256 abc does not match the manifest", 400, EXIT_INPUT),
-        ("cartridge id '../b' is not a cartridge name in namespace 'a' (no '/' or '..')", 400, EXIT_USAGE),
-        ("max_tokens must be >= 0, got -1", 400, EXIT_USAGE),
-        ("the prompt and max_tokens need 100010 positions; the context window is 4096", None, EXIT_USAGE),
+    ("text", "status", "code"),
+    [  # the router's errors, marked with their kind, as Triton sends them: HTTP 400, or in-band on gRPC
+        ("[not_found] cartridge 'missing' not found in namespace 'team-a' (no promoted generation)", 400, 3),
+        ("[not_found] cartridge 'x' g1: no such object: s3://b/cartridges/team-a/x/g1/manifest.json", None, 3),
+        ("[unusable_cartridge] cartridge 'x' g1: cartridge was trained for smollm2, not the loaded tiny", 400, 65),
+        ("[unusable_cartridge] cartridge 'corrupt' g1: tensors sha256 abc does not match the manifest", None, 65),
+        ("[invalid_argument] the prompt and max_tokens need 100010 positions; the context window is 4096", None, 2),
+        ("[unavailable] the engine is shutting down", 400, EXIT_UNAVAILABLE),
+        ("[internal] inference failed: RuntimeError: boom", 400, 1),
+        # without a kind (an older server, Triton's own refusals): the status decides
+        ("cartridge 'missing' not found in namespace 'team-a' (no promoted generation)", 404, EXIT_NOT_FOUND),
+        ("cartridge 'x' g1: cartridge was trained for smollm2, not the loaded tiny", 400, EXIT_USAGE),
         ("Unable to parse 'data'", 500, 1),
         ("the engine is shutting down", 503, EXIT_UNAVAILABLE),
+        ("input 'max_tokens' has type FP32, expected INT32", None, EXIT_USAGE),
     ],
 )
-def test_ask_exit_codes_follow_the_routers_refusals(message: str, status: int | None, code: int) -> None:
+def test_ask_exit_codes_follow_the_routers_error_kinds(text: str, status: int | None, code: int) -> None:
     from cartridges.cli.ask import exit_code
     from cartridges.client import GenerateError
 
-    assert exit_code(GenerateError(message, status)) == code
+    assert exit_code(GenerateError(text, status)) == code
+
+
+def test_a_generate_error_carries_the_kind_and_the_message_without_the_marker() -> None:
+    from cartridges.client import GenerateError
+
+    err = GenerateError("[unusable_cartridge] cartridge 'x' g1: trained for smollm2", 400)
+    assert (err.kind, err.message, str(err)) == (
+        "unusable_cartridge", "cartridge 'x' g1: trained for smollm2", "HTTP 400: cartridge 'x' g1: trained for smollm2"
+    )  # fmt: skip
+    assert GenerateError("[not_found] gone", grpc_code="NOT_FOUND").kind == "not_found"
+    for text in ("Unable to parse 'data'", "[unknown_kind] newer server", "cannot reach http://h:1: refused"):
+        err = GenerateError(text, 400)
+        assert (err.kind, err.message) == (None, text)
 
 
 def test_a_refused_stream_reads_as_the_servers_message() -> None:

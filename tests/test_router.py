@@ -203,8 +203,9 @@ def test_refused_requests_get_their_error_and_are_counted(served: tuple[Any, Gat
     model.execute([typed, missing, empty])
     for request in (typed, missing, empty):
         assert request.sender.final.wait(WAIT_S)
-    assert (typed.error().code, str(typed.error())) == ("INVALID_ARG", "input 'max_tokens' has type float32, "
-                                                        "expected an integer")  # fmt: skip
-    assert missing.error().code == "NOT_FOUND" and "cartridge 'missing' not found" in str(missing.error())
-    assert (empty.error().code, str(empty.error())) == ("INVALID_ARG", "the prompt is empty")
+    assert (typed.error().code, str(typed.error())) == ("INVALID_ARG", "[invalid_argument] input 'max_tokens' has "
+                                                        "type float32, expected an integer")  # fmt: skip
+    assert missing.error().code == "NOT_FOUND"
+    assert str(missing.error()).startswith("[not_found] cartridge 'missing' not found")
+    assert (empty.error().code, str(empty.error())) == ("INVALID_ARG", "[invalid_argument] the prompt is empty")
     assert model.engine.metrics().requests_refused == {"invalid_argument": 2, "not_found": 1}

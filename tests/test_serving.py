@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -132,12 +132,36 @@ def test_client_grpc_and_http_give_the_same_greedy_text(
 def test_client_grpc_errors_are_clear(server: TritonServer) -> None:
     """The model's own message, not a transport error; Triton sends it in-band on the stream, without a code."""
     grpc_url = f"grpc://{server.grpc_url}"
-    with pytest.raises(client.GenerateError, match="^cartridge 'missing' not found in namespace 'team-a'"):
+    with pytest.raises(client.GenerateError, match="^cartridge 'missing' not found in namespace 'team-a'") as error:
         client.generate(grpc_url, "hi", ["missing"], max_tokens=2)
-    with pytest.raises(client.GenerateError, match="^max_tokens must be >= 0, got -1"):
+    assert error.value.kind == "not_found"
+    with pytest.raises(client.GenerateError, match="^max_tokens must be >= 0, got -1") as error:
         list(client.generate(grpc_url, "hi", max_tokens=-1, stream=True))
-    with pytest.raises(client.GenerateError, match="cannot reach"):
+    assert error.value.kind == "invalid_argument"
+    with pytest.raises(client.GenerateError, match="cannot reach") as error:
         client.generate(f"grpc://127.0.0.1:{free_port()}", "anyone there?", timeout=5)
+    assert error.value.kind is None and error.value.unreachable
+
+
+UNUSABLE = [("missing", "not_found"), ("other-model", "unusable_cartridge"), ("corrupt", "unusable_cartridge"),
+            ("../x", "invalid_argument")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cartridge", "kind"), UNUSABLE)
+def test_errors_carry_their_kind_over_http_and_grpc_streams(server: TritonServer, cartridge: str, kind: str) -> None:
+    """The kind the router marks survives Triton's HTTP 400 body, its refused server-sent event stream and its
+    in-band gRPC stream error: all a client has to tell a missing cartridge from one it cannot use."""
+    grpc_url, names = f"grpc://{server.grpc_url}", [cartridge]
+    asks: dict[str, Callable[[], object]] = {
+        "HTTP": lambda: client.generate(server.http_url, "hi", names, max_tokens=2),
+        "HTTP stream": lambda: list(client.generate(server.http_url, "hi", names, max_tokens=2, stream=True)),
+        "gRPC stream": lambda: list(client.generate(grpc_url, "hi", names, max_tokens=2, stream=True)),
+    }
+    for transport, ask in asks.items():
+        with pytest.raises(client.GenerateError) as error:
+            ask()
+        assert (transport, error.value.kind) == (transport, kind)
+        assert error.value.message.startswith("cartridge "), error.value.message
 
 
 def test_32_concurrent_mixed_requests(server: TritonServer, reference: Engine) -> None:
@@ -150,27 +174,27 @@ def test_32_concurrent_mixed_requests(server: TritonServer, reference: Engine) -
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "message"),
+    ("body", "status", "kind", "message"),
     [
-        ({"cartridges": ["missing"]}, 400, "cartridge 'missing' not found in namespace 'team-a'"),
-        ({"cartridges": ["../team-b/secret"]}, 400, "not a cartridge name in namespace 'team-a'"),
-        ({"cartridges": ["team-b/secret"]}, 400, "no '/' or '..'"),
-        ({"cartridges": ["secret"]}, 400, "not found in namespace 'team-a'"),
-        ({"cartridges": ["other-model"]}, 400, "was trained for"),
-        ({"cartridges": ["corrupt"]}, 400, "sha256"),
-        ({"cartridges": ["alpha"] * 700}, 400, "context window is 4096"),
-        ({"text_input": ""}, 400, "prompt is empty"),
-        ({"max_tokens": -1}, 400, "max_tokens must be >= 0"),
-        ({"max_tokens": 1000}, 400, f"this server reserves {KV_TOKENS} for all requests"),
-        ({"max_tokens": "many"}, 500, "Unable to parse 'data'"),
-        ({"temperature": -0.5}, 400, "temperature must be"),
+        ({"cartridges": ["missing"]}, 400, "not_found", "cartridge 'missing' not found in namespace 'team-a'"),
+        ({"cartridges": ["../team-b/secret"]}, 400, "invalid_argument", "not a cartridge name in namespace 'team-a'"),
+        ({"cartridges": ["team-b/secret"]}, 400, "invalid_argument", "no '/' or '..'"),
+        ({"cartridges": ["secret"]}, 400, "not_found", "not found in namespace 'team-a'"),
+        ({"cartridges": ["other-model"]}, 400, "unusable_cartridge", "was trained for"),
+        ({"cartridges": ["corrupt"]}, 400, "unusable_cartridge", "sha256"),
+        ({"cartridges": ["alpha"] * 700}, 400, "invalid_argument", "context window is 4096"),
+        ({"text_input": ""}, 400, "invalid_argument", "prompt is empty"),
+        ({"max_tokens": -1}, 400, "invalid_argument", "max_tokens must be >= 0"),
+        ({"max_tokens": 1000}, 400, "invalid_argument", f"this server reserves {KV_TOKENS} for all requests"),
+        ({"max_tokens": "many"}, 500, None, "Unable to parse 'data'"),
+        ({"temperature": -0.5}, 400, "invalid_argument", "temperature must be"),
     ],
 )
 def test_bad_request_gets_its_error_while_others_continue(
-    server: TritonServer, reference: Engine, body: dict[str, Any], status: int, message: str
+    server: TritonServer, reference: Engine, body: dict[str, Any], status: int, kind: str | None, message: str
 ) -> None:
-    """Triton's generate endpoint answers every model error with HTTP 400 and the model's message; a JSON value
-    of the wrong type never reaches the model (Triton's own parser answers 500)."""
+    """Triton's generate endpoint answers every model error with HTTP 400 and the model's message, its kind
+    marked; a JSON value of the wrong type never reaches the model (Triton's own parser answers 500, no kind)."""
     good: list[str] = []
     streaming = threading.Thread(
         target=lambda: good.extend(client.generate(server.http_url, "Meanwhile", ["alpha"], max_tokens=16, stream=True))
@@ -179,7 +203,7 @@ def test_bad_request_gets_its_error_while_others_continue(
     request = {"text_input": "Hello", "max_tokens": MAX_TOKENS, **body}
     with pytest.raises(client.GenerateError, match=message) as failure:
         client.generate(server.http_url, request.pop("text_input"), request.pop("cartridges", ()), **request)
-    assert failure.value.status == status
+    assert (failure.value.status, failure.value.kind) == (status, kind)
     streaming.join(60)
     assert "".join(good) == expected(reference, "Meanwhile", ["alpha"], 16)
     assert http_ok(f"{server.http_url}/v2/health/ready")
@@ -191,11 +215,13 @@ def test_grpc_stream_errors(server: TritonServer) -> None:
         "text_input": np.array([b"hi"], dtype=np.object_),
         "cartridges": np.array([b"missing"], dtype=np.object_),
     }
-    with pytest.raises(client.GenerateError, match="cartridge 'missing' not found"):
+    with pytest.raises(client.GenerateError, match="cartridge 'missing' not found") as error:
         list(client.grpc_stream(server.grpc_url, missing))
+    assert error.value.kind == "not_found"
     typed = {"text_input": np.array([b"typed"], dtype=np.object_), "max_tokens": np.array([1.5], dtype=np.float32)}
-    with pytest.raises(client.GenerateError, match="max_tokens.*FP32.*INT32|max_tokens.*INT32"):
+    with pytest.raises(client.GenerateError, match="max_tokens.*FP32.*INT32|max_tokens.*INT32") as error:
         list(client.grpc_stream(server.grpc_url, typed))
+    assert error.value.kind is None  # Triton's own refusal: no kind
 
 
 def scrape(server: TritonServer) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,26 +19,33 @@ from cartridges.cli.common import (
     check_name,
     print_json,
 )
+from cartridges.error_kind import ErrorKind
 
 if TYPE_CHECKING:
     from cartridges.client import GenerateError
 
 URL_SCHEMES = ("http://", "https://", "grpc://")
-# The router's messages (serving-image/cartridges_serving/errors.py). Triton answers every model error with HTTP 400
-# (in-band, without a code, on a gRPC stream), so what kind of refusal it was shows only in the message.
-NOT_FOUND = re.compile(r"\bnot found\b|no such object")
-UNUSABLE_CARTRIDGE = re.compile(r"was trained for|^cartridge '[^']*'( g\d+)?: ")
+KIND_EXIT_CODES: dict[ErrorKind, int] = {
+    "invalid_argument": EXIT_USAGE,
+    "not_found": EXIT_NOT_FOUND,
+    "unusable_cartridge": EXIT_INPUT,
+    "unavailable": EXIT_UNAVAILABLE,
+    "internal": EXIT_FAILURE,
+}
 
 
 def exit_code(err: GenerateError) -> int:
     """The exit code of a failed request: unreachable (4), a missing cartridge (3), a cartridge the server cannot
-    use, such as one for another base model (65), any other refusal of the request (2)."""
+    use, such as one for another base model (65), any other refusal of the request (2), a server failure (1).
+
+    The router's error kind decides; an error without one (an older server, Triton's own refusal, no server)
+    falls back on the HTTP status or gRPC code, which cannot tell an unusable cartridge from a bad request."""
+    if err.kind is not None:
+        return KIND_EXIT_CODES[err.kind]
     if err.unreachable or err.status == 503 or err.grpc_code == "UNAVAILABLE":
         return EXIT_UNAVAILABLE
-    if NOT_FOUND.search(err.message) or err.status == 404 or err.grpc_code == "NOT_FOUND":
+    if err.status == 404 or err.grpc_code == "NOT_FOUND":
         return EXIT_NOT_FOUND
-    if UNUSABLE_CARTRIDGE.search(err.message):
-        return EXIT_INPUT
     refused = err.status == 400 or err.grpc_code == "INVALID_ARG" or (err.status is None and err.grpc_code is None)
     return EXIT_USAGE if refused else EXIT_FAILURE
 

@@ -22,6 +22,7 @@ from typing import get_args
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cartridges.error_kind import mark
 from cartridges_serving import Engine, EngineConfig, EngineError, EngineMetrics, StreamEvent
 from cartridges_serving.errors import Status
 from cartridges_serving.protocol import INPUT_KINDS, parse_request
@@ -58,8 +59,10 @@ COUNTERS = {
 
 
 def error_response(error: EngineError) -> "pb_utils.InferenceResponse":
+    """The request's error, its kind marked in the message: Triton answers HTTP 400 whatever the code, and on a gRPC
+    stream sends only the message, so the marker is what tells a client which kind of error it was."""
     code = getattr(pb_utils.TritonError, ERROR_CODES.get(error.status, "INTERNAL"))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(mark(error.kind, str(error)), code))
 
 
 def text_response(text: str) -> "pb_utils.InferenceResponse":
