@@ -8,12 +8,13 @@ same digest, so an unchanged corpus triggers nothing downstream.
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from dataclasses import dataclass
 
 from cartridges import layout
 from cartridges.hashing import sha256_bytes
-from cartridges.store import ObjectNotFound, Store
+from cartridges.store import Store
 
 
 class SourceError(ValueError):
@@ -53,18 +54,26 @@ class NormalizedCorpus:
         return sha256_bytes(self.jsonl)
 
 
-def count_tokens(corpus: NormalizedCorpus, tokenizer_uri: str, store: Store) -> int:
-    """Tokens of the whole corpus under a ``tokenizer.json`` (fast tokenizers only; no model weights needed)."""
+def count_tokens(corpus: NormalizedCorpus, where: str, tokenizer_json: bytes) -> int:
+    """Tokens of the whole corpus under a ``tokenizer.json`` read from ``where`` (fast tokenizers only; no model
+    weights needed)."""
     from tokenizers import Tokenizer
 
-    uri = tokenizer_uri if tokenizer_uri.endswith(".json") else f"{tokenizer_uri.rstrip('/')}/tokenizer.json"
     try:
-        tokenizer = Tokenizer.from_str(store.get_bytes(uri).decode())
-    except ObjectNotFound as err:
-        raise SourceError(f"spec.tokenizer: no tokenizer.json at {uri}") from err
-    except Exception as err:  # the tokenizers library raises a bare Exception on bad JSON
-        raise SourceError(f"spec.tokenizer: {uri} is not a tokenizers JSON file ({err})") from err
+        tokenizer = Tokenizer.from_buffer(tokenizer_json)
+    except ValueError as err:
+        raise SourceError(f"spec.tokenizer: {where} is not a tokenizers JSON file ({_without_content(err)})") from err
     return sum(len(encoding.ids) for encoding in tokenizer.encode_batch([d.text for d in corpus.documents]))
+
+
+def _without_content(err: Exception) -> str:
+    """The parser's complaint without the file's content, which it quotes (``invalid type: string "..."``): the
+    message reaches the Corpus's status and Events, and a file that is no tokenizer may hold anything (credentials
+    named by mistake). Keeps the words before the first quote, and the position."""
+    message = str(err).removeprefix("Cannot instantiate Tokenizer from buffer: ")
+    position = re.search(r" at line \d+ column \d+$", message)
+    head = message[: position.start()] if position else message
+    return re.split("[\"'`]", head, maxsplit=1)[0].strip()[:80] + (position.group() if position else "")
 
 
 def publish(

@@ -65,8 +65,14 @@ def sources_prefix(root: str, namespace: str) -> str:
     return _join(root, "sources", namespace)
 
 
+def models_prefix(root: str) -> str:
+    """Where the base models live, shared by every namespace (each one's store keys may read them: README,
+    "Deploy")."""
+    return _join(root, "models")
+
+
 def model_prefix(root: str, model: str) -> str:
-    return _join(root, "models", model)
+    return _join(models_prefix(root), model)
 
 
 def cartridges_prefix(root: str, namespace: str) -> str:

@@ -72,26 +72,40 @@ def pull_secrets(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class CorpusLimits:
-    """What one Corpus may make the operator read (the chart's ``corpus`` values).
+    """What Corpora may make the operator read (the chart's ``corpus`` values).
 
     ``max_bytes`` caps all of a Corpus's sources together, so one tenant's Corpus cannot exhaust the memory of the
-    operator that serves every namespace (the text is held and normalized in memory, a few times its size).
-    ``source_buckets`` names the buckets object sources may read; empty: any bucket other than the store's."""
+    operator that serves every namespace (the text is held and normalized in memory, a few times its size), and
+    ``concurrent_reads`` caps how many Corpora are read at once, so that many of them cannot either.
+    ``source_buckets`` names the buckets object sources and tokenizers may read; empty: any bucket other than the
+    store's. ``tokenizer_max_bytes`` caps the ``tokenizer.json`` a Corpus names; not a chart value, as real ones are
+    2-17 MB whatever the corpus."""
 
     max_bytes: int = 32 * 1024 * 1024
     source_buckets: tuple[str, ...] = ()
+    concurrent_reads: int = 2
+    tokenizer_max_bytes: int = 64 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> CorpusLimits:
-        """``CARTRIDGES_CORPUS_MAX_BYTES`` (an integer >= 1), ``CARTRIDGES_CORPUS_SOURCE_BUCKETS`` (comma-separated)."""
-        text = env.get("CARTRIDGES_CORPUS_MAX_BYTES", "")
-        max_bytes = cls.max_bytes
-        if text:
-            if not text.isdigit() or int(text) < 1:
-                raise ValueError(f"CARTRIDGES_CORPUS_MAX_BYTES must be an integer >= 1, got {text!r}")
-            max_bytes = int(text)
+        """``CARTRIDGES_CORPUS_MAX_BYTES`` and ``CARTRIDGES_CORPUS_CONCURRENT_READS`` (integers >= 1),
+        ``CARTRIDGES_CORPUS_SOURCE_BUCKETS`` (comma-separated)."""
         buckets = env.get("CARTRIDGES_CORPUS_SOURCE_BUCKETS", "")
-        return cls(max_bytes, tuple(b.strip() for b in buckets.split(",") if b.strip()))
+        return cls(
+            max_bytes=_positive(env, "CARTRIDGES_CORPUS_MAX_BYTES", cls.max_bytes),
+            source_buckets=tuple(b.strip() for b in buckets.split(",") if b.strip()),
+            concurrent_reads=_positive(env, "CARTRIDGES_CORPUS_CONCURRENT_READS", cls.concurrent_reads),
+        )
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    """``env[name]`` as an integer >= 1; ``default`` when unset or empty."""
+    text = env.get(name, "")
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 @dataclass(frozen=True)

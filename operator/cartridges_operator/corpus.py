@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from pydantic import ValidationError
@@ -12,8 +13,8 @@ from cartridges.store import Store, StoreError
 from cartridges_operator import kube
 from cartridges_operator.conditions import set_condition
 from cartridges_operator.config import CorpusLimits
-from cartridges_operator.corpus_sources import read_sources
-from cartridges_operator.source_access import SourceAccess
+from cartridges_operator.corpus_sources import read_sources, read_tokenizer
+from cartridges_operator.source_access import ReadsBusy, ReadSlots, SourceAccess
 
 
 def reconcile_corpus(
@@ -25,22 +26,29 @@ def reconcile_corpus(
     store: Store,
     root: str,
     limits: CorpusLimits | None = None,
+    reads: ReadSlots | None = None,
 ) -> dict[str, Any]:
-    """The new status. Unchanged text keeps its digest, so Cartridges see no change and retrain nothing."""
+    """The new status. Unchanged text keeps its digest, so Cartridges see no change and retrain nothing.
+
+    ``reads`` is the operator's bound on Corpora read at once (the handlers share one; None: no bound). While no
+    slot is free the Corpus is not Ready, but not Stalled either: the retry timer reads it later."""
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
     access = SourceAccess(root, namespace, limits or CorpusLimits())
+    tokens: int | None = None
     try:
         corpus_spec = api.CorpusSpec.model_validate(spec)
-        if corpus_spec.tokenizer:
-            access.check_tokenizer(corpus_spec.tokenizer)
-        corpus = read_sources(corpus_spec, store, kube.configmap_reader(namespace), access)
-        prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
-        tokens = count_tokens(corpus, corpus_spec.tokenizer, store) if corpus_spec.tokenizer else None
-        manifest = publish(corpus, corpus_spec.description, store, prefix, tokens, corpus_spec.tokenizer)
+        with reads.hold() if reads else nullcontext():
+            corpus = read_sources(corpus_spec, store, kube.configmap_reader(namespace), access)
+            prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
+            if corpus_spec.tokenizer:
+                tokens = count_tokens(corpus, *read_tokenizer(corpus_spec.tokenizer, store, access))
+            manifest = publish(corpus, corpus_spec.description, store, prefix, tokens, corpus_spec.tokenizer)
+    except ReadsBusy as err:
+        return _not_ready(status, conditions, "WaitingForReadSlot", str(err), generation, stalled=False)
     except (SourceError, ValidationError) as err:
-        return _failed(status, conditions, "InvalidSource", str(err), generation)
+        return _not_ready(status, conditions, "InvalidSource", str(err), generation)
     except StoreError as err:
-        return _failed(status, conditions, "StoreUnavailable", str(err), generation)
+        return _not_ready(status, conditions, "StoreUnavailable", str(err), generation)
     conditions = set_condition(conditions, "Stalled", False, "Stored", "", generation)
     conditions = set_condition(conditions, "Ready", True, "Stored", f"{manifest.documents} documents", generation)
     return {
@@ -55,10 +63,16 @@ def reconcile_corpus(
     }
 
 
-def _failed(
-    status: dict[str, Any], conditions: list[dict[str, Any]], reason: str, message: str, generation: int
+def _not_ready(
+    status: dict[str, Any],
+    conditions: list[dict[str, Any]],
+    reason: str,
+    message: str,
+    generation: int,
+    stalled: bool = True,
 ) -> dict[str, Any]:
-    """Keep the last good digest and artifact (Cartridges keep using them); flag the problem."""
-    conditions = set_condition(conditions, "Stalled", True, reason, message, generation)
+    """Keep the last good digest and artifact (Cartridges keep using them); say why (``stalled``: a problem to fix,
+    else a wait that ends by itself)."""
+    conditions = set_condition(conditions, "Stalled", stalled, reason, message, generation)
     conditions = set_condition(conditions, "Ready", False, reason, message, generation)
     return {**status, "observedGeneration": generation, "conditions": conditions}

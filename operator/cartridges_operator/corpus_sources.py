@@ -1,4 +1,5 @@
-"""Read a Corpus's sources into normalized documents (``cartridges.corpus`` normalizes and stores them).
+"""Read a Corpus's sources into normalized documents (``cartridges.corpus`` normalizes and stores them), and its
+tokenizer.
 
 Every read is checked against what the Corpus may read (``SourceAccess``) and counted against its byte limit as
 it happens, so a source past the limit is never held in memory whole."""
@@ -10,9 +11,9 @@ from collections.abc import Callable, Iterator
 
 from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, SourceError, normalize_text
-from cartridges.store import Store, StoreURI
+from cartridges.store import ObjectNotFound, Store, StoreURI
 from cartridges_operator.http_fetch import fetch
-from cartridges_operator.source_access import ByteBudget, SourceAccess
+from cartridges_operator.source_access import SOURCES_TOO_LARGE, TOKENIZER_TOO_LARGE, ByteBudget, SourceAccess
 
 ConfigMapReader = Callable[[str, str], str]
 """(configmap name, key) -> text, in the Corpus's namespace; raises SourceError when absent."""
@@ -84,9 +85,20 @@ def read_sources(
     spec: api.CorpusSpec, store: Store, read_configmap: ConfigMapReader, access: SourceAccess
 ) -> NormalizedCorpus:
     """Every document of every source, in spec order (objects under a prefix in key order)."""
-    budget = ByteBudget(access.limits.max_bytes)
+    budget = ByteBudget(access.limits.max_bytes, SOURCES_TOO_LARGE)
     documents: list[layout.Document] = []
     for index, source in enumerate(spec.sources):
         raw = _source_documents(index, source, store, read_configmap, access, budget)
         documents.extend(layout.Document(id=doc_id, text=normalize_text(data, doc_id)) for doc_id, data in raw)
     return NormalizedCorpus.of(documents)
+
+
+def read_tokenizer(uri: str, store: Store, access: SourceAccess) -> tuple[str, bytes]:
+    """(where, bytes) of the ``tokenizer.json`` that ``spec.tokenizer`` names, itself or in the directory it names:
+    checked and read as an object source is, under its own byte limit."""
+    where = uri if uri.endswith(".json") else f"{uri.rstrip('/')}/tokenizer.json"
+    access.check_tokenizer(where)
+    try:
+        return where, _read_object(where, store, ByteBudget(access.limits.tokenizer_max_bytes, TOKENIZER_TOO_LARGE))
+    except ObjectNotFound as err:
+        raise SourceError(f"spec.tokenizer: no tokenizer.json at {where}") from err

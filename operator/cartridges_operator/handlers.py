@@ -19,6 +19,7 @@ from cartridges_operator.cartridge import job_generations, reconcile_cartridge
 from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
 from cartridges_operator.corpus import reconcile_corpus
+from cartridges_operator.source_access import ReadSlots
 
 PREFIX = "cartridges.dev"
 RESYNC_S = 5.0
@@ -29,6 +30,7 @@ WARNING_REASONS = {"Stalled"}
 
 CONFIG = OperatorConfig.from_env()
 STORE = Store.from_env()
+READS = ReadSlots(CONFIG.corpus_limits.concurrent_reads)  # shared by the worker threads that read Corpora
 
 
 @kopf.on.startup()
@@ -80,7 +82,7 @@ def _reconcile_corpus(body: kopf.Body) -> dict[str, Any]:
     with metrics.reconciling("Corpus"):
         return reconcile_corpus(
             dict(body.spec), dict(body.status), meta["namespace"], meta["name"], int(meta["generation"]),
-            STORE, CONFIG.store_root, CONFIG.corpus_limits,
+            STORE, CONFIG.store_root, CONFIG.corpus_limits, READS,
         )  # fmt: skip
 
 
@@ -94,7 +96,8 @@ def corpus_changed(body: kopf.Body, **_: Any) -> None:
 
 @kopf.timer(api.GROUP, api.VERSION, "corpora", interval=CORPUS_RETRY_S, initial_delay=CORPUS_RETRY_S)
 def corpus_retry(body: kopf.Body, **_: Any) -> None:
-    """A Corpus that is not Ready is retried, so it recovers once the missing ConfigMap or store is back."""
+    """A Corpus that is not Ready is retried, so it recovers once the missing ConfigMap or store is back, or is read
+    once a read slot is free."""
     if not is_true((body.get("status") or {}).get("conditions"), "Ready"):
         write_status("corpora", body, _reconcile_corpus(body))
 

@@ -1,12 +1,17 @@
-"""Which object and tokenizer URIs a Corpus may make the operator read, and how many bytes in all.
+"""Which object and tokenizer URIs a Corpus may make the operator read, and how many bytes, alone and with others.
 
 The operator reads with its own, bucket-wide store credentials and from its own filesystem, so a Corpus must not
 name what its namespace could not read itself: another namespace's stored corpora or cartridges, the rest of the
-store's bucket, or (in a cluster) any local file such as ``/proc/self/environ`` or the service-account token.
+store's bucket, or (in a cluster) any local file such as ``/proc/self/environ`` or the service-account token. And it
+serves every namespace from one process, so the bytes it holds are capped per Corpus and the Corpora it reads at
+once in all.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from cartridges import layout
@@ -32,22 +37,37 @@ class SourceAccess:
     def check_object(self, uri: str) -> None:
         """Refuse an object source outside what the Corpus's namespace may read (SourceError says why and what to
         use instead)."""
-        parsed = _parse(uri, "object source")
+        self._check(uri, "object sources", (), "upload its documents there, or keep them in a bucket of your own")
+
+    def check_tokenizer(self, uri: str) -> None:
+        """Refuse a ``tokenizer.json`` where an object source would be refused, except under the store's shared base
+        models: every namespace may read those itself (README, "Deploy"), and they hold the tokenizers that
+        Cartridges train with. Any other shared tokenizer can be uploaded to the namespace's own sources area."""
+        advice = "upload tokenizer.json to the first or to a bucket of your own, or name a base model's directory"
+        self._check(uri, "spec.tokenizer", (layout.models_prefix(self.store_root),), advice)
+
+    def _check(self, uri: str, what: str, shared: tuple[str, ...], advice: str) -> None:
+        """Refuse ``uri`` (``what`` names it) outside the namespace's sources area and the ``shared`` prefixes of
+        the store, in a bucket that corpus.sourceBuckets leaves out, or local when the operator is not."""
+        parsed = _parse(uri, what)
         if parsed.scheme == "file":
-            self._check_local_file(uri, "object sources")
+            self._check_local_file(uri, what)
         if self._in_store(parsed):
-            own = _normalized(StoreURI.parse(layout.sources_prefix(self.store_root, self.namespace)))
-            if not _within(parsed.key, own.key):
+            allowed = [
+                _normalized(StoreURI.parse(prefix))
+                for prefix in (layout.sources_prefix(self.store_root, self.namespace), *shared)
+            ]
+            if not any(_within(parsed.key, prefix.key) for prefix in allowed):
                 raise SourceError(
                     f"{uri} is inside the operator's store ({self.store_root}), where a Corpus in namespace "
-                    f"{self.namespace} may read only {own}/ (upload its documents there, or keep them in a bucket "
-                    "of your own)"
+                    f"{self.namespace} may read only {' or '.join(f'{p}/' for p in allowed)} for its {what} "
+                    f"({advice})"
                 )
         elif parsed.scheme == "s3" and self.limits.source_buckets and parsed.bucket not in self.limits.source_buckets:
             raise SourceError(
-                f"{uri}: the operator reads Corpus sources only from the buckets "
+                f"{uri}: the operator reads {what} only from the buckets "
                 f"{', '.join(self.limits.source_buckets)} (chart value corpus.sourceBuckets); ask your cluster "
-                "admin to add this bucket, or copy the documents to one of those"
+                "admin to add this bucket, or copy the files to one of those"
             )
 
     def _in_store(self, uri: StoreURI) -> bool:
@@ -56,11 +76,6 @@ class SourceAccess:
         if uri.scheme != root.scheme:
             return False
         return uri.bucket == root.bucket if uri.scheme == "s3" else _within(uri.key, root.key)
-
-    def check_tokenizer(self, uri: str) -> None:
-        """A tokenizer is read with the operator's access too: no local files in a cluster."""
-        if _parse(uri, "spec.tokenizer").scheme == "file":
-            self._check_local_file(uri, "spec.tokenizer")
 
     def _check_local_file(self, uri: str, what: str) -> None:
         if not self.local:
@@ -95,23 +110,62 @@ def _within(key: str, prefix: str) -> bool:
     return not prefix or key == prefix or key.startswith(prefix + "/")
 
 
-class ByteBudget:
-    """The bytes a Corpus's sources may still add: readers ask for at most ``left + 1`` and then ``take`` what
-    they got, so nothing past the limit is ever held."""
+SOURCES_TOO_LARGE = (
+    "the sources of this Corpus are larger than {limit} in all (reading {where}), the operator's limit for one "
+    "Corpus: split it into several Corpora, or have the cluster admin raise the chart value corpus.maxBytes "
+    "(CARTRIDGES_CORPUS_MAX_BYTES) together with the operator's memory limit"
+)
+TOKENIZER_TOO_LARGE = (
+    "spec.tokenizer: {where} is larger than {limit}, the operator's limit for a tokenizer.json (real ones are a few "
+    "MiB): name a tokenizer's JSON file, or the model directory that holds it"
+)
 
-    def __init__(self, limit: int) -> None:
+
+class ByteBudget:
+    """The bytes a Corpus's sources (or its tokenizer) may still add: readers ask for at most ``left + 1`` and then
+    ``take`` what they got, so nothing past the limit is ever held. ``refusal`` says what was too large, with
+    ``{limit}`` and ``{where}`` to fill in."""
+
+    def __init__(self, limit: int, refusal: str) -> None:
         self.limit = limit
         self.left = limit
+        self.refusal = refusal
 
     def take(self, size: int, where: str) -> None:
         if size > self.left:
-            raise SourceError(
-                f"the sources of this Corpus are larger than {_mib(self.limit)} in all (reading {where}), the "
-                "operator's limit for one Corpus: split it into several Corpora, or have the cluster admin raise "
-                "the chart value corpus.maxBytes (CARTRIDGES_CORPUS_MAX_BYTES) together with the operator's memory "
-                "limit"
-            )
+            raise SourceError(self.refusal.format(limit=_mib(self.limit), where=where))
         self.left -= size
+
+
+class ReadsBusy(Exception):
+    """No read slot came free in time: nothing is wrong with the Corpus, it is read on a later pass."""
+
+
+class ReadSlots:
+    """How many Corpora the operator reads at once (chart value corpus.concurrentReads).
+
+    ``ByteBudget`` bounds one Corpus, but kopf runs handlers on up to 16 threads and each Corpus peaks at about six
+    times its bytes while it is normalized, so 16 at once would need 16 times the memory. Reading takes a slot; a
+    Corpus that finds none free within ``wait_s`` raises :class:`ReadsBusy` rather than hold its worker thread
+    (which other Corpora and the Cartridges' passes need) until one is."""
+
+    def __init__(self, slots: int, wait_s: float = 5.0) -> None:
+        self.slots = slots
+        self.wait_s = wait_s
+        self._free = threading.BoundedSemaphore(slots)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """A slot for the reads in the ``with`` block, given back however it ends."""
+        if not self._free.acquire(timeout=self.wait_s):
+            raise ReadsBusy(
+                f"waiting to be read: the operator reads at most {self.slots} Corpora at once (chart value "
+                f"corpus.concurrentReads) and none finished within {self.wait_s:g} s; it retries shortly"
+            )
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 def _mib(size: int) -> str:

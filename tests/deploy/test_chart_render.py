@@ -69,13 +69,18 @@ def test_operator_reads_what_the_chart_sets(render: Render, monkeypatch: pytest.
 
 
 def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
-    sets = {"corpus.maxBytes": "134217728", "corpus.sourceBuckets[0]": "docs", "corpus.sourceBuckets[1]": "wiki"}
+    sets = {
+        "corpus.maxBytes": "134217728",
+        "corpus.concurrentReads": "4",
+        "corpus.sourceBuckets[0]": "docs",
+        "corpus.sourceBuckets[1]": "wiki",
+    }
     operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
     assert OperatorConfig.from_env().corpus_limits == CorpusLimits(
-        max_bytes=128 * 2**20, source_buckets=("docs", "wiki")
+        max_bytes=128 * 2**20, source_buckets=("docs", "wiki"), concurrent_reads=4
     )
 
 
@@ -207,6 +212,7 @@ BAD_VALUES = [
     ({"networkPolicy.apiServer.cidrs[0]": "10.0.0.1"}, ["/networkPolicy/apiServer/cidrs/0"]),
     ({"networkPolicy.corpusSources.ports[0]": "0"}, ["/networkPolicy/corpusSources/ports/0"]),
     ({"corpus.maxBytes": "0"}, ["/corpus/maxBytes", "minimum"]),
+    ({"corpus.concurrentReads": "0"}, ["/corpus/concurrentReads", "minimum"]),
     ({"corpus.sourceBuckets[0]": "Docs_Bucket"}, ["/corpus/sourceBuckets/0", "does not match pattern"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),

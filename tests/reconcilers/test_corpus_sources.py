@@ -20,7 +20,7 @@ from cartridges_e2e.minio import MinioServer
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus import reconcile_corpus
 from cartridges_operator.corpus_sources import read_sources
-from cartridges_operator.source_access import SourceAccess
+from cartridges_operator.source_access import ReadsBusy, ReadSlots, SourceAccess
 
 LOCAL = SourceAccess("file:///var/empty/store", "ns")
 """An operator run on a developer's machine (file:// store): its files and loopback servers are the user's."""
@@ -128,6 +128,120 @@ def test_tokens_follow_a_tokenizer_added_to_a_stored_corpus(tmp_path: Path) -> N
     assert counted["digest"] == first["digest"] and counted["tokens"] == 4
     dropped = reconcile_corpus({"description": "d", "sources": sources}, counted, "ns", "c", 3, Store(), root)
     assert dropped["tokens"] is None
+
+
+class HeadReads(Store):
+    """A local store that records the lengths asked of ``get_head`` and refuses whole-object reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lengths: list[int] = []
+
+    def get_head(self, uri: str, length: int) -> bytes:
+        self.lengths.append(length)
+        return super().get_head(uri, length)
+
+    def get_bytes(self, uri: str, expected_sha256: str | None = None) -> bytes:
+        raise AssertionError(f"{uri} read whole")
+
+
+def test_a_tokenizer_is_read_only_up_to_its_limit(tmp_path: Path) -> None:
+    """Reading stops one byte past the limit, so a huge object named as a tokenizer never fills the operator."""
+    tiny_llama().tokenizer.save_pretrained(tmp_path / "model")
+    size = (tmp_path / "model" / "tokenizer.json").stat().st_size
+    corpus = {"description": "d", "sources": [{"inline": "abc"}], "tokenizer": f"file://{tmp_path}/model"}
+    root, store = f"file://{tmp_path}/store", HeadReads()
+    counted = reconcile_corpus(corpus, {}, "ns", "c", 1, store, root, CorpusLimits(tokenizer_max_bytes=size))
+    assert counted["tokens"] == 4 and store.lengths[-1] == size + 1
+    refused = stalled(reconcile_corpus(corpus, {}, "ns", "c", 1, store, root, CorpusLimits(tokenizer_max_bytes=1000)))
+    assert refused["reason"] == "InvalidSource" and store.lengths[-1] == 1001
+    assert refused["message"] == (
+        f"spec.tokenizer: file://{tmp_path}/model/tokenizer.json is larger than 1000 bytes, the operator's limit for "
+        "a tokenizer.json (real ones are a few MiB): name a tokenizer's JSON file, or the model directory that holds it"
+    )
+
+
+def test_a_file_that_is_no_tokenizer_is_not_quoted_back(tmp_path: Path) -> None:
+    """The parse error reaches the Corpus's status and Events: it says where the file stops parsing, never what
+    the file holds (the parser quotes the values it trips on)."""
+    secret = "AKIA-not-for-status-0123456789"
+    files = {
+        "environ.json": f"CARTRIDGES_S3_SECRET_KEY={secret}\n",
+        "value.json": f'{{"model": {{"type": "BPE", "vocab": {{"a": "{secret}"}}}}}}',
+        "variant.json": f'{{"version": "1.0", "model": {{"type": "{secret}"}}}}',
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        corpus = {"description": "d", "sources": [{"inline": "a"}], "tokenizer": f"file://{tmp_path}/{name}"}
+        refused = stalled(reconcile_corpus(corpus, {}, "ns", "c", 1, Store(), f"file://{tmp_path}/store"))
+        assert refused["reason"] == "InvalidSource" and "is not a tokenizers JSON file" in refused["message"]
+        assert secret[:4] not in refused["message"] and " at line 1 column " in refused["message"], name
+
+
+@pytest.mark.minio
+def test_tokenizers_in_the_stores_bucket_only_in_their_namespaces_area_or_the_base_models(
+    minio_server: MinioServer, s3_prefix: str, tmp_path: Path
+) -> None:
+    """A tokenizer is read with the operator's bucket-wide keys as object sources are, and confined alike: not
+    another namespace's cartridges, nor the bucket outside the store. The base models, which every namespace
+    reads, are allowed too; other buckets only as corpus.sourceBuckets says."""
+    store, root = minio_server.store(), f"{s3_prefix}store"
+    bucket = s3_prefix.removeprefix("s3://").rstrip("/")
+    tiny_llama().tokenizer.save_pretrained(tmp_path)
+    tokenizer = (tmp_path / "tokenizer.json").read_bytes()
+    for place in ("cartridges/tenant-a/c/g1/", "models/m/", "sources/tenant-b/tok/"):
+        store.put_bytes(f"{root}/{place}tokenizer.json", tokenizer)
+    store.put_bytes(f"{s3_prefix}elsewhere/tokenizer.json", tokenizer)
+
+    def count(uri: str, limits: CorpusLimits | None = None) -> dict[str, object]:
+        corpus = {"description": "d", "sources": [{"inline": "abc"}], "tokenizer": uri}
+        return reconcile_corpus(corpus, {}, "tenant-b", "c", 1, store, root, limits)
+
+    for uri in (f"{root}/cartridges/tenant-a/c/g1", f"{s3_prefix}elsewhere/", f"{root}/sources/tenant-bb/x.json"):
+        refused = stalled(count(uri))
+        assert refused["reason"] == "InvalidSource", uri
+        assert f"may read only {root}/sources/tenant-b/ or {root}/models/ for its spec.tokenizer" in refused["message"]
+    assert count(f"{root}/models/m")["tokens"] == count(f"{root}/sources/tenant-b/tok/tokenizer.json")["tokens"] == 4
+    other_root = f"s3://{bucket}-store"
+    store.ensure_bucket(other_root)
+    corpus = {"description": "d", "sources": [{"inline": "abc"}], "tokenizer": f"{s3_prefix}elsewhere"}
+    allowed = reconcile_corpus(corpus, {}, "ns", "c", 1, store, other_root, CorpusLimits(source_buckets=(bucket,)))
+    assert allowed["tokens"] == 4
+    refused = stalled(
+        reconcile_corpus(corpus, {}, "ns", "c", 1, store, other_root, CorpusLimits(source_buckets=("docs",)))
+    )
+    assert "reads spec.tokenizer only from the buckets docs" in refused["message"]
+
+
+def test_read_slots_bound_the_corpora_read_at_once() -> None:
+    """A reader that finds every slot taken gives up after ``wait_s``; a slot is free again after its reader ends,
+    also when reading failed."""
+    slots = ReadSlots(1, wait_s=0.1)
+    with slots.hold():
+        started = time.monotonic()
+        busy = r"at most 1 Corpora at once \(chart value corpus\.concurrentReads\)"
+        with pytest.raises(ReadsBusy, match=busy), slots.hold():
+            pass
+        assert 0.1 <= time.monotonic() - started < 2
+    with pytest.raises(SourceError), slots.hold():
+        raise SourceError("a broken source")
+    with slots.hold():
+        pass
+
+
+def test_a_corpus_waiting_for_a_read_slot_is_not_ready_but_not_stalled(tmp_path: Path) -> None:
+    """It keeps its last digest, says why it waits, and is read on a later pass once a slot is free."""
+    root, corpus = f"file://{tmp_path}/store", {"description": "d", "sources": [{"inline": "abc"}]}
+    slots = ReadSlots(1, wait_s=0.05)
+    first = reconcile_corpus(corpus, {}, "ns", "c", 1, Store(), root, None, slots)
+    with slots.hold():
+        waiting = reconcile_corpus(corpus, first, "ns", "c", 2, Store(), root, None, slots)
+    ready = next(c for c in waiting["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "WaitingForReadSlot"
+    assert "corpus.concurrentReads" in ready["message"]
+    assert stalled(waiting)["status"] == "False" and stalled(waiting)["reason"] == "WaitingForReadSlot"
+    assert waiting["digest"] == first["digest"] and waiting["observedGeneration"] == 2
+    assert reconcile_corpus(corpus, waiting, "ns", "c", 2, Store(), root, None, slots)["documents"] == 1
 
 
 def stalled(status: dict[str, object]) -> dict[str, str]:
@@ -277,8 +391,16 @@ def test_http_sources_on_internal_addresses_are_refused(web_page: str, endless_s
 
 
 def test_corpus_limits_from_the_environment() -> None:
-    env = {"CARTRIDGES_CORPUS_MAX_BYTES": "1048576", "CARTRIDGES_CORPUS_SOURCE_BUCKETS": "docs, wiki,"}
-    assert CorpusLimits.from_env(env) == CorpusLimits(max_bytes=1 << 20, source_buckets=("docs", "wiki"))
-    assert CorpusLimits.from_env({}) == CorpusLimits(max_bytes=32 << 20, source_buckets=())
+    env = {
+        "CARTRIDGES_CORPUS_MAX_BYTES": "1048576",
+        "CARTRIDGES_CORPUS_SOURCE_BUCKETS": "docs, wiki,",
+        "CARTRIDGES_CORPUS_CONCURRENT_READS": "4",
+    }
+    assert CorpusLimits.from_env(env) == CorpusLimits(
+        max_bytes=1 << 20, source_buckets=("docs", "wiki"), concurrent_reads=4
+    )
+    assert CorpusLimits.from_env({}) == CorpusLimits(max_bytes=32 << 20, source_buckets=(), concurrent_reads=2)
     with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_MAX_BYTES must be an integer >= 1, got '32Mi'"):
         CorpusLimits.from_env({"CARTRIDGES_CORPUS_MAX_BYTES": "32Mi"})
+    with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_CONCURRENT_READS must be an integer >= 1, got '0'"):
+        CorpusLimits.from_env({"CARTRIDGES_CORPUS_CONCURRENT_READS": "0"})
