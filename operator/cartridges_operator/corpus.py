@@ -31,7 +31,8 @@ def reconcile_corpus(
     """The new status. Unchanged text keeps its digest, so Cartridges see no change and retrain nothing.
 
     ``reads`` is the operator's bound on Corpora read at once (the handlers share one; None: no bound). While no
-    slot is free the Corpus is not Ready, but not Stalled either: the retry timer reads it later."""
+    slot is free the Corpus is not Stalled, the retry timer reads it later, and one stored before stays as Ready as
+    it was (its Cartridges keep their corpus; a new generation shows as not yet observed)."""
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
     access = SourceAccess(root, namespace, limits or CorpusLimits())
     tokens: int | None = None
@@ -44,6 +45,8 @@ def reconcile_corpus(
                 tokens = count_tokens(corpus, *read_tokenizer(corpus_spec.tokenizer, store, access))
             manifest = publish(corpus, corpus_spec.description, store, prefix, tokens, corpus_spec.tokenizer)
     except ReadsBusy as err:
+        if status.get("digest"):
+            return {**status, "conditions": set_condition(conditions, "Stalled", False, "WaitingForReadSlot", str(err))}
         return _not_ready(status, conditions, "WaitingForReadSlot", str(err), generation, stalled=False)
     except (SourceError, ValidationError) as err:
         return _not_ready(status, conditions, "InvalidSource", str(err), generation)

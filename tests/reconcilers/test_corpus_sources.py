@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import cartridges.cli
+import cartridges.corpus
 from cartridges import api, layout
-from cartridges.corpus import SourceError, normalize_text
-from cartridges.models import tiny_llama
+from cartridges.corpus import NormalizedCorpus, SourceError, count_tokens, normalize_text, pieces_at_newlines
+from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
 from cartridges.store import S3Config, Store
 from cartridges_e2e.minio import MinioServer
@@ -114,6 +116,23 @@ def test_tokens_are_counted_with_the_named_tokenizer(tmp_path: Path) -> None:
     )  # fmt: skip
     stalled = next(c for c in missing["conditions"] if c["type"] == "Stalled")
     assert stalled["reason"] == "InvalidSource" and "no tokenizer.json" in stalled["message"]
+
+
+def test_tokens_are_counted_piece_by_piece(smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large document is encoded in pieces cut after newlines (encoding 33 MB at once peaked at 4.7 GB): the pieces
+    join back to the text, and the count stays within a token per cut of encoding it whole."""
+    text = (Path(cartridges.cli.__file__).parent / "data" / "kestrel-rock.md").read_text()
+    for size in (1, 7, 300, len(text)):
+        pieces = list(pieces_at_newlines(text, size))
+        assert "".join(pieces) == text and all(0 < len(piece) <= size for piece in pieces)
+        assert all(piece.endswith("\n") or "\n" not in piece for piece in pieces[:-1])
+    tokenizer_json = smollm2.tokenizer.backend_tokenizer.to_str().encode()
+    whole = len(smollm2.tokenizer.backend_tokenizer.encode(text).ids)
+    corpus = NormalizedCorpus.of([layout.Document(id="handbook.md", text=text)])
+    assert count_tokens(corpus, "handbook", tokenizer_json) == whole
+    monkeypatch.setattr(cartridges.corpus, "TOKEN_COUNT_PIECE_CHARS", 1000)
+    cuts = len(list(pieces_at_newlines(text, 1000))) - 1
+    assert cuts >= 5 and abs(count_tokens(corpus, "handbook", tokenizer_json) - whole) <= cuts
 
 
 def test_tokens_follow_a_tokenizer_added_to_a_stored_corpus(tmp_path: Path) -> None:
@@ -229,24 +248,33 @@ def test_read_slots_bound_the_corpora_read_at_once() -> None:
         pass
 
 
-def test_a_corpus_waiting_for_a_read_slot_is_not_ready_but_not_stalled(tmp_path: Path) -> None:
-    """It keeps its last digest, says why it waits, and is read on a later pass once a slot is free."""
+def test_a_corpus_waiting_for_a_read_slot_says_so_and_is_read_later(tmp_path: Path) -> None:
+    """Not Stalled, with the reason; a new Corpus is not Ready yet, a stored one keeps its Ready condition and
+    digest (its Cartridges must not flip to WaitingForCorpus) and its new generation stays unobserved."""
     root, corpus = f"file://{tmp_path}/store", {"description": "d", "sources": [{"inline": "abc"}]}
     slots = ReadSlots(1, wait_s=0.05)
-    first = reconcile_corpus(corpus, {}, "ns", "c", 1, Store(), root, None, slots)
+    with slots.hold():
+        new = reconcile_corpus(corpus, {}, "ns", "c", 1, Store(), root, None, slots)
+    assert condition(new, "Ready")["status"] == "False" and condition(new, "Ready")["reason"] == "WaitingForReadSlot"
+    assert "corpus.concurrentReads" in condition(new, "Ready")["message"]
+    first = reconcile_corpus(corpus, new, "ns", "c", 1, Store(), root, None, slots)
+    assert condition(first, "Ready")["status"] == "True"
     with slots.hold():
         waiting = reconcile_corpus(corpus, first, "ns", "c", 2, Store(), root, None, slots)
-    ready = next(c for c in waiting["conditions"] if c["type"] == "Ready")
-    assert ready["status"] == "False" and ready["reason"] == "WaitingForReadSlot"
-    assert "corpus.concurrentReads" in ready["message"]
     assert stalled(waiting)["status"] == "False" and stalled(waiting)["reason"] == "WaitingForReadSlot"
-    assert waiting["digest"] == first["digest"] and waiting["observedGeneration"] == 2
-    assert reconcile_corpus(corpus, waiting, "ns", "c", 2, Store(), root, None, slots)["documents"] == 1
+    assert condition(waiting, "Ready") == condition(first, "Ready") and waiting["digest"] == first["digest"]
+    assert waiting["observedGeneration"] == 1
+    read = reconcile_corpus(corpus, waiting, "ns", "c", 2, Store(), root, None, slots)
+    assert read["observedGeneration"] == 2 and stalled(read)["reason"] == "Stored"
+
+
+def condition(status: dict[str, object], type_: str) -> dict[str, str]:
+    conditions: list[dict[str, str]] = status["conditions"]  # type: ignore[assignment]
+    return next(c for c in conditions if c["type"] == type_)
 
 
 def stalled(status: dict[str, object]) -> dict[str, str]:
-    conditions: list[dict[str, str]] = status["conditions"]  # type: ignore[assignment]
-    return next(c for c in conditions if c["type"] == "Stalled")
+    return condition(status, "Stalled")
 
 
 def test_an_operator_in_a_cluster_reads_no_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
