@@ -86,8 +86,9 @@ class CorpusSpec(Spec):
     tokenizer: str | None = Field(
         default=None,
         pattern=r"^(s3|file)://.+",
-        description="tokenizer.json, or an HF model directory holding one, whose tokenizer counts status.tokens "
-        "(file:// only for an operator run locally with a file:// store)",
+        description="tokenizer.json, or an HF model directory holding one, whose tokenizer counts status.tokens. "
+        "In the operator's store only under sources/<namespace>/ or models/; other buckets as corpus.sourceBuckets "
+        "allows; at most 64 MiB; file:// only for an operator run locally with a file:// store",
     )
 
 
