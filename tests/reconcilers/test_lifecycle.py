@@ -11,6 +11,7 @@ from fake_trainer import RELEASE_FILE
 from kubernetes import client
 
 from cartridges import api, layout
+from cartridges.manifest import TENSORS_FILE
 from cartridges_e2e.operator_env import OperatorEnv, wait_for
 from cartridges_operator import manifests
 
@@ -82,7 +83,8 @@ def test_corrupt_artifact_is_not_promoted(operator_env: OperatorEnv) -> None:
 def test_tensors_altered_after_upload_are_not_promoted_and_the_promoted_generation_stays(
     operator_env: OperatorEnv,
 ) -> None:
-    """The recorded sha256 matches the manifest, the bytes do not: the operator hashes them before promoting."""
+    """The recorded sha256 matches the manifest, the bytes do not: the operator hashes them before promoting, once
+    while the object stays as it is, again when it is replaced; the replaced bytes that match are promoted."""
     env = operator_env
     env.create("corpora", "rotting", {"description": "d", "sources": [{"inline": "Sound facts."}]})
     env.create("cartridges", "rotting", cartridge_spec("rotting"))
@@ -94,6 +96,21 @@ def test_tensors_altered_after_upload_are_not_promoted_and_the_promoted_generati
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "rotting"))
     assert pointer["generation"] == 1, "the corrupt generation replaced the working one"
     assert status(env, "rotting")["artifact"]["uri"].endswith("/g1/cartridge.safetensors")
+
+    tensors = f"{layout.generation_prefix(env.store_root, env.namespace, 'rotting', 2)}/{TENSORS_FILE}"
+
+    def hashed() -> int:
+        """How often the operator hashed generation 2's tensors (it logs each hash)."""
+        return env.operator.log_path.read_text().count(f"hashed {tensors} ")
+
+    time.sleep(12)  # two more passes of the 5 s resync, each finding the same corrupt object
+    assert hashed() == 1
+    sound = bytearray(env.store.get_head(tensors, env.store.stat(tensors).size))
+    sound[-1] ^= 0xFF  # the rot undone: the bytes the manifest describes, uploaded again
+    env.store.put_bytes(tensors, bytes(sound))
+    wait_for("generation 2 promoted", lambda: env.store.get_json(layout.current_pointer(
+        env.store_root, env.namespace, "rotting"))["generation"] == 2, 30)  # fmt: skip
+    assert hashed() == 2
 
 
 def test_missing_store_secret_stalls_then_recovers(operator_env: OperatorEnv) -> None:
