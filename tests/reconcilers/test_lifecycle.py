@@ -282,6 +282,32 @@ def test_a_job_that_cannot_create_its_pod_stalls_with_the_reason_and_recovers(op
         scheduling.delete_priority_class(priority)
 
 
+def test_a_pod_no_node_can_take_is_reported_not_stalled_and_trains_once_a_node_fits(operator_env: OperatorEnv) -> None:
+    """A training pod the scheduler cannot place (here a nodeSelector no node matches; in a cluster, typically
+    Insufficient nvidia.com/gpu) shows the scheduler's message instead of "Training", not stalled: a node may come
+    (a cluster autoscaler's, a GPU another pod frees). Once the node fits, the pod is bound and trains."""
+    env = operator_env
+    core = client.CoreV1Api(env.api)
+    label = f"cartridges.test/{env.namespace}"
+    env.create("corpora", "unscheduled", {"description": "d", "sources": [{"inline": "Facts waiting for a node."}]})
+    resources = {"gpus": 0, "nodeSelector": {label: "gpu"}}
+    env.create("cartridges", "unscheduled", cartridge_spec("unscheduled", resources=resources))
+
+    def reported() -> dict[str, Any] | None:
+        ready = env.condition("cartridges", "unscheduled", "Ready") or {}
+        return ready if ready.get("reason") == "TrainingPodsNotStarting" else None
+
+    waiting = wait_for("the scheduler's message", reported)
+    assert "training pod unscheduled-g1-" in waiting["message"], waiting
+    assert "waits for a node: 0/1 nodes are available: 1 node(s) didn't match" in waiting["message"], waiting
+    assert (env.condition("cartridges", "unscheduled", "Stalled") or {}).get("status") == "False"
+    core.patch_node(env.harness.node_name, {"metadata": {"labels": {label: "gpu"}}})
+    try:
+        env.wait_condition("cartridges", "unscheduled", "Ready", "True", timeout_s=120)
+    finally:
+        core.patch_node(env.harness.node_name, {"metadata": {"labels": {label: None}}})
+
+
 def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(operator_env: OperatorEnv) -> None:
     """A training input changes while generation 1 still trains: generation 2's Job starts and generation 1's is
     deleted, so one Cartridge never runs two training Jobs; what generation 1 wrote stays in the store."""
