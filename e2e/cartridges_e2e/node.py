@@ -4,8 +4,10 @@ It exists so Jobs and Deployments created through the real API server are driven
 the harness binds pods, runs them and reports status the way a kubelet does, and the Job controller, garbage
 collector and podFailurePolicy react to it. The seams, where it differs from a real kubelet:
 
-- Scheduling: every pending pod that names no node and uses the default scheduler is bound to this node;
-  nodeSelector, affinity, taints and resource requests are not checked.
+- Scheduling: every pending pod that names no node and uses the default scheduler is bound to this node,
+  unless its nodeSelector names labels the node lacks: then it stays Pending with the scheduler's
+  PodScheduled=False/Unschedulable condition until the node has them. Affinity, taints and resource requests
+  are not checked.
 - Containers: only the first container runs, as ``command + args`` (no image, so no entrypoint) on the host,
   in a per-pod directory, with the host environment plus the pod's resolved env. Init and sidecar
   containers, volumes and the in-cluster service-account token are not provided. Container ``ports`` mean
@@ -58,6 +60,11 @@ HOST_IP = "127.0.0.1"
 MAX_MESSAGE_BYTES = 4096  # what the kubelet keeps of a termination-message file
 FALLBACK_LOG_LINES = 80  # and of the log, for FallbackToLogsOnError
 RESTART_BACKOFF_S = 1.0
+UNSCHEDULABLE = (
+    "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. preemption: 0/1 nodes are "
+    "available: 1 Preemption is not helpful for scheduling."
+)
+"""What the scheduler says of a pod whose nodeSelector no node matches."""
 _VAR_REF = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 
 
@@ -440,7 +447,7 @@ class NodeHarness:
         meta, spec = pod["metadata"], pod["spec"]
         if not spec.get("nodeName"):
             if not meta.get("deletionTimestamp") and spec.get("schedulerName") == "default-scheduler":
-                self._bind(pod)
+                self._schedule(pod)
         elif spec["nodeName"] != self.node_name:
             return
         elif meta.get("deletionTimestamp"):
@@ -449,6 +456,38 @@ class NodeHarness:
             self._advance(pod, self._runs[meta["uid"]])
         elif (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
             self._admit(pod)
+
+    def _schedule(self, pod: Json) -> None:
+        """Bind the pod if this node has the labels its nodeSelector names (read each time: a test may label the
+        node meanwhile); else report it unschedulable, once, as the scheduler does, and try again next tick."""
+        selector = pod["spec"].get("nodeSelector") or {}
+        if selector:
+            node = _body(self._core.read_node(self.node_name, _preload_content=False))
+            labels = node["metadata"].get("labels") or {}
+            if any(labels.get(key) != value for key, value in selector.items()):
+                self._report_unschedulable(pod)
+                return
+        self._bind(pod)
+
+    def _report_unschedulable(self, pod: Json) -> None:
+        meta = pod["metadata"]
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        if any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conditions):
+            return
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": UNSCHEDULABLE,
+            "lastTransitionTime": _now(),
+        }
+        try:  # a strategic-merge patch: conditions merge by type
+            self._core.patch_namespaced_pod_status(
+                meta["name"], meta["namespace"], {"status": {"conditions": [condition]}}, _preload_content=False
+            )
+        except ApiException as err:
+            if err.status != 404:  # deleted since it was listed
+                raise
 
     def _bind(self, pod: Json) -> None:
         meta = pod["metadata"]

@@ -1,8 +1,10 @@
-"""Why a training Job runs no pod: what the Job controller and the kubelet say about it, for the Cartridge's status.
+"""Why a training Job runs no pod: what the Job controller, the scheduler and the kubelet say about it, for the
+Cartridge's status.
 
-A Job whose pod cannot be created (a missing PriorityClass, an exhausted quota) or whose container cannot start (an
-invalid image name, a missing Secret key) gets no condition until its activeDeadlineSeconds, hours later; its
-``FailedCreate`` Events and its pods' waiting reasons say why at once.
+A Job whose pod cannot be created (a missing PriorityClass, an exhausted quota), placed on a node (no node with a
+free GPU) or whose container cannot start (an invalid image name, a missing Secret key) gets no condition until its
+activeDeadlineSeconds, hours later; its ``FailedCreate`` Events, its pods' PodScheduled conditions and waiting
+reasons say why at once.
 """
 
 from __future__ import annotations
@@ -44,14 +46,28 @@ def start_problem(namespace: str, job: client.V1Job) -> StartProblem | None:
 
 
 def pod_problem(pods: list[client.V1Pod]) -> StartProblem | None:
-    """The first container of these pending pods waiting for a reason that is no normal start."""
+    """The first of these pending pods that the scheduler cannot place on any node, or whose container waits for a
+    reason that is no normal start.
+
+    An unschedulable pod is reported at once, not after a grace period, and never as stalled: the scheduler says so
+    only after trying every node, and keeps trying (a cluster autoscaler may be adding a GPU node, another pod may
+    free one). Its message ("0/3 nodes are available: 3 Insufficient nvidia.com/gpu") is what someone looking at a
+    Cartridge that does not train needs, and with no autoscaler coming it is the only sign that it never will."""
     for pod in pods:
-        for container in (pod.status.container_statuses if pod.status else None) or []:
+        status = pod.status or client.V1PodStatus()
+        for condition in status.conditions or []:
+            if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
+                return StartProblem(_about(pod, "waits for a node", condition.message), stalled=False)
+        for container in status.container_statuses or []:
             waiting = container.state.waiting if container.state else None
             if waiting is not None and waiting.reason in STUCK | RETRYING:
-                message = f"training pod {pod.metadata.name} cannot start ({waiting.reason}): {waiting.message or ''}"
-                return StartProblem(message.strip().rstrip(":"), waiting.reason in STUCK)
+                message = _about(pod, f"cannot start ({waiting.reason})", waiting.message)
+                return StartProblem(message, waiting.reason in STUCK)
     return None
+
+
+def _about(pod: client.V1Pod, problem: str, detail: str | None) -> str:
+    return f"training pod {pod.metadata.name} {problem}: {detail or ''}".strip().rstrip(":")
 
 
 def creation_problem(job: str, events: list[client.CoreV1Event], since: datetime | None) -> StartProblem | None:

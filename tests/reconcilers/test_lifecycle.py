@@ -11,6 +11,7 @@ from fake_trainer import RELEASE_FILE
 from kubernetes import client
 
 from cartridges import api, layout
+from cartridges.manifest import TENSORS_FILE
 from cartridges_e2e.operator_env import OperatorEnv, wait_for
 from cartridges_operator import manifests
 
@@ -82,7 +83,8 @@ def test_corrupt_artifact_is_not_promoted(operator_env: OperatorEnv) -> None:
 def test_tensors_altered_after_upload_are_not_promoted_and_the_promoted_generation_stays(
     operator_env: OperatorEnv,
 ) -> None:
-    """The recorded sha256 matches the manifest, the bytes do not: the operator hashes them before promoting."""
+    """The recorded sha256 matches the manifest, the bytes do not: the operator hashes them before promoting, once
+    while the object stays as it is, again when it is replaced; the replaced bytes that match are promoted."""
     env = operator_env
     env.create("corpora", "rotting", {"description": "d", "sources": [{"inline": "Sound facts."}]})
     env.create("cartridges", "rotting", cartridge_spec("rotting"))
@@ -94,6 +96,21 @@ def test_tensors_altered_after_upload_are_not_promoted_and_the_promoted_generati
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "rotting"))
     assert pointer["generation"] == 1, "the corrupt generation replaced the working one"
     assert status(env, "rotting")["artifact"]["uri"].endswith("/g1/cartridge.safetensors")
+
+    tensors = f"{layout.generation_prefix(env.store_root, env.namespace, 'rotting', 2)}/{TENSORS_FILE}"
+
+    def hashed() -> int:
+        """How often the operator hashed generation 2's tensors (it logs each hash)."""
+        return env.operator.log_path.read_text().count(f"hashed {tensors} ")
+
+    time.sleep(12)  # two more passes of the 5 s resync, each finding the same corrupt object
+    assert hashed() == 1
+    sound = bytearray(env.store.get_head(tensors, env.store.stat(tensors).size))
+    sound[-1] ^= 0xFF  # the rot undone: the bytes the manifest describes, uploaded again
+    env.store.put_bytes(tensors, bytes(sound))
+    wait_for("generation 2 promoted", lambda: env.store.get_json(layout.current_pointer(
+        env.store_root, env.namespace, "rotting"))["generation"] == 2, 30)  # fmt: skip
+    assert hashed() == 2
 
 
 def test_missing_store_secret_stalls_then_recovers(operator_env: OperatorEnv) -> None:
@@ -263,6 +280,32 @@ def test_a_job_that_cannot_create_its_pod_stalls_with_the_reason_and_recovers(op
         env.wait_condition("cartridges", "unplaced", "Ready", "True", timeout_s=120)
     finally:
         scheduling.delete_priority_class(priority)
+
+
+def test_a_pod_no_node_can_take_is_reported_not_stalled_and_trains_once_a_node_fits(operator_env: OperatorEnv) -> None:
+    """A training pod the scheduler cannot place (here a nodeSelector no node matches; in a cluster, typically
+    Insufficient nvidia.com/gpu) shows the scheduler's message instead of "Training", not stalled: a node may come
+    (a cluster autoscaler's, a GPU another pod frees). Once the node fits, the pod is bound and trains."""
+    env = operator_env
+    core = client.CoreV1Api(env.api)
+    label = f"cartridges.test/{env.namespace}"
+    env.create("corpora", "unscheduled", {"description": "d", "sources": [{"inline": "Facts waiting for a node."}]})
+    resources = {"gpus": 0, "nodeSelector": {label: "gpu"}}
+    env.create("cartridges", "unscheduled", cartridge_spec("unscheduled", resources=resources))
+
+    def reported() -> dict[str, Any] | None:
+        ready = env.condition("cartridges", "unscheduled", "Ready") or {}
+        return ready if ready.get("reason") == "TrainingPodsNotStarting" else None
+
+    waiting = wait_for("the scheduler's message", reported)
+    assert "training pod unscheduled-g1-" in waiting["message"], waiting
+    assert "waits for a node: 0/1 nodes are available: 1 node(s) didn't match" in waiting["message"], waiting
+    assert (env.condition("cartridges", "unscheduled", "Stalled") or {}).get("status") == "False"
+    core.patch_node(env.harness.node_name, {"metadata": {"labels": {label: "gpu"}}})
+    try:
+        env.wait_condition("cartridges", "unscheduled", "Ready", "True", timeout_s=120)
+    finally:
+        core.patch_node(env.harness.node_name, {"metadata": {"labels": {label: None}}})
 
 
 def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(operator_env: OperatorEnv) -> None:

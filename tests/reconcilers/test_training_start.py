@@ -43,6 +43,18 @@ def test_a_pod_starting_normally_is_no_problem() -> None:
     assert pod_problem([waiting_pod("ContainerCreating")]) is None
 
 
+def test_a_pod_no_node_can_take_is_reported_with_the_schedulers_message_not_stalled() -> None:
+    """A node may come (a cluster autoscaler's, a GPU another pod frees): reported, never stalled."""
+    pod = client.V1Pod(metadata=client.V1ObjectMeta(name="c-g1-abcde"), status=client.V1PodStatus(phase="Pending"))
+    assert pod_problem([pod]) is None  # not tried yet: no PodScheduled condition
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    unschedulable = client.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message=message)
+    pod.status.conditions = [unschedulable]
+    problem = pod_problem([pod])
+    assert problem is not None and not problem.stalled
+    assert problem.message == f"training pod c-g1-abcde waits for a node: {message}"
+
+
 def test_the_newest_failed_create_tells_and_a_quota_clears_by_itself() -> None:
     events = [
         failed_create('pods "c-g1-" is forbidden: no PriorityClass with name gone was found', T0),
