@@ -293,11 +293,15 @@ def upload_artifact(store: Store, directory: Path, prefix: str) -> CartridgeMani
 
 
 def download_artifact(store: Store, prefix: str, directory: Path) -> CartridgeManifest:
-    """Fetch an artifact into ``directory``, verifying the tensors against the manifest's sha256."""
-    store.download(f"{prefix.rstrip('/')}/{MANIFEST_FILE}", directory / MANIFEST_FILE)
-    manifest = read_manifest(directory / MANIFEST_FILE)
+    """Fetch an artifact into ``directory``, verifying the manifest against its recorded sha256 and the tensors
+    against the manifest's. Either one corrupt is an :class:`ArtifactError`, not a store error: reading it again
+    cannot help, the cartridge must be written again."""
+    manifest_uri = f"{prefix.rstrip('/')}/{MANIFEST_FILE}"
     try:
+        store.download(manifest_uri, directory / MANIFEST_FILE)
+        manifest = read_manifest(directory / MANIFEST_FILE)
         store.download(f"{prefix.rstrip('/')}/{TENSORS_FILE}", directory / TENSORS_FILE, manifest.file_sha256)
     except IntegrityError as err:
-        raise ArtifactError(f"corrupt cartridge tensors: {err}") from err
+        which = "manifest" if err.uri == manifest_uri else "tensors"
+        raise ArtifactError(f"corrupt cartridge {which}: {err}") from err
     return manifest

@@ -58,19 +58,25 @@ class Service:
         )
 
     def wait_until(self, ready: Callable[[], bool], timeout_s: float = 60.0, interval_s: float = 0.2) -> float:
-        """Poll ``ready`` until true; returns the seconds it took. Fails fast if the process dies."""
+        """Poll ``ready`` until true; returns the seconds it took. Fails fast if the process dies.
+
+        Any failure (the process exited, not ready in time, Ctrl-C) stops the service before it propagates: a leader
+        that exits leaves what it started running in its group (Triton's backend stubs), and the log open."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServiceError(f"{self.name} exited with {self.proc.returncode}:\n{log_tail(self.log_path)}")
-            try:
-                if ready():
-                    return time.monotonic() - self.started_at
-            except OSError:
-                pass
-            time.sleep(interval_s)
-        self.stop()
-        raise ServiceError(f"{self.name} not ready after {timeout_s:.0f}s:\n{log_tail(self.log_path)}")
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise ServiceError(f"{self.name} exited with {self.proc.returncode}:\n{log_tail(self.log_path)}")
+                try:
+                    if ready():
+                        return time.monotonic() - self.started_at
+                except OSError:
+                    pass
+                time.sleep(interval_s)
+            raise ServiceError(f"{self.name} not ready after {timeout_s:.0f}s:\n{log_tail(self.log_path)}")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the group, SIGKILL it after ``grace_s``; then SIGKILL what of the group outlived its leader

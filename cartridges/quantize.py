@@ -45,6 +45,9 @@ class QuantizedKV:
                 f"{self.granularity} scales must be float32 {expected}, "
                 f"got {self.scales.dtype} {tuple(self.scales.shape)}"
             )
+        if not bool((torch.isfinite(self.scales) & (self.scales > 0)).all()):
+            # a zero, negative, infinite or NaN scale dequantizes to NaN or garbage: refuse it rather than serve it
+            raise ValueError(f"{self.granularity} scales must be finite and positive")
 
     @property
     def shape(self) -> torch.Size:
@@ -71,14 +74,18 @@ class QuantizedKV:
 def quantize_kv(x: Tensor, fmt: QuantFormat, granularity: Granularity) -> QuantizedKV:
     """Quantize a [kv_heads, tokens, head_dim] tensor symmetrically with absmax scales.
 
-    Per-channel suits keys (outlier channels survive RoPE); per-token suits values. Rows or columns that are
-    all zero get scale 1 so dequantization stays exact.
+    Per-channel suits keys (outlier channels survive RoPE); per-token suits values. Rows or columns whose scale
+    would be zero (all zero, or an absmax so small that dividing it by the format's maximum underflows) get scale
+    1, so they dequantize to (nearly) themselves instead of NaN. Non-finite input has no scale and is refused.
     """
     if x.dim() != 3:
         raise ValueError(f"expected [kv_heads, tokens, head_dim], got {tuple(x.shape)}")
     reduce_dim = -1 if granularity == "token" else 1
     amax = x.detach().to(torch.float32).abs().amax(dim=reduce_dim)
-    scales = torch.where(amax > 0, amax / _QMAX[fmt], torch.ones_like(amax))
+    if not bool(torch.isfinite(amax).all()):  # amax propagates NaN; float32 overflow shows as inf here too
+        raise ValueError("cannot quantize keys/values that hold inf or NaN")
+    scales = amax / _QMAX[fmt]
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     expanded = scales.unsqueeze(reduce_dim)
     scaled = x.to(torch.float32) / expanded
     if fmt == "int8":

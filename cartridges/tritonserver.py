@@ -238,11 +238,8 @@ def start_triton(
     ready_url = f"http://127.0.0.1:{http}/v2/health/ready"
     try:
         startup = service.wait_until(lambda: http_ok(ready_url), timeout_s=timeout_s)
-    except ServiceError as error:
+    except ServiceError as error:  # wait_until stopped the server and what it started before raising
         what_happened = str(error).splitlines()[0].rstrip(":")  # "tritonserver exited with 1" / "not ready after"
         reason = first_error(service.log_path) or "no error logged"
         raise ServiceError(f"{what_happened}: {reason} (log: {service.log_path})") from None
-    except BaseException:  # Ctrl-C while starting: the server runs in its own session and would outlive us
-        service.stop()
-        raise
     return TritonServer(service, http, grpc, metrics, startup)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tempfile
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ from cartridges.artifact import (
     upload_artifact,
 )
 from cartridges.models import LoadedModel
-from cartridges.store import Store, StoreError
+from cartridges.store import Store, StoreError, StoreURI
 
 GATE_WAIT_S = 60.0  # a failure guard only: tests release the gate long before
 
@@ -52,6 +53,16 @@ def publish(
     pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
     store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
     return prefix
+
+
+def truncate_in_minio(store: Store, uri: str) -> None:
+    """Cut the last bytes of an object in MinIO behind the store's back, keeping the sha256 recorded for the whole
+    (what a bit flip or a truncating proxy leaves)."""
+    parsed = StoreURI.parse(uri)
+    recorded = {"sha256": store.stat(uri).sha256 or ""}
+    client = store._backend(parsed).client  # type: ignore[attr-defined]
+    data = client.get_object(parsed.bucket, parsed.key).read()[:-3]
+    client.put_object(parsed.bucket, parsed.key, io.BytesIO(data), len(data), metadata=recorded)
 
 
 def put_model(lm: LoadedModel, store: Store, uri: str) -> None:

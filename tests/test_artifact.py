@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from cartridges.artifact import (
     MANIFEST_FILE,
@@ -21,6 +22,7 @@ from cartridges.artifact import (
     save_cartridge,
     upload_artifact,
 )
+from cartridges.hashing import sha256_file
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.quantize import QuantFormat
 from cartridges.store import Store
@@ -106,6 +108,23 @@ def test_quantized_artifact_whose_tensors_disagree_is_rejected(tiny_model: Loade
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="token scales must be float32"):
         load_cartridge(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [0.0, float("inf")])
+def test_quantized_artifact_with_unusable_scales_is_rejected(
+    tiny_model: LoadedModel, tmp_path: Path, bad: float
+) -> None:
+    """A zero or infinite scale dequantizes to NaN: the artifact is invalid, never served."""
+    quantized = quantize_cartridge(random_cartridge(tiny_model, p=8), "fp8")
+    save_cartridge(quantized, tmp_path, tiny_model.fingerprint)
+    tensors = load_file(tmp_path / TENSORS_FILE)
+    tensors["layers.1.values_scales"][0, 3] = bad
+    save_file(tensors, tmp_path / TENSORS_FILE)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["file_sha256"] = sha256_file(tmp_path / TENSORS_FILE)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="token scales must be finite and positive"):
+        load_stored_cartridge(tmp_path, expected_model=tiny_model.fingerprint)
 
 
 def test_geometry_is_checked_on_save(tiny_model: LoadedModel, tmp_path: Path) -> None:

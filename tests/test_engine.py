@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import torch
-from _cartridge_store import GatedStore, publish, random_cartridge
+from _cartridge_store import GatedStore, publish, random_cartridge, truncate_in_minio
 from transformers import DynamicCache
 
 from cartridges import layout
-from cartridges.artifact import TENSORS_FILE, Cartridge, QuantizedCartridge, quantize_cartridge
+from cartridges.artifact import MANIFEST_FILE, TENSORS_FILE, Cartridge, QuantizedCartridge, quantize_cartridge
 from cartridges.chat import render
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.quantize import QuantFormat
@@ -615,6 +615,28 @@ def test_cartridge_from_minio_matches_file_store(
         assert s3_engine.generate("from s3", ["alpha"], GREEDY) == engine.generate("from s3", ["alpha"], GREEDY)
     finally:
         s3_engine.close()
+
+
+@pytest.mark.minio
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (f"g1/{TENSORS_FILE}", "corrupt cartridge tensors"),
+        (f"g1/{MANIFEST_FILE}", "corrupt cartridge manifest"),
+        (layout.CURRENT_POINTER, f"corrupt {layout.CURRENT_POINTER}"),
+    ],
+)
+def test_corrupt_objects_in_minio_make_the_cartridge_unusable(
+    tiny_model: LoadedModel, minio_server: MinioServer, s3_prefix: str, corrupt: str, message: str
+) -> None:
+    """Any object of a cartridge failing its sha256 is the cartridge's fault, not the store's: retrying cannot help."""
+    store, root = minio_server.store(), s3_prefix.rstrip("/")
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    truncate_in_minio(store, f"{layout.cartridge_prefix(root, NAMESPACE, 'doc')}/{corrupt}")
+    cache = CartridgeCache(store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    with pytest.raises(CartridgeInvalid, match=message) as raised:
+        cache.get("doc")
+    assert raised.value.kind == "unusable_cartridge"
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cartridges.process import Service
+from cartridges.process import Service, ServiceError
 
 
 def test_stop_kills_a_child_that_ignores_sigterm_after_its_leader_exits(tmp_path: Path) -> None:
@@ -16,12 +16,24 @@ def test_stop_kills_a_child_that_ignores_sigterm_after_its_leader_exits(tmp_path
     script = "(trap '' TERM; exec sleep 300) & echo started; exec sleep 300"
     service = Service("leader", ["bash", "-c", script], tmp_path / "log")
     service.wait_until(lambda: "started" in (tmp_path / "log").read_text(), timeout_s=10, interval_s=0.05)
-    group = service.proc.pid
     service.stop(grace_s=5)
+    assert_group_gone(service)
+
+
+def test_a_leader_exiting_during_start_up_leaves_nothing_running(tmp_path: Path) -> None:
+    # like tritonserver failing a model load: it exits, its backend stub (the sleep) would run on
+    service = Service("leader", ["sh", "-c", "sleep 300 & echo started; exit 1"], tmp_path / "log")
+    with pytest.raises(ServiceError, match="leader exited with 1:\nstarted"):
+        service.wait_until(lambda: False, timeout_s=10, interval_s=0.05)
+    assert service._log.closed
+    assert_group_gone(service)
+
+
+def assert_group_gone(service: Service) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
-            os.killpg(group, 0)
+            os.killpg(service.proc.pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.05)

@@ -42,7 +42,7 @@ from cartridges.artifact import (
     download_artifact,
     load_stored_cartridge,
 )
-from cartridges.store import ObjectNotFound, Store, StoreError
+from cartridges.store import IntegrityError, ObjectNotFound, Store, StoreError
 from cartridges_serving.errors import CartridgeInvalid, CartridgeNotFound, CartridgeRefused, EngineUnavailable
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,8 @@ class CartridgeCache:
             ) from err
         except (ValidationError, ValueError) as err:
             raise CartridgeInvalid(f"cartridge {cartridge_id!r}: unreadable {layout.CURRENT_POINTER}: {err}") from err
+        except IntegrityError as err:  # altered since it was written: reading it again cannot help
+            raise CartridgeInvalid(f"cartridge {cartridge_id!r}: corrupt {layout.CURRENT_POINTER}: {err}") from err
         except StoreError as err:
             raise EngineUnavailable(f"cartridge {cartridge_id!r}: object store error: {err}") from err
         try:

@@ -37,6 +37,29 @@ def test_quantized_kv_rejects_wrong_scales() -> None:
         QuantizedKV(torch.zeros(2, 5, 4, dtype=torch.int8), torch.ones(2, 5), "channel")
     with pytest.raises(ValueError, match="int8 or float8"):
         QuantizedKV(torch.zeros(2, 5, 4), torch.ones(2, 5), "token")
+    for bad in (0.0, -1.0, float("inf"), float("nan")):  # each would dequantize to NaN or garbage
+        scales = torch.ones(2, 5)
+        scales[1, 3] = bad
+        with pytest.raises(ValueError, match="finite and positive"):
+            QuantizedKV(torch.zeros(2, 5, 4, dtype=torch.int8), scales, "token")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_a_row_too_small_for_its_scale_gets_scale_one(fmt: QuantFormat) -> None:
+    x = torch.zeros(1, 2, 4)
+    x[0, 0, 0] = 1e-45  # the smallest subnormal: absmax / 127 or / 448 underflows to 0
+    quant = quantize_kv(x, fmt, "token")
+    assert quant.scales.tolist() == [[1.0, 1.0]]
+    assert torch.equal(quant.dequantize(), torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_non_finite_input_is_refused(bad: float, granularity: Granularity) -> None:
+    x = torch.randn(2, 3, 4)
+    x[1, 2, 0] = bad
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_kv(x, "int8", granularity)
 
 
 @pytest.mark.parametrize(
