@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from cartridges import layout
 from cartridges.artifact import ModelFingerprint
 from cartridges.hashing import sha256_bytes, sha256_file
 from cartridges.paths import cache_dir
@@ -184,7 +185,9 @@ def _gguf_as_hf_dir(path: Path, weights_sha256: str) -> Path:
 
 
 def _local_copy(source: str, store: Store) -> Path:
-    """Download a store URI (one GGUF object or an HF directory prefix) into the content-keyed cache."""
+    """Download a store URI (one GGUF object or an HF directory prefix) into the content-keyed cache.
+
+    A directory is keyed by its files' names and sha256s, so spelling the prefix another way finds the same copy."""
     uri = StoreURI.parse(source)
     if uri.key.endswith(".gguf"):
         info = store.stat(source)
@@ -192,17 +195,18 @@ def _local_copy(source: str, store: Store) -> Path:
         if not target.exists():
             store.download(source, target, expected_sha256=info.sha256)
         return target
-    objects = store.list(source)
+    try:
+        objects = layout.objects_under(store, source)
+    except layout.UnsafePathSegment as err:
+        raise ModelLoadError(f"refusing to copy the model {source}: {err}") from err
     if not objects:
         raise ModelLoadError(f"no model files under {source}")
-    infos = [store.stat(o) for o in objects]
-    listing = "\n".join(f"{info.uri} {info.sha256 or _unverified_key(info)}" for info in infos)
+    infos = {name: store.stat(uri) for name, uri in objects}
+    listing = "\n".join(f"{name} {info.sha256 or _unverified_key(info)}" for name, info in infos.items())
     target = cache_dir() / "models" / "store" / sha256_bytes(listing.encode())
-    prefix = source.rstrip("/") + "/"
-    for obj in objects:
-        local = target / obj[len(prefix) :]
-        if not local.exists():
-            store.download(obj, local)
+    for name, info in infos.items():
+        if not (target / name).exists():
+            store.download(info.uri, target / name, expected_sha256=info.sha256)
     return target
 
 
