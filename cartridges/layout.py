@@ -55,6 +55,22 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+def objects_under(store: Store, prefix: str) -> list[tuple[str, str]]:
+    """(name relative to the directory ``prefix``, URI) of every object under it, in name order.
+
+    The names come from :meth:`Store.names`, so they do not depend on how ``prefix`` is spelled. Callers make local
+    paths and document ids of them, so each must be a relative path of plain segments: S3 takes any key, and one
+    like ``m/../../x`` or ``m//etc/x`` would be written outside the directory it is copied to. Such a name raises
+    :class:`UnsafePathSegment`."""
+    objects = []
+    for name in sorted(store.names(prefix)):
+        try:
+            objects.append((name, _join(prefix, *name.split("/"))))
+        except UnsafePathSegment:
+            raise UnsafePathSegment(f"object {name!r} under {prefix} is not a plain relative path") from None
+    return objects
+
+
 def corpus_prefix(root: str, namespace: str, corpus: str, digest: str) -> str:
     return _join(root, "corpora", namespace, corpus, digest)
 

@@ -34,7 +34,10 @@ class ModelFingerprint(BaseModel):
     rope_scaling: dict[str, Any] | None = None
 
     def mismatches(self, other: ModelFingerprint) -> list[str]:
-        """Human-readable differences (empty when compatible); ``model_id`` is a label, not identity."""
+        """Human-readable differences (empty when compatible); ``model_id`` is a label, not identity.
+
+        The rope settings are compared on their own: ``weights_sha256`` hashes the weight files only, and the same
+        weights served under another RoPE scaling rotate keys differently from the cartridge's stored keys."""
         fields = (
             "weights_sha256",
             "tokenizer_sha256",
@@ -42,6 +45,7 @@ class ModelFingerprint(BaseModel):
             "num_kv_heads",
             "head_dim",
             "rope_theta",
+            "rope_scaling",
         )
         return [
             f"{f}: {getattr(self, f)} != {getattr(other, f)}" for f in fields if getattr(self, f) != getattr(other, f)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +23,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from cartridges import layout
 from cartridges.artifact import ModelFingerprint
 from cartridges.hashing import sha256_bytes, sha256_file
-from cartridges.paths import cache_dir
+from cartridges.paths import cache_dir, fill_once
 from cartridges.store import ObjectInfo, ObjectNotFound, Store, StoreURI
 
 log = logging.getLogger(__name__)
@@ -161,49 +160,46 @@ def _hf_dir_sha256(directory: Path) -> str:
 
 def _gguf_as_hf_dir(path: Path, weights_sha256: str) -> Path:
     """Dequantize a GGUF once into an HF directory in the cache (the slow part of a GGUF load)."""
-    target = cache_dir() / "models" / "from-gguf" / weights_sha256
-    if (target / "config.json").exists():
-        return target
-    _check_gguf_is_causal_lm(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, KeyError, OSError) as err:
-        raise ModelLoadError(f"{path}: transformers cannot load this GGUF as a causal LM ({err})") from err
-    model.hf_quantizer = None  # type: ignore[assignment]  # the weights are dequantized now; save them as plain float tensors
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        Path(tmp).rename(target)
-        Path(tmp).mkdir()  # let TemporaryDirectory clean up an empty directory
-    return target
+
+    def dequantize(target: Path) -> None:
+        _check_gguf_is_causal_lm(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        except (ValueError, KeyError, OSError) as err:
+            raise ModelLoadError(f"{path}: transformers cannot load this GGUF as a causal LM ({err})") from err
+        model.hf_quantizer = None  # type: ignore[assignment]  # the weights are dequantized now; save them as plain float tensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    return fill_once(cache_dir() / "models" / "from-gguf" / weights_sha256, dequantize)
 
 
 def _local_copy(source: str, store: Store) -> Path:
-    """Download a store URI (one GGUF object or an HF directory prefix) into the content-keyed cache."""
+    """Download a store URI (one GGUF object or an HF directory prefix) into the content-keyed cache.
+
+    A directory is keyed by its files' names and sha256s, so spelling the prefix another way finds the same copy."""
     uri = StoreURI.parse(source)
     if uri.key.endswith(".gguf"):
         info = store.stat(source)
         target = cache_dir() / "models" / "store" / (info.sha256 or _unverified_key(info)) / uri.name
-        if not target.exists():
-            store.download(source, target, expected_sha256=info.sha256)
-        return target
-    objects = store.list(source)
+        return fill_once(target, lambda path: store.download(source, path, expected_sha256=info.sha256))
+    try:
+        objects = layout.objects_under(store, source)
+    except layout.UnsafePathSegment as err:
+        raise ModelLoadError(f"refusing to copy the model {source}: {err}") from err
     if not objects:
         raise ModelLoadError(f"no model files under {source}")
-    infos = [store.stat(o) for o in objects]
-    listing = "\n".join(f"{info.uri} {info.sha256 or _unverified_key(info)}" for info in infos)
-    target = cache_dir() / "models" / "store" / sha256_bytes(listing.encode())
-    prefix = source.rstrip("/") + "/"
-    for obj in objects:
-        local = target / obj[len(prefix) :]
-        if not local.exists():
-            store.download(obj, local)
-    return target
+    infos = {name: store.stat(uri) for name, uri in objects}
+    listing = "\n".join(f"{name} {info.sha256 or _unverified_key(info)}" for name, info in infos.items())
+
+    def download(target: Path) -> None:
+        for name, info in infos.items():
+            store.download(info.uri, target / name, expected_sha256=info.sha256)
+
+    return fill_once(cache_dir() / "models" / "store" / sha256_bytes(listing.encode()), download)
 
 
 def _unverified_key(info: ObjectInfo) -> str:

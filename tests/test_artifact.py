@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from cartridges.artifact import (
     upload_artifact,
 )
 from cartridges.hashing import sha256_file
-from cartridges.models import LoadedModel, tiny_llama
+from cartridges.models import LoadedModel, load_base_model, tiny_llama
 from cartridges.quantize import QuantFormat
 from cartridges.store import Store
 from cartridges_e2e.minio import MinioServer
@@ -64,6 +65,23 @@ def test_cartridge_for_another_model_is_a_clear_error(tiny_model: LoadedModel, t
         ArtifactError, match=r"trained for tiny-llama-seed0, not the loaded tiny-llama-seed1.*weights_sha256"
     ):
         load_cartridge(tmp_path, expected_model=other.fingerprint)
+
+
+def test_cartridge_trained_under_another_rope_scaling_is_a_clear_error(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    """The same weights under another RoPE scaling rotate keys differently: the weights hash (weight files only)
+    cannot tell, so the manifest's rope settings must."""
+    plain = tmp_path / "plain"
+    tiny_model.model.save_pretrained(plain)
+    tiny_model.tokenizer.save_pretrained(plain)
+    scaled = tmp_path / "scaled"
+    shutil.copytree(plain, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}))
+    trained_under = load_base_model(scaled).fingerprint
+    save_cartridge(random_cartridge(tiny_model), tmp_path / "cartridge", trained_under)
+    with pytest.raises(ArtifactError, match=r"rope_scaling: \{'rope_type': 'linear', 'factor': 8.0.*\} != None"):
+        load_cartridge(tmp_path / "cartridge", expected_model=load_base_model(plain).fingerprint)
+    load_cartridge(tmp_path / "cartridge", expected_model=trained_under)
 
 
 def test_manifest_that_lies_about_p_is_rejected(tiny_model: LoadedModel, tmp_path: Path) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from cartridges.models import LoadedModel, ModelLoadError, load_base_model, tiny_llama
-from cartridges.store import Store, StoreURI
+from cartridges.cli.common import _tiny_model_dir
+from cartridges.models import LoadedModel, ModelLoadError, _local_copy, load_base_model, tiny_llama
+from cartridges.store import ObjectInfo, Store, StoreURI
 from cartridges_e2e.minio import MinioServer
 
 
@@ -21,17 +25,107 @@ def test_tiny_model_is_deterministic_and_fingerprinted() -> None:
     assert a.tokenizer.decode(ids) == "héllo wörld"
 
 
-def test_hf_directory_round_trip_through_a_file_store(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    local = tmp_path / "tiny"
-    tiny_model.model.save_pretrained(local)
-    tiny_model.tokenizer.save_pretrained(local)
-    store = Store()
+def _store_model(model: LoadedModel, local: Path, store: Store, prefix: str) -> list[str]:
+    """Save ``model`` to ``local`` and upload it under ``prefix``; the names of its files."""
+    model.model.save_pretrained(local)
+    model.tokenizer.save_pretrained(local)
     for path in local.iterdir():
-        store.put_file(f"file://{tmp_path}/store/models/tiny/{path.name}", path)
+        store.put_file(f"{prefix}/{path.name}", path)
+    return sorted(path.name for path in local.iterdir())
+
+
+def test_hf_directory_round_trip_through_a_file_store(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    store = Store()
+    _store_model(tiny_model, tmp_path / "tiny", store, f"file://{tmp_path}/store/models/tiny")
     loaded = load_base_model(f"file://{tmp_path}/store/models/tiny", store=store)
     assert loaded.fingerprint.tokenizer_sha256 == tiny_model.fingerprint.tokenizer_sha256
     ids = torch.tensor([[1, 2, 3]])
     assert torch.allclose(loaded.model(ids).logits, tiny_model.model(ids).logits, atol=1e-5)
+
+
+def test_a_stored_model_keeps_its_file_names_however_its_prefix_is_spelled(
+    tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(tmp_path / "cache"))
+    store = Store()
+    names = _store_model(tiny_model, tmp_path / "tiny", store, f"file://{tmp_path}/store/models/tiny")
+    spellings = [f"file://{tmp_path}/store/models/tiny", f"file://localhost{tmp_path}/store/models/tiny/",
+                 f"file://{tmp_path}/store//models/./tiny"]  # fmt: skip
+    copies = {_local_copy(spelling, store) for spelling in spellings}
+    assert len(copies) == 1 and sorted(path.name for path in copies.pop().iterdir()) == names
+
+
+def test_stored_model_files_that_would_land_outside_the_cache_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 takes any key; one that is no plain relative path below the model's prefix names no file of the copy."""
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(tmp_path / "cache"))
+
+    class Hostile(Store):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def names(self, prefix: str) -> list[str]:
+            return ["config.json", self.name]
+
+    for name in ("../../escaped.json", "/abs.json", "sub//x.json", "./x.json"):
+        with pytest.raises(ModelLoadError, match=f"object {name!r} under .* is not a plain relative path"):
+            _local_copy(f"file://{tmp_path}/store/models/m", Hostile(name))
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def _at_once(work: Callable[[], object], workers: int = 4) -> list[object]:
+    """What ``work`` returned (or the error it raised, as text) in each of ``workers`` processes started together."""
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(workers), context.Queue()
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            results.put(work())
+        except Exception as err:
+            results.put(f"{type(err).__name__}: {err}")
+
+    processes = [context.Process(target=run) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join()
+    return outcomes
+
+
+def test_processes_filling_the_model_cache_at_once_all_get_the_whole_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several CLIs (or trainer ranks) start on one cache: none fails, and none sees a directory half-written."""
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(tmp_path / "cache"))
+    outcomes = _at_once(lambda: sorted(path.name for path in _tiny_model_dir().iterdir()))
+    cached = sorted(path.name for path in (tmp_path / "cache" / "models" / "tiny-llama-seed0").iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(cached)
+    assert outcomes == [cached] * 4
+
+
+def test_processes_copying_a_stored_model_at_once_download_it_once(
+    tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ranks of one trainer copy the base model into the node's cache at once: one downloads, the others wait
+    for its complete copy."""
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(tmp_path / "cache"))
+    source, log = f"file://{tmp_path}/store/models/tiny", tmp_path / "downloads.log"
+
+    class Slow(Store):
+        def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> ObjectInfo:
+            with log.open("a") as file:
+                file.write(f"{uri}\n")
+            time.sleep(0.2)  # long enough that every worker starts before the first file is there
+            return super().download(uri, path, expected_sha256)
+
+    names = _store_model(tiny_model, tmp_path / "tiny", Store(), source)
+    outcomes = _at_once(lambda: sorted(path.name for path in _local_copy(source, Slow()).iterdir()))
+    assert outcomes == [names] * 4
+    assert len(log.read_text().splitlines()) == len(names)
 
 
 def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from cartridges import layout
 from cartridges.manifest import MANIFEST_FILE, CartridgeManifest
-from cartridges.paths import cache_dir
+from cartridges.paths import cache_dir, fill_once
 from cartridges.store import ObjectNotFound, Store, StoreURI
 
 DocumentModel = TypeVar("DocumentModel", bound=BaseModel)
@@ -139,18 +139,15 @@ def model_source(name: str) -> str:
 
 def _tiny_model_dir() -> Path:
     """The tiny model saved once as an HF directory, so trainer and server load the same fingerprint."""
-    target = cache_dir() / "models" / "tiny-llama-seed0"
-    if not (target / "config.json").exists():
+
+    def save(target: Path) -> None:
         from cartridges.models import tiny_llama
 
         lm = tiny_llama(seed=0)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            lm.model.save_pretrained(tmp)
-            lm.tokenizer.save_pretrained(tmp)
-            Path(tmp).rename(target)
-            Path(tmp).mkdir()  # let TemporaryDirectory clean up an empty directory
-    return target
+        lm.model.save_pretrained(target)
+        lm.tokenizer.save_pretrained(target)
+
+    return fill_once(cache_dir() / "models" / "tiny-llama-seed0", save)
 
 
 def load_model(name: str, store: Store) -> LoadedModel:

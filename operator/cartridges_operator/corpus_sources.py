@@ -34,9 +34,12 @@ def _object_documents(source: api.ObjectSource, store: Store, budget: ByteBudget
     if not source.uri.endswith("/"):
         yield StoreURI.parse(source.uri).name, _read_object(source.uri, store, budget)
         return
+    try:
+        objects = layout.objects_under(store, source.uri)
+    except layout.UnsafePathSegment as err:
+        raise SourceError(str(err)) from err
     found = False
-    for uri in sorted(store.list(source.uri)):
-        relative = uri[len(source.uri) :]
+    for relative, uri in objects:
         if _matches(relative, source):
             found = True
             yield relative, _read_object(uri, store, budget)

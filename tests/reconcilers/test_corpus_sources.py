@@ -61,6 +61,21 @@ def test_object_prefix_with_globs_in_key_order(minio_server: MinioServer, s3_pre
         read_sources(spec({"object": {"uri": f"{s3_prefix}empty/"}}), store, no_configmaps, CLUSTER)
 
 
+def test_objects_are_named_relative_to_their_prefix_however_it_is_spelled(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "handbook.md").write_text("hello")
+    for uri in (f"file://{tmp_path}/docs/", f"file://localhost{tmp_path}/docs/"):
+        corpus = read_sources(spec({"object": {"uri": uri, "include": ["*.md"]}}), Store(), no_configmaps, LOCAL)
+        assert [d.id for d in corpus.documents] == ["handbook.md"], uri
+
+    class Hostile(Store):  # S3 takes keys like these; they are no document name below the prefix
+        def names(self, prefix: str) -> list[str]:
+            return ["handbook.md", "../../corpora/other/corpus.jsonl"]
+
+    with pytest.raises(SourceError, match="'../../corpora/other/corpus.jsonl' under .* is not a plain relative path"):
+        read_sources(spec({"object": {"uri": f"file://{tmp_path}/docs/"}}), Hostile(), no_configmaps, LOCAL)
+
+
 @pytest.fixture
 def web_page() -> Iterator[str]:
     body = b"Fetched over HTTP. " * 10
