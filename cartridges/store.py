@@ -9,12 +9,14 @@ Prefixes are always listed as directories, so ``cart-1`` never matches ``cart-10
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ from urllib.parse import urlparse
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
+from minio.helpers import check_bucket_name
 
 from cartridges.hashing import sha256_bytes, sha256_file
 
@@ -79,6 +82,13 @@ class StoreURI:
         if parsed.scheme == "s3":
             if not parsed.netloc:
                 raise ValueError(f"s3 URI needs a bucket, like s3://bucket/key: {uri!r}")
+            try:  # minio's own check, here so a bad name is an input error, not a failure of the first request
+                check_bucket_name(parsed.netloc)
+            except ValueError:
+                raise ValueError(
+                    f"invalid S3 bucket name {parsed.netloc!r} in {uri!r}: use 3-63 lowercase letters, digits, "
+                    "'.' and '-'"
+                ) from None
             return cls("s3", parsed.netloc, parsed.path.lstrip("/"))
         if parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
@@ -148,6 +158,15 @@ class S3Config:
         return f"S3Config(endpoint={self.endpoint!r}, secure={self.secure}, access_key=***)"
 
 
+def _new_temp_file(directory: Path, prefix: str) -> Path:
+    """Create an empty file in ``directory`` that no other writer shares (a random name, created exclusively),
+    with the mode any new file gets (0o666 less the umask, and a default ACL if the directory has one): mkstemp's
+    0o600 would keep the other UIDs that share a store or a model cache from reading what it becomes."""
+    path = directory / f"{prefix}{secrets.token_hex(8)}"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return path
+
+
 class _Backend(Protocol):
     def put_file(self, uri: StoreURI, path: Path, sha256: str) -> None: ...
     def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None: ...
@@ -178,14 +197,31 @@ class _FileBackend:
         self._atomic_write(uri, lambda fh: fh.write(data))
 
     def _atomic_write(self, uri: StoreURI, write: Any) -> None:
+        """Write a ``.tmp-`` file beside the target and rename it into place. The temp file goes whatever
+        happens (``list`` skips such names, so a leftover would stay forever), and an OS error becomes a
+        :class:`StoreError` that says what to fix."""
         target = self._path(uri)
+        temp: Path | None = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("wb", dir=target.parent, prefix=".tmp-", delete=False) as fh:
+            temp = _new_temp_file(target.parent, ".tmp-")
+            with temp.open("wb") as fh:
                 write(fh)
-            os.replace(fh.name, target)
+            os.replace(temp, target)
         except PermissionError as err:
             raise AccessDenied(f"permission denied ({err.strerror})", str(uri)) from err
+        except IsADirectoryError as err:
+            raise StoreError(
+                "a directory is in the way of the object (remove it or pick another name)", str(uri)
+            ) from err
+        except OSError as err:
+            raise StoreError(
+                f"cannot write the object ({err.strerror or err}; is the volume mounted, writable and not full?)",
+                str(uri),
+            ) from err
+        finally:
+            if temp is not None:
+                temp.unlink(missing_ok=True)
 
     def get_to_file(self, uri: StoreURI, path: Path) -> None:
         shutil.copyfile(self._existing(uri), path)
@@ -309,7 +345,13 @@ class _S3Backend:
         return digest.hexdigest()
 
     def stat(self, uri: StoreURI) -> ObjectInfo:
-        stat = self.client.stat_object(uri.bucket, uri.key)
+        try:
+            stat = self.client.stat_object(uri.bucket, uri.key)
+        except S3Error:
+            # An answer to HEAD has no body, so minio names its error by the status alone: any web server's 404
+            # reads as NoSuchKey. A GET gets the error as the store words it, or fails as a non-S3 answer.
+            self.get_head(uri, 1)
+            raise
         metadata = {k.lower(): v for k, v in (stat.metadata or {}).items()}
         modified = stat.last_modified.isoformat() if stat.last_modified else ""
         revision = f"{stat.etag} {stat.size} {modified}"
@@ -335,8 +377,21 @@ class _S3Backend:
         self.client.remove_object(uri.bucket, uri.key)
 
     def ensure_bucket(self, uri: StoreURI) -> None:
-        if not self.client.bucket_exists(uri.bucket):
+        """Check, then create: a process that started at the same time may create the bucket in between, which is
+        as good (S3 says BucketAlreadyOwnedByYou; a store that says BucketAlreadyExists instead is believed once
+        the bucket answers us, as one that someone else owns does not)."""
+        if self.client.bucket_exists(uri.bucket):
+            return
+        try:
             self.client.make_bucket(uri.bucket)
+        except S3Error as err:
+            if err.code == "BucketAlreadyOwnedByYou":
+                return
+            if err.code == "BucketAlreadyExists":
+                with contextlib.suppress(S3Error):
+                    if self.client.bucket_exists(uri.bucket):
+                        return
+            raise
 
 
 class Store:
@@ -366,13 +421,16 @@ class Store:
         return self._s3
 
     def _call(self, uri: StoreURI, op: Any, *args: Any) -> Any:
+        endpoint = self._s3_config.endpoint if self._s3_config else "?"
         try:
             return op(*args)
         except S3Error as err:
             kind, message = _S3_ERRORS.get(err.code or "", (StoreError, f"S3 error {err.code}: {err.message}"))
             raise kind(message, str(uri)) from err
+        except MinioException as err:  # not S3's XML: an ingress's HTML page, a wrong port, a proxy's 502
+            answer = textwrap.shorten(str(err), 160, placeholder=" ...")
+            raise StoreUnavailable(f"object store at {endpoint} did not answer as S3 ({answer})", str(uri)) from err
         except urllib3.exceptions.HTTPError as err:
-            endpoint = self._s3_config.endpoint if self._s3_config else "?"
             if isinstance(getattr(err, "reason", err), urllib3.exceptions.SSLError):
                 raise StoreUnavailable(
                     f"TLS to the object store at {endpoint} failed ({getattr(err, 'reason', err)}); for a private "
@@ -444,7 +502,8 @@ class Store:
         info: ObjectInfo = self._call(parsed, backend.stat, parsed)
         expected = expected_sha256 or info.sha256
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
+        # Each download its own temp file: ranks of one job fill one cache with the same object at the same time.
+        partial = _new_temp_file(path.parent, f".{path.name}.partial-")
         try:
             self._call(parsed, backend.get_to_file, parsed, partial)
             actual = sha256_file(partial)

@@ -137,8 +137,11 @@ def test_an_s3_store_without_an_endpoint_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("CARTRIDGES_S3_ENDPOINT", raising=False)
-    code, _, err = cli(capsys, "ls", "--store", "s3://x")
+    code, _, err = cli(capsys, "ls", "--store", "s3://xyz")
     assert code == EXIT_USAGE and "set CARTRIDGES_S3_ENDPOINT" in err
+    one_line_error(err)
+    code, _, err = cli(capsys, "ls", "--store", "s3://x")
+    assert code == EXIT_USAGE and "invalid S3 bucket name 'x'" in err
     one_line_error(err)
 
 

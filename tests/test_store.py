@@ -5,9 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from minio.error import S3Error
 
 from cartridges import layout
 from cartridges.process import free_port
@@ -18,6 +26,7 @@ from cartridges.store import (
     ObjectNotFound,
     S3Config,
     Store,
+    StoreError,
     StoreUnavailable,
     StoreURI,
 )
@@ -219,7 +228,11 @@ def test_uri_parsing_rejects_what_it_cannot_serve() -> None:
         StoreURI.parse("gs://bucket/key")
     with pytest.raises(ValueError, match="bucket"):
         StoreURI.parse("s3:///key")
-    assert str(StoreURI.parse("s3://b/k/x").join("y", "z")) == "s3://b/k/x/y/z"
+    with pytest.raises(ValueError, match="invalid S3 bucket name 'b'"):  # minio would refuse it at the first request
+        StoreURI.parse("s3://b/key")
+    with pytest.raises(ValueError, match="invalid S3 bucket name 'my..bucket'"):
+        StoreURI.parse("s3://my..bucket/key")
+    assert str(StoreURI.parse("s3://bkt/k/x").join("y", "z")) == "s3://bkt/k/x/y/z"
 
 
 def test_s3_config_from_env_never_shows_the_secret() -> None:
@@ -232,3 +245,143 @@ def test_s3_config_from_env_never_shows_the_secret() -> None:
     )
     assert config.secure and config.endpoint == "s3.internal:9000"
     assert "very-secret" not in repr(config)
+
+
+def test_concurrent_downloads_of_one_object_each_get_the_whole_file(
+    store_and_root: tuple[Store, str], tmp_path: Path
+) -> None:
+    """The ranks of one torchrun job fill one model cache with the same object at the same moment: each download
+    has its own temp file, so none truncates, renames or deletes another's, and the cache path is never partial."""
+    store, root = store_and_root
+    data = os.urandom(4 << 20)
+    expected = store.put_bytes(f"{root}/models/m/model.gguf", data).sha256
+    target = tmp_path / "cache" / "model.gguf"
+    workers = 8
+    barrier = threading.Barrier(workers)
+
+    def download(_: int) -> str | None:
+        barrier.wait()
+        return store.download(f"{root}/models/m/model.gguf", target, expected_sha256=expected).sha256
+
+    with ThreadPoolExecutor(workers) as pool:
+        assert list(pool.map(download, range(workers))) == [expected] * workers
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == expected
+    assert [p.name for p in target.parent.iterdir()] == ["model.gguf"]  # no temp file left behind
+
+
+@contextmanager
+def _not_s3(status: int, body: bytes) -> Iterator[str]:
+    """An HTTP server that answers every request with ``status`` and an HTML ``body``, as an ingress or a web
+    server on the wrong port does; yields its host:port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, send_body: bool) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._answer(True)
+
+        def do_HEAD(self) -> None:
+            self._answer(False)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_answer_that_is_not_s3_is_store_unavailable_and_short() -> None:
+    page = b"<html><body>403 Forbidden - nginx " + b"x" * 2000 + b"</body></html>"
+    with _not_s3(403, page) as endpoint:
+        store = Store(S3Config(endpoint, "AKIAEXAMPLE", "the-secret", retries=0))
+        calls: list[Callable[[], object]] = [
+            lambda: store.get_json("s3://bucket/c/current.json"),
+            lambda: store.list("s3://bucket/c"),
+            lambda: store.stat("s3://bucket/k"),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable, match=f"object store at {endpoint} did not answer as S3") as err:
+                call()
+            assert "403" in str(err.value) and len(str(err.value)) < 300 and "the-secret" not in str(err.value)
+
+
+def test_exists_against_a_web_server_is_not_a_missing_object() -> None:
+    """HEAD's 404 has no body, so any web server's reads as NoSuchKey: the store asks again with a GET."""
+    with _not_s3(404, b"") as endpoint:
+        store = Store(S3Config(endpoint, "k", "s", region="us-east-1", retries=0))  # a region: no location lookup
+        with pytest.raises(StoreUnavailable, match="did not answer as S3"):
+            store.exists("s3://bucket/c/current.json")
+
+
+@pytest.mark.minio
+def test_processes_creating_one_bucket_together_all_succeed(minio_server: MinioServer) -> None:
+    workers = 8
+    for attempt in range(3):
+        bucket = f"s3://race-{attempt}-{os.getpid()}"
+        stores = [minio_server.store() for _ in range(workers)]
+        barrier = threading.Barrier(workers)
+
+        def create(store: Store, bucket: str = bucket, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            store.ensure_bucket(bucket)
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(create, stores))  # re-raises the first failure
+        assert minio_server.store().children(bucket) == []
+
+
+def test_a_bucket_name_taken_is_used_only_once_it_answers() -> None:
+    """Some S3 stores say BucketAlreadyExists where AWS says BucketAlreadyOwnedByYou; someone else's bucket with
+    that name does not answer us."""
+    store = Store(S3Config("127.0.0.1:1", "k", "s"))
+    client = store._backend(StoreURI.parse("s3://taken")).client  # type: ignore[attr-defined]
+    taken = S3Error(None, "BucketAlreadyExists", "the name is not available", None, None, None)  # type: ignore[arg-type]
+    with mock.patch.object(client, "make_bucket", side_effect=taken):
+        with mock.patch.object(client, "bucket_exists", side_effect=[False, True]):
+            store.ensure_bucket("s3://taken")  # another process of ours created it in between
+        with (
+            mock.patch.object(client, "bucket_exists", side_effect=[False, False]),
+            pytest.raises(StoreError, match="BucketAlreadyExists"),
+        ):
+            store.ensure_bucket("s3://taken")  # someone else's
+
+
+def test_file_store_objects_get_the_mode_of_any_new_file(tmp_path: Path) -> None:
+    """The trainer, operator and serving run as different UIDs sharing a file store in local setups: objects (and
+    downloads into a shared cache) are readable as the umask allows, not 0o600."""
+    store = Store()
+    previous = os.umask(0o027)
+    try:
+        store.put_bytes(f"file://{tmp_path}/store/a.json", b"{}")
+        store.put_file(f"file://{tmp_path}/store/b.bin", tmp_path / "store" / "a.json")
+        store.download(f"file://{tmp_path}/store/b.bin", tmp_path / "cache" / "b.bin")
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "store" / "a.json", tmp_path / "store" / "b.bin", tmp_path / "cache" / "b.bin"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+
+
+def test_a_failed_file_store_write_says_why_and_leaves_nothing(tmp_path: Path) -> None:
+    store = Store()
+    (tmp_path / "store" / "g1").mkdir(parents=True)
+    with pytest.raises(StoreError, match="a directory is in the way .*g1$"):
+        store.put_bytes(f"file://{tmp_path}/store/g1", b"x" * 1000)
+    (tmp_path / "store" / "full").mkdir()
+    with (
+        mock.patch("os.replace", side_effect=OSError(28, "No space left on device")),
+        pytest.raises(StoreError, match="No space left on device; is the volume mounted"),
+    ):
+        store.put_bytes(f"file://{tmp_path}/store/full/x", b"x")
+    assert sorted(p.name for p in (tmp_path / "store").rglob("*")) == ["full", "g1"]  # no .tmp- leftovers
