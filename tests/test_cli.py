@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -353,6 +354,16 @@ def test_import_reference_pt(
         code, _, err = cli(capsys, "import", "x", str(tmp_path / "broken.pt"), "--model", "tiny", "--store", store)
         assert code == EXIT_INPUT and "frozen_values" in err
         one_line_error(err)
+
+
+def test_quantize_refuses_a_generation_with_infinite_values(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, fp = f"file://{tmp_path / 'store'}", tiny_model.fingerprint
+    publish(open_store(store), store, "default", "blown", random_cartridge(fp, 4, seed=1, scale=math.inf), fp)
+    code, _, err = cli(capsys, "quantize", "blown", "--store", store)
+    assert code == EXIT_INPUT and "blown generation 1: cannot quantize" in err and "retrain" in err
+    one_line_error(err)
 
 
 def test_quantize_promotes_an_int8_generation_that_eval_reads(

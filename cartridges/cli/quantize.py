@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     training = {**manifest.training, "quantizedFrom": source.pointer.generation}
     if spec := manifest.training.get("spec"):  # as if trained with spec.quantization (`train` compares it)
         training["spec"] = {**spec, "quantization": args.format}
-    quantized = quantize_cartridge(dense, args.format, args.keys, args.values)
+    try:
+        quantized = quantize_cartridge(dense, args.format, args.keys, args.values)
+    except ValueError as err:  # inf or NaN in the stored keys/values: nothing can scale them
+        raise CLIError(f"{name} generation {source.pointer.generation}: {err}; retrain it", EXIT_INPUT) from err
     # no metrics: the source's scores are not this cartridge's; `cartridges eval` measures it
     stored = publish_generation(
         store, args.store, args.namespace, name, quantized, manifest.base_model, training, manifest.corpus_digest
