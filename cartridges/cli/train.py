@@ -288,7 +288,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
         parents=[store_options(), model_options()],
     )
-    parser.add_argument("name", help="cartridge name (lowercase letters, digits, '-')")
+    parser.add_argument("name", help="cartridge name (lowercase letters, digits, '-' and '.')")
     parser.add_argument("paths", nargs="+", type=Path, help="text files or directories (UTF-8)")
     parser.add_argument("--description", help="what the corpus is; used in the self-study prompts")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small", help="training budget (default: small)")
