@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -49,6 +51,46 @@ class ServingEngine:
 
     def env(self) -> list[dict[str, str]]:
         return [{"name": self.ENV[key], "value": str(value).lower()} for key, value in self.settings]
+
+
+Quantity = str | int | float
+Resources = dict[str, dict[str, Quantity]]
+# The serving pod's resources when the chart's ``serving.resources`` is empty. The default lives here, not in the
+# chart's values: Helm merges a user's map into the chart's, so a CPU-only value would keep a default GPU limit.
+SERVING_RESOURCES: Resources = {
+    "requests": {"cpu": "2", "memory": "8Gi"},
+    "limits": {"memory": "16Gi", "nvidia.com/gpu": 1},
+}
+QUANTITY = re.compile(r"(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?")  # Kubernetes' resource.Quantity
+
+
+def serving_resources(text: str) -> Resources:
+    """The serving container's requests and limits (the chart's ``serving.resources``, as JSON). Checked at start-up
+    so a malformed value stops the operator naming it, instead of every serving Deployment being refused later."""
+    name = "CARTRIDGES_SERVING_RESOURCES (serving.resources)"
+    try:
+        resources = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} must be JSON: {err}") from None
+    if not (
+        isinstance(resources, dict)
+        and set(resources) <= {"requests", "limits"}
+        and all(isinstance(quantities, dict) for quantities in resources.values())
+    ):
+        raise ValueError(f'{name} must be {{"requests": {{...}}, "limits": {{...}}}}, got {text!r}')
+    for kind, quantities in resources.items():
+        for resource, quantity in quantities.items():
+            if not _is_quantity(quantity):
+                raise ValueError(
+                    f"{name}: {kind}.{resource} must be a quantity such as 2, 500m or 16Gi, got {quantity!r}"
+                )
+    return resources
+
+
+def _is_quantity(value: object) -> bool:
+    if isinstance(value, str):
+        return QUANTITY.fullmatch(value) is not None
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -125,6 +167,7 @@ class OperatorConfig:
     job_ttl_s: int = 7 * 24 * 3600
     job_backoff_limit: int = 3
     serving_engine: ServingEngine = field(default_factory=ServingEngine)
+    serving_resources: Resources = field(default_factory=lambda: SERVING_RESOURCES)
     corpus_limits: CorpusLimits = field(default_factory=CorpusLimits)
 
     @classmethod
@@ -132,6 +175,7 @@ class OperatorConfig:
         env = os.environ
         command = env.get("CARTRIDGES_TRAINER_COMMAND")
         engine = env.get("CARTRIDGES_SERVING_ENGINE")
+        resources = env.get("CARTRIDGES_SERVING_RESOURCES")
         return cls(
             store_root=env.get("CARTRIDGES_STORE_ROOT", "s3://cartridges"),
             store_secret=env.get("CARTRIDGES_STORE_SECRET", cls.store_secret),
@@ -145,5 +189,6 @@ class OperatorConfig:
             image_pull_secrets=pull_secrets(env.get("CARTRIDGES_IMAGE_PULL_SECRETS", "")),
             trainer_command=json.loads(command) if command else list(TRAINER_COMMAND),
             serving_engine=ServingEngine.from_json(engine) if engine else ServingEngine(),
+            serving_resources=serving_resources(resources) if resources else SERVING_RESOURCES,
             corpus_limits=CorpusLimits.from_env(env),
         )

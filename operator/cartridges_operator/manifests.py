@@ -273,7 +273,7 @@ def serving_deployment(
         "startupProbe": {"httpGet": {**http, "path": "/v2/health/live"}, "periodSeconds": 5, "failureThreshold": 120},
         "livenessProbe": {"httpGet": {**http, "path": "/v2/health/live"}, "periodSeconds": 10},
         "readinessProbe": {"httpGet": {**http, "path": f"/v2/models/{ROUTER_MODEL}/ready"}, "periodSeconds": 5},
-        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}},
+        "resources": config.serving_resources,
         "securityContext": {**LOCKED_CONTAINER, "readOnlyRootFilesystem": True},
         "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH}],
     }

@@ -84,16 +84,20 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
     )
 
 
-def serving_pod_env(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, str]:
-    """The env of a serving pod the operator creates when it runs with the env the chart renders for ``sets``."""
+def serving_container(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, Any]:
+    """The container of a serving pod the operator creates when it runs with the env the chart renders for ``sets``."""
     operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
     model = api.BaseModelRef(name="m", uri="s3://cartridges/models/m")
     deployment = manifests.serving_deployment("ns", model, 1, [], OperatorConfig.from_env())
-    pod = deployment["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e["value"] for e in pod["env"] if "value" in e}
+    triton: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
+    return triton
+
+
+def serving_pod_env(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in serving_container(render, monkeypatch, sets)["env"] if "value" in e}
 
 
 def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,6 +114,18 @@ def test_serving_engine_settings_reach_the_engine(render: Render, monkeypatch: p
     engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, {**sets, "serving.engine.cudaGraphs": "true"}))
     assert (engine.max_batch_size, engine.kv_bytes, engine.cuda_graphs) == (64, 80 * 2**30, True)
     assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # unset: the engine's defaults
+
+
+def test_serving_resources_reach_the_serving_pods(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serving.resources in the chart -> the operator's env -> every serving pod. Unset: one GPU. A CPU-only value
+    has no GPU: the chart's default is empty, as Helm would merge a default GPU limit into the user's map."""
+    monkeypatch.delenv("CARTRIDGES_SERVING_RESOURCES", raising=False)
+    assert serving_container(render, monkeypatch, {})["resources"]["limits"]["nvidia.com/gpu"] == 1
+    cpu = {"serving.resources.requests.cpu": "4", "serving.resources.limits.memory": "16Gi"}
+    assert serving_container(render, monkeypatch, cpu)["resources"] == {
+        "requests": {"cpu": 4},
+        "limits": {"memory": "16Gi"},
+    }
 
 
 def test_a_private_ca_reaches_every_store_secret_and_the_operator(render: Render) -> None:
@@ -218,6 +234,9 @@ BAD_VALUES = [
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
     ({"serving.engine.maxBatchSize": "0"}, ["/serving/engine/maxBatchSize", "minimum"]),
     ({"serving.engine.gpuMemory": "1"}, ["additional properties 'gpuMemory' not allowed"]),
+    ({"serving.resources.limits.memory": "16 GB"}, ["/serving/resources/limits/memory", "does not match pattern"]),
+    ({"serving.resources.requests.cpu": "-1"}, ["/serving/resources/requests/cpu", "minimum"]),
+    ({"serving.resources.gpus": "1"}, ["additional properties 'gpus' not allowed"]),
 ]
 
 
