@@ -48,6 +48,7 @@ def test_operator_passes_the_charts_engine_settings_on() -> None:
         ('{"cudaGraphs": 1}', "cudaGraphs must be true or false, got 1"),
         ('{"gpuMemory": 1}', r"unknown keys \['gpuMemory'\]"),
         ("[32]", "must be a JSON object"),
+        ('{"maxBatchSize": 8', "CARTRIDGES_SERVING_ENGINE must be JSON"),
     ],
 )
 def test_bad_chart_engine_settings_stop_the_operator_clearly(text: str, message: str) -> None:

@@ -33,7 +33,7 @@ class ServingEngine:
     @classmethod
     def from_json(cls, text: str) -> ServingEngine:
         """Parse the chart's JSON; an unknown key or a value out of range is an error naming it."""
-        settings = json.loads(text)
+        settings = json_setting("CARTRIDGES_SERVING_ENGINE", text)
         if not isinstance(settings, dict):
             raise ValueError(f"CARTRIDGES_SERVING_ENGINE must be a JSON object, got {text!r}")
         unknown = sorted(set(settings) - set(cls.ENV))
@@ -68,10 +68,7 @@ def serving_resources(text: str) -> Resources:
     """The serving container's requests and limits (the chart's ``serving.resources``, as JSON). Checked at start-up
     so a malformed value stops the operator naming it, instead of every serving Deployment being refused later."""
     name = "CARTRIDGES_SERVING_RESOURCES (serving.resources)"
-    try:
-        resources = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{name} must be JSON: {err}") from None
+    resources = json_setting(name, text)
     if not (
         isinstance(resources, dict)
         and set(resources) <= {"requests", "limits"}
@@ -91,6 +88,14 @@ def _is_quantity(value: object) -> bool:
     if isinstance(value, str):
         return QUANTITY.fullmatch(value) is not None
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
+def json_setting(name: str, text: str) -> object:
+    """A setting the chart passes as JSON; a malformed one stops the operator naming the setting."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} must be JSON: {err}") from None
 
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")

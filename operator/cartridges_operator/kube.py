@@ -211,19 +211,20 @@ def _apply_owned(body: dict[str, Any]) -> None:
     owners = {o["uid"]: o for o in meta.get("ownerReferences", [])}
     for ref in existing.metadata.owner_references or []:
         owners.setdefault(ref.uid, api_client().sanitize_for_serialization(ref))
-    merged = {**_replacing_resources(body), "metadata": {**meta, "ownerReferences": list(owners.values())}}
+    merged = {**_replacing_container_settings(body), "metadata": {**meta, "ownerReferences": list(owners.values())}}
     patch(meta["name"], meta["namespace"], merged)
 
 
-def _replacing_resources(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` as a strategic merge patch that replaces its containers' ``resources`` rather than merging them: a
-    merge keeps every request and limit the new body leaves out, so a serving pod would keep its GPU after the
-    chart's ``serving.resources`` dropped it."""
+def _replacing_container_settings(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as a strategic merge patch that replaces its containers' ``resources`` and ``env`` rather than
+    merging them: a merge keeps every limit and variable the new body leaves out, so a serving pod would keep its
+    GPU after the chart's ``serving.resources`` dropped it, and a setting removed from ``serving.engine``."""
     if body["kind"] != "Deployment":
         return body
     patch = copy.deepcopy(body)
     for container in patch["spec"]["template"]["spec"]["containers"]:
         container["resources"] = {"$patch": "replace", **container.get("resources", {})}
+        container["env"] = [*container.get("env", []), {"$patch": "replace"}]
     return patch
 
 

@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from cartridges import api
 from cartridges_e2e.cluster import Cluster
 from cartridges_operator import kube, manifests
-from cartridges_operator.config import SERVING_RESOURCES, OperatorConfig, Resources
+from cartridges_operator.config import SERVING_RESOURCES, OperatorConfig, Resources, ServingEngine
 
 pytestmark = pytest.mark.cluster
 
@@ -89,16 +89,23 @@ def test_serving_objects_of_any_admitted_base_model_name_are_accepted(namespace:
     assert manifests.serving_name("tiny") == "triton-tiny"  # names that are labels already do not move
 
 
-def test_a_serving_deployment_drops_its_gpu_when_the_resources_do(namespace: str) -> None:
-    """Re-applied with CPU-only resources, the Deployment holds no GPU: a strategic merge alone would keep the limit
-    the new body leaves out."""
+def test_a_serving_deployment_drops_its_gpu_and_settings_when_the_chart_does(namespace: str) -> None:
+    """Re-applied with CPU-only resources and no engine settings, the Deployment holds no GPU and no engine
+    variable: a strategic merge alone keeps the limits and env entries the new body leaves out."""
     base_model = api.BaseModelRef(name="m", uri="file:///models/m")
     owner = kube.core().create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
     refs = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}]
     cpu: Resources = {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}
-    for resources in (SERVING_RESOURCES, cpu):
-        config = OperatorConfig(store_root="s3://cartridges", serving_resources=resources)
+    gpu_tuned = OperatorConfig(
+        store_root="s3://cartridges",
+        serving_resources=SERVING_RESOURCES,
+        serving_engine=ServingEngine.from_json('{"maxBatchSize": 8}'),
+    )
+    cpu_plain = OperatorConfig(store_root="s3://cartridges", serving_resources=cpu)
+    for config in (gpu_tuned, cpu_plain):
         kube.apply_owned(manifests.serving_deployment(namespace, base_model, 0, refs, config))
     deployment = kube.apps().read_namespaced_deployment(manifests.serving_name("m"), namespace)
-    applied = deployment.spec.template.spec.containers[0].resources
-    assert (applied.requests, applied.limits) == (cpu["requests"], cpu["limits"])
+    container = deployment.spec.template.spec.containers[0]
+    assert (container.resources.requests, container.resources.limits) == (cpu["requests"], cpu["limits"])
+    env = {variable.name for variable in container.env}
+    assert "CARTRIDGES_MAX_BATCH_SIZE" not in env and "CARTRIDGES_MODEL_URI" in env
