@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from pydantic import TypeAdapter, ValidationError
+
+from cartridges.api import Toleration
 from cartridges.contract import TRAINER_COMMAND
 
 
@@ -88,6 +91,31 @@ def _is_quantity(value: object) -> bool:
     if isinstance(value, str):
         return QUANTITY.fullmatch(value) is not None
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
+def serving_node_selector(text: str) -> dict[str, str]:
+    """The labels a node needs to run serving pods (the chart's ``serving.nodeSelector``, as JSON), e.g. a GPU
+    pool's. Checked at start-up, as ``serving.resources`` is."""
+    name = "CARTRIDGES_SERVING_NODE_SELECTOR (serving.nodeSelector)"
+    selector = json_setting(name, text)
+    if not (isinstance(selector, dict) and all(isinstance(value, str) for value in selector.values())):
+        raise ValueError(f'{name} must be a JSON object of label values such as {{"pool": "gpu"}}, got {text!r}')
+    return selector
+
+
+TOLERATIONS = TypeAdapter(list[Toleration])
+
+
+def serving_tolerations(text: str) -> tuple[Toleration, ...]:
+    """The taints serving pods tolerate (the chart's ``serving.tolerations``, as JSON), e.g. ``nvidia.com/gpu``
+    NoSchedule on GPU nodes. Checked as a Cartridge's training tolerations are, by the same model: its fields and
+    their values here, the rules between them (CEL on the Cartridge) by the API server on the Deployment."""
+    name = "CARTRIDGES_SERVING_TOLERATIONS (serving.tolerations)"
+    try:
+        return tuple(TOLERATIONS.validate_python(json_setting(name, text)))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}".removeprefix(": ") for e in err.errors())
+        raise ValueError(f"{name} must be a JSON list of tolerations: {problems}") from None
 
 
 def json_setting(name: str, text: str) -> object:
@@ -173,6 +201,10 @@ class OperatorConfig:
     job_backoff_limit: int = 3
     serving_engine: ServingEngine = field(default_factory=ServingEngine)
     serving_resources: Resources = field(default_factory=lambda: SERVING_RESOURCES)
+    # Where serving pods run: a cluster admin's choice, as one Deployment serves every Cartridge of a base model.
+    serving_node_selector: dict[str, str] = field(default_factory=dict)
+    serving_tolerations: tuple[Toleration, ...] = ()
+    serving_priority_class: str = ""  # empty: the cluster's default priority
     corpus_limits: CorpusLimits = field(default_factory=CorpusLimits)
 
     @classmethod
@@ -181,6 +213,8 @@ class OperatorConfig:
         command = env.get("CARTRIDGES_TRAINER_COMMAND")
         engine = env.get("CARTRIDGES_SERVING_ENGINE")
         resources = env.get("CARTRIDGES_SERVING_RESOURCES")
+        node_selector = env.get("CARTRIDGES_SERVING_NODE_SELECTOR")
+        tolerations = env.get("CARTRIDGES_SERVING_TOLERATIONS")
         return cls(
             store_root=env.get("CARTRIDGES_STORE_ROOT", "s3://cartridges"),
             store_secret=env.get("CARTRIDGES_STORE_SECRET", cls.store_secret),
@@ -195,5 +229,8 @@ class OperatorConfig:
             trainer_command=json.loads(command) if command else list(TRAINER_COMMAND),
             serving_engine=ServingEngine.from_json(engine) if engine else ServingEngine(),
             serving_resources=serving_resources(resources) if resources else SERVING_RESOURCES,
+            serving_node_selector=serving_node_selector(node_selector) if node_selector else {},
+            serving_tolerations=serving_tolerations(tolerations) if tolerations else (),
+            serving_priority_class=env.get("CARTRIDGES_SERVING_PRIORITY_CLASS", ""),
             corpus_limits=CorpusLimits.from_env(env),
         )

@@ -211,18 +211,23 @@ def _apply_owned(body: dict[str, Any]) -> None:
     owners = {o["uid"]: o for o in meta.get("ownerReferences", [])}
     for ref in existing.metadata.owner_references or []:
         owners.setdefault(ref.uid, api_client().sanitize_for_serialization(ref))
-    merged = {**_replacing_container_settings(body), "metadata": {**meta, "ownerReferences": list(owners.values())}}
+    merged = {**_replacing_pod_settings(body), "metadata": {**meta, "ownerReferences": list(owners.values())}}
     patch(meta["name"], meta["namespace"], merged)
 
 
-def _replacing_container_settings(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` as a strategic merge patch that replaces its containers' ``resources`` and ``env`` rather than
-    merging them: a merge keeps every limit and variable the new body leaves out, so a serving pod would keep its
-    GPU after the chart's ``serving.resources`` dropped it, and a setting removed from ``serving.engine``."""
+def _replacing_pod_settings(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as a strategic merge patch that replaces its pod's ``nodeSelector`` and ``priorityClassName`` and its
+    containers' ``resources`` and ``env`` rather than merging them: a merge keeps every label, field, limit and
+    variable the new body leaves out, so a serving pod would stay pinned to a node pool, keep a priority, keep its GPU
+    and a setting after the chart's ``serving`` values dropped them. (``tolerations`` is an atomic list: the body's,
+    even empty, replaces it already; a ``$patch`` entry there is read as a toleration and refused.)"""
     if body["kind"] != "Deployment":
         return body
     patch = copy.deepcopy(body)
-    for container in patch["spec"]["template"]["spec"]["containers"]:
+    pod = patch["spec"]["template"]["spec"]
+    pod["nodeSelector"] = {"$patch": "replace", **pod.get("nodeSelector", {})}
+    pod.setdefault("priorityClassName", None)  # null deletes the field a previous body set
+    for container in pod["containers"]:
         container["resources"] = {"$patch": "replace", **container.get("resources", {})}
         container["env"] = [*container.get("env", []), {"$patch": "replace"}]
     return patch

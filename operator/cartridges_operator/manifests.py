@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from cartridges import api
@@ -67,6 +68,18 @@ def pull_secrets(config: OperatorConfig) -> dict[str, list[dict[str, str]]]:
         if config.image_pull_secrets
         else {}
     )
+
+
+def placement(
+    node_selector: dict[str, str], tolerations: Sequence[api.Toleration], priority_class: str | None
+) -> dict[str, Any]:
+    """A pod spec's nodeSelector, tolerations and (when set) priorityClassName: where its pods may run, and which
+    pods they may preempt or yield to."""
+    return {
+        "nodeSelector": node_selector,
+        "tolerations": [t.model_dump(exclude_none=True) for t in tolerations],
+        **({"priorityClassName": priority_class} if priority_class else {}),
+    }
 
 
 def dns_name(*parts: str, limit: int = 63) -> str:
@@ -175,8 +188,7 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "securityContext": non_root_pod(TRAINER_UID),
-        "nodeSelector": resources.nodeSelector,
-        "tolerations": [t.model_dump(exclude_none=True) for t in resources.tolerations],
+        **placement(resources.nodeSelector, resources.tolerations, resources.priorityClassName),
         **pull_secrets(config),
         "containers": [
             {
@@ -199,8 +211,6 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
         ],
         "volumes": [{"name": "scratch", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory"}}],
     }
-    if resources.priorityClassName:
-        pod_spec["priorityClassName"] = resources.priorityClassName
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -254,6 +264,7 @@ def serving_deployment(
 ) -> dict[str, Any]:
     """Triton with the router model for one base model; owned by every Cartridge it serves (GC when none left)."""
     name, labels = serving_name(base_model.name), serving_labels(base_model.name)
+    where = placement(config.serving_node_selector, config.serving_tolerations, config.serving_priority_class)
     http = {"port": "http"}
     env = [
         *store_env(config),
@@ -290,6 +301,7 @@ def serving_deployment(
                     "automountServiceAccountToken": False,
                     "securityContext": non_root_pod(SERVING_UID),
                     **pull_secrets(config),
+                    **where,
                     "containers": [container],
                     "volumes": [
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},

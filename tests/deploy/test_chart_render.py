@@ -84,15 +84,20 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
     )
 
 
-def serving_container(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, Any]:
-    """The container of a serving pod the operator creates when it runs with the env the chart renders for ``sets``."""
+def serving_pod(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, Any]:
+    """The spec of a serving pod the operator creates when it runs with the env the chart renders for ``sets``."""
     operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
     model = api.BaseModelRef(name="m", uri="s3://cartridges/models/m")
     deployment = manifests.serving_deployment("ns", model, 1, [], OperatorConfig.from_env())
-    triton: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
+    pod: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return pod
+
+
+def serving_container(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, Any]:
+    triton: dict[str, Any] = serving_pod(render, monkeypatch, sets)["containers"][0]
     return triton
 
 
@@ -126,6 +131,26 @@ def test_serving_resources_reach_the_serving_pods(render: Render, monkeypatch: p
         "requests": {"cpu": 4},
         "limits": {"memory": "16Gi"},
     }
+
+
+def test_serving_placement_reaches_the_serving_pods(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serving.nodeSelector, tolerations and priorityClassName in the chart -> the operator's env -> every serving
+    pod, so serving pods reach tainted GPU nodes of a pool. Unset: no variable, and pods go anywhere."""
+    for name in ("NODE_SELECTOR", "TOLERATIONS", "PRIORITY_CLASS"):
+        monkeypatch.delenv(f"CARTRIDGES_SERVING_{name}", raising=False)
+    anywhere = serving_pod(render, monkeypatch, {})
+    assert (anywhere["nodeSelector"], anywhere["tolerations"], anywhere.get("priorityClassName")) == ({}, [], None)
+    sets = {
+        "serving.nodeSelector.pool": "gpu",
+        "serving.tolerations[0].key": "nvidia.com/gpu",
+        "serving.tolerations[0].operator": "Exists",
+        "serving.tolerations[0].effect": "NoSchedule",
+        "serving.priorityClassName": "serving-high",
+    }
+    pod = serving_pod(render, monkeypatch, sets)
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "serving-high"
 
 
 def test_a_private_ca_reaches_every_store_secret_and_the_operator(render: Render) -> None:
@@ -237,6 +262,10 @@ BAD_VALUES = [
     ({"serving.resources.limits.memory": "16 GB"}, ["/serving/resources/limits/memory", "does not match pattern"]),
     ({"serving.resources.requests.cpu": "-1"}, ["/serving/resources/requests/cpu", "minimum"]),
     ({"serving.resources.gpus": "1"}, ["additional properties 'gpus' not allowed"]),
+    ({"serving.nodeSelector.pool": "1"}, ["/serving/nodeSelector/pool", "want string"]),
+    ({"serving.tolerations[0].effect": "NoRun"}, ["/serving/tolerations/0/effect", "NoSchedule"]),
+    ({"serving.tolerations[0].keys": "gpu"}, ["additional properties 'keys' not allowed"]),
+    ({"serving.priorityClassName": "High_Priority"}, ["/serving/priorityClassName", "does not match pattern"]),
 ]
 
 

@@ -208,3 +208,4 @@ def test_rollout_checksum_does_not_reveal_the_store_keys(render: Render) -> None
     assert _checksum(render, **{"store.bucket": "other-bucket"}) != base
     assert _checksum(render, **{"serving.engine.maxBatchSize": "8"}) != base
     assert _checksum(render, **{"serving.resources.limits.memory": "32Gi"}) != base  # the operator re-applies serving
+    assert _checksum(render, **{"serving.nodeSelector.pool": "gpu"}) != base

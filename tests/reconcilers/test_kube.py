@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -109,3 +110,33 @@ def test_a_serving_deployment_drops_its_gpu_and_settings_when_the_chart_does(nam
     assert (container.resources.requests, container.resources.limits) == (cpu["requests"], cpu["limits"])
     env = {variable.name for variable in container.env}
     assert "CARTRIDGES_MAX_BATCH_SIZE" not in env and "CARTRIDGES_MODEL_URI" in env
+
+
+def test_a_serving_deployment_leaves_a_node_pool_when_the_chart_does(namespace: str) -> None:
+    """Re-applied with another placement, then none, the Deployment keeps none of the labels, taints or priority the
+    chart dropped: a strategic merge alone keeps nodeSelector keys and a priorityClassName the new body leaves out."""
+    base_model = api.BaseModelRef(name="m", uri="file:///models/m")
+    owner = kube.core().create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
+    refs = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}]
+    gpu = api.Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    pool = OperatorConfig(
+        store_root="s3://cartridges",
+        serving_node_selector={"pool": "gpu", "zone": "a"},
+        serving_tolerations=(gpu, api.Toleration(key="dedicated", value="serving")),
+        serving_priority_class="serving-high",
+    )
+    other_pool = OperatorConfig(
+        store_root="s3://cartridges", serving_node_selector={"pool": "h100"}, serving_tolerations=(gpu,)
+    )
+    name = manifests.serving_name("m")
+
+    def applied(config: OperatorConfig) -> Any:
+        kube.apply_owned(manifests.serving_deployment(namespace, base_model, 0, refs, config))
+        return kube.apps().read_namespaced_deployment(name, namespace).spec.template.spec
+
+    assert applied(pool).priority_class_name == "serving-high"
+    moved = applied(other_pool)
+    assert moved.node_selector == {"pool": "h100"} and moved.priority_class_name is None
+    assert [(t.key, t.operator, t.effect) for t in moved.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
+    anywhere = applied(OperatorConfig(store_root="s3://cartridges"))
+    assert (anywhere.node_selector, anywhere.tolerations, anywhere.priority_class_name) == (None, None, None)
