@@ -25,7 +25,7 @@ from cartridges.store import IntegrityError, ObjectInfo, ObjectNotFound, Store, 
 from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
-from cartridges_operator.training_start import start_problem
+from cartridges_operator.training_start import pod_problem, start_problem
 
 LOG = logging.getLogger(__name__)
 
@@ -468,9 +468,21 @@ def _serve(run: Pass) -> dict[str, Any]:
         "cartridge": run.name,
     }
     if ready < 1:
-        run.condition("Serving", False, "ServingNotReady", f"{ready}/{desired} serving replicas ready")
-        return run.not_ready("ServingNotReady", f"{ready}/{desired} serving replicas ready")
+        return _not_serving(run, f"{ready}/{desired} serving replicas ready")
     run.condition("Serving", True, "ReplicasReady", f"{ready}/{desired} serving replicas ready")
     run.condition("Stalled", False, "Serving")
     run.condition("Ready", True, "Serving", f"generation {run.status['generation']} serving")
     return run.status
+
+
+def _not_serving(run: Pass, replicas: str) -> dict[str, Any]:
+    """No serving replica is ready: why its pods do not start when they say so (no node takes them, an image or a
+    Secret key missing), else how many replicas are ready. The Deployment itself only says that replicas are
+    unavailable, for as long as that lasts; its pods are looked up only here, never for a serving Cartridge."""
+    pods = kube.labelled_pods(run.namespace, manifests.serving_selector(run.spec.baseModel.name))
+    problem = pod_problem(pods, "serving")
+    if problem is not None:
+        run.condition("Serving", False, "ServingPodsNotStarting", problem.message)
+        return run.not_ready("ServingPodsNotStarting", problem.message, stalled=problem.stalled)
+    run.condition("Serving", False, "ServingNotReady", replicas)
+    return run.not_ready("ServingNotReady", replicas)

@@ -156,7 +156,13 @@ def set_job_suspended(namespace: str, name: str, suspend: bool) -> None:
 
 def job_pods(namespace: str, job: str) -> list[client.V1Pod]:
     """The pods a Job created (the Job controller labels them with its name)."""
-    pods: list[client.V1Pod] = core().list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+    return labelled_pods(namespace, {"job-name": job})
+
+
+def labelled_pods(namespace: str, labels: dict[str, str]) -> list[client.V1Pod]:
+    """The pods that carry all of ``labels``, such as a Deployment's selector."""
+    selector = ",".join(f"{key}={value}" for key, value in labels.items())
+    pods: list[client.V1Pod] = core().list_namespaced_pod(namespace, label_selector=selector).items
     return pods
 
 

@@ -256,7 +256,12 @@ def legacy_serving_name(model: str) -> str | None:
 
 
 def serving_labels(model: str) -> dict[str, str]:
-    return {**MANAGED_BY, "app.kubernetes.io/name": "cartridges-serving", MODEL_LABEL: model}
+    return {**MANAGED_BY, **serving_selector(model)}
+
+
+def serving_selector(model: str) -> dict[str, str]:
+    """The labels that select a base model's serving pods: the Deployment's, the Service's, the operator's lookup."""
+    return {MODEL_LABEL: model, "app.kubernetes.io/name": "cartridges-serving"}
 
 
 def serving_deployment(
@@ -294,7 +299,7 @@ def serving_deployment(
         "metadata": {"name": name, "namespace": namespace, "labels": labels, "ownerReferences": owners},
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": {MODEL_LABEL: base_model.name, "app.kubernetes.io/name": "cartridges-serving"}},
+            "selector": {"matchLabels": serving_selector(base_model.name)},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
@@ -320,7 +325,7 @@ def serving_service(namespace: str, model: str, owners: list[dict[str, Any]]) ->
         "kind": "Service",
         "metadata": {"name": serving_name(model), "namespace": namespace, "labels": labels, "ownerReferences": owners},
         "spec": {
-            "selector": {MODEL_LABEL: model, "app.kubernetes.io/name": "cartridges-serving"},
+            "selector": serving_selector(model),
             "ports": [{"name": n, "port": p, "targetPort": n} for n, p in PORTS.items()],
         },
     }

@@ -4,7 +4,8 @@ Cartridge's status.
 A Job whose pod cannot be created (a missing PriorityClass, an exhausted quota), placed on a node (no node with a
 free GPU) or whose container cannot start (an invalid image name, a missing Secret key) gets no condition until its
 activeDeadlineSeconds, hours later; its ``FailedCreate`` Events, its pods' PodScheduled conditions and waiting
-reasons say why at once.
+reasons say why at once. Serving pods that cannot be placed or started are told apart the same way (``pod_problem``):
+their Deployment only says that no replica is available.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ def start_problem(namespace: str, job: client.V1Job) -> StartProblem | None:
         return None
     pending = [pod for pod in pods if _phase(pod) == "Pending"]
     if pending:
-        return pod_problem(pending)
+        return pod_problem(pending, "training")
     newest_pod = max((pod.metadata.creation_timestamp for pod in pods), default=None)
     return creation_problem(job.metadata.name, kube.failed_creates(namespace, job.metadata.uid), newest_pod)
 
 
-def pod_problem(pods: list[client.V1Pod]) -> StartProblem | None:
-    """The first of these pending pods that the scheduler cannot place on any node, or whose container waits for a
-    reason that is no normal start.
+def pod_problem(pods: list[client.V1Pod], role: str) -> StartProblem | None:
+    """The first of these pods (of a ``role`` such as "training", for the message) that the scheduler cannot place on
+    any node, or whose container waits for a reason that is no normal start.
 
     An unschedulable pod is reported at once, not after a grace period, and never as stalled: the scheduler says so
     only after trying every node, and keeps trying (a cluster autoscaler may be adding a GPU node, another pod may
@@ -57,17 +58,17 @@ def pod_problem(pods: list[client.V1Pod]) -> StartProblem | None:
         status = pod.status or client.V1PodStatus()
         for condition in status.conditions or []:
             if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
-                return StartProblem(_about(pod, "waits for a node", condition.message), stalled=False)
+                return StartProblem(_about(role, pod, "waits for a node", condition.message), stalled=False)
         for container in status.container_statuses or []:
             waiting = container.state.waiting if container.state else None
             if waiting is not None and waiting.reason in STUCK | RETRYING:
-                message = _about(pod, f"cannot start ({waiting.reason})", waiting.message)
+                message = _about(role, pod, f"cannot start ({waiting.reason})", waiting.message)
                 return StartProblem(message, waiting.reason in STUCK)
     return None
 
 
-def _about(pod: client.V1Pod, problem: str, detail: str | None) -> str:
-    return f"training pod {pod.metadata.name} {problem}: {detail or ''}".strip().rstrip(":")
+def _about(role: str, pod: client.V1Pod, problem: str, detail: str | None) -> str:
+    return f"{role} pod {pod.metadata.name} {problem}: {detail or ''}".strip().rstrip(":")
 
 
 def creation_problem(job: str, events: list[client.CoreV1Event], since: datetime | None) -> StartProblem | None:

@@ -3,6 +3,8 @@ the node harness (with a contract-honouring stand-in trainer), promotion, servin
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from typing import Any
 
@@ -12,6 +14,7 @@ from kubernetes import client
 from cartridges import api, layout
 from cartridges.process import free_port
 from cartridges_e2e.operator_env import OperatorEnv, wait_for
+from cartridges_operator import manifests
 
 pytestmark = pytest.mark.cluster
 
@@ -283,3 +286,35 @@ def test_deletion_with_the_store_down_releases_the_cartridge_and_keeps_its_artif
         env.settings = healthy
         env.restart()
     assert env.store.list(prefix) == stored
+
+
+def test_serving_pods_no_node_takes_are_reported_not_stalled(operator_env: OperatorEnv) -> None:
+    """An operator whose chart places serving pods where no node matches (serving.nodeSelector; in a cluster, also a
+    missing toleration or no free GPU): the Cartridge says why it is not served, with the scheduler's message, not
+    stalled (a node may come). Once the chart drops the selector, the Deployment drops it too and its new pod is
+    placed."""
+    env = operator_env
+    label = f"cartridges.test/{env.namespace}"
+    model = {"name": "pooled", "uri": "file:///models/pooled"}
+    healthy = env.settings
+    env.settings = {**healthy, "CARTRIDGES_SERVING_NODE_SELECTOR": json.dumps({label: "serving"})}
+    env.restart()
+    try:
+        env.create("corpora", "pooled", {"description": "d", "sources": [{"inline": "Facts served from a pool."}]})
+        env.create("cartridges", "pooled", cartridge_spec("pooled", baseModel=model))
+        serving = wait_for("the scheduler's message", lambda: (c := env.condition("cartridges", "pooled", "Serving"))
+                           and c["reason"] == "ServingPodsNotStarting" and c, 90)  # fmt: skip
+        assert serving["message"].startswith("serving pod triton-pooled-"), serving
+        assert "waits for a node: 0/1 nodes are available: 1 node(s) didn't match" in serving["message"], serving
+        assert (env.condition("cartridges", "pooled", "Ready") or {}).get("reason") == "ServingPodsNotStarting"
+        assert (env.condition("cartridges", "pooled", "Stalled") or {}).get("status") == "False"
+    finally:
+        env.settings = healthy
+        env.restart()
+    apps = client.AppsV1Api(env.api)
+    wait_for("the node selector dropped", lambda: not apps.read_namespaced_deployment(
+        "triton-pooled", env.namespace).spec.template.spec.node_selector, 30)  # fmt: skip
+    pods = functools.partial(client.CoreV1Api(env.api).list_namespaced_pod, env.namespace,
+                             label_selector=f"{manifests.MODEL_LABEL}=pooled")  # fmt: skip
+    wait_for("a serving pod on the node", lambda: any(pod.spec.node_name for pod in pods().items), 60)
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "pooled")

@@ -34,25 +34,33 @@ def failed_create(message: str, when: datetime) -> client.CoreV1Event:
      ("ImagePullBackOff", False), ("ErrImagePull", False)],
 )  # fmt: skip
 def test_a_pod_waiting_on_its_image_or_config_is_reported(reason: str, stalled: bool) -> None:
-    problem = pod_problem([waiting_pod(reason, 'couldn\'t parse image name "Bad:Image"')])
+    problem = pod_problem([waiting_pod(reason, 'couldn\'t parse image name "Bad:Image"')], "training")
     assert problem is not None and problem.stalled is stalled
     assert problem.message == f'training pod c-g1-abcde cannot start ({reason}): couldn\'t parse image name "Bad:Image"'
 
 
 def test_a_pod_starting_normally_is_no_problem() -> None:
-    assert pod_problem([waiting_pod("ContainerCreating")]) is None
+    assert pod_problem([waiting_pod("ContainerCreating")], "training") is None
 
 
 def test_a_pod_no_node_can_take_is_reported_with_the_schedulers_message_not_stalled() -> None:
     """A node may come (a cluster autoscaler's, a GPU another pod frees): reported, never stalled."""
     pod = client.V1Pod(metadata=client.V1ObjectMeta(name="c-g1-abcde"), status=client.V1PodStatus(phase="Pending"))
-    assert pod_problem([pod]) is None  # not tried yet: no PodScheduled condition
+    assert pod_problem([pod], "training") is None  # not tried yet: no PodScheduled condition
     message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     unschedulable = client.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message=message)
     pod.status.conditions = [unschedulable]
-    problem = pod_problem([pod])
+    problem = pod_problem([pod], "training")
     assert problem is not None and not problem.stalled
     assert problem.message == f"training pod c-g1-abcde waits for a node: {message}"
+
+
+def test_a_serving_pod_is_named_as_one() -> None:
+    """The serving Deployment's pods are told apart the same way; the message says which pod it is."""
+    missing_key = 'key "accessKey" not found in secret "cartridges-store"'
+    problem = pod_problem([waiting_pod("CreateContainerConfigError", missing_key)], "serving")
+    assert problem is not None and problem.stalled
+    assert problem.message == f"serving pod c-g1-abcde cannot start (CreateContainerConfigError): {missing_key}"
 
 
 def test_the_newest_failed_create_tells_and_a_quota_clears_by_itself() -> None:
