@@ -265,6 +265,7 @@ BAD_VALUES = [
     ({"serving.nodeSelector.pool": "1"}, ["/serving/nodeSelector/pool", "want string"]),
     ({"serving.tolerations[0].effect": "NoRun"}, ["/serving/tolerations/0/effect", "NoSchedule"]),
     ({"serving.tolerations[0].keys": "gpu"}, ["additional properties 'keys' not allowed"]),
+    ({"operator.tolerations[0].effect": "NoRun"}, ["/operator/tolerations/0/effect", "NoSchedule"]),
     ({"serving.priorityClassName": "High_Priority"}, ["/serving/priorityClassName", "does not match pattern"]),
 ]
 
