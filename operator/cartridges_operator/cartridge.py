@@ -25,7 +25,7 @@ from cartridges.store import IntegrityError, ObjectInfo, ObjectNotFound, Store, 
 from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
-from cartridges_operator.training_start import pod_problem, start_problem
+from cartridges_operator.training_start import serving_problem, start_problem
 
 LOG = logging.getLogger(__name__)
 
@@ -476,11 +476,12 @@ def _serve(run: Pass) -> dict[str, Any]:
 
 
 def _not_serving(run: Pass, replicas: str) -> dict[str, Any]:
-    """No serving replica is ready: why its pods do not start when they say so (no node takes them, an image or a
-    Secret key missing), else how many replicas are ready. The Deployment itself only says that replicas are
-    unavailable, for as long as that lasts; its pods are looked up only here, never for a serving Cartridge."""
-    pods = kube.labelled_pods(run.namespace, manifests.serving_selector(run.spec.baseModel.name))
-    problem = pod_problem(pods, "serving")
+    """No serving replica is ready: why its pods do not start when they or their ReplicaSet say so (no node takes
+    them, an image or a Secret key missing, a quota or PriorityClass refusing them), else how many replicas are
+    ready. The Deployment itself only says that replicas are unavailable, for as long as that lasts; its pods and
+    ReplicaSets are looked up only here, never for a serving Cartridge."""
+    model = run.spec.baseModel.name
+    problem = serving_problem(run.namespace, manifests.serving_name(model), manifests.serving_selector(model))
     if problem is not None:
         run.condition("Serving", False, "ServingPodsNotStarting", problem.message)
         return run.not_ready("ServingPodsNotStarting", problem.message, stalled=problem.stalled)

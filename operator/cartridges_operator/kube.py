@@ -161,15 +161,34 @@ def job_pods(namespace: str, job: str) -> list[client.V1Pod]:
 
 def labelled_pods(namespace: str, labels: dict[str, str]) -> list[client.V1Pod]:
     """The pods that carry all of ``labels``, such as a Deployment's selector."""
-    selector = ",".join(f"{key}={value}" for key, value in labels.items())
-    pods: list[client.V1Pod] = core().list_namespaced_pod(namespace, label_selector=selector).items
+    pods: list[client.V1Pod] = core().list_namespaced_pod(namespace, label_selector=_selector(labels)).items
     return pods
 
 
-def failed_creates(namespace: str, job_uid: str) -> list[client.CoreV1Event]:
-    """The Job controller's ``FailedCreate`` Events of one Job: why it could not create a pod (the Job itself shows
-    no sign of it until its activeDeadlineSeconds)."""
-    selector = f"involvedObject.uid={job_uid},reason=FailedCreate"
+REVISION = "deployment.kubernetes.io/revision"
+"""The Deployment controller's annotation on each ReplicaSet: which revision of the pod template it runs."""
+
+
+def current_replica_set(namespace: str, deployment: str, labels: dict[str, str]) -> client.V1ReplicaSet | None:
+    """The ReplicaSet of a Deployment's newest revision (its pods carry ``labels``): the one that creates its pods,
+    older ones only scale down. None before the Deployment controller has made one."""
+    listed = apps().list_namespaced_replica_set(namespace, label_selector=_selector(labels)).items
+    owned = [
+        rs
+        for rs in listed
+        if any(ref.kind == "Deployment" and ref.name == deployment for ref in rs.metadata.owner_references or [])
+    ]
+    return max(owned, key=lambda rs: int((rs.metadata.annotations or {}).get(REVISION, "0")), default=None)
+
+
+def _selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in labels.items())
+
+
+def failed_creates(namespace: str, uid: str) -> list[client.CoreV1Event]:
+    """The ``FailedCreate`` Events of one Job or ReplicaSet: why its controller could not create a pod (a Job shows
+    no sign of it until its activeDeadlineSeconds, a Deployment only that replicas are unavailable)."""
+    selector = f"involvedObject.uid={uid},reason=FailedCreate"
     events: list[client.CoreV1Event] = core().list_namespaced_event(namespace, field_selector=selector).items
     return events
 

@@ -1,11 +1,11 @@
-"""Why a training Job runs no pod: what the Job controller, the scheduler and the kubelet say about it, for the
-Cartridge's status.
+"""Why a training Job or a serving Deployment runs no pod: what the Job or ReplicaSet controller, the scheduler and
+the kubelet say about it, for the Cartridge's status.
 
 A Job whose pod cannot be created (a missing PriorityClass, an exhausted quota), placed on a node (no node with a
 free GPU) or whose container cannot start (an invalid image name, a missing Secret key) gets no condition until its
 activeDeadlineSeconds, hours later; its ``FailedCreate`` Events, its pods' PodScheduled conditions and waiting
-reasons say why at once. Serving pods that cannot be placed or started are told apart the same way (``pod_problem``):
-their Deployment only says that no replica is available.
+reasons say why at once. Serving pods that cannot be created, placed or started are told apart the same way
+(``serving_problem``, from their ReplicaSet's Events): their Deployment only says that no replica is available.
 """
 
 from __future__ import annotations
@@ -42,8 +42,22 @@ def start_problem(namespace: str, job: client.V1Job) -> StartProblem | None:
     pending = [pod for pod in pods if _phase(pod) == "Pending"]
     if pending:
         return pod_problem(pending, "training")
-    newest_pod = max((pod.metadata.creation_timestamp for pod in pods), default=None)
-    return creation_problem(job.metadata.name, kube.failed_creates(namespace, job.metadata.uid), newest_pod)
+    return creation_problem(f"training Job {job.metadata.name}", kube.failed_creates(namespace, job.metadata.uid), pods)
+
+
+def serving_problem(namespace: str, deployment: str, labels: dict[str, str]) -> StartProblem | None:
+    """Why no replica of a serving Deployment (its pods carry ``labels``) is ready: what one of its pods says, else
+    what its current ReplicaSet's controller says when it cannot create any (an exhausted quota, a missing
+    PriorityClass). None when nothing is known to be wrong: the pods start, or the model still loads."""
+    pods = kube.labelled_pods(namespace, labels)
+    problem = pod_problem(pods, "serving")
+    if problem is not None:
+        return problem
+    replica_set = kube.current_replica_set(namespace, deployment, labels)
+    if replica_set is None:
+        return None
+    events = kube.failed_creates(namespace, replica_set.metadata.uid)
+    return creation_problem(f"serving ReplicaSet {replica_set.metadata.name}", events, pods)
 
 
 def pod_problem(pods: list[client.V1Pod], role: str) -> StartProblem | None:
@@ -71,15 +85,17 @@ def _about(role: str, pod: client.V1Pod, problem: str, detail: str | None) -> st
     return f"{role} pod {pod.metadata.name} {problem}: {detail or ''}".strip().rstrip(":")
 
 
-def creation_problem(job: str, events: list[client.CoreV1Event], since: datetime | None) -> StartProblem | None:
-    """The newest ``FailedCreate`` of the Job, unless a pod was created after it (then that pod tells)."""
+def creation_problem(creator: str, events: list[client.CoreV1Event], pods: list[client.V1Pod]) -> StartProblem | None:
+    """The newest ``FailedCreate`` of a pod's creator (such as "training Job c-g1", for the message), unless one of
+    its ``pods`` was created after it (then that pod tells)."""
+    since = max((pod.metadata.creation_timestamp for pod in pods), default=None)
     recent = [event for event in events if since is None or _when(event) >= since]
     if not recent:
         return None
     newest = max(recent, key=_when)
     message = " ".join((newest.message or "").split())
     transient = any(text in message for text in TRANSIENT_CREATE_FAILURES)
-    return StartProblem(f"the Job controller cannot create the pod of training Job {job}: {message}", not transient)
+    return StartProblem(f"{creator} cannot create pods: {message}", not transient)
 
 
 def _phase(pod: client.V1Pod) -> str | None:

@@ -113,6 +113,7 @@ def test_operator_reconciles_under_the_charts_service_account(
     settings = {
         "CARTRIDGES_STORE_ROOT": f"file://{tmp_path}/store",
         "CARTRIDGES_TRAINER_COMMAND": json.dumps(fake_trainer),
+        "CARTRIDGES_SERVING_PRIORITY_CLASS": "no-such-priority",  # serving pods are refused: replicasets list
     }
     process = start_operator(kubeconfig, work, tmp_path, settings)
     custom = client.CustomObjectsApi(dynamic.client)
@@ -145,8 +146,11 @@ def test_operator_reconciles_under_the_charts_service_account(
         # retention Delete: deletion stops its training Jobs first (jobs get/delete, pods list).
         create("cartridges", "Cartridge", "notes", {"corpusRefs": [{"name": "notes"}], "retention": "Delete", **base})
         create("cartridges", "Cartridge", "broken", {"corpusRefs": [{"name": "broken"}], **base})
-        # Corpus (configmaps, status), Job (secrets, jobs), promotion and serving objects (deployments, services).
-        reaches("cartridges", "notes", "Serving", "False")
+        # Corpus (configmaps, status), Job (secrets, jobs), promotion and serving objects (deployments, services);
+        # a serving ReplicaSet that cannot create pods says why from its FailedCreate Events (replicasets list).
+        serving = wait_for("the serving ReplicaSet's FailedCreate", lambda: (c := condition(
+            "cartridges", "notes", "Serving")) and c["reason"] == "ServingPodsNotStarting" and c, 90)  # fmt: skip
+        assert "no-such-priority" in serving["message"], serving
         apps = client.AppsV1Api(dynamic.client)
         assert apps.read_namespaced_deployment("triton-tiny", work).metadata.owner_references[0].name == "notes"
         # A permanent trainer failure is read from the failed pod (pods list).

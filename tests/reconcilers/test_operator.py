@@ -318,3 +318,40 @@ def test_serving_pods_no_node_takes_are_reported_not_stalled(operator_env: Opera
                              label_selector=f"{manifests.MODEL_LABEL}=pooled")  # fmt: skip
     wait_for("a serving pod on the node", lambda: any(pod.spec.node_name for pod in pods().items), 60)
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "pooled")
+
+
+def test_serving_pods_the_api_server_refuses_are_reported_and_created_once_allowed(operator_env: OperatorEnv) -> None:
+    """An operator whose chart names a serving PriorityClass that does not exist (in a cluster, as often: an exhausted
+    GPU quota, a LimitRange): the ReplicaSet creates no pod at all, and the Cartridge says why with the API server's
+    message from the ReplicaSet's FailedCreate Events, stalled (it lasts until someone acts). Once the PriorityClass
+    exists, the ReplicaSet controller's next try creates the pod."""
+    env = operator_env
+    priority = f"missing-serving-{env.namespace}"
+    model = {"name": "refused", "uri": "file:///models/refused"}
+    pods = functools.partial(client.CoreV1Api(env.api).list_namespaced_pod, env.namespace,
+                             label_selector=f"{manifests.MODEL_LABEL}=refused")  # fmt: skip
+    scheduling = client.SchedulingV1Api(env.api)
+    healthy = env.settings
+    env.settings = {**healthy, "CARTRIDGES_SERVING_PRIORITY_CLASS": priority}
+    env.restart()
+    try:
+        env.create("corpora", "refused", {"description": "d", "sources": [{"inline": "Facts no pod serves."}]})
+        env.create("cartridges", "refused", cartridge_spec("refused", baseModel=model))
+        serving = wait_for("the ReplicaSet's FailedCreate", lambda: (c := env.condition("cartridges", "refused",
+                           "Serving")) and c["reason"] == "ServingPodsNotStarting" and c, 90)  # fmt: skip
+        assert serving["message"].startswith("serving ReplicaSet triton-refused-"), serving
+        assert "cannot create pods: Error creating: pods " in serving["message"], serving
+        assert f"no PriorityClass with name {priority} was found" in serving["message"], serving
+        assert (env.condition("cartridges", "refused", "Stalled") or {}).get("status") == "True"
+        assert not pods().items
+        scheduling.create_priority_class({"metadata": {"name": priority}, "value": 1000})
+        try:
+            wait_for(
+                "a serving pod", lambda: any(pod.spec.priority_class_name == priority for pod in pods().items), 180
+            )
+        finally:
+            scheduling.delete_priority_class(priority)
+    finally:
+        env.settings = healthy
+        env.restart()
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "refused")

@@ -1,4 +1,5 @@
-"""Why a training Job runs no pod, read from what the kubelet reports on its pods and the Job controller's Events."""
+"""Why a training Job or a serving Deployment runs no pod, read from what the kubelet reports on its pods and the
+Job and ReplicaSet controllers' Events."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from kubernetes import client
 
-from cartridges_operator.training_start import creation_problem, pod_problem
+from cartridges_operator import kube
+from cartridges_operator.training_start import StartProblem, creation_problem, pod_problem, serving_problem
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -68,16 +70,49 @@ def test_the_newest_failed_create_tells_and_a_quota_clears_by_itself() -> None:
         failed_create('pods "c-g1-" is forbidden: no PriorityClass with name gone was found', T0),
         failed_create('pods "c-g1-x" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1', T0 + DAY),
     ]
-    problem = creation_problem("c-g1", events, None)
+    problem = creation_problem("training Job c-g1", events, [])
     assert problem is not None and not problem.stalled and "exceeded quota: gpus" in problem.message
-    problem = creation_problem("c-g1", events[:1], None)
+    problem = creation_problem("training Job c-g1", events[:1], [])
     assert problem is not None and problem.stalled
     assert problem.message == (
-        'the Job controller cannot create the pod of training Job c-g1: pods "c-g1-" is forbidden: no PriorityClass '
-        "with name gone was found"
+        'training Job c-g1 cannot create pods: pods "c-g1-" is forbidden: no PriorityClass with name gone was found'
     )
 
 
 def test_a_failed_create_before_the_newest_pod_is_history() -> None:
     events = [failed_create("exceeded quota: gpus", T0)]
-    assert creation_problem("c-g1", events, T0 + DAY) is None
+    assert creation_problem("training Job c-g1", events, [waiting_pod("ContainerCreating")]) is not None
+    later = waiting_pod("ContainerCreating")
+    later.metadata.creation_timestamp = T0 + DAY
+    assert creation_problem("training Job c-g1", events, [waiting_pod("ContainerCreating"), later]) is None
+
+
+@pytest.mark.parametrize(
+    ("message", "stalled"),
+    [('pods "triton-m-5d9c-" is forbidden: no PriorityClass with name gpu-serving was found', True),
+     ('pods "triton-m-5d9c-x" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1', False)],
+)  # fmt: skip
+def test_a_serving_replica_set_that_cannot_create_pods_says_why(
+    monkeypatch: pytest.MonkeyPatch, message: str, stalled: bool
+) -> None:
+    """No pod at all: the current ReplicaSet's FailedCreate Events tell, classified like a training Job's."""
+    replica_set = client.V1ReplicaSet(metadata=client.V1ObjectMeta(name="triton-m-5d9c", uid="rs-uid"))
+    monkeypatch.setattr(kube, "labelled_pods", lambda namespace, labels: [])
+    monkeypatch.setattr(kube, "current_replica_set", lambda namespace, deployment, labels: replica_set)
+    monkeypatch.setattr(kube, "failed_creates", lambda namespace, uid: {"rs-uid": [failed_create(message, T0)]}[uid])
+    problem = serving_problem("ns", "triton-m", {"app": "serving"})
+    assert problem == StartProblem(f"serving ReplicaSet triton-m-5d9c cannot create pods: {message}", stalled)
+
+
+def test_a_serving_pod_that_says_why_needs_no_replica_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    pod = waiting_pod("InvalidImageName")
+    monkeypatch.setattr(kube, "labelled_pods", lambda namespace, labels: [pod])
+    monkeypatch.setattr(kube, "current_replica_set", None)  # not looked up: calling it would fail
+    problem = serving_problem("ns", "triton-m", {"app": "serving"})
+    assert problem is not None and problem.message.startswith("serving pod c-g1-abcde cannot start (InvalidImageName)")
+
+
+def test_a_serving_deployment_without_a_replica_set_yet_is_no_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube, "labelled_pods", lambda namespace, labels: [])
+    monkeypatch.setattr(kube, "current_replica_set", lambda namespace, deployment, labels: None)
+    assert serving_problem("ns", "triton-m", {"app": "serving"}) is None
