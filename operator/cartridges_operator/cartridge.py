@@ -25,7 +25,7 @@ from cartridges.store import IntegrityError, ObjectInfo, ObjectNotFound, Store, 
 from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
-from cartridges_operator.training_start import serving_problem, start_problem
+from cartridges_operator.pod_start import serving_problem, start_problem
 
 LOG = logging.getLogger(__name__)
 

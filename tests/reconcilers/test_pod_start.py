@@ -9,7 +9,7 @@ import pytest
 from kubernetes import client
 
 from cartridges_operator import kube
-from cartridges_operator.training_start import StartProblem, creation_problem, pod_problem, serving_problem
+from cartridges_operator.pod_start import StartProblem, creation_problem, pod_problem, serving_problem
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
