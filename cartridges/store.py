@@ -17,7 +17,7 @@ import os
 import secrets
 import shutil
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +29,7 @@ from minio.commonconfig import CopySource
 from minio.error import MinioException, S3Error
 from minio.helpers import check_bucket_name
 
-from cartridges.hashing import sha256_bytes, sha256_file
+from cartridges.hashing import sha256_bytes, sha256_chunks, sha256_file
 
 SHA256_META = "sha256"
 PART_SIZE = 16 * 1024 * 1024
@@ -158,6 +158,16 @@ class S3Config:
         return f"S3Config(endpoint={self.endpoint!r}, secure={self.secure}, access_key=***)"
 
 
+def _write_hashing(chunks: Iterable[bytes], path: Path) -> str:
+    """Write ``chunks`` to ``path`` and return their sha256: a download is read once, not written then re-read."""
+    digest = hashlib.sha256()
+    with path.open("wb") as fh:
+        for chunk in chunks:
+            digest.update(chunk)
+            fh.write(chunk)
+    return digest.hexdigest()
+
+
 def _new_temp_file(directory: Path, prefix: str) -> Path:
     """Create an empty file in ``directory`` that no other writer shares (a random name, created exclusively),
     with the mode any new file gets (0o666 less the umask, and a default ACL if the directory has one): mkstemp's
@@ -170,7 +180,7 @@ def _new_temp_file(directory: Path, prefix: str) -> Path:
 class _Backend(Protocol):
     def put_file(self, uri: StoreURI, path: Path, sha256: str) -> None: ...
     def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None: ...
-    def get_to_file(self, uri: StoreURI, path: Path) -> None: ...
+    def get_to_file(self, uri: StoreURI, path: Path) -> str: ...
     def get_bytes(self, uri: StoreURI) -> tuple[bytes, str | None]: ...
     def get_head(self, uri: StoreURI, length: int) -> bytes: ...
     def sha256(self, uri: StoreURI) -> str: ...
@@ -223,8 +233,9 @@ class _FileBackend:
             if temp is not None:
                 temp.unlink(missing_ok=True)
 
-    def get_to_file(self, uri: StoreURI, path: Path) -> None:
-        shutil.copyfile(self._existing(uri), path)
+    def get_to_file(self, uri: StoreURI, path: Path) -> str:
+        with self._existing(uri).open("rb") as source:
+            return _write_hashing(iter(lambda: source.read(HASH_CHUNK), b""), path)
 
     def get_bytes(self, uri: StoreURI) -> tuple[bytes, str | None]:
         return self._existing(uri).read_bytes(), None  # a local file records no sha256 apart from its bytes
@@ -307,8 +318,15 @@ class _S3Backend:
     def put_bytes(self, uri: StoreURI, data: bytes, sha256: str) -> None:
         self.client.put_object(uri.bucket, uri.key, io.BytesIO(data), len(data), metadata={SHA256_META: sha256})
 
-    def get_to_file(self, uri: StoreURI, path: Path) -> None:
-        self.client.fget_object(uri.bucket, uri.key, str(path))
+    def get_to_file(self, uri: StoreURI, path: Path) -> str:
+        """Stream the body into ``path`` (minio's fget_object would leave a ``.part.minio`` file beside it when
+        interrupted, which nothing cleans up)."""
+        response = self.client.get_object(uri.bucket, uri.key)
+        try:
+            return _write_hashing(response.stream(HASH_CHUNK), path)
+        finally:
+            response.close()
+            response.release_conn()
 
     def get_bytes(self, uri: StoreURI) -> tuple[bytes, str | None]:
         """The bytes and the sha256 recorded with them, from one response (so never another version's)."""
@@ -334,15 +352,12 @@ class _S3Backend:
 
     def sha256(self, uri: StoreURI) -> str:
         """Hash the object as it streams by, in chunks: nothing is written, a large object is never all in memory."""
-        digest = hashlib.sha256()
         response = self.client.get_object(uri.bucket, uri.key)
         try:
-            for chunk in response.stream(HASH_CHUNK):
-                digest.update(chunk)
+            return sha256_chunks(response.stream(HASH_CHUNK))
         finally:
             response.close()
             response.release_conn()
-        return digest.hexdigest()
 
     def stat(self, uri: StoreURI) -> ObjectInfo:
         try:
@@ -499,14 +514,12 @@ class Store:
         """
         parsed = StoreURI.parse(uri)
         backend = self._backend(parsed)
-        info: ObjectInfo = self._call(parsed, backend.stat, parsed)
-        expected = expected_sha256 or info.sha256
+        expected = expected_sha256 or self._call(parsed, backend.stat, parsed).sha256
         path.parent.mkdir(parents=True, exist_ok=True)
         # Each download its own temp file: ranks of one job fill one cache with the same object at the same time.
         partial = _new_temp_file(path.parent, f".{path.name}.partial-")
         try:
-            self._call(parsed, backend.get_to_file, parsed, partial)
-            actual = sha256_file(partial)
+            actual: str = self._call(parsed, backend.get_to_file, parsed, partial)
             if expected is not None and actual != expected:
                 raise IntegrityError(f"sha256 mismatch (expected {expected}, read {actual})", uri)
             os.replace(partial, path)

@@ -15,6 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import urllib3
 from minio.error import S3Error
 
 from cartridges import layout
@@ -146,6 +147,29 @@ def test_corrupted_object_in_minio_is_detected(minio_server: MinioServer, s3_pre
     backend.client.put_object(parsed.bucket, parsed.key, io.BytesIO(b"A" * 999), 999)  # type: ignore[attr-defined]
     with pytest.raises(IntegrityError, match="weights.bin"):
         store.download(uri, tmp_path / "w.bin", expected_sha256=recorded)
+
+
+@pytest.mark.minio
+def test_interrupted_download_leaves_nothing_beside_the_target(
+    minio_server: MinioServer, s3_prefix: str, tmp_path: Path
+) -> None:
+    """A connection cut mid-body is StoreUnavailable, and no partial file stays in the cache directory (minio's
+    fget_object left ``<name>.<etag>.part.minio`` there)."""
+    store = minio_server.store()
+    store.put_bytes(f"{s3_prefix}cut.bin", os.urandom(3 << 20))
+    real_stream = urllib3.response.HTTPResponse.stream
+
+    def cut_after_first_chunk(self: urllib3.response.HTTPResponse, *args: object, **kwargs: object) -> Iterator[bytes]:
+        chunks = real_stream(self, *args, **kwargs)  # type: ignore[arg-type]
+        yield next(chunks)
+        raise urllib3.exceptions.ProtocolError("connection reset by peer")
+
+    cache = tmp_path / "cache"
+    cut = mock.patch.object(urllib3.response.HTTPResponse, "stream", cut_after_first_chunk)
+    with cut, pytest.raises(StoreUnavailable, match="unreachable"):
+        store.download(f"{s3_prefix}cut.bin", cache / "cut.bin")
+    assert list(cache.iterdir()) == []
+    assert store.download(f"{s3_prefix}cut.bin", cache / "cut.bin").size == 3 << 20
 
 
 def _replace_keeping_recorded_sha256(store: Store, uri: str, data: bytes) -> None:
