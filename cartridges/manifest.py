@@ -32,13 +32,15 @@ class ModelFingerprint(BaseModel):
     head_dim: int
     rope_theta: float
     rope_scaling: dict[str, Any] | None = None
+    rope_parameters: dict[str, Any] | None = None  # every RoPE setting; None in manifests written before it existed
 
     def mismatches(self, other: ModelFingerprint) -> list[str]:
         """Human-readable differences (empty when compatible); ``model_id`` is a label, not identity.
 
         The rope settings are compared on their own: ``weights_sha256`` hashes the weight files only, and the same
-        weights served under another RoPE scaling rotate keys differently from the cartridge's stored keys."""
-        fields = (
+        weights served under another RoPE scaling rotate keys differently from the cartridge's stored keys.
+        ``rope_parameters`` is compared only when both sides record it, so older cartridges still load."""
+        fields: tuple[str, ...] = (
             "weights_sha256",
             "tokenizer_sha256",
             "num_layers",
@@ -47,6 +49,8 @@ class ModelFingerprint(BaseModel):
             "rope_theta",
             "rope_scaling",
         )
+        if self.rope_parameters is not None and other.rope_parameters is not None:
+            fields += ("rope_parameters",)
         return [
             f"{f}: {getattr(self, f)} != {getattr(other, f)}" for f in fields if getattr(self, f) != getattr(other, f)
         ]

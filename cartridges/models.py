@@ -18,6 +18,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -74,7 +75,19 @@ def fingerprint(
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         rope_theta=float(rope_theta),
         rope_scaling=None if rope_type == "default" else dict(rope_params),
+        rope_parameters=_rope_parameters(config),
     )
+
+
+def _rope_parameters(config: PretrainedConfig) -> dict[str, object]:
+    """All the RoPE settings of a config, which ``rope_theta``/``rope_scaling`` miss: per layer type (Gemma3's
+    sliding and full attention rotate with different thetas) and ``partial_rotary_factor`` (Phi rotates part of
+    each head), wherever the config version keeps it."""
+    parameters = dict(getattr(config, "rope_parameters", None) or {})
+    partial = getattr(config, "partial_rotary_factor", None)
+    if partial is not None:
+        parameters.setdefault("partial_rotary_factor", partial)
+    return parameters
 
 
 def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import Gemma3TextConfig, PhiConfig, PretrainedConfig
 
 from cartridges.artifact import (
     MANIFEST_FILE,
     TENSORS_FILE,
     ArtifactError,
     Cartridge,
+    ModelFingerprint,
     QuantizedCartridge,
     download_artifact,
     load_cartridge,
@@ -24,7 +29,7 @@ from cartridges.artifact import (
     upload_artifact,
 )
 from cartridges.hashing import sha256_file
-from cartridges.models import LoadedModel, load_base_model, tiny_llama
+from cartridges.models import LoadedModel, fingerprint, load_base_model, tiny_llama
 from cartridges.quantize import QuantFormat
 from cartridges.store import Store
 from cartridges_e2e.minio import MinioServer
@@ -82,6 +87,41 @@ def test_cartridge_trained_under_another_rope_scaling_is_a_clear_error(tiny_mode
     with pytest.raises(ArtifactError, match=r"rope_scaling: \{'rope_type': 'linear', 'factor': 8.0.*\} != None"):
         load_cartridge(tmp_path / "cartridge", expected_model=load_base_model(plain).fingerprint)
     load_cartridge(tmp_path / "cartridge", expected_model=trained_under)
+
+
+def _fingerprint_under(config: PretrainedConfig, tiny_model: LoadedModel) -> ModelFingerprint:
+    """The tiny model's fingerprint with its RoPE read from ``config`` (only the config's rope settings matter)."""
+    return fingerprint(SimpleNamespace(config=config), tiny_model.tokenizer, "m", "0" * 64)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "config, changed",
+    [
+        (Gemma3TextConfig(), lambda c: c.rope_parameters["full_attention"].update(rope_theta=500000.0)),
+        (PhiConfig(), lambda c: c.rope_parameters.update(partial_rotary_factor=1.0)),
+    ],
+    ids=["gemma3-full-attention-theta", "phi-partial-rotary-factor"],
+)
+def test_rope_settings_beyond_theta_and_scaling_are_compared(
+    config: PretrainedConfig, changed: Callable[[PretrainedConfig], None], tiny_model: LoadedModel
+) -> None:
+    """Gemma3's per-layer-type thetas and Phi's partial rotation leave rope_theta/rope_scaling unchanged."""
+    trained_under = _fingerprint_under(config, tiny_model)
+    served = copy.deepcopy(config)
+    changed(served)
+    assert [m.split(":")[0] for m in trained_under.mismatches(_fingerprint_under(served, tiny_model))] == [
+        "rope_parameters"
+    ]
+    assert trained_under.mismatches(_fingerprint_under(copy.deepcopy(config), tiny_model)) == []
+
+
+def test_manifest_without_rope_parameters_still_loads(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    """Cartridges written before rope_parameters was recorded are checked on the fields they have."""
+    save_cartridge(random_cartridge(tiny_model), tmp_path, tiny_model.fingerprint)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert manifest["base_model"].pop("rope_parameters") == {"rope_theta": 10000.0, "rope_type": "default"}
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    load_cartridge(tmp_path, expected_model=tiny_model.fingerprint)
 
 
 def test_manifest_that_lies_about_p_is_rejected(tiny_model: LoadedModel, tmp_path: Path) -> None:
