@@ -23,13 +23,20 @@ from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
 from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FILE, CorpusManifest, Progress
 from cartridges.models import LoadedModel, load_base_model
-from cartridges.store import Store, StoreURI
+from cartridges.store import IntegrityError, Store, StoreError, StoreUnavailable, StoreURI
 from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import pack, target_logprobs
 from cartridges_trainer.corpus import Corpus
-from cartridges_trainer.distill import TrainableCartridge, distill, distill_loss, initial_cartridge, step_batch
+from cartridges_trainer.distill import (
+    TrainableCartridge,
+    distill,
+    distill_loss,
+    initial_cartridge,
+    load_checkpoint,
+    step_batch,
+)
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.parallel import World
@@ -468,6 +475,61 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_the_final_loss(
     torch.save({k: v for k, v in torch.load(state_path, weights_only=True).items() if k != "loss"}, state_path)
     manifest_path.unlink()
     assert train(config, store, options=OPTIONS, model=tiny_model).training["final_loss"] is None
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_checkpoint_is_discarded_and_training_resumes_from_the_one_before(
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    """A checkpoint that no longer loads would fail every retry of the Job the same way: it is discarded with a
+    warning, and training resumes from the checkpoint before it, to the cartridge of an uninterrupted run."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    checkpoints = f"{config.output_prefix}/checkpoints"
+    with monkeypatch.context() as keep_all:  # as if killed between the upload of step 4 and the pruning of step 2
+        keep_all.setattr(Workspace, "delete", lambda self, folder: None)
+        uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)
+    Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key).unlink()  # as if killed before the upload
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [
+        "/step-00000002/state.pt",
+        "/step-00000004/state.pt",
+    ]
+    newest = Path(StoreURI.parse(store.list(checkpoints)[-1]).key)
+    newest.write_bytes(b"half a checkpoint" if damage == "garbage" else newest.read_bytes()[:1000])
+
+    with caplog.at_level("WARNING"):
+        resumed = train(config, store, options=OPTIONS, model=tiny_model)
+    assert resumed.training["resumed_from_step"] == 2
+    assert resumed.file_sha256 == uninterrupted.file_sha256
+    assert "step-00000004/state.pt is unreadable" in caplog.text
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == ["/step-00000004/state.pt"]
+
+
+@pytest.mark.parametrize("error", [IntegrityError, StoreUnavailable])
+def test_a_checkpoint_is_discarded_when_its_sha256_fails_not_when_the_store_fails(
+    file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[StoreError]
+) -> None:
+    """Bytes that do not match their recorded sha256 are as corrupt as bytes that do not load; a store that does
+    not answer is not, and the error stays retryable with the checkpoint kept."""
+    store = Store()
+    workspace = Workspace(store, f"{file_store_root}/g1", tmp_path)
+    store.put_bytes(workspace.uri("checkpoints/step-00000002/state.pt"), b"a checkpoint")
+
+    def fail(self: Workspace, name: str) -> Path:
+        raise error("simulated", self.uri(name))
+
+    monkeypatch.setattr(Workspace, "fetch", fail)
+    if error is IntegrityError:
+        assert load_checkpoint(workspace, "key") is None
+        assert workspace.names("checkpoints") == []
+    else:
+        with pytest.raises(StoreUnavailable):
+            load_checkpoint(workspace, "key")
+        assert workspace.names("checkpoints") == ["checkpoints/step-00000002/state.pt"]
 
 
 @pytest.mark.minio

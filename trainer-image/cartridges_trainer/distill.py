@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import shutil
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from cartridges.api import CartridgeSpec
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import prefix_cartridge
 from cartridges.models import LoadedModel
+from cartridges.store import IntegrityError, StoreError
 from cartridges_trainer.batching import Batch, Conversation, pack, target_logprobs
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.errors import InputError
@@ -107,10 +109,14 @@ def _checkpoint_dir(step: int) -> str:
     return f"{CHECKPOINT_FOLDER}/step-{step:08d}"
 
 
+def _stored_steps(workspace: Workspace) -> list[int]:
+    """The steps of the stored checkpoints, newest first (names are ``checkpoints/step-<step>/state.pt``)."""
+    steps = {int(name.split("/")[1].removeprefix("step-")) for name in workspace.names(CHECKPOINT_FOLDER)}
+    return sorted(steps, reverse=True)
+
+
 def _latest_checkpoint(workspace: Workspace) -> int | None:
-    """The step of the newest stored checkpoint (names are ``checkpoints/step-<step>/state.pt``)."""
-    steps = [int(name.split("/")[1].removeprefix("step-")) for name in workspace.names(CHECKPOINT_FOLDER)]
-    return max(steps, default=None)
+    return next(iter(_stored_steps(workspace)), None)
 
 
 def _save_checkpoint(
@@ -134,25 +140,41 @@ def _save_checkpoint(
         workspace.delete(_checkpoint_dir(previous))
 
 
-def load_checkpoint(workspace: Workspace, inputs_key: str, device: torch.device) -> dict[str, Any] | None:
-    """The newest stored checkpoint if it was trained on ``inputs_key``, else ``None``."""
-    if (latest := _latest_checkpoint(workspace)) is None:
-        return None
-    name = f"{_checkpoint_dir(latest)}/{STATE_FILE}"
-    state: dict[str, Any] = torch.load(workspace.fetch(name), map_location=device, weights_only=True)
-    if state.get("inputs") != inputs_key:
-        log.warning("ignoring the checkpoint %s: it was trained on other inputs", workspace.uri(name))
+def _read_checkpoint(workspace: Workspace, step: int) -> dict[str, Any] | None:
+    """The checkpoint of ``step`` (on the CPU: a GPU out of memory is no corrupt checkpoint); ``None`` when its bytes
+    do not load (altered or cut short in the store), after deleting it: every retry would fail on it the same way."""
+    name = f"{_checkpoint_dir(step)}/{STATE_FILE}"
+    try:
+        state: dict[str, Any] = torch.load(workspace.fetch(name), map_location="cpu", weights_only=True)
+    except (IntegrityError, pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as err:
+        if isinstance(err, StoreError) and not isinstance(err, IntegrityError):
+            raise  # the store did not answer: a retry may read the checkpoint
+        log.warning("checkpoint %s is unreadable (%s); discarding it", workspace.uri(name), err)
+        workspace.delete(_checkpoint_dir(step))
+        shutil.rmtree(workspace.local / _checkpoint_dir(step), ignore_errors=True)
         return None
     return state
 
 
+def load_checkpoint(workspace: Workspace, inputs_key: str) -> dict[str, Any] | None:
+    """The newest readable stored checkpoint if it was trained on ``inputs_key``, else ``None``."""
+    for step in _stored_steps(workspace):
+        if (state := _read_checkpoint(workspace, step)) is None:
+            continue
+        if state.get("inputs") != inputs_key:
+            log.warning(
+                "ignoring the checkpoint %s: it was trained on other inputs", workspace.uri(_checkpoint_dir(step))
+            )
+            return None
+        return state
+    return None
+
+
 def discard_stale_checkpoints(workspace: Workspace, inputs_key: str) -> None:
-    """Delete the checkpoints under the workspace unless the newest was trained on ``inputs_key``: they were left
-    by another run under this prefix (e.g. a cartridge deleted mid-training and created again on other inputs)."""
-    if (
-        _latest_checkpoint(workspace) is not None
-        and load_checkpoint(workspace, inputs_key, torch.device("cpu")) is None
-    ):
+    """Delete the checkpoints under the workspace unless the newest readable one was trained on ``inputs_key``: they
+    were left by another run under this prefix (e.g. a cartridge deleted mid-training and created again on other
+    inputs)."""
+    if _latest_checkpoint(workspace) is not None and load_checkpoint(workspace, inputs_key) is None:
         log.warning("discarding the checkpoints under %s; training starts afresh", workspace.uri(CHECKPOINT_FOLDER))
         workspace.delete(CHECKPOINT_FOLDER)
         shutil.rmtree(workspace.local / CHECKPOINT_FOLDER, ignore_errors=True)
@@ -185,7 +207,7 @@ def distill(
     # The last step's loss. A checkpoint saved before checkpoints recorded it gives None (null in the manifest:
     # unknown), which the loop replaces unless the run resumes after its last step; never NaN (not valid JSON).
     loss_value: float | None = None
-    if (state := load_checkpoint(workspace, inputs_key, lm.device)) is not None:
+    if (state := load_checkpoint(workspace, inputs_key)) is not None:
         trainable.load_state_dict(state["cartridge"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
