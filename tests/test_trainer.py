@@ -25,6 +25,7 @@ from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FI
 from cartridges.models import LoadedModel, load_base_model
 from cartridges.store import IntegrityError, Store, StoreError, StoreUnavailable, StoreURI
 from cartridges_trainer import TrainerOptions, train
+from cartridges_trainer import distill as distill_module
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import pack, target_logprobs
@@ -301,6 +302,27 @@ def test_a_diverged_loss_stops_training_for_good_naming_the_step_and_the_learnin
     assert store.list(f"{config.output_prefix}/checkpoints") == []
     written = Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}"))
     assert written.phase == "training" and written.loss is None
+
+
+def test_a_non_finite_gradient_stops_training_before_it_reaches_the_cartridge(
+    shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finite loss with a non-finite gradient (an overflow in the backward pass) would turn every row into NaN;
+    at the last step the NaN cartridge would be checkpointed, scored and uploaded. It stops as a diverged loss does."""
+    real = distill_module.distill_loss
+
+    def overflowing(logprobs: torch.Tensor, batch: Any) -> torch.Tensor:
+        loss = real(logprobs, batch)
+        return loss + (loss * 0).sqrt()  # adds 0; its gradient is 0 * inf = NaN
+
+    monkeypatch.setattr(distill_module, "distill_loss", overflowing)
+    store, config = Store(), make_config(file_store_root, "file:///x", steps=1)
+    init = initial_cartridge(tiny_model, tiny_corpus(tiny_model), config.spec, 0)
+    workspace = Workspace(store, config.output_prefix, tmp_path)
+    progress = ProgressReporter(store, config.output_prefix, interval_s=0.0)
+    with pytest.raises(InputError, match="diverged at step 1: .* gradient norm is nan"):
+        distill(tiny_model, init, shard.conversations, config.spec, OPTIONS, workspace, progress, World(), "key")
+    assert store.list(f"{config.output_prefix}/checkpoints") == []
 
 
 def test_step_batches_are_a_function_of_the_step() -> None:

@@ -10,7 +10,7 @@ import logging
 import math
 import pickle
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -88,13 +88,19 @@ def distill_loss(logprobs: torch.Tensor, batch: Batch) -> torch.Tensor:
     return -(batch.topk_logprobs.exp() * student).sum() / len(student)
 
 
-def _stop_if_diverged(loss: float, step: int, learning_rate: float) -> None:
-    """A non-finite loss never comes back (Adam spreads it into every row), and retrying replays the same batches:
-    stop for good, before the loss reaches progress.json or a checkpoint, saying what to change."""
-    if not math.isfinite(loss):
+def _gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
+    norms = [p.grad.norm() for p in parameters if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _stop_if_diverged(loss: float, gradient_norm: float, step: int, learning_rate: float) -> None:
+    """A non-finite loss or gradient never comes back (Adam spreads it into every row), and retrying replays the
+    same batches: stop for good, before the step reaches the cartridge, progress.json or a checkpoint, saying what
+    to change."""
+    if not (math.isfinite(loss) and math.isfinite(gradient_norm)):
         raise InputError(
-            f"training diverged at step {step}: the loss is {loss}; lower spec.training.learningRate "
-            f"(now {learning_rate}) to train a new generation"
+            f"training diverged at step {step}: the loss is {loss}, the gradient norm is {gradient_norm}; lower "
+            f"spec.training.learningRate (now {learning_rate}) to train a new generation"
         )
 
 
@@ -223,9 +229,9 @@ def distill(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         world.sum_gradients(trainable.parameters())
-        optimizer.step()
         loss_value = world.sum(loss.item())
-        _stop_if_diverged(loss_value, step + 1, training.learningRate)
+        _stop_if_diverged(loss_value, _gradient_norm(trainable.parameters()), step + 1, training.learningRate)
+        optimizer.step()
         progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
         if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
             _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
