@@ -22,7 +22,7 @@ from cartridges.contract import EXIT_PERMANENT, TrainerConfig
 from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
 from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FILE, CorpusManifest, Progress
-from cartridges.models import LoadedModel, load_base_model
+from cartridges.models import LoadedModel, load_base_model, tiny_llama
 from cartridges.store import IntegrityError, Store, StoreError, StoreUnavailable, StoreURI
 from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import distill as distill_module
@@ -683,6 +683,22 @@ def test_bad_input_exits_permanent_with_a_message(
     assert "\n" not in termination.read_text()
     assert not store.exists(f"{config.output_prefix}/{MANIFEST_FILE}")
     assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
+
+
+def test_a_tokenizer_with_ids_the_model_has_no_embedding_for_exits_permanent(
+    file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model directory holding another model's (larger) tokenizer: its ids index past the embeddings, which would
+    fail every retry with an IndexError; it is a permanent input error that names both sizes."""
+    mismatched = tiny_llama()
+    mismatched.model.resize_token_embeddings(len(mismatched.tokenizer) - 1)  # no row for its last special token
+    store = Store()
+    put_model(mismatched, store, f"{file_store_root}/models/tiny")
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(tmp_path / "termination-log"))
+    assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
+    message = f"tokenizer has {len(mismatched.tokenizer)} tokens, the model embeds {len(mismatched.tokenizer) - 1}"
+    assert message in capsys.readouterr().err and message in (tmp_path / "termination-log").read_text()
 
 
 def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> None:
