@@ -11,6 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import (
@@ -277,4 +278,16 @@ def load_base_model(
     except (ValueError, KeyError, OSError) as err:
         raise ModelLoadError(f"{model_dir}: not loadable as a causal LM ({err})") from err
     model.requires_grad_(False)
+    _check_vocabulary(model, tokenizer, model_dir)
     return LoadedModel(model, tokenizer, fingerprint(model, tokenizer, model_id, weights_sha256))
+
+
+def _check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> None:
+    """A tokenizer with ids past the model's embedding rows (another model's tokenizer in the directory) would fail
+    at the first such token, deep in training or serving, with an IndexError: refuse it here, saying so."""
+    rows = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
+    if len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"{model_dir}: the tokenizer has {len(tokenizer)} tokens, the model embeds {rows}; the tokenizer does not "
+            "belong to this model"
+        )

@@ -22,14 +22,22 @@ from cartridges.contract import EXIT_PERMANENT, TrainerConfig
 from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
 from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FILE, CorpusManifest, Progress
-from cartridges.models import LoadedModel, load_base_model
-from cartridges.store import Store, StoreURI
+from cartridges.models import LoadedModel, load_base_model, tiny_llama
+from cartridges.store import IntegrityError, Store, StoreError, StoreUnavailable, StoreURI
 from cartridges_trainer import TrainerOptions, train
+from cartridges_trainer import distill as distill_module
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import pack, target_logprobs
 from cartridges_trainer.corpus import Corpus
-from cartridges_trainer.distill import TrainableCartridge, distill, distill_loss, initial_cartridge, step_batch
+from cartridges_trainer.distill import (
+    TrainableCartridge,
+    distill,
+    distill_loss,
+    initial_cartridge,
+    load_checkpoint,
+    step_batch,
+)
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.parallel import World
@@ -296,6 +304,27 @@ def test_a_diverged_loss_stops_training_for_good_naming_the_step_and_the_learnin
     assert written.phase == "training" and written.loss is None
 
 
+def test_a_non_finite_gradient_stops_training_before_it_reaches_the_cartridge(
+    shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finite loss with a non-finite gradient (an overflow in the backward pass) would turn every row into NaN;
+    at the last step the NaN cartridge would be checkpointed, scored and uploaded. It stops as a diverged loss does."""
+    real = distill_module.distill_loss
+
+    def overflowing(logprobs: torch.Tensor, batch: Any) -> torch.Tensor:
+        loss = real(logprobs, batch)
+        return loss + (loss * 0).sqrt()  # adds 0; its gradient is 0 * inf = NaN
+
+    monkeypatch.setattr(distill_module, "distill_loss", overflowing)
+    store, config = Store(), make_config(file_store_root, "file:///x", steps=1)
+    init = initial_cartridge(tiny_model, tiny_corpus(tiny_model), config.spec, 0)
+    workspace = Workspace(store, config.output_prefix, tmp_path)
+    progress = ProgressReporter(store, config.output_prefix, interval_s=0.0)
+    with pytest.raises(InputError, match="diverged at step 1: .* gradient norm is nan"):
+        distill(tiny_model, init, shard.conversations, config.spec, OPTIONS, workspace, progress, World(), "key")
+    assert store.list(f"{config.output_prefix}/checkpoints") == []
+
+
 def test_step_batches_are_a_function_of_the_step() -> None:
     items = list(range(20))
     assert step_batch(items, 4, 0, 7) == step_batch(items, 4, 0, 7)
@@ -470,6 +499,61 @@ def test_a_run_resumed_after_its_last_checkpoint_reports_the_final_loss(
     assert train(config, store, options=OPTIONS, model=tiny_model).training["final_loss"] is None
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_checkpoint_is_discarded_and_training_resumes_from_the_one_before(
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    """A checkpoint that no longer loads would fail every retry of the Job the same way: it is discarded with a
+    warning, and training resumes from the checkpoint before it, to the cartridge of an uninterrupted run."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    checkpoints = f"{config.output_prefix}/checkpoints"
+    with monkeypatch.context() as keep_all:  # as if killed between the upload of step 4 and the pruning of step 2
+        keep_all.setattr(Workspace, "delete", lambda self, folder: None)
+        uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)
+    Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key).unlink()  # as if killed before the upload
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [
+        "/step-00000002/state.pt",
+        "/step-00000004/state.pt",
+    ]
+    newest = Path(StoreURI.parse(store.list(checkpoints)[-1]).key)
+    newest.write_bytes(b"half a checkpoint" if damage == "garbage" else newest.read_bytes()[:1000])
+
+    with caplog.at_level("WARNING"):
+        resumed = train(config, store, options=OPTIONS, model=tiny_model)
+    assert resumed.training["resumed_from_step"] == 2
+    assert resumed.file_sha256 == uninterrupted.file_sha256
+    assert "step-00000004/state.pt is unreadable" in caplog.text
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == ["/step-00000004/state.pt"]
+
+
+@pytest.mark.parametrize("error", [IntegrityError, StoreUnavailable])
+def test_a_checkpoint_is_discarded_when_its_sha256_fails_not_when_the_store_fails(
+    file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[StoreError]
+) -> None:
+    """Bytes that do not match their recorded sha256 are as corrupt as bytes that do not load; a store that does
+    not answer is not, and the error stays retryable with the checkpoint kept."""
+    store = Store()
+    workspace = Workspace(store, f"{file_store_root}/g1", tmp_path)
+    store.put_bytes(workspace.uri("checkpoints/step-00000002/state.pt"), b"a checkpoint")
+
+    def fail(self: Workspace, name: str) -> Path:
+        raise error("simulated", self.uri(name))
+
+    monkeypatch.setattr(Workspace, "fetch", fail)
+    if error is IntegrityError:
+        assert load_checkpoint(workspace, "key") is None
+        assert workspace.names("checkpoints") == []
+    else:
+        with pytest.raises(StoreUnavailable):
+            load_checkpoint(workspace, "key")
+        assert workspace.names("checkpoints") == ["checkpoints/step-00000002/state.pt"]
+
+
 @pytest.mark.minio
 def test_train_end_to_end_into_minio(
     tiny_model: LoadedModel, s3_prefix: str, minio_server: MinioServer, tmp_path: Path
@@ -599,6 +683,22 @@ def test_bad_input_exits_permanent_with_a_message(
     assert "\n" not in termination.read_text()
     assert not store.exists(f"{config.output_prefix}/{MANIFEST_FILE}")
     assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
+
+
+def test_a_tokenizer_with_ids_the_model_has_no_embedding_for_exits_permanent(
+    file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model directory holding another model's (larger) tokenizer: its ids index past the embeddings, which would
+    fail every retry with an IndexError; it is a permanent input error that names both sizes."""
+    mismatched = tiny_llama()
+    mismatched.model.resize_token_embeddings(len(mismatched.tokenizer) - 1)  # no row for its last special token
+    store = Store()
+    put_model(mismatched, store, f"{file_store_root}/models/tiny")
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(tmp_path / "termination-log"))
+    assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
+    message = f"tokenizer has {len(mismatched.tokenizer)} tokens, the model embeds {len(mismatched.tokenizer) - 1}"
+    assert message in capsys.readouterr().err and message in (tmp_path / "termination-log").read_text()
 
 
 def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> None:

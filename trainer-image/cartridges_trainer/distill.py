@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -18,6 +19,7 @@ from cartridges.api import CartridgeSpec
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import prefix_cartridge
 from cartridges.models import LoadedModel
+from cartridges.store import IntegrityError, StoreError
 from cartridges_trainer.batching import Batch, Conversation, pack, target_logprobs
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.errors import InputError
@@ -86,13 +88,19 @@ def distill_loss(logprobs: torch.Tensor, batch: Batch) -> torch.Tensor:
     return -(batch.topk_logprobs.exp() * student).sum() / len(student)
 
 
-def _stop_if_diverged(loss: float, step: int, learning_rate: float) -> None:
-    """A non-finite loss never comes back (Adam spreads it into every row), and retrying replays the same batches:
-    stop for good, before the loss reaches progress.json or a checkpoint, saying what to change."""
-    if not math.isfinite(loss):
+def _gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
+    norms = [p.grad.norm() for p in parameters if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _stop_if_diverged(loss: float, gradient_norm: float, step: int, learning_rate: float) -> None:
+    """A non-finite loss or gradient never comes back (Adam spreads it into every row), and retrying replays the
+    same batches: stop for good, before the step reaches the cartridge, progress.json or a checkpoint, saying what
+    to change."""
+    if not (math.isfinite(loss) and math.isfinite(gradient_norm)):
         raise InputError(
-            f"training diverged at step {step}: the loss is {loss}; lower spec.training.learningRate "
-            f"(now {learning_rate}) to train a new generation"
+            f"training diverged at step {step}: the loss is {loss}, the gradient norm is {gradient_norm}; lower "
+            f"spec.training.learningRate (now {learning_rate}) to train a new generation"
         )
 
 
@@ -107,10 +115,14 @@ def _checkpoint_dir(step: int) -> str:
     return f"{CHECKPOINT_FOLDER}/step-{step:08d}"
 
 
+def _stored_steps(workspace: Workspace) -> list[int]:
+    """The steps of the stored checkpoints, newest first (names are ``checkpoints/step-<step>/state.pt``)."""
+    steps = {int(name.split("/")[1].removeprefix("step-")) for name in workspace.names(CHECKPOINT_FOLDER)}
+    return sorted(steps, reverse=True)
+
+
 def _latest_checkpoint(workspace: Workspace) -> int | None:
-    """The step of the newest stored checkpoint (names are ``checkpoints/step-<step>/state.pt``)."""
-    steps = [int(name.split("/")[1].removeprefix("step-")) for name in workspace.names(CHECKPOINT_FOLDER)]
-    return max(steps, default=None)
+    return next(iter(_stored_steps(workspace)), None)
 
 
 def _save_checkpoint(
@@ -134,25 +146,41 @@ def _save_checkpoint(
         workspace.delete(_checkpoint_dir(previous))
 
 
-def load_checkpoint(workspace: Workspace, inputs_key: str, device: torch.device) -> dict[str, Any] | None:
-    """The newest stored checkpoint if it was trained on ``inputs_key``, else ``None``."""
-    if (latest := _latest_checkpoint(workspace)) is None:
-        return None
-    name = f"{_checkpoint_dir(latest)}/{STATE_FILE}"
-    state: dict[str, Any] = torch.load(workspace.fetch(name), map_location=device, weights_only=True)
-    if state.get("inputs") != inputs_key:
-        log.warning("ignoring the checkpoint %s: it was trained on other inputs", workspace.uri(name))
+def _read_checkpoint(workspace: Workspace, step: int) -> dict[str, Any] | None:
+    """The checkpoint of ``step`` (on the CPU: a GPU out of memory is no corrupt checkpoint); ``None`` when its bytes
+    do not load (altered or cut short in the store), after deleting it: every retry would fail on it the same way."""
+    name = f"{_checkpoint_dir(step)}/{STATE_FILE}"
+    try:
+        state: dict[str, Any] = torch.load(workspace.fetch(name), map_location="cpu", weights_only=True)
+    except (IntegrityError, pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as err:
+        if isinstance(err, StoreError) and not isinstance(err, IntegrityError):
+            raise  # the store did not answer: a retry may read the checkpoint
+        log.warning("checkpoint %s is unreadable (%s); discarding it", workspace.uri(name), err)
+        workspace.delete(_checkpoint_dir(step))
+        shutil.rmtree(workspace.local / _checkpoint_dir(step), ignore_errors=True)
         return None
     return state
 
 
+def load_checkpoint(workspace: Workspace, inputs_key: str) -> dict[str, Any] | None:
+    """The newest readable stored checkpoint if it was trained on ``inputs_key``, else ``None``."""
+    for step in _stored_steps(workspace):
+        if (state := _read_checkpoint(workspace, step)) is None:
+            continue
+        if state.get("inputs") != inputs_key:
+            log.warning(
+                "ignoring the checkpoint %s: it was trained on other inputs", workspace.uri(_checkpoint_dir(step))
+            )
+            return None
+        return state
+    return None
+
+
 def discard_stale_checkpoints(workspace: Workspace, inputs_key: str) -> None:
-    """Delete the checkpoints under the workspace unless the newest was trained on ``inputs_key``: they were left
-    by another run under this prefix (e.g. a cartridge deleted mid-training and created again on other inputs)."""
-    if (
-        _latest_checkpoint(workspace) is not None
-        and load_checkpoint(workspace, inputs_key, torch.device("cpu")) is None
-    ):
+    """Delete the checkpoints under the workspace unless the newest readable one was trained on ``inputs_key``: they
+    were left by another run under this prefix (e.g. a cartridge deleted mid-training and created again on other
+    inputs)."""
+    if _latest_checkpoint(workspace) is not None and load_checkpoint(workspace, inputs_key) is None:
         log.warning("discarding the checkpoints under %s; training starts afresh", workspace.uri(CHECKPOINT_FOLDER))
         workspace.delete(CHECKPOINT_FOLDER)
         shutil.rmtree(workspace.local / CHECKPOINT_FOLDER, ignore_errors=True)
@@ -185,7 +213,7 @@ def distill(
     # The last step's loss. A checkpoint saved before checkpoints recorded it gives None (null in the manifest:
     # unknown), which the loop replaces unless the run resumes after its last step; never NaN (not valid JSON).
     loss_value: float | None = None
-    if (state := load_checkpoint(workspace, inputs_key, lm.device)) is not None:
+    if (state := load_checkpoint(workspace, inputs_key)) is not None:
         trainable.load_state_dict(state["cartridge"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -201,9 +229,9 @@ def distill(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         world.sum_gradients(trainable.parameters())
-        optimizer.step()
         loss_value = world.sum(loss.item())
-        _stop_if_diverged(loss_value, step + 1, training.learningRate)
+        _stop_if_diverged(loss_value, _gradient_norm(trainable.parameters()), step + 1, training.learningRate)
+        optimizer.step()
         progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
         if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
             _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
