@@ -202,10 +202,17 @@ def decode_rate(
     }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (no steps would divide by zero)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=16, help="timed decode steps per row")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (PyTorch attention)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -223,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["cuda_graphs_check"] = check_graphs()
     print(f"correctness: {result['correctness']}\ncuda graphs: {result['cuda_graphs_check']}", flush=True)
+    graphs_check = result["cuda_graphs_check"]
+    if not result["correctness"]["ok"] or (graphs_check is not None and not graphs_check["ok"]):
+        print(
+            "correctness check failed: no timings written (they would time a runner that decodes wrong)",
+            file=sys.stderr,
+        )
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     big = (128, 2, 4, 2, 256, torch.float32) if args.smoke else (2048, 16, 32, 8, 8192, torch.bfloat16)
     runner = LlamaRunner(random_llama(*big))
@@ -241,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             (args.out / "serving-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    graphs_ok = result["cuda_graphs_check"] is None or result["cuda_graphs_check"]["ok"]
-    return 0 if result["correctness"]["ok"] and graphs_ok else 1
+    return 0
 
 
 if __name__ == "__main__":
