@@ -60,11 +60,12 @@ def test_a_failed_check_exits_non_zero_with_a_message_and_writes_no_results(
 
 @pytest.mark.parametrize("steps", ["0", "-3", "two"])
 def test_a_step_count_that_is_not_positive_is_refused(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], steps: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], steps: str
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
-        bench_module(monkeypatch).main(["--smoke", "--steps", steps])
+        bench_module(monkeypatch).main(["--smoke", "--steps", steps, "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "--steps" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # -3 steps wrote rows of negative tokens/s
 
 
 def test_the_cuda_graph_check_passes_on_emulated_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
