@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _processes import assert_none_left
 
 from cartridges.process import ServiceError
 from cartridges_e2e import binaries, cluster
@@ -48,19 +49,6 @@ def fake_control_plane(tmp_path: Path, fail_after_s: float) -> dict[str, binarie
     return {**binaries.control_plane(), "kube-controller-manager": binaries.Binary("kube-controller-manager", script)}
 
 
-def processes_in(workdir: Path) -> list[str]:
-    """Command lines of live processes that name ``workdir`` (each service's flags name its files there)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(workdir) in text:
-            found.append(text)
-    return found
-
-
 @pytest.mark.parametrize("fail_after_s", [0.0, 2.0], ids=["before-healthy", "after-healthy"])
 def test_a_controller_manager_that_exits_fails_start_up_with_its_log_and_stops_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_after_s: float
@@ -75,7 +63,4 @@ def test_a_controller_manager_that_exits_fails_start_up_with_its_log_and_stops_t
 
     assert time.monotonic() - started < 40, "waited for a timeout instead of noticing the exit"
     assert "error starting controllers" in str(failure.value)
-    deadline = time.monotonic() + 10
-    while processes_in(workdir) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert processes_in(workdir) == []
+    assert_none_left(workdir)
