@@ -11,7 +11,7 @@
 
     PYTHONPATH=.:serving-image:kernels python bench/serving_gpu.py --out bench/results
 
-Writes DIR/serving-gpu.json.
+Writes DIR/serving-gpu.json and, with matplotlib, serving-gpu.png.
 """
 
 from __future__ import annotations
@@ -202,6 +202,34 @@ def decode_rate(
     }
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Decode tokens/s against batch, one line per method (cartridge eager and replayed, ICL); skipped (False)
+    without matplotlib, which the device image may lack."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(_label(row) for row in rows):
+        mine = [row for row in rows if _label(row) == label]
+        ax.plot([r["batch"] for r in mine], [r["decode_tokens_per_s"] for r in mine], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="requests in the decode step", ylabel="decode tokens/s")
+    ax.set_title(f"Serving runner decode, {rows[0]['context_tokens']}-token context", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["method"] + (" (graphs)" if row.get("cuda_graphs") else "")
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a count of at least 1 (no steps would divide by zero)."""
     if not text.isdigit() or int(text) < 1:
@@ -247,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row = decode_rate(runner, batch, 64 if args.smoke else 2048, shared, args.steps, graphs)
             result["rows"].append(row)
-            label = row["method"] + (" (graphs)" if graphs else "")
+            label = _label(row)
             print(
                 f"{label:<16}{batch:>6}{row['prefill_s']:>11.3f}{row['decode_step_ms']:>10.2f}"
                 f"{row['decode_device_busy_ms'] or float('nan'):>9.2f}"
@@ -255,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             (args.out / "serving-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    plotted = plot(result["rows"], args.out / "serving-gpu.png")
+    print(f"wrote {args.out / 'serving-gpu.json'}" + (" and serving-gpu.png" if plotted else ""))
     return 0
 
 

@@ -1,5 +1,5 @@
 """bench/serving_gpu.py (the serving runner on a GPU) in its CPU smoke mode: the script a GPU run depends on
-still runs, its correctness check against transformers passes, and it writes its rows."""
+still runs, its correctness check against transformers passes, and it writes its rows and their plot."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def test_smoke_run_checks_the_runner_and_writes_rows(tmp_path: Path) -> None:
         ("cartridge", 1), ("icl", 1), ("cartridge", 2), ("icl", 2)
     ]  # fmt: skip
     assert all(row["decode_tokens_per_s"] > 0 for row in result["rows"])
+    assert (tmp_path / "serving-gpu.png").stat().st_size > 0
 
 
 def bench_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
