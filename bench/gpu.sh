@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device run (kernels benchmark, then the serving runner): one call on a lent GPU,
 #     run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=560)
-# writes gpu.txt, kernels-gpu.{json,png,log} and serving-gpu.{json,log} under $OUT (default bench/results), and
+# writes gpu.txt, kernels-gpu.{json,png,log} and serving-gpu.{json,png,log} under $OUT (default bench/results), and
 # exits non-zero if either benchmark failed; `python bench/kernels_report.py <kernels-gpu.json>` then prints the
 # targets and every table as markdown. The device image has its own torch and Triton (3.6 when last seen);
 # tests/kernels/test_gpu_compile.py can be run against that Triton here first (PYTHONPATH=<unpacked wheel>:kernels:.).

@@ -626,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", metavar="CONFIG_JSON", help="only check one KernelConfig (what the sweep runs "
                         "apart for warp-specialized configs) and exit 0 if it decodes right")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.one_step is not None and args.one_step < 1:
+        parser.error("--one-step: the batch must be at least 1")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels first import triton
         device, shapes = torch.device("cpu"), SMOKE
@@ -637,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.probe:
         return probe(KernelConfig(**json.loads(args.probe)), shapes, device)
-    if args.one_step:
+    if args.one_step is not None:
         layer = make_layer(shapes, cases(shapes)[0], args.one_step, device)
         for fused in (True, False):
             forced(layer, fused)

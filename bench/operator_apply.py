@@ -9,6 +9,7 @@ harness, so Jobs stay pending and only the operator's own work is timed. Writes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,10 +50,13 @@ def main() -> int:
     parser.add_argument("--cartridges", type=int, default=200)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.cartridges < 1:
+        parser.error("--cartridges: at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         cluster = start_cluster(workdir / "k8s")
-        try:
+        with contextlib.ExitStack() as running:  # the operator stops, then the control plane, also on a failure
+            running.callback(cluster.stop)
             api_client = cluster.api_client()
             install_crds(api_client)
             core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
@@ -60,6 +64,7 @@ def main() -> int:
             core.create_namespaced_secret(NAMESPACE, store_secret())
             settings = {"CARTRIDGES_STORE_ROOT": f"file://{workdir}/store"}
             operator = start_operator(cluster.kubeconfig, NAMESPACE, workdir, settings)
+            running.callback(operator.stop)
             corpus = {"apiVersion": api.API_VERSION, "kind": "Corpus", "metadata": {"name": "bench"},
                       "spec": {"description": "d", "sources": [{"inline": "Benchmark corpus."}]}}  # fmt: skip
             custom.create_namespaced_custom_object(api.GROUP, api.VERSION, NAMESPACE, "corpora", corpus)
@@ -107,9 +112,6 @@ def main() -> int:
                 "machine": f"{platform.machine()}, {platform.system()}, {os.cpu_count()} cpus",
                 "date": time.strftime("%Y-%m-%d"),
             }
-            operator.stop()
-        finally:
-            cluster.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

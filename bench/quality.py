@@ -326,7 +326,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads; on a shared CPU one is several times faster than two"
     )
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.mkdtemp(prefix="quality-store-")))
+    parser.add_argument("--workdir", type=Path, help="the store of the run (default: a new temporary directory, kept)")
     parser.add_argument("--baselines", type=Path, help="JSON of the none and ICL rows: read if present, else written")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     parser.add_argument(
@@ -340,6 +340,7 @@ def main() -> None:
         "this run reports no synthesis figures, and its rows are merged into --out",
     )
     args = parser.parse_args()
+    args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="quality-store-"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(result: dict[str, Any]) -> None:

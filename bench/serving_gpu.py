@@ -11,7 +11,7 @@
 
     PYTHONPATH=.:serving-image:kernels python bench/serving_gpu.py --out bench/results
 
-Writes DIR/serving-gpu.json.
+Writes DIR/serving-gpu.json and, with matplotlib, serving-gpu.png.
 """
 
 from __future__ import annotations
@@ -202,10 +202,45 @@ def decode_rate(
     }
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Decode tokens/s against batch, one line per method (cartridge eager and replayed, ICL); skipped (False)
+    without matplotlib, which the device image may lack."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(_label(row) for row in rows):
+        mine = [row for row in rows if _label(row) == label]
+        ax.plot([r["batch"] for r in mine], [r["decode_tokens_per_s"] for r in mine], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="requests in the decode step", ylabel="decode tokens/s")
+    ax.set_title(f"Serving runner decode, {rows[0]['context_tokens']}-token context", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["method"] + (" (graphs)" if row.get("cuda_graphs") else "")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (no steps would divide by zero)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=16, help="timed decode steps per row")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (PyTorch attention)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -223,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["cuda_graphs_check"] = check_graphs()
     print(f"correctness: {result['correctness']}\ncuda graphs: {result['cuda_graphs_check']}", flush=True)
+    graphs_check = result["cuda_graphs_check"]
+    if not result["correctness"]["ok"] or (graphs_check is not None and not graphs_check["ok"]):
+        print(
+            "correctness check failed: no timings written (they would time a runner that decodes wrong)",
+            file=sys.stderr,
+        )
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     big = (128, 2, 4, 2, 256, torch.float32) if args.smoke else (2048, 16, 32, 8, 8192, torch.bfloat16)
     runner = LlamaRunner(random_llama(*big))
@@ -233,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row = decode_rate(runner, batch, 64 if args.smoke else 2048, shared, args.steps, graphs)
             result["rows"].append(row)
-            label = row["method"] + (" (graphs)" if graphs else "")
+            label = _label(row)
             print(
                 f"{label:<16}{batch:>6}{row['prefill_s']:>11.3f}{row['decode_step_ms']:>10.2f}"
                 f"{row['decode_device_busy_ms'] or float('nan'):>9.2f}"
@@ -241,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             (args.out / "serving-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    graphs_ok = result["cuda_graphs_check"] is None or result["cuda_graphs_check"]["ok"]
-    return 0 if result["correctness"]["ok"] and graphs_ok else 1
+    plotted = plot(result["rows"], args.out / "serving-gpu.png")
+    print(f"wrote {args.out / 'serving-gpu.json'}" + (" and serving-gpu.png" if plotted else ""))
+    return 0
 
 
 if __name__ == "__main__":

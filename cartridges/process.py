@@ -79,20 +79,25 @@ class Service:
             raise
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the group, SIGKILL it after ``grace_s``; then SIGKILL what of the group outlived its leader
-        (Triton's Python-backend stubs ignore SIGTERM and were left running after tritonserver exited)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc, grace_s)
         self._log.close()
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the process group, SIGKILL it after ``grace_s``; then SIGKILL what of the group outlived its leader
+    (Triton's Python-backend stubs ignore SIGTERM and were left running after tritonserver exited). Reaps the
+    leader."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def http_ok(url: str, timeout_s: float = 2.0, context: ssl.SSLContext | None = None) -> bool:

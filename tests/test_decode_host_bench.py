@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,17 @@ def test_each_label_keeps_its_rows_and_the_plot_shows_them(tmp_path: Path) -> No
     for eager, replay in zip(runs["first"]["rows"], runs["graphs"]["rows"], strict=True):
         assert 0 < 4 * replay["python_calls_per_step"] < eager["python_calls_per_step"]  # no layer's Python
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("option", [["--steps", "0"], ["--batches", "1", "0"]])
+def test_counts_below_one_are_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, option: list[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import decode_host
+
+    out = tmp_path / "decode-host.json"
+    with pytest.raises(SystemExit) as exit_:
+        decode_host.main(["--label", "x", "--out", str(out), *option])
+    assert exit_.value.code == 2 and option[0] in capsys.readouterr().err
+    assert not out.exists()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from kubernetes import client
 
 from cartridges.process import Service, ServiceError
+from cartridges_e2e.node import NodeHarness, _Run
 
 
 def test_stop_kills_a_child_that_ignores_sigterm_after_its_leader_exits(tmp_path: Path) -> None:
@@ -29,11 +32,52 @@ def test_a_leader_exiting_during_start_up_leaves_nothing_running(tmp_path: Path)
     assert_group_gone(service)
 
 
-def assert_group_gone(service: Service) -> None:
+def pod_run(tmp_path: Path, script: str) -> _Run:
+    """A pod's container as the node harness runs it, once its script said ``started``."""
+    run = _Run("uid", ["bash", "-c", script], {}, tmp_path, tmp_path / "log", "File", None)
+    run.launch()
+    deadline = time.monotonic() + 10
+    while "started" not in (tmp_path / "log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return run
+
+
+def test_killing_a_pod_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
+    # a serving pod: tritonserver exits on SIGTERM, its Python-backend stubs ignore it (a kubelet kills the cgroup)
+    run = pod_run(tmp_path, "(trap '' TERM; echo started; exec sleep 300) & exec sleep 300")
+    run.kill(grace_s=5)
+    assert_group_gone(run.proc)
+
+
+def test_killing_a_pod_whose_process_exited_kills_what_it_left_running(tmp_path: Path) -> None:
+    run = pod_run(tmp_path, "sleep 300 & echo started; exit 1")
+    assert run.proc is not None
+    run.proc.wait(10)
+    run.kill(grace_s=5)
+    assert_group_gone(run.proc)
+
+
+def test_a_pod_process_that_exits_takes_what_it_started_with_it(tmp_path: Path) -> None:
+    # as when a container's main process exits; before a restart, or the stubs of a crashed tritonserver live on
+    run = pod_run(tmp_path, "sleep 300 & echo started; exit 1")
+    assert run.proc is not None
+    run.proc.wait(10)
+    harness = NodeHarness(client.ApiClient(), tmp_path)
+    reported: list[str] = []
+    harness._report = lambda pod, run, phase, state: reported.append(phase)  # type: ignore[method-assign]
+    pod = {"metadata": {"name": "p"}, "spec": {"restartPolicy": "Always", "containers": [{"name": "main"}]}}
+    harness._advance(pod, run)
+    assert reported == ["Running"] and run.restart_at is not None
+    assert_group_gone(run.proc)
+
+
+def assert_group_gone(service: Service | subprocess.Popen[bytes] | None) -> None:
+    assert service is not None
+    pid = service.proc.pid if isinstance(service, Service) else service.pid
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
-            os.killpg(service.proc.pid, 0)
+            os.killpg(pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.05)

@@ -1,5 +1,5 @@
 """bench/serving_gpu.py (the serving runner on a GPU) in its CPU smoke mode: the script a GPU run depends on
-still runs, its correctness check against transformers passes, and it writes its rows."""
+still runs, its correctness check against transformers passes, and it writes its rows and their plot."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from _graph_replay import emulated_capture
@@ -33,13 +34,44 @@ def test_smoke_run_checks_the_runner_and_writes_rows(tmp_path: Path) -> None:
         ("cartridge", 1), ("icl", 1), ("cartridge", 2), ("icl", 2)
     ]  # fmt: skip
     assert all(row["decode_tokens_per_s"] > 0 for row in result["rows"])
+    assert (tmp_path / "serving-gpu.png").stat().st_size > 0
+
+
+def bench_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/serving_gpu.py imported here, its DEVICE restored afterwards (``--smoke`` sets it to the CPU)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import serving_gpu
+
+    monkeypatch.setattr(serving_gpu, "DEVICE", serving_gpu.DEVICE)
+    return serving_gpu
+
+
+@pytest.mark.parametrize("check", ["check_correctness", "check_graphs"])
+def test_a_failed_check_exits_non_zero_with_a_message_and_writes_no_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], check: str
+) -> None:
+    serving_gpu = bench_module(monkeypatch)
+    monkeypatch.setattr(serving_gpu, check, lambda: {"max_abs_logit_error": 3.5, "ok": False})
+
+    assert serving_gpu.main(["--smoke", "--steps", "1", "--out", str(tmp_path)]) != 0
+
+    assert "failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "two"])
+def test_a_step_count_that_is_not_positive_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], steps: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench_module(monkeypatch).main(["--smoke", "--steps", steps, "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--steps" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # -3 steps wrote rows of negative tokens/s
 
 
 def test_the_cuda_graph_check_passes_on_emulated_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     """check_graphs, which a GPU run depends on, over the CPU emulation of graphs with the kernels interpreted."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import serving_gpu
-
+    serving_gpu = bench_module(monkeypatch)
     monkeypatch.setattr(serving_gpu, "DEVICE", "cpu")
     monkeypatch.setenv(BACKEND_ENV, "triton")
     result = serving_gpu.check_graphs(emulated_capture(monkeypatch), long_prompt=24)

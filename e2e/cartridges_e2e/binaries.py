@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cartridges.paths import cache_dir
+from cartridges.paths import cache_dir, fill_once
 
 MINIO_MODULE = "github.com/minio/minio"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"  # master of 2026-02-12, the newest the module proxy serves
@@ -82,42 +82,32 @@ def _cluster_module_key() -> str:
 def minio() -> Binary:
     """The MinIO server, `go install`ed at the pinned pseudo-version."""
     target = cache_dir() / "bin" / f"minio-{MINIO_VERSION}"
-    binary = target / "minio"
-    if not binary.exists():
-        staging = target.with_name(target.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        _run_go(["install", f"{MINIO_MODULE}@{MINIO_VERSION}"], Path.cwd(), {"GOBIN": str(staging)})
-        staging.rename(target)
-    return Binary("minio", binary)
+    fill_once(target, lambda staged: _go_install(f"{MINIO_MODULE}@{MINIO_VERSION}", staged))
+    return Binary("minio", target / "minio")
 
 
 def helm() -> Binary:
     """The helm CLI, `go install`ed at the pinned release (its go.mod has no replace directives)."""
     target = cache_dir() / "bin" / f"helm-{HELM_VERSION}-k8s{HELM_KUBE_MAJOR}.{HELM_KUBE_MINOR}"
-    binary = target / "helm"
-    if not binary.exists():
-        staging = target.with_name(target.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        _run_go(
-            ["install", f"-ldflags={HELM_LDFLAGS}", f"{HELM_MODULE}@{HELM_VERSION}"],
-            Path.cwd(),
-            {"GOBIN": str(staging)},
-        )
-        staging.rename(target)
-    return Binary("helm", binary)
+    fill_once(target, lambda staged: _go_install(f"{HELM_MODULE}@{HELM_VERSION}", staged, f"-ldflags={HELM_LDFLAGS}"))
+    return Binary("helm", target / "helm")
 
 
 def control_plane() -> dict[str, Binary]:
     """etcd, kube-apiserver and kube-controller-manager, built together from ``e2e/cluster``."""
     target = cache_dir() / "bin" / f"cluster-{_cluster_module_key()}"
-    if not all((target / name).exists() for name in CLUSTER_COMMANDS):
-        staging = target.with_name(target.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        _run_go(["build", "-o", str(staging) + "/", *CLUSTER_COMMANDS.values()], CLUSTER_MODULE_DIR, {})
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+    fill_once(target, _build_control_plane)
     return {name: Binary(name, target / name) for name in CLUSTER_COMMANDS}
+
+
+def _go_install(package: str, gobin: Path, *flags: str) -> None:
+    """``go install`` into ``gobin``, which it creates (``fill_once`` moves it into the cache whole)."""
+    _run_go(["install", *flags, package], Path.cwd(), {"GOBIN": str(gobin)})
+
+
+def _build_control_plane(out: Path) -> None:
+    out.mkdir(parents=True)
+    _run_go(["build", "-o", str(out) + "/", *CLUSTER_COMMANDS.values()], CLUSTER_MODULE_DIR, {})
 
 
 def main(argv: list[str] | None = None) -> int:

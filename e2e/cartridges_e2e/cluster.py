@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from cartridges.process import Service, ServiceError, free_port, http_ok
+from cartridges.process import Service, free_port, http_ok
 from cartridges_e2e import binaries
 from cartridges_e2e.pki import Pem, Pki, key_pem
 
@@ -103,20 +103,15 @@ def _flags(**values: object) -> list[str]:
     ]
 
 
-def _wait_for_default_service_account(cluster: Cluster, timeout_s: float) -> None:
+def _default_service_account_exists(core: client.CoreV1Api) -> bool:
     """Pods are only admitted once their namespace's ``default`` ServiceAccount exists (made by the KCM)."""
-    with cluster.api_client() as api:
-        core = client.CoreV1Api(api)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                core.read_namespace("default")
-                core.read_namespaced_service_account("default", "default")
-                return
-            except ApiException as err:
-                if err.status != 404 or time.monotonic() > deadline:
-                    raise ServiceError(f"no default ServiceAccount after {timeout_s:.0f}s: {err.reason}") from err
-            time.sleep(0.2)
+    try:
+        core.read_namespaced_service_account("default", "default")
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        return False
+    return True
 
 
 def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
@@ -140,10 +135,11 @@ def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
     services: list[Service] = []
     cluster = Cluster(workdir, server, kubeconfig, services, 0.0)
 
-    def run(name: str, flags: list[str], ready_url: str, context: ssl.SSLContext | None = None) -> None:
+    def run(name: str, flags: list[str], ready_url: str, context: ssl.SSLContext | None = None) -> Service:
         service = Service(name, [str(bins[name].path), *flags], workdir / f"{name}.log")
         services.append(service)
         service.wait_until(lambda: http_ok(ready_url, context=context), timeout_s=timeout_s)
+        return service
 
     try:
         run(
@@ -187,7 +183,7 @@ def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
             f"{server}/readyz",
             _admin_ssl_context(pki.ca, admin),
         )
-        run(
+        kcm = run(
             "kube-controller-manager",
             _flags(
                 kubeconfig=kcm_config,
@@ -208,7 +204,9 @@ def start_cluster(workdir: Path, timeout_s: float = 120.0) -> Cluster:
             f"https://127.0.0.1:{kcm_port}/healthz",
             ssl._create_unverified_context(),  # the KCM serves a self-signed certificate made in --cert-dir
         )
-        _wait_for_default_service_account(cluster, timeout_s)
+        with cluster.api_client() as api:  # waiting on the KCM's process: it exits when a controller fails
+            core = client.CoreV1Api(api)
+            kcm.wait_until(lambda: _default_service_account_exists(core), timeout_s=timeout_s)
     except BaseException:
         cluster.stop()
         raise

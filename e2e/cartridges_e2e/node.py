@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -44,7 +43,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from cartridges.process import free_port, http_ok, log_tail
+from cartridges.process import free_port, http_ok, log_tail, stop_group
 
 Json = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -281,19 +280,10 @@ class _Run:
         return message
 
     def kill(self, grace_s: float) -> None:
-        """SIGTERM the process group, then SIGKILL after ``grace_s``; always reaps the process."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                self.proc.wait()
-                return
+        """Stop the process group, also what it left running after its leader exited (a kubelet kills the
+        container's cgroup); always reaps the process."""
+        if self.proc is not None:
+            stop_group(self.proc, grace_s)
 
 
 class NodeHarness:
@@ -601,6 +591,7 @@ class NodeHarness:
                 run.ready = ready
                 self._report(pod, run, "Running", {"running": {"startedAt": run.started_at}})
             return
+        run.kill(grace_s=0.0)  # what the process started dies with it, as with a container's cgroup
         terminated = {
             "exitCode": code,
             "reason": "Completed" if code == 0 else "StartError" if run.start_error else "Error",

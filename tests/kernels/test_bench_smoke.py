@@ -90,6 +90,17 @@ def test_one_step_only_launches(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("batch", ["0", "-1"])
+def test_one_step_refuses_a_batch_below_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, batch: str
+) -> None:
+    """Not a silent full run (--one-step 0 was falsy) that would overwrite the results it was not asked for."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_module(monkeypatch).main(["--smoke", "--one-step", batch, "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--one-step" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_flash_baseline_computes_the_same_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     """The breakdown's flash-SDPA rows time the same attention as the kernel's halves, not a cheaper one."""
     import torch
