@@ -12,9 +12,10 @@ Each cell submits ``batch`` requests at once, measured in the engine directly an
 the router model (an asyncio client streaming from ``generate_stream``); then a load test sends mixed compositions
 at concurrency 1 to 64. ICL without reuse prefills thousands of tokens per request, far too slow on a small CPU for
 full batches: those cells run ``min(batch, requests cap)`` requests and say so in the row. Results (written after
-every cell, so an interrupted run keeps what it measured) go to ``bench/results/serving.json`` with a plot beside.
+every cell, so an interrupted run keeps what it measured) go to ``serving.json`` under ``--out`` (default
+``bench/results``) with a plot beside; a trial run should name another folder, not overwrite the committed numbers.
 
-    python bench/serving.py
+    python bench/serving.py [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 import aiohttp
 import torch
+from serving_gpu import positive_int
 
 from cartridges import layout
 from cartridges.artifact import Cartridge, load_cartridge, save_cartridge, upload_artifact
@@ -269,6 +271,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 class Benchmark:
     def __init__(self, args: argparse.Namespace, loaded: LoadedModel, ids: list[int]) -> None:
         self.args, self.loaded, self.ids = args, loaded, ids
+        self.out: Path = args.out
         config = loaded.model.config
         # Bytes of one token's KV over all layers: keys and values, kv_heads x head_dim each, in the model's dtype.
         self.kv_token_bytes = (
@@ -376,8 +379,8 @@ class Benchmark:
 
     def write(self) -> None:
         self.result["rows"] = self.rows
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "serving.json").write_text(json.dumps(self.result, indent=2) + "\n")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "serving.json").write_text(json.dumps(self.result, indent=2) + "\n")
 
 
 def machine() -> dict[str, Any]:
@@ -474,15 +477,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-tokens", type=int, default=12, help="tokens generated per request")
-    parser.add_argument("--icl-prefill-tokens", type=int, default=2048, help="ICL corpus prefill per engine cell")
-    parser.add_argument("--triton-icl-prefill-tokens", type=int, default=1024)
-    parser.add_argument("--triton-icl-max-corpus", type=int, default=1024, help="larger ICL corpora: engine only")
-    parser.add_argument("--load-max-tokens", type=int, default=8)
-    parser.add_argument("--load-concurrency", type=int, nargs="+", default=LOAD_CONCURRENCY)
+    parser.add_argument("--max-tokens", type=positive_int, default=12, help="tokens generated per request")
+    parser.add_argument(
+        "--icl-prefill-tokens", type=positive_int, default=2048, help="ICL corpus prefill per engine cell"
+    )
+    parser.add_argument("--triton-icl-prefill-tokens", type=positive_int, default=1024)
+    parser.add_argument(
+        "--triton-icl-max-corpus", type=positive_int, default=1024, help="larger ICL corpora: engine only"
+    )
+    parser.add_argument("--load-max-tokens", type=positive_int, default=8)
+    parser.add_argument("--load-concurrency", type=positive_int, nargs="+", default=LOAD_CONCURRENCY)
     parser.add_argument("--corpus-sizes", type=int, nargs="+", default=CORPUS_SIZES, help="0: the whole corpus")
-    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
-    parser.add_argument("--triton-batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=BATCHES)
+    parser.add_argument("--triton-batches", type=positive_int, nargs="+", default=BATCHES)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serving.json and serving.png")
     parser.add_argument(
         "--levels",
         nargs="+",
@@ -497,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ids = corpus_ids(loaded)
     bench = Benchmark(args, loaded, ids)
     if "engine" not in args.levels:  # keep the engine rows (and how they were made) of an earlier run
-        earlier = json.loads((RESULTS / "serving.json").read_text())
+        earlier = json.loads((args.out / "serving.json").read_text())
         bench.rows = [r for r in earlier["rows"] if r["level"] == "engine"]
         bench.result["engine_rows_from"] = {k: earlier[k] for k in ("command", "date", "machine")}
     full, prefill_s = corpus_kv(loaded, ids)
@@ -537,9 +545,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         cache = CartridgeCache(store, root, NAMESPACE, loaded.fingerprint, 4 << 30)
         if "engine" in args.levels:
             engine = Engine(loaded, cache)
-            run_engine(engine, bench.jobs("cartridge", bench.sizes[0], PS[0], 2), 2)  # warm-up: first-call costs
-            bench.measure("engine", lambda jobs: run_engine(engine, jobs, args.max_tokens), done)
-            engine.close()
+            try:
+                run_engine(engine, bench.jobs("cartridge", bench.sizes[0], PS[0], 2), 2)  # warm-up: first calls
+                bench.measure("engine", lambda jobs: run_engine(engine, jobs, args.max_tokens), done)
+            finally:
+                engine.close()
         env = {
             "CARTRIDGES_MODEL_URI": str(smollm2_gguf()),
             "CARTRIDGES_STORE_ROOT": root,
@@ -570,9 +580,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.result["machine"]["load_average_at_end"] = os.getloadavg()
     bench.result["wall_s"] = round(time.perf_counter() - started, 1)
     bench.write()
-    plot(bench.rows, RESULTS / "serving.png")
+    plot(bench.rows, args.out / "serving.png")
     print(json.dumps(bench.result["targets"], indent=2))
-    print(f"wrote {RESULTS / 'serving.json'} and serving.png in {bench.result['wall_s']}s")
+    print(f"wrote {args.out / 'serving.json'} and serving.png in {bench.result['wall_s']}s")
 
 
 if __name__ == "__main__":
