@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from _cartridge_store import put_model
 
 from cartridges import api
 from cartridges.artifact import Cartridge, QuantizedCartridge, download_artifact, load_cartridge, load_stored_cartridge
-from cartridges.contract import EXIT_PERMANENT, TrainerConfig
+from cartridges.contract import EXIT_INTERRUPTED, EXIT_OK, EXIT_PERMANENT, TRAINER_GRACE_S, TrainerConfig
 from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
 from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FILE, CorpusManifest, Progress
@@ -42,6 +43,7 @@ from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
+from cartridges_trainer.stopping import StopRequest
 from cartridges_trainer.synthesis import Shard, corpus_context, synthesize_shard
 from cartridges_trainer.workspace import Workspace
 
@@ -646,6 +648,107 @@ def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_cli_stopped_by_sigterm_checkpoints_its_step_and_resumes_to_the_uninterrupted_result(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """The kubelet stops a pod with SIGTERM (preemption, drain), then SIGKILL: the run finishes its step, checkpoints
+    at it (no periodic checkpoint is due before the last step), writes progress and exits retryable; the next run
+    resumes at that step and ends with the cartridge of an uninterrupted run, bit for bit."""
+    store = Store()
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
+    config = make_config(
+        file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    options = OPTIONS.model_copy(update={"checkpoint_every": 1000})
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "cartridges_trainer", "--config-file", str(config_file)]
+    command += ["--options", options.model_dump_json()]
+    progress_uri, checkpoints = f"{config.output_prefix}/{PROGRESS_FILE}", f"{config.output_prefix}/checkpoints"
+
+    def progress() -> Progress | None:
+        return Progress.model_validate(store.get_json(progress_uri)) if store.exists(progress_uri) else None
+
+    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if (seen := progress()) is not None and seen.phase == "training" and seen.step > 0:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == EXIT_INTERRUPTED
+    stopped = progress()
+    assert stopped is not None and stopped.phase == "training" and 0 < stopped.step < 300, stopped
+    assert "SIGTERM" in stopped.message
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [f"/step-{stopped.step:08d}/state.pt"]
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
+    assert manifest["training"]["resumed_from_step"] == stopped.step
+
+    reference = config.model_copy(update={"generation": 2})
+    model = load_base_model(config.spec.baseModel.uri, store=store)
+    assert train(reference, store, options=options, model=model).file_sha256 == manifest["file_sha256"]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """torchrun passes SIGTERM to every rank, each at its own moment: here only rank 1 gets it, yet rank 0 stops
+    after the same step (else one rank waits for the other in the next step's all-reduce) and checkpoints it."""
+    store = Store()
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
+    config = make_config(
+        file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    options = OPTIONS.model_copy(update={"checkpoint_every": 1000})
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options.model_dump_json()]
+    progress_uri, checkpoints = f"{config.output_prefix}/{PROGRESS_FILE}", f"{config.output_prefix}/checkpoints"
+
+    def progress() -> Progress | None:
+        return Progress.model_validate(store.get_json(progress_uri)) if store.exists(progress_uri) else None
+
+    launcher = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if (seen := progress()) is not None and seen.phase == "training" and seen.step > 0:
+            break
+        time.sleep(0.05)
+    os.kill(rank_process(launcher.pid, rank=1), signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode not in (EXIT_OK, EXIT_PERMANENT), stderr[-3000:]
+    assert stderr.count("stopped by SIGTERM; ") == 2, stderr[-3000:]
+    stopped = progress()
+    assert stopped is not None and stopped.phase == "training" and 0 < stopped.step < 300, stopped
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [f"/step-{stopped.step:08d}/state.pt"]
+
+
+def rank_process(launcher: int, rank: int) -> int:
+    """The pid of one of torchrun's ranks: a child of ``launcher`` whose environment says ``RANK=<rank>``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == launcher and f"RANK={rank}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile, or another user's
+    raise LookupError(f"torchrun {launcher} has no rank {rank}")
+
+
 # --- bad input -----------------------------------------------------------------------------------------------------
 
 
@@ -730,16 +833,54 @@ def test_multi_gpu_launcher_keeps_the_permanent_exit_code(
     config = make_config(file_store_root, put_corpus(store, file_store_root, "empty", []))
     launched: list[list[str]] = []
 
-    def torchrun(command: list[str], env: dict[str, str]) -> int:
+    class Torchrun:
         """Stands in for torchrun: runs the rank in-process with the launcher's environment, exits 1 on failure."""
-        launched.append(command)
-        with monkeypatch.context() as rank:
-            for name, value in {**env, "WORLD_SIZE": "1"}.items():
-                rank.setenv(name, value)
-            return 0 if entry.main(command[command.index("cartridges_trainer") + 1 :]) == 0 else 1
+
+        def __init__(self, command: list[str], env: dict[str, str]) -> None:
+            launched.append(command)
+            with monkeypatch.context() as rank:
+                for name, value in {**env, "WORLD_SIZE": "1"}.items():
+                    rank.setenv(name, value)
+                self.code = 0 if entry.main(command[command.index("cartridges_trainer") + 1 :]) == 0 else 1
+
+        def wait(self) -> int:
+            return self.code
 
     monkeypatch.setattr(entry.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(entry.subprocess, "call", torchrun)
+    monkeypatch.setattr(entry.subprocess, "Popen", Torchrun)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert entry.main(["--config", config.model_dump_json()]) == EXIT_PERMANENT
     assert launched and "--nproc-per-node=2" in launched[0]
+
+
+def test_multi_gpu_launcher_passes_sigterm_to_torchrun_and_exits_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher is the container's main process, the one the kubelet signals: it must hand SIGTERM to torchrun
+    (which passes it to the ranks, waiting the pod's grace period) and wait, not die and take the ranks with it."""
+    import cartridges_trainer.__main__ as entry
+
+    config = make_config("file:///unused", "file:///unused")
+    started = tmp_path / "started"
+    script = "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(1)); "
+    script += f"pathlib.Path({str(started)!r}).touch(); time.sleep(60)"
+    real_popen = subprocess.Popen
+    environments: list[dict[str, str]] = []
+
+    def torchrun(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Stands in for torchrun: waits for SIGTERM, then exits 1 as torchrun does once its ranks stopped."""
+        environments.append(env)
+        return real_popen([sys.executable, "-c", script])
+
+    def kubelet() -> None:
+        while not started.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(entry.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(entry.subprocess, "Popen", torchrun)
+    monkeypatch.setattr(entry, "STOP", StopRequest())
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threading.Thread(target=kubelet, daemon=True).start()
+    assert entry.main(["--config", config.model_dump_json()]) == EXIT_INTERRUPTED
+    assert environments[0]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(TRAINER_GRACE_S)

@@ -26,6 +26,7 @@ from cartridges_trainer.errors import InputError
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
+from cartridges_trainer.stopping import STOP, Interrupted
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ def distill(
     """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint trained on ``inputs_key``); the
     cartridge and run stats.
 
-    With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints.
+    With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints. After SIGTERM
+    every rank stops after the same step, checkpointed, and raises :class:`Interrupted`.
     """
     training = spec.training
     data = [t for c in conversations if (t := c.truncated(training.sequenceLength)) is not None]
@@ -221,20 +223,26 @@ def distill(
         log.info("resuming distillation at step %d", start)
     pad_id = lm.tokenizer.pad_token_id or 0
     progress.phase("training", total=training.steps, done=start)
-    for step in range(start, training.steps):
-        share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
-        batch = pack(share, pad_id, lm.device, training.sequenceLength)
-        loss = distill_loss(target_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
-        loss = loss * (len(batch.targets) / world.sum(len(batch.targets)))  # this rank's share of the step's loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        world.sum_gradients(trainable.parameters())
-        loss_value = world.sum(loss.item())
-        _stop_if_diverged(loss_value, _gradient_norm(trainable.parameters()), step + 1, training.learningRate)
-        optimizer.step()
-        progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
-        if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
-            _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
+    with STOP.deferred():
+        for step in range(start, training.steps):
+            share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
+            batch = pack(share, pad_id, lm.device, training.sequenceLength)
+            loss = distill_loss(target_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
+            loss = loss * (len(batch.targets) / world.sum(len(batch.targets)))  # this rank's share of the loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            world.sum_gradients(trainable.parameters())
+            loss_value = world.sum(loss.item())
+            _stop_if_diverged(loss_value, _gradient_norm(trainable.parameters()), step + 1, training.learningRate)
+            optimizer.step()
+            progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
+            stopping = world.any(STOP.requested)  # ranks get SIGTERM at different moments: all stop at one step
+            due = (step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps
+            if world.is_main and (due or stopping):
+                _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
+            if stopping:
+                progress.finish("training", f"stopped by SIGTERM after step {step + 1}, checkpointed; resumes there")
+                raise Interrupted("SIGTERM")
     stats: dict[str, float | int | None] = {
         "steps": training.steps,
         "resumed_from_step": start,
