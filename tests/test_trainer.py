@@ -788,6 +788,31 @@ def test_bad_input_exits_permanent_with_a_message(
     assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
 
 
+def test_bad_input_exits_permanent_when_the_store_refuses_the_failed_progress(
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The store going down while the trainer reports bad input must not turn exit 65 (fail the Job) into 1 (retry
+    it forever): the input error decides the exit code, the unwritten progress is logged."""
+    store = Store()
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "empty", []))
+    put_json = Store.put_json
+
+    def down_when_failing(self: Store, uri: str, value: Any) -> Any:
+        if uri.endswith(PROGRESS_FILE) and value["phase"] == "failed":
+            raise StoreUnavailable("connection refused", uri)
+        return put_json(self, uri, value)
+
+    monkeypatch.setattr(Store, "put_json", down_when_failing)
+    assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
+    assert "has 0 tokens" in capsys.readouterr().err
+    assert any("connection refused" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
 def test_a_tokenizer_with_ids_the_model_has_no_embedding_for_exits_permanent(
     file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
