@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from cartridges_trainer.workspace import Workspace
 log = logging.getLogger(__name__)
 CHECKPOINT_FOLDER = "checkpoints"
 STATE_FILE = "state.pt"
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_FOLDER}/step-(\d+)/{re.escape(STATE_FILE)}")
 RANDOM_INIT_SCALE = 0.02
 T = TypeVar("T")
 
@@ -117,8 +119,16 @@ def _checkpoint_dir(step: int) -> str:
 
 
 def _stored_steps(workspace: Workspace) -> list[int]:
-    """The steps of the stored checkpoints, newest first (names are ``checkpoints/step-<step>/state.pt``)."""
-    steps = {int(name.split("/")[1].removeprefix("step-")) for name in workspace.names(CHECKPOINT_FOLDER)}
+    """The steps of the stored checkpoints, newest first. Other objects under the folder (another tool's) are
+    ignored with a warning, not refused: that would fail every retry of the Job the same way."""
+    steps = set()
+    for name in workspace.names(CHECKPOINT_FOLDER):
+        if match := CHECKPOINT_NAME.fullmatch(name):
+            steps.add(int(match[1]))
+        else:
+            log.warning(
+                "ignoring %s: not a checkpoint (%s/step-<step>/%s)", workspace.uri(name), CHECKPOINT_FOLDER, STATE_FILE
+            )
     return sorted(steps, reverse=True)
 
 
