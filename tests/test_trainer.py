@@ -853,6 +853,60 @@ def test_a_tokenizer_with_ids_the_model_has_no_embedding_for_exits_permanent(
     assert message in capsys.readouterr().err and message in (tmp_path / "termination-log").read_text()
 
 
+@pytest.mark.parametrize("recipe", ["grounded", "paper"])
+def test_a_chunk_past_the_models_positions_exits_permanent_naming_the_largest_that_fits(
+    recipe: str,
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Past the model's trained positions the teacher reads garbage without a word: a maxChunkTokens whose chunk,
+    prompt, question and answer overflow them is bad input naming both numbers and the field, before any synthesis
+    (the paper recipe's budgets are all known up front), or at the first window whose grounded task (a sentence of
+    the corpus) overflows. Taking the suggestions trains, every teacher read within the positions;
+    the default trains on a corpus shorter than it (its own chunk)."""
+    monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", 512)
+    store = Store()
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])  # 618 tokens: longer than a chunk
+    config = make_config(file_store_root, corpus, steps=1)
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(tmp_path / "termination-log"))
+    generations = iter(range(1, 100))
+
+    def run(max_chunk_tokens: int) -> tuple[int, str, TrainerConfig]:
+        study = config.spec.selfStudy.model_copy(update={"maxChunkTokens": max_chunk_tokens, "recipe": recipe})
+        spec = config.spec.model_copy(update={"selfStudy": study})
+        trainer = config.model_copy(update={"spec": spec, "generation": next(generations)})
+        code = main(["--config", trainer.model_dump_json(), "--options", OPTIONS.model_dump_json()])
+        return code, capsys.readouterr().err.strip().splitlines()[-1], trainer
+
+    def largest(err: str) -> int:
+        return int(err.split("set selfStudy.maxChunkTokens to at most ")[1].split()[0])
+
+    code, err, _ = run(16384)
+    assert code == EXIT_PERMANENT and "selfStudy.maxChunkTokens 16384" in err and "512 positions" in err, err
+    fits = largest(err)
+    if recipe == "paper":
+        assert run(fits + 1)[0] == EXIT_PERMANENT
+    refused = []
+    while (attempt := run(fits))[0] == EXIT_PERMANENT:
+        assert f"selfStudy.maxChunkTokens {fits} " in attempt[1] and largest(attempt[1]) < fits, attempt[1]
+        refused.append(fits)
+        fits = largest(attempt[1])
+    assert attempt[0] == EXIT_OK
+    assert bool(refused) == (recipe == "grounded")  # a grounded task's length is known once its window is made
+    shards = [u for u in store.list(f"{attempt[2].output_prefix}/synth") if u.endswith(".safetensors")]
+    for shard in (Shard.load(Path(StoreURI.parse(u).key)) for u in shards):
+        assert len(shard.context) + max(len(c.ids) for c in shard.conversations) <= 512  # what the teacher read
+
+    short = put_corpus(store, file_store_root, "short", [CORPUS_TEXT[:200]])
+    config = config.model_copy(update={"corpus_prefixes": [short]})
+    default = run(api.SelfStudy().maxChunkTokens)
+    assert default[0] == EXIT_OK, default[1]
+
+
 def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", '{"namespace": "default"}']) == EXIT_PERMANENT
     assert "invalid trainer config" in capsys.readouterr().err

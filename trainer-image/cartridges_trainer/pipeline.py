@@ -34,7 +34,14 @@ from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
-from cartridges_trainer.synthesis import adopt_synthesis, corpus_context, synthesis_inputs, synthesize
+from cartridges_trainer.synthesis import (
+    adopt_synthesis,
+    check_chunk_fits,
+    corpus_context,
+    synthesis_inputs,
+    synthesize,
+    teacher_overhead,
+)
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -174,6 +181,8 @@ def _run(
     lm = model or _load_model(config, store, world)
     _check_fits(lm, config, world)
     corpus = load_corpus(store, config.corpus_prefixes, config.corpus_description, lm.tokenizer)
+    overhead = teacher_overhead(lm, corpus.description, spec.selfStudy, options)
+    check_chunk_fits(lm, spec.selfStudy, min(spec.selfStudy.maxChunkTokens, len(corpus.tokens)), overhead)
     init = initial_cartridge(lm, corpus, spec, options.seed)
 
     started = time.monotonic()
