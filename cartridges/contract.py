@@ -36,6 +36,13 @@ EXIT_OK = 0
 EXIT_PERMANENT = 65
 """Bad input that no retry can fix (corpus unreadable or empty, model mismatch, invalid config): the Job's
 ``podFailurePolicy`` fails the Job at once on this code. Any other non-zero exit is retried."""
+EXIT_INTERRUPTED = 143
+"""128 + SIGTERM: the pod was told to stop (preemption, a node drain) and the trainer stopped at a safe point, a
+training step checkpointed; retried like any code but ``EXIT_PERMANENT``, and the next pod resumes there."""
+TRAINER_GRACE_S = 120
+"""The training pod's terminationGracePeriodSeconds, from SIGTERM to SIGKILL: time to finish a step and upload its
+checkpoint (the trainable rows and Adam's two moments, all float32: 1.6 GB for p=2048 on an 8B Llama), more than
+Kubernetes' default 30 s allows on a modest link to the store."""
 
 
 class TrainerConfig(BaseModel):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from _cartridge_store import put_model
 
 from cartridges import api
 from cartridges.artifact import Cartridge, QuantizedCartridge, download_artifact, load_cartridge, load_stored_cartridge
-from cartridges.contract import EXIT_PERMANENT, TrainerConfig
+from cartridges.contract import EXIT_INTERRUPTED, EXIT_OK, EXIT_PERMANENT, TRAINER_GRACE_S, TrainerConfig
 from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
 from cartridges.layout import CORPUS_FILE, EVAL_FILE, MANIFEST_FILE, PROGRESS_FILE, CorpusManifest, Progress
@@ -42,6 +43,7 @@ from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
+from cartridges_trainer.stopping import StopRequest
 from cartridges_trainer.synthesis import Shard, corpus_context, synthesize_shard
 from cartridges_trainer.workspace import Workspace
 
@@ -531,6 +533,30 @@ def test_a_corrupt_checkpoint_is_discarded_and_training_resumes_from_the_one_bef
     assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == ["/step-00000004/state.pt"]
 
 
+def test_objects_under_checkpoints_that_are_no_checkpoint_are_ignored_with_a_warning(
+    tiny_model: LoadedModel, file_store_root: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another tool may write under checkpoints/ (a note, a step folder without state.pt): such names must not stop
+    every retry of the Job; the run resumes from the real checkpoint and leaves them alone."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)
+    Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key).unlink()  # as if killed before the upload
+    checkpoints = f"{config.output_prefix}/checkpoints"
+    strays = ["/README.txt", "/backup/state.pt", "/step-latest/state.pt", "/step-00000009/notes.txt"]
+    for name in strays:
+        store.put_bytes(f"{checkpoints}{name}", b"not a checkpoint")
+
+    with caplog.at_level("WARNING"):
+        resumed = train(config, store, options=OPTIONS, model=tiny_model)
+    assert resumed.training["resumed_from_step"] == 4
+    assert resumed.file_sha256 == uninterrupted.file_sha256
+    assert all(f"checkpoints{name}" in caplog.text for name in strays)
+    assert sorted(u.removeprefix(checkpoints) for u in store.list(checkpoints)) == sorted(
+        [*strays, "/step-00000004/state.pt"]
+    )
+
+
 @pytest.mark.parametrize("error", [IntegrityError, StoreUnavailable])
 def test_a_checkpoint_is_discarded_when_its_sha256_fails_not_when_the_store_fails(
     file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[StoreError]
@@ -646,6 +672,107 @@ def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_cli_stopped_by_sigterm_checkpoints_its_step_and_resumes_to_the_uninterrupted_result(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """The kubelet stops a pod with SIGTERM (preemption, drain), then SIGKILL: the run finishes its step, checkpoints
+    at it (no periodic checkpoint is due before the last step), writes progress and exits retryable; the next run
+    resumes at that step and ends with the cartridge of an uninterrupted run, bit for bit."""
+    store = Store()
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
+    config = make_config(
+        file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    options = OPTIONS.model_copy(update={"checkpoint_every": 1000})
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "cartridges_trainer", "--config-file", str(config_file)]
+    command += ["--options", options.model_dump_json()]
+    progress_uri, checkpoints = f"{config.output_prefix}/{PROGRESS_FILE}", f"{config.output_prefix}/checkpoints"
+
+    def progress() -> Progress | None:
+        return Progress.model_validate(store.get_json(progress_uri)) if store.exists(progress_uri) else None
+
+    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if (seen := progress()) is not None and seen.phase == "training" and seen.step > 0:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == EXIT_INTERRUPTED
+    stopped = progress()
+    assert stopped is not None and stopped.phase == "training" and 0 < stopped.step < 300, stopped
+    assert "SIGTERM" in stopped.message
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [f"/step-{stopped.step:08d}/state.pt"]
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
+    assert manifest["training"]["resumed_from_step"] == stopped.step
+
+    reference = config.model_copy(update={"generation": 2})
+    model = load_base_model(config.spec.baseModel.uri, store=store)
+    assert train(reference, store, options=options, model=model).file_sha256 == manifest["file_sha256"]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """torchrun passes SIGTERM to every rank, each at its own moment: here only rank 1 gets it, yet rank 0 stops
+    after the same step (else one rank waits for the other in the next step's all-reduce) and checkpoints it."""
+    store = Store()
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
+    config = make_config(
+        file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    options = OPTIONS.model_copy(update={"checkpoint_every": 1000})
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options.model_dump_json()]
+    progress_uri, checkpoints = f"{config.output_prefix}/{PROGRESS_FILE}", f"{config.output_prefix}/checkpoints"
+
+    def progress() -> Progress | None:
+        return Progress.model_validate(store.get_json(progress_uri)) if store.exists(progress_uri) else None
+
+    launcher = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if (seen := progress()) is not None and seen.phase == "training" and seen.step > 0:
+            break
+        time.sleep(0.05)
+    os.kill(rank_process(launcher.pid, rank=1), signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode not in (EXIT_OK, EXIT_PERMANENT), stderr[-3000:]
+    assert stderr.count("stopped by SIGTERM; ") == 2, stderr[-3000:]
+    stopped = progress()
+    assert stopped is not None and stopped.phase == "training" and 0 < stopped.step < 300, stopped
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [f"/step-{stopped.step:08d}/state.pt"]
+
+
+def rank_process(launcher: int, rank: int) -> int:
+    """The pid of one of torchrun's ranks: a child of ``launcher`` whose environment says ``RANK=<rank>``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == launcher and f"RANK={rank}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile, or another user's
+    raise LookupError(f"torchrun {launcher} has no rank {rank}")
+
+
 # --- bad input -----------------------------------------------------------------------------------------------------
 
 
@@ -685,6 +812,31 @@ def test_bad_input_exits_permanent_with_a_message(
     assert Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}")).phase == "failed"
 
 
+def test_bad_input_exits_permanent_when_the_store_refuses_the_failed_progress(
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The store going down while the trainer reports bad input must not turn exit 65 (fail the Job) into 1 (retry
+    it forever): the input error decides the exit code, the unwritten progress is logged."""
+    store = Store()
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "empty", []))
+    put_json = Store.put_json
+
+    def down_when_failing(self: Store, uri: str, value: Any) -> Any:
+        if uri.endswith(PROGRESS_FILE) and value["phase"] == "failed":
+            raise StoreUnavailable("connection refused", uri)
+        return put_json(self, uri, value)
+
+    monkeypatch.setattr(Store, "put_json", down_when_failing)
+    assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
+    assert "has 0 tokens" in capsys.readouterr().err
+    assert any("connection refused" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
 def test_a_tokenizer_with_ids_the_model_has_no_embedding_for_exits_permanent(
     file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -699,6 +851,60 @@ def test_a_tokenizer_with_ids_the_model_has_no_embedding_for_exits_permanent(
     assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
     message = f"tokenizer has {len(mismatched.tokenizer)} tokens, the model embeds {len(mismatched.tokenizer) - 1}"
     assert message in capsys.readouterr().err and message in (tmp_path / "termination-log").read_text()
+
+
+@pytest.mark.parametrize("recipe", ["grounded", "paper"])
+def test_a_chunk_past_the_models_positions_exits_permanent_naming_the_largest_that_fits(
+    recipe: str,
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Past the model's trained positions the teacher reads garbage without a word: a maxChunkTokens whose chunk,
+    prompt, question and answer overflow them is bad input naming both numbers and the field, before any synthesis
+    (the paper recipe's budgets are all known up front), or at the first window whose grounded task (a sentence of
+    the corpus) overflows. Taking the suggestions trains, every teacher read within the positions;
+    the default trains on a corpus shorter than it (its own chunk)."""
+    monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", 512)
+    store = Store()
+    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])  # 618 tokens: longer than a chunk
+    config = make_config(file_store_root, corpus, steps=1)
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(tmp_path / "termination-log"))
+    generations = iter(range(1, 100))
+
+    def run(max_chunk_tokens: int) -> tuple[int, str, TrainerConfig]:
+        study = config.spec.selfStudy.model_copy(update={"maxChunkTokens": max_chunk_tokens, "recipe": recipe})
+        spec = config.spec.model_copy(update={"selfStudy": study})
+        trainer = config.model_copy(update={"spec": spec, "generation": next(generations)})
+        code = main(["--config", trainer.model_dump_json(), "--options", OPTIONS.model_dump_json()])
+        return code, capsys.readouterr().err.strip().splitlines()[-1], trainer
+
+    def largest(err: str) -> int:
+        return int(err.split("set selfStudy.maxChunkTokens to at most ")[1].split()[0])
+
+    code, err, _ = run(16384)
+    assert code == EXIT_PERMANENT and "selfStudy.maxChunkTokens 16384" in err and "512 positions" in err, err
+    fits = largest(err)
+    if recipe == "paper":
+        assert run(fits + 1)[0] == EXIT_PERMANENT
+    refused = []
+    while (attempt := run(fits))[0] == EXIT_PERMANENT:
+        assert f"selfStudy.maxChunkTokens {fits} " in attempt[1] and largest(attempt[1]) < fits, attempt[1]
+        refused.append(fits)
+        fits = largest(attempt[1])
+    assert attempt[0] == EXIT_OK
+    assert bool(refused) == (recipe == "grounded")  # a grounded task's length is known once its window is made
+    shards = [u for u in store.list(f"{attempt[2].output_prefix}/synth") if u.endswith(".safetensors")]
+    for shard in (Shard.load(Path(StoreURI.parse(u).key)) for u in shards):
+        assert len(shard.context) + max(len(c.ids) for c in shard.conversations) <= 512  # what the teacher read
+
+    short = put_corpus(store, file_store_root, "short", [CORPUS_TEXT[:200]])
+    config = config.model_copy(update={"corpus_prefixes": [short]})
+    default = run(api.SelfStudy().maxChunkTokens)
+    assert default[0] == EXIT_OK, default[1]
 
 
 def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> None:
@@ -730,16 +936,54 @@ def test_multi_gpu_launcher_keeps_the_permanent_exit_code(
     config = make_config(file_store_root, put_corpus(store, file_store_root, "empty", []))
     launched: list[list[str]] = []
 
-    def torchrun(command: list[str], env: dict[str, str]) -> int:
+    class Torchrun:
         """Stands in for torchrun: runs the rank in-process with the launcher's environment, exits 1 on failure."""
-        launched.append(command)
-        with monkeypatch.context() as rank:
-            for name, value in {**env, "WORLD_SIZE": "1"}.items():
-                rank.setenv(name, value)
-            return 0 if entry.main(command[command.index("cartridges_trainer") + 1 :]) == 0 else 1
+
+        def __init__(self, command: list[str], env: dict[str, str]) -> None:
+            launched.append(command)
+            with monkeypatch.context() as rank:
+                for name, value in {**env, "WORLD_SIZE": "1"}.items():
+                    rank.setenv(name, value)
+                self.code = 0 if entry.main(command[command.index("cartridges_trainer") + 1 :]) == 0 else 1
+
+        def wait(self) -> int:
+            return self.code
 
     monkeypatch.setattr(entry.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(entry.subprocess, "call", torchrun)
+    monkeypatch.setattr(entry.subprocess, "Popen", Torchrun)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert entry.main(["--config", config.model_dump_json()]) == EXIT_PERMANENT
     assert launched and "--nproc-per-node=2" in launched[0]
+
+
+def test_multi_gpu_launcher_passes_sigterm_to_torchrun_and_exits_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher is the container's main process, the one the kubelet signals: it must hand SIGTERM to torchrun
+    (which passes it to the ranks, waiting the pod's grace period) and wait, not die and take the ranks with it."""
+    import cartridges_trainer.__main__ as entry
+
+    config = make_config("file:///unused", "file:///unused")
+    started = tmp_path / "started"
+    script = "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(1)); "
+    script += f"pathlib.Path({str(started)!r}).touch(); time.sleep(60)"
+    real_popen = subprocess.Popen
+    environments: list[dict[str, str]] = []
+
+    def torchrun(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Stands in for torchrun: waits for SIGTERM, then exits 1 as torchrun does once its ranks stopped."""
+        environments.append(env)
+        return real_popen([sys.executable, "-c", script])
+
+    def kubelet() -> None:
+        while not started.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(entry.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(entry.subprocess, "Popen", torchrun)
+    monkeypatch.setattr(entry, "STOP", StopRequest())
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threading.Thread(target=kubelet, daemon=True).start()
+    assert entry.main(["--config", config.model_dump_json()]) == EXIT_INTERRUPTED
+    assert environments[0]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(TRAINER_GRACE_S)

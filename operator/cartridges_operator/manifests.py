@@ -16,6 +16,7 @@ from cartridges.contract import (
     STORE_CA_KEY,
     TERMINATION_MESSAGE_ENV,
     TERMINATION_MESSAGE_PATH,
+    TRAINER_GRACE_S,
     TRAINER_UID,
     TrainerConfig,
 )
@@ -186,6 +187,7 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
         limits["nvidia.com/gpu"] = resources.gpus
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": TRAINER_GRACE_S,  # SIGTERM to SIGKILL: a step and its checkpoint's upload
         "automountServiceAccountToken": False,
         "securityContext": non_root_pod(TRAINER_UID),
         **placement(resources.nodeSelector, resources.tolerations, resources.priorityClassName),

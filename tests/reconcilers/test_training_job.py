@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cartridges import api
-from cartridges.contract import TrainerConfig
+from cartridges.contract import TRAINER_GRACE_S, TrainerConfig
 from cartridges_operator import manifests
 from cartridges_operator.config import OperatorConfig
 
@@ -39,6 +39,13 @@ def test_the_trainer_is_told_where_the_kubelet_reads_its_termination_message() -
     trainer = container(trainer_config("facts", ["d"]))
     env = {e["name"]: e.get("value") for e in trainer["env"]}
     assert env["TERMINATION_MESSAGE_PATH"] == trainer["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_a_stopped_trainer_pod_has_the_grace_period_it_needs_to_checkpoint() -> None:
+    """SIGTERM (preemption, drain) to SIGKILL is the time to finish a step and upload its checkpoint: longer than
+    Kubernetes' default 30 s, and what the trainer's multi-GPU launcher gives its ranks."""
+    job = manifests.training_job(BODY, trainer_config("facts", ["d"]), OperatorConfig(store_root="s3://b"))
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == TRAINER_GRACE_S > 30
 
 
 def test_the_longest_initialization_text_the_crd_admits_still_execs() -> None:

@@ -1,4 +1,5 @@
-"""Container entry point (``contract.TRAINER_COMMAND``): exit 0 on success, ``EXIT_PERMANENT`` on bad input.
+"""Container entry point (``contract.TRAINER_COMMAND``): exit 0 on success, ``EXIT_PERMANENT`` on bad input,
+``EXIT_INTERRUPTED`` when stopped by SIGTERM.
 
 Any other failure exits non-zero with a traceback and is retried by the Job, resuming where it stopped. On a node
 with several GPUs the command re-runs itself under ``torchrun`` (one process per GPU) and keeps these exit codes.
@@ -17,15 +18,26 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from cartridges.contract import EXIT_OK, EXIT_PERMANENT, TERMINATION_MESSAGE_ENV, TrainerConfig
+from cartridges.contract import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PERMANENT,
+    TERMINATION_MESSAGE_ENV,
+    TRAINER_GRACE_S,
+    TrainerConfig,
+)
 from cartridges.store import Store
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import init_world
 from cartridges_trainer.pipeline import train
+from cartridges_trainer.stopping import STOP, Interrupted
 
 PERMANENT_MARKER_ENV = "CARTRIDGES_TRAINER_PERMANENT_FILE"
 """Where a rank under the multi-GPU launcher records a permanent error; torchrun itself only exits 1."""
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+"""torchrun's wait between passing SIGTERM to the ranks and killing them (torch versions without it wait 30 s)."""
+log = logging.getLogger(__name__)
 
 
 def _parse(argv: list[str]) -> tuple[TrainerConfig, TrainerOptions, Path | None]:
@@ -51,13 +63,21 @@ def _permanent(message: str) -> int:
 
 
 def _run_per_gpu(argv: list[str], gpus: int) -> int:
-    """This same command under torchrun, one rank per GPU; a permanent error in any rank stays permanent."""
+    """This same command under torchrun, one rank per GPU; a permanent error in any rank stays permanent. SIGTERM
+    goes to torchrun, which passes it to every rank and gives them the pod's grace period (not its own 30 s) to
+    checkpoint; torchrun then exits 1, reported as the interruption it is."""
     with tempfile.TemporaryDirectory() as tmp:
         marker = Path(tmp) / "permanent"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
-        env = {**os.environ, PERMANENT_MARKER_ENV: str(marker)}
-        code = subprocess.call([*command, "-m", "cartridges_trainer", *argv], env=env)
-        return EXIT_PERMANENT if code != EXIT_OK and marker.exists() else code
+        env = {**os.environ, PERMANENT_MARKER_ENV: str(marker), SHUTDOWN_TIMEOUT_ENV: str(TRAINER_GRACE_S)}
+        launcher = subprocess.Popen([*command, "-m", "cartridges_trainer", *argv], env=env)
+        with STOP.forwarded_to(launcher):
+            code = launcher.wait()
+        if code == EXIT_OK:
+            return code
+        if marker.exists():
+            return EXIT_PERMANENT
+        return EXIT_INTERRUPTED if STOP.requested else code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         return _run_per_gpu(argv, gpus)
     try:
-        train(config, Store.from_env(), options=options, workdir=workdir, world=init_world())
+        with STOP.handled():
+            train(config, Store.from_env(), options=options, workdir=workdir, world=init_world())
     except InputError as err:
         return _permanent(str(err))
+    except Interrupted:
+        log.warning("stopped by SIGTERM; the Job's next pod resumes from what is stored")
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -26,11 +27,13 @@ from cartridges_trainer.errors import InputError
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
+from cartridges_trainer.stopping import STOP, Interrupted
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FOLDER = "checkpoints"
 STATE_FILE = "state.pt"
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_FOLDER}/step-(\d+)/{re.escape(STATE_FILE)}")
 RANDOM_INIT_SCALE = 0.02
 T = TypeVar("T")
 
@@ -116,8 +119,16 @@ def _checkpoint_dir(step: int) -> str:
 
 
 def _stored_steps(workspace: Workspace) -> list[int]:
-    """The steps of the stored checkpoints, newest first (names are ``checkpoints/step-<step>/state.pt``)."""
-    steps = {int(name.split("/")[1].removeprefix("step-")) for name in workspace.names(CHECKPOINT_FOLDER)}
+    """The steps of the stored checkpoints, newest first. Other objects under the folder (another tool's) are
+    ignored with a warning, not refused: that would fail every retry of the Job the same way."""
+    steps = set()
+    for name in workspace.names(CHECKPOINT_FOLDER):
+        if match := CHECKPOINT_NAME.fullmatch(name):
+            steps.add(int(match[1]))
+        else:
+            log.warning(
+                "ignoring %s: not a checkpoint (%s/step-<step>/%s)", workspace.uri(name), CHECKPOINT_FOLDER, STATE_FILE
+            )
     return sorted(steps, reverse=True)
 
 
@@ -200,7 +211,8 @@ def distill(
     """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint trained on ``inputs_key``); the
     cartridge and run stats.
 
-    With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints.
+    With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints. After SIGTERM
+    every rank stops after the same step, checkpointed, and raises :class:`Interrupted`.
     """
     training = spec.training
     data = [t for c in conversations if (t := c.truncated(training.sequenceLength)) is not None]
@@ -221,20 +233,26 @@ def distill(
         log.info("resuming distillation at step %d", start)
     pad_id = lm.tokenizer.pad_token_id or 0
     progress.phase("training", total=training.steps, done=start)
-    for step in range(start, training.steps):
-        share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
-        batch = pack(share, pad_id, lm.device, training.sequenceLength)
-        loss = distill_loss(target_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
-        loss = loss * (len(batch.targets) / world.sum(len(batch.targets)))  # this rank's share of the step's loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        world.sum_gradients(trainable.parameters())
-        loss_value = world.sum(loss.item())
-        _stop_if_diverged(loss_value, _gradient_norm(trainable.parameters()), step + 1, training.learningRate)
-        optimizer.step()
-        progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
-        if world.is_main and ((step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps):
-            _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
+    with STOP.deferred():
+        for step in range(start, training.steps):
+            share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
+            batch = pack(share, pad_id, lm.device, training.sequenceLength)
+            loss = distill_loss(target_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
+            loss = loss * (len(batch.targets) / world.sum(len(batch.targets)))  # this rank's share of the loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            world.sum_gradients(trainable.parameters())
+            loss_value = world.sum(loss.item())
+            _stop_if_diverged(loss_value, _gradient_norm(trainable.parameters()), step + 1, training.learningRate)
+            optimizer.step()
+            progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
+            stopping = world.any(STOP.requested)  # ranks get SIGTERM at different moments: all stop at one step
+            due = (step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps
+            if world.is_main and (due or stopping):
+                _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
+            if stopping:
+                progress.finish("training", f"stopped by SIGTERM after step {step + 1}, checkpointed; resumes there")
+                raise Interrupted("SIGTERM")
     stats: dict[str, float | int | None] = {
         "steps": training.steps,
         "resumed_from_step": start,

@@ -36,6 +36,10 @@ class World:
         dist.all_reduce(total)
         return float(total.item())
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank: every rank takes the same branch (e.g. stops after the same step)."""
+        return self.sum(float(flag)) > 0
+
     def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         if self.size == 1:
             return

@@ -26,7 +26,7 @@ from cartridges.artifact import (
 from cartridges.contract import TrainerConfig
 from cartridges.layout import EVAL_FILE, TRAINING_INPUTS_FILE
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model
-from cartridges.store import Store
+from cartridges.store import Store, StoreError
 from cartridges_trainer.corpus import Corpus, load_corpus
 from cartridges_trainer.distill import discard_stale_checkpoints, distill, initial_cartridge
 from cartridges_trainer.errors import InputError
@@ -34,7 +34,14 @@ from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
-from cartridges_trainer.synthesis import adopt_synthesis, corpus_context, synthesis_inputs, synthesize
+from cartridges_trainer.synthesis import (
+    adopt_synthesis,
+    check_chunk_fits,
+    corpus_context,
+    synthesis_inputs,
+    synthesize,
+    teacher_overhead,
+)
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -147,8 +154,17 @@ def train(
         try:
             return _run(config, store, options, model, Workspace(store, prefix, local), progress, world)
         except Exception as err:
-            progress.finish("failed", f"{type(err).__name__}: {err}"[:1000])
+            _report_failure(progress, err)
             raise
+
+
+def _report_failure(progress: ProgressReporter, err: Exception) -> None:
+    """Write the "failed" progress, best effort: ``err`` decides the exit code (bad input fails the Job for good),
+    not a store that cannot take the note (it is often what failed)."""
+    try:
+        progress.finish("failed", f"{type(err).__name__}: {err}"[:1000])
+    except StoreError as write_error:
+        log.warning("cannot write the failed progress: %s", write_error)
 
 
 def _run(
@@ -165,6 +181,8 @@ def _run(
     lm = model or _load_model(config, store, world)
     _check_fits(lm, config, world)
     corpus = load_corpus(store, config.corpus_prefixes, config.corpus_description, lm.tokenizer)
+    overhead = teacher_overhead(lm, corpus.description, spec.selfStudy, options)
+    check_chunk_fits(lm, spec.selfStudy, min(spec.selfStudy.maxChunkTokens, len(corpus.tokens)), overhead)
     init = initial_cartridge(lm, corpus, spec, options.seed)
 
     started = time.monotonic()

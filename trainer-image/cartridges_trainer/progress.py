@@ -94,7 +94,7 @@ class ProgressReporter:
             self._write()
 
     def finish(self, phase: str, message: str = "") -> None:
-        """Final state (``done`` or ``failed``), always written."""
+        """The last state this process writes (``done``, ``failed``, or the phase a stopped pod was in), always."""
         self._close_bar()
         update = {"phase": phase, "message": message, "eta_s": None}
         self.progress = Progress.model_validate({**self.progress.model_dump(), **update})

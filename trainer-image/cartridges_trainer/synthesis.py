@@ -36,6 +36,7 @@ from cartridges.models import LoadedModel
 from cartridges.store import IntegrityError, ObjectNotFound
 from cartridges_trainer.batching import Conversation
 from cartridges_trainer.corpus import Corpus
+from cartridges_trainer.errors import InputError
 from cartridges_trainer.grounded import grounded_tasks
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
@@ -247,10 +248,38 @@ def _grounded_conversations(
     turns, window = [turn for _, turn in rendered], rendered[0][0]
     longest = max(len(turn) + len(answer) for turn, answer in zip(turns, answers, strict=True))
     limit = getattr(lm.model.config, "max_position_embeddings", None)
-    if limit is not None and len(corpus.tokens) + longest > limit:  # too long: not even worth rendering
-        return window, turns, answers
-    whole = corpus_context(lm, corpus)
-    return (whole if limit is None or len(whole) + longest <= limit else window), turns, answers
+    if limit is None or len(corpus.tokens) + longest <= limit:  # else too long: not even worth rendering
+        whole = corpus_context(lm, corpus)
+        if limit is None or len(whole) + longest <= limit:
+            return whole, turns, answers
+    check_chunk_fits(lm, study, end - start, len(window) - (end - start) + longest)
+    return window, turns, answers
+
+
+def teacher_overhead(lm: LoadedModel, description: str, study: SelfStudy, options: TrainerOptions) -> int:
+    """The most positions the recipe's prompts take besides the chunk, known before synthesis: the system turn
+    around it (chat template, corpus description), then ``paper``'s bot A seed turn and question, or its question,
+    user-turn template and answer; ``grounded``'s template and answer (its task quotes the corpus: checked per
+    window, once made)."""
+    around = system_prompt(description, "")
+    system, turn = render(lm.tokenizer, around, "")
+    answer = len(turn) + options.max_answer_tokens
+    if study.recipe == "grounded":
+        return len(system) + answer
+    seed_turns = [len(render(lm.tokenizer, around, SEED_INSTRUCTIONS[seed])[1]) for seed in study.seedPrompts]
+    return len(system) + options.max_question_tokens + max(*seed_turns, answer)
+
+
+def check_chunk_fits(lm: LoadedModel, study: SelfStudy, chunk: int, rest: int) -> None:
+    """Refuse a teacher read of a chunk of ``chunk`` tokens and ``rest`` more past the model's trained positions,
+    where it reads garbage without a word, naming the largest ``maxChunkTokens`` that leaves room for the rest."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if limit is not None and chunk + rest > limit:
+        raise InputError(
+            f"selfStudy.maxChunkTokens {study.maxChunkTokens} overflows {lm.fingerprint.model_id}'s {limit} positions:"
+            f" the teacher reads a chunk of {chunk} tokens and {rest} more (prompt, question, answer); set "
+            f"selfStudy.maxChunkTokens to at most {limit - rest}"
+        )
 
 
 def corpus_context(lm: LoadedModel, corpus: Corpus) -> list[int]:
