@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
 from cartridges.corpus import SourceError
-from cartridges_operator.manifests import MANAGED_BY
+from cartridges_operator import manifests
 
 
 class Invalid(Exception):
@@ -112,6 +112,13 @@ def get_job(namespace: str, name: str) -> client.V1Job | None:
         if err.status == 404:
             return None
         raise
+
+
+def cartridge_jobs(namespace: str, cartridge: str) -> list[client.V1Job]:
+    """The training Jobs of a Cartridge of this name (by the label its Jobs carry), none being deleted."""
+    selector = _selector({manifests.CARTRIDGE_LABEL: manifests.cartridge_label(cartridge)})
+    jobs: list[client.V1Job] = batch().list_namespaced_job(namespace, label_selector=selector).items
+    return [job for job in jobs if job.metadata.deletion_timestamp is None]
 
 
 def create_job(body: dict[str, Any]) -> None:
@@ -301,7 +308,7 @@ def _left_by_its_last_owner(obj: Any) -> bool:
     """An object of ours without owners: a removal that dropped the last reference and was cut short before the
     delete (a killed operator, a failed call). The garbage collector never deletes it, so the next removal does."""
     labels = obj.metadata.labels or {}
-    return not obj.metadata.owner_references and labels.items() >= MANAGED_BY.items()
+    return not obj.metadata.owner_references and labels.items() >= manifests.MANAGED_BY.items()
 
 
 def deployment_ready(namespace: str, name: str) -> tuple[int, int]:
