@@ -97,8 +97,11 @@ def corpus_changed(body: kopf.Body, **_: Any) -> None:
 @kopf.timer(api.GROUP, api.VERSION, "corpora", interval=CORPUS_RETRY_S, initial_delay=CORPUS_RETRY_S)
 def corpus_retry(body: kopf.Body, **_: Any) -> None:
     """A Corpus that is not Ready is retried, so it recovers once the missing ConfigMap or store is back, or is read
-    once a read slot is free."""
-    if not is_true((body.get("status") or {}).get("conditions"), "Ready"):
+    once a read slot is free; so is a Ready one whose last change found no read slot (it keeps its stored digest,
+    its generation unobserved), as kopf counts that change as handled."""
+    status = body.get("status") or {}
+    unobserved = status.get("observedGeneration") != body.metadata.get("generation")
+    if unobserved or not is_true(status.get("conditions"), "Ready"):
         write_status("corpora", body, _reconcile_corpus(body))
 
 
