@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,8 +113,18 @@ class OperatorEnv:
 
     def restart(self) -> None:
         """Stop the operator process and start a new one, as a pod restart would."""
+        with self.stopped():
+            pass
+
+    @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The operator down for the ``with`` block, then a new process: what the block does to the cluster or the
+        store is what a restarted operator finds (a node drain, an OOM kill, an upgrade in between)."""
         self.operator.stop()
-        self.operator = start_operator(self.kubeconfig, self.namespace, self.workdir, self.settings)
+        try:
+            yield
+        finally:
+            self.operator = start_operator(self.kubeconfig, self.namespace, self.workdir, self.settings)
 
     @property
     def custom(self) -> client.CustomObjectsApi:

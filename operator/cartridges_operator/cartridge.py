@@ -390,15 +390,27 @@ def _prune(run: Pass, promoted: int) -> None:
     keep = run.spec.keepGenerations
     if keep is None:
         return
+    root = run.config.store_root
     try:
-        deleted = layout.prune_generations(run.store, run.config.store_root, run.namespace, run.name, promoted, keep)
+        deleted = layout.prune_generations(run.store, root, run.namespace, run.name, promoted, keep)
+        stored = set(layout.stored_generations(run.store, root, run.namespace, run.name))
     except StoreError as err:
         LOG.warning("Cartridge %s/%s: cannot delete old generations yet: %s", run.namespace, run.name, err)
         return
-    for generation in deleted:
-        kube.delete_job(run.namespace, manifests.job_name(run.name, generation))
+    _delete_unstored_jobs(run, promoted, stored)
     if deleted:
         LOG.info("Cartridge %s/%s: deleted generations %s (keepGenerations %d)", run.namespace, run.name, deleted, keep)
+
+
+def _delete_unstored_jobs(run: Pass, promoted: int, stored: set[int]) -> None:
+    """Delete this Cartridge's Jobs of generations before the promoted one with nothing stored any more. Found from
+    the Jobs rather than from what this pass pruned: a pass cut short after deleting a generation's files (a killed
+    operator, a failed call) would otherwise leave its Job for ever, as no later pass finds that generation."""
+    uid = run.body["metadata"].get("uid")
+    for job in kube.cartridge_jobs(run.namespace, run.name):
+        generation = int((job.metadata.labels or {}).get(manifests.GENERATION_LABEL, promoted))
+        if generation < promoted and generation not in stored and kube.owned_by(job, uid):
+            kube.delete_job(run.namespace, job.metadata.name)
 
 
 def _shared_serving(run: Pass) -> tuple[str, str, int]:

@@ -16,6 +16,15 @@ from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus_sources import read_sources, read_tokenizer
 from cartridges_operator.source_access import ReadsBusy, ReadSlots, SourceAccess
 
+WAITING_FOR_READ_SLOT = "WaitingForReadSlot"
+
+
+def read_skipped(status: dict[str, Any]) -> bool:
+    """Whether the last read of a Corpus found no read slot free: what its status says is from before that change
+    (of its spec, or of a ConfigMap it reads), and only a later read takes it in."""
+    stalled: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Stalled"), {})
+    return bool(stalled.get("reason") == WAITING_FOR_READ_SLOT)
+
 
 def reconcile_corpus(
     spec: dict[str, Any],
@@ -46,8 +55,9 @@ def reconcile_corpus(
             manifest = publish(corpus, corpus_spec.description, store, prefix, tokens, corpus_spec.tokenizer)
     except ReadsBusy as err:
         if status.get("digest"):
-            return {**status, "conditions": set_condition(conditions, "Stalled", False, "WaitingForReadSlot", str(err))}
-        return _not_ready(status, conditions, "WaitingForReadSlot", str(err), generation, stalled=False)
+            waiting = set_condition(conditions, "Stalled", False, WAITING_FOR_READ_SLOT, str(err))
+            return {**status, "conditions": waiting}
+        return _not_ready(status, conditions, WAITING_FOR_READ_SLOT, str(err), generation, stalled=False)
     except (SourceError, ValidationError) as err:
         return _not_ready(status, conditions, "InvalidSource", str(err), generation)
     except StoreError as err:

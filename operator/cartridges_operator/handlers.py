@@ -18,7 +18,7 @@ from cartridges_operator import kube, manifests, metrics
 from cartridges_operator.cartridge import job_generations, reconcile_cartridge
 from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
-from cartridges_operator.corpus import reconcile_corpus
+from cartridges_operator.corpus import read_skipped, reconcile_corpus
 from cartridges_operator.source_access import ReadSlots
 
 PREFIX = "cartridges.dev"
@@ -96,9 +96,12 @@ def corpus_changed(body: kopf.Body, **_: Any) -> None:
 
 @kopf.timer(api.GROUP, api.VERSION, "corpora", interval=CORPUS_RETRY_S, initial_delay=CORPUS_RETRY_S)
 def corpus_retry(body: kopf.Body, **_: Any) -> None:
-    """A Corpus that is not Ready is retried, so it recovers once the missing ConfigMap or store is back, or is read
-    once a read slot is free."""
-    if not is_true((body.get("status") or {}).get("conditions"), "Ready"):
+    """A Corpus that is not Ready is retried, so it recovers once the missing ConfigMap or store is back; so is one
+    whose last read found no read slot free (a Ready one keeps its stored digest meanwhile), as kopf calls no
+    handler again for that change, and one whose generation is unobserved."""
+    status = body.get("status") or {}
+    unobserved = status.get("observedGeneration") != body.metadata.get("generation")
+    if unobserved or read_skipped(status) or not is_true(status.get("conditions"), "Ready"):
         write_status("corpora", body, _reconcile_corpus(body))
 
 

@@ -13,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
 from cartridges.corpus import SourceError
+from cartridges_operator import manifests
 
 
 class Invalid(Exception):
@@ -111,6 +112,13 @@ def get_job(namespace: str, name: str) -> client.V1Job | None:
         if err.status == 404:
             return None
         raise
+
+
+def cartridge_jobs(namespace: str, cartridge: str) -> list[client.V1Job]:
+    """The training Jobs of a Cartridge of this name (by the label its Jobs carry), none being deleted."""
+    selector = _selector({manifests.CARTRIDGE_LABEL: manifests.cartridge_label(cartridge)})
+    jobs: list[client.V1Job] = batch().list_namespaced_job(namespace, label_selector=selector).items
+    return [job for job in jobs if job.metadata.deletion_timestamp is None]
 
 
 def create_job(body: dict[str, Any]) -> None:
@@ -277,7 +285,7 @@ def remove_owner(kind: str, namespace: str, name: str, uid: str) -> None:
     }[kind]
     try:
         existing = read(name, namespace)
-        if not owned_by(existing, uid):
+        if not owned_by(existing, uid) and not _left_by_its_last_owner(existing):
             return  # not ours to touch
         current = patch(name, namespace, {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}})
         for _ in range(DELETE_ATTEMPTS):
@@ -294,6 +302,13 @@ def remove_owner(kind: str, namespace: str, name: str, uid: str) -> None:
     except ApiException as err:
         if err.status != 404:  # gone already
             raise
+
+
+def _left_by_its_last_owner(obj: Any) -> bool:
+    """An object of ours without owners: a removal that dropped the last reference and was cut short before the
+    delete (a killed operator, a failed call). The garbage collector never deletes it, so the next removal does."""
+    labels = obj.metadata.labels or {}
+    return not obj.metadata.owner_references and labels.items() >= manifests.MANAGED_BY.items()
 
 
 def deployment_ready(namespace: str, name: str) -> tuple[int, int]:

@@ -15,6 +15,19 @@ from cartridges_e2e.cluster import Cluster
 from cartridges_e2e.minio import MinioServer
 from cartridges_e2e.node import NodeHarness
 from cartridges_e2e.operator_env import OperatorEnv, install_crds, store_secret
+from cartridges_operator import kube
+
+
+@pytest.fixture
+def namespace(k8s_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh namespace, with the operator's API helpers (``kube``) in this process talking to the test cluster."""
+    api_client = k8s_cluster.api_client()
+    monkeypatch.setattr(kube, "api_client", lambda: api_client)
+    core = client.CoreV1Api(api_client)
+    name = f"kube-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
 
 
 @pytest.fixture(scope="session")

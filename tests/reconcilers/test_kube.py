@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
-from cartridges_e2e.cluster import Cluster
 from cartridges_operator import kube, manifests
 from cartridges_operator.config import SERVING_RESOURCES, OperatorConfig, Resources, ServingEngine
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def namespace(k8s_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    api_client = k8s_cluster.api_client()
-    monkeypatch.setattr(kube, "api_client", lambda: api_client)
-    core = client.CoreV1Api(api_client)
-    name = f"kube-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
 
 
 def leave(start: threading.Barrier, namespace: str, uid: str) -> None:

@@ -188,6 +188,30 @@ def test_generations_beyond_keep_generations_are_deleted_with_their_jobs(operato
     assert env.store.exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'churn', 3)}/manifest.json")
 
 
+def test_a_prune_cut_short_after_deleting_a_generation_deletes_its_job_after_a_restart(
+    operator_env: OperatorEnv,
+) -> None:
+    """Pruning deletes a generation's files and its Job: an operator killed between the two must not leave the Job
+    for ever (a later pass no longer finds the generation in the store)."""
+    env = operator_env
+
+    def promoted(generation: int) -> bool:
+        pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "trimmed"))
+        return bool(pointer["generation"] == generation)
+
+    env.create("corpora", "trimmed", {"description": "d", "sources": [{"inline": "Fact one."}]})
+    env.create("cartridges", "trimmed", cartridge_spec("trimmed"))
+    env.wait_condition("cartridges", "trimmed", "Ready", "True")
+    for generation, text in ((2, "Fact two."), (3, "Fact three.")):
+        env.patch_spec("corpora", "trimmed", {"sources": [{"inline": text}]})
+        wait_for(f"generation {generation} promoted", functools.partial(promoted, generation), 60)
+    assert jobs(env, "trimmed") == ["trimmed-g1", "trimmed-g2", "trimmed-g3"]
+    with env.stopped():  # keepGenerations set, generation 1's files deleted, then the operator was killed
+        env.patch_spec("cartridges", "trimmed", {"keepGenerations": 2})
+        env.store.delete_prefix(layout.generation_prefix(env.store_root, env.namespace, "trimmed", 1))
+    wait_for("generation 1's Job deleted", lambda: jobs(env, "trimmed") == ["trimmed-g2", "trimmed-g3"], 30)
+
+
 def test_a_recreated_cartridge_never_takes_a_retained_generation_as_its_own(operator_env: OperatorEnv) -> None:
     """Deleted with retention Retain and applied again with another corpus: the trainer finds g1 already trained,
     but from other inputs, so the operator trains under the next free number instead of promoting the old one."""

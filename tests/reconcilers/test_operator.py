@@ -6,10 +6,12 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from cartridges import api, layout
 from cartridges.process import free_port
@@ -152,6 +154,40 @@ def test_deletion_removes_serving_owner_and_artifacts(operator_env: OperatorEnv)
     wait_for("cartridge deleted", lambda: env.get("cartridges", "gone") is None, 30)
     assert env.store.list(prefix) == []
     assert "gone" not in owners() and "keeper" in owners()
+
+
+def test_a_deletion_cut_short_between_leaving_and_deleting_the_serving_objects_finishes_after_a_restart(
+    operator_env: OperatorEnv,
+) -> None:
+    """The last Cartridge to leave its serving objects drops its owner reference, then deletes them: an operator
+    killed between the two (or a delete call that failed) leaves them with no owner, the Deployment holding its
+    GPUs, and no garbage collection. The deletion handler, run again, deletes them."""
+    env = operator_env
+    model = {"name": "orphaned", "uri": BASE_MODEL["uri"]}
+    serving = manifests.serving_name(model["name"])
+    env.create("corpora", "orphaning", {"description": "d", "sources": [{"inline": "Facts served once."}]})
+    env.create("cartridges", "orphaning", cartridge_spec("orphaning", baseModel=model))
+    env.wait_condition("cartridges", "orphaning", "Trained", "True")
+    apps, core = client.AppsV1Api(env.api), client.CoreV1Api(env.api)
+    reads = (functools.partial(apps.read_namespaced_deployment, serving, env.namespace),
+             functools.partial(core.read_namespaced_service, serving, env.namespace))  # fmt: skip
+    wait_for("the serving objects", lambda: all(read().metadata.owner_references for read in reads), 30)
+    with env.stopped():
+        env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "orphaning")
+        assert (env.get("cartridges", "orphaning") or {})["metadata"]["deletionTimestamp"]  # the finalizer holds it
+        unowned = {"metadata": {"ownerReferences": None}}  # where the killed operator's removal stopped
+        apps.patch_namespaced_deployment(serving, env.namespace, unowned)
+        core.patch_namespaced_service(serving, env.namespace, unowned)
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "orphaning") is None, 30)
+
+    def gone(read: Callable[[], Any]) -> bool:
+        try:
+            read()
+        except ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for("the serving objects deleted", lambda: all(gone(read) for read in reads), 30)
 
 
 def test_disabling_serving_leaves_the_shared_serving_objects(operator_env: OperatorEnv) -> None:
