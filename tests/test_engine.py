@@ -20,7 +20,7 @@ from cartridges.artifact import MANIFEST_FILE, TENSORS_FILE, Cartridge, Quantize
 from cartridges.chat import render
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.quantize import QuantFormat
-from cartridges.store import Store
+from cartridges.store import Store, StoreError
 from cartridges_serving import (
     CartridgeCache,
     CartridgeInvalid,
@@ -589,6 +589,37 @@ def test_promoted_generation_is_served_once_the_pointer_expires(tiny_model: Load
     now[0] = 2.0
     assert (cache.get("doc").generation, cache.get("doc").cartridge.p) == (2, 5)
     assert store.pointer_reads == reads + 1
+
+
+class FlakyStore(CountingStore):
+    """A store whose ``current.json`` reads fail while ``down`` is set (an outage or a network partition)."""
+
+    down = False
+
+    def get_json(self, uri: str) -> Any:
+        if self.down:
+            self.pointer_reads += uri.endswith(layout.CURRENT_POINTER)
+            raise StoreError("connection refused (simulated)", uri)
+        return super().get_json(uri)
+
+
+def test_cached_cartridges_are_served_while_the_store_is_down(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    root, store, now = f"file://{tmp_path}", FlakyStore(), [0.0]
+    cache = CartridgeCache(
+        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
+    )
+    for name in ("doc", "other"):
+        publish(store, root, NAMESPACE, name, random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    served = cache.get("doc")
+    store.down, now[0] = True, 5.0
+    assert cache.get("doc") is served  # the pointer expired, but the store cannot tell us anything newer
+    reads = store.pointer_reads
+    now[0] = 6.0
+    assert cache.get("doc") is served and store.pointer_reads == reads  # asked again one TTL later, not per request
+    with pytest.raises(EngineUnavailable, match="object store error"):
+        cache.get("other")  # never resolved: nothing to serve
+    store.down, now[0] = False, 7.5
+    assert cache.get("doc") is served and store.pointer_reads == reads + 2  # back: revalidated
 
 
 def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:

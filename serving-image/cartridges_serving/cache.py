@@ -3,8 +3,9 @@
 An id is a cartridge name inside the server's namespace; it resolves through
 ``cartridges/<namespace>/<id>/current.json`` to a promoted generation. A resolved pointer is reused for
 ``pointer_ttl_s`` (a store round trip per request would cost more than a decode step), so a newly promoted
-generation is served within that time; the loaded tensors are cached by (id, generation, sha256) and evicted
-least-recently-used once their bytes exceed the budget.
+generation is served within that time (and while the store cannot be reached, the pointer resolved before stays in
+use: cached cartridges keep being served through an outage); the loaded tensors are cached by (id, generation,
+sha256) and evicted least-recently-used once their bytes exceed the budget.
 
 Entries in use are never evicted: :meth:`CartridgeCache.acquire` counts a use (the engine takes one per request
 that composes the cartridge, from submission until the request ends) and :meth:`CartridgeCache.release` gives it
@@ -171,13 +172,21 @@ class CartridgeCache:
             )
 
     def _pointer(self, cartridge_id: str) -> layout.Pointer:
-        """The resolved pointer, from the store at most once per ``pointer_ttl_s``; failures are never cached."""
+        """The resolved pointer, from the store at most once per ``pointer_ttl_s``; failures are never cached.
+        While the store cannot be reached, a pointer resolved before is kept for another ``pointer_ttl_s``: its
+        cartridge stays served through a brief outage, and the store is asked once per TTL, not per request."""
         now = self._clock()
         with self._lock:
             cached = self._pointers.get(cartridge_id)
         if cached is not None and now - cached[0] < self.pointer_ttl_s:
             return cached[1]
-        pointer = self._resolve(cartridge_id)
+        try:
+            pointer = self._resolve(cartridge_id)
+        except EngineUnavailable as err:
+            if cached is None:
+                raise
+            log.warning("cartridge %s: keeping generation %d: %s", cartridge_id, cached[1].generation, err)
+            pointer = cached[1]
         with self._lock:
             self._pointers[cartridge_id] = (now, pointer)
         return pointer
