@@ -622,6 +622,58 @@ def test_cached_cartridges_are_served_while_the_store_is_down(tiny_model: Loaded
     assert cache.get("doc") is served and store.pointer_reads == reads + 2  # back: revalidated
 
 
+def test_an_unusable_promotion_is_tried_once_and_the_last_good_generation_stays_served(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    root, store, now = f"file://{tmp_path}", CountingLoads(), [0.0]
+    cache = CartridgeCache(
+        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
+    )
+    other = tiny_llama(seed=1).fingerprint
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    publish(store, root, NAMESPACE, "fresh", random_cartridge(other, 4, 1), other)
+    good = cache.get("doc")
+    publish(store, root, NAMESPACE, "doc", random_cartridge(other, 4, 2), other, 2)  # for another base model
+    now[0] = 5.0
+    assert cache.get("doc") is good and cache.get("doc") is good
+    assert store.loads == 2  # g2 was downloaded and hashed once, not once per request
+    for _ in range(2):  # no good generation to fall back on: each request is told, from what the one load found
+        with pytest.raises(CartridgeInvalid, match="trained for tiny-llama-seed1") as raised:
+            cache.get("fresh")
+        assert raised.value.kind == "unusable_cartridge"
+    assert store.loads == 3
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 5, 3), tiny_model.fingerprint, 3)
+    now[0] = 10.0
+    assert cache.get("doc").generation == 3 and store.loads == 4  # a good promotion is served as usual
+
+
+def test_a_replaced_or_deleted_generation_is_freed_once_no_request_uses_it(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    root, store, now = f"file://{tmp_path}", Store(), [0.0]
+    cache = CartridgeCache(
+        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
+    )
+    first = random_cartridge(tiny_model.fingerprint, 4, 0)
+    publish(store, root, NAMESPACE, "doc", first, tiny_model.fingerprint)
+    running = cache.acquire("doc")  # a request runs on g1 ...
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 5, 1), tiny_model.fingerprint, 2)
+    now[0] = 5.0
+    promoted = cache.get("doc")  # ... while g2 is promoted
+    assert (promoted.generation, running.generation) == (2, 1)
+    assert isinstance(running.cartridge, Cartridge)
+    assert torch.equal(running.cartridge.keys[0], first.keys[0]) and running.cartridge.p == 4  # g1 whole
+    assert cache.stats().entries == 2
+    cache.release(running)
+    stats = cache.stats()  # well under the budget, but no request can ask for g1 again
+    assert (stats.entries, stats.bytes) == (1, promoted.nbytes)
+    store.delete_prefix(layout.cartridge_prefix(root, NAMESPACE, "doc"))  # the Cartridge is deleted
+    now[0] = 10.0
+    with pytest.raises(CartridgeNotFound):
+        cache.get("doc")
+    assert (cache.stats().entries, cache.stats().bytes) == (0, 0)
+
+
 def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:
     root, store = f"file://{tmp_path}", Store()
     stolen = publish(

@@ -7,6 +7,13 @@ generation is served within that time (and while the store cannot be reached, th
 use: cached cartridges keep being served through an outage); the loaded tensors are cached by (id, generation,
 sha256) and evicted least-recently-used once their bytes exceed the budget.
 
+When the pointer moves on (a new generation, or the cartridge deleted), the entry served before is evicted as
+soon as no request uses it: no request can ask for it again. A request keeps the entry it took whole until it ends,
+so a promotion never mixes generations in a request. A promoted generation that cannot be used (corrupt, or for
+another base model) is loaded once and remembered as unusable (nothing in the store is overwritten in place); until
+a usable one is promoted, the generation served before it keeps answering, and an id with none answers
+``unusable_cartridge``.
+
 Entries in use are never evicted: :meth:`CartridgeCache.acquire` counts a use (the engine takes one per request
 that composes the cartridge, from submission until the request ends) and :meth:`CartridgeCache.release` gives it
 back. Evicting a cartridge a request still reads would free no memory, and the next request asking for it would
@@ -44,7 +51,13 @@ from cartridges.artifact import (
     load_stored_cartridge,
 )
 from cartridges.store import IntegrityError, ObjectNotFound, Store, StoreError
-from cartridges_serving.errors import CartridgeInvalid, CartridgeNotFound, CartridgeRefused, EngineUnavailable
+from cartridges_serving.errors import (
+    CartridgeInvalid,
+    CartridgeNotFound,
+    CartridgeRefused,
+    EngineError,
+    EngineUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +126,8 @@ class CartridgeCache:
         self._entries: OrderedDict[tuple[str, int, str], LoadedCartridge] = OrderedDict()
         self._loading: dict[tuple[str, int, str], Future[LoadedCartridge]] = {}
         self._uses: dict[tuple[str, int, str], int] = {}  # entries in use: never evicted
+        self._served: dict[str, layout.Pointer] = {}  # the generation each id was last served from
+        self._unusable: dict[tuple[str, int, str], str] = {}  # generations that failed to load as invalid: why
         self._lock = threading.Lock()
         self._hits = self._misses = self._bytes = 0
 
@@ -133,13 +148,33 @@ class CartridgeCache:
             self._evict()
 
     def _get(self, cartridge_id: str, use: bool) -> LoadedCartridge:
+        """The promoted generation; while it is unusable, the one served before it (see the module's docstring)."""
         check_cartridge_id(cartridge_id, self.namespace)
-        pointer = self._pointer(cartridge_id)
-        key = (cartridge_id, pointer.generation, pointer.sha256)
+        try:
+            return self._generation(cartridge_id, self._pointer(cartridge_id), use)
+        except CartridgeNotFound:
+            self._forget(cartridge_id)
+            raise
+        except CartridgeInvalid as unusable:
+            with self._lock:
+                last_good = self._served.get(cartridge_id)
+            if last_good is None:
+                raise
+            try:
+                return self._generation(cartridge_id, last_good, use)
+            except EngineError:  # the promoted generation's problem is the one to fix
+                raise unusable from None
+
+    def _generation(self, cartridge_id: str, pointer: layout.Pointer, use: bool) -> LoadedCartridge:
+        """The generation ``pointer`` names, from the cache or loaded once; one found unusable is never loaded
+        again (nothing in the store is overwritten in place: it cannot become usable)."""
+        key = _key(cartridge_id, pointer)
         with self._lock:
+            if key in self._unusable:
+                raise CartridgeInvalid(self._unusable[key])
             if key in self._entries:
                 self._hits += 1
-                return self._keep(key, self._entries[key], use)
+                return self._keep(pointer, self._entries[key], use)
             loading = self._loading.get(key)
             if loading is not None:
                 self._hits += 1  # another thread's load serves this one: the store is read once
@@ -150,17 +185,20 @@ class CartridgeCache:
         if loading is not None:
             loaded = loading.result()  # raises the load's error
             with self._lock:  # kept again if it was evicted meanwhile: the object is alive, never load a copy
-                return self._keep(key, loaded, use)
+                return self._keep(pointer, loaded, use)
         try:
             loaded = self._load(cartridge_id, pointer)
-        except BaseException as err:  # every waiter gets the error; nothing is cached
+        except BaseException as err:  # every waiter gets the error; only an unusable artifact is remembered
             with self._lock:
                 del self._loading[key]
+                if isinstance(err, CartridgeInvalid):
+                    self._unusable[key] = str(err)
+                    log.warning("%s (serving the generation served before it, if any)", err)
             owned.set_exception(err)
             raise
         with self._lock:
             del self._loading[key]
-            kept = self._keep(key, loaded, use)
+            kept = self._keep(pointer, loaded, use)
         owned.set_result(loaded)
         return kept
 
@@ -232,9 +270,17 @@ class CartridgeCache:
         )
         return LoadedCartridge(cartridge_id, pointer.generation, pointer.sha256, cartridge)
 
-    def _keep(self, key: tuple[str, int, str], loaded: LoadedCartridge, use: bool) -> LoadedCartridge:
-        """The entry for ``key`` (``loaded`` unless one is cached), now the most recently used, with ``use`` counted;
-        then evict down to the budget. Called with the lock held."""
+    def _forget(self, cartridge_id: str) -> None:
+        """The cartridge is gone from the store: its entries go as soon as no request uses them."""
+        with self._lock:
+            self._served.pop(cartridge_id, None)
+            self._evict()
+
+    def _keep(self, pointer: layout.Pointer, loaded: LoadedCartridge, use: bool) -> LoadedCartridge:
+        """The entry for ``pointer`` (``loaded`` unless one is cached), now the most recently used and the one its
+        id is served from, with ``use`` counted; then evict. Called with the lock held."""
+        key = loaded.key
+        self._served[loaded.id] = pointer
         entry = self._entries.get(key)
         if entry is None:
             self._entries[key] = entry = loaded
@@ -246,11 +292,25 @@ class CartridgeCache:
         return entry
 
     def _evict(self) -> None:
-        """Evict least-recently-used entries that no request uses until the bytes fit the budget (the newest goes
-        last, so it stays unless it alone, with the entries in use, exceeds the budget). Called with the lock held."""
-        for key in [key for key in self._entries if key not in self._uses]:
+        """Evict the entries no request uses that no request can ask for again (another generation is served for
+        their id, or none is), then least-recently-used ones until the bytes fit the budget (the newest goes last,
+        so it stays unless it alone, with the entries in use, exceeds the budget). Called with the lock held."""
+        unused = [key for key in self._entries if key not in self._uses]
+        for key in unused:
+            served = self._served.get(key[0])
+            if served is None or _key(key[0], served) != key:
+                self._drop(key)
+        for key in unused:
             if self._bytes <= self.capacity_bytes:
                 return
-            evicted = self._entries.pop(key)
-            self._bytes -= evicted.nbytes
-            log.info("evicted cartridge %s g%d (%d bytes)", evicted.id, evicted.generation, evicted.nbytes)
+            if key in self._entries:
+                self._drop(key)
+
+    def _drop(self, key: tuple[str, int, str]) -> None:
+        evicted = self._entries.pop(key)
+        self._bytes -= evicted.nbytes
+        log.info("evicted cartridge %s g%d (%d bytes)", evicted.id, evicted.generation, evicted.nbytes)
+
+
+def _key(cartridge_id: str, pointer: layout.Pointer) -> tuple[str, int, str]:
+    return (cartridge_id, pointer.generation, pointer.sha256)
