@@ -674,6 +674,36 @@ def test_a_replaced_or_deleted_generation_is_freed_once_no_request_uses_it(
     assert (cache.stats().entries, cache.stats().bytes) == (0, 0)
 
 
+def test_a_request_running_through_a_promotion_finishes_on_its_generation(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    root, store, now = f"file://{tmp_path}", Store(), [0.0]
+    cache = CartridgeCache(
+        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
+    )
+    engine = Engine(tiny_model, cache, max_batch_size=4)
+    try:
+        publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 6, 0), tiny_model.fingerprint)
+        params = SamplingParams(max_tokens=24)
+        before = engine.generate("keep going", ["doc"], params)
+        after: list[RequestHandle] = []
+
+        def promote_midway(event: StreamEvent) -> None:  # the scheduler thread, while the request runs
+            if not event.final and not after:
+                new = random_cartridge(tiny_model.fingerprint, 4, 1)
+                publish(store, root, NAMESPACE, "doc", new, tiny_model.fingerprint, 2)
+                now[0] = 5.0
+                after.append(engine.submit("keep going", ["doc"], params))
+
+        during = engine.submit("keep going", ["doc"], params, on_event=promote_midway).result(WAIT_S)
+        assert after, "the request produced no text before its end"
+        assert (during.token_ids, during.cartridge_tokens) == (before.token_ids, 6)  # all of it on g1
+        assert after[0].result(WAIT_S).cartridge_tokens == 4  # a request submitted after the promotion gets g2
+        assert (cache.stats().entries, cache.stats().in_use_entries) == (1, 0)  # g1 freed once its request ended
+    finally:
+        engine.close()
+
+
 def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:
     root, store = f"file://{tmp_path}", Store()
     stolen = publish(
