@@ -122,6 +122,18 @@ def _reconcile(run: Pass) -> dict[str, Any]:
     return _serve(run)
 
 
+def _why_not_ready(corpus: dict[str, Any] | None) -> str:
+    """What a Cartridge waiting for a Corpus says: the Corpus's own reason and message when it has one (an empty
+    source, a missing ConfigMap), so the fix is named where the wait shows, not one lookup away."""
+    if corpus is None:
+        return "does not exist"
+    conditions = (corpus.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conditions if c.get("type") == "Ready"), None)
+    if ready is None or ready.get("status") == "True":
+        return "is not Ready yet"
+    return f"is not Ready ({ready.get('reason')}: {ready.get('message')})"
+
+
 def _ready_corpora(run: Pass) -> list[tuple[str, str, str]] | None:
     """(name, digest, description) per referenced corpus, or None (with CorpusReady=False) while waiting."""
     found = []
@@ -129,7 +141,7 @@ def _ready_corpora(run: Pass) -> list[tuple[str, str, str]] | None:
         corpus = kube.get_corpus(run.namespace, ref.name)
         status = (corpus or {}).get("status") or {}
         if corpus is None or not is_true(status.get("conditions"), "Ready") or not status.get("digest"):
-            why = "does not exist" if corpus is None else "is not Ready yet"
+            why = _why_not_ready(corpus)
             run.condition("CorpusReady", False, "WaitingForCorpus", f"Corpus {ref.name} {why}")
             run.not_ready("WaitingForCorpus", f"Corpus {ref.name} {why}")
             return None

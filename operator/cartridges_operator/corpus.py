@@ -84,8 +84,9 @@ def _not_ready(
     generation: int,
     stalled: bool = True,
 ) -> dict[str, Any]:
-    """Keep the last good digest and artifact (Cartridges keep using them); say why (``stalled``: a problem to fix,
-    else a wait that ends by itself)."""
+    """Keep the last good digest and artifact (what was trained and is served from them stays; Cartridges train
+    nothing new until the Corpus is Ready again, and show this reason); say why (``stalled``: a problem to fix, else
+    a wait that ends by itself)."""
     conditions = set_condition(conditions, "Stalled", stalled, reason, message, generation)
     conditions = set_condition(conditions, "Ready", False, reason, message, generation)
     return {**status, "observedGeneration": generation, "conditions": conditions}

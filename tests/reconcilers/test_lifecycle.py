@@ -134,8 +134,13 @@ def test_empty_corpus_stalls_and_recovers_when_fixed(operator_env: OperatorEnv) 
     env.create("corpora", "blank", {"description": "d", "sources": [{"inline": "   \n  "}]})
     stalled = env.wait_condition("corpora", "blank", "Stalled", "True")
     assert stalled["reason"] == "InvalidSource" and "empty" in stalled["message"]
+    env.create("cartridges", "blank", cartridge_spec("blank"))
+    waiting = env.wait_condition("cartridges", "blank", "CorpusReady", "False")
+    assert waiting["reason"] == "WaitingForCorpus"
+    assert waiting["message"] == f"Corpus blank is not Ready (InvalidSource: {stalled['message']})"
     env.patch_spec("corpora", "blank", {"sources": [{"inline": "Now there is text."}]})
     env.wait_condition("corpora", "blank", "Ready", "True")
+    env.wait_condition("cartridges", "blank", "CorpusReady", "True")
 
 
 def test_retain_keeps_artifacts_after_deletion(operator_env: OperatorEnv) -> None:
