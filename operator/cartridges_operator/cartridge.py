@@ -126,22 +126,46 @@ def _ready_corpora(run: Pass) -> list[tuple[str, str, str]] | None:
     """(name, digest, description) per referenced corpus, or None (with CorpusReady=False) while waiting."""
     found = []
     for ref in run.spec.corpusRefs:
-        corpus = kube.get_corpus(run.namespace, ref.name)
-        status = (corpus or {}).get("status") or {}
-        if corpus is None or not is_true(status.get("conditions"), "Ready") or not status.get("digest"):
-            why = "does not exist" if corpus is None else "is not Ready yet"
-            run.condition("CorpusReady", False, "WaitingForCorpus", f"Corpus {ref.name} {why}")
-            run.not_ready("WaitingForCorpus", f"Corpus {ref.name} {why}")
+        corpus = _pinned_corpus(run, ref.name, ref.digest) if ref.digest else _current_corpus(run, ref.name)
+        if corpus is None:
             return None
-        digest = ref.digest or status["digest"]
-        prefix = layout.corpus_prefix(run.config.store_root, run.namespace, ref.name, digest)
-        if not run.store.exists(f"{prefix}/{layout.MANIFEST_FILE}"):
-            run.condition("CorpusReady", False, "CorpusDigestNotFound", f"{ref.name}@{digest} is not in the store")
-            run.not_ready("CorpusDigestNotFound", f"pinned digest {digest} of Corpus {ref.name} is not stored")
-            return None
-        found.append((ref.name, digest, corpus["spec"].get("description", "")))
+        found.append(corpus)
     run.condition("CorpusReady", True, "CorporaReady", ", ".join(f"{n}@{d[:12]}" for n, d, _ in found))
     return found
+
+
+def _waiting_for_corpus(run: Pass, reason: str, message: str) -> None:
+    run.condition("CorpusReady", False, reason, message)
+    run.not_ready(reason, message)
+
+
+def _current_corpus(run: Pass, name: str) -> tuple[str, str, str] | None:
+    """The Corpus's current version: it must be Ready, with its digest stored."""
+    corpus = kube.get_corpus(run.namespace, name)
+    status = (corpus or {}).get("status") or {}
+    if corpus is None or not is_true(status.get("conditions"), "Ready") or not status.get("digest"):
+        why = f"Corpus {name} {'does not exist' if corpus is None else 'is not Ready yet'}"
+        _waiting_for_corpus(run, "WaitingForCorpus", why)
+        return None
+    digest = status["digest"]
+    prefix = layout.corpus_prefix(run.config.store_root, run.namespace, name, digest)
+    if not run.store.exists(f"{prefix}/{layout.MANIFEST_FILE}"):
+        _waiting_for_corpus(run, "CorpusDigestNotFound", f"digest {digest} of Corpus {name} is not in the store")
+        return None
+    return name, digest, corpus["spec"].get("description", "")
+
+
+def _pinned_corpus(run: Pass, name: str, digest: str) -> tuple[str, str, str] | None:
+    """A pinned version is immutable data in the store: it needs no Corpus, Ready or not (one whose sources broke
+    since, or that was deleted, must not hold back what was trained on the version pinned). Its description is the
+    one stored with it."""
+    prefix = layout.corpus_prefix(run.config.store_root, run.namespace, name, digest)
+    try:
+        manifest = layout.CorpusManifest.model_validate(run.store.get_json(f"{prefix}/{layout.MANIFEST_FILE}"))
+    except ObjectNotFound:
+        _waiting_for_corpus(run, "CorpusDigestNotFound", f"pinned digest {digest} of Corpus {name} is not in the store")
+        return None
+    return name, digest, manifest.description
 
 
 def _training_hash(spec: api.CartridgeSpec, corpora: list[tuple[str, str, str]]) -> str:
