@@ -461,11 +461,8 @@ def _serve(run: Pass) -> dict[str, Any]:
         # Leave the shared serving objects: deleted once no other Cartridge of this base model is served by them.
         for kind in ("Deployment", "Service"):
             kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
-        run.condition("Serving", False, "ServingDisabled", "spec.serving.enabled is false")
         run.status["endpoint"] = None
-        run.condition("Stalled", False, "Trained")
-        run.condition("Ready", True, "Trained", "trained and promoted; serving disabled")
-        return run.status
+        return _ready_unserved(run, "ServingDisabled", "spec.serving.enabled is false", "serving disabled")
     first, uri, replicas = _shared_serving(run)
     if uri != model.uri:  # never roll the GPU pods of the Cartridges served now onto other weights
         for kind in ("Deployment", "Service"):
@@ -485,17 +482,28 @@ def _serve(run: Pass) -> dict[str, Any]:
     except kube.Invalid as err:
         run.condition("Serving", False, "InvalidServing", str(err))
         return run.not_ready("InvalidServing", str(err), stalled=True)
-    ready, desired = kube.deployment_ready(run.namespace, manifests.serving_name(model.name))
     run.status["endpoint"] = {
         "url": manifests.endpoint_url(run.namespace, model.name),
         "model": manifests.ROUTER_MODEL,
         "cartridge": run.name,
     }
+    if replicas == 0:  # no replica will ever be ready: waiting for one would never end
+        why = f"spec.serving.replicas is 0 for every Cartridge served by base model {model.name}"
+        return _ready_unserved(run, "ScaledToZero", why, "serving scaled to zero")
+    ready, desired = kube.deployment_ready(run.namespace, manifests.serving_name(model.name))
     if ready < 1:
         return _not_serving(run, f"{ready}/{desired} serving replicas ready")
     run.condition("Serving", True, "ReplicasReady", f"{ready}/{desired} serving replicas ready")
     run.condition("Stalled", False, "Serving")
     run.condition("Ready", True, "Serving", f"generation {run.status['generation']} serving")
+    return run.status
+
+
+def _ready_unserved(run: Pass, reason: str, message: str, summary: str) -> dict[str, Any]:
+    """Trained and promoted, and by the spec's choice served by no replica: Ready, with Serving saying why not."""
+    run.condition("Serving", False, reason, message)
+    run.condition("Stalled", False, "Trained")
+    run.condition("Ready", True, "Trained", f"trained and promoted; {summary}")
     return run.status
 
 
