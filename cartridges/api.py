@@ -42,6 +42,17 @@ class ConfigMapKeyRef(Spec):
 class ObjectSource(Spec):
     """One object, or every object under a prefix (``uri`` ending in ``/``) filtered by globs."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=cel(
+            (  # globs on one object would be ignored: a prefix missing its "/" would read one object, or none
+                "self.uri.endsWith('/') || ((!has(self.include) || size(self.include) == 0) && "
+                "(!has(self.exclude) || size(self.exclude) == 0))",
+                "include and exclude filter the objects under a prefix: end uri with / to read a prefix",
+            )
+        ),
+    )
+
     uri: str = Field(
         pattern=r"^(s3|file)://.+",
         description="s3://bucket/key, or s3://bucket/prefix/ for many. In the store's own bucket only under "

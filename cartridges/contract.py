@@ -34,7 +34,7 @@ sets it to the container's terminationMessagePath (no kubelet sets such a variab
 
 EXIT_OK = 0
 EXIT_PERMANENT = 65
-"""Bad input that no retry can fix (corpus unreadable or empty, model mismatch, invalid config): the Job's
+"""Bad input that no retry can fix (corpus or base model missing or unusable, model mismatch, invalid config): the Job's
 ``podFailurePolicy`` fails the Job at once on this code. Any other non-zero exit is retried."""
 EXIT_INTERRUPTED = 143
 """128 + SIGTERM: the pod was told to stop (preemption, a node drain) and the trainer stopped at a safe point, a

@@ -907,6 +907,25 @@ def test_a_chunk_past_the_models_positions_exits_permanent_naming_the_largest_th
     assert default[0] == EXIT_OK, default[1]
 
 
+@pytest.mark.parametrize("model", ["missing.gguf", "missing"])
+def test_a_base_model_not_in_the_store_exits_permanent(
+    model: str,
+    file_store_root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A baseModel.uri naming nothing (a .gguf object or an HF directory prefix) is bad input like a missing corpus:
+    every retry would find nothing again, so the Job fails at once, saying which model is missing."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    uri = f"{file_store_root}/models/{model}"
+    config.spec.baseModel.uri = uri
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(tmp_path / "termination-log"))
+    assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
+    assert uri in capsys.readouterr().err and uri in (tmp_path / "termination-log").read_text()
+
+
 def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", '{"namespace": "default"}']) == EXIT_PERMANENT
     assert "invalid trainer config" in capsys.readouterr().err

@@ -138,22 +138,45 @@ def _ready_corpora(run: Pass) -> list[tuple[str, str, str]] | None:
     """(name, digest, description) per referenced corpus, or None (with CorpusReady=False) while waiting."""
     found = []
     for ref in run.spec.corpusRefs:
-        corpus = kube.get_corpus(run.namespace, ref.name)
-        status = (corpus or {}).get("status") or {}
-        if corpus is None or not is_true(status.get("conditions"), "Ready") or not status.get("digest"):
-            why = _why_not_ready(corpus)
-            run.condition("CorpusReady", False, "WaitingForCorpus", f"Corpus {ref.name} {why}")
-            run.not_ready("WaitingForCorpus", f"Corpus {ref.name} {why}")
+        corpus = _pinned_corpus(run, ref.name, ref.digest) if ref.digest else _current_corpus(run, ref.name)
+        if corpus is None:
             return None
-        digest = ref.digest or status["digest"]
-        prefix = layout.corpus_prefix(run.config.store_root, run.namespace, ref.name, digest)
-        if not run.store.exists(f"{prefix}/{layout.MANIFEST_FILE}"):
-            run.condition("CorpusReady", False, "CorpusDigestNotFound", f"{ref.name}@{digest} is not in the store")
-            run.not_ready("CorpusDigestNotFound", f"pinned digest {digest} of Corpus {ref.name} is not stored")
-            return None
-        found.append((ref.name, digest, corpus["spec"].get("description", "")))
+        found.append(corpus)
     run.condition("CorpusReady", True, "CorporaReady", ", ".join(f"{n}@{d[:12]}" for n, d, _ in found))
     return found
+
+
+def _waiting_for_corpus(run: Pass, reason: str, message: str) -> None:
+    run.condition("CorpusReady", False, reason, message)
+    run.not_ready(reason, message)
+
+
+def _current_corpus(run: Pass, name: str) -> tuple[str, str, str] | None:
+    """The Corpus's current version: it must be Ready, with its digest stored."""
+    corpus = kube.get_corpus(run.namespace, name)
+    status = (corpus or {}).get("status") or {}
+    if corpus is None or not is_true(status.get("conditions"), "Ready") or not status.get("digest"):
+        _waiting_for_corpus(run, "WaitingForCorpus", f"Corpus {name} {_why_not_ready(corpus)}")
+        return None
+    digest = status["digest"]
+    prefix = layout.corpus_prefix(run.config.store_root, run.namespace, name, digest)
+    if not run.store.exists(f"{prefix}/{layout.MANIFEST_FILE}"):
+        _waiting_for_corpus(run, "CorpusDigestNotFound", f"digest {digest} of Corpus {name} is not in the store")
+        return None
+    return name, digest, corpus["spec"].get("description", "")
+
+
+def _pinned_corpus(run: Pass, name: str, digest: str) -> tuple[str, str, str] | None:
+    """A pinned version is immutable data in the store: it needs no Corpus, Ready or not (one whose sources broke
+    since, or that was deleted, must not hold back what was trained on the version pinned). Its description is the
+    one stored with it."""
+    prefix = layout.corpus_prefix(run.config.store_root, run.namespace, name, digest)
+    try:
+        manifest = layout.CorpusManifest.model_validate(run.store.get_json(f"{prefix}/{layout.MANIFEST_FILE}"))
+    except ObjectNotFound:
+        _waiting_for_corpus(run, "CorpusDigestNotFound", f"pinned digest {digest} of Corpus {name} is not in the store")
+        return None
+    return name, digest, manifest.description
 
 
 def _training_hash(spec: api.CartridgeSpec, corpora: list[tuple[str, str, str]]) -> str:
@@ -461,11 +484,8 @@ def _serve(run: Pass) -> dict[str, Any]:
         # Leave the shared serving objects: deleted once no other Cartridge of this base model is served by them.
         for kind in ("Deployment", "Service"):
             kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
-        run.condition("Serving", False, "ServingDisabled", "spec.serving.enabled is false")
         run.status["endpoint"] = None
-        run.condition("Stalled", False, "Trained")
-        run.condition("Ready", True, "Trained", "trained and promoted; serving disabled")
-        return run.status
+        return _ready_unserved(run, "ServingDisabled", "spec.serving.enabled is false", "serving disabled")
     first, uri, replicas = _shared_serving(run)
     if uri != model.uri:  # never roll the GPU pods of the Cartridges served now onto other weights
         for kind in ("Deployment", "Service"):
@@ -485,17 +505,28 @@ def _serve(run: Pass) -> dict[str, Any]:
     except kube.Invalid as err:
         run.condition("Serving", False, "InvalidServing", str(err))
         return run.not_ready("InvalidServing", str(err), stalled=True)
-    ready, desired = kube.deployment_ready(run.namespace, manifests.serving_name(model.name))
     run.status["endpoint"] = {
         "url": manifests.endpoint_url(run.namespace, model.name),
         "model": manifests.ROUTER_MODEL,
         "cartridge": run.name,
     }
+    if replicas == 0:  # no replica will ever be ready: waiting for one would never end
+        why = f"spec.serving.replicas is 0 for every Cartridge served by base model {model.name}"
+        return _ready_unserved(run, "ScaledToZero", why, "serving scaled to zero")
+    ready, desired = kube.deployment_ready(run.namespace, manifests.serving_name(model.name))
     if ready < 1:
         return _not_serving(run, f"{ready}/{desired} serving replicas ready")
     run.condition("Serving", True, "ReplicasReady", f"{ready}/{desired} serving replicas ready")
     run.condition("Stalled", False, "Serving")
     run.condition("Ready", True, "Serving", f"generation {run.status['generation']} serving")
+    return run.status
+
+
+def _ready_unserved(run: Pass, reason: str, message: str, summary: str) -> dict[str, Any]:
+    """Trained and promoted, and by the spec's choice served by no replica: Ready, with Serving saying why not."""
+    run.condition("Serving", False, reason, message)
+    run.condition("Stalled", False, "Trained")
+    run.condition("Ready", True, "Trained", f"trained and promoted; {summary}")
     return run.status
 
 

@@ -61,7 +61,6 @@ from cartridges_serving.errors import (
 
 log = logging.getLogger(__name__)
 
-# A Kubernetes resource name (RFC 1123 subdomain): no "/", no "..", nothing that leaves the namespace prefix.
 DEFAULT_POINTER_TTL_S = 2.0
 
 

@@ -50,6 +50,8 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ("no-source-kind", "corpora", {"description": "d", "sources": [{"name": "empty"}]}, "exactly one of"),
     ("no-sources", "corpora", {"description": "d", "sources": []}, "should have at least 1 items"),
     ("bad-object-uri", "corpora", {"description": "d", "sources": [{"object": {"uri": "gs://b/k"}}]}, "object.uri"),
+    ("globs-on-one-object", "corpora", {"description": "d", "sources": [{"object": {"uri": "s3://docs/handbook",
+     "include": ["*.md"]}}]}, "include and exclude filter the objects under a prefix"),
     ("bad-http-url", "corpora", {"description": "d", "sources": [{"http": {"url": "ftp://x"}}]}, "http.url"),
     ("empty-description", "corpora", {**CORPUS, "description": ""}, "description"),
     ("exists-with-value", "cartridges", {**CARTRIDGE, "resources": {"tolerations": [
@@ -82,6 +84,8 @@ def test_invalid_manifest_is_rejected(
 
 def test_valid_manifests_get_defaults_and_immutable_base_model(k8s_cluster: Cluster, crds_installed: None) -> None:
     name = f"valid-{uuid.uuid4().hex[:6]}"
+    sources = [{"object": {"uri": "s3://docs/handbook/", "include": ["*.md"]}}, {"object": {"uri": "s3://docs/a.md"}}]
+    assert create(k8s_cluster, "corpora", name, {"description": "d", "sources": sources})["spec"]["sources"] == sources
     created = create(k8s_cluster, "cartridges", name, {**CARTRIDGE, "selfStudy": {"conversations": 64}})
     assert created["spec"]["selfStudy"]["topK"] == 20 and created["spec"]["selfStudy"]["conversations"] == 64
     assert created["spec"]["training"]["learningRate"] == 0.02 and created["spec"]["frozenTokens"] == 1

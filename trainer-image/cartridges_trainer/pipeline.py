@@ -26,7 +26,7 @@ from cartridges.artifact import (
 from cartridges.contract import TrainerConfig
 from cartridges.layout import EVAL_FILE, TRAINING_INPUTS_FILE
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model
-from cartridges.store import Store, StoreError
+from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreError
 from cartridges_trainer.corpus import Corpus, load_corpus
 from cartridges_trainer.distill import discard_stale_checkpoints, distill, initial_cartridge
 from cartridges_trainer.errors import InputError
@@ -64,6 +64,7 @@ def _check_fits(lm: LoadedModel, config: TrainerConfig, world: World) -> None:
 
 
 def _load_model(config: TrainerConfig, store: Store, world: World) -> LoadedModel:
+    """The base model; one that is missing or no model is bad input (a retry finds the same), as for the corpus."""
     on_gpu = world.device.type == "cuda"
     try:
         return load_base_model(
@@ -74,6 +75,8 @@ def _load_model(config: TrainerConfig, store: Store, world: World) -> LoadedMode
         )
     except ModelLoadError as err:
         raise InputError(str(err)) from err
+    except (ObjectNotFound, BucketNotFound) as err:
+        raise InputError(f"base model not found: {err}") from err
 
 
 def training_inputs(spec: CartridgeSpec, options: TrainerOptions, corpus_digest: str) -> dict[str, Any]:
