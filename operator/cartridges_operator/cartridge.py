@@ -292,6 +292,10 @@ def _copy_progress(run: Pass, trainer: TrainerConfig) -> str:
 
 
 def _record_failure(run: Pass, job: Any) -> dict[str, Any]:
+    """Report the failed Job's reason and its pod's termination message; keep the Job, so that the generation is not
+    trained again by itself (deleting the Job retries it)."""
+    if job.spec.ttl_seconds_after_finished is not None:
+        kube.keep_finished_job(run.namespace, job.metadata.name)
     pod, exit_code, message = kube.failed_pod_details(run.namespace, job.metadata.name)
     reason = next((c.reason for c in job.status.conditions or [] if c.type == "Failed"), "JobFailed")
     run.status["lastFailure"] = {

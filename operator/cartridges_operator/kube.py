@@ -141,6 +141,13 @@ def delete_job(namespace: str, name: str) -> None:
             raise
 
 
+def keep_finished_job(namespace: str, name: str) -> None:
+    """Take the TTL off a finished Job. A failed generation's Job (and its pod, with its logs) then stays until the
+    Cartridge moves on to another generation or someone deletes the Job to retry: once the TTL deleted it, the next
+    pass would find no Job for the generation and train it again, failing again, one more time each TTL."""
+    batch().patch_namespaced_job(name, namespace, {"spec": {"ttlSecondsAfterFinished": None}})
+
+
 def stop_job(namespace: str, name: str, owner_uid: str) -> bool:
     """Delete a Job the given owner has, with its pods first (Foreground); True while the Job or any of its pods is
     still there (a pod gets its grace period to stop). A Job of another owner is not touched (False)."""

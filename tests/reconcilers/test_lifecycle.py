@@ -165,6 +165,17 @@ def test_failed_new_generation_keeps_the_previous_one_promoted(operator_env: Ope
     assert status(env, "steady")["artifact"] == good  # generation 1 is still what is served
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "steady"))
     assert pointer["generation"] == 1
+    batch = client.BatchV1Api(env.api)
+    failed = batch.read_namespaced_job("steady-g2", env.namespace)
+    assert failed.spec.ttl_seconds_after_finished is None  # kept: its TTL would start generation 2 again
+    batch.delete_namespaced_job("steady-g2", env.namespace, propagation_policy="Foreground")
+
+    def retried() -> bool:
+        jobs = batch.list_namespaced_job(env.namespace, field_selector="metadata.name=steady-g2").items
+        return any(job.metadata.uid != failed.metadata.uid for job in jobs)
+
+    wait_for("the deleted Job of generation 2 started again", retried, 60)
+    assert status(env, "steady")["generation"] == 2
 
 
 def test_generations_beyond_keep_generations_are_deleted_with_their_jobs(operator_env: OperatorEnv) -> None:
