@@ -591,6 +591,43 @@ def test_promoted_generation_is_served_once_the_pointer_expires(tiny_model: Load
     assert store.pointer_reads == reads + 1
 
 
+class SlowFirstPointerRead(Store):
+    """The first ``current.json`` read returns what it read only once ``release`` is set: a slow round trip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read, self.release, self.first = threading.Event(), threading.Event(), True
+
+    def get_json(self, uri: str) -> Any:
+        data = super().get_json(uri)
+        if uri.endswith(layout.CURRENT_POINTER) and self.first:
+            self.first = False
+            self.read.set()
+            self.release.wait(WAIT_S)
+        return data
+
+
+def test_a_slow_pointer_read_never_replaces_a_newer_one(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    """Two refreshes cross a promotion: the one that started first read g1, the later one g2 and finished first.
+    The older answer must not overwrite the newer one (g1 would be served, and loaded again, for another TTL)."""
+    root, store, now = f"file://{tmp_path}", SlowFirstPointerRead(), [0.0]
+    cache = CartridgeCache(
+        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
+    )
+    fingerprint = tiny_model.fingerprint
+    publish(store, root, NAMESPACE, "doc", random_cartridge(fingerprint, 4, 0), fingerprint)
+    slow, outcome = in_thread(lambda: cache.get("doc"))
+    assert store.read.wait(WAIT_S)  # it read g1 and is still on its way back
+    publish(store, root, NAMESPACE, "doc", random_cartridge(fingerprint, 5, 1), fingerprint, 2)
+    now[0] = 0.5
+    assert cache.get("doc").generation == 2
+    store.release.set()
+    slow.join(WAIT_S)
+    assert outcome[0].generation == 1  # the slow request itself is served what it read
+    now[0] = 1.0
+    assert cache.get("doc").generation == 2
+
+
 class FlakyStore(CountingStore):
     """A store whose ``current.json`` reads fail while ``down`` is set (an outage or a network partition)."""
 

@@ -225,7 +225,9 @@ class CartridgeCache:
             log.warning("cartridge %s: keeping generation %d: %s", cartridge_id, cached[1].generation, err)
             pointer = cached[1]
         with self._lock:
-            self._pointers[cartridge_id] = (now, pointer)
+            stored = self._pointers.get(cartridge_id)
+            if stored is None or stored[0] <= now:  # a refresh that started later and finished first read newer
+                self._pointers[cartridge_id] = (now, pointer)
         return pointer
 
     def _resolve(self, cartridge_id: str) -> layout.Pointer:
