@@ -304,25 +304,43 @@ def tolerance(shapes: Shapes) -> float:
     return 2e-2 if shapes.dtype in (torch.bfloat16, torch.float16) else 2e-4
 
 
+def target_batches(shapes: Shapes, device: torch.device) -> tuple[int, ...]:
+    """The batches the targets name (on CPU, the smoke shapes' own)."""
+    return (64, 256) if device.type == "cuda" else shapes.batches
+
+
 def check_correctness(shapes: Shapes, device: torch.device) -> list[str]:
-    """Kernel vs the PyTorch reference on this device for every case (batch 3, ICL prompts cut to 4k)."""
+    """Kernel vs the PyTorch reference on this device: every case at batch 3 (ICL prompts cut to 4k), with prefill;
+    the cartridge cases also at the target batches, where shared reads put many requests' queries in one tile and
+    the timed numbers come from."""
     failures = []
-    tol = tolerance(shapes)
     for case in cases(shapes):
         small = Case(case.name, case.cartridges, min(case.own_len, 4096), case.quant)
-        layer = make_layer(shapes, small, 3, device)
-        expected = decode_attention(layer.q, layer.table, layer.own, backend="torch").float()
-        variants = {
-            "default": decode_attention(layer.q, layer.table, layer.own, backend="triton"),
-            "per-request": decode_attention(layer.q, layer.table, layer.own, backend="triton", shared_reads=False),
-            "split": decode_attention(layer.q, layer.table, layer.own, backend="triton", num_splits=4),
-            "fused": forced(layer, fused=True),
-            "multi-launch": forced(layer, fused=False),
-        }
-        for label, got in variants.items():
-            err = (got.float() - expected).abs().max().item()
-            if not err <= tol:
-                failures.append(f"{case.name} {label}: max error {err:.3g} > {tol}")
+        failures += check_case(shapes, small, 3, device)
+        if case.cartridges:
+            for batch in (b for b in target_batches(shapes, device) if b != 3):
+                failures += check_case(shapes, case, batch, device, prefill=False)
+    return failures
+
+
+def check_case(shapes: Shapes, case: Case, batch: int, device: torch.device, prefill: bool = True) -> list[str]:
+    """Every decode path (and, if ``prefill``, a prefill of three requests) of one layer of ``case`` at ``batch``."""
+    failures = []
+    tol = tolerance(shapes)
+    layer = make_layer(shapes, case, batch, device)
+    expected = decode_attention(layer.q, layer.table, layer.own, backend="torch").float()
+    variants = {
+        "default": decode_attention(layer.q, layer.table, layer.own, backend="triton"),
+        "per-request": decode_attention(layer.q, layer.table, layer.own, backend="triton", shared_reads=False),
+        "split": decode_attention(layer.q, layer.table, layer.own, backend="triton", num_splits=4),
+        "fused": forced(layer, fused=True),
+        "multi-launch": forced(layer, fused=False),
+    }
+    for label, got in variants.items():
+        err = (got.float() - expected).abs().max().item()
+        if not err <= tol:
+            failures.append(f"{case.name} batch {batch} {label}: max error {err:.3g} > {tol}")
+    if prefill:
         q = torch.randn(6, shapes.q_heads, shapes.head_dim, device=device, dtype=shapes.dtype)
         got = prefill_attention(q, [3, 2, 1], layer.table, layer.own, backend="triton").float()
         want = prefill_attention(q, [3, 2, 1], layer.table, layer.own, backend="torch").float()
@@ -673,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"].append(measure(shapes, case, batch, device, copy_gbps))
             print_row(result["rows"][-1])
             (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
-    focus = (64, 256) if device.type == "cuda" else shapes.batches  # the batches the targets name
+    focus = target_batches(shapes, device)
     result["own_lengths"] = []  # how the shared-cartridge step's bandwidth fraction moves with the own KV
     for own_len in shapes.other_own_lens:
         case = Case(f"shared-1x{shapes.cartridge_len}-own{own_len}", 1, own_len)

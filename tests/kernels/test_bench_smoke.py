@@ -166,3 +166,24 @@ def test_slow_steps_take_fewer_timed_runs(monkeypatch: pytest.MonkeyPatch) -> No
     assert bench.timed_runs(20, [150.0]) == 13
     assert bench.timed_runs(20, [400.0, 380.0]) == bench.MIN_ITERS == 5
     assert bench.timed_runs(1, [400.0]) == 1
+
+
+def test_correctness_is_checked_at_the_target_batches_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path that is right at batch 3 but wrong where the timed target numbers come from (many requests' queries
+    in one tile) fails the check, for every cartridge case, before anything is timed."""
+    import torch
+
+    bench = bench_module(monkeypatch)
+    torch.manual_seed(0)
+    monkeypatch.setattr(bench, "target_batches", lambda shapes, device: (3, 5))
+    forced = bench.forced
+
+    def wrong_past_batch_3(layer: object, fused: bool, *args: object) -> torch.Tensor:
+        out = forced(layer, fused, *args)
+        return out + 1 if fused and out.shape[0] > 3 else out
+
+    monkeypatch.setattr(bench, "forced", wrong_past_batch_3)
+    failures = bench.check_correctness(bench.SMOKE, torch.device("cpu"))
+    assert [f.split(":")[0] for f in failures] == [
+        "shared-1x40 batch 5 fused", "shared-1x40-int8 batch 5 fused", "composed-2x40 batch 5 fused"
+    ]  # fmt: skip
