@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from cartridges import api
 
 CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
-CHART_CRD_DIR = CRD_DIR.parent / "charts" / "cartridges" / "crds"  # Helm's crds/ convention: identical copies
+# Identical copies that the chart's templates/crds.yaml reads as plain files: Helm's own crds/ is never upgraded.
+CHART_CRD_DIR = CRD_DIR.parent / "charts" / "cartridges" / "files" / "crds"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The CRDs under crds/ are exactly what cartridges/api.py generates (no hand edits, no drift)."""
+"""crds/ and the chart's files/crds/ hold exactly what cartridges/api.py generates (no hand edits, no drift)."""
 
 from __future__ import annotations
 

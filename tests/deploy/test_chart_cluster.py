@@ -5,7 +5,6 @@ with RBAC enforced, without a single permission error."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -14,8 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-from _chart import CHART, CI_VALUES, REPO, Render, container, find, run_helm
+from _chart import CI_VALUES, REPO, Render, container, find, installable_chart, run_helm
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from cartridges import api
@@ -184,20 +184,112 @@ def test_operator_reconciles_under_the_charts_service_account(
 
 
 def test_notes_tell_what_to_apply_next(helm: Path, k8s_cluster: Cluster, tmp_path: Path) -> None:
-    """``helm install --dry-run`` against the test cluster (helm asks it for its version) prints NOTES.txt.
-
-    The test API server is built from source without version stamping (it reports v0.0.0), so this copy of the
-    chart drops the kubeVersion constraint; everything else is the chart as shipped."""
-    chart = tmp_path / "cartridges"
-    shutil.copytree(CHART, chart)
-    meta = yaml.safe_load((chart / "Chart.yaml").read_text())
-    del meta["kubeVersion"]
-    (chart / "Chart.yaml").write_text(yaml.safe_dump(meta))
+    """``helm install --dry-run`` against the test cluster (helm asks it for its version) prints NOTES.txt. The CRDs
+    are left out: earlier tests applied them, and helm would refuse to take them over."""
+    chart = installable_chart(tmp_path)
     values, kubeconfig = str(CI_VALUES / "quickstart-values.yaml"), str(k8s_cluster.kubeconfig)
     proc = run_helm(helm, "install", "demo", str(chart), "--dry-run=client", "--kubeconfig", kubeconfig, "-n", "demo",
-                    "-f", values)  # fmt: skip
+                    "-f", values, "--set", "crds.install=false")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert 'kubectl -n "$NS" apply -f examples/corpus.yaml' in notes
     assert "kubectl label namespace <client-namespace> cartridges.dev/client=true" in notes
     assert "set networkPolicy.servingNamespaces" in notes  # cluster-wide: no serving namespaces known
+
+
+NEW_RULE = "frozenTokens must be smaller than size"
+NEW_FIELD = "keepGenerations"
+CARTRIDGE = {"corpusRefs": [{"name": "c"}], "baseModel": {"name": "tiny", "uri": "file:///models/tiny"}, "size": 16}
+
+
+def make_older_release(chart: Path) -> list[dict[str, Any]]:
+    """Turn a copy of the chart into an older release, whose Cartridge CRD lacks a CEL rule and a spec field."""
+    path = chart / "files" / "crds" / f"{api.GROUP}_cartridges.yaml"
+    crd = yaml.safe_load(path.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = spec["x-kubernetes-validations"]
+    spec["x-kubernetes-validations"] = [r for r in rules if r["message"] != NEW_RULE]
+    assert len(spec["x-kubernetes-validations"]) == len(rules) - 1
+    del spec["properties"][NEW_FIELD]
+    path.write_text(yaml.safe_dump(crd))
+    return [yaml.safe_load(p.read_text()) for p in sorted(path.parent.glob("*.yaml"))]
+
+
+def replace_crds(dynamic: DynamicClient, crds: list[dict[str, Any]], metadata: dict[str, Any]) -> None:
+    """Leave exactly these CRDs, with this extra metadata, whatever earlier tests applied (an apply, or helm taking
+    them over, would keep fields these lack)."""
+    extensions = client.ApiextensionsV1Api(dynamic.client)
+    for crd in crds:
+        name = crd["metadata"]["name"]
+        live = extensions.list_custom_resource_definition(field_selector=f"metadata.name={name}").items
+        body = {**crd, "metadata": {**crd["metadata"], **metadata}}
+        if live:
+            body["metadata"]["resourceVersion"] = live[0].metadata.resource_version
+            extensions.replace_custom_resource_definition(name, body)
+        else:
+            extensions.create_custom_resource_definition(body)
+    wait_established(dynamic, crds)
+
+
+def try_cartridge(dynamic: DynamicClient, namespace: str, spec: dict[str, Any]) -> dict[str, Any] | str:
+    """What a dry-run create of a Cartridge gives: the object as stored (unknown fields pruned), or the refusal."""
+    body = {"apiVersion": api.API_VERSION, "kind": "Cartridge", "metadata": {"name": "try"}, "spec": spec}
+    custom = client.CustomObjectsApi(dynamic.client)
+    try:
+        created: dict[str, Any] = custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, "cartridges", body, dry_run="All"
+        )
+    except ApiException as err:
+        assert err.status == 422, err.body
+        return str(err.body)
+    return created
+
+
+@pytest.mark.parametrize("owned", [True, False], ids=["from-templates", "from-crds-folder"])
+def test_helm_upgrade_upgrades_the_crds_and_uninstall_keeps_them(
+    helm: Path, dynamic: DynamicClient, namespaces: Any, k8s_cluster: Cluster, tmp_path: Path, owned: bool
+) -> None:
+    """A release installed with older CRDs, upgraded with helm: the new CEL rule refuses, the new field is kept
+    (not pruned); `helm uninstall` then leaves the CRDs and the Cartridges. CRDs that no release owns (chart 0.1.0
+    installed them from Helm's crds/ folder; or `kubectl apply -f crds/`) need `--take-ownership` once (README)."""
+    release_ns, work, release = namespaces("rel"), namespaces("work"), f"u{uuid.uuid4().hex[:6]}"
+    old, new = installable_chart(tmp_path / "old"), installable_chart(tmp_path / "new")
+    old_crds = make_older_release(old)
+    owner = {"annotations": {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": release_ns},
+             "labels": {"app.kubernetes.io/managed-by": "Helm"}}  # fmt: skip
+    replace_crds(dynamic, old_crds, owner if owned else {})
+    kubeconfig = ["--kubeconfig", str(k8s_cluster.kubeconfig), "-n", release_ns]
+    values = ["-f", str(CI_VALUES / "production-values.yaml"), "--set", "operator.watchNamespaces={" + work + "}"]
+    spec = {**CARTRIDGE, "frozenTokens": 16, NEW_FIELD: 3}
+
+    def older_in_effect() -> dict[str, Any] | None:
+        found = try_cartridge(dynamic, work, spec)
+        return found if isinstance(found, dict) and NEW_FIELD not in found["spec"] else None
+
+    def newer_in_effect() -> str | None:
+        found = try_cartridge(dynamic, work, spec)
+        return found if isinstance(found, str) else None
+
+    installed = run_helm(helm, "install", release, str(old), *kubeconfig, *values, "--set", f"crds.install={owned}")
+    assert installed.returncode == 0, installed.stderr
+    wait_for("the older CRDs in effect", older_in_effect, 30)
+    if not owned:
+        refused = run_helm(helm, "upgrade", release, str(new), *kubeconfig, *values)
+        assert "exists and cannot be imported into the current release" in refused.stderr, refused.stderr
+    take = [] if owned else ["--take-ownership"]
+    upgraded = run_helm(helm, "upgrade", release, str(new), *kubeconfig, *values, *take)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert NEW_RULE in wait_for("the new CEL rule in effect", newer_in_effect, 30)
+    stored = try_cartridge(dynamic, work, {**CARTRIDGE, NEW_FIELD: 3})
+    assert isinstance(stored, dict) and stored["spec"][NEW_FIELD] == 3, stored
+
+    custom = client.CustomObjectsApi(dynamic.client)
+    body = {"apiVersion": api.API_VERSION, "kind": "Cartridge", "metadata": {"name": "kept"}, "spec": CARTRIDGE}
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, work, "cartridges", body)
+    uninstalled = run_helm(helm, "uninstall", release, *kubeconfig)
+    assert uninstalled.returncode == 0, uninstalled.stderr
+    assert "kept due to the resource policy" in uninstalled.stdout, uninstalled.stdout
+    extensions = client.ApiextensionsV1Api(dynamic.client)
+    for crd in old_crds:
+        assert extensions.read_custom_resource_definition(crd["metadata"]["name"]).metadata.deletion_timestamp is None
+    assert custom.get_namespaced_custom_object(api.GROUP, api.VERSION, work, "cartridges", "kept")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _chart import CHART, CI_VALUES, REPO, Render, container, find, run_helm, template_args
+import yaml
+from _chart import CHART, CI_VALUES, Render, container, find, run_helm, template_args
 
-from cartridges import api
+from cartridges import api, crd
 from cartridges.store import S3Config
 from cartridges_operator import manifests
 from cartridges_operator.config import CorpusLimits, OperatorConfig
@@ -24,10 +26,38 @@ def test_helm_lint_is_clean(helm: Path, values: str) -> None:
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout
 
 
-def test_chart_crds_are_the_generated_crds() -> None:
-    top = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
-    chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
-    assert chart == top, "charts/cartridges/crds/ differs from crds/: copy crds/*.yaml into the chart"
+def rendered_crds(render: Render, sets: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    return find(render("production-values.yaml", sets=sets), "CustomResourceDefinition")
+
+
+def test_chart_renders_the_generated_crds_and_keeps_them(render: Render) -> None:
+    """The CRDs come from templates, which `helm upgrade` applies (Helm's crds/ folder it never updates): exactly
+    the generated ones, once each, kept by `helm uninstall` and never pruned or deleted by Argo CD, since deleting a
+    CRD deletes every Corpus and Cartridge; and applied before the operator that watches them."""
+    generated = [yaml.safe_load(p.read_text()) for p in sorted(crd.CRD_DIR.glob("*.yaml"))]
+    crds = rendered_crds(render)
+    rendered = {c["metadata"]["name"]: c for c in crds}
+    assert len(crds) == len(rendered) == len(generated) == 2  # once each: not also from Helm's crds/ folder
+    for expected in generated:
+        found = rendered[expected["metadata"]["name"]]
+        annotations = found["metadata"]["annotations"]
+        assert annotations["helm.sh/resource-policy"] == "keep"
+        assert annotations["argocd.argoproj.io/sync-options"] == "Prune=false,Delete=false"
+        assert int(annotations["argocd.argoproj.io/sync-wave"]) < 0  # the operator's Deployment: wave 0
+        assert found["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cartridges"
+        assert {**found, "metadata": {"name": found["metadata"]["name"]}} == expected
+
+
+def test_crds_can_be_left_to_the_user(render: Render) -> None:
+    assert not rendered_crds(render, {"crds.install": "false"})
+
+
+def test_crds_fit_client_side_apply(render: Render) -> None:
+    """`kubectl apply` without --server-side, and Argo CD without ServerSideApply, keep the whole object as JSON in
+    the last-applied-configuration annotation, and an object's annotations may hold 262144 bytes in all. Beyond
+    that the CRDs would need ServerSideApply=true in their argocd.argoproj.io/sync-options."""
+    for found in rendered_crds(render):
+        assert len(json.dumps(found, separators=(",", ":"))) < 262144, found["metadata"]["name"]
 
 
 def test_operator_deployment_is_single_locked_down_and_configured(render: Render) -> None:
@@ -267,6 +297,7 @@ BAD_VALUES = [
     ({"serving.tolerations[0].keys": "gpu"}, ["additional properties 'keys' not allowed"]),
     ({"operator.tolerations[0].effect": "NoRun"}, ["/operator/tolerations/0/effect", "NoSchedule"]),
     ({"serving.priorityClassName": "High_Priority"}, ["/serving/priorityClassName", "does not match pattern"]),
+    ({"crds.install": "yes"}, ["/crds/install", "want boolean"]),
 ]
 
 
