@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -461,6 +462,20 @@ def test_a_cartridge_in_use_is_not_evicted_nor_loaded_twice(tiny_model: LoadedMo
     stats = cache.stats()
     assert (stats.entries, stats.in_use_entries, stats.misses) == (1, 1, 2) and stats.bytes == stats.in_use_bytes
     assert cache.get("beta").id == "beta" and store.loads == 2
+
+
+def test_a_cartridge_larger_than_the_budget_is_said_once(
+    tiny_model: LoadedModel, store_root: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It is loaded again by each request that finds no other holding it; the log says so, once, not per load."""
+    store = CountingLoads()
+    cache = CartridgeCache(store, store_root, NAMESPACE, tiny_model.fingerprint, 1)
+    with caplog.at_level(logging.WARNING, logger="cartridges_serving.cache"):
+        for _ in range(3):
+            cache.get("alpha")
+    warnings = [r.getMessage() for r in caplog.records if "more than the cache budget" in r.getMessage()]
+    assert store.loads == 3 and len(warnings) == 1
+    assert warnings[0].startswith("cartridge alpha g1 is ") and "CARTRIDGES_CACHE_BYTES" in warnings[0]
 
 
 def test_requests_hold_their_cartridges_until_they_end(tiny_model: LoadedModel, store_root: str) -> None:

@@ -127,6 +127,7 @@ class CartridgeCache:
         self._uses: dict[tuple[str, int, str], int] = {}  # entries in use: never evicted
         self._served: dict[str, layout.Pointer] = {}  # the generation each id was last served from
         self._unusable: dict[tuple[str, int, str], str] = {}  # generations that failed to load as invalid: why
+        self._oversized: set[tuple[str, int, str]] = set()  # generations larger than the budget, said once
         self._lock = threading.Lock()
         self._hits = self._misses = self._bytes = 0
 
@@ -197,9 +198,21 @@ class CartridgeCache:
             raise
         with self._lock:
             del self._loading[key]
+            self._warn_if_oversized(loaded)
             kept = self._keep(pointer, loaded, use)
         owned.set_result(loaded)
         return kept
+
+    def _warn_if_oversized(self, loaded: LoadedCartridge) -> None:
+        """Say once per generation that it exceeds the budget: it is evicted whenever no request holds it, so most
+        requests download, hash and load it again (seconds each), which nothing else shows. Lock held."""
+        if loaded.nbytes > self.capacity_bytes and loaded.key not in self._oversized:
+            self._oversized.add(loaded.key)
+            log.warning(
+                "cartridge %s g%d is %d bytes, more than the cache budget of %d (CARTRIDGES_CACHE_BYTES): it is "
+                "loaded again for requests that find no other request holding it; raise the budget",
+                loaded.id, loaded.generation, loaded.nbytes, self.capacity_bytes,
+            )  # fmt: skip
 
     def stats(self) -> CacheStats:
         with self._lock:
