@@ -99,12 +99,16 @@ class _Guard:
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Checks where a redirect goes before following it (the connect check covers it too, but not via a proxy)."""
+    """Checks where a redirect goes before following it (the connect check covers it too, but not via a proxy), and
+    follows none to ftp://, which urllib would fetch with its own connections, outside the connect check."""
 
     def __init__(self, guard: _Guard) -> None:
         self.guard = guard
 
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        scheme = urlsplit(newurl).scheme
+        if scheme not in ("http", "https"):
+            raise SourceError(f"{self.guard.url}: redirects to {scheme}://, but the operator fetches only http(s)")
         self.guard.check_url(newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -139,11 +143,11 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 def fetch(url: str, limit: int, timeout_s: float, allow_loopback: bool = False) -> bytes:
     """The body of ``url``, at most ``limit + 1`` bytes (more means: too large), within ``timeout_s`` in all."""
     guard = _Guard(url, allow_loopback)
-    guard.check_url(url)
     opener = urllib.request.build_opener(_HTTPHandler(guard), _HTTPSHandler(guard), _RedirectHandler(guard))
     timer = threading.Timer(timeout_s, guard.expire)
     timer.start()
     try:
+        guard.check_url(url)  # a host that does not resolve is a source to fix, like one that does not answer
         with opener.open(url, timeout=timeout_s) as response:
             data = _read_at_most(response, limit + 1)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:

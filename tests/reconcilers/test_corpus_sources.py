@@ -4,8 +4,10 @@ and what a Corpus may not make the operator read (its pod's files, other namespa
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -366,13 +368,14 @@ def test_source_buckets_limit_which_buckets_object_sources_read(minio_server: Mi
 @pytest.fixture
 def endless_server() -> Iterator[str]:
     """/fast streams bytes without end; /drip sends one byte every 0.2 s without end; /to-metadata redirects to the
-    cloud metadata address."""
+    cloud metadata address, /redirect?to=URL to URL (quoted)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path == "/to-metadata":
+            if self.path == "/to-metadata" or self.path.startswith("/redirect?to="):
                 self.send_response(302)
-                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                target = urllib.parse.unquote(self.path.partition("=")[2]) or "http://169.254.169.254/latest/meta-data/"
+                self.send_header("Location", target)
                 self.end_headers()
                 return
             self.send_response(200)
@@ -431,6 +434,27 @@ def test_http_sources_on_internal_addresses_are_refused(web_page: str, endless_s
                 f"{endless_server}/to-metadata"):  # fmt: skip
         with pytest.raises(SourceError, match="link-local address"):
             read_sources(spec({"http": {"url": url, "timeoutSeconds": 2}}), Store(), no_configmaps, LOCAL)
+
+
+def test_http_sources_are_fetched_over_http_only(endless_server: str) -> None:
+    """A redirect to ftp:// would connect outside the address checks (and the spec allows http(s) only)."""
+    with socket.create_server(("127.0.0.1", 0)) as ftp:
+        target = urllib.parse.quote(f"ftp://127.0.0.1:{ftp.getsockname()[1]}/doc")
+        with pytest.raises(SourceError, match="redirects to ftp://, but the operator fetches only http"):
+            read_sources(spec({"http": {"url": f"{endless_server}/redirect?to={target}", "timeoutSeconds": 2}}),
+                         Store(), no_configmaps, LOCAL)  # fmt: skip
+        ftp.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ftp.accept()  # nobody connected
+
+
+def test_an_http_source_on_an_unknown_host_is_a_clear_source_error() -> None:
+    status = reconcile_corpus(
+        {"description": "d", "sources": [{"http": {"url": "http://no-such-host.invalid/doc"}}]},
+        {}, "ns", "c", 1, Store(), LOCAL.store_root,
+    )  # fmt: skip
+    assert stalled(status)["reason"] == "InvalidSource"
+    assert "http://no-such-host.invalid/doc: cannot fetch" in stalled(status)["message"]
 
 
 def test_corpus_limits_from_the_environment() -> None:
