@@ -11,7 +11,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
 from cartridges_operator.pod_start import serving_problem, start_problem
+from cartridges_operator.redaction import redacted
 
 LOG = logging.getLogger(__name__)
 
@@ -474,11 +474,6 @@ def _shared_serving(run: Pass) -> tuple[str, str, int]:
     return first, uri, max(s.serving.replicas for _, _, s in served if s.baseModel.uri == uri)
 
 
-def _redacted(uri: str) -> str:
-    """A URI without the user information it may carry (``scheme://user:secret@host/...``)."""
-    return re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", uri)
-
-
 def _serve(run: Pass) -> dict[str, Any]:
     serving, model = run.spec.serving, run.spec.baseModel
     legacy = manifests.legacy_serving_name(model.name)
@@ -495,8 +490,8 @@ def _serve(run: Pass) -> dict[str, Any]:
         for kind in ("Deployment", "Service"):
             kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
         message = (
-            f"base model {model.name} is served in namespace {run.namespace} from {_redacted(uri)}, the uri of "
-            f"Cartridge {first} (created first); this Cartridge names {_redacted(model.uri)}: re-create it with "
+            f"base model {model.name} is served in namespace {run.namespace} from {redacted(uri)}, the uri of "
+            f"Cartridge {first} (created first); this Cartridge names {redacted(model.uri)}: re-create it with "
             "the same baseModel.uri, or with another baseModel.name (baseModel is immutable)"
         )
         run.status["endpoint"] = None

@@ -14,6 +14,7 @@ from cartridges_operator import kube
 from cartridges_operator.conditions import set_condition
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus_sources import read_sources, read_tokenizer
+from cartridges_operator.redaction import redacted
 from cartridges_operator.source_access import ReadsBusy, ReadSlots, SourceAccess
 
 WAITING_FOR_READ_SLOT = "WaitingForReadSlot"
@@ -86,7 +87,8 @@ def _not_ready(
 ) -> dict[str, Any]:
     """Keep the last good digest and artifact (what was trained and is served from them stays; Cartridges train
     nothing new until the Corpus is Ready again, and show this reason); say why (``stalled``: a problem to fix, else
-    a wait that ends by itself)."""
+    a wait that ends by itself), naming the URLs in ``message`` without the credentials they may carry."""
+    message = redacted(message)
     conditions = set_condition(conditions, "Stalled", stalled, reason, message, generation)
     conditions = set_condition(conditions, "Ready", False, reason, message, generation)
     return {**status, "observedGeneration": generation, "conditions": conditions}

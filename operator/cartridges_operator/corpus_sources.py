@@ -13,6 +13,7 @@ from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, SourceError, normalize_text
 from cartridges.store import ObjectNotFound, Store, StoreURI
 from cartridges_operator.http_fetch import fetch
+from cartridges_operator.redaction import redacted
 from cartridges_operator.source_access import SOURCES_TOO_LARGE, TOKENIZER_TOO_LARGE, ByteBudget, SourceAccess
 
 ConfigMapReader = Callable[[str, str], str]
@@ -80,7 +81,7 @@ def _source_documents(
             for name, data in _object_documents(source.object, store, budget)
         ]
     if source.http is not None:
-        return [(source.name or source.http.url, _http_document(source.http, access, budget))]
+        return [(source.name or redacted(source.http.url), _http_document(source.http, access, budget))]
     raise SourceError(f"sources[{index}] sets no source kind")  # the CRD's CEL rule makes this unreachable
 
 

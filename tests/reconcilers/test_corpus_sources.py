@@ -457,6 +457,32 @@ def test_an_http_source_on_an_unknown_host_is_a_clear_source_error() -> None:
     assert "http://no-such-host.invalid/doc: cannot fetch" in stalled(status)["message"]
 
 
+def test_credentials_in_http_source_urls_stay_out_of_status_and_stored_documents(
+    web_page: str, endless_server: str, tmp_path: Path
+) -> None:
+    """A presigned URL's query or a URL's user:password is a credential: status messages (posted as Events too) and
+    the stored corpus.jsonl name the URL without them, and a fresh signature changes no digest."""
+    secret = "X-Amz-Signature=f00d&token=s3cret"
+    root = f"file://{tmp_path}/store"
+
+    def read(http: dict[str, object]) -> dict[str, object]:
+        return reconcile_corpus({"description": "d", "sources": [{"http": http}]}, {}, "ns", "c", 1, Store(), root)
+
+    stored = read({"url": f"{web_page}?{secret}"})
+    assert stored["digest"] == read({"url": f"{web_page}?X-Amz-Signature=beef"})["digest"]
+    jsonl = (Path(str(stored["artifact"]).removeprefix("file://")) / "corpus.jsonl").read_text()
+    assert "s3cret" not in jsonl and f'"id": "{web_page}?<redacted>"' in jsonl
+    refused = {
+        f"http://127.0.0.1:{free_port()}/doc?{secret}": "cannot fetch",
+        f"{web_page}?{secret}": "larger than maxBytes=5",
+        f"http://user:s3cret@127.0.0.1:{free_port()}/doc?{secret}": "cannot fetch",
+        f"{endless_server}/redirect?to={urllib.parse.quote(f'gopher://127.0.0.1/doc?{secret}')}": "not allowed",
+    }
+    for url, problem in refused.items():
+        message = stalled(read({"url": url, "maxBytes": 5, "timeoutSeconds": 2}))["message"]
+        assert problem in message and "?<redacted>" in message and "s3cret" not in message and "f00d" not in message
+
+
 def test_corpus_limits_from_the_environment() -> None:
     env = {
         "CARTRIDGES_CORPUS_MAX_BYTES": "1048576",
