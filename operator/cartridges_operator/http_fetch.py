@@ -150,7 +150,7 @@ def fetch(url: str, limit: int, timeout_s: float, allow_loopback: bool = False) 
         guard.check_url(url)  # a host that does not resolve is a source to fix, like one that does not answer
         with opener.open(url, timeout=timeout_s) as response:
             data = _read_at_most(response, limit + 1)
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as err:  # ValueError: a bad port
         if guard.expired:
             raise _too_slow(url, timeout_s) from err
         raise SourceError(f"{url}: cannot fetch ({err})") from err

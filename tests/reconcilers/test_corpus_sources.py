@@ -448,13 +448,21 @@ def test_http_sources_are_fetched_over_http_only(endless_server: str) -> None:
             ftp.accept()  # nobody connected
 
 
-def test_an_http_source_on_an_unknown_host_is_a_clear_source_error() -> None:
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://no-such-host.invalid/doc", "Name or service not known"),
+        ("http://127.0.0.1:99999/doc", "Port out of range"),
+        ("http://127.0.0.1:abc/doc", "Port could not be cast to integer"),
+        ("http://[::1/doc", "Invalid IPv6 URL"),
+    ],
+)
+def test_an_http_source_on_an_unknown_host_or_a_malformed_url_is_a_clear_source_error(url: str, problem: str) -> None:
     status = reconcile_corpus(
-        {"description": "d", "sources": [{"http": {"url": "http://no-such-host.invalid/doc"}}]},
-        {}, "ns", "c", 1, Store(), LOCAL.store_root,
-    )  # fmt: skip
+        {"description": "d", "sources": [{"http": {"url": url}}]}, {}, "ns", "c", 1, Store(), LOCAL.store_root
+    )
     assert stalled(status)["reason"] == "InvalidSource"
-    assert "http://no-such-host.invalid/doc: cannot fetch" in stalled(status)["message"]
+    assert stalled(status)["message"].startswith(f"{url}: cannot fetch (") and problem in stalled(status)["message"]
 
 
 def test_credentials_in_http_source_urls_stay_out_of_status_and_stored_documents(
