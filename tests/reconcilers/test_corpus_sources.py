@@ -24,6 +24,7 @@ from cartridges_e2e.minio import MinioServer
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus import reconcile_corpus
 from cartridges_operator.corpus_sources import read_sources
+from cartridges_operator.redaction import redacted
 from cartridges_operator.source_access import ReadsBusy, ReadSlots, SourceAccess
 
 LOCAL = SourceAccess("file:///var/empty/store", "ns")
@@ -489,6 +490,13 @@ def test_credentials_in_http_source_urls_stay_out_of_status_and_stored_documents
     for url, problem in refused.items():
         message = stalled(read({"url": url, "maxBytes": 5, "timeoutSeconds": 2}))["message"]
         assert problem in message and "?<redacted>" in message and "s3cret" not in message and "f00d" not in message
+
+
+def test_redaction_keeps_store_keys_whole() -> None:
+    text = "https://u:p@ss@host/a?t=1#f and s3://bucket/what?.md, file:///a#b, 'gopher://h/x#frag'"
+    assert (
+        redacted(text) == "https://host/a?<redacted> and s3://bucket/what?.md, file:///a#b, 'gopher://h/x?<redacted>'"
+    )
 
 
 def test_corpus_limits_from_the_environment() -> None:
