@@ -413,7 +413,8 @@ def test_serve_ask_and_ctrl_c(
 ) -> None:
     store, port = str(trained["store"]), free_port()
     pt = reference_pt(tiny_model, tmp_path / "ref.pt")
-    assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
+    for _ in range(2):  # generation 2
+        assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
     other = tiny_llama(seed=1).fingerprint
     publish(open_store(store), store, "default", "other-model", random_cartridge(other, 4, seed=3), other)
     url = f"http://127.0.0.1:{port}"
@@ -427,14 +428,16 @@ def test_serve_ask_and_ctrl_c(
             if "serving on" in line:
                 break
         assert f"serving on {url}" in "".join(lines), "".join(lines)
-        code, out, _ = cli(
+        code, out, err = cli(
             capsys, "ask", "Who lit the lighthouse?", "-c", "lighthouse", "--url", url, "--max-tokens", "4"
         )
         assert code == 0 and out.endswith("\n")
-        code, out, _ = cli(capsys, "ask", "Hi", "-c", "lighthouse", "-c", "imported", "--url", url, "--json")
-        assert code == 0 and json.loads(out)["cartridges"] == ["lighthouse", "imported"]
+        assert err == "answered by: lighthouse generation 1\n"  # on stderr: stdout is the answer alone
+        code, out, _ = cli(capsys, "ask", "Hi", "-c", "imported", "-c", "lighthouse", "--url", url, "--json")
+        assert code == 0 and json.loads(out)["cartridges"] == ["imported", "lighthouse"]
+        assert json.loads(out)["generations"] == [2, 1]
         code, out, err = cli(capsys, "ask", "Hi", "--url", url, "--repetition-penalty", "1.2", "--max-tokens", "4")
-        assert code == 0, err  # the router's config declares the input
+        assert code == 0 and err == "", err  # the router's config declares the input; no cartridge answered
         code, _, err = cli(capsys, "ask", "Hi", "-c", "nope", "--url", url)
         assert code == EXIT_NOT_FOUND and "not found" in err
         one_line_error(err)
