@@ -5,6 +5,10 @@
 URL it sends the same fields as tensors over tritonclient's gRPC stream (the router is decoupled, so gRPC always
 streams; ``stream`` only decides whether the server sends chunks or one final text). Failures raise
 :class:`GenerateError` with the HTTP status or gRPC status code, the router's error kind and its message.
+
+The answer says which generation of each cartridge answered (a promotion reaches serving within the server's
+pointer TTL, and an unusable one leaves the generation before it answering): ``generations`` of the :class:`Answer`
+(a ``str``) or of the :class:`Stream` once it is read to the end.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import queue
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -22,6 +26,7 @@ from cartridges.error_kind import ErrorKind, parse
 
 DEFAULT_MODEL = "router"
 GRPC_SCHEME = "grpc://"
+GENERATIONS_OUTPUT = "cartridge_generations"
 # The router's input tensors (cartridges_serving/model_repository/router/config.pbtxt) and their numpy types.
 TENSOR_TYPES: dict[str, type] = {
     "text_input": np.object_,
@@ -34,6 +39,47 @@ TENSOR_TYPES: dict[str, type] = {
     "stop": np.object_,
     "cartridges": np.object_,
 }
+
+
+# A response's text and, in the last one, the generations that answered (None in the others, or from an older server).
+Chunk = tuple[str, tuple[int, ...] | None]
+
+
+class Answer(str):
+    """The whole answer, a ``str`` as before; ``generations``: the generation of each requested cartridge that
+    answered, in composition order (empty without cartridges; None from a server that does not send them)."""
+
+    generations: tuple[int, ...] | None
+
+    def __new__(cls, text: str, generations: tuple[int, ...] | None = None) -> Answer:
+        answer = super().__new__(cls, text)
+        answer.generations = generations
+        return answer
+
+
+class Stream(Iterator[str]):
+    """The answer's text chunks as they arrive; ``generations`` (see :class:`Answer`) is set once the last response
+    has arrived. ``close()`` (or dropping it) before the end cancels the request."""
+
+    def __init__(self, chunks: Generator[Chunk, None, None]) -> None:
+        self._chunks = chunks
+        self.generations: tuple[int, ...] | None = None
+
+    def __next__(self) -> str:
+        while True:
+            text, generations = next(self._chunks)
+            if generations is not None:
+                self.generations = generations
+            if text:
+                return text
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def answer(self) -> Answer:
+        """The rest of the text, joined, with the generations."""
+        text = "".join(self)
+        return Answer(text, self.generations)
 
 
 class GenerateError(RuntimeError):
@@ -73,7 +119,7 @@ def generate(
     stop: Sequence[str] = ...,
     stream: Literal[False] = ...,
     timeout: float = ...,
-) -> str: ...
+) -> Answer: ...
 
 
 @overload
@@ -91,7 +137,7 @@ def generate(
     stop: Sequence[str] = ...,
     stream: Literal[True],
     timeout: float = ...,
-) -> Iterator[str]: ...
+) -> Stream: ...
 
 
 def generate(
@@ -108,7 +154,7 @@ def generate(
     stop: Sequence[str] = (),
     stream: bool = False,
     timeout: float = 60.0,
-) -> str | Iterator[str]:
+) -> Answer | Stream:
     """Ask ``model`` at ``url`` (``http://host:8000`` or ``grpc://host:8001``) to answer ``prompt`` with
     ``cartridges`` composed in order.
 
@@ -128,13 +174,13 @@ def generate(
     if url.startswith(GRPC_SCHEME):
         tensors = {name: _tensor(name, value) for name, value in {**body, "stream": stream}.items()}
         chunks = grpc_stream(url.removeprefix(GRPC_SCHEME).rstrip("/"), tensors, model=model, timeout=timeout)
-        return chunks if stream else "".join(chunks)
+        return chunks if stream else chunks.answer()
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/generate"
     if stream:
         body["stream"] = True
-        return _stream(f"{endpoint}_stream", body, timeout)
+        return Stream(_stream(f"{endpoint}_stream", body, timeout))
     with _post(endpoint, body, timeout) as response:
-        return _text(_json(response.read()))
+        return Answer(*_chunk(_json(response.read())))
 
 
 def _tensor(name: str, value: Any) -> np.ndarray:
@@ -144,12 +190,18 @@ def _tensor(name: str, value: Any) -> np.ndarray:
 
 def grpc_stream(
     target: str, inputs: dict[str, np.ndarray], *, model: str = DEFAULT_MODEL, timeout: float = 60.0
-) -> Iterator[str]:
-    """Send ``inputs`` as they are on a tritonclient gRPC stream to ``target`` (``host:port``); yield text chunks.
+) -> Stream:
+    """Send ``inputs`` as they are on a tritonclient gRPC stream to ``target`` (``host:port``); the text chunks.
 
     The low-level half of :func:`generate`, also for callers that need exact tensors. ``timeout`` bounds the wait
     for each response; leaving early (the consumer stops iterating) cancels the request on the server.
     """
+    return Stream(_grpc_chunks(target, inputs, model, timeout))
+
+
+def _grpc_chunks(
+    target: str, inputs: dict[str, np.ndarray], model: str, timeout: float
+) -> Generator[Chunk, None, None]:
     import tritonclient.grpc as grpcclient  # the serve extra; HTTP callers never need it
     from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -170,9 +222,9 @@ def grpc_stream(
                 raise GenerateError(f"no response from {target} within {timeout}s", unreachable=True) from None
             if error is not None:
                 raise _grpc_error(error, target)
-            output = result.as_numpy("text_output")
-            if output is not None:
-                yield from (chunk.decode() for chunk in output.reshape(-1) if chunk)
+            output, generations = result.as_numpy("text_output"), result.as_numpy(GENERATIONS_OUTPUT)
+            text = "" if output is None else "".join(chunk.decode() for chunk in output.reshape(-1))
+            yield text, None if generations is None else tuple(int(g) for g in generations.reshape(-1))
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return
     except InferenceServerException as error:
@@ -208,15 +260,13 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> Any:
         raise GenerateError(f"cannot reach {url}: {reason}", unreachable=True) from None
 
 
-def _stream(url: str, body: dict[str, Any], timeout: float) -> Iterator[str]:
-    """Yield each event's text; an ``error`` event (failure after the stream started) raises."""
+def _stream(url: str, body: dict[str, Any], timeout: float) -> Generator[Chunk, None, None]:
+    """Yield each event's chunk; an ``error`` event (failure after the stream started) raises."""
     with _post(url, body, timeout) as response:
         try:
             for line in response:
                 if line.startswith(b"data:"):
-                    text = _text(_json(line[len(b"data:") :]))
-                    if text:
-                        yield text
+                    yield _chunk(_json(line[len(b"data:") :]))
         except TimeoutError as err:
             raise GenerateError(f"no data from {url} within {timeout}s", unreachable=True) from err
 
@@ -231,10 +281,14 @@ def _json(data: bytes) -> dict[str, Any]:
     return value
 
 
-def _text(body: dict[str, Any]) -> str:
+def _chunk(body: dict[str, Any]) -> Chunk:
+    """One response's text and generations; Triton's generate endpoints write a one-element output as a scalar."""
     if "error" in body:
         raise GenerateError(str(body["error"]), 200)
-    return str(body.get("text_output", ""))
+    generations = body.get(GENERATIONS_OUTPUT)
+    if generations is not None:
+        generations = tuple(int(g) for g in np.atleast_1d(generations))
+    return str(body.get("text_output", "")), generations
 
 
 def _error_message(data: bytes) -> str:

@@ -413,7 +413,10 @@ def test_serve_ask_and_ctrl_c(
 ) -> None:
     store, port = str(trained["store"]), free_port()
     pt = reference_pt(tiny_model, tmp_path / "ref.pt")
-    assert cli(capsys, "import", "imported", str(pt), "--model", "tiny", "--store", store)[0] == 0
+    for _ in range(3):  # generation 3: not lighthouse's (1, or 2 once retrained)
+        assert cli(capsys, "import", "reimported", str(pt), "--model", "tiny", "--store", store)[0] == 0
+    generations = {c["name"]: c["generation"] for c in json.loads(cli(capsys, "ls", "--store", store, "--json")[1])}
+    assert generations["reimported"] == 3 and generations["lighthouse"] in (1, 2)
     other = tiny_llama(seed=1).fingerprint
     publish(open_store(store), store, "default", "other-model", random_cartridge(other, 4, seed=3), other)
     url = f"http://127.0.0.1:{port}"
@@ -427,14 +430,16 @@ def test_serve_ask_and_ctrl_c(
             if "serving on" in line:
                 break
         assert f"serving on {url}" in "".join(lines), "".join(lines)
-        code, out, _ = cli(
+        code, out, err = cli(
             capsys, "ask", "Who lit the lighthouse?", "-c", "lighthouse", "--url", url, "--max-tokens", "4"
         )
         assert code == 0 and out.endswith("\n")
-        code, out, _ = cli(capsys, "ask", "Hi", "-c", "lighthouse", "-c", "imported", "--url", url, "--json")
-        assert code == 0 and json.loads(out)["cartridges"] == ["lighthouse", "imported"]
+        assert err == f"answered by: lighthouse generation {generations['lighthouse']}\n"  # stdout: the answer alone
+        code, out, _ = cli(capsys, "ask", "Hi", "-c", "reimported", "-c", "lighthouse", "--url", url, "--json")
+        assert code == 0 and json.loads(out)["cartridges"] == ["reimported", "lighthouse"]
+        assert json.loads(out)["generations"] == [3, generations["lighthouse"]]
         code, out, err = cli(capsys, "ask", "Hi", "--url", url, "--repetition-penalty", "1.2", "--max-tokens", "4")
-        assert code == 0, err  # the router's config declares the input
+        assert code == 0 and err == "", err  # the router's config declares the input; no cartridge answered
         code, _, err = cli(capsys, "ask", "Hi", "-c", "nope", "--url", url)
         assert code == EXIT_NOT_FOUND and "not found" in err
         one_line_error(err)

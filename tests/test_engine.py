@@ -217,6 +217,19 @@ def test_a_failing_metrics_collection_does_not_stop_the_engine(
         failing.close()
 
 
+def test_a_completion_names_the_generation_of_each_cartridge(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    root, fingerprint = f"file://{tmp_path}", tiny_model.fingerprint
+    for seed, (name, generation) in enumerate((("old", 2), ("new", 5))):
+        publish(Store(), root, NAMESPACE, name, random_cartridge(fingerprint, 4, seed), fingerprint, generation)
+    engine = Engine(tiny_model, CartridgeCache(Store(), root, NAMESPACE, fingerprint, 1 << 20))
+    try:
+        short = SamplingParams(max_tokens=2)
+        assert engine.generate("hi", ["new", "old", "new"], short).generations == (5, 2, 5)
+        assert engine.generate("hi", [], short).generations == ()
+    finally:
+        engine.close()
+
+
 def test_streaming_chunks_join_to_the_final_text(engine: Engine) -> None:
     handle = engine.submit("stream me", ["gamma"], SamplingParams(max_tokens=16))
     chunks = list(handle)

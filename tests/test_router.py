@@ -114,6 +114,23 @@ def test_an_ended_request_is_no_longer_watched(router: Any, outbox: Any) -> None
     assert [flags for _, flags in sender.sent] == [1] and not handle.cancelled.is_set()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_last_response_names_the_generations(router: Any, outbox: Any, stream: bool) -> None:
+    """Chunks carry text only; the last response carries the rest of the text (even none) and the generations, so
+    a stream whose last event has no text still tells which generations answered."""
+    responder, _, sender, _ = submitted(router, outbox)
+    responder.stream = stream
+    responder(StreamEvent("partial"))
+    responder(StreamEvent("", completion=Completion("partial", [1], "length", 1, 8, generations=(7, 3))))
+    assert sender.final.wait(WAIT_S)
+    responses = [(dict(response[0][0]), flags) for response, flags in sender.sent]
+    *chunks, (last, flags) = responses
+    assert flags and last["cartridge_generations"].tolist() == [7, 3]
+    assert last["cartridge_generations"].dtype == np.int64
+    assert [chunk["text_output"][0] for chunk, _ in chunks] == ([b"partial"] if stream else [])
+    assert last["text_output"][0] == (b"" if stream else b"partial")
+
+
 MAX_TOKENS = 6
 
 
@@ -143,14 +160,16 @@ class Inference(Request):
     def get_response_sender(self) -> Sender:
         return self.sender
 
-    def text(self) -> str:
-        """The one response's text (a request that is not streamed gets one)."""
+    def outputs(self) -> dict[str, np.ndarray]:
+        """The one response's tensors by name (a request that is not streamed gets one)."""
         (response, flags), *rest = self.sender.sent
         assert not rest and flags, self.sender.sent
         args, kwargs = response
         assert "error" not in kwargs, kwargs["error"]
-        ((_, array),) = args[0]
-        return str(array[0].decode())
+        return dict(args[0])
+
+    def text(self) -> str:
+        return str(self.outputs()["text_output"][0].decode())
 
     def error(self) -> TritonError:
         ((response, flags),) = self.sender.sent

@@ -26,6 +26,7 @@ from cartridges.store import Store
 from cartridges.tritonserver import TritonServer
 from cartridges_e2e.triton import TritonFactory
 from cartridges_serving import MODEL_REPOSITORY, CartridgeCache, Engine, SamplingParams
+from cartridges_serving.cache import DEFAULT_POINTER_TTL_S
 from cartridges_serving.runner import LlamaRunner
 
 pytestmark = pytest.mark.triton
@@ -127,6 +128,47 @@ def test_client_grpc_and_http_give_the_same_greedy_text(
     assert client.generate(grpc_url, "Same answer?", names, max_tokens=MAX_TOKENS) == http
     assert "".join(client.generate(grpc_url, "Same answer?", names, max_tokens=MAX_TOKENS, stream=True)) == http
     assert http == expected(reference, "Same answer?", names)
+
+
+def generations_by_transport(server: TritonServer, names: list[str]) -> dict[str, tuple[int, ...] | None]:
+    """The generations each transport's answer names: HTTP generate, HTTP generate_stream and a gRPC stream."""
+    grpc_url = f"grpc://{server.grpc_url}"
+    http_stream = client.generate(server.http_url, "Which one?", names, max_tokens=MAX_TOKENS, stream=True)
+    grpc = client.generate(grpc_url, "Which one?", names, max_tokens=MAX_TOKENS, stream=True)
+    return {
+        "HTTP": client.generate(server.http_url, "Which one?", names, max_tokens=MAX_TOKENS).generations,
+        "HTTP stream": http_stream.answer().generations,
+        "gRPC stream": grpc.answer().generations,
+    }
+
+
+def promote(store_root: str, served_model: LoadedModel, name: str, generation: int) -> str:
+    fingerprint = served_model.fingerprint
+    cartridge = random_cartridge(fingerprint, 4, generation)
+    return publish(Store(), store_root, NAMESPACE, name, cartridge, fingerprint, generation=generation)
+
+
+def test_answers_name_the_generation_of_each_cartridge(
+    server: TritonServer, store_root: str, served_model: LoadedModel
+) -> None:
+    """Every transport names the generations that answered, in composition order; a promotion shows in the next
+    answer after the pointer TTL, and an unusable one leaves the generation before it answering."""
+    promote(store_root, served_model, "gen-a", 3)
+    promote(store_root, served_model, "gen-b", 7)
+    transports = ("HTTP", "HTTP stream", "gRPC stream")
+    assert generations_by_transport(server, ["gen-b", "gen-a"]) == dict.fromkeys(transports, (7, 3))
+    assert generations_by_transport(server, ["gen-a", "gen-b", "gen-a"]) == dict.fromkeys(transports, (3, 7, 3))
+    assert generations_by_transport(server, []) == dict.fromkeys(transports, ())
+    promote(store_root, served_model, "gen-a", 4)
+    deadline = time.monotonic() + DEFAULT_POINTER_TTL_S + 10
+    while client.generate(server.http_url, "hi", ["gen-a"], max_tokens=1).generations != (4,):
+        assert time.monotonic() < deadline, "the promoted generation never answered"
+        time.sleep(0.2)
+    assert generations_by_transport(server, ["gen-b", "gen-a"]) == dict.fromkeys(transports, (7, 4))
+    tensors = Path(promote(store_root, served_model, "gen-a", 5).removeprefix("file://")) / TENSORS_FILE
+    tensors.write_bytes(tensors.read_bytes()[:-8] + bytes(8))
+    time.sleep(DEFAULT_POINTER_TTL_S + 0.5)
+    assert generations_by_transport(server, ["gen-a"]) == dict.fromkeys(transports, (4,))
 
 
 def test_client_grpc_errors_are_clear(server: TritonServer) -> None:

@@ -1,4 +1,7 @@
-"""``cartridges ask``: one question to a serving endpoint, with zero, one or several cartridges, streamed."""
+"""``cartridges ask``: one question to a serving endpoint, with zero, one or several cartridges, streamed.
+
+The answer goes to stdout; which generation of each cartridge answered goes to stderr (or into ``--json``), so a
+user can check that a promotion reached serving."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from cartridges.cli.common import (
 from cartridges.error_kind import ErrorKind
 
 if TYPE_CHECKING:
-    from cartridges.client import GenerateError
+    from cartridges.client import Answer, GenerateError
 
 URL_SCHEMES = ("http://", "https://", "grpc://")
 KIND_EXIT_CODES: dict[ErrorKind, int] = {
@@ -93,12 +96,12 @@ def answer(
     max_tokens: int,
     temperature: float,
     repetition_penalty: float | None = None,
-) -> str:
+) -> Answer:
     """The whole answer, printed to stdout chunk by chunk as the server streams it."""
     from cartridges import client
 
     parts = []
-    for chunk in client.generate(
+    stream = client.generate(
         url,
         question,
         list(cartridges),
@@ -107,12 +110,22 @@ def answer(
         repetition_penalty=repetition_penalty,
         stream=True,
         timeout=300,
-    ):
+    )
+    for chunk in stream:
         parts.append(chunk)
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    return "".join(parts)
+    return client.Answer("".join(parts), stream.generations)
+
+
+def answered_by(cartridges: Sequence[str], generations: Sequence[int] | None) -> str | None:
+    """``answered by: handbook generation 3, runbooks generation 1``; None without cartridges or generations (an
+    older server)."""
+    if not cartridges or generations is None:
+        return None
+    pairs = zip(cartridges, generations, strict=False)
+    return "answered by: " + ", ".join(f"{name} generation {generation}" for name, generation in pairs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,9 +143,13 @@ def run(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
             timeout=300,
         )
-        print_json({"answer": text, "cartridges": cartridges, "seconds": round(time.monotonic() - started, 3)})
+        seconds = round(time.monotonic() - started, 3)
+        print_json({"answer": text, "cartridges": cartridges, "generations": text.generations, "seconds": seconds})
     else:
-        answer(args.url, args.question, cartridges, args.max_tokens, args.temperature, args.repetition_penalty)
+        text = answer(args.url, args.question, cartridges, args.max_tokens, args.temperature, args.repetition_penalty)
+        line = answered_by(cartridges, text.generations)
+        if line:
+            print(line, file=sys.stderr)
     return 0
 
 
@@ -167,6 +184,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="above 1 makes tokens already in the question or answer less likely; 1.1-1.3 stops a looping answer "
         "(default: the server's, 1 = off)",
     )
-    parser.add_argument("--json", action="store_true", help="print {answer, cartridges, seconds} once done")
+    parser.add_argument(
+        "--json", action="store_true", help="print {answer, cartridges, generations, seconds} once done"
+    )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     parser.set_defaults(func=run)

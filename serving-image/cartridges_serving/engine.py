@@ -64,6 +64,9 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     cartridge_tokens: int
+    # the generation of each requested cartridge that answered, in composition order: a promotion reaches serving
+    # within the pointer TTL, and an unusable one leaves the generation before it answering
+    generations: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,10 @@ class TokenRate:
         return sum(n for _, n in recent[1:]) / (now - recent[0][0])  # the oldest step's tokens came before it
 
 
+def generations(uses: Sequence[LoadedCartridge]) -> tuple[int, ...]:
+    return tuple(use.generation for use in uses)
+
+
 @dataclass(frozen=True)
 class _Submitted:
     """A request as submitted, before a loader thread validates it, loads its cartridges and tokenizes it."""
@@ -281,7 +288,14 @@ class _Active:
         return [*self.prompt_ids, *self.generated] if self.params.repetition_penalty != 1 else []
 
     def completion(self, reason: FinishReason) -> Completion:
-        return Completion(self.text.text, list(self.generated), reason, len(self.prompt_ids), self.cartridge_tokens)
+        return Completion(
+            self.text.text,
+            list(self.generated),
+            reason,
+            len(self.prompt_ids),
+            self.cartridge_tokens,
+            generations(self.uses),
+        )
 
 
 class Engine:
@@ -461,7 +475,8 @@ class Engine:
             self._preparing -= 1
             self._finished += 1
         cartridge_tokens = sum(use.cartridge.p for use in uses)
-        handle._emit(StreamEvent("", completion=Completion("", [], "cancelled", 0, cartridge_tokens)))
+        completion = Completion("", [], "cancelled", 0, cartridge_tokens, generations(uses))
+        handle._emit(StreamEvent("", completion=completion))
 
     def generate(
         self, prompt: str, cartridges: Sequence[str] = (), params: SamplingParams | None = None, *, chat: bool = True

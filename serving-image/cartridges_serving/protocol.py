@@ -2,7 +2,8 @@
 
 Inputs: ``text_input`` (BYTES, one element), optional ``max_tokens`` (INT32), ``temperature`` (FP32), ``top_p``
 (FP32), ``repetition_penalty`` (FP32), ``seed`` (INT64), ``stream`` (BOOL), ``stop`` (BYTES list), ``cartridges``
-(BYTES list, in composition order). Output: ``text_output`` (BYTES).
+(BYTES list, in composition order). Outputs: ``text_output`` (BYTES), and in the last response
+``cartridge_generations`` (INT64 list: the generation of each cartridge that answered, in composition order).
 """
 
 from __future__ import annotations

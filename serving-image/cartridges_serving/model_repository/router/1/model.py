@@ -3,13 +3,13 @@
 ``execute`` only parses a request and submits it: the engine loads cartridges and tokenizes on its own loader
 threads, so a slow cartridge load never holds up the requests after it. The engine answers on its threads through
 a per-request callback (a refused request's error included); streaming requests get one response per
-text chunk, others one response with the whole text. Sending a response and asking whether the client went away
-are round trips to the server process, so the callback only queues the event and one outbox thread does the
-talking: the engine's decode steps never wait on IPC. The same thread asks every live request, every
-``CANCEL_CHECK_INTERVAL_S``, whether its client went away, whether or not the request produces anything: a queued
-request or one reading a long prompt is cancelled too (the engine retires it before its next step). Every failure
-is that request's error response; the model and the other requests carry on. Configuration comes from the
-environment (see ``EngineConfig.from_env``).
+text chunk, others one response with the whole text; the last response also carries ``cartridge_generations``.
+Sending a response and asking whether the client went away are round trips to the server process, so the callback
+only queues the event and one outbox thread does the talking: the engine's decode steps never wait on IPC. The same
+thread asks every live request, every ``CANCEL_CHECK_INTERVAL_S``, whether its client went away, whether or not the
+request produces anything: a queued request or one reading a long prompt is cancelled too (the engine retires it
+before its next step). Every failure is that request's error response; the model and the other requests carry on.
+Configuration comes from the environment (see ``EngineConfig.from_env``).
 """
 
 import json
@@ -66,7 +66,18 @@ def error_response(error: EngineError) -> "pb_utils.InferenceResponse":
 
 
 def text_response(text: str) -> "pb_utils.InferenceResponse":
-    return pb_utils.InferenceResponse([pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_))])
+    return pb_utils.InferenceResponse([text_tensor(text)])
+
+
+def final_response(text: str, generations: tuple[int, ...]) -> "pb_utils.InferenceResponse":
+    """A request's last response: its remaining text (possibly empty) and which generation of each cartridge
+    answered, so a client can tell whether a promotion reached it."""
+    generations_tensor = pb_utils.Tensor("cartridge_generations", np.array(generations, dtype=np.int64))
+    return pb_utils.InferenceResponse([text_tensor(text), generations_tensor])
+
+
+def text_tensor(text: str) -> "pb_utils.Tensor":
+    return pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_))
 
 
 class Outbox:
@@ -167,15 +178,14 @@ class Responder:
     def deliver(self, event: StreamEvent) -> None:
         if event.error is not None:
             self.sender.send(error_response(event.error), flags=FINAL)
+        elif event.completion is not None:
+            text = event.text if self.stream else "".join([*self.parts, event.text])
+            self.sender.send(final_response(text, event.completion.generations), flags=FINAL)
         elif self.stream:
-            if event.final:
-                self.sender.send(text_response(event.text) if event.text else None, flags=FINAL)
-            elif event.text:
+            if event.text:
                 self.sender.send(text_response(event.text))
         else:
             self.parts.append(event.text)
-            if event.final:
-                self.sender.send(text_response("".join(self.parts)), flags=FINAL)
 
 
 class Metrics:
