@@ -600,11 +600,14 @@ def test_concurrent_misses_share_one_load(tiny_model: LoadedModel, store_root: s
         assert first_out[0] is second_out[0]
 
 
+def cache_on_clock(store: Store, root: str, model: LoadedModel, now: list[float]) -> CartridgeCache:
+    """A 1 MiB cache whose 2 s pointer TTL runs on ``now[0]``, which the test moves."""
+    return CartridgeCache(store, root, NAMESPACE, model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0])
+
+
 def test_promoted_generation_is_served_once_the_pointer_expires(tiny_model: LoadedModel, tmp_path: Path) -> None:
     root, store, now = f"file://{tmp_path}", CountingStore(), [0.0]
-    cache = CartridgeCache(
-        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
-    )
+    cache = cache_on_clock(store, root, tiny_model, now)
     with pytest.raises(CartridgeNotFound):
         cache.get("doc")
     publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
@@ -639,9 +642,7 @@ def test_a_slow_pointer_read_never_replaces_a_newer_one(tiny_model: LoadedModel,
     """Two refreshes cross a promotion: the one that started first read g1, the later one g2 and finished first.
     The older answer must not overwrite the newer one (g1 would be served, and loaded again, for another TTL)."""
     root, store, now = f"file://{tmp_path}", SlowFirstPointerRead(), [0.0]
-    cache = CartridgeCache(
-        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
-    )
+    cache = cache_on_clock(store, root, tiny_model, now)
     fingerprint = tiny_model.fingerprint
     publish(store, root, NAMESPACE, "doc", random_cartridge(fingerprint, 4, 0), fingerprint)
     slow, outcome = in_thread(lambda: cache.get("doc"))
@@ -670,9 +671,7 @@ class FlakyStore(CountingStore):
 
 def test_cached_cartridges_are_served_while_the_store_is_down(tiny_model: LoadedModel, tmp_path: Path) -> None:
     root, store, now = f"file://{tmp_path}", FlakyStore(), [0.0]
-    cache = CartridgeCache(
-        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
-    )
+    cache = cache_on_clock(store, root, tiny_model, now)
     for name in ("doc", "other"):
         publish(store, root, NAMESPACE, name, random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
     served = cache.get("doc")
@@ -691,9 +690,7 @@ def test_an_unusable_promotion_is_tried_once_and_the_last_good_generation_stays_
     tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
     root, store, now = f"file://{tmp_path}", CountingLoads(), [0.0]
-    cache = CartridgeCache(
-        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
-    )
+    cache = cache_on_clock(store, root, tiny_model, now)
     other = tiny_llama(seed=1).fingerprint
     publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
     publish(store, root, NAMESPACE, "fresh", random_cartridge(other, 4, 1), other)
@@ -716,9 +713,7 @@ def test_a_replaced_or_deleted_generation_is_freed_once_no_request_uses_it(
     tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
     root, store, now = f"file://{tmp_path}", Store(), [0.0]
-    cache = CartridgeCache(
-        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
-    )
+    cache = cache_on_clock(store, root, tiny_model, now)
     first = random_cartridge(tiny_model.fingerprint, 4, 0)
     publish(store, root, NAMESPACE, "doc", first, tiny_model.fingerprint)
     running = cache.acquire("doc")  # a request runs on g1 ...
@@ -743,9 +738,7 @@ def test_a_request_running_through_a_promotion_finishes_on_its_generation(
     tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
     root, store, now = f"file://{tmp_path}", Store(), [0.0]
-    cache = CartridgeCache(
-        store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0]
-    )
+    cache = cache_on_clock(store, root, tiny_model, now)
     engine = Engine(tiny_model, cache, max_batch_size=4)
     try:
         publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 6, 0), tiny_model.fingerprint)

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -623,26 +624,57 @@ def test_restart_skips_finished_shards_and_steps(
     assert manifest["training"]["resumed_from_step"] == 0
 
 
-def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
-    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
-) -> None:
-    """Kill a one-process run mid-distillation, finish it with torchrun on two CPU ranks (gloo): no step is
-    repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients)."""
+@dataclass
+class CliRun:
+    """A 300-step run of the trainer's entry point as its container starts it (a subprocess, one thread per process):
+    long enough to interrupt mid-distillation."""
+
+    store: Store
+    config: TrainerConfig
+    options: TrainerOptions
+    args: list[str]  # after the interpreter: -m cartridges_trainer ...
+    env: dict[str, str]
+
+    @property
+    def checkpoints(self) -> str:
+        return f"{self.config.output_prefix}/checkpoints"
+
+    def progress(self) -> Progress | None:
+        uri = f"{self.config.output_prefix}/{PROGRESS_FILE}"
+        return Progress.model_validate(self.store.get_json(uri)) if self.store.exists(uri) else None
+
+    def wait_until_training(self, process: subprocess.Popen[Any], timeout_s: float) -> None:
+        """Until the run has trained a step (or ended, or ``timeout_s`` passed)."""
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and time.monotonic() < deadline:
+            if (seen := self.progress()) is not None and seen.phase == "training" and seen.step > 0:
+                return
+            time.sleep(0.05)
+
+
+def cli_run(model: LoadedModel, root: str, tmp_path: Path, checkpoint_every: int) -> CliRun:
     store = Store()
-    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
-    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
-    config = make_config(file_store_root, corpus, steps=300, conversations=4)
+    put_model(model, store, f"{root}/models/tiny")
+    config = make_config(root, put_corpus(store, root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4)
     config_file = tmp_path / "config.json"
     config_file.write_text(config.model_dump_json())
-    options = OPTIONS.model_copy(update={"checkpoint_every": 20})
+    options = OPTIONS.model_copy(update={"checkpoint_every": checkpoint_every})
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
         "OMP_NUM_THREADS": "1",
     }
     args = ["-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options.model_dump_json()]
-    checkpoints = f"{config.output_prefix}/checkpoints"
+    return CliRun(store, config, options, args, env)
 
+
+def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """Kill a one-process run mid-distillation, finish it with torchrun on two CPU ranks (gloo): no step is
+    repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients)."""
+    run = cli_run(tiny_model, file_store_root, tmp_path, checkpoint_every=20)
+    store, config, args, env, checkpoints = run.store, run.config, run.args, run.env, run.checkpoints
     process = subprocess.Popen([sys.executable, *args], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not store.list(checkpoints) and process.poll() is None and time.monotonic() < deadline:
@@ -665,7 +697,7 @@ def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
 
     reference = config.model_copy(update={"generation": 2})
     model = load_base_model(config.spec.baseModel.uri, store=store)
-    train(reference, store, options=options, model=model)
+    train(reference, store, options=run.options, model=model)
     download_artifact(store, reference.output_prefix, tmp_path / "reference")
     uninterrupted, _ = load_cartridge(tmp_path / "reference")
     for a, b in zip(resumed.keys + resumed.values, uninterrupted.keys + uninterrupted.values, strict=True):
@@ -678,47 +710,26 @@ def test_cli_stopped_by_sigterm_checkpoints_its_step_and_resumes_to_the_uninterr
     """The kubelet stops a pod with SIGTERM (preemption, drain), then SIGKILL: the run finishes its step, checkpoints
     at it (no periodic checkpoint is due before the last step), writes progress and exits retryable; the next run
     resumes at that step and ends with the cartridge of an uninterrupted run, bit for bit."""
-    store = Store()
-    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
-    config = make_config(
-        file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4
-    )
-    config_file = tmp_path / "config.json"
-    config_file.write_text(config.model_dump_json())
-    options = OPTIONS.model_copy(update={"checkpoint_every": 1000})
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [sys.executable, "-m", "cartridges_trainer", "--config-file", str(config_file)]
-    command += ["--options", options.model_dump_json()]
-    progress_uri, checkpoints = f"{config.output_prefix}/{PROGRESS_FILE}", f"{config.output_prefix}/checkpoints"
-
-    def progress() -> Progress | None:
-        return Progress.model_validate(store.get_json(progress_uri)) if store.exists(progress_uri) else None
-
-    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if (seen := progress()) is not None and seen.phase == "training" and seen.step > 0:
-            break
-        time.sleep(0.05)
+    run = cli_run(tiny_model, file_store_root, tmp_path, checkpoint_every=1000)
+    store, config, checkpoints = run.store, run.config, run.checkpoints
+    command = [sys.executable, *run.args]
+    process = subprocess.Popen(command, env=run.env, stderr=subprocess.DEVNULL)
+    run.wait_until_training(process, timeout_s=120)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == EXIT_INTERRUPTED
-    stopped = progress()
+    stopped = run.progress()
     assert stopped is not None and stopped.phase == "training" and 0 < stopped.step < 300, stopped
     assert "SIGTERM" in stopped.message
     assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [f"/step-{stopped.step:08d}/state.pt"]
 
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, env=run.env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     manifest = json.loads(store.get_bytes(f"{config.output_prefix}/{MANIFEST_FILE}"))
     assert manifest["training"]["resumed_from_step"] == stopped.step
 
     reference = config.model_copy(update={"generation": 2})
     model = load_base_model(config.spec.baseModel.uri, store=store)
-    assert train(reference, store, options=options, model=model).file_sha256 == manifest["file_sha256"]
+    assert train(reference, store, options=run.options, model=model).file_sha256 == manifest["file_sha256"]
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(
@@ -726,39 +737,18 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(
 ) -> None:
     """torchrun passes SIGTERM to every rank, each at its own moment: here only rank 1 gets it, yet rank 0 stops
     after the same step (else one rank waits for the other in the next step's all-reduce) and checkpoints it."""
-    store = Store()
-    put_model(tiny_model, store, f"{file_store_root}/models/tiny")
-    config = make_config(
-        file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4
-    )
-    config_file = tmp_path / "config.json"
-    config_file.write_text(config.model_dump_json())
-    options = OPTIONS.model_copy(update={"checkpoint_every": 1000})
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options.model_dump_json()]
-    progress_uri, checkpoints = f"{config.output_prefix}/{PROGRESS_FILE}", f"{config.output_prefix}/checkpoints"
-
-    def progress() -> Progress | None:
-        return Progress.model_validate(store.get_json(progress_uri)) if store.exists(progress_uri) else None
-
-    launcher = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while launcher.poll() is None and time.monotonic() < deadline:
-        if (seen := progress()) is not None and seen.phase == "training" and seen.step > 0:
-            break
-        time.sleep(0.05)
+    run = cli_run(tiny_model, file_store_root, tmp_path, checkpoint_every=1000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *run.args]
+    launcher = subprocess.Popen(command, env=run.env, stderr=subprocess.PIPE, text=True)
+    run.wait_until_training(launcher, timeout_s=180)
     os.kill(rank_process(launcher.pid, rank=1), signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode not in (EXIT_OK, EXIT_PERMANENT), stderr[-3000:]
     assert stderr.count("stopped by SIGTERM; ") == 2, stderr[-3000:]
-    stopped = progress()
+    stopped = run.progress()
     assert stopped is not None and stopped.phase == "training" and 0 < stopped.step < 300, stopped
-    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [f"/step-{stopped.step:08d}/state.pt"]
+    checkpoints = run.store.list(run.checkpoints)
+    assert [u.removeprefix(run.checkpoints) for u in checkpoints] == [f"/step-{stopped.step:08d}/state.pt"]
 
 
 def rank_process(launcher: int, rank: int) -> int:
