@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -822,6 +823,7 @@ def test_bad_input_exits_permanent_when_the_store_refuses_the_failed_progress(
         return put_json(self, uri, value)
 
     monkeypatch.setattr(Store, "put_json", down_when_failing)
+    caplog.set_level(logging.WARNING, logger="cartridges_trainer.pipeline")  # the CLI's tests leave the root at ERROR
     assert main(["--config", config.model_dump_json(), "--options", OPTIONS.model_dump_json()]) == EXIT_PERMANENT
     assert "has 0 tokens" in capsys.readouterr().err
     assert any("connection refused" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
