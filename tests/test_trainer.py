@@ -300,7 +300,7 @@ def test_a_diverged_loss_stops_training_for_good_naming_the_step_and_the_learnin
     workspace = Workspace(store, config.output_prefix, tmp_path)
     progress = ProgressReporter(store, config.output_prefix, interval_s=0.0)
     with pytest.raises(InputError) as caught:
-        distill(tiny_model, init, shard.conversations, spec, OPTIONS, workspace, progress, World(), "key")
+        distill(tiny_model, init, shard.conversations, spec, OPTIONS, workspace, progress, World(), "key", None)
     message = str(caught.value)
     assert "diverged at step 1" in message and "lower spec.training.learningRate (now 0.01)" in message
     assert store.list(f"{config.output_prefix}/checkpoints") == []
@@ -325,7 +325,7 @@ def test_a_non_finite_gradient_stops_training_before_it_reaches_the_cartridge(
     workspace = Workspace(store, config.output_prefix, tmp_path)
     progress = ProgressReporter(store, config.output_prefix, interval_s=0.0)
     with pytest.raises(InputError, match="diverged at step 1: .* gradient norm is nan"):
-        distill(tiny_model, init, shard.conversations, config.spec, OPTIONS, workspace, progress, World(), "key")
+        distill(tiny_model, init, shard.conversations, config.spec, OPTIONS, workspace, progress, World(), "key", None)
     assert store.list(f"{config.output_prefix}/checkpoints") == []
 
 
@@ -429,6 +429,20 @@ def count_synthesized(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return made
 
 
+def count_checkpoint_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The checkpoint folders (``step-<step>``) whose state file is loaded from now on, in order."""
+    loaded: list[str] = []
+    real = torch.load
+
+    def counting(f: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(f, Path) and f.name == distill_module.STATE_FILE:
+            loaded.append(f.parent.name)
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    return loaded
+
+
 @pytest.mark.parametrize("spelling", ["file:///path", "file:///pa//th"])
 def test_a_new_generation_reuses_the_synthesis_of_one_made_from_the_same_inputs(
     tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch, spelling: str
@@ -481,17 +495,19 @@ def test_leftovers_of_another_run_under_the_prefix_are_discarded_not_resumed(
 
 
 def test_a_run_resumed_after_its_last_checkpoint_reports_the_final_loss(
-    tiny_model: LoadedModel, file_store_root: str
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed after the last step's checkpoint but before the manifest upload, the rerun trains no step: its
     final_loss is the checkpointed one (not NaN, which is no JSON). A checkpoint from before losses were recorded
-    gives null (unknown)."""
+    gives null (unknown). The checkpoint (gigabytes with the Adam state of a large model) is loaded once."""
     store = Store()
     config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
     manifest_path = Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key)
     uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)
     manifest_path.unlink()  # as if killed before the upload
+    loads = count_checkpoint_loads(monkeypatch)
     resumed = train(config, store, options=OPTIONS, model=tiny_model)
+    assert loads == ["step-00000004"]
     assert resumed.training["resumed_from_step"] == config.spec.training.steps
     assert resumed.training["final_loss"] == uninterrupted.training["final_loss"]
     json.loads(manifest_path.read_text(), parse_constant=lambda name: pytest.fail(f"manifest holds {name}"))
@@ -527,8 +543,10 @@ def test_a_corrupt_checkpoint_is_discarded_and_training_resumes_from_the_one_bef
     newest = Path(StoreURI.parse(store.list(checkpoints)[-1]).key)
     newest.write_bytes(b"half a checkpoint" if damage == "garbage" else newest.read_bytes()[:1000])
 
+    loads = count_checkpoint_loads(monkeypatch)
     with caplog.at_level("WARNING"):
         resumed = train(config, store, options=OPTIONS, model=tiny_model)
+    assert loads == ["step-00000004", "step-00000002"]  # each once
     assert resumed.training["resumed_from_step"] == 2
     assert resumed.file_sha256 == uninterrupted.file_sha256
     assert "step-00000004/state.pt is unreadable" in caplog.text

@@ -187,14 +187,17 @@ def load_checkpoint(workspace: Workspace, inputs_key: str) -> dict[str, Any] | N
     return None
 
 
-def discard_stale_checkpoints(workspace: Workspace, inputs_key: str) -> None:
-    """Delete the checkpoints under the workspace unless the newest readable one was trained on ``inputs_key``: they
-    were left by another run under this prefix (e.g. a cartridge deleted mid-training and created again on other
-    inputs)."""
-    if _latest_checkpoint(workspace) is not None and load_checkpoint(workspace, inputs_key) is None:
+def load_or_discard_checkpoints(workspace: Workspace, inputs_key: str) -> dict[str, Any] | None:
+    """:func:`load_checkpoint`, deleting every checkpoint under the workspace when the newest readable one was trained
+    on other inputs: they were left by another run under this prefix (e.g. a cartridge deleted mid-training and
+    created again on other inputs). Rank 0 calls it once at the start and hands the state to :func:`distill`: a
+    checkpoint with Adam state is gigabytes, not to be loaded twice."""
+    state = load_checkpoint(workspace, inputs_key)
+    if state is None and _latest_checkpoint(workspace) is not None:
         log.warning("discarding the checkpoints under %s; training starts afresh", workspace.uri(CHECKPOINT_FOLDER))
         workspace.delete(CHECKPOINT_FOLDER)
         shutil.rmtree(workspace.local / CHECKPOINT_FOLDER, ignore_errors=True)
+    return state
 
 
 def distill(
@@ -207,9 +210,10 @@ def distill(
     progress: ProgressReporter,
     world: World,
     inputs_key: str,
+    checkpoint: dict[str, Any] | None,
 ) -> tuple[Cartridge, dict[str, float | int | None]]:
-    """Train ``spec.training.steps`` Adam steps (resuming from the latest checkpoint trained on ``inputs_key``); the
-    cartridge and run stats.
+    """Train ``spec.training.steps`` Adam steps, resuming from ``checkpoint`` (the state :func:`load_checkpoint` read,
+    if any); the cartridge and run stats. New checkpoints record ``inputs_key``.
 
     With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints. After SIGTERM
     every rank stops after the same step, checkpointed, and raises :class:`Interrupted`.
@@ -225,11 +229,11 @@ def distill(
     # The last step's loss. A checkpoint saved before checkpoints recorded it gives None (null in the manifest:
     # unknown), which the loop replaces unless the run resumes after its last step; never NaN (not valid JSON).
     loss_value: float | None = None
-    if (state := load_checkpoint(workspace, inputs_key)) is not None:
-        trainable.load_state_dict(state["cartridge"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        loss_value = state.get("loss")
+    if checkpoint is not None:
+        trainable.load_state_dict(checkpoint["cartridge"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start = int(checkpoint["step"])
+        loss_value = checkpoint.get("loss")
         log.info("resuming distillation at step %d", start)
     pad_id = lm.tokenizer.pad_token_id or 0
     progress.phase("training", total=training.steps, done=start)

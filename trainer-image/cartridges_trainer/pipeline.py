@@ -28,7 +28,7 @@ from cartridges.layout import EVAL_FILE, TRAINING_INPUTS_FILE
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model
 from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreError
 from cartridges_trainer.corpus import Corpus, load_corpus
-from cartridges_trainer.distill import discard_stale_checkpoints, distill, initial_cartridge
+from cartridges_trainer.distill import distill, initial_cartridge, load_checkpoint, load_or_discard_checkpoints
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.options import TrainerOptions
@@ -105,17 +105,19 @@ def _prepare_workspace(
     options: TrainerOptions,
     workspace: Workspace,
     world: World,
-) -> tuple[str | None, str]:
+) -> tuple[str | None, str, dict[str, Any] | None]:
     """Rank 0 discards what another run left under this prefix (checkpoints or shards of other inputs), copies the
     shards of the newest earlier generation of this cartridge made from the same inputs (a change of p, training or
     quantization needs no new synthesis) or records the inputs of the shards to come, and records the training
-    inputs (``layout.TRAINING_INPUTS_FILE``); the other ranks wait for it. Returns the prefix the shards were copied
-    from and the training inputs' key."""
-    reused = None
+    inputs (``layout.TRAINING_INPUTS_FILE``); the other ranks wait for it, then load the checkpoint it kept. Returns
+    the prefix the shards were copied from, the training inputs' key and the checkpoint to resume from (loaded once
+    per rank: it is gigabytes)."""
+    reused: str | None = None
+    checkpoint: dict[str, Any] | None = None
     synthesis = synthesis_inputs(lm, corpus, config.spec.selfStudy, options)
     inputs = _recorded_inputs(config, options, synthesis)
     if world.is_main:
-        discard_stale_checkpoints(workspace, inputs["key"])
+        checkpoint = load_or_discard_checkpoints(workspace, inputs["key"])
         workspace.store.put_json(workspace.uri(TRAINING_INPUTS_FILE), inputs)
         generations = layout.stored_generations(workspace.store, config.store_root, config.namespace, config.cartridge)
         earlier = [
@@ -127,7 +129,9 @@ def _prepare_workspace(
         if reused:
             log.info("synthesis shards copied from %s (same model, corpus and selfStudy)", reused)
     world.barrier()
-    return reused, inputs["key"]
+    if not world.is_main:
+        checkpoint = load_checkpoint(workspace, inputs["key"])
+    return reused, inputs["key"], checkpoint
 
 
 def train(
@@ -189,13 +193,16 @@ def _run(
     init = initial_cartridge(lm, corpus, spec, options.seed)
 
     started = time.monotonic()
-    reused, inputs_key = _prepare_workspace(config, lm, corpus, options, workspace, world)
+    reused, inputs_key, checkpoint = _prepare_workspace(config, lm, corpus, options, workspace, world)
     train_shards, eval_shards = synthesize(lm, corpus, spec.selfStudy, options, workspace, progress, world)
     synthesis_rate = progress.progress.tokens_per_s  # None when every shard was already stored
     stats: dict[str, float | int | None] = {"synthesis_seconds": time.monotonic() - started}
     conversations = [c for shard in train_shards for c in shard.conversations]
     started = time.monotonic()
-    cartridge, distill_stats = distill(lm, init, conversations, spec, options, workspace, progress, world, inputs_key)
+    cartridge, distill_stats = distill(
+        lm, init, conversations, spec, options, workspace, progress, world, inputs_key, checkpoint
+    )
+    del checkpoint  # gigabytes with the Adam state: not held through evaluation and upload
     stats |= distill_stats | {"distill_seconds": time.monotonic() - started}
     rates = {"synthesis_tokens_per_s": synthesis_rate, "distill_tokens_per_s": progress.progress.tokens_per_s}
     if not world.is_main:
