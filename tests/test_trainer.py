@@ -557,24 +557,26 @@ def test_objects_under_checkpoints_that_are_no_checkpoint_are_ignored_with_a_war
     tiny_model: LoadedModel, file_store_root: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another tool may write under checkpoints/ (a note, a step folder without state.pt): such names must not stop
-    every retry of the Job; the run resumes from the real checkpoint and leaves them alone."""
+    every retry of the Job; the run saves, prunes and resumes the real checkpoints and leaves them alone. Each is
+    warned about once, though the folder is listed at every checkpoint save."""
     store = Store()
     config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
-    uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)
-    Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key).unlink()  # as if killed before the upload
     checkpoints = f"{config.output_prefix}/checkpoints"
     strays = ["/README.txt", "/backup/state.pt", "/step-latest/state.pt", "/step-00000009/notes.txt"]
     for name in strays:
         store.put_bytes(f"{checkpoints}{name}", b"not a checkpoint")
 
-    with caplog.at_level("WARNING"):
-        resumed = train(config, store, options=OPTIONS, model=tiny_model)
+    caplog.set_level(logging.WARNING, logger=distill_module.log.name)
+    uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)  # checkpoints at steps 2 and 4
+    Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key).unlink()  # as if killed before the upload
+    resumed = train(config, store, options=OPTIONS, model=tiny_model)
     assert resumed.training["resumed_from_step"] == 4
     assert resumed.file_sha256 == uninterrupted.file_sha256
-    assert all(f"checkpoints{name}" in caplog.text for name in strays)
     assert sorted(u.removeprefix(checkpoints) for u in store.list(checkpoints)) == sorted(
         [*strays, "/step-00000004/state.pt"]
     )
+    warned = [m.split(": not a checkpoint")[0] for m in caplog.messages if "not a checkpoint" in m]
+    assert sorted(warned) == sorted(f"ignoring {checkpoints}{name}" for name in strays)  # once per process
 
 
 @pytest.mark.parametrize("error", [IntegrityError, StoreUnavailable])

@@ -6,6 +6,7 @@ continues with exactly the batches it would have seen; no RNG state needs saving
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pickle
@@ -118,6 +119,13 @@ def _checkpoint_dir(step: int) -> str:
     return f"{CHECKPOINT_FOLDER}/step-{step:08d}"
 
 
+@functools.cache
+def _warn_not_a_checkpoint(uri: str) -> None:
+    """Once per object and process: the folder is listed at every checkpoint save, and one stray object must not
+    fill the log."""
+    log.warning("ignoring %s: not a checkpoint (%s/step-<step>/%s)", uri, CHECKPOINT_FOLDER, STATE_FILE)
+
+
 def _stored_steps(workspace: Workspace) -> list[int]:
     """The steps of the stored checkpoints, newest first. Other objects under the folder (another tool's) are
     ignored with a warning, not refused: that would fail every retry of the Job the same way."""
@@ -126,9 +134,7 @@ def _stored_steps(workspace: Workspace) -> list[int]:
         if match := CHECKPOINT_NAME.fullmatch(name):
             steps.add(int(match[1]))
         else:
-            log.warning(
-                "ignoring %s: not a checkpoint (%s/step-<step>/%s)", workspace.uri(name), CHECKPOINT_FOLDER, STATE_FILE
-            )
+            _warn_not_a_checkpoint(workspace.uri(name))
     return sorted(steps, reverse=True)
 
 
