@@ -600,9 +600,13 @@ def test_concurrent_misses_share_one_load(tiny_model: LoadedModel, store_root: s
         assert first_out[0] is second_out[0]
 
 
-def cache_on_clock(store: Store, root: str, model: LoadedModel, now: list[float]) -> CartridgeCache:
-    """A 1 MiB cache whose 2 s pointer TTL runs on ``now[0]``, which the test moves."""
-    return CartridgeCache(store, root, NAMESPACE, model.fingerprint, 1 << 20, pointer_ttl_s=2, clock=lambda: now[0])
+def cache_on_clock(
+    store: Store, root: str, model: LoadedModel, now: list[float], capacity_bytes: int = 1 << 20
+) -> CartridgeCache:
+    """A cache (1 MiB unless told) whose 2 s pointer TTL runs on ``now[0]``, which the test moves."""
+    return CartridgeCache(
+        store, root, NAMESPACE, model.fingerprint, capacity_bytes, pointer_ttl_s=2, clock=lambda: now[0]
+    )
 
 
 def test_promoted_generation_is_served_once_the_pointer_expires(tiny_model: LoadedModel, tmp_path: Path) -> None:
@@ -622,39 +626,116 @@ def test_promoted_generation_is_served_once_the_pointer_expires(tiny_model: Load
     assert store.pointer_reads == reads + 1
 
 
-class SlowFirstPointerRead(Store):
-    """The first ``current.json`` read returns what it read only once ``release`` is set: a slow round trip."""
+class SlowPointerRead(CountingStore):
+    """The next ``current.json`` read while ``slow`` is set (the first, unless a test clears it) returns what it read
+    only once ``release`` is set: a slow round trip (that then fails if ``fail`` is set: a store timing out). Other
+    reads are counted and answered at once."""
+
+    fail = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.read, self.release, self.first = threading.Event(), threading.Event(), True
+        self.read, self.release, self.slow = threading.Event(), threading.Event(), True
 
     def get_json(self, uri: str) -> Any:
         data = super().get_json(uri)
-        if uri.endswith(layout.CURRENT_POINTER) and self.first:
-            self.first = False
+        if uri.endswith(layout.CURRENT_POINTER) and self.slow:
+            self.slow = False
             self.read.set()
             self.release.wait(WAIT_S)
+            if self.fail:
+                raise StoreError("read timed out (simulated)", uri)
         return data
 
 
 def test_a_slow_pointer_read_never_replaces_a_newer_one(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    """Two refreshes cross a promotion: the one that started first read g1, the later one g2 and finished first.
-    The older answer must not overwrite the newer one (g1 would be served, and loaded again, for another TTL)."""
-    root, store, now = f"file://{tmp_path}", SlowFirstPointerRead(), [0.0]
+    """Two refreshes cross a promotion: the one that started first read g1 and is still out after a TTL, so the next
+    request reads again, g2, and finishes first. The older answer must not overwrite the newer one (g1 would be
+    served, and loaded again, for another TTL)."""
+    root, store, now = f"file://{tmp_path}", SlowPointerRead(), [0.0]
     cache = cache_on_clock(store, root, tiny_model, now)
     fingerprint = tiny_model.fingerprint
     publish(store, root, NAMESPACE, "doc", random_cartridge(fingerprint, 4, 0), fingerprint)
     slow, outcome = in_thread(lambda: cache.get("doc"))
     assert store.read.wait(WAIT_S)  # it read g1 and is still on its way back
     publish(store, root, NAMESPACE, "doc", random_cartridge(fingerprint, 5, 1), fingerprint, 2)
-    now[0] = 0.5
+    now[0] = 2.5  # a read that started a TTL ago is as stale as a pointer read then: not waited for
     assert cache.get("doc").generation == 2
     store.release.set()
     slow.join(WAIT_S)
     assert outcome[0].generation == 1  # the slow request itself is served what it read
-    now[0] = 1.0
-    assert cache.get("doc").generation == 2
+    now[0] = 3.0
+    assert cache.get("doc").generation == 2 and store.pointer_reads == 2
+
+
+def requests_during_a_slow_pointer_read(
+    cache: CartridgeCache, store: SlowPointerRead
+) -> list[tuple[threading.Thread, list[Any]]]:
+    """A request for ``doc`` whose pointer read the store holds, then 7 more while it is held (nothing released)."""
+    first = in_thread(lambda: cache.get("doc"))
+    assert store.read.wait(WAIT_S)
+    return [first, *(in_thread(lambda: cache.get("doc")) for _ in range(7))]
+
+
+def outcomes(requests: list[tuple[threading.Thread, list[Any]]]) -> list[Any]:
+    """What each request returned or raised, once all of them ended."""
+    for thread, _ in requests:
+        thread.join(WAIT_S)
+    assert all(outcome for _, outcome in requests), "a request never ended"
+    return [outcome[0] for _, outcome in requests]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_concurrent_first_lookups_share_one_pointer_read(tiny_model: LoadedModel, tmp_path: Path, fail: bool) -> None:
+    """With no pointer resolved yet, requests wait for the read in flight rather than each reading the store (in an
+    outage each would wait for its own timeout); its error reaches every one of them and is not kept."""
+    root, store, now = f"file://{tmp_path}", SlowPointerRead(), [0.0]
+    cache = cache_on_clock(store, root, tiny_model, now)
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    store.fail = fail
+    requests = requests_during_a_slow_pointer_read(cache, store)
+    store.release.set()
+    served = outcomes(requests)
+    assert store.pointer_reads == 1
+    if fail:
+        assert all(isinstance(out, EngineUnavailable) and "object store error" in str(out) for out in served)
+        assert cache.get("doc").generation == 1 and store.pointer_reads == 2  # the next request reads again
+    else:
+        assert served[0].generation == 1 and all(out is served[0] for out in served)
+
+
+def test_requests_during_a_pointer_refresh_keep_the_loaded_generation(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    """Once the TTL is over one request reads the pointer again; meanwhile the others are served the generation
+    resolved before, still loaded (as through an outage), rather than each reading the store or waiting."""
+    root, store, now = f"file://{tmp_path}", SlowPointerRead(), [0.0]
+    cache = cache_on_clock(store, root, tiny_model, now)
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    store.slow = False
+    before = cache.get("doc")
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 5, 1), tiny_model.fingerprint, 2)
+    store.slow, now[0] = True, 2.0
+    refresh, *during = requests_during_a_slow_pointer_read(cache, store)
+    assert all(out is before for out in outcomes(during)) and store.pointer_reads == 2  # the refresh is still held
+    store.release.set()
+    assert outcomes([refresh])[0].generation == 2
+    assert cache.get("doc").generation == 2 and store.pointer_reads == 2
+
+
+def test_requests_during_a_pointer_refresh_wait_for_it_when_nothing_is_loaded(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    """The generation resolved before is no longer loaded: loading it would take a store round trip (and may load a
+    generation the refresh replaces), so requests wait for the one read in flight."""
+    root, store, now = f"file://{tmp_path}", SlowPointerRead(), [0.0]
+    cache = cache_on_clock(store, root, tiny_model, now, capacity_bytes=1)  # evicted as soon as unused
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    store.slow = False
+    assert cache.get("doc").generation == 1 and cache.stats().entries == 0
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 5, 1), tiny_model.fingerprint, 2)
+    store.slow, now[0] = True, 2.0
+    requests = requests_during_a_slow_pointer_read(cache, store)
+    store.release.set()
+    assert [out.generation for out in outcomes(requests)] == [2] * 8 and store.pointer_reads == 2
 
 
 class FlakyStore(CountingStore):

@@ -20,16 +20,21 @@ back. Evicting a cartridge a request still reads would free no memory, and the n
 load a second copy (and the batch would read both). So the budget is a bound on unused bytes: ``bytes`` may exceed
 ``capacity_bytes`` while entries in use (``in_use_bytes``) hold it, and drops back when they are released.
 
-Locking: one lock guards the pointers, the entries, the loads in flight and the counters, and is held only to
-look up and to update them, never across a store round trip or a load. A miss marks its key as loading (a
-``Future``) and loads without the lock; other misses on that key wait on the future, so a cartridge is loaded
-once and a failed load raises in every waiter and is not cached. ``stats()`` and hits therefore never wait on
-a load.
+Locking: one lock guards the pointers, the entries, the pointer reads and loads in flight and the counters, and is
+held only to look up and to update them, never across a store round trip or a load. Both are single-flight (see
+:class:`_Flights`): the first request to need a pointer read or a load marks it in flight (a ``Future``) and runs it
+without the lock; concurrent ones for the same id (pointer) or generation (load) wait for its outcome, so the store
+is read once, and a failure raises in every waiter and is not cached. ``stats()`` and hits therefore never wait on
+a load. A pointer read is as fresh as the pointer it will return: requests join one that started less than
+``pointer_ttl_s`` ago (a read stuck longer is not waited for: the next request reads again, and the older answer
+never replaces the newer). While a pointer refresh is in flight, requests whose previous generation is still
+loaded are served it, as through an outage, rather than wait for the store; the others wait for the refresh.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -38,6 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 from pydantic import ValidationError
@@ -62,6 +68,10 @@ from cartridges_serving.errors import (
 log = logging.getLogger(__name__)
 
 DEFAULT_POINTER_TTL_S = 2.0
+
+K = TypeVar("K")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,57 @@ def check_cartridge_id(cartridge_id: str, namespace: str) -> None:
         )
 
 
+class _Flights(Generic[K, T]):
+    """Calls in flight by key, so that concurrent requests for one key share one call (one pointer read, one load):
+    the first registers it and runs it, the others wait for its outcome. Guarded by the cache's ``lock``, which is
+    held to register and to retire a call (and to record its outcome, in the same step), never while one runs."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._calls: dict[K, tuple[float, Future[T]]] = {}
+
+    def find(self, key: K, started_after: float = -math.inf) -> Future[T] | None:
+        """The call in flight for ``key``, if it started after ``started_after``. Lock held."""
+        call = self._calls.get(key)
+        return call[1] if call is not None and call[0] > started_after else None
+
+    def start(self, key: K, started: float = 0.0) -> Future[T]:
+        """Register the caller's call for ``key``, in place of any older one (whose outcome still reaches its own
+        waiters). Lock held."""
+        call: Future[T] = Future()
+        self._calls[key] = (started, call)
+        return call
+
+    def run(
+        self,
+        key: K,
+        call: Future[T],
+        work: Callable[[], T],
+        done: Callable[[T], R],
+        failed: Callable[[BaseException], object] = lambda _: None,
+    ) -> R:
+        """Run ``work`` for the ``call`` :meth:`start` returned; then, with the lock held, retire it and let ``done``
+        or ``failed`` record the outcome (one step: no request finds neither the call nor what it left), and hand
+        the value or the error to every waiter. A failure is not kept: the next request calls again."""
+        try:
+            value = work()
+        except BaseException as err:
+            with self._lock:
+                self._retire(key, call)
+                failed(err)
+            call.set_exception(err)
+            raise
+        with self._lock:
+            self._retire(key, call)
+            kept = done(value)
+        call.set_result(value)
+        return kept
+
+    def _retire(self, key: K, call: Future[T]) -> None:
+        if key in self._calls and self._calls[key][1] is call:
+            del self._calls[key]
+
+
 class CartridgeCache:
     """Loads cartridges for one (store root, namespace, base model) and keeps at most ``capacity_bytes`` of them,
     plus those requests use (see the module's docstring). Thread-safe: the engine's submitters acquire, its
@@ -123,12 +184,13 @@ class CartridgeCache:
         self.pointer_ttl_s, self._clock = pointer_ttl_s, clock
         self._pointers: dict[str, tuple[float, layout.Pointer]] = {}
         self._entries: OrderedDict[tuple[str, int, str], LoadedCartridge] = OrderedDict()
-        self._loading: dict[tuple[str, int, str], Future[LoadedCartridge]] = {}
+        self._lock = threading.Lock()
+        self._reads: _Flights[str, layout.Pointer] = _Flights(self._lock)  # pointer reads by id
+        self._loading: _Flights[tuple[str, int, str], LoadedCartridge] = _Flights(self._lock)  # loads by generation
         self._uses: dict[tuple[str, int, str], int] = {}  # entries in use: never evicted
         self._served: dict[str, layout.Pointer] = {}  # the generation each id was last served from
         self._unusable: dict[tuple[str, int, str], str] = {}  # generations that failed to load as invalid: why
         self._oversized: set[tuple[str, int, str]] = set()  # generations larger than the budget, said once
-        self._lock = threading.Lock()
         self._hits = self._misses = self._bytes = 0
 
     def get(self, cartridge_id: str) -> LoadedCartridge:
@@ -175,33 +237,34 @@ class CartridgeCache:
             if key in self._entries:
                 self._hits += 1
                 return self._keep(pointer, self._entries[key], use)
-            loading = self._loading.get(key)
+            loading = self._loading.find(key)
             if loading is not None:
                 self._hits += 1  # another thread's load serves this one: the store is read once
             else:
                 self._misses += 1
-                owned: Future[LoadedCartridge] = Future()
-                self._loading[key] = owned
+                owned = self._loading.start(key)
         if loading is not None:
             loaded = loading.result()  # raises the load's error
             with self._lock:  # kept again if it was evicted meanwhile: the object is alive, never load a copy
                 return self._keep(pointer, loaded, use)
-        try:
-            loaded = self._load(cartridge_id, pointer)
-        except BaseException as err:  # every waiter gets the error; only an unusable artifact is remembered
-            with self._lock:
-                del self._loading[key]
-                if isinstance(err, CartridgeInvalid):
-                    self._unusable[key] = str(err)
-                    log.warning("%s (serving the generation served before it, if any)", err)
-            owned.set_exception(err)
-            raise
-        with self._lock:
-            del self._loading[key]
-            self._warn_if_oversized(loaded)
-            kept = self._keep(pointer, loaded, use)
-        owned.set_result(loaded)
-        return kept
+        return self._loading.run(
+            key,
+            owned,
+            lambda: self._load(cartridge_id, pointer),
+            lambda loaded: self._keep_new(pointer, loaded, use),
+            lambda err: self._remember_if_unusable(key, err),
+        )
+
+    def _keep_new(self, pointer: layout.Pointer, loaded: LoadedCartridge, use: bool) -> LoadedCartridge:
+        """:meth:`_keep` for a generation just loaded. Lock held."""
+        self._warn_if_oversized(loaded)
+        return self._keep(pointer, loaded, use)
+
+    def _remember_if_unusable(self, key: tuple[str, int, str], err: BaseException) -> None:
+        """A load failed: only an unusable artifact is remembered (anything else may work next time). Lock held."""
+        if isinstance(err, CartridgeInvalid):
+            self._unusable[key] = str(err)
+            log.warning("%s (serving the generation served before it, if any)", err)
 
     def _warn_if_oversized(self, loaded: LoadedCartridge) -> None:
         """Say once per generation that it exceeds the budget: it is evicted whenever no request holds it, so most
@@ -222,25 +285,44 @@ class CartridgeCache:
             )
 
     def _pointer(self, cartridge_id: str) -> layout.Pointer:
-        """The resolved pointer, from the store at most once per ``pointer_ttl_s``; failures are never cached.
-        While the store cannot be reached, a pointer resolved before is kept for another ``pointer_ttl_s``: its
-        cartridge stays served through a brief outage, and the store is asked once per TTL, not per request."""
+        """The resolved pointer, from the store at most once per ``pointer_ttl_s`` (by one request: the others wait
+        for it, or keep the generation they have loaded meanwhile; see the module's docstring); failures are never
+        cached. While the store cannot be reached, a pointer resolved before is kept for another ``pointer_ttl_s``:
+        its cartridge stays served through a brief outage, and the store is asked once per TTL, not per request."""
         now = self._clock()
         with self._lock:
             cached = self._pointers.get(cartridge_id)
-        if cached is not None and now - cached[0] < self.pointer_ttl_s:
-            return cached[1]
+            if cached is not None and now - cached[0] < self.pointer_ttl_s:
+                return cached[1]
+            reading = self._reads.find(cartridge_id, started_after=now - self.pointer_ttl_s)
+            if reading is None:
+                owned = self._reads.start(cartridge_id, now)
+            elif cached is not None and _key(cartridge_id, cached[1]) in self._entries:
+                return cached[1]  # a hit now beats a fresher answer after a store round trip (or its timeout)
+        if reading is not None:
+            return reading.result()  # raises the read's error
+        return self._reads.run(
+            cartridge_id,
+            owned,
+            lambda: self._refresh(cartridge_id, cached),
+            lambda pointer: self._store_pointer(cartridge_id, now, pointer),
+        )
+
+    def _refresh(self, cartridge_id: str, cached: tuple[float, layout.Pointer] | None) -> layout.Pointer:
+        """The pointer from the store; while the store cannot be reached, the one resolved before, if any."""
         try:
-            pointer = self._resolve(cartridge_id)
+            return self._resolve(cartridge_id)
         except EngineUnavailable as err:
             if cached is None:
                 raise
             log.warning("cartridge %s: keeping generation %d: %s", cartridge_id, cached[1].generation, err)
-            pointer = cached[1]
-        with self._lock:
-            stored = self._pointers.get(cartridge_id)
-            if stored is None or stored[0] <= now:  # a refresh that started later and finished first read newer
-                self._pointers[cartridge_id] = (now, pointer)
+            return cached[1]
+
+    def _store_pointer(self, cartridge_id: str, read_at: float, pointer: layout.Pointer) -> layout.Pointer:
+        """Keep ``pointer``, read at ``read_at``, unless a read that started later finished first. Lock held."""
+        stored = self._pointers.get(cartridge_id)
+        if stored is None or stored[0] <= read_at:
+            self._pointers[cartridge_id] = (read_at, pointer)
         return pointer
 
     def _resolve(self, cartridge_id: str) -> layout.Pointer:
