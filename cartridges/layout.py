@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -114,13 +114,24 @@ def stored_generations(store: Store, root: str, namespace: str, cartridge: str) 
     return sorted(int(m[1]) for name in names if (m := re.fullmatch(r"g(\d+)", name)))
 
 
-def prune_generations(store: Store, root: str, namespace: str, cartridge: str, promoted: int, keep: int) -> list[int]:
+def prune_generations(
+    store: Store,
+    root: str,
+    namespace: str,
+    cartridge: str,
+    promoted: int,
+    keep: int,
+    stored: Sequence[int] | None = None,
+) -> list[int]:
     """Keep the promoted generation and the newest ``keep - 1`` trained ones before it (those with a manifest);
     delete every other generation older than the promoted one, failed ones included. Returns those deleted.
+    ``stored`` is the caller's :func:`stored_generations` listing, if it has one (listed here otherwise).
 
     Generations newer than ``promoted`` (one training now, or one the quality gate held back) are never touched.
     """
-    older = [g for g in stored_generations(store, root, namespace, cartridge) if g < promoted]
+    if stored is None:
+        stored = stored_generations(store, root, namespace, cartridge)
+    older = [g for g in stored if g < promoted]
     trained = [g for g in older if store.exists(f"{generation_prefix(root, namespace, cartridge, g)}/{MANIFEST_FILE}")]
     kept = set(trained[-(keep - 1) :]) if keep > 1 else set()
     doomed = [g for g in older if g not in kept]

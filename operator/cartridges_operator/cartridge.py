@@ -223,13 +223,12 @@ def _cancel_superseded(run: Pass, generation: int) -> None:
     """Before generation's Job starts, delete the unfinished Jobs of this Cartridge's earlier generations, so it never
     trains two generations at once (each holding GPUs until its activeDeadlineSeconds). The promoted generation's
     Job has completed, so it is never among them. What the cancelled ones stored stays (``keepGenerations`` decides
-    about it, as for any generation)."""
+    about it, as for any generation). Found by the Cartridge's label: a generation that stored nothing yet and is
+    no longer in the status still has its Job."""
     uid = run.body["metadata"].get("uid")
-    status = run.body.get("status") or {}  # as this pass read it: the generation it named before
-    earlier = job_generations(run.store, run.config, run.namespace, run.name, status)
-    for old in sorted(g for g in earlier if g < generation):
-        job = kube.get_job(run.namespace, manifests.job_name(run.name, old))
-        if job is None or _job_finished(job) is not None:
+    for job in kube.cartridge_jobs(run.namespace, run.name):
+        old = _job_generation(job)
+        if old is None or old >= generation or _job_finished(job) is not None:
             continue
         if not kube.owned_by(job, uid):
             continue  # an earlier Cartridge of this name's: the garbage collector deletes it
@@ -238,15 +237,10 @@ def _cancel_superseded(run: Pass, generation: int) -> None:
                  run.namespace, run.name, job.metadata.name, old, generation)  # fmt: skip
 
 
-def job_generations(
-    store: Store, config: OperatorConfig, namespace: str, name: str, status: dict[str, Any]
-) -> set[int]:
-    """The generations of a Cartridge that may have a training Job: every one with anything stored (one listing),
-    and the one its status names (whose Job may not have stored anything yet)."""
-    generations = set(layout.stored_generations(store, config.store_root, namespace, name))
-    if status.get("generation"):
-        generations.add(int(status["generation"]))
-    return generations
+def _job_generation(job: Any) -> int | None:
+    """The generation a training Job trains, from its label (None on a Job without one: not this operator's)."""
+    value = (job.metadata.labels or {}).get(manifests.GENERATION_LABEL, "")
+    return int(value) if value.isdigit() else None
 
 
 def _job_finished(job: Any) -> bool | None:
@@ -430,25 +424,40 @@ def _prune(run: Pass, promoted: int) -> None:
     if keep is None:
         return
     root = run.config.store_root
+    uid = run.body["metadata"].get("uid") or ""
     try:
-        deleted = layout.prune_generations(run.store, root, run.namespace, run.name, promoted, keep)
-        stored = set(layout.stored_generations(run.store, root, run.namespace, run.name))
+        stored = layout.stored_generations(run.store, root, run.namespace, run.name)
+        deleted = layout.prune_generations(run.store, root, run.namespace, run.name, promoted, keep, stored)
     except StoreError as err:
         LOG.warning("Cartridge %s/%s: cannot delete old generations yet: %s", run.namespace, run.name, err)
         return
-    _delete_unstored_jobs(run, promoted, stored)
+    swept = (promoted, frozenset(stored) - frozenset(deleted))
+    if _JOBS_SWEPT.get(uid) != swept:
+        _delete_unstored_jobs(run, *swept)
+        _JOBS_SWEPT[uid] = swept
     if deleted:
         LOG.info("Cartridge %s/%s: deleted generations %s (keepGenerations %d)", run.namespace, run.name, deleted, keep)
 
 
-def _delete_unstored_jobs(run: Pass, promoted: int, stored: set[int]) -> None:
+_JOBS_SWEPT: dict[str, tuple[int, frozenset[int]]] = {}
+"""Cartridge uid → (promoted generation, stored generations) when this process last deleted the Jobs of generations
+with nothing stored. The Jobs are listed again only when either changed (a generation pruned, by this pass or by one
+cut short before deleting its Job, or promoted) or the operator restarted, not every 5 s pass."""
+
+
+def forget_cartridge(uid: str) -> None:
+    """Drop what this process remembers of a deleted Cartridge."""
+    _JOBS_SWEPT.pop(uid, None)
+
+
+def _delete_unstored_jobs(run: Pass, promoted: int, stored: frozenset[int]) -> None:
     """Delete this Cartridge's Jobs of generations before the promoted one with nothing stored any more. Found from
     the Jobs rather than from what this pass pruned: a pass cut short after deleting a generation's files (a killed
     operator, a failed call) would otherwise leave its Job for ever, as no later pass finds that generation."""
     uid = run.body["metadata"].get("uid")
     for job in kube.cartridge_jobs(run.namespace, run.name):
-        generation = int((job.metadata.labels or {}).get(manifests.GENERATION_LABEL, promoted))
-        if generation < promoted and generation not in stored and kube.owned_by(job, uid):
+        generation = _job_generation(job)
+        if generation is not None and generation < promoted and generation not in stored and kube.owned_by(job, uid):
             kube.delete_job(run.namespace, job.metadata.name)
 
 

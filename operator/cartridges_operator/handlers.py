@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from cartridges import api, layout
 from cartridges.store import Store, StoreError
 from cartridges_operator import kube, manifests, metrics
-from cartridges_operator.cartridge import job_generations, reconcile_cartridge
+from cartridges_operator.cartridge import forget_cartridge, reconcile_cartridge
 from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
 from cartridges_operator.corpus import read_skipped, reconcile_corpus
@@ -163,15 +163,14 @@ def cartridge_deleted(
     write progress, shards and checkpoints under the prefix after it was deleted."""
     assert namespace is not None
     metrics.forget_cartridge(f"{namespace}/{name}")
+    forget_cartridge(meta["uid"])
     model = spec.get("baseModel", {}).get("name", "")
     for kind in ("Deployment", "Service"):
         kube.remove_owner(kind, namespace, manifests.serving_name(model), meta["uid"])
     if spec.get("retention", "Retain") != "Delete":
         return
     prefix = layout.cartridge_prefix(CONFIG.store_root, namespace, name)
-    running = [
-        job for job in _training_jobs(namespace, name, dict(status)) if kube.stop_job(namespace, job, meta["uid"])
-    ]
+    running = _stop_training_jobs(namespace, name, meta["uid"])
     if running and retry + 1 < JOB_STOP_RETRIES:
         jobs = ", ".join(running)
         raise kopf.TemporaryError(f"waiting for training Job(s) {jobs} to stop before deleting {prefix}", delay=2)
@@ -191,13 +190,14 @@ def cartridge_deleted(
         raise kopf.TemporaryError(f"cannot delete artifacts yet: {err}", delay=2) from err
 
 
-def _training_jobs(namespace: str, name: str, status: dict[str, Any]) -> list[str]:
-    """The names of the Cartridge's training Jobs that may exist (see job_generations)."""
-    try:
-        generations = job_generations(STORE, CONFIG, namespace, name, status)
-    except StoreError:  # the prefix cannot be deleted either: the retries below wait for the store
-        generations = {int(status["generation"])} if status.get("generation") else set()
-    return [manifests.job_name(name, generation) for generation in sorted(generations)]
+def _stop_training_jobs(namespace: str, name: str, uid: str) -> list[str]:
+    """Stop the Cartridge's training Jobs, found by its label (whatever generation they train, stored or not); the
+    names of those whose Job or pods are still there. Pods are looked up too, so a Job gone before its pods (an
+    orphaning delete) is still waited for."""
+    label = {manifests.CARTRIDGE_LABEL: manifests.cartridge_label(name)}
+    names = {job.metadata.name for job in kube.cartridge_jobs(namespace, name, deleting=True)}
+    names |= {(pod.metadata.labels or {}).get("job-name", "") for pod in kube.labelled_pods(namespace, label)} - {""}
+    return [job for job in sorted(names) if kube.stop_job(namespace, job, uid)]
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -114,11 +114,12 @@ def get_job(namespace: str, name: str) -> client.V1Job | None:
         raise
 
 
-def cartridge_jobs(namespace: str, cartridge: str) -> list[client.V1Job]:
-    """The training Jobs of a Cartridge of this name (by the label its Jobs carry), none being deleted."""
+def cartridge_jobs(namespace: str, cartridge: str, deleting: bool = False) -> list[client.V1Job]:
+    """The training Jobs of a Cartridge of this name (by the label its Jobs carry); those being deleted only with
+    ``deleting`` (their pods may still run)."""
     selector = _selector({manifests.CARTRIDGE_LABEL: manifests.cartridge_label(cartridge)})
     jobs: list[client.V1Job] = batch().list_namespaced_job(namespace, label_selector=selector).items
-    return [job for job in jobs if job.metadata.deletion_timestamp is None]
+    return [job for job in jobs if deleting or job.metadata.deletion_timestamp is None]
 
 
 def create_job(body: dict[str, Any]) -> None:
