@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from cartridges.process import Service, ServiceError
+from cartridges.process import EPHEMERAL_PORTS, Service, ServiceError, free_port
 from cartridges_e2e.node import NodeHarness, _Run
 
 
@@ -82,3 +82,10 @@ def assert_group_gone(service: Service | subprocess.Popen[bytes] | None) -> None
             return
         time.sleep(0.05)
     pytest.fail("a process of the stopped service's group is still running")
+
+
+def test_free_ports_are_below_the_range_outgoing_connections_take_theirs_from() -> None:
+    """A port from the ephemeral range may be taken by any client's connection before the service binds it."""
+    low, high = map(int, EPHEMERAL_PORTS.read_text().split())
+    ports = {free_port() for _ in range(20)}
+    assert all(port < low for port in ports) and len(ports) > 1, (ports, low, high)
