@@ -202,7 +202,7 @@ def _run(
         world.barrier()  # rank 0 evaluates and uploads
         return download_artifact(store, workspace.prefix, workspace.path("artifact"))
 
-    steps = spec.training.steps
+    steps = progress.progress.total  # the training phase's: spec.training.steps, or what its epochs came to
     progress.phase("evaluating", total=steps, done=steps)
     context = corpus_context(lm, corpus)
     served: StoredCartridge = cartridge
