@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 from _cartridge_store import put_model
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cartridges import api
 from cartridges.artifact import Cartridge, QuantizedCartridge, download_artifact, load_cartridge, load_stored_cartridge
@@ -293,7 +294,7 @@ def test_gradients_reach_only_trainable_rows_and_loss_goes_down(shard: Shard, ti
     assert losses[-1] < losses[0] - 0.1  # the random model's residual stream bounds how far a cartridge can move it
 
 
-def test_a_diverged_loss_stops_training_for_good_naming_the_step_and_the_learning_rate(
+def test_a_diverged_loss_stops_training_for_good_naming_the_step_the_learning_rate_and_clipping(
     shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
 ) -> None:
     """A NaN loss (here from a cartridge holding inf, as an exploding one ends up) is an InputError (exit 65): no
@@ -308,6 +309,7 @@ def test_a_diverged_loss_stops_training_for_good_naming_the_step_and_the_learnin
         distill(tiny_model, init, shard.conversations, spec, OPTIONS, workspace, progress, World(), "key")
     message = str(caught.value)
     assert "diverged at step 1" in message and "lower spec.training.learningRate (now 0.01)" in message
+    assert "or set spec.training.maxGradNorm" in message
     assert store.list(f"{config.output_prefix}/checkpoints") == []
     written = Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}"))
     assert written.phase == "training" and written.loss is None
@@ -375,6 +377,25 @@ def distill_shard(
         patch.setattr(distill_module, "pack", packing)
         _, stats = distill(lm, init, shard.conversations, spec, OPTIONS, workspace, progress, World(), "key")
     return stats, workspace, batches
+
+
+def test_max_grad_norm_bounds_the_gradient_of_every_step(
+    shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """With a learning rate at its limit, every step's gradient (as the optimizer sees it) is clipped to maxGradNorm,
+    far below the gradients' own norm."""
+    norms: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        norms.append(float(torch.stack([p.grad.norm() for g in optimizer.param_groups for p in g["params"]]).norm()))
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        training = {"steps": 3, "learningRate": 1.0, "maxGradNorm": 1e-5}
+        distill_shard(shard, tiny_model, file_store_root, tmp_path, training)
+    finally:
+        hook.remove()
+    assert len(norms) == 3 and all(1e-5 * 0.99 < norm <= 1e-5 * 1.001 for norm in norms), norms
 
 
 def test_training_by_epochs_runs_the_steps_they_come_to_each_seeing_every_usable_conversation_once(
@@ -717,10 +738,14 @@ class CliRun:
             time.sleep(0.05)
 
 
-def cli_run(model: LoadedModel, root: str, tmp_path: Path, checkpoint_every: int) -> CliRun:
+def cli_run(
+    model: LoadedModel, root: str, tmp_path: Path, checkpoint_every: int, max_grad_norm: float | None = None
+) -> CliRun:
     store = Store()
     put_model(model, store, f"{root}/models/tiny")
     config = make_config(root, put_corpus(store, root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4)
+    training = config.spec.training.model_copy(update={"maxGradNorm": max_grad_norm})
+    config = config.model_copy(update={"spec": config.spec.model_copy(update={"training": training})})
     config_file = tmp_path / "config.json"
     config_file.write_text(config.model_dump_json())
     options = OPTIONS.model_copy(update={"checkpoint_every": checkpoint_every})
@@ -737,8 +762,9 @@ def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
     tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
 ) -> None:
     """Kill a one-process run mid-distillation, finish it with torchrun on two CPU ranks (gloo): no step is
-    repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients)."""
-    run = cli_run(tiny_model, file_store_root, tmp_path, checkpoint_every=20)
+    repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients,
+    clipped alike: maxGradNorm below every step's gradient norm)."""
+    run = cli_run(tiny_model, file_store_root, tmp_path, checkpoint_every=20, max_grad_norm=1e-5)
     store, config, args, env, checkpoints = run.store, run.config, run.args, run.env, run.checkpoints
     process = subprocess.Popen([sys.executable, *args], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

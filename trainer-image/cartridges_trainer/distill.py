@@ -98,6 +98,14 @@ def _gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
+def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The total gradient norm, before scaling the gradients down to ``max_norm`` (when set and exceeded). Called on
+    the summed gradients, so every rank clips alike and all take the same step."""
+    if max_norm is None:
+        return _gradient_norm(parameters)
+    return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+
+
 def _stop_if_diverged(loss: float, gradient_norm: float, step: int, training: Training) -> None:
     """A non-finite loss or gradient never comes back (Adam spreads it into every row), and retrying replays the
     same batches: stop for good, before the step reaches the cartridge, progress.json or a checkpoint, saying what
@@ -265,7 +273,8 @@ def distill(
             loss.backward()
             world.sum_gradients(trainable.parameters())
             loss_value = world.sum(loss.item())
-            _stop_if_diverged(loss_value, _gradient_norm(trainable.parameters()), step + 1, training)
+            gradient_norm = _clip_gradients(list(trainable.parameters()), training.maxGradNorm)
+            _stop_if_diverged(loss_value, gradient_norm, step + 1, training)
             optimizer.step()
             progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
             stopping = world.any(STOP.requested)  # ranks get SIGTERM at different moments: all stop at one step
