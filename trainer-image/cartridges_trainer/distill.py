@@ -130,16 +130,14 @@ def step_batch(items: Sequence[T], batch_size: int, seed: int, step: int) -> lis
     return [items[i] for i in _permutation(len(items), seed, step)[:batch_size].tolist()]
 
 
-@functools.lru_cache(maxsize=2)  # a batch spans at most two epochs, unless there are fewer items than a batch
-def _epoch_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(_permutation(count, seed, epoch).tolist())
+_epoch_order = functools.lru_cache(maxsize=2)(_permutation)  # a batch spans two epochs (more: items < batch_size)
 
 
 def epoch_batch(items: Sequence[T], batch_size: int, seed: int, step: int) -> list[T]:
     """The batch of one step when training by epochs: the next ``batch_size`` items of one permutation per epoch,
     back to back, so each epoch sees every item once (the last step of an epoch runs into the next one)."""
     positions = range(step * batch_size, (step + 1) * batch_size)
-    return [items[_epoch_order(len(items), seed, i // len(items))[i % len(items)]] for i in positions]
+    return [items[int(_epoch_order(len(items), seed, i // len(items))[i % len(items)])] for i in positions]
 
 
 def _checkpoint_dir(step: int) -> str:
