@@ -7,9 +7,10 @@ immutability, cross-field ranges) are CEL expressions attached with :func:`cel`,
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GROUP = "cartridges.dev"
 VERSION = "v1alpha1"
@@ -23,6 +24,8 @@ TRAINING_FIELDS = (
     "corpusRefs", "baseModel", "size", "initialization", "frozenTokens", "selfStudy", "training", "quantization",
 )  # fmt: skip
 StorageQuantization = Literal["none", "int8", "fp8"]
+DEFAULT_STEPS = 1000
+STEPS_OR_EPOCHS = "set steps or epochs, not both (a Cartridge created before epochs existed holds steps: 1000)"
 
 
 def cel(*rules: tuple[str, str]) -> dict[str, Any]:
@@ -188,10 +191,52 @@ class SelfStudy(Spec):
 
 
 class Training(Spec):
-    steps: int = Field(default=1000, ge=1, le=10_000_000)
+    """Distillation: for steps or for epochs (not both; 1000 steps when neither is set)."""
+
+    # Neither steps nor epochs has a default in the CRD: the API server defaults before CEL validates, so a default
+    # steps would refuse every epochs. The pydantic model applies DEFAULT_STEPS itself.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=cel(("!has(self.steps) || !has(self.epochs)", STEPS_OR_EPOCHS)),
+    )
+
+    steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description=f"Adam steps; {DEFAULT_STEPS} when epochs is unset"
+    )
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="passes over the synthesized conversations that fit sequenceLength, each seeing every one once, "
+        "instead of steps: ceil(epochs x conversations / batchSize) steps",
+    )
     learningRate: float = Field(default=0.02, gt=0.0, le=1.0)
     batchSize: int = Field(default=16, ge=1, le=4096)
     sequenceLength: int = Field(default=1024, ge=32, le=131072)
+    maxGradNorm: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="clip the total gradient norm of the cartridge to this before each step; unset: no clipping",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
+            return {**data, "steps": DEFAULT_STEPS}
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> Training:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(STEPS_OR_EPOCHS)
+        return self
+
+    def total_steps(self, conversations: int) -> int:
+        """The Adam steps of a run on ``conversations`` usable conversations."""
+        if self.epochs is None:
+            return self.steps or DEFAULT_STEPS
+        return math.ceil(self.epochs * conversations / self.batchSize)
 
 
 class Toleration(Spec):
@@ -286,11 +331,13 @@ class CartridgeSpec(Spec):
     suspend: bool = False
 
     def training_inputs(self) -> dict[str, Any]:
-        """The TRAINING_FIELDS of this spec, as JSON values; quantization only when set, so the Cartridges trained
-        before it existed keep their training hash (and are not retrained)."""
+        """The TRAINING_FIELDS of this spec, as JSON values; quantization, training.epochs and
+        training.maxGradNorm only when set, so the Cartridges trained before they existed keep their training hash
+        (and are not retrained)."""
         inputs = self.model_dump(include=set(TRAINING_FIELDS), mode="json")
         if inputs["quantization"] == "none":
             del inputs["quantization"]
+        inputs["training"] = self.training.model_dump(mode="json", exclude_none=True)  # unset epochs, maxGradNorm
         return inputs
 
 

@@ -356,6 +356,17 @@ def test_import_reference_pt(
         one_line_error(err)
 
 
+def test_inspect_reports_the_steps_that_training_by_epochs_came_to(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, fp = f"file://{tmp_path / 'store'}", tiny_model.fingerprint
+    spec = {"selfStudy": {"conversations": 64}, "training": {"epochs": 3, "batchSize": 4, "learningRate": 0.02}}
+    training = {"spec": spec, "steps": 48}
+    publish(open_store(store), store, "default", "by-epochs", random_cartridge(fp, 4, seed=1), fp, training=training)
+    code, out, _ = cli(capsys, "inspect", "by-epochs", "--store", store)
+    assert code == 0 and "64 conversations, 48 steps (3 epochs), batch 4, lr 0.02" in out
+
+
 def test_quantize_refuses_a_generation_with_infinite_values(
     tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 from _cartridge_store import put_model
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cartridges import api
 from cartridges.artifact import Cartridge, QuantizedCartridge, download_artifact, load_cartridge, load_stored_cartridge
@@ -31,12 +33,13 @@ from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import distill as distill_module
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
-from cartridges_trainer.batching import pack, target_logprobs
+from cartridges_trainer.batching import Conversation, pack, target_logprobs
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.distill import (
     TrainableCartridge,
     distill,
     distill_loss,
+    epoch_batch,
     initial_cartridge,
     load_checkpoint,
     step_batch,
@@ -89,14 +92,17 @@ def put_corpus(store: Store, root: str, name: str, texts: list[str] | bytes) -> 
 
 
 def make_config(
-    root: str, corpus_prefix: str, *, steps: int = 4, size: int = 16, conversations: int = 8
+    root: str, corpus_prefix: str, *, steps: int = 4, size: int = 16, conversations: int = 8, epochs: int | None = None
 ) -> TrainerConfig:
+    """Training for ``steps``, or for ``epochs`` when given."""
     spec = api.CartridgeSpec(
         corpusRefs=[api.CorpusRef(name="lighthouse")],
         baseModel=api.BaseModelRef(name="tiny", uri=f"{root.rstrip('/')}/models/tiny"),
         size=size,
         selfStudy=api.SelfStudy(conversations=conversations, minChunkTokens=16, maxChunkTokens=64, topK=4),
-        training=api.Training(steps=steps, learningRate=1e-2, batchSize=4, sequenceLength=256),
+        training=api.Training(
+            steps=None if epochs else steps, epochs=epochs, learningRate=1e-2, batchSize=4, sequenceLength=256
+        ),
     )
     return TrainerConfig(
         namespace="default",
@@ -288,7 +294,7 @@ def test_gradients_reach_only_trainable_rows_and_loss_goes_down(shard: Shard, ti
     assert losses[-1] < losses[0] - 0.1  # the random model's residual stream bounds how far a cartridge can move it
 
 
-def test_a_diverged_loss_stops_training_for_good_naming_the_step_and_the_learning_rate(
+def test_a_diverged_loss_stops_training_for_good_naming_the_step_the_learning_rate_and_clipping(
     shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
 ) -> None:
     """A NaN loss (here from a cartridge holding inf, as an exploding one ends up) is an InputError (exit 65): no
@@ -303,6 +309,7 @@ def test_a_diverged_loss_stops_training_for_good_naming_the_step_and_the_learnin
         distill(tiny_model, init, shard.conversations, spec, OPTIONS, workspace, progress, World(), "key", None)
     message = str(caught.value)
     assert "diverged at step 1" in message and "lower spec.training.learningRate (now 0.01)" in message
+    assert "or set spec.training.maxGradNorm" in message
     assert store.list(f"{config.output_prefix}/checkpoints") == []
     written = Progress.model_validate(store.get_json(f"{config.output_prefix}/{PROGRESS_FILE}"))
     assert written.phase == "training" and written.loss is None
@@ -334,6 +341,79 @@ def test_step_batches_are_a_function_of_the_step() -> None:
     assert step_batch(items, 4, 0, 7) == step_batch(items, 4, 0, 7)
     assert step_batch(items, 4, 0, 7) != step_batch(items, 4, 0, 8)
     assert len(set(step_batch(items, 4, 0, 3))) == 4
+
+
+def test_epoch_batches_see_every_item_once_per_epoch_in_a_seeded_order() -> None:
+    """10 items in batches of 4 for 3 epochs: ceil(30 / 4) = 8 steps, the last one running into a fourth pass."""
+    items = list(range(10))
+    seen = [i for step in range(8) for i in epoch_batch(items, 4, 0, step)]
+    epochs = [seen[e * 10 : (e + 1) * 10] for e in range(3)]
+    assert all(sorted(epoch) == items for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != items  # shuffled anew each epoch
+    assert seen[30:] == epoch_batch(items, 10, 0, 3)[:2]  # the extra items open the next epoch
+    assert epoch_batch(items, 4, 0, 5) == seen[20:24]  # a function of the step: a resumed run sees the same
+    assert epoch_batch(items, 4, 1, 0) != seen[:4]
+    assert sorted(i for step in range(5) for i in epoch_batch(items, 12, 0, step)) == sorted(items * 6)
+
+
+def distill_shard(
+    shard: Shard, lm: LoadedModel, store_root: str, tmp_path: Path, training: dict[str, Any]
+) -> tuple[dict[str, Any], Workspace, list[list[int]]]:
+    """distill() on the shard's conversations with these spec.training settings; its stats, its workspace and the
+    indices (into the shard) of the conversations of each step."""
+    config = make_config(store_root, "file:///x")
+    spec = config.spec.model_copy(update={"training": api.Training.model_validate(training)})
+    init = initial_cartridge(lm, tiny_corpus(lm), spec, 0)
+    workspace = Workspace(Store(), config.output_prefix, tmp_path)
+    progress = ProgressReporter(workspace.store, config.output_prefix, interval_s=0.0)
+    index = {conversation.ids.data_ptr(): i for i, conversation in enumerate(shard.conversations)}
+    batches: list[list[int]] = []
+
+    def packing(conversations: list[Conversation], *args: Any) -> Any:
+        batches.append([index[c.ids.data_ptr()] for c in conversations])
+        return pack(conversations, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distill_module, "pack", packing)
+        _, stats = distill(lm, init, shard.conversations, spec, OPTIONS, workspace, progress, World(), "key", None)
+    return stats, workspace, batches
+
+
+def test_max_grad_norm_bounds_the_gradient_of_every_step(
+    shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """With a learning rate at its limit, every step's gradient (as the optimizer sees it) is clipped to maxGradNorm,
+    far below the gradients' own norm."""
+    norms: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        norms.append(float(torch.stack([p.grad.norm() for g in optimizer.param_groups for p in g["params"]]).norm()))
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        training = {"steps": 3, "learningRate": 1.0, "maxGradNorm": 1e-5}
+        distill_shard(shard, tiny_model, file_store_root, tmp_path, training)
+    finally:
+        hook.remove()
+    assert len(norms) == 3 and all(1e-5 * 0.99 < norm <= 1e-5 * 1.001 for norm in norms), norms
+
+
+def test_training_by_epochs_runs_the_steps_they_come_to_each_seeing_every_usable_conversation_once(
+    shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """The conversations longer than sequenceLength up to their answer do not count: they are never trained on."""
+    sequence_length = sorted(c.answer_start for c in shard.conversations)[1] + 1  # the shortest two fit
+    usable = [i for i, c in enumerate(shard.conversations) if c.answer_start < sequence_length]
+    assert 2 <= len(usable) < len(shard.conversations)
+    training = {"epochs": 3, "batchSize": 4, "sequenceLength": sequence_length}
+    stats, workspace, batches = distill_shard(shard, tiny_model, file_store_root, tmp_path, training)
+    steps = math.ceil(3 * len(usable) / 4)
+    assert stats["steps"] == len(batches) == steps
+    seen = [i for batch in batches for i in batch]
+    assert all(sorted(seen[e * len(usable) : (e + 1) * len(usable)]) == usable for e in range(3))
+    written = Progress.model_validate(workspace.store.get_json(workspace.uri(PROGRESS_FILE)))
+    assert written.step == written.total == steps
+    assert workspace.names(distill_module.CHECKPOINT_FOLDER) == [f"checkpoints/step-{steps:08d}/state.pt"]
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -368,7 +448,8 @@ def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_p
     for trained, initial in zip(cartridge.keys + cartridge.values, init.keys + init.values, strict=True):
         assert torch.equal(trained[:, :1], initial[:, :1])  # the attention sink never trains
         assert not torch.equal(trained[:, 1:], initial[:, 1:])
-    assert loaded.training["steps"] == config.spec.training.steps
+    steps = config.spec.training.total_steps(config.spec.selfStudy.conversations)  # every one fits sequenceLength
+    assert loaded.training["steps"] == steps
     assert loaded.training["synthesis_tokens_per_s"] > 0 and loaded.training["distill_tokens_per_s"] > 0
     scores: dict[str, float] = store.get_json(f"{prefix}/{EVAL_FILE}")
     assert {"noContext", "icl", "cartridge", "iclGainRecovered"} <= scores.keys()
@@ -376,7 +457,7 @@ def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_p
     assert all(scores[k] > 0 for k in ("noContext", "icl", "cartridge"))
     assert manifest.metrics == scores
     progress = Progress.model_validate(store.get_json(f"{prefix}/{PROGRESS_FILE}"))
-    assert progress.phase == "done" and progress.step == progress.total == config.spec.training.steps
+    assert progress.phase == "done" and progress.step == progress.total == steps
     assert progress.loss is not None and progress.loss > 0
     synth = [u for u in store.list(f"{prefix}/synth") if u.endswith(".safetensors")]
     assert len(synth) == 2 + OPTIONS.eval_shards  # 8 conversations in shards of 4, plus the held-out shard
@@ -384,9 +465,13 @@ def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_p
     return scores
 
 
-def test_train_end_to_end_into_a_file_store(tiny_model: LoadedModel, file_store_root: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("epochs", [None, 3])  # 3 epochs of 8 conversations in batches of 4: 6 steps
+def test_train_end_to_end_into_a_file_store(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path, epochs: int | None
+) -> None:
     store = Store()
-    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
+    config = make_config(file_store_root, corpus, epochs=epochs)
     manifest = train(config, store, options=OPTIONS, model=tiny_model)
     check_generation(store, config, tiny_model, tmp_path)
     assert manifest.base_model == tiny_model.fingerprint
@@ -673,10 +758,14 @@ class CliRun:
             time.sleep(0.05)
 
 
-def cli_run(model: LoadedModel, root: str, tmp_path: Path, checkpoint_every: int) -> CliRun:
+def cli_run(
+    model: LoadedModel, root: str, tmp_path: Path, checkpoint_every: int, max_grad_norm: float | None = None
+) -> CliRun:
     store = Store()
     put_model(model, store, f"{root}/models/tiny")
     config = make_config(root, put_corpus(store, root, "lighthouse", [CORPUS_TEXT]), steps=300, conversations=4)
+    training = config.spec.training.model_copy(update={"maxGradNorm": max_grad_norm})
+    config = config.model_copy(update={"spec": config.spec.model_copy(update={"training": training})})
     config_file = tmp_path / "config.json"
     config_file.write_text(config.model_dump_json())
     options = OPTIONS.model_copy(update={"checkpoint_every": checkpoint_every})
@@ -693,8 +782,9 @@ def test_cli_resumes_after_sigkill_on_two_ranks_to_the_uninterrupted_result(
     tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
 ) -> None:
     """Kill a one-process run mid-distillation, finish it with torchrun on two CPU ranks (gloo): no step is
-    repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients)."""
-    run = cli_run(tiny_model, file_store_root, tmp_path, checkpoint_every=20)
+    repeated, and the cartridge equals that of an uninterrupted one-process run (same batches, summed gradients,
+    clipped alike: maxGradNorm below every step's gradient norm)."""
+    run = cli_run(tiny_model, file_store_root, tmp_path, checkpoint_every=20, max_grad_norm=1e-5)
     store, config, args, env, checkpoints = run.store, run.config, run.args, run.env, run.checkpoints
     process = subprocess.Popen([sys.executable, *args], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -107,8 +107,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     spec = info["training"].get("spec", {})
     if spec:
         study, training = spec.get("selfStudy", {}), spec.get("training", {})
+        steps = info["training"].get("steps", training.get("steps"))  # the steps run: spec.training.epochs came to
+        epochs = f" ({training['epochs']} epochs)" if training.get("epochs") else ""
         print(
-            f"{'training:':<15} {study.get('conversations')} conversations, {training.get('steps')} steps, "
+            f"{'training:':<15} {study.get('conversations')} conversations, {steps} steps{epochs}, "
             f"batch {training.get('batchSize')}, lr {training.get('learningRate')}"
         )
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from cartridges import api
 from cartridges_e2e.cluster import Cluster
@@ -30,6 +31,10 @@ INVALID: list[tuple[str, str, dict[str, Any], str]] = [
     ("bad-model-name", "cartridges", {**CARTRIDGE, "baseModel": {"name": "Big_Model", "uri": "s3://b/m"}}, "name"),
     ("negative-steps", "cartridges", {**CARTRIDGE, "training": {"steps": -5}}, "spec.training.steps"),
     ("zero-learning-rate", "cartridges", {**CARTRIDGE, "training": {"learningRate": 0}}, "learningRate"),
+    ("steps-and-epochs", "cartridges", {**CARTRIDGE, "training": {"steps": 10, "epochs": 2}},
+     "set steps or epochs, not both"),
+    ("zero-epochs", "cartridges", {**CARTRIDGE, "training": {"epochs": 0}}, "spec.training.epochs"),
+    ("zero-max-grad-norm", "cartridges", {**CARTRIDGE, "training": {"maxGradNorm": 0}}, "spec.training.maxGradNorm"),
     ("unknown-seed-prompt", "cartridges", {**CARTRIDGE, "selfStudy": {"seedPrompts": ["poetry"]}}, "Unsupported value"),
     (
         "chunk-range-inverted",
@@ -94,3 +99,19 @@ def test_valid_manifests_get_defaults_and_immutable_base_model(k8s_cluster: Clus
         patch = {"spec": {"baseModel": {"name": "other", "uri": "file:///models/other"}}}
         custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, "default", "cartridges", name, patch)
     assert caught.value.status == 422 and "baseModel is immutable" in str(caught.value.body)
+
+
+def test_training_by_epochs_gets_no_default_steps(k8s_cluster: Cluster, crds_installed: None) -> None:
+    """steps and epochs exclude each other, so the API server must not default steps next to epochs."""
+    training = {"epochs": 3, "maxGradNorm": 1.0}
+    created = create(k8s_cluster, "cartridges", f"epochs-{uuid.uuid4().hex[:6]}", {**CARTRIDGE, "training": training})
+    assert created["spec"]["training"] == {**training, "learningRate": 0.02, "batchSize": 16, "sequenceLength": 1024}
+    assert api.CartridgeSpec.model_validate(created["spec"]).training.total_steps(conversations=100) == 19
+    default = create(k8s_cluster, "cartridges", f"steps-{uuid.uuid4().hex[:6]}", CARTRIDGE)["spec"]["training"]
+    assert default["steps"] == 1000 and "epochs" not in default
+
+
+def test_the_operators_model_refuses_steps_with_epochs_as_the_api_server_does() -> None:
+    with pytest.raises(ValidationError, match="set steps or epochs, not both"):
+        api.Training.model_validate({"steps": 10, "epochs": 2})
+    assert api.Training.model_validate({}).total_steps(conversations=100) == 1000

@@ -20,10 +20,27 @@ def test_hash_of_a_spec_is_what_it_was_before_quantization_and_keep_generations_
     assert _training_hash(api.CartridgeSpec.model_validate(SPEC), CORPORA) == "8074a38ea8a100f5"
     kept = api.CartridgeSpec.model_validate({**SPEC, "keepGenerations": 2, "retention": "Delete"})
     assert _training_hash(kept, CORPORA) == "8074a38ea8a100f5"
+    unset = api.CartridgeSpec.model_validate({**SPEC, "training": {"steps": 120, "epochs": None, "maxGradNorm": None}})
+    assert _training_hash(unset, CORPORA) == "8074a38ea8a100f5"
+
+
+def test_hash_of_a_spec_with_the_default_steps_is_what_it_was_before_epochs_existed() -> None:
+    """Pinned from the operator of commit 8a02531: steps lost its own default (it excludes epochs), and an unset
+    steps still trains (and hashes) the 1000 steps it did."""
+    default = {k: v for k, v in SPEC.items() if k != "training"}
+    assert _training_hash(api.CartridgeSpec.model_validate(default), CORPORA) == "c0cb62d32d3faf41"
+    assert _training_hash(api.CartridgeSpec.model_validate({**default, "training": {}}), CORPORA) == "c0cb62d32d3faf41"
 
 
 def test_a_training_input_changes_the_hash() -> None:
     base = _training_hash(api.CartridgeSpec.model_validate(SPEC), CORPORA)
-    for change in ({"quantization": "int8"}, {"size": 512}, {"training": {"steps": 121}}):
+    changes = (
+        {"quantization": "int8"},
+        {"size": 512},
+        {"training": {"steps": 121}},
+        {"training": {"epochs": 2}},
+        {"training": {"steps": 120, "maxGradNorm": 1.0}},
+    )
+    for change in changes:
         assert _training_hash(api.CartridgeSpec.model_validate({**SPEC, **change}), CORPORA) != base
     assert _training_hash(api.CartridgeSpec.model_validate(SPEC), [("handbook", "cd" * 32, "")]) != base

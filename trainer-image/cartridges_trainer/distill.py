@@ -1,7 +1,8 @@
 """Context distillation into a trainable cartridge, from stored teacher top-k (no teacher forward while training).
 
-Batches are a pure function of (seed, step), so a run resumed from a checkpoint (cartridge rows, Adam state, step)
-continues with exactly the batches it would have seen; no RNG state needs saving.
+Batches are a pure function of (seed, step) (training by epochs: of the epochs' permutations, seeded too), so a run
+resumed from a checkpoint (cartridge rows, Adam state, step) continues with exactly the batches it would have seen;
+no RNG state needs saving.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from cartridges.api import CartridgeSpec
+from cartridges.api import CartridgeSpec, Training
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import prefix_cartridge
 from cartridges.models import LoadedModel
@@ -97,22 +98,46 @@ def _gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
-def _stop_if_diverged(loss: float, gradient_norm: float, step: int, learning_rate: float) -> None:
+def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The total gradient norm, before scaling the gradients down to ``max_norm`` (when set and exceeded). Called on
+    the summed gradients, so every rank clips alike and all take the same step."""
+    if max_norm is None:
+        return _gradient_norm(parameters)
+    return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+
+
+def _stop_if_diverged(loss: float, gradient_norm: float, step: int, training: Training) -> None:
     """A non-finite loss or gradient never comes back (Adam spreads it into every row), and retrying replays the
     same batches: stop for good, before the step reaches the cartridge, progress.json or a checkpoint, saying what
     to change."""
     if not (math.isfinite(loss) and math.isfinite(gradient_norm)):
+        clipping = "set spec.training.maxGradNorm (e.g. 1.0)"
+        if training.maxGradNorm is not None:
+            clipping = f"lower spec.training.maxGradNorm (now {training.maxGradNorm})"
         raise InputError(
             f"training diverged at step {step}: the loss is {loss}, the gradient norm is {gradient_norm}; lower "
-            f"spec.training.learningRate (now {learning_rate}) to train a new generation"
+            f"spec.training.learningRate (now {training.learningRate}) or {clipping} to train a new generation"
         )
+
+
+def _permutation(count: int, seed: int, index: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randperm(count, generator=generator)
 
 
 def step_batch(items: Sequence[T], batch_size: int, seed: int, step: int) -> list[T]:
     """The batch of one step: ``batch_size`` distinct conversations drawn with a generator seeded by the step."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    order = torch.randperm(len(items), generator=generator)[:batch_size]
-    return [items[i] for i in order.tolist()]
+    return [items[i] for i in _permutation(len(items), seed, step)[:batch_size].tolist()]
+
+
+_epoch_order = functools.lru_cache(maxsize=2)(_permutation)  # a batch spans two epochs (more: items < batch_size)
+
+
+def epoch_batch(items: Sequence[T], batch_size: int, seed: int, step: int) -> list[T]:
+    """The batch of one step when training by epochs: the next ``batch_size`` items of one permutation per epoch,
+    back to back, so each epoch sees every item once (the last step of an epoch runs into the next one)."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [items[int(_epoch_order(len(items), seed, i // len(items))[i % len(items)])] for i in positions]
 
 
 def _checkpoint_dir(step: int) -> str:
@@ -218,8 +243,9 @@ def distill(
     inputs_key: str,
     checkpoint: dict[str, Any] | None,
 ) -> tuple[Cartridge, dict[str, float | int | None]]:
-    """Train ``spec.training.steps`` Adam steps, resuming from ``checkpoint`` (the state :func:`load_checkpoint` read,
-    if any); the cartridge and run stats. New checkpoints record ``inputs_key``.
+    """Train ``spec.training.steps`` Adam steps, or the steps its epochs come to, resuming from ``checkpoint`` (the
+    state :func:`load_checkpoint` read, if any); the cartridge and run stats (``steps``: how many). New checkpoints
+    record ``inputs_key``.
 
     With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints. After SIGTERM
     every rank stops after the same step, checkpointed, and raises :class:`Interrupted`.
@@ -242,10 +268,12 @@ def distill(
         loss_value = checkpoint.get("loss")
         log.info("resuming distillation at step %d", start)
     pad_id = lm.tokenizer.pad_token_id or 0
-    progress.phase("training", total=training.steps, done=start)
+    total = training.total_steps(len(data))
+    batch_of = step_batch if training.epochs is None else epoch_batch
+    progress.phase("training", total=total, done=start)
     with STOP.deferred():
-        for step in range(start, training.steps):
-            share = step_batch(data, training.batchSize, options.seed, step)[world.rank :: world.size]
+        for step in range(start, total):
+            share = batch_of(data, training.batchSize, options.seed, step)[world.rank :: world.size]
             batch = pack(share, pad_id, lm.device, training.sequenceLength)
             loss = distill_loss(target_logprobs(lm.model, batch, trainable.cartridge(lm.model.dtype)), batch)
             loss = loss * (len(batch.targets) / world.sum(len(batch.targets)))  # this rank's share of the loss
@@ -253,18 +281,19 @@ def distill(
             loss.backward()
             world.sum_gradients(trainable.parameters())
             loss_value = world.sum(loss.item())
-            _stop_if_diverged(loss_value, _gradient_norm(trainable.parameters()), step + 1, training.learningRate)
+            gradient_norm = _clip_gradients(list(trainable.parameters()), training.maxGradNorm)
+            _stop_if_diverged(loss_value, gradient_norm, step + 1, training)
             optimizer.step()
             progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
             stopping = world.any(STOP.requested)  # ranks get SIGTERM at different moments: all stop at one step
-            due = (step + 1) % options.checkpoint_every == 0 or step + 1 == training.steps
+            due = (step + 1) % options.checkpoint_every == 0 or step + 1 == total
             if world.is_main and (due or stopping):
                 _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
             if stopping:
                 progress.finish("training", f"stopped by SIGTERM after step {step + 1}, checkpointed; resumes there")
                 raise Interrupted("SIGTERM")
     stats: dict[str, float | int | None] = {
-        "steps": training.steps,
+        "steps": total,
         "resumed_from_step": start,
         "final_loss": loss_value,
     }

@@ -209,7 +209,7 @@ def _run(
         world.barrier()  # rank 0 evaluates and uploads
         return download_artifact(store, workspace.prefix, workspace.path("artifact"))
 
-    steps = spec.training.steps
+    steps = int(distill_stats["steps"] or 0)  # spec.training.steps, or what its epochs came to
     progress.phase("evaluating", total=steps, done=steps)
     context = corpus_context(lm, corpus)
     served: StoredCartridge = cartridge
