@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _web_page import WebPage
 
 import cartridges.cli
 import cartridges.corpus
@@ -80,22 +81,8 @@ def test_objects_are_named_relative_to_their_prefix_however_it_is_spelled(tmp_pa
 
 
 @pytest.fixture
-def web_page() -> Iterator[str]:
-    body = b"Fetched over HTTP. " * 10
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/page"
-    server.shutdown()
+def web_page(web_server: WebPage) -> str:
+    return web_server.url
 
 
 def test_http_source_respects_its_size_limit(web_page: str) -> None:
