@@ -9,15 +9,19 @@ from pydantic import ValidationError
 
 from cartridges import api, layout
 from cartridges.corpus import SourceError, count_tokens, publish
-from cartridges.store import Store, StoreError
+from cartridges.store import Store, StoreError, StoreUnavailable
 from cartridges_operator import kube
-from cartridges_operator.conditions import set_condition
+from cartridges_operator.conditions import is_true, set_condition
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus_sources import read_sources, read_tokenizer
+from cartridges_operator.http_fetch import SourceUnavailable
 from cartridges_operator.redaction import redacted
 from cartridges_operator.source_access import ReadsBusy, ReadSlots, SourceAccess
 
 WAITING_FOR_READ_SLOT = "WaitingForReadSlot"
+SOURCES_READ = "SourcesRead"
+"""The condition that says whether the last read of the sources succeeded, and why not: apart from Ready, which says
+whether Cartridges can use the Corpus (a read that failed for a reason that may pass leaves the stored version)."""
 
 
 def read_skipped(status: dict[str, Any]) -> bool:
@@ -40,9 +44,9 @@ def reconcile_corpus(
 ) -> dict[str, Any]:
     """The new status. Unchanged text keeps its digest, so Cartridges see no change and retrain nothing.
 
-    ``reads`` is the operator's bound on Corpora read at once (the handlers share one; None: no bound). While no
-    slot is free the Corpus is not Stalled, the retry timer reads it later, and one stored before stays as Ready as
-    it was (its Cartridges keep their corpus; a new generation shows as not yet observed)."""
+    ``reads`` is the operator's bound on Corpora read at once (the handlers share one; None: no bound). A read that
+    finds no slot free, or fails for a reason that may pass (a source or the store unavailable), tells nothing about
+    the text: see ``_not_read``. One that finds a source to fix makes the Corpus not Ready (``_not_ready``)."""
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
     access = SourceAccess(root, namespace, limits or CorpusLimits())
     tokens: int | None = None
@@ -55,16 +59,13 @@ def reconcile_corpus(
                 tokens = count_tokens(corpus, *read_tokenizer(corpus_spec.tokenizer, store, access))
             manifest = publish(corpus, corpus_spec.description, store, prefix, tokens, corpus_spec.tokenizer)
     except ReadsBusy as err:
-        if status.get("digest"):
-            waiting = set_condition(conditions, "Stalled", False, WAITING_FOR_READ_SLOT, str(err))
-            return {**status, "conditions": waiting}
-        return _not_ready(status, conditions, WAITING_FOR_READ_SLOT, str(err), generation, stalled=False)
-    except (SourceError, ValidationError) as err:
-        return _not_ready(status, conditions, "InvalidSource", str(err), generation)
-    except StoreError as err:
-        return _not_ready(status, conditions, "StoreUnavailable", str(err), generation)
+        return _not_read(status, conditions, WAITING_FOR_READ_SLOT, str(err), generation)
+    except (SourceError, ValidationError, StoreError) as err:
+        return _read_failed(status, conditions, err, generation)
+    summary = f"{manifest.documents} documents"
     conditions = set_condition(conditions, "Stalled", False, "Stored", "", generation)
-    conditions = set_condition(conditions, "Ready", True, "Stored", f"{manifest.documents} documents", generation)
+    conditions = set_condition(conditions, SOURCES_READ, True, "Stored", summary, generation)
+    conditions = set_condition(conditions, "Ready", True, "Stored", summary, generation)
     return {
         **status,
         "observedGeneration": generation,
@@ -75,6 +76,41 @@ def reconcile_corpus(
         "artifact": prefix,
         "conditions": conditions,
     }
+
+
+def _read_failed(
+    status: dict[str, Any], conditions: list[dict[str, Any]], err: Exception, generation: int
+) -> dict[str, Any]:
+    """Say in SourcesRead why the read failed (its turning False is a Warning Event), the URLs in the message without
+    the credentials they may carry; then keep the stored version if the failure may pass, else stop being Ready."""
+    reason, may_pass = _failure(err)
+    message = redacted(str(err))
+    conditions = set_condition(conditions, SOURCES_READ, False, reason, message, generation)
+    if may_pass:
+        return _not_read(status, conditions, reason, message, generation)
+    return _not_ready(status, conditions, reason, message, generation)
+
+
+def _failure(err: Exception) -> tuple[str, bool]:
+    """The reason a read failed, and whether it may pass by itself (retried; nothing in the spec to fix)."""
+    if isinstance(err, SourceUnavailable):
+        return "SourceUnavailable", True
+    if isinstance(err, StoreError):
+        return "StoreUnavailable", isinstance(err, StoreUnavailable)
+    return "InvalidSource", False
+
+
+def _not_read(
+    status: dict[str, Any], conditions: list[dict[str, Any]], reason: str, message: str, generation: int
+) -> dict[str, Any]:
+    """The sources were not read, or not to the end, for a reason that passes by itself: nothing is known of the
+    text. A Ready Corpus keeps its stored digest, Ready, and the generation they describe (a changed spec shows as not
+    yet observed), so its Cartridges neither wait nor retrain; one never stored is not Ready yet. Neither is Stalled
+    (Argo CD shows no failure for a blip): the reason is in Stalled's, and the retry timer reads it again."""
+    if is_true(conditions, "Ready") and status.get("digest"):
+        waiting = set_condition(conditions, "Stalled", False, reason, redacted(message), generation)
+        return {**status, "conditions": waiting}
+    return _not_ready(status, conditions, reason, message, generation, stalled=False)
 
 
 def _not_ready(

@@ -18,7 +18,7 @@ from cartridges_operator import kube, manifests, metrics
 from cartridges_operator.cartridge import forget_cartridge, reconcile_cartridge
 from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
-from cartridges_operator.corpus import read_skipped, reconcile_corpus
+from cartridges_operator.corpus import SOURCES_READ, read_skipped, reconcile_corpus
 from cartridges_operator.source_access import ReadSlots
 
 PREFIX = "cartridges.dev"
@@ -26,7 +26,7 @@ RESYNC_S = 5.0
 CORPUS_RETRY_S = 10.0
 DELETE_RETRIES = 3
 JOB_STOP_RETRIES = 60  # 2 s apart: time for the training pods' grace period
-WARNING_REASONS = {"Stalled"}
+WARNINGS = {("Stalled", "True"), (SOURCES_READ, "False")}  # (condition, status) posted as a Warning Event
 
 CONFIG = OperatorConfig.from_env()
 STORE = Store.from_env()
@@ -71,7 +71,7 @@ def _post_transitions(body: kopf.Body, before: list[dict[str, Any]], after: list
     for condition in after:
         if old.get(condition["type"]) == condition["status"]:
             continue
-        warning = condition["type"] in WARNING_REASONS and condition["status"] == "True"
+        warning = (condition["type"], condition["status"]) in WARNINGS
         message = f"{condition['type']}={condition['status']}: {condition.get('message', '')}"[:1000]
         post = kopf.warn if warning else kopf.info
         post(body, reason=condition.get("reason") or condition["type"], message=message)
@@ -97,11 +97,12 @@ def corpus_changed(body: kopf.Body, **_: Any) -> None:
 @kopf.timer(api.GROUP, api.VERSION, "corpora", interval=CORPUS_RETRY_S, initial_delay=CORPUS_RETRY_S)
 def corpus_retry(body: kopf.Body, **_: Any) -> None:
     """A Corpus that is not Ready is retried, so it recovers once the missing ConfigMap or store is back; so is one
-    whose last read found no read slot free (a Ready one keeps its stored digest meanwhile), as kopf calls no
-    handler again for that change, and one whose generation is unobserved."""
+    whose last read failed or found no read slot free (a Ready one keeps its stored digest meanwhile), as kopf calls
+    no handler again for that change, and one whose generation is unobserved."""
     status = body.get("status") or {}
+    conditions = status.get("conditions")
     unobserved = status.get("observedGeneration") != body.metadata.get("generation")
-    if unobserved or read_skipped(status) or not is_true(status.get("conditions"), "Ready"):
+    if unobserved or read_skipped(status) or not is_true(conditions, "Ready") or not is_true(conditions, SOURCES_READ):
         write_status("corpora", body, _reconcile_corpus(body))
 
 

@@ -1,7 +1,10 @@
 """Download an http(s) Corpus source inside hard limits: a byte limit enforced while reading, one deadline for the
 whole download (``timeout`` alone bounds each socket operation, so a server dripping a byte at a time would hold a
 worker forever), and no connection to the pod's own or link-local addresses (cloud metadata at 169.254.169.254),
-checked on the address actually connected to, for redirects too, so DNS cannot swap it after the check."""
+checked on the address actually connected to, for redirects too, so DNS cannot swap it after the check.
+
+A download that may succeed when tried again unchanged fails with ``SourceUnavailable``; one whose source needs a fix
+with a plain ``SourceError``."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from urllib.parse import urlsplit
 from cartridges.corpus import SourceError
 
 CHUNK = 1 << 16
+RETRIED_STATUSES = (408, 429)  # Request Timeout, Too Many Requests; and every 5xx
 LINK_LOCAL = (
     ipaddress.ip_network("169.254.0.0/16"),  # cloud metadata services, link-local
     ipaddress.ip_network("fe80::/10"),
@@ -32,6 +36,11 @@ LOOPBACK = (
     ipaddress.ip_network("0.0.0.0/32"),  # connects to the host itself
     ipaddress.ip_network("::/128"),
 )
+
+
+class SourceUnavailable(SourceError):
+    """The source could not be read this time, for a reason that may pass by itself (the server down or overloaded,
+    the connection refused, cut or too slow): a retry, not a fix to the spec, is what it needs."""
 
 
 @dataclass
@@ -153,12 +162,25 @@ def fetch(url: str, limit: int, timeout_s: float, allow_loopback: bool = False) 
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as err:  # ValueError: a bad port
         if guard.expired:
             raise _too_slow(url, timeout_s) from err
-        raise SourceError(f"{url}: cannot fetch ({err})") from err
+        failure = SourceUnavailable if _may_pass(err) else SourceError
+        raise failure(f"{url}: cannot fetch ({err})") from err
     finally:
         timer.cancel()
     if guard.expired:  # cut off: what was read may look complete but is not
         raise _too_slow(url, timeout_s)
     return data
+
+
+def _may_pass(err: Exception) -> bool:
+    """Whether a fetch that failed with ``err`` may succeed unchanged later: the server said it is unavailable, the
+    connection was refused, cut or timed out, a name lookup failed for now. Not: a 404 or 403, a host that does not
+    exist, a certificate that does not verify, a malformed URL."""
+    if isinstance(err, urllib.error.HTTPError):
+        return err.code >= 500 or err.code in RETRIED_STATUSES
+    cause = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(cause, socket.gaierror):
+        return cause.errno == socket.EAI_AGAIN
+    return isinstance(cause, ConnectionError | TimeoutError | http.client.IncompleteRead)
 
 
 def _read_at_most(response: Any, size: int) -> bytes:
@@ -173,8 +195,8 @@ def _read_at_most(response: Any, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _too_slow(url: str, timeout_s: float) -> SourceError:
-    return SourceError(
+def _too_slow(url: str, timeout_s: float) -> SourceUnavailable:
+    return SourceUnavailable(
         f"{url}: the download did not finish within timeoutSeconds={timeout_s:g}; raise it (at most 600) or "
         "serve the document faster"
     )

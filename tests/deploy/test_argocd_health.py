@@ -43,6 +43,8 @@ CASES = [
     ("Corpus", body(None), "Progressing", "Waiting for the operator"),
     ("Corpus", body([]), "Progressing", "Waiting for the operator"),
     ("Corpus", body([READY, NOT_STALLED]), "Healthy", "Serving: serving 1/1"),
+    ("Corpus", body([READY, cond("Stalled", "False", "SourceUnavailable", "503"),  # its stored version serves
+                     cond("SourcesRead", "False", "SourceUnavailable", "503")]), "Healthy", "serving 1/1"),
     ("Corpus", body([READY], observed=1), "Progressing", "observe generation 2"),
     ("Corpus", body([READY], observed=None), "Progressing", "observe generation 2"),
     ("Corpus", body([cond("Ready", "True", "Normalized", generation=1)]), "Progressing", "describes generation 1"),

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _web_page import WebPage, serve_page
 from kubernetes import client
 
 from cartridges_e2e.cluster import Cluster
@@ -81,3 +82,9 @@ def operator_env_tls(
     """The same against a store that serves TLS with a private CA: the CA's PEM is in the namespace's Secret."""
     workdir = tmp_path_factory.mktemp("operator-tls")
     yield from _operator_env(k8s_cluster, node_harness, minio_tls_server, workdir, "tls")
+
+
+@pytest.fixture
+def web_server() -> Iterator[WebPage]:
+    with serve_page() as page:
+        yield page

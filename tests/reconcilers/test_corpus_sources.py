@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _web_page import WebPage
 
 import cartridges.cli
 import cartridges.corpus
@@ -24,6 +25,7 @@ from cartridges_e2e.minio import MinioServer
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus import reconcile_corpus
 from cartridges_operator.corpus_sources import read_sources
+from cartridges_operator.http_fetch import SourceUnavailable
 from cartridges_operator.redaction import redacted
 from cartridges_operator.source_access import ReadsBusy, ReadSlots, SourceAccess
 
@@ -80,22 +82,8 @@ def test_objects_are_named_relative_to_their_prefix_however_it_is_spelled(tmp_pa
 
 
 @pytest.fixture
-def web_page() -> Iterator[str]:
-    body = b"Fetched over HTTP. " * 10
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/page"
-    server.shutdown()
+def web_page(web_server: WebPage) -> str:
+    return web_server.url
 
 
 def test_http_source_respects_its_size_limit(web_page: str) -> None:
@@ -104,8 +92,21 @@ def test_http_source_respects_its_size_limit(web_page: str) -> None:
     with pytest.raises(SourceError, match="larger than maxBytes=50"):
         read_sources(spec({"http": {"url": web_page, "maxBytes": 50}}), Store(), no_configmaps, LOCAL)
     closed = f"http://127.0.0.1:{free_port()}/x"
-    with pytest.raises(SourceError, match="cannot fetch"):
+    with pytest.raises(SourceUnavailable, match="cannot fetch"):
         read_sources(spec({"http": {"url": closed, "timeoutSeconds": 2}}), Store(), no_configmaps, LOCAL)
+
+
+@pytest.mark.parametrize(("status", "may_pass"), [(503, True), (502, True), (429, True), (408, True), (404, False),
+                                                  (403, False), (410, False)])  # fmt: skip
+def test_an_http_answer_tells_a_source_that_may_come_back_from_one_to_fix(
+    web_server: WebPage, status: int, may_pass: bool
+) -> None:
+    """The server down or overloaded may pass by itself (the Corpus keeps its stored version and is retried); a page
+    that is not there or not allowed needs a fix (its Corpus is not Ready)."""
+    web_server.status = status
+    with pytest.raises(SourceError, match=f"cannot fetch \\(HTTP Error {status}") as failed:
+        read_sources(spec({"http": {"url": web_server.url}}), Store(), no_configmaps, LOCAL)
+    assert isinstance(failed.value, SourceUnavailable) == may_pass
 
 
 def test_store_down_is_a_clear_condition_and_keeps_the_last_digest() -> None:
@@ -118,6 +119,28 @@ def test_store_down_is_a_clear_condition_and_keeps_the_last_digest() -> None:
     assert ready["status"] == "False" and ready["reason"] == "StoreUnavailable" and "unreachable" in ready["message"]
     assert status["digest"] == "abc" and status["artifact"] == previous["artifact"]
     assert layout.corpus_prefix("s3://bucket", "ns", "c", "abc") == previous["artifact"]
+
+
+def test_a_read_that_may_pass_keeps_a_ready_corpus_and_leaves_a_new_one_waiting(
+    web_server: WebPage, tmp_path: Path
+) -> None:
+    """A source or the store unavailable: a Corpus never stored is not Ready (its Cartridges wait) but not Stalled
+    either, as the retry may read it; a stored one stays Ready with its digest. Both say why in SourcesRead."""
+    root, corpus = f"file://{tmp_path}/store", {"description": "d", "sources": [{"http": {"url": web_server.url}}]}
+    down = Store(S3Config(f"127.0.0.1:{free_port()}", "k", "s", timeout_s=1.0, retries=0))
+    web_server.status = 503
+    new = reconcile_corpus(corpus, {}, "ns", "c", 1, Store(), root)
+    assert condition(new, "Ready")["status"] == stalled(new)["status"] == "False"
+    assert condition(new, "Ready")["reason"] == condition(new, "SourcesRead")["reason"] == "SourceUnavailable"
+    web_server.status = 200
+    stored = reconcile_corpus(corpus, new, "ns", "c", 1, Store(), root)
+    web_server.status = 503
+    inline = {"description": "d", "sources": [{"inline": "text"}]}  # read, then not stored
+    for status in (reconcile_corpus(corpus, stored, "ns", "c", 1, Store(), root),
+                   reconcile_corpus(inline, stored, "ns", "c", 1, down, "s3://bucket")):  # fmt: skip
+        assert condition(status, "Ready") == condition(stored, "Ready") and status["digest"] == stored["digest"]
+        assert stalled(status)["status"] == condition(status, "SourcesRead")["status"] == "False"
+    assert condition(status, "SourcesRead")["reason"] == stalled(status)["reason"] == "StoreUnavailable"
 
 
 def test_tokens_are_counted_with_the_named_tokenizer(tmp_path: Path) -> None:
@@ -418,7 +441,7 @@ def test_a_corpus_larger_than_the_operators_limit_is_refused_while_reading(endle
 @pytest.mark.timeout(30)  # without the deadline, the dripping download never ends
 def test_a_slow_http_source_times_out_as_a_whole(endless_server: str) -> None:
     started = time.monotonic()
-    with pytest.raises(SourceError, match="did not finish within timeoutSeconds=1"):
+    with pytest.raises(SourceUnavailable, match="did not finish within timeoutSeconds=1"):
         read_sources(spec({"http": {"url": f"{endless_server}/drip", "timeoutSeconds": 1}}), Store(), no_configmaps,
                      LOCAL)  # fmt: skip
     assert time.monotonic() - started < 5

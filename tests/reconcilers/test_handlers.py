@@ -4,6 +4,7 @@ next one, where kopf itself calls nothing again."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -11,10 +12,12 @@ from typing import Any, cast
 
 import kopf
 import pytest
+from _web_page import WebPage
 
 from cartridges import api
 from cartridges.store import Store
 from cartridges_operator import handlers, kube
+from cartridges_operator.cartridge import reconcile_cartridge
 from cartridges_operator.conditions import is_true
 from cartridges_operator.source_access import ReadSlots
 
@@ -85,3 +88,103 @@ def test_a_configmap_changed_while_no_read_slot_was_free_is_read_by_the_retry_ti
 
     call(handlers.corpus_retry, body=corpus(namespace))
     assert dict(corpus(namespace).status)["digest"] != before
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def cartridge_pass(namespace: str, status: dict[str, Any]) -> dict[str, Any]:
+    """A pass of a Cartridge that trains on Corpus c, from the ``status`` its last pass wrote. Its namespace has no
+    store Secret: the pass ends there, after choosing the corpus version and generation, before starting a Job."""
+    spec = {"corpusRefs": [{"name": "c"}], "baseModel": {"name": "m", "uri": "s3://b/m"}}
+    body = {"metadata": {"name": "k", "generation": 1, "uid": "k-uid"}, "spec": spec, "status": status}
+    return reconcile_cartridge(body, namespace, "k", handlers.CONFIG, handlers.STORE, lambda model: [])
+
+
+def test_a_stored_corpus_whose_source_fails_once_when_read_again_keeps_its_version_and_its_cartridges(
+    namespace: str, corpus_handlers: None, web_server: WebPage
+) -> None:
+    """A restarted operator reads every Corpus again (kopf's resume handler). A source that fails then, for a reason
+    that may pass (a 503), says nothing about the text stored: the Corpus stays Ready with its digest, so its
+    Cartridges neither wait nor retrain. The failed read shows in SourcesRead (URL redacted), and is retried."""
+    create_corpus(namespace, {"http": {"url": f"{web_server.url}?token=s3cret"}})
+    call(handlers.corpus_changed, body=corpus(namespace))
+    stored = dict(corpus(namespace).status)
+    trained = cartridge_pass(namespace, {})
+    assert condition(trained, "CorpusReady")["status"] == "True"
+
+    web_server.status = 503
+    call(handlers.corpus_changed, body=corpus(namespace))
+    failed = dict(corpus(namespace).status)
+    assert is_true(failed["conditions"], "Ready") and failed["digest"] == stored["digest"]
+    assert not is_true(failed["conditions"], "Stalled")  # a wait that ends by itself: Argo CD shows it Healthy
+    read = condition(failed, "SourcesRead")
+    assert read["status"] == "False" and read["reason"] == "SourceUnavailable"
+    assert "HTTP Error 503" in read["message"] and "?<redacted>" in read["message"]
+    assert "s3cret" not in json.dumps(failed)
+    again = cartridge_pass(namespace, trained)
+    assert condition(again, "CorpusReady") == condition(trained, "CorpusReady")
+    assert (again["generation"], again["trainingHash"]) == (trained["generation"], trained["trainingHash"])
+
+    web_server.status = 200
+    call(handlers.corpus_retry, body=corpus(namespace))
+    assert is_true(dict(corpus(namespace).status)["conditions"], "SourcesRead")
+
+
+def test_a_changed_corpus_whose_source_fails_once_keeps_its_version_until_the_retry_timer_reads_it(
+    namespace: str, corpus_handlers: None, web_server: WebPage
+) -> None:
+    """A changed spec whose read fails for a reason that may pass is not taken in yet (its generation stays
+    unobserved, as when no read slot is free): the stored version stays Ready, and the retry timer reads the new
+    spec once the source answers."""
+    create_corpus(namespace, {"inline": "Before."})
+    call(handlers.corpus_changed, body=corpus(namespace))
+    before = dict(corpus(namespace).status)["digest"]
+    web_server.status = 503
+    change = {"spec": {"sources": [{"http": {"url": web_server.url}}]}}
+    kube.custom().patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora", "c", change)
+    call(handlers.corpus_changed, body=corpus(namespace))
+    waiting = dict(corpus(namespace).status)
+    assert is_true(waiting["conditions"], "Ready") and waiting["digest"] == before
+    assert waiting["observedGeneration"] == 1 and condition(waiting, "SourcesRead")["reason"] == "SourceUnavailable"
+
+    web_server.status = 200
+    call(handlers.corpus_retry, body=corpus(namespace))
+    read = dict(corpus(namespace).status)
+    assert read["observedGeneration"] == 2 and read["digest"] != before and is_true(read["conditions"], "SourcesRead")
+
+
+def test_a_changed_corpus_whose_source_is_gone_is_not_ready_and_its_cartridges_wait_on_their_version(
+    namespace: str, corpus_handlers: None, web_server: WebPage
+) -> None:
+    """A source to fix (a 404) in a changed spec: the stored digest no longer describes the spec, so the Corpus is
+    not Ready (Stalled, InvalidSource) and keeps it only as its last good version; its Cartridges wait and say why,
+    and retrain nothing (their promoted generation keeps serving)."""
+    create_corpus(namespace, {"inline": "Before."})
+    call(handlers.corpus_changed, body=corpus(namespace))
+    before = dict(corpus(namespace).status)["digest"]
+    trained = cartridge_pass(namespace, {})
+    web_server.status = 404
+    change = {"spec": {"sources": [{"http": {"url": web_server.url}}]}}
+    kube.custom().patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora", "c", change)
+    call(handlers.corpus_changed, body=corpus(namespace))
+    broken = dict(corpus(namespace).status)
+    assert broken["digest"] == before and broken["observedGeneration"] == 2
+    assert condition(broken, "Ready")["reason"] == condition(broken, "Stalled")["reason"] == "InvalidSource"
+    assert is_true(broken["conditions"], "Stalled") and not is_true(broken["conditions"], "Ready")
+    assert "HTTP Error 404" in condition(broken, "SourcesRead")["message"]
+    waiting = cartridge_pass(namespace, trained)
+    assert condition(waiting, "CorpusReady")["reason"] == "WaitingForCorpus"
+    assert waiting["generation"] == trained["generation"]
+
+
+def test_a_failed_read_is_a_warning_event_and_a_recovered_one_an_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    posted: list[tuple[str, str]] = []
+    monkeypatch.setattr(kopf, "warn", lambda body, reason, message: posted.append(("Warning", message)))
+    monkeypatch.setattr(kopf, "info", lambda body, reason, message: posted.append(("Normal", message)))
+    failed = {"type": "SourcesRead", "status": "False", "reason": "SourceUnavailable", "message": "503"}
+    read = {**failed, "status": "True", "reason": "Stored", "message": "1 documents"}
+    handlers._post_transitions(kopf.Body(cast(kopf.RawBody, {})), [read], [failed])
+    handlers._post_transitions(kopf.Body(cast(kopf.RawBody, {})), [failed], [read])
+    assert posted == [("Warning", "SourcesRead=False: 503"), ("Normal", "SourcesRead=True: 1 documents")]
