@@ -69,3 +69,31 @@ def test_every_fact_is_asked_about_before_any_repeats() -> None:
 def test_cut_off_ends_of_a_chunk_are_not_asked_about() -> None:
     tasks = grounded_tasks(random.Random(0), TEXT, 40, cut_head=True, cut_tail=True)
     assert not {t.answer for t in tasks} & {"Corrastow", "the Tarrow Moot", "the long year"}
+
+
+RUN_ON = " and ".join(f"in {1800 + i} the keeper of Varnholm logged {i + 3} metres of ice" for i in range(30))
+
+
+@pytest.mark.parametrize("bound", [90, 40])
+def test_tasks_quote_the_words_around_their_fact_that_fit_the_bound(bound: int) -> None:
+    """Text without sentence breaks is one sentence: each task quotes the words around its fact within the bound,
+    blanks becoming questions when their instruction alone is longer; the answer stays the whole fact."""
+    tasks = grounded_tasks(
+        random.Random(0), RUN_ON, 30, cut_head=False, cut_tail=False, fits=lambda t: len(t.user) <= bound
+    )
+    assert all(len(t.user) <= bound and len(t.user.split()) >= 4 for t in tasks)
+    blanks = [t for t in tasks if t.user.startswith("Fill in the blank")]
+    assert bool(blanks) == (bound == 90)
+    assert all(f" {t.user.split(chr(10))[1].replace('_____', t.answer)} " in f" {RUN_ON} " for t in blanks)
+    unbounded = grounded_tasks(random.Random(0), RUN_ON, 30, cut_head=False, cut_tail=False)
+    assert [t.answer for t in tasks] == [t.answer for t in unbounded]
+
+
+def test_tasks_within_the_bound_are_those_made_without_one() -> None:
+    """Cutting draws nothing from the seeded generator: the tasks within the bound are those made without one."""
+    unbounded = grounded_tasks(random.Random(5), TEXT, 30, cut_head=False, cut_tail=False)
+    longest = max(len(t.user) for t in unbounded)
+    cut = grounded_tasks(
+        random.Random(5), TEXT, 30, cut_head=False, cut_tail=False, fits=lambda t: len(t.user) < longest
+    )
+    assert [a == b for a, b in zip(cut, unbounded, strict=True)] == [len(t.user) < longest for t in unbounded]

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cartridges import api
 from cartridges.artifact import Cartridge, QuantizedCartridge, download_artifact, load_cartridge, load_stored_cartridge
+from cartridges.chat import render
 from cartridges.contract import EXIT_INTERRUPTED, EXIT_OK, EXIT_PERMANENT, TRAINER_GRACE_S, TrainerConfig
 from cartridges.hashing import sha256_bytes
 from cartridges.kvcache import compose, forward_with_cartridge, prefix_cartridge
@@ -48,8 +50,9 @@ from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
+from cartridges_trainer.prompts import system_prompt
 from cartridges_trainer.stopping import StopRequest
-from cartridges_trainer.synthesis import Shard, corpus_context, synthesize_shard
+from cartridges_trainer.synthesis import Shard, corpus_context, synthesize_shard, teacher_overhead
 from cartridges_trainer.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -237,6 +240,27 @@ def test_grounded_shard_asks_about_the_windows_facts_with_the_corpus_in_context(
     assert torch.allclose(expected, conv.topk_logprobs, atol=1e-4)
     scored = conv.answer_only()
     assert torch.equal(scored.topk_ids, conv.topk_ids[conv.answer_start - 1 :]) and len(scored.targets) == len(answer)
+
+
+def test_grounded_user_turns_quote_at_most_max_question_tokens_around_their_fact(tiny_model: LoadedModel) -> None:
+    """Text without sentence breaks is one sentence the length of the window: quoted whole, a user turn ran hundreds
+    of tokens past max_question_tokens, so the teacher read more than the budget checked up front (teacher_overhead)
+    and a sequenceLength fitting the budget dropped the conversation. Each turn now quotes the words around its fact
+    that fit the budget."""
+    text = " and ".join(f"in {1800 + i} the keeper of Varnholm logged {i + 3} metres of ice" for i in range(30))
+    corpus = Corpus("the Varnholm ice log", tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"], "d")
+    options = OPTIONS.model_copy(update={"max_question_tokens": 48})
+    study = STUDY.model_copy(update={"maxChunkTokens": 256})
+    shard = synthesize_shard(tiny_model, corpus, study, options, "synth/train-00001.safetensors")
+    system = render(tiny_model.tokenizer, system_prompt(corpus.description, ""), "")[0]
+    budget = teacher_overhead(tiny_model, corpus.description, study, options) - len(system)  # turn and answer
+    for conv in shard.conversations:
+        assert len(conv.ids) <= budget and conv.truncated(budget) is conv
+        user = str(tiny_model.tokenizer.decode(conv.ids[: conv.answer_start].tolist(), skip_special_tokens=True))
+        asked = user.split("\n")[1].rstrip("?")  # "user\n<question>?\nassistant\n" (the blank's instruction is
+        answer = str(tiny_model.tokenizer.decode(conv.answer[:-1].tolist()))  # longer than the budget here)
+        quoted = re.sub(r"(?:^|(?<= ))(?:what year|how many \w+|what)\b", answer.lower(), asked.lower(), count=1)
+        assert len(asked.split()) >= 4 and f" {quoted}" in f" {text.lower()}", (asked, answer)  # a window's end: cut
 
 
 def test_corpus_windows_cover_every_token_evenly() -> None:
@@ -965,10 +989,10 @@ def test_a_chunk_past_the_models_positions_exits_permanent_naming_the_largest_th
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Past the model's trained positions the teacher reads garbage without a word: a maxChunkTokens whose chunk,
-    prompt, question and answer overflow them is bad input naming both numbers and the field, before any synthesis
-    (the paper recipe's budgets are all known up front), or at the first window whose grounded task (a sentence of
-    the corpus) overflows. Taking the suggestions trains, every teacher read within the positions;
-    the default trains on a corpus shorter than it (its own chunk)."""
+    prompt, question and answer overflow them is bad input naming both numbers and the field, before any synthesis:
+    every recipe's budgets are known up front (a grounded task quotes at most max_question_tokens of the corpus).
+    Taking the suggestion trains at once, every teacher read within the positions; the default trains on a corpus
+    shorter than it (its own chunk)."""
     monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", 512)
     store = Store()
     put_model(tiny_model, store, f"{file_store_root}/models/tiny")
@@ -990,15 +1014,9 @@ def test_a_chunk_past_the_models_positions_exits_permanent_naming_the_largest_th
     code, err, _ = run(16384)
     assert code == EXIT_PERMANENT and "selfStudy.maxChunkTokens 16384" in err and "512 positions" in err, err
     fits = largest(err)
-    if recipe == "paper":
-        assert run(fits + 1)[0] == EXIT_PERMANENT
-    refused = []
-    while (attempt := run(fits))[0] == EXIT_PERMANENT:
-        assert f"selfStudy.maxChunkTokens {fits} " in attempt[1] and largest(attempt[1]) < fits, attempt[1]
-        refused.append(fits)
-        fits = largest(attempt[1])
-    assert attempt[0] == EXIT_OK
-    assert bool(refused) == (recipe == "grounded")  # a grounded task's length is known once its window is made
+    assert run(fits + 1)[0] == EXIT_PERMANENT
+    attempt = run(fits)
+    assert attempt[0] == EXIT_OK, attempt[1]
     shards = [u for u in store.list(f"{attempt[2].output_prefix}/synth") if u.endswith(".safetensors")]
     for shard in (Shard.load(Path(StoreURI.parse(u).key)) for u in shards):
         assert len(shard.context) + max(len(c.ids) for c in shard.conversations) <= 512  # what the teacher read

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -128,18 +129,77 @@ def _clause(rng: random.Random, sentence: str, start: int, end: int) -> tuple[in
 
 def question(rng: random.Random, sentence: str, start: int, end: int) -> Task:
     """The sentence (or its clause) asked about the span in place: "Its highest point is what?"."""
-    lo, hi = _clause(rng, sentence, start, end)
+    return _asked(sentence, *_clause(rng, sentence, start, end), start, end)
+
+
+def _asked(sentence: str, lo: int, hi: int, start: int, end: int) -> Task:
     body = f"{sentence[lo:start]}{wh_phrase(sentence, start, end)}{sentence[end:hi]}".strip().rstrip(".,;:")
     return Task(f"{body[0].upper()}{body[1:]}?", sentence[start:end])
 
 
 def cloze(sentence: str, start: int, end: int) -> Task:
-    blanked = f"{sentence[:start]}_____{sentence[end:]}"
+    return _blanked(sentence, 0, len(sentence), start, end)
+
+
+def _blanked(sentence: str, lo: int, hi: int, start: int, end: int) -> Task:
+    blanked = f"{sentence[lo:start]}_____{sentence[end:hi]}".strip()
     return Task(f"Fill in the blank with the exact words from the document:\n{blanked}", sentence[start:end])
 
 
-def grounded_tasks(rng: random.Random, text: str, count: int, *, cut_head: bool, cut_tail: bool) -> list[Task]:
-    """``count`` tasks over the facts of ``text``, visiting every fact (or fact-less sentence) before repeating one."""
+def _around(sentence: str, lo: int, hi: int, start: int, end: int, reach: int) -> tuple[int, int]:
+    """At most ``reach`` characters of ``[lo, hi)`` on each side of the span, cut between words where a space allows
+    (text without spaces, such as Chinese, is cut anywhere)."""
+    a, b = max(lo, start - reach), min(hi, end + reach)
+    if a > lo and not sentence[a - 1].isspace() and (space := sentence.find(" ", a, start)) >= 0:
+        a = space + 1
+    if b < hi and not sentence[b].isspace() and (space := sentence.rfind(" ", end, b)) >= 0:
+        b = space
+    return a, b
+
+
+def _fitted(
+    make: Callable[[str, int, int, int, int], Task],
+    sentence: str,
+    stretch: tuple[int, int],
+    start: int,
+    end: int,
+    fits: Callable[[Task], bool],
+) -> Task:
+    """``make``'s task over the widest part of ``stretch`` around the span that ``fits``, the context each side
+    halved until it does (a long sentence, or a window without sentence breaks); no context when none does."""
+    lo, hi = stretch
+    reach = max(start - lo, hi - end)
+    while not fits(task := make(sentence, *_around(sentence, lo, hi, start, end, reach), start, end)) and reach:
+        reach //= 2
+    return task
+
+
+def _task(rng: random.Random, sentence: str, start: int, end: int, fits: Callable[[Task], bool]) -> Task:
+    """A blank or a question about the span that ``fits``; a blank whose instruction alone does not fit becomes a
+    question about the whole sentence, cut alike. The bare question ("What year?") is kept even past the bound."""
+    if rng.random() < CLOZE_SHARE:
+        blank = _fitted(_blanked, sentence, (0, len(sentence)), start, end, fits)
+        if fits(blank):
+            return blank
+        stretch = 0, len(sentence.rstrip(".!?"))
+    else:
+        stretch = _clause(rng, sentence, start, end)
+    return _fitted(_asked, sentence, stretch, start, end, fits)
+
+
+def grounded_tasks(
+    rng: random.Random,
+    text: str,
+    count: int,
+    *,
+    cut_head: bool,
+    cut_tail: bool,
+    fits: Callable[[Task], bool] = lambda _: True,
+) -> list[Task]:
+    """``count`` tasks over the facts of ``text``, visiting every fact (or fact-less sentence) before repeating one,
+    each quoting as much of its sentence as ``fits`` (the trainer's question budget): a quote is otherwise as long as
+    a sentence, or the whole window of text without sentence breaks. Cutting draws nothing from ``rng``: tasks that
+    fit are those an unbounded call makes."""
     found = sentences(text, cut_head=cut_head, cut_tail=cut_tail) or [text.strip()]
     facts = [(s, span) for s in found for span in (fact_spans(s) or [closing_words(s)])]
     order: list[int] = []
@@ -148,5 +208,5 @@ def grounded_tasks(rng: random.Random, text: str, count: int, *, cut_head: bool,
         if not order:
             order = rng.sample(range(len(facts)), len(facts))
         sentence, (start, end) = facts[order.pop()]
-        tasks.append(cloze(sentence, start, end) if rng.random() < CLOZE_SHARE else question(rng, sentence, start, end))
+        tasks.append(_task(rng, sentence, start, end, fits))
     return tasks

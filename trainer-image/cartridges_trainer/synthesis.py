@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from cartridges.api import SelfStudy
 from cartridges.artifact import Cartridge
-from cartridges.chat import render
+from cartridges.chat import render, turn_after_cartridges
 from cartridges.kvcache import forward_with_cartridge, prefix_cartridge
 from cartridges.models import LoadedModel
 from cartridges.store import IntegrityError, ObjectNotFound
@@ -47,7 +47,7 @@ from cartridges_trainer.workspace import Workspace
 log = logging.getLogger(__name__)
 SYNTH_FOLDER = "synth"
 INPUTS_FILE = f"{SYNTH_FOLDER}/inputs.json"
-SYNTHESIS_VERSION = 1  # bump when this module's shards change for the same inputs: older ones are then not reused
+SYNTHESIS_VERSION = 2  # bump when this module's shards change for the same inputs: older ones are then not reused
 TEACHER_BATCH = 8
 
 
@@ -235,8 +235,14 @@ def _grounded_conversations(
     index = int(name.rsplit("-", 1)[1].split(".")[0])
     start, end = corpus.window(index, study.maxChunkTokens)
     chunk = _text(lm, corpus.tokens[start:end])
+    empty = len(turn_after_cartridges(lm.tokenizer, ""))
     tasks = grounded_tasks(
-        rng, chunk, options.synthesis_batch_size, cut_head=start > 0, cut_tail=end < len(corpus.tokens)
+        rng,
+        chunk,
+        options.synthesis_batch_size,
+        cut_head=start > 0,
+        cut_tail=end < len(corpus.tokens),
+        fits=lambda task: len(turn_after_cartridges(lm.tokenizer, task.user)) - empty <= options.max_question_tokens,
     )
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     answers = [
@@ -259,13 +265,13 @@ def _grounded_conversations(
 def teacher_overhead(lm: LoadedModel, description: str, study: SelfStudy, options: TrainerOptions) -> int:
     """The most positions the recipe's prompts take besides the chunk, known before synthesis: the system turn
     around it (chat template, corpus description), then ``paper``'s bot A seed turn and question, or its question,
-    user-turn template and answer; ``grounded``'s template and answer (its task quotes the corpus: checked per
-    window, once made)."""
+    user-turn template and answer; ``grounded``'s task (quoting the corpus, cut to ``max_question_tokens``),
+    template and answer."""
     around = system_prompt(description, "")
     system, turn = render(lm.tokenizer, around, "")
     answer = len(turn) + options.max_answer_tokens
     if study.recipe == "grounded":
-        return len(system) + answer
+        return len(system) + options.max_question_tokens + answer
     seed_turns = [len(render(lm.tokenizer, around, SEED_INSTRUCTIONS[seed])[1]) for seed in study.seedPrompts]
     return len(system) + options.max_question_tokens + max(*seed_turns, answer)
 
