@@ -25,7 +25,9 @@ TRAINING_FIELDS = (
 )  # fmt: skip
 StorageQuantization = Literal["none", "int8", "fp8"]
 DEFAULT_STEPS = 1000
-STEPS_OR_EPOCHS = "set steps or epochs, not both (a Cartridge created before epochs existed holds steps: 1000)"
+STEPS_OR_EPOCHS = (
+    "set steps or epochs, not both (a Cartridge created before epochs existed was given steps: 1000: remove it)"
+)
 
 
 def cel(*rules: tuple[str, str]) -> dict[str, Any]:
@@ -193,8 +195,9 @@ class SelfStudy(Spec):
 class Training(Spec):
     """Distillation: for steps or for epochs (not both; 1000 steps when neither is set)."""
 
-    # Neither steps nor epochs has a default in the CRD: the API server defaults before CEL validates, so a default
-    # steps would refuse every epochs. The pydantic model applies DEFAULT_STEPS itself.
+    # Neither steps nor epochs has a default, in the CRD or in the spec the API server stores: it defaults before
+    # CEL validates, so a default steps would refuse every epochs added later. total_steps and the training hash
+    # apply DEFAULT_STEPS instead.
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra=cel(("!has(self.steps) || !has(self.epochs)", STEPS_OR_EPOCHS)),
@@ -219,13 +222,6 @@ class Training(Spec):
         description="clip the total gradient norm of the cartridge to this before each step; unset: no clipping",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_steps(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
-            return {**data, "steps": DEFAULT_STEPS}
-        return data
-
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> Training:
         if self.steps is not None and self.epochs is not None:
@@ -237,6 +233,12 @@ class Training(Spec):
         if self.epochs is None:
             return self.steps or DEFAULT_STEPS
         return math.ceil(self.epochs * conversations / self.batchSize)
+
+    def hashed(self) -> dict[str, Any]:
+        """These settings as the training hash sees them: unset epochs and maxGradNorm left out and the default steps
+        filled in, as before they existed, so no Cartridge retrains for them."""
+        settings = self.model_dump(mode="json", exclude_none=True)
+        return settings if self.epochs is not None else {"steps": DEFAULT_STEPS, **settings}
 
 
 class Toleration(Spec):
@@ -337,7 +339,7 @@ class CartridgeSpec(Spec):
         inputs = self.model_dump(include=set(TRAINING_FIELDS), mode="json")
         if inputs["quantization"] == "none":
             del inputs["quantization"]
-        inputs["training"] = self.training.model_dump(mode="json", exclude_none=True)  # unset epochs, maxGradNorm
+        inputs["training"] = self.training.hashed()
         return inputs
 
 
