@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from cartridges import api, layout
 from cartridges.corpus import SourceError, count_tokens, publish
-from cartridges.store import Store, StoreError, StoreUnavailable
+from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreError, StoreUnavailable
 from cartridges_operator import kube
 from cartridges_operator.conditions import is_true, set_condition
 from cartridges_operator.config import CorpusLimits
@@ -95,8 +95,12 @@ def _failure(err: Exception) -> tuple[str, bool]:
     """The reason a read failed, and whether it may pass by itself (retried; nothing in the spec to fix)."""
     if isinstance(err, SourceUnavailable):
         return "SourceUnavailable", True
-    if isinstance(err, StoreError):
-        return "StoreUnavailable", isinstance(err, StoreUnavailable)
+    if isinstance(err, StoreUnavailable):
+        return "StoreUnavailable", True
+    if isinstance(err, ObjectNotFound | BucketNotFound):  # an object: source or tokenizer named wrong
+        return "InvalidSource", False
+    if isinstance(err, StoreError):  # refused credentials, an altered object: for whoever runs the store
+        return "StoreError", False
     return "InvalidSource", False
 
 

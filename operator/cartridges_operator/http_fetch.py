@@ -9,6 +9,7 @@ with a plain ``SourceError``."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import http.client
 import ipaddress
@@ -25,6 +26,7 @@ from cartridges.corpus import SourceError
 
 CHUNK = 1 << 16
 RETRIED_STATUSES = (408, 429)  # Request Timeout, Too Many Requests; and every 5xx
+UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}  # a route lost for now
 LINK_LOCAL = (
     ipaddress.ip_network("169.254.0.0/16"),  # cloud metadata services, link-local
     ipaddress.ip_network("fe80::/10"),
@@ -180,6 +182,8 @@ def _may_pass(err: Exception) -> bool:
     cause = err.reason if isinstance(err, urllib.error.URLError) else err
     if isinstance(cause, socket.gaierror):
         return cause.errno == socket.EAI_AGAIN
+    if isinstance(cause, OSError) and cause.errno in UNREACHABLE:
+        return True
     return isinstance(cause, ConnectionError | TimeoutError | http.client.IncompleteRead)
 
 

@@ -3,10 +3,13 @@ and what a Corpus may not make the operator read (its pod's files, other namespa
 
 from __future__ import annotations
 
+import errno
 import http.server
+import os
 import socket
 import threading
 import time
+import urllib.error
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +28,7 @@ from cartridges_e2e.minio import MinioServer
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus import reconcile_corpus
 from cartridges_operator.corpus_sources import read_sources
-from cartridges_operator.http_fetch import SourceUnavailable
+from cartridges_operator.http_fetch import SourceUnavailable, _may_pass
 from cartridges_operator.redaction import redacted
 from cartridges_operator.source_access import ReadsBusy, ReadSlots, SourceAccess
 
@@ -107,6 +110,21 @@ def test_an_http_answer_tells_a_source_that_may_come_back_from_one_to_fix(
     with pytest.raises(SourceError, match=f"cannot fetch \\(HTTP Error {status}") as failed:
         read_sources(spec({"http": {"url": web_server.url}}), Store(), no_configmaps, LOCAL)
     assert isinstance(failed.value, SourceUnavailable) == may_pass
+
+
+@pytest.mark.parametrize("code", [errno.EHOSTUNREACH, errno.ENETUNREACH])
+def test_a_route_lost_for_now_may_pass(code: int) -> None:
+    """A node or network blip answers "no route": not a source to fix (urllib raises these as plain OSError)."""
+    assert _may_pass(urllib.error.URLError(OSError(code, os.strerror(code))))
+
+
+def test_an_object_source_that_is_not_there_is_a_source_to_fix(tmp_path: Path) -> None:
+    """Not StoreUnavailable (which may pass and keeps a Ready Corpus Ready): the spec names an object to correct."""
+    root = f"file://{tmp_path}/store"
+    missing = {"description": "d", "sources": [{"object": {"uri": f"{root}/sources/ns/typo.txt"}}]}
+    status = reconcile_corpus(missing, {}, "ns", "c", 1, Store(), root)
+    assert stalled(status)["status"] == "True"
+    assert condition(status, "Ready")["reason"] == condition(status, "SourcesRead")["reason"] == "InvalidSource"
 
 
 def test_store_down_is_a_clear_condition_and_keeps_the_last_digest() -> None:
