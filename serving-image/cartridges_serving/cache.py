@@ -145,14 +145,20 @@ class _Flights(Generic[K, T]):
         try:
             value = work()
         except BaseException as err:
+            try:
+                with self._lock:
+                    self._retire(key, call)
+                    failed(err)
+            finally:
+                call.set_exception(err)
+            raise
+        try:
             with self._lock:
                 self._retire(key, call)
-                failed(err)
+                kept = done(value)
+        except BaseException as err:  # recording failed: the waiters must not wait for ever either
             call.set_exception(err)
             raise
-        with self._lock:
-            self._retire(key, call)
-            kept = done(value)
         call.set_result(value)
         return kept
 
