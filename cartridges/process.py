@@ -21,6 +21,8 @@ class ServiceError(RuntimeError):
 
 
 EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORT_DRAWS = random.Random()  # not the global generator, which a test may seed alike in every process
+_GIVEN_PORTS: set[int] = set()  # a service asking for several ports at once gets different ones
 
 
 def free_port() -> int:
@@ -28,14 +30,17 @@ def free_port() -> int:
     a port from that range (what binding port 0 gives) may be taken by any outgoing connection, a MinIO client's
     say, between this check and the service binding it."""
     low = int(EPHEMERAL_PORTS.read_text().split()[0]) if EPHEMERAL_PORTS.exists() else 0
-    candidates = [random.randrange(10_000, low) for _ in range(64)] if low > 10_000 else []
+    candidates = [_PORT_DRAWS.randrange(10_000, low) for _ in range(64)] if low > 10_000 else []
     for port in [*candidates, 0]:
+        if port in _GIVEN_PORTS:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return int(sock.getsockname()[1])
+            _GIVEN_PORTS.add(given := int(sock.getsockname()[1]))
+            return given
     raise ServiceError("no free TCP port on 127.0.0.1")
 
 
