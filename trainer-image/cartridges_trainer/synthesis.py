@@ -47,7 +47,9 @@ from cartridges_trainer.workspace import Workspace
 log = logging.getLogger(__name__)
 SYNTH_FOLDER = "synth"
 INPUTS_FILE = f"{SYNTH_FOLDER}/inputs.json"
-SYNTHESIS_VERSION = 2  # bump when this module's shards change for the same inputs: older ones are then not reused
+SYNTHESIS_VERSIONS = {"paper": 1, "grounded": 2}
+"""Per recipe: bump one when its shards change for the same inputs (older ones are then not reused), leaving the
+other recipe's stored shards reusable. grounded 2: tasks cut to max_question_tokens."""
 TEACHER_BATCH = 8
 
 
@@ -308,7 +310,7 @@ def _stored_shard(workspace: Workspace, name: str, stored: set[str]) -> Shard | 
 def synthesis_inputs(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions) -> dict[str, Any]:
     """Everything the shards depend on, with its sha256 as ``key``: equal keys, interchangeable shards."""
     inputs = {
-        "version": SYNTHESIS_VERSION,
+        "version": SYNTHESIS_VERSIONS[study.recipe],
         "model": lm.fingerprint.model_dump(mode="json"),
         "corpus": {"digest": corpus.digest, "description": corpus.description},
         "selfStudy": study.model_dump(mode="json"),
