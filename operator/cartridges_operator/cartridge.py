@@ -189,6 +189,8 @@ def _current_generation(run: Pass, corpora: list[tuple[str, str, str]]) -> Train
     training_hash = _training_hash(run.spec, corpora)
     generation = int(run.status.get("generation") or 0)
     if run.status.get("trainingHash") != training_hash:
+        if generation:
+            _describe_promoted(run, generation)
         generation = generation + 1 if generation else _first_generation(run)
         run.status.update(generation=generation, trainingHash=training_hash, progress=None, lastFailure=None)
     run.status["trainingJob"] = manifests.job_name(run.name, generation)
@@ -333,18 +335,45 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
         run.condition("Trained", False, "ArtifactInvalid", problem)
         run.not_ready("ArtifactInvalid", problem, stalled=True)
         return False
-    uri = f"{prefix}/{TENSORS_FILE}"
+    run.status["progress"] = {**(run.status.get("progress") or {}), "phase": "done"}
+    run.condition("Trained", True, "ArtifactVerified", f"generation {trainer.generation}: {prefix}/{TENSORS_FILE}")
+    _record_artifact(run, prefix, manifest)
+    return True
+
+
+def _record_artifact(run: Pass, prefix: str, manifest: CartridgeManifest) -> None:
+    """status.artifact and status.evaluation: the verified generation under ``prefix``."""
     run.status["artifact"] = {
-        "uri": uri,
+        "uri": f"{prefix}/{TENSORS_FILE}",
         "sha256": manifest.file_sha256,
         "bytes": manifest.file_bytes,
         "p": manifest.p,
         "dtype": manifest.dtype,
     }
-    run.status["progress"] = {**(run.status.get("progress") or {}), "phase": "done"}
-    run.condition("Trained", True, "ArtifactVerified", f"generation {trainer.generation}: {uri}")
     _record_evaluation(run, prefix)
-    return True
+
+
+def _describe_promoted(run: Pass, superseded: int) -> None:
+    """Before the generation after ``superseded`` starts (hours of training, during which the status is what users
+    and Argo CD see of the Cartridge), make status.artifact and status.evaluation describe ``superseded`` if it is
+    the one served: the pass that verified and promoted it may have lost its status write (an operator killed after
+    the pointer write, a failed status patch), leaving them describing the generation before. The pointer is read
+    only when a new generation starts and the status does not describe the superseded one already (verified, and
+    promoted or held back by the quality gate)."""
+    prefix = layout.generation_prefix(run.config.store_root, run.namespace, run.name, superseded)
+    if (run.status.get("artifact") or {}).get("uri", "").startswith(prefix + "/"):
+        return
+    pointer = _read_pointer(run)
+    if pointer is None or pointer.generation != superseded:
+        return  # not promoted (failed, cancelled, refused): the status describes the promoted one already
+    try:
+        manifest = CartridgeManifest.model_validate(run.store.get_json(f"{prefix}/{MANIFEST_FILE}"))
+    except (ObjectNotFound, IntegrityError, ValidationError) as err:
+        LOG.warning(
+            "Cartridge %s/%s: promoted generation %d is unreadable: %s", run.namespace, run.name, superseded, err
+        )
+        return
+    _record_artifact(run, prefix, manifest)
 
 
 @functools.lru_cache(maxsize=256)
@@ -403,16 +432,21 @@ def _passes_quality_gate(run: Pass) -> bool:
 
 def _promote(run: Pass, trainer: TrainerConfig) -> None:
     """Point current.json at the verified generation; the previous one served until this write."""
-    pointer_uri = layout.current_pointer(run.config.store_root, run.namespace, run.name)
     pointer = layout.Pointer(
         generation=trainer.generation, prefix=trainer.output_prefix, sha256=run.status["artifact"]["sha256"]
     )
+    if _read_pointer(run) != pointer:  # none yet, or altered: written afresh
+        run.store.put_json(layout.current_pointer(run.config.store_root, run.namespace, run.name), pointer.model_dump())
+
+
+def _read_pointer(run: Pass) -> layout.Pointer | None:
+    """current.json, the promoted generation; None when there is none yet or it was altered."""
     try:
-        current = layout.Pointer.model_validate(run.store.get_json(pointer_uri))
-    except (ObjectNotFound, IntegrityError):  # none yet, or altered: written afresh
-        current = None
-    if current != pointer:
-        run.store.put_json(pointer_uri, pointer.model_dump())
+        return layout.Pointer.model_validate(
+            run.store.get_json(layout.current_pointer(run.config.store_root, run.namespace, run.name))
+        )
+    except (ObjectNotFound, IntegrityError):
+        return None
 
 
 def _prune(run: Pass, promoted: int) -> None:

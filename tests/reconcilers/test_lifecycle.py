@@ -178,6 +178,40 @@ def test_failed_new_generation_keeps_the_previous_one_promoted(operator_env: Ope
     assert status(env, "steady")["generation"] == 2
 
 
+def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_generation_starts(
+    operator_env: OperatorEnv,
+) -> None:
+    """The pass that verified and promoted generation 2 lost its status write (the operator killed right after the
+    pointer write), and a training input changed before the next pass: while generation 3 trains, status.artifact
+    and status.evaluation describe generation 2, the one served, not generation 1."""
+    env = operator_env
+    second_prefix = layout.generation_prefix(env.store_root, env.namespace, "lapse", 2)
+    env.create("corpora", "lapse", {"description": "d", "sources": [{"inline": "Fact one."}]})
+    env.create("corpora", "lapse-slow", {"description": "d", "sources": [{"inline": "SLOW-TRAINING facts."}]})
+    env.create("cartridges", "lapse", cartridge_spec("lapse", retention="Delete"))
+    env.wait_condition("cartridges", "lapse", "Ready", "True")
+    first = status(env, "lapse")
+    env.patch_spec("corpora", "lapse", {"sources": [{"inline": "Fact two."}]})
+    wait_for("generation 2 recorded", lambda: status(env, "lapse").get("artifact", {}).get("uri", "").startswith(
+        f"{second_prefix}/"), 60)  # fmt: skip
+    second = status(env, "lapse")
+    env.wait_condition("corpora", "lapse-slow", "Ready", "True")  # its digest known: the next pass trains from it
+    with env.stopped():
+        # generation 1's scores, told apart from generation 2's (the fake trainer writes the same scores for both)
+        lost = {"artifact": first["artifact"], "evaluation": {**first["evaluation"], "iclGainRecovered": 0.5}}
+        env.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse", {"status": lost}
+        )
+        env.patch_spec("cartridges", "lapse", {"corpusRefs": [{"name": "lapse-slow"}]})
+    wait_for("generation 3 training", lambda: status(env, "lapse").get("generation") == 3, 30)
+    pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "lapse"))
+    training = status(env, "lapse")
+    assert pointer["generation"] == 2 and training["artifact"] == second["artifact"]
+    assert training["evaluation"] == second["evaluation"]
+    env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse")
+    wait_for("cartridge deleted, its trainer stopped", lambda: env.get("cartridges", "lapse") is None, 60)
+
+
 def test_generations_beyond_keep_generations_are_deleted_with_their_jobs(operator_env: OperatorEnv) -> None:
     """Unset, keepGenerations keeps every generation (as before it existed); set, it deletes the rest at once,
     without retraining, and their Jobs."""
