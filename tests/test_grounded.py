@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
-from cartridges_trainer.grounded import cloze, fact_spans, grounded_tasks, question, sentences, wh_phrase
+from cartridges_trainer.grounded import Task, fact_spans, grounded_tasks, sentences, wh_phrase
 
 TEXT = (
     "The isles are governed by the Tarrow Moot, a council of nineteen members that meets in Corrastow. "
@@ -41,15 +42,21 @@ def test_fact_spans_take_names_with_their_article_numbers_with_units_and_whole_d
 def test_questions_put_a_wh_phrase_where_the_fact_was(sentence: str, span: str, phrase: str) -> None:
     start = sentence.index(span)
     assert wh_phrase(sentence, start, start + len(span)) == phrase
-    task = question(random.Random(0), sentence, start, start + len(span))
-    assert task.answer == span and task.user.endswith("?") and phrase in task.user and span not in task.user
+    asked = [t for t in tasks_about(sentence, span) if not t.user.startswith("Fill in the blank")]
+    assert asked and all(t.user.endswith("?") and phrase in t.user and span not in t.user for t in asked)
 
 
-def test_cloze_blanks_exactly_the_answer() -> None:
+def test_blanks_blank_exactly_the_answer() -> None:
     sentence = "Its highest point is Ben Carrick, which rises to 884 metres."
-    start = sentence.index("Ben Carrick")
-    task = cloze(sentence, start, start + len("Ben Carrick"))
-    assert task.answer == "Ben Carrick" and "_____, which rises to 884 metres." in task.user
+    blanks = [t for t in tasks_about(sentence, "Ben Carrick") if t.user.startswith("Fill in the blank")]
+    assert blanks and all(t.user.endswith("\nIts highest point is _____, which rises to 884 metres.") for t in blanks)
+
+
+def tasks_about(sentence: str, span: str) -> list[Task]:
+    """The tasks a run over ``sentence`` alone makes about ``span``: questions and blanks (with one in three a blank,
+    40 tasks over a sentence's few facts make both for every fact)."""
+    tasks = grounded_tasks(random.Random(0), sentence, 40, cut_head=False, cut_tail=False)
+    return [t for t in tasks if t.answer == span]
 
 
 def test_every_fact_is_asked_about_before_any_repeats() -> None:
@@ -77,7 +84,7 @@ RUN_ON = " and ".join(f"in {1800 + i} the keeper of Varnholm logged {i + 3} metr
 @pytest.mark.parametrize("bound", [90, 40])
 def test_tasks_quote_the_words_around_their_fact_that_fit_the_bound(bound: int) -> None:
     """Text without sentence breaks is one sentence: each task quotes the words around its fact within the bound,
-    blanks becoming questions when their instruction alone is longer; the answer stays the whole fact."""
+    blanks becoming questions when their instruction leaves no room for a word; the answer stays the whole fact."""
     tasks = grounded_tasks(
         random.Random(0), RUN_ON, 30, cut_head=False, cut_tail=False, fits=lambda t: len(t.user) <= bound
     )
@@ -97,3 +104,36 @@ def test_tasks_within_the_bound_are_those_made_without_one() -> None:
         random.Random(5), TEXT, 30, cut_head=False, cut_tail=False, fits=lambda t: len(t.user) < longest
     )
     assert [a == b for a, b in zip(cut, unbounded, strict=True)] == [len(t.user) < longest for t in unbounded]
+
+
+@pytest.mark.parametrize("gap", ["  ", "\t", " \t "])
+def test_a_sentence_without_a_fact_spaced_unevenly_is_asked_for_its_closing_words(gap: str) -> None:
+    """Text extracted from a PDF keeps runs of spaces and tabs inside its lines."""
+    text = f"Then the old keeper walked{gap}home{gap}slowly."
+    tasks = grounded_tasks(random.Random(0), text, 6, cut_head=False, cut_tail=False)
+    assert {t.answer for t in tasks} == {f"walked{gap}home{gap}slowly"}
+
+
+def test_tasks_cut_tab_separated_text_between_words() -> None:
+    """Words apart by tabs are cut between, as words apart by spaces: a quote never starts or ends inside a word."""
+    words = RUN_ON.split(" ")
+    tasks = grounded_tasks(
+        random.Random(0), "\t".join(words), 30, cut_head=False, cut_tail=False, fits=lambda t: len(t.user) <= 90
+    )
+    quotes = [t.user.split("\n")[1].replace("_____", t.answer) for t in tasks if t.user.startswith("Fill in")]
+    assert quotes and all(set(q.split("\t")) <= set(words) for q in quotes)
+
+
+BLANK = "Fill in the blank with the exact words from the document:\n_____"
+
+
+@pytest.mark.parametrize("room", [0, 5])
+def test_a_blank_that_keeps_no_word_around_it_becomes_a_question(room: int) -> None:
+    """A bound just above a blank's instruction leaves it no word of context, or one: a blank without one becomes a
+    question (which keeps at least its wh-phrase)."""
+    tasks = grounded_tasks(
+        random.Random(0), RUN_ON, 30, cut_head=False, cut_tail=False, fits=lambda t: len(t.user) <= len(BLANK) + room
+    )
+    blanks = [t.user.split("\n")[1] for t in tasks if t.user.startswith("Fill in the blank")]
+    assert bool(blanks) == (room == 5) and all(re.search(r"\w", b.replace("_____", "")) for b in blanks)
+    assert all(len(t.user.split()) > len(t.answer.split()) for t in tasks)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ from cartridges_trainer import distill as distill_module
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import Conversation, pack, target_logprobs
-from cartridges_trainer.corpus import Corpus
+from cartridges_trainer.corpus import Corpus, load_corpus
 from cartridges_trainer.distill import (
     TrainableCartridge,
     distill,
@@ -49,6 +49,7 @@ from cartridges_trainer.distill import (
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.parallel import World
+from cartridges_trainer.pipeline import _prepare_workspace
 from cartridges_trainer.progress import ProgressReporter
 from cartridges_trainer.prompts import system_prompt
 from cartridges_trainer.stopping import StopRequest
@@ -686,6 +687,52 @@ def test_objects_under_checkpoints_that_are_no_checkpoint_are_ignored_with_a_war
     )
     warned = [m.split(": not a checkpoint")[0] for m in caplog.messages if "not a checkpoint" in m]
     assert sorted(warned) == sorted(f"ignoring {checkpoints}{name}" for name in strays)  # once per process
+
+
+@dataclass(frozen=True)
+class PeerWorld(World):
+    """One rank of a world whose other ranks add ``peers`` to every sum and are always at the barrier."""
+
+    peers: float = field(default=0.0, kw_only=True)
+
+    def sum(self, value: float) -> float:
+        return value + self.peers
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_other_ranks_resume_from_the_step_rank_0_chose_and_never_discard_it(
+    tiny_model: LoadedModel, file_store_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 chooses the checkpoint (discarding unreadable or foreign ones) and shares its step: rank 1 loads that
+    very step, not the newest it finds (one saved meanwhile), starts afresh when rank 0 does, and fails retryably,
+    deleting nothing, when it cannot read the chosen one (else the ranks' collectives fall out of step, or a
+    store hiccup on rank 1 deletes the checkpoint rank 0 resumes from)."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    checkpoints = f"{config.output_prefix}/checkpoints"
+    with monkeypatch.context() as keep_all:  # checkpoints at steps 2 and 4 both kept
+        keep_all.setattr(Workspace, "delete", lambda self, folder: None)
+        train(config, store, options=OPTIONS, model=tiny_model)
+    corpus = load_corpus(store, config.corpus_prefixes, config.corpus_description, tiny_model.tokenizer)
+
+    def rank_1_resumes(rank_0_step: int, run: str) -> dict[str, Any] | None:
+        workspace = Workspace(store, config.output_prefix, tmp_path / run)
+        world = PeerWorld(rank=1, size=2, peers=rank_0_step)
+        return _prepare_workspace(config, tiny_model, corpus, OPTIONS, workspace, world)[2]
+
+    chosen = rank_1_resumes(2, "first")
+    assert chosen is not None and chosen["step"] == 2
+    assert rank_1_resumes(0, "fresh") is None
+    step_2 = Path(StoreURI.parse(f"{checkpoints}/step-00000002/state.pt").key)
+    step_2.write_bytes(b"half a checkpoint")
+    with pytest.raises(RuntimeError, match="step-00000002/state.pt"):
+        rank_1_resumes(2, "unreadable")
+    assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == [
+        "/step-00000002/state.pt",
+        "/step-00000004/state.pt",
+    ]
 
 
 @pytest.mark.parametrize("error", [IntegrityError, StoreUnavailable])

@@ -38,6 +38,7 @@ STATE_FILE = "state.pt"
 CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_FOLDER}/step-(\d+)/{re.escape(STATE_FILE)}")
 RANDOM_INIT_SCALE = 0.02
 T = TypeVar("T")
+_UNLOADABLE = (pickle.UnpicklingError, EOFError, KeyError, RuntimeError)  # RuntimeError: torch's, and StoreError
 
 
 class TrainableCartridge(torch.nn.Module):
@@ -180,7 +181,7 @@ def _save_checkpoint(
     The checkpoint records ``inputs_key`` (what the run trains on), so a run on other inputs never resumes it, and
     ``loss`` (the step's), so a run resumed after its last step still reports its final loss."""
     previous = _latest_checkpoint(workspace)
-    name = f"{_checkpoint_dir(step)}/{STATE_FILE}"
+    name = _checkpoint_name(step)
     state = {"step": step, "inputs": inputs_key, "loss": loss, "cartridge": trainable.state_dict()}
     torch.save(state | {"optimizer": optimizer.state_dict()}, workspace.path(name))
     workspace.upload(name)
@@ -188,13 +189,23 @@ def _save_checkpoint(
         workspace.delete(_checkpoint_dir(previous))
 
 
+def _checkpoint_name(step: int) -> str:
+    return f"{_checkpoint_dir(step)}/{STATE_FILE}"
+
+
+def _load_state(workspace: Workspace, step: int) -> dict[str, Any]:
+    """The checkpoint of ``step``, on the CPU (a GPU out of memory is no corrupt checkpoint)."""
+    state: dict[str, Any] = torch.load(workspace.fetch(_checkpoint_name(step)), map_location="cpu", weights_only=True)
+    return state
+
+
 def _read_checkpoint(workspace: Workspace, step: int) -> dict[str, Any] | None:
-    """The checkpoint of ``step`` (on the CPU: a GPU out of memory is no corrupt checkpoint); ``None`` when its bytes
-    do not load (altered or cut short in the store), after deleting it: every retry would fail on it the same way."""
-    name = f"{_checkpoint_dir(step)}/{STATE_FILE}"
+    """The checkpoint of ``step``; ``None`` when its bytes do not load (altered or cut short in the store), after
+    deleting it: every retry would fail on it the same way."""
+    name = _checkpoint_name(step)
     try:
-        state: dict[str, Any] = torch.load(workspace.fetch(name), map_location="cpu", weights_only=True)
-    except (IntegrityError, pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as err:
+        state = _load_state(workspace, step)
+    except _UNLOADABLE as err:
         if isinstance(err, StoreError) and not isinstance(err, IntegrityError):
             raise  # the store did not answer: a retry may read the checkpoint
         log.warning("checkpoint %s is unreadable (%s); discarding it", workspace.uri(name), err)
@@ -228,6 +239,20 @@ def load_or_discard_checkpoints(workspace: Workspace, inputs_key: str) -> dict[s
         log.warning("discarding the checkpoints under %s; training starts afresh", workspace.uri(CHECKPOINT_FOLDER))
         workspace.delete(CHECKPOINT_FOLDER)
         shutil.rmtree(workspace.local / CHECKPOINT_FOLDER, ignore_errors=True)
+    return state
+
+
+def load_chosen_checkpoint(workspace: Workspace, step: int, inputs_key: str) -> dict[str, Any]:
+    """The checkpoint of ``step``, the one rank 0 chose with :func:`load_or_discard_checkpoints`, as another rank
+    loads it: every rank must resume from the same step (or their collectives fall out of step and hang). Nothing is
+    discarded here, since rank 0 read it: a failure (a store hiccup, a checkpoint changed meanwhile) is retryable."""
+    uri = workspace.uri(_checkpoint_name(step))
+    try:
+        state = _load_state(workspace, step)
+    except _UNLOADABLE as err:
+        raise RuntimeError(f"cannot read {uri}, the checkpoint rank 0 resumes from: {err}") from err
+    if state.get("step") != step or state.get("inputs") != inputs_key:
+        raise RuntimeError(f"{uri} changed after rank 0 chose it to resume from")
     return state
 
 

@@ -25,6 +25,9 @@ _YEAR = re.compile(r"1\d{3}|20\d{2}")
 _AFTER_YEAR_WORD = re.compile(r"\b(?:year|in|since|from|until)\s+$")
 _ARTICLE = re.compile(r"\b(?:the|a|an|The|A|An)\s+$")
 _UNIT = re.compile(r"\s([a-z]+)")
+_WORD = re.compile(r"\S+")
+_SPACE = re.compile(r"\s")
+_WORD_CHARACTER = re.compile(r"\w")
 _NOT_UNITS = frozenset(
     [
         "a",
@@ -95,10 +98,10 @@ def fact_spans(sentence: str) -> list[tuple[int, int]]:
 
 
 def closing_words(sentence: str) -> tuple[int, int]:
-    """The span of a sentence's last three words: what to ask for when it names no fact."""
-    tail = " ".join(sentence.rstrip(".!?").split()[-3:])
-    start = sentence.rindex(tail)
-    return start, start + len(tail)
+    """The span of a sentence's last three words: what to ask for when it names no fact. Found by position, as the
+    words may be apart by runs of spaces or tabs (text extracted from a PDF)."""
+    words = list(_WORD.finditer(sentence.rstrip(".!?")))[-3:]
+    return words[0].start(), words[-1].end()
 
 
 def wh_phrase(sentence: str, start: int, end: int) -> str:
@@ -127,33 +130,26 @@ def _clause(rng: random.Random, sentence: str, start: int, end: int) -> tuple[in
     return lo, hi
 
 
-def question(rng: random.Random, sentence: str, start: int, end: int) -> Task:
-    """The sentence (or its clause) asked about the span in place: "Its highest point is what?"."""
-    return _asked(sentence, *_clause(rng, sentence, start, end), start, end)
-
-
 def _asked(sentence: str, lo: int, hi: int, start: int, end: int) -> Task:
+    """The stretch ``[lo, hi)`` of the sentence asked about the span in place: "Its highest point is what?"."""
     body = f"{sentence[lo:start]}{wh_phrase(sentence, start, end)}{sentence[end:hi]}".strip().rstrip(".,;:")
     return Task(f"{body[0].upper()}{body[1:]}?", sentence[start:end])
 
 
-def cloze(sentence: str, start: int, end: int) -> Task:
-    return _blanked(sentence, 0, len(sentence), start, end)
-
-
 def _blanked(sentence: str, lo: int, hi: int, start: int, end: int) -> Task:
+    """The stretch ``[lo, hi)`` of the sentence with the span blanked, to be filled in with the document's words."""
     blanked = f"{sentence[lo:start]}_____{sentence[end:hi]}".strip()
     return Task(f"Fill in the blank with the exact words from the document:\n{blanked}", sentence[start:end])
 
 
 def _around(sentence: str, lo: int, hi: int, start: int, end: int, reach: int) -> tuple[int, int]:
-    """At most ``reach`` characters of ``[lo, hi)`` on each side of the span, cut between words where a space allows
-    (text without spaces, such as Chinese, is cut anywhere)."""
+    """At most ``reach`` characters of ``[lo, hi)`` on each side of the span, cut between words where whitespace (a
+    space, a tab) allows (text without it, such as Chinese, is cut anywhere)."""
     a, b = max(lo, start - reach), min(hi, end + reach)
-    if a > lo and not sentence[a - 1].isspace() and (space := sentence.find(" ", a, start)) >= 0:
-        a = space + 1
-    if b < hi and not sentence[b].isspace() and (space := sentence.rfind(" ", end, b)) >= 0:
-        b = space
+    if a > lo and not sentence[a - 1].isspace() and (space := _SPACE.search(sentence, a, start)):
+        a = space.end()
+    if b < hi and not sentence[b].isspace() and (spaces := list(_SPACE.finditer(sentence, end, b))):
+        b = spaces[-1].start()
     return a, b
 
 
@@ -164,27 +160,32 @@ def _fitted(
     start: int,
     end: int,
     fits: Callable[[Task], bool],
-) -> Task:
+) -> tuple[Task, str]:
     """``make``'s task over the widest part of ``stretch`` around the span that ``fits``, the context each side
-    halved until it does (a long sentence, or a window without sentence breaks); no context when none does."""
+    halved until it does (a long sentence, or a window without sentence breaks); no context when none does. Also
+    the context kept, both sides."""
     lo, hi = stretch
     reach = max(start - lo, hi - end)
-    while not fits(task := make(sentence, *_around(sentence, lo, hi, start, end, reach), start, end)) and reach:
+    while True:
+        a, b = _around(sentence, lo, hi, start, end, reach)
+        task = make(sentence, a, b, start, end)
+        if fits(task) or not reach:
+            return task, sentence[a:start] + sentence[end:b]
         reach //= 2
-    return task
 
 
 def _task(rng: random.Random, sentence: str, start: int, end: int, fits: Callable[[Task], bool]) -> Task:
-    """A blank or a question about the span that ``fits``; a blank whose instruction alone does not fit becomes a
-    question about the whole sentence, cut alike. The bare question ("What year?") is kept even past the bound."""
+    """A blank or a question about the span that ``fits``; a blank that fits only without a word around it ("_____"
+    asks nothing) becomes a question about the whole sentence, cut alike. The bare question ("What year?") is kept
+    even past the bound."""
     if rng.random() < CLOZE_SHARE:
-        blank = _fitted(_blanked, sentence, (0, len(sentence)), start, end, fits)
-        if fits(blank):
+        blank, context = _fitted(_blanked, sentence, (0, len(sentence)), start, end, fits)
+        if fits(blank) and _WORD_CHARACTER.search(context):
             return blank
         stretch = 0, len(sentence.rstrip(".!?"))
     else:
         stretch = _clause(rng, sentence, start, end)
-    return _fitted(_asked, sentence, stretch, start, end, fits)
+    return _fitted(_asked, sentence, stretch, start, end, fits)[0]
 
 
 def grounded_tasks(

@@ -28,7 +28,7 @@ from cartridges.layout import EVAL_FILE, TRAINING_INPUTS_FILE
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model
 from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreError
 from cartridges_trainer.corpus import Corpus, load_corpus
-from cartridges_trainer.distill import distill, initial_cartridge, load_checkpoint, load_or_discard_checkpoints
+from cartridges_trainer.distill import distill, initial_cartridge, load_chosen_checkpoint, load_or_discard_checkpoints
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.evaluate import evaluate
 from cartridges_trainer.options import TrainerOptions
@@ -109,9 +109,10 @@ def _prepare_workspace(
     """Rank 0 discards what another run left under this prefix (checkpoints or shards of other inputs), copies the
     shards of the newest earlier generation of this cartridge made from the same inputs (a change of p, training or
     quantization needs no new synthesis) or records the inputs of the shards to come, and records the training
-    inputs (``layout.TRAINING_INPUTS_FILE``); the other ranks wait for it, then load the checkpoint it kept. Returns
-    the prefix the shards were copied from, the training inputs' key and the checkpoint to resume from (loaded once
-    per rank: it is gigabytes)."""
+    inputs (``layout.TRAINING_INPUTS_FILE``); the other ranks wait for it, then load the very checkpoint it chose (its
+    step shared through the world: every rank must resume from the same step). Returns the prefix the shards were
+    copied from, the training inputs' key and the checkpoint to resume from (loaded once per rank: it is
+    gigabytes)."""
     reused: str | None = None
     checkpoint: dict[str, Any] | None = None
     synthesis = synthesis_inputs(lm, corpus, config.spec.selfStudy, options)
@@ -128,9 +129,10 @@ def _prepare_workspace(
         reused = adopt_synthesis(workspace, synthesis, earlier)
         if reused:
             log.info("synthesis shards copied from %s (same model, corpus and selfStudy)", reused)
-    world.barrier()
-    if not world.is_main:
-        checkpoint = load_checkpoint(workspace, inputs["key"])
+    # rank 0's step, the others adding 0; the sum waits for rank 0 to finish the above, as a barrier would
+    step = int(world.sum(checkpoint["step"] if checkpoint else 0))
+    if not world.is_main and step:
+        checkpoint = load_chosen_checkpoint(workspace, step, inputs["key"])
     return reused, inputs["key"], checkpoint
 
 
