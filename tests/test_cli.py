@@ -134,6 +134,20 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], corpus_dir: Pa
     assert code == EXIT_USAGE and "unsupported store URI" in err
 
 
+def test_bad_training_values_are_refused_before_the_store_is_touched(
+    capsys: pytest.CaptureFixture[str], corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A bad --size or --steps is a usage error with nothing written: no corpus stored under a name never trained."""
+    store = tmp_path / "store"
+    for flag, value in (("--steps", "0"), ("--size", "-1")):
+        code, _, err = cli(
+            capsys, "train", "x", str(corpus_dir), "--model", "tiny", "--store", f"file://{store}", flag, value
+        )
+        assert code == EXIT_USAGE and f"invalid {flag[2:]}" in err
+        one_line_error(err)
+    assert not store.exists()
+
+
 def test_an_s3_store_without_an_endpoint_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,6 +173,17 @@ def test_missing_and_unreadable_inputs(
     one_line_error(err)
     code, _, err = cli(capsys, "train", "x", str(corpus_dir), "--model", str(tmp_path / "no-model"), "--store", store)
     assert code == EXIT_NOT_FOUND and "model not found" in err
+    one_line_error(err)
+
+
+def test_a_directory_of_hidden_files_only_says_they_are_skipped(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, store: str
+) -> None:
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / ".notes.md").write_text("hidden")
+    code, _, err = cli(capsys, "train", "x", str(tmp_path), "--model", "tiny", "--store", store)
+    assert code == EXIT_NOT_FOUND and "hidden files" in err
     one_line_error(err)
 
 
