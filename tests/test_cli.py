@@ -662,6 +662,12 @@ def test_ask_refuses_bad_values_before_sending_them(argv: list[str], capsys: pyt
     assert exit_info.value.code == EXIT_USAGE
 
 
+def test_ask_without_a_server_says_how_to_start_one(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "ask", "Hi", "-c", "handbook", "--url", f"http://127.0.0.1:{free_port()}")
+    assert code == EXIT_UNAVAILABLE and "cannot reach" in err and "`cartridges serve`" in err
+    one_line_error(err)
+
+
 @pytest.mark.parametrize(
     ("text", "status", "code"),
     [  # the router's errors, marked with their kind, as Triton sends them: HTTP 400, or in-band on gRPC
