@@ -654,9 +654,12 @@ def test_eval_checks_plot_before_evaluating_and_prints_results_before_plotting(
         ["ask", "Hi", "--url", "127.0.0.1:18555"],
         ["ask", "Hi", "--repetition-penalty", "0"],
         ["ask", "Hi", "--repetition-penalty", "inf"],
+        ["demo", "--max-tokens", "-1"],  # not only after training, evaluating and starting a server
     ],
 )
-def test_ask_refuses_bad_values_before_sending_them(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_ask_and_demo_refuse_bad_values_before_sending_them(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == EXIT_USAGE
