@@ -817,6 +817,15 @@ def test_debug_before_the_command(store: str, capsys: pytest.CaptureFixture[str]
     assert cli(capsys, "--debug", "ls", "--store", store)[0] == 0
 
 
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script that adds --debug to see why still branches on the documented exit code."""
+    monkeypatch.delenv("CARTRIDGES_S3_ENDPOINT", raising=False)
+    code, _, err = cli(capsys, "--debug", "ls", "--store", "s3://xyz")
+    assert code == EXIT_USAGE and "Traceback" in err and "set CARTRIDGES_S3_ENDPOINT" in err
+
+
 def test_a_closed_pipe_on_stdout_exits_quietly(trained: dict[str, object], tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "cartridges.cli", "ls", "--store", str(trained["store"]), "--json"]
     reader = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
