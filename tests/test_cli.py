@@ -115,6 +115,14 @@ def test_every_command_has_help_with_examples(command: str, capsys: pytest.Captu
     assert "examples:" in out and "exit codes:" in out
 
 
+def test_every_argument_of_every_command_is_described_in_its_help() -> None:
+    import argparse
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    undescribed = [f"{name} {a.dest}" for name, sub in commands.choices.items() for a in sub._actions if not a.help]
+    assert undescribed == []
+
+
 def test_corpus_directories_skip_hidden_files_at_any_depth(corpus_dir: Path) -> None:
     assert [d.id for d in read_files([corpus_dir]).documents] == ["lighthouse.md", "notes/ice.txt"]
 

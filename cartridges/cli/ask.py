@@ -180,7 +180,7 @@ def register(commands: argparse._SubParsersAction) -> None:
             'cartridges ask "Hello" --json                                # no cartridge, JSON out',
         ),
     )
-    parser.add_argument("question", type=question_text)
+    parser.add_argument("question", type=question_text, help="the question, quoted")
     parser.add_argument("-c", "--cartridge", action="append", default=[], help="cartridge name (repeatable)")
     parser.add_argument(
         "--url", type=server_url, default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"
