@@ -286,6 +286,14 @@ def test_eval_table_json_and_plot(
     assert code == EXIT_NOT_FOUND
 
 
+def test_eval_given_a_directory_as_qa_says_it_is_not_a_file(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(tmp_path), "--model", "tiny", "--store", store)
+    assert code == EXIT_NOT_FOUND and f"{tmp_path}: a directory, not a JSON lines file" in err
+    one_line_error(err)
+
+
 def test_eval_icl_falls_back_to_a_chunk_that_fits_the_model(
     tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
