@@ -273,6 +273,12 @@ def load_stored_cartridge(
     return cartridge, manifest
 
 
+def without_directory(err: Exception, directory: Path | str) -> str:
+    """An artifact error's text without the directory it was loaded from: a download directory, gone by the time
+    the error is read, names nothing the reader can find (the caller names the cartridge instead)."""
+    return str(err).removeprefix(f"{directory}: ")
+
+
 def _layer_tensor(tensors: dict[str, torch.Tensor], manifest: CartridgeManifest, name: str) -> Any:
     """One layer's keys or values: the tensor, or for a quantized artifact the data with its scales."""
     if manifest.quantization is None:

@@ -115,6 +115,14 @@ def test_every_command_has_help_with_examples(command: str, capsys: pytest.Captu
     assert "examples:" in out and "exit codes:" in out
 
 
+def test_every_argument_of_every_command_is_described_in_its_help() -> None:
+    import argparse
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    undescribed = [f"{name} {a.dest}" for name, sub in commands.choices.items() for a in sub._actions if not a.help]
+    assert undescribed == []
+
+
 def test_corpus_directories_skip_hidden_files_at_any_depth(corpus_dir: Path) -> None:
     assert [d.id for d in read_files([corpus_dir]).documents] == ["lighthouse.md", "notes/ice.txt"]
 
@@ -132,6 +140,20 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], corpus_dir: Pa
     one_line_error(err)
     code, _, err = cli(capsys, "ls", "--store", "http://not-a-store")
     assert code == EXIT_USAGE and "unsupported store URI" in err
+
+
+def test_bad_training_values_are_refused_before_the_store_is_touched(
+    capsys: pytest.CaptureFixture[str], corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A bad --size or --steps is a usage error with nothing written: no corpus stored under a name never trained."""
+    store = tmp_path / "store"
+    for flag, value in (("--steps", "0"), ("--size", "-1")):
+        code, _, err = cli(
+            capsys, "train", "x", str(corpus_dir), "--model", "tiny", "--store", f"file://{store}", flag, value
+        )
+        assert code == EXIT_USAGE and f"invalid {flag[2:]}" in err
+        one_line_error(err)
+    assert not store.exists()
 
 
 def test_an_s3_store_without_an_endpoint_is_a_usage_error(
@@ -159,6 +181,17 @@ def test_missing_and_unreadable_inputs(
     one_line_error(err)
     code, _, err = cli(capsys, "train", "x", str(corpus_dir), "--model", str(tmp_path / "no-model"), "--store", store)
     assert code == EXIT_NOT_FOUND and "model not found" in err
+    one_line_error(err)
+
+
+def test_a_directory_of_hidden_files_only_says_they_are_skipped(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, store: str
+) -> None:
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / ".notes.md").write_text("hidden")
+    code, _, err = cli(capsys, "train", "x", str(tmp_path), "--model", "tiny", "--store", store)
+    assert code == EXIT_NOT_FOUND and "hidden files" in err
     one_line_error(err)
 
 
@@ -251,6 +284,14 @@ def test_eval_table_json_and_plot(
     one_line_error(err)
     code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(tmp_path / "nope.jsonl"), "--store", store)
     assert code == EXIT_NOT_FOUND
+
+
+def test_eval_given_a_directory_as_qa_says_it_is_not_a_file(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(tmp_path), "--model", "tiny", "--store", store)
+    assert code == EXIT_NOT_FOUND and f"{tmp_path}: a directory, not a JSON lines file" in err
+    one_line_error(err)
 
 
 def test_eval_icl_falls_back_to_a_chunk_that_fits_the_model(
@@ -640,12 +681,21 @@ def test_eval_checks_plot_before_evaluating_and_prints_results_before_plotting(
         ["ask", "Hi", "--url", "127.0.0.1:18555"],
         ["ask", "Hi", "--repetition-penalty", "0"],
         ["ask", "Hi", "--repetition-penalty", "inf"],
+        ["demo", "--max-tokens", "-1"],  # not only after training, evaluating and starting a server
     ],
 )
-def test_ask_refuses_bad_values_before_sending_them(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_ask_and_demo_refuse_bad_values_before_sending_them(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == EXIT_USAGE
+
+
+def test_ask_without_a_server_says_how_to_start_one(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "ask", "Hi", "-c", "handbook", "--url", f"http://127.0.0.1:{free_port()}")
+    assert code == EXIT_UNAVAILABLE and "cannot reach" in err and "`cartridges serve`" in err
+    one_line_error(err)
 
 
 @pytest.mark.parametrize(
@@ -792,6 +842,15 @@ def test_debug_before_the_command(store: str, capsys: pytest.CaptureFixture[str]
     assert args.debug is True
     assert parser().parse_args(["ls", "--debug"]).debug is True and parser().parse_args(["ls"]).debug is False
     assert cli(capsys, "--debug", "ls", "--store", store)[0] == 0
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script that adds --debug to see why still branches on the documented exit code."""
+    monkeypatch.delenv("CARTRIDGES_S3_ENDPOINT", raising=False)
+    code, _, err = cli(capsys, "--debug", "ls", "--store", "s3://xyz")
+    assert code == EXIT_USAGE and "Traceback" in err and "set CARTRIDGES_S3_ENDPOINT" in err
 
 
 def test_a_closed_pipe_on_stdout_exits_quietly(trained: dict[str, object], tmp_path: Path) -> None:

@@ -784,6 +784,8 @@ def test_an_unusable_promotion_is_tried_once_and_the_last_good_generation_stays_
         with pytest.raises(CartridgeInvalid, match="trained for tiny-llama-seed1") as raised:
             cache.get("fresh")
         assert raised.value.kind == "unusable_cartridge"
+        # named by the cartridge, not by its download directory, which is gone by the time a client reads it
+        assert str(raised.value).startswith("cartridge 'fresh' g1: cartridge was trained for")
     assert store.loads == 3
     publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 5, 3), tiny_model.fingerprint, 3)
     now[0] = 10.0

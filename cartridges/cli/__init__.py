@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from cartridges.cli import ask, demo, evaluate, importer, inventory, quantize, serve, train
 from cartridges.cli.common import (
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_OK
     except Exception as err:
-        if debug:
-            raise
-        print(f"cartridges: error: {_message(err)}", file=sys.stderr)
+        if debug:  # the traceback, and still the documented exit code
+            traceback.print_exc()
+        else:
+            print(f"cartridges: error: {_message(err)}", file=sys.stderr)
         return _code(err)
     return code

@@ -18,6 +18,7 @@ from cartridges.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    CLIError,
     add_command,
     check_name,
     print_json,
@@ -129,6 +130,19 @@ def answered_by(cartridges: Sequence[str], generations: Sequence[int] | None) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from cartridges.client import GenerateError
+
+    try:
+        return _ask(args)
+    except GenerateError as err:
+        if not err.unreachable:
+            raise
+        # the newcomer's first ask usually comes before `cartridges serve` is ready, or without one at all
+        hint = "start a server with `cartridges serve` (ready once it prints its URL), or give its --url"
+        raise CLIError(f"{err}; {hint}", EXIT_UNAVAILABLE) from err
+
+
+def _ask(args: argparse.Namespace) -> int:
     from cartridges import client
 
     cartridges = [check_name(c) for c in args.cartridge]
@@ -166,7 +180,7 @@ def register(commands: argparse._SubParsersAction) -> None:
             'cartridges ask "Hello" --json                                # no cartridge, JSON out',
         ),
     )
-    parser.add_argument("question", type=question_text)
+    parser.add_argument("question", type=question_text, help="the question, quoted")
     parser.add_argument("-c", "--cartridge", action="append", default=[], help="cartridge name (repeatable)")
     parser.add_argument(
         "--url", type=server_url, default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"

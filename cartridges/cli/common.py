@@ -214,7 +214,7 @@ def names(store: Store, root: str, namespace: str) -> list[str]:
 def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
     """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error), as stored
     and served: a quantized one stays quantized."""
-    from cartridges.artifact import download_artifact, load_stored_cartridge
+    from cartridges.artifact import download_artifact, load_stored_cartridge, without_directory
     from cartridges.manifest import ArtifactError
 
     which = f"cartridge {stored.name!r} g{stored.pointer.generation}"
@@ -228,7 +228,7 @@ def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
         try:
             cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
         except ArtifactError as err:  # named by the download directory, which is gone by the time it is shown
-            raise CLIError(f"{which}: {str(err).removeprefix(f'{tmp}: ')}", EXIT_INPUT) from err
+            raise CLIError(f"{which}: {without_directory(err, tmp)}", EXIT_INPUT) from err
     return cartridge
 
 

@@ -58,6 +58,8 @@ class Row:
 
 def read_qa(path: Path) -> list[QA]:
     """``{"question": ..., "answer": ...}`` per line."""
+    if path.is_dir():
+        raise CLIError(f"{path}: a directory, not a JSON lines file of question/answer pairs", EXIT_NOT_FOUND)
     if not path.is_file():
         raise CLIError(f"{path}: no such file", EXIT_NOT_FOUND)
     pairs = []

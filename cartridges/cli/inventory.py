@@ -135,6 +135,6 @@ def register(commands: argparse._SubParsersAction) -> None:
         examples=("cartridges inspect handbook", "cartridges inspect handbook --json | jq .scores"),
         parents=[store_options()],
     )
-    parser.add_argument("name")
+    parser.add_argument("name", help="the cartridge to show")
     parser.add_argument("--json", action="store_true", help="print everything as JSON")
     parser.set_defaults(func=run_inspect)

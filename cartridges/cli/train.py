@@ -94,7 +94,9 @@ def read_files(paths: list[Path]) -> NormalizedCorpus:
             else [path]
         )
         if not files:
-            raise CLIError(f"{path}: the directory holds no files", EXIT_NOT_FOUND)
+            raise CLIError(
+                f"{path}: the directory holds no files (hidden files and directories are skipped)", EXIT_NOT_FOUND
+            )
         for file in files:
             doc_id = Path(os.path.abspath(file)).relative_to(base).as_posix()
             if doc_id in ids:
@@ -144,12 +146,13 @@ def train_cartridge(
     from cartridges_trainer import TrainerOptions, train
     from cartridges_trainer.pipeline import training_inputs
 
+    source = model_source(model)
+    model_ref = api.BaseModelRef(name=model if model in ("smollm2", "tiny") else "custom", uri=_as_uri(source))
+    # the spec first: a bad --size or --steps is refused before anything is stored (or the store's state matters)
+    spec = budget.spec(model_ref, name).model_copy(update={"quantization": quantization})
     store.ensure_bucket(root)
     corpus_prefix = layout.corpus_prefix(root, namespace, name, corpus.digest)
     publish(corpus, description, store, corpus_prefix)
-    source = model_source(model)
-    model_ref = api.BaseModelRef(name=model if model in ("smollm2", "tiny") else "custom", uri=_as_uri(source))
-    spec = budget.spec(model_ref, name).model_copy(update={"quantization": quantization})
     if not force:
         try:
             current = find(store, root, namespace, name)

@@ -55,6 +55,7 @@ from cartridges.artifact import (
     StoredCartridge,
     download_artifact,
     load_stored_cartridge,
+    without_directory,
 )
 from cartridges.store import IntegrityError, ObjectNotFound, Store, StoreError
 from cartridges_serving.errors import (
@@ -364,7 +365,8 @@ class CartridgeCache:
             except ObjectNotFound as err:
                 raise CartridgeNotFound(f"cartridge {cartridge_id!r} g{pointer.generation}: {err}") from err
             except ArtifactError as err:
-                raise CartridgeInvalid(f"cartridge {cartridge_id!r} g{pointer.generation}: {err}") from err
+                which = f"cartridge {cartridge_id!r} g{pointer.generation}"
+                raise CartridgeInvalid(f"{which}: {without_directory(err, tmp)}") from err
             except StoreError as err:
                 raise EngineUnavailable(f"cartridge {cartridge_id!r}: object store error: {err}") from err
         log.info(
