@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -35,6 +35,9 @@ REPOSITORY = MODEL_REPOSITORY
 NAMESPACE = "team-a"
 MAX_TOKENS = 8
 KV_TOKENS = 128  # own KV reserved for all requests: a few at once, so 32 concurrent ones queue for it
+
+T = TypeVar("T")
+PUBLISHED_EVERY_S = 1.0  # the router's METRICS_INTERVAL_S
 
 
 @pytest.fixture(scope="module")
@@ -298,9 +301,20 @@ def refused(metrics: dict[str, float]) -> dict[str, float]:
     return {key.split('status="')[1].split('"')[0]: value for key, value in series.items()}
 
 
+def settled(read: Callable[[], T]) -> T:
+    """A value published every second or so, once two reads a refresh apart agree."""
+    value = read()
+    for _ in range(20):
+        time.sleep(PUBLISHED_EVERY_S + 0.2)
+        if (again := read()) == value:
+            return value
+        value = again
+    raise AssertionError(f"still changing: {value}")
+
+
 def test_refused_requests_are_counted_by_status(server: TritonServer) -> None:
     """Requests refused before they run (Triton counts them as successes) show in ``cartridges_requests_refused``."""
-    before = refused(scrape(server))
+    before = settled(lambda: refused(scrape(server)))  # an earlier test's refusals may not be published yet
     assert set(before) == {"invalid_argument", "not_found", "unavailable", "internal"}
     for names, temperature in ((["missing"], 0.0), (["Bad/Id"], 0.0), ([], -1.0)):
         with pytest.raises(client.GenerateError):
