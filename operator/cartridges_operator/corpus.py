@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from cartridges import api, layout
 from cartridges.corpus import SourceError, count_tokens, publish
-from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreError, StoreUnavailable
+from cartridges.store import Store, StoreError, StoreUnavailable
 from cartridges_operator import kube
 from cartridges_operator.conditions import is_true, set_condition
 from cartridges_operator.config import CorpusLimits
@@ -97,9 +97,7 @@ def _failure(err: Exception) -> tuple[str, bool]:
         return "SourceUnavailable", True
     if isinstance(err, StoreUnavailable):
         return "StoreUnavailable", True
-    if isinstance(err, ObjectNotFound | BucketNotFound):  # an object: source or tokenizer named wrong
-        return "InvalidSource", False
-    if isinstance(err, StoreError):  # refused credentials, an altered object: for whoever runs the store
+    if isinstance(err, StoreError):  # no bucket, refused credentials, an altered object: for whoever runs the store
         return "StoreError", False
     return "InvalidSource", False
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, SourceError, normalize_text
-from cartridges.store import ObjectNotFound, Store, StoreURI
+from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreURI
 from cartridges_operator.http_fetch import fetch
 from cartridges_operator.redaction import redacted
 from cartridges_operator.source_access import SOURCES_TOO_LARGE, TOKENIZER_TOO_LARGE, ByteBudget, SourceAccess
@@ -32,6 +32,14 @@ def _read_object(uri: str, store: Store, budget: ByteBudget) -> bytes:
 
 
 def _object_documents(source: api.ObjectSource, store: Store, budget: ByteBudget) -> Iterator[tuple[str, bytes]]:
+    """The objects a source names; one that is not there (or its bucket) is a source to fix, not a store failing."""
+    try:
+        yield from _named_objects(source, store, budget)
+    except (ObjectNotFound, BucketNotFound) as err:
+        raise SourceError(f"{source.uri}: {err}") from err
+
+
+def _named_objects(source: api.ObjectSource, store: Store, budget: ByteBudget) -> Iterator[tuple[str, bytes]]:
     if not source.uri.endswith("/"):
         yield StoreURI.parse(source.uri).name, _read_object(source.uri, store, budget)
         return

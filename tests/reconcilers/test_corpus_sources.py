@@ -127,6 +127,16 @@ def test_an_object_source_that_is_not_there_is_a_source_to_fix(tmp_path: Path) -
     assert condition(status, "Ready")["reason"] == condition(status, "SourcesRead")["reason"] == "InvalidSource"
 
 
+@pytest.mark.minio
+def test_a_store_without_its_bucket_is_a_store_to_fix_not_a_source(minio_server: MinioServer, s3_prefix: str) -> None:
+    """The operator's own bucket missing: neither InvalidSource (nothing in the Corpus to fix) nor StoreUnavailable
+    (which waits it out as if it may pass)."""
+    root = f"{s3_prefix.rstrip('/')}-missing"
+    status = reconcile_corpus({"description": "d", "sources": [{"inline": "text"}]}, {}, "ns", "c", 1,
+                              minio_server.store(), root)  # fmt: skip
+    assert stalled(status)["status"] == "True" and condition(status, "Ready")["reason"] == "StoreError"
+
+
 def test_store_down_is_a_clear_condition_and_keeps_the_last_digest() -> None:
     down = Store(S3Config(f"127.0.0.1:{free_port()}", "k", "s", timeout_s=1.0, retries=0))
     previous = {"digest": "abc", "artifact": "s3://bucket/corpora/ns/c/abc"}
