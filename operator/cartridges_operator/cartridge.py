@@ -364,14 +364,16 @@ def _describe_promoted(run: Pass, superseded: int) -> None:
     if (run.status.get("artifact") or {}).get("uri", "").startswith(prefix + "/"):
         return
     pointer = _read_pointer(run)
-    if pointer is None or pointer.generation != superseded:
+    if pointer is None or (pointer.generation, pointer.prefix) != (superseded, prefix):
         return  # not promoted (failed, cancelled, refused): the status describes the promoted one already
     try:
         manifest = CartridgeManifest.model_validate(run.store.get_json(f"{prefix}/{MANIFEST_FILE}"))
-    except (ObjectNotFound, IntegrityError, ValidationError) as err:
-        LOG.warning(
-            "Cartridge %s/%s: promoted generation %d is unreadable: %s", run.namespace, run.name, superseded, err
-        )
+    except (ObjectNotFound, IntegrityError, ValueError) as err:
+        manifest, problem = None, str(err)
+    else:
+        problem = f"its manifest's sha256 is not the promoted {pointer.sha256}"
+    if manifest is None or manifest.file_sha256 != pointer.sha256:
+        LOG.warning("Cartridge %s/%s: promoted generation %d: %s", run.namespace, run.name, superseded, problem)
         return
     _record_artifact(run, prefix, manifest)
 
@@ -440,12 +442,13 @@ def _promote(run: Pass, trainer: TrainerConfig) -> None:
 
 
 def _read_pointer(run: Pass) -> layout.Pointer | None:
-    """current.json, the promoted generation; None when there is none yet or it was altered."""
+    """current.json, the promoted generation; None when there is none yet or it was altered (its bytes, or its JSON
+    replaced by hand: written afresh when promoting)."""
     try:
         return layout.Pointer.model_validate(
             run.store.get_json(layout.current_pointer(run.config.store_root, run.namespace, run.name))
         )
-    except (ObjectNotFound, IntegrityError):
+    except (ObjectNotFound, IntegrityError, ValueError):  # ValueError: not JSON, or not a pointer
         return None
 
 
