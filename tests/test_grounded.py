@@ -137,3 +137,10 @@ def test_a_blank_that_keeps_no_word_around_it_becomes_a_question(room: int) -> N
     blanks = [t.user.split("\n")[1] for t in tasks if t.user.startswith("Fill in the blank")]
     assert bool(blanks) == (room == 5) and all(re.search(r"\w", b.replace("_____", "")) for b in blanks)
     assert all(len(t.user.split()) > len(t.answer.split()) for t in tasks)
+
+
+@pytest.mark.parametrize("window", [".", "...", " ?! \t", "........ ........"])
+def test_a_window_of_punctuation_only_is_asked_about_whole(window: str) -> None:
+    """Dot leaders of a PDF's contents page can fill a window: its tasks ask for them rather than crash synthesis."""
+    tasks = grounded_tasks(random.Random(0), window, 4, cut_head=False, cut_tail=False)
+    assert len(tasks) == 4 and all(task.answer and task.answer in window for task in tasks)

@@ -99,9 +99,10 @@ def fact_spans(sentence: str) -> list[tuple[int, int]]:
 
 def closing_words(sentence: str) -> tuple[int, int]:
     """The span of a sentence's last three words: what to ask for when it names no fact. Found by position, as the
-    words may be apart by runs of spaces or tabs (text extracted from a PDF)."""
+    words may be apart by runs of spaces or tabs (text extracted from a PDF). A "sentence" of punctuation only (a
+    window of dot leaders) is asked for whole."""
     words = list(_WORD.finditer(sentence.rstrip(".!?")))[-3:]
-    return words[0].start(), words[-1].end()
+    return (words[0].start(), words[-1].end()) if words else (0, len(sentence))
 
 
 def wh_phrase(sentence: str, start: int, end: int) -> str:
@@ -111,7 +112,7 @@ def wh_phrase(sentence: str, start: int, end: int) -> str:
         return "what date"
     if _YEAR.fullmatch(span) or (span.isdigit() and _AFTER_YEAR_WORD.search(sentence, 0, start)):
         return "what year"
-    if span[0].isdigit():
+    if span[:1].isdigit():
         unit = span.split(maxsplit=1)[1:]
         return " ".join(["how many", *unit])
     return "what"
