@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +23,9 @@ class ServiceError(RuntimeError):
 
 EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _PORT_DRAWS = random.Random()  # not the global generator, which a test may seed alike in every process
+os.register_at_fork(after_in_child=_PORT_DRAWS.seed)  # nor drawing what the parent and its other children draw
 _GIVEN_PORTS: set[int] = set()  # a service asking for several ports at once gets different ones
+_GIVING = threading.Lock()
 
 
 def free_port() -> int:
@@ -31,16 +34,17 @@ def free_port() -> int:
     say, between this check and the service binding it."""
     low = int(EPHEMERAL_PORTS.read_text().split()[0]) if EPHEMERAL_PORTS.exists() else 0
     candidates = [_PORT_DRAWS.randrange(10_000, low) for _ in range(64)] if low > 10_000 else []
-    for port in [*candidates, 0]:
-        if port in _GIVEN_PORTS:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
+    with _GIVING:
+        for port in [*candidates, 0]:
+            if port in _GIVEN_PORTS:
                 continue
-            _GIVEN_PORTS.add(given := int(sock.getsockname()[1]))
-            return given
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                _GIVEN_PORTS.add(given := int(sock.getsockname()[1]))
+                return given
     raise ServiceError("no free TCP port on 127.0.0.1")
 
 
