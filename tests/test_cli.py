@@ -178,6 +178,7 @@ def test_missing_and_unreadable_inputs(
     binary.write_bytes(b"\xff\xfe\x00garbage")
     code, _, err = cli(capsys, "train", "x", str(binary), "--model", "tiny", "--store", store)
     assert code == EXIT_INPUT and "not UTF-8" in err
+    assert "--debug shows the traceback" not in err  # a message to act on, not a crash
     one_line_error(err)
     code, _, err = cli(capsys, "train", "x", str(corpus_dir), "--model", str(tmp_path / "no-model"), "--store", store)
     assert code == EXIT_NOT_FOUND and "model not found" in err
@@ -247,7 +248,9 @@ def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
 
     monkeypatch.setattr(pipeline, "evaluate", interrupted)
     code, _, err = cli(capsys, *argv, "--steps", "2")
-    assert code == 130 and err.strip().splitlines()[-1] == "cartridges: interrupted"
+    assert code == 130 and err.strip().splitlines()[-1] == (
+        "cartridges: interrupted; the same command again resumes where it stopped"
+    )
     code, _, _ = cli(capsys, *argv, "--steps", "4")  # other inputs: not g1's
     assert code == 130
     monkeypatch.setattr(pipeline, "evaluate", real)

@@ -82,7 +82,9 @@ def _message(err: BaseException) -> str:
         first = err.errors()[0]
         return f"invalid {'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, CLIError) else f"{text} ({type(err).__name__}; --debug shows the traceback)"
+    if _code(err) != EXIT_FAILURE:  # bad input, nothing found, a service down: the message says what to do
+        return text
+    return f"{text} ({type(err).__name__}; --debug shows the traceback)"
 
 
 def _configure_logging(debug: bool) -> None:
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
-        print("cartridges: interrupted", file=sys.stderr)
+        resumes = "; the same command again resumes where it stopped" if getattr(args, "resumes", False) else ""
+        print(f"cartridges: interrupted{resumes}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()

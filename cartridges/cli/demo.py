@@ -93,4 +93,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", type=plot_path, default="cartridges-demo.png", help="where to save the plot")
     parser.add_argument("--port", type=port_number, help="HTTP port of the server (default: a free one)")
     parser.add_argument("--max-tokens", type=non_negative_int, default=48, help="answer length (default: %(default)s)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, resumes=True)

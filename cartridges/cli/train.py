@@ -305,4 +305,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--force", action="store_true", help="train a new generation even if nothing changed")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, resumes=True)
