@@ -844,6 +844,7 @@ def cli_run(
         **os.environ,
         "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("", "trainer-image")),
         "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp_path),  # a killed run leaves its working directory: here, not in the system's /tmp
     }
     args = ["-m", "cartridges_trainer", "--config-file", str(config_file), "--options", options.model_dump_json()]
     return CliRun(store, config, options, args, env)
