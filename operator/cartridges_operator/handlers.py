@@ -149,7 +149,6 @@ def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, **kwargs
 @kopf.on.delete(api.GROUP, api.VERSION, "cartridges", retries=JOB_STOP_RETRIES + DELETE_RETRIES, backoff=2)
 def cartridge_deleted(
     spec: kopf.Spec,
-    status: kopf.Status,
     namespace: str | None,
     name: str,
     meta: kopf.Meta,
