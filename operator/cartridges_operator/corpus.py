@@ -81,7 +81,7 @@ def reconcile_corpus(
 def _read_failed(
     status: dict[str, Any], conditions: list[dict[str, Any]], err: Exception, generation: int
 ) -> dict[str, Any]:
-    """Say in SourcesRead why the read failed (its turning False is a Warning Event), the URLs in the message without
+    """Say in SourcesRead why the read failed (its turning False is an Event), the URLs in the message without
     the credentials they may carry; then keep the stored version if the failure may pass, else stop being Ready."""
     reason, may_pass = _failure(err)
     message = redacted(str(err))

@@ -67,11 +67,15 @@ def write_status(plural: str, body: kopf.Body, desired: dict[str, Any]) -> bool:
 
 
 def _post_transitions(body: kopf.Body, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> None:
+    """One Event per condition that changed; a Warning for trouble, but one per failure: a read that stalls the
+    Corpus is said by Stalled's Warning, its SourcesRead=False is then a Normal Event."""
     old = {c["type"]: c.get("status") for c in before}
+    stalled = is_true(after, "Stalled")
     for condition in after:
         if old.get(condition["type"]) == condition["status"]:
             continue
-        warning = (condition["type"], condition["status"]) in WARNINGS
+        kind = condition["type"]
+        warning = (kind, condition["status"]) in WARNINGS and not (kind == SOURCES_READ and stalled)
         message = f"{condition['type']}={condition['status']}: {condition.get('message', '')}"[:1000]
         post = kopf.warn if warning else kopf.info
         post(body, reason=condition.get("reason") or condition["type"], message=message)

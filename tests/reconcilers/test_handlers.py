@@ -179,7 +179,7 @@ def test_a_changed_corpus_whose_source_is_gone_is_not_ready_and_its_cartridges_w
     assert waiting["generation"] == trained["generation"]
 
 
-def test_a_failed_read_is_a_warning_event_and_a_recovered_one_an_event(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_read_is_one_warning_event_and_a_recovered_one_an_event(monkeypatch: pytest.MonkeyPatch) -> None:
     posted: list[tuple[str, str]] = []
     monkeypatch.setattr(kopf, "warn", lambda body, reason, message: posted.append(("Warning", message)))
     monkeypatch.setattr(kopf, "info", lambda body, reason, message: posted.append(("Normal", message)))
@@ -188,3 +188,8 @@ def test_a_failed_read_is_a_warning_event_and_a_recovered_one_an_event(monkeypat
     handlers._post_transitions(kopf.Body(cast(kopf.RawBody, {})), [read], [failed])
     handlers._post_transitions(kopf.Body(cast(kopf.RawBody, {})), [failed], [read])
     assert posted == [("Warning", "SourcesRead=False: 503"), ("Normal", "SourcesRead=True: 1 documents")]
+    posted.clear()  # a source to fix: Stalled's Warning says it, once
+    broken = {**failed, "reason": "InvalidSource", "message": "404"}
+    stalled = {"type": "Stalled", "status": "True", "reason": "InvalidSource", "message": "404"}
+    handlers._post_transitions(kopf.Body(cast(kopf.RawBody, {})), [read], [broken, stalled])
+    assert posted == [("Normal", "SourcesRead=False: 404"), ("Warning", "Stalled=True: 404")]
