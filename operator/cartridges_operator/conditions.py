@@ -5,9 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(TIME_FORMAT)
+
+
+def seconds_since(timestamp: str) -> float:
+    """Seconds from ``timestamp`` (as ``now`` writes it) until now."""
+    return (datetime.now(UTC) - datetime.strptime(timestamp, TIME_FORMAT).replace(tzinfo=UTC)).total_seconds()
 
 
 def set_condition(

@@ -153,23 +153,28 @@ class CorpusLimits:
     operator that serves every namespace (the text is held and normalized in memory, a few times its size), and
     ``concurrent_reads`` caps how many Corpora are read at once, so that many of them cannot either.
     ``source_buckets`` names the buckets object sources and tokenizers may read; empty: any bucket other than the
-    store's. ``tokenizer_max_bytes`` caps the ``tokenizer.json`` a Corpus names; not a chart value, as real ones are
-    2-17 MB whatever the corpus."""
+    store's. ``stall_after_s`` is how long sources may stay unavailable (a failure that may pass: a server down, a
+    source always slower than its timeout) before a Corpus that this holds back is Stalled rather than waiting.
+    ``tokenizer_max_bytes`` caps the ``tokenizer.json`` a Corpus names; not a chart value, as real ones are 2-17 MB
+    whatever the corpus."""
 
     max_bytes: int = 32 * 1024 * 1024
     source_buckets: tuple[str, ...] = ()
     concurrent_reads: int = 2
+    stall_after_s: int = 600
     tokenizer_max_bytes: int = 64 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> CorpusLimits:
-        """``CARTRIDGES_CORPUS_MAX_BYTES`` and ``CARTRIDGES_CORPUS_CONCURRENT_READS`` (integers >= 1),
-        ``CARTRIDGES_CORPUS_SOURCE_BUCKETS`` (comma-separated)."""
+        """``CARTRIDGES_CORPUS_MAX_BYTES``, ``CARTRIDGES_CORPUS_CONCURRENT_READS`` and
+        ``CARTRIDGES_CORPUS_STALL_AFTER_SECONDS`` (integers >= 1), ``CARTRIDGES_CORPUS_SOURCE_BUCKETS``
+        (comma-separated)."""
         buckets = env.get("CARTRIDGES_CORPUS_SOURCE_BUCKETS", "")
         return cls(
             max_bytes=_positive(env, "CARTRIDGES_CORPUS_MAX_BYTES", cls.max_bytes),
             source_buckets=tuple(b.strip() for b in buckets.split(",") if b.strip()),
             concurrent_reads=_positive(env, "CARTRIDGES_CORPUS_CONCURRENT_READS", cls.concurrent_reads),
+            stall_after_s=_positive(env, "CARTRIDGES_CORPUS_STALL_AFTER_SECONDS", cls.stall_after_s),
         )
 
 

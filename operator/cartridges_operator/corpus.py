@@ -11,7 +11,7 @@ from cartridges import api, layout
 from cartridges.corpus import SourceError, count_tokens, publish
 from cartridges.store import Store, StoreError, StoreUnavailable
 from cartridges_operator import kube
-from cartridges_operator.conditions import is_true, set_condition
+from cartridges_operator.conditions import is_true, seconds_since, set_condition
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus_sources import read_sources, read_tokenizer
 from cartridges_operator.http_fetch import SourceUnavailable
@@ -48,7 +48,8 @@ def reconcile_corpus(
     finds no slot free, or fails for a reason that may pass (a source or the store unavailable), tells nothing about
     the text: see ``_not_read``. One that finds a source to fix makes the Corpus not Ready (``_not_ready``)."""
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
-    access = SourceAccess(root, namespace, limits or CorpusLimits())
+    limits = limits or CorpusLimits()
+    access = SourceAccess(root, namespace, limits)
     tokens: int | None = None
     try:
         corpus_spec = api.CorpusSpec.model_validate(spec)
@@ -61,7 +62,7 @@ def reconcile_corpus(
     except ReadsBusy as err:
         return _not_read(status, conditions, WAITING_FOR_READ_SLOT, str(err), generation)
     except (SourceError, ValidationError, StoreError) as err:
-        return _read_failed(status, conditions, err, generation)
+        return _read_failed(status, conditions, err, generation, limits.stall_after_s)
     summary = f"{manifest.documents} documents"
     conditions = set_condition(conditions, "Stalled", False, "Stored", "", generation)
     conditions = set_condition(conditions, SOURCES_READ, True, "Stored", summary, generation)
@@ -79,16 +80,27 @@ def reconcile_corpus(
 
 
 def _read_failed(
-    status: dict[str, Any], conditions: list[dict[str, Any]], err: Exception, generation: int
+    status: dict[str, Any], conditions: list[dict[str, Any]], err: Exception, generation: int, stall_after_s: int
 ) -> dict[str, Any]:
     """Say in SourcesRead why the read failed (its turning False is an Event), the URLs in the message without
-    the credentials they may carry; then keep the stored version if the failure may pass, else stop being Ready."""
+    the credentials they may carry; then keep the stored version if the failure may pass, else stop being Ready.
+
+    A failure that may pass but has lasted ``stall_after_s`` (a server down for good, a source always slower than
+    its timeout) stalls a Corpus that it holds back, never stored or with a changed spec, so that it shows as a
+    failure (Argo CD: Degraded) rather than waiting for ever; still retried. A stored Corpus whose spec is unchanged
+    holds nothing back and stays Ready."""
     reason, may_pass = _failure(err)
     message = redacted(str(err))
     conditions = set_condition(conditions, SOURCES_READ, False, reason, message, generation)
-    if may_pass:
+    if not may_pass:
+        return _not_ready(status, conditions, reason, message, generation)
+    since = next(c["lastTransitionTime"] for c in conditions if c["type"] == SOURCES_READ)
+    current = is_true(conditions, "Ready") and status.get("digest") and status.get("observedGeneration") == generation
+    if current or seconds_since(since) < stall_after_s:
         return _not_read(status, conditions, reason, message, generation)
-    return _not_ready(status, conditions, reason, message, generation)
+    return _not_ready(
+        status, conditions, reason, f"{message}; sources unreadable since {since}, still retried", generation
+    )
 
 
 def _failure(err: Exception) -> tuple[str, bool]:

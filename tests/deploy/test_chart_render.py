@@ -102,6 +102,7 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
     sets = {
         "corpus.maxBytes": "134217728",
         "corpus.concurrentReads": "4",
+        "corpus.stallAfterSeconds": "1800",
         "corpus.sourceBuckets[0]": "docs",
         "corpus.sourceBuckets[1]": "wiki",
     }
@@ -110,7 +111,7 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
     assert OperatorConfig.from_env().corpus_limits == CorpusLimits(
-        max_bytes=128 * 2**20, source_buckets=("docs", "wiki"), concurrent_reads=4
+        max_bytes=128 * 2**20, source_buckets=("docs", "wiki"), concurrent_reads=4, stall_after_s=1800
     )
 
 
@@ -284,6 +285,7 @@ BAD_VALUES = [
     ({"networkPolicy.corpusSources.ports[0]": "0"}, ["/networkPolicy/corpusSources/ports/0"]),
     ({"corpus.maxBytes": "0"}, ["/corpus/maxBytes", "minimum"]),
     ({"corpus.concurrentReads": "0"}, ["/corpus/concurrentReads", "minimum"]),
+    ({"corpus.stallAfterSeconds": "0"}, ["/corpus/stallAfterSeconds", "minimum"]),
     ({"corpus.sourceBuckets[0]": "Docs_Bucket"}, ["/corpus/sourceBuckets/0", "does not match pattern"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),

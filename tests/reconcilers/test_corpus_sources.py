@@ -13,6 +13,7 @@ import urllib.error
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _web_page import WebPage
@@ -169,6 +170,46 @@ def test_a_read_that_may_pass_keeps_a_ready_corpus_and_leaves_a_new_one_waiting(
         assert condition(status, "Ready") == condition(stored, "Ready") and status["digest"] == stored["digest"]
         assert stalled(status)["status"] == condition(status, "SourcesRead")["status"] == "False"
     assert condition(status, "SourcesRead")["reason"] == stalled(status)["reason"] == "StoreUnavailable"
+
+
+def long_unread(status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` as if its sources had been unreadable since long ago."""
+    since = {"lastTransitionTime": "2000-01-01T00:00:00Z"}
+    conditions = [{**c, **since} if c["type"] == "SourcesRead" else c for c in status["conditions"]]
+    return {**status, "conditions": conditions}
+
+
+def test_sources_unavailable_for_longer_than_stall_after_stall_what_they_hold_back(
+    web_server: WebPage, tmp_path: Path
+) -> None:
+    """A source that stays unavailable (down, or always slower than timeoutSeconds) is no blip: after
+    ``stall_after_s`` a Corpus never stored, or one whose spec changed, is Stalled (Argo CD shows it Degraded, not
+    Progressing for ever), and still retried. A stored Corpus whose spec is unchanged stays Ready: it holds nothing
+    back. A read that succeeds ends it."""
+    root = f"file://{tmp_path}/store"
+    corpus = {"description": "d", "sources": [{"http": {"url": web_server.url}}]}
+
+    def read(spec: dict[str, Any], status: dict[str, Any], generation: int = 1) -> dict[str, Any]:
+        return reconcile_corpus(spec, status, "ns", "c", generation, Store(), root, CorpusLimits(stall_after_s=600))
+
+    web_server.status = 503
+    new = read(corpus, {})
+    assert stalled(new)["status"] == "False"
+    lasting = read(corpus, long_unread(new))
+    assert stalled(lasting)["status"] == "True" and condition(lasting, "Ready")["status"] == "False"
+    assert stalled(lasting)["reason"] == "SourceUnavailable"
+    assert "unreadable since 2000-01-01T00:00:00Z" in stalled(lasting)["message"]
+    assert "still retried" in stalled(lasting)["message"]
+    web_server.status = 200
+    stored = read(corpus, lasting)
+    assert stalled(stored)["status"] == "False" and condition(stored, "Ready")["status"] == "True"
+    web_server.status = 503
+    unchanged = read(corpus, long_unread(read(corpus, stored)))
+    assert condition(unchanged, "Ready") == condition(stored, "Ready") and stalled(unchanged)["status"] == "False"
+    changed = {**corpus, "description": "new"}
+    held = read(changed, long_unread(read(changed, stored, 2)), 2)
+    assert stalled(held)["status"] == "True" and condition(held, "Ready")["status"] == "False"
+    assert held["digest"] == stored["digest"] and held["observedGeneration"] == 2
 
 
 def test_tokens_are_counted_with_the_named_tokenizer(tmp_path: Path) -> None:
@@ -555,11 +596,14 @@ def test_corpus_limits_from_the_environment() -> None:
         "CARTRIDGES_CORPUS_MAX_BYTES": "1048576",
         "CARTRIDGES_CORPUS_SOURCE_BUCKETS": "docs, wiki,",
         "CARTRIDGES_CORPUS_CONCURRENT_READS": "4",
+        "CARTRIDGES_CORPUS_STALL_AFTER_SECONDS": "1800",
     }
     assert CorpusLimits.from_env(env) == CorpusLimits(
-        max_bytes=1 << 20, source_buckets=("docs", "wiki"), concurrent_reads=4
+        max_bytes=1 << 20, source_buckets=("docs", "wiki"), concurrent_reads=4, stall_after_s=1800
     )
-    assert CorpusLimits.from_env({}) == CorpusLimits(max_bytes=32 << 20, source_buckets=(), concurrent_reads=2)
+    assert CorpusLimits.from_env({}) == CorpusLimits(
+        max_bytes=32 << 20, source_buckets=(), concurrent_reads=2, stall_after_s=600
+    )
     with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_MAX_BYTES must be an integer >= 1, got '32Mi'"):
         CorpusLimits.from_env({"CARTRIDGES_CORPUS_MAX_BYTES": "32Mi"})
     with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_CONCURRENT_READS must be an integer >= 1, got '0'"):
