@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from cartridges import api
-from cartridges.contract import TRAINER_GRACE_S, TrainerConfig
+from cartridges.contract import EXIT_INTERRUPTED, TRAINER_GRACE_S, TrainerConfig
 from cartridges_operator import manifests
 from cartridges_operator.config import OperatorConfig
 
@@ -90,6 +90,16 @@ def test_a_stopped_trainer_pod_has_the_grace_period_it_needs_to_checkpoint() -> 
     Kubernetes' default 30 s, and what the trainer's multi-GPU launcher gives its ranks."""
     job = manifests.training_job(BODY, trainer_config("facts", ["d"]), OperatorConfig(store_root="s3://b"))
     assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == TRAINER_GRACE_S > 30
+
+
+def test_a_trainer_stopped_by_sigterm_is_retried_without_spending_the_backoff_limit_until_the_deadline() -> None:
+    """A pod deleted without a DisruptionTarget condition (``kubectl delete pod``) checkpointed and exits
+    EXIT_INTERRUPTED: the Job ignores that failure, and only its activeDeadlineSeconds bounds such retries."""
+    job = manifests.training_job(BODY, trainer_config("facts", ["d"]), OperatorConfig(store_root="s3://b"))
+    ignored = [r.get("onExitCodes") for r in job["spec"]["podFailurePolicy"]["rules"] if r["action"] == "Ignore"]
+    assert {"containerName": "trainer", "operator": "In", "values": [EXIT_INTERRUPTED]} in ignored
+    assert job["spec"]["template"]["spec"]["containers"][0]["name"] == "trainer"
+    assert job["spec"]["activeDeadlineSeconds"] > 0
 
 
 def test_the_longest_initialization_text_the_crd_admits_still_execs() -> None:
