@@ -62,4 +62,8 @@ class TrainerConfig(BaseModel):
         return generation_prefix(self.store_root, self.namespace, self.cartridge, self.generation)
 
     def to_args(self) -> list[str]:
-        return ["--config", self.model_dump_json()]
+        """The Job's arguments. Unset optional fields (every one defaults to None) are left out rather than sent as
+        null: a trainer image older than the operator forbids fields it does not know, so a Cartridge that leaves
+        the newer ones (training.epochs, training.maxGradNorm) unset still trains there; an omitted steps reads as
+        the same 1000 steps in trainers before and after it became optional."""
+        return ["--config", self.model_dump_json(exclude_none=True)]

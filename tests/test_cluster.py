@@ -13,9 +13,11 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 
+from cartridges.contract import EXIT_INTERRUPTED
 from cartridges.process import http_ok
 from cartridges_e2e.cluster import Cluster
 from cartridges_e2e.node import LocalImage, NodeHarness, PodProcess
+from cartridges_operator import manifests
 
 pytestmark = pytest.mark.cluster
 
@@ -127,6 +129,28 @@ def test_pod_failure_policy_fails_the_job_on_a_permanent_exit_code(api: client.A
     assert (condition.type, condition.reason) == ("Failed", "PodFailurePolicy"), condition
     [pod] = job_pods(api, namespace, "permanent")  # failed fast: no retries despite backoffLimit 6
     assert pod.status.container_statuses[0].state.terminated.exit_code == 42
+
+
+def test_the_training_jobs_policy_replaces_an_interrupted_trainer_with_no_retry_left(
+    api: client.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    """A trainer stopped by SIGTERM outside a disruption (its pod deleted: no DisruptionTarget condition) stored what
+    it did and exits EXIT_INTERRUPTED: the Job runs a pod that resumes, even with backoffLimit 0."""
+    batch = client.BatchV1Api(api)
+    code = (
+        "import os, pathlib, sys; marker = pathlib.Path(os.environ['MARKER']);"
+        f"sys.exit(0 if marker.exists() else marker.touch() or {EXIT_INTERRUPTED})"
+    )
+    body = job_body("resumed", python(code), env=[{"name": "MARKER", "value": str(tmp_path / "interrupted")}])
+    body["spec"]["template"]["spec"]["containers"][0]["name"] = manifests.TRAINER_CONTAINER
+    body["spec"]["podFailurePolicy"] = manifests.pod_failure_policy()
+    batch.create_namespaced_job(namespace, body)
+
+    condition = wait_for("finished Job", lambda: finished(batch, namespace, "resumed"))
+
+    assert condition.type == "Complete", condition
+    pods = job_pods(api, namespace, "resumed")
+    assert sorted(p.status.container_statuses[0].state.terminated.exit_code for p in pods) == [0, EXIT_INTERRUPTED]
 
 
 def test_scripted_outcome_replaces_running_the_pod(

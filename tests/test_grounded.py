@@ -144,3 +144,10 @@ def test_a_window_of_punctuation_only_is_asked_about_whole(window: str) -> None:
     """Dot leaders of a PDF's contents page can fill a window: its tasks ask for them rather than crash synthesis."""
     tasks = grounded_tasks(random.Random(0), window, 4, cut_head=False, cut_tail=False)
     assert len(tasks) == 4 and all(task.answer and task.answer in window for task in tasks)
+
+
+@pytest.mark.parametrize("window", ["", " ", "\n\n\n", " \t\n\u00a0\u3000\f "])
+def test_a_window_of_whitespace_only_has_nothing_to_ask_about(window: str) -> None:
+    """Blank pages of a PDF can fill a window: no task asks "What?" for an empty answer (synthesis takes the next
+    window with text instead)."""
+    assert grounded_tasks(random.Random(0), window, 4, cut_head=True, cut_tail=True) == []

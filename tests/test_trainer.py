@@ -264,13 +264,41 @@ def test_grounded_user_turns_quote_at_most_max_question_tokens_around_their_fact
         assert len(asked.split()) >= 4 and f" {quoted}" in f" {text.lower()}", (asked, answer)  # a window's end: cut
 
 
+def test_a_grounded_shard_over_a_window_of_whitespace_only_asks_about_the_next_window_with_text(
+    tiny_model: LoadedModel,
+) -> None:
+    """Blank pages of a PDF can fill a window: its shard asked "What?" for an empty answer. It now takes the next
+    window that has text, the same in every run."""
+    tokenizer = tiny_model.tokenizer
+    text = tokenizer(CORPUS_TEXT, add_special_tokens=False)["input_ids"]
+    corpus = Corpus(
+        "the Varnholm lighthouse", text + tokenizer("\n" * 200, add_special_tokens=False)["input_ids"] + text, "d"
+    )
+    decoded = [str(tokenizer.decode(corpus.tokens[slice(*corpus.window(i, STUDY.maxChunkTokens))])) for i in range(20)]
+    blank = next(i for i, chunk in enumerate(decoded) if not chunk.strip())
+    after = next(chunk for chunk in decoded[blank:] if chunk.strip())
+    name = f"synth/train-{blank:05d}.safetensors"
+    shard = synthesize_shard(tiny_model, corpus, STUDY, OPTIONS, name)
+    for conv in shard.conversations:
+        answer = str(tokenizer.decode(conv.answer[:-1].tolist()))
+        assert answer.strip() and answer in after, answer
+    again = synthesize_shard(tiny_model, corpus, STUDY, OPTIONS, name)
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(shard.conversations, again.conversations, strict=True))
+
+
+def test_a_corpus_of_whitespace_only_has_nothing_to_study(tiny_model: LoadedModel) -> None:
+    blank = Corpus("blank pages", tiny_model.tokenizer("\n" * 100, add_special_tokens=False)["input_ids"], "d")
+    with pytest.raises(InputError, match="whitespace only"):
+        synthesize_shard(tiny_model, blank, STUDY, OPTIONS, "synth/train-00000.safetensors")
+
+
 def test_corpus_windows_cover_every_token_evenly() -> None:
     corpus = Corpus("d", list(range(100)), "x")
     spans = [corpus.window(i, 30) for i in range(5)]
     assert spans[0] == (0, 30) and spans[-1] == (70, 100) and corpus.window(5, 30) == spans[0]
     assert all(b - a == 30 for a, b in spans)
     assert set().union(*(range(a, b) for a, b in spans)) == set(range(100))
-    assert corpus.window(0, 500) == (0, 100)
+    assert corpus.window(0, 500) == (0, 100) and corpus.windows(30) == 5 and corpus.windows(500) == 1
 
 
 # --- distillation ------------------------------------------------------------------------------------------------

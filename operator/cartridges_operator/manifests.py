@@ -10,6 +10,7 @@ from typing import Any
 
 from cartridges import api
 from cartridges.contract import (
+    EXIT_INTERRUPTED,
     EXIT_PERMANENT,
     SERVING_COMMAND,
     SERVING_UID,
@@ -172,6 +173,30 @@ def job_name(cartridge: str, generation: int) -> str:
     return dns_name(cartridge, f"g{generation}")
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    """The trainer's permanent-error exit code fails the Job at once. A pod stopped from outside is replaced without
+    spending the backoffLimit: a disrupted one (preemption, an eviction, a drain: the DisruptionTarget condition),
+    and one deleted without that condition (``kubectl delete pod``, a tool that deletes pods instead of evicting
+    them), whose trainer stopped at a safe point on SIGTERM and exited ``EXIT_INTERRUPTED``: the next pod resumes
+    from what it stored.
+
+    An ignored failure is never counted, so a pod stopped over and over is replaced over and over, until the Job's
+    activeDeadlineSeconds (always set: ``OperatorConfig.job_deadline_s``) fails it, as for disruptions. Each
+    interrupted pod keeps what it finished (its last step checkpointed, its shards stored): only one stopped before
+    it finished anything (while loading the model) is lost time."""
+
+    def exit_codes(*codes: int) -> dict[str, Any]:
+        return {"containerName": TRAINER_CONTAINER, "operator": "In", "values": list(codes)}
+
+    return {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_PERMANENT)},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "Ignore", "onExitCodes": exit_codes(EXIT_INTERRUPTED)},
+        ]
+    }
+
+
 def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorConfig) -> dict[str, Any]:
     spec = trainer.spec
     name = body["metadata"]["name"]
@@ -225,21 +250,9 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
         "spec": {
             "suspend": spec.suspend,
             "backoffLimit": config.job_backoff_limit,
-            "activeDeadlineSeconds": config.job_deadline_s,
+            "activeDeadlineSeconds": config.job_deadline_s,  # also ends the retries pod_failure_policy ignores
             "ttlSecondsAfterFinished": config.job_ttl_s,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": TRAINER_CONTAINER,
-                            "operator": "In",
-                            "values": [EXIT_PERMANENT],
-                        },
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
+            "podFailurePolicy": pod_failure_policy(),
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }

@@ -28,6 +28,11 @@ class Corpus:
         start = rng.randint(0, len(self.tokens) - length)
         return start, start + length
 
+    def windows(self, length: int) -> int:
+        """How many windows of ``length`` tokens :meth:`window` cycles through."""
+        length = min(length, len(self.tokens))
+        return -(-len(self.tokens) // length) + (1 if len(self.tokens) > length else 0)
+
     def window(self, index: int, length: int) -> tuple[int, int]:
         """The ``index``-th (cycling) of evenly spaced, overlapping spans of ``length`` tokens covering the corpus.
 
@@ -35,7 +40,7 @@ class Corpus:
         """
         length = min(length, len(self.tokens))
         spare = len(self.tokens) - length
-        count = -(-len(self.tokens) // length) + (1 if spare else 0)
+        count = self.windows(length)
         start = round((index % count) * spare / max(count - 1, 1))
         return start, start + length
 

@@ -201,7 +201,10 @@ def grounded_tasks(
     """``count`` tasks over the facts of ``text``, visiting every fact (or fact-less sentence) before repeating one,
     each quoting as much of its sentence as ``fits`` (the trainer's question budget): a quote is otherwise as long as
     a sentence, or the whole window of text without sentence breaks. Cutting draws nothing from ``rng``: tasks that
-    fit are those an unbounded call makes."""
+    fit are those an unbounded call makes. A window of whitespace only (a PDF's blank pages) has nothing to ask
+    about: no task, rather than ones whose answer is empty."""
+    if not text.strip():
+        return []
     found = sentences(text, cut_head=cut_head, cut_tail=cut_tail) or [text.strip()]
     facts = [(s, span) for s in found for span in (fact_spans(s) or [closing_words(s)])]
     order: list[int] = []

@@ -37,7 +37,7 @@ from cartridges.store import IntegrityError, ObjectNotFound
 from cartridges_trainer.batching import Conversation
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.errors import InputError
-from cartridges_trainer.grounded import grounded_tasks
+from cartridges_trainer.grounded import Task, grounded_tasks
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
@@ -47,10 +47,10 @@ from cartridges_trainer.workspace import Workspace
 log = logging.getLogger(__name__)
 SYNTH_FOLDER = "synth"
 INPUTS_FILE = f"{SYNTH_FOLDER}/inputs.json"
-SYNTHESIS_VERSIONS = {"paper": 1, "grounded": 3}
+SYNTHESIS_VERSIONS = {"paper": 1, "grounded": 4}
 """Per recipe: bump one when its shards change for the same inputs (older ones are then not reused), leaving the
 other recipe's stored shards reusable. grounded 2: tasks cut to max_question_tokens; 3: cut at any whitespace, no
-blank without context."""
+blank without context; 4: a window of whitespace only gives way to the next with text."""
 TEACHER_BATCH = 8
 
 
@@ -236,17 +236,7 @@ def _grounded_conversations(
     """Tasks about the facts of the shard's window of the corpus, answered with its own words and the end-of-turn
     token; the teacher reads the whole corpus if it fits the model with the longest conversation, else the window."""
     index = int(name.rsplit("-", 1)[1].split(".")[0])
-    start, end = corpus.window(index, study.maxChunkTokens)
-    chunk = _text(lm, corpus.tokens[start:end])
-    empty = len(turn_after_cartridges(lm.tokenizer, ""))
-    tasks = grounded_tasks(
-        rng,
-        chunk,
-        options.synthesis_batch_size,
-        cut_head=start > 0,
-        cut_tail=end < len(corpus.tokens),
-        fits=lambda task: len(turn_after_cartridges(lm.tokenizer, task.user)) - empty <= options.max_question_tokens,
-    )
+    start, end, chunk, tasks = _grounded_window(lm, corpus, study, options, index, rng)
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     answers = [
         list(lm.tokenizer(task.answer, add_special_tokens=False)["input_ids"])[: options.max_answer_tokens - len(eos)]
@@ -263,6 +253,27 @@ def _grounded_conversations(
             return whole, turns, answers
     check_chunk_fits(lm, study, end - start, len(window) - (end - start) + longest)
     return window, turns, answers
+
+
+def _grounded_window(
+    lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, index: int, rng: random.Random
+) -> tuple[int, int, str, list[Task]]:
+    """The ``index``-th window of the corpus (its span and text) and its tasks; past a window of whitespace only (a
+    PDF's blank pages: nothing to ask about), the next one with text. A skipped window draws nothing from ``rng``."""
+    empty = len(turn_after_cartridges(lm.tokenizer, ""))
+
+    def fits(task: Task) -> bool:
+        return len(turn_after_cartridges(lm.tokenizer, task.user)) - empty <= options.max_question_tokens
+
+    for skipped in range(corpus.windows(study.maxChunkTokens)):
+        start, end = corpus.window(index + skipped, study.maxChunkTokens)
+        chunk = _text(lm, corpus.tokens[start:end])
+        tasks = grounded_tasks(
+            rng, chunk, options.synthesis_batch_size, cut_head=start > 0, cut_tail=end < len(corpus.tokens), fits=fits
+        )
+        if tasks:
+            return start, end, chunk, tasks
+    raise InputError(f"the corpus's {len(corpus.tokens)} tokens decode to whitespace only: no text to study")
 
 
 def teacher_overhead(lm: LoadedModel, description: str, study: SelfStudy, options: TrainerOptions) -> int:
