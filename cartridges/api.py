@@ -366,6 +366,15 @@ class ArtifactStatus(Spec):
     dtype: str
 
 
+class PromotedStatus(Spec):
+    """What current.json names: the generation serving loads, which a newer verified one the quality gate held back
+    (status.artifact) does not replace."""
+
+    generation: int
+    uri: str
+    sha256: str
+
+
 class Evaluation(Measured):
     noContext: float | None = None
     icl: float | None = None
@@ -395,6 +404,9 @@ class CartridgeStatus(Spec):
     progress: Progress | None = None
     artifact: ArtifactStatus | None = None
     evaluation: Evaluation | None = None
+    promoted: PromotedStatus | None = Field(
+        default=None, description="the promoted generation (current.json), the one served; unset while none is"
+    )
     endpoint: Endpoint | None = None
     trainingJob: str | None = None
     lastFailure: Failure | None = None

@@ -65,6 +65,8 @@ KINDS = [
             {"name": "Phase", "type": "string", "jsonPath": ".status.progress.phase"},
             {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
             {"name": "Total", "type": "integer", "jsonPath": ".status.progress.total", "priority": "1"},
+            {"name": "Generation", "type": "integer", "jsonPath": ".status.generation"},
+            {"name": "Promoted", "type": "integer", "jsonPath": ".status.promoted.generation"},
         ),
     ),
 ]

@@ -115,9 +115,10 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             return _record_failure(run, job)
         if not _verify_and_record(run, trainer):
             return run.status
-    if not _passes_quality_gate(run):
+    current = _read_pointer(run)  # once a pass: what the gate says stays promoted, and what _promote compares
+    if not _passes_quality_gate(run, trainer.generation, current):
         return run.status
-    _promote(run, trainer)
+    _promote(run, trainer, current)
     _prune(run, trainer.generation)
     return _serve(run)
 
@@ -357,13 +358,14 @@ def _describe_promoted(run: Pass, superseded: int) -> None:
     """Before the generation after ``superseded`` starts (hours of training, during which the status is what users
     and Argo CD see of the Cartridge), make status.artifact and status.evaluation describe ``superseded`` if it is
     the one served: the pass that verified and promoted it may have lost its status write (an operator killed after
-    the pointer write, a failed status patch), leaving them describing the generation before. The pointer is read
-    only when a new generation starts and the status does not describe the superseded one already (verified, and
-    promoted or held back by the quality gate)."""
+    the pointer write, a failed status patch), leaving them, and status.promoted, describing the generation before.
+    The pointer is read only when a new generation starts and the status does not describe the superseded one
+    already (verified, and promoted or held back by the quality gate, in the pass that recorded status.promoted)."""
     prefix = layout.generation_prefix(run.config.store_root, run.namespace, run.name, superseded)
     if (run.status.get("artifact") or {}).get("uri", "").startswith(prefix + "/"):
         return
     pointer = _read_pointer(run)
+    _record_promoted(run, pointer)
     if pointer is None or (pointer.generation, pointer.prefix) != (superseded, prefix):
         return  # not promoted (failed, cancelled, refused): the status describes the promoted one already
     try:
@@ -420,25 +422,36 @@ def _record_evaluation(run: Pass, prefix: str) -> None:
     run.condition("Evaluated", True, "Evaluated", f"ICL gain recovered: {evaluation.iclGainRecovered}")
 
 
-def _passes_quality_gate(run: Pass) -> bool:
+def _passes_quality_gate(run: Pass, generation: int, current: layout.Pointer | None) -> bool:
+    """Whether ``generation``'s evaluation passes the gate; when it does not, the status says which generation
+    stays promoted (``current``, read this pass), as status.artifact describes the held-back one."""
     minimum = run.spec.serving.qualityGate.minIclGainRecovered
     recovered = (run.status.get("evaluation") or {}).get("iclGainRecovered")
     if minimum is None:
         return True
     if recovered is None or not recovered >= minimum:  # a NaN score fails: every comparison with NaN is False
-        message = f"ICL gain recovered {recovered} is below the quality gate {minimum}; not promoted"
+        _record_promoted(run, current)
+        if current is None:
+            outcome = f"generation {generation} is not promoted, and no generation is promoted yet"
+        elif current.generation == generation:
+            outcome = f"generation {generation} stays promoted (it was promoted before the gate held it back)"
+        else:
+            outcome = f"generation {generation} is not promoted; generation {current.generation} stays promoted"
+        message = f"ICL gain recovered {recovered} is below the quality gate {minimum}: {outcome}"
         run.not_ready("QualityGateFailed", message, stalled=True)
         return False
     return True
 
 
-def _promote(run: Pass, trainer: TrainerConfig) -> None:
-    """Point current.json at the verified generation; the previous one served until this write."""
+def _promote(run: Pass, trainer: TrainerConfig, current: layout.Pointer | None) -> None:
+    """Point current.json at the verified generation, unless ``current`` (read this pass) does already; the previous
+    one served until this write."""
     pointer = layout.Pointer(
         generation=trainer.generation, prefix=trainer.output_prefix, sha256=run.status["artifact"]["sha256"]
     )
-    if _read_pointer(run) != pointer:  # none yet, or altered: written afresh
+    if current != pointer:  # none yet, or altered: written afresh
         run.store.put_json(layout.current_pointer(run.config.store_root, run.namespace, run.name), pointer.model_dump())
+    _record_promoted(run, pointer)
 
 
 def _read_pointer(run: Pass) -> layout.Pointer | None:
@@ -450,6 +463,15 @@ def _read_pointer(run: Pass) -> layout.Pointer | None:
         )
     except (ObjectNotFound, IntegrityError, ValueError):  # ValueError: not JSON, or not a pointer
         return None
+
+
+def _record_promoted(run: Pass, pointer: layout.Pointer | None) -> None:
+    """status.promoted: what current.json names, the generation served; unset while none is."""
+    if pointer is None:
+        run.status["promoted"] = None
+        return
+    uri = f"{pointer.prefix}/{TENSORS_FILE}"
+    run.status["promoted"] = {"generation": pointer.generation, "uri": uri, "sha256": pointer.sha256}
 
 
 def _prune(run: Pass, promoted: int) -> None:

@@ -182,8 +182,8 @@ def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_genera
     operator_env: OperatorEnv,
 ) -> None:
     """The pass that verified and promoted generation 2 lost its status write (the operator killed right after the
-    pointer write), and a training input changed before the next pass: while generation 3 trains, status.artifact
-    and status.evaluation describe generation 2, the one served, not generation 1."""
+    pointer write), and a training input changed before the next pass: while generation 3 trains, status.artifact,
+    status.evaluation and status.promoted describe generation 2, the one served, not generation 1."""
     env = operator_env
     second_prefix = layout.generation_prefix(env.store_root, env.namespace, "lapse", 2)
     env.create("corpora", "lapse", {"description": "d", "sources": [{"inline": "Fact one."}]})
@@ -198,7 +198,8 @@ def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_genera
     env.wait_condition("corpora", "lapse-slow", "Ready", "True")  # its digest known: the next pass trains from it
     with env.stopped():
         # generation 1's scores, told apart from generation 2's (the fake trainer writes the same scores for both)
-        lost = {"artifact": first["artifact"], "evaluation": {**first["evaluation"], "iclGainRecovered": 0.5}}
+        lost = {"artifact": first["artifact"], "evaluation": {**first["evaluation"], "iclGainRecovered": 0.5},
+                "promoted": first["promoted"]}  # fmt: skip
         env.custom.patch_namespaced_custom_object_status(
             api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse", {"status": lost}
         )
@@ -207,7 +208,8 @@ def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_genera
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "lapse"))
     training = status(env, "lapse")
     assert pointer["generation"] == 2 and training["artifact"] == second["artifact"]
-    assert training["evaluation"] == second["evaluation"]
+    assert training["evaluation"] == second["evaluation"] and training["promoted"] == second["promoted"]
+    assert training["promoted"]["generation"] == 2
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse")
     wait_for("cartridge deleted, its trainer stopped", lambda: env.get("cartridges", "lapse") is None, 60)
 
@@ -419,6 +421,39 @@ def test_nan_from_a_diverged_trainer_is_reported_and_never_promoted(operator_env
     assert evaluated["reason"] == "NoEvaluation" and "finite number" in evaluated["message"]
     pointer = layout.current_pointer(env.store_root, env.namespace, "diverged")
     assert status(env, "diverged").get("evaluation") is None and not env.store.exists(pointer)
+    assert "no generation is promoted yet" in stalled["message"] and "promoted" not in status(env, "diverged")
+
+
+def test_a_held_back_generation_leaves_the_promoted_one_in_the_status_until_the_gate_lets_it_pass(
+    operator_env: OperatorEnv,
+) -> None:
+    """Generation 2 scores below the raised quality gate: status.artifact describes it (the newest verified one),
+    status.promoted and the QualityGateFailed message generation 1, which current.json names and serving serves.
+    Lowered, the gate lets generation 2 through, and status.promoted follows the pointer."""
+    env = operator_env
+    gate = {"enabled": False, "qualityGate": {"minIclGainRecovered": 0.5}}  # the fake trainer scores 0.75
+    env.create("corpora", "gated", {"description": "d", "sources": [{"inline": "Fact one."}]})
+    env.create("cartridges", "gated", cartridge_spec("gated", serving=gate))
+    env.wait_condition("cartridges", "gated", "Ready", "True")
+    first = status(env, "gated")
+    assert first["promoted"] == {key: first["artifact"][key] for key in ("uri", "sha256")} | {"generation": 1}
+
+    env.patch_spec("cartridges", "gated", {"serving": {"qualityGate": {"minIclGainRecovered": 0.9}}})
+    env.patch_spec("corpora", "gated", {"sources": [{"inline": "Fact two."}]})
+    wait_for("generation 2 held back", lambda: status(env, "gated").get("artifact", {}).get("uri", "").startswith(
+        layout.generation_prefix(env.store_root, env.namespace, "gated", 2) + "/"), 60)  # fmt: skip
+    stalled = env.wait_condition("cartridges", "gated", "Stalled", "True")
+    assert stalled["reason"] == "QualityGateFailed"
+    assert stalled["message"].endswith("generation 2 is not promoted; generation 1 stays promoted"), stalled
+    held = status(env, "gated")
+    assert held["generation"] == 2 and held["promoted"] == first["promoted"]
+    pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "gated"))
+    assert pointer["generation"] == 1
+
+    env.patch_spec("cartridges", "gated", {"serving": {"qualityGate": {"minIclGainRecovered": 0.5}}})
+    env.wait_condition("cartridges", "gated", "Ready", "True")
+    second = status(env, "gated")
+    assert second["promoted"] == {key: second["artifact"][key] for key in ("uri", "sha256")} | {"generation": 2}
 
 
 def test_retention_delete_stops_the_training_job_before_deleting_the_artifacts(operator_env: OperatorEnv) -> None:

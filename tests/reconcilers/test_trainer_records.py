@@ -38,10 +38,10 @@ def gate_pass(recovered: float | None) -> Pass:
 @pytest.mark.parametrize("recovered", [math.nan, None, 0.49])
 def test_a_nan_or_missing_or_low_score_fails_the_quality_gate(recovered: float | None) -> None:
     run = gate_pass(recovered)
-    assert not _passes_quality_gate(run)
+    assert not _passes_quality_gate(run, 1, None)
     assert is_true(run.status["conditions"], "Stalled")
     assert next(c for c in run.status["conditions"] if c["type"] == "Ready")["reason"] == "QualityGateFailed"
 
 
 def test_a_score_at_the_gate_passes() -> None:
-    assert _passes_quality_gate(gate_pass(0.5))
+    assert _passes_quality_gate(gate_pass(0.5), 1, None)
