@@ -316,3 +316,11 @@ def test_missing_store_endpoint_is_explained(helm: Path) -> None:
     proc = run_helm(helm, "template", "x", str(CHART), "--set", "store.credentials.existingSecret=s")
     assert proc.returncode != 0
     assert "/store" in proc.stderr and "endpoint" in proc.stderr, proc.stderr
+
+
+def test_metrics_port_equal_to_liveness_port_is_refused(helm: Path) -> None:
+    """The operator binds both ports: equal, one bind fails and the operator crash-loops, so helm refuses first."""
+    sets = {"operator.metricsPort": "8080", "operator.livenessPort": "8080"}
+    proc = run_helm(helm, *template_args("production-values.yaml", "cartridges-system", "cartridges", sets))
+    assert proc.returncode != 0, "helm accepted a metrics port equal to the liveness port"
+    assert "operator.metricsPort and operator.livenessPort are both 8080" in proc.stderr, proc.stderr
