@@ -115,9 +115,11 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
     )
 
 
-def serving_pod(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, Any]:
+def serving_pod(
+    render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str], values: str = "quickstart-values.yaml"
+) -> dict[str, Any]:
     """The spec of a serving pod the operator creates when it runs with the env the chart renders for ``sets``."""
-    operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
+    operator = container(render(values, namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
@@ -127,13 +129,18 @@ def serving_pod(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str,
     return pod
 
 
-def serving_container(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, Any]:
-    triton: dict[str, Any] = serving_pod(render, monkeypatch, sets)["containers"][0]
+def serving_container(
+    render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str], values: str = "quickstart-values.yaml"
+) -> dict[str, Any]:
+    triton: dict[str, Any] = serving_pod(render, monkeypatch, sets, values)["containers"][0]
     return triton
 
 
-def serving_pod_env(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in serving_container(render, monkeypatch, sets)["env"] if "value" in e}
+def serving_pod_env(
+    render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str], values: str = "quickstart-values.yaml"
+) -> dict[str, str]:
+    triton = serving_container(render, monkeypatch, sets, values)
+    return {e["name"]: e["value"] for e in triton["env"] if "value" in e}
 
 
 def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,7 +154,8 @@ def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: p
 def test_serving_engine_settings_reach_the_engine(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
     """serving.engine in the chart -> the operator's env -> every serving pod's env -> the engine's config."""
     sets = {"serving.engine.maxBatchSize": "64", "serving.engine.kvBytes": "85899345920"}  # 80 GiB
-    engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, {**sets, "serving.engine.cudaGraphs": "true"}))
+    sets = {**sets, "serving.engine.cudaGraphs": "true"}
+    engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, sets, "production-values.yaml"))
     assert (engine.max_batch_size, engine.kv_bytes, engine.cuda_graphs) == (64, 80 * 2**30, True)
     assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # unset: the engine's defaults
 
@@ -156,12 +164,25 @@ def test_serving_resources_reach_the_serving_pods(render: Render, monkeypatch: p
     """serving.resources in the chart -> the operator's env -> every serving pod. Unset: one GPU. A CPU-only value
     has no GPU: the chart's default is empty, as Helm would merge a default GPU limit into the user's map."""
     monkeypatch.delenv("CARTRIDGES_SERVING_RESOURCES", raising=False)
-    assert serving_container(render, monkeypatch, {})["resources"]["limits"]["nvidia.com/gpu"] == 1
+    unset = serving_container(render, monkeypatch, {}, "production-values.yaml")
+    assert unset["resources"]["limits"]["nvidia.com/gpu"] == 1
     cpu = {"serving.resources.requests.cpu": "4", "serving.resources.limits.memory": "16Gi"}
-    assert serving_container(render, monkeypatch, cpu)["resources"] == {
+    assert serving_container(render, monkeypatch, cpu, "production-values.yaml")["resources"] == {
         "requests": {"cpu": 4},
         "limits": {"memory": "16Gi"},
     }
+
+
+def test_quickstart_serves_on_cpu(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick start runs on a cluster without GPUs (examples/cartridge.yaml trains with gpus: 0): its serving
+    pods ask for no GPU, which would leave them Pending there, and the engine's cache, host memory on CPU, fits
+    within their memory limit."""
+    monkeypatch.delenv("CARTRIDGES_SERVING_RESOURCES", raising=False)
+    triton = serving_container(render, monkeypatch, {})
+    assert not any("gpu" in name for kind in triton["resources"].values() for name in kind), triton["resources"]
+    assert triton["resources"]["requests"]["cpu"] and triton["resources"]["limits"]["memory"] == "4Gi"
+    engine = EngineConfig.from_env({e["name"]: e["value"] for e in triton["env"] if "value" in e})
+    assert not engine.cuda_graphs and engine.cache_bytes + engine.kv_bytes < 4 * 2**30
 
 
 def test_serving_placement_reaches_the_serving_pods(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
