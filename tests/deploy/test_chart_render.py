@@ -294,6 +294,22 @@ def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> N
     assert len(egress(**{"networkPolicy.corpusSources.enabled": "false"})) == 3
 
 
+def test_dns_egress_can_reach_a_node_local_cache(render: Render) -> None:
+    """DNS goes to kube-system's pods; NodeLocal DNSCache answers on the node's host network (169.254.20.10), which
+    no namespace selector matches, so networkPolicy.dns.cidrs adds it."""
+
+    def dns_peers(sets: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
+        (dns,) = [rule for rule in operator["spec"]["egress"] if {"port": 53, "protocol": "UDP"} in rule["ports"]]
+        peers: list[dict[str, Any]] = dns["to"]
+        return peers
+
+    kube_system = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}
+    assert dns_peers() == [kube_system]
+    cache = dns_peers({"networkPolicy.dns.cidrs[0]": "169.254.20.10/32"})
+    assert cache == [kube_system, {"ipBlock": {"cidr": "169.254.20.10/32"}}]
+
+
 # (what is set, what the error must say): helm prints the JSON-schema path and the rule that failed.
 BAD_VALUES = [
     ({"store.bucket": "Bad_Bucket"}, ["/store/bucket", "does not match pattern"]),
@@ -303,6 +319,7 @@ BAD_VALUES = [
     ({"operator.watchNamespaces[0]": "Team_Docs"}, ["/operator/watchNamespaces/0", "does not match pattern"]),
     ({"operator.replicas": "2"}, ["additional properties 'replicas' not allowed"]),
     ({"networkPolicy.apiServer.cidrs[0]": "10.0.0.1"}, ["/networkPolicy/apiServer/cidrs/0"]),
+    ({"networkPolicy.dns.cidrs[0]": "169.254.20.10"}, ["/networkPolicy/dns/cidrs/0"]),
     ({"networkPolicy.corpusSources.ports[0]": "0"}, ["/networkPolicy/corpusSources/ports/0"]),
     ({"corpus.maxBytes": "0"}, ["/corpus/maxBytes", "minimum"]),
     ({"corpus.concurrentReads": "0"}, ["/corpus/concurrentReads", "minimum"]),
