@@ -183,18 +183,32 @@ def test_operator_reconciles_under_the_charts_service_account(
     assert "403" not in log and "Forbidden" not in log and "forbidden" not in log, log[-4000:]
 
 
-def test_notes_tell_what_to_apply_next(helm: Path, k8s_cluster: Cluster, tmp_path: Path) -> None:
-    """``helm install --dry-run`` against the test cluster (helm asks it for its version) prints NOTES.txt. The CRDs
-    are left out: earlier tests applied them, and helm would refuse to take them over."""
+def install_notes(helm: Path, k8s_cluster: Cluster, tmp_path: Path, values: str) -> str:
+    """NOTES.txt as ``helm install --dry-run`` prints it against the test cluster (helm asks it for its version).
+    The CRDs are left out: earlier tests applied them, and helm would refuse to take them over."""
     chart = installable_chart(tmp_path)
-    values, kubeconfig = str(CI_VALUES / "quickstart-values.yaml"), str(k8s_cluster.kubeconfig)
+    kubeconfig = str(k8s_cluster.kubeconfig)
     proc = run_helm(helm, "install", "demo", str(chart), "--dry-run=client", "--kubeconfig", kubeconfig, "-n", "demo",
-                    "-f", values, "--set", "crds.install=false")  # fmt: skip
+                    "-f", str(CI_VALUES / values), "--set", "crds.install=false")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    notes = proc.stdout.split("NOTES:", 1)[1]
+    return proc.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_tell_what_to_apply_next(helm: Path, k8s_cluster: Cluster, tmp_path: Path) -> None:
+    notes = install_notes(helm, k8s_cluster, tmp_path, "quickstart-values.yaml")
     assert 'kubectl -n "$NS" apply -f examples/corpus.yaml' in notes
     assert "kubectl label namespace <client-namespace> cartridges.dev/client=true" in notes
     assert "set networkPolicy.servingNamespaces" in notes  # cluster-wide: no serving namespaces known
+    assert "kubectl -n demo get secret cartridges-store -o json" in notes  # the chart-made Secret, to copy
+
+
+def test_notes_with_an_existing_secret_ask_for_a_scoped_one(helm: Path, k8s_cluster: Cluster, tmp_path: Path) -> None:
+    """With store.credentials.existingSecret the operator's Secret holds whole-bucket keys: NOTES must not tell
+    anyone to copy it into team namespaces, but to create one limited to that namespace's prefixes."""
+    notes = install_notes(helm, k8s_cluster, tmp_path, "production-values.yaml")
+    assert "get secret" not in notes, notes
+    assert 'kubectl -n "$NS" create secret generic cartridges-store' in notes, notes
+    assert "cartridges/$NS/, corpora/$NS/ and sources/$NS/ read-write, models/ read-only" in notes, notes
 
 
 NEW_RULE = "frozenTokens must be smaller than size"

@@ -115,9 +115,11 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
     )
 
 
-def serving_pod(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, Any]:
+def serving_pod(
+    render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str], values: str = "quickstart-values.yaml"
+) -> dict[str, Any]:
     """The spec of a serving pod the operator creates when it runs with the env the chart renders for ``sets``."""
-    operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
+    operator = container(render(values, namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
@@ -127,13 +129,18 @@ def serving_pod(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str,
     return pod
 
 
-def serving_container(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, Any]:
-    triton: dict[str, Any] = serving_pod(render, monkeypatch, sets)["containers"][0]
+def serving_container(
+    render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str], values: str = "quickstart-values.yaml"
+) -> dict[str, Any]:
+    triton: dict[str, Any] = serving_pod(render, monkeypatch, sets, values)["containers"][0]
     return triton
 
 
-def serving_pod_env(render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in serving_container(render, monkeypatch, sets)["env"] if "value" in e}
+def serving_pod_env(
+    render: Render, monkeypatch: pytest.MonkeyPatch, sets: dict[str, str], values: str = "quickstart-values.yaml"
+) -> dict[str, str]:
+    triton = serving_container(render, monkeypatch, sets, values)
+    return {e["name"]: e["value"] for e in triton["env"] if "value" in e}
 
 
 def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,7 +154,8 @@ def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: p
 def test_serving_engine_settings_reach_the_engine(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
     """serving.engine in the chart -> the operator's env -> every serving pod's env -> the engine's config."""
     sets = {"serving.engine.maxBatchSize": "64", "serving.engine.kvBytes": "85899345920"}  # 80 GiB
-    engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, {**sets, "serving.engine.cudaGraphs": "true"}))
+    sets = {**sets, "serving.engine.cudaGraphs": "true"}
+    engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, sets, "production-values.yaml"))
     assert (engine.max_batch_size, engine.kv_bytes, engine.cuda_graphs) == (64, 80 * 2**30, True)
     assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # unset: the engine's defaults
 
@@ -156,12 +164,25 @@ def test_serving_resources_reach_the_serving_pods(render: Render, monkeypatch: p
     """serving.resources in the chart -> the operator's env -> every serving pod. Unset: one GPU. A CPU-only value
     has no GPU: the chart's default is empty, as Helm would merge a default GPU limit into the user's map."""
     monkeypatch.delenv("CARTRIDGES_SERVING_RESOURCES", raising=False)
-    assert serving_container(render, monkeypatch, {})["resources"]["limits"]["nvidia.com/gpu"] == 1
+    unset = serving_container(render, monkeypatch, {}, "production-values.yaml")
+    assert unset["resources"]["limits"]["nvidia.com/gpu"] == 1
     cpu = {"serving.resources.requests.cpu": "4", "serving.resources.limits.memory": "16Gi"}
-    assert serving_container(render, monkeypatch, cpu)["resources"] == {
+    assert serving_container(render, monkeypatch, cpu, "production-values.yaml")["resources"] == {
         "requests": {"cpu": 4},
         "limits": {"memory": "16Gi"},
     }
+
+
+def test_quickstart_serves_on_cpu(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick start runs on a cluster without GPUs (examples/cartridge.yaml trains with gpus: 0): its serving
+    pods ask for no GPU, which would leave them Pending there, and the engine's cache, host memory on CPU, fits
+    within their memory limit."""
+    monkeypatch.delenv("CARTRIDGES_SERVING_RESOURCES", raising=False)
+    triton = serving_container(render, monkeypatch, {})
+    assert not any("gpu" in name for kind in triton["resources"].values() for name in kind), triton["resources"]
+    assert triton["resources"]["requests"]["cpu"] and triton["resources"]["limits"]["memory"] == "4Gi"
+    engine = EngineConfig.from_env({e["name"]: e["value"] for e in triton["env"] if "value" in e})
+    assert not engine.cuda_graphs and engine.cache_bytes + engine.kv_bytes < 4 * 2**30
 
 
 def test_serving_placement_reaches_the_serving_pods(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,6 +294,22 @@ def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> N
     assert len(egress(**{"networkPolicy.corpusSources.enabled": "false"})) == 3
 
 
+def test_dns_egress_can_reach_a_node_local_cache(render: Render) -> None:
+    """DNS goes to kube-system's pods; NodeLocal DNSCache answers on the node's host network (169.254.20.10), which
+    no namespace selector matches, so networkPolicy.dns.cidrs adds it."""
+
+    def dns_peers(sets: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
+        (dns,) = [rule for rule in operator["spec"]["egress"] if {"port": 53, "protocol": "UDP"} in rule["ports"]]
+        peers: list[dict[str, Any]] = dns["to"]
+        return peers
+
+    kube_system = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}
+    assert dns_peers() == [kube_system]
+    cache = dns_peers({"networkPolicy.dns.cidrs[0]": "169.254.20.10/32"})
+    assert cache == [kube_system, {"ipBlock": {"cidr": "169.254.20.10/32"}}]
+
+
 # (what is set, what the error must say): helm prints the JSON-schema path and the rule that failed.
 BAD_VALUES = [
     ({"store.bucket": "Bad_Bucket"}, ["/store/bucket", "does not match pattern"]),
@@ -282,6 +319,7 @@ BAD_VALUES = [
     ({"operator.watchNamespaces[0]": "Team_Docs"}, ["/operator/watchNamespaces/0", "does not match pattern"]),
     ({"operator.replicas": "2"}, ["additional properties 'replicas' not allowed"]),
     ({"networkPolicy.apiServer.cidrs[0]": "10.0.0.1"}, ["/networkPolicy/apiServer/cidrs/0"]),
+    ({"networkPolicy.dns.cidrs[0]": "169.254.20.10"}, ["/networkPolicy/dns/cidrs/0"]),
     ({"networkPolicy.corpusSources.ports[0]": "0"}, ["/networkPolicy/corpusSources/ports/0"]),
     ({"corpus.maxBytes": "0"}, ["/corpus/maxBytes", "minimum"]),
     ({"corpus.concurrentReads": "0"}, ["/corpus/concurrentReads", "minimum"]),
@@ -316,3 +354,11 @@ def test_missing_store_endpoint_is_explained(helm: Path) -> None:
     proc = run_helm(helm, "template", "x", str(CHART), "--set", "store.credentials.existingSecret=s")
     assert proc.returncode != 0
     assert "/store" in proc.stderr and "endpoint" in proc.stderr, proc.stderr
+
+
+def test_metrics_port_equal_to_liveness_port_is_refused(helm: Path) -> None:
+    """The operator binds both ports: equal, one bind fails and the operator crash-loops, so helm refuses first."""
+    sets = {"operator.metricsPort": "8080", "operator.livenessPort": "8080"}
+    proc = run_helm(helm, *template_args("production-values.yaml", "cartridges-system", "cartridges", sets))
+    assert proc.returncode != 0, "helm accepted a metrics port equal to the liveness port"
+    assert "operator.metricsPort and operator.livenessPort are both 8080" in proc.stderr, proc.stderr

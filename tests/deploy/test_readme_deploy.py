@@ -1,0 +1,100 @@
+"""README's Deploy commands, as a newcomer copies them: the model upload runs against a real MinIO, the install
+commands prepare what the chart needs before it is installed, and the Secret copy drops Helm's ownership."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import yaml
+from _chart import CHART, CI_VALUES, REPO, Render, container
+
+from cartridges.embedded import smollm2_gguf
+from cartridges.store import sha256_file
+from cartridges_e2e.minio import MinioServer
+
+README = REPO / "README.md"
+QUICKSTART = yaml.safe_load((CI_VALUES / "quickstart-values.yaml").read_text())
+
+
+def deploy_block() -> str:
+    """The Deploy section's shell block, continuation lines joined."""
+    found = re.search(r"^## Deploy\n\n```bash\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
+    assert found, "README has no Deploy section with a bash block"
+    return found.group(1).replace("\\\n", " ")
+
+
+def deploy_commands() -> list[str]:
+    """The Deploy block one line each, comments left out."""
+    return [line.strip() for line in deploy_block().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def command_with(text: str) -> str:
+    (found,) = [c for c in deploy_commands() if text in c]
+    return found
+
+
+def test_model_upload_reaches_the_quickstart_store(minio_server: MinioServer) -> None:
+    """The upload reads its S3 settings from the CARTRIDGES_S3_* variables the command line sets (with the quick
+    start's keys), and the object lands where examples/cartridge.yaml points."""
+    (upload,) = re.findall(r"^((?:CARTRIDGES_S3_\w+=\S+ )+)\s*\S*python -c '([^']*)'", deploy_block(), re.MULTILINE)
+    settings = dict(re.findall(r"(CARTRIDGES_S3_\w+)=(\S+)", upload[0]))
+    credentials = QUICKSTART["store"]["credentials"]
+    assert (settings["CARTRIDGES_S3_ACCESS_KEY"], settings["CARTRIDGES_S3_SECRET_KEY"]) == (
+        credentials["accessKey"],
+        credentials["secretKey"],
+    )
+    code = upload[1]
+    (uri,) = re.findall(r'"(s3://[^"]+)"', code)
+    assert uri in (REPO / "examples" / "cartridge.yaml").read_text()
+    minio_server.store().ensure_bucket(uri)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CARTRIDGES_S3_")}
+    env = {**clean, **settings, **minio_server.env(), "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert minio_server.store().stat(uri).sha256 == sha256_file(smollm2_gguf())
+
+
+def test_production_install_creates_namespaces_and_secrets_first() -> None:
+    """The chart puts RoleBindings and NetworkPolicies into every watched namespace, and with existingSecret every
+    pod (the operator's too) reads the store keys from that Secret in its own namespace: all must exist first."""
+    commands = deploy_commands()
+    install = command_with("operator.watchNamespaces=")
+    (listed,) = re.findall(r"operator\.watchNamespaces=\{([^}]*)\}", install)
+    (secret,) = re.findall(r"store\.credentials\.existingSecret=(\S+)", install)
+    before = commands[: commands.index(install)]
+    for namespace in ["cartridges-system", *listed.split(",")]:
+        assert f"kubectl create namespace {namespace}" in before, namespace
+        (create,) = [c for c in before if c.startswith(f"kubectl -n {namespace} create secret generic {secret} ")]
+        assert "accessKey=" in create and "secretKey=" in create, create
+
+
+def test_install_commands_point_the_chart_at_your_images(render: Render) -> None:
+    """README says to build and push the images and point the chart at them: every install command does."""
+    installs = [c for c in deploy_commands() if c.startswith("helm install")]
+    assert len(installs) == 2 and all('"${IMAGES[@]}"' in c for c in installs), installs
+    (images,) = [c for c in deploy_commands() if c.startswith("IMAGES=(")]
+    sets = dict(arg.split("=", 1) for arg in shlex.split(images[len("IMAGES=(") : -1]) if arg != "--set")
+    operator = container(render("quickstart-values.yaml", sets=sets), "cartridges-operator")
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    assert operator["image"].startswith(sets["operator.image.repository"] + ":")
+    assert env["CARTRIDGES_TRAINER_IMAGE"].startswith(sets["trainer.image.repository"] + ":")
+    assert env["CARTRIDGES_SERVING_IMAGE"].startswith(sets["serving.image.repository"] + ":")
+
+
+def copy_filter(text: str) -> set[str]:
+    """The fields the Secret-copy jq pipeline deletes."""
+    (fields,) = re.findall(r"jq 'del\(([^)]*)\)'", text)
+    return set(fields.split(","))
+
+
+def test_secret_copy_drops_helms_ownership() -> None:
+    """A copy keeping Helm's labels or meta.helm.sh annotations passes for a release's object; it drops them, with
+    everything the API server owns, and README and NOTES.txt copy alike."""
+    readme = copy_filter(command_with("jq 'del("))
+    assert readme == copy_filter((CHART / "templates" / "NOTES.txt").read_text())
+    owned = {"uid", "resourceVersion", "creationTimestamp", "ownerReferences", "managedFields", "namespace"}
+    assert {f".metadata.{field}" for field in {*owned, "labels", "annotations"}} <= readme, readme
