@@ -877,7 +877,29 @@ def test_a_cartridge_for_another_model_is_named_not_its_download_directory(
     code, _, err = cli(capsys, *argv)
     assert code == EXIT_INPUT and "cartridge 'lighthouse' g" in err and "was trained for" in err
     assert "/cartridges-" not in err  # no temporary directory
+    assert err.rstrip().endswith("; pass --model tiny")  # what it was trained with (--model tiny), named
     one_line_error(err)
+
+
+def test_a_cartridge_for_another_model_says_which_model_to_pass(tmp_path: Path, tiny_model: LoadedModel) -> None:
+    """One of the CLI's models by its --model name, any other as a path to the model it records; the differing
+    hashes stay, cut short."""
+    store = f"file://{tmp_path / 'store'}"
+    loaded = tiny_llama(seed=2).fingerprint
+    cases = {
+        "for-tiny": (tiny_model.fingerprint, "; pass --model tiny"),
+        "for-other": (
+            tiny_llama(seed=1).fingerprint,
+            "; pass --model PATH: the tiny-llama-seed1 model it was trained for (an HF directory or .gguf)",
+        ),
+    }
+    for name, (fp, hint) in cases.items():
+        publish(open_store(store), store, "default", name, random_cartridge(fp, 4, seed=1), fp)
+        with pytest.raises(CLIError) as raised:
+            load(open_store(store), find(open_store(store), store, "default", name), tiny_llama(seed=2))
+        message = str(raised.value)
+        assert raised.value.code == EXIT_INPUT and message.endswith(hint), message
+        assert f"weights_sha256: {fp.weights_sha256[:16]}... != {loaded.weights_sha256[:16]}..." in message, message
 
 
 def test_importing_a_text_file_says_what_to_give(

