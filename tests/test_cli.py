@@ -421,6 +421,30 @@ def test_quantize_refuses_a_generation_with_infinite_values(
     one_line_error(err)
 
 
+def test_quantize_a_stored_generation_that_is_not_the_promoted_one(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, fp = f"file://{tmp_path / 'store'}", tiny_model.fingerprint
+    for generation in (1, 2):  # 2 is promoted
+        cartridge = random_cartridge(fp, 4, seed=generation)
+        publish(open_store(store), store, "default", "multi", cartridge, fp, generation=generation)
+    code, out, _ = cli(capsys, "quantize", "multi", "--generation", "1", "--store", store, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["generation"] == 3 and info["quantizedFrom"] == 1 and info["dtype"] == "int8"
+    code, _, err = cli(capsys, "quantize", "multi", "--generation", "7", "--store", store)
+    assert code == EXIT_NOT_FOUND and "'multi' has no generation 7; stored: 1, 2, 3" in err
+    one_line_error(err)
+    open_store(store).put_json(f"{layout.generation_prefix(store, 'default', 'multi', 4)}/progress.json", {})
+    code, _, err = cli(capsys, "quantize", "multi", "--generation", "4", "--store", store)
+    assert code == EXIT_NOT_FOUND and "g4 (still training, or its training failed) has no manifest" in err
+    code, _, err = cli(capsys, "quantize", "nothing", "--generation", "1", "--store", store)
+    assert code == EXIT_NOT_FOUND and "unknown cartridge 'nothing'" in err
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as raised:
+            main(["quantize", "multi", "--generation", bad, "--store", store])
+        assert raised.value.code == EXIT_USAGE and "a number from 1 up" in capsys.readouterr().err
+
+
 def test_quantize_promotes_an_int8_generation_that_eval_reads(
     corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

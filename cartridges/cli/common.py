@@ -96,6 +96,25 @@ def model_options() -> argparse.ArgumentParser:
     return parser
 
 
+def generation_options() -> argparse.ArgumentParser:
+    """``--generation N``: a stored generation rather than the promoted one (see :func:`find`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--generation",
+        type=generation_number,
+        metavar="N",
+        help="a stored generation instead of the promoted one (an unknown N lists the stored ones)",
+    )
+    return parser
+
+
+def generation_number(text: str) -> int:
+    """``--generation``: a generation number; they count from 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid generation {text!r}: a number from 1 up")
+    return int(text)
+
+
 def check_name(name: str) -> str:
     """A cartridge name as the cluster allows it (a Kubernetes object name), so every name ``ls`` lists works."""
     if not layout.is_resource_name(name):
@@ -181,27 +200,51 @@ class Stored:
     manifest: CartridgeManifest
 
 
-def find(store: Store, root: str, namespace: str, name: str) -> Stored:
-    """The promoted generation of ``name``; a missing one is a one-line error saying how to list them."""
+def find(store: Store, root: str, namespace: str, name: str, generation: int | None = None) -> Stored:
+    """The promoted generation of ``name``, or the stored ``generation``; a missing one is a one-line error saying
+    how to list them."""
+    if generation is not None:
+        return _find_generation(store, root, namespace, name, generation)
     try:
         pointer = read_document(store, layout.current_pointer(root, namespace, name), layout.Pointer)
     except ObjectNotFound:
-        raise CLIError(
-            f"unknown cartridge {name!r} in {root} (namespace {namespace}); `cartridges ls` lists them",
-            EXIT_NOT_FOUND,
-        ) from None
+        raise _unknown(root, namespace, name) from None
     try:
         pointer = layout.confined_pointer(root, namespace, name, pointer)
     except layout.PointerOutsideCartridge as err:
         raise CLIError(f"{err}; refusing to load it (re-promote a generation of {name!r})") from err
-    manifest_uri = f"{pointer.prefix}/{MANIFEST_FILE}"
-    try:
-        manifest = read_document(store, manifest_uri, CartridgeManifest)
-    except ObjectNotFound:
-        raise CLIError(
-            f"cartridge {name!r}: the promoted g{pointer.generation} has no manifest ({manifest_uri})", EXIT_NOT_FOUND
-        ) from None
+    manifest = _manifest(store, name, pointer.prefix, f"the promoted g{pointer.generation}")
     return Stored(name, pointer, manifest)
+
+
+def _find_generation(store: Store, root: str, namespace: str, name: str, generation: int) -> Stored:
+    """A stored generation, promoted or not: it is there with its manifest, or the error lists those that are."""
+    stored = layout.stored_generations(store, root, namespace, name)
+    if not stored:
+        raise _unknown(root, namespace, name)
+    if generation not in stored:
+        raise CLIError(
+            f"cartridge {name!r} has no generation {generation}; stored: {', '.join(map(str, stored))}",
+            EXIT_NOT_FOUND,
+        )
+    prefix = layout.generation_prefix(root, namespace, name, generation)
+    manifest = _manifest(store, name, prefix, f"g{generation} (still training, or its training failed)")
+    return Stored(name, layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256), manifest)
+
+
+def _unknown(root: str, namespace: str, name: str) -> CLIError:
+    return CLIError(
+        f"unknown cartridge {name!r} in {root} (namespace {namespace}); `cartridges ls` lists them", EXIT_NOT_FOUND
+    )
+
+
+def _manifest(store: Store, name: str, prefix: str, which: str) -> CartridgeManifest:
+    """The manifest of the generation at ``prefix`` (``which`` names it in the error when it has none)."""
+    manifest_uri = f"{prefix}/{MANIFEST_FILE}"
+    try:
+        return read_document(store, manifest_uri, CartridgeManifest)
+    except ObjectNotFound:
+        raise CLIError(f"cartridge {name!r}: {which} has no manifest ({manifest_uri})", EXIT_NOT_FOUND) from None
 
 
 def read_document(store: Store, uri: str, model: type[DocumentModel]) -> DocumentModel:
