@@ -18,7 +18,8 @@ from _cartridge_store import publish, random_cartridge
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout
-from cartridges.cli import main, parser
+from cartridges.cli import main
+from cartridges.cli.app import parser
 from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_NOT_FOUND,
@@ -258,6 +259,23 @@ def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
     assert code == 0 and json.loads(out)["generation"] == 2
     code, out, _ = cli(capsys, "inspect", "resumed", "--store", store, "--json")
     assert json.loads(out)["training"]["resumed_from_step"] == 4
+
+
+def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C while the command starts (its own modules, then torch, transformers and triton importing) or later
+    while it trains: the interrupt exit code and its line, never a traceback, an abort or a death by SIGINT. The
+    delays only spread the signal over the start; whichever moment each lands in, the outcome must be the same."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = [sys.executable, "-m", "cartridges.cli", "train", "long", str(corpus_dir), "--model", "tiny"]
+    argv += ["--store", store, "--steps", "100000"]
+    for delay in (0.3, 1.0, 2.0, 3.0, 4.5):
+        command = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        command.send_signal(signal.SIGINT)
+        _, err = command.communicate(timeout=120)
+        assert command.returncode == 130, (delay, err)
+        assert err.splitlines()[-1].startswith("cartridges: interrupted"), (delay, err)
+        assert not any(text in err for text in ("Traceback", "nanobind", "Aborted", "KeyboardInterrupt")), (delay, err)
 
 
 def test_eval_table_json_and_plot(

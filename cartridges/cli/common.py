@@ -1,4 +1,5 @@
-"""What the subcommands share: exit codes, the default store and model, and finding cartridges in a store."""
+"""What the subcommands share: exit codes (defined in ``exits``), the default store and model, and finding cartridges
+in a store."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from cartridges import layout
+from cartridges.cli.exits import EXIT_CODES, EXIT_FAILURE, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_USAGE
+from cartridges.cli.exits import EXIT_UNAVAILABLE as EXIT_UNAVAILABLE  # the subcommands' import
 from cartridges.embedded import SMOLLM2_MEMBER
 from cartridges.manifest import MANIFEST_FILE, CartridgeManifest, ModelMismatch
 from cartridges.paths import cache_dir, fill_once
@@ -26,22 +29,6 @@ DocumentModel = TypeVar("DocumentModel", bound=BaseModel)
 if TYPE_CHECKING:
     from cartridges.artifact import ModelFingerprint, StoredCartridge
     from cartridges.models import LoadedModel
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_UNAVAILABLE = 4
-EXIT_INPUT = 65  # the trainer's permanent input error (contract.EXIT_PERMANENT)
-EXIT_INTERRUPTED = 130
-EXIT_CODES = f"""exit codes:
-  {EXIT_OK}    success
-  {EXIT_FAILURE}    failure (training, serving or an unexpected error)
-  {EXIT_USAGE}    bad arguments
-  {EXIT_NOT_FOUND}    a file, cartridge or model that does not exist
-  {EXIT_UNAVAILABLE}    the object store or the server cannot be reached
-  {EXIT_INPUT}   unusable input: a corpus that is not UTF-8 text or empty, a cartridge for another model
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 NAMESPACE = "default"
 MODELS = {
