@@ -29,6 +29,7 @@ from cartridges.manifest import (
     ArtifactError,
     CartridgeManifest,
     ModelFingerprint,
+    ModelMismatch,
     Quantization,
     read_manifest,
 )
@@ -233,11 +234,8 @@ def load_stored_cartridge(
     manifest = read_manifest(directory / MANIFEST_FILE)
     if manifest.format_version != FORMAT_VERSION:
         raise ArtifactError(f"{directory}: format version {manifest.format_version}, this build reads {FORMAT_VERSION}")
-    if expected_model is not None and (diff := manifest.base_model.mismatches(expected_model)):
-        raise ArtifactError(
-            f"{directory}: cartridge was trained for {manifest.base_model.model_id}, "
-            f"not the loaded {expected_model.model_id} ({'; '.join(diff)})"
-        )
+    if expected_model is not None and manifest.base_model.mismatches(expected_model):
+        raise ModelMismatch(str(directory), manifest.base_model, expected_model)
     tensors_path = directory / TENSORS_FILE
     if not tensors_path.is_file():
         raise ArtifactError(f"missing {tensors_path}")

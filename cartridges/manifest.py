@@ -34,8 +34,9 @@ class ModelFingerprint(BaseModel):
     rope_scaling: dict[str, Any] | None = None
     rope_parameters: dict[str, Any] | None = None  # every RoPE setting; None in manifests written before it existed
 
-    def mismatches(self, other: ModelFingerprint) -> list[str]:
-        """Human-readable differences (empty when compatible); ``model_id`` is a label, not identity.
+    def mismatches(self, other: ModelFingerprint, width: int | None = None) -> list[str]:
+        """Human-readable differences (empty when compatible); ``model_id`` is a label, not identity. With
+        ``width``, each value is cut to that many characters (a hash prefix tells two models apart as well).
 
         The rope settings are compared on their own: ``weights_sha256`` hashes the weight files only, and the same
         weights served under another RoPE scaling rotate keys differently from the cartridge's stored keys.
@@ -52,8 +53,32 @@ class ModelFingerprint(BaseModel):
         if self.rope_parameters is not None and other.rope_parameters is not None:
             fields += ("rope_parameters",)
         return [
-            f"{f}: {getattr(self, f)} != {getattr(other, f)}" for f in fields if getattr(self, f) != getattr(other, f)
+            f"{f}: {_cut(getattr(self, f), width)} != {_cut(getattr(other, f), width)}"
+            for f in fields
+            if getattr(self, f) != getattr(other, f)
         ]
+
+
+def _cut(value: object, width: int | None) -> str:
+    text = str(value)
+    return text if width is None or len(text) <= width else f"{text[:width]}..."
+
+
+class ModelMismatch(ArtifactError):
+    """A cartridge for another base model. It carries both fingerprints, so a caller can say which model to load
+    (the CLI names its ``--model``); the message itself names no remedy, which depends on the caller."""
+
+    def __init__(self, where: str, trained_for: ModelFingerprint, loaded: ModelFingerprint) -> None:
+        self.trained_for, self.loaded = trained_for, loaded
+        super().__init__(f"{where}: {self.summary()}")
+
+    def summary(self, width: int | None = None) -> str:
+        """The message without where the cartridge was loaded from; ``width`` cuts long values (hashes)."""
+        differences = "; ".join(self.trained_for.mismatches(self.loaded, width))
+        return (
+            f"cartridge was trained for {self.trained_for.model_id}, not the loaded {self.loaded.model_id} "
+            f"({differences})"
+        )
 
 
 class Quantization(BaseModel):

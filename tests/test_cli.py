@@ -18,7 +18,8 @@ from _cartridge_store import publish, random_cartridge
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout
-from cartridges.cli import main, parser
+from cartridges.cli import main
+from cartridges.cli.app import parser
 from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_NOT_FOUND,
@@ -260,6 +261,23 @@ def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
     assert json.loads(out)["training"]["resumed_from_step"] == 4
 
 
+def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C while the command starts (its own modules, then torch, transformers and triton importing) or later
+    while it trains: the interrupt exit code and its line, never a traceback, an abort or a death by SIGINT. The
+    delays only spread the signal over the start; whichever moment each lands in, the outcome must be the same."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = [sys.executable, "-m", "cartridges.cli", "train", "long", str(corpus_dir), "--model", "tiny"]
+    argv += ["--store", store, "--steps", "100000"]
+    for delay in (0.3, 1.0, 2.0, 3.0, 4.5):
+        command = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        command.send_signal(signal.SIGINT)
+        _, err = command.communicate(timeout=120)
+        assert command.returncode == 130, (delay, err)
+        assert err.splitlines()[-1].startswith("cartridges: interrupted"), (delay, err)
+        assert not any(text in err for text in ("Traceback", "nanobind", "Aborted", "KeyboardInterrupt")), (delay, err)
+
+
 def test_eval_table_json_and_plot(
     trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -419,6 +437,30 @@ def test_quantize_refuses_a_generation_with_infinite_values(
     code, _, err = cli(capsys, "quantize", "blown", "--store", store)
     assert code == EXIT_INPUT and "blown generation 1: cannot quantize" in err and "retrain" in err
     one_line_error(err)
+
+
+def test_quantize_a_stored_generation_that_is_not_the_promoted_one(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, fp = f"file://{tmp_path / 'store'}", tiny_model.fingerprint
+    for generation in (1, 2):  # 2 is promoted
+        cartridge = random_cartridge(fp, 4, seed=generation)
+        publish(open_store(store), store, "default", "multi", cartridge, fp, generation=generation)
+    code, out, _ = cli(capsys, "quantize", "multi", "--generation", "1", "--store", store, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["generation"] == 3 and info["quantizedFrom"] == 1 and info["dtype"] == "int8"
+    code, _, err = cli(capsys, "quantize", "multi", "--generation", "7", "--store", store)
+    assert code == EXIT_NOT_FOUND and "'multi' has no generation 7; stored: 1, 2, 3" in err
+    one_line_error(err)
+    open_store(store).put_json(f"{layout.generation_prefix(store, 'default', 'multi', 4)}/progress.json", {})
+    code, _, err = cli(capsys, "quantize", "multi", "--generation", "4", "--store", store)
+    assert code == EXIT_NOT_FOUND and "g4 (still training, or its training failed) has no manifest" in err
+    code, _, err = cli(capsys, "quantize", "nothing", "--generation", "1", "--store", store)
+    assert code == EXIT_NOT_FOUND and "unknown cartridge 'nothing'" in err
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as raised:
+            main(["quantize", "multi", "--generation", bad, "--store", store])
+        assert raised.value.code == EXIT_USAGE and "a number from 1 up" in capsys.readouterr().err
 
 
 def test_quantize_promotes_an_int8_generation_that_eval_reads(
@@ -877,7 +919,29 @@ def test_a_cartridge_for_another_model_is_named_not_its_download_directory(
     code, _, err = cli(capsys, *argv)
     assert code == EXIT_INPUT and "cartridge 'lighthouse' g" in err and "was trained for" in err
     assert "/cartridges-" not in err  # no temporary directory
+    assert err.rstrip().endswith("; pass --model tiny")  # what it was trained with (--model tiny), named
     one_line_error(err)
+
+
+def test_a_cartridge_for_another_model_says_which_model_to_pass(tmp_path: Path, tiny_model: LoadedModel) -> None:
+    """One of the CLI's models by its --model name, any other as a path to the model it records; the differing
+    hashes stay, cut short."""
+    store = f"file://{tmp_path / 'store'}"
+    loaded = tiny_llama(seed=2).fingerprint
+    cases = {
+        "for-tiny": (tiny_model.fingerprint, "; pass --model tiny"),
+        "for-other": (
+            tiny_llama(seed=1).fingerprint,
+            "; pass --model PATH: the tiny-llama-seed1 model it was trained for (an HF directory or .gguf)",
+        ),
+    }
+    for name, (fp, hint) in cases.items():
+        publish(open_store(store), store, "default", name, random_cartridge(fp, 4, seed=1), fp)
+        with pytest.raises(CLIError) as raised:
+            load(open_store(store), find(open_store(store), store, "default", name), tiny_llama(seed=2))
+        message = str(raised.value)
+        assert raised.value.code == EXIT_INPUT and message.endswith(hint), message
+        assert f"weights_sha256: {fp.weights_sha256[:16]}... != {loaded.weights_sha256[:16]}..." in message, message
 
 
 def test_importing_a_text_file_says_what_to_give(

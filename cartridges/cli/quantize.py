@@ -12,6 +12,7 @@ from cartridges.cli.common import (
     add_command,
     check_name,
     find,
+    generation_options,
     human_bytes,
     open_store,
     print_json,
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     name = check_name(args.name)
     store = open_store(args.store)
-    source = find(store, args.store, args.namespace, name)
+    source = find(store, args.store, args.namespace, name, args.generation)
     if source.manifest.quantization is not None:
         raise CLIError(
             f"{name} generation {source.pointer.generation} is already stored in {source.manifest.dtype}; "
@@ -65,12 +66,17 @@ def register(commands: argparse._SubParsersAction) -> None:
         commands,
         "quantize",
         summary="store a promoted cartridge in int8 or fp8 as a new generation",
-        description="Quantize the promoted generation of a cartridge (absmax scales, keys per channel and values "
-        "per token by default) and promote the result as a new generation: one byte per element, half the "
-        "bytes of bf16 to store and for the attention kernels to read, which dequantize on load. For a local "
+        description="Quantize the promoted generation of a cartridge, or the stored one --generation names "
+        "(absmax scales, keys per channel and values per token by default), and promote the result as a new "
+        "generation: one byte per element, half the bytes of bf16 to store and for the attention kernels to "
+        "read, which dequantize on load. For a local "
         "store; in a cluster set spec.quantization on the Cartridge, so the trainer stores and scores it.",
-        examples=("cartridges quantize handbook", "cartridges quantize handbook --format fp8 --json"),
-        parents=[store_options()],
+        examples=(
+            "cartridges quantize handbook",
+            "cartridges quantize handbook --format fp8 --json",
+            "cartridges quantize handbook --generation 2",
+        ),
+        parents=[store_options(), generation_options()],
     )
     parser.add_argument("name", help="the cartridge to quantize")
     parser.add_argument("--format", choices=["int8", "fp8"], default="int8", help="stored format (default: int8)")
