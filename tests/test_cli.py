@@ -481,6 +481,13 @@ def test_quantize_promotes_an_int8_generation_that_eval_reads(
     assert info["bytes"] < dense_bytes / 2  # one byte per element (plus scales) instead of four
     code, out, _ = cli(capsys, "ls", "--store", store, "--json")
     assert [(c["generation"], c["dtype"]) for c in json.loads(out)] == [(2, "int8")]
+    code, out, _ = cli(capsys, *evaluate, "--generation", "1")  # the dense one, no longer promoted
+    assert code == 0 and json.loads(out)["rows"][2]["kv_bytes"] == dense_kv
+    for generation, dtype in ((None, "int8"), ("1", "float32")):
+        which = ["--generation", generation] if generation else []
+        code, out, _ = cli(capsys, "inspect", "dense", "--store", store, "--json", *which)
+        shown = json.loads(out)
+        assert code == 0 and (shown["generation"], shown["dtype"]) == (int(generation or 2), dtype)
     code, out, _ = cli(capsys, *argv, "--quantization", "int8", "--json")  # what it holds: nothing to train
     assert code == 0 and json.loads(out)["trained"] is False
     code, _, err = cli(capsys, "quantize", "dense", "--store", store, "--format", "fp8")

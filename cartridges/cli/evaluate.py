@@ -24,6 +24,7 @@ from cartridges.cli.common import (
     add_command,
     check_name,
     find,
+    generation_options,
     human_bytes,
     load,
     load_model,
@@ -189,12 +190,14 @@ def evaluate_stored(
     lm: LoadedModel,
     pairs: list[QA],
     corpus: tuple[str, str] | None = None,
+    generation: int | None = None,
 ) -> list[Row]:
-    """The conditions on ``pairs``; ICL on ``corpus`` (description, text) when given, else on the corpus the
-    cartridge was trained on, else (an imported cartridge) no ICL row."""
+    """The conditions on ``pairs`` for the promoted generation (or the stored ``generation``); ICL on ``corpus``
+    (description, text) when given, else on the corpus the cartridge was trained on, else (an imported cartridge)
+    no ICL row."""
     from cartridges.cli.scoring import compare
 
-    stored = find(store, root, namespace, name)
+    stored = find(store, root, namespace, name, generation)
     if corpus is None and records_its_corpus(stored):
         corpus = corpus_of(store, root, namespace, stored)
     description, text = corpus or (str(stored.manifest.training.get("corpus_description") or name), None)
@@ -205,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     name = check_name(args.name)
     pairs = read_qa(args.qa)
     store = open_store(args.store)
-    stored = find(store, args.store, args.namespace, name)  # fail on an unknown cartridge before loading the model
+    stored = find(store, args.store, args.namespace, name, args.generation)  # fail before loading the model
     corpus = given_corpus(args.corpus, args.description) if args.corpus else None
     if corpus is None and not records_its_corpus(stored):
         print(
@@ -214,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     lm = load_model(args.model, store)
-    rows = evaluate_stored(store, args.store, args.namespace, name, lm, pairs, corpus)
+    rows = evaluate_stored(store, args.store, args.namespace, name, lm, pairs, corpus, args.generation)
     if args.json:  # the results first: a plot that fails to save must not lose them
         print_json({"cartridge": name, "questions": len(pairs), "rows": [asdict(r) for r in rows]})
     else:
@@ -236,9 +239,10 @@ def register(commands: argparse._SubParsersAction) -> None:
             "cartridges eval handbook --qa questions.jsonl",
             "cartridges eval handbook --qa questions.jsonl --plot eval.png --json",
             "cartridges eval imported --qa questions.jsonl --corpus docs/   # ICL on docs/ for an imported one",
+            "cartridges eval handbook --qa questions.jsonl --generation 1   # an earlier generation",
             'questions.jsonl holds one {"question": "...", "answer": "..."} per line',
         ),
-        parents=[store_options(), model_options()],
+        parents=[store_options(), model_options(), generation_options()],
     )
     parser.add_argument("name", help="the cartridge to evaluate")
     parser.add_argument("--qa", type=Path, required=True, help="JSON lines of question/answer pairs")

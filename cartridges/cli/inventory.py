@@ -12,6 +12,7 @@ from cartridges.cli.common import (
     add_command,
     check_name,
     find,
+    generation_options,
     human_bytes,
     names,
     open_store,
@@ -85,7 +86,7 @@ def _progress(store: Store, prefix: str) -> dict[str, Any] | None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     store = open_store(args.store)
-    stored = find(store, args.store, args.namespace, check_name(args.name))
+    stored = find(store, args.store, args.namespace, check_name(args.name), args.generation)
     info = {
         **describe(stored),
         "training": stored.manifest.training,
@@ -131,9 +132,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         commands,
         "inspect",
         summary="show one cartridge's manifest, scores and training",
-        description="Show a promoted cartridge: artifact, base model fingerprint, corpus, scores, training spec.",
-        examples=("cartridges inspect handbook", "cartridges inspect handbook --json | jq .scores"),
-        parents=[store_options()],
+        description="Show a promoted cartridge, or the stored generation --generation names: artifact, base model "
+        "fingerprint, corpus, scores, training spec.",
+        examples=(
+            "cartridges inspect handbook",
+            "cartridges inspect handbook --json | jq .scores",
+            "cartridges inspect handbook --generation 1",
+        ),
+        parents=[store_options(), generation_options()],
     )
     parser.add_argument("name", help="the cartridge to show")
     parser.add_argument("--json", action="store_true", help="print everything as JSON")
