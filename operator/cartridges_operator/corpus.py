@@ -91,9 +91,10 @@ def _read_failed(
     holds nothing back and stays Ready."""
     reason, may_pass = _failure(err)
     message = redacted(str(err))
-    conditions = set_condition(conditions, SOURCES_READ, False, reason, message, generation)
     if not may_pass:
+        conditions = set_condition(conditions, SOURCES_READ, False, reason, message, generation)
         return _not_ready(status, conditions, reason, message, generation)
+    conditions = _unavailable(conditions, reason, message, generation)
     since = next(c["lastTransitionTime"] for c in conditions if c["type"] == SOURCES_READ)
     current = is_true(conditions, "Ready") and status.get("digest") and status.get("observedGeneration") == generation
     if current or seconds_since(since) < stall_after_s:
@@ -101,6 +102,34 @@ def _read_failed(
     return _not_ready(
         status, conditions, reason, f"{message}; sources unreadable since {since}, still retried", generation
     )
+
+
+def _unavailable(conditions: list[dict[str, Any]], reason: str, message: str, generation: int) -> list[dict[str, Any]]:
+    """SourcesRead=False for a failure that may pass, its lastTransitionTime the start of this spec's sources being
+    unavailable: kept from a previous such failure of the same generation, else now (after a source to fix, under
+    an earlier spec, or a time that does not parse), so the stall counts only what this spec has waited."""
+    previous = next((c for c in conditions if c.get("type") == SOURCES_READ), {})
+    ongoing = (
+        previous.get("status") == "False"
+        and previous.get("reason") in MAY_PASS
+        and previous.get("observedGeneration") == generation
+        and _parses(previous.get("lastTransitionTime"))
+    )
+    if not ongoing:
+        conditions = [c for c in conditions if c.get("type") != SOURCES_READ]
+    return set_condition(conditions, SOURCES_READ, False, reason, message, generation)
+
+
+def _parses(timestamp: Any) -> bool:
+    try:
+        seconds_since(timestamp)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+MAY_PASS = frozenset({"SourceUnavailable", "StoreUnavailable"})
+"""The reasons ``_failure`` gives a read failure that may pass by itself."""
 
 
 def _failure(err: Exception) -> tuple[str, bool]:

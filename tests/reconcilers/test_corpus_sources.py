@@ -212,6 +212,31 @@ def test_sources_unavailable_for_longer_than_stall_after_stall_what_they_hold_ba
     assert held["digest"] == stored["digest"] and held["observedGeneration"] == 2
 
 
+@pytest.mark.parametrize(
+    "before",
+    [
+        {"reason": "InvalidSource", "observedGeneration": 2},  # a source to fix for hours, then one 503
+        {"reason": "SourceUnavailable", "observedGeneration": 1},  # down for long under the spec before this one
+        {"reason": "SourceUnavailable", "observedGeneration": 2, "lastTransitionTime": None},  # hand-edited
+        {"reason": "SourceUnavailable", "observedGeneration": 2, "lastTransitionTime": "yesterday"},
+    ],
+)
+def test_the_stall_clock_starts_with_the_first_failure_that_may_pass_of_this_spec(
+    web_server: WebPage, tmp_path: Path, before: dict[str, Any]
+) -> None:
+    """The time counted towards ``stall_after_s`` is that of this spec's sources being unavailable, not of
+    SourcesRead being False: a Corpus fixed after a long InvalidSource, or whose spec changed while its old source
+    was down, is not stalled by the first 503 of its new spec; a time that does not parse starts the clock anew."""
+    web_server.status = 503
+    corpus = {"description": "d", "sources": [{"http": {"url": web_server.url}}]}
+    unread = {"type": "SourcesRead", "status": "False", "message": "m", "lastTransitionTime": "2000-01-01T00:00:00Z"}
+    status = {"observedGeneration": 1, "conditions": [{**unread, **before}]}
+    read = reconcile_corpus(corpus, status, "ns", "c", 2, Store(), f"file://{tmp_path}/store", CorpusLimits())
+    assert stalled(read)["status"] == "False", stalled(read)["message"]
+    assert condition(read, "SourcesRead")["reason"] == "SourceUnavailable"
+    assert condition(read, "SourcesRead")["lastTransitionTime"].startswith(str(time.gmtime().tm_year))
+
+
 def test_tokens_are_counted_with_the_named_tokenizer(tmp_path: Path) -> None:
     tokenizer = tiny_llama().tokenizer  # byte-level: one token per UTF-8 byte
     tokenizer.save_pretrained(tmp_path / "model")
