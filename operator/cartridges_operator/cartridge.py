@@ -86,6 +86,8 @@ def _reconcile(run: Pass) -> dict[str, Any]:
     if corpora is None:
         return run.status
     trainer = _current_generation(run, corpora)
+    if "promoted" not in run.status and run.status.get("artifact"):  # written before status.promoted existed
+        _record_promoted(run, _read_pointer(run))
     job = kube.get_job(run.namespace, manifests.job_name(run.name, trainer.generation))
     trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
     if not trained:

@@ -183,7 +183,8 @@ def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_genera
 ) -> None:
     """The pass that verified and promoted generation 2 lost its status write (the operator killed right after the
     pointer write), and a training input changed before the next pass: while generation 3 trains, status.artifact,
-    status.evaluation and status.promoted describe generation 2, the one served, not generation 1."""
+    status.evaluation and status.promoted describe generation 2, the one served, not generation 1. A status without
+    status.promoted (written before it existed) gets it from current.json in the next pass, training or not."""
     env = operator_env
     second_prefix = layout.generation_prefix(env.store_root, env.namespace, "lapse", 2)
     env.create("corpora", "lapse", {"description": "d", "sources": [{"inline": "Fact one."}]})
@@ -210,6 +211,12 @@ def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_genera
     assert pointer["generation"] == 2 and training["artifact"] == second["artifact"]
     assert training["evaluation"] == second["evaluation"] and training["promoted"] == second["promoted"]
     assert training["promoted"]["generation"] == 2
+    with env.stopped():  # a status an operator from before status.promoted wrote, while generation 3 trains
+        env.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse", {"status": {"promoted": None}}
+        )
+    wait_for("status.promoted read back", lambda: status(env, "lapse").get("promoted") == second["promoted"], 30)
+    assert status(env, "lapse")["generation"] == 3
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse")
     wait_for("cartridge deleted, its trainer stopped", lambda: env.get("cartridges", "lapse") is None, 60)
 
