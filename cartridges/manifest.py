@@ -36,7 +36,7 @@ class ModelFingerprint(BaseModel):
 
     def mismatches(self, other: ModelFingerprint, width: int | None = None) -> list[str]:
         """Human-readable differences (empty when compatible); ``model_id`` is a label, not identity. With
-        ``width``, each value is cut to that many characters (a hash prefix tells two models apart as well).
+        ``width``, long strings are cut to that many characters (a hash prefix tells two models apart as well).
 
         The rope settings are compared on their own: ``weights_sha256`` hashes the weight files only, and the same
         weights served under another RoPE scaling rotate keys differently from the cartridge's stored keys.
@@ -53,15 +53,24 @@ class ModelFingerprint(BaseModel):
         if self.rope_parameters is not None and other.rope_parameters is not None:
             fields += ("rope_parameters",)
         return [
-            f"{f}: {_cut(getattr(self, f), width)} != {_cut(getattr(other, f), width)}"
+            _difference(f, getattr(self, f), getattr(other, f), width)
             for f in fields
             if getattr(self, f) != getattr(other, f)
         ]
 
 
+def _difference(name: str, mine: Any, theirs: Any, width: int | None) -> str:
+    """``name: mine != theirs``; of two settings dicts, only the keys that differ (whole dicts cut short could read
+    the same), and with ``width`` long strings (hashes) cut to that many characters."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        return f"{name}: " + ", ".join(f"{k} {mine.get(k)} != {theirs.get(k)}" for k in keys)
+    return f"{name}: {_cut(mine, width)} != {_cut(theirs, width)}"
+
+
 def _cut(value: object, width: int | None) -> str:
     text = str(value)
-    return text if width is None or len(text) <= width else f"{text[:width]}..."
+    return text if width is None or not isinstance(value, str) or len(text) <= width else f"{text[:width]}..."
 
 
 class ModelMismatch(ArtifactError):

@@ -278,6 +278,43 @@ def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path
         assert not any(text in err for text in ("Traceback", "nanobind", "Aborted", "KeyboardInterrupt")), (delay, err)
 
 
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(corpus_dir: Path, tmp_path: Path) -> None:
+    """``cartridges train ... &`` in a script starts with SIGINT ignored: Ctrl-C on the script must not stop it."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = [sys.executable, "-m", "cartridges.cli", "train", "bg", str(corpus_dir), "--model", "tiny", "--store", store]
+    ignoring = subprocess.Popen([*argv, "--steps", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    for delay in (0.3, 1.0, 2.0):
+        time.sleep(delay)
+        ignoring.send_signal(signal.SIGINT)
+    _, err = ignoring.communicate(timeout=120)
+    assert ignoring.returncode == 0, err
+
+
+def test_a_second_ctrl_c_interrupts_an_import_that_hangs(tmp_path: Path) -> None:
+    """Ctrl-C is held back while an import runs, but not for ever: pressed again, it interrupts."""
+    (tmp_path / "hangs.py").write_text(
+        "import time\nprint('importing', flush=True)\nwhile True:\n    time.sleep(0.01)\n"
+    )
+    script = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from cartridges.cli import _interrupts_outside_imports\n"
+        "with _interrupts_outside_imports():\n"
+        "    try:\n"
+        "        import hangs\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+    )
+    command = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert command.stdout is not None and command.stdout.readline() == "importing\n"
+    command.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # ten retries' worth: each finds the import still running and holds the interrupt back again
+    assert command.poll() is None
+    command.send_signal(signal.SIGINT)
+    out, _ = command.communicate(timeout=30)
+    assert out == "interrupted\n" and command.returncode == 0
+
+
 def test_eval_table_json_and_plot(
     trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -949,6 +986,25 @@ def test_a_cartridge_for_another_model_says_which_model_to_pass(tmp_path: Path, 
         message = str(raised.value)
         assert raised.value.code == EXIT_INPUT and message.endswith(hint), message
         assert f"weights_sha256: {fp.weights_sha256[:16]}... != {loaded.weights_sha256[:16]}..." in message, message
+
+
+def test_a_cartridge_for_the_same_model_under_other_rope_settings_says_which_settings(
+    tmp_path: Path, tiny_model: LoadedModel
+) -> None:
+    """Only the RoPE settings differ: the message names the setting that differs (whole dicts cut short read the
+    same) and does not send the user to the model already loaded, by name or by path."""
+    store = f"file://{tmp_path / 'store'}"
+    loaded = tiny_model.fingerprint
+    scaled = {**(loaded.rope_parameters or {}), "rope_type": "linear", "factor": 4.0}
+    fp = loaded.model_copy(update={"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "rope_parameters": scaled})
+    publish(open_store(store), store, "default", "scaled", random_cartridge(fp, 4, seed=1), fp)
+    with pytest.raises(CLIError) as raised:
+        load(open_store(store), find(open_store(store), store, "default", "scaled"), tiny_model)
+    message = str(raised.value)
+    assert "rope_parameters: factor 4.0 != None, rope_type linear != default" in message, message
+    assert "rope_scaling: {'rope_type': 'linear', 'factor': 4.0} != None" in message, message
+    assert message.endswith(f"the loaded {loaded.model_id} is not the one it was trained with: pass --model PATH "
+                            "to that exact model"), message  # fmt: skip
 
 
 def test_importing_a_text_file_says_what_to_give(

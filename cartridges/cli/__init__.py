@@ -45,24 +45,43 @@ def _interrupts_outside_imports() -> Iterator[None]:
     reports a misleading import error (exit 1), and extension modules interrupted in their initialization can
     abort the interpreter as it exits (nanobind, exit 134). So the handler holds the interrupt back while any
     import is on the stack and tries again shortly after: one handler covers every lazy import, where wrapping
-    the heavy imports one by one would miss the next one added. Only the main thread can set a handler; the
-    previous one comes back afterwards, so callers in-process keep theirs."""
-    if threading.current_thread() is not threading.main_thread():
+    the heavy imports one by one would miss the next one added. A second Ctrl-C while one is held back interrupts
+    at once (an import that hangs must not make the command unstoppable). Only the main thread can set a handler,
+    and a command started with Ctrl-C ignored (``cmd &`` in a script) keeps ignoring it; the previous handler
+    comes back afterwards, so callers in-process keep theirs."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
         yield
         return
-    previous = signal.signal(signal.SIGINT, _interrupt_outside_imports)
+    signal.signal(signal.SIGINT, _HeldInterrupts())
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
-def _interrupt_outside_imports(signum: int, frame: FrameType | None) -> None:
-    if not _held_back(frame):
-        raise KeyboardInterrupt
-    retry = threading.Timer(HELD_INTERRUPT_RETRY_S, os.kill, (os.getpid(), signum))
-    retry.daemon = True
-    retry.start()
+class _HeldInterrupts:
+    """The SIGINT handler: KeyboardInterrupt, unless an import runs (see ``_interrupts_outside_imports``)."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.retrying = False  # set by the retry timer just before it sends the held signal again
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        insisted = self.holding and not self.retrying
+        self.retrying = False
+        if insisted or not _held_back(frame):
+            self.holding = False
+            raise KeyboardInterrupt
+        if not self.holding:  # one retry timer at a time
+            self.holding = True
+            retry = threading.Timer(HELD_INTERRUPT_RETRY_S, self._retry, (signum,))
+            retry.daemon = True
+            retry.start()
+
+    def _retry(self, signum: int) -> None:
+        self.retrying, self.holding = True, False
+        os.kill(os.getpid(), signum)
 
 
 def _held_back(frame: FrameType | None) -> bool:

@@ -166,8 +166,10 @@ def model_hint(err: ModelMismatch) -> str:
     """The ``--model`` a cartridge for another base model needs: one of ``MODELS`` when it was trained for one
     (and not the one loaded), else the model it records, which only a path can give."""
     trained_for = err.trained_for.model_id
+    if trained_for == err.loaded.model_id:
+        return f"the loaded {trained_for} is not the one it was trained with: pass --model PATH to that exact model"
     name = next((n for n, model_id in MODEL_IDS.items() if model_id == trained_for), None)
-    if name is not None and trained_for != err.loaded.model_id:
+    if name is not None:
         return f"pass --model {name}"
     return f"pass --model PATH: the {trained_for} model it was trained for (an HF directory or .gguf)"
 
