@@ -483,9 +483,10 @@ def test_quantize_a_stored_generation_that_is_not_the_promoted_one(
     for generation in (1, 2):  # 2 is promoted
         cartridge = random_cartridge(fp, 4, seed=generation)
         publish(open_store(store), store, "default", "multi", cartridge, fp, generation=generation)
-    code, out, _ = cli(capsys, "quantize", "multi", "--generation", "1", "--store", store, "--json")
+    code, out, err = cli(capsys, "quantize", "multi", "--generation", "1", "--store", store, "--json")
     info = json.loads(out)
     assert code == 0 and info["generation"] == 3 and info["quantizedFrom"] == 1 and info["dtype"] == "int8"
+    assert "multi: generation 3 (from 1) is promoted in place of generation 2" in err
     code, _, err = cli(capsys, "quantize", "multi", "--generation", "7", "--store", store)
     assert code == EXIT_NOT_FOUND and "'multi' has no generation 7; stored: 1, 2, 3" in err
     one_line_error(err)
@@ -525,6 +526,7 @@ def test_quantize_promotes_an_int8_generation_that_eval_reads(
         code, out, _ = cli(capsys, "inspect", "dense", "--store", store, "--json", *which)
         shown = json.loads(out)
         assert code == 0 and (shown["generation"], shown["dtype"]) == (int(generation or 2), dtype)
+        assert shown["promoted"] is (generation is None)
     code, out, _ = cli(capsys, *argv, "--quantization", "int8", "--json")  # what it holds: nothing to train
     assert code == 0 and json.loads(out)["trained"] is False
     code, _, err = cli(capsys, "quantize", "dense", "--store", store, "--format", "fp8")

@@ -84,18 +84,30 @@ def _progress(store: Store, prefix: str) -> dict[str, Any] | None:
         return None
 
 
+def _promoted(store: Store, root: str, namespace: str, name: str) -> Stored | None:
+    """The promoted generation, None when none is (every generation stored is still training or failed)."""
+    try:
+        return find(store, root, namespace, name)
+    except CLIError:
+        return None
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     store = open_store(args.store)
-    stored = find(store, args.store, args.namespace, check_name(args.name), args.generation)
+    name = check_name(args.name)
+    stored = find(store, args.store, args.namespace, name, args.generation)
+    promoted = stored if args.generation is None else _promoted(store, args.store, args.namespace, name)
     info = {
         **describe(stored),
+        "promoted": promoted is not None and promoted.pointer.generation == stored.pointer.generation,
         "training": stored.manifest.training,
         "progress": _progress(store, stored.pointer.prefix),
     }
     if args.json:
         print_json(info)
         return 0
-    for key in ("name", "generation", "prefix", "p", "frozenTokens", "dtype", "sha256", "baseModel", "corpusDigest"):
+    keys = ("name", "generation", "promoted", "prefix", "p", "frozenTokens", "dtype", "sha256", "baseModel")
+    for key in (*keys, "corpusDigest"):
         print(f"{key + ':':<15} {info[key]}")
     print(f"{'size:':<15} {human_bytes(info['bytes'])}")
     scores = info["scores"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     name = check_name(args.name)
     store = open_store(args.store)
     source = find(store, args.store, args.namespace, name, args.generation)
+    replaced = find(store, args.store, args.namespace, name).pointer.generation if args.generation else None
     if source.manifest.quantization is not None:
         raise CLIError(
             f"{name} generation {source.pointer.generation} is already stored in {source.manifest.dtype}; "
@@ -49,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
     stored = publish_generation(
         store, args.store, args.namespace, name, quantized, manifest.base_model, training, manifest.corpus_digest
     )
+    if replaced not in (None, source.pointer.generation):  # what is served changes to an earlier generation's text
+        print(
+            f"{name}: generation {stored.pointer.generation} (from {source.pointer.generation}) is promoted in place "
+            f"of generation {replaced}",
+            file=sys.stderr,
+        )
     if args.json:
         print_json({**describe(stored), "quantizedFrom": source.pointer.generation})
         return 0
