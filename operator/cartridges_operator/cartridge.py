@@ -117,12 +117,20 @@ def _reconcile(run: Pass) -> dict[str, Any]:
             return _record_failure(run, job)
         if not _verify_and_record(run, trainer):
             return run.status
-    current = _read_pointer(run)  # once a pass: what the gate says stays promoted, and what _promote compares
-    if not _passes_quality_gate(run, trainer.generation, current):
+    if not _gate_and_promote(run, trainer):
         return run.status
-    _promote(run, trainer, current)
     _prune(run, trainer.generation)
     return _serve(run)
+
+
+def _gate_and_promote(run: Pass, trainer: TrainerConfig) -> bool:
+    """Promote the verified generation unless the quality gate holds it back (False). The pointer is read once:
+    what the gate says stays promoted, and what ``_promote`` compares with."""
+    current = _read_pointer(run)
+    if not _passes_quality_gate(run, trainer.generation, current):
+        return False
+    _promote(run, trainer, current)
+    return True
 
 
 def _why_not_ready(corpus: dict[str, Any] | None) -> str:

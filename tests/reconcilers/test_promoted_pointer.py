@@ -49,12 +49,8 @@ def promoted(root: str, generation: int) -> dict[str, Any]:
 
 
 def gate_pass(run: cartridge.Pass, generation: int) -> bool:
-    """What a pass does after verifying ``generation``: read the pointer once, then hold back or promote."""
-    current = cartridge._read_pointer(run)
-    if not cartridge._passes_quality_gate(run, generation, current):
-        return False
-    cartridge._promote(run, trainer_of(run, generation), current)
-    return True
+    """What a pass does after verifying ``generation``: hold it back or promote it."""
+    return cartridge._gate_and_promote(run, trainer_of(run, generation))
 
 
 def ready(run: cartridge.Pass) -> dict[str, Any]:
