@@ -84,7 +84,7 @@ def reconcile_cartridge(
 def _reconcile(run: Pass) -> dict[str, Any]:
     corpora = _ready_corpora(run)
     if corpora is None:
-        return run.status
+        return _serve_while_waiting(run)
     trainer = _current_generation(run, corpora)
     if "promoted" not in run.status and run.status.get("artifact"):  # written before status.promoted existed
         _record_promoted(run, _read_pointer(run))
@@ -131,6 +131,19 @@ def _gate_and_promote(run: Pass, trainer: TrainerConfig) -> bool:
         return False
     _promote(run, trainer, current)
     return True
+
+
+def _serve_while_waiting(run: Pass) -> dict[str, Any]:
+    """A Cartridge waiting for its corpora keeps serving its promoted generation, and a change of its spec.serving
+    is applied meanwhile (scaled down or disabled: a broken Corpus must not pin the GPUs it holds). Ready and
+    Stalled keep saying what it waits for; Serving says how serving goes."""
+    if not run.status.get("promoted"):
+        return run.status
+    waiting = [c for c in run.status["conditions"] if c["type"] in ("Ready", "Stalled")]
+    _serve(run)
+    run.status["conditions"] = [c for c in run.status["conditions"] if c["type"] not in ("Ready", "Stalled")]
+    run.status["conditions"] += waiting
+    return run.status
 
 
 def _why_not_ready(corpus: dict[str, Any] | None) -> str:

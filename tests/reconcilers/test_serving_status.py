@@ -9,7 +9,7 @@ import pytest
 from cartridges import api
 from cartridges.store import Store
 from cartridges_operator import kube
-from cartridges_operator.cartridge import Pass, _serve
+from cartridges_operator.cartridge import Pass, _reconcile, _serve
 from cartridges_operator.config import OperatorConfig
 
 NAMESPACE = "team-a"
@@ -54,3 +54,23 @@ def test_a_replica_asked_for_and_not_ready_is_waited_for(applied: list[dict[str,
     status = _serve(promoted(replicas=1))
     assert condition(status, "Serving")["reason"] == "ServingNotReady"
     assert condition(status, "Ready")["status"] == "False"
+
+
+def test_a_cartridge_waiting_for_its_corpus_keeps_serving_and_takes_serving_changes(
+    applied: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its Corpus broken (or deleted), a promoted Cartridge still serves, and a change of spec.serving (scaled down
+    to free GPUs, or disabled) is applied meanwhile; Ready stays False with the reason it waits for. One never
+    promoted has nothing to serve."""
+    monkeypatch.setattr(kube, "get_corpus", lambda namespace, name: None)
+    run = promoted(replicas=0)
+    run.status["promoted"] = {"generation": 1, "uri": "file:///unused/g1/cartridge.safetensors", "sha256": "ab"}
+    status = _reconcile(run)
+    assert applied[0]["kind"] == "Deployment" and applied[0]["spec"]["replicas"] == 0
+    assert condition(status, "Serving")["reason"] == "ScaledToZero"
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "WaitingForCorpus") and "Corpus c" in ready["message"]
+    assert condition(status, "Stalled")["status"] == "False"
+    applied.clear()
+    never = _reconcile(promoted(replicas=0))
+    assert applied == [] and condition(never, "Ready")["reason"] == "WaitingForCorpus"
