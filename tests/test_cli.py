@@ -297,13 +297,15 @@ def test_a_second_ctrl_c_interrupts_an_import_that_hangs(tmp_path: Path) -> None
         "import time\nprint('importing', flush=True)\nwhile True:\n    time.sleep(0.01)\n"
     )
     script = (
-        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        f"import sys, time; sys.path.insert(0, {str(tmp_path)!r})\n"
         "from cartridges.cli import _interrupts_outside_imports\n"
         "with _interrupts_outside_imports():\n"
         "    try:\n"
         "        import hangs\n"
         "    except KeyboardInterrupt:\n"
         "        print('interrupted', flush=True)\n"
+        "time.sleep(0.5)\n"  # no retry of the interrupt held back may land here
+        "print('done', flush=True)\n"
     )
     command = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert command.stdout is not None and command.stdout.readline() == "importing\n"
@@ -312,7 +314,36 @@ def test_a_second_ctrl_c_interrupts_an_import_that_hangs(tmp_path: Path) -> None
     assert command.poll() is None
     command.send_signal(signal.SIGINT)
     out, _ = command.communicate(timeout=30)
-    assert out == "interrupted\n" and command.returncode == 0
+    assert out == "interrupted\ndone\n" and command.returncode == 0
+
+
+def test_ctrl_c_in_a_finalizer_waits_for_it_without_a_traceback(tmp_path: Path) -> None:
+    """An interrupt raised in ``__del__`` would be printed and dropped: even pressed twice, it waits until the
+    finalizer is done, then interrupts the command."""
+    script = (
+        "import time\n"
+        "from cartridges.cli import _interrupts_outside_imports\n"
+        "class Slow:\n"
+        "    def __del__(self):\n"
+        "        print('finalizing', flush=True)\n"
+        "        time.sleep(1.0)\n"
+        "with _interrupts_outside_imports():\n"
+        "    try:\n"
+        "        slow = Slow()\n"
+        "        del slow\n"
+        "        time.sleep(30)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+    )
+    command = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert command.stdout is not None and command.stdout.readline() == "finalizing\n"
+    for _ in range(2):
+        command.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+    out, err = command.communicate(timeout=30)
+    assert (out, err, command.returncode) == ("interrupted\n", "", 0)
 
 
 def test_eval_table_json_and_plot(

@@ -45,55 +45,69 @@ def _interrupts_outside_imports() -> Iterator[None]:
     reports a misleading import error (exit 1), and extension modules interrupted in their initialization can
     abort the interpreter as it exits (nanobind, exit 134). So the handler holds the interrupt back while any
     import is on the stack and tries again shortly after: one handler covers every lazy import, where wrapping
-    the heavy imports one by one would miss the next one added. A second Ctrl-C while one is held back interrupts
-    at once (an import that hangs must not make the command unstoppable). Only the main thread can set a handler,
-    and a command started with Ctrl-C ignored (``cmd &`` in a script) keeps ignoring it; the previous handler
-    comes back afterwards, so callers in-process keep theirs."""
+    the heavy imports one by one would miss the next one added. A second Ctrl-C while one is held back by an
+    import interrupts at once (an import that hangs must not make the command unstoppable). Only the main thread
+    can set a handler, and a command started with Ctrl-C ignored (``cmd &`` in a script) keeps ignoring it; the
+    previous handler comes back afterwards, so callers in-process keep theirs."""
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
         yield
         return
-    signal.signal(signal.SIGINT, _HeldInterrupts())
+    handler = _HeldInterrupts()
+    signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
+        handler.cancel()
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 class _HeldInterrupts:
-    """The SIGINT handler: KeyboardInterrupt, unless an import runs (see ``_interrupts_outside_imports``)."""
+    """The SIGINT handler: KeyboardInterrupt, unless an import or a finalizer runs (see
+    ``_interrupts_outside_imports``)."""
 
     def __init__(self) -> None:
-        self.holding = False
-        self.retrying = False  # set by the retry timer just before it sends the held signal again
+        self.timer: threading.Timer | None = None  # the retry of an interrupt held back, while one is armed
+        self.retrying = False  # set by the retry just before it sends the held signal again
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        insisted = self.holding and not self.retrying
-        self.retrying = False
-        if insisted or not _held_back(frame):
-            self.holding = False
+        if self.retrying:  # the armed retry has fired: this is it
+            self.retrying, self.timer = False, None
+        holder = _holder(frame)
+        insisted = self.timer is not None and holder == "import"  # not in a finalizer, where Python drops it
+        if holder is None or insisted:
+            self.cancel()
             raise KeyboardInterrupt
-        if not self.holding:  # one retry timer at a time
-            self.holding = True
-            retry = threading.Timer(HELD_INTERRUPT_RETRY_S, self._retry, (signum,))
-            retry.daemon = True
-            retry.start()
+        if self.timer is None:
+            self.timer = threading.Timer(HELD_INTERRUPT_RETRY_S, self._retry, (signum,))
+            self.timer.daemon = True
+            self.timer.start()
 
     def _retry(self, signum: int) -> None:
-        self.retrying, self.holding = True, False
-        os.kill(os.getpid(), signum)
+        if self.timer is not None:  # not cancelled meanwhile
+            self.retrying = True
+            os.kill(os.getpid(), signum)
+
+    def cancel(self) -> None:
+        """No retry any more: the interrupt was raised, or the command is over (a stray SIGINT would hit whatever
+        runs next)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
-def _held_back(frame: FrameType | None) -> bool:
-    """Whether the stack holds an import (importlib's frozen bootstrap frames) or a finalizer (``__del__``, which
-    the garbage collector may run anywhere: Python prints an exception raised there and drops it, so the command
-    would go on as if Ctrl-C had not been pressed)."""
+def _holder(frame: FrameType | None) -> str | None:
+    """What on the stack holds an interrupt back: "import" (importlib's frozen bootstrap frames), "finalizer" (a
+    ``__del__``, which the garbage collector may run anywhere: Python prints an exception raised there and drops
+    it, so the command would go on as if Ctrl-C had not been pressed), or None."""
     while frame is not None:
         code = frame.f_code
-        if code.co_filename.startswith("<frozen importlib._bootstrap") or code.co_name == "__del__":
-            return True
+        if code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return "import"
+        if code.co_name == "__del__":
+            return "finalizer"
         frame = frame.f_back
-    return False
+    return None
 
 
 def entry() -> NoReturn:
