@@ -59,12 +59,16 @@ class ModelFingerprint(BaseModel):
         ]
 
 
+_ABSENT = "(absent)"
+"""A settings key one side does not have (unlike one it sets to None)."""
+
+
 def _difference(name: str, mine: Any, theirs: Any, width: int | None) -> str:
     """``name: mine != theirs``; of two settings dicts, only the keys that differ (whole dicts cut short could read
     the same), and with ``width`` long strings (hashes) cut to that many characters."""
     if isinstance(mine, dict) and isinstance(theirs, dict):
-        keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-        return f"{name}: " + ", ".join(f"{k} {mine.get(k)} != {theirs.get(k)}" for k in keys)
+        keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k, _ABSENT) != theirs.get(k, _ABSENT))
+        return f"{name}: " + ", ".join(f"{k} {mine.get(k, _ABSENT)} != {theirs.get(k, _ABSENT)}" for k in keys)
     return f"{name}: {_cut(mine, width)} != {_cut(theirs, width)}"
 
 

@@ -209,3 +209,12 @@ def test_upload_and_verified_download_through_minio(
     with pytest.raises(ArtifactError, match="corrupt cartridge tensors"):
         download_artifact(store, prefix, tmp_path / "again")
     assert not (tmp_path / "again" / TENSORS_FILE).exists()
+
+
+def test_a_settings_key_set_to_none_differs_from_one_absent(tiny_model: LoadedModel) -> None:
+    """Two transformers versions may write the same RoPE settings with and without a None-valued key: the refusal
+    must still say what differs, not print an empty difference."""
+    fp = tiny_model.fingerprint
+    rope = fp.rope_parameters or {}
+    other = fp.model_copy(update={"rope_parameters": {**rope, "factor": None}})
+    assert fp.mismatches(other) == ["rope_parameters: factor (absent) != None"]

@@ -518,6 +518,10 @@ def test_quantize_a_stored_generation_that_is_not_the_promoted_one(
     info = json.loads(out)
     assert code == 0 and info["generation"] == 3 and info["quantizedFrom"] == 1 and info["dtype"] == "int8"
     assert "multi: generation 3 (from 1) is promoted in place of generation 2" in err
+    publish(open_store(store), store, "default", "held", random_cartridge(fp, 4, seed=1), fp)
+    Path(layout.current_pointer(store, "default", "held").removeprefix("file://")).unlink()  # held back by a gate
+    code, out, err = cli(capsys, "quantize", "held", "--generation", "1", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["generation"] == 2 and "in place of" not in err, err
     code, _, err = cli(capsys, "quantize", "multi", "--generation", "7", "--store", store)
     assert code == EXIT_NOT_FOUND and "'multi' has no generation 7; stored: 1, 2, 3" in err
     one_line_error(err)

@@ -206,6 +206,15 @@ def find(store: Store, root: str, namespace: str, name: str, generation: int | N
     return Stored(name, pointer, manifest)
 
 
+def find_promoted(store: Store, root: str, namespace: str, name: str) -> Stored | None:
+    """The promoted generation, None when none is (the first held back by the quality gate, still training or
+    failed) or it cannot be read."""
+    try:
+        return find(store, root, namespace, name)
+    except CLIError:
+        return None
+
+
 def _find_generation(store: Store, root: str, namespace: str, name: str, generation: int) -> Stored:
     """A stored generation, promoted or not: it is there with its manifest, or the error lists those that are."""
     stored = layout.stored_generations(store, root, namespace, name)

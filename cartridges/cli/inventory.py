@@ -12,6 +12,7 @@ from cartridges.cli.common import (
     add_command,
     check_name,
     find,
+    find_promoted,
     generation_options,
     human_bytes,
     names,
@@ -84,19 +85,11 @@ def _progress(store: Store, prefix: str) -> dict[str, Any] | None:
         return None
 
 
-def _promoted(store: Store, root: str, namespace: str, name: str) -> Stored | None:
-    """The promoted generation, None when none is (every generation stored is still training or failed)."""
-    try:
-        return find(store, root, namespace, name)
-    except CLIError:
-        return None
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     name = check_name(args.name)
     stored = find(store, args.store, args.namespace, name, args.generation)
-    promoted = stored if args.generation is None else _promoted(store, args.store, args.namespace, name)
+    promoted = stored if args.generation is None else find_promoted(store, args.store, args.namespace, name)
     info = {
         **describe(stored),
         "promoted": promoted is not None and promoted.pointer.generation == stored.pointer.generation,

@@ -13,6 +13,7 @@ from cartridges.cli.common import (
     add_command,
     check_name,
     find,
+    find_promoted,
     generation_options,
     human_bytes,
     open_store,
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     name = check_name(args.name)
     store = open_store(args.store)
     source = find(store, args.store, args.namespace, name, args.generation)
-    replaced = find(store, args.store, args.namespace, name).pointer.generation if args.generation else None
+    promoted = find_promoted(store, args.store, args.namespace, name) if args.generation else None
+    replaced = promoted.pointer.generation if promoted else None
     if source.manifest.quantization is not None:
         raise CLIError(
             f"{name} generation {source.pointer.generation} is already stored in {source.manifest.dtype}; "
