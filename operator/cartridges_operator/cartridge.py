@@ -86,8 +86,7 @@ def _reconcile(run: Pass) -> dict[str, Any]:
     if corpora is None:
         return _serve_while_waiting(run)
     trainer = _current_generation(run, corpora)
-    if "promoted" not in run.status and run.status.get("artifact"):  # written before status.promoted existed
-        _record_promoted(run, _read_pointer(run))
+    _read_back_promoted(run)
     job = kube.get_job(run.namespace, manifests.job_name(run.name, trainer.generation))
     trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
     if not trained:
@@ -137,6 +136,7 @@ def _serve_while_waiting(run: Pass) -> dict[str, Any]:
     """A Cartridge waiting for its corpora keeps serving its promoted generation, and a change of its spec.serving
     is applied meanwhile (scaled down or disabled: a broken Corpus must not pin the GPUs it holds). Ready and
     Stalled keep saying what it waits for; Serving says how serving goes."""
+    _read_back_promoted(run)
     if not run.status.get("promoted"):
         return run.status
     waiting = [c for c in run.status["conditions"] if c["type"] in ("Ready", "Stalled")]
@@ -144,6 +144,12 @@ def _serve_while_waiting(run: Pass) -> dict[str, Any]:
     run.status["conditions"] = [c for c in run.status["conditions"] if c["type"] not in ("Ready", "Stalled")]
     run.status["conditions"] += waiting
     return run.status
+
+
+def _read_back_promoted(run: Pass) -> None:
+    """status.promoted from current.json for a status written before status.promoted existed (one read, once)."""
+    if "promoted" not in run.status and run.status.get("artifact"):
+        _record_promoted(run, _read_pointer(run))
 
 
 def _why_not_ready(corpus: dict[str, Any] | None) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cartridges import api
+from cartridges import api, layout
 from cartridges.store import Store
 from cartridges_operator import kube
 from cartridges_operator.cartridge import Pass, _reconcile, _serve
@@ -74,3 +75,21 @@ def test_a_cartridge_waiting_for_its_corpus_keeps_serving_and_takes_serving_chan
     applied.clear()
     never = _reconcile(promoted(replicas=0))
     assert applied == [] and condition(never, "Ready")["reason"] == "WaitingForCorpus"
+
+
+def test_a_waiting_cartridge_from_before_status_promoted_reads_it_back_and_serves(
+    applied: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A status an operator from before status.promoted wrote: the promoted generation is read from current.json,
+    so waiting for a broken Corpus does not keep it from taking serving changes either."""
+    monkeypatch.setattr(kube, "get_corpus", lambda namespace, name: None)
+    root = f"file://{tmp_path}/store"
+    prefix = layout.generation_prefix(root, NAMESPACE, "c", 1)
+    Store().put_json(layout.current_pointer(root, NAMESPACE, "c"), {"generation": 1, "prefix": prefix, "sha256": "ab"})
+    run = promoted(replicas=0)
+    run.config = OperatorConfig(store_root=root)
+    run.status["artifact"] = {"uri": f"{prefix}/cartridge.safetensors", "sha256": "ab"}
+    status = _reconcile(run)
+    assert status["promoted"]["generation"] == 1
+    assert applied[0]["kind"] == "Deployment" and applied[0]["spec"]["replicas"] == 0
+    assert condition(status, "Ready")["reason"] == "WaitingForCorpus"
