@@ -307,13 +307,16 @@ def test_a_second_ctrl_c_interrupts_an_import_that_hangs(tmp_path: Path) -> None
         "time.sleep(0.5)\n"  # no retry of the interrupt held back may land here
         "print('done', flush=True)\n"
     )
-    command = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert command.stdout is not None and command.stdout.readline() == "importing\n"
-    command.send_signal(signal.SIGINT)
-    time.sleep(0.5)  # ten retries' worth: each finds the import still running and holds the interrupt back again
-    assert command.poll() is None
-    command.send_signal(signal.SIGINT)
-    out, _ = command.communicate(timeout=30)
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as command:
+        try:
+            assert command.stdout is not None and command.stdout.readline() == "importing\n"
+            command.send_signal(signal.SIGINT)
+            time.sleep(0.5)  # ten retries' worth: each finds the import still running and holds it back again
+            assert command.poll() is None
+            command.send_signal(signal.SIGINT)
+            out, _ = command.communicate(timeout=30)
+        finally:
+            command.kill()  # a failure here must not leave the import hanging for ever
     assert out == "interrupted\ndone\n" and command.returncode == 0
 
 
@@ -335,14 +338,17 @@ def test_ctrl_c_in_a_finalizer_waits_for_it_without_a_traceback(tmp_path: Path) 
         "    except KeyboardInterrupt:\n"
         "        print('interrupted', flush=True)\n"
     )
-    command = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert command.stdout is not None and command.stdout.readline() == "finalizing\n"
-    for _ in range(2):
-        command.send_signal(signal.SIGINT)
-        time.sleep(0.2)
-    out, err = command.communicate(timeout=30)
+    ) as command:
+        try:
+            assert command.stdout is not None and command.stdout.readline() == "finalizing\n"
+            for _ in range(2):
+                command.send_signal(signal.SIGINT)
+                time.sleep(0.2)
+            out, err = command.communicate(timeout=30)
+        finally:
+            command.kill()
     assert (out, err, command.returncode) == ("interrupted\n", "", 0)
 
 
