@@ -1044,7 +1044,7 @@ def test_a_cartridge_for_the_same_model_under_other_rope_settings_says_which_set
     with pytest.raises(CLIError) as raised:
         load(open_store(store), find(open_store(store), store, "default", "scaled"), tiny_model)
     message = str(raised.value)
-    assert "rope_parameters: factor 4.0 != None, rope_type linear != default" in message, message
+    assert "rope_parameters: factor 4.0 != (absent), rope_type linear != default" in message, message
     assert "rope_scaling: {'rope_type': 'linear', 'factor': 4.0} != None" in message, message
     assert message.endswith(f"the loaded {loaded.model_id} is not the one it was trained with: pass --model PATH "
                             "to that exact model"), message  # fmt: skip
