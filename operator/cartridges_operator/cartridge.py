@@ -86,10 +86,10 @@ def _reconcile(run: Pass) -> dict[str, Any]:
     if corpora is None:
         return _serve_while_waiting(run)
     trainer = _current_generation(run, corpora)
-    _read_back_promoted(run)
     job = kube.get_job(run.namespace, manifests.job_name(run.name, trainer.generation))
     trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
     if not trained:
+        _read_back_promoted(run)  # a trained generation's pass records it from the pointer it reads anyway
         if job is None:
             if run.body["metadata"].get("deletionTimestamp"):  # the deletion handler stops its Jobs: start none
                 return run.not_ready("Deleting", "the Cartridge is being deleted")
