@@ -5,6 +5,7 @@ Kept free of torch so light components (the operator) can read and check manifes
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +82,8 @@ class ModelMismatch(ArtifactError):
     """A cartridge for another base model. It carries both fingerprints, so a caller can say which model to load
     (the CLI names its ``--model``); the message itself names no remedy, which depends on the caller."""
 
+    _MODELS = re.compile(r"cartridge was trained for (\S+), not the loaded (\S+) \(")
+
     def __init__(self, where: str, trained_for: ModelFingerprint, loaded: ModelFingerprint) -> None:
         self.trained_for, self.loaded = trained_for, loaded
         super().__init__(f"{where}: {self.summary()}")
@@ -92,6 +95,12 @@ class ModelMismatch(ArtifactError):
             f"cartridge was trained for {self.trained_for.model_id}, not the loaded {self.loaded.model_id} "
             f"({differences})"
         )
+
+    @classmethod
+    def model_ids_in(cls, message: str) -> tuple[str, str] | None:
+        """(trained for, loaded) from a mismatch's message as a server sent it on, where only the text arrives."""
+        found = cls._MODELS.search(message)
+        return (found[1], found[2]) if found else None
 
 
 class Quantization(BaseModel):

@@ -629,6 +629,8 @@ def test_serve_ask_and_ctrl_c(
         one_line_error(err)
         code, _, err = cli(capsys, "ask", "Hi", "-c", "other-model", "--url", url)
         assert code == EXIT_INPUT and "was trained for" in err
+        assert err.rstrip().endswith("; for `cartridges serve`: pass --model PATH: the tiny-llama-seed1 model it was "
+                                     "trained for (an HF directory or .gguf)")  # fmt: skip
         one_line_error(err)
         code, _, err = cli(capsys, "ask", "Hi", "--url", url, "--max-tokens", "100000")
         assert code == EXIT_USAGE and "data:" not in err
@@ -853,6 +855,42 @@ def test_ask_exit_codes_follow_the_routers_error_kinds(text: str, status: int | 
     from cartridges.client import GenerateError
 
     assert exit_code(GenerateError(text, status)) == code
+
+
+def _mismatch(trained_for: LoadedModel, model_id: str | None = None) -> str:
+    """A model mismatch as the router sends it: its kind, then the text of the engine's error."""
+    from cartridges.manifest import ModelMismatch
+
+    fingerprint = trained_for.fingerprint
+    if model_id is not None:
+        fingerprint = fingerprint.model_copy(update={"model_id": model_id})
+    mismatch = ModelMismatch("cartridge 'x' g1", fingerprint, tiny_llama(seed=1).fingerprint)
+    return f"[unusable_cartridge] {mismatch}"
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        (_mismatch(tiny_llama(seed=0)), "; for `cartridges serve`: pass --model tiny"),
+        (_mismatch(tiny_llama(seed=2), "tiny-llama-seed1"), "; for `cartridges serve`: the loaded tiny-llama-seed1"),
+        ("[unusable_cartridge] cartridge 'x' g1: tensors sha256 abc does not match the manifest", None),
+    ],
+)
+def test_ask_names_the_model_a_server_needs_for_a_cartridge_of_another_model(
+    text: str, hint: str | None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the mismatch's text reaches the client; ask reads the models from it and names the --model to restart
+    `cartridges serve` with (and none for a cartridge unusable for another reason)."""
+    from cartridges import client
+
+    def refuse(*_: object, **__: object) -> None:
+        raise client.GenerateError(text, 400)
+
+    monkeypatch.setattr(client, "generate", refuse)
+    code, _, err = cli(capsys, "ask", "Hi", "-c", "x")
+    assert code == EXIT_INPUT and "cartridge 'x' g1: " in err
+    assert (hint in err and err.count("--model") == 1) if hint else "--model" not in err, err
+    one_line_error(err)
 
 
 def test_a_generate_error_carries_the_kind_and_the_message_without_the_marker() -> None:

@@ -21,9 +21,11 @@ from cartridges.cli.common import (
     CLIError,
     add_command,
     check_name,
+    model_hint,
     print_json,
 )
 from cartridges.error_kind import ErrorKind
+from cartridges.manifest import ModelMismatch
 
 if TYPE_CHECKING:
     from cartridges.client import Answer, GenerateError
@@ -135,11 +137,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _ask(args)
     except GenerateError as err:
-        if not err.unreachable:
+        hint = _remedy(err)
+        if hint is None:
             raise
-        # the newcomer's first ask usually comes before `cartridges serve` is ready, or without one at all
-        hint = "start a server with `cartridges serve` (ready once it prints its URL), or give its --url"
-        raise CLIError(f"{err}; {hint}", EXIT_UNAVAILABLE) from err
+        raise CLIError(f"{err}; {hint}", exit_code(err)) from err
+
+
+def _remedy(err: GenerateError) -> str | None:
+    """What to do about a failure whose remedy is on the user's side of a local server, or None."""
+    if err.unreachable:  # the newcomer's first ask usually comes before `cartridges serve` is ready, or without one
+        return "start a server with `cartridges serve` (ready once it prints its URL), or give its --url"
+    models = ModelMismatch.model_ids_in(err.message) if err.kind == "unusable_cartridge" else None
+    return f"for `cartridges serve`: {model_hint(*models)}" if models else None
 
 
 def _ask(args: argparse.Namespace) -> int:

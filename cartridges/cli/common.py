@@ -162,11 +162,11 @@ def _tiny_model_dir() -> Path:
     return fill_once(cache_dir() / "models" / TINY_MODEL_ID, save)
 
 
-def model_hint(err: ModelMismatch) -> str:
-    """The ``--model`` a cartridge for another base model needs: one of ``MODELS`` when it was trained for one
-    (and not the one loaded), else the model it records, which only a path can give."""
-    trained_for = err.trained_for.model_id
-    if trained_for == err.loaded.model_id:
+def model_hint(trained_for: str, loaded: str) -> str:
+    """The ``--model`` a cartridge trained for model id ``trained_for`` needs where ``loaded`` is: one of
+    ``MODELS`` when it was trained for one (and not the one loaded), else the model it records, which only a path
+    can give."""
+    if trained_for == loaded:
         return f"the loaded {trained_for} is not the one it was trained with: pass --model PATH to that exact model"
     name = next((n for n, model_id in MODEL_IDS.items() if model_id == trained_for), None)
     if name is not None:
@@ -285,7 +285,10 @@ def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
         try:
             cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
         except ModelMismatch as err:
-            raise CLIError(f"{which}: {err.summary(MISMATCH_WIDTH)}; {model_hint(err)}", EXIT_INPUT) from err
+            raise CLIError(
+                f"{which}: {err.summary(MISMATCH_WIDTH)}; {model_hint(err.trained_for.model_id, err.loaded.model_id)}",
+                EXIT_INPUT,
+            ) from err
         except ArtifactError as err:  # named by the download directory, which is gone by the time it is shown
             raise CLIError(f"{which}: {without_directory(err, tmp)}", EXIT_INPUT) from err
     return cartridge
