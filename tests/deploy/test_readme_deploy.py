@@ -20,27 +20,35 @@ README = REPO / "README.md"
 QUICKSTART = yaml.safe_load((CI_VALUES / "quickstart-values.yaml").read_text())
 
 
-def deploy_block() -> str:
-    """The Deploy section's shell block, continuation lines joined."""
-    found = re.search(r"^## Deploy\n\n```bash\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
-    assert found, "README has no Deploy section with a bash block"
+def deploy_block(heading: str = "## Deploy") -> str:
+    """The first shell block under ``heading`` in the Deploy section, continuation lines joined."""
+    section = README.read_text().split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+    found = re.search(rf"^{re.escape(heading)}\n.*?^```bash\n(.*?)^```", "## Deploy\n" + section, re.M | re.S)
+    assert found, f"README's Deploy section has no bash block under {heading!r}"
     return found.group(1).replace("\\\n", " ")
 
 
-def deploy_commands() -> list[str]:
-    """The Deploy block one line each, comments left out."""
-    return [line.strip() for line in deploy_block().splitlines() if line.strip() and not line.startswith("#")]
+QUICK_START = "### Quick start: any cluster, no GPU"
+PRODUCTION = "### Production: your S3 store, GPUs, watched team namespaces"
 
 
-def command_with(text: str) -> str:
-    (found,) = [c for c in deploy_commands() if text in c]
+def deploy_commands(heading: str) -> list[str]:
+    """A Deploy block one line each, comments left out."""
+    block = deploy_block(heading)
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def command_with(text: str, heading: str) -> str:
+    (found,) = [c for c in deploy_commands(heading) if text in c]
     return found
 
 
 def test_model_upload_reaches_the_quickstart_store(minio_server: MinioServer) -> None:
     """The upload reads its S3 settings from the CARTRIDGES_S3_* variables the command line sets (with the quick
     start's keys), and the object lands where examples/cartridge.yaml points."""
-    (upload,) = re.findall(r"^((?:CARTRIDGES_S3_\w+=\S+ )+)\s*\S*python -c '([^']*)'", deploy_block(), re.MULTILINE)
+    (upload,) = re.findall(
+        r"^((?:CARTRIDGES_S3_\w+=\S+ )+)\s*\S*python -c '([^']*)'", deploy_block(QUICK_START), re.MULTILINE
+    )
     settings = dict(re.findall(r"(CARTRIDGES_S3_\w+)=(\S+)", upload[0]))
     credentials = QUICKSTART["store"]["credentials"]
     assert (settings["CARTRIDGES_S3_ACCESS_KEY"], settings["CARTRIDGES_S3_SECRET_KEY"]) == (
@@ -61,8 +69,8 @@ def test_model_upload_reaches_the_quickstart_store(minio_server: MinioServer) ->
 def test_production_install_creates_namespaces_and_secrets_first() -> None:
     """The chart puts RoleBindings and NetworkPolicies into every watched namespace, and with existingSecret every
     pod (the operator's too) reads the store keys from that Secret in its own namespace: all must exist first."""
-    commands = deploy_commands()
-    install = command_with("operator.watchNamespaces=")
+    commands = deploy_commands(PRODUCTION)
+    install = command_with("operator.watchNamespaces=", PRODUCTION)
     (listed,) = re.findall(r"operator\.watchNamespaces=\{([^}]*)\}", install)
     (secret,) = re.findall(r"store\.credentials\.existingSecret=(\S+)", install)
     before = commands[: commands.index(install)]
@@ -74,9 +82,9 @@ def test_production_install_creates_namespaces_and_secrets_first() -> None:
 
 def test_install_commands_point_the_chart_at_your_images(render: Render) -> None:
     """README says to build and push the images and point the chart at them: every install command does."""
-    installs = [c for c in deploy_commands() if c.startswith("helm install")]
+    installs = [c for h in (QUICK_START, PRODUCTION) for c in deploy_commands(h) if c.startswith("helm install")]
     assert len(installs) == 2 and all('"${IMAGES[@]}"' in c for c in installs), installs
-    (images,) = [c for c in deploy_commands() if c.startswith("IMAGES=(")]
+    (images,) = [c for c in deploy_commands("## Deploy") if c.startswith("IMAGES=(")]
     sets = dict(arg.split("=", 1) for arg in shlex.split(images[len("IMAGES=(") : -1]) if arg != "--set")
     operator = container(render("quickstart-values.yaml", sets=sets), "cartridges-operator")
     env = {e["name"]: e.get("value") for e in operator["env"]}
@@ -94,7 +102,7 @@ def copy_filter(text: str) -> set[str]:
 def test_secret_copy_drops_helms_ownership() -> None:
     """A copy keeping Helm's labels or meta.helm.sh annotations passes for a release's object; it drops them, with
     everything the API server owns, and README and NOTES.txt copy alike."""
-    readme = copy_filter(command_with("jq 'del("))
+    readme = copy_filter(command_with("jq 'del(", QUICK_START))
     assert readme == copy_filter((CHART / "templates" / "NOTES.txt").read_text())
     owned = {"uid", "resourceVersion", "creationTimestamp", "ownerReferences", "managedFields", "namespace"}
     assert {f".metadata.{field}" for field in {*owned, "labels", "annotations"}} <= readme, readme
