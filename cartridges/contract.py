@@ -65,5 +65,8 @@ class TrainerConfig(BaseModel):
         """The Job's arguments. Unset optional fields (every one defaults to None) are left out rather than sent as
         null: a trainer image older than the operator forbids fields it does not know, so a Cartridge that leaves
         the newer ones (training.epochs, training.maxGradNorm) unset still trains there; an omitted steps reads as
-        the same 1000 steps in trainers before and after it became optional."""
-        return ["--config", self.model_dump_json(exclude_none=True)]
+        the same 1000 steps in trainers before and after it became optional. spec.quantization at "none" (the CRD
+        fills it in) is left out too: it is what a trainer reads when it is absent, and one older than the field
+        refuses it."""
+        unquantized = {"spec": {"quantization"}} if self.spec.quantization == "none" else None
+        return ["--config", self.model_dump_json(exclude_none=True, exclude=unquantized)]

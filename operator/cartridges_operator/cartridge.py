@@ -135,14 +135,56 @@ def _gate_and_promote(run: Pass, trainer: TrainerConfig) -> bool:
 def _serve_while_waiting(run: Pass) -> dict[str, Any]:
     """A Cartridge waiting for its corpora keeps serving its promoted generation, and a change of its spec.serving
     is applied meanwhile (scaled down or disabled: a broken Corpus must not pin the GPUs it holds). Ready and
-    Stalled keep saying what it waits for; Serving says how serving goes."""
-    _read_back_promoted(run)
-    if not run.status.get("promoted"):
-        return run.status
+    Stalled keep saying what it waits for; Serving says how serving goes. The wait may last days: current.json is
+    read each pass (once), so a pointer deleted or changed by hand meanwhile is followed rather than outlived."""
+    if not (run.status.get("promoted") or run.status.get("artifact")):
+        return run.status  # nothing trained yet: nothing promoted, nothing to serve
+    problem = _check_promoted(run)
+    if problem is not None:
+        return _promoted_gone(run, *problem)
     waiting = [c for c in run.status["conditions"] if c["type"] in ("Ready", "Stalled")]
     _serve(run)
     run.status["conditions"] = [c for c in run.status["conditions"] if c["type"] not in ("Ready", "Stalled")]
     run.status["conditions"] += waiting
+    return run.status
+
+
+def _check_promoted(run: Pass) -> tuple[str, str] | None:
+    """Record in status.promoted what current.json names, a generation of this Cartridge whose manifest records the
+    pointer's sha256 (checked when the pointer is not the one status.promoted already names); else unset it and
+    return (reason, message) saying why nothing is promoted."""
+    claimed = run.status.get("promoted")
+    pointer = _read_pointer(run)
+    _record_promoted(run, pointer)
+    pointer_uri = layout.current_pointer(run.config.store_root, run.namespace, run.name)
+    if pointer is None:
+        return "NothingPromoted", f"{pointer_uri} is missing or not a valid pointer (deleted or changed by hand?)"
+    if run.status["promoted"] == claimed:
+        return None
+    manifest, problem = _pointed_manifest(run, pointer)
+    if manifest is None:
+        run.status["promoted"] = None
+        named = f"{pointer_uri} names generation {pointer.generation}"
+        return "PromotedUnverified", f"{named}, not a verified generation of this Cartridge: {problem}"
+    LOG.info("Cartridge %s/%s: %s names generation %d", run.namespace, run.name, pointer_uri, pointer.generation)
+    return None
+
+
+def _promoted_gone(run: Pass, reason: str, problem: str) -> dict[str, Any]:
+    """Nothing is promoted any more: the router resolves current.json per request, so a Deployment kept for this
+    Cartridge would answer "not found" while holding its GPUs for as long as the wait lasts. Its share of the serving
+    objects is released (they stay for the other Cartridges of its base model); ``_serve`` applies them again once
+    a generation is promoted. Ready and Stalled keep saying what it waits for."""
+    if not run.status.get("endpoint"):  # not served: never promoted, serving disabled, or left in an earlier pass
+        return run.status
+    _release_serving(run)
+    run.condition(
+        "Serving",
+        False,
+        reason,
+        f"not served, nothing of this Cartridge is promoted: {problem}. Once its corpora are Ready, the operator "
+        "promotes its verified generation again (rewriting current.json) and serves it",
+    )
     return run.status
 
 
@@ -397,16 +439,26 @@ def _describe_promoted(run: Pass, superseded: int) -> None:
     _record_promoted(run, pointer)
     if pointer is None or (pointer.generation, pointer.prefix) != (superseded, prefix):
         return  # not promoted (failed, cancelled, refused): the status describes the promoted one already
-    try:
-        manifest = CartridgeManifest.model_validate(run.store.get_json(f"{prefix}/{MANIFEST_FILE}"))
-    except (ObjectNotFound, IntegrityError, ValueError) as err:
-        manifest, problem = None, str(err)
-    else:
-        problem = f"its manifest's sha256 is not the promoted {pointer.sha256}"
-    if manifest is None or manifest.file_sha256 != pointer.sha256:
+    manifest, problem = _pointed_manifest(run, pointer)
+    if manifest is None:
         LOG.warning("Cartridge %s/%s: promoted generation %d: %s", run.namespace, run.name, superseded, problem)
         return
     _record_artifact(run, prefix, manifest)
+
+
+def _pointed_manifest(run: Pass, pointer: layout.Pointer) -> tuple[CartridgeManifest | None, str]:
+    """The manifest of the generation ``pointer`` names, when it is one of this Cartridge's (under its generation
+    prefix) and records the pointer's sha256, as a promoted generation's does; else None and why not."""
+    prefix = layout.generation_prefix(run.config.store_root, run.namespace, run.name, pointer.generation)
+    if pointer.prefix != prefix:
+        return None, f"its prefix {pointer.prefix} is not {prefix}"
+    try:
+        manifest = CartridgeManifest.model_validate(run.store.get_json(f"{prefix}/{MANIFEST_FILE}"))
+    except (ObjectNotFound, IntegrityError, ValueError) as err:
+        return None, str(err)
+    if manifest.file_sha256 != pointer.sha256:
+        return None, f"its manifest's sha256 {manifest.file_sha256} is not the promoted {pointer.sha256}"
+    return manifest, ""
 
 
 @functools.lru_cache(maxsize=256)
@@ -577,21 +629,16 @@ def _serve(run: Pass) -> dict[str, Any]:
     if legacy is not None:  # created before its Service was refused for the dots in its name: it must not hold a GPU
         kube.remove_owner("Deployment", run.namespace, legacy, run.body["metadata"]["uid"])
     if not serving.enabled:
-        # Leave the shared serving objects: deleted once no other Cartridge of this base model is served by them.
-        for kind in ("Deployment", "Service"):
-            kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
-        run.status["endpoint"] = None
+        _release_serving(run)
         return _ready_unserved(run, "ServingDisabled", "spec.serving.enabled is false", "serving disabled")
     first, uri, replicas = _shared_serving(run)
     if uri != model.uri:  # never roll the GPU pods of the Cartridges served now onto other weights
-        for kind in ("Deployment", "Service"):
-            kube.remove_owner(kind, run.namespace, manifests.serving_name(model.name), run.body["metadata"]["uid"])
+        _release_serving(run)
         message = (
             f"base model {model.name} is served in namespace {run.namespace} from {redacted(uri)}, the uri of "
             f"Cartridge {first} (created first); this Cartridge names {redacted(model.uri)}: re-create it with "
             "the same baseModel.uri, or with another baseModel.name (baseModel is immutable)"
         )
-        run.status["endpoint"] = None
         run.condition("Serving", False, "ConflictingBaseModel", message)
         return run.not_ready("ConflictingBaseModel", message, stalled=True)
     owner = [manifests.owner_reference(run.body, controller=False)]
@@ -616,6 +663,16 @@ def _serve(run: Pass) -> dict[str, Any]:
     run.condition("Stalled", False, "Serving")
     run.condition("Ready", True, "Serving", f"generation {run.status['generation']} serving")
     return run.status
+
+
+def _release_serving(run: Pass) -> None:
+    """Leave the shared serving objects of this Cartridge's base model: deleted once no other Cartridge of that base
+    model is served by them."""
+    for kind in ("Deployment", "Service"):
+        kube.remove_owner(
+            kind, run.namespace, manifests.serving_name(run.spec.baseModel.name), run.body["metadata"]["uid"]
+        )
+    run.status["endpoint"] = None
 
 
 def _ready_unserved(run: Pass, reason: str, message: str, summary: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from cartridges import api, layout
+from cartridges.manifest import MANIFEST_FILE, CartridgeManifest, ModelFingerprint
 from cartridges.store import Store
 from cartridges_operator import kube
 from cartridges_operator.cartridge import Pass, _reconcile, _serve
@@ -41,6 +42,42 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
 
+@pytest.fixture
+def released(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kinds of the shared serving objects the pass leaves (drops the Cartridge from their owners)."""
+    kinds: list[str] = []
+    monkeypatch.setattr(kube, "remove_owner", lambda kind, namespace, name, uid: kinds.append(kind))
+    return kinds
+
+
+def waiting_in(root: str) -> Pass:
+    """A pass of Cartridge c, promoted and served, whose Corpus is gone, with its store under ``root``."""
+    run = promoted(replicas=0)
+    run.config = OperatorConfig(store_root=root)
+    run.status["endpoint"] = {"url": "http://m", "model": "cartridges", "cartridge": "c"}
+    return run
+
+
+def store_generation(root: str, generation: int) -> dict[str, Any]:
+    """Generation ``generation`` of Cartridge c as a pass verified it (its manifest stored); its status.promoted."""
+    prefix = layout.generation_prefix(root, NAMESPACE, "c", generation)
+    sha256 = f"{generation:02d}" * 32
+    model = ModelFingerprint(
+        model_id="m", weights_sha256="w", tokenizer_sha256="t", num_layers=1, num_kv_heads=1, head_dim=8, rope_theta=1.0
+    )
+    manifest = CartridgeManifest(
+        base_model=model, p=16, frozen_tokens=1, dtype="bf16", file_sha256=sha256, file_bytes=1
+    )
+    Store().put_json(f"{prefix}/{MANIFEST_FILE}", manifest.model_dump(mode="json"))
+    return {"generation": generation, "uri": f"{prefix}/cartridge.safetensors", "sha256": sha256}
+
+
+def promote_by_hand(root: str, promoted: dict[str, Any]) -> None:
+    prefix = promoted["uri"].rsplit("/", 1)[0]
+    pointer = {"generation": promoted["generation"], "prefix": prefix, "sha256": promoted["sha256"]}
+    Store().put_json(layout.current_pointer(root, NAMESPACE, "c"), pointer)
+
+
 def test_serving_scaled_to_zero_is_ready_not_serving(applied: list[dict[str, Any]]) -> None:
     """replicas 0 asks for no serving pod: waiting for one to be ready would never end (Argo CD: Progressing)."""
     status = _serve(promoted(replicas=0))
@@ -58,14 +95,16 @@ def test_a_replica_asked_for_and_not_ready_is_waited_for(applied: list[dict[str,
 
 
 def test_a_cartridge_waiting_for_its_corpus_keeps_serving_and_takes_serving_changes(
-    applied: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    applied: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Its Corpus broken (or deleted), a promoted Cartridge still serves, and a change of spec.serving (scaled down
     to free GPUs, or disabled) is applied meanwhile; Ready stays False with the reason it waits for. One never
     promoted has nothing to serve."""
     monkeypatch.setattr(kube, "get_corpus", lambda namespace, name: None)
-    run = promoted(replicas=0)
-    run.status["promoted"] = {"generation": 1, "uri": "file:///unused/g1/cartridge.safetensors", "sha256": "ab"}
+    root = f"file://{tmp_path}/store"
+    run = waiting_in(root)
+    run.status["promoted"] = store_generation(root, 1)
+    promote_by_hand(root, run.status["promoted"])
     status = _reconcile(run)
     assert applied[0]["kind"] == "Deployment" and applied[0]["spec"]["replicas"] == 0
     assert condition(status, "Serving")["reason"] == "ScaledToZero"
@@ -84,12 +123,71 @@ def test_a_waiting_cartridge_from_before_status_promoted_reads_it_back_and_serve
     so waiting for a broken Corpus does not keep it from taking serving changes either."""
     monkeypatch.setattr(kube, "get_corpus", lambda namespace, name: None)
     root = f"file://{tmp_path}/store"
-    prefix = layout.generation_prefix(root, NAMESPACE, "c", 1)
-    Store().put_json(layout.current_pointer(root, NAMESPACE, "c"), {"generation": 1, "prefix": prefix, "sha256": "ab"})
+    generation = store_generation(root, 1)
+    promote_by_hand(root, generation)
     run = promoted(replicas=0)
     run.config = OperatorConfig(store_root=root)
-    run.status["artifact"] = {"uri": f"{prefix}/cartridge.safetensors", "sha256": "ab"}
+    run.status["artifact"] = {"uri": generation["uri"], "sha256": generation["sha256"]}
     status = _reconcile(run)
-    assert status["promoted"]["generation"] == 1
+    assert status["promoted"] == generation
     assert applied[0]["kind"] == "Deployment" and applied[0]["spec"]["replicas"] == 0
     assert condition(status, "Ready")["reason"] == "WaitingForCorpus"
+
+
+def test_a_waiting_cartridge_whose_pointer_was_deleted_claims_nothing_promoted_and_leaves_serving(
+    applied: list[dict[str, Any]], released: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """current.json deleted by hand while the Corpus is broken: the router answers "not found" for the Cartridge, so
+    status.promoted no longer names a generation, Serving says why and what brings it back, and its share of the
+    serving objects is left once (they would hold GPUs for nothing until the Corpus is fixed)."""
+    monkeypatch.setattr(kube, "get_corpus", lambda namespace, name: None)
+    root = f"file://{tmp_path}/store"
+    run = waiting_in(root)
+    run.status["promoted"] = run.status["artifact"] = store_generation(root, 1)  # no pointer: deleted by hand
+    status = _reconcile(run)
+    assert status["promoted"] is None and status["endpoint"] is None
+    assert applied == [] and released == ["Deployment", "Service"]
+    serving = condition(status, "Serving")
+    assert (serving["status"], serving["reason"]) == ("False", "NothingPromoted")
+    assert serving["message"] == (
+        f"not served, nothing of this Cartridge is promoted: {layout.current_pointer(root, NAMESPACE, 'c')} is "
+        "missing or not a valid pointer (deleted or changed by hand?). Once its corpora are Ready, the operator "
+        "promotes its verified generation again (rewriting current.json) and serves it"
+    )
+    assert condition(status, "Ready")["reason"] == "WaitingForCorpus"
+    released.clear()
+    again = waiting_in(root)
+    again.status = status
+    status = _reconcile(again)
+    assert status["promoted"] is None and released == [] and applied == []
+    assert condition(status, "Serving") == serving
+
+
+def test_a_waiting_cartridge_follows_a_pointer_changed_to_another_verified_generation_only(
+    applied: list[dict[str, Any]], released: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """current.json rolled back by hand to generation 1 while the Corpus is broken: that is what the router serves,
+    so status.promoted says so and serving goes on. Moved to a generation with no matching manifest (gone, or other
+    tensors): nothing usable is promoted, and serving is left."""
+    monkeypatch.setattr(kube, "get_corpus", lambda namespace, name: None)
+    root = f"file://{tmp_path}/store"
+    first = store_generation(root, 1)
+    run = waiting_in(root)
+    run.status["promoted"] = run.status["artifact"] = store_generation(root, 2)
+    promote_by_hand(root, first)
+    status = _reconcile(run)
+    assert status["promoted"] == first and status["artifact"]["sha256"] == "02" * 32
+    assert applied[0]["kind"] == "Deployment" and released == []
+    assert condition(status, "Serving")["reason"] == "ScaledToZero"
+    applied.clear()
+    promote_by_hand(root, {**first, "sha256": "ff" * 32})
+    moved = waiting_in(root)
+    moved.status = status
+    status = _reconcile(moved)
+    assert status["promoted"] is None and applied == [] and released == ["Deployment", "Service"]
+    serving = condition(status, "Serving")
+    assert serving["reason"] == "PromotedUnverified"
+    assert (
+        f"names generation 1, not a verified generation of this Cartridge: its manifest's sha256 {'01' * 32}"
+        in serving["message"]
+    )

@@ -70,6 +70,19 @@ def test_a_spec_without_the_newer_training_fields_gives_a_config_an_older_traine
     assert TrainerConfig.model_validate_json(sent) == trainer
 
 
+@pytest.mark.parametrize("quantization", ["none", "int8", "fp8"])
+def test_a_spec_that_does_not_quantize_gives_a_config_a_trainer_from_before_quantization_accepts(
+    quantization: str,
+) -> None:
+    """The CRD defaults spec.quantization to "none": sent as such, a trainer image older than the field would refuse
+    every Cartridge, quantized or not. It is left out, and reads back as "none"; int8 and fp8 are sent."""
+    trainer = trainer_config("facts", ["d"])
+    trainer.spec = trainer.spec.model_copy(update={"quantization": quantization})
+    sent = sent_config(trainer)
+    assert json.loads(sent)["spec"].get("quantization") == (None if quantization == "none" else quantization)
+    assert TrainerConfig.model_validate_json(sent) == trainer
+
+
 @pytest.mark.parametrize("training", [{"epochs": 3}, {"steps": 50, "maxGradNorm": 1.0}])
 def test_newer_training_fields_that_are_set_reach_the_trainer(training: dict[str, Any]) -> None:
     trainer = trainer_config("facts", ["d"], training)
