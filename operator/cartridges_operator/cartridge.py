@@ -189,9 +189,8 @@ def _current_corpus(run: Pass, name: str) -> tuple[str, str, str] | None:
         _waiting_for_corpus(run, "WaitingForCorpus", f"Corpus {name} {_why_not_ready(corpus)}")
         return None
     digest = status["digest"]
-    prefix = layout.corpus_prefix(run.config.store_root, run.namespace, name, digest)
-    if not run.store.exists(f"{prefix}/{layout.MANIFEST_FILE}"):
-        _waiting_for_corpus(run, "CorpusDigestNotFound", f"digest {digest} of Corpus {name} is not in the store")
+    repair = "the operator stores it again from the Corpus's sources when it next reads them (within seconds)"
+    if _stored_corpus(run, name, digest, f"digest {digest} of Corpus {name}", repair) is None:
         return None
     return name, digest, corpus["spec"].get("description", "")
 
@@ -200,13 +199,25 @@ def _pinned_corpus(run: Pass, name: str, digest: str) -> tuple[str, str, str] | 
     """A pinned version is immutable data in the store: it needs no Corpus, Ready or not (one whose sources broke
     since, or that was deleted, must not hold back what was trained on the version pinned). Its description is the
     one stored with it."""
+    repair = (
+        f"the operator stores it again while Corpus {name}'s sources still give this digest; else restore it "
+        "from a backup, or pin another digest"
+    )
+    manifest = _stored_corpus(run, name, digest, f"pinned digest {digest} of Corpus {name}", repair)
+    return None if manifest is None else (name, digest, manifest.description)
+
+
+def _stored_corpus(run: Pass, name: str, digest: str, what: str, repair: str) -> layout.CorpusManifest | None:
+    """The manifest of a corpus version stored intact, or None (waiting, with a condition that names the object
+    and what is wrong with it): a torn or altered version would fail every training Job started on it for good."""
     prefix = layout.corpus_prefix(run.config.store_root, run.namespace, name, digest)
     try:
-        manifest = layout.CorpusManifest.model_validate(run.store.get_json(f"{prefix}/{layout.MANIFEST_FILE}"))
-    except ObjectNotFound:
-        _waiting_for_corpus(run, "CorpusDigestNotFound", f"pinned digest {digest} of Corpus {name} is not in the store")
-        return None
-    return name, digest, manifest.description
+        return layout.verified_corpus(run.store, prefix)
+    except ObjectNotFound as err:
+        _waiting_for_corpus(run, "CorpusDigestNotFound", f"{what} is not in the store ({err})")
+    except (IntegrityError, ValueError) as err:  # ValueError: layout.CorpusUnusable
+        _waiting_for_corpus(run, "CorpusDigestUnusable", f"{what} is not usable: {err}; {repair}")
+    return None
 
 
 def _training_hash(spec: api.CartridgeSpec, corpora: list[tuple[str, str, str]]) -> str:
