@@ -314,7 +314,7 @@ def _copy_progress(run: Pass, trainer: TrainerConfig) -> str:
         progress = layout.Progress.model_validate(run.store.get_json(uri))
     except ObjectNotFound:
         return ""
-    except ValueError as err:  # not JSON, or a record Progress refuses (ValidationError is a ValueError)
+    except (IntegrityError, ValueError) as err:  # altered, not JSON, or a record Progress refuses (ValidationError)
         run.status["progress"] = None
         return f"; {uri} is unusable: {' '.join(str(err).split())}"[:500]
     eta = None if progress.eta_s is None else int(progress.eta_s)
@@ -354,10 +354,12 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
     serving."""
     prefix = trainer.output_prefix
     try:
-        manifest = CartridgeManifest.model_validate(run.store.get_json(f"{prefix}/{MANIFEST_FILE}"))
+        manifest = _artifact_manifest(run, trainer)
         tensors = run.store.stat(f"{prefix}/{TENSORS_FILE}")
-    except (ObjectNotFound, IntegrityError, ValidationError) as err:
+    except ObjectNotFound as err:
         problem = f"artifact under {prefix} is missing or unreadable: {err}"
+    except ValueError as err:  # see _artifact_manifest
+        problem = str(err)
     else:
         problem = ""
         if tensors.sha256 != manifest.file_sha256:
@@ -380,6 +382,21 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
     run.condition("Trained", True, "ArtifactVerified", f"generation {trainer.generation}: {prefix}/{TENSORS_FILE}")
     _record_artifact(run, prefix, manifest)
     return True
+
+
+def _artifact_manifest(run: Pass, trainer: TrainerConfig) -> CartridgeManifest:
+    """The generation's uploaded manifest. One altered, or that does not parse (a file store records no sha256 to
+    catch a torn one, nor does an object another tool wrote) raises a ValueError that names it and says how to
+    train the generation again: the trainer takes a generation with a manifest as done."""
+    uri = f"{trainer.output_prefix}/{MANIFEST_FILE}"
+    try:
+        return CartridgeManifest.model_validate(run.store.get_json(uri))
+    except (IntegrityError, ValueError) as err:  # altered, not JSON, or not a manifest (ValidationError)
+        raise ValueError(
+            f"{uri} is unusable ({' '.join(str(err).split())[:300]}); not promoted (a promoted "
+            f"generation keeps serving): delete it and Job {manifests.job_name(run.name, trainer.generation)} "
+            f"to train generation {trainer.generation} again"
+        ) from err
 
 
 def _record_artifact(run: Pass, prefix: str, manifest: CartridgeManifest) -> None:
