@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cartridges import layout
 from cartridges.hashing import sha256_bytes
-from cartridges.store import Store
+from cartridges.store import IntegrityError, ObjectNotFound, Store
 
 
 class SourceError(ValueError):
@@ -107,10 +107,13 @@ def publish(
     tokens: int | None = None,
     tokenizer: str | None = None,
 ) -> layout.CorpusManifest:
-    """Upload corpus.jsonl then manifest.json under the digest prefix; a no-op when that digest is stored."""
-    manifest_uri = f"{prefix}/{layout.MANIFEST_FILE}"
-    if store.exists(manifest_uri):
-        return layout.CorpusManifest.model_validate(store.get_json(manifest_uri))
+    """Upload corpus.jsonl then manifest.json under the digest prefix; a no-op when that digest is stored intact.
+    A version whose corpus.jsonl was lost or altered, or whose manifest is unreadable, is stored again from the
+    text in hand: every Cartridge trained on it would fail on it, and nothing else repairs it."""
+    try:
+        return layout.verified_corpus(store, prefix)
+    except (ObjectNotFound, IntegrityError, ValueError):  # ValueError: layout.CorpusUnusable
+        pass
     manifest = layout.CorpusManifest(
         digest=corpus.digest,
         documents=len(corpus.documents),
@@ -120,5 +123,5 @@ def publish(
         tokenizer=tokenizer,
     )
     store.put_bytes(f"{prefix}/{layout.CORPUS_FILE}", corpus.jsonl)
-    store.put_json(manifest_uri, manifest.model_dump())
+    store.put_json(f"{prefix}/{layout.MANIFEST_FILE}", manifest.model_dump())
     return manifest

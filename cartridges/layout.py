@@ -156,9 +156,41 @@ class CorpusManifest(BaseModel):
     tokenizer: str | None = None
 
 
+class CorpusUnusable(ValueError):
+    """A stored corpus version that is not what its prefix names: its manifest unreadable or of another digest, or
+    its corpus.jsonl not the bytes the digest names. The message names the object and what is wrong with it."""
+
+
+def corpus_manifest(store: Store, prefix: str) -> CorpusManifest:
+    """The manifest of the corpus version under ``prefix``, which must describe the digest the prefix names: that
+    digest is what a Cartridge pins and its training hash records, so data stored there under another digest is
+    never trained on. Raises :class:`CorpusUnusable`, or the store's error (ObjectNotFound, IntegrityError, ...)."""
+    uri = _join(prefix, MANIFEST_FILE)
+    try:
+        manifest = CorpusManifest.model_validate(store.get_json(uri))
+    except ValueError as err:  # not JSON, or not a manifest (ValidationError is a ValueError)
+        raise CorpusUnusable(f"{uri} is not a corpus manifest ({' '.join(str(err).split())[:300]})") from err
+    named = prefix.rstrip("/").rsplit("/", 1)[-1]
+    if manifest.digest != named:
+        raise CorpusUnusable(f"{uri} describes corpus digest {manifest.digest}, not {named}, which its prefix names")
+    return manifest
+
+
+def verified_corpus(store: Store, prefix: str) -> CorpusManifest:
+    """:func:`corpus_manifest`, once corpus.jsonl's sha256 is checked to be the digest (the one recorded with it: a
+    HEAD on S3; a file store hashes the file): a version whose data was lost or altered is not taken as stored.
+    Raises as :func:`corpus_manifest`, :class:`CorpusUnusable` for other bytes."""
+    manifest = corpus_manifest(store, prefix)
+    data = store.stat(_join(prefix, CORPUS_FILE))
+    if data.sha256 != manifest.digest:
+        found = f"sha256 {data.sha256}" if data.sha256 else "no recorded sha256"
+        raise CorpusUnusable(f"{data.uri} has {found}, not the corpus digest {manifest.digest}")
+    return manifest
+
+
 def read_documents(store: Store, prefix: str) -> Iterator[Document]:
-    """The documents of a stored corpus, verified against the manifest's digest."""
-    manifest = CorpusManifest.model_validate(store.get_json(_join(prefix, MANIFEST_FILE)))
+    """The documents of a stored corpus, verified against the digest its prefix names."""
+    manifest = corpus_manifest(store, prefix)
     data = store.get_bytes(_join(prefix, CORPUS_FILE), expected_sha256=manifest.digest)
     for line in data.decode().splitlines():
         if line.strip():

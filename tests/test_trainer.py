@@ -977,6 +977,20 @@ def rank_process(launcher: int, rank: int) -> int:
 # --- bad input -----------------------------------------------------------------------------------------------------
 
 
+def test_a_corpus_stored_under_another_digest_than_its_own_is_bad_input(
+    tiny_model: LoadedModel, file_store_root: str
+) -> None:
+    """The digest in the prefix is the one the Cartridge pinned and its training hash records: text stored there
+    that is consistent with its own manifest, but of another digest, is never trained on."""
+    store = Store()
+    prefix = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
+    digest, pinned = prefix.rsplit("/", 1)[1], f"{prefix.rsplit('/', 1)[0]}/{'d' * 64}"
+    for name in (CORPUS_FILE, MANIFEST_FILE):
+        store.copy(f"{prefix}/{name}", f"{pinned}/{name}")
+    with pytest.raises(InputError, match=f"describes corpus digest {digest}, not {'d' * 64}"):
+        load_corpus(store, [pinned], "the Varnholm lighthouse", tiny_model.tokenizer)
+
+
 @pytest.mark.parametrize(
     ("texts", "size", "message"),
     [

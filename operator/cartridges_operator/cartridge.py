@@ -231,9 +231,8 @@ def _current_corpus(run: Pass, name: str) -> tuple[str, str, str] | None:
         _waiting_for_corpus(run, "WaitingForCorpus", f"Corpus {name} {_why_not_ready(corpus)}")
         return None
     digest = status["digest"]
-    prefix = layout.corpus_prefix(run.config.store_root, run.namespace, name, digest)
-    if not run.store.exists(f"{prefix}/{layout.MANIFEST_FILE}"):
-        _waiting_for_corpus(run, "CorpusDigestNotFound", f"digest {digest} of Corpus {name} is not in the store")
+    repair = "the operator stores it again from the Corpus's sources when it next reads them (within seconds)"
+    if _stored_corpus(run, name, digest, f"digest {digest} of Corpus {name}", repair) is None:
         return None
     return name, digest, corpus["spec"].get("description", "")
 
@@ -242,13 +241,25 @@ def _pinned_corpus(run: Pass, name: str, digest: str) -> tuple[str, str, str] | 
     """A pinned version is immutable data in the store: it needs no Corpus, Ready or not (one whose sources broke
     since, or that was deleted, must not hold back what was trained on the version pinned). Its description is the
     one stored with it."""
+    repair = (
+        f"the operator stores it again while Corpus {name}'s sources still give this digest; else restore it "
+        "from a backup, or pin another digest"
+    )
+    manifest = _stored_corpus(run, name, digest, f"pinned digest {digest} of Corpus {name}", repair)
+    return None if manifest is None else (name, digest, manifest.description)
+
+
+def _stored_corpus(run: Pass, name: str, digest: str, what: str, repair: str) -> layout.CorpusManifest | None:
+    """The manifest of a corpus version stored intact, or None (waiting, with a condition that names the object
+    and what is wrong with it): a torn or altered version would fail every training Job started on it for good."""
     prefix = layout.corpus_prefix(run.config.store_root, run.namespace, name, digest)
     try:
-        manifest = layout.CorpusManifest.model_validate(run.store.get_json(f"{prefix}/{layout.MANIFEST_FILE}"))
-    except ObjectNotFound:
-        _waiting_for_corpus(run, "CorpusDigestNotFound", f"pinned digest {digest} of Corpus {name} is not in the store")
-        return None
-    return name, digest, manifest.description
+        return layout.verified_corpus(run.store, prefix)
+    except ObjectNotFound as err:
+        _waiting_for_corpus(run, "CorpusDigestNotFound", f"{what} is not in the store ({err})")
+    except (IntegrityError, ValueError) as err:  # ValueError: layout.CorpusUnusable
+        _waiting_for_corpus(run, "CorpusDigestUnusable", f"{what} is not usable: {err}; {repair}")
+    return None
 
 
 def _training_hash(spec: api.CartridgeSpec, corpora: list[tuple[str, str, str]]) -> str:
@@ -345,7 +356,7 @@ def _copy_progress(run: Pass, trainer: TrainerConfig) -> str:
         progress = layout.Progress.model_validate(run.store.get_json(uri))
     except ObjectNotFound:
         return ""
-    except ValueError as err:  # not JSON, or a record Progress refuses (ValidationError is a ValueError)
+    except (IntegrityError, ValueError) as err:  # altered, not JSON, or a record Progress refuses (ValidationError)
         run.status["progress"] = None
         return f"; {uri} is unusable: {' '.join(str(err).split())}"[:500]
     eta = None if progress.eta_s is None else int(progress.eta_s)
@@ -385,10 +396,12 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
     serving."""
     prefix = trainer.output_prefix
     try:
-        manifest = CartridgeManifest.model_validate(run.store.get_json(f"{prefix}/{MANIFEST_FILE}"))
+        manifest = _artifact_manifest(run, trainer)
         tensors = run.store.stat(f"{prefix}/{TENSORS_FILE}")
-    except (ObjectNotFound, IntegrityError, ValidationError) as err:
+    except ObjectNotFound as err:
         problem = f"artifact under {prefix} is missing or unreadable: {err}"
+    except ValueError as err:  # see _artifact_manifest
+        problem = str(err)
     else:
         problem = ""
         if tensors.sha256 != manifest.file_sha256:
@@ -411,6 +424,21 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
     run.condition("Trained", True, "ArtifactVerified", f"generation {trainer.generation}: {prefix}/{TENSORS_FILE}")
     _record_artifact(run, prefix, manifest)
     return True
+
+
+def _artifact_manifest(run: Pass, trainer: TrainerConfig) -> CartridgeManifest:
+    """The generation's uploaded manifest. One altered, or that does not parse (a file store records no sha256 to
+    catch a torn one, nor does an object another tool wrote) raises a ValueError that names it and says how to
+    train the generation again: the trainer takes a generation with a manifest as done."""
+    uri = f"{trainer.output_prefix}/{MANIFEST_FILE}"
+    try:
+        return CartridgeManifest.model_validate(run.store.get_json(uri))
+    except (IntegrityError, ValueError) as err:  # altered, not JSON, or not a manifest (ValidationError)
+        raise ValueError(
+            f"{uri} is unusable ({' '.join(str(err).split())[:300]}); not promoted (a promoted "
+            f"generation keeps serving): delete it and Job {manifests.job_name(run.name, trainer.generation)} "
+            f"to train generation {trainer.generation} again"
+        ) from err
 
 
 def _record_artifact(run: Pass, prefix: str, manifest: CartridgeManifest) -> None:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from cartridges import api, layout
 from cartridges.corpus import SourceError, count_tokens, publish
-from cartridges.store import Store, StoreError, StoreUnavailable
+from cartridges.store import IntegrityError, ObjectNotFound, Store, StoreError, StoreUnavailable
 from cartridges_operator import kube
 from cartridges_operator.conditions import is_true, seconds_since, set_condition
 from cartridges_operator.config import CorpusLimits
@@ -29,6 +29,21 @@ def read_skipped(status: dict[str, Any]) -> bool:
     (of its spec, or of a ConfigMap it reads), and only a later read takes it in."""
     stalled: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Stalled"), {})
     return bool(stalled.get("reason") == WAITING_FOR_READ_SLOT)
+
+
+def stored_version_damaged(status: dict[str, Any], namespace: str, name: str, store: Store, root: str) -> bool:
+    """Whether the version a Corpus's status names is no longer intact in the store (its corpus.jsonl lost or
+    altered, its manifest unreadable): reading the Corpus again stores it again, where every Cartridge training on
+    it would fail for good. A GET and a HEAD on S3. A store that does not answer tells nothing: False."""
+    if not status.get("digest"):
+        return False
+    try:
+        layout.verified_corpus(store, layout.corpus_prefix(root, namespace, name, status["digest"]))
+    except (ObjectNotFound, IntegrityError, ValueError):  # ValueError: layout.CorpusUnusable
+        return True
+    except StoreError:
+        return False
+    return False
 
 
 def reconcile_corpus(

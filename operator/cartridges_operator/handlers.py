@@ -18,7 +18,7 @@ from cartridges_operator import kube, manifests, metrics
 from cartridges_operator.cartridge import forget_cartridge, reconcile_cartridge
 from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
-from cartridges_operator.corpus import SOURCES_READ, read_skipped, reconcile_corpus
+from cartridges_operator.corpus import SOURCES_READ, read_skipped, reconcile_corpus, stored_version_damaged
 from cartridges_operator.source_access import ReadSlots
 
 PREFIX = "cartridges.dev"
@@ -102,11 +102,18 @@ def corpus_changed(body: kopf.Body, **_: Any) -> None:
 def corpus_retry(body: kopf.Body, **_: Any) -> None:
     """A Corpus that is not Ready is retried, so it recovers once the missing ConfigMap or store is back; so is one
     whose last read failed or found no read slot free (a Ready one keeps its stored digest meanwhile), as kopf calls
-    no handler again for that change, and one whose generation is unobserved."""
+    no handler again for that change, one whose generation is unobserved, and one whose stored version was damaged
+    (the read stores it again)."""
     status = body.get("status") or {}
     conditions = status.get("conditions")
     unobserved = status.get("observedGeneration") != body.metadata.get("generation")
-    if unobserved or read_skipped(status) or not is_true(conditions, "Ready") or not is_true(conditions, SOURCES_READ):
+    unread = read_skipped(status) or not is_true(conditions, "Ready") or not is_true(conditions, SOURCES_READ)
+    meta = body.metadata
+    if (
+        unobserved
+        or unread
+        or stored_version_damaged(status, meta["namespace"], meta["name"], STORE, CONFIG.store_root)
+    ):
         write_status("corpora", body, _reconcile_corpus(body))
 
 

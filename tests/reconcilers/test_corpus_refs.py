@@ -9,9 +9,9 @@ import pytest
 
 from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, publish
-from cartridges.store import Store
+from cartridges.store import Store, StoreURI
 from cartridges_operator import kube
-from cartridges_operator.cartridge import Pass, _ready_corpora
+from cartridges_operator.cartridge import Pass, _ready_corpora, reconcile_cartridge
 from cartridges_operator.config import OperatorConfig
 
 NAMESPACE = "team-a"
@@ -76,3 +76,67 @@ def test_an_unpinned_ref_waits_for_its_corpus_to_be_ready(
     run = run_pass(store, root, {"name": "handbook"})
     assert _ready_corpora(run) is None
     assert condition(run, "CorpusReady")["reason"] == "WaitingForCorpus"
+
+
+def ready_corpus(digest: str) -> dict[str, Any]:
+    return {
+        "spec": {"description": "d"},
+        "status": {"digest": digest, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def damage(store: Store, uri: str, content: bytes | None) -> None:
+    """Replace an object's bytes behind the store's back (as a disk, a torn copy or another tool does), or lose it."""
+    path = Path(StoreURI.parse(uri).key)
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(content)
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize(
+    ("damaged", "content", "problem"),
+    [
+        (layout.MANIFEST_FILE, b"{truncated", "is not a corpus manifest (Expecting property name"),
+        (layout.MANIFEST_FILE, b"{}", "is not a corpus manifest (4 validation errors"),
+        (layout.CORPUS_FILE, b'{"id": "a", "te', "has sha256"),
+    ],
+)
+def test_a_version_damaged_in_the_store_is_waited_for_naming_the_object_and_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch,
+    stored: tuple[Store, str, str],
+    pinned: bool,
+    damaged: str,
+    content: bytes,
+    problem: str,
+) -> None:
+    """Every training Job started on it would fail for good (the trainer takes it as bad input); a reconcile pass
+    that raised instead would write no status at all."""
+    store, root, digest = stored
+    monkeypatch.setattr(kube, "get_corpus", lambda ns, name: ready_corpus(digest))
+    prefix = layout.corpus_prefix(root, NAMESPACE, "handbook", digest)
+    damage(store, f"{prefix}/{damaged}", content)
+    ref = {"name": "handbook", "digest": digest} if pinned else {"name": "handbook"}
+    run = run_pass(store, root, ref)
+    status = reconcile_cartridge(run.body, NAMESPACE, "c", run.config, store, lambda model: [])
+    waiting = next(c for c in status["conditions"] if c["type"] == "CorpusReady")
+    assert waiting["status"] == "False" and waiting["reason"] == "CorpusDigestUnusable"
+    assert f"{prefix}/{damaged}" in waiting["message"] and problem in waiting["message"]
+    assert "stores it again" in waiting["message"]
+    assert next(c for c in status["conditions"] if c["type"] == "Ready")["reason"] == "CorpusDigestUnusable"
+
+
+def test_a_pinned_digest_whose_manifest_names_other_data_is_not_trained_on(stored: tuple[Store, str, str]) -> None:
+    """The digest pinned is what the training hash records: text stored under it with another digest's manifest
+    (consistent in itself) would train a Cartridge on what its pin never named."""
+    store, root, digest = stored
+    other = "d" * 64
+    for name in (layout.CORPUS_FILE, layout.MANIFEST_FILE):
+        store.copy(f"{layout.corpus_prefix(root, NAMESPACE, 'handbook', digest)}/{name}",
+                   f"{layout.corpus_prefix(root, NAMESPACE, 'handbook', other)}/{name}")  # fmt: skip
+    run = run_pass(store, root, {"name": "handbook", "digest": other})
+    assert _ready_corpora(run) is None
+    waiting = condition(run, "CorpusReady")
+    assert waiting["reason"] == "CorpusDigestUnusable"
+    assert f"describes corpus digest {digest}, not {other}" in waiting["message"]

@@ -24,10 +24,10 @@ from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, SourceError, count_tokens, normalize_text, pieces_at_newlines
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
-from cartridges.store import S3Config, Store
+from cartridges.store import S3Config, Store, StoreURI
 from cartridges_e2e.minio import MinioServer
 from cartridges_operator.config import CorpusLimits
-from cartridges_operator.corpus import reconcile_corpus
+from cartridges_operator.corpus import reconcile_corpus, stored_version_damaged
 from cartridges_operator.corpus_sources import read_sources
 from cartridges_operator.http_fetch import SourceUnavailable, _may_pass
 from cartridges_operator.redaction import redacted
@@ -285,7 +285,8 @@ def test_tokens_follow_a_tokenizer_added_to_a_stored_corpus(tmp_path: Path) -> N
 
 
 class HeadReads(Store):
-    """A local store that records the lengths asked of ``get_head`` and refuses whole-object reads."""
+    """A local store that records the lengths asked of ``get_head`` and refuses whole reads of a tokenizer (the
+    corpus's own records are read whole, to find whether its version is stored)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -296,7 +297,9 @@ class HeadReads(Store):
         return super().get_head(uri, length)
 
     def get_bytes(self, uri: str, expected_sha256: str | None = None) -> bytes:
-        raise AssertionError(f"{uri} read whole")
+        if uri.endswith("/tokenizer.json"):
+            raise AssertionError(f"{uri} read whole")
+        return super().get_bytes(uri, expected_sha256)
 
 
 def test_a_tokenizer_is_read_only_up_to_its_limit(tmp_path: Path) -> None:
@@ -633,3 +636,34 @@ def test_corpus_limits_from_the_environment() -> None:
         CorpusLimits.from_env({"CARTRIDGES_CORPUS_MAX_BYTES": "32Mi"})
     with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_CONCURRENT_READS must be an integer >= 1, got '0'"):
         CorpusLimits.from_env({"CARTRIDGES_CORPUS_CONCURRENT_READS": "0"})
+
+
+@pytest.mark.parametrize(
+    ("damaged", "content"),
+    [
+        (layout.CORPUS_FILE, None),
+        (layout.CORPUS_FILE, b'{"id": "0", "text": "Sound fa'),
+        (layout.MANIFEST_FILE, b"{truncated"),
+        (layout.MANIFEST_FILE, b"{}"),
+    ],
+)
+def test_a_stored_version_lost_or_damaged_is_stored_again_when_read(
+    tmp_path: Path, damaged: str, content: bytes | None
+) -> None:
+    """Its corpus.jsonl lost or altered, or its manifest unreadable, the version is not taken as stored: the read
+    stores it again from the text it read, under the same digest (every Cartridge trained on it would fail for good
+    otherwise). The retry timer's check finds such a version of a Ready Corpus, so that it is read."""
+    root, store = f"file://{tmp_path}/store", Store()
+    corpus = {"description": "d", "sources": [{"inline": "Sound facts."}]}
+    first = reconcile_corpus(corpus, {}, "ns", "c", 1, store, root)
+    assert not stored_version_damaged(first, "ns", "c", store, root)
+    path = Path(StoreURI.parse(f"{first['artifact']}/{damaged}").key)
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(content)
+    assert stored_version_damaged(first, "ns", "c", store, root)
+    again = reconcile_corpus(corpus, first, "ns", "c", 1, store, root)
+    assert condition(again, "Ready")["status"] == "True" and again["digest"] == first["digest"]
+    assert [doc.text for doc in layout.read_documents(store, first["artifact"])] == ["Sound facts.\n"]
+    assert not stored_version_damaged(again, "ns", "c", store, root)

@@ -14,8 +14,8 @@ import kopf
 import pytest
 from _web_page import WebPage
 
-from cartridges import api
-from cartridges.store import Store
+from cartridges import api, layout
+from cartridges.store import Store, StoreURI
 from cartridges_operator import handlers, kube
 from cartridges_operator.cartridge import reconcile_cartridge
 from cartridges_operator.conditions import is_true
@@ -100,6 +100,24 @@ def cartridge_pass(namespace: str, status: dict[str, Any]) -> dict[str, Any]:
     spec = {"corpusRefs": [{"name": "c"}], "baseModel": {"name": "m", "uri": "s3://b/m"}}
     body = {"metadata": {"name": "k", "generation": 1, "uid": "k-uid"}, "spec": spec, "status": status}
     return reconcile_cartridge(body, namespace, "k", handlers.CONFIG, handlers.STORE, lambda model: [])
+
+
+def test_a_ready_corpus_whose_stored_text_was_lost_is_stored_again_by_the_retry_timer(
+    namespace: str, corpus_handlers: None
+) -> None:
+    """corpus.jsonl lost under a Ready Corpus's digest: its Cartridges wait rather than start Jobs that would fail
+    for good, and the retry timer, which reads no Ready Corpus otherwise, reads it so that it is stored again."""
+    create_corpus(namespace, {"inline": "Kept facts."})
+    call(handlers.corpus_changed, body=corpus(namespace))
+    stored = dict(corpus(namespace).status)
+    Path(StoreURI.parse(f"{stored['artifact']}/{layout.CORPUS_FILE}").key).unlink()
+    waiting = cartridge_pass(namespace, {})
+    assert condition(waiting, "CorpusReady")["reason"] == "CorpusDigestNotFound"
+
+    call(handlers.corpus_retry, body=corpus(namespace))
+    assert dict(corpus(namespace).status)["digest"] == stored["digest"]
+    assert [doc.text for doc in layout.read_documents(handlers.STORE, stored["artifact"])] == ["Kept facts.\n"]
+    assert condition(cartridge_pass(namespace, {}), "CorpusReady")["status"] == "True"
 
 
 def test_a_stored_corpus_whose_source_fails_once_when_read_again_keeps_its_version_and_its_cartridges(

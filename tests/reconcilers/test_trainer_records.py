@@ -1,15 +1,22 @@
-"""What the trainer writes (progress.json, eval.json) on its way into a Cartridge's status: NaN and infinity, which
-a diverged run produces, are refused, and a NaN score never passes the quality gate."""
+"""What the trainer writes (progress.json, eval.json, the artifact's manifest) on its way into a Cartridge's status:
+NaN and infinity, which a diverged run produces, are refused, a NaN score never passes the quality gate, and a record
+that is unreadable is reported, naming it."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from cartridges import api, layout
-from cartridges_operator.cartridge import Pass, _passes_quality_gate
+from cartridges.contract import TrainerConfig
+from cartridges.manifest import MANIFEST_FILE, TENSORS_FILE
+from cartridges.store import IntegrityError, Store
+from cartridges_operator import manifests
+from cartridges_operator.cartridge import Pass, _copy_progress, _passes_quality_gate, _verify_and_record
 from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
 
@@ -45,3 +52,49 @@ def test_a_nan_or_missing_or_low_score_fails_the_quality_gate(recovered: float |
 
 def test_a_score_at_the_gate_passes() -> None:
     assert _passes_quality_gate(gate_pass(0.5), 1, None)
+
+
+def trained_pass(tmp_path: Path) -> tuple[Pass, TrainerConfig]:
+    """A pass of Cartridge c, on a file store, whose generation 1 has finished training."""
+    root = f"file://{tmp_path}/store"
+    spec = api.CartridgeSpec.model_validate(
+        {"corpusRefs": [{"name": "k"}], "baseModel": {"name": "m", "uri": "s3://b/m"}}
+    )
+    run = Pass(
+        {"metadata": {"name": "c"}}, spec, {}, "ns", "c", 1, OperatorConfig(store_root=root), Store(), lambda _: []
+    )
+    trainer = TrainerConfig(namespace="ns", cartridge="c", generation=1, store_root=root,
+                            corpus_prefixes=[f"{root}/corpora/ns/k/d"], corpus_description="", spec=spec)  # fmt: skip
+    return run, trainer
+
+
+@pytest.mark.parametrize("manifest", [b"{truncated", b"{}"])
+def test_an_unreadable_artifact_manifest_is_an_invalid_artifact_that_says_how_to_train_again(
+    tmp_path: Path, manifest: bytes
+) -> None:
+    """A file store records no sha256 to catch a torn manifest, nor does an object another tool wrote to S3: the
+    pass says which object is wrong and how to retrain (the trainer takes a generation with a manifest as done),
+    rather than raising and writing no status at all."""
+    run, trainer = trained_pass(tmp_path)
+    run.store.put_bytes(f"{trainer.output_prefix}/{TENSORS_FILE}", b"tensors")
+    run.store.put_bytes(f"{trainer.output_prefix}/{MANIFEST_FILE}", manifest)
+    assert not _verify_and_record(run, trainer)
+    stalled = next(c for c in run.status["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "ArtifactInvalid"
+    assert f"{trainer.output_prefix}/{MANIFEST_FILE} is unusable" in stalled["message"]
+    assert f"delete it and Job {manifests.job_name('c', 1)} to train generation 1 again" in stalled["message"]
+
+
+def test_progress_altered_after_upload_is_reported_unusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """progress.json whose bytes no longer match their recorded sha256 says so in Trained, the progress cleared; the
+    pass goes on (not StoreUnavailable, which would hide what is wrong and say it may pass)."""
+    run, trainer = trained_pass(tmp_path)
+    uri = f"{trainer.output_prefix}/{layout.PROGRESS_FILE}"
+
+    def altered(uri: str) -> Any:
+        raise IntegrityError("sha256 mismatch (expected a, read b)", uri)
+
+    monkeypatch.setattr(run.store, "get_json", altered)
+    run.status["progress"] = {"phase": "training"}
+    unusable = _copy_progress(run, trainer)
+    assert unusable.startswith(f"; {uri} is unusable: sha256 mismatch") and run.status["progress"] is None
