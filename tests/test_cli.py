@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from cartridges.cli.serve import KEPT_SERVE_LOGS, serve_log_path
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
+from cartridges.store import StoreURI
 from cartridges_e2e.minio import MinioServer
 
 COMMANDS = ("demo", "train", "eval", "serve", "ask", "ls", "inspect", "import", "quantize")
@@ -935,6 +937,28 @@ def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
     code, _, err = cli(capsys, "inspect", "bad-pointer", "--store", store)
     assert code == EXIT_INPUT and pointer in err
     one_line_error(err)
+
+
+@pytest.mark.minio
+def test_ls_of_a_bucket_with_folders_made_in_the_console(
+    minio_server: MinioServer,
+    s3_prefix: str,
+    tiny_model: LoadedModel,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "Create folder" leaves a zero-byte ``cartridges/default/`` object: not a cartridge named "" that fails the
+    listing, and no folder of its own makes a cartridge."""
+    store, root, fp = minio_server.store(), s3_prefix.rstrip("/"), tiny_model.fingerprint
+    for key, value in minio_server.env().items():
+        monkeypatch.setenv(key, value)
+    publish(store, root, "default", "notes", random_cartridge(fp, 4, seed=1), fp)
+    bucket = StoreURI.parse(root).bucket
+    client = store._backend(StoreURI.parse(root)).client  # type: ignore[attr-defined]
+    for folder in ("cartridges/", "cartridges/default/", "cartridges/default/drafts/"):
+        client.put_object(bucket, folder, io.BytesIO(b""), 0)
+    code, out, err = cli(capsys, "ls", "--store", root, "--json")
+    assert code == 0 and [c["name"] for c in json.loads(out)] == ["notes"], err
 
 
 def test_a_new_description_trains_again(store: str, corpus_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
