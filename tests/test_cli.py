@@ -544,6 +544,30 @@ def test_quantize_a_stored_generation_that_is_not_the_promoted_one(
         assert raised.value.code == EXIT_USAGE and "a number from 1 up" in capsys.readouterr().err
 
 
+def test_quantize_and_inspect_check_the_promoted_sha256(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generation replaced in place (consistent, but other tensors than current.json promised) is refused by
+    quantize as by ask, eval and serving, and inspect says so."""
+    store, fp = f"file://{tmp_path / 'store'}", tiny_model.fingerprint
+    opened = open_store(store)
+    publish(opened, store, "default", "swapped", random_cartridge(fp, 4, seed=1), fp)
+    promoted = opened.get_json(layout.current_pointer(store, "default", "swapped"))
+    publish(opened, store, "default", "swapped", random_cartridge(fp, 4, seed=2), fp)  # g1 again, other tensors
+    opened.put_json(layout.current_pointer(store, "default", "swapped"), promoted)
+    refused = f"does not match the promoted {promoted['sha256']}; refusing to load it"
+    code, _, err = cli(capsys, "quantize", "swapped", "--store", store)
+    assert code == 1 and "cartridge 'swapped' g1: tensors sha256" in err and refused in err, err
+    one_line_error(err)
+    assert layout.stored_generations(opened, store, "default", "swapped") == [1]  # nothing made of them
+    code, out, _ = cli(capsys, "inspect", "swapped", "--store", store)
+    assert code == 0 and "warning:        cartridge 'swapped' g1: tensors sha256" in out and refused not in out
+    code, out, _ = cli(capsys, "inspect", "swapped", "--store", store, "--json")
+    assert code == 0 and promoted["sha256"] in json.loads(out)["warning"]
+    code, out, _ = cli(capsys, "inspect", "swapped", "--store", store, "--json", "--generation", "1")
+    assert code == 0 and json.loads(out)["warning"] is None  # g1 as stored, not as promoted
+
+
 def test_quantize_promotes_an_int8_generation_that_eval_reads(
     corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
