@@ -263,6 +263,28 @@ def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
     assert json.loads(out)["training"]["resumed_from_step"] == 4
 
 
+@pytest.mark.parametrize("damage", [b"{not json", b'{"generation": "one", "prefix": "g1", "sha256": "x"}'])
+def test_train_replaces_a_damaged_current_json_with_a_new_generation(
+    damage: bytes, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training again is how a damaged pointer is recovered: it is named in one warning line, and the new
+    generation is numbered after the stored ones, so none of them is overwritten."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "mended", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2", "--json"]
+    code, out, _ = cli(capsys, *argv)
+    assert code == 0 and json.loads(out)["generation"] == 1
+    opened, pointer = open_store(store), layout.current_pointer(store, "default", "mended")
+    first = opened.get_json(pointer)
+    opened.put_bytes(pointer, damage)
+    for retrained in (2, 3):  # damaged again after the first repair: --force takes the same way
+        code, out, err = cli(capsys, *argv, *(["--force"] if retrained == 3 else []))
+        assert code == 0 and json.loads(out)["generation"] == retrained, err
+        warnings = [line for line in err.splitlines() if pointer in line]
+        assert len(warnings) == 1 and warnings[0].startswith("mended: ") and "replaces it" in warnings[0], err
+        opened.put_bytes(pointer, damage)
+    assert find(opened, store, "default", "mended", 1).pointer.sha256 == first["sha256"]  # g1 as it was
+
+
 def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path: Path) -> None:
     """Ctrl-C while the command starts (its own modules, then torch, transformers and triton importing) or later
     while it trains: the interrupt exit code and its line, never a traceback, an abort or a death by SIGINT. The
