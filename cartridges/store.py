@@ -189,6 +189,7 @@ class _Backend(Protocol):
     def children(self, prefix: StoreURI) -> Iterator[str]: ...
     def copy(self, source: StoreURI, target: StoreURI) -> None: ...
     def delete(self, uri: StoreURI) -> None: ...
+    def delete_folders(self, prefix: StoreURI) -> None: ...
     def ensure_bucket(self, uri: StoreURI) -> None: ...
 
 
@@ -279,6 +280,9 @@ class _FileBackend:
 
     def delete(self, uri: StoreURI) -> None:
         self._path(uri).unlink(missing_ok=True)
+
+    def delete_folders(self, prefix: StoreURI) -> None:
+        """Nothing to do: an emptied directory lists as nothing."""
 
     def ensure_bucket(self, uri: StoreURI) -> None:
         Path(uri.key).mkdir(parents=True, exist_ok=True)
@@ -379,10 +383,13 @@ class _S3Backend:
                 yield StoreURI("s3", prefix.bucket, obj.object_name)
 
     def children(self, prefix: StoreURI) -> Iterator[str]:
+        """Skips the directory's own folder marker (a zero-byte ``dir/`` object, as the AWS console's "Create
+        folder" makes), listed with the empty name. A sub-directory holding only a marker is listed: telling it
+        from one holding objects would take a request per sub-directory (see ``delete_folders``)."""
         directory = prefix.key.rstrip("/") + "/" if prefix.key else ""
         for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=False):
-            if obj.object_name:
-                yield obj.object_name[len(directory) :].rstrip("/")
+            if name := (obj.object_name or "")[len(directory) :].rstrip("/"):
+                yield name
 
     def copy(self, source: StoreURI, target: StoreURI) -> None:
         """Server-side: the bytes never leave the store, and the recorded sha256 (user metadata) goes along."""
@@ -390,6 +397,14 @@ class _S3Backend:
 
     def delete(self, uri: StoreURI) -> None:
         self.client.remove_object(uri.bucket, uri.key)
+
+    def delete_folders(self, prefix: StoreURI) -> None:
+        """The folder markers under ``prefix`` (which ``list`` skips): left, the emptied directory would still be
+        listed by ``children``, as a local one is not."""
+        directory = prefix.key.rstrip("/") + "/" if prefix.key else ""
+        for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=True):
+            if obj.object_name and obj.is_dir:
+                self.client.remove_object(prefix.bucket, obj.object_name)
 
     def ensure_bucket(self, uri: StoreURI) -> None:
         """Check, then create: a process that started at the same time may create the bucket in between, which is
@@ -574,9 +589,12 @@ class Store:
         self._call(source_uri, self._backend(source_uri).copy, source_uri, target_uri)
 
     def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under the directory ``prefix``; returns how many were deleted."""
+        """Delete every object under the directory ``prefix``, then its folder markers (on S3), so ``children``
+        no longer lists it; returns how many objects were deleted."""
         uris = self.list(prefix)
         for uri in uris:
             parsed = StoreURI.parse(uri)
             self._call(parsed, self._backend(parsed).delete, parsed)
+        parsed = StoreURI.parse(prefix)
+        self._call(parsed, self._backend(parsed).delete_folders, parsed)
         return len(uris)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from cartridges.cli.serve import KEPT_SERVE_LOGS, serve_log_path
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
+from cartridges.store import StoreURI
 from cartridges_e2e.minio import MinioServer
 
 COMMANDS = ("demo", "train", "eval", "serve", "ask", "ls", "inspect", "import", "quantize")
@@ -259,6 +261,28 @@ def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
     assert code == 0 and json.loads(out)["generation"] == 2
     code, out, _ = cli(capsys, "inspect", "resumed", "--store", store, "--json")
     assert json.loads(out)["training"]["resumed_from_step"] == 4
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b'{"generation": "one", "prefix": "g1", "sha256": "x"}'])
+def test_train_replaces_a_damaged_current_json_with_a_new_generation(
+    damage: bytes, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training again is how a damaged pointer is recovered: it is named in one warning line, and the new
+    generation is numbered after the stored ones, so none of them is overwritten."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "mended", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2", "--json"]
+    code, out, _ = cli(capsys, *argv)
+    assert code == 0 and json.loads(out)["generation"] == 1
+    opened, pointer = open_store(store), layout.current_pointer(store, "default", "mended")
+    first = opened.get_json(pointer)
+    opened.put_bytes(pointer, damage)
+    for retrained in (2, 3):  # damaged again after the first repair: --force takes the same way
+        code, out, err = cli(capsys, *argv, *(["--force"] if retrained == 3 else []))
+        assert code == 0 and json.loads(out)["generation"] == retrained, err
+        warnings = [line for line in err.splitlines() if pointer in line]
+        assert len(warnings) == 1 and warnings[0].startswith("mended: ") and "replaces it" in warnings[0], err
+        opened.put_bytes(pointer, damage)
+    assert find(opened, store, "default", "mended", 1).pointer.sha256 == first["sha256"]  # g1 as it was
 
 
 def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path: Path) -> None:
@@ -540,6 +564,30 @@ def test_quantize_a_stored_generation_that_is_not_the_promoted_one(
         with pytest.raises(SystemExit) as raised:
             main(["quantize", "multi", "--generation", bad, "--store", store])
         assert raised.value.code == EXIT_USAGE and "a number from 1 up" in capsys.readouterr().err
+
+
+def test_quantize_and_inspect_check_the_promoted_sha256(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generation replaced in place (consistent, but other tensors than current.json promised) is refused by
+    quantize as by ask, eval and serving, and inspect says so."""
+    store, fp = f"file://{tmp_path / 'store'}", tiny_model.fingerprint
+    opened = open_store(store)
+    publish(opened, store, "default", "swapped", random_cartridge(fp, 4, seed=1), fp)
+    promoted = opened.get_json(layout.current_pointer(store, "default", "swapped"))
+    publish(opened, store, "default", "swapped", random_cartridge(fp, 4, seed=2), fp)  # g1 again, other tensors
+    opened.put_json(layout.current_pointer(store, "default", "swapped"), promoted)
+    refused = f"does not match the promoted {promoted['sha256']}; refusing to load it"
+    code, _, err = cli(capsys, "quantize", "swapped", "--store", store)
+    assert code == 1 and "cartridge 'swapped' g1: tensors sha256" in err and refused in err, err
+    one_line_error(err)
+    assert layout.stored_generations(opened, store, "default", "swapped") == [1]  # nothing made of them
+    code, out, _ = cli(capsys, "inspect", "swapped", "--store", store)
+    assert code == 0 and "warning:        cartridge 'swapped' g1: tensors sha256" in out and refused not in out
+    code, out, _ = cli(capsys, "inspect", "swapped", "--store", store, "--json")
+    assert code == 0 and promoted["sha256"] in json.loads(out)["warning"]
+    code, out, _ = cli(capsys, "inspect", "swapped", "--store", store, "--json", "--generation", "1")
+    assert code == 0 and json.loads(out)["warning"] is None  # g1 as stored, not as promoted
 
 
 def test_quantize_promotes_an_int8_generation_that_eval_reads(
@@ -935,6 +983,28 @@ def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
     code, _, err = cli(capsys, "inspect", "bad-pointer", "--store", store)
     assert code == EXIT_INPUT and pointer in err
     one_line_error(err)
+
+
+@pytest.mark.minio
+def test_ls_of_a_bucket_with_folders_made_in_the_console(
+    minio_server: MinioServer,
+    s3_prefix: str,
+    tiny_model: LoadedModel,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "Create folder" leaves a zero-byte ``cartridges/default/`` object: not a cartridge named "" that fails the
+    listing, and no folder of its own makes a cartridge."""
+    store, root, fp = minio_server.store(), s3_prefix.rstrip("/"), tiny_model.fingerprint
+    for key, value in minio_server.env().items():
+        monkeypatch.setenv(key, value)
+    publish(store, root, "default", "notes", random_cartridge(fp, 4, seed=1), fp)
+    bucket = StoreURI.parse(root).bucket
+    client = store._backend(StoreURI.parse(root)).client  # type: ignore[attr-defined]
+    for folder in ("cartridges/", "cartridges/default/", "cartridges/default/drafts/"):
+        client.put_object(bucket, folder, io.BytesIO(b""), 0)
+    code, out, err = cli(capsys, "ls", "--store", root, "--json")
+    assert code == 0 and [c["name"] for c in json.loads(out)] == ["notes"], err
 
 
 def test_a_new_description_trains_again(store: str, corpus_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

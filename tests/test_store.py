@@ -72,6 +72,31 @@ def test_children_are_the_names_one_level_down(store_and_root: tuple[Store, str]
     assert store.children(f"{root}/absent") == []
 
 
+def _make_folder(store: Store, uri: str) -> None:
+    """What "Create folder" leaves: an empty directory on files, a zero-byte ``dir/`` object (a folder marker) on S3
+    (as the AWS console and s3fs make them)."""
+    parsed = StoreURI.parse(uri)
+    if parsed.scheme == "file":
+        Path(parsed.key).mkdir(parents=True, exist_ok=True)
+        return
+    client = store._backend(parsed).client  # type: ignore[attr-defined]
+    client.put_object(parsed.bucket, parsed.key.rstrip("/") + "/", io.BytesIO(b""), 0)
+
+
+def test_folders_made_by_other_tools_list_as_on_a_file_store(store_and_root: tuple[Store, str]) -> None:
+    """A folder marker is no object: the directory's own one adds no name (an empty name is no cartridge), and one
+    left in a generation its objects were deleted from leaves nothing listed, as an emptied directory does."""
+    store, root = store_and_root
+    for folder in ("cart", "cart/g1", "cart/g2"):
+        _make_folder(store, f"{root}/{folder}")
+    for key in ("cart/current.json", "cart/g1/x", "cart/g2/y"):
+        store.put_bytes(f"{root}/{key}", b"x")
+    assert sorted(store.children(f"{root}/cart")) == ["current.json", "g1", "g2"]
+    assert store.list(f"{root}/cart/g1") == [f"{root}/cart/g1/x"]
+    assert store.delete_prefix(f"{root}/cart/g1") == 1
+    assert sorted(store.children(f"{root}/cart")) == ["current.json", "g2"]
+
+
 def test_copy_keeps_bytes_and_recorded_sha256(store_and_root: tuple[Store, str]) -> None:
     store, root = store_and_root
     info = store.put_bytes(f"{root}/g1/synth/shard", b"shard bytes")

@@ -268,20 +268,37 @@ def names(store: Store, root: str, namespace: str) -> list[str]:
     return sorted(n for n in store.children(base) if store.exists(layout.current_pointer(root, namespace, n)))
 
 
+def sha256_mismatch(stored: Stored, manifest: CartridgeManifest) -> str | None:
+    """What is wrong when ``manifest`` records other tensors than the pointer promoted (a generation replaced in
+    place), else None; a generation found by number is its own pointer."""
+    if manifest.file_sha256 == stored.pointer.sha256:
+        return None
+    return (
+        f"cartridge {stored.name!r} g{stored.pointer.generation}: tensors sha256 {manifest.file_sha256} "
+        f"does not match the promoted {stored.pointer.sha256}"
+    )
+
+
+def download_promoted(store: Store, stored: Stored, directory: Path) -> CartridgeManifest:
+    """Download the generation ``stored`` names into ``directory``, refusing tensors other than those promoted, as
+    serving does."""
+    from cartridges.artifact import download_artifact
+
+    manifest = download_artifact(store, stored.pointer.prefix, directory)
+    if (mismatch := sha256_mismatch(stored, manifest)) is not None:
+        raise CLIError(f"{mismatch}; refusing to load it")
+    return manifest
+
+
 def load(store: Store, stored: Stored, lm: LoadedModel) -> StoredCartridge:
     """Download, verify and load a promoted cartridge for ``lm`` (a mismatched base model is an error), as stored
     and served: a quantized one stays quantized."""
-    from cartridges.artifact import download_artifact, load_stored_cartridge, without_directory
+    from cartridges.artifact import load_stored_cartridge, without_directory
     from cartridges.manifest import ArtifactError
 
     which = f"cartridge {stored.name!r} g{stored.pointer.generation}"
     with tempfile.TemporaryDirectory(prefix="cartridges-") as tmp:
-        manifest = download_artifact(store, stored.pointer.prefix, Path(tmp))
-        if manifest.file_sha256 != stored.pointer.sha256:
-            raise CLIError(
-                f"{which}: tensors sha256 {manifest.file_sha256} "
-                f"does not match the promoted {stored.pointer.sha256}; refusing to load it"
-            )
+        download_promoted(store, stored, Path(tmp))
         try:
             cartridge, _ = load_stored_cartridge(Path(tmp), expected_model=lm.fingerprint, device=lm.device)
         except ModelMismatch as err:

@@ -18,6 +18,7 @@ from cartridges.cli.common import (
     names,
     open_store,
     print_json,
+    sha256_mismatch,
     store_options,
 )
 from cartridges.store import ObjectNotFound, Store
@@ -85,6 +86,14 @@ def _progress(store: Store, prefix: str) -> dict[str, Any] | None:
         return None
 
 
+def _refused(stored: Stored) -> str | None:
+    """Why ask, eval, quantize and serving refuse what ``inspect`` shows, when the manifest read already tells."""
+    mismatch = sha256_mismatch(stored, stored.manifest)
+    if mismatch is None:
+        return None
+    return f"{mismatch}; ask, eval, quantize and serving refuse it until a new generation is promoted (train --force)"
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     name = check_name(args.name)
@@ -95,6 +104,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         "promoted": promoted is not None and promoted.pointer.generation == stored.pointer.generation,
         "training": stored.manifest.training,
         "progress": _progress(store, stored.pointer.prefix),
+        "warning": _refused(stored),
     }
     if args.json:
         print_json(info)
@@ -103,6 +113,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     for key in (*keys, "corpusDigest"):
         print(f"{key + ':':<15} {info[key]}")
     print(f"{'size:':<15} {human_bytes(info['bytes'])}")
+    if info["warning"]:
+        print(f"{'warning:':<15} {info['warning']}")
     scores = info["scores"]
     if scores:
         print(

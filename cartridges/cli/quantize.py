@@ -12,6 +12,7 @@ from cartridges.cli.common import (
     CLIError,
     add_command,
     check_name,
+    download_promoted,
     find,
     find_promoted,
     generation_options,
@@ -26,7 +27,7 @@ from cartridges.cli.inventory import describe
 
 
 def run(args: argparse.Namespace) -> int:
-    from cartridges.artifact import download_artifact, load_cartridge, quantize_cartridge
+    from cartridges.artifact import load_cartridge, quantize_cartridge
 
     name = check_name(args.name)
     store = open_store(args.store)
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             EXIT_INPUT,
         )
     with tempfile.TemporaryDirectory(prefix="cartridges-quantize-") as tmp:
-        download_artifact(store, source.pointer.prefix, Path(tmp))
+        download_promoted(store, source, Path(tmp))
         dense, manifest = load_cartridge(Path(tmp))
     training = {**manifest.training, "quantizedFrom": source.pointer.generation}
     if spec := manifest.training.get("spec"):  # as if trained with spec.quantization (`train` compares it)

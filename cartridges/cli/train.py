@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from cartridges.cli.common import (
     open_store,
     print_json,
     promote,
+    read_document,
     store_options,
 )
 from cartridges.corpus import NormalizedCorpus, normalize_text, publish
@@ -190,19 +192,28 @@ def _generation_to_train(store: Store, root: str, namespace: str, name: str, inp
         return 1
     newest = generations[-1]
     prefix = layout.generation_prefix(root, namespace, name, newest)
-
-    def stored(uri: str) -> object:
-        try:
-            return store.get_json(uri)
-        except ObjectNotFound:
-            return None
-
-    promoted = stored(layout.current_pointer(root, namespace, name))
-    recorded = stored(f"{prefix}/{layout.TRAINING_INPUTS_FILE}")
-    newer = not isinstance(promoted, dict) or newest > layout.Pointer.model_validate(promoted).generation
+    try:
+        recorded = store.get_json(f"{prefix}/{layout.TRAINING_INPUTS_FILE}")
+    except ObjectNotFound:
+        recorded = None
+    promoted = _promoted_generation(store, root, namespace, name)
+    newer = promoted is None or newest > promoted
     unfinished = newer and not store.exists(f"{prefix}/{layout.MANIFEST_FILE}")
     same = isinstance(recorded, dict) and all(recorded.get(key) == value for key, value in inputs.items())
     return newest if unfinished and same else newest + 1
+
+
+def _promoted_generation(store: Store, root: str, namespace: str, name: str) -> int | None:
+    """The promoted generation's number; None when none is, or when ``current.json`` cannot be read: promoting
+    the generation trained now replaces it (training again is how it is mended), and that generation is numbered
+    after the stored ones whatever the pointer said, so none is overwritten."""
+    try:
+        return read_document(store, layout.current_pointer(root, namespace, name), layout.Pointer).generation
+    except ObjectNotFound:
+        return None
+    except CLIError as err:
+        print(f"{name}: ignoring the promoted pointer: {err}; the generation trained now replaces it", file=sys.stderr)
+        return None
 
 
 def _as_uri(source: str) -> str:
