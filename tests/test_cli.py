@@ -435,9 +435,10 @@ def test_load_checks_the_pointer_as_serving_does(
     assert len(load(store, find(store, root, "team-a", "ours"), tiny_model).keys) == fp.num_layers
     pointer_uri = layout.current_pointer(root, "team-a", "ours")
     promoted = store.get_json(pointer_uri)
-    store.put_json(pointer_uri, {**promoted, "prefix": theirs})
-    with pytest.raises(CLIError, match="pointer leaves the cartridge's prefix"):
-        find(store, root, "team-a", "ours")
+    for prefix in (theirs, ".\t./.\t./team-b/theirs/g1"):  # the store's URL parsing reads ".\t." as ".."
+        store.put_json(pointer_uri, {**promoted, "prefix": prefix})
+        with pytest.raises(CLIError, match="pointer leaves the cartridge's prefix"):
+            find(store, root, "team-a", "ours")
     store.put_json(pointer_uri, {**promoted, "sha256": "0" * 64})
     with pytest.raises(CLIError, match="does not match the promoted 0000"):
         load(store, find(store, root, "team-a", "ours"), tiny_model)
