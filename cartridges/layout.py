@@ -35,11 +35,11 @@ MAX_NAMESPACE_NAME = 63
 
 
 def is_resource_name(name: str) -> bool:
-    return len(name) <= MAX_RESOURCE_NAME and RESOURCE_NAME.match(name) is not None
+    return len(name) <= MAX_RESOURCE_NAME and RESOURCE_NAME.fullmatch(name) is not None
 
 
 def is_namespace_name(name: str) -> bool:
-    return len(name) <= MAX_NAMESPACE_NAME and NAMESPACE_NAME.match(name) is not None
+    return len(name) <= MAX_NAMESPACE_NAME and NAMESPACE_NAME.fullmatch(name) is not None
 
 
 class UnsafePathSegment(ValueError):

@@ -733,7 +733,7 @@ def test_namespace_must_be_a_kubernetes_namespace_name(
     tmp_path: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = tmp_path / "deep" / "store"
-    for namespace in ("../../escaped", "", "Team A", ".", "a/b", "x" * 64):
+    for namespace in ("../../escaped", "", "Team A", ".", "a/b", "x" * 64, "escaped\n"):
         argv = ["train", "esc", str(corpus_dir), "--model", "tiny", "--store", f"file://{store}", "--steps", "1"]
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, "--namespace", namespace])
@@ -770,7 +770,7 @@ def test_the_cli_takes_every_cartridge_name_the_cluster_and_the_router_take(
         code, out, err = cli(capsys, "inspect", name, "--store", store, "--json")
         assert code == 0, err
         cache.check_cartridge_id(name, "default")  # the router takes it too
-    for name in ("b" * 254, "handbook..v2", ".v2", "Handbook"):
+    for name in ("b" * 254, "handbook..v2", ".v2", "Handbook", "handbook\n"):  # "$" matches before a last "\n"
         code, _, err = cli(capsys, "inspect", name, "--store", store)
         assert code == EXIT_USAGE and "invalid cartridge name" in err
         one_line_error(err)

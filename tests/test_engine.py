@@ -270,6 +270,7 @@ def test_cancel_stops_generation(engine: Engine) -> None:
         (["missing"], GREEDY, "hi", CartridgeNotFound, "not found in namespace 'team-a'"),
         (["../team-b/secret"], GREEDY, "hi", CartridgeRefused, "not a cartridge name"),
         (["team-b/secret"], GREEDY, "hi", CartridgeRefused, "no '/' or '..'"),
+        (["alpha\n"], GREEDY, "hi", CartridgeRefused, "not a cartridge name"),
         (["secret"], GREEDY, "hi", CartridgeNotFound, "not found"),
         (["other-model"], GREEDY, "hi", CartridgeInvalid, "trained for tiny-llama-seed1"),
         (["corrupt"], GREEDY, "hi", CartridgeInvalid, "sha256"),
