@@ -36,7 +36,7 @@ from cartridges_serving import (
     StreamEvent,
 )
 from cartridges_serving.engine import RATE_WINDOW_S, TokenRate
-from cartridges_serving.protocol import parse_request
+from cartridges_serving.protocol import MAX_CARTRIDGES, RouterRequest, parse_request
 
 if TYPE_CHECKING:
     from cartridges_e2e.minio import MinioServer
@@ -291,6 +291,26 @@ def test_bad_requests_fail_alone(
         engine.submit(prompt, names, params).result(WAIT_S)
     assert running.result(timeout=60).token_ids == expected
     assert engine.metrics().requests_refused[error.status] == refused + 1
+
+
+def test_a_request_that_cannot_fit_stops_loading_its_cartridges(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    """The context window is checked before the cartridges load and after each one: a request that cannot fit
+    loads no more of them (it used to load every one first, however many)."""
+    root, store, fp = f"file://{tmp_path}", Store(), tiny_model.fingerprint
+    names = [f"c{i}" for i in range(8)]
+    for seed, name in enumerate(names):
+        publish(store, root, NAMESPACE, name, random_cartridge(fp, 1000, seed), fp)
+    cache = CartridgeCache(store, root, NAMESPACE, fp, 1 << 20)
+    engine = Engine(tiny_model, cache)
+    try:
+        with pytest.raises(InvalidRequest, match=r"at least \d+ positions \(0 of its 8 cartridges"):
+            engine.generate("hi", names, SamplingParams(max_tokens=5000))
+        assert cache.stats().misses == 0
+        with pytest.raises(InvalidRequest, match=r"at least \d+ positions \(5 of its 8 cartridges: 5000 tokens"):
+            engine.generate("hi", names, SamplingParams(max_tokens=4))  # 4 of them fit the window of 4096
+        assert cache.stats().misses == 5
+    finally:
+        engine.close()
 
 
 def test_a_request_whose_kv_does_not_fit_fails_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -972,6 +992,16 @@ def test_corrupt_objects_in_minio_make_the_cartridge_unusable(
 def test_router_inputs_of_the_wrong_type_are_refused(inputs: dict[str, np.ndarray | None], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         parse_request({"text_input": np.array([b"hi"], dtype=np.object_), **inputs})
+
+
+def test_a_request_composes_at_most_max_cartridges() -> None:
+    def request(cartridges: int) -> RouterRequest:
+        ids = np.array([b"alpha"] * cartridges, dtype=np.object_)
+        return parse_request({"text_input": np.array([b"hi"], dtype=np.object_), "cartridges": ids})
+
+    assert len(request(MAX_CARTRIDGES).cartridges) == MAX_CARTRIDGES == 16
+    with pytest.raises(InvalidRequest, match="a request composes at most 16 cartridges, got 17"):
+        request(MAX_CARTRIDGES + 1)
 
 
 def test_router_inputs_become_an_engine_request() -> None:
