@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cartridges.store import Store
+from cartridges.store import Store, StoreURI
 
 CORPUS_FILE = "corpus.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -35,11 +35,11 @@ MAX_NAMESPACE_NAME = 63
 
 
 def is_resource_name(name: str) -> bool:
-    return len(name) <= MAX_RESOURCE_NAME and RESOURCE_NAME.match(name) is not None
+    return len(name) <= MAX_RESOURCE_NAME and RESOURCE_NAME.fullmatch(name) is not None
 
 
 def is_namespace_name(name: str) -> bool:
-    return len(name) <= MAX_NAMESPACE_NAME and NAMESPACE_NAME.match(name) is not None
+    return len(name) <= MAX_NAMESPACE_NAME and NAMESPACE_NAME.fullmatch(name) is not None
 
 
 class UnsafePathSegment(ValueError):
@@ -229,8 +229,31 @@ def confined_pointer(root: str, namespace: str, cartridge: str, pointer: Pointer
     """``pointer`` with its prefix resolved under the cartridge's own prefix (a relative prefix is taken from there).
     A pointer is data anyone with write access to the store can change: one that led to another cartridge or
     namespace (or ``..``) would load what this cartridge never trained, so it is refused."""
-    own = cartridge_prefix(root, namespace, cartridge) + "/"
-    prefix = pointer.prefix if "://" in pointer.prefix else own + pointer.prefix.strip("/")
-    if not prefix.startswith(own) or ".." in prefix[len(own) :].split("/"):
-        raise PointerOutsideCartridge(f"cartridge {cartridge!r}: pointer leaves the cartridge's prefix: {prefix}")
+    own = cartridge_prefix(root, namespace, cartridge)
+    prefix = pointer.prefix if "://" in pointer.prefix else f"{own}/{pointer.prefix.strip('/')}"
+    if not _lies_under(prefix, own):
+        raise PointerOutsideCartridge(f"cartridge {cartridge!r}: pointer leaves the cartridge's prefix: {prefix!r}")
     return pointer.model_copy(update={"prefix": prefix})
+
+
+def _lies_under(uri: str, directory: str) -> bool:
+    """Whether ``uri`` names a path below ``directory`` both as written and as the store reads it. As written, only
+    plain segments follow the directory; as read, the parsed URI is the directory's plus those same segments: the
+    store parses with ``urlparse``, which drops tabs and newlines anywhere (``.\t.`` reads as ``..``) and cuts at
+    ``?`` and ``#``, so a check of the text alone is not enough."""
+    head = f"{directory.rstrip('/')}/"
+    if not uri.startswith(head):
+        return False
+    rest = uri[len(head) :]
+    if not all(map(_is_plain_segment, rest.split("/"))):
+        return False
+    try:
+        parsed, parent = StoreURI.parse(uri), StoreURI.parse(directory)
+    except ValueError:
+        return False
+    return parsed == parent.join(rest)
+
+
+def _is_plain_segment(segment: str) -> bool:
+    """Not empty, ``.`` or ``..``, and no whitespace or control character (which URL parsing may drop)."""
+    return segment not in ("", ".", "..") and segment.isprintable() and not any(c.isspace() for c in segment)

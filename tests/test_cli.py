@@ -459,9 +459,10 @@ def test_load_checks_the_pointer_as_serving_does(
     assert len(load(store, find(store, root, "team-a", "ours"), tiny_model).keys) == fp.num_layers
     pointer_uri = layout.current_pointer(root, "team-a", "ours")
     promoted = store.get_json(pointer_uri)
-    store.put_json(pointer_uri, {**promoted, "prefix": theirs})
-    with pytest.raises(CLIError, match="pointer leaves the cartridge's prefix"):
-        find(store, root, "team-a", "ours")
+    for prefix in (theirs, ".\t./.\t./team-b/theirs/g1"):  # the store's URL parsing reads ".\t." as ".."
+        store.put_json(pointer_uri, {**promoted, "prefix": prefix})
+        with pytest.raises(CLIError, match="pointer leaves the cartridge's prefix"):
+            find(store, root, "team-a", "ours")
     store.put_json(pointer_uri, {**promoted, "sha256": "0" * 64})
     with pytest.raises(CLIError, match="does not match the promoted 0000"):
         load(store, find(store, root, "team-a", "ours"), tiny_model)
@@ -780,7 +781,7 @@ def test_namespace_must_be_a_kubernetes_namespace_name(
     tmp_path: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = tmp_path / "deep" / "store"
-    for namespace in ("../../escaped", "", "Team A", ".", "a/b", "x" * 64):
+    for namespace in ("../../escaped", "", "Team A", ".", "a/b", "x" * 64, "escaped\n"):
         argv = ["train", "esc", str(corpus_dir), "--model", "tiny", "--store", f"file://{store}", "--steps", "1"]
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, "--namespace", namespace])
@@ -817,7 +818,7 @@ def test_the_cli_takes_every_cartridge_name_the_cluster_and_the_router_take(
         code, out, err = cli(capsys, "inspect", name, "--store", store, "--json")
         assert code == 0, err
         cache.check_cartridge_id(name, "default")  # the router takes it too
-    for name in ("b" * 254, "handbook..v2", ".v2", "Handbook"):
+    for name in ("b" * 254, "handbook..v2", ".v2", "Handbook", "handbook\n"):  # "$" matches before a last "\n"
         code, _, err = cli(capsys, "inspect", name, "--store", store)
         assert code == EXIT_USAGE and "invalid cartridge name" in err
         one_line_error(err)

@@ -21,7 +21,7 @@ from cartridges.artifact import MANIFEST_FILE, TENSORS_FILE, Cartridge, Quantize
 from cartridges.chat import render
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.quantize import QuantFormat
-from cartridges.store import Store, StoreError
+from cartridges.store import ObjectInfo, Store, StoreError
 from cartridges_serving import (
     CartridgeCache,
     CartridgeInvalid,
@@ -36,7 +36,7 @@ from cartridges_serving import (
     StreamEvent,
 )
 from cartridges_serving.engine import RATE_WINDOW_S, TokenRate
-from cartridges_serving.protocol import parse_request
+from cartridges_serving.protocol import MAX_CARTRIDGES, RouterRequest, parse_request
 
 if TYPE_CHECKING:
     from cartridges_e2e.minio import MinioServer
@@ -270,6 +270,7 @@ def test_cancel_stops_generation(engine: Engine) -> None:
         (["missing"], GREEDY, "hi", CartridgeNotFound, "not found in namespace 'team-a'"),
         (["../team-b/secret"], GREEDY, "hi", CartridgeRefused, "not a cartridge name"),
         (["team-b/secret"], GREEDY, "hi", CartridgeRefused, "no '/' or '..'"),
+        (["alpha\n"], GREEDY, "hi", CartridgeRefused, "not a cartridge name"),
         (["secret"], GREEDY, "hi", CartridgeNotFound, "not found"),
         (["other-model"], GREEDY, "hi", CartridgeInvalid, "trained for tiny-llama-seed1"),
         (["corrupt"], GREEDY, "hi", CartridgeInvalid, "sha256"),
@@ -290,6 +291,26 @@ def test_bad_requests_fail_alone(
         engine.submit(prompt, names, params).result(WAIT_S)
     assert running.result(timeout=60).token_ids == expected
     assert engine.metrics().requests_refused[error.status] == refused + 1
+
+
+def test_a_request_that_cannot_fit_stops_loading_its_cartridges(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    """The context window is checked before the cartridges load and after each one: a request that cannot fit
+    loads no more of them (it used to load every one first, however many)."""
+    root, store, fp = f"file://{tmp_path}", Store(), tiny_model.fingerprint
+    names = [f"c{i}" for i in range(8)]
+    for seed, name in enumerate(names):
+        publish(store, root, NAMESPACE, name, random_cartridge(fp, 1000, seed), fp)
+    cache = CartridgeCache(store, root, NAMESPACE, fp, 1 << 20)
+    engine = Engine(tiny_model, cache)
+    try:
+        with pytest.raises(InvalidRequest, match=r"at least \d+ positions \(0 of its 8 cartridges"):
+            engine.generate("hi", names, SamplingParams(max_tokens=5000))
+        assert cache.stats().misses == 0
+        with pytest.raises(InvalidRequest, match=r"at least \d+ positions \(5 of its 8 cartridges: 5000 tokens"):
+            engine.generate("hi", names, SamplingParams(max_tokens=4))  # 4 of them fit the window of 4096
+        assert cache.stats().misses == 5
+    finally:
+        engine.close()
 
 
 def test_a_request_whose_kv_does_not_fit_fails_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -845,17 +866,82 @@ def test_a_request_running_through_a_promotion_finishes_on_its_generation(
         engine.close()
 
 
-def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "{stolen}",
+        "../../team-b/secret/g1",
+        "g1/../../../team-b/secret/g1",
+        ".\t./.\t./team-b/secret/g1",  # the store's URL parsing drops tabs and newlines: this reads as ../..
+        "..\n/..\r/team-b/secret/g1",
+        "{own}/.\t./.\t./team-b/secret/g1",
+        "",
+        "g1?../../../team-b/secret/g1",
+    ],
+)
+def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel, tmp_path: Path, prefix: str) -> None:
     root, store = f"file://{tmp_path}", Store()
     stolen = publish(
         store, root, "team-b", "secret", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint
     )
     sha = store.get_json(layout.current_pointer(root, "team-b", "secret"))["sha256"]
-    pointer = layout.Pointer(generation=1, prefix=stolen, sha256=sha)
+    own = layout.cartridge_prefix(root, NAMESPACE, "thief")
+    pointer = layout.Pointer(generation=1, prefix=prefix.format(stolen=stolen, own=own), sha256=sha)
     store.put_json(layout.current_pointer(root, NAMESPACE, "thief"), pointer.model_dump())
     cache = CartridgeCache(store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
     with pytest.raises(CartridgeRefused, match="leaves the cartridge's prefix"):
         cache.get("thief")
+
+
+@pytest.mark.minio
+def test_pointer_leaving_the_cartridge_prefix_in_minio_is_refused(
+    tiny_model: LoadedModel, minio_server: MinioServer, s3_prefix: str
+) -> None:
+    """On S3 the escape is refused as on files, as a refusal (the S3 client's own check of '..' is no store error)."""
+    store, root, fp = minio_server.store(), s3_prefix.rstrip("/"), tiny_model.fingerprint
+    publish(store, root, "team-b", "secret", random_cartridge(fp, 4, 0), fp)
+    sha = store.get_json(layout.current_pointer(root, "team-b", "secret"))["sha256"]
+    pointer = layout.Pointer(generation=1, prefix=".\t./.\t./team-b/secret/g1", sha256=sha)
+    store.put_json(layout.current_pointer(root, NAMESPACE, "thief"), pointer.model_dump())
+    engine = Engine(tiny_model, CartridgeCache(store, root, NAMESPACE, fp, 1 << 20))
+    try:
+        with pytest.raises(CartridgeRefused, match="leaves the cartridge's prefix"):
+            engine.generate("hi", ["thief"], GREEDY)
+    finally:
+        engine.close()
+
+
+def test_tensors_other_than_the_promoted_ones_are_refused_without_naming_them(
+    tiny_model: LoadedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stored sha256 is not told to the client (a pointer led astray would have it describe what is stored
+    elsewhere); the log has it."""
+    root, store = f"file://{tmp_path}", Store()
+    publish(store, root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    uri = layout.current_pointer(root, NAMESPACE, "doc")
+    stored_sha = store.get_json(uri)["sha256"]
+    store.put_json(uri, {**store.get_json(uri), "sha256": "0" * 64})
+    caplog.set_level(logging.WARNING, logger="cartridges_serving.cache")
+    with pytest.raises(CartridgeInvalid, match="do not match the promoted sha256 0{64}") as refused:
+        CartridgeCache(store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20).get("doc")
+    assert stored_sha not in str(refused.value)
+    assert any(stored_sha in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_an_object_name_the_store_refuses_makes_the_cartridge_unusable(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    """A store client's check of a name (minio's ValueError for a '..' segment) is the cartridge's fault, not an
+    internal error."""
+
+    class RefusingNames(Store):
+        def download(self, uri: str, path: Path, expected_sha256: str | None = None) -> ObjectInfo:
+            raise ValueError("object name with '.' or '..' path segment is not supported")
+
+    root = f"file://{tmp_path}"
+    publish(Store(), root, NAMESPACE, "doc", random_cartridge(tiny_model.fingerprint, 4, 0), tiny_model.fingerprint)
+    cache = CartridgeCache(RefusingNames(), root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
+    with pytest.raises(CartridgeInvalid, match="path segment is not supported") as refused:
+        cache.get("doc")
+    assert refused.value.kind == "unusable_cartridge"
 
 
 @pytest.mark.minio
@@ -906,6 +992,16 @@ def test_corrupt_objects_in_minio_make_the_cartridge_unusable(
 def test_router_inputs_of_the_wrong_type_are_refused(inputs: dict[str, np.ndarray | None], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         parse_request({"text_input": np.array([b"hi"], dtype=np.object_), **inputs})
+
+
+def test_a_request_composes_at_most_max_cartridges() -> None:
+    def request(cartridges: int) -> RouterRequest:
+        ids = np.array([b"alpha"] * cartridges, dtype=np.object_)
+        return parse_request({"text_input": np.array([b"hi"], dtype=np.object_), "cartridges": ids})
+
+    assert len(request(MAX_CARTRIDGES).cartridges) == MAX_CARTRIDGES == 16
+    with pytest.raises(InvalidRequest, match="a request composes at most 16 cartridges, got 17"):
+        request(MAX_CARTRIDGES + 1)
 
 
 def test_router_inputs_become_an_engine_request() -> None:

@@ -31,6 +31,21 @@ def full_decode(tokenizer: Any, ids: list[int]) -> str:
     return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
+class CountingDecodes:
+    """The tokenizer, recording how many tokens each decode call is given (the cost of a step)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.seen: list[int] = []
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self.seen.append(len(ids))
+        return str(self.tokenizer.decode(ids, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
 @pytest.fixture(params=["smollm2", "tiny_model"])
 def tokenizer(request: pytest.FixtureRequest) -> Any:
     loaded: LoadedModel = request.getfixturevalue(request.param)
@@ -64,18 +79,26 @@ def test_a_stop_string_ends_the_text_before_it(tokenizer: Any, stop: str) -> Non
 def test_each_token_decodes_a_short_window(smollm2: LoadedModel) -> None:
     """The cost per token must not grow with the answer: every decode call sees a few tokens only."""
     tokenizer = smollm2.tokenizer
-    seen: list[int] = []
-
-    class Counting:
-        def decode(self, ids: list[int], **kwargs: Any) -> str:
-            seen.append(len(ids))
-            return str(tokenizer.decode(ids, **kwargs))
-
     ids = list(tokenizer(TEXT * 20, add_special_tokens=False)["input_ids"])
     assert len(ids) > 500
-    chunks, _ = stream(Counting(), ids)
+    counting = CountingDecodes(tokenizer)
+    chunks, _ = stream(counting, ids)
     assert "".join(chunks) == full_decode(tokenizer, ids)
-    assert max(seen[:-1]) <= 8  # the final flush aside
+    assert max(counting.seen[:-1]) <= 8  # the final flush aside
+
+
+def test_special_tokens_that_add_no_text_keep_windows_short(tokenizer: Any) -> None:
+    """Tokens that decode to nothing (special ones, skipped) are left out of the window: it used to keep them, so
+    every step of a run of them decoded all of the run so far. Left out, the text is still exactly the decode of
+    every token, a word's leading space after one included."""
+    special = next(t for t in tokenizer.all_special_ids if full_decode(tokenizer, [t]) == "")
+    words = list(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    interleaved = [t for word in words for t in (word, special)]
+    for ids in (words[:5] + [special] * 300 + words[5:], interleaved, [special] * 300 + words):
+        counting = CountingDecodes(tokenizer)
+        chunks, _ = stream(counting, ids)
+        assert "".join(chunks) == full_decode(tokenizer, ids)
+        assert max(counting.seen[:-1]) <= 8  # the final flush aside
 
 
 def lone_byte_token(tokenizer: Any) -> int:
@@ -87,19 +110,13 @@ def test_output_that_is_not_utf8_streams_with_short_windows(tokenizer: Any) -> N
     """Output ending in an incomplete character for long stretches waits a few tokens only, then streams its
     replacement characters, each decode still seeing a short window (it used to wait for the end, decoding a
     window as long as the answer on every token)."""
-    seen: list[int] = []
-
-    class Counting:
-        def decode(self, ids: list[int], **kwargs: Any) -> str:
-            seen.append(len(ids))
-            return str(tokenizer.decode(ids, **kwargs))
-
     text_ids = list(tokenizer("ok ünïcödé 🐕", add_special_tokens=False)["input_ids"])
     ids = [lone_byte_token(tokenizer)] * 300 + text_ids + [lone_byte_token(tokenizer)] * 300
-    chunks, _ = stream(Counting(), ids)
+    counting = CountingDecodes(tokenizer)
+    chunks, _ = stream(counting, ids)
     assert "".join(chunks) == full_decode(tokenizer, ids)
     assert len("".join(chunks[:-1])) > len(chunks[-1])  # streamed along, not all at the end
-    assert max(seen[:-1]) <= 16  # the final flush aside
+    assert max(counting.seen[:-1]) <= 16  # the final flush aside
 
 
 def longest_stop_prefix(text: str, stop: str) -> int:

@@ -355,10 +355,7 @@ class CartridgeCache:
         with tempfile.TemporaryDirectory(prefix="cartridge-") as tmp:
             try:
                 manifest = download_artifact(self.store, pointer.prefix, Path(tmp))
-                if manifest.file_sha256 != pointer.sha256:
-                    raise ArtifactError(
-                        f"tensors sha256 {manifest.file_sha256} does not match the promoted {pointer.sha256}"
-                    )
+                _check_promoted(cartridge_id, pointer, manifest.file_sha256)
                 cartridge, _ = load_stored_cartridge(
                     Path(tmp), expected_model=self.model, device=self.device, dtype=self.dtype
                 )
@@ -369,6 +366,8 @@ class CartridgeCache:
                 raise CartridgeInvalid(f"{which}: {without_directory(err, tmp)}") from err
             except StoreError as err:
                 raise EngineUnavailable(f"cartridge {cartridge_id!r}: object store error: {err}") from err
+            except ValueError as err:  # an object name the store refuses (S3: a '.' or '..' segment)
+                raise CartridgeInvalid(f"cartridge {cartridge_id!r} g{pointer.generation}: {err}") from err
         log.info(
             "loaded cartridge %s g%d (p=%d, %d bytes)", cartridge_id, pointer.generation, cartridge.p, cartridge.nbytes
         )
@@ -414,6 +413,21 @@ class CartridgeCache:
         evicted = self._entries.pop(key)
         self._bytes -= evicted.nbytes
         log.info("evicted cartridge %s g%d (%d bytes)", evicted.id, evicted.generation, evicted.nbytes)
+
+
+def _check_promoted(cartridge_id: str, pointer: layout.Pointer, sha256: str) -> None:
+    """Refuse tensors other than the promoted ones. The client is not told their sha256: a pointer altered to lead
+    elsewhere would have it name what is stored there; the log has it."""
+    if sha256 != pointer.sha256:
+        log.warning(
+            "cartridge %s g%d: tensors sha256 %s under %s do not match the promoted %s",
+            cartridge_id,
+            pointer.generation,
+            sha256,
+            pointer.prefix,
+            pointer.sha256,
+        )
+        raise ArtifactError(f"the tensors do not match the promoted sha256 {pointer.sha256}")
 
 
 def _key(cartridge_id: str, pointer: layout.Pointer) -> tuple[str, int, str]:

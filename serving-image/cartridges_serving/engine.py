@@ -410,25 +410,26 @@ class Engine:
             request.params.validate()
             if not request.prompt:
                 raise InvalidRequest("the prompt is empty")
-            uses = self._acquire(request.cartridge_ids, request.handle)
+            with self._encoding:  # first: the window check then stops a request that cannot fit loading cartridges
+                prompt_ids = self._encode(request.prompt, request.chat, after_cartridges=bool(request.cartridge_ids))
+            self._check_window(prompt_ids, [], request)
+            self._check_own_kv(prompt_ids, request.params)
+            uses = self._acquire(request, prompt_ids)
             if request.handle.cancelled:
                 self._cancel_unqueued(request.handle, uses)
             else:
-                self._queue(request, uses)
+                self._queue(request, prompt_ids, uses)
         except EngineError as error:
             self._refuse(request.handle, uses, error)
         except Exception as error:  # a bug fails this request alone, never a loader thread
             log.exception("preparing request %d failed", request.handle.id)
             self._refuse(request.handle, uses, EngineError(f"internal error: {type(error).__name__}: {error}"))
 
-    def _queue(self, request: _Submitted, uses: list[LoadedCartridge]) -> None:
-        """Tokenize the prompt, check that the request fits, and queue it (requests queue in the order they are
-        ready: one whose cartridges load slowly lets later ones pass)."""
+    def _queue(self, request: _Submitted, prompt_ids: list[int], uses: list[LoadedCartridge]) -> None:
+        """Queue a request that fits with its cartridges (requests queue in the order they are ready: one whose
+        cartridges load slowly lets later ones pass)."""
         params = request.params
-        with self._encoding:
-            prompt_ids = self._encode(request.prompt, request.chat, after_cartridges=bool(uses))
         loaded = [use.cartridge for use in uses]
-        self._check_fits(prompt_ids, loaded, params)
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator().manual_seed(params.seed)
@@ -441,16 +442,23 @@ class Engine:
             self._waiting.append(active)
             self._wakeup.notify()
 
-    def _check_fits(self, prompt_ids: list[int], loaded: list[StoredCartridge], params: SamplingParams) -> None:
-        """Refuse a request longer than the context window, or whose own KV exceeds what the server reserves."""
-        cartridge_tokens = sum(c.p for c in loaded)
+    def _check_window(self, prompt_ids: list[int], uses: list[LoadedCartridge], request: _Submitted) -> None:
+        """Refuse a request longer than the context window. Checked before its cartridges load and again after each
+        one, so a request that cannot fit loads no more of them."""
+        params, wanted = request.params, len(request.cartridge_ids)
+        cartridge_tokens = sum(use.cartridge.p for use in uses)
         needed = cartridge_tokens + len(prompt_ids) + params.max_tokens
         if needed > self.runner.max_positions:
+            whole = len(uses) == wanted
+            counted = f"{wanted} cartridges" if whole else f"{len(uses)} of its {wanted} cartridges"
             raise InvalidRequest(
-                f"request needs {needed} positions ({len(loaded)} cartridges: {cartridge_tokens} tokens, prompt: "
-                f"{len(prompt_ids)} tokens, max_tokens: {params.max_tokens}); the context window is "
+                f"request needs {'' if whole else 'at least '}{needed} positions ({counted}: {cartridge_tokens} "
+                f"tokens, prompt: {len(prompt_ids)} tokens, max_tokens: {params.max_tokens}); the context window is "
                 f"{self.runner.max_positions}"
             )
+
+    def _check_own_kv(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse a request whose own KV exceeds what the server reserves."""
         own_tokens = len(prompt_ids) + params.max_tokens
         kv_rows = self.runner.own_kv_pool.max_rows
         if kv_rows is not None and own_tokens > kv_rows:
@@ -510,19 +518,21 @@ class Engine:
         self._encoder.shutdown(wait=False)
         self._thread.join(timeout)
 
-    def _acquire(self, cartridge_ids: Sequence[str], handle: RequestHandle) -> list[LoadedCartridge]:
+    def _acquire(self, request: _Submitted, prompt_ids: list[int]) -> list[LoadedCartridge]:
         """The request's cartridges, each with a use counted in the cache (so none is evicted while it runs);
-        all or none: a failure gives back the ones already taken. A cancel stops before the next cartridge."""
-        if not cartridge_ids:
+        all or none: a failure gives back the ones already taken. A cancel stops before the next cartridge, and so
+        does a request that no longer fits the context window."""
+        if not request.cartridge_ids:
             return []
         if self.cartridges is None:
             raise InvalidRequest("this server has no cartridge store configured (CARTRIDGES_STORE_ROOT)")
         uses: list[LoadedCartridge] = []
         try:
-            for cartridge_id in cartridge_ids:
-                if handle.cancelled:
+            for cartridge_id in request.cartridge_ids:
+                if request.handle.cancelled:
                     break
                 uses.append(self.cartridges.acquire(cartridge_id))
+                self._check_window(prompt_ids, uses, request)
         except BaseException:
             self._release(uses)
             raise

@@ -2,8 +2,9 @@
 
 Inputs: ``text_input`` (BYTES, one element), optional ``max_tokens`` (INT32), ``temperature`` (FP32), ``top_p``
 (FP32), ``repetition_penalty`` (FP32), ``seed`` (INT64), ``stream`` (BOOL), ``stop`` (BYTES list), ``cartridges``
-(BYTES list, in composition order). Outputs: ``text_output`` (BYTES), and in the last response
-``cartridge_generations`` (INT64 list: the generation of each cartridge that answered, in composition order).
+(BYTES list, in composition order, at most ``MAX_CARTRIDGES``). Outputs: ``text_output`` (BYTES), and in the last
+response ``cartridge_generations`` (INT64 list: the generation of each cartridge that answered, in composition
+order).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from cartridges_serving.engine import SamplingParams
 from cartridges_serving.errors import InvalidRequest
 
 DEFAULT_MAX_TOKENS = 128
+MAX_CARTRIDGES = 16
+"""Cartridges one request may compose: each is loaded before the request runs, so a long list costs downloads and
+cache space before the context window can refuse it."""
 INPUT_KINDS = {
     "text_input": "S",
     "max_tokens": "i",
@@ -54,7 +58,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> RouterRequest:
     repetition_penalty = _scalar(inputs, "repetition_penalty")
     return RouterRequest(
         prompt=_text("text_input", prompt),
-        cartridges=_texts(inputs, "cartridges"),
+        cartridges=_cartridges(inputs),
         params=SamplingParams(
             max_tokens=defaults.max_tokens if max_tokens is None else int(max_tokens),
             temperature=defaults.temperature if temperature is None else float(temperature),
@@ -65,6 +69,13 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> RouterRequest:
         ),
         stream=bool(stream) if stream is not None else False,
     )
+
+
+def _cartridges(inputs: Mapping[str, np.ndarray | None]) -> tuple[str, ...]:
+    cartridges = _texts(inputs, "cartridges")
+    if len(cartridges) > MAX_CARTRIDGES:
+        raise InvalidRequest(f"a request composes at most {MAX_CARTRIDGES} cartridges, got {len(cartridges)}")
+    return cartridges
 
 
 def _check_kind(name: str, array: np.ndarray) -> None:

@@ -7,15 +7,18 @@ about 1.3 ms on an H200). A stream decodes a short window instead: the tokens si
 word's leading space at the start of a decode still gives the right text. Emitted text is never rewritten
 (``clean_up_tokenization_spaces`` stays off), so the chunks join to exactly the decode of every token.
 
-Two things keep a token's cost bounded whatever the output: text that ends in an incomplete character waits for
+Three things keep a token's cost bounded whatever the output: text that ends in an incomplete character waits for
 at most ``MAX_PENDING_TOKENS`` tokens (then the text before a cut that splits no character is final, bytes that are
-no UTF-8 included), and the hold-back for stop strings follows each stop string's longest matched prefix
-character by character (Knuth-Morris-Pratt), instead of comparing every prefix of every stop string.
+no UTF-8 included); a special token that adds no text is left out of the window (every decode skips it, so a run of
+them would otherwise be decoded again at each step); and the hold-back for stop strings follows each stop string's
+longest matched prefix character by character (Knuth-Morris-Pratt), instead of comparing every prefix of every stop
+string.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
@@ -65,7 +68,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self._stop_prefixes = [StopPrefix(s) for s in self.stop]
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # special tokens that add no text left out
         self.text = ""  # the decode of ids[:_read]: every token whose characters are complete
         self.emitted = 0
         self._prefix = self._read = 0  # ids[_prefix:_read] decode to _prefix_text, the tail of self.text
@@ -78,7 +81,9 @@ class TextStream:
         self.ids.append(token_id)
         readable = self._readable()
         if readable is None:
-            return "", False  # a character still incomplete: nothing new yet
+            if token_id in self._special_ids:  # skipped by every decode: kept, it would lengthen every window
+                self.ids.pop()
+            return "", False  # a character still incomplete, or a token with no text: nothing new yet
         end, window = readable
         added = window[len(self._prefix_text) :]
         self._prefix, self._read = self._read, end
@@ -86,6 +91,13 @@ class TextStream:
         if self._append(added):
             return self._take(len(self.text)), True
         return self._take(len(self.text) - max((p.length for p in self._stop_prefixes), default=0)), False
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        """The tokens ``skip_special_tokens`` drops before decoding, so leaving them out changes no decode (read
+        only once a token adds no text)."""
+        added = self.tokenizer.added_tokens_decoder.items()
+        return frozenset(self.tokenizer.all_special_ids) | {i for i, token in added if token.special}
 
     def _readable(self) -> tuple[int, str] | None:
         """``(end, decode of ids[_prefix:end])`` where ``ids[:end]`` have final text, or None while no new text is.
