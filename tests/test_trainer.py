@@ -389,6 +389,21 @@ def test_a_non_finite_gradient_stops_training_before_it_reaches_the_cartridge(
     assert store.list(f"{config.output_prefix}/checkpoints") == []
 
 
+def test_fewer_usable_conversations_than_ranks_is_bad_input_before_any_step(
+    shard: Shard, tiny_model: LoadedModel, file_store_root: str, tmp_path: Path
+) -> None:
+    """A step's batch holds each conversation once at most: with fewer than the ranks, a rank would get none (and
+    fail on an empty batch while the others wait on it in their collectives). It is refused, saying what helps."""
+    store, config = Store(), make_config(file_store_root, "file:///x", steps=1)
+    init = initial_cartridge(tiny_model, tiny_corpus(tiny_model), config.spec, 0)
+    workspace = Workspace(store, config.output_prefix, tmp_path)
+    progress = ProgressReporter(store, config.output_prefix, interval_s=0.0)
+    world = PeerWorld(rank=len(shard.conversations), size=len(shard.conversations) + 1)  # the last rank: none
+    with pytest.raises(InputError, match=f"{len(shard.conversations)} synthesized conversations fit .* fewer than"):
+        distill(tiny_model, init, shard.conversations, config.spec, OPTIONS, workspace, progress, world, "key", None)
+    assert store.list(f"{config.output_prefix}/checkpoints") == []
+
+
 def test_step_batches_are_a_function_of_the_step() -> None:
     items = list(range(20))
     assert step_batch(items, 4, 0, 7) == step_batch(items, 4, 0, 7)

@@ -279,6 +279,12 @@ def distill(
     data = [t for c in conversations if (t := c.truncated(training.sequenceLength)) is not None]
     if not data:
         raise InputError(f"no synthesized conversation fits sequenceLength={training.sequenceLength}")
+    if training.epochs is None and len(data) < world.size:  # a step's batch holds each conversation once at most
+        raise InputError(
+            f"{len(data)} synthesized conversations fit sequenceLength={training.sequenceLength}, fewer than the "
+            f"{world.size} data-parallel ranks, each of which needs one per step: synthesize more "
+            "(synthesis.conversations), raise sequenceLength, train by epochs, or train on fewer GPUs"
+        )
     lm.model.requires_grad_(False)  # a caller-supplied model may not be frozen; only cartridge rows train
     trainable = TrainableCartridge(init)
     optimizer = torch.optim.Adam(trainable.parameters(), lr=training.learningRate)
