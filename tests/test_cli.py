@@ -381,6 +381,18 @@ def test_eval_table_json_and_plot(
     assert code == EXIT_NOT_FOUND
 
 
+@pytest.mark.parametrize(
+    ("icl", "line"), [(1.5, "the cartridge recovers 50% of the ICL gain"), (2.0, None), (2.1, None)]
+)
+def test_eval_table_says_what_the_cartridge_recovers_only_when_icl_gains(icl: float, line: str | None) -> None:
+    """The trainer's definition: ICL no better than no context leaves no gain to recover, and no line about it."""
+    from cartridges.cli.evaluate import Row, table
+
+    rows = [Row("no context", 2.0, 0, 1.0), Row("ICL", icl, 4096, 1.0), Row("cartridge (p=64)", 1.75, 1024, 1.0)]
+    last = table(rows).splitlines()[-1]
+    assert last.startswith(line) if line else last.startswith("cartridge (p=64)")
+
+
 def test_eval_given_a_directory_as_qa_says_it_is_not_a_file(
     tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -33,6 +33,7 @@ from cartridges.models import LoadedModel, load_base_model, tiny_llama
 from cartridges.store import IntegrityError, Store, StoreError, StoreUnavailable, StoreURI
 from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import distill as distill_module
+from cartridges_trainer import evaluate as evaluate_module
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import Conversation, pack, target_logprobs
@@ -488,6 +489,25 @@ def test_eval_icl_reads_the_whole_corpus_when_it_fits_else_the_chunk(shard: Shar
     assert fallback["icl"] != pytest.approx(scores["icl"], rel=1e-5)  # a random model barely reads context
 
 
+@pytest.mark.parametrize(("icl", "recovered"), [(5.1, None), (5.0, None), (4.0, -0.5)])
+def test_icl_gain_recovered_is_none_when_icl_gives_no_gain(
+    icl: float, recovered: float | None, shard: Shard, tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ICL no better than no context leaves no gain to recover: a score divided by a gain of zero or less would
+    make a cartridge worse than no context (NLL 5.5 against 5.0) recover +500% and pass any quality gate."""
+    cartridge = prefix_cartridge(tiny_model.model, [11, 12, 13, 14], frozen_tokens=0)
+    nll = {"none": 5.0, "icl": icl, "cartridge": 5.5}
+
+    def fixed_nll(model: Any, batch: Any, prefix: Cartridge | None = None) -> torch.Tensor:
+        which = "none" if prefix is None else "cartridge" if prefix is cartridge else "icl"
+        return torch.full((len(batch.targets), model.config.vocab_size), -nll[which])
+
+    monkeypatch.setattr(evaluate_module, "target_logprobs", fixed_nll)
+    scores = evaluate(tiny_model, cartridge, [shard])
+    assert scores["cartridge"] == pytest.approx(5.5) and scores["icl"] == pytest.approx(icl)
+    assert scores["iclGainRecovered"] == (None if recovered is None else pytest.approx(recovered))
+
+
 # --- end to end ----------------------------------------------------------------------------------------------------
 
 
@@ -550,8 +570,8 @@ def test_quantized_generation_is_stored_and_scored_as_served(
     scores = store.get_json(f"{config.output_prefix}/{EVAL_FILE}")
     assert scores["cartridge"] != scores["cartridgeUnquantized"]  # the stored one is what is scored
     assert abs(scores["cartridge"] - scores["cartridgeUnquantized"]) < 0.05 * scores["cartridgeUnquantized"]
-    gain = scores["noContext"] - scores["icl"]
-    assert scores["iclGainRecovered"] == pytest.approx((scores["noContext"] - scores["cartridge"]) / gain)
+    recovered = api.icl_gain_recovered(scores["noContext"], scores["icl"], scores["cartridge"])
+    assert scores["iclGainRecovered"] == (None if recovered is None else pytest.approx(recovered))
 
 
 def count_synthesized(monkeypatch: pytest.MonkeyPatch) -> list[str]:

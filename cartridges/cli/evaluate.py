@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cartridges import layout
+from cartridges.api import icl_gain_recovered
 from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_NOT_FOUND,
@@ -125,10 +126,10 @@ def table(rows: list[Row]) -> str:
     if len(rows) < 3:
         return "\n".join(lines)  # no ICL row: no gain to recover
     none, icl, cart = rows
-    gain = none.answer_nll - icl.answer_nll
-    if gain > 0:
+    recovered = icl_gain_recovered(none.answer_nll, icl.answer_nll, cart.answer_nll)
+    if recovered is not None:
         lines.append(
-            f"the cartridge recovers {(none.answer_nll - cart.answer_nll) / gain:.0%} of the ICL gain "
+            f"the cartridge recovers {recovered:.0%} of the ICL gain "
             f"with {icl.kv_bytes / max(cart.kv_bytes, 1):.1f}x less KV memory"
         )
     return "\n".join(lines)
