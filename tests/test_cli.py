@@ -393,6 +393,18 @@ def test_eval_table_says_what_the_cartridge_recovers_only_when_icl_gains(icl: fl
     assert last.startswith(line) if line else last.startswith("cartridge (p=64)")
 
 
+def test_eval_refuses_a_description_without_a_corpus(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--description says what --corpus is; alone it would be ignored without a word."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps(QA[0]) + "\n")
+    argv = ["eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", store, "--description", "notes"]
+    code, _, err = cli(capsys, *argv)
+    assert code == EXIT_USAGE and "--description needs --corpus" in err
+    one_line_error(err)
+
+
 def test_eval_given_a_directory_as_qa_says_it_is_not_a_file(
     tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
