@@ -711,6 +711,42 @@ def test_a_corrupt_checkpoint_is_discarded_and_training_resumes_from_the_one_bef
     assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == ["/step-00000004/state.pt"]
 
 
+@pytest.mark.parametrize("damage", ["tensors flipped", "tensors lost", "manifest garbled"])
+def test_a_finished_generation_that_no_longer_reads_back_is_trained_again_from_its_last_checkpoint(
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    damage: str,
+) -> None:
+    """A stored manifest whose artifact fails verification would fail every retry of the Job (exit 1) the same way:
+    the run takes the generation as unfinished and resumes it from its shards and last checkpoint, training no step
+    again, to the uninterrupted cartridge, manifest written last. The next run finds it finished."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)
+    tensors = Path(StoreURI.parse(f"{config.output_prefix}/cartridge.safetensors").key)
+    manifest = Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key)
+    if damage == "tensors flipped":
+        tensors.write_bytes(tensors.read_bytes()[:-1] + bytes([tensors.read_bytes()[-1] ^ 0xFF]))
+    elif damage == "tensors lost":
+        tensors.unlink()
+    else:
+        manifest.write_text("{not json")
+    made, loads = count_synthesized(monkeypatch), count_checkpoint_loads(monkeypatch)
+    caplog.set_level(logging.WARNING, logger="cartridges_trainer.pipeline")
+    again = train(config, store, options=OPTIONS, model=tiny_model)
+    assert "does not read back" in caplog.text and "training it again" in caplog.text
+    assert made == [] and loads == [f"step-{config.spec.training.steps:08d}"]
+    assert download_artifact(store, config.output_prefix, tmp_path) == again
+    assert again.file_sha256 == uninterrupted.file_sha256
+    assert again.training["resumed_from_step"] == config.spec.training.steps
+    caplog.clear()
+    assert train(config, store, options=OPTIONS, model=tiny_model).file_sha256 == uninterrupted.file_sha256
+    assert "training it again" not in caplog.text
+
+
 def test_objects_under_checkpoints_that_are_no_checkpoint_are_ignored_with_a_warning(
     tiny_model: LoadedModel, file_store_root: str, caplog: pytest.LogCaptureFixture
 ) -> None:
