@@ -514,6 +514,11 @@ def test_import_reference_pt(
         code, _, err = cli(capsys, "import", "x", str(tmp_path / "broken.pt"), "--model", "tiny", "--store", store)
         assert code == EXIT_INPUT and "frozen_values" in err
         one_line_error(err)
+    checkpoint["trainable_values"][0][0, 0, 3, 1] = float("nan")  # a diverged run
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    code, _, err = cli(capsys, "import", "x", str(tmp_path / "nan.pt"), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and "layer 0 values: not finite" in err
+    one_line_error(err)
 
 
 def test_inspect_reports_the_steps_that_training_by_epochs_came_to(
