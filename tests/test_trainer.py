@@ -1183,6 +1183,17 @@ def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> N
     assert "invalid trainer config" in capsys.readouterr().err
 
 
+def test_a_config_file_that_is_not_utf8_exits_permanent_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every retry would read the same bytes: bad input (65) with a one-line reason, not a traceback and exit 1."""
+    config_file = tmp_path / "config.json"
+    config_file.write_bytes('{"namespace": "café"}'.encode("latin-1"))
+    assert main(["--config-file", str(config_file)]) == EXIT_PERMANENT
+    err = capsys.readouterr().err
+    assert f"invalid trainer config: {config_file}: not UTF-8 text" in err and "Traceback" not in err
+
+
 def test_dockerfile_matches_the_trainer_contract() -> None:
     from cartridges.contract import TRAINER_COMMAND
 
