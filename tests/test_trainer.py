@@ -34,6 +34,7 @@ from cartridges.store import IntegrityError, Store, StoreError, StoreUnavailable
 from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import distill as distill_module
 from cartridges_trainer import evaluate as evaluate_module
+from cartridges_trainer import pipeline as pipeline_module
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import Conversation, pack, target_logprobs
@@ -618,12 +619,33 @@ def test_a_new_generation_reuses_the_synthesis_of_one_made_from_the_same_inputs(
     resized = make_config(file_store_root, corpus, size=32, steps=2).model_copy(update={"generation": 2})
     manifest = train(resized, store, options=OPTIONS, model=tiny_model)
     assert made == [] and manifest.training["synthesis_from"] == first.output_prefix
-    for name in ("synth/train-00000.safetensors", "synth/eval-00000.safetensors", "synth/inputs.json"):
+    for name in ("synth/train-00000.safetensors", "synth/eval-00000.safetensors"):
         assert store.get_bytes(f"{resized.output_prefix}/{name}") == store.get_bytes(f"{first.output_prefix}/{name}")
+    inputs = store.get_json(f"{resized.output_prefix}/synth/inputs.json")
+    assert inputs == {**store.get_json(f"{first.output_prefix}/synth/inputs.json"), "copied_from": first.output_prefix}
     assert store.children(resized.output_prefix) == store.children(first.output_prefix)  # nothing misnamed
     restudied = make_config(file_store_root, corpus, conversations=4).model_copy(update={"generation": 3})
     assert train(restudied, store, options=OPTIONS, model=tiny_model).training["synthesis_from"] is None
     assert len(made) == 1 + OPTIONS.eval_shards  # 4 conversations in one shard, plus the held-out shard
+
+
+def test_a_generation_that_copied_its_shards_records_their_source_after_a_restart(
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generation 2 copies generation 1's shards, then its pod is lost before distillation ends: the restarted run
+    finds its own shards, and its manifest still says where they came from (not that it synthesized them)."""
+    store = Store()
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
+    first = make_config(file_store_root, corpus, steps=2)
+    train(first, store, options=OPTIONS, model=tiny_model)
+    second = make_config(file_store_root, corpus, steps=4).model_copy(update={"generation": 2})
+    with monkeypatch.context() as lost:
+        lost.setattr(pipeline_module, "distill", lambda *args, **kwargs: pytest.fail("node lost"))
+        with pytest.raises(pytest.fail.Exception, match="node lost"):
+            train(second, store, options=OPTIONS, model=tiny_model)
+    made = count_synthesized(monkeypatch)
+    manifest = train(second, store, options=OPTIONS, model=tiny_model)
+    assert made == [] and manifest.training["synthesis_from"] == first.output_prefix
 
 
 def test_leftovers_of_another_run_under_the_prefix_are_discarded_not_resumed(
