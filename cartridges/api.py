@@ -383,6 +383,20 @@ class Evaluation(Measured):
     iclGainRecovered: float | None = None
 
 
+def icl_gain(no_context: float, icl: float) -> float | None:
+    """How much the corpus in context (ICL) lowers the answer NLL; None when it does not (no gain to recover)."""
+    gain = no_context - icl
+    return gain if gain > 0 else None
+
+
+def icl_gain_recovered(no_context: float, icl: float, cartridge: float) -> float | None:
+    """``iclGainRecovered``: (noContext - cartridge) / (noContext - icl), 1 when the cartridge is as good as ICL.
+    None when ICL gave no gain: dividing by a gain of zero or less would score a cartridge worse than no context
+    as recovering a large positive fraction."""
+    gain = icl_gain(no_context, icl)
+    return None if gain is None else (no_context - cartridge) / gain
+
+
 class Endpoint(Spec):
     url: str
     model: str

@@ -66,7 +66,7 @@ def import_reference_pt(path: Path) -> Cartridge:
             trainable_v = [torch.cat([f, t], dim=1) for f, t in zip(frozen_v, trainable_v, strict=True)]
         except RuntimeError as err:  # frozen and trainable rows of different heads or head sizes
             raise ArtifactError(f"{path}: frozen rows do not match the trainable ones ({err})") from err
-    return Cartridge(trainable_k, trainable_v, frozen)
+    return _finite(path, Cartridge(trainable_k, trainable_v, frozen))
 
 
 def import_peft_prefix(directory: Path) -> Cartridge:
@@ -95,9 +95,18 @@ def import_peft_prefix(directory: Path) -> Cartridge:
     if tuple(embeddings.shape) != expected:
         raise ArtifactError(f"{weights}: prompt_embeddings {tuple(embeddings.shape)}, config implies {expected}")
     kv = embeddings.detach().view(tokens, layers * 2, heads, token_dim // heads).permute(1, 2, 0, 3)
-    return Cartridge(
-        [kv[2 * i].contiguous() for i in range(layers)], [kv[2 * i + 1].contiguous() for i in range(layers)], 0
-    )
+    keys, values = [kv[2 * i].contiguous() for i in range(layers)], [kv[2 * i + 1].contiguous() for i in range(layers)]
+    return _finite(weights, Cartridge(keys, values, 0))
+
+
+def _finite(path: Path, cartridge: Cartridge) -> Cartridge:
+    """``cartridge``, once every key and value is a finite number: NaN or infinity (a diverged training run) would
+    make every answer it conditions NaN, so it is refused as bad input, naming the first layer and side holding one."""
+    for layer, sides in enumerate(zip(cartridge.keys, cartridge.values, strict=True)):
+        for side, tensor in zip(("keys", "values"), sides, strict=True):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ArtifactError(f"{path}: layer {layer} {side}: not finite (NaN or infinity: a diverged run?)")
+    return cartridge
 
 
 def _peft_config(directory: Path) -> dict[str, Any]:

@@ -405,6 +405,30 @@ def test_eval_table_json_and_plot(
     assert code == EXIT_NOT_FOUND
 
 
+@pytest.mark.parametrize(
+    ("icl", "line"), [(1.5, "the cartridge recovers 50% of the ICL gain"), (2.0, None), (2.1, None)]
+)
+def test_eval_table_says_what_the_cartridge_recovers_only_when_icl_gains(icl: float, line: str | None) -> None:
+    """The trainer's definition: ICL no better than no context leaves no gain to recover, and no line about it."""
+    from cartridges.cli.evaluate import Row, table
+
+    rows = [Row("no context", 2.0, 0, 1.0), Row("ICL", icl, 4096, 1.0), Row("cartridge (p=64)", 1.75, 1024, 1.0)]
+    last = table(rows).splitlines()[-1]
+    assert last.startswith(line) if line else last.startswith("cartridge (p=64)")
+
+
+def test_eval_refuses_a_description_without_a_corpus(
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--description says what --corpus is; alone it would be ignored without a word."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps(QA[0]) + "\n")
+    argv = ["eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", store, "--description", "notes"]
+    code, _, err = cli(capsys, *argv)
+    assert code == EXIT_USAGE and "--description needs --corpus" in err
+    one_line_error(err)
+
+
 def test_eval_given_a_directory_as_qa_says_it_is_not_a_file(
     tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -515,6 +539,11 @@ def test_import_reference_pt(
         code, _, err = cli(capsys, "import", "x", str(tmp_path / "broken.pt"), "--model", "tiny", "--store", store)
         assert code == EXIT_INPUT and "frozen_values" in err
         one_line_error(err)
+    checkpoint["trainable_values"][0][0, 0, 3, 1] = float("nan")  # a diverged run
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    code, _, err = cli(capsys, "import", "x", str(tmp_path / "nan.pt"), "--model", "tiny", "--store", store)
+    assert code == EXIT_INPUT and "layer 0 values: not finite" in err
+    one_line_error(err)
 
 
 def test_inspect_reports_the_steps_that_training_by_epochs_came_to(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from _peft_adapter import peft_prefix_adapter
+from safetensors.torch import load_file, save_file
 
 from cartridges.importers import import_cartridge, import_peft_prefix, import_reference_pt
 from cartridges.kvcache import forward_with_cartridge
@@ -65,6 +67,29 @@ def test_reference_import_rejects_other_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
     with pytest.raises(ArtifactError, match="not a readable torch checkpoint"):
         import_reference_pt(tmp_path / "garbage.pt")
+
+
+@pytest.mark.parametrize(("side", "bad"), [("keys", math.nan), ("values", math.inf), ("values", -math.inf)])
+def test_reference_import_refuses_keys_or_values_that_are_not_finite(tmp_path: Path, side: str, bad: float) -> None:
+    """A diverged run's NaN or infinity would make every answer the cartridge conditions NaN: refused, naming where."""
+    state = {f"trainable_{name}": [torch.randn(1, 2, 16, 8) for _ in range(3)] for name in ("keys", "values")}
+    state[f"trainable_{side}"][1][0, 1, 5, 2] = bad
+    torch.save(state, tmp_path / "diverged.pt")
+    with pytest.raises(ArtifactError, match=f"layer 1 {side}: not finite"):
+        import_reference_pt(tmp_path / "diverged.pt")
+
+
+@pytest.mark.parametrize(("side", "entry"), [("keys", 2), ("values", 3)])
+def test_peft_import_refuses_keys_or_values_that_are_not_finite(tmp_path: Path, side: str, entry: int) -> None:
+    """PEFT stores layer l's keys as entry 2l of the prefix and its values as 2l + 1: both are checked."""
+    peft_prefix_adapter(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    embeddings = load_file(str(weights))["prompt_embeddings"]
+    token_dim = int(json.loads((tmp_path / "adapter_config.json").read_text())["token_dim"])
+    embeddings[3, entry * token_dim] = math.nan
+    save_file({"prompt_embeddings": embeddings}, str(weights))
+    with pytest.raises(ArtifactError, match=f"layer 1 {side}: not finite"):
+        import_peft_prefix(tmp_path)
 
 
 def test_peft_prefix_import_reproduces_peft_logits(tiny_model: LoadedModel, tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ from cartridges.models import LoadedModel, load_base_model, tiny_llama
 from cartridges.store import IntegrityError, Store, StoreError, StoreUnavailable, StoreURI
 from cartridges_trainer import TrainerOptions, train
 from cartridges_trainer import distill as distill_module
+from cartridges_trainer import evaluate as evaluate_module
+from cartridges_trainer import pipeline as pipeline_module
 from cartridges_trainer import synthesis as synthesis_module
 from cartridges_trainer.__main__ import main
 from cartridges_trainer.batching import Conversation, pack, target_logprobs
@@ -503,6 +505,25 @@ def test_eval_icl_reads_the_whole_corpus_when_it_fits_else_the_chunk(shard: Shar
     assert fallback["icl"] != pytest.approx(scores["icl"], rel=1e-5)  # a random model barely reads context
 
 
+@pytest.mark.parametrize(("icl", "recovered"), [(5.1, None), (5.0, None), (4.0, -0.5)])
+def test_icl_gain_recovered_is_none_when_icl_gives_no_gain(
+    icl: float, recovered: float | None, shard: Shard, tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ICL no better than no context leaves no gain to recover: a score divided by a gain of zero or less would
+    make a cartridge worse than no context (NLL 5.5 against 5.0) recover +500% and pass any quality gate."""
+    cartridge = prefix_cartridge(tiny_model.model, [11, 12, 13, 14], frozen_tokens=0)
+    nll = {"none": 5.0, "icl": icl, "cartridge": 5.5}
+
+    def fixed_nll(model: Any, batch: Any, prefix: Cartridge | None = None) -> torch.Tensor:
+        which = "none" if prefix is None else "cartridge" if prefix is cartridge else "icl"
+        return torch.full((len(batch.targets), model.config.vocab_size), -nll[which])
+
+    monkeypatch.setattr(evaluate_module, "target_logprobs", fixed_nll)
+    scores = evaluate(tiny_model, cartridge, [shard])
+    assert scores["cartridge"] == pytest.approx(5.5) and scores["icl"] == pytest.approx(icl)
+    assert scores["iclGainRecovered"] == (None if recovered is None else pytest.approx(recovered))
+
+
 # --- end to end ----------------------------------------------------------------------------------------------------
 
 
@@ -565,8 +586,8 @@ def test_quantized_generation_is_stored_and_scored_as_served(
     scores = store.get_json(f"{config.output_prefix}/{EVAL_FILE}")
     assert scores["cartridge"] != scores["cartridgeUnquantized"]  # the stored one is what is scored
     assert abs(scores["cartridge"] - scores["cartridgeUnquantized"]) < 0.05 * scores["cartridgeUnquantized"]
-    gain = scores["noContext"] - scores["icl"]
-    assert scores["iclGainRecovered"] == pytest.approx((scores["noContext"] - scores["cartridge"]) / gain)
+    recovered = api.icl_gain_recovered(scores["noContext"], scores["icl"], scores["cartridge"])
+    assert scores["iclGainRecovered"] == (None if recovered is None else pytest.approx(recovered))
 
 
 def count_synthesized(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -613,12 +634,33 @@ def test_a_new_generation_reuses_the_synthesis_of_one_made_from_the_same_inputs(
     resized = make_config(file_store_root, corpus, size=32, steps=2).model_copy(update={"generation": 2})
     manifest = train(resized, store, options=OPTIONS, model=tiny_model)
     assert made == [] and manifest.training["synthesis_from"] == first.output_prefix
-    for name in ("synth/train-00000.safetensors", "synth/eval-00000.safetensors", "synth/inputs.json"):
+    for name in ("synth/train-00000.safetensors", "synth/eval-00000.safetensors"):
         assert store.get_bytes(f"{resized.output_prefix}/{name}") == store.get_bytes(f"{first.output_prefix}/{name}")
+    inputs = store.get_json(f"{resized.output_prefix}/synth/inputs.json")
+    assert inputs == {**store.get_json(f"{first.output_prefix}/synth/inputs.json"), "copied_from": first.output_prefix}
     assert store.children(resized.output_prefix) == store.children(first.output_prefix)  # nothing misnamed
     restudied = make_config(file_store_root, corpus, conversations=4).model_copy(update={"generation": 3})
     assert train(restudied, store, options=OPTIONS, model=tiny_model).training["synthesis_from"] is None
     assert len(made) == 1 + OPTIONS.eval_shards  # 4 conversations in one shard, plus the held-out shard
+
+
+def test_a_generation_that_copied_its_shards_records_their_source_after_a_restart(
+    tiny_model: LoadedModel, file_store_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generation 2 copies generation 1's shards, then its pod is lost before distillation ends: the restarted run
+    finds its own shards, and its manifest still says where they came from (not that it synthesized them)."""
+    store = Store()
+    corpus = put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT])
+    first = make_config(file_store_root, corpus, steps=2)
+    train(first, store, options=OPTIONS, model=tiny_model)
+    second = make_config(file_store_root, corpus, steps=4).model_copy(update={"generation": 2})
+    with monkeypatch.context() as lost:
+        lost.setattr(pipeline_module, "distill", lambda *args, **kwargs: pytest.fail("node lost"))
+        with pytest.raises(pytest.fail.Exception, match="node lost"):
+            train(second, store, options=OPTIONS, model=tiny_model)
+    made = count_synthesized(monkeypatch)
+    manifest = train(second, store, options=OPTIONS, model=tiny_model)
+    assert made == [] and manifest.training["synthesis_from"] == first.output_prefix
 
 
 def test_leftovers_of_another_run_under_the_prefix_are_discarded_not_resumed(
@@ -704,6 +746,42 @@ def test_a_corrupt_checkpoint_is_discarded_and_training_resumes_from_the_one_bef
     assert resumed.file_sha256 == uninterrupted.file_sha256
     assert "step-00000004/state.pt is unreadable" in caplog.text
     assert [u.removeprefix(checkpoints) for u in store.list(checkpoints)] == ["/step-00000004/state.pt"]
+
+
+@pytest.mark.parametrize("damage", ["tensors flipped", "tensors lost", "manifest garbled"])
+def test_a_finished_generation_that_no_longer_reads_back_is_trained_again_from_its_last_checkpoint(
+    tiny_model: LoadedModel,
+    file_store_root: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    damage: str,
+) -> None:
+    """A stored manifest whose artifact fails verification would fail every retry of the Job (exit 1) the same way:
+    the run takes the generation as unfinished and resumes it from its shards and last checkpoint, training no step
+    again, to the uninterrupted cartridge, manifest written last. The next run finds it finished."""
+    store = Store()
+    config = make_config(file_store_root, put_corpus(store, file_store_root, "lighthouse", [CORPUS_TEXT]))
+    uninterrupted = train(config, store, options=OPTIONS, model=tiny_model)
+    tensors = Path(StoreURI.parse(f"{config.output_prefix}/cartridge.safetensors").key)
+    manifest = Path(StoreURI.parse(f"{config.output_prefix}/{MANIFEST_FILE}").key)
+    if damage == "tensors flipped":
+        tensors.write_bytes(tensors.read_bytes()[:-1] + bytes([tensors.read_bytes()[-1] ^ 0xFF]))
+    elif damage == "tensors lost":
+        tensors.unlink()
+    else:
+        manifest.write_text("{not json")
+    made, loads = count_synthesized(monkeypatch), count_checkpoint_loads(monkeypatch)
+    caplog.set_level(logging.WARNING, logger="cartridges_trainer.pipeline")
+    again = train(config, store, options=OPTIONS, model=tiny_model)
+    assert "does not read back" in caplog.text and "training it again" in caplog.text
+    assert made == [] and loads == [f"step-{config.spec.training.steps:08d}"]
+    assert download_artifact(store, config.output_prefix, tmp_path) == again
+    assert again.file_sha256 == uninterrupted.file_sha256
+    assert again.training["resumed_from_step"] == config.spec.training.steps
+    caplog.clear()
+    assert train(config, store, options=OPTIONS, model=tiny_model).file_sha256 == uninterrupted.file_sha256
+    assert "training it again" not in caplog.text
 
 
 def test_objects_under_checkpoints_that_are_no_checkpoint_are_ignored_with_a_warning(
@@ -1154,6 +1232,17 @@ def test_a_base_model_not_in_the_store_exits_permanent(
 def test_invalid_config_exits_permanent(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", '{"namespace": "default"}']) == EXIT_PERMANENT
     assert "invalid trainer config" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_utf8_exits_permanent_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every retry would read the same bytes: bad input (65) with a one-line reason, not a traceback and exit 1."""
+    config_file = tmp_path / "config.json"
+    config_file.write_bytes('{"namespace": "café"}'.encode("latin-1"))
+    assert main(["--config-file", str(config_file)]) == EXIT_PERMANENT
+    err = capsys.readouterr().err
+    assert f"invalid trainer config: {config_file}: not UTF-8 text" in err and "Traceback" not in err
 
 
 def test_dockerfile_matches_the_trainer_contract() -> None:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cartridges import layout
+from cartridges.api import icl_gain_recovered
 from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_NOT_FOUND,
+    EXIT_USAGE,
     CLIError,
     Stored,
     add_command,
@@ -125,10 +127,10 @@ def table(rows: list[Row]) -> str:
     if len(rows) < 3:
         return "\n".join(lines)  # no ICL row: no gain to recover
     none, icl, cart = rows
-    gain = none.answer_nll - icl.answer_nll
-    if gain > 0:
+    recovered = icl_gain_recovered(none.answer_nll, icl.answer_nll, cart.answer_nll)
+    if recovered is not None:
         lines.append(
-            f"the cartridge recovers {(none.answer_nll - cart.answer_nll) / gain:.0%} of the ICL gain "
+            f"the cartridge recovers {recovered:.0%} of the ICL gain "
             f"with {icl.kv_bytes / max(cart.kv_bytes, 1):.1f}x less KV memory"
         )
     return "\n".join(lines)
@@ -206,6 +208,8 @@ def evaluate_stored(
 
 def run(args: argparse.Namespace) -> int:
     name = check_name(args.name)
+    if args.description is not None and not args.corpus:
+        raise CLIError("--description needs --corpus: it says what the --corpus files are", EXIT_USAGE)
     pairs = read_qa(args.qa)
     store = open_store(args.store)
     stored = find(store, args.store, args.namespace, name, args.generation)  # fail before loading the model
@@ -254,7 +258,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="files or directories for the ICL condition (default: the corpus the cartridge was trained on; "
         "needed for an imported cartridge)",
     )
-    parser.add_argument("--description", help="what --corpus is, as in `train --description`")
+    parser.add_argument("--description", help="what --corpus is, as in `train --description` (only with --corpus)")
     parser.add_argument("--plot", type=plot_path, help="save a chart of the comparison here (.png, .svg, .pdf, ...)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.set_defaults(func=run)

@@ -535,10 +535,10 @@ def _passes_quality_gate(run: Pass, generation: int, current: layout.Pointer | N
     """Whether ``generation``'s evaluation passes the gate; when it does not, the status says which generation
     stays promoted (``current``, read this pass), as status.artifact describes the held-back one."""
     minimum = run.spec.serving.qualityGate.minIclGainRecovered
-    recovered = (run.status.get("evaluation") or {}).get("iclGainRecovered")
     if minimum is None:
         return True
-    if recovered is None or not recovered >= minimum:  # a NaN score fails: every comparison with NaN is False
+    problem = _quality_gate_problem(run.status.get("evaluation") or {}, minimum)
+    if problem is not None:
         _record_promoted(run, current)
         if current is None:
             outcome = f"generation {generation} is not promoted, and no generation is promoted yet"
@@ -546,10 +546,28 @@ def _passes_quality_gate(run: Pass, generation: int, current: layout.Pointer | N
             outcome = f"generation {generation} stays promoted (it was promoted before the gate held it back)"
         else:
             outcome = f"generation {generation} is not promoted; generation {current.generation} stays promoted"
-        message = f"ICL gain recovered {recovered} is below the quality gate {minimum}: {outcome}"
-        run.not_ready("QualityGateFailed", message, stalled=True)
+        run.not_ready("QualityGateFailed", f"{problem}: {outcome}", stalled=True)
         return False
     return True
+
+
+def _quality_gate_problem(evaluation: dict[str, Any], minimum: float) -> str | None:
+    """Why ``evaluation`` does not pass a gate of ``minimum``, or None when it does. ICL no better than no context
+    leaves no gain to recover, so no score can be judged: checked first, since a trainer from before that rule
+    divided by such a gain and scored a cartridge worse than no context as a large positive fraction."""
+    no_context, icl = evaluation.get("noContext"), evaluation.get("icl")
+    if no_context is not None and icl is not None and api.icl_gain(no_context, icl) is None:
+        return (
+            f"the quality gate (minIclGainRecovered {minimum}) cannot judge this generation: ICL gave no gain on "
+            f"the held-out self-study questions (answer NLL/token {icl:.3f} with the corpus in context, "
+            f"{no_context:.3f} without), so there is no ICL gain to recover; make the questions depend on the corpus "
+            "(spec.selfStudy: recipe grounded, more conversations; a base model that reads its context), or remove "
+            "spec.serving.qualityGate.minIclGainRecovered to promote without the gate"
+        )
+    recovered = evaluation.get("iclGainRecovered")
+    if recovered is None or not recovered >= minimum:  # a NaN score fails: every comparison with NaN is False
+        return f"ICL gain recovered {recovered} is below the quality gate {minimum}"
+    return None
 
 
 def _promote(run: Pass, trainer: TrainerConfig, current: layout.Pointer | None) -> None:

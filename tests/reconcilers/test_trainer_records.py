@@ -33,12 +33,12 @@ def test_records_with_non_finite_numbers_are_refused(value: float) -> None:
         api.Evaluation.model_validate({"icl": 1.0, "iclGainRecovered": value})
 
 
-def gate_pass(recovered: float | None) -> Pass:
+def gate_pass(recovered: float | None, **scores: float) -> Pass:
     spec = api.CartridgeSpec.model_validate({
         "corpusRefs": [{"name": "c"}], "baseModel": {"name": "m", "uri": "s3://b/m"}, "size": 512,
         "serving": {"qualityGate": {"minIclGainRecovered": 0.5}},
     })  # fmt: skip
-    status = {"evaluation": {"iclGainRecovered": recovered}}
+    status = {"evaluation": {"iclGainRecovered": recovered, **scores}}
     return Pass({}, spec, status, "ns", "c", 1, OperatorConfig(store_root="s3://b"), None, lambda _: [])  # type: ignore[arg-type]
 
 
@@ -98,3 +98,16 @@ def test_progress_altered_after_upload_is_reported_unusable(tmp_path: Path, monk
     run.status["progress"] = {"phase": "training"}
     unusable = _copy_progress(run, trainer)
     assert unusable.startswith(f"; {uri} is unusable: sha256 mismatch") and run.status["progress"] is None
+
+
+@pytest.mark.parametrize("recovered", [None, 5.0])
+def test_the_quality_gate_cannot_judge_a_generation_whose_icl_gave_no_gain(recovered: float | None) -> None:
+    """ICL no better than no context leaves no gain to recover: the gate holds the generation back saying so and
+    what to do, also when an older trainer scored it (+5.0: a cartridge worse than no context, ICL worse still)."""
+    run = gate_pass(recovered, noContext=5.0, icl=5.1, cartridge=5.5)
+    assert not _passes_quality_gate(run, 1, None)
+    assert is_true(run.status["conditions"], "Stalled")
+    ready = next(c for c in run.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "QualityGateFailed"
+    assert "cannot judge" in ready["message"] and "ICL gave no gain" in ready["message"]
+    assert "minIclGainRecovered" in ready["message"] and "no generation is promoted yet" in ready["message"]

@@ -26,6 +26,7 @@ from cartridges.contract import (
     TRAINER_GRACE_S,
     TrainerConfig,
 )
+from cartridges.corpus import SourceError, decode_utf8
 from cartridges.store import Store
 from cartridges_trainer.errors import InputError
 from cartridges_trainer.options import TrainerOptions
@@ -48,7 +49,7 @@ def _parse(argv: list[str]) -> tuple[TrainerConfig, TrainerOptions, Path | None]
     parser.add_argument("--options", default="{}", help="TrainerOptions as JSON (lengths, batch sizes, cadences)")
     parser.add_argument("--workdir", type=Path, help="local scratch directory, one per process (default: temporary)")
     args = parser.parse_args(argv)
-    text = args.config if args.config is not None else args.config_file.read_text()
+    text = args.config if args.config is not None else decode_utf8(args.config_file.read_bytes(), str(args.config_file))
     return TrainerConfig.model_validate_json(text), TrainerOptions.model_validate_json(args.options), args.workdir
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config, options, workdir = _parse(argv)
-    except (ValidationError, OSError) as err:
+    except (ValidationError, OSError, SourceError) as err:
         return _permanent(f"invalid trainer config: {err}")
     gpus = torch.cuda.device_count()
     if gpus > 1 and "WORLD_SIZE" not in os.environ:

@@ -2,7 +2,8 @@
 
 ICL reads the whole corpus (rendered as the teacher's system turn) when it fits the model's context window, since
 that is what the cartridge stands in for; otherwise each shard's own chunk, and ``iclContext`` says which.
-``iclGainRecovered`` = (none - cartridge) / (none - icl): 1 means the cartridge is as good as that context.
+``iclGainRecovered`` = (none - cartridge) / (none - icl): 1 means the cartridge is as good as that context; None
+when that context gave no gain (:func:`cartridges.api.icl_gain_recovered`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from cartridges.api import icl_gain_recovered
 from cartridges.artifact import Cartridge
 from cartridges.kvcache import prefix_cartridge
 from cartridges.models import LoadedModel
@@ -63,8 +65,7 @@ def evaluate(
                 totals[name] += F.nll_loss(logprobs, batch.targets, reduction="sum").item()
             tokens += len(batch.targets)
     scores: dict[str, float | int | str | None] = {name: total / tokens for name, total in totals.items()}
-    gain = totals["noContext"] - totals["icl"]
-    scores["iclGainRecovered"] = (totals["noContext"] - totals["cartridge"]) / gain if gain else None
+    scores["iclGainRecovered"] = icl_gain_recovered(totals["noContext"], totals["icl"], totals["cartridge"])
     scores["iclContext"] = "corpus" if whole else "chunk"
     scores["answerTokens"] = tokens
     return scores

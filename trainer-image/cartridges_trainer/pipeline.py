@@ -25,6 +25,7 @@ from cartridges.artifact import (
 )
 from cartridges.contract import TrainerConfig
 from cartridges.layout import EVAL_FILE, TRAINING_INPUTS_FILE
+from cartridges.manifest import ArtifactError
 from cartridges.models import LoadedModel, ModelLoadError, load_base_model
 from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreError
 from cartridges_trainer.corpus import Corpus, load_corpus
@@ -147,24 +148,37 @@ def train(
 ) -> CartridgeManifest:
     """Train, evaluate and upload one generation into ``config.output_prefix``; returns the uploaded manifest.
 
-    Idempotent: a generation whose manifest is already uploaded is returned as is; an interrupted one resumes from
-    its synthesis shards and latest checkpoint. ``model`` skips loading ``spec.baseModel`` (tests, local use);
-    ``world`` is the data-parallel group under ``torchrun`` (default: a single process).
+    Idempotent: a generation whose manifest is already uploaded is returned as is (trained again when it does not
+    read back); an interrupted one resumes from its synthesis shards and latest checkpoint. ``model`` skips loading
+    ``spec.baseModel`` (tests, local use); ``world`` is the data-parallel group under ``torchrun`` (default: a
+    single process).
     """
     options = options or TrainerOptions()
     world = world or World()
     prefix = config.output_prefix
     with tempfile.TemporaryDirectory(prefix="cartridges-trainer-") as tmp:
         local = workdir or Path(tmp)
-        if store.exists(f"{prefix}/{MANIFEST_FILE}"):
+        if store.exists(f"{prefix}/{MANIFEST_FILE}") and (finished := _finished(store, prefix, local / "existing")):
             log.info("%s is already trained; nothing to do", prefix)
-            return download_artifact(store, prefix, local / "existing")
+            return finished
         progress = ProgressReporter(store, prefix, options.progress_interval_s, enabled=world.is_main)
         try:
             return _run(config, store, options, model, Workspace(store, prefix, local), progress, world)
         except Exception as err:
             _report_failure(progress, err)
             raise
+
+
+def _finished(store: Store, prefix: str, directory: Path) -> CartridgeManifest | None:
+    """The generation stored under ``prefix``, or None when it does not read back (a corrupt manifest, corrupt or
+    missing tensors). That is trained again, resuming from its shards and last checkpoint: it costs the evaluation
+    and upload, and converges, where a failure would be retried forever and an input error would wait for someone
+    to delete the objects. The upload overwrites the tensors, then the manifest: it is again written last."""
+    try:
+        return download_artifact(store, prefix, directory)
+    except (ArtifactError, ObjectNotFound) as err:
+        log.warning("%s: the stored generation does not read back (%s); training it again", prefix, err)
+        return None
 
 
 def _report_failure(progress: ProgressReporter, err: Exception) -> None:

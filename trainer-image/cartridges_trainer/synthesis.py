@@ -337,19 +337,22 @@ def synthesis_inputs(lm: LoadedModel, corpus: Corpus, study: SelfStudy, options:
 def adopt_synthesis(workspace: Workspace, inputs: dict[str, Any], earlier: Sequence[str]) -> str | None:
     """Before a generation's first shard: copy (server-side) the shards of the first of the ``earlier`` generation
     prefixes synthesized from the same inputs, and return that prefix; with none, record ``inputs`` for the shards
-    about to be made here. A generation whose shards were made from these inputs is left as it is (a restart); shards
-    made from other inputs (left by another run under this prefix) or unlabelled ones are deleted first.
+    about to be made here. A generation whose shards were made from these inputs is left as it is (a restart), and
+    the prefix they were copied from (recorded with the inputs as ``copied_from``) is returned again; shards made
+    from other inputs (left by another run under this prefix) or unlabelled ones are deleted first.
 
     A shard is a function of the inputs and its name, so an earlier generation's partial set is as good: what is
     missing is synthesized as after a restart."""
     store = workspace.store
     if workspace.names(SYNTH_FOLDER):
         try:
-            recorded = store.get_json(workspace.uri(INPUTS_FILE)).get("key")
+            record = store.get_json(workspace.uri(INPUTS_FILE))
         except (ObjectNotFound, IntegrityError):  # unrecorded, or altered: the shards cannot be trusted
-            recorded = None
+            record = {}
+        recorded = record.get("key")
         if recorded == inputs["key"]:
-            return None
+            copied_from: str | None = record.get("copied_from")
+            return copied_from
         log.warning(
             "discarding the synthesis shards under %s: they were made from other inputs (%s), not this run's (%s)",
             workspace.uri(SYNTH_FOLDER),
@@ -370,7 +373,7 @@ def adopt_synthesis(workspace: Workspace, inputs: dict[str, Any], earlier: Seque
         for name in store.names(f"{source}/{SYNTH_FOLDER}"):
             if f"{SYNTH_FOLDER}/{name}" != INPUTS_FILE:
                 store.copy(f"{source}/{SYNTH_FOLDER}/{name}", workspace.uri(f"{SYNTH_FOLDER}/{name}"))
-    store.put_json(workspace.uri(INPUTS_FILE), inputs)
+    store.put_json(workspace.uri(INPUTS_FILE), {**inputs, "copied_from": source})
     return source
 
 
