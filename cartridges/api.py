@@ -397,6 +397,11 @@ def icl_gain_recovered(no_context: float, icl: float, cartridge: float) -> float
     return None if gain is None else (no_context - cartridge) / gain
 
 
+def recovered_text(recovered: float | None) -> str:
+    """``iclGainRecovered`` as people read it: ``64%``, or why there is no score."""
+    return "n/a (ICL gave no gain to recover)" if recovered is None else f"{recovered:.0%}"
+
+
 class Endpoint(Spec):
     url: str
     model: str

@@ -279,11 +279,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     verb = "trained" if trained else "already trained (use --force to train again)"
     scores = stored.manifest.metrics
-    recovered = scores.get("iclGainRecovered")
     print(
         f"{name}: {verb}: generation {stored.pointer.generation}, p={stored.manifest.p}, "
         f"{human_bytes(stored.manifest.file_bytes)}, ICL gain recovered "
-        f"{'n/a' if recovered is None else f'{recovered:.0%}'} on held-out self-study questions"
+        f"{api.recovered_text(scores.get('iclGainRecovered'))} on held-out self-study questions"
     )
     print(f"  {stored.pointer.prefix}")
     return 0

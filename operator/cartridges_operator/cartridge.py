@@ -528,7 +528,9 @@ def _record_evaluation(run: Pass, prefix: str) -> None:
         run.condition("Evaluated", False, "NoEvaluation", f"{layout.EVAL_FILE}: {err}")
         return
     run.status["evaluation"] = evaluation.model_dump()
-    run.condition("Evaluated", True, "Evaluated", f"ICL gain recovered: {evaluation.iclGainRecovered}")
+    run.condition(
+        "Evaluated", True, "Evaluated", f"ICL gain recovered: {api.recovered_text(evaluation.iclGainRecovered)}"
+    )
 
 
 def _passes_quality_gate(run: Pass, generation: int, current: layout.Pointer | None) -> bool:

@@ -16,7 +16,13 @@ from cartridges.contract import TrainerConfig
 from cartridges.manifest import MANIFEST_FILE, TENSORS_FILE
 from cartridges.store import IntegrityError, Store
 from cartridges_operator import manifests
-from cartridges_operator.cartridge import Pass, _copy_progress, _passes_quality_gate, _verify_and_record
+from cartridges_operator.cartridge import (
+    Pass,
+    _copy_progress,
+    _passes_quality_gate,
+    _record_evaluation,
+    _verify_and_record,
+)
 from cartridges_operator.conditions import is_true
 from cartridges_operator.config import OperatorConfig
 
@@ -111,3 +117,16 @@ def test_the_quality_gate_cannot_judge_a_generation_whose_icl_gave_no_gain(recov
     assert ready["reason"] == "QualityGateFailed"
     assert "cannot judge" in ready["message"] and "ICL gave no gain" in ready["message"]
     assert "minIclGainRecovered" in ready["message"] and "no generation is promoted yet" in ready["message"]
+
+
+@pytest.mark.parametrize(
+    ("recovered", "shown"), [(0.6432, "ICL gain recovered: 64%"), (None, "ICL gain recovered: n/a (ICL gave no gain")]
+)
+def test_evaluated_says_the_score_as_people_read_it(tmp_path: Path, recovered: float | None, shown: str) -> None:
+    """A fraction as a percentage; no score (ICL gave no gain) says why rather than printing None."""
+    run, trainer = trained_pass(tmp_path)
+    prefix = trainer.output_prefix
+    run.store.put_json(f"{prefix}/{layout.EVAL_FILE}", {"noContext": 2.0, "icl": 1.0, "iclGainRecovered": recovered})
+    _record_evaluation(run, prefix)
+    evaluated = next(c for c in run.status["conditions"] if c["type"] == "Evaluated")
+    assert evaluated["message"].startswith(shown) and "None" not in evaluated["message"], evaluated
