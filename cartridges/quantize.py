@@ -76,12 +76,15 @@ def quantize_kv(x: Tensor, fmt: QuantFormat, granularity: Granularity) -> Quanti
 
     Per-channel suits keys (outlier channels survive RoPE); per-token suits values. Rows or columns whose scale
     would be zero (all zero, or an absmax so small that dividing it by the format's maximum underflows) get scale
-    1, so they dequantize to (nearly) themselves instead of NaN. Non-finite input has no scale and is refused.
+    1, so they dequantize to (nearly) themselves instead of NaN; so do the channels of a tensor without tokens.
+    Non-finite input has no scale and is refused.
     """
     if x.dim() != 3:
         raise ValueError(f"expected [kv_heads, tokens, head_dim], got {tuple(x.shape)}")
     reduce_dim = -1 if granularity == "token" else 1
-    amax = x.detach().to(torch.float32).abs().amax(dim=reduce_dim)
+    magnitudes = x.detach().to(torch.float32).abs()
+    # no tokens (an empty cartridge or own KV): channel scales of zeros, which become ones below
+    amax = magnitudes.amax(dim=reduce_dim) if magnitudes.shape[reduce_dim] else magnitudes.sum(dim=reduce_dim)
     if not bool(torch.isfinite(amax).all()):  # amax propagates NaN; float32 overflow shows as inf here too
         raise ValueError("cannot quantize keys/values that hold inf or NaN")
     scales = amax / _QMAX[fmt]

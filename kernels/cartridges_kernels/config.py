@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,7 +21,10 @@ MAX_HEAD_DIM = 256
 # fp32 accumulator elements per thread before registers spill: 128 (64 rows x head_dim 256 on 4 warps) spills on
 # sm_90 with Triton 3.6 and 3.9 (tests/kernels/test_gpu_compile.py compiles the defaults)
 MAX_ACC_PER_THREAD = 64
-SHARED_MEMORY_BYTES = 160 * 1024  # what every supported GPU (sm80+) gives one block, opt-in
+# Shared memory one block may use where there is no device to ask (the interpreter). GPUs give a block what
+# shared_memory_limit() reads: 99 KB on sm_86/sm_89/sm_120 (A10, L4, RTX 30xx-50xx), 163 KB on sm_80, 227 KB on sm_90.
+SHARED_MEMORY_BYTES = 160 * 1024
+FP8_CAPABILITY = (8, 9)  # Triton's float8e4nv (float8_e4m3fn KV) needs sm_89 or newer
 # K+V bytes an own program of the fused decode kernel keeps in flight. Triton stages the own walk's loads
 # num_stages - 1 deep (its dots are mma.sync, which read registers; the shared walk's wgmma reads shared memory
 # and gets num_stages buffers): at 2 stages each own block was one serial round trip. 64 KB reads a 128-token
@@ -55,6 +59,12 @@ class KernelConfig:
     side_by_side: bool = False
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for queries of ``dtype`` (a kernel constexpr): exact ("ieee") for float32, whose
+    dots Triton would otherwise run as TF32 with 10-bit mantissas; 16-bit dots are exact either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
@@ -68,8 +78,11 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: int) -> None:
-    """Raise ValueError if the config cannot compile, or would spill, on a GPU."""
+def check_config(
+    config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: int, shared_memory: int = SHARED_MEMORY_BYTES
+) -> None:
+    """Raise ValueError if the config cannot compile, or would spill, on a GPU giving a block ``shared_memory``
+    bytes."""
     block_d = padded_head_dim(head_dim)
     if not (_is_pow2(config.block_m) and MIN_DOT <= config.block_m <= MAX_BLOCK_M):
         raise ValueError(f"block_m={config.block_m} must be a power of two in [{MIN_DOT}, {MAX_BLOCK_M}]")
@@ -95,24 +108,45 @@ def check_config(config: KernelConfig, group_pad: int, head_dim: int, kv_bytes: 
             "num_warps"
         )
     smem = shared_memory_bytes(config, head_dim, kv_bytes)
-    if smem > SHARED_MEMORY_BYTES:
+    if smem > shared_memory:
         raise ValueError(
             f"block_n={config.block_n}, head_dim {block_d}, {config.num_stages} stages need {smem} bytes of "
-            f"shared memory (max {SHARED_MEMORY_BYTES}); lower block_n or num_stages"
+            f"shared memory (max {shared_memory}); lower block_n or num_stages"
         )
     own_smem = max(1, config.num_stages - 1) * 2 * (config.own_block_n or 0) * block_d * kv_bytes
-    if own_smem > SHARED_MEMORY_BYTES:
+    if own_smem > shared_memory:
         raise ValueError(
             f"own_block_n={config.own_block_n}, head_dim {block_d}, {config.num_stages} stages need {own_smem} "
-            f"bytes of shared memory (max {SHARED_MEMORY_BYTES}); lower own_block_n or num_stages"
+            f"bytes of shared memory (max {shared_memory}); lower own_block_n or num_stages"
         )
 
 
 @functools.lru_cache(maxsize=256)
-def check_launch(config: KernelConfig, block_m: int, group_pad: int, head_dim: int, kv_bytes: int) -> None:
-    """check_config for a launch whose plan sized its tiles to ``block_m`` query rows. Cached (a failing check
-    is not): every layer of every step launches with the same few."""
-    check_config(replace(config, block_m=block_m), group_pad, head_dim, kv_bytes)
+def check_launch(
+    config: KernelConfig, block_m: int, group_pad: int, head_dim: int, kv_bytes: int, device: torch.device
+) -> None:
+    """check_config for a launch on ``device`` whose plan sized its tiles to ``block_m`` query rows. Cached (a
+    failing check is not): every layer of every step launches with the same few."""
+    check_config(replace(config, block_m=block_m), group_pad, head_dim, kv_bytes, shared_memory_limit(device))
+
+
+@functools.cache
+def shared_memory_limit(device: torch.device) -> int:
+    """The shared memory one block may opt in to on ``device``; SHARED_MEMORY_BYTES off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return SHARED_MEMORY_BYTES
+    return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+
+
+def check_fp8_storage(dtypes: AbstractSet[torch.dtype], capability: tuple[int, int] | None) -> None:
+    """Refuse float8_e4m3fn keys/values on a GPU of ``capability`` below FP8_CAPABILITY, where Triton cannot
+    compile them (None: no GPU, the interpreter reads them)."""
+    if capability is not None and capability < FP8_CAPABILITY and torch.float8_e4m3fn in dtypes:
+        raise ValueError(
+            f"fp8 (float8_e4m3fn) cartridges need a GPU of compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} "
+            f"or newer, this one is {capability[0]}.{capability[1]}; store them as int8 (cartridges quantize "
+            "--format int8) or unquantized"
+        )
 
 
 def own_block_n(config: KernelConfig, head_dim: int, kv_bytes: int, dequantizes: bool = False) -> int:
@@ -138,18 +172,23 @@ def shared_memory_bytes(config: KernelConfig, head_dim: int, kv_bytes: int) -> i
     return config.num_stages * 2 * config.block_n * block_d * kv_bytes + config.block_m * block_d * 4
 
 
-def default_config(head_dim: int, kv_bytes: int = 2, dequantizes: bool = False) -> KernelConfig:
+def default_config(
+    head_dim: int, kv_bytes: int = 2, dequantizes: bool = False, shared_memory: int = SHARED_MEMORY_BYTES
+) -> KernelConfig:
     """A fixed config (no autotuning: the interpreter cannot time, and decode shapes vary every step).
 
     Three pipeline stages: on an H200 they were 3-6% faster than two for decode at batch 64 and 256, with as
     many programs per SM (bench/results/kernels-gpu.json). Two where the kernel ``dequantizes`` cartridges (at
     255 registers on sm_90 already, a third stage spills) or three do not fit in shared memory (fp32 KV).
     Above head_dim 128, 32-row tiles: 64 rows of a 256-wide accumulator spill on sm_90 (the compile test
-    checks the defaults at head_dim 64, 128 and 256)."""
+    checks the defaults at head_dim 64, 128 and 256). Where a block gets less than ``shared_memory`` needs
+    (99 KB on sm_86/sm_89), two stages, then narrower key blocks."""
     small = head_dim <= 128
     config = KernelConfig(block_m=64 if small else 32, block_n=64 if small else 32, num_stages=2 if dequantizes else 3)
-    if shared_memory_bytes(config, head_dim, kv_bytes) > SHARED_MEMORY_BYTES:
-        return replace(config, num_stages=2)
+    if shared_memory_bytes(config, head_dim, kv_bytes) > shared_memory:
+        config = replace(config, num_stages=2)
+    while shared_memory_bytes(config, head_dim, kv_bytes) > shared_memory and config.block_n > MIN_DOT:
+        config = replace(config, block_n=config.block_n // 2)
     return config
 
 

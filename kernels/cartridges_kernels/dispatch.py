@@ -23,9 +23,11 @@ from cartridges.quantize import QuantizedKV
 from cartridges_kernels.config import (
     FUSED_DECODE_MAX_SHARED_ROWS,
     KernelConfig,
+    check_fp8_storage,
     default_config,
     next_pow2,
     own_block_n,
+    shared_memory_limit,
 )
 from cartridges_kernels.decode_plan import DecodePlan, DecodeStructure, own_walk_keys, plan_decode
 from cartridges_kernels.plan import AttentionPlan, BatchStructure, FormatKey, own_split_len, plan_attention
@@ -218,7 +220,10 @@ def _route(
     used = tuple(i for i, s in enumerate(table.segments) if i in named and s.num_tokens > 0)
     used_formats = {_format(table.segments[i]) for i in used}
     own_formats = {_format(s) for s in storage_segments(own_kv or [])}
-    config = config or default_config(q.shape[-1], *_storage(used_formats | own_formats))
+    formats = used_formats | own_formats
+    capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+    check_fp8_storage({dtype for k, v, _, _ in formats for dtype in (k, v)}, capability)
+    config = config or default_config(q.shape[-1], *_storage(formats), shared_memory=shared_memory_limit(q.device))
     q_heads = q.shape[1]
     kv_heads = _kv_heads(table, own_kv, q_heads)
     decode = set(query_lens) <= {1}  # one token per request

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cartridges_kernels.config import MIN_DOT, KernelConfig, check_launch, next_pow2, padded_head_dim
+from cartridges_kernels.config import MIN_DOT, KernelConfig, check_launch, dot_precision, next_pow2, padded_head_dim
 from cartridges_kernels.decode_plan import TILE_COLUMNS, DecodePlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import TL_DTYPE, aligned, granularity, segment_meta, tma_descriptors
@@ -72,6 +72,7 @@ def _fused_decode_kernel(
     OWN_V_SCALE: tl.constexpr,
     OWN_ALIGNED: tl.constexpr,
     TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> None:
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -80,7 +81,7 @@ def _fused_decode_kernel(
             q_ptr, stride_qt, stride_qh, seg_meta_ptr, tiles_ptr, tile_segments_ptr, row_request_ptr, out_ptr,
             lse_ptr, n_tokens, q_heads, qk_scale, program // shared_splits, program % shared_splits, shared_splits,
             kv_head, GROUP, GROUP_PAD, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-            SEG_K_DTYPE, SEG_V_DTYPE, SEG_K_SCALE, SEG_V_SCALE, SEG_ALIGNED, TMA and SEG_ALIGNED,
+            SEG_K_DTYPE, SEG_V_DTYPE, SEG_K_SCALE, SEG_V_SCALE, SEG_ALIGNED, TMA and SEG_ALIGNED, DOT_PRECISION,
         )  # fmt: skip
     else:
         item = program - shared_programs
@@ -88,7 +89,7 @@ def _fused_decode_kernel(
             q_ptr, stride_qt, stride_qh, own_meta_ptr, out_ptr, lse_ptr, n_tokens, q_heads, qk_scale,
             item // own_splits, item % own_splits, own_splits, shared_splits, kv_head,
             GROUP, GROUP_PAD, OWN_BLOCK_M, OWN_BLOCK_N, HEAD_DIM, BLOCK_D,
-            OWN_K_DTYPE, OWN_V_DTYPE, OWN_K_SCALE, OWN_V_SCALE, OWN_ALIGNED, TMA and OWN_ALIGNED,
+            OWN_K_DTYPE, OWN_V_DTYPE, OWN_K_SCALE, OWN_V_SCALE, OWN_ALIGNED, TMA and OWN_ALIGNED, DOT_PRECISION,
         )  # fmt: skip
 
 
@@ -122,6 +123,7 @@ def _shared_program(
     V_SCALE: tl.constexpr,
     ALIGNED: tl.constexpr,
     TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> None:
     """Chunk ``split`` of a tile's cartridges, laid end to end, for all of the tile's query rows: slot ``split``."""
     desc = tiles_ptr + tile * _TILE_COLUMNS
@@ -143,7 +145,7 @@ def _shared_program(
         m_i, l_i, acc = attend_keys(
             q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr,
             tl.maximum(lo - base, 0), tl.minimum(hi - base, length), qk_scale, qpos,
-            BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, False, TMA,
+            BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, False, TMA, DOT_PRECISION,
         )  # fmt: skip
         base += length
     store_rows(out_ptr, lse_ptr, split, token, head, row_valid, m_i, l_i, acc, n_tokens, q_heads, HEAD_DIM, BLOCK_D)
@@ -177,6 +179,7 @@ def _own_program(
     V_SCALE: tl.constexpr,
     ALIGNED: tl.constexpr,
     TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> None:
     """Chunk ``split`` of one request's own KV for that request's GROUP query rows (padded to BLOCK_M):
     slot ``first_slot + split``."""
@@ -192,7 +195,7 @@ def _own_program(
     m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
     m_i, l_i, acc = attend_keys(
         q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale,
-        tl.zeros([BLOCK_M], dtype=tl.int32), BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, False, TMA,
+        tl.zeros([BLOCK_M], dtype=tl.int32), BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, False, TMA, DOT_PRECISION,
     )  # fmt: skip
     slot = first_slot + split
     store_rows(out_ptr, lse_ptr, slot, token, head, row_valid, m_i, l_i, acc, n_tokens, q_heads, HEAD_DIM, BLOCK_D)
@@ -236,7 +239,7 @@ def launch_fused_decode(
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
     kv_bytes = kv_element_bytes([*used, *storage_segments(own_kv or [])])
-    check_launch(config, plan.block_m, group_pad, head_dim, kv_bytes)
+    check_launch(config, plan.block_m, group_pad, head_dim, kv_bytes, q.device)
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
     if plan.programs == 0:
@@ -271,6 +274,7 @@ def launch_fused_decode(
         **_format_constants("SEG", used, q.dtype),
         **_format_constants("OWN", own_kv or [], q.dtype),
         TMA=tma_descriptors(config, q.device),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

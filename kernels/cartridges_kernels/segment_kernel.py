@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cartridges.quantize import QuantizedKV
-from cartridges_kernels.config import KernelConfig, check_launch, next_pow2, padded_head_dim
+from cartridges_kernels.config import KernelConfig, check_launch, dot_precision, next_pow2, padded_head_dim
 from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segments import (
@@ -83,6 +83,7 @@ def _segment_partials_kernel(
     CAUSAL: tl.constexpr,
     ALIGNED: tl.constexpr,
     TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> None:
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -107,7 +108,7 @@ def _segment_partials_kernel(
     m_i, l_i, acc = empty_state(BLOCK_M, BLOCK_D)
     m_i, l_i, acc = attend_keys(
         q, m_i, l_i, acc, k_base, v_base, k_stride_t, v_stride_t, ks_ptr, vs_ptr, lo, hi, qk_scale,
-        qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA and ALIGNED,
+        qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA and ALIGNED, DOT_PRECISION,
     )  # fmt: skip
     slot = tl.load(row_slot_ptr + row_start + t, mask=t_valid, other=0) + split
     store_rows(
@@ -256,7 +257,7 @@ def launch_segment_partials(
     group = q_heads // kv_heads
     group_pad = next_pow2(group)
     keys, values = first.keys, first.values
-    check_launch(config, plan.block_m, group_pad, head_dim, kv_element_bytes([first]))
+    check_launch(config, plan.block_m, group_pad, head_dim, kv_element_bytes([first]), q.device)
     if q.stride(-1) != 1:
         raise ValueError("queries must be contiguous along head_dim")
     grid = (plan.tiles.shape[0], kv_heads, plan.num_splits)
@@ -287,6 +288,7 @@ def launch_segment_partials(
         CAUSAL=plan.own,
         ALIGNED=all(map(aligned, storage_segments(segments))),
         TMA=tma_descriptors(config, q.device),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

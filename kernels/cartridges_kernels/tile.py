@@ -181,13 +181,14 @@ def attend_keys(
     V_SCALE: tl.constexpr,
     CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> tuple[tl.tensor, ...]:
     """Fold keys [lo, hi) of one segment into the running base-2 softmax state (m_i, l_i, acc) of the tile.
 
     With CAUSAL, row m also sees only keys <= qpos[m]. Rows of padding (zero queries) are not masked: their
     state is never stored. Keys are dequantized on load: per-channel key scales fold into the query, per-token
     key scales into the scores, value scales into the loaded values (per token) or into p @ v (per channel),
-    so segments with different scales can share acc.
+    so segments with different scales can share acc. Dots take ``DOT_PRECISION`` (config.dot_precision).
 
     The softmax scale rides in the exponent's multiply-add and p @ v accumulates into the rescaled acc, as in
     Triton's fused-attention tutorial: on sm_90 that took the shared walk from 590 to 524 instructions per
@@ -217,18 +218,18 @@ def attend_keys(
         for start in range(lo, masked_from, BLOCK_N):
             m_i, l_i, acc = fold_block(
                 q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, start, hi,
-                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, False,
+                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, False, DOT_PRECISION,
             )  # fmt: skip
         if masked_from < hi:
             m_i, l_i, acc = fold_block(
                 q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, masked_from, hi,
-                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, True,
+                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, True, DOT_PRECISION,
             )  # fmt: skip
     else:  # pointer loads: a separate tail would stage its loads through registers and spill (sm_90 compile)
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = fold_block(
                 q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, ks_ptr, vs_ptr, v_chan, start, hi,
-                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, True,
+                qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, K_SCALE, V_SCALE, CAUSAL, TMA, True, DOT_PRECISION,
             )  # fmt: skip
     return m_i, l_i, acc
 
@@ -258,6 +259,7 @@ def fold_block(
     CAUSAL: tl.constexpr,
     TMA: tl.constexpr,
     MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> tuple[tl.tensor, ...]:
     """Keys [start, start + BLOCK_N) into the state. ``k_rows`` / ``v_rows``: tensor descriptors with TMA,
     else the segment's key/value base pointers. Without MASKED every key of the block is below ``hi`` and
@@ -274,7 +276,7 @@ def fold_block(
             mask=n_valid[None, :] & d_valid[:, None],
             other=0.0,
         )
-    s = tl.dot(q, k.to(q.dtype))
+    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)
     if K_SCALE == 1:  # per-token key scales and the softmax scale in one multiply per score
         s *= (tl.load(ks_ptr + offs_n, mask=n_valid, other=0.0) * qk_scale)[None, :]
         exp_scale = 1.0
@@ -303,9 +305,11 @@ def fold_block(
     if V_SCALE == 1:
         v *= tl.load(vs_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
     if V_SCALE == 2:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype)) * v_chan[None, :]
+        acc = (
+            acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION) * v_chan[None, :]
+        )
     else:
-        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cartridges_kernels.config import KernelConfig, check_launch, next_pow2, padded_head_dim
+from cartridges_kernels.config import KernelConfig, check_launch, dot_precision, next_pow2, padded_head_dim
 from cartridges_kernels.plan import LaunchPlan
 from cartridges_kernels.reference import LOG2E
 from cartridges_kernels.segment_kernel import aligned, segment_meta, tma_descriptors
@@ -63,6 +63,7 @@ def _cartridge_ws_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> None:
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,7 +89,7 @@ def _cartridge_ws_kernel(
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
         m_i, l_i, acc = fold_block(
             q, m_i, l_i, acc, k_rows, v_rows, k_stride_t, v_stride_t, k_base_ptr, v_base_ptr, unused, start, hi,
-            qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, 0, 0, False, True, True,
+            qk_scale, qpos, BLOCK_N, HEAD_DIM, BLOCK_D, 0, 0, False, True, True, DOT_PRECISION,
         )  # fmt: skip
 
     t, t_valid, token, row_valid, head = tile_rows(
@@ -148,7 +149,7 @@ def launch_ws_partials(
     first = storage_segments(segments, include_empty=True)[0]
     kv_heads = first.kv_heads
     group_pad = next_pow2(q_heads // kv_heads)
-    check_launch(config, plan.block_m, group_pad, head_dim, kv_element_bytes([first]))
+    check_launch(config, plan.block_m, group_pad, head_dim, kv_element_bytes([first]), q.device)
     tma_descriptors(config, q.device)  # checks the GPU, sets the descriptors' allocator
     num_tiles = plan.tiles.shape[0]
     _cartridge_ws_kernel[(num_tiles, kv_heads, plan.num_splits)](
@@ -171,6 +172,7 @@ def launch_ws_partials(
         BLOCK_N=config.block_n,
         HEAD_DIM=head_dim,
         BLOCK_D=padded_head_dim(head_dim),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

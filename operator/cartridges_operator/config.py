@@ -21,7 +21,7 @@ class ServingEngine:
     """Settings of the engine in every serving pod (the chart's ``serving.engine``), passed on as its env; a
     setting left out keeps the engine's own default (``cartridges_serving.EngineConfig``)."""
 
-    settings: tuple[tuple[str, int | bool], ...] = ()
+    settings: tuple[tuple[str, int | bool | str], ...] = ()
 
     ENV: ClassVar[dict[str, str]] = {
         "maxBatchSize": "CARTRIDGES_MAX_BATCH_SIZE",  # requests in one decode step
@@ -29,9 +29,11 @@ class ServingEngine:
         "cacheBytes": "CARTRIDGES_CACHE_BYTES",  # device memory for cartridges (LRU)
         "kvBytes": "CARTRIDGES_KV_BYTES",  # device memory reserved at start for requests' own KV
         "cudaGraphs": "CARTRIDGES_CUDA_GRAPHS",  # replay decode steps from CUDA graphs
+        "dtype": "CARTRIDGES_DTYPE",  # of the model, own KV and cartridges
     }
     MINIMUMS: ClassVar[dict[str, int]] = {"maxBatchSize": 1, "maxPrefillTokens": 1, "cacheBytes": 1, "kvBytes": 0}
-    SWITCHES: ClassVar[frozenset[str]] = frozenset({"cudaGraphs"})  # true/false; the others are integers
+    SWITCHES: ClassVar[frozenset[str]] = frozenset({"cudaGraphs"})  # true/false
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"dtype": ("auto", "bfloat16", "float16", "float32")}
 
     @classmethod
     def from_json(cls, text: str) -> ServingEngine:
@@ -46,6 +48,11 @@ class ServingEngine:
             if key in cls.SWITCHES:
                 if not isinstance(value, bool):
                     raise ValueError(f"CARTRIDGES_SERVING_ENGINE: {key} must be true or false, got {value!r}")
+            elif key in cls.CHOICES:
+                if value not in cls.CHOICES[key]:
+                    raise ValueError(
+                        f"CARTRIDGES_SERVING_ENGINE: {key} must be one of {', '.join(cls.CHOICES[key])}, got {value!r}"
+                    )
             elif not isinstance(value, int) or isinstance(value, bool) or value < cls.MINIMUMS[key]:
                 raise ValueError(
                     f"CARTRIDGES_SERVING_ENGINE: {key} must be an integer >= {cls.MINIMUMS[key]}, got {value!r}"

@@ -55,6 +55,7 @@ DEFAULT_MAX_PREFILL_TOKENS = 1024
 METRICS_LOG_INTERVAL_S = 10.0
 LOADER_THREADS = 4  # cartridge loads in flight at once; more requests with cartridges wait for a loader
 RATE_WINDOW_S = 10.0  # tokens_per_s counts the steps of this recent window only
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,13 @@ class EngineConfig:
     cuda_graphs: bool = False  # replay decode steps from CUDA graphs (graphs.DecodeGraphs)
     pointer_ttl_s: float = DEFAULT_POINTER_TTL_S
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "auto"  # of the model, own KV and cartridges: a DTYPES name, or auto (see model_dtype)
+
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the model is loaded in on ``device`` (see engine_dtype)."""
+        device = torch.device(self.device)
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return engine_dtype(self.dtype, device.type, bf16)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineConfig:
@@ -140,7 +148,19 @@ class EngineConfig:
             cuda_graphs=_env_flag(env, "CARTRIDGES_CUDA_GRAPHS", defaults.cuda_graphs),
             pointer_ttl_s=_env_number(env, "CARTRIDGES_POINTER_TTL_S", defaults.pointer_ttl_s, 0.0),
             device=env.get("CARTRIDGES_DEVICE", defaults.device),
+            dtype=_env_choice(env, "CARTRIDGES_DTYPE", defaults.dtype, ("auto", *DTYPES)),
         )
+
+
+def engine_dtype(setting: str, device_type: str, bf16_supported: bool) -> torch.dtype:
+    """The dtype of a ``CARTRIDGES_DTYPE`` setting. ``auto`` is 16-bit on a GPU, where attention is bound by the
+    bytes it reads and fp32 dots would silently run as TF32 (bfloat16, or float16 before sm_80), and float32 on
+    a CPU."""
+    if setting != "auto":
+        return DTYPES[setting]
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if bf16_supported else torch.float16
 
 
 def _env_number(env: Mapping[str, str], name: str, default: N, minimum: N) -> N:
@@ -167,6 +187,14 @@ def _env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if value is None:
         raise ValueError(f"{name} must be true or false, got {text!r}")
     return value
+
+
+def _env_choice(env: Mapping[str, str], name: str, default: str, choices: Sequence[str]) -> str:
+    """``env[name]``, one of ``choices`` (``default`` when unset); anything else names the setting."""
+    text = env.get(name, default)
+    if text not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+    return text
 
 
 class RequestHandle:
@@ -348,7 +376,9 @@ class Engine:
     @classmethod
     def from_config(cls, config: EngineConfig, store: Store | None = None) -> Engine:
         store = store or Store.from_env()
-        loaded = load_base_model(config.model_uri, store=store, device=config.device)
+        dtype = config.model_dtype()
+        log.info("loading %s on %s in %s (CARTRIDGES_DTYPE=%s)", config.model_uri, config.device, dtype, config.dtype)
+        loaded = load_base_model(config.model_uri, store=store, dtype=dtype, device=config.device)
         cache = None
         if config.store_root:
             cache = CartridgeCache(

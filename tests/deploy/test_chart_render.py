@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from _chart import CHART, CI_VALUES, Render, container, find, run_helm, template_args
 
@@ -154,9 +155,10 @@ def test_pods_get_the_charts_store_tls_and_region(render: Render, monkeypatch: p
 def test_serving_engine_settings_reach_the_engine(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
     """serving.engine in the chart -> the operator's env -> every serving pod's env -> the engine's config."""
     sets = {"serving.engine.maxBatchSize": "64", "serving.engine.kvBytes": "85899345920"}  # 80 GiB
-    sets = {**sets, "serving.engine.cudaGraphs": "true"}
+    sets = {**sets, "serving.engine.cudaGraphs": "true", "serving.engine.dtype": "float16"}
     engine = EngineConfig.from_env(serving_pod_env(render, monkeypatch, sets, "production-values.yaml"))
     assert (engine.max_batch_size, engine.kv_bytes, engine.cuda_graphs) == (64, 80 * 2**30, True)
+    assert engine.model_dtype() == torch.float16
     assert (engine.max_prefill_tokens, engine.cache_bytes) == (1024, 2 * 2**30)  # unset: the engine's defaults
 
 
@@ -329,6 +331,7 @@ BAD_VALUES = [
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
     ({"serving.engine.maxBatchSize": "0"}, ["/serving/engine/maxBatchSize", "minimum"]),
     ({"serving.engine.gpuMemory": "1"}, ["additional properties 'gpuMemory' not allowed"]),
+    ({"serving.engine.dtype": "fp16"}, ["/serving/engine/dtype", "bfloat16"]),
     ({"serving.resources.limits.memory": "16 GB"}, ["/serving/resources/limits/memory", "does not match pattern"]),
     ({"serving.resources.requests.cpu": "-1"}, ["/serving/resources/requests/cpu", "minimum"]),
     ({"serving.resources.gpus": "1"}, ["additional properties 'gpus' not allowed"]),

@@ -12,18 +12,27 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from cartridges_kernels.config import MIN_DOT, SWEEP_CONFIGS, KernelConfig, default_config, own_block_n
+from cartridges_kernels.config import (
+    MIN_DOT,
+    SWEEP_CONFIGS,
+    KernelConfig,
+    default_config,
+    dot_precision,
+    own_block_n,
+)
 from cartridges_kernels.fused_kernel import _fused_decode_kernel
 from cartridges_kernels.merge_kernel import _merge_kernel
 from cartridges_kernels.segment_kernel import _segment_partials_kernel
 from cartridges_kernels.ws_kernel import _cartridge_ws_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
+TF32_MMA = re.compile(r"mma\S*\.tf32")  # mma.sync (sm_80) or wgmma (sm_90) reading TF32 operands
 SCALARS = ["stride_qt", "stride_qh", "n_tokens", "q_heads"]  # integer arguments every attention kernel takes
 
 
@@ -34,7 +43,14 @@ NVDISASM = CUOBJDUMP.with_name("nvdisasm")
 def compile_kernel(
     kernel: triton.JITFunction, types: dict[str, str], constants: dict[str, object], warps: int = 4, stages: int = 2
 ) -> triton.compiler.CompiledKernel:
-    """Compile with the given runtime argument types and constexprs."""
+    """Compile with the given runtime argument types and constexprs; the attention kernels' DOT_PRECISION is
+    the one their launchers give queries of the compiled type."""
+    if "DOT_PRECISION" in kernel.arg_names:
+        queries = types.get("q_ptr", types.get("q_tiles_ptr"))
+        constants = {
+            "DOT_PRECISION": dot_precision(torch.float32 if queries == "*fp32" else torch.bfloat16),
+            **constants,
+        }
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     options = {"num_warps": warps, "num_stages": stages}
     return triton.compile(ASTSource(kernel, signature, constants), target=TARGET, options=options)
@@ -204,6 +220,11 @@ def main() -> None:
         compiled = compile_kernel(_segment_partials_kernel, types, {**shape, **formats})
         print(f"segment kernel q={q_type} {formats}: ok, {compiled.metadata.shared} bytes shared memory, "
               f"{wide_loads(compiled)} wide loads")  # fmt: skip
+    # fp32 queries and KV (an engine set to float32 on a GPU): exact dots, not TF32 tensor-core ones
+    fp32 = {**variants[0][1], "K_DTYPE": tl.float32, "V_DTYPE": tl.float32}
+    types = {**SEGMENT_TYPES, "q_ptr": "*fp32", "part_o_ptr": "*fp32"}
+    compiled = compile_kernel(_segment_partials_kernel, types, {**shape, **fp32})
+    print(f"segment kernel fp32: {len(TF32_MMA.findall(compiled.asm['ptx']))} tf32 mma instructions")
     fused_types = {
         **{name: "*i64" for name in ["seg_meta_ptr", "own_meta_ptr"]},
         **{name: "*i32" for name in ["tiles_ptr", "tile_segments_ptr", "row_request_ptr"]},

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from unittest import mock
+
 import pytest
+import torch
 
 from cartridges_kernels import KernelConfig, prefill_attention
-from cartridges_kernels.config import check_config, default_config, own_block_n
+from cartridges_kernels.config import (
+    SHARED_MEMORY_BYTES,
+    check_config,
+    check_fp8_storage,
+    default_config,
+    dot_precision,
+    own_block_n,
+    shared_memory_limit,
+)
 
 from ._build import make_batch
 
@@ -60,6 +72,44 @@ def test_default_config_is_valid_for_llama_shapes() -> None:
     assert default_config(256, 4) == KernelConfig(block_m=32, block_n=32, num_stages=2)
     with pytest.raises(ValueError, match="head_dim=512 exceeds"):  # no config fits: the message names the cause
         check_config(default_config(512), group_pad=4, head_dim=512, kv_bytes=2)
+
+
+SM89_SHARED_MEMORY = 101376  # what an A10, L4 or RTX 30xx/40xx gives one block (sm_86/sm_89)
+
+
+def test_default_config_fits_a_gpu_with_less_shared_memory() -> None:
+    """On sm_86/sm_89 the defaults drop a stage, then halve key blocks, instead of failing to launch."""
+    for head_dim in (64, 128, 256):
+        for kv_bytes in (1, 2, 4):
+            config = default_config(head_dim, kv_bytes, shared_memory=SM89_SHARED_MEMORY)
+            check_config(config, 4, head_dim, kv_bytes, shared_memory=SM89_SHARED_MEMORY)
+    assert default_config(128, 2, shared_memory=SM89_SHARED_MEMORY) == KernelConfig(num_stages=2)
+    assert default_config(128, 4, shared_memory=SM89_SHARED_MEMORY) == KernelConfig(block_n=32, num_stages=2)
+    assert default_config(128, 2) == KernelConfig(num_stages=3)  # the interpreter's stand-in limit: unchanged
+    with pytest.raises(ValueError, match="need 131072 bytes of shared memory \\(max 101376\\)"):  # explicit
+        check_config(KernelConfig(num_stages=3), 4, 128, 2, shared_memory=SM89_SHARED_MEMORY)
+
+
+def test_shared_memory_limit_comes_from_the_device() -> None:
+    assert shared_memory_limit(torch.device("cpu")) == SHARED_MEMORY_BYTES
+    properties = SimpleNamespace(shared_memory_per_block_optin=SM89_SHARED_MEMORY)
+    with mock.patch.object(torch.cuda, "get_device_properties", return_value=properties):
+        assert shared_memory_limit.__wrapped__(torch.device("cuda", 0)) == SM89_SHARED_MEMORY
+
+
+def test_fp8_storage_needs_sm89() -> None:
+    fp8 = {torch.float8_e4m3fn, torch.bfloat16}
+    with pytest.raises(ValueError, match="fp8 .* compute capability 8.9 or newer, this one is 8.6; store them as int8"):
+        check_fp8_storage(fp8, (8, 6))
+    check_fp8_storage(fp8, (8, 9))
+    check_fp8_storage(fp8, None)  # the interpreter
+    check_fp8_storage({torch.int8, torch.bfloat16}, (8, 0))
+
+
+def test_fp32_dots_are_exact() -> None:
+    """Triton runs fp32 dots as TF32 unless told otherwise; 16-bit ones keep its default."""
+    assert dot_precision(torch.float32) == "ieee"
+    assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,14 @@ def test_a_row_too_small_for_its_scale_gets_scale_one(fmt: QuantFormat) -> None:
     assert torch.equal(quant.dequantize(), torch.zeros(1, 2, 4))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_zero_tokens_get_channel_scales_of_one(fmt: QuantFormat) -> None:
+    """A cartridge or own KV with no tokens yet quantizes like an all-zero one (was an IndexError from amax)."""
+    quant = quantize_kv(torch.zeros(2, 0, 8), fmt, "channel")
+    assert torch.equal(quant.scales, torch.ones(2, 8)) and quant.data.shape == (2, 0, 8)
+    assert quant.dequantize().shape == (2, 0, 8)
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("granularity", ["token", "channel"])
 def test_non_finite_input_is_refused(bad: float, granularity: Granularity) -> None:
