@@ -11,6 +11,7 @@ with a plain ``SourceError``."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -19,6 +20,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ class _Guard:
 
     url: str
     allow_loopback: bool
+    deadline: float  # time.monotonic()
     sockets: list[socket.socket] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
     expired: bool = False
@@ -71,7 +74,7 @@ class _Guard:
 
     def addresses(self, host: str, port: int) -> list[tuple[Any, ...]]:
         """Every address ``host`` resolves to; refused if any is forbidden (no picking among them)."""
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = self.lookup(host, port)
         for info in infos:
             address = str(info[4][0])
             reason = self.refusal(address)
@@ -82,6 +85,24 @@ class _Guard:
                     "document from another host"
                 )
         return infos
+
+    def lookup(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        """``getaddrinfo`` given up at the deadline (a resolver that does not answer would hold the download through
+        all its retries), on a thread of its own that may outlive it."""
+        answer: concurrent.futures.Future[list[tuple[Any, ...]]] = concurrent.futures.Future()
+
+        def resolve() -> None:
+            try:
+                answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            except OSError as err:
+                answer.set_exception(err)
+
+        threading.Thread(target=resolve, daemon=True).start()
+        try:
+            return answer.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            self.expire()  # the timer may not have fired yet
+            raise
 
     def check_url(self, url: str) -> None:
         parts = urlsplit(url)
@@ -210,7 +231,7 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 
 def fetch(url: str, limit: int, timeout_s: float, allow_loopback: bool = False) -> bytes:
     """The body of ``url``, at most ``limit + 1`` bytes (more means: too large), within ``timeout_s`` in all."""
-    guard = _Guard(url, allow_loopback)
+    guard = _Guard(url, allow_loopback, time.monotonic() + timeout_s)
     opener = urllib.request.build_opener(_HTTPHandler(guard), _HTTPSHandler(guard), _RedirectHandler(guard))
     timer = threading.Timer(timeout_s, guard.expire)
     timer.start()

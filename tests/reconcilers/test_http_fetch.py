@@ -159,3 +159,21 @@ def test_the_reviewers_login_url_is_named_in_no_status(tmp_path: Path, monkeypat
     messages = [condition["message"] for condition in status["conditions"]]
     assert any("https://docs.example.com/handbook.md: cannot fetch" in message for message in messages), messages
     assert not any("Hunter2" in message or "S3cret" in message for message in messages), messages
+
+
+@pytest.mark.timeout(60)
+def test_the_deadline_covers_the_name_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that does not answer held the download through all its retries, past timeoutSeconds: the fetch
+    must give up at the deadline, not when the lookup ends (here: only once the test lets it, after the fetch)."""
+    resolve, released, outlived = socket.getaddrinfo, threading.Event(), threading.Event()
+
+    def stuck(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "slow-dns.example.com" and not released.wait(10):
+            outlived.set()
+        return resolve("127.0.0.1" if host == "slow-dns.example.com" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", stuck)
+    with pytest.raises(SourceUnavailable, match="did not finish within timeoutSeconds=1"):
+        fetch("http://slow-dns.example.com/doc", 1000, 1, allow_loopback=True)
+    assert not outlived.is_set()  # the fetch ended while the lookup still waited
+    released.set()
