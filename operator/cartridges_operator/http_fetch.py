@@ -1,13 +1,17 @@
 """Download an http(s) Corpus source inside hard limits: a byte limit enforced while reading, one deadline for the
 whole download (``timeout`` alone bounds each socket operation, so a server dripping a byte at a time would hold a
 worker forever), and no connection to the pod's own or link-local addresses (cloud metadata at 169.254.169.254),
-checked on the address actually connected to, for redirects too, so DNS cannot swap it after the check.
+checked on the address actually connected to, for redirects too, so DNS cannot swap it after the check. A URL's
+``user:password@`` is sent as Basic authentication (to the same origin only, also after redirects) and named in no
+message.
 
 A download that may succeed when tried again unchanged fails with ``SourceUnavailable``; one whose source needs a fix
 with a plain ``SourceError``."""
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -16,15 +20,17 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from cartridges.corpus import SourceError
 
 CHUNK = 1 << 16
+AUTHORIZATION = "Authorization"
 RETRIED_STATUSES = (408, 429)  # Request Timeout, Too Many Requests; and every 5xx
 UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}  # a route lost for now
 LINK_LOCAL = (
@@ -51,7 +57,9 @@ class _Guard:
 
     url: str
     allow_loopback: bool
+    deadline: float  # time.monotonic()
     sockets: list[socket.socket] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
     expired: bool = False
 
     def refusal(self, address: str) -> str | None:
@@ -66,7 +74,7 @@ class _Guard:
 
     def addresses(self, host: str, port: int) -> list[tuple[Any, ...]]:
         """Every address ``host`` resolves to; refused if any is forbidden (no picking among them)."""
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = self.lookup(host, port)
         for info in infos:
             address = str(info[4][0])
             reason = self.refusal(address)
@@ -77,6 +85,24 @@ class _Guard:
                     "document from another host"
                 )
         return infos
+
+    def lookup(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        """``getaddrinfo`` given up at the deadline (a resolver that does not answer would hold the download through
+        all its retries), on a thread of its own that may outlive it."""
+        answer: concurrent.futures.Future[list[tuple[Any, ...]]] = concurrent.futures.Future()
+
+        def resolve() -> None:
+            try:
+                answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            except OSError as err:
+                answer.set_exception(err)
+
+        threading.Thread(target=resolve, daemon=True).start()
+        try:
+            return answer.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            self.expire()  # the timer may not have fired yet
+            raise
 
     def check_url(self, url: str) -> None:
         parts = urlsplit(url)
@@ -102,6 +128,31 @@ class _Guard:
                 error = err
         raise error
 
+    def track(self, sock: socket.socket) -> None:
+        """Cut ``sock`` too at the deadline (one that passed already: now)."""
+        self.sockets.append(sock)
+        if self.expired:  # after the append: ``expire`` either saw the socket or set this before
+            raise TimeoutError("deadline passed")
+
+    def login(self, url: str) -> tuple[str, str | None]:
+        """``url`` without its ``user:password@``, and the Authorization header that carries them instead (``None``:
+        none); the two are kept to be scrubbed from error text."""
+        parts = urlsplit(url)
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        if not at:
+            return url, None
+        user, _, password = userinfo.partition(":")
+        self.secrets += [userinfo, password, unquote(password)]
+        token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+        return urlunsplit(parts._replace(netloc=hostport)), f"Basic {token}"
+
+    def scrubbed(self, text: str) -> str:
+        """``text`` without any user information or password of the URLs fetched (error text may quote a host and
+        port parsed from them in any shape)."""
+        for secret in sorted(filter(None, self.secrets), key=len, reverse=True):
+            text = text.replace(secret, "<redacted>")
+        return text
+
     def expire(self) -> None:
         self.expired = True
         for sock in self.sockets:
@@ -111,7 +162,8 @@ class _Guard:
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     """Checks where a redirect goes before following it (the connect check covers it too, but not via a proxy), and
-    follows none to ftp://, which urllib would fetch with its own connections, outside the connect check."""
+    follows none to ftp://, which urllib would fetch with its own connections, outside the connect check. A redirect
+    keeps the login only on the same origin; one to a URL with ``user:password@`` logs in with those."""
 
     def __init__(self, guard: _Guard) -> None:
         self.guard = guard
@@ -121,13 +173,41 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         if scheme not in ("http", "https"):
             raise SourceError(f"{self.guard.url}: redirects to {scheme}://, but the operator fetches only http(s)")
         self.guard.check_url(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        newurl, authorization = self.guard.login(newurl)
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if authorization is None and _origin(newurl) == _origin(req.full_url):
+            authorization = req.unredirected_hdrs.get(AUTHORIZATION)
+        if redirected is not None and authorization is not None:
+            redirected.add_unredirected_header(AUTHORIZATION, authorization)
+        return redirected
 
 
-def _guarded(connection: type[http.client.HTTPConnection], guard: _Guard, host: str, **kwargs: Any) -> Any:
-    conn = connection(host, **kwargs)
-    conn._create_connection = guard.connect  # type: ignore[attr-defined]  # http.client's own hook
-    return conn
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+class _Connection(http.client.HTTPConnection):
+    """Connects through ``guard`` (http.client's own hook), so that the address is checked and the deadline cuts it."""
+
+    def __init__(self, host: str, *, guard: _Guard, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)
+        self.guard = guard
+        self._create_connection = guard.connect
+
+
+class _TLSConnection(_Connection, http.client.HTTPSConnection):
+    """Hands the guard its TLS socket before the handshake: wrapping detaches the socket the guard connected, and
+    cutting that one would leave the TLS connection running past the deadline."""
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        server_hostname = self._tunnel_host or self.host  # type: ignore[attr-defined]
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            self.sock, server_hostname=server_hostname, do_handshake_on_connect=False
+        )
+        self.guard.track(self.sock)
+        self.sock.do_handshake()
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
@@ -136,7 +216,7 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         self.guard = guard
 
     def http_open(self, req: Any) -> Any:
-        return self.do_open(functools.partial(_guarded, http.client.HTTPConnection, self.guard), req)
+        return self.do_open(functools.partial(_Connection, guard=self.guard), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
@@ -146,31 +226,47 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         self.guard = guard
 
     def https_open(self, req: Any) -> Any:
-        return self.do_open(
-            functools.partial(_guarded, http.client.HTTPSConnection, self.guard), req, context=self.context
-        )
+        return self.do_open(functools.partial(_TLSConnection, guard=self.guard), req, context=self.context)
 
 
 def fetch(url: str, limit: int, timeout_s: float, allow_loopback: bool = False) -> bytes:
     """The body of ``url``, at most ``limit + 1`` bytes (more means: too large), within ``timeout_s`` in all."""
-    guard = _Guard(url, allow_loopback)
+    guard = _Guard(url, allow_loopback, time.monotonic() + timeout_s)
     opener = urllib.request.build_opener(_HTTPHandler(guard), _HTTPSHandler(guard), _RedirectHandler(guard))
     timer = threading.Timer(timeout_s, guard.expire)
     timer.start()
     try:
+        guard.url, authorization = guard.login(url)  # the URL as shown and requested, without user:password@
         guard.check_url(url)  # a host that does not resolve is a source to fix, like one that does not answer
-        with opener.open(url, timeout=timeout_s) as response:
+        request = urllib.request.Request(guard.url)
+        if authorization is not None:
+            request.add_unredirected_header(AUTHORIZATION, authorization)  # redirects: see _RedirectHandler
+        with opener.open(request, timeout=timeout_s) as response:
+            _refuse_encoded(response, guard.url)
             data = _read_at_most(response, limit + 1)
+    except SourceError:
+        raise
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as err:  # ValueError: a bad port
         if guard.expired:
-            raise _too_slow(url, timeout_s) from err
+            raise _too_slow(guard.url, timeout_s) from err
         failure = SourceUnavailable if _may_pass(err) else SourceError
-        raise failure(f"{url}: cannot fetch ({err})") from err
+        raise failure(f"{guard.url}: cannot fetch ({guard.scrubbed(str(err))})") from err
     finally:
         timer.cancel()
     if guard.expired:  # cut off: what was read may look complete but is not
-        raise _too_slow(url, timeout_s)
+        raise _too_slow(guard.url, timeout_s)
     return data
+
+
+def _refuse_encoded(response: Any, url: str) -> None:
+    """The operator asks for the body as it is (Accept-Encoding: identity) and decodes none: a compressed one would
+    otherwise fail later as "not UTF-8 text", which does not say what to fix."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", ""):
+        raise SourceError(
+            f"{url}: the server sent the body with Content-Encoding: {encoding}, which the operator does not decode; "
+            "serve it unencoded"
+        )
 
 
 def _may_pass(err: Exception) -> bool:
@@ -188,11 +284,15 @@ def _may_pass(err: Exception) -> bool:
 
 
 def _read_at_most(response: Any, size: int) -> bytes:
+    """At most ``size`` bytes of the body; a connection closed before the Content-Length declared is an error (urllib
+    returns what came, as if complete), so that a document cut short is not stored."""
     chunks: list[bytes] = []
     read = 0
     while read < size:
         chunk = response.read(min(CHUNK, size - read))
         if not chunk:
+            if response.length:  # what is left of the Content-Length
+                raise ConnectionError(f"the connection closed after {read} of {read + response.length} bytes")
             break
         chunks.append(chunk)
         read += len(chunk)
