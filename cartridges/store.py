@@ -78,22 +78,26 @@ class StoreURI:
 
     @classmethod
     def parse(cls, uri: str) -> StoreURI:
-        parsed = urlparse(uri)
-        if parsed.scheme == "s3":
-            if not parsed.netloc:
+        """Everything after the bucket (``file://``: after the optional ``localhost``) is the key, as written: ``?``,
+        ``#`` and ``;`` are characters of a key like any other (S3 takes them, and listed keys come back as URIs
+        that are parsed again), not a URL's query, fragment or parameters, and nothing is dropped from it."""
+        scheme, sep, rest = uri.partition("://")
+        netloc = rest.split("/", 1)[0]
+        key = rest[len(netloc) :]
+        if sep and scheme.lower() == "s3":
+            if not netloc:
                 raise ValueError(f"s3 URI needs a bucket, like s3://bucket/key: {uri!r}")
             try:  # minio's own check, here so a bad name is an input error, not a failure of the first request
-                check_bucket_name(parsed.netloc)
+                check_bucket_name(netloc)
             except ValueError:
                 raise ValueError(
-                    f"invalid S3 bucket name {parsed.netloc!r} in {uri!r}: use 3-63 lowercase letters, digits, "
-                    "'.' and '-'"
+                    f"invalid S3 bucket name {netloc!r} in {uri!r}: use 3-63 lowercase letters, digits, '.' and '-'"
                 ) from None
-            return cls("s3", parsed.netloc, parsed.path.lstrip("/"))
-        if parsed.scheme == "file":
-            if parsed.netloc not in ("", "localhost"):
+            return cls("s3", netloc, key.lstrip("/"))
+        if sep and scheme.lower() == "file":
+            if netloc not in ("", "localhost"):
                 raise ValueError(f"file URI must be absolute, like file:///data/store: {uri!r}")
-            return cls("file", "", parsed.path)
+            return cls("file", "", key)
         raise ValueError(f"unsupported store URI {uri!r}: use s3://bucket/key or file:///absolute/path")
 
     def join(self, *parts: str) -> StoreURI:

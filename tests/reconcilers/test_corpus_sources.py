@@ -70,6 +70,20 @@ def test_object_prefix_with_globs_in_key_order(minio_server: MinioServer, s3_pre
         read_sources(spec({"object": {"uri": f"{s3_prefix}empty/"}}), store, no_configmaps, CLUSTER)
 
 
+@pytest.mark.minio
+def test_objects_whose_keys_hold_hash_or_question_marks_are_read_by_their_whole_key(
+    minio_server: MinioServer, s3_prefix: str
+) -> None:
+    """``kb/faq#2024.md`` is read, not ``kb/faq`` beside it (nor a missing ``kb/c``, failing the Corpus)."""
+    store = minio_server.store()
+    for key, text in [("kb/faq", "Old FAQ."), ("kb/faq#2024.md", "The 2024 FAQ."), ("kb/c#-guide?.md", "C# guide.")]:
+        store.put_bytes(f"{s3_prefix}{key}", text.encode())
+    corpus = read_sources(spec({"object": {"uri": f"{s3_prefix}kb/", "include": ["*.md"]}}), store, no_configmaps,
+                          CLUSTER)  # fmt: skip
+    assert [(d.id, d.text) for d in corpus.documents] == [("c#-guide?.md", "C# guide.\n"), ("faq#2024.md",
+                                                          "The 2024 FAQ.\n")]  # fmt: skip
+
+
 def test_objects_are_named_relative_to_their_prefix_however_it_is_spelled(tmp_path: Path) -> None:
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "handbook.md").write_text("hello")
