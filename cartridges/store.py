@@ -56,6 +56,10 @@ class AccessDenied(StoreError):
     pass
 
 
+class InvalidObjectName(StoreError):
+    """The store takes no object of this name (too long, or a character it refuses): the name is what to fix."""
+
+
 class StoreUnavailable(StoreError):
     pass
 
@@ -295,6 +299,11 @@ class _FileBackend:
 _S3_ERRORS: dict[str, tuple[type[StoreError], str]] = {
     "NoSuchKey": (ObjectNotFound, "no such object"),
     "NoSuchBucket": (BucketNotFound, "bucket does not exist"),
+    "KeyTooLongError": (InvalidObjectName, "object name too long (S3 takes up to 1024 bytes)"),
+    "XMinioInvalidObjectName": (
+        InvalidObjectName,
+        "the store takes no object of this name (too long, or a character it refuses)",
+    ),
     "AccessDenied": (AccessDenied, "access denied (check the credentials Secret and bucket policy)"),
     "InvalidAccessKeyId": (AccessDenied, "unknown access key (check the credentials Secret)"),
     "SignatureDoesNotMatch": (AccessDenied, "wrong secret key (check the credentials Secret)"),

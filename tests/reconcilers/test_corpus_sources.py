@@ -26,6 +26,7 @@ from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
 from cartridges.store import S3Config, Store, StoreURI
 from cartridges_e2e.minio import MinioServer
+from cartridges_operator import kube
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus import reconcile_corpus, stored_version_damaged
 from cartridges_operator.corpus_sources import read_sources
@@ -484,6 +485,36 @@ def test_object_sources_in_the_stores_bucket_only_under_their_namespaces_area(
     own = {"description": "b", "sources": [{"object": {"uri": f"{root}/sources/tenant-b/"}}]}
     status = reconcile_corpus(own, {}, "tenant-b", "c", 1, store, root)
     assert status["documents"] == 1 and store.get_bytes(f"{status['artifact']}/corpus.jsonl").count(b"handbook") == 2
+
+
+@pytest.mark.minio
+def test_a_spec_stored_before_the_crds_patterns_is_a_source_to_fix(
+    minio_server: MinioServer, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server checks a spec only when it is written: one stored before the CRD asked for a ConfigMap's name
+    and key as Kubernetes spells them, and for a key in an object URI, is refused when read (InvalidSource), neither
+    sent to the API server (which answers a name like "." with another object) nor failed with the client's error."""
+    monkeypatch.setattr(kube, "configmap_reader", lambda namespace: no_configmaps)
+    for source in ({"configMap": {"name": "..", "key": "k"}}, {"configMap": {"name": "docs", "key": "a/b"}},
+                   {"object": {"uri": s3_prefix.rstrip("/")}}):  # fmt: skip
+        status = reconcile_corpus({"description": "d", "sources": [source]}, {}, "ns", "c", 1, minio_server.store(),
+                                  f"{s3_prefix}store")  # fmt: skip
+        assert stalled(status)["reason"] == "InvalidSource" and "should match pattern" in stalled(status)["message"]
+
+
+@pytest.mark.minio
+def test_an_object_name_the_store_takes_no_object_of_is_a_source_to_fix(
+    minio_server: MinioServer, s3_prefix: str
+) -> None:
+    """A key longer than S3 takes, for an object source or a tokenizer: the spec is what to fix (InvalidSource), not
+    the store (StoreError)."""
+    root = f"{s3_prefix}store"
+    too_long = f"{root}/sources/ns/{'k' * 1100}"
+    for spec_ in ({"description": "d", "sources": [{"object": {"uri": too_long}}]},
+                  {"description": "d", "sources": [{"inline": "x"}], "tokenizer": f"{too_long}.json"}):  # fmt: skip
+        status = reconcile_corpus(spec_, {}, "ns", "c", 1, minio_server.store(), root)
+        assert stalled(status)["reason"] == "InvalidSource" and "takes no object of this name" in stalled(status)[
+            "message"], spec_  # fmt: skip
 
 
 @pytest.mark.minio
