@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cartridges.layout import MAX_RESOURCE_NAME, RESOURCE_NAME
+
 GROUP = "cartridges.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -40,8 +42,18 @@ class Spec(BaseModel):
 
 
 class ConfigMapKeyRef(Spec):
-    name: str = Field(min_length=1, max_length=253)
-    key: str = Field(min_length=1, max_length=253)
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_RESOURCE_NAME,
+        pattern=RESOURCE_NAME.pattern,
+        description="a ConfigMap in the Corpus's namespace",
+    )
+    key: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="a key of its data, or of its binaryData (UTF-8 text)",
+    )
 
 
 class ObjectSource(Spec):
@@ -59,7 +71,7 @@ class ObjectSource(Spec):
     )
 
     uri: str = Field(
-        pattern=r"^(s3|file)://.+",
+        pattern=r"^(s3://[^/]+|file://(localhost)?)/.*",
         description="s3://bucket/key, or s3://bucket/prefix/ for many. In the store's own bucket only under "
         "<store root>/sources/<namespace>/; file:// only for an operator run locally with a file:// store",
     )

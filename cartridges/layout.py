@@ -238,9 +238,9 @@ def confined_pointer(root: str, namespace: str, cartridge: str, pointer: Pointer
 
 def _lies_under(uri: str, directory: str) -> bool:
     """Whether ``uri`` names a path below ``directory`` both as written and as the store reads it. As written, only
-    plain segments follow the directory; as read, the parsed URI is the directory's plus those same segments: the
-    store parses with ``urlparse``, which drops tabs and newlines anywhere (``.\t.`` reads as ``..``) and cuts at
-    ``?`` and ``#``, so a check of the text alone is not enough."""
+    plain segments follow the directory (no whitespace or control character: URL parsers drop tabs and newlines, so
+    ``.\t.`` would read as ``..`` to one); as read, the parsed URI is the directory's plus those same segments (a
+    ``?`` or ``#`` is part of the key, so it names an object below the directory like any other character)."""
     head = f"{directory.rstrip('/')}/"
     if not uri.startswith(head):
         return False

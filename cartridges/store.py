@@ -56,6 +56,10 @@ class AccessDenied(StoreError):
     pass
 
 
+class InvalidObjectName(StoreError):
+    """The store takes no object of this name (too long, or a character it refuses): the name is what to fix."""
+
+
 class StoreUnavailable(StoreError):
     pass
 
@@ -78,22 +82,26 @@ class StoreURI:
 
     @classmethod
     def parse(cls, uri: str) -> StoreURI:
-        parsed = urlparse(uri)
-        if parsed.scheme == "s3":
-            if not parsed.netloc:
+        """Everything after the bucket (``file://``: after the optional ``localhost``) is the key, as written: ``?``,
+        ``#`` and ``;`` are characters of a key like any other (S3 takes them, and listed keys come back as URIs
+        that are parsed again), not a URL's query, fragment or parameters, and nothing is dropped from it."""
+        scheme, sep, rest = uri.partition("://")
+        netloc = rest.split("/", 1)[0]
+        key = rest[len(netloc) :]
+        if sep and scheme.lower() == "s3":
+            if not netloc:
                 raise ValueError(f"s3 URI needs a bucket, like s3://bucket/key: {uri!r}")
             try:  # minio's own check, here so a bad name is an input error, not a failure of the first request
-                check_bucket_name(parsed.netloc)
+                check_bucket_name(netloc)
             except ValueError:
                 raise ValueError(
-                    f"invalid S3 bucket name {parsed.netloc!r} in {uri!r}: use 3-63 lowercase letters, digits, "
-                    "'.' and '-'"
+                    f"invalid S3 bucket name {netloc!r} in {uri!r}: use 3-63 lowercase letters, digits, '.' and '-'"
                 ) from None
-            return cls("s3", parsed.netloc, parsed.path.lstrip("/"))
-        if parsed.scheme == "file":
-            if parsed.netloc not in ("", "localhost"):
+            return cls("s3", netloc, key.lstrip("/"))
+        if sep and scheme.lower() == "file":
+            if netloc not in ("", "localhost"):
                 raise ValueError(f"file URI must be absolute, like file:///data/store: {uri!r}")
-            return cls("file", "", parsed.path)
+            return cls("file", "", key)
         raise ValueError(f"unsupported store URI {uri!r}: use s3://bucket/key or file:///absolute/path")
 
     def join(self, *parts: str) -> StoreURI:
@@ -291,6 +299,11 @@ class _FileBackend:
 _S3_ERRORS: dict[str, tuple[type[StoreError], str]] = {
     "NoSuchKey": (ObjectNotFound, "no such object"),
     "NoSuchBucket": (BucketNotFound, "bucket does not exist"),
+    "KeyTooLongError": (InvalidObjectName, "object name too long (S3 takes up to 1024 bytes)"),
+    "XMinioInvalidObjectName": (
+        InvalidObjectName,
+        "the store takes no object of this name (too long, or a character it refuses)",
+    ),
     "AccessDenied": (AccessDenied, "access denied (check the credentials Secret and bucket policy)"),
     "InvalidAccessKeyId": (AccessDenied, "unknown access key (check the credentials Secret)"),
     "SignatureDoesNotMatch": (AccessDenied, "wrong secret key (check the credentials Secret)"),

@@ -483,7 +483,8 @@ def test_load_checks_the_pointer_as_serving_does(
     assert len(load(store, find(store, root, "team-a", "ours"), tiny_model).keys) == fp.num_layers
     pointer_uri = layout.current_pointer(root, "team-a", "ours")
     promoted = store.get_json(pointer_uri)
-    for prefix in (theirs, ".\t./.\t./team-b/theirs/g1"):  # the store's URL parsing reads ".\t." as ".."
+    escapes = (".\t./.\t./team-b/theirs/g1", "g1?/../../../team-b/theirs/g1")  # URL parsers read ".\t." as ".."
+    for prefix in (theirs, *escapes):
         store.put_json(pointer_uri, {**promoted, "prefix": prefix})
         with pytest.raises(CLIError, match="pointer leaves the cartridge's prefix"):
             find(store, root, "team-a", "ours")

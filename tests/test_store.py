@@ -284,6 +284,19 @@ def test_uri_parsing_rejects_what_it_cannot_serve() -> None:
     assert str(StoreURI.parse("s3://bkt/k/x").join("y", "z")) == "s3://bkt/k/x/y/z"
 
 
+def test_a_key_keeps_what_a_url_would_read_as_query_fragment_or_parameters(store_and_root: tuple[Store, str]) -> None:
+    """S3 takes any character in a key, and the objects listed under a prefix are read through their URIs: a ``#``,
+    ``?`` or ``;`` there is part of the key, or ``kb/faq#2024.md`` would read (and write) ``kb/faq``."""
+    store, root = store_and_root
+    names = ["faq", "faq#2024.md", "faq?.md", "faq;v=1.md"]
+    for name in names:
+        store.put_bytes(f"{root}/kb/{name}", name.encode())
+    objects = layout.objects_under(store, f"{root}/kb/")
+    assert [(name, store.get_bytes(uri)) for name, uri in objects] == [(name, name.encode()) for name in sorted(names)]
+    assert StoreURI.parse("s3://docs/a.txt?versionId=1").key == "a.txt?versionId=1"  # a key, not an S3 version
+    assert StoreURI.parse("file://localhost/d/faq#1").key == "/d/faq#1"
+
+
 def test_s3_config_from_env_never_shows_the_secret() -> None:
     config = S3Config.from_env(
         {

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, SourceError, normalize_text
-from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreURI
+from cartridges.store import BucketNotFound, InvalidObjectName, ObjectNotFound, Store, StoreURI
 from cartridges_operator.http_fetch import fetch
 from cartridges_operator.redaction import redacted
 from cartridges_operator.source_access import SOURCES_TOO_LARGE, TOKENIZER_TOO_LARGE, ByteBudget, SourceAccess
@@ -32,10 +32,11 @@ def _read_object(uri: str, store: Store, budget: ByteBudget) -> bytes:
 
 
 def _object_documents(source: api.ObjectSource, store: Store, budget: ByteBudget) -> Iterator[tuple[str, bytes]]:
-    """The objects a source names; one that is not there (or its bucket) is a source to fix, not a store failing."""
+    """The objects a source names; one that is not there (or its bucket), or that the store takes no name of, is a
+    source to fix, not a store failing."""
     try:
         yield from _named_objects(source, store, budget)
-    except (ObjectNotFound, BucketNotFound) as err:
+    except (ObjectNotFound, BucketNotFound, InvalidObjectName) as err:
         raise SourceError(f"{source.uri}: {err}") from err
 
 
@@ -114,3 +115,5 @@ def read_tokenizer(uri: str, store: Store, access: SourceAccess) -> tuple[str, b
         return where, _read_object(where, store, ByteBudget(access.limits.tokenizer_max_bytes, TOKENIZER_TOO_LARGE))
     except ObjectNotFound as err:
         raise SourceError(f"spec.tokenizer: no tokenizer.json at {where}") from err
+    except InvalidObjectName as err:
+        raise SourceError(f"spec.tokenizer: {err}") from err

@@ -121,13 +121,19 @@ def corpus_retry(body: kopf.Body, **_: Any) -> None:
 def configmap_changed(event: kopf.RawEvent, namespace: str | None, name: str, logger: kopf.Logger, **_: Any) -> None:
     """Re-read every Corpus that uses a ConfigMap that appeared or changed; unchanged text keeps its digest.
 
-    Raw events, not change handlers: those would annotate users' ConfigMaps with kopf's bookkeeping."""
+    Each Corpus on its own: one that fails unexpectedly is logged, and the others are still read (else a Ready one
+    would keep the old text, as kopf calls this handler no more for this change). Raw events, not change handlers:
+    those would annotate users' ConfigMaps with kopf's bookkeeping."""
     if event.get("type") not in ("ADDED", "MODIFIED") or namespace is None:
         return
     for corpus in kube.corpora_using_configmap(namespace, name):
-        logger.info(f"ConfigMap {name} changed: re-reading Corpus {corpus['metadata']['name']}")
+        corpus_name = corpus["metadata"]["name"]
+        logger.info(f"ConfigMap {name} changed: re-reading Corpus {corpus_name}")
         corpus_body = kopf.Body(cast(kopf.RawBody, corpus))
-        write_status("corpora", corpus_body, _reconcile_corpus(corpus_body))
+        try:
+            write_status("corpora", corpus_body, _reconcile_corpus(corpus_body))
+        except Exception:
+            logger.exception(f"ConfigMap {name} changed: re-reading Corpus {corpus_name} failed")
 
 
 @kopf.index(api.GROUP, api.VERSION, "cartridges", when=lambda meta, **_: not meta.get("deletionTimestamp"))

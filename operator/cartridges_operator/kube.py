@@ -8,12 +8,14 @@ import functools
 import json
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
-from cartridges.corpus import SourceError
+from cartridges.corpus import SourceError, decode_utf8
 from cartridges_operator import manifests
+from cartridges_operator.http_fetch import RETRIED_STATUSES, SourceUnavailable
 
 
 class Invalid(Exception):
@@ -21,11 +23,15 @@ class Invalid(Exception):
     validation does not. The message is the API server's, for a status condition (it names the field)."""
 
     def __init__(self, kind: str, name: str, err: ApiException):
-        try:
-            message = str(json.loads(err.body)["message"])
-        except (TypeError, ValueError, KeyError):
-            message = str(err.reason)
-        super().__init__(f"the API server refused {kind} {name}: {message}"[:2000])
+        super().__init__(f"the API server refused {kind} {name}: {api_message(err)}"[:2000])
+
+
+def api_message(err: ApiException) -> str:
+    """What the API server said in its answer (a Status's message), else the HTTP reason."""
+    try:
+        return str(json.loads(err.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(err.reason)
 
 
 @functools.cache
@@ -56,19 +62,32 @@ def custom() -> client.CustomObjectsApi:
 
 def configmap_reader(namespace: str) -> Any:
     def read(name: str, key: str) -> str:
-        try:
-            cm = core().read_namespaced_config_map(name, namespace)
-        except ApiException as err:
-            if err.status == 404:
-                raise SourceError(f"ConfigMap {namespace}/{name} does not exist") from err
-            raise
+        where = f"ConfigMap {namespace}/{name}"
+        cm = _read_configmap(namespace, name, where)
         if key in (cm.data or {}):
             return str(cm.data[key])
         if key in (cm.binary_data or {}):
-            return base64.b64decode(cm.binary_data[key]).decode("utf-8-sig")
-        raise SourceError(f"ConfigMap {namespace}/{name} has no key {key!r} (keys: {sorted(cm.data or {})})")
+            return decode_utf8(base64.b64decode(cm.binary_data[key]), f"{where} key {key!r}")
+        keys = sorted({*(cm.data or {}), *(cm.binary_data or {})})
+        raise SourceError(f"{where} has no key {key!r} (keys: {keys})")
 
     return read
+
+
+def _read_configmap(namespace: str, name: str, where: str) -> client.V1ConfigMap:
+    """The ConfigMap; a refusal is a source to fix (SourceError), an API server that is down, overloaded or out of
+    reach one that may pass (SourceUnavailable): neither escapes the Corpus's read."""
+    try:
+        return core().read_namespaced_config_map(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            raise SourceError(f"{where} does not exist") from err
+        message = f"cannot read {where}: HTTP {err.status}: {api_message(err)}"
+        if not err.status or err.status >= 500 or err.status in RETRIED_STATUSES:
+            raise SourceUnavailable(message) from err
+        raise SourceError(message) from err
+    except urllib3.exceptions.HTTPError as err:
+        raise SourceUnavailable(f"cannot read {where}: the API server is unreachable ({err})") from err
 
 
 def get_corpus(namespace: str, name: str) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
 from cartridges.store import S3Config, Store, StoreURI
 from cartridges_e2e.minio import MinioServer
+from cartridges_operator import kube
 from cartridges_operator.config import CorpusLimits
 from cartridges_operator.corpus import reconcile_corpus, stored_version_damaged
 from cartridges_operator.corpus_sources import read_sources
@@ -68,6 +69,20 @@ def test_object_prefix_with_globs_in_key_order(minio_server: MinioServer, s3_pre
     assert [(d.id, d.text) for d in corpus.documents] == [("a.md", "A\n"), ("b.md", "B\n"), ("c.md", "\n")]
     with pytest.raises(SourceError, match="no objects under"):
         read_sources(spec({"object": {"uri": f"{s3_prefix}empty/"}}), store, no_configmaps, CLUSTER)
+
+
+@pytest.mark.minio
+def test_objects_whose_keys_hold_hash_or_question_marks_are_read_by_their_whole_key(
+    minio_server: MinioServer, s3_prefix: str
+) -> None:
+    """``kb/faq#2024.md`` is read, not ``kb/faq`` beside it (nor a missing ``kb/c``, failing the Corpus)."""
+    store = minio_server.store()
+    for key, text in [("kb/faq", "Old FAQ."), ("kb/faq#2024.md", "The 2024 FAQ."), ("kb/c#-guide?.md", "C# guide.")]:
+        store.put_bytes(f"{s3_prefix}{key}", text.encode())
+    corpus = read_sources(spec({"object": {"uri": f"{s3_prefix}kb/", "include": ["*.md"]}}), store, no_configmaps,
+                          CLUSTER)  # fmt: skip
+    assert [(d.id, d.text) for d in corpus.documents] == [("c#-guide?.md", "C# guide.\n"), ("faq#2024.md",
+                                                          "The 2024 FAQ.\n")]  # fmt: skip
 
 
 def test_objects_are_named_relative_to_their_prefix_however_it_is_spelled(tmp_path: Path) -> None:
@@ -470,6 +485,36 @@ def test_object_sources_in_the_stores_bucket_only_under_their_namespaces_area(
     own = {"description": "b", "sources": [{"object": {"uri": f"{root}/sources/tenant-b/"}}]}
     status = reconcile_corpus(own, {}, "tenant-b", "c", 1, store, root)
     assert status["documents"] == 1 and store.get_bytes(f"{status['artifact']}/corpus.jsonl").count(b"handbook") == 2
+
+
+@pytest.mark.minio
+def test_a_spec_stored_before_the_crds_patterns_is_a_source_to_fix(
+    minio_server: MinioServer, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server checks a spec only when it is written: one stored before the CRD asked for a ConfigMap's name
+    and key as Kubernetes spells them, and for a key in an object URI, is refused when read (InvalidSource), neither
+    sent to the API server (which answers a name like "." with another object) nor failed with the client's error."""
+    monkeypatch.setattr(kube, "configmap_reader", lambda namespace: no_configmaps)
+    for source in ({"configMap": {"name": "..", "key": "k"}}, {"configMap": {"name": "docs", "key": "a/b"}},
+                   {"object": {"uri": s3_prefix.rstrip("/")}}):  # fmt: skip
+        status = reconcile_corpus({"description": "d", "sources": [source]}, {}, "ns", "c", 1, minio_server.store(),
+                                  f"{s3_prefix}store")  # fmt: skip
+        assert stalled(status)["reason"] == "InvalidSource" and "should match pattern" in stalled(status)["message"]
+
+
+@pytest.mark.minio
+def test_an_object_name_the_store_takes_no_object_of_is_a_source_to_fix(
+    minio_server: MinioServer, s3_prefix: str
+) -> None:
+    """A key longer than S3 takes, for an object source or a tokenizer: the spec is what to fix (InvalidSource), not
+    the store (StoreError)."""
+    root = f"{s3_prefix}store"
+    too_long = f"{root}/sources/ns/{'k' * 1100}"
+    for spec_ in ({"description": "d", "sources": [{"object": {"uri": too_long}}]},
+                  {"description": "d", "sources": [{"inline": "x"}], "tokenizer": f"{too_long}.json"}):  # fmt: skip
+        status = reconcile_corpus(spec_, {}, "ns", "c", 1, minio_server.store(), root)
+        assert stalled(status)["reason"] == "InvalidSource" and "takes no object of this name" in stalled(status)[
+            "message"], spec_  # fmt: skip
 
 
 @pytest.mark.minio

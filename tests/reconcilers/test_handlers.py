@@ -3,6 +3,7 @@ next one, where kopf itself calls nothing again."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -39,13 +40,13 @@ def call(handler: object, **kwargs: Any) -> None:
     cast(Callable[..., None], handler)(**kwargs)
 
 
-def corpus(namespace: str) -> kopf.Body:
-    found = kube.custom().get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora", "c")
+def corpus(namespace: str, name: str = "c") -> kopf.Body:
+    found = kube.custom().get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora", name)
     return kopf.Body(cast(kopf.RawBody, found))
 
 
-def create_corpus(namespace: str, source: dict[str, Any]) -> None:
-    body = {"apiVersion": api.API_VERSION, "kind": "Corpus", "metadata": {"name": "c"},
+def create_corpus(namespace: str, source: dict[str, Any], name: str = "c") -> None:
+    body = {"apiVersion": api.API_VERSION, "kind": "Corpus", "metadata": {"name": name},
             "spec": {"description": "d", "sources": [source]}}  # fmt: skip
     kube.custom().create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "corpora", body)
 
@@ -88,6 +89,57 @@ def test_a_configmap_changed_while_no_read_slot_was_free_is_read_by_the_retry_ti
 
     call(handlers.corpus_retry, body=corpus(namespace))
     assert dict(corpus(namespace).status)["digest"] != before
+
+
+def two_corpora_reading_one_configmap(namespace: str, binary_data: dict[str, str]) -> str:
+    """Corpora ``a`` (key ``a.txt``) and ``b`` (key ``b.txt``) of ConfigMap docs, b read once: its digest."""
+    docs = {"metadata": {"name": "docs"}, "data": {"b.txt": "Version 1."}, "binaryData": binary_data}
+    kube.core().create_namespaced_config_map(namespace, docs)
+    for name in ("a", "b"):
+        create_corpus(namespace, {"configMap": {"name": "docs", "key": f"{name}.txt"}}, name=name)
+    call(handlers.corpus_changed, body=corpus(namespace, "b"))
+    return str(dict(corpus(namespace, "b").status)["digest"])
+
+
+def change_configmap(namespace: str) -> None:
+    kube.core().patch_namespaced_config_map("docs", namespace, {"data": {"b.txt": "Version 2."}})
+    call(handlers.configmap_changed, event={"type": "MODIFIED"}, namespace=namespace, name="docs", logger=LOG)
+
+
+def test_a_configmap_key_that_is_not_utf8_fails_its_corpus_and_the_others_read_the_change(
+    namespace: str, corpus_handlers: None
+) -> None:
+    """A binaryData key in Latin-1 is a source to fix that names the key, for its Corpus only: the read neither
+    fails with the decoding error nor keeps the next Corpus reading the ConfigMap on its old text."""
+    before = two_corpora_reading_one_configmap(
+        namespace, {"a.txt": base64.b64encode("café".encode("latin-1")).decode()}
+    )
+    change_configmap(namespace)
+    assert dict(corpus(namespace, "b").status)["digest"] != before
+    broken = dict(corpus(namespace, "a").status)
+    assert condition(broken, "Ready")["reason"] == "InvalidSource" and is_true(broken["conditions"], "Stalled")
+    message = condition(broken, "SourcesRead")["message"]
+    assert message.startswith(f"ConfigMap {namespace}/docs key 'a.txt': not UTF-8 text")
+
+
+def test_a_corpus_whose_read_fails_unexpectedly_keeps_no_other_from_reading_the_configmap_change(
+    namespace: str, corpus_handlers: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kopf calls the ConfigMap's handler once per change: a failure of one Corpus (a bug, the API server failing
+    its status write) is logged, and the Corpora after it are still read."""
+    before = two_corpora_reading_one_configmap(namespace, {"a.txt": base64.b64encode(b"Text.").decode()})
+    read = handlers._reconcile_corpus
+
+    def failing_for_a(body: kopf.Body) -> dict[str, Any]:
+        if body.metadata["name"] == "a":
+            raise RuntimeError("a failure nobody foresaw")
+        return read(body)
+
+    monkeypatch.setattr(handlers, "_reconcile_corpus", failing_for_a)
+    caplog.set_level(logging.ERROR, logger=LOG.name)
+    change_configmap(namespace)
+    assert dict(corpus(namespace, "b").status)["digest"] != before
+    assert "re-reading Corpus a failed" in caplog.text and "a failure nobody foresaw" in caplog.text
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:

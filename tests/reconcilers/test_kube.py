@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _web_page import WebPage
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from cartridges import api
+from cartridges.corpus import SourceError
+from cartridges.process import free_port
 from cartridges_operator import kube, manifests
 from cartridges_operator.config import SERVING_RESOURCES, OperatorConfig, Resources, ServingEngine
+from cartridges_operator.http_fetch import SourceUnavailable
 
 pytestmark = pytest.mark.cluster
 
@@ -126,3 +133,48 @@ def test_a_serving_deployment_leaves_a_node_pool_when_the_chart_does(namespace: 
     assert [(t.key, t.operator, t.effect) for t in moved.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
     anywhere = applied(OperatorConfig(store_root="s3://cartridges"))
     assert (anywhere.node_selector, anywhere.tolerations, anywhere.priority_class_name) == (None, None, None)
+
+
+def test_a_configmap_key_is_read_from_data_or_binary_data_and_a_missing_one_lists_both(namespace: str) -> None:
+    docs = {
+        "metadata": {"name": "docs"},
+        "data": {"a.txt": "A"},
+        "binaryData": {"b.txt": base64.b64encode(b"B").decode()},
+    }
+    kube.core().create_namespaced_config_map(namespace, docs)
+    read = kube.configmap_reader(namespace)
+    assert (read("docs", "a.txt"), read("docs", "b.txt")) == ("A", "B")
+    with pytest.raises(SourceError, match=r"docs has no key 'c.txt' \(keys: \['a.txt', 'b.txt'\]\)"):
+        read("docs", "c.txt")
+
+
+def test_a_configmap_read_the_api_server_refuses_is_a_source_to_fix(namespace: str) -> None:
+    """A name the API server cannot take (a spec stored before the CRD's pattern) answers 400: said, not raised."""
+    with pytest.raises(SourceError, match=f"cannot read ConfigMap {namespace}/100%-docs: HTTP 400") as refused:
+        kube.configmap_reader(namespace)("100%-docs", "k")
+    assert not isinstance(refused.value, SourceUnavailable)
+
+
+def api_server_at(host: str) -> Callable[[], client.ApiClient]:
+    configuration = client.Configuration()
+    configuration.host = host
+    return lambda: client.ApiClient(configuration)
+
+
+@pytest.mark.parametrize(("status", "may_pass"), [(503, True), (500, True), (429, True), (403, False)])
+def test_an_api_server_failing_a_configmap_read_may_pass_or_need_a_fix(
+    web_server: WebPage, monkeypatch: pytest.MonkeyPatch, status: int, may_pass: bool
+) -> None:
+    """An API server down or overloaded may pass (a Ready Corpus keeps its version); a refusal (the operator not
+    allowed to read ConfigMaps there) is a fix to make."""
+    web_server.status = status
+    monkeypatch.setattr(kube, "api_client", api_server_at(web_server.url.removesuffix("/page")))
+    with pytest.raises(SourceError, match=f"cannot read ConfigMap ns/docs: HTTP {status}") as failed:
+        kube.configmap_reader("ns")("docs", "k")
+    assert isinstance(failed.value, SourceUnavailable) == may_pass
+
+
+def test_an_api_server_out_of_reach_may_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube, "api_client", api_server_at(f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(SourceUnavailable, match="cannot read ConfigMap ns/docs: the API server is unreachable"):
+        kube.configmap_reader("ns")("docs", "k")
