@@ -260,6 +260,7 @@ def test_grpc_stream_errors(server: TritonServer) -> None:
     missing = {
         "text_input": np.array([b"hi"], dtype=np.object_),
         "cartridges": np.array([b"missing"], dtype=np.object_),
+        "max_tokens": np.array([4], dtype=np.int32),  # within the KV this server reserves, checked before loading
     }
     with pytest.raises(client.GenerateError, match="cartridge 'missing' not found") as error:
         list(client.grpc_stream(server.grpc_url, missing))
