@@ -200,15 +200,17 @@ def start_triton(
     timeout_s: float = 120.0,
     http_port: int | None = None,
     log_path: Path | None = None,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> TritonServer:
     """Start Triton on ``model_repository`` with every model loaded; returns once the server is ready.
 
-    Explicit model control keeps the repository API usable for loading and unloading later. The HTTP port is
-    ``http_port`` when given, else a free one, like the gRPC and metrics ports. The log goes to ``log_path``
+    Explicit model control keeps the repository API usable for loading and unloading later. Each port (HTTP, gRPC,
+    metrics) is the one given, else a free one. The log goes to ``log_path``
     (default: ``workdir/tritonserver.log``): outside ``workdir`` when that is removed before a failure is shown.
     """
     runtime = local_runtime(workdir)
-    http, grpc, metrics = http_port or free_port(), free_port(), free_port()
+    http, grpc, metrics = (port or free_port() for port in (http_port, grpc_port, metrics_port))
     argv = [
         str(runtime.binary),
         f"--model-repository={model_repository}",

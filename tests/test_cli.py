@@ -7,9 +7,11 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from cartridges.cli.common import (
     open_store,
 )
 from cartridges.cli.evaluate import corpus_of
-from cartridges.cli.serve import KEPT_SERVE_LOGS, serve_log_path
+from cartridges.cli.serve import KEPT_SERVE_LOGS, Ports, serve_log_path, serve_ports
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
@@ -674,7 +676,7 @@ def test_import_peft_prefix_adapter(tmp_path: Path, store: str, capsys: pytest.C
 def test_serve_ask_and_ctrl_c(
     trained: dict[str, object], tiny_model: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store, port = str(trained["store"]), free_port()
+    store, (port, grpc_port, metrics_port) = str(trained["store"]), (free_port(), free_port(), free_port())
     pt = reference_pt(tiny_model, tmp_path / "ref.pt")
     for _ in range(3):  # generation 3: not lighthouse's (1, or 2 once retrained)
         assert cli(capsys, "import", "reimported", str(pt), "--model", "tiny", "--store", store)[0] == 0
@@ -682,17 +684,24 @@ def test_serve_ask_and_ctrl_c(
     assert generations["reimported"] == 3 and generations["lighthouse"] in (1, 2)
     other = tiny_llama(seed=1).fingerprint
     publish(open_store(store), store, "default", "other-model", random_cartridge(other, 4, seed=3), other)
-    url = f"http://127.0.0.1:{port}"
+    url, grpc_url = f"http://127.0.0.1:{port}", f"grpc://127.0.0.1:{grpc_port}"
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     argv = [sys.executable, "-m", "cartridges.cli", "serve", "--model", "tiny", "--store", store, "--port", str(port)]
+    argv += ["--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert server.stdout is not None
         lines = []
         for line in server.stdout:
             lines.append(line)
-            if "serving on" in line:
+            if "cartridges ask" in line:  # the last line it prints once ready
                 break
         assert f"serving on {url}" in "".join(lines), "".join(lines)
+        assert f"  gRPC {grpc_url}, metrics {metrics_url}\n" in lines, "".join(lines)
+        code, out, err = cli(capsys, "ask", "Hi", "-c", "lighthouse", "--url", grpc_url, "--max-tokens", "4")
+        assert code == 0 and err == f"answered by: lighthouse generation {generations['lighthouse']}\n"
+        with urllib.request.urlopen(metrics_url, timeout=10) as metrics:
+            assert "cartridges_requests_finished" in metrics.read().decode()
         code, out, err = cli(
             capsys, "ask", "Who lit the lighthouse?", "-c", "lighthouse", "--url", url, "--max-tokens", "4"
         )
@@ -716,6 +725,8 @@ def test_serve_ask_and_ctrl_c(
         one_line_error(err)
         code, _, err = cli(capsys, "serve", "--model", "tiny", "--store", store, "--port", str(port))
         assert code == EXIT_UNAVAILABLE and "already in use" in err
+        code, _, err = cli(capsys, "serve", "--store", store, "--port", str(free_port()), "--grpc-port", str(grpc_port))
+        assert code == EXIT_UNAVAILABLE and f"port {grpc_port} is already in use; pick another with --grpc-port" in err
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(60) == 0
@@ -784,9 +795,34 @@ def test_serve_keeps_the_newest_logs_only(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_serve_port_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["serve", "--port", "70000"])
-    assert exit_info.value.code == EXIT_USAGE
+    for option in ("--port", "--grpc-port", "--metrics-port"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", option, "70000"])
+        assert exit_info.value.code == EXIT_USAGE
+
+
+def test_serve_grpc_and_metrics_ports_follow_the_http_port_as_tritons_do() -> None:
+    assert serve_ports(8000, None, None) == Ports(8000, 8001, 8002)
+    assert serve_ports(9000, 7001, None) == Ports(9000, 7001, 9002)
+    with pytest.raises(CLIError, match="--port 65535 leaves no port for --grpc-port") as raised:
+        serve_ports(65535, None, None)
+    assert raised.value.code == EXIT_USAGE
+
+
+def test_serve_refuses_a_grpc_or_metrics_port_in_use_or_given_twice_before_starting_triton(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy, port = str(taken.getsockname()[1]), str(free_port())
+        for option in ("--grpc-port", "--metrics-port"):
+            code, _, err = cli(capsys, "serve", "--model", "tiny", "--store", store, "--port", port, option, busy)
+            assert code == EXIT_UNAVAILABLE and f"port {busy} is already in use; pick another with {option}" in err
+            one_line_error(err)
+    code, _, err = cli(capsys, "serve", "--store", store, "--port", port, "--metrics-port", port)
+    assert code == EXIT_USAGE and f"--metrics-port {port} is the same as --port" in err
+    one_line_error(err)
 
 
 @pytest.mark.triton

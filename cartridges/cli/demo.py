@@ -15,7 +15,7 @@ from pathlib import Path
 from cartridges.cli.ask import non_negative_int
 from cartridges.cli.common import add_command, load_model, model_options, open_store, store_options
 from cartridges.cli.evaluate import evaluate_stored, plot, plot_path, read_qa, table
-from cartridges.cli.serve import local_server, port_number
+from cartridges.cli.serve import Ports, local_server, port_number
 from cartridges.cli.train import BUDGETS, read_files, train_cartridge
 
 NAME = "kestrel-rock"
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"plot: {plot(rows, args.plot, f'{NAME}: {len(pairs)} questions, {lm.fingerprint.model_id}')}")
 
     step("serving: starting Triton with the router model")
-    with local_server(args.store, args.namespace, args.model, args.port) as server:
+    with local_server(args.store, args.namespace, args.model, Ports(http=args.port)) as server:
         print(f"endpoint {server.http_url} (ready in {server.startup_s:.0f}s)")
         for question in QUESTIONS:
             print(f"\nQ: {question}")

@@ -11,12 +11,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from cartridges.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_UNAVAILABLE,
+    EXIT_USAGE,
     CLIError,
     add_command,
     model_options,
@@ -59,17 +61,52 @@ def port_number(text: str) -> int:
     return port
 
 
+@dataclass(frozen=True)
+class Ports:
+    """Triton's HTTP, gRPC and metrics ports on 127.0.0.1; None is a free one."""
+
+    http: int | None = None
+    grpc: int | None = None
+    metrics: int | None = None
+
+    def given(self) -> list[tuple[str, int]]:
+        """Each port chosen, with the option that chooses it (what an error tells the user to change)."""
+        options = (("--port", self.http), ("--grpc-port", self.grpc), ("--metrics-port", self.metrics))
+        return [(option, port) for option, port in options if port is not None]
+
+
+def serve_ports(http: int, grpc: int | None, metrics: int | None) -> Ports:
+    """The ports of ``cartridges serve``: gRPC and metrics default to the two after the HTTP port, as Triton's own
+    8000, 8001 and 8002, so a server on ``--port 9000`` keeps clear of one on 8000."""
+    return Ports(http, grpc or _after(http, 1, "--grpc-port"), metrics or _after(http, 2, "--metrics-port"))
+
+
+def _after(port: int, offset: int, option: str) -> int:
+    if port + offset > 65535:
+        raise CLIError(f"--port {port} leaves no port for {option} (--port + {offset}); give {option}", EXIT_USAGE)
+    return port + offset
+
+
+def check_ports(ports: Ports) -> None:
+    """Refuse a port given twice or already listened on, before Triton starts and fails on it."""
+    seen: dict[int, str] = {}
+    for option, port in ports.given():
+        if port in seen:
+            raise CLIError(f"{option} {port} is the same as {seen[port]}; give each port its own number", EXIT_USAGE)
+        seen[port] = option
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise CLIError(f"port {port} is already in use; pick another with {option}", EXIT_UNAVAILABLE)
+
+
 @contextmanager
-def local_server(root: str, namespace: str, model: str, port: int | None) -> Iterator[TritonServer]:
+def local_server(root: str, namespace: str, model: str, ports: Ports) -> Iterator[TritonServer]:
     """Triton with the router model serving ``namespace`` of the store at ``root``; stopped on exit."""
     from cartridges.models import check_model_files
     from cartridges.process import ServiceError
     from cartridges.tritonserver import start_triton
 
-    if port is not None:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                raise CLIError(f"port {port} is already in use; pick another with --port", EXIT_UNAVAILABLE)
+    check_ports(ports)
     source = model_source(model)
     check_model_files(source, open_store(root))
     env = {
@@ -84,8 +121,10 @@ def local_server(root: str, namespace: str, model: str, port: int | None) -> Ite
                 Path(workdir),
                 env,
                 timeout_s=STARTUP_TIMEOUT_S,
-                http_port=port,
+                http_port=ports.http,
                 log_path=serve_log_path(),
+                grpc_port=ports.grpc,
+                metrics_port=ports.metrics,
             )
         except ServiceError as err:
             raise CLIError(str(err)) from err
@@ -103,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
     open_store(args.store)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     print(f"starting Triton (router model, {args.model}) over {args.store} namespace {args.namespace} ...", flush=True)
-    with local_server(args.store, args.namespace, args.model, args.port) as server:
+    ports = serve_ports(args.port, args.grpc_port, args.metrics_port)
+    with local_server(args.store, args.namespace, args.model, ports) as server:
         print(f"serving on {server.http_url} (ready in {server.startup_s:.0f}s); Ctrl-C stops", flush=True)
+        print(f"  gRPC grpc://{server.grpc_url}, metrics {server.metrics_url}", flush=True)
         print(f'  cartridges ask "..." -c NAME --url {server.http_url}', flush=True)
         try:
             while server.service.proc.poll() is None:
@@ -124,7 +165,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Start tritonserver (from the nvidia-pytriton wheel, CPU only) with the router model: it loads "
         "the base model and, per request, the named cartridges from the store. Ctrl-C stops it cleanly.",
         examples=(
-            "cartridges serve                      # http://127.0.0.1:8000",
+            "cartridges serve                      # http://127.0.0.1:8000, grpc://127.0.0.1:8001, metrics :8002",
             "cartridges serve --port 9000 --store s3://cartridges",
             'curl -d \'{"text_input": "Who founded it?", "cartridges": ["handbook"]}\' '
             "http://127.0.0.1:8000/v2/models/router/generate",
@@ -132,4 +173,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         parents=[store_options(), model_options()],
     )
     parser.add_argument("--port", type=port_number, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=port_number, help="gRPC port on 127.0.0.1 (default: --port + 1)")
+    parser.add_argument(
+        "--metrics-port", type=port_number, help="Prometheus metrics port on 127.0.0.1 (default: --port + 2)"
+    )
     parser.set_defaults(func=run)
