@@ -1,8 +1,9 @@
 """One object-store API for the whole product: ``s3://bucket/key`` (MinIO or any S3) and ``file:///path``.
 
-Every write records the object's sha256 (S3 user metadata; recomputed for local files) and every read checks it:
-``get_bytes``/``get_json`` against the sha256 that came with the bytes, ``download`` against the recorded or the
-expected one; ``sha256`` hashes the bytes as stored now. Pointers (``current.json``) are replaced atomically.
+Every S3 write records the object's sha256 (user metadata) and every read checks it: ``get_bytes``/``get_json``
+against the sha256 that came with the bytes, ``download`` against the recorded or the expected one. A local file
+records nothing beside its bytes, so there only an expected sha256 (one object naming another's) is checked.
+``sha256`` hashes the bytes as stored now. Pointers (``current.json``) are replaced atomically.
 Prefixes are always listed as directories, so ``cart-1`` never matches ``cart-10``. Failures become
 :class:`StoreError` subclasses that name the URI.
 """
