@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cartridge_store import publish, random_cartridge
+from _cartridge_store import publish, random_cartridge, truncate_in_minio
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout
@@ -488,11 +488,55 @@ def test_load_checks_the_pointer_as_serving_does(
     escapes = (".\t./.\t./team-b/theirs/g1", "g1?/../../../team-b/theirs/g1")  # URL parsers read ".\t." as ".."
     for prefix in (theirs, *escapes):
         store.put_json(pointer_uri, {**promoted, "prefix": prefix})
-        with pytest.raises(CLIError, match="pointer leaves the cartridge's prefix"):
+        with pytest.raises(CLIError, match="pointer leaves the cartridge's prefix") as refused:
             find(store, root, "team-a", "ours")
+        assert refused.value.code == EXIT_INPUT  # the request was fine, the store's cartridge is unusable
     store.put_json(pointer_uri, {**promoted, "sha256": "0" * 64})
-    with pytest.raises(CLIError, match="does not match the promoted 0000"):
+    with pytest.raises(CLIError, match="does not match the promoted 0000") as refused:
         load(store, find(store, root, "team-a", "ours"), tiny_model)
+    assert refused.value.code == EXIT_INPUT
+
+
+@pytest.mark.minio
+def test_a_tampered_or_refusing_store_is_one_line_without_a_crash_hint(
+    minio_server: MinioServer,
+    s3_prefix: str,
+    tiny_model: LoadedModel,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store altered behind our back makes the cartridge unusable (65), and a store that refuses our keys is a
+    failure the message explains: neither is a crash to debug."""
+    store, root, fp = minio_server.store(), s3_prefix.rstrip("/"), tiny_model.fingerprint
+    for key, value in minio_server.env().items():
+        monkeypatch.setenv(key, value)
+    publish(store, root, "default", "ours", random_cartridge(fp, 4, seed=1), fp)
+    pointer_uri = layout.current_pointer(root, "default", "ours")
+    store.put_json(pointer_uri, {**store.get_json(pointer_uri), "prefix": f"{root}/elsewhere/g1"})
+    code, _, err = cli(capsys, "inspect", "ours", "--store", root)
+    assert code == EXIT_INPUT and "pointer leaves the cartridge's prefix" in err and "--debug" not in err
+    one_line_error(err)
+    truncate_in_minio(store, pointer_uri)
+    code, _, err = cli(capsys, "inspect", "ours", "--store", root)
+    assert code == EXIT_INPUT and "sha256 mismatch" in err and "--debug" not in err
+    one_line_error(err)
+    monkeypatch.setenv("CARTRIDGES_S3_SECRET_KEY", "not-the-secret")
+    code, _, err = cli(capsys, "ls", "--store", root)
+    assert code == 1 and "wrong secret key" in err and "--debug" not in err
+    one_line_error(err)
+
+
+def test_an_unexpected_failure_names_its_type_and_the_debug_flag(
+    store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cartridges.cli import inventory
+
+    def crash(_: object) -> int:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(inventory, "run_ls", crash)
+    code, _, err = cli(capsys, "ls", "--store", store)
+    assert code == 1 and err == "cartridges: error: 'boom' (KeyError; --debug shows the traceback)\n"
 
 
 def test_store_that_is_down(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -612,7 +656,7 @@ def test_quantize_and_inspect_check_the_promoted_sha256(
     opened.put_json(layout.current_pointer(store, "default", "swapped"), promoted)
     refused = f"does not match the promoted {promoted['sha256']}; refusing to load it"
     code, _, err = cli(capsys, "quantize", "swapped", "--store", store)
-    assert code == 1 and "cartridge 'swapped' g1: tensors sha256" in err and refused in err, err
+    assert code == EXIT_INPUT and "cartridge 'swapped' g1: tensors sha256" in err and refused in err, err
     one_line_error(err)
     assert layout.stored_generations(opened, store, "default", "swapped") == [1]  # nothing made of them
     code, out, _ = cli(capsys, "inspect", "swapped", "--store", store)

@@ -889,7 +889,7 @@ def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel
     pointer = layout.Pointer(generation=1, prefix=prefix.format(stolen=stolen, own=own), sha256=sha)
     store.put_json(layout.current_pointer(root, NAMESPACE, "thief"), pointer.model_dump())
     cache = CartridgeCache(store, root, NAMESPACE, tiny_model.fingerprint, 1 << 20)
-    with pytest.raises(CartridgeRefused, match="leaves the cartridge's prefix"):
+    with pytest.raises(CartridgeInvalid, match="leaves the cartridge's prefix"):  # the store is at fault
         cache.get("thief")
 
 
@@ -897,7 +897,8 @@ def test_pointer_outside_the_cartridge_prefix_is_refused(tiny_model: LoadedModel
 def test_pointer_leaving_the_cartridge_prefix_in_minio_is_refused(
     tiny_model: LoadedModel, minio_server: MinioServer, s3_prefix: str
 ) -> None:
-    """On S3 the escape is refused as on files, as a refusal (the S3 client's own check of '..' is no store error)."""
+    """On S3 the escape is refused as on files, as an unusable cartridge (the S3 client's own check of '..' is no
+    store error)."""
     store, root, fp = minio_server.store(), s3_prefix.rstrip("/"), tiny_model.fingerprint
     publish(store, root, "team-b", "secret", random_cartridge(fp, 4, 0), fp)
     sha = store.get_json(layout.current_pointer(root, "team-b", "secret"))["sha256"]
@@ -905,7 +906,7 @@ def test_pointer_leaving_the_cartridge_prefix_in_minio_is_refused(
     store.put_json(layout.current_pointer(root, NAMESPACE, "thief"), pointer.model_dump())
     engine = Engine(tiny_model, CartridgeCache(store, root, NAMESPACE, fp, 1 << 20))
     try:
-        with pytest.raises(CartridgeRefused, match="leaves the cartridge's prefix"):
+        with pytest.raises(CartridgeInvalid, match="leaves the cartridge's prefix"):
             engine.generate("hi", ["thief"], GREEDY)
     finally:
         engine.close()

@@ -53,7 +53,7 @@ def _code(err: BaseException) -> int:
     from cartridges.corpus import SourceError
     from cartridges.manifest import ArtifactError
     from cartridges.models import ModelLoadError
-    from cartridges.store import BucketNotFound, ObjectNotFound, StoreNotConfigured, StoreUnavailable
+    from cartridges.store import BucketNotFound, IntegrityError, ObjectNotFound, StoreNotConfigured, StoreUnavailable
     from cartridges_trainer.errors import InputError
 
     if isinstance(err, CLIError):
@@ -66,7 +66,7 @@ def _code(err: BaseException) -> int:
         return EXIT_NOT_FOUND
     if isinstance(err, ValidationError | StoreNotConfigured):
         return EXIT_USAGE
-    if isinstance(err, SourceError | ArtifactError | ModelLoadError | InputError):
+    if isinstance(err, SourceError | ArtifactError | ModelLoadError | InputError | IntegrityError):
         return EXIT_INPUT
     return EXIT_FAILURE
 
@@ -77,8 +77,11 @@ def _message(err: BaseException) -> str:
     if isinstance(err, ValidationError):
         first = err.errors()[0]
         return f"invalid {'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
+    from cartridges.store import StoreError
+
     text = " ".join(str(err).split()) or type(err).__name__
-    if _code(err) != EXIT_FAILURE:  # bad input, nothing found, a service down: the message says what to do
+    # bad input, nothing found, a service down, a failure this project describes: the message says what to do
+    if _code(err) != EXIT_FAILURE or isinstance(err, CLIError | StoreError):
         return text
     return f"{text} ({type(err).__name__}; --debug shows the traceback)"
 

@@ -201,7 +201,7 @@ def find(store: Store, root: str, namespace: str, name: str, generation: int | N
     try:
         pointer = layout.confined_pointer(root, namespace, name, pointer)
     except layout.PointerOutsideCartridge as err:
-        raise CLIError(f"{err}; refusing to load it (re-promote a generation of {name!r})") from err
+        raise CLIError(f"{err}; refusing to load it (re-promote a generation of {name!r})", EXIT_INPUT) from err
     manifest = _manifest(store, name, pointer.prefix, f"the promoted g{pointer.generation}")
     return Stored(name, pointer, manifest)
 
@@ -286,7 +286,7 @@ def download_promoted(store: Store, stored: Stored, directory: Path) -> Cartridg
 
     manifest = download_artifact(store, stored.pointer.prefix, directory)
     if (mismatch := sha256_mismatch(stored, manifest)) is not None:
-        raise CLIError(f"{mismatch}; refusing to load it")
+        raise CLIError(f"{mismatch}; refusing to load it", EXIT_INPUT)
     return manifest
 
 

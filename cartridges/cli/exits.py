@@ -18,7 +18,8 @@ EXIT_CODES = f"""exit codes:
   {EXIT_USAGE}    bad arguments
   {EXIT_NOT_FOUND}    a file, cartridge or model that does not exist
   {EXIT_UNAVAILABLE}    the object store or the server cannot be reached
-  {EXIT_INPUT}   unusable input: a corpus that is not UTF-8 text or empty, a cartridge for another model
+  {EXIT_INPUT}   unusable input: a corpus that is not UTF-8 text or empty, a cartridge for another model or
+       altered in the store (a sha256 mismatch, a current.json leaving its prefix)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 

@@ -348,8 +348,8 @@ class CartridgeCache:
             raise EngineUnavailable(f"cartridge {cartridge_id!r}: object store error: {err}") from err
         try:
             return layout.confined_pointer(self.root, self.namespace, cartridge_id, pointer)
-        except layout.PointerOutsideCartridge as err:
-            raise CartridgeRefused(str(err)) from err
+        except layout.PointerOutsideCartridge as err:  # the store is at fault, not the request
+            raise CartridgeInvalid(str(err)) from err
 
     def _load(self, cartridge_id: str, pointer: layout.Pointer) -> LoadedCartridge:
         with tempfile.TemporaryDirectory(prefix="cartridge-") as tmp:
