@@ -297,9 +297,13 @@ class _FileBackend:
         Path(uri.key).mkdir(parents=True, exist_ok=True)
 
 
+# S3 error codes: the error raised and its message ("{bucket}" is the bucket of the URI, named where it helps).
 _S3_ERRORS: dict[str, tuple[type[StoreError], str]] = {
     "NoSuchKey": (ObjectNotFound, "no such object"),
-    "NoSuchBucket": (BucketNotFound, "bucket does not exist"),
+    "NoSuchBucket": (
+        BucketNotFound,
+        "bucket {bucket!r} does not exist (create it with an S3 client: `mc mb ALIAS/{bucket}`)",
+    ),
     "KeyTooLongError": (InvalidObjectName, "object name too long (S3 takes up to 1024 bytes)"),
     "XMinioInvalidObjectName": (
         InvalidObjectName,
@@ -469,8 +473,10 @@ class Store:
         try:
             return op(*args)
         except S3Error as err:
-            kind, message = _S3_ERRORS.get(err.code or "", (StoreError, f"S3 error {err.code}: {err.message}"))
-            raise kind(message, str(uri)) from err
+            if (known := _S3_ERRORS.get(err.code or "")) is None:
+                raise StoreError(f"S3 error {err.code}: {err.message}", str(uri)) from err
+            kind, message = known
+            raise kind(message.format(bucket=uri.bucket), str(uri)) from err
         except MinioException as err:  # not S3's XML: an ingress's HTML page, a wrong port, a proxy's 502
             answer = textwrap.shorten(str(err), 160, placeholder=" ...")
             raise StoreUnavailable(f"object store at {endpoint} did not answer as S3 ({answer})", str(uri)) from err

@@ -526,6 +526,26 @@ def test_a_tampered_or_refusing_store_is_one_line_without_a_crash_hint(
     one_line_error(err)
 
 
+@pytest.mark.minio
+def test_a_missing_bucket_says_how_to_create_it_and_train_creates_it(
+    minio_server: MinioServer, corpus_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in minio_server.env().items():
+        monkeypatch.setenv(key, value)
+    root = f"s3://fresh-{time.monotonic_ns() % 10**9}"
+    bucket = root.removeprefix("s3://")
+    code, _, err = cli(capsys, "ls", "--store", root)
+    assert code == EXIT_NOT_FOUND and f"bucket '{bucket}' does not exist" in err, err
+    assert f"`mc mb ALIAS/{bucket}`" in err and err.rstrip().endswith(
+        "`cartridges train` creates it on its first write"
+    )
+    one_line_error(err)
+    argv = ["train", "fresh", str(corpus_dir), "--model", "tiny", "--store", root, "--steps", "2", "--json"]
+    assert cli(capsys, *argv)[0] == 0
+    code, out, _ = cli(capsys, "ls", "--store", root, "--json")
+    assert code == 0 and [c["name"] for c in json.loads(out)] == ["fresh"]
+
+
 def test_an_unexpected_failure_names_its_type_and_the_debug_flag(
     store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -247,8 +247,12 @@ def test_wrong_credentials_and_missing_bucket(minio_server: MinioServer) -> None
     bad = Store(S3Config(good.endpoint, good.access_key, "not-the-secret"))
     with pytest.raises(AccessDenied, match="secret key"):
         bad.put_bytes("s3://whatever/x", b"x")
-    with pytest.raises(BucketNotFound, match="s3://no-such-bucket/x"):
+    with pytest.raises(BucketNotFound) as missing:
         minio_server.store().get_bytes("s3://no-such-bucket/x")
+    assert str(missing.value) == (
+        "bucket 'no-such-bucket' does not exist (create it with an S3 client: `mc mb ALIAS/no-such-bucket`): "
+        "s3://no-such-bucket/x"
+    )
 
 
 @pytest.mark.minio

@@ -74,12 +74,14 @@ def _code(err: BaseException) -> int:
 def _message(err: BaseException) -> str:
     from pydantic import ValidationError
 
+    from cartridges.store import BucketNotFound, StoreError
+
     if isinstance(err, ValidationError):
         first = err.errors()[0]
         return f"invalid {'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
-    from cartridges.store import StoreError
-
     text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, BucketNotFound):  # as a file:// store's directory, the commands that write create it
+        return f"{text}; `cartridges train` creates it on its first write"
     # bad input, nothing found, a service down, a failure this project describes: the message says what to do
     if _code(err) != EXIT_FAILURE or isinstance(err, CLIError | StoreError):
         return text
