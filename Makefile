@@ -30,11 +30,11 @@ crds: setup
 test: services lint
 	$(PY) -m pytest
 
-# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 4 minutes on 2 cores).
+# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 4-5 minutes on 2 idle cores).
 demo: setup
 	$(VENV)/bin/cartridges demo
 
-# The same with the small training budget (under a minute): what CI runs.
+# The same with the small training budget (about a minute and a half on 2 idle cores): what CI runs.
 demo-quick: setup
 	$(VENV)/bin/cartridges demo --quick
 

@@ -33,6 +33,7 @@ from cartridges.cli.common import (
     load,
     open_store,
 )
+from cartridges.cli.demo import DURATIONS
 from cartridges.cli.evaluate import corpus_of
 from cartridges.cli.serve import KEPT_SERVE_LOGS, Ports, serve_log_path, serve_ports
 from cartridges.cli.train import read_files
@@ -118,6 +119,19 @@ def test_every_command_has_help_with_examples(command: str, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert "examples:" in out and "exit codes:" in out
+
+
+def test_the_demo_durations_are_the_same_in_its_help_the_readme_and_the_makefile(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One statement of how long the demo takes (measured, in ``demo.DURATIONS``), wherever a newcomer reads it."""
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    repo = Path(__file__).resolve().parent.parent
+    readme, makefile = (repo / "README.md").read_text(), (repo / "Makefile").read_text()
+    for text in (capsys.readouterr().out, readme, makefile):
+        flat = " ".join(text.split())
+        assert all(duration in flat for duration in DURATIONS.values()), flat
 
 
 def test_every_argument_of_every_command_is_described_in_its_help() -> None:

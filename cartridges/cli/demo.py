@@ -25,6 +25,13 @@ QUESTIONS = (
     "What is the station's radio call sign?",
     "What is the name of the station dog?",
 )
+DURATIONS = {
+    # `make demo-quick` from a fresh clone on a quiet 2-core machine: 71, 77 and 90 s (`.ci/run`'s reduced demo line)
+    "small": "about a minute and a half",
+    # `make demo` on 2 idle cores: 237 s and 317 s (the README's run); 484 s on 2 cores shared with other work
+    "medium": "about 4-5 minutes",
+}
+"""How long the demo takes with each budget on 2 idle CPU cores: what its help, README.md and the Makefile say."""
 
 
 def data(name: str) -> Path:
@@ -83,12 +90,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         summary="train, evaluate, serve and query a cartridge on the bundled corpus",
         description=__doc__,
         examples=(
-            "cartridges demo            # about 4 minutes on 2 CPU cores",
-            "cartridges demo --quick    # a smaller budget: under a minute, for CI",
+            f"cartridges demo            # {DURATIONS['medium']} on 2 idle CPU cores",
+            f"cartridges demo --quick    # a smaller budget: {DURATIONS['small']}, for CI",
         ),
         parents=[store_options(), model_options()],
     )
-    parser.add_argument("--quick", action="store_true", help="the small training budget (under a minute)")
+    parser.add_argument("--quick", action="store_true", help=f"the small training budget ({DURATIONS['small']})")
     parser.add_argument("--force", action="store_true", help="train again even if the cartridge is in the store")
     parser.add_argument("--plot", type=plot_path, default="cartridges-demo.png", help="where to save the plot")
     parser.add_argument("--port", type=port_number, help="HTTP port of the server (default: a free one)")

@@ -70,11 +70,11 @@ class Budget:
 
 
 BUDGETS = {
-    # under a minute on 2 CPU cores with SmolLM2-135M (48 s for `make demo-quick`): the cartridge moves towards ICL
+    # `cartridges demo --quick` (its duration: demo.DURATIONS): the cartridge moves towards ICL
     "small": Budget(
         size=64, conversations=16, steps=16, batch=4, chunk_tokens=(128, 256), question_tokens=64, answer_tokens=32
     ),
-    # about 4 minutes on 2 otherwise idle CPU cores (measured: 237 s for `make demo`): the demo's default
+    # the demo's default (its duration: demo.DURATIONS)
     "medium": Budget(
         size=128, conversations=128, steps=192, batch=8, chunk_tokens=(256, 512), question_tokens=64, answer_tokens=48
     ),
