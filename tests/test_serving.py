@@ -78,6 +78,7 @@ def server(
         "CARTRIDGES_NAMESPACE": NAMESPACE,
         "CARTRIDGES_CACHE_BYTES": str(1 << 20),
         "CARTRIDGES_KV_BYTES": str(KV_TOKENS * LlamaRunner(served_model.model).own_kv_pool.row_bytes),
+        "CARTRIDGES_DTYPE": "float32",  # the reference's dtype and KV row size, also where the server sees a GPU
     }
     return triton_server_factory(REPOSITORY, env)
 
