@@ -94,7 +94,7 @@ class _Guard:
         def resolve() -> None:
             try:
                 answer.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-            except OSError as err:
+            except Exception as err:  # every failure is the caller's, a host name idna refuses too
                 answer.set_exception(err)
 
         threading.Thread(target=resolve, daemon=True).start()

@@ -177,3 +177,12 @@ def test_the_deadline_covers_the_name_lookup(monkeypatch: pytest.MonkeyPatch) ->
         fetch("http://slow-dns.example.com/doc", 1000, 1, allow_loopback=True)
     assert not outlived.is_set()  # the fetch ended while the lookup still waited
     released.set()
+
+
+@pytest.mark.parametrize("host", ["a..b.example.com", "a" * 64 + ".example.com"])
+def test_a_host_name_no_resolver_takes_is_a_source_to_fix_at_once(host: str) -> None:
+    """The lookup runs on a thread of its own: a name the idna codec refuses (an empty label, one over 63
+    characters) must reach the caller as the bad URL it is, not wait out the deadline as a slow download."""
+    with pytest.raises(SourceError, match="cannot fetch") as raised:
+        fetch(f"http://{host}/doc.txt", 1000, 5)
+    assert not isinstance(raised.value, SourceUnavailable)
