@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, publish
 from cartridges.store import Store, StoreURI
+from cartridges_e2e.minio import MinioServer
 from cartridges_operator import kube
 from cartridges_operator.cartridge import Pass, _ready_corpora, reconcile_cartridge
 from cartridges_operator.config import OperatorConfig
@@ -125,6 +127,26 @@ def test_a_version_damaged_in_the_store_is_waited_for_naming_the_object_and_what
     assert f"{prefix}/{damaged}" in waiting["message"] and problem in waiting["message"]
     assert "stores it again" in waiting["message"]
     assert next(c for c in status["conditions"] if c["type"] == "Ready")["reason"] == "CorpusDigestUnusable"
+
+
+@pytest.mark.minio
+@pytest.mark.parametrize("usable", [True, False])
+def test_a_version_restored_by_another_s3_client_is_checked_by_its_bytes(
+    minio_server: MinioServer, s3_prefix: str, usable: bool
+) -> None:
+    """A backup copied back with another S3 client records no sha256: its bytes are hashed instead, so the same
+    text is usable (as the trainer, which reads it, agrees) and other text is not."""
+    store = minio_server.store()
+    corpus = NormalizedCorpus.of([layout.Document(id="a", text="The sky is green here.\n")])
+    restored = corpus.jsonl if usable else corpus.jsonl.replace(b"green", b"red")
+    prefix = layout.corpus_prefix(s3_prefix, NAMESPACE, "handbook", corpus.digest)
+    publish(corpus, "d", store, prefix)
+    target = StoreURI.parse(f"{prefix}/{layout.CORPUS_FILE}")
+    client = store._backend(target).client  # type: ignore[attr-defined]
+    client.put_object(target.bucket, target.key, io.BytesIO(restored), len(restored))
+    assert store.stat(str(target)).sha256 is None  # as another client leaves it
+    run = run_pass(store, s3_prefix, {"name": "handbook", "digest": corpus.digest})
+    assert (_ready_corpora(run) is not None) == usable, condition(run, "CorpusReady")
 
 
 def test_a_pinned_digest_whose_manifest_names_other_data_is_not_trained_on(stored: tuple[Store, str, str]) -> None:
