@@ -130,23 +130,22 @@ def test_a_serving_deployment_leaves_a_node_pool_when_the_chart_does(namespace: 
 
 def test_cartridges_sharing_a_serving_deployment_leave_it_unchanged_once_it_has_them_all(namespace: str) -> None:
     """Two Cartridges of one base model apply its Deployment and Service in turn, each with its own reference: once
-    both are owners, a pass changes neither (no new resourceVersion, no rollout), whichever Cartridge applies."""
+    both are owners, a pass changes neither, whichever Cartridge applies (the Service keeps its resourceVersion; the
+    Deployment, whose status its controller writes meanwhile, keeps its owners' order and its generation)."""
     base_model = api.BaseModelRef(name="m", uri="file:///models/m")
     config = OperatorConfig(store_root="s3://cartridges")
     owners = [kube.core().create_namespaced_config_map(namespace, {"metadata": {"name": f"o{i}"}}) for i in range(2)]
     name = manifests.serving_name("m")
 
-    def applied(owner: Any) -> tuple[str, str]:
+    def applied(owner: Any) -> tuple[list[str], int, str]:
         refs = [{"apiVersion": "v1", "kind": "ConfigMap", "name": owner.metadata.name, "uid": owner.metadata.uid,
                  "controller": False, "blockOwnerDeletion": True}]  # fmt: skip
         kube.apply_owned(manifests.serving_deployment(namespace, base_model, 1, refs, config))
         kube.apply_owned(manifests.serving_service(namespace, "m", refs))
-        deployment = kube.apps().read_namespaced_deployment(name, namespace)
-        return deployment.metadata.resource_version, kube.core().read_namespaced_service(
-            name, namespace
-        ).metadata.resource_version
+        deployment = kube.apps().read_namespaced_deployment(name, namespace).metadata
+        service = kube.core().read_namespaced_service(name, namespace).metadata
+        return [ref.name for ref in deployment.owner_references], deployment.generation, service.resource_version
 
     converged = [applied(owner) for owner in owners][-1]
+    assert converged[0] == ["o0", "o1"]
     assert [applied(owners[i % 2]) for i in range(4)] == [converged] * 4
-    deployment = kube.apps().read_namespaced_deployment(name, namespace)
-    assert [ref.name for ref in deployment.metadata.owner_references] == ["o0", "o1"]
