@@ -22,7 +22,7 @@ from cartridges.contract import TrainerConfig
 from cartridges.manifest import MANIFEST_FILE, TENSORS_FILE, CartridgeManifest
 from cartridges.store import IntegrityError, ObjectInfo, ObjectNotFound, Store, StoreError
 from cartridges_operator import kube, manifests
-from cartridges_operator.conditions import is_true, now, set_condition
+from cartridges_operator.conditions import TIME_FORMAT, is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
 from cartridges_operator.pod_start import serving_problem, start_problem
 from cartridges_operator.redaction import redacted
@@ -83,43 +83,92 @@ def reconcile_cartridge(
 
 def _reconcile(run: Pass) -> dict[str, Any]:
     corpora = _ready_corpora(run)
-    if corpora is None:
-        return _serve_while_waiting(run)
-    trainer = _current_generation(run, corpora)
-    job = kube.get_job(run.namespace, manifests.job_name(run.name, trainer.generation))
-    trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
-    if not trained:
-        _read_back_promoted(run)  # a trained generation's pass records it from the pointer it reads anyway
-        if job is None:
-            if run.body["metadata"].get("deletionTimestamp"):  # the deletion handler stops its Jobs: start none
-                return run.not_ready("Deleting", "the Cartridge is being deleted")
-            if not kube.secret_exists(run.namespace, run.config.store_secret):
-                message = f"Secret {run.config.store_secret} with the object-store credentials is missing"
-                return run.not_ready("StoreSecretMissing", f"{message} in namespace {run.namespace}", stalled=True)
-            _cancel_superseded(run, trainer.generation)
-            try:
-                kube.create_job(manifests.training_job(run.body, trainer, run.config))
-            except (kube.Invalid, manifests.ConfigTooLarge) as err:
-                run.condition("Trained", False, "InvalidJob", str(err))
-                return run.not_ready("InvalidJob", str(err), stalled=True)
-            run.condition("Trained", False, "Training", f"generation {trainer.generation} started")
-            return run.not_ready("Training", f"training generation {trainer.generation}")
-        if bool(job.spec.suspend) != run.spec.suspend:
-            kube.set_job_suspended(run.namespace, job.metadata.name, run.spec.suspend)
-        if run.spec.suspend:
-            run.condition("Trained", False, "Suspended", "spec.suspend is true")
-            return run.not_ready("Suspended", "training is suspended")
-        finished = _job_finished(job)
-        if finished is None:
-            return _training(run, trainer, job)
-        if not finished:
-            return _record_failure(run, job)
-        if not _verify_and_record(run, trainer):
-            return run.status
-    if not _gate_and_promote(run, trainer):
-        return run.status
+    trainer = None if corpora is None else _current_generation(run, corpora)
+    if trainer is None or not _trained_and_promoted(run, trainer):
+        return _serve_promoted(run)
     _prune(run, trainer.generation)
     return _serve(run)
+
+
+def _trained_and_promoted(run: Pass, trainer: TrainerConfig) -> bool:
+    """Whether the current generation is trained, verified and promoted; when not, the status says why (training,
+    failed, suspended, its artifact refused, held back by the quality gate)."""
+    trained = (run.status.get("artifact") or {}).get("uri", "").startswith(trainer.output_prefix + "/")
+    if not trained and not _train(run, trainer):
+        return False
+    return _gate_and_promote(run, trainer)
+
+
+def _train(run: Pass, trainer: TrainerConfig) -> bool:
+    """Whether the generation's Job completed and its artifact is verified; else start or follow the Job."""
+    _read_back_promoted(run)  # a trained generation's pass records it from the pointer it reads anyway
+    job = kube.get_job(run.namespace, manifests.job_name(run.name, trainer.generation))
+    if job is not None and _built_from_other_inputs(run, job, trainer):
+        if _stop_stale_job(run, job, trainer):
+            return False
+        job = None
+    if job is None:
+        _start_job(run, trainer)
+        return False
+    if bool(job.spec.suspend) != run.spec.suspend:
+        kube.set_job_suspended(run.namespace, job.metadata.name, run.spec.suspend)
+    if run.spec.suspend:
+        run.condition("Trained", False, "Suspended", "spec.suspend is true")
+        run.not_ready("Suspended", "training is suspended")
+        return False
+    finished = _job_finished(job)
+    if finished is None:
+        _training(run, trainer, job)
+        return False
+    if not finished:
+        _record_failure(run, job)
+        return False
+    return _verify_and_record(run, trainer)
+
+
+def _start_job(run: Pass, trainer: TrainerConfig) -> None:
+    """Create the generation's Job, after cancelling the earlier generations' unfinished ones; else say why not."""
+    if run.body["metadata"].get("deletionTimestamp"):  # the deletion handler stops its Jobs: start none
+        run.not_ready("Deleting", "the Cartridge is being deleted")
+        return
+    if not kube.secret_exists(run.namespace, run.config.store_secret):
+        message = f"Secret {run.config.store_secret} with the object-store credentials is missing"
+        run.not_ready("StoreSecretMissing", f"{message} in namespace {run.namespace}", stalled=True)
+        return
+    _cancel_superseded(run, trainer.generation)
+    try:
+        kube.create_job(manifests.training_job(run.body, trainer, run.config))
+    except (kube.Invalid, manifests.ConfigTooLarge) as err:
+        run.condition("Trained", False, "InvalidJob", str(err))
+        run.not_ready("InvalidJob", str(err), stalled=True)
+        return
+    run.condition("Trained", False, "Training", f"generation {trainer.generation} started")
+    run.not_ready("Training", f"training generation {trainer.generation}")
+
+
+def _built_from_other_inputs(run: Pass, job: Any, trainer: TrainerConfig) -> bool:
+    """Whether this Cartridge created ``job`` from other training inputs than the generation's: its spec changed
+    while the status write naming the Job's inputs was lost, so the generation number was taken again. A Job
+    created before Jobs were labelled with their training hash is taken as built from the current inputs (its
+    training is never cut short by an upgrade)."""
+    built_from = (job.metadata.labels or {}).get(manifests.TRAINING_HASH_LABEL)
+    return built_from not in (None, trainer.training_hash) and kube.owned_by(job, run.body["metadata"].get("uid"))
+
+
+def _stop_stale_job(run: Pass, job: Any, trainer: TrainerConfig) -> bool:
+    """Stop a Job built from other training inputs; True (the status saying so) while it or its pods are still there.
+    The generation then trains under the same number, which stays the first one trained on the current inputs: the
+    trainer discards what other inputs left under its prefix, and waiting for the pods keeps a stopping one from
+    writing there beside the new one."""
+    if not kube.stop_job(run.namespace, job.metadata.name, run.body["metadata"]["uid"]):
+        return False
+    message = (
+        f"stopping Job {job.metadata.name}, built from earlier training inputs, before generation "
+        f"{trainer.generation} trains on the current ones"
+    )
+    run.condition("Trained", False, "Training", message)
+    run.not_ready("Training", message)
+    return True
 
 
 def _gate_and_promote(run: Pass, trainer: TrainerConfig) -> bool:
@@ -132,11 +181,15 @@ def _gate_and_promote(run: Pass, trainer: TrainerConfig) -> bool:
     return True
 
 
-def _serve_while_waiting(run: Pass) -> dict[str, Any]:
-    """A Cartridge waiting for its corpora keeps serving its promoted generation, and a change of its spec.serving
-    is applied meanwhile (scaled down or disabled: a broken Corpus must not pin the GPUs it holds). Ready and
+def _serve_promoted(run: Pass) -> dict[str, Any]:
+    """A Cartridge whose current generation is not promoted (its corpora awaited, training, failed, held back by the
+    quality gate) keeps serving its promoted generation, and a change of its spec.serving is applied meanwhile
+    (scaled down or disabled: a broken Corpus or a failed generation must not pin the GPUs it holds). Ready and
     Stalled keep saying what it waits for; Serving says how serving goes. The wait may last days: current.json is
-    read each pass (once), so a pointer deleted or changed by hand meanwhile is followed rather than outlived."""
+    read each pass (once), so a pointer deleted or changed by hand meanwhile is followed rather than outlived. A
+    Cartridge being deleted is not served again: its deletion handler leaves serving."""
+    if run.body["metadata"].get("deletionTimestamp"):
+        return run.status
     if not (run.status.get("promoted") or run.status.get("artifact")):
         return run.status  # nothing trained yet: nothing promoted, nothing to serve
     problem = _check_promoted(run)
@@ -182,8 +235,9 @@ def _promoted_gone(run: Pass, reason: str, problem: str) -> dict[str, Any]:
         "Serving",
         False,
         reason,
-        f"not served, nothing of this Cartridge is promoted: {problem}. Once its corpora are Ready, the operator "
-        "promotes its verified generation again (rewriting current.json) and serves it",
+        f"not served, nothing of this Cartridge is promoted: {problem}. The operator writes current.json again "
+        "when it next promotes a verified generation (once the corpora are Ready and the generation is trained), "
+        "and serves it",
     )
     return run.status
 
@@ -305,21 +359,25 @@ def _first_generation(run: Pass) -> int:
 
 
 def _cancel_superseded(run: Pass, generation: int) -> None:
-    """Before generation's Job starts, delete the unfinished Jobs of this Cartridge's earlier generations, so it never
-    trains two generations at once (each holding GPUs until its activeDeadlineSeconds). The promoted generation's
-    Job has completed, so it is never among them. What the cancelled ones stored stays (``keepGenerations`` decides
-    about it, as for any generation). Found by the Cartridge's label: a generation that stored nothing yet and is
-    no longer in the status still has its Job."""
+    """Before generation's Job starts, delete the Jobs of this Cartridge's earlier generations that did not complete:
+    an unfinished one, so it never trains two generations at once (each holding GPUs until its
+    activeDeadlineSeconds); a failed one, which was kept (with its pod and logs) only until the Cartridge moved on
+    to another generation, its TTL being taken off. Completed Jobs, the promoted generation's among them, go by
+    their TTL. What the deleted ones stored stays (``keepGenerations`` decides about it, as for any generation).
+    Found by the Cartridge's label: a generation that stored nothing yet and is no longer in the status still has
+    its Job."""
     uid = run.body["metadata"].get("uid")
     for job in kube.cartridge_jobs(run.namespace, run.name):
         old = _job_generation(job)
-        if old is None or old >= generation or _job_finished(job) is not None:
+        finished = _job_finished(job)
+        if old is None or old >= generation or finished:
             continue
         if not kube.owned_by(job, uid):
             continue  # an earlier Cartridge of this name's: the garbage collector deletes it
         kube.delete_job(run.namespace, job.metadata.name)
-        LOG.info("Cartridge %s/%s: cancelled training Job %s of generation %d, superseded by generation %d",
-                 run.namespace, run.name, job.metadata.name, old, generation)  # fmt: skip
+        LOG.info("Cartridge %s/%s: %s training Job %s of generation %d, superseded by generation %d",
+                 run.namespace, run.name, "cancelled" if finished is None else "deleted the failed",
+                 job.metadata.name, old, generation)  # fmt: skip
 
 
 def _job_generation(job: Any) -> int | None:
@@ -336,16 +394,17 @@ def _job_finished(job: Any) -> bool | None:
     return None
 
 
-def _training(run: Pass, trainer: TrainerConfig, job: Any) -> dict[str, Any]:
+def _training(run: Pass, trainer: TrainerConfig, job: Any) -> None:
     """A generation whose Job has not finished: its progress, or why its pod does not start (for that, a Job gets
     no condition until its activeDeadlineSeconds)."""
     problem = start_problem(run.namespace, job)
     if problem is not None:
         run.condition("Trained", False, "TrainingPodsNotStarting", problem.message)
-        return run.not_ready("TrainingPodsNotStarting", problem.message, stalled=problem.stalled)
+        run.not_ready("TrainingPodsNotStarting", problem.message, stalled=problem.stalled)
+        return
     unusable = _copy_progress(run, trainer)
     run.condition("Trained", False, "Training", f"generation {trainer.generation} running{unusable}")
-    return run.not_ready("Training", f"training generation {trainer.generation}")
+    run.not_ready("Training", f"training generation {trainer.generation}")
 
 
 def _copy_progress(run: Pass, trainer: TrainerConfig) -> str:
@@ -370,23 +429,33 @@ def _copy_progress(run: Pass, trainer: TrainerConfig) -> str:
     return ""
 
 
-def _record_failure(run: Pass, job: Any) -> dict[str, Any]:
+def _record_failure(run: Pass, job: Any) -> None:
     """Report the failed Job's reason and its pod's termination message; keep the Job, so that the generation is not
     trained again by itself (deleting the Job retries it)."""
     if job.spec.ttl_seconds_after_finished is not None:
         kube.keep_finished_job(run.namespace, job.metadata.name)
     pod, exit_code, message = kube.failed_pod_details(run.namespace, job.metadata.name)
-    reason = next((c.reason for c in job.status.conditions or [] if c.type == "Failed"), "JobFailed")
+    failed = next((c for c in job.status.conditions or [] if c.type == "Failed"), None)
+    reason = (failed.reason if failed else None) or "JobFailed"
     run.status["lastFailure"] = {
-        "reason": reason or "JobFailed",
+        "reason": reason,
         "message": message[-1024:],
         "exitCode": exit_code,
         "pod": pod,
-        "time": now(),
+        "time": _failure_time(run, failed),
     }
     summary = f"training Job {job.metadata.name} failed ({reason}, exit code {exit_code}): {message[-300:]}"
     run.condition("Trained", False, "TrainingFailed", summary)
-    return run.not_ready("TrainingFailed", summary, stalled=True)
+    run.not_ready("TrainingFailed", summary, stalled=True)
+
+
+def _failure_time(run: Pass, failed: Any) -> str:
+    """When the Job failed, as its Failed condition says (else as recorded before): the same in every pass, so the
+    status of a Cartridge that stays failed for days is not rewritten every few seconds."""
+    when = None if failed is None else failed.last_transition_time
+    if when is not None:
+        return str(when.strftime(TIME_FORMAT))
+    return str((run.status.get("lastFailure") or {}).get("time") or now())
 
 
 def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:

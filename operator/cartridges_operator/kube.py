@@ -268,11 +268,18 @@ def _apply_owned(body: dict[str, Any]) -> None:
         if err.status != 409:
             raise
     existing = read(meta["name"], meta["namespace"])
-    owners = {o["uid"]: o for o in meta.get("ownerReferences", [])}
-    for ref in existing.metadata.owner_references or []:
-        owners.setdefault(ref.uid, api_client().sanitize_for_serialization(ref))
-    merged = {**_replacing_pod_settings(body), "metadata": {**meta, "ownerReferences": list(owners.values())}}
+    owners = _merged_owners(existing.metadata.owner_references or [], meta.get("ownerReferences", []))
+    merged = {**_replacing_pod_settings(body), "metadata": {**meta, "ownerReferences": owners}}
     patch(meta["name"], meta["namespace"], merged)
+
+
+def _merged_owners(existing: list[Any], ours: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The existing owner references in their order (ours written over theirs by uid), then ours that are new. The
+    Cartridges sharing a serving object apply it in turn: an order that followed the applying one would change the
+    object, bumping its resourceVersion (and waking its watchers), on every pass of each."""
+    given = {ref["uid"]: ref for ref in ours}
+    kept = [given.pop(ref.uid, None) or api_client().sanitize_for_serialization(ref) for ref in existing]
+    return kept + list(given.values())
 
 
 def _replacing_pod_settings(body: dict[str, Any]) -> dict[str, Any]:

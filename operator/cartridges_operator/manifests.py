@@ -26,6 +26,8 @@ from cartridges_operator.config import OperatorConfig
 MANAGED_BY = {"app.kubernetes.io/managed-by": "cartridges-operator", "app.kubernetes.io/part-of": "cartridges"}
 CARTRIDGE_LABEL = "cartridges.dev/cartridge"
 GENERATION_LABEL = "cartridges.dev/generation"
+TRAINING_HASH_LABEL = "cartridges.dev/training-hash"
+"""On a training Job: the operator's hash of the training inputs it was built from (16 hex digits)."""
 MODEL_LABEL = "cartridges.dev/base-model"
 TRAINER_CONTAINER = "trainer"
 ROUTER_MODEL = "router"
@@ -205,6 +207,7 @@ def training_job(body: dict[str, Any], trainer: TrainerConfig, config: OperatorC
         "app.kubernetes.io/name": "cartridges-trainer",
         CARTRIDGE_LABEL: cartridge_label(name),
         GENERATION_LABEL: str(trainer.generation),
+        TRAINING_HASH_LABEL: trainer.training_hash,
     }
     resources = spec.resources
     limits: dict[str, Any] = {"memory": resources.memory}

@@ -178,3 +178,26 @@ def test_an_api_server_out_of_reach_may_pass(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(kube, "api_client", api_server_at(f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(SourceUnavailable, match="cannot read ConfigMap ns/docs: the API server is unreachable"):
         kube.configmap_reader("ns")("docs", "k")
+
+
+def test_cartridges_sharing_a_serving_deployment_leave_it_unchanged_once_it_has_them_all(namespace: str) -> None:
+    """Two Cartridges of one base model apply its Deployment and Service in turn, each with its own reference: once
+    both are owners, a pass changes neither, whichever Cartridge applies (the Service keeps its resourceVersion; the
+    Deployment, whose status its controller writes meanwhile, keeps its owners' order and its generation)."""
+    base_model = api.BaseModelRef(name="m", uri="file:///models/m")
+    config = OperatorConfig(store_root="s3://cartridges")
+    owners = [kube.core().create_namespaced_config_map(namespace, {"metadata": {"name": f"o{i}"}}) for i in range(2)]
+    name = manifests.serving_name("m")
+
+    def applied(owner: Any) -> tuple[list[str], int, str]:
+        refs = [{"apiVersion": "v1", "kind": "ConfigMap", "name": owner.metadata.name, "uid": owner.metadata.uid,
+                 "controller": False, "blockOwnerDeletion": True}]  # fmt: skip
+        kube.apply_owned(manifests.serving_deployment(namespace, base_model, 1, refs, config))
+        kube.apply_owned(manifests.serving_service(namespace, "m", refs))
+        deployment = kube.apps().read_namespaced_deployment(name, namespace).metadata
+        service = kube.core().read_namespaced_service(name, namespace).metadata
+        return [ref.name for ref in deployment.owner_references], deployment.generation, service.resource_version
+
+    converged = [applied(owner) for owner in owners][-1]
+    assert converged[0] == ["o0", "o1"]
+    assert [applied(owners[i % 2]) for i in range(4)] == [converged] * 4

@@ -221,6 +221,42 @@ def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_genera
     wait_for("cartridge deleted, its trainer stopped", lambda: env.get("cartridges", "lapse") is None, 60)
 
 
+def test_a_job_built_from_a_spec_whose_status_write_was_lost_is_replaced_before_it_trains(
+    operator_env: OperatorEnv,
+) -> None:
+    """The pass that created generation 2's Job for spec.size 32 lost its status write (the operator killed right
+    after), and the size changed to 48 before the next pass, which takes number 2 again: the Job built for 32 is
+    stopped, and generation 2 trains on 48 (its Job labelled with the inputs' hash)."""
+    env = operator_env
+    batch = client.BatchV1Api(env.api)
+    env.create("corpora", "racing", {"description": "d", "sources": [{"inline": "Racing facts."}]})
+    env.create("cartridges", "racing", cartridge_spec("racing"))
+    env.wait_condition("cartridges", "racing", "Ready", "True")
+    before = status(env, "racing")
+    env.patch_spec("cartridges", "racing", {"size": 32, "suspend": True})  # suspended: the Job waits
+    wait_for("generation 2's Job", lambda: "racing-g2" in jobs(env, "racing"), 30)
+    stale = batch.read_namespaced_job("racing-g2", env.namespace)
+    with env.stopped():
+        lost = {key: before[key] for key in ("generation", "trainingHash", "trainingJob")}
+        env.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, env.namespace, "cartridges", "racing", {"status": lost}
+        )
+        env.patch_spec("cartridges", "racing", {"size": 48})
+
+    def replaced() -> bool:
+        found = batch.list_namespaced_job(env.namespace, field_selector="metadata.name=racing-g2").items
+        hash_ = status(env, "racing").get("trainingHash")
+        return any(j.metadata.uid != stale.metadata.uid and j.metadata.labels.get(
+            manifests.TRAINING_HASH_LABEL) == hash_ for j in found)  # fmt: skip
+
+    wait_for("generation 2's Job built for size 48", replaced, 60)
+    env.patch_spec("cartridges", "racing", {"suspend": False})
+    second = layout.generation_prefix(env.store_root, env.namespace, "racing", 2)
+    wait_for("generation 2 promoted", lambda: (status(env, "racing").get("promoted") or {}).get("generation") == 2, 60)
+    artifact = status(env, "racing")["artifact"]
+    assert (artifact["uri"], artifact["p"]) == (f"{second}/{TENSORS_FILE}", 48)
+
+
 def test_generations_beyond_keep_generations_are_deleted_with_their_jobs(operator_env: OperatorEnv) -> None:
     """Unset, keepGenerations keeps every generation (as before it existed); set, it deletes the rest at once,
     without retraining, and their Jobs."""
@@ -389,6 +425,38 @@ def test_a_pod_no_node_can_take_is_reported_not_stalled_and_trains_once_a_node_f
         env.wait_condition("cartridges", "unscheduled", "Ready", "True", timeout_s=120)
     finally:
         core.patch_node(env.harness.node_name, {"metadata": {"labels": {label: None}}})
+
+
+def test_a_failed_generation_stays_as_it_is_leaves_serving_when_asked_and_its_job_goes_once_fixed(
+    operator_env: OperatorEnv,
+) -> None:
+    """Generation 2 fails: the status stays unwritten pass after pass (its failure's time is the Job controller's),
+    disabling serving meanwhile leaves the serving objects that generation 1 holds, and once a fixed corpus moves
+    the Cartridge on to generation 3, generation 2's failed Job (kept for its logs) goes."""
+    env = operator_env
+    apps, batch = client.AppsV1Api(env.api), client.BatchV1Api(env.api)
+    env.create("corpora", "mended", {"description": "d", "sources": [{"inline": "Good facts."}]})
+    env.create("cartridges", "mended", cartridge_spec("mended", serving={"enabled": True, "replicas": 0}))
+    env.wait_condition("cartridges", "mended", "Ready", "True")
+    env.patch_spec("corpora", "mended", {"sources": [{"inline": "PERMANENT-FAILURE"}]})
+    stalled = env.wait_condition("cartridges", "mended", "Stalled", "True", timeout_s=90)
+    assert stalled["reason"] == "TrainingFailed"
+    failed = next(c for c in batch.read_namespaced_job("mended-g2", env.namespace).status.conditions
+                  if c.type == "Failed")  # fmt: skip
+    body = env.get("cartridges", "mended") or {}
+    assert body["status"]["lastFailure"]["time"] == failed.last_transition_time.strftime("%Y-%m-%dT%H:%M:%SZ")
+    time.sleep(12)  # two more passes of the 5 s resync, each finding the same failed Job
+    assert (env.get("cartridges", "mended") or {})["metadata"]["resourceVersion"] == body["metadata"]["resourceVersion"]
+
+    env.patch_spec("cartridges", "mended", {"serving": {"enabled": False}})
+    wait_for("serving left", lambda: status(env, "mended").get("endpoint") is None, 30)
+    serving = f"metadata.name={manifests.serving_name('tiny')}"
+    assert apps.list_namespaced_deployment(env.namespace, field_selector=serving).items == []
+    assert (env.condition("cartridges", "mended", "Stalled") or {}).get("reason") == "TrainingFailed"
+
+    env.patch_spec("corpora", "mended", {"sources": [{"inline": "Mended facts."}]})
+    wait_for("generation 3 promoted", lambda: (status(env, "mended").get("promoted") or {}).get("generation") == 3, 60)
+    wait_for("generation 2's failed Job gone", lambda: jobs(env, "mended") == ["mended-g1", "mended-g3"], 30)
 
 
 def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(operator_env: OperatorEnv) -> None:

@@ -151,8 +151,9 @@ def test_a_waiting_cartridge_whose_pointer_was_deleted_claims_nothing_promoted_a
     assert (serving["status"], serving["reason"]) == ("False", "NothingPromoted")
     assert serving["message"] == (
         f"not served, nothing of this Cartridge is promoted: {layout.current_pointer(root, NAMESPACE, 'c')} is "
-        "missing or not a valid pointer (deleted or changed by hand?). Once its corpora are Ready, the operator "
-        "promotes its verified generation again (rewriting current.json) and serves it"
+        "missing or not a valid pointer (deleted or changed by hand?). The operator writes current.json again when "
+        "it next promotes a verified generation (once the corpora are Ready and the generation is trained), and "
+        "serves it"
     )
     assert condition(status, "Ready")["reason"] == "WaitingForCorpus"
     released.clear()
