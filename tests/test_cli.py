@@ -39,7 +39,7 @@ from cartridges.cli.serve import KEPT_SERVE_LOGS, Ports, serve_log_path, serve_p
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel, tiny_llama
 from cartridges.process import free_port
-from cartridges.store import StoreURI
+from cartridges.store import Store, StoreURI
 from cartridges_e2e.minio import MinioServer
 
 COMMANDS = ("demo", "train", "eval", "serve", "ask", "ls", "inspect", "import", "quantize")
@@ -511,19 +511,24 @@ def test_load_checks_the_pointer_as_serving_does(
     assert refused.value.code == EXIT_INPUT
 
 
+@pytest.fixture
+def s3_cli(minio_server: MinioServer, s3_prefix: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Store, str]:
+    """A fresh MinIO bucket the CLI reaches as a user's does, through the CARTRIDGES_S3_* settings: (store, root)."""
+    for key, value in minio_server.env().items():
+        monkeypatch.setenv(key, value)
+    return minio_server.store(), s3_prefix.rstrip("/")
+
+
 @pytest.mark.minio
 def test_a_tampered_or_refusing_store_is_one_line_without_a_crash_hint(
-    minio_server: MinioServer,
-    s3_prefix: str,
+    s3_cli: tuple[Store, str],
     tiny_model: LoadedModel,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A store altered behind our back makes the cartridge unusable (65), and a store that refuses our keys is a
     failure the message explains: neither is a crash to debug."""
-    store, root, fp = minio_server.store(), s3_prefix.rstrip("/"), tiny_model.fingerprint
-    for key, value in minio_server.env().items():
-        monkeypatch.setenv(key, value)
+    (store, root), fp = s3_cli, tiny_model.fingerprint
     publish(store, root, "default", "ours", random_cartridge(fp, 4, seed=1), fp)
     pointer_uri = layout.current_pointer(root, "default", "ours")
     store.put_json(pointer_uri, {**store.get_json(pointer_uri), "prefix": f"{root}/elsewhere/g1"})
@@ -1132,17 +1137,11 @@ def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
 
 @pytest.mark.minio
 def test_ls_of_a_bucket_with_folders_made_in_the_console(
-    minio_server: MinioServer,
-    s3_prefix: str,
-    tiny_model: LoadedModel,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    s3_cli: tuple[Store, str], tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """ "Create folder" leaves a zero-byte ``cartridges/default/`` object: not a cartridge named "" that fails the
     listing, and no folder of its own makes a cartridge."""
-    store, root, fp = minio_server.store(), s3_prefix.rstrip("/"), tiny_model.fingerprint
-    for key, value in minio_server.env().items():
-        monkeypatch.setenv(key, value)
+    (store, root), fp = s3_cli, tiny_model.fingerprint
     publish(store, root, "default", "notes", random_cartridge(fp, 4, seed=1), fp)
     bucket = StoreURI.parse(root).bucket
     client = store._backend(StoreURI.parse(root)).client  # type: ignore[attr-defined]
