@@ -890,6 +890,14 @@ def test_serve_grpc_and_metrics_ports_follow_the_http_port_as_tritons_do() -> No
     with pytest.raises(CLIError, match="--port 65535 leaves no port for --grpc-port") as raised:
         serve_ports(65535, None, None)
     assert raised.value.code == EXIT_USAGE
+    clashes = {
+        (18002, None): "--grpc-port 18002 is --port + 2, the default --metrics-port; give --metrics-port too",
+        (None, 18001): "--metrics-port 18001 is --port + 1, the default --grpc-port; give --grpc-port too",
+    }
+    for (grpc, metrics), message in clashes.items():  # the default is named, not blamed on an option never given
+        with pytest.raises(CLIError) as raised:
+            serve_ports(18000, grpc, metrics)
+        assert (str(raised.value), raised.value.code) == (message, EXIT_USAGE)
 
 
 def test_serve_refuses_a_grpc_or_metrics_port_in_use_or_given_twice_before_starting_triton(

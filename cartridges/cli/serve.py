@@ -77,8 +77,16 @@ class Ports:
 
 def serve_ports(http: int, grpc: int | None, metrics: int | None) -> Ports:
     """The ports of ``cartridges serve``: gRPC and metrics default to the two after the HTTP port, as Triton's own
-    8000, 8001 and 8002, so a server on ``--port 9000`` keeps clear of one on 8000."""
-    return Ports(http, grpc or _after(http, 1, "--grpc-port"), metrics or _after(http, 2, "--metrics-port"))
+    8000, 8001 and 8002, so a server on ``--port 9000`` keeps clear of one on 8000. A default that lands on a port
+    given for another option is refused naming the default, not blamed on an option the user never gave."""
+    chosen = Ports(http, grpc or _after(http, 1, "--grpc-port"), metrics or _after(http, 2, "--metrics-port"))
+    taken = dict(chosen.given())
+    for option, offset, given in (("--grpc-port", 1, grpc), ("--metrics-port", 2, metrics)):
+        clash = next((other for other, port in taken.items() if other != option and port == taken[option]), None)
+        if given is None and clash is not None:
+            message = f"{clash} {taken[option]} is --port + {offset}, the default {option}; give {option} too"
+            raise CLIError(message, EXIT_USAGE)
+    return chosen
 
 
 def _after(port: int, offset: int, option: str) -> int:
