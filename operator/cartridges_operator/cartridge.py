@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,6 +47,9 @@ class Pass:
     config: OperatorConfig
     store: Store
     same_base_model: PeerLookup
+    # current.json as read or written in this pass: the gate, the waiting path and the status read-back all ask
+    pointer: layout.Pointer | None = field(default=None, init=False)
+    pointer_known: bool = field(default=False, init=False)
 
     def condition(self, type_: str, ok: bool | None, reason: str, message: str = "") -> None:
         conditions = self.status.get("conditions") or []
@@ -649,18 +652,22 @@ def _promote(run: Pass, trainer: TrainerConfig, current: layout.Pointer | None) 
     )
     if current != pointer:  # none yet, or altered: written afresh
         run.store.put_json(layout.current_pointer(run.config.store_root, run.namespace, run.name), pointer.model_dump())
+    run.pointer, run.pointer_known = pointer, True
     _record_promoted(run, pointer)
 
 
 def _read_pointer(run: Pass) -> layout.Pointer | None:
     """current.json, the promoted generation; None when there is none yet or it was altered (its bytes, or its JSON
-    replaced by hand: written afresh when promoting)."""
-    try:
-        return layout.Pointer.model_validate(
-            run.store.get_json(layout.current_pointer(run.config.store_root, run.namespace, run.name))
-        )
-    except (ObjectNotFound, IntegrityError, ValueError):  # ValueError: not JSON, or not a pointer
-        return None
+    replaced by hand: written afresh when promoting). Read once a pass."""
+    if not run.pointer_known:
+        try:
+            run.pointer = layout.Pointer.model_validate(
+                run.store.get_json(layout.current_pointer(run.config.store_root, run.namespace, run.name))
+            )
+        except (ObjectNotFound, IntegrityError, ValueError):  # ValueError: not JSON, or not a pointer
+            run.pointer = None
+        run.pointer_known = True
+    return run.pointer
 
 
 def _record_promoted(run: Pass, pointer: layout.Pointer | None) -> None:
