@@ -6,7 +6,6 @@ Every component builds paths through these functions, so the layout is written d
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -14,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cartridges.store import ObjectInfo, Store, StoreURI
+from cartridges.store import Store, StoreURI, sha256_once
 
 CORPUS_FILE = "corpus.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -183,17 +182,10 @@ def verified_corpus(store: Store, prefix: str) -> CorpusManifest:
     Raises as :func:`corpus_manifest`, :class:`CorpusUnusable` for other bytes."""
     manifest = corpus_manifest(store, prefix)
     data = store.stat(_join(prefix, CORPUS_FILE))
-    actual = data.sha256 or _bytes_sha256(store, data)
+    actual = data.sha256 or sha256_once(store, data)  # another S3 client's copy (a restored backup) records none
     if actual != manifest.digest:
         raise CorpusUnusable(f"{data.uri} has sha256 {actual}, not the corpus digest {manifest.digest}")
     return manifest
-
-
-@functools.lru_cache(maxsize=64)
-def _bytes_sha256(store: Store, version: ObjectInfo) -> str:
-    """The bytes' sha256 of an object that records none (another S3 client's copy, such as a restored backup), once
-    per version (its revision tells a replacement apart): the checks above run every operator pass."""
-    return store.sha256(version.uri)
 
 
 def read_documents(store: Store, prefix: str) -> Iterator[Document]:

@@ -7,7 +7,6 @@ generation starts only when what training depends on (spec and corpus digests) c
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ from pydantic import ValidationError
 from cartridges import api, layout
 from cartridges.contract import TrainerConfig
 from cartridges.manifest import MANIFEST_FILE, TENSORS_FILE, CartridgeManifest
-from cartridges.store import IntegrityError, ObjectInfo, ObjectNotFound, Store, StoreError
+from cartridges.store import IntegrityError, ObjectNotFound, Store, StoreError, sha256_once
 from cartridges_operator import kube, manifests
 from cartridges_operator.conditions import TIME_FORMAT, is_true, now, set_condition
 from cartridges_operator.config import OperatorConfig
@@ -483,7 +482,7 @@ def _verify_and_record(run: Pass, trainer: TrainerConfig) -> bool:
             return False
         elif manifest.p != run.spec.size:
             problem = f"artifact has p={manifest.p}, spec.size is {run.spec.size}"
-        elif (actual := _bytes_sha256(run.store, tensors)) != manifest.file_sha256:
+        elif (actual := sha256_once(run.store, tensors)) != manifest.file_sha256:
             problem = (
                 f"{TENSORS_FILE} is corrupt: its bytes hash to sha256 {actual}, the manifest says "
                 f"{manifest.file_sha256}; not promoted (a promoted generation keeps serving)"
@@ -559,20 +558,6 @@ def _pointed_manifest(run: Pass, pointer: layout.Pointer) -> tuple[CartridgeMani
     if manifest.file_sha256 != pointer.sha256:
         return None, f"its manifest's sha256 {manifest.file_sha256} is not the promoted {pointer.sha256}"
     return manifest, ""
-
-
-@functools.lru_cache(maxsize=256)
-def _bytes_sha256(store: Store, version: ObjectInfo) -> str:
-    """The sha256 of an object's bytes, hashed once per version: a corrupt generation stays stalled while its
-    Cartridge is passed every few seconds, and each hash streams the whole file (0.3 s at 268 MB) for the same
-    answer. ``version`` tells versions apart without reading them: S3's revision (ETag, size, modification time),
-    a file's sha256 (its stat hashes it); a re-upload is a new version, hashed again.
-
-    In-process rather than in the status: a restarted operator hashes each object once more, and no status field
-    (which other clients may write) is trusted in place of the bytes. A failed read raises, so nothing is kept."""
-    digest = store.sha256(version.uri)
-    LOG.info("hashed %s (revision %s): sha256 %s", version.uri, version.revision, digest)
-    return digest
 
 
 def _move_past_stored_generations(run: Pass, trainer: TrainerConfig) -> None:
