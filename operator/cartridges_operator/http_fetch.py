@@ -269,12 +269,17 @@ def _refuse_encoded(response: Any, url: str) -> None:
         )
 
 
+def status_may_pass(status: int) -> bool:
+    """Whether an HTTP answer of ``status`` may turn into a success unchanged: every 5xx, 408 and 429."""
+    return status >= 500 or status in RETRIED_STATUSES
+
+
 def _may_pass(err: Exception) -> bool:
     """Whether a fetch that failed with ``err`` may succeed unchanged later: the server said it is unavailable, the
     connection was refused, cut or timed out, a name lookup failed for now. Not: a 404 or 403, a host that does not
     exist, a certificate that does not verify, a malformed URL."""
     if isinstance(err, urllib.error.HTTPError):
-        return err.code >= 500 or err.code in RETRIED_STATUSES
+        return status_may_pass(err.code)
     cause = err.reason if isinstance(err, urllib.error.URLError) else err
     if isinstance(cause, socket.gaierror):
         return cause.errno == socket.EAI_AGAIN

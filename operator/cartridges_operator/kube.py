@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from cartridges import api
 from cartridges.corpus import SourceError, decode_utf8
 from cartridges_operator import manifests
-from cartridges_operator.http_fetch import RETRIED_STATUSES, SourceUnavailable
+from cartridges_operator.http_fetch import SourceUnavailable, status_may_pass
 
 
 class Invalid(Exception):
@@ -83,7 +83,7 @@ def _read_configmap(namespace: str, name: str, where: str) -> client.V1ConfigMap
         if err.status == 404:
             raise SourceError(f"{where} does not exist") from err
         message = f"cannot read {where}: HTTP {err.status}: {api_message(err)}"
-        if not err.status or err.status >= 500 or err.status in RETRIED_STATUSES:
+        if not err.status or status_may_pass(err.status):
             raise SourceUnavailable(message) from err
         raise SourceError(message) from err
     except urllib3.exceptions.HTTPError as err:
