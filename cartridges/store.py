@@ -319,6 +319,12 @@ _S3_ERRORS: dict[str, tuple[type[StoreError], str]] = {
 }
 
 
+def _directory(prefix: StoreURI) -> str:
+    """The key prefix that lists ``prefix`` as a directory (``cart-1/``, never matching ``cart-10``); the bucket's
+    root is the empty one."""
+    return prefix.key.rstrip("/") + "/" if prefix.key else ""
+
+
 class _S3Backend:
     def __init__(self, config: S3Config) -> None:
         http = urllib3.PoolManager(
@@ -399,7 +405,7 @@ class _S3Backend:
         return ObjectInfo(str(uri), int(stat.size or 0), metadata.get(f"x-amz-meta-{SHA256_META}"), revision)
 
     def list(self, prefix: StoreURI) -> Iterator[StoreURI]:
-        directory = prefix.key.rstrip("/") + "/" if prefix.key else ""
+        directory = _directory(prefix)
         for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=True):
             if obj.object_name and not obj.is_dir:
                 yield StoreURI("s3", prefix.bucket, obj.object_name)
@@ -408,7 +414,7 @@ class _S3Backend:
         """Skips the directory's own folder marker (a zero-byte ``dir/`` object, as the AWS console's "Create
         folder" makes), listed with the empty name. A sub-directory holding only a marker is listed: telling it
         from one holding objects would take a request per sub-directory (see ``delete_folders``)."""
-        directory = prefix.key.rstrip("/") + "/" if prefix.key else ""
+        directory = _directory(prefix)
         for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=False):
             if name := (obj.object_name or "")[len(directory) :].rstrip("/"):
                 yield name
@@ -423,7 +429,7 @@ class _S3Backend:
     def delete_folders(self, prefix: StoreURI) -> None:
         """The folder markers under ``prefix`` (which ``list`` skips): left, the emptied directory would still be
         listed by ``children``, as a local one is not."""
-        directory = prefix.key.rstrip("/") + "/" if prefix.key else ""
+        directory = _directory(prefix)
         for obj in self.client.list_objects(prefix.bucket, prefix=directory, recursive=True):
             if obj.object_name and obj.is_dir:
                 self.client.remove_object(prefix.bucket, obj.object_name)
