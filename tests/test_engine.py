@@ -387,6 +387,11 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
 
         def first_event(event: StreamEvent) -> None:
             order.of("1st")(event)
+            if not seen:  # hold the first step until the second request queues, so it cannot finish first
+                deadline = time.monotonic() + WAIT_S
+                while not engine.metrics().queued:
+                    assert time.monotonic() < deadline, "the second request never queued"
+                    time.sleep(0.01)
             seen.append(engine.metrics().kv)  # what the metrics port shows while the first request runs
 
         first = queued(engine, engine.submit("keep going", ["alpha"], GREEDY, on_event=first_event))
