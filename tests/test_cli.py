@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -309,13 +310,25 @@ def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path
     argv = [sys.executable, "-m", "cartridges.cli", "train", "long", str(corpus_dir), "--model", "tiny"]
     argv += ["--store", store, "--steps", "100000"]
     for delay in (0.3, 1.0, 2.0, 3.0, 4.5):
-        command = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
-        command.send_signal(signal.SIGINT)
-        _, err = command.communicate(timeout=120)
+        for _ in range(3):  # on a loaded machine 0.3 s may still be Python's own start, before any line of ours
+            command = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(delay)
+            command.send_signal(signal.SIGINT)
+            _, err = command.communicate(timeout=120)
+            if not _interrupted_before_main(command.returncode, err):
+                break
         assert command.returncode == 130, (delay, err)
         assert err.splitlines()[-1].startswith("cartridges: interrupted"), (delay, err)
         assert not any(text in err for text in ("Traceback", "nanobind", "Aborted", "KeyboardInterrupt")), (delay, err)
+
+
+def _interrupted_before_main(returncode: int, stderr: str) -> bool:
+    """Whether Ctrl-C landed while the interpreter started, before ``cartridges.cli.main`` (whose handler then
+    catches every interrupt) was on the stack: a silent death by SIGINT (before Python's own handler), or
+    Python's traceback with no frame of ``main`` in it."""
+    if returncode == -signal.SIGINT and not stderr:
+        return True
+    return "KeyboardInterrupt" in stderr and not re.search(r"cartridges/cli/__init__\.py\", line \d+, in main", stderr)
 
 
 def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(corpus_dir: Path, tmp_path: Path) -> None:
