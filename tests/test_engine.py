@@ -35,7 +35,7 @@ from cartridges_serving import (
     SamplingParams,
     StreamEvent,
 )
-from cartridges_serving.engine import RATE_WINDOW_S, TokenRate
+from cartridges_serving.engine import RATE_WINDOW_S, KVStats, TokenRate
 from cartridges_serving.protocol import MAX_CARTRIDGES, RouterRequest, parse_request
 
 if TYPE_CHECKING:
@@ -383,7 +383,7 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
     engine = Engine(tiny_model, cache, kv_bytes=row_bytes * (tokens + tokens // 2))  # room for one request
     try:
         keys = engine.runner.own_kv_pool.keys
-        order, seen = EventOrder(), []
+        order, seen = EventOrder(), list[KVStats]()
 
         def first_event(event: StreamEvent) -> None:
             order.of("1st")(event)
