@@ -105,7 +105,7 @@ def _train(run: Pass, trainer: TrainerConfig) -> bool:
     """Whether the generation's Job completed and its artifact is verified; else start or follow the Job."""
     _read_back_promoted(run)  # a trained generation's pass records it from the pointer it reads anyway
     job = kube.get_job(run.namespace, manifests.job_name(run.name, trainer.generation))
-    if job is not None and _built_from_other_inputs(run, job, trainer):
+    if job is not None and _built_from_other_inputs(run, job, trainer) and not _job_finished(job):
         if _stop_stale_job(run, job, trainer):
             return False
         job = None
@@ -152,7 +152,8 @@ def _built_from_other_inputs(run: Pass, job: Any, trainer: TrainerConfig) -> boo
     """Whether this Cartridge created ``job`` from other training inputs than the generation's: its spec changed
     while the status write naming the Job's inputs was lost, so the generation number was taken again. A Job
     created before Jobs were labelled with their training hash is taken as built from the current inputs (its
-    training is never cut short by an upgrade)."""
+    training is never cut short by an upgrade). Such a Job that completed is not stopped: its artifact records
+    the other inputs, so verifying it moves the Cartridge past its number."""
     built_from = (job.metadata.labels or {}).get(manifests.TRAINING_HASH_LABEL)
     return built_from not in (None, trainer.training_hash) and kube.owned_by(job, run.body["metadata"].get("uid"))
 
@@ -568,8 +569,9 @@ def _move_past_stored_generations(run: Pass, trainer: TrainerConfig) -> None:
     stored = layout.stored_generations(run.store, run.config.store_root, run.namespace, run.name)
     generation = max(trainer.generation, *stored) + 1
     message = (
-        f"generation {trainer.generation} in the store was trained from other inputs (an earlier Cartridge named "
-        f"{run.name}?); training generation {generation}"
+        f"generation {trainer.generation} in the store was trained from other inputs (the spec changed while its "
+        f"status was not written, or an earlier Cartridge named {run.name} trained it); training generation "
+        f"{generation}"
     )
     run.status.update(generation=generation, progress=None, trainingJob=manifests.job_name(run.name, generation))
     run.condition("Trained", False, "StaleArtifact", message)

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from kubernetes import client
 
 from cartridges import api, layout
+from cartridges.artifact import Cartridge, save_cartridge, upload_artifact
 from cartridges.manifest import TENSORS_FILE
+from cartridges.models import tiny_llama
 from cartridges.store import Store
 from cartridges_operator import cartridge, kube, manifests
 from cartridges_operator.cartridge import reconcile_cartridge
@@ -236,3 +239,24 @@ def test_a_job_from_before_jobs_were_labelled_with_their_inputs_trains_on(world:
     status = world.passes(current, served_generation_1(world, current, 2))
     assert world.stopping == set() and world.created == [] and "c-g2" in world.jobs
     assert condition(status, "Trained")["reason"] == "Training"
+
+
+def test_a_completed_job_built_from_earlier_inputs_moves_the_cartridge_to_the_next_generation(
+    world: World, tmp_path: Path
+) -> None:
+    """Generation 2's Job, built from size 32, completed and every status write of it was lost; the spec says 48.
+    Its artifact is kept (nothing to stop, no pointless Job under number 2): the Cartridge moves on to generation
+    3, and the message says the spec changed while that status was not written."""
+    world.jobs["c-g2"] = job(2, "Complete", built_from=training_hash(spec(size=32)))
+    stored = tmp_path / "g2"
+    shape = (2, 32, 16)
+    keys, values = ([torch.randn(shape) for _ in range(2)] for _ in "kv")
+    save_cartridge(Cartridge(keys, values), stored, tiny_llama().fingerprint,
+                   training={"training_hash": training_hash(spec(size=32))})  # fmt: skip
+    upload_artifact(Store(), stored, layout.generation_prefix(world.root, NAMESPACE, "c", 2))
+    status = world.passes(spec(size=48), served_generation_1(world, spec(size=48), 2))
+    assert world.stopping == set() and world.created == [] and "c-g2" in world.jobs
+    assert status["generation"] == 3 and condition(status, "Trained")["reason"] == "StaleArtifact"
+    assert "the spec changed while its status was not written" in condition(status, "Trained")["message"]
+    status = world.passes(spec(size=48), status)
+    assert [c["metadata"]["name"] for c in world.created] == ["c-g3"]
