@@ -35,6 +35,7 @@ from cartridges_serving import (
     SamplingParams,
     StreamEvent,
 )
+from cartridges_serving import cache as cache_module
 from cartridges_serving.engine import RATE_WINDOW_S, KVStats, TokenRate
 from cartridges_serving.protocol import MAX_CARTRIDGES, RouterRequest, parse_request
 
@@ -169,6 +170,28 @@ def test_quantized_cartridges_are_served_quantized_and_compose_with_dense_ones(e
     quantized = assert_matches_reference(engine, ["alpha-int8"], "The handbook says")
     assert_matches_reference(engine, ["gamma-fp8", "beta"], "The handbook says")
     assert quantized == assert_matches_reference(engine, ["alpha"], "The handbook says")  # int8 is close enough
+
+
+def test_an_fp8_cartridge_on_a_gpu_without_fp8_is_refused_alone(
+    tiny_model: LoadedModel, store_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU older than sm_89 (an A10 is sm_86) the kernels cannot read fp8: the request naming an fp8 cartridge
+    is refused when the cartridge loads, saying to store it as int8, and the requests batched beside it go on (a
+    refusal at the attention step would fail every request of the batch). The capability is the seam: no GPU here."""
+    monkeypatch.setattr(cache_module, "gpu_capability", lambda device: (8, 6))
+    cache = CartridgeCache(Store(), store_root, NAMESPACE, tiny_model.fingerprint, capacity_bytes=1 << 20)
+    engine = Engine(tiny_model, cache)
+    try:
+        expected = engine.generate("keep going", ["alpha"], GREEDY).token_ids
+        fp8 = engine.submit("keep going", ["gamma-fp8"], GREEDY)
+        dense = engine.submit("keep going", ["alpha-int8", "beta"], GREEDY)
+        with pytest.raises(
+            CartridgeInvalid, match=r"compute capability 8\.9 or newer, this one is 8\.6; store them as int8"
+        ):
+            fp8.result(WAIT_S)
+        assert dense.result(WAIT_S).token_ids and engine.generate("keep going", ["alpha"], GREEDY).token_ids == expected
+    finally:
+        engine.close()
 
 
 def test_concurrent_requests_equal_their_sequential_results(engine: Engine) -> None:

@@ -52,12 +52,14 @@ from cartridges import layout
 from cartridges.artifact import (
     ArtifactError,
     ModelFingerprint,
+    QuantizedCartridge,
     StoredCartridge,
     download_artifact,
     load_stored_cartridge,
     without_directory,
 )
 from cartridges.store import IntegrityError, ObjectNotFound, Store, StoreError
+from cartridges_kernels.config import check_fp8_storage
 from cartridges_serving.errors import (
     CartridgeInvalid,
     CartridgeNotFound,
@@ -359,6 +361,9 @@ class CartridgeCache:
                 cartridge, _ = load_stored_cartridge(
                     Path(tmp), expected_model=self.model, device=self.device, dtype=self.dtype
                 )
+                if isinstance(cartridge, QuantizedCartridge):  # refused here, for its request alone, not mid-batch
+                    stored = {kv.data.dtype for kv in (*cartridge.keys, *cartridge.values)}
+                    check_fp8_storage(stored, gpu_capability(self.device))
             except ObjectNotFound as err:
                 raise CartridgeNotFound(f"cartridge {cartridge_id!r} g{pointer.generation}: {err}") from err
             except ArtifactError as err:
@@ -413,6 +418,13 @@ class CartridgeCache:
         evicted = self._entries.pop(key)
         self._bytes -= evicted.nbytes
         log.info("evicted cartridge %s g%d (%d bytes)", evicted.id, evicted.generation, evicted.nbytes)
+
+
+def gpu_capability(device: torch.device | str) -> tuple[int, int] | None:
+    """The compute capability of ``device`` when it is a GPU (what decides which storage formats the kernels
+    read), else None."""
+    device = torch.device(device)
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def _check_promoted(cartridge_id: str, pointer: layout.Pointer, sha256: str) -> None:
