@@ -296,6 +296,28 @@ def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> N
     assert len(egress(**{"networkPolicy.corpusSources.enabled": "false"})) == 3
 
 
+STORE_PORTS = [
+    ({"store.endpoint": "http://rgw.internal:7480"}, [443, 7480]),
+    ({"store.endpoint": "rgw.internal:7480"}, [443, 7480]),
+    ({"store.endpoint": "http://10.1.2.3", "store.tls.enabled": "false"}, [443, 80]),
+    ({"store.endpoint": "10.1.2.3", "store.tls.enabled": "false"}, [443, 80]),
+    ({"store.endpoint": "10.1.2.3", "store.tls.enabled": "true"}, [443]),
+    ({"store.endpoint": "https://s3.example.internal:443"}, [443]),
+    ({"networkPolicy.store.ports[0]": "9000", "store.endpoint": "https://s3.example.internal"}, [9000, 443]),
+]
+
+
+@pytest.mark.parametrize(("sets", "ports"), STORE_PORTS, ids=[" ".join(s.values()) for s, _ in STORE_PORTS])
+def test_store_egress_opens_the_endpoints_port(render: Render, sets: dict[str, str], ports: list[int]) -> None:
+    """The operator reaches its store on the port store.endpoint names (else 443 with TLS, 80 without, as its S3
+    client does), whatever networkPolicy.store.ports lists: those are added, each port once."""
+    (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
+    (store,) = [
+        rule for rule in operator["spec"]["egress"] if rule.get("to") == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    ]
+    assert store["ports"] == [{"port": port, "protocol": "TCP"} for port in ports]
+
+
 def test_dns_egress_can_reach_a_node_local_cache(render: Render) -> None:
     """DNS goes to kube-system's pods; NodeLocal DNSCache answers on the node's host network (169.254.20.10), which
     no namespace selector matches, so networkPolicy.dns.cidrs adds it."""

@@ -74,6 +74,16 @@ Rotating the keys therefore restarts nothing: `kubectl rollout restart` the oper
 {{- end -}}
 {{- end -}}
 
+{{/* The port the operator reaches the store on: the one store.endpoint names, else what its S3 client picks: 443
+with TLS (an https:// endpoint or store.tls.enabled), 80 without. */}}
+{{- define "cartridges.storePort" -}}
+{{- $endpoint := include "cartridges.storeEndpoint" . -}}
+{{- $url := urlParse (ternary $endpoint (printf "//%s" $endpoint) (contains "://" $endpoint)) -}}
+{{- $named := regexFind ":[0-9]+$" $url.host | trimPrefix ":" -}}
+{{- $tls := or (eq $url.scheme "https") .Values.store.tls.enabled -}}
+{{- $named | default (ternary "443" "80" $tls) -}}
+{{- end -}}
+
 {{- define "cartridges.storeRoot" -}}
 {{- if .Values.store.prefix -}}
 {{- printf "s3://%s/%s" .Values.store.bucket (trimAll "/" .Values.store.prefix) -}}
