@@ -334,6 +334,17 @@ def test_dns_egress_can_reach_a_node_local_cache(render: Render) -> None:
     assert cache == [kube_system, {"ipBlock": {"cidr": "169.254.20.10/32"}}]
 
 
+def test_ipv6_cidrs_render_as_strings(render: Render) -> None:
+    """An IPv6 block may start with ':' (::1/128, ::/0), which YAML cannot read unquoted; each list renders it."""
+    lists = ("dns", "apiServer", "store", "corpusSources")
+    sets = {f"networkPolicy.{name}.cidrs[0]": "::/0" for name in lists} | {"networkPolicy.dns.cidrs[1]": "::1/128"}
+    (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
+    blocks = [
+        peer["ipBlock"]["cidr"] for rule in operator["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer
+    ]
+    assert blocks == ["::/0", "::1/128", "::/0", "::/0", "::/0"]
+
+
 # (what is set, what the error must say): helm prints the JSON-schema path and the rule that failed.
 BAD_VALUES = [
     ({"store.bucket": "Bad_Bucket"}, ["/store/bucket", "does not match pattern"]),
