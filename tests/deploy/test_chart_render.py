@@ -345,6 +345,42 @@ def test_ipv6_cidrs_render_as_strings(render: Render) -> None:
     assert blocks == ["::/0", "::1/128", "::/0", "::/0", "::/0"]
 
 
+NAME_KEYS = {"name", "namespace", "serviceAccountName", "priorityClassName", "storageClassName", "secretName",
+             "claimName", "image", "app.kubernetes.io/instance"}  # fmt: skip
+
+
+def name_values(node: object) -> list[object]:
+    """Every value under one of NAME_KEYS in a rendered object."""
+    if isinstance(node, dict):
+        here = [value for key, value in node.items() if key in NAME_KEYS and not isinstance(value, dict | list)]
+        return here + [found for value in node.values() for found in name_values(value)]
+    if isinstance(node, list):
+        return [found for item in node for found in name_values(item)]
+    return []
+
+
+def test_names_that_read_as_numbers_or_null_stay_strings(helm: Path) -> None:
+    """Kubernetes names may be all digits, or words YAML reads as null or booleans: the chart quotes every name it
+    is given (release, namespaces, Secrets, classes), so none renders as a number, a boolean or null."""
+    strings = {
+        "store.credentials.secretName": "true",
+        "operator.serviceAccount.name": "0755",
+        "operator.priorityClassName": "null",
+        "minio.persistence.storageClass": "yes",
+    }
+    args = template_args("quickstart-values.yaml", "2024", "2024", {"minio.persistence.enabled": "true"})
+    args += ["--set-json", 'operator.watchNamespaces=["1234", "null"]']
+    args += [arg for key, value in strings.items() for arg in ("--set-string", f"{key}={value}")]
+    proc = run_helm(helm, *args)
+    assert proc.returncode == 0, proc.stderr
+    objects = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    assert all(isinstance(value, str) for value in name_values(objects)), name_values(objects)
+    assert sorted(b["metadata"]["namespace"] for b in find(objects, "RoleBinding")) == ["1234", "null"]
+    assert sorted(s["metadata"]["namespace"] for s in find(objects, "Secret", "true")) == ["1234", "2024", "null"]
+    policies = find(objects, "NetworkPolicy", "cartridges-trainer")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["1234", "null"]
+
+
 # (what is set, what the error must say): helm prints the JSON-schema path and the rule that failed.
 BAD_VALUES = [
     ({"store.bucket": "Bad_Bucket"}, ["/store/bucket", "does not match pattern"]),
