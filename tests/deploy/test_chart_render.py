@@ -408,6 +408,28 @@ BAD_VALUES = [
     ({"serving.tolerations[0].effect": "NoRun"}, ["/serving/tolerations/0/effect", "NoSchedule"]),
     ({"serving.tolerations[0].keys": "gpu"}, ["additional properties 'keys' not allowed"]),
     ({"operator.tolerations[0].effect": "NoRun"}, ["/operator/tolerations/0/effect", "NoSchedule"]),
+    # The API server's rules between a toleration's fields, which would have every serving Deployment refused.
+    (
+        {
+            "serving.tolerations[0].value": "present",
+            "serving.tolerations[0].key": "gpu",
+            "serving.tolerations[0].operator": "Exists",
+        },
+        ["/serving/tolerations/0/value", "value must be ''"],
+    ),
+    (
+        {
+            "serving.tolerations[0].tolerationSeconds": "60",
+            "serving.tolerations[0].key": "spot",
+            "serving.tolerations[0].effect": "NoSchedule",
+        },
+        ["/serving/tolerations/0/effect", "value must be 'NoExecute'"],
+    ),
+    (
+        {"operator.tolerations[0].tolerationSeconds": "60", "operator.tolerations[0].key": "spot"},
+        ["/operator/tolerations/0", "missing property 'effect'"],
+    ),
+    ({"serving.tolerations[0].operator": "Equal"}, ["/serving/tolerations/0/operator", "value must be 'Exists'"]),
     ({"serving.priorityClassName": "High_Priority"}, ["/serving/priorityClassName", "does not match pattern"]),
     ({"crds.install": "yes"}, ["/crds/install", "want boolean"]),
 ]
