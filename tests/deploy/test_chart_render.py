@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,7 @@ def test_network_policies(render: Render) -> None:
     assert trainer["policyTypes"] == ["Ingress"] and "ingress" not in trainer
     (operator,) = find(objects, "NetworkPolicy", "cartridges-operator")
     egress = operator["spec"]["egress"]
-    assert egress[1]["to"] == [{"ipBlock": {"cidr": "10.96.0.1/32"}}]
+    assert egress[1]["to"] == [{"ipBlock": {"cidr": f"192.168.10.{n}/32"}} for n in (11, 12, 13)]
     assert egress[2] == {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
     web = [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]
     anywhere_but_link_local = [
@@ -283,6 +284,21 @@ def test_network_policies(render: Render) -> None:
     )
     assert len(egress) == 4
     assert not operator["spec"]["ingress"], "no metrics namespaces configured: nothing may connect"
+
+
+ENDPOINTS_COMMAND = "kubectl get endpointslice -l kubernetes.io/service-name=kubernetes -n default"
+
+
+def test_api_server_egress_example_names_endpoints_not_the_service_ip() -> None:
+    """Many network plugins match egress after the kubernetes Service's ClusterIP is rewritten to the API server's
+    own address, so a policy naming the ClusterIP blocks the operator: the example names endpoint addresses, none in
+    a usual Service range, and the values say where to read them."""
+    values = yaml.safe_load((CI_VALUES / "production-values.yaml").read_text())
+    service_ranges = [ipaddress.ip_network(r) for r in ("10.96.0.0/12", "10.0.0.0/16", "172.20.0.0/16")]
+    for cidr in values["networkPolicy"]["apiServer"]["cidrs"]:
+        assert not any(ipaddress.ip_network(cidr).overlaps(r) for r in service_ranges), cidr
+    for path in (CHART / "values.yaml", CI_VALUES / "production-values.yaml"):
+        assert ENDPOINTS_COMMAND in " ".join(path.read_text().replace("#", " ").split()), path
 
 
 def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> None:
@@ -337,7 +353,7 @@ def test_dns_egress_can_reach_a_node_local_cache(render: Render) -> None:
 def test_ipv6_cidrs_render_as_strings(render: Render) -> None:
     """An IPv6 block may start with ':' (::1/128, ::/0), which YAML cannot read unquoted; each list renders it."""
     lists = ("dns", "apiServer", "store", "corpusSources")
-    sets = {f"networkPolicy.{name}.cidrs[0]": "::/0" for name in lists} | {"networkPolicy.dns.cidrs[1]": "::1/128"}
+    sets = {f"networkPolicy.{name}.cidrs": "{::/0}" for name in lists} | {"networkPolicy.dns.cidrs": "{::/0,::1/128}"}
     (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
     blocks = [
         peer["ipBlock"]["cidr"] for rule in operator["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer
