@@ -1,5 +1,5 @@
 """The serving pods' resources from the chart's JSON (the operator): a malformed value stops the operator at start-up
-naming it, and a CPU-only value gives serving pods without a GPU (the engine runs on CPU too)."""
+naming it, and a CPU-only value gives serving pods without a GPU (the engine runs on CPU too). Their time to start."""
 
 from __future__ import annotations
 
@@ -79,3 +79,25 @@ REFUSED = [
 def test_resources_kubernetes_refuses_stop_the_operator_naming_the_value(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=r"CARTRIDGES_SERVING_RESOURCES \(serving.resources\): " + message):
         serving_resources(text)
+
+
+def startup_s(config: OperatorConfig) -> int:
+    model = api.BaseModelRef(name="m", uri="s3://cartridges/models/m")
+    probe = manifests.serving_deployment("ns", model, 1, [], config)["spec"]["template"]["spec"]["containers"][0]
+    seconds: int = probe["startupProbe"]["periodSeconds"] * probe["startupProbe"]["failureThreshold"]
+    return seconds
+
+
+def test_serving_pods_get_the_startup_time_the_chart_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large model's download and load may take longer than any fixed budget: the kubelet would restart its pod
+    before it ever answers. The chart's serving.startupSeconds sets it; unset, 30 minutes."""
+    monkeypatch.delenv("CARTRIDGES_SERVING_STARTUP_SECONDS", raising=False)
+    assert startup_s(OperatorConfig.from_env()) == 1800
+    monkeypatch.setenv("CARTRIDGES_SERVING_STARTUP_SECONDS", "5400")
+    assert startup_s(OperatorConfig.from_env()) == 5400
+    for bad in ("0", "30m", "-60"):
+        monkeypatch.setenv("CARTRIDGES_SERVING_STARTUP_SECONDS", bad)
+        with pytest.raises(
+            ValueError, match=f"CARTRIDGES_SERVING_STARTUP_SECONDS must be an integer >= 1, got '{bad}'"
+        ):
+            OperatorConfig.from_env()

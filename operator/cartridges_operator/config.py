@@ -251,6 +251,8 @@ class OperatorConfig:
     serving_node_selector: dict[str, str] = field(default_factory=dict)
     serving_tolerations: tuple[Toleration, ...] = ()
     serving_priority_class: str = ""  # empty: the cluster's default priority
+    # How long a serving pod may take to download and load its model before the kubelet restarts it.
+    serving_startup_s: int = 1800
     corpus_limits: CorpusLimits = field(default_factory=CorpusLimits)
 
     @classmethod
@@ -278,5 +280,6 @@ class OperatorConfig:
             serving_node_selector=serving_node_selector(node_selector) if node_selector else {},
             serving_tolerations=serving_tolerations(tolerations) if tolerations else (),
             serving_priority_class=env.get("CARTRIDGES_SERVING_PRIORITY_CLASS", ""),
+            serving_startup_s=_positive(env, "CARTRIDGES_SERVING_STARTUP_SECONDS", cls.serving_startup_s),
             corpus_limits=CorpusLimits.from_env(env),
         )

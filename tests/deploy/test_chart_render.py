@@ -176,6 +176,20 @@ def test_serving_resources_reach_the_serving_pods(render: Render, monkeypatch: p
     }
 
 
+def test_serving_startup_budget_reaches_the_serving_pods(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serving.startupSeconds in the chart -> the operator's env -> every serving pod's startup probe: a large model
+    gets the time to download and load before the kubelet restarts the pod. Unset: 30 minutes."""
+
+    def startup_s(sets: dict[str, str]) -> int:
+        probe = serving_container(render, monkeypatch, sets, "production-values.yaml")["startupProbe"]
+        seconds: int = probe["periodSeconds"] * probe["failureThreshold"]
+        return seconds
+
+    assert startup_s({}) == 1800
+    assert startup_s({"serving.startupSeconds": "7200"}) == 7200
+    assert 3601 <= startup_s({"serving.startupSeconds": "3601"}) < 3601 + 5
+
+
 def test_quickstart_serves_on_cpu(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
     """The quick start runs on a cluster without GPUs (examples/cartridge.yaml trains with gpus: 0): its serving
     pods ask for no GPU, which would leave them Pending there, and the engine's cache, host memory on CPU, fits
@@ -446,6 +460,7 @@ BAD_VALUES = [
         ["/operator/tolerations/0", "missing property 'effect'"],
     ),
     ({"serving.tolerations[0].operator": "Equal"}, ["/serving/tolerations/0/operator", "value must be 'Exists'"]),
+    ({"serving.startupSeconds": "30"}, ["/serving/startupSeconds", "minimum"]),
     ({"serving.priorityClassName": "High_Priority"}, ["/serving/priorityClassName", "does not match pattern"]),
     ({"crds.install": "yes"}, ["/crds/install", "want boolean"]),
 ]
