@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from kubernetes.utils import parse_quantity
 from pydantic import TypeAdapter, ValidationError
 
 from cartridges.api import Toleration
@@ -91,6 +92,7 @@ def serving_resources(text: str) -> Resources:
                 raise ValueError(
                     f"{name}: {kind}.{resource} must be a quantity such as 2, 500m or 16Gi, got {quantity!r}"
                 )
+    _check_requests_against_limits(name, resources.get("requests", {}), resources.get("limits", {}))
     return resources
 
 
@@ -98,6 +100,37 @@ def _is_quantity(value: object) -> bool:
     if isinstance(value, str):
         return QUANTITY.fullmatch(value) is not None
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
+def _check_requests_against_limits(name: str, requests: dict[str, Quantity], limits: dict[str, Quantity]) -> None:
+    """The API server's rules between a container's requests and limits: a request above its limit, and for a
+    resource it does not overcommit (a GPU), a request without an equal limit, or a fraction of one, would have every
+    serving Deployment refused. (A limit without a request is fine: the request defaults to it.)"""
+    for resource, quantity in limits.items():
+        if not _overcommitted(resource) and parse_quantity(quantity) % 1:
+            raise ValueError(f"{name}: limits.{resource} must be a whole number, got {quantity!r}")
+    for resource, request in requests.items():
+        limit = limits.get(resource)
+        if limit is None:
+            if not _overcommitted(resource):
+                raise ValueError(
+                    f"{name}: requests.{resource} needs limits.{resource}, equal to it (Kubernetes does not "
+                    f"overcommit {resource}); set only the limit"
+                )
+        elif not _overcommitted(resource) and parse_quantity(request) != parse_quantity(limit):
+            raise ValueError(
+                f"{name}: requests.{resource} ({request!r}) must equal limits.{resource} ({limit!r}): Kubernetes "
+                f"does not overcommit {resource}; set only the limit"
+            )
+        elif parse_quantity(request) > parse_quantity(limit):
+            raise ValueError(f"{name}: requests.{resource} ({request!r}) is above limits.{resource} ({limit!r})")
+
+
+def _overcommitted(resource: str) -> bool:
+    """Whether Kubernetes lets a request stay below its limit: cpu, memory and other native resources, but not huge
+    pages or extended resources such as nvidia.com/gpu (a name with a domain other than kubernetes.io)."""
+    native = "/" not in resource or "kubernetes.io/" in resource
+    return native and not resource.startswith("hugepages-")
 
 
 def serving_node_selector(text: str) -> dict[str, str]:
@@ -116,7 +149,8 @@ TOLERATIONS = TypeAdapter(list[Toleration])
 def serving_tolerations(text: str) -> tuple[Toleration, ...]:
     """The taints serving pods tolerate (the chart's ``serving.tolerations``, as JSON), e.g. ``nvidia.com/gpu``
     NoSchedule on GPU nodes. Checked as a Cartridge's training tolerations are, by the same model: its fields and
-    their values here, the rules between them (CEL on the Cartridge) by the API server on the Deployment."""
+    their values here, the rules between them (CEL on the Cartridge) by the chart's schema, as they would be by the
+    API server on every serving Deployment."""
     name = "CARTRIDGES_SERVING_TOLERATIONS (serving.tolerations)"
     try:
         return tuple(TOLERATIONS.validate_python(json_setting(name, text)))
@@ -217,6 +251,8 @@ class OperatorConfig:
     serving_node_selector: dict[str, str] = field(default_factory=dict)
     serving_tolerations: tuple[Toleration, ...] = ()
     serving_priority_class: str = ""  # empty: the cluster's default priority
+    # How long a serving pod may take to download and load its model before the kubelet restarts it.
+    serving_startup_s: int = 1800
     corpus_limits: CorpusLimits = field(default_factory=CorpusLimits)
 
     @classmethod
@@ -244,5 +280,6 @@ class OperatorConfig:
             serving_node_selector=serving_node_selector(node_selector) if node_selector else {},
             serving_tolerations=serving_tolerations(tolerations) if tolerations else (),
             serving_priority_class=env.get("CARTRIDGES_SERVING_PRIORITY_CLASS", ""),
+            serving_startup_s=_positive(env, "CARTRIDGES_SERVING_STARTUP_SECONDS", cls.serving_startup_s),
             corpus_limits=CorpusLimits.from_env(env),
         )

@@ -282,6 +282,13 @@ def serving_selector(model: str) -> dict[str, str]:
     return {MODEL_LABEL: model, "app.kubernetes.io/name": "cartridges-serving"}
 
 
+def startup_probe(port: dict[str, str], seconds: int, period_s: int = 5) -> dict[str, Any]:
+    """Probes every ``period_s`` for at least ``seconds`` (the chart's ``serving.startupSeconds``): the time a pod
+    has to download and load its model before the kubelet restarts it, and it starts over."""
+    failures = -(-seconds // period_s)  # rounded up
+    return {"httpGet": {**port, "path": "/v2/health/live"}, "periodSeconds": period_s, "failureThreshold": failures}
+
+
 def serving_deployment(
     namespace: str, base_model: api.BaseModelRef, replicas: int, owners: list[dict[str, Any]], config: OperatorConfig
 ) -> dict[str, Any]:
@@ -304,7 +311,7 @@ def serving_deployment(
         "command": SERVING_COMMAND,
         "ports": [{"name": n, "containerPort": p} for n, p in PORTS.items()],
         "env": env,
-        "startupProbe": {"httpGet": {**http, "path": "/v2/health/live"}, "periodSeconds": 5, "failureThreshold": 120},
+        "startupProbe": startup_probe(http, config.serving_startup_s),
         "livenessProbe": {"httpGet": {**http, "path": "/v2/health/live"}, "periodSeconds": 10},
         "readinessProbe": {"httpGet": {**http, "path": f"/v2/models/{ROUTER_MODEL}/ready"}, "periodSeconds": 5},
         "resources": config.serving_resources,

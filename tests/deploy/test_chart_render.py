@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,20 @@ def test_serving_resources_reach_the_serving_pods(render: Render, monkeypatch: p
     }
 
 
+def test_serving_startup_budget_reaches_the_serving_pods(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serving.startupSeconds in the chart -> the operator's env -> every serving pod's startup probe: a large model
+    gets the time to download and load before the kubelet restarts the pod. Unset: 30 minutes."""
+
+    def startup_s(sets: dict[str, str]) -> int:
+        probe = serving_container(render, monkeypatch, sets, "production-values.yaml")["startupProbe"]
+        seconds: int = probe["periodSeconds"] * probe["failureThreshold"]
+        return seconds
+
+    assert startup_s({}) == 1800
+    assert startup_s({"serving.startupSeconds": "7200"}) == 7200
+    assert 3601 <= startup_s({"serving.startupSeconds": "3601"}) < 3601 + 5
+
+
 def test_quickstart_serves_on_cpu(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
     """The quick start runs on a cluster without GPUs (examples/cartridge.yaml trains with gpus: 0): its serving
     pods ask for no GPU, which would leave them Pending there, and the engine's cache, host memory on CPU, fits
@@ -271,7 +286,7 @@ def test_network_policies(render: Render) -> None:
     assert trainer["policyTypes"] == ["Ingress"] and "ingress" not in trainer
     (operator,) = find(objects, "NetworkPolicy", "cartridges-operator")
     egress = operator["spec"]["egress"]
-    assert egress[1]["to"] == [{"ipBlock": {"cidr": "10.96.0.1/32"}}]
+    assert egress[1]["to"] == [{"ipBlock": {"cidr": f"192.168.10.{n}/32"}} for n in (11, 12, 13)]
     assert egress[2] == {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
     web = [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]
     anywhere_but_link_local = [
@@ -285,6 +300,21 @@ def test_network_policies(render: Render) -> None:
     assert not operator["spec"]["ingress"], "no metrics namespaces configured: nothing may connect"
 
 
+ENDPOINTS_COMMAND = "kubectl get endpointslice -l kubernetes.io/service-name=kubernetes -n default"
+
+
+def test_api_server_egress_example_names_endpoints_not_the_service_ip() -> None:
+    """Many network plugins match egress after the kubernetes Service's ClusterIP is rewritten to the API server's
+    own address, so a policy naming the ClusterIP blocks the operator: the example names endpoint addresses, none in
+    a usual Service range, and the values say where to read them."""
+    values = yaml.safe_load((CI_VALUES / "production-values.yaml").read_text())
+    service_ranges = [ipaddress.ip_network(r) for r in ("10.96.0.0/12", "10.0.0.0/16", "172.20.0.0/16")]
+    for cidr in values["networkPolicy"]["apiServer"]["cidrs"]:
+        assert not any(ipaddress.ip_network(cidr).overlaps(r) for r in service_ranges), cidr
+    for path in (CHART / "values.yaml", CI_VALUES / "production-values.yaml"):
+        assert ENDPOINTS_COMMAND in " ".join(path.read_text().replace("#", " ").split()), path
+
+
 def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> None:
     def egress(**sets: str) -> list[dict[str, Any]]:
         (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
@@ -294,6 +324,28 @@ def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> N
     narrowed = egress(**{"networkPolicy.corpusSources.cidrs[0]": "192.0.2.0/24"})
     assert narrowed[3]["to"] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
     assert len(egress(**{"networkPolicy.corpusSources.enabled": "false"})) == 3
+
+
+STORE_PORTS = [
+    ({"store.endpoint": "http://rgw.internal:7480"}, [443, 7480]),
+    ({"store.endpoint": "rgw.internal:7480"}, [443, 7480]),
+    ({"store.endpoint": "http://10.1.2.3", "store.tls.enabled": "false"}, [443, 80]),
+    ({"store.endpoint": "10.1.2.3", "store.tls.enabled": "false"}, [443, 80]),
+    ({"store.endpoint": "10.1.2.3", "store.tls.enabled": "true"}, [443]),
+    ({"store.endpoint": "https://s3.example.internal:443"}, [443]),
+    ({"networkPolicy.store.ports[0]": "9000", "store.endpoint": "https://s3.example.internal"}, [9000, 443]),
+]
+
+
+@pytest.mark.parametrize(("sets", "ports"), STORE_PORTS, ids=[" ".join(s.values()) for s, _ in STORE_PORTS])
+def test_store_egress_opens_the_endpoints_port(render: Render, sets: dict[str, str], ports: list[int]) -> None:
+    """The operator reaches its store on the port store.endpoint names (else 443 with TLS, 80 without, as its S3
+    client does), whatever networkPolicy.store.ports lists: those are added, each port once."""
+    (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
+    (store,) = [
+        rule for rule in operator["spec"]["egress"] if rule.get("to") == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    ]
+    assert store["ports"] == [{"port": port, "protocol": "TCP"} for port in ports]
 
 
 def test_dns_egress_can_reach_a_node_local_cache(render: Render) -> None:
@@ -310,6 +362,53 @@ def test_dns_egress_can_reach_a_node_local_cache(render: Render) -> None:
     assert dns_peers() == [kube_system]
     cache = dns_peers({"networkPolicy.dns.cidrs[0]": "169.254.20.10/32"})
     assert cache == [kube_system, {"ipBlock": {"cidr": "169.254.20.10/32"}}]
+
+
+def test_ipv6_cidrs_render_as_strings(render: Render) -> None:
+    """An IPv6 block may start with ':' (::1/128, ::/0), which YAML cannot read unquoted; each list renders it."""
+    lists = ("dns", "apiServer", "store", "corpusSources")
+    sets = {f"networkPolicy.{name}.cidrs": "{::/0}" for name in lists} | {"networkPolicy.dns.cidrs": "{::/0,::1/128}"}
+    (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
+    blocks = [
+        peer["ipBlock"]["cidr"] for rule in operator["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer
+    ]
+    assert blocks == ["::/0", "::1/128", "::/0", "::/0", "::/0"]
+
+
+NAME_KEYS = {"name", "namespace", "serviceAccountName", "priorityClassName", "storageClassName", "secretName",
+             "claimName", "image", "app.kubernetes.io/instance"}  # fmt: skip
+
+
+def name_values(node: object) -> list[object]:
+    """Every value under one of NAME_KEYS in a rendered object."""
+    if isinstance(node, dict):
+        here = [value for key, value in node.items() if key in NAME_KEYS and not isinstance(value, dict | list)]
+        return here + [found for value in node.values() for found in name_values(value)]
+    if isinstance(node, list):
+        return [found for item in node for found in name_values(item)]
+    return []
+
+
+def test_names_that_read_as_numbers_or_null_stay_strings(helm: Path) -> None:
+    """Kubernetes names may be all digits, or words YAML reads as null or booleans: the chart quotes every name it
+    is given (release, namespaces, Secrets, classes), so none renders as a number, a boolean or null."""
+    strings = {
+        "store.credentials.secretName": "true",
+        "operator.serviceAccount.name": "0755",
+        "operator.priorityClassName": "null",
+        "minio.persistence.storageClass": "yes",
+    }
+    args = template_args("quickstart-values.yaml", "2024", "2024", {"minio.persistence.enabled": "true"})
+    args += ["--set-json", 'operator.watchNamespaces=["1234", "null"]']
+    args += [arg for key, value in strings.items() for arg in ("--set-string", f"{key}={value}")]
+    proc = run_helm(helm, *args)
+    assert proc.returncode == 0, proc.stderr
+    objects = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    assert all(isinstance(value, str) for value in name_values(objects)), name_values(objects)
+    assert sorted(b["metadata"]["namespace"] for b in find(objects, "RoleBinding")) == ["1234", "null"]
+    assert sorted(s["metadata"]["namespace"] for s in find(objects, "Secret", "true")) == ["1234", "2024", "null"]
+    policies = find(objects, "NetworkPolicy", "cartridges-trainer")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["1234", "null"]
 
 
 # (what is set, what the error must say): helm prints the JSON-schema path and the rule that failed.
@@ -339,6 +438,29 @@ BAD_VALUES = [
     ({"serving.tolerations[0].effect": "NoRun"}, ["/serving/tolerations/0/effect", "NoSchedule"]),
     ({"serving.tolerations[0].keys": "gpu"}, ["additional properties 'keys' not allowed"]),
     ({"operator.tolerations[0].effect": "NoRun"}, ["/operator/tolerations/0/effect", "NoSchedule"]),
+    # The API server's rules between a toleration's fields, which would have every serving Deployment refused.
+    (
+        {
+            "serving.tolerations[0].value": "present",
+            "serving.tolerations[0].key": "gpu",
+            "serving.tolerations[0].operator": "Exists",
+        },
+        ["/serving/tolerations/0/value", "value must be ''"],
+    ),
+    (
+        {
+            "serving.tolerations[0].tolerationSeconds": "60",
+            "serving.tolerations[0].key": "spot",
+            "serving.tolerations[0].effect": "NoSchedule",
+        },
+        ["/serving/tolerations/0/effect", "value must be 'NoExecute'"],
+    ),
+    (
+        {"operator.tolerations[0].tolerationSeconds": "60", "operator.tolerations[0].key": "spot"},
+        ["/operator/tolerations/0", "missing property 'effect'"],
+    ),
+    ({"serving.tolerations[0].operator": "Equal"}, ["/serving/tolerations/0/operator", "value must be 'Exists'"]),
+    ({"serving.startupSeconds": "30"}, ["/serving/startupSeconds", "minimum"]),
     ({"serving.priorityClassName": "High_Priority"}, ["/serving/priorityClassName", "does not match pattern"]),
     ({"crds.install": "yes"}, ["/crds/install", "want boolean"]),
 ]

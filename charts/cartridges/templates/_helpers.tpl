@@ -10,7 +10,7 @@
 
 {{- define "cartridges.labels" -}}
 app.kubernetes.io/part-of: cartridges
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
@@ -18,12 +18,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{- define "cartridges.operatorSelector" -}}
 app.kubernetes.io/name: cartridges-operator
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end -}}
 
 {{- define "cartridges.minioSelector" -}}
 app.kubernetes.io/name: cartridges-minio
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end -}}
 
 {{- define "cartridges.serviceAccountName" -}}
@@ -72,6 +72,16 @@ Rotating the keys therefore restarts nothing: `kubectl rollout restart` the oper
 {{- else if .Values.minio.enabled -}}
 {{- printf "http://%s.%s.svc:9000" (include "cartridges.minioName" .) .Release.Namespace -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The port the operator reaches the store on: the one store.endpoint names, else what its S3 client picks: 443
+with TLS (an https:// endpoint or store.tls.enabled), 80 without. */}}
+{{- define "cartridges.storePort" -}}
+{{- $endpoint := include "cartridges.storeEndpoint" . -}}
+{{- $url := urlParse (ternary $endpoint (printf "//%s" $endpoint) (contains "://" $endpoint)) -}}
+{{- $named := regexFind ":[0-9]+$" $url.host | trimPrefix ":" -}}
+{{- $tls := or (eq $url.scheme "https") .Values.store.tls.enabled -}}
+{{- $named | default (ternary "443" "80" $tls) -}}
 {{- end -}}
 
 {{- define "cartridges.storeRoot" -}}
