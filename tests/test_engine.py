@@ -31,6 +31,7 @@ from cartridges_serving import (
     EngineError,
     EngineUnavailable,
     InvalidRequest,
+    KVStats,
     RequestHandle,
     SamplingParams,
     StreamEvent,
@@ -179,10 +180,16 @@ def test_concurrent_requests_equal_their_sequential_results(engine: Engine) -> N
     ]
     sequential = [engine.generate(prompt, names, params).token_ids for prompt, names, params in jobs]
     batch_sizes: list[int] = []
-    handles = [
-        engine.submit(prompt, names, params, on_event=lambda _: batch_sizes.append(engine.metrics().running))
-        for prompt, names, params in jobs
-    ]
+    all_submitted = threading.Event()
+
+    def batch_size(_: StreamEvent) -> None:
+        if not batch_sizes:  # hold the first step until every request queued (else each may end before the next)
+            assert all_submitted.wait(WAIT_S)
+            until(lambda: not engine.metrics().preparing, "the requests never left the loader threads")
+        batch_sizes.append(engine.metrics().running)
+
+    handles = [engine.submit(prompt, names, params, on_event=batch_size) for prompt, names, params in jobs]
+    all_submitted.set()
     assert [h.result(timeout=60).token_ids for h in handles] == sequential
     assert max(batch_sizes) > 1, "requests should have shared decode steps"
 
@@ -350,13 +357,18 @@ def test_a_request_whose_kv_does_not_fit_yet_waits_for_running_ones(
     order.assert_ran_one_after_the_other("1st", "2nd")
 
 
+def until(condition: Callable[[], bool], failure: str) -> None:
+    """Until ``condition`` holds (``WAIT_S`` is a failure guard only: the test then fails with ``failure``)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
 def queued(engine: Engine, handle: RequestHandle) -> RequestHandle:
     """``handle`` once no request is being prepared: a request submitted next queues behind it (requests
     queue in the order they are ready, and two loader threads may finish in either order)."""
-    deadline = time.monotonic() + WAIT_S
-    while engine.metrics().preparing:
-        assert time.monotonic() < deadline, "the request never left the loader threads"
-        time.sleep(0.01)
+    until(lambda: not engine.metrics().preparing, "the request never left the loader threads")
     return handle
 
 
@@ -383,15 +395,12 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
     engine = Engine(tiny_model, cache, kv_bytes=row_bytes * (tokens + tokens // 2))  # room for one request
     try:
         keys = engine.runner.own_kv_pool.keys
-        order, seen = EventOrder(), []
+        order, seen = EventOrder(), list[KVStats]()
 
         def first_event(event: StreamEvent) -> None:
             order.of("1st")(event)
             if not seen:  # hold the first step until the second request queues, so it cannot finish first
-                deadline = time.monotonic() + WAIT_S
-                while not engine.metrics().queued:
-                    assert time.monotonic() < deadline, "the second request never queued"
-                    time.sleep(0.01)
+                until(lambda: bool(engine.metrics().queued), "the second request never queued")
             seen.append(engine.metrics().kv)  # what the metrics port shows while the first request runs
 
         first = queued(engine, engine.submit("keep going", ["alpha"], GREEDY, on_event=first_event))
@@ -596,10 +605,7 @@ def test_a_loading_cartridge_blocks_neither_hits_nor_stats(tiny_model: LoadedMod
 
 def wait_for_hits(cache: CartridgeCache, hits: int) -> None:
     """Until ``hits`` lookups have been counted (a waiter on a load in flight is counted before it waits)."""
-    deadline = time.monotonic() + WAIT_S
-    while cache.stats().hits < hits:
-        assert time.monotonic() < deadline, "the second lookup never came"
-        time.sleep(0.01)
+    until(lambda: cache.stats().hits >= hits, "the second lookup never came")
 
 
 @pytest.mark.parametrize("fail", [False, True])
