@@ -424,12 +424,21 @@ def test_a_request_cancelled_behind_a_waiting_head_leaves_at_once(tiny_model: Lo
     probe.close()
     engine = Engine(tiny_model, kv_bytes=probe.runner.own_kv_pool.row_bytes * tokens)  # room for one request
     try:
-        order = EventOrder()
-        running = engine.submit("keep going", [], long, on_event=order.of("running"))
+        order, submitted, behind = EventOrder(), threading.Event(), list[RequestHandle]()
+
+        def cancel_behind_once_queued(event: StreamEvent) -> None:
+            """The running request's first step is held until the head and the one behind it are queued (else
+            it could end first, or the one behind be cancelled before it queued), then cancels the one behind."""
+            order.of("running")(event)
+            if submitted.wait(WAIT_S) and not behind[0].cancelled:
+                until(lambda: engine.metrics().queued == 2, "the head and the request behind it never queued")
+                behind[0].cancel()
+
+        running = engine.submit("keep going", [], long, on_event=cancel_behind_once_queued)
         engine.submit("keep going", [], long, on_event=order.of("head"))  # waits for the running one's rows
-        behind = engine.submit("keep going", [], long, on_event=order.of("behind"))
-        behind.cancel()
-        assert behind.result(timeout=60).finish_reason == "cancelled"
+        behind.append(engine.submit("keep going", [], long, on_event=order.of("behind")))
+        submitted.set()
+        assert behind[0].result(timeout=60).finish_reason == "cancelled"
         running.result(timeout=60)
         assert order.events.index(("behind", True)) < order.events.index(("running", True))
     finally:
