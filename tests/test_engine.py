@@ -262,11 +262,18 @@ def test_seeded_sampling_repeats_and_seeds_differ(engine: Engine) -> None:
 
 
 def test_cancel_stops_generation(engine: Engine) -> None:
-    started = threading.Event()
-    handle = engine.submit("cancel me", [], SamplingParams(max_tokens=500), on_event=lambda _: started.set())
-    assert started.wait(30)
+    started, cancelled = threading.Event(), threading.Event()
+
+    def hold_first_event(_: StreamEvent) -> None:  # until the test cancelled: the 500 tokens cannot run out first
+        if not started.is_set():
+            started.set()
+            assert cancelled.wait(WAIT_S)
+
+    handle = engine.submit("cancel me", [], SamplingParams(max_tokens=500), on_event=hold_first_event)
+    assert started.wait(WAIT_S)
     handle.cancel()
-    completion = handle.result(timeout=30)
+    cancelled.set()
+    completion = handle.result(timeout=WAIT_S)
     assert completion.finish_reason == "cancelled"
     assert len(completion.token_ids) < 500
 
