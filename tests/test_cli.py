@@ -375,14 +375,17 @@ def test_a_second_ctrl_c_interrupts_an_import_that_hangs(tmp_path: Path) -> None
 
 def test_ctrl_c_in_a_finalizer_waits_for_it_without_a_traceback(tmp_path: Path) -> None:
     """An interrupt raised in ``__del__`` would be printed and dropped: even pressed twice, it waits until the
-    finalizer is done, then interrupts the command."""
+    finalizer is done, then interrupts the command. The finalizer runs until the test has pressed Ctrl-C twice (a
+    fixed time could end first on a loaded machine, and the second Ctrl-C would land after the command)."""
+    done = tmp_path / "pressed-twice"
     script = (
-        "import time\n"
+        "import os, time\n"
         "from cartridges.cli import _interrupts_outside_imports\n"
         "class Slow:\n"
         "    def __del__(self):\n"
         "        print('finalizing', flush=True)\n"
-        "        time.sleep(1.0)\n"
+        f"        while not os.path.exists({str(done)!r}):\n"
+        "            time.sleep(0.01)\n"
         "with _interrupts_outside_imports():\n"
         "    try:\n"
         "        slow = Slow()\n"
@@ -399,6 +402,7 @@ def test_ctrl_c_in_a_finalizer_waits_for_it_without_a_traceback(tmp_path: Path) 
             for _ in range(2):
                 command.send_signal(signal.SIGINT)
                 time.sleep(0.2)
+            done.touch()
             out, err = command.communicate(timeout=30)
         finally:
             command.kill()
