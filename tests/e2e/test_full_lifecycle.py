@@ -349,7 +349,6 @@ def test_full_lifecycle(deployed: Deployed, reference: Engine) -> None:
     wait_for(
         "generation 2 served",
         lambda: query.generate(url, PROMPT, [first], max_tokens=MAX_TOKENS) == generation_2,
-        30,
     )
     clock.mark("new generation served")
     assert env.serving_pod().metadata.uid == serving_pod.metadata.uid, "a new generation needs no serving rollout"
