@@ -165,7 +165,7 @@ def test_answers_name_the_generation_of_each_cartridge(
     assert generations_by_transport(server, ["gen-a", "gen-b", "gen-a"]) == dict.fromkeys(transports, (3, 7, 3))
     assert generations_by_transport(server, []) == dict.fromkeys(transports, ())
     promote(store_root, served_model, "gen-a", 4)
-    deadline = time.monotonic() + DEFAULT_POINTER_TTL_S + 10
+    deadline = time.monotonic() + WAIT_S
     while client.generate(server.http_url, "hi", ["gen-a"], max_tokens=1).generations != (4,):
         assert time.monotonic() < deadline, "the promoted generation never answered"
         time.sleep(0.2)
