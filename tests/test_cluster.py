@@ -25,7 +25,7 @@ T = TypeVar("T")
 Json = dict[str, Any]
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 30.0) -> T:
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
     deadline = time.monotonic() + timeout_s
     while (value := probe()) is None:
         if time.monotonic() > deadline:

@@ -31,6 +31,7 @@ from cartridges_serving import (
     EngineError,
     EngineUnavailable,
     InvalidRequest,
+    KVStats,
     RequestHandle,
     SamplingParams,
     StreamEvent,
@@ -202,10 +203,16 @@ def test_concurrent_requests_equal_their_sequential_results(engine: Engine) -> N
     ]
     sequential = [engine.generate(prompt, names, params).token_ids for prompt, names, params in jobs]
     batch_sizes: list[int] = []
-    handles = [
-        engine.submit(prompt, names, params, on_event=lambda _: batch_sizes.append(engine.metrics().running))
-        for prompt, names, params in jobs
-    ]
+    all_submitted = threading.Event()
+
+    def batch_size(_: StreamEvent) -> None:
+        if not batch_sizes:  # hold the first step until every request queued (else each may end before the next)
+            assert all_submitted.wait(WAIT_S)
+            until(lambda: not engine.metrics().preparing, "the requests never left the loader threads")
+        batch_sizes.append(engine.metrics().running)
+
+    handles = [engine.submit(prompt, names, params, on_event=batch_size) for prompt, names, params in jobs]
+    all_submitted.set()
     assert [h.result(timeout=60).token_ids for h in handles] == sequential
     assert max(batch_sizes) > 1, "requests should have shared decode steps"
 
@@ -278,11 +285,18 @@ def test_seeded_sampling_repeats_and_seeds_differ(engine: Engine) -> None:
 
 
 def test_cancel_stops_generation(engine: Engine) -> None:
-    started = threading.Event()
-    handle = engine.submit("cancel me", [], SamplingParams(max_tokens=500), on_event=lambda _: started.set())
-    assert started.wait(30)
+    started, cancelled = threading.Event(), threading.Event()
+
+    def hold_first_event(_: StreamEvent) -> None:  # until the test cancelled: the 500 tokens cannot run out first
+        if not started.is_set():
+            started.set()
+            assert cancelled.wait(WAIT_S)
+
+    handle = engine.submit("cancel me", [], SamplingParams(max_tokens=500), on_event=hold_first_event)
+    assert started.wait(WAIT_S)
     handle.cancel()
-    completion = handle.result(timeout=30)
+    cancelled.set()
+    completion = handle.result(timeout=WAIT_S)
     assert completion.finish_reason == "cancelled"
     assert len(completion.token_ids) < 500
 
@@ -373,13 +387,18 @@ def test_a_request_whose_kv_does_not_fit_yet_waits_for_running_ones(
     order.assert_ran_one_after_the_other("1st", "2nd")
 
 
+def until(condition: Callable[[], bool], failure: str) -> None:
+    """Until ``condition`` holds (``WAIT_S`` is a failure guard only: the test then fails with ``failure``)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
 def queued(engine: Engine, handle: RequestHandle) -> RequestHandle:
     """``handle`` once no request is being prepared: a request submitted next queues behind it (requests
     queue in the order they are ready, and two loader threads may finish in either order)."""
-    deadline = time.monotonic() + WAIT_S
-    while engine.metrics().preparing:
-        assert time.monotonic() < deadline, "the request never left the loader threads"
-        time.sleep(0.01)
+    until(lambda: not engine.metrics().preparing, "the request never left the loader threads")
     return handle
 
 
@@ -411,10 +430,7 @@ def test_reserved_kv_queues_requests_until_rows_come_back(tiny_model: LoadedMode
         def first_event(event: StreamEvent) -> None:
             order.of("1st")(event)
             if not seen:  # hold the first step until the second request queues, so it cannot finish first
-                deadline = time.monotonic() + WAIT_S
-                while not engine.metrics().queued:
-                    assert time.monotonic() < deadline, "the second request never queued"
-                    time.sleep(0.01)
+                until(lambda: bool(engine.metrics().queued), "the second request never queued")
             seen.append(engine.metrics().kv)  # what the metrics port shows while the first request runs
 
         first = queued(engine, engine.submit("keep going", ["alpha"], GREEDY, on_event=first_event))
@@ -438,12 +454,21 @@ def test_a_request_cancelled_behind_a_waiting_head_leaves_at_once(tiny_model: Lo
     probe.close()
     engine = Engine(tiny_model, kv_bytes=probe.runner.own_kv_pool.row_bytes * tokens)  # room for one request
     try:
-        order = EventOrder()
-        running = engine.submit("keep going", [], long, on_event=order.of("running"))
+        order, submitted, behind = EventOrder(), threading.Event(), list[RequestHandle]()
+
+        def cancel_behind_once_queued(event: StreamEvent) -> None:
+            """The running request's first step is held until the head and the one behind it are queued (else
+            it could end first, or the one behind be cancelled before it queued), then cancels the one behind."""
+            order.of("running")(event)
+            if submitted.wait(WAIT_S) and not behind[0].cancelled:
+                until(lambda: engine.metrics().queued == 2, "the head and the request behind it never queued")
+                behind[0].cancel()
+
+        running = engine.submit("keep going", [], long, on_event=cancel_behind_once_queued)
         engine.submit("keep going", [], long, on_event=order.of("head"))  # waits for the running one's rows
-        behind = engine.submit("keep going", [], long, on_event=order.of("behind"))
-        behind.cancel()
-        assert behind.result(timeout=60).finish_reason == "cancelled"
+        behind.append(engine.submit("keep going", [], long, on_event=order.of("behind")))
+        submitted.set()
+        assert behind[0].result(timeout=60).finish_reason == "cancelled"
         running.result(timeout=60)
         assert order.events.index(("behind", True)) < order.events.index(("running", True))
     finally:
@@ -619,10 +644,7 @@ def test_a_loading_cartridge_blocks_neither_hits_nor_stats(tiny_model: LoadedMod
 
 def wait_for_hits(cache: CartridgeCache, hits: int) -> None:
     """Until ``hits`` lookups have been counted (a waiter on a load in flight is counted before it waits)."""
-    deadline = time.monotonic() + WAIT_S
-    while cache.stats().hits < hits:
-        assert time.monotonic() < deadline, "the second lookup never came"
-        time.sleep(0.01)
+    until(lambda: cache.stats().hits >= hits, "the second lookup never came")
 
 
 @pytest.mark.parametrize("fail", [False, True])

@@ -14,12 +14,14 @@ from cartridges import process
 from cartridges.process import Service, ServiceError
 from cartridges_e2e.node import NodeHarness, _Run
 
+WAIT_S = 60.0  # a failure guard only: processes start and die long before, even on a loaded machine
+
 
 def test_stop_kills_a_child_that_ignores_sigterm_after_its_leader_exits(tmp_path: Path) -> None:
     # like tritonserver and its Python-backend stub: the leader exits on SIGTERM, the child ignores it
-    script = "(trap '' TERM; exec sleep 300) & echo started; exec sleep 300"
+    script = "(trap '' TERM; echo started; exec sleep 300) & exec sleep 300"  # started: the child ignores SIGTERM
     service = Service("leader", ["bash", "-c", script], tmp_path / "log")
-    service.wait_until(lambda: "started" in (tmp_path / "log").read_text(), timeout_s=10, interval_s=0.05)
+    service.wait_until(lambda: "started" in (tmp_path / "log").read_text(), timeout_s=WAIT_S, interval_s=0.05)
     service.stop(grace_s=5)
     assert_group_gone(service)
 
@@ -28,7 +30,7 @@ def test_a_leader_exiting_during_start_up_leaves_nothing_running(tmp_path: Path)
     # like tritonserver failing a model load: it exits, its backend stub (the sleep) would run on
     service = Service("leader", ["sh", "-c", "sleep 300 & echo started; exit 1"], tmp_path / "log")
     with pytest.raises(ServiceError, match="leader exited with 1:\nstarted"):
-        service.wait_until(lambda: False, timeout_s=10, interval_s=0.05)
+        service.wait_until(lambda: False, timeout_s=WAIT_S, interval_s=0.05)
     assert service._log.closed
     assert_group_gone(service)
 
@@ -37,7 +39,7 @@ def pod_run(tmp_path: Path, script: str) -> _Run:
     """A pod's container as the node harness runs it, once its script said ``started``."""
     run = _Run("uid", ["bash", "-c", script], {}, tmp_path, tmp_path / "log", "File", None)
     run.launch()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_S
     while "started" not in (tmp_path / "log").read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     return run
@@ -53,7 +55,7 @@ def test_killing_a_pod_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> Non
 def test_killing_a_pod_whose_process_exited_kills_what_it_left_running(tmp_path: Path) -> None:
     run = pod_run(tmp_path, "sleep 300 & echo started; exit 1")
     assert run.proc is not None
-    run.proc.wait(10)
+    run.proc.wait(WAIT_S)
     run.kill(grace_s=5)
     assert_group_gone(run.proc)
 
@@ -62,7 +64,7 @@ def test_a_pod_process_that_exits_takes_what_it_started_with_it(tmp_path: Path) 
     # as when a container's main process exits; before a restart, or the stubs of a crashed tritonserver live on
     run = pod_run(tmp_path, "sleep 300 & echo started; exit 1")
     assert run.proc is not None
-    run.proc.wait(10)
+    run.proc.wait(WAIT_S)
     harness = NodeHarness(client.ApiClient(), tmp_path)
     reported: list[str] = []
     harness._report = lambda pod, run, phase, state: reported.append(phase)  # type: ignore[method-assign]
@@ -75,7 +77,7 @@ def test_a_pod_process_that_exits_takes_what_it_started_with_it(tmp_path: Path) 
 def assert_group_gone(service: Service | subprocess.Popen[bytes] | None) -> None:
     assert service is not None
     pid = service.proc.pid if isinstance(service, Service) else service.pid
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         try:
             os.killpg(pid, 0)

@@ -286,14 +286,14 @@ def test_helm_upgrade_upgrades_the_crds_and_uninstall_keeps_them(
 
     installed = run_helm(helm, "install", release, str(old), *kubeconfig, *values, "--set", f"crds.install={owned}")
     assert installed.returncode == 0, installed.stderr
-    wait_for("the older CRDs in effect", older_in_effect, 30)
+    wait_for("the older CRDs in effect", older_in_effect)
     if not owned:
         refused = run_helm(helm, "upgrade", release, str(new), *kubeconfig, *values)
         assert "exists and cannot be imported into the current release" in refused.stderr, refused.stderr
     take = [] if owned else ["--take-ownership"]
     upgraded = run_helm(helm, "upgrade", release, str(new), *kubeconfig, *values, *take)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert NEW_RULE in wait_for("the new CEL rule in effect", newer_in_effect, 30)
+    assert NEW_RULE in wait_for("the new CEL rule in effect", newer_in_effect)
     stored = try_cartridge(dynamic, work, {**CARTRIDGE, NEW_FIELD: 3})
     assert isinstance(stored, dict) and stored["spec"][NEW_FIELD] == 3, stored
 

@@ -292,14 +292,14 @@ def test_full_lifecycle(deployed: Deployed, reference: Engine) -> None:
         manifest = download_artifact(store, layout.generation_prefix(env.root, env.namespace, first, 1), Path(tmp))
     assert manifest.file_sha256 == status["artifact"]["sha256"] and manifest.p == 16
     assert status["evaluation"]["icl"] is not None
-    first_pointer = wait_for(f"{first} promoted", lambda: env.pointer(first), 30)
+    first_pointer = wait_for(f"{first} promoted", lambda: env.pointer(first))
     clock.mark("promoted")
     assert first_pointer.generation == 1 and first_pointer.sha256 == manifest.file_sha256
     for name in names:
         env.condition("cartridges", name, "Ready", "True", 180)
     clock.mark("serving ready")
     assert env.get("cartridges", first)["status"]["endpoint"]["url"] == f"http://{SERVICE}.{env.namespace}.svc:8000"
-    url = wait_for("the Service's endpoint", lambda: env.harness.endpoint(env.namespace, SERVICE, "http"), 30)
+    url = wait_for("the Service's endpoint", lambda: env.harness.endpoint(env.namespace, SERVICE, "http"))
     serving_pod = env.serving_pod()
     with urllib.request.urlopen(f"{url}/v2", timeout=10) as response:
         assert json.load(response)["name"] == "triton"
@@ -349,7 +349,6 @@ def test_full_lifecycle(deployed: Deployed, reference: Engine) -> None:
     wait_for(
         "generation 2 served",
         lambda: query.generate(url, PROMPT, [first], max_tokens=MAX_TOKENS) == generation_2,
-        30,
     )
     clock.mark("new generation served")
     assert env.serving_pod().metadata.uid == serving_pod.metadata.uid, "a new generation needs no serving rollout"

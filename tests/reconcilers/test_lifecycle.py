@@ -60,11 +60,11 @@ def test_corpus_change_bumps_generation_and_operator_restart_keeps_state(operato
 
     env.restart()  # a restarted operator finds the finished Job and changes nothing
     env.patch_spec("cartridges", "evolving", {"serving": {"enabled": False, "replicas": 3}})
-    wait_for("a pass after restart", lambda: status(env, "evolving")["observedGeneration"] == 2, 30)
+    wait_for("a pass after restart", lambda: status(env, "evolving")["observedGeneration"] == 2)
     assert status(env, "evolving")["generation"] == 1 and jobs(env, "evolving") == ["evolving-g1"]
 
     env.patch_spec("corpora", "evolving", {"sources": [{"inline": "Version two."}]})
-    wait_for("generation 2", lambda: status(env, "evolving").get("generation") == 2, 30)
+    wait_for("generation 2", lambda: status(env, "evolving").get("generation") == 2)
     env.wait_condition("cartridges", "evolving", "Ready", "True")
     assert jobs(env, "evolving") == ["evolving-g1", "evolving-g2"]
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "evolving"))
@@ -90,7 +90,7 @@ def test_tensors_altered_after_upload_are_not_promoted_and_the_promoted_generati
     env.create("cartridges", "rotting", cartridge_spec("rotting"))
     env.wait_condition("cartridges", "rotting", "Ready", "True")
     env.patch_spec("corpora", "rotting", {"sources": [{"inline": "BITROT-ARTIFACT facts."}]})
-    wait_for("generation 2", lambda: status(env, "rotting").get("generation") == 2, 30)
+    wait_for("generation 2", lambda: status(env, "rotting").get("generation") == 2)
     stalled = env.wait_condition("cartridges", "rotting", "Stalled", "True", timeout_s=90)
     assert stalled["reason"] == "ArtifactInvalid" and "is corrupt: its bytes hash to sha256" in stalled["message"]
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "rotting"))
@@ -109,7 +109,7 @@ def test_tensors_altered_after_upload_are_not_promoted_and_the_promoted_generati
     sound[-1] ^= 0xFF  # the rot undone: the bytes the manifest describes, uploaded again
     env.store.put_bytes(tensors, bytes(sound))
     wait_for("generation 2 promoted", lambda: env.store.get_json(layout.current_pointer(
-        env.store_root, env.namespace, "rotting"))["generation"] == 2, 30)  # fmt: skip
+        env.store_root, env.namespace, "rotting"))["generation"] == 2)  # fmt: skip
     assert hashed() == 2
 
 
@@ -149,7 +149,7 @@ def test_retain_keeps_artifacts_after_deletion(operator_env: OperatorEnv) -> Non
     env.create("cartridges", "kept", cartridge_spec("kept"))
     env.wait_condition("cartridges", "kept", "Trained", "True")
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "kept")
-    wait_for("cartridge deleted", lambda: env.get("cartridges", "kept") is None, 30)
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "kept") is None)
     assert env.store.exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'kept', 1)}/manifest.json")
 
 
@@ -205,7 +205,7 @@ def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_genera
             api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse", {"status": lost}
         )
         env.patch_spec("cartridges", "lapse", {"corpusRefs": [{"name": "lapse-slow"}]})
-    wait_for("generation 3 training", lambda: status(env, "lapse").get("generation") == 3, 30)
+    wait_for("generation 3 training", lambda: status(env, "lapse").get("generation") == 3)
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "lapse"))
     training = status(env, "lapse")
     assert pointer["generation"] == 2 and training["artifact"] == second["artifact"]
@@ -215,7 +215,7 @@ def test_a_status_write_lost_after_a_promotion_is_made_good_when_the_next_genera
         env.custom.patch_namespaced_custom_object_status(
             api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse", {"status": {"promoted": None}}
         )
-    wait_for("status.promoted read back", lambda: status(env, "lapse").get("promoted") == second["promoted"], 30)
+    wait_for("status.promoted read back", lambda: status(env, "lapse").get("promoted") == second["promoted"])
     assert status(env, "lapse")["generation"] == 3
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "lapse")
     wait_for("cartridge deleted, its trainer stopped", lambda: env.get("cartridges", "lapse") is None, 60)
@@ -234,7 +234,7 @@ def test_a_job_built_from_a_spec_whose_status_write_was_lost_is_replaced_before_
     env.wait_condition("cartridges", "racing", "Ready", "True")
     before = status(env, "racing")
     env.patch_spec("cartridges", "racing", {"size": 32, "suspend": True})  # suspended: the Job waits
-    wait_for("generation 2's Job", lambda: "racing-g2" in jobs(env, "racing"), 30)
+    wait_for("generation 2's Job", lambda: "racing-g2" in jobs(env, "racing"))
     stale = batch.read_namespaced_job("racing-g2", env.namespace)
     with env.stopped():
         lost = {key: before[key] for key in ("generation", "trainingHash", "trainingJob")}
@@ -277,8 +277,8 @@ def test_generations_beyond_keep_generations_are_deleted_with_their_jobs(operato
         wait_for(f"generation {generation} promoted", functools.partial(promoted, generation), 60)
     assert stored() == [1, 2, 3] and jobs(env, "churn") == ["churn-g1", "churn-g2", "churn-g3"]
     env.patch_spec("cartridges", "churn", {"keepGenerations": 2})
-    wait_for("generation 1 deleted", lambda: stored() == [2, 3], 30)
-    wait_for("its Job deleted", lambda: jobs(env, "churn") == ["churn-g2", "churn-g3"], 30)
+    wait_for("generation 1 deleted", lambda: stored() == [2, 3])
+    wait_for("its Job deleted", lambda: jobs(env, "churn") == ["churn-g2", "churn-g3"])
     assert status(env, "churn")["generation"] == 3  # nothing retrained
     assert env.store.exists(f"{layout.generation_prefix(env.store_root, env.namespace, 'churn', 3)}/manifest.json")
 
@@ -304,7 +304,7 @@ def test_a_prune_cut_short_after_deleting_a_generation_deletes_its_job_after_a_r
     with env.stopped():  # keepGenerations set, generation 1's files deleted, then the operator was killed
         env.patch_spec("cartridges", "trimmed", {"keepGenerations": 2})
         env.store.delete_prefix(layout.generation_prefix(env.store_root, env.namespace, "trimmed", 1))
-    wait_for("generation 1's Job deleted", lambda: jobs(env, "trimmed") == ["trimmed-g2", "trimmed-g3"], 30)
+    wait_for("generation 1's Job deleted", lambda: jobs(env, "trimmed") == ["trimmed-g2", "trimmed-g3"])
 
 
 def test_a_recreated_cartridge_never_takes_a_retained_generation_as_its_own(operator_env: OperatorEnv) -> None:
@@ -316,7 +316,7 @@ def test_a_recreated_cartridge_never_takes_a_retained_generation_as_its_own(oper
     env.create("cartridges", "reborn", cartridge_spec("first-life"))
     env.wait_condition("cartridges", "reborn", "Ready", "True")
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "reborn")
-    wait_for("cartridge deleted", lambda: env.get("cartridges", "reborn") is None, 30)
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "reborn") is None)
     env.create("cartridges", "reborn", cartridge_spec("second-life"))
     wait_for("generation 2 trained", lambda: status(env, "reborn").get("artifact", {}).get("uri", "").startswith(
         layout.generation_prefix(env.store_root, env.namespace, "reborn", 2)), 90)  # fmt: skip
@@ -347,7 +347,7 @@ def test_a_recreated_cartridge_skips_a_generation_left_half_trained(operator_env
     env.custom.patch_namespaced_custom_object_status(
         api.GROUP, api.VERSION, env.namespace, "cartridges", "halfway", {"status": cleared}
     )
-    wait_for("generation recomputed", lambda: status(env, "halfway").get("artifact") is not None, 30)
+    wait_for("generation recomputed", lambda: status(env, "halfway").get("artifact") is not None)
     assert status(env, "halfway")["generation"] == 2 and jobs(env, "halfway") == ["halfway-g2"]
 
 
@@ -449,14 +449,14 @@ def test_a_failed_generation_stays_as_it_is_leaves_serving_when_asked_and_its_jo
     assert (env.get("cartridges", "mended") or {})["metadata"]["resourceVersion"] == body["metadata"]["resourceVersion"]
 
     env.patch_spec("cartridges", "mended", {"serving": {"enabled": False}})
-    wait_for("serving left", lambda: status(env, "mended").get("endpoint") is None, 30)
+    wait_for("serving left", lambda: status(env, "mended").get("endpoint") is None)
     serving = f"metadata.name={manifests.serving_name('tiny')}"
     assert apps.list_namespaced_deployment(env.namespace, field_selector=serving).items == []
     assert (env.condition("cartridges", "mended", "Stalled") or {}).get("reason") == "TrainingFailed"
 
     env.patch_spec("corpora", "mended", {"sources": [{"inline": "Mended facts."}]})
     wait_for("generation 3 promoted", lambda: (status(env, "mended").get("promoted") or {}).get("generation") == 3, 60)
-    wait_for("generation 2's failed Job gone", lambda: jobs(env, "mended") == ["mended-g1", "mended-g3"], 30)
+    wait_for("generation 2's failed Job gone", lambda: jobs(env, "mended") == ["mended-g1", "mended-g3"])
 
 
 def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(operator_env: OperatorEnv) -> None:
@@ -468,10 +468,10 @@ def test_a_new_generation_cancels_the_unfinished_job_of_the_one_it_supersedes(op
     first = layout.generation_prefix(env.store_root, env.namespace, "retrain", 1)
     wait_for("generation 1 training", lambda: env.store.exists(f"{first}/{layout.PROGRESS_FILE}"), 60)
     env.patch_spec("corpora", "retrain", {"sources": [{"inline": "Quick facts."}]})
-    wait_for("generation 2 started", lambda: "retrain-g2" in jobs(env, "retrain"), 30)
-    wait_for("generation 1's Job deleted", lambda: jobs(env, "retrain") == ["retrain-g2"], 30)
+    wait_for("generation 2 started", lambda: "retrain-g2" in jobs(env, "retrain"))
+    wait_for("generation 1's Job deleted", lambda: jobs(env, "retrain") == ["retrain-g2"])
     wait_for("its pod gone", lambda: not client.CoreV1Api(env.api).list_namespaced_pod(
-        env.namespace, label_selector="job-name=retrain-g1").items, 30)  # fmt: skip
+        env.namespace, label_selector="job-name=retrain-g1").items)  # fmt: skip
     env.wait_condition("cartridges", "retrain", "Ready", "True")
     assert status(env, "retrain")["generation"] == 2
     assert env.store.exists(f"{first}/{layout.PROGRESS_FILE}")  # its artifacts stay (keepGenerations unset)

@@ -107,7 +107,7 @@ def test_cartridge_trains_promotes_and_rolls_out_serving(operator_env: OperatorE
 
     # A training input changes: generation 2 trains while generation 1 stays promoted until 2 verifies.
     env.patch_spec("cartridges", "facts", {"training": {"steps": 7}})
-    wait_for("generation 2", lambda: (env.get("cartridges", "facts") or {})["status"].get("generation") == 2, 30)
+    wait_for("generation 2", lambda: (env.get("cartridges", "facts") or {})["status"].get("generation") == 2)
     wait_for(
         "promotion of generation 2",
         lambda: env.store.get_json(pointer_uri)["generation"] == 2,
@@ -116,7 +116,7 @@ def test_cartridge_trains_promotes_and_rolls_out_serving(operator_env: OperatorE
     # A serving-only change does not retrain.
     env.patch_spec("cartridges", "facts", {"serving": {"replicas": 2}})
     wait_for("replicas 2", lambda: client.AppsV1Api(env.api).read_namespaced_deployment(
-        "triton-tiny", env.namespace).spec.replicas == 2, 30)  # fmt: skip
+        "triton-tiny", env.namespace).spec.replicas == 2)  # fmt: skip
     assert (env.get("cartridges", "facts") or {})["status"]["generation"] == 2
 
 
@@ -147,11 +147,11 @@ def test_deletion_removes_serving_owner_and_artifacts(operator_env: OperatorEnv)
         deployment = apps.read_namespaced_deployment("triton-tiny", env.namespace)
         return {o.name for o in deployment.metadata.owner_references or []}
 
-    wait_for("both cartridges own the serving Deployment", lambda: {"keeper", "gone"} <= owners(), 30)
+    wait_for("both cartridges own the serving Deployment", lambda: {"keeper", "gone"} <= owners())
     prefix = layout.cartridge_prefix(env.store_root, env.namespace, "gone")
     assert env.store.list(prefix)
     env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "gone")
-    wait_for("cartridge deleted", lambda: env.get("cartridges", "gone") is None, 30)
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "gone") is None)
     assert env.store.list(prefix) == []
     assert "gone" not in owners() and "keeper" in owners()
 
@@ -171,14 +171,14 @@ def test_a_deletion_cut_short_between_leaving_and_deleting_the_serving_objects_f
     apps, core = client.AppsV1Api(env.api), client.CoreV1Api(env.api)
     reads = (functools.partial(apps.read_namespaced_deployment, serving, env.namespace),
              functools.partial(core.read_namespaced_service, serving, env.namespace))  # fmt: skip
-    wait_for("the serving objects", lambda: all(read().metadata.owner_references for read in reads), 30)
+    wait_for("the serving objects", lambda: all(read().metadata.owner_references for read in reads))
     with env.stopped():
         env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "orphaning")
         assert (env.get("cartridges", "orphaning") or {})["metadata"]["deletionTimestamp"]  # the finalizer holds it
         unowned = {"metadata": {"ownerReferences": None}}  # where the killed operator's removal stopped
         apps.patch_namespaced_deployment(serving, env.namespace, unowned)
         core.patch_namespaced_service(serving, env.namespace, unowned)
-    wait_for("cartridge deleted", lambda: env.get("cartridges", "orphaning") is None, 30)
+    wait_for("cartridge deleted", lambda: env.get("cartridges", "orphaning") is None)
 
     def gone(read: Callable[[], Any]) -> bool:
         try:
@@ -187,7 +187,7 @@ def test_a_deletion_cut_short_between_leaving_and_deleting_the_serving_objects_f
             return err.status == 404
         return False
 
-    wait_for("the serving objects deleted", lambda: all(gone(read) for read in reads), 30)
+    wait_for("the serving objects deleted", lambda: all(gone(read) for read in reads))
 
 
 def test_disabling_serving_leaves_the_shared_serving_objects(operator_env: OperatorEnv) -> None:
@@ -237,7 +237,7 @@ def test_a_base_model_with_dots_is_served_and_its_pre_label_deployment_goes(oper
     apps = client.AppsV1Api(env.api)
     apps.create_namespaced_deployment(env.namespace, legacy)
     wait_for("serving objects", lambda: (env.condition("cartridges", "dotted", "Serving") or {}).get("reason")
-             == "ServingNotReady", 30)  # fmt: skip
+             == "ServingNotReady")  # fmt: skip
     name = (env.get("cartridges", "dotted") or {})["status"]["endpoint"]["url"].split("//")[1].split(".")[0]
     assert name.startswith("triton-llama-3-1-8b-")
     assert client.CoreV1Api(env.api).read_namespaced_service(name, env.namespace).metadata.name == name
@@ -250,7 +250,7 @@ def test_a_base_model_with_dots_is_served_and_its_pre_label_deployment_goes(oper
             return err.status == 404
         return False
 
-    wait_for("the Deployment under the old name deleted", legacy_gone, 30)
+    wait_for("the Deployment under the old name deleted", legacy_gone)
 
 
 def test_cartridges_sharing_a_base_model_apply_the_same_deployment(operator_env: OperatorEnv) -> None:
@@ -349,7 +349,7 @@ def test_serving_pods_no_node_takes_are_reported_not_stalled(operator_env: Opera
         env.restart()
     apps = client.AppsV1Api(env.api)
     wait_for("the node selector dropped", lambda: not apps.read_namespaced_deployment(
-        "triton-pooled", env.namespace).spec.template.spec.node_selector, 30)  # fmt: skip
+        "triton-pooled", env.namespace).spec.template.spec.node_selector)  # fmt: skip
     pods = functools.partial(client.CoreV1Api(env.api).list_namespaced_pod, env.namespace,
                              label_selector=f"{manifests.MODEL_LABEL}=pooled")  # fmt: skip
     wait_for("a serving pod on the node", lambda: any(pod.spec.node_name for pod in pods().items), 60)
