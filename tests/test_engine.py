@@ -37,7 +37,7 @@ from cartridges_serving import (
     StreamEvent,
 )
 from cartridges_serving import cache as cache_module
-from cartridges_serving.engine import RATE_WINDOW_S, KVStats, TokenRate
+from cartridges_serving.engine import RATE_WINDOW_S, TokenRate
 from cartridges_serving.protocol import MAX_CARTRIDGES, RouterRequest, parse_request
 
 if TYPE_CHECKING:
