@@ -806,11 +806,13 @@ def measure_all(
     in-context-learning rows (unchanged since the first H200 run) last.
 
     Estimated on an H200 from the host cost of one eager 32-layer step (93 / 40 / 34 / 74 ms dispatched /
-    fused / multi-launch / per-request at batch 64, 178 / 193 / 152 / 279 ms at 256) and the device times of
-    the last run, with one eager warm-up per graph-timed step: correctness check ~15 s (compiles), copy and
-    matmul ~2 s, cartridge rows ~60 s (kernel_eager_ms' medians most of it), own_lengths ~10 s, probes
-    ~25 s (75 s if a child hangs), breakdowns ~25 s, profiles ~5 s, sweep ~150 s (14 configs x 6 splits x
-    2 batches), ICL rows ~60 s: ~350 s of bench/gpu.sh's 390 s."""
+    fused / multi-launch / per-request at batch 64, 178 / 193 / 152 / 279 ms at 256; a capture costs about
+    as much again) and the device times of the last run: correctness check ~30 s (compiles), copy and matmul
+    ~2 s, cartridge rows ~70 s (27 rows, mostly kernel_eager_ms' medians: up to 23 eager steps each),
+    own_lengths ~10 s, probes ~30 s (75 s if a child hangs), breakdowns ~15 s, profiles ~5 s, sweep ~100 s
+    (14 configs x 6 splits x 2 batches at ~0.25 s / ~0.5 s a point, plus compiles), ICL rows ~90 s (the
+    100k-token ones at batch 128-256 take ~15 s each): ~350 s of bench/gpu.sh's 390 s, the ICL rows the
+    ones a slow run loses."""
     focus = target_batches(shapes, device)
 
     def keep(key: str, row: dict[str, Any]) -> None:
