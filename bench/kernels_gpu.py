@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jsonfile import write_json
 from torch import Tensor
 
 from cartridges.quantize import QuantFormat
@@ -52,7 +53,7 @@ from cartridges_kernels import (
     quantize_kv,
 )
 from cartridges_kernels.config import SWEEP_CONFIGS, default_config
-from cartridges_kernels.dispatch import segmented_attention_triton
+from cartridges_kernels.dispatch import _route, segmented_attention_triton  # _route: which path a call takes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -152,12 +153,13 @@ def stored_bytes(segment: KVSegment) -> int:
 
 
 def layer_bytes(shapes: Shapes, case: Case, batch: int, device: torch.device) -> tuple[int, int]:
-    """(bytes one layer's decode step must read and write, each unique cartridge once; bytes of the dense
-    concatenated KV a baseline holds), measured on a one-request layer and scaled to the batch."""
+    """(bytes one layer's decode step must read: each unique cartridge once plus each request's own KV, the
+    issue's definition, which leaves out the queries read and the outputs written (2.4% more at batch 64);
+    bytes of the dense concatenated KV a baseline holds), measured on a one-request layer and scaled to the
+    batch."""
     probe = make_layer(shapes, case, 1, device)
-    per_request = stored_bytes(probe.own[0]) + 2 * probe.q.numel() * probe.q.element_size()
     dense = sum(t.numel() * t.element_size() for t in probe.dense_kv())
-    return sum(map(stored_bytes, probe.table.segments)) + batch * per_request, batch * dense
+    return sum(map(stored_bytes, probe.table.segments)) + batch * stored_bytes(probe.own[0]), batch * dense
 
 
 def sync(device: torch.device) -> None:
@@ -231,32 +233,63 @@ def layers_fitting(bytes_per_layer: int, shapes: Shapes, device: torch.device) -
 
 
 def time_per_step(
-    run: Callable[[Any], object], layers: list[Any], shapes: Shapes, device: torch.device
-) -> tuple[float, float]:
-    """(ms of one step replayed from a CUDA graph, ms of the same step launched eagerly from Python), each the
-    median over iterations and scaled to ``shapes.layers`` layers.
+    run: Callable[[Any], object], layers: list[Any], shapes: Shapes, device: torch.device, eager: bool = False
+) -> tuple[float, float | None]:
+    """(ms of one step replayed from a CUDA graph, ms of the same step launched eagerly from Python if
+    ``eager``, else None), each the median over iterations and scaled to ``shapes.layers`` layers.
 
     The graph replay is the kernels' own device time, what an engine that captures its decode step gets; the
-    eager time adds this process's per-launch host work. Without CUDA both are the eager time."""
+    eager time adds this process's per-launch host work. An eager median costs 3 warm-ups and up to 20 runs
+    of 40-280 ms of host work each at batch 64-256, so only the table rows' kernel_eager_ms takes it; otherwise
+    one eager step compiles the kernels and fills the plan and pointer-table caches before the capture.
+    Without CUDA both are the eager time."""
+    scale = shapes.layers / len(layers)
 
     def step() -> None:
         for layer in layers:
             run(layer)
 
-    eager = median_ms(step, shapes, device)  # also the warm-up that fills the plan and pointer-table caches
-    graphed = eager
-    if device.type == "cuda":
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                step()
-        except RuntimeError as error:  # report eager time rather than lose the row
-            print(f"CUDA graph capture failed ({error}); reporting eager time", file=sys.stderr)
-            return eager * shapes.layers / len(layers), eager * shapes.layers / len(layers)
-        graphed = median_ms(graph.replay, shapes, device)
-        del graph
-    scale = shapes.layers / len(layers)
-    return graphed * scale, eager * scale
+    if device.type != "cuda":
+        ms = median_ms(step, shapes, device) * scale
+        return ms, ms
+    eager_ms = median_ms(step, shapes, device) * scale if eager else None
+    if eager_ms is None:
+        step()
+        sync(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as error:  # report eager time rather than lose the row
+        raise_if_device_fault(error)
+        print(f"CUDA graph capture failed ({error}); reporting eager time", file=sys.stderr)
+        ms = median_ms(step, shapes, device) * scale if eager_ms is None else eager_ms
+        return ms, ms
+    graphed = median_ms(graph.replay, shapes, device) * scale
+    del graph
+    return graphed, eager_ms
+
+
+class DeviceFault(RuntimeError):
+    """A CUDA error (an illegal address, a failed launch): sticky, so every later launch of this process fails
+    too, and a run that went on would catch each failure and end with empty tables that look like success."""
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """Whether ``error`` is a CUDA error (torch's or Triton's launcher's)."""
+    text = str(error)
+    return (
+        isinstance(error, DeviceFault)
+        or type(error).__name__ == "AcceleratorError"
+        or "CUDA error" in text
+        or "[CUDA]" in text
+    )
+
+
+def raise_if_device_fault(error: BaseException) -> None:
+    """Re-raise ``error`` as a DeviceFault if it is one; a caller that leaves out a failing config goes on."""
+    if is_device_fault(error):
+        raise error if isinstance(error, DeviceFault) else DeviceFault(str(error)) from error
 
 
 def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_gbps: float) -> dict[str, Any]:
@@ -270,7 +303,7 @@ def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_g
     if n_layers:
         layers = [make_layer(shapes, case, batch, device) for _ in range(n_layers)]
         row["kernel_ms"], row["kernel_eager_ms"] = time_per_step(
-            lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), layers, shapes, device
+            lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), layers, shapes, device, eager=True
         )
         row["fused_ms"], _ = time_per_step(functools.partial(forced, fused=True), layers, shapes, device)
         row["multi_launch_ms"], _ = time_per_step(functools.partial(forced, fused=False), layers, shapes, device)
@@ -350,13 +383,34 @@ def check_case(shapes: Shapes, case: Case, batch: int, device: torch.device, pre
     return failures
 
 
-def forced(layer: Layer, fused: bool, config: KernelConfig | None = None, own: bool = True) -> Tensor:
-    """Decode through the fused kernel or the multi-launch path, regardless of which the dispatcher would pick;
-    over the cartridges and, if ``own``, the own KV."""
+def forced(
+    layer: Layer,
+    fused: bool | None,
+    config: KernelConfig | None = None,
+    own: bool = True,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Decode through the fused kernel or the multi-launch path (None: the one the dispatcher picks), over the
+    cartridges and, if ``own``, the own KV."""
     scale = layer.q.shape[-1] ** -0.5
     batch = [1] * layer.q.shape[0]
     own_kv = layer.own if own else None
-    return segmented_attention_triton(layer.q, batch, layer.table, own_kv, scale, None, True, config, fused)[0]
+    return segmented_attention_triton(layer.q, batch, layer.table, own_kv, scale, num_splits, True, config, fused)[0]
+
+
+def path_of(
+    layer: Layer,
+    fused: bool | None,
+    config: KernelConfig | None = None,
+    own: bool = True,
+    num_splits: int | None = None,
+) -> str:
+    """Which path ``forced`` with these arguments runs ("fused" or "multi-launch"), recorded beside each timing:
+    the dispatcher takes the multi-launch path from config.FUSED_DECODE_MAX_SHARED_ROWS pairs on (one
+    2048-token cartridge at batch 64 already), so a tile config timed there says nothing about the fused kernel."""
+    own_kv = layer.own if own else None
+    route = _route(layer.q, [1] * layer.q.shape[0], layer.table, own_kv, num_splits, True, config, fused)
+    return "fused" if route.fused_plan is not None else "multi-launch"
 
 
 def side_by_side(config: KernelConfig) -> KernelConfig:
@@ -364,20 +418,28 @@ def side_by_side(config: KernelConfig) -> KernelConfig:
     return replace(config, side_by_side=True)
 
 
+def sweep_fused(config: KernelConfig) -> bool | None:
+    """The path a swept config takes: the fused kernel for one that sets ``own_block_n`` (only the fused
+    kernel's own walk reads it, so the dispatcher's multi-launch path at the target batches would time the
+    default config again), else the dispatcher's choice."""
+    return True if config.own_block_n is not None else None
+
+
 def _decode_with(layer: Layer, config: KernelConfig, num_splits: int | None) -> Tensor:
-    return decode_attention(layer.q, layer.table, layer.own, backend="triton", config=config, num_splits=num_splits)
+    return forced(layer, sweep_fused(config), config, num_splits=num_splits)
 
 
 def correct_configs(layer: Layer, shapes: Shapes, configs: Sequence[KernelConfig]) -> list[KernelConfig]:
     """The configs whose decode of ``layer`` matches the PyTorch reference on this device: a sweep times only
     those (a config the launcher rejects, whose lowering fails here, or that computes wrong attention is
-    reported and left out, without losing the rest of the run)."""
+    reported and left out, without losing the rest of the run; a device fault stops the run)."""
     expected = decode_attention(layer.q, layer.table, layer.own, backend="torch").float()
     correct = []
     for config in configs:
         try:
             error = (_decode_with(layer, config, None).float() - expected).abs().max().item()
         except Exception as failure:  # anything a launch raises costs this config, not the GPU run
+            raise_if_device_fault(failure)
             print(f"sweep {config}: {type(failure).__name__}: {failure}; not timed", file=sys.stderr)
             continue
         if error <= tolerance(shapes):
@@ -390,51 +452,95 @@ def correct_configs(layer: Layer, shapes: Shapes, configs: Sequence[KernelConfig
 SWEEP_SPLITS = (None, 1, 2, 4, 8, 16)
 
 
-def sweep(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> Iterator[dict[str, Any]]:
+def swept_configs(shapes: Shapes) -> tuple[KernelConfig, ...]:
+    """The default config, then config.SWEEP_CONFIGS."""
+    return (default_config(shapes.head_dim), *SWEEP_CONFIGS)
+
+
+def breakdown_trials(shapes: Shapes) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
+    """The breakdown's configs beside the default: the multi-launch path side by side, the first swept
+    warp-specialized config, and that config side by side."""
+    specialized = next(c for c in SWEEP_CONFIGS if c.warp_specialize)
+    return side_by_side(default_config(shapes.head_dim)), specialized, side_by_side(specialized)
+
+
+def never_run(config: KernelConfig) -> bool:
+    """Whether ``config`` uses a feature no GPU run has yet survived (TMA, warp specialization, partial launches
+    on streams of their own): such a config is first checked in a child process (``runs_apart``)."""
+    return config.tma or config.warp_specialize or config.side_by_side
+
+
+def vetted(configs: Sequence[KernelConfig], apart: dict[str, str] | None) -> list[KernelConfig]:
+    """``configs`` less the never-run ones whose check apart did not pass (``apart`` maps a config to its
+    outcome, see runs_apart; None: nothing was checked apart, on CPU where the interpreter cannot fault)."""
+    if apart is None:
+        return list(configs)
+    return [c for c in configs if not never_run(c) or apart.get(str(c)) == "ok"]
+
+
+def sweep(
+    shapes: Shapes, batch: int, device: torch.device, copy_gbps: float, apart: dict[str, str] | None
+) -> Iterator[dict[str, Any]]:
     """Decode time of the shared-cartridge case at one batch over tile configs and split factors (graph replay),
     to choose the fixed default config from measurements rather than guesses; row by row, so a run cut short
-    by its time limit keeps the rows it measured. Warp-specialized configs are first tried apart
-    (``runs_apart``)."""
+    by its time limit keeps the rows it measured. Each row says which path it timed (``path``); never-run
+    configs are timed only once they passed apart (``vetted``)."""
     case = cases(shapes)[0]
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
-    swept = (default_config(shapes.head_dim), *SWEEP_CONFIGS)
-    configs = [c for c in swept if not c.warp_specialize or runs_apart(replace(c, side_by_side=False), shapes)]
-    for config in correct_configs(layers[0], shapes, configs):
+    for config in correct_configs(layers[0], shapes, vetted(swept_configs(shapes), apart)):
         for splits in SWEEP_SPLITS:
             try:
                 run = functools.partial(_decode_with, config=config, num_splits=splits)
                 ms, _ = time_per_step(run, layers, shapes, device)
             except (ValueError, RuntimeError) as error:  # a config the launcher rejects or that fails to compile
+                raise_if_device_fault(error)
                 print(f"sweep {config} splits={splits}: {error}", file=sys.stderr)
                 continue
-            row = {**asdict(config), "num_splits": splits, "batch": batch, "kernel_ms": ms,
+            path = path_of(layers[0], sweep_fused(config), config, num_splits=splits)
+            row = {**asdict(config), "num_splits": splits, "batch": batch, "path": path, "kernel_ms": ms,
                    "bandwidth_fraction": kernel_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps}  # fmt: skip
             print(f"sweep {row}", flush=True)
             yield row
 
 
-@functools.cache
-def runs_apart(config: KernelConfig, shapes: Shapes, timeout_s: float = 150.0) -> bool:
-    """Whether the shared-cartridge decode with ``config`` is right at every batch and split the sweep times,
-    run in a child process (``--probe``). Triton's warp specialization on sm_90 is experimental: a kernel that
-    faults leaves this process's CUDA context unusable for every config after it, and one that deadlocks never
-    returns, so such a config must not run here first."""
+PROBE_TIMEOUT_S = 75.0
+
+
+def runs_apart(configs: Sequence[KernelConfig], shapes: Shapes, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, str]:
+    """Each config's outcome ("ok", or why not) of the shared-cartridge decode at every batch and split the
+    sweep times, each run in a child process of its own (``--probe``), all at once. A never-run config may
+    fault (illegal address), which leaves a process's CUDA context unusable for every launch after it, or
+    deadlock (Triton's warp specialization on sm_90 is experimental), so it must not run here first; run side
+    by side, the children cost one ``timeout_s`` at most, however many hang."""
     smoke = ["--smoke"] if shapes == SMOKE else []
-    command = [sys.executable, __file__, *smoke, "--probe", json.dumps(asdict(config))]
-    try:
-        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        print(f"sweep {config}: no answer in {timeout_s:g} s; not timed", file=sys.stderr)
-        return False
-    if child.returncode != 0:
-        print(f"sweep {config}: failed apart ({child.stderr.strip()[-500:]}); not timed", file=sys.stderr)
-    return child.returncode == 0
+    children = {
+        config: subprocess.Popen(
+            [sys.executable, __file__, *smoke, "--probe", json.dumps(asdict(config))],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for config in dict.fromkeys(configs)
+    }
+    deadline = time.monotonic() + timeout_s
+    outcomes = {}
+    for config, child in children.items():
+        try:
+            _, stderr = child.communicate(timeout=max(deadline - time.monotonic(), 0.0))
+            outcomes[str(config)] = "ok" if child.returncode == 0 else f"failed: {stderr.strip()[-500:]}"
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            outcomes[str(config)] = f"no answer in {timeout_s:g} s"
+        if outcomes[str(config)] != "ok":
+            print(f"probe {config}: {outcomes[str(config)]}; not timed", file=sys.stderr)
+    return outcomes
 
 
 def probe(config: KernelConfig, shapes: Shapes, device: torch.device) -> int:
     """``--probe``: 0 when ``config`` decodes the shared-cartridge case right at each swept batch and split."""
-    for batch in (64, 256) if device.type == "cuda" else shapes.batches:
+    for batch in target_batches(shapes, device):
         layer = make_layer(shapes, cases(shapes)[0], batch, device)
         expected = decode_attention(layer.q, layer.table, layer.own, backend="torch").float()
         for splits in SWEEP_SPLITS:
@@ -484,80 +590,69 @@ def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def breakdown(shapes: Shapes, batch: int, device: torch.device, copy_gbps: float) -> list[dict[str, Any]]:
-    """Where the shared-cartridge step's time goes: the dispatched kernels over the cartridge alone, over the
-    requests' own KV alone, and over both (default config, graph replay), each with its own bandwidth fraction;
-    both again with the multi-launch path's launches side by side (the own walk, bound by bandwidth, may then
-    overlap the cartridge walk, bound by latency: at batch 64 the two in a row cannot reach the target); each
-    half on torch's flash attention (no LSE, no merge: a floor for what a mature kernel takes); and with the
-    first warp-specialized swept config, the cartridge alone (the walk it is meant to speed up) and both side
-    by side."""
+def breakdown(
+    shapes: Shapes, batch: int, device: torch.device, copy_gbps: float, apart: dict[str, str] | None
+) -> Iterator[dict[str, Any]]:
+    """Where the shared-cartridge step's time goes: the dispatched path over both the cartridge and the
+    requests' own KV, then the same path (``path``) over the cartridge alone and over the own KV alone
+    (default config, graph replay), each with its own bandwidth fraction; both again with the multi-launch
+    path's launches side by side (the own walk, bound by bandwidth, may then overlap the cartridge walk, bound
+    by latency: at batch 64 the two in a row cannot reach the target); each half on torch's flash attention
+    (no LSE, no merge: a floor for what a mature kernel takes); and with the first warp-specialized swept
+    config, the cartridge alone (the walk it is meant to speed up) and both side by side. Row by row, so a run
+    cut short keeps the rows it measured."""
     case = cases(shapes)[0]
     kernel_bytes, _ = layer_bytes(shapes, case, batch, device)
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
     flash = [FlashInputs.of(layer) for layer in layers]
-    no_cartridges = SegmentTable([], [[]] * batch)
+    own_layers = [Layer(x.q, SegmentTable([], [[]] * batch), x.own) for x in layers]
     cartridge_bytes = sum(map(stored_bytes, layers[0].table.segments))
     own_bytes = batch * stored_bytes(layers[0].own[0])
     cartridge_keys, own_keys = shapes.cartridge_len * case.cartridges, case.own_len
-    phases: dict[str, tuple[Callable[[Any], object], list[Any], int, int]] = {
-        "cartridge+own": (
-            lambda x: decode_attention(x.q, x.table, x.own, backend="triton"),
-            layers,
-            kernel_bytes,
-            cartridge_keys + own_keys,
-        ),
-        "cartridge only": (
-            lambda x: decode_attention(x.q, x.table, None, backend="triton"),
-            layers,
-            cartridge_bytes,
-            cartridge_keys,
-        ),
-        "own only": (
-            lambda x: decode_attention(x.q, no_cartridges, x.own, backend="triton"),
-            layers,
-            own_bytes,
-            own_keys,
-        ),
-        "cartridge only, torch flash SDPA": (
-            lambda x: flash_sdpa(x.cartridge_q, x.cartridge_k, x.cartridge_v),
-            flash,
-            cartridge_bytes,
-            cartridge_keys,
-        ),
-        "own only, torch flash SDPA": (lambda x: flash_sdpa(x.own_q, x.own_k, x.own_v), flash, own_bytes, own_keys),
-    }
-    # Not yet run on a GPU: timed only once right on this one (the warp-specialized kernel first apart), and a
-    # failure costs its own row, as torch's flash kernels may (a GPU they have no kernel for).
-    specialized = next(c for c in SWEEP_CONFIGS if c.warp_specialize)
-    trials = [side_by_side(default_config(shapes.head_dim))]
-    if device.type != "cuda" or runs_apart(specialized, shapes):
-        trials += [specialized, side_by_side(specialized)]
-    right = correct_configs(layers[0], shapes, trials)
+    fused = path_of(layers[0], None) == "fused"  # the halves take the path the whole step takes
+    ours: dict[str, tuple[Callable[[Any], object], list[Any], int, int, str]] = {
+        "cartridge+own": (functools.partial(forced, fused=fused), layers, kernel_bytes, cartridge_keys + own_keys,
+                          path_of(layers[0], fused)),
+        "cartridge only": (functools.partial(forced, fused=fused, own=False), layers, cartridge_bytes,
+                           cartridge_keys, path_of(layers[0], fused, own=False)),
+        "own only": (functools.partial(forced, fused=fused), own_layers, own_bytes, own_keys,
+                     path_of(own_layers[0], fused)),
+    }  # fmt: skip
+    # Torch's flash kernels may fail (a GPU they have no kernel for), and so may configs not yet run on a GPU
+    # (timed only once they passed apart, see runs_apart): either costs its own row.
+    others: dict[str, tuple[Callable[[Any], object], list[Any], int, int, str]] = {
+        "cartridge only, torch flash SDPA": (lambda x: flash_sdpa(x.cartridge_q, x.cartridge_k, x.cartridge_v),
+                                             flash, cartridge_bytes, cartridge_keys, "torch flash"),
+        "own only, torch flash SDPA": (lambda x: flash_sdpa(x.own_q, x.own_k, x.own_v), flash, own_bytes, own_keys,
+                                       "torch flash"),
+    }  # fmt: skip
+    by_side, specialized, specialized_by_side = breakdown_trials(shapes)
+    right = correct_configs(layers[0], shapes, vetted(breakdown_trials(shapes), apart))
     experimental = {
-        "cartridge+own, multi-launch side by side": (trials[0], kernel_bytes, cartridge_keys + own_keys),
+        "cartridge+own, multi-launch side by side": (by_side, kernel_bytes, cartridge_keys + own_keys),
         "cartridge only, warp-specialized": (specialized, cartridge_bytes, cartridge_keys),
-        "cartridge+own, warp-specialized side by side": (side_by_side(specialized), kernel_bytes,
+        "cartridge+own, warp-specialized side by side": (specialized_by_side, kernel_bytes,
                                                          cartridge_keys + own_keys),
     }  # fmt: skip
     for phase, (config, phase_bytes, keys) in experimental.items():
         if config in right:
             own = "cartridge+own" in phase
-            phases[phase] = (functools.partial(forced, fused=False, config=config, own=own), layers, phase_bytes, keys)
-    rows = []
-    for phase, (run, inputs, phase_bytes, keys) in phases.items():
+            trial = functools.partial(forced, fused=False, config=config, own=own)
+            others[phase] = (trial, layers, phase_bytes, keys, path_of(layers[0], False, config, own))
+    for phase, (run, inputs, phase_bytes, keys, path) in {**ours, **others}.items():
         try:
             ms, _ = time_per_step(run, inputs, shapes, device)
         except RuntimeError as error:
-            if inputs is not flash and phase not in experimental:  # ours must not fail
+            raise_if_device_fault(error)
+            if phase in ours:  # ours must not fail
                 raise
             print(f"breakdown {phase}: {error}", file=sys.stderr)
             continue
-        rows.append({"phase": phase, "batch": batch, "kernel_ms": ms,
-                     "bandwidth_fraction": phase_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps,
-                     "tflops": attention_flops(shapes, batch, keys) / (ms * 1e-3) / 1e12})  # fmt: skip
-        print(f"breakdown {rows[-1]}", flush=True)
-    return rows
+        row = {"phase": phase, "batch": batch, "path": path, "kernel_ms": ms,
+               "bandwidth_fraction": phase_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps,
+               "tflops": attention_flops(shapes, batch, keys) / (ms * 1e-3) / 1e12}  # fmt: skip
+        print(f"breakdown {row}", flush=True)
+        yield row
 
 
 def kernel_profile(shapes: Shapes, batch: int, device: torch.device) -> list[dict[str, Any]]:
@@ -569,6 +664,7 @@ def kernel_profile(shapes: Shapes, batch: int, device: torch.device) -> list[dic
     try:
         return _profile_paths(shapes, batch, device)
     except RuntimeError as error:  # a profiler the machine refuses must not cost the sweep after it
+        raise_if_device_fault(error)
         print(f"kernel profile at batch {batch}: {error}", file=sys.stderr)
         return []
 
@@ -642,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         "each path, fused then multi-launch (what bench/ncu_gpu.sh profiles), and exit"
     )  # fmt: skip
     parser.add_argument("--probe", metavar="CONFIG_JSON", help="only check one KernelConfig (what the sweep runs "
-                        "apart for warp-specialized configs) and exit 0 if it decodes right")  # fmt: skip
+                        "apart for never-run configs) and exit 0 if it decodes right")  # fmt: skip
     args = parser.parse_args(argv)
     if args.one_step is not None and args.one_step < 1:
         parser.error("--one-step: the batch must be at least 1")
@@ -679,35 +775,77 @@ def main(argv: list[str] | None = None) -> int:
         "multi_launch_ms (the multi-launch path), per_request_ms and reference_ms: median CUDA-graph replay of a "
         "step over all layers; kernel_eager_ms: the dispatched step launched eagerly from Python. Medians of "
         f"{shapes.iters} timed runs, of fewer (at least {MIN_ITERS}) where they would take over "
-        f"{MEASURE_BUDGET_MS / 1e3:g} s",
+        f"{MEASURE_BUDGET_MS / 1e3:g} s. bytes_per_step: what a step must read (each cartridge once, each "
+        "request's own KV)",
         "shapes": {k: str(v) for k, v in asdict(shapes).items()},
         "rows": [],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     print(f"copy bandwidth {copy_gbps:.0f} GB/s, matmul {peak_tflops:.0f} TFLOP/s on {result['device']}")
-    print_row(None)
-    for case in cases(shapes):
-        for batch in shapes.batches:
-            result["rows"].append(measure(shapes, case, batch, device, copy_gbps))
-            print_row(result["rows"][-1])
-            (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
+    results = args.out / "kernels-gpu.json"
+    try:
+        measure_all(result, shapes, device, copy_gbps, lambda: write_json(results, result))
+    except RuntimeError as fault:
+        if not is_device_fault(fault):
+            raise
+        result["device_fault"] = str(fault)
+        write_json(results, result)
+        print(f"DEVICE FAULT, run stopped (every later launch of this process would fail): {fault}", file=sys.stderr)
+        return 1
+    plotted = plot(result["rows"], args.out / "kernels-gpu.png")
+    print(f"wrote {results}" + (" and kernels-gpu.png" if plotted else ""))
+    return 0
+
+
+def measure_all(
+    result: dict[str, Any], shapes: Shapes, device: torch.device, copy_gbps: float, save: Callable[[], None]
+) -> None:
+    """Every table into ``result``, calling ``save`` after each row, newest information first so that a run
+    its time limit cuts short keeps what matters: the cartridge cases, own_lengths, the checks apart of the
+    never-run configs (``probes``), the breakdown and kernel profile at each target batch, the sweep, and the
+    in-context-learning rows (unchanged since the first H200 run) last.
+
+    Estimated on an H200 from the host cost of one eager 32-layer step (93 / 40 / 34 / 74 ms dispatched /
+    fused / multi-launch / per-request at batch 64, 178 / 193 / 152 / 279 ms at 256; a capture costs about
+    as much again) and the device times of the last run: correctness check ~30 s (compiles), copy and matmul
+    ~2 s, cartridge rows ~70 s (27 rows, mostly kernel_eager_ms' medians: up to 23 eager steps each),
+    own_lengths ~10 s, probes ~30 s (75 s if a child hangs), breakdowns ~15 s, profiles ~5 s, sweep ~100 s
+    (14 configs x 6 splits x 2 batches at ~0.25 s / ~0.5 s a point, plus compiles), ICL rows ~90 s (the
+    100k-token ones at batch 128-256 take ~15 s each): ~350 s of bench/gpu.sh's 390 s, the ICL rows the
+    ones a slow run loses."""
     focus = target_batches(shapes, device)
+
+    def keep(key: str, row: dict[str, Any]) -> None:
+        result.setdefault(key, []).append(row)
+        save()
+
+    print_row(None)
+    for case in (c for c in cases(shapes) if c.cartridges):
+        for batch in shapes.batches:
+            keep("rows", measure(shapes, case, batch, device, copy_gbps))
+            print_row(result["rows"][-1])
     result["own_lengths"] = []  # how the shared-cartridge step's bandwidth fraction moves with the own KV
     for own_len in shapes.other_own_lens:
         case = Case(f"shared-1x{shapes.cartridge_len}-own{own_len}", 1, own_len)
-        result["own_lengths"].append(measure(shapes, case, focus[0], device, copy_gbps))
+        keep("own_lengths", measure(shapes, case, focus[0], device, copy_gbps))
         print_row(result["own_lengths"][-1])
-    result["breakdown"] = [row for batch in focus for row in breakdown(shapes, batch, device, copy_gbps)]
-    result["kernel_profile"] = [row for batch in focus for row in kernel_profile(shapes, batch, device)]
-    (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    never = [c for c in (*breakdown_trials(shapes), *swept_configs(shapes)) if never_run(c)]
+    result["probes"] = runs_apart(never, shapes) if device.type == "cuda" else None  # interpreted: no faults
+    save()
+    result["breakdown"], result["kernel_profile"] = [], []
+    for batch in focus:
+        for row in breakdown(shapes, batch, device, copy_gbps, result["probes"]):
+            keep("breakdown", row)
+        result["kernel_profile"] += kernel_profile(shapes, batch, device)
+        save()
     if device.type == "cuda":
         result["sweep"] = []
-        for row in (row for batch in focus for row in sweep(shapes, batch, device, copy_gbps)):
-            result["sweep"].append(row)
-            (args.out / "kernels-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    plotted = plot(result["rows"], args.out / "kernels-gpu.png")
-    print(f"wrote {args.out / 'kernels-gpu.json'}" + (" and kernels-gpu.png" if plotted else ""))
-    return 0
+        for row in (row for batch in focus for row in sweep(shapes, batch, device, copy_gbps, result["probes"])):
+            keep("sweep", row)
+    for case in (c for c in cases(shapes) if not c.cartridges):
+        for batch in shapes.batches:
+            keep("rows", measure(shapes, case, batch, device, copy_gbps))
+            print_row(result["rows"][-1])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python bench/kernels_report.py [bench/results/kernels-gpu.json]
 
 What a GPU session pastes into kernels/README.md and its note, computed rather than copied by hand. Fields a
-results file predates (older runs lack fused_ms, own_lengths, kernel_profile) print as "-" or are skipped.
+results file predates (older runs lack fused_ms, own_lengths, kernel_profile, path) print as "-" or are skipped.
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def report(result: dict[str, Any]) -> str:
     if result.get("breakdown"):
         lines += ["", "Breakdown of the shared-cartridge step:", ""]
         lines += table(
-            ["phase", "batch", "ms", "bandwidth_fraction", "TFLOP/s", "matmul_fraction"],
+            ["phase", "batch", "path", "ms", "bandwidth_fraction", "TFLOP/s", "matmul_fraction"],
             (
-                [r["phase"], r["batch"], r["kernel_ms"], r["bandwidth_fraction"], r.get("tflops"),
+                [r["phase"], r["batch"], r.get("path"), r["kernel_ms"], r["bandwidth_fraction"], r.get("tflops"),
                  r["tflops"] / peak if peak and r.get("tflops") else None]
                 for r in result["breakdown"]
             ),
@@ -98,6 +98,7 @@ def report(result: dict[str, Any]) -> str:
             best += sorted((r for r in result["sweep"] if r["batch"] == batch), key=lambda r: r["kernel_ms"])[:5]
         keys = [
             "batch",
+            "path",
             "block_m",
             "block_n",
             "num_warps",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,7 @@ def run_smoke(out: Path, *options: str) -> subprocess.CompletedProcess[str]:
 
 def bench_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """bench/kernels_gpu.py imported in this process (kernels interpreted, as conftest sets up)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # its sibling modules, as when run as a script
     spec = importlib.util.spec_from_file_location("kernels_gpu", ROOT / "bench" / "kernels_gpu.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
@@ -61,6 +63,9 @@ def test_bench_smoke_writes_results(tmp_path: Path) -> None:
                       "cartridge only, torch flash SDPA", "own only, torch flash SDPA",
                       "cartridge only, warp-specialized", "cartridge+own, warp-specialized side by side"}  # fmt: skip
     assert result["kernel_profile"] == []  # CUDA only
+    assert result["probes"] is None  # interpreted kernels cannot fault: nothing is checked apart
+    paths = {row["phase"]: row["path"] for row in result["breakdown"]}
+    assert paths["cartridge only"] == paths["own only"] == paths["cartridge+own"] == "fused"  # batch 3
     assert [(row["case"], row["batch"]) for row in result["own_lengths"]] == [("shared-1x40-own9", 3)]
     assert result["own_lengths"][0]["kernel_ms"] > 0
 
@@ -153,9 +158,77 @@ def test_experimental_configs_are_checked_in_a_child_process(monkeypatch: pytest
     bench = bench_module(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
-    assert bench.runs_apart(KernelConfig(16, 16), bench.SMOKE)
-    assert not bench.runs_apart(KernelConfig(16, 8), bench.SMOKE)  # block_n below a dot's 16: refused
-    assert not bench.runs_apart(KernelConfig(16, 16), bench.SMOKE, timeout_s=0.01)
+    good, refused = KernelConfig(16, 16), KernelConfig(16, 8)  # block_n below a dot's 16: refused
+    outcomes = bench.runs_apart([good, refused], bench.SMOKE)
+    assert outcomes[str(good)] == "ok" and outcomes[str(refused)].startswith("failed")
+    assert bench.runs_apart([good], bench.SMOKE, timeout_s=0.01) == {str(good): "no answer in 0.01 s"}
+
+
+def test_every_config_no_gpu_has_run_is_timed_only_after_passing_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TMA and side-by-side configs, not only warp-specialized ones, may fault the device: the sweep and the
+    breakdown time them only once their child process passed."""
+    bench = bench_module(monkeypatch)
+    shapes = bench.SMOKE
+    configs = [*bench.swept_configs(shapes), *bench.breakdown_trials(shapes)]
+    never = [c for c in configs if bench.never_run(c)]
+    assert {(c.tma, c.warp_specialize, c.side_by_side) for c in never} >= {
+        (True, False, False), (False, False, True), (True, True, False), (True, True, True)
+    }  # fmt: skip
+    assert bench.vetted(configs, {}) == [c for c in configs if c not in never]
+    outcomes = {str(c): "failed: illegal address" for c in never} | {str(never[0]): "ok"}
+    assert bench.vetted(configs, outcomes) == [c for c in configs if c not in never or c == never[0]]
+
+
+def test_each_phase_is_saved_and_a_device_fault_stops_the_run_on_record(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run cut short (its time limit, a fault) keeps every row measured before; a CUDA error, sticky for the
+    rest of the process, stops it with the error in the results rather than empty tables that look fine."""
+    bench = bench_module(monkeypatch)
+    monkeypatch.setattr(bench, "check_correctness", lambda shapes, device: [])
+    monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda shapes, device: 1.0)
+    monkeypatch.setattr(bench, "matmul_tflops", lambda shapes, device: 1.0)
+    measured = []
+
+    def measure(shapes: object, case: Any, batch: int, device: object, copy_gbps: float) -> dict[str, object]:
+        measured.append(case)
+        return {"case": case.name, "batch": batch, **dict.fromkeys(key for key, _, _ in bench.COLUMNS)}
+
+    def breakdown(*args: object) -> object:
+        yield {"phase": "cartridge+own", "batch": 3}
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "breakdown", breakdown)
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 1
+    result = json.loads((tmp_path / "kernels-gpu.json").read_text())
+    assert "illegal memory access" in result["device_fault"]
+    assert [row["case"] for row in result["rows"]] == ["shared-1x40", "shared-1x40-int8", "composed-2x40"]
+    assert [row["case"] for row in result["own_lengths"]] == ["shared-1x40-own9"]
+    assert result["breakdown"] == [{"phase": "cartridge+own", "batch": 3}]
+    assert not any(case.name.startswith("icl") for case in measured)  # the unchanged baselines come last
+    assert list(tmp_path.iterdir()) == [tmp_path / "kernels-gpu.json"]  # no temp file left behind
+
+
+def test_rows_say_which_path_they_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the dispatcher takes the multi-launch path (one 2048-token cartridge from batch 64), the
+    breakdown's halves take it too (not the fused kernel for the own KV alone), and a swept config that only
+    the fused kernel reads (own_block_n) is timed on the fused kernel."""
+    import torch
+
+    import cartridges_kernels.dispatch as dispatch
+    from cartridges_kernels import KernelConfig
+
+    bench = bench_module(monkeypatch)
+    monkeypatch.setattr(dispatch, "FUSED_DECODE_MAX_SHARED_ROWS", 1)
+    torch.manual_seed(0)
+    rows = list(bench.breakdown(bench.SMOKE, 3, torch.device("cpu"), 1.0, None))
+    paths = {row["phase"]: row["path"] for row in rows}
+    assert paths["cartridge+own"] == paths["cartridge only"] == paths["own only"] == "multi-launch"
+    layer = bench.make_layer(bench.SMOKE, bench.cases(bench.SMOKE)[0], 3, torch.device("cpu"))
+    own_block = KernelConfig(16, 16, own_block_n=16)
+    assert bench.path_of(layer, bench.sweep_fused(own_block), own_block) == "fused"
+    assert bench.path_of(layer, bench.sweep_fused(KernelConfig(16, 16)), KernelConfig(16, 16)) == "multi-launch"
 
 
 def test_slow_steps_take_fewer_timed_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,8 +251,8 @@ def test_correctness_is_checked_at_the_target_batches_too(monkeypatch: pytest.Mo
     monkeypatch.setattr(bench, "target_batches", lambda shapes, device: (3, 5))
     forced = bench.forced
 
-    def wrong_past_batch_3(layer: object, fused: bool, *args: object) -> torch.Tensor:
-        out = forced(layer, fused, *args)
+    def wrong_past_batch_3(layer: object, fused: bool, *args: object, **kwargs: object) -> torch.Tensor:
+        out = forced(layer, fused, *args, **kwargs)
         return out + 1 if fused and out.shape[0] > 3 else out
 
     monkeypatch.setattr(bench, "forced", wrong_past_batch_3)
