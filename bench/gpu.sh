@@ -16,7 +16,7 @@
 #         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
 #         pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 #         typing_extensions==4.16.0 minio==7.2.20 argon2-cffi==25.1.0 argon2-cffi-bindings==26.2.0 cffi==2.1.1 pycparser==3.12 pycryptodome==4.5.0 \
-#         urllib3==2.8.0 certifi==2026.10.19
+#         urllib3==2.8.0 certifi==2026.10.19.post1
 set -uo pipefail
 out="${OUT:-bench/results}"
 mkdir -p "$out"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -260,3 +262,12 @@ def test_correctness_is_checked_at_the_target_batches_too(monkeypatch: pytest.Mo
     assert [f.split(":")[0] for f in failures] == [
         "shared-1x40 batch 5 fused", "shared-1x40-int8 batch 5 fused", "composed-2x40 batch 5 fused"
     ]  # fmt: skip
+
+
+def test_the_wheels_gpu_sh_carries_are_the_tested_versions() -> None:
+    """The device machine has no package index: bench/gpu.sh's header downloads pydantic, minio and their
+    dependencies beforehand. Each pin must exist and be what this environment runs (a near miss such as a missing
+    ``.post1`` fails the download, and the serving benchmark with it)."""
+    pins = re.findall(r"([A-Za-z0-9_.-]+)==(\S+?)\s", (ROOT / "bench" / "gpu.sh").read_text(encoding="utf-8"))
+    assert {"pydantic", "minio", "urllib3", "certifi"} <= {name for name, _ in pins}
+    assert [(name, importlib.metadata.version(name)) for name, _ in pins] == pins
