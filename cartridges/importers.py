@@ -111,7 +111,7 @@ def _finite(path: Path, cartridge: Cartridge) -> Cartridge:
 
 def _peft_config(directory: Path) -> dict[str, Any]:
     try:
-        config = json.loads((directory / PEFT_CONFIG).read_text())
+        config = json.loads((directory / PEFT_CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise ArtifactError(f"{directory}: no {PEFT_CONFIG}; expected a PEFT adapter directory") from err
     except json.JSONDecodeError as err:
