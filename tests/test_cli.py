@@ -280,7 +280,7 @@ def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
     assert json.loads(out)["training"]["resumed_from_step"] == 4
 
 
-@pytest.mark.parametrize("damage", [b"{not json", b'{"generation": "one", "prefix": "g1", "sha256": "x"}'])
+@pytest.mark.parametrize("damage", [b"{not json", b"\xaf{}", b'{"generation": "one", "prefix": "g1", "sha256": "x"}'])
 def test_train_replaces_a_damaged_current_json_with_a_new_generation(
     damage: bytes, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1154,6 +1154,46 @@ def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
     code, _, err = cli(capsys, "inspect", "bad-pointer", "--store", store)
     assert code == EXIT_INPUT and pointer in err
     one_line_error(err)
+
+
+def test_a_stored_document_that_is_not_utf8_is_a_broken_cartridge(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bytes that are not UTF-8 in a manifest or current.json are damage like any other: the cartridge is BROKEN
+    in ``ls`` (the others still listed) and ``inspect`` exits 65 naming the object."""
+    store = f"file://{tmp_path / 'store'}"
+    opened, fp = open_store(store), tiny_model.fingerprint
+    for seed, name in enumerate(("good", "bad-manifest", "bad-pointer")):
+        publish(opened, store, "default", name, random_cartridge(fp, 4, seed=seed), fp)
+    manifest = f"{layout.generation_prefix(store, 'default', 'bad-manifest', 1)}/{layout.MANIFEST_FILE}"
+    pointer = layout.current_pointer(store, "default", "bad-pointer")
+    for damaged in (manifest, pointer):
+        Path(damaged.removeprefix("file://")).write_bytes(b"\xaf{}")
+    code, out, _ = cli(capsys, "ls", "--store", store, "--json")
+    listed = {c["name"]: c for c in json.loads(out)}
+    assert code == 0 and listed["good"]["generation"] == 1
+    assert manifest in listed["bad-manifest"]["error"] and pointer in listed["bad-pointer"]["error"]
+    for name, damaged in (("bad-manifest", manifest), ("bad-pointer", pointer)):
+        code, _, err = cli(capsys, "inspect", name, "--store", store)
+        assert code == EXIT_INPUT and damaged in err and "not valid JSON" in err
+        one_line_error(err)
+    progress = f"{layout.generation_prefix(store, 'default', 'good', 1)}/{layout.PROGRESS_FILE}"
+    opened.put_bytes(progress, b"\xaf{}")
+    code, out, err = cli(capsys, "inspect", "good", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["progress"] is None, err
+
+
+def test_train_takes_a_damaged_inputs_record_as_other_inputs(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unfinished generation whose inputs.json is not UTF-8 JSON is no run of these inputs: the next is trained."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "records", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2", "--json"]
+    assert cli(capsys, *argv)[0] == 0
+    inputs = f"{layout.generation_prefix(store, 'default', 'records', 2)}/{layout.TRAINING_INPUTS_FILE}"
+    open_store(store).put_bytes(inputs, b"\xaf{}")
+    code, out, err = cli(capsys, *argv, "--force")
+    assert code == 0 and json.loads(out)["generation"] == 3, err
 
 
 @pytest.mark.minio

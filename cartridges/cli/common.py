@@ -246,16 +246,16 @@ def _manifest(store: Store, name: str, prefix: str, which: str) -> CartridgeMani
 
 
 def read_document(store: Store, uri: str, model: type[DocumentModel]) -> DocumentModel:
-    """A JSON document of the store as ``model``; one that is not valid JSON or not such a document is an error
-    naming the object, which a bare ``JSONDecodeError`` or ``ValidationError`` would not."""
+    """A JSON document of the store as ``model``; one that is not UTF-8 JSON or not such a document is an error
+    naming the object, which a bare ``UnicodeDecodeError``, ``JSONDecodeError`` or ``ValidationError`` would not."""
     try:
         return model.model_validate(store.get_json(uri))
-    except json.JSONDecodeError as err:
-        raise CLIError(f"{uri}: not valid JSON ({err})", EXIT_INPUT) from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "document"
         raise CLIError(f"{uri}: not a valid {model.__name__} ({where}: {first['msg']})", EXIT_INPUT) from None
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        raise CLIError(f"{uri}: not valid JSON ({err})", EXIT_INPUT) from None
 
 
 def names(store: Store, root: str, namespace: str) -> list[str]:

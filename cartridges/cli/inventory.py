@@ -80,9 +80,11 @@ def _row(c: dict[str, Any]) -> str:
 
 
 def _progress(store: Store, prefix: str) -> dict[str, Any] | None:
+    """The generation's training progress; None when there is none, or it is damaged (not UTF-8 JSON, or not a
+    progress record): a side note of ``inspect``, which must still show the cartridge."""
     try:
         return layout.Progress.model_validate(store.get_json(f"{prefix}/{layout.PROGRESS_FILE}")).model_dump()
-    except ObjectNotFound:
+    except (ObjectNotFound, ValueError):
         return None
 
 
