@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -300,6 +301,23 @@ def test_train_replaces_a_damaged_current_json_with_a_new_generation(
         assert len(warnings) == 1 and warnings[0].startswith("mended: ") and "replaces it" in warnings[0], err
         opened.put_bytes(pointer, damage)
     assert find(opened, store, "default", "mended", 1).pointer.sha256 == first["sha256"]  # g1 as it was
+
+
+def test_a_trained_cartridge_is_found_under_any_spelling_of_its_store_and_once_moved(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """current.json names the promoted generation relative to the cartridge, so it still leads there when the
+    store is named another way or copied elsewhere (not 'pointer leaves the cartridge's prefix'), and training
+    again keeps it instead of training anew."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "moving", str(corpus_dir), "--model", "tiny", "--steps", "2", "--json"]
+    assert cli(capsys, *argv, "--store", store)[0] == 0
+    shutil.copytree(tmp_path / "store", tmp_path / "moved")
+    for other in (f"file://localhost{tmp_path}/store", f"file://{tmp_path}//store", f"file://{tmp_path / 'moved'}"):
+        code, out, err = cli(capsys, "inspect", "moving", "--store", other, "--json")
+        assert code == 0 and json.loads(out)["generation"] == 1, err
+    code, out, err = cli(capsys, *argv, "--store", f"file://{tmp_path / 'moved'}")
+    assert code == 0 and json.loads(out)["generation"] == 1, err
 
 
 def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path: Path) -> None:

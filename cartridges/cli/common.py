@@ -326,8 +326,7 @@ def promote(
 ) -> None:
     """Point ``current.json`` at a verified generation and, with ``keep``, delete the generations it does not keep,
     as the operator does."""
-    prefix = layout.generation_prefix(root, namespace, name, generation)
-    pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
+    pointer = layout.promoted_pointer(generation, manifest.file_sha256)
     store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
     if keep is not None:
         layout.prune_generations(store, root, namespace, name, generation, keep)
