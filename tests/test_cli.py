@@ -1214,6 +1214,20 @@ def test_train_takes_a_damaged_inputs_record_as_other_inputs(
     assert code == 0 and json.loads(out)["generation"] == 3, err
 
 
+def test_scores_that_are_not_numbers_print_as_a_dash(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest edited by hand (a score of "n/a", null or true) is shown, not a crash part-way through."""
+    store = f"file://{tmp_path / 'store'}"
+    opened, fp = open_store(store), tiny_model.fingerprint
+    metrics = {"iclGainRecovered": "n/a", "icl": None, "noContext": True, "cartridge": 1.25}
+    publish(opened, store, "default", "odd", random_cartridge(fp, 4, seed=0), fp, metrics=metrics)
+    code, out, err = cli(capsys, "ls", "--store", store)
+    assert code == 0 and out.splitlines()[1].startswith("odd") and out.split()[-1] == "-", err
+    code, out, err = cli(capsys, "inspect", "odd", "--store", store)
+    assert code == 0 and "no context -, ICL -, cartridge 1.250 (ICL gain recovered -)" in out, err
+
+
 @pytest.mark.minio
 def test_ls_of_a_bucket_with_folders_made_in_the_console(
     s3_cli: tuple[Store, str], tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
