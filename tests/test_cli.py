@@ -340,6 +340,36 @@ def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path
         assert not any(text in err for text in ("Traceback", "nanobind", "Aborted", "KeyboardInterrupt")), (delay, err)
 
 
+def test_ctrl_c_while_training_checkpoints_the_step_it_stopped_at(corpus_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C stops distillation as SIGTERM does, after the step it lands in, checkpointed: the same command again
+    resumes from there, not from the last periodic checkpoint (a quarter of the steps apart: none yet here)."""
+    store = tmp_path / "store"
+    argv = [sys.executable, "-m", "cartridges.cli", "train", "long", str(corpus_dir), "--model", "tiny"]
+    argv += ["--store", f"file://{store}", "--steps", "100000"]
+    progress = Path(f"{layout.generation_prefix(str(store), 'default', 'long', 1)}/{layout.PROGRESS_FILE}")
+    command = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reached = _training_step(progress, command)
+    command.send_signal(signal.SIGINT)
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 130, err
+    assert err.splitlines()[-1] == "cartridges: interrupted; the same command again resumes where it stopped", err
+    checkpoints = [int(path.name.removeprefix("step-")) for path in store.rglob("step-*")]
+    assert len(checkpoints) == 1 and reached <= checkpoints[0] < 25000, (checkpoints, err)
+
+
+def _training_step(progress: Path, command: subprocess.Popen[str]) -> int:
+    """The first training step ``progress`` reports past 0, once the trainer writes one (waiting while it starts)."""
+    while command.poll() is None:
+        try:
+            state = json.loads(progress.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not written yet
+            state = {}
+        if state.get("phase") == "training" and state.get("step", 0) > 0:
+            return int(state["step"])
+        time.sleep(0.2)
+    raise AssertionError(f"the command ended before training: {command.communicate()[1]}")
+
+
 def _interrupted_before_main(returncode: int, stderr: str) -> bool:
     """Whether Ctrl-C landed while the interpreter started, before ``cartridges.cli.main`` (whose handler then
     catches every interrupt) was on the stack: a silent death by SIGINT (before Python's own handler), or
