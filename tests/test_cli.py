@@ -1173,6 +1173,16 @@ def test_a_generate_error_carries_the_kind_and_the_message_without_the_marker() 
         assert (err.kind, err.message) == (None, text)
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9", "grpc://127.0.0.1:9"])
+@pytest.mark.parametrize("field", [{"max_tokens": 2**32 + 4}, {"max_tokens": -(2**31) - 1}, {"seed": 2**63}])
+def test_an_integer_the_router_cannot_hold_is_refused_before_sending(url: str, field: dict[str, int]) -> None:
+    """Converted to the router's tensor type it would wrap (4294967300 tokens asked as 4), so it never leaves."""
+    from cartridges.client import generate
+
+    with pytest.raises(ValueError, match=f"{next(iter(field))} .* is out of range"):
+        generate(url, "hi", timeout=1, **field)  # type: ignore[call-overload]
+
+
 def test_a_refused_stream_reads_as_the_servers_message() -> None:
     from cartridges.client import _error_message
 
