@@ -1254,6 +1254,18 @@ def test_train_takes_a_damaged_inputs_record_as_other_inputs(
     assert code == 0 and json.loads(out)["generation"] == 3, err
 
 
+def test_ls_leaves_out_folders_no_cartridge_can_be_named(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder put there by hand under a name ``inspect`` refuses is not listed as a cartridge."""
+    store = f"file://{tmp_path / 'store'}"
+    opened, fp = open_store(store), tiny_model.fingerprint
+    for name in ("good", "Team Notes", ".hidden"):
+        publish(opened, store, "default", name, random_cartridge(fp, 4, seed=0), fp)
+    code, out, err = cli(capsys, "ls", "--store", store, "--json")
+    assert code == 0 and [c["name"] for c in json.loads(out)] == ["good"], err
+
+
 def test_scores_that_are_not_numbers_print_as_a_dash(
     tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
 ) -> None:

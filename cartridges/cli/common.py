@@ -263,9 +263,11 @@ def names(store: Store, root: str, namespace: str) -> list[str]:
 
     Names come from the store's listing of the directory (``children``), not from cutting listed URIs, which the
     store spells in its own normal form (``file://localhost/a``, ``file:///a//b`` or ``file:///a/./b`` list as
-    ``file:///a/...``)."""
+    ``file:///a/...``). A folder whose name no cartridge can have (``Team Notes``, ``.hidden``: put there by hand)
+    is no cartridge: listed, it would be one that ``inspect`` and the others refuse (:func:`check_name`)."""
     base = layout.cartridges_prefix(root, namespace)
-    return sorted(n for n in store.children(base) if store.exists(layout.current_pointer(root, namespace, n)))
+    listed = filter(layout.is_resource_name, store.children(base))
+    return sorted(n for n in listed if store.exists(layout.current_pointer(root, namespace, n)))
 
 
 def sha256_mismatch(stored: Stored, manifest: CartridgeManifest) -> str | None:
