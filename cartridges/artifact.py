@@ -202,7 +202,7 @@ def save_cartridge(
         file_sha256=sha256_file(tensors_path),
         file_bytes=tensors_path.stat().st_size,
     )
-    (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+    (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
     return manifest
 
 
@@ -273,8 +273,9 @@ def load_stored_cartridge(
 
 def without_directory(err: Exception, directory: Path | str) -> str:
     """An artifact error's text without the directory it was loaded from: a download directory, gone by the time
-    the error is read, names nothing the reader can find (the caller names the cartridge instead)."""
-    return str(err).removeprefix(f"{directory}: ")
+    the error is read, names nothing the reader can find (the caller names the cartridge instead). A file in it is
+    named by its file name alone."""
+    return str(err).removeprefix(f"{directory}: ").replace(f"{directory}/", "")
 
 
 def _layer_tensor(tensors: dict[str, torch.Tensor], manifest: CartridgeManifest, name: str) -> Any:

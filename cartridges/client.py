@@ -171,6 +171,7 @@ def generate(
         body["repetition_penalty"] = repetition_penalty
     if seed is not None:
         body["seed"] = seed
+    _check_ranges(body)
     if url.startswith(GRPC_SCHEME):
         tensors = {name: _tensor(name, value) for name, value in {**body, "stream": stream}.items()}
         chunks = grpc_stream(url.removeprefix(GRPC_SCHEME).rstrip("/"), tensors, model=model, timeout=timeout)
@@ -181,6 +182,20 @@ def generate(
         return Stream(_stream(f"{endpoint}_stream", body, timeout))
     with _post(endpoint, body, timeout) as response:
         return Answer(*_chunk(_json(response.read())))
+
+
+def _check_ranges(body: dict[str, Any]) -> None:
+    """Refuse an integer the router's input type cannot hold: numpy's conversion (gRPC) and Triton's JSON parsing
+    (HTTP) would wrap it silently, so ``max_tokens=4294967300`` would ask for 4 tokens."""
+    for name, value in body.items():
+        dtype: np.dtype[Any] = np.dtype(TENSOR_TYPES[name])
+        if dtype.kind != "i" or not isinstance(value, int):
+            continue
+        limits = np.iinfo(dtype)
+        if not limits.min <= value <= limits.max:
+            raise ValueError(
+                f"{name} {value} is out of range: the router takes {dtype.name} ({limits.min}..{limits.max})"
+            )
 
 
 def _tensor(name: str, value: Any) -> np.ndarray:

@@ -193,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         for out in args.out or [CRD_DIR, CHART_CRD_DIR]:
             path = out / f"{api.GROUP}_{kind.plural}.yaml"
             if args.check:
-                if not path.exists() or path.read_text() != text:
+                if not path.exists() or path.read_text(encoding="utf-8") != text:
                     stale.append(path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
+                path.write_text(text, encoding="utf-8")
     if stale:
         print(f"CRDs out of date: {', '.join(map(str, stale))}; run `python -m cartridges.crd`", file=sys.stderr)
         return 1

@@ -111,10 +111,10 @@ def _finite(path: Path, cartridge: Cartridge) -> Cartridge:
 
 def _peft_config(directory: Path) -> dict[str, Any]:
     try:
-        config = json.loads((directory / PEFT_CONFIG).read_text())
+        config = json.loads((directory / PEFT_CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise ArtifactError(f"{directory}: no {PEFT_CONFIG}; expected a PEFT adapter directory") from err
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
         raise ArtifactError(f"{directory / PEFT_CONFIG}: not valid JSON ({err})") from err
     if not isinstance(config, dict) or config.get("peft_type") != "PREFIX_TUNING":
         found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__

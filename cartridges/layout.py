@@ -101,7 +101,11 @@ def cartridge_prefix(root: str, namespace: str, cartridge: str) -> str:
 
 
 def generation_prefix(root: str, namespace: str, cartridge: str, generation: int) -> str:
-    return _join(cartridge_prefix(root, namespace, cartridge), f"g{generation}")
+    return _join(cartridge_prefix(root, namespace, cartridge), _generation_folder(generation))
+
+
+def _generation_folder(generation: int) -> str:
+    return f"g{generation}"
 
 
 def current_pointer(root: str, namespace: str, cartridge: str) -> str:
@@ -219,6 +223,13 @@ class Pointer(BaseModel):
     generation: int
     prefix: str
     sha256: str
+
+
+def promoted_pointer(generation: int, sha256: str) -> Pointer:
+    """The pointer that promotes ``generation``: its prefix relative to the cartridge's, so the store still reads it
+    when moved, copied or named by another spelling of its root (:func:`confined_pointer` resolves it, as it reads
+    the absolute prefixes written before)."""
+    return Pointer(generation=generation, prefix=_generation_folder(generation), sha256=sha256)
 
 
 class PointerOutsideCartridge(ValueError):

@@ -126,7 +126,7 @@ class CartridgeManifest(BaseModel):
 
 def read_manifest(path: Path) -> CartridgeManifest:
     try:
-        return CartridgeManifest.model_validate_json(path.read_text())
+        return CartridgeManifest.model_validate_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise ArtifactError(f"missing manifest {path}") from err
     except ValueError as err:

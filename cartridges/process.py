@@ -51,7 +51,7 @@ def free_port() -> int:
 def log_tail(path: Path, lines: int = 40) -> str:
     if not path.exists():
         return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
 class Service:

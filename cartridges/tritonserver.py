@@ -88,7 +88,7 @@ def stub_python(workdir: Path) -> Path:
     python3.unlink(missing_ok=True)
     python3.symlink_to(sys.executable)
     (prefix / "pyvenv.cfg").write_text(
-        f"home = {Path(sys.base_prefix) / 'bin'}\ninclude-system-site-packages = false\n"
+        f"home = {Path(sys.base_prefix) / 'bin'}\ninclude-system-site-packages = false\n", encoding="utf-8"
     )
     site_dirs, stdlib = set(site.getsitepackages()), Path(sys.base_prefix) / "lib"
     lines = []
@@ -99,7 +99,7 @@ def stub_python(workdir: Path) -> Path:
             lines.append(f"import site; site.addsitedir({entry!r})")
         elif not Path(entry).is_relative_to(stdlib):
             lines.append(str(Path(entry).resolve()))
-    (site_packages / "cartridges-stub.pth").write_text("\n".join(lines) + "\n")
+    (site_packages / "cartridges-stub.pth").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return prefix
 
 
@@ -157,7 +157,7 @@ def first_error(log_path: Path) -> str | None:
     """The first line of the reason Triton logged for failing: a model's load failure if any (it comes first in
     the log, long before the server gives up), else the first other error line; without the traceback Triton
     appends to a Python model's exception."""
-    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines() if log_path.exists() else []
     messages = [_error_message(line) for line in lines if re.match(r"E\d{4} ", line)]
     messages = [m for m in messages if m and not m.startswith(BENIGN_ERRORS)]
     load_failures = [m for m in messages if m.startswith("failed to load")]

@@ -45,12 +45,13 @@ def publish(
     fingerprint: ModelFingerprint,
     generation: int = 1,
     training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> str:
-    """Upload a generation (its manifest recording ``training``) and point ``current.json`` at it; returns the
-    generation prefix."""
+    """Upload a generation (its manifest recording ``training`` and ``metrics``) and point ``current.json`` at it;
+    returns the generation prefix."""
     prefix = layout.generation_prefix(root, namespace, name, generation)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = save_cartridge(cartridge, Path(tmp), fingerprint, training=training)
+        manifest = save_cartridge(cartridge, Path(tmp), fingerprint, training=training, metrics=metrics)
         upload_artifact(store, Path(tmp), prefix)
     pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
     store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +30,7 @@ from cartridges.artifact import (
     quantize_cartridge,
     save_cartridge,
     upload_artifact,
+    without_directory,
 )
 from cartridges.hashing import sha256_file
 from cartridges.models import LoadedModel, fingerprint, load_base_model, tiny_llama
@@ -61,6 +65,44 @@ def test_truncated_tensors_are_rejected(tiny_model: LoadedModel, tmp_path: Path)
     (tmp_path / TENSORS_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(ArtifactError, match="does not match the manifest"):
         load_cartridge(tmp_path)
+
+
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+RESAVE_UNDER_ASCII = """
+import locale, sys
+from pathlib import Path
+from cartridges.artifact import load_cartridge, save_cartridge
+assert locale.getpreferredencoding().lower() in ("ascii", "ansi_x3.4-1968"), locale.getpreferredencoding()
+cartridge, manifest = load_cartridge(Path(sys.argv[1]))
+save_cartridge(cartridge, Path(sys.argv[2]), manifest.base_model, training=manifest.training)
+"""
+
+
+def test_manifest_with_non_ascii_text_round_trips_under_an_ascii_locale(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    """The Triton stub runs under an ASCII locale: a manifest is UTF-8 whatever the locale (a corpus file named
+    ``café notes.md`` puts non-ASCII text in the description)."""
+    training = {"description": "café notes"}
+    save_cartridge(random_cartridge(tiny_model), tmp_path / "a", tiny_model.fingerprint, training=training)
+    env = {**os.environ, **ASCII_LOCALE}
+    subprocess.run(
+        [sys.executable, "-c", RESAVE_UNDER_ASCII, str(tmp_path / "a"), str(tmp_path / "b")], env=env, check=True
+    )
+    _, manifest = load_cartridge(tmp_path / "b")
+    assert manifest.training == training
+
+
+def test_artifact_errors_drop_the_download_directory_wherever_they_name_it(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    """Serving and the CLI load from a temporary directory that is gone once the error is read."""
+    save_cartridge(random_cartridge(tiny_model), tmp_path, tiny_model.fingerprint)
+    (tmp_path / MANIFEST_FILE).write_bytes(b"\xaf{}")
+    with pytest.raises(ArtifactError) as caught:
+        load_cartridge(tmp_path)
+    assert str(tmp_path) not in without_directory(caught.value, tmp_path)
+    assert MANIFEST_FILE in without_directory(caught.value, tmp_path)
 
 
 def test_cartridge_for_another_model_is_a_clear_error(tiny_model: LoadedModel, tmp_path: Path) -> None:

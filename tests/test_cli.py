@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -280,7 +281,7 @@ def test_train_again_after_an_interruption_resumes_the_unfinished_generation(
     assert json.loads(out)["training"]["resumed_from_step"] == 4
 
 
-@pytest.mark.parametrize("damage", [b"{not json", b'{"generation": "one", "prefix": "g1", "sha256": "x"}'])
+@pytest.mark.parametrize("damage", [b"{not json", b"\xaf{}", b'{"generation": "one", "prefix": "g1", "sha256": "x"}'])
 def test_train_replaces_a_damaged_current_json_with_a_new_generation(
     damage: bytes, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -302,6 +303,23 @@ def test_train_replaces_a_damaged_current_json_with_a_new_generation(
     assert find(opened, store, "default", "mended", 1).pointer.sha256 == first["sha256"]  # g1 as it was
 
 
+def test_a_trained_cartridge_is_found_under_any_spelling_of_its_store_and_once_moved(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """current.json names the promoted generation relative to the cartridge, so it still leads there when the
+    store is named another way or copied elsewhere (not 'pointer leaves the cartridge's prefix'), and training
+    again keeps it instead of training anew."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "moving", str(corpus_dir), "--model", "tiny", "--steps", "2", "--json"]
+    assert cli(capsys, *argv, "--store", store)[0] == 0
+    shutil.copytree(tmp_path / "store", tmp_path / "moved")
+    for other in (f"file://localhost{tmp_path}/store", f"file://{tmp_path}//store", f"file://{tmp_path / 'moved'}"):
+        code, out, err = cli(capsys, "inspect", "moving", "--store", other, "--json")
+        assert code == 0 and json.loads(out)["generation"] == 1, err
+    code, out, err = cli(capsys, *argv, "--store", f"file://{tmp_path / 'moved'}")
+    assert code == 0 and json.loads(out)["generation"] == 1, err
+
+
 def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path: Path) -> None:
     """Ctrl-C while the command starts (its own modules, then torch, transformers and triton importing) or later
     while it trains: the interrupt exit code and its line, never a traceback, an abort or a death by SIGINT. The
@@ -320,6 +338,36 @@ def test_ctrl_c_at_any_moment_exits_130_with_one_line(corpus_dir: Path, tmp_path
         assert command.returncode == 130, (delay, err)
         assert err.splitlines()[-1].startswith("cartridges: interrupted"), (delay, err)
         assert not any(text in err for text in ("Traceback", "nanobind", "Aborted", "KeyboardInterrupt")), (delay, err)
+
+
+def test_ctrl_c_while_training_checkpoints_the_step_it_stopped_at(corpus_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C stops distillation as SIGTERM does, after the step it lands in, checkpointed: the same command again
+    resumes from there, not from the last periodic checkpoint (a quarter of the steps apart: none yet here)."""
+    store = tmp_path / "store"
+    argv = [sys.executable, "-m", "cartridges.cli", "train", "long", str(corpus_dir), "--model", "tiny"]
+    argv += ["--store", f"file://{store}", "--steps", "100000"]
+    progress = Path(f"{layout.generation_prefix(str(store), 'default', 'long', 1)}/{layout.PROGRESS_FILE}")
+    command = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reached = _training_step(progress, command)
+    command.send_signal(signal.SIGINT)
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 130, err
+    assert err.splitlines()[-1] == "cartridges: interrupted; the same command again resumes where it stopped", err
+    checkpoints = [int(path.name.removeprefix("step-")) for path in store.rglob("step-*")]
+    assert len(checkpoints) == 1 and reached <= checkpoints[0] < 25000, (checkpoints, err)
+
+
+def _training_step(progress: Path, command: subprocess.Popen[str]) -> int:
+    """The first training step ``progress`` reports past 0, once the trainer writes one (waiting while it starts)."""
+    while command.poll() is None:
+        try:
+            state = json.loads(progress.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not written yet
+            state = {}
+        if state.get("phase") == "training" and state.get("step", 0) > 0:
+            return int(state["step"])
+        time.sleep(0.2)
+    raise AssertionError(f"the command ended before training: {command.communicate()[1]}")
 
 
 def _interrupted_before_main(returncode: int, stderr: str) -> bool:
@@ -1128,6 +1176,16 @@ def test_a_generate_error_carries_the_kind_and_the_message_without_the_marker() 
         assert (err.kind, err.message) == (None, text)
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9", "grpc://127.0.0.1:9"])
+@pytest.mark.parametrize("field", [{"max_tokens": 2**32 + 4}, {"max_tokens": -(2**31) - 1}, {"seed": 2**63}])
+def test_an_integer_the_router_cannot_hold_is_refused_before_sending(url: str, field: dict[str, int]) -> None:
+    """Converted to the router's tensor type it would wrap (4294967300 tokens asked as 4), so it never leaves."""
+    from cartridges.client import generate
+
+    with pytest.raises(ValueError, match=f"{next(iter(field))} .* is out of range"):
+        generate(url, "hi", timeout=1, **field)  # type: ignore[call-overload]
+
+
 def test_a_refused_stream_reads_as_the_servers_message() -> None:
     from cartridges.client import _error_message
 
@@ -1157,6 +1215,72 @@ def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
     code, _, err = cli(capsys, "inspect", "bad-pointer", "--store", store)
     assert code == EXIT_INPUT and pointer in err
     one_line_error(err)
+
+
+def test_a_stored_document_that_is_not_utf8_is_a_broken_cartridge(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bytes that are not UTF-8 in a manifest or current.json are damage like any other: the cartridge is BROKEN
+    in ``ls`` (the others still listed) and ``inspect`` exits 65 naming the object."""
+    store = f"file://{tmp_path / 'store'}"
+    opened, fp = open_store(store), tiny_model.fingerprint
+    for seed, name in enumerate(("good", "bad-manifest", "bad-pointer")):
+        publish(opened, store, "default", name, random_cartridge(fp, 4, seed=seed), fp)
+    manifest = f"{layout.generation_prefix(store, 'default', 'bad-manifest', 1)}/{layout.MANIFEST_FILE}"
+    pointer = layout.current_pointer(store, "default", "bad-pointer")
+    for damaged in (manifest, pointer):
+        Path(damaged.removeprefix("file://")).write_bytes(b"\xaf{}")
+    code, out, _ = cli(capsys, "ls", "--store", store, "--json")
+    listed = {c["name"]: c for c in json.loads(out)}
+    assert code == 0 and listed["good"]["generation"] == 1
+    assert manifest in listed["bad-manifest"]["error"] and pointer in listed["bad-pointer"]["error"]
+    for name, damaged in (("bad-manifest", manifest), ("bad-pointer", pointer)):
+        code, _, err = cli(capsys, "inspect", name, "--store", store)
+        assert code == EXIT_INPUT and damaged in err and "not valid JSON" in err
+        one_line_error(err)
+    progress = f"{layout.generation_prefix(store, 'default', 'good', 1)}/{layout.PROGRESS_FILE}"
+    opened.put_bytes(progress, b"\xaf{}")
+    code, out, err = cli(capsys, "inspect", "good", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["progress"] is None, err
+
+
+def test_train_takes_a_damaged_inputs_record_as_other_inputs(
+    corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unfinished generation whose inputs.json is not UTF-8 JSON is no run of these inputs: the next is trained."""
+    store = f"file://{tmp_path / 'store'}"
+    argv = ["train", "records", str(corpus_dir), "--model", "tiny", "--store", store, "--steps", "2", "--json"]
+    assert cli(capsys, *argv)[0] == 0
+    inputs = f"{layout.generation_prefix(store, 'default', 'records', 2)}/{layout.TRAINING_INPUTS_FILE}"
+    open_store(store).put_bytes(inputs, b"\xaf{}")
+    code, out, err = cli(capsys, *argv, "--force")
+    assert code == 0 and json.loads(out)["generation"] == 3, err
+
+
+def test_ls_leaves_out_folders_no_cartridge_can_be_named(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder put there by hand under a name ``inspect`` refuses is not listed as a cartridge."""
+    store = f"file://{tmp_path / 'store'}"
+    opened, fp = open_store(store), tiny_model.fingerprint
+    for name in ("good", "Team Notes", ".hidden"):
+        publish(opened, store, "default", name, random_cartridge(fp, 4, seed=0), fp)
+    code, out, err = cli(capsys, "ls", "--store", store, "--json")
+    assert code == 0 and [c["name"] for c in json.loads(out)] == ["good"], err
+
+
+def test_scores_that_are_not_numbers_print_as_a_dash(
+    tmp_path: Path, tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest edited by hand (a score of "n/a", null or true) is shown, not a crash part-way through."""
+    store = f"file://{tmp_path / 'store'}"
+    opened, fp = open_store(store), tiny_model.fingerprint
+    metrics = {"iclGainRecovered": "n/a", "icl": None, "noContext": True, "cartridge": 1.25}
+    publish(opened, store, "default", "odd", random_cartridge(fp, 4, seed=0), fp, metrics=metrics)
+    code, out, err = cli(capsys, "ls", "--store", store)
+    assert code == 0 and out.splitlines()[1].startswith("odd") and out.split()[-1] == "-", err
+    code, out, err = cli(capsys, "inspect", "odd", "--store", store)
+    assert code == 0 and "no context -, ICL -, cartridge 1.250 (ICL gain recovered -)" in out, err
 
 
 @pytest.mark.minio

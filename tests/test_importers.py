@@ -116,6 +116,9 @@ def test_peft_import_rejects_other_adapters(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
     with pytest.raises(ArtifactError, match="only PREFIX_TUNING"):
         import_peft_prefix(tmp_path)
+    (tmp_path / "adapter_config.json").write_bytes(b"\xaf{}")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        import_peft_prefix(tmp_path)
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(ArtifactError, match="expected a PEFT adapter directory"):
         import_cartridge(tmp_path)

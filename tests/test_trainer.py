@@ -1320,3 +1320,16 @@ def test_multi_gpu_launcher_passes_sigterm_to_torchrun_and_exits_interrupted(
     threading.Thread(target=kubelet, daemon=True).start()
     assert entry.main(["--config", config.model_dump_json()]) == EXIT_INTERRUPTED
     assert environments[0]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(TRAINER_GRACE_S)
+
+
+def test_ctrl_c_while_deferred_is_recorded_and_a_second_one_interrupts_at_once() -> None:
+    """The first Ctrl-C waits for the loop's next safe point (which checkpoints); a second one must still stop a
+    step that hangs. The block leaves as KeyboardInterrupt and forgets the request (a command run in-process may
+    train again)."""
+    stop, caller = StopRequest(), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), stop.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.stopping and not stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert not stop.stopping and signal.getsignal(signal.SIGINT) is caller

@@ -246,16 +246,16 @@ def _manifest(store: Store, name: str, prefix: str, which: str) -> CartridgeMani
 
 
 def read_document(store: Store, uri: str, model: type[DocumentModel]) -> DocumentModel:
-    """A JSON document of the store as ``model``; one that is not valid JSON or not such a document is an error
-    naming the object, which a bare ``JSONDecodeError`` or ``ValidationError`` would not."""
+    """A JSON document of the store as ``model``; one that is not UTF-8 JSON or not such a document is an error
+    naming the object, which a bare ``UnicodeDecodeError``, ``JSONDecodeError`` or ``ValidationError`` would not."""
     try:
         return model.model_validate(store.get_json(uri))
-    except json.JSONDecodeError as err:
-        raise CLIError(f"{uri}: not valid JSON ({err})", EXIT_INPUT) from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "document"
         raise CLIError(f"{uri}: not a valid {model.__name__} ({where}: {first['msg']})", EXIT_INPUT) from None
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        raise CLIError(f"{uri}: not valid JSON ({err})", EXIT_INPUT) from None
 
 
 def names(store: Store, root: str, namespace: str) -> list[str]:
@@ -263,9 +263,11 @@ def names(store: Store, root: str, namespace: str) -> list[str]:
 
     Names come from the store's listing of the directory (``children``), not from cutting listed URIs, which the
     store spells in its own normal form (``file://localhost/a``, ``file:///a//b`` or ``file:///a/./b`` list as
-    ``file:///a/...``)."""
+    ``file:///a/...``). A folder whose name no cartridge can have (``Team Notes``, ``.hidden``: put there by hand)
+    is no cartridge: listed, it would be one that ``inspect`` and the others refuse (:func:`check_name`)."""
     base = layout.cartridges_prefix(root, namespace)
-    return sorted(n for n in store.children(base) if store.exists(layout.current_pointer(root, namespace, n)))
+    listed = filter(layout.is_resource_name, store.children(base))
+    return sorted(n for n in listed if store.exists(layout.current_pointer(root, namespace, n)))
 
 
 def sha256_mismatch(stored: Stored, manifest: CartridgeManifest) -> str | None:
@@ -326,8 +328,7 @@ def promote(
 ) -> None:
     """Point ``current.json`` at a verified generation and, with ``keep``, delete the generations it does not keep,
     as the operator does."""
-    prefix = layout.generation_prefix(root, namespace, name, generation)
-    pointer = layout.Pointer(generation=generation, prefix=prefix, sha256=manifest.file_sha256)
+    pointer = layout.promoted_pointer(generation, manifest.file_sha256)
     store.put_json(layout.current_pointer(root, namespace, name), pointer.model_dump())
     if keep is not None:
         layout.prune_generations(store, root, namespace, name, generation, keep)

@@ -43,8 +43,15 @@ def describe(stored: Stored) -> dict[str, Any]:
 
 
 def _recovered(scores: dict[str, Any]) -> str:
-    value = scores.get("iclGainRecovered")
-    return "-" if value is None else f"{value:.0%}"
+    return _score(scores.get("iclGainRecovered"), ".0%")
+
+
+def _score(value: Any, spec: str) -> str:
+    """``value`` formatted by ``spec``, or ``-`` when it is not a number (absent, null, text, a bool): a manifest is
+    data anyone with write access to the store can change, and one odd score must not abort ``ls`` or ``inspect``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    return format(value, spec)
 
 
 def describe_or_error(store: Store, root: str, namespace: str, name: str) -> dict[str, Any]:
@@ -80,9 +87,11 @@ def _row(c: dict[str, Any]) -> str:
 
 
 def _progress(store: Store, prefix: str) -> dict[str, Any] | None:
+    """The generation's training progress; None when there is none, or it is damaged (not UTF-8 JSON, or not a
+    progress record): a side note of ``inspect``, which must still show the cartridge."""
     try:
         return layout.Progress.model_validate(store.get_json(f"{prefix}/{layout.PROGRESS_FILE}")).model_dump()
-    except ObjectNotFound:
+    except (ObjectNotFound, ValueError):
         return None
 
 
@@ -119,8 +128,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if scores:
         print(
             f"{'scores:':<15} answer NLL/token on held-out self-study questions: no context "
-            f"{scores.get('noContext', float('nan')):.3f}, ICL {scores.get('icl', float('nan')):.3f}, "
-            f"cartridge {scores.get('cartridge', float('nan')):.3f} (ICL gain recovered {_recovered(scores)})"
+            f"{_score(scores.get('noContext'), '.3f')}, ICL {_score(scores.get('icl'), '.3f')}, "
+            f"cartridge {_score(scores.get('cartridge'), '.3f')} (ICL gain recovered {_recovered(scores)})"
         )
     spec = info["training"].get("spec", {})
     if spec:

@@ -194,7 +194,7 @@ def _generation_to_train(store: Store, root: str, namespace: str, name: str, inp
     prefix = layout.generation_prefix(root, namespace, name, newest)
     try:
         recorded = store.get_json(f"{prefix}/{layout.TRAINING_INPUTS_FILE}")
-    except ObjectNotFound:
+    except (ObjectNotFound, ValueError):  # ValueError: damaged (not UTF-8 JSON), so no record of these inputs
         recorded = None
     promoted = _promoted_generation(store, root, namespace, name)
     newer = promoted is None or newest > promoted

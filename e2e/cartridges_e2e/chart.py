@@ -77,7 +77,7 @@ def token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path)
     token = client.CoreV1Api(cluster.api_client()).create_namespaced_service_account_token(
         account, namespace, {"spec": {"expirationSeconds": 3600}}
     )
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    admin = yaml.safe_load(cluster.kubeconfig.read_text(encoding="utf-8"))
     ca = admin["clusters"][0]["cluster"]["certificate-authority-data"]
     base64.b64decode(ca)  # fail early on a malformed admin kubeconfig
     document = {
@@ -86,5 +86,5 @@ def token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path)
         "users": [{"name": "sa", "user": {"token": token.status.token}}],
         "contexts": [{"name": "sa", "context": {"cluster": "test", "user": "sa"}}],
     }  # fmt: skip
-    path.write_text(yaml.safe_dump(document))
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path

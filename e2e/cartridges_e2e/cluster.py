@@ -66,7 +66,7 @@ def _write_kubeconfig(path: Path, server: str, ca: Path, user: Pem) -> Path:
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user"}}],
         "current-context": "test",
     }
-    path.write_text(yaml.safe_dump(document))
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path
 
 

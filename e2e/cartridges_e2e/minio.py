@@ -79,6 +79,6 @@ def start_minio(workdir: Path, pki: Pki | None = None) -> MinioServer:
     )
     ready = f"{scheme}://127.0.0.1:{port}/minio/health/ready"
     startup = service.wait_until(lambda: http_ok(ready, context=context), timeout_s=60)
-    ca_pem = pki.ca.cert.read_text() if pki else None
+    ca_pem = pki.ca.cert.read_text(encoding="utf-8") if pki else None
     config = S3Config(f"127.0.0.1:{port}", access_key, secret_key, secure=pki is not None, ca_pem=ca_pem)
     return MinioServer(service, config, startup)

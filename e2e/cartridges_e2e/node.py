@@ -243,7 +243,7 @@ class _Run:
 
     def launch(self) -> None:
         self.started_at, self.start_error, self.restart_at = _now(), "", None
-        self.message_path.write_text(self.script.message if self.script else "")
+        self.message_path.write_text(self.script.message if self.script else "", encoding="utf-8")
         with self.log_path.open("ab") as out:
             if self.script is not None:
                 out.write(f"[node harness] scripted exit {self.script.exit_code}: {self.script.message}\n".encode())
@@ -378,7 +378,7 @@ class NodeHarness:
 
     def logs(self, namespace: str, pod: str) -> str:
         path = self.log_path(namespace, pod)
-        return path.read_text(errors="replace") if path.exists() else ""
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
     def _register(self) -> None:
         labels = {"kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux"}

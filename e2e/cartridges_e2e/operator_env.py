@@ -53,7 +53,7 @@ def install_crds(api_client: client.ApiClient) -> None:
     """Create the generated CRDs (the chart tests may have applied the same ones already) and wait until served."""
     extensions = client.ApiextensionsV1Api(api_client)
     for path in sorted((REPO / "crds").glob("*.yaml")):
-        body = yaml.safe_load(path.read_text())
+        body = yaml.safe_load(path.read_text(encoding="utf-8"))
         try:
             extensions.create_custom_resource_definition(body)
         except ApiException as err:
@@ -166,5 +166,5 @@ class OperatorEnv:
         except AssertionError as err:
             raise AssertionError(
                 f"{err}; status: {json.dumps((self.get(plural, name) or {}).get('status'))}\n"
-                f"operator log:\n{self.operator.log_path.read_text()[-3000:]}"
+                f"operator log:\n{self.operator.log_path.read_text(encoding='utf-8', errors='replace')[-3000:]}"
             ) from err

@@ -634,24 +634,26 @@ def _quality_gate_problem(evaluation: dict[str, Any], minimum: float) -> str | N
 def _promote(run: Pass, trainer: TrainerConfig, current: layout.Pointer | None) -> None:
     """Point current.json at the verified generation, unless ``current`` (read this pass) does already; the previous
     one served until this write."""
-    pointer = layout.Pointer(
-        generation=trainer.generation, prefix=trainer.output_prefix, sha256=run.status["artifact"]["sha256"]
-    )
+    written = layout.promoted_pointer(trainer.generation, run.status["artifact"]["sha256"])
+    pointer = layout.confined_pointer(run.config.store_root, run.namespace, run.name, written)
     if current != pointer:  # none yet, or altered: written afresh
-        run.store.put_json(layout.current_pointer(run.config.store_root, run.namespace, run.name), pointer.model_dump())
+        run.store.put_json(layout.current_pointer(run.config.store_root, run.namespace, run.name), written.model_dump())
     run.pointer, run.pointer_known = pointer, True
     _record_promoted(run, pointer)
 
 
 def _read_pointer(run: Pass) -> layout.Pointer | None:
     """current.json, the promoted generation; None when there is none yet or it was altered (its bytes, or its JSON
-    replaced by hand: written afresh when promoting). Read once a pass."""
+    replaced by hand, or leaving the cartridge's prefix: written afresh when promoting). Its prefix comes back
+    resolved under the store root (written relative to the cartridge's). Read once a pass."""
     if not run.pointer_known:
+        root = run.config.store_root
         try:
-            run.pointer = layout.Pointer.model_validate(
-                run.store.get_json(layout.current_pointer(run.config.store_root, run.namespace, run.name))
+            stored = layout.Pointer.model_validate(
+                run.store.get_json(layout.current_pointer(root, run.namespace, run.name))
             )
-        except (ObjectNotFound, IntegrityError, ValueError):  # ValueError: not JSON, or not a pointer
+            run.pointer = layout.confined_pointer(root, run.namespace, run.name, stored)
+        except (ObjectNotFound, IntegrityError, ValueError):  # ValueError: not JSON, not a pointer, or outside
             run.pointer = None
         run.pointer_known = True
     return run.pointer

@@ -322,7 +322,8 @@ def test_a_recreated_cartridge_never_takes_a_retained_generation_as_its_own(oper
         layout.generation_prefix(env.store_root, env.namespace, "reborn", 2)), 90)  # fmt: skip
     env.wait_condition("cartridges", "reborn", "Ready", "True")
     pointer = env.store.get_json(layout.current_pointer(env.store_root, env.namespace, "reborn"))
-    manifest = env.store.get_json(f"{pointer['prefix']}/manifest.json")
+    prefix = layout.confined_pointer(env.store_root, env.namespace, "reborn", layout.Pointer(**pointer)).prefix
+    manifest = env.store.get_json(f"{prefix}/manifest.json")
     assert pointer["generation"] == 2
     assert manifest["corpus_digest"] == (env.get("corpora", "second-life") or {})["status"]["digest"]
 

@@ -59,7 +59,7 @@ def _permanent(message: str) -> int:
     print(f"cartridges-trainer: {line}", file=sys.stderr)
     for variable in (TERMINATION_MESSAGE_ENV, PERMANENT_MARKER_ENV):
         if path := os.environ.get(variable):
-            Path(path).write_text(line)
+            Path(path).write_text(line, encoding="utf-8")
     return EXIT_PERMANENT
 
 

@@ -29,7 +29,7 @@ from cartridges_trainer.errors import InputError
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
-from cartridges_trainer.stopping import STOP, Interrupted
+from cartridges_trainer.stopping import STOP
 from cartridges_trainer.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,8 @@ def distill(
     record ``inputs_key``.
 
     With several ranks each takes its share of every step's batch; only rank 0 writes checkpoints. After SIGTERM
-    every rank stops after the same step, checkpointed, and raises :class:`Interrupted`.
+    every rank stops after the same step, checkpointed, and raises :class:`Interrupted` (KeyboardInterrupt after
+    Ctrl-C alone).
     """
     training = spec.training
     data = [t for c in conversations if (t := c.truncated(training.sequenceLength)) is not None]
@@ -316,13 +317,17 @@ def distill(
             _stop_if_diverged(loss_value, gradient_norm, step + 1, training)
             optimizer.step()
             progress.advance(step + 1, tokens=int(world.sum(batch.tokens)), loss=loss_value)
-            stopping = world.any(STOP.requested)  # ranks get SIGTERM at different moments: all stop at one step
+            stopping = world.any(STOP.stopping)  # ranks get SIGTERM at different moments: all stop at one step
             due = (step + 1) % options.checkpoint_every == 0 or step + 1 == total
             if world.is_main and (due or stopping):
                 _save_checkpoint(workspace, step + 1, trainable, optimizer, inputs_key, loss_value)
             if stopping:
-                progress.finish("training", f"stopped by SIGTERM after step {step + 1}, checkpointed; resumes there")
-                raise Interrupted("SIGTERM")
+                interruption = STOP.interruption()
+                stopped_by = "Ctrl-C" if isinstance(interruption, KeyboardInterrupt) else "SIGTERM"
+                progress.finish(
+                    "training", f"stopped by {stopped_by} after step {step + 1}, checkpointed; resumes there"
+                )
+                raise interruption
     stats: dict[str, float | int | None] = {
         "steps": total,
         "resumed_from_step": start,

@@ -4,12 +4,16 @@ While distilling, the run finishes its step and checkpoints at that boundary: ot
 steps are lost. Elsewhere it stops at once: what a restart skips (synthesis shards, checkpoints) is stored as it is
 made. Without a handler, Python as the container's PID 1 would not even stop: the kernel drops default-handled
 signals to a namespace's init, so the pod would run on until SIGKILL.
+
+Ctrl-C (SIGINT: ``cartridges train`` on a terminal) is deferred alike while distilling, so the same command again
+resumes from the step it stopped at, not from the last periodic checkpoint; it then stops as KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -30,11 +34,22 @@ def _on_sigterm(handler: Callable[[int, FrameType | None], None]) -> Iterator[No
 
 
 class StopRequest:
-    """Whether SIGTERM arrived; inside ``deferred`` the handler only records it, for the training loop to act on."""
+    """Whether SIGTERM arrived; inside ``deferred`` the handler only records it, for the training loop to act on
+    (as it records Ctrl-C there)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.ctrl_c = False  # SIGINT inside ``deferred``
         self._deferring = False
+
+    @property
+    def stopping(self) -> bool:
+        return self.requested or self.ctrl_c
+
+    def interruption(self) -> BaseException:
+        """What stops the run: KeyboardInterrupt after Ctrl-C alone (what a command on a terminal reports), else
+        :class:`Interrupted` (SIGTERM here, or on another rank)."""
+        return KeyboardInterrupt() if self.ctrl_c and not self.requested else Interrupted("SIGTERM")
 
     @contextmanager
     def handled(self) -> Iterator[None]:
@@ -44,14 +59,38 @@ class StopRequest:
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
-        """A block that checks ``requested`` at its safe points; a request it did not act on stops the run after it."""
+        """A block that checks ``stopping`` at its safe points; a request it did not act on stops the run after it."""
         self._deferring = True
+        try:
+            with self._ctrl_c_deferred():
+                yield
+        finally:
+            self._deferring = False
+            interruption = self.interruption() if self.stopping else None
+            self.ctrl_c = False  # one run's: a command run in-process may train again
+        if interruption is not None:
+            raise interruption
+
+    @contextmanager
+    def _ctrl_c_deferred(self) -> Iterator[None]:
+        """Ctrl-C in this block is recorded; a second one interrupts at once (a step that hangs must not make the
+        command unstoppable). Only the main thread can set a handler, and a process started with SIGINT ignored
+        keeps ignoring it; the previous handler comes back afterwards."""
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+            yield
+            return
+
+        def record(signum: int, frame: FrameType | None) -> None:
+            if self.ctrl_c:
+                raise KeyboardInterrupt
+            self.ctrl_c = True
+
+        signal.signal(signal.SIGINT, record)
         try:
             yield
         finally:
-            self._deferring = False
-        if self.requested:
-            raise Interrupted("SIGTERM")
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
     @contextmanager
     def forwarded_to(self, child: subprocess.Popen[bytes]) -> Iterator[None]:
