@@ -1080,6 +1080,7 @@ def test_eval_checks_plot_before_evaluating_and_prints_results_before_plotting(
     [
         ["ask", ""],
         ["ask", "Hi", "--max-tokens", "-1"],
+        ["ask", "Hi", "--max-tokens", "4294967300"],  # the router's 32-bit input would wrap it to 4
         ["ask", "Hi", "--temperature", "-1"],
         ["ask", "Hi", "--temperature", "nan"],
         ["ask", "Hi", "--url", "127.0.0.1:18555"],

@@ -70,10 +70,14 @@ def question_text(text: str) -> str:
     return text
 
 
-def non_negative_int(text: str) -> int:
+MAX_TOKEN_COUNT = 2**31 - 1
+"""The most tokens a request can ask for: the router takes max_tokens as a 32-bit integer."""
+
+
+def token_count(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not 0 <= value <= MAX_TOKEN_COUNT:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_TOKEN_COUNT}, got {value}")
     return value
 
 
@@ -195,7 +199,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--url", type=server_url, default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"
     )
     parser.add_argument(
-        "--max-tokens", type=non_negative_int, default=128, help="answer length limit (default: %(default)s)"
+        "--max-tokens", type=token_count, default=128, help="answer length limit (default: %(default)s)"
     )
     parser.add_argument(
         "--temperature", type=non_negative_float, default=0.0, help="0 is greedy (default: %(default)s)"

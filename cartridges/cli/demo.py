@@ -12,7 +12,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from cartridges.cli.ask import non_negative_int
+from cartridges.cli.ask import token_count
 from cartridges.cli.common import add_command, load_model, model_options, open_store, store_options
 from cartridges.cli.evaluate import evaluate_stored, plot, plot_path, read_qa, table
 from cartridges.cli.serve import Ports, local_server, port_number
@@ -99,5 +99,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--force", action="store_true", help="train again even if the cartridge is in the store")
     parser.add_argument("--plot", type=plot_path, default="cartridges-demo.png", help="where to save the plot")
     parser.add_argument("--port", type=port_number, help="HTTP port of the server (default: a free one)")
-    parser.add_argument("--max-tokens", type=non_negative_int, default=48, help="answer length (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=token_count, default=48, help="answer length (default: %(default)s)")
     parser.set_defaults(func=run, resumes=True)
