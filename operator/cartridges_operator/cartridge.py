@@ -633,11 +633,13 @@ def _quality_gate_problem(evaluation: dict[str, Any], minimum: float) -> str | N
 
 def _promote(run: Pass, trainer: TrainerConfig, current: layout.Pointer | None) -> None:
     """Point current.json at the verified generation, unless ``current`` (read this pass) does already; the previous
-    one served until this write."""
-    written = layout.promoted_pointer(trainer.generation, run.status["artifact"]["sha256"])
-    pointer = layout.confined_pointer(run.config.store_root, run.namespace, run.name, written)
+    one served until this write. Written with its prefix resolved (absolute), which operators before relative
+    prefixes were read also read: a rollback of the operator keeps serving (the store root is the operator's fixed
+    setting, so nothing is gained by a relative one here)."""
+    relative = layout.promoted_pointer(trainer.generation, run.status["artifact"]["sha256"])
+    pointer = layout.confined_pointer(run.config.store_root, run.namespace, run.name, relative)
     if current != pointer:  # none yet, or altered: written afresh
-        run.store.put_json(layout.current_pointer(run.config.store_root, run.namespace, run.name), written.model_dump())
+        run.store.put_json(layout.current_pointer(run.config.store_root, run.namespace, run.name), pointer.model_dump())
     run.pointer, run.pointer_known = pointer, True
     _record_promoted(run, pointer)
 
@@ -645,7 +647,7 @@ def _promote(run: Pass, trainer: TrainerConfig, current: layout.Pointer | None) 
 def _read_pointer(run: Pass) -> layout.Pointer | None:
     """current.json, the promoted generation; None when there is none yet or it was altered (its bytes, or its JSON
     replaced by hand, or leaving the cartridge's prefix: written afresh when promoting). Its prefix comes back
-    resolved under the store root (written relative to the cartridge's). Read once a pass."""
+    resolved under the store root (``cartridges train`` writes it relative to the cartridge's). Read once a pass."""
     if not run.pointer_known:
         root = run.config.store_root
         try:
