@@ -261,7 +261,7 @@ def time_per_step(
         with torch.cuda.graph(graph):
             step()
     except RuntimeError as error:  # report eager time rather than lose the row
-        raise_if_device_fault(error)
+        check_device(device)  # a refused capture says "CUDA error" too, but leaves the device working
         print(f"CUDA graph capture failed ({error}); reporting eager time", file=sys.stderr)
         ms = median_ms(step, shapes, device) * scale if eager_ms is None else eager_ms
         return ms, ms
@@ -284,6 +284,16 @@ def is_device_fault(error: BaseException) -> bool:
         or "CUDA error" in text
         or "[CUDA]" in text
     )
+
+
+def check_device(device: torch.device) -> None:
+    """Raise DeviceFault unless ``device`` still runs work: whether an error was a sticky fault or one the device
+    recovers from (a refused graph capture) shows in the next launch, not in its message."""
+    try:
+        torch.ones(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
+    except RuntimeError as error:
+        raise DeviceFault(f"the device no longer runs work: {error}") from error
 
 
 def raise_if_device_fault(error: BaseException) -> None:

@@ -271,3 +271,40 @@ def test_the_wheels_gpu_sh_carries_are_the_tested_versions() -> None:
     pins = re.findall(r"([A-Za-z0-9_.-]+)==(\S+?)\s", (ROOT / "bench" / "gpu.sh").read_text(encoding="utf-8"))
     assert {"pydantic", "minio", "urllib3", "certifi"} <= {name for name, _ in pins}
     assert [(name, importlib.metadata.version(name)) for name, _ in pins] == pins
+
+
+@pytest.mark.parametrize("device_works", [True, False])
+def test_a_refused_graph_capture_falls_back_to_eager_unless_the_device_stopped_working(
+    monkeypatch: pytest.MonkeyPatch, device_works: bool
+) -> None:
+    """A capture refused by an op that cannot be captured says "CUDA error" as a sticky fault does: the step is
+    timed eagerly while the device still runs work, and the run stops on record only when it does not. torch.cuda
+    is the seam (no GPU here): the capture raises, and the health check's launch works or fails."""
+    import contextlib
+
+    import torch
+
+    bench = bench_module(monkeypatch)
+    refused = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    @contextlib.contextmanager
+    def capture(graph: object) -> Any:
+        raise refused
+        yield
+
+    def synchronize(device: object) -> None:
+        if not device_works:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    monkeypatch.setattr(bench, "median_ms", lambda step, shapes, device: 2.0)
+    monkeypatch.setattr(torch, "ones", lambda *args, **kwargs: torch.zeros(1))  # the launch on "cuda"
+    timing = lambda: bench.time_per_step(lambda layer: None, [0], bench.SMOKE, torch.device("cuda"))  # noqa: E731
+    if device_works:
+        assert timing() == (2.0 * bench.SMOKE.layers, 2.0 * bench.SMOKE.layers)
+    else:
+        with pytest.raises(bench.DeviceFault, match="no longer runs work: .*illegal memory access"):
+            timing()
