@@ -36,6 +36,7 @@ ACCEPTED = [
     '{"requests": {"nvidia.com/gpu": "2", "cpu": "1500m"}, "limits": {"nvidia.com/gpu": 2, "cpu": 1.5}}',
     '{"requests": {"memory": "16384Mi", "ephemeral-storage": "1G"}, "limits": {"memory": "16Gi"}}',
     '{"requests": {"cpu": "1e-3"}, "limits": {"cpu": "1m"}}',
+    '{"limits": {"nvidia.com/gpu": "1e30"}}',  # whole, if absurd: a Decimal too large for % 1 must not crash
 ]
 
 

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import ClassVar
 
 from kubernetes.utils import parse_quantity
@@ -107,7 +108,7 @@ def _check_requests_against_limits(name: str, requests: dict[str, Quantity], lim
     resource it does not overcommit (a GPU), a request without an equal limit, or a fraction of one, would have every
     serving Deployment refused. (A limit without a request is fine: the request defaults to it.)"""
     for resource, quantity in limits.items():
-        if not _overcommitted(resource) and parse_quantity(quantity) % 1:
+        if not _overcommitted(resource) and not _whole(parse_quantity(quantity)):
             raise ValueError(f"{name}: limits.{resource} must be a whole number, got {quantity!r}")
     for resource, request in requests.items():
         limit = limits.get(resource)
@@ -124,6 +125,10 @@ def _check_requests_against_limits(name: str, requests: dict[str, Quantity], lim
             )
         elif parse_quantity(request) > parse_quantity(limit):
             raise ValueError(f"{name}: requests.{resource} ({request!r}) is above limits.{resource} ({limit!r})")
+
+
+def _whole(quantity: Decimal) -> bool:
+    return quantity == quantity.to_integral_value()  # not % 1, which a very large Decimal cannot take
 
 
 def _overcommitted(resource: str) -> bool:
