@@ -218,7 +218,8 @@ class Progress(BaseModel):
 
 
 class Pointer(BaseModel):
-    """``current.json``: the promoted generation of a cartridge; written only by the operator."""
+    """``current.json``: the promoted generation of a cartridge; written by the operator in a cluster's store (its
+    prefix absolute) and by the ``cartridges`` command in a local one (relative, see :func:`promoted_pointer`)."""
 
     generation: int
     prefix: str
@@ -226,9 +227,9 @@ class Pointer(BaseModel):
 
 
 def promoted_pointer(generation: int, sha256: str) -> Pointer:
-    """The pointer that promotes ``generation``: its prefix relative to the cartridge's, so the store still reads it
-    when moved, copied or named by another spelling of its root (:func:`confined_pointer` resolves it, as it reads
-    the absolute prefixes written before)."""
+    """The pointer that promotes ``generation``: its prefix relative to the cartridge's, so a local store still reads
+    it when moved, copied or named by another spelling of its root (:func:`confined_pointer` resolves it, as it
+    reads absolute prefixes). The operator writes it resolved: operators before relative prefixes read only those."""
     return Pointer(generation=generation, prefix=_generation_folder(generation), sha256=sha256)
 
 
