@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,11 +55,10 @@ def test_a_controller_manager_that_exits_fails_start_up_with_its_log_and_stops_t
     control_plane = fake_control_plane(tmp_path, fail_after_s)
     monkeypatch.setattr(binaries, "control_plane", lambda: control_plane)
     workdir = tmp_path / "k8s"
-    started = time.monotonic()
 
+    # "exited with 1", not "not ready after": the exit was noticed, not waited out (no timed assertion needed)
     with pytest.raises(ServiceError, match="kube-controller-manager exited with 1") as failure:
-        cluster.start_cluster(workdir, timeout_s=60)
+        cluster.start_cluster(workdir)
 
-    assert time.monotonic() - started < 40, "waited for a timeout instead of noticing the exit"
     assert "error starting controllers" in str(failure.value)
     assert_none_left(workdir)
