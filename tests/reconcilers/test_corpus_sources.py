@@ -394,7 +394,7 @@ def test_read_slots_bound_the_corpora_read_at_once() -> None:
         busy = r"at most 1 Corpora at once \(chart value corpus\.concurrentReads\)"
         with pytest.raises(ReadsBusy, match=busy), slots.hold():
             pass
-        assert 0.1 <= time.monotonic() - started < 2
+        assert 0.1 <= time.monotonic() - started < 10  # gave up after wait_s (loose: a loaded machine)
     with pytest.raises(SourceError), slots.hold():
         raise SourceError("a broken source")
     with slots.hold():
@@ -586,7 +586,7 @@ def test_a_slow_http_source_times_out_as_a_whole(endless_server: str) -> None:
     with pytest.raises(SourceUnavailable, match="did not finish within timeoutSeconds=1"):
         read_sources(spec({"http": {"url": f"{endless_server}/drip", "timeoutSeconds": 1}}), Store(), no_configmaps,
                      LOCAL)  # fmt: skip
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # the 1 s deadline, not the endless body (loose: a loaded machine)
 
 
 def test_http_sources_on_internal_addresses_are_refused(web_page: str, endless_server: str) -> None:
