@@ -7,6 +7,8 @@ the write is refused and the next pass recomputes from fresh state. Each conditi
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
@@ -31,6 +33,38 @@ WARNINGS = {("Stalled", "True"), (SOURCES_READ, "False")}  # (condition, status)
 CONFIG = OperatorConfig.from_env()
 STORE = Store.from_env()
 READS = ReadSlots(CONFIG.corpus_limits.concurrent_reads)  # shared by the worker threads that read Corpora
+
+
+class CartridgePasses:
+    """Keeps a Cartridge's passes and its deletion apart. kopf stops a Cartridge's timer as its deletion handler
+    starts, but cannot stop a pass already running in a worker thread, which acts on the body it read before the
+    deletion: it could create a Job or write current.json after the handler stopped the Jobs and deleted the prefix.
+    So the handler waits for the pass in flight, and no pass runs for that Cartridge afterwards."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}  # by Cartridge uid: held while a pass runs
+        self._deleting: set[str] = set()  # uids whose deletion has begun (a few bytes per deleted Cartridge)
+
+    def _lock(self, uid: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(uid, threading.Lock())
+
+    def run(self, uid: str, reconcile: Callable[[], None]) -> None:
+        """``reconcile``, unless the Cartridge's deletion has begun."""
+        with self._lock(uid):
+            if uid not in self._deleting:
+                reconcile()
+
+    def begin_deletion(self, uid: str) -> None:
+        """Once the pass in flight (if any) has ended; none runs after."""
+        with self._lock(uid):
+            self._deleting.add(uid)
+        with self._guard:
+            self._locks.pop(uid, None)
+
+
+PASSES = CartridgePasses()
 
 
 @kopf.on.startup()
@@ -156,11 +190,14 @@ def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, **kwargs
     def same_base_model(model: str) -> list[dict[str, Any]]:
         return list(index.get((namespace, model), []))
 
-    with metrics.reconciling("Cartridge"):
-        desired = reconcile_cartridge(_plain(body), namespace, name, CONFIG, STORE, same_base_model)
-    write_status("cartridges", body, desired)
-    ready: dict[str, Any] = next((c for c in desired.get("conditions") or [] if c["type"] == "Ready"), {})
-    metrics.record_cartridge(f"{namespace}/{name}", ready.get("status", "Unknown"), ready.get("reason", ""))
+    def reconcile() -> None:
+        with metrics.reconciling("Cartridge"):
+            desired = reconcile_cartridge(_plain(body), namespace, name, CONFIG, STORE, same_base_model)
+        write_status("cartridges", body, desired)
+        ready: dict[str, Any] = next((c for c in desired.get("conditions") or [] if c["type"] == "Ready"), {})
+        metrics.record_cartridge(f"{namespace}/{name}", ready.get("status", "Unknown"), ready.get("reason", ""))
+
+    PASSES.run(body.metadata["uid"], reconcile)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, "cartridges", retries=JOB_STOP_RETRIES + DELETE_RETRIES, backoff=2)
@@ -179,6 +216,7 @@ def cartridge_deleted(
     With retention Delete, the training Jobs are stopped first (their pods gone): a trainer still running would
     write progress, shards and checkpoints under the prefix after it was deleted."""
     assert namespace is not None
+    PASSES.begin_deletion(meta["uid"])
     metrics.forget_cartridge(f"{namespace}/{name}")
     forget_cartridge(meta["uid"])
     model = spec.get("baseModel", {}).get("name", "")
