@@ -6,6 +6,7 @@ the write is refused and the next pass recomputes from fresh state. Each conditi
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -35,26 +36,35 @@ STORE = Store.from_env()
 READS = ReadSlots(CONFIG.corpus_limits.concurrent_reads)  # shared by the worker threads that read Corpora
 
 
-class CartridgePasses:
-    """Keeps a Cartridge's passes and its deletion apart. kopf stops a Cartridge's timer as its deletion handler
-    starts, but cannot stop a pass already running in a worker thread, which acts on the body it read before the
-    deletion: it could create a Job or write current.json after the handler stopped the Jobs and deleted the prefix.
-    So the handler waits for the pass in flight, and no pass runs for that Cartridge afterwards."""
+class Passes:
+    """One pass at a time per object (by uid), across kopf's worker threads, and none once its deletion has begun.
+
+    kopf runs a resource's change handlers, its timer and our raw-event handlers concurrently. Two passes over one
+    Corpus would read its sources twice (a slow source holds every read slot meanwhile, and the later status write
+    conflicts); a Cartridge's pass in flight when its deletion starts acts on the body it read before, and could
+    create a Job or write current.json after the deletion handler stopped the Jobs and deleted the prefix. A lock
+    is kept per object seen (a few hundred bytes; a Cartridge's goes with its deletion)."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}  # by Cartridge uid: held while a pass runs
-        self._deleting: set[str] = set()  # uids whose deletion has begun (a few bytes per deleted Cartridge)
+        self._locks: dict[str, threading.Lock] = {}  # held while a pass runs
+        self._deleting: set[str] = set()  # uids whose deletion has begun (a few bytes per deleted object)
 
     def _lock(self, uid: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(uid, threading.Lock())
 
-    def run(self, uid: str, reconcile: Callable[[], None]) -> None:
-        """``reconcile``, unless the Cartridge's deletion has begun."""
-        with self._lock(uid):
+    def run(self, uid: str, pass_: Callable[[], object], *, wait: bool = True) -> None:
+        """``pass_`` once the pass in flight has ended (or, unless ``wait``, not at all while one runs: a timer's
+        next tick looks again), unless the object's deletion has begun."""
+        lock = self._lock(uid)
+        if not lock.acquire(blocking=wait):
+            return
+        try:
             if uid not in self._deleting:
-                reconcile()
+                pass_()
+        finally:
+            lock.release()
 
     def begin_deletion(self, uid: str) -> None:
         """Once the pass in flight (if any) has ended; none runs after."""
@@ -64,7 +74,7 @@ class CartridgePasses:
             self._locks.pop(uid, None)
 
 
-PASSES = CartridgePasses()
+CORPUS_PASSES, CARTRIDGE_PASSES = Passes(), Passes()
 
 
 @kopf.on.startup()
@@ -115,6 +125,11 @@ def _post_transitions(body: kopf.Body, before: list[dict[str, Any]], after: list
         post(body, reason=condition.get("reason") or condition["type"], message=message)
 
 
+def _read_corpus(body: kopf.Body) -> bool:
+    """Read the Corpus's sources and write its status; False when the Corpus changed meanwhile (the write refused)."""
+    return write_status("corpora", body, _reconcile_corpus(body))
+
+
 def _reconcile_corpus(body: kopf.Body) -> dict[str, Any]:
     meta = body.metadata
     with metrics.reconciling("Corpus"):
@@ -128,8 +143,11 @@ def _reconcile_corpus(body: kopf.Body) -> dict[str, Any]:
 @kopf.on.create(api.GROUP, api.VERSION, "corpora")
 @kopf.on.update(api.GROUP, api.VERSION, "corpora", field="spec")
 def corpus_changed(body: kopf.Body, **_: Any) -> None:
-    if not write_status("corpora", body, _reconcile_corpus(body)):
-        raise kopf.TemporaryError("the Corpus changed while it was being read; retrying", delay=1)
+    def read() -> None:
+        if not _read_corpus(body):
+            raise kopf.TemporaryError("the Corpus changed while it was being read; retrying", delay=1)
+
+    CORPUS_PASSES.run(body.metadata["uid"], read)
 
 
 @kopf.timer(api.GROUP, api.VERSION, "corpora", interval=CORPUS_RETRY_S, initial_delay=CORPUS_RETRY_S)
@@ -147,8 +165,8 @@ def corpus_retry(body: kopf.Body, **_: Any) -> None:
         unobserved
         or unread
         or stored_version_damaged(status, meta["namespace"], meta["name"], STORE, CONFIG.store_root)
-    ):
-        write_status("corpora", body, _reconcile_corpus(body))
+    ):  # not while a change handler reads it: this body is older than that read's status, and would read again
+        CORPUS_PASSES.run(meta["uid"], functools.partial(_read_corpus, body), wait=False)
 
 
 @kopf.on.event("", "v1", "configmaps")
@@ -165,7 +183,7 @@ def configmap_changed(event: kopf.RawEvent, namespace: str | None, name: str, lo
         logger.info(f"ConfigMap {name} changed: re-reading Corpus {corpus_name}")
         corpus_body = kopf.Body(cast(kopf.RawBody, corpus))
         try:
-            write_status("corpora", corpus_body, _reconcile_corpus(corpus_body))
+            CORPUS_PASSES.run(corpus["metadata"]["uid"], functools.partial(_read_corpus, corpus_body))
         except Exception:
             logger.exception(f"ConfigMap {name} changed: re-reading Corpus {corpus_name} failed")
 
@@ -197,7 +215,7 @@ def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, **kwargs
         ready: dict[str, Any] = next((c for c in desired.get("conditions") or [] if c["type"] == "Ready"), {})
         metrics.record_cartridge(f"{namespace}/{name}", ready.get("status", "Unknown"), ready.get("reason", ""))
 
-    PASSES.run(body.metadata["uid"], reconcile)
+    CARTRIDGE_PASSES.run(body.metadata["uid"], reconcile)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, "cartridges", retries=JOB_STOP_RETRIES + DELETE_RETRIES, backoff=2)
@@ -216,7 +234,7 @@ def cartridge_deleted(
     With retention Delete, the training Jobs are stopped first (their pods gone): a trainer still running would
     write progress, shards and checkpoints under the prefix after it was deleted."""
     assert namespace is not None
-    PASSES.begin_deletion(meta["uid"])
+    CARTRIDGE_PASSES.begin_deletion(meta["uid"])
     metrics.forget_cartridge(f"{namespace}/{name}")
     forget_cartridge(meta["uid"])
     model = spec.get("baseModel", {}).get("name", "")

@@ -1,5 +1,6 @@
-"""A Cartridge's pass in flight and its deletion: the deletion handler waits for the pass (which may create a Job
-or write current.json from the body it read before the deletion), and no pass runs once the deletion has begun."""
+"""One pass at a time per object: a Cartridge's deletion waits for its pass in flight (which may create a Job or
+write current.json from the body it read before the deletion) and no pass runs after it began; a Corpus being read
+is not read again by its retry timer meanwhile."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ WAIT_S = 60.0  # a failure guard only
 
 
 def test_a_deletion_waits_for_the_pass_in_flight_and_no_pass_runs_after() -> None:
-    passes = handlers.CartridgePasses()
+    passes = handlers.Passes()
     entered, release, ran = threading.Event(), threading.Event(), list[str]()
 
     def pass_in_flight() -> None:
@@ -44,8 +45,8 @@ def test_a_deletion_waits_for_the_pass_in_flight_and_no_pass_runs_after() -> Non
 
 
 def test_the_resync_timer_skips_a_cartridge_whose_deletion_has_begun(monkeypatch: pytest.MonkeyPatch) -> None:
-    passes = handlers.CartridgePasses()
-    monkeypatch.setattr(handlers, "PASSES", passes)
+    passes = handlers.Passes()
+    monkeypatch.setattr(handlers, "CARTRIDGE_PASSES", passes)
     reconciled: list[str] = []
 
     def reconcile(body: dict[str, Any], *_: object) -> dict[str, Any]:
@@ -61,3 +62,34 @@ def test_the_resync_timer_skips_a_cartridge_whose_deletion_has_begun(monkeypatch
     passes.begin_deletion("uid-c")
     resync(body=body, namespace="ns", name="c", cartridges_by_base_model={})
     assert reconciled == ["uid-c"]
+
+
+def test_the_corpus_retry_timer_skips_a_corpus_being_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read taking longer than the retry interval (a slow http: source) is not started again by the timer, whose
+    body predates that read's status: once is enough, and the read slots stay free for other Corpora."""
+    passes = handlers.Passes()
+    monkeypatch.setattr(handlers, "CORPUS_PASSES", passes)
+    reads: list[str] = []
+
+    def timer_read(body: kopf.Body) -> bool:
+        reads.append("timer")
+        return True
+
+    monkeypatch.setattr(handlers, "_read_corpus", timer_read)
+    body = kopf.Body(cast(kopf.RawBody, {"metadata": {"name": "c", "uid": "uid-c", "generation": 2}, "spec": {},
+                                         "status": {"observedGeneration": 1}}))  # fmt: skip
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_read() -> None:
+        entered.set()
+        release.wait(WAIT_S)
+        reads.append("handler")
+
+    reading = threading.Thread(target=passes.run, args=("uid-c", slow_read))
+    reading.start()
+    assert entered.wait(WAIT_S)
+    cast(Any, handlers.corpus_retry)(body=body)
+    release.set()
+    reading.join(WAIT_S)
+    cast(Any, handlers.corpus_retry)(body=body)  # the next tick, no read in flight: reads (this body is unobserved)
+    assert reads == ["handler", "timer"]
