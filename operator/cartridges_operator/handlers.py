@@ -169,6 +169,34 @@ def corpus_retry(body: kopf.Body, **_: Any) -> None:
         CORPUS_PASSES.run(meta["uid"], functools.partial(_read_corpus, body), wait=False)
 
 
+class ConfigMapVersions:
+    """The resourceVersion each ConfigMap had when last seen, to tell which changed while the watch was broken.
+
+    After a watch fails (410 Gone, an API server restarting), kopf lists the ConfigMaps again, as events of no type:
+    the changes made meanwhile arrive only there. A ConfigMap seen before with another version changed; one not
+    seen before is from the first listing (at start-up, ``corpus_changed`` reads every Corpus anyway) or was created
+    meanwhile (a Corpus that waited for it is not Ready, so the retry timer reads it)."""
+
+    def __init__(self) -> None:
+        self._versions: dict[tuple[str, str], str] = {}
+
+    def changed(self, event: kopf.RawEvent, namespace: str, name: str) -> bool:
+        """Whether ``event`` brings a new text of the ConfigMap (recording its version)."""
+        key, kind = (namespace, name), event.get("type")
+        if kind == "DELETED":
+            self._versions.pop(key, None)
+            return False
+        version = str(((event.get("object") or {}).get("metadata") or {}).get("resourceVersion", ""))
+        seen = self._versions.get(key)
+        self._versions[key] = version
+        if kind is None:  # a listing
+            return seen is not None and seen != version
+        return kind in ("ADDED", "MODIFIED")
+
+
+CONFIGMAP_VERSIONS = ConfigMapVersions()
+
+
 @kopf.on.event("", "v1", "configmaps")
 def configmap_changed(event: kopf.RawEvent, namespace: str | None, name: str, logger: kopf.Logger, **_: Any) -> None:
     """Re-read every Corpus that uses a ConfigMap that appeared or changed; unchanged text keeps its digest.
@@ -176,7 +204,7 @@ def configmap_changed(event: kopf.RawEvent, namespace: str | None, name: str, lo
     Each Corpus on its own: one that fails unexpectedly is logged, and the others are still read (else a Ready one
     would keep the old text, as kopf calls this handler no more for this change). Raw events, not change handlers:
     those would annotate users' ConfigMaps with kopf's bookkeeping."""
-    if event.get("type") not in ("ADDED", "MODIFIED") or namespace is None:
+    if namespace is None or not CONFIGMAP_VERSIONS.changed(event, namespace, name):
         return
     for corpus in kube.corpora_using_configmap(namespace, name):
         corpus_name = corpus["metadata"]["name"]

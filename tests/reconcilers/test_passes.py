@@ -1,9 +1,10 @@
 """One pass at a time per object: a Cartridge's deletion waits for its pass in flight (which may create a Job or
 write current.json from the body it read before the deletion) and no pass runs after it began; a Corpus being read
-is not read again by its retry timer meanwhile."""
+is not read again by its retry timer meanwhile; a ConfigMap changed while the watch was broken is still read."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, cast
 
@@ -93,3 +94,36 @@ def test_the_corpus_retry_timer_skips_a_corpus_being_read(monkeypatch: pytest.Mo
     reading.join(WAIT_S)
     cast(Any, handlers.corpus_retry)(body=body)  # the next tick, no read in flight: reads (this body is unobserved)
     assert reads == ["handler", "timer"]
+
+
+def test_a_configmap_changed_while_the_watch_was_broken_is_read_from_the_listing_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kopf lists the ConfigMaps again after a broken watch (410 Gone, an API server restarting), as events of no
+    type: one whose version moved meanwhile re-reads its Corpora (a Ready one would keep the old text for ever); the
+    first listing (start-up: every Corpus is read anyway) and an unchanged one read nothing."""
+    monkeypatch.setattr(handlers, "CONFIGMAP_VERSIONS", handlers.ConfigMapVersions())
+    monkeypatch.setattr(handlers, "CORPUS_PASSES", handlers.Passes())
+    corpus = {"metadata": {"name": "handbook", "uid": "uid-h"}, "spec": {}, "status": {}}
+    monkeypatch.setattr(handlers.kube, "corpora_using_configmap", lambda namespace, name: [corpus])
+    reads: list[str] = []
+
+    def read(body: kopf.Body) -> bool:
+        reads.append(body.metadata["name"])
+        return True
+
+    monkeypatch.setattr(handlers, "_read_corpus", read)
+    configmap_changed = cast(Any, handlers.configmap_changed)
+    logger = logging.getLogger(__name__)
+    for kind, version, read_then in [
+        (None, "1", False),  # the first listing
+        ("MODIFIED", "2", True),
+        (None, "2", False),  # listed again, unchanged
+        (None, "3", True),  # listed again after a change the watch missed
+        ("DELETED", "3", False),
+        (None, "4", False),  # created again while the watch was broken: its Corpus is not Ready, the timer reads it
+    ]:
+        event = {"type": kind, "object": {"metadata": {"name": "docs", "resourceVersion": version}}}
+        before = len(reads)
+        configmap_changed(event=event, namespace="ns", name="docs", logger=logger)
+        assert (len(reads) > before) == read_then, (kind, version)
