@@ -4,8 +4,10 @@ is not read again by its retry timer meanwhile; a ConfigMap changed while the wa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any, cast
 
 import kopf
@@ -16,29 +18,38 @@ from cartridges_operator import handlers
 WAIT_S = 60.0  # a failure guard only
 
 
-def test_a_deletion_waits_for_the_pass_in_flight_and_no_pass_runs_after() -> None:
-    passes = handlers.Passes()
-    entered, release, ran = threading.Event(), threading.Event(), list[str]()
+@contextlib.contextmanager
+def pass_in_flight(passes: handlers.Passes, uid: str, done: list[str], name: str) -> Iterator[None]:
+    """A pass over ``uid`` running in another thread for the block's duration; ``name`` goes to ``done`` as it ends."""
+    entered, release = threading.Event(), threading.Event()
 
-    def pass_in_flight() -> None:
+    def held() -> None:
         entered.set()
         release.wait(WAIT_S)
-        ran.append("pass")
+        done.append(name)
 
-    running = threading.Thread(target=passes.run, args=("uid-c", pass_in_flight))
+    running = threading.Thread(target=passes.run, args=(uid, held))
     running.start()
     assert entered.wait(WAIT_S)
+    try:
+        yield
+    finally:
+        release.set()
+        running.join(WAIT_S)
+
+
+def test_a_deletion_waits_for_the_pass_in_flight_and_no_pass_runs_after() -> None:
+    passes, ran = handlers.Passes(), list[str]()
 
     def deletion() -> None:
         passes.begin_deletion("uid-c")
         ran.append("deletion")
 
-    deleting = threading.Thread(target=deletion)
-    deleting.start()
-    deleting.join(0.2)
-    assert deleting.is_alive() and ran == []  # held until the pass ends: it cannot get past the lock before
-    release.set()
-    running.join(WAIT_S)
+    with pass_in_flight(passes, "uid-c", ran, "pass"):
+        deleting = threading.Thread(target=deletion)
+        deleting.start()
+        deleting.join(0.2)
+        assert deleting.is_alive() and ran == []  # held until the pass ends: it cannot get past the lock before
     deleting.join(WAIT_S)
     passes.run("uid-c", lambda: ran.append("late pass"))  # a timer call kopf had already started
     passes.run("uid-d", lambda: ran.append("another Cartridge's pass"))
@@ -79,19 +90,8 @@ def test_the_corpus_retry_timer_skips_a_corpus_being_read(monkeypatch: pytest.Mo
     monkeypatch.setattr(handlers, "_read_corpus", timer_read)
     body = kopf.Body(cast(kopf.RawBody, {"metadata": {"name": "c", "uid": "uid-c", "generation": 2}, "spec": {},
                                          "status": {"observedGeneration": 1}}))  # fmt: skip
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_read() -> None:
-        entered.set()
-        release.wait(WAIT_S)
-        reads.append("handler")
-
-    reading = threading.Thread(target=passes.run, args=("uid-c", slow_read))
-    reading.start()
-    assert entered.wait(WAIT_S)
-    cast(Any, handlers.corpus_retry)(body=body)
-    release.set()
-    reading.join(WAIT_S)
+    with pass_in_flight(passes, "uid-c", reads, "handler"):
+        cast(Any, handlers.corpus_retry)(body=body)
     cast(Any, handlers.corpus_retry)(body=body)  # the next tick, no read in flight: reads (this body is unobserved)
     assert reads == ["handler", "timer"]
 
