@@ -2,15 +2,19 @@
 
 Field names are the Kubernetes camelCase names. Rules the OpenAPI schema cannot say (exactly one source kind,
 immutability, cross-field ranges) are CEL expressions attached with :func:`cel`, and land in the generated CRDs as
-``x-kubernetes-validations``.
+``x-kubernetes-validations``; those the models must check too (they read settings no API server has checked) are
+a :class:`Ruled` model's ``RULES``, each said once for both.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from cartridges.layout import MAX_RESOURCE_NAME, RESOURCE_NAME
 
@@ -27,9 +31,6 @@ TRAINING_FIELDS = (
 )  # fmt: skip
 StorageQuantization = Literal["none", "int8", "fp8"]
 DEFAULT_STEPS = 1000
-STEPS_OR_EPOCHS = (
-    "set steps or epochs, not both (a Cartridge created before epochs existed was given steps: 1000: remove it)"
-)
 
 
 def cel(*rules: tuple[str, str]) -> dict[str, Any]:
@@ -39,6 +40,34 @@ def cel(*rules: tuple[str, str]) -> dict[str, Any]:
 
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule between a model's fields, said once for both of its checkers: the API server (``expression``, CEL in
+    the CRD) and pydantic (``holds``, for what reaches the models without it, such as the chart's settings)."""
+
+    expression: str
+    holds: Callable[[Any], bool]
+    message: str
+
+
+def _rules_as_cel(schema: dict[str, Any], model: type[Any]) -> None:
+    schema.update(cel(*((rule.expression, rule.message) for rule in model.RULES)))
+
+
+class Ruled(Spec):
+    """A spec whose ``RULES`` land in the CRD as CEL and are checked by pydantic on every validation."""
+
+    model_config = ConfigDict(json_schema_extra=_rules_as_cel)
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _rules_hold(self) -> Ruled:
+        broken = [rule.message for rule in self.RULES if not rule.holds(self)]
+        if broken:  # the message alone, as the API server gives it (no "Value error, " before it)
+            raise PydanticCustomError("rule", "{rules}", {"rules": "; ".join(broken)})
+        return self
 
 
 class ConfigMapKeyRef(Spec):
@@ -204,15 +233,19 @@ class SelfStudy(Spec):
     topK: int = Field(default=20, ge=1, le=256, description="teacher log-probs kept per token")
 
 
-class Training(Spec):
+class Training(Ruled):
     """Distillation: for steps or for epochs (not both; 1000 steps when neither is set)."""
 
     # Neither steps nor epochs has a default, in the CRD or in the spec the API server stores: it defaults before
     # CEL validates, so a default steps would refuse every epochs added later. total_steps and the training hash
     # apply DEFAULT_STEPS instead.
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra=cel(("!has(self.steps) || !has(self.epochs)", STEPS_OR_EPOCHS)),
+    RULES = (
+        Rule(
+            "!has(self.steps) || !has(self.epochs)",
+            lambda t: t.steps is None or t.epochs is None,
+            "set steps or epochs, not both "
+            "(a Cartridge created before epochs existed was given steps: 1000: remove it)",
+        ),
     )
 
     steps: int | None = Field(
@@ -234,12 +267,6 @@ class Training(Spec):
         description="clip the total gradient norm of the cartridge to this before each step; unset: no clipping",
     )
 
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> Training:
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError(STEPS_OR_EPOCHS)
-        return self
-
     def total_steps(self, conversations: int) -> int:
         """The Adam steps of a run on ``conversations`` usable conversations."""
         if self.epochs is None:
@@ -253,24 +280,26 @@ class Training(Spec):
         return settings if self.epochs is not None else {"steps": DEFAULT_STEPS, **settings}
 
 
-class Toleration(Spec):
+class Toleration(Ruled):
     """A Kubernetes toleration of the training pods; the rules are the ones the API server checks on the Job."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra=cel(
-            (
-                "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
-                "value must be empty when operator is Exists",
-            ),
-            (
-                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
-                "tolerationSeconds requires effect NoExecute",
-            ),
-            (
-                "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
-                "operator must be Exists when key is empty (a toleration of every taint)",
-            ),
+    # Also the model of the chart's serving.tolerations (the docstring is the CRD's description, kept unchanged).
+
+    RULES = (
+        Rule(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            lambda t: t.operator != "Exists" or not t.value,
+            "value must be empty when operator is Exists",
+        ),
+        Rule(
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            lambda t: t.tolerationSeconds is None or t.effect == "NoExecute",
+            "tolerationSeconds requires effect NoExecute",
+        ),
+        Rule(
+            "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            lambda t: bool(t.key) or t.operator == "Exists",
+            "operator must be Exists when key is empty (a toleration of every taint)",
         ),
     )
 

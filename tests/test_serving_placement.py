@@ -74,6 +74,33 @@ def test_malformed_tolerations_stop_the_operator_naming_the_value(text: str, mes
 
 
 @pytest.mark.parametrize(
+    ("toleration", "rule"),
+    [
+        ({"key": "gpu", "operator": "Exists", "value": "yes"}, "value must be empty when operator is Exists"),
+        (
+            {"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 30},
+            "tolerationSeconds requires effect NoExecute",
+        ),
+        (
+            {"operator": "Equal", "value": "x"},
+            "operator must be Exists when key is empty (a toleration of every taint)",
+        ),
+        ({"key": "", "effect": "NoSchedule"}, "operator must be Exists when key is empty"),
+    ],
+)
+def test_a_toleration_the_api_server_refuses_stops_the_operator_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, toleration: dict[str, Any], rule: str
+) -> None:
+    """The rules between a toleration's fields (CEL on a Cartridge) hold for the chart's too: a chart installed past
+    its schema (--skip-schema-validation) stops the operator naming the setting and the rule, not every serving
+    Deployment later with the API server's refusal."""
+    monkeypatch.setenv("CARTRIDGES_SERVING_TOLERATIONS", json.dumps([json.loads(GPU_TAINT)[0], toleration]))
+    expected = f"CARTRIDGES_SERVING_TOLERATIONS (serving.tolerations) must be a JSON list of tolerations: 1: {rule}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        OperatorConfig.from_env()
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("pool=gpu", "CARTRIDGES_SERVING_NODE_SELECTOR (serving.nodeSelector) must be JSON"),
@@ -88,9 +115,12 @@ def test_a_malformed_node_selector_stops_the_operator_naming_the_value(text: str
 
 def test_the_charts_toleration_has_the_fields_and_values_of_a_cartridges() -> None:
     """values.schema.json checks serving.tolerations at install time; it must admit what the operator's model
-    admits (the same model as a Cartridge's spec.resources.tolerations), and nothing else."""
-    chart = json.loads(SCHEMA.read_text())["definitions"]["toleration"]["properties"]
-    model = api.Toleration.model_json_schema()["properties"]
+    admits (the same model as a Cartridge's spec.resources.tolerations), and nothing else: the same fields, values
+    and rules between them."""
+    toleration = json.loads(SCHEMA.read_text())["definitions"]["toleration"]
+    chart, model = toleration["properties"], api.Toleration.model_json_schema()["properties"]
     assert set(chart) == set(model)
     for field in ("operator", "effect"):
         assert chart[field]["enum"] == next(t["enum"] for t in model[field]["anyOf"] if "enum" in t)
+    rules = {then["description"] for rule in toleration["allOf"] for then in rule["then"]["properties"].values()}
+    assert rules == {rule.message for rule in api.Toleration.RULES}

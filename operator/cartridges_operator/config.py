@@ -153,9 +153,9 @@ TOLERATIONS = TypeAdapter(list[Toleration])
 
 def serving_tolerations(text: str) -> tuple[Toleration, ...]:
     """The taints serving pods tolerate (the chart's ``serving.tolerations``, as JSON), e.g. ``nvidia.com/gpu``
-    NoSchedule on GPU nodes. Checked as a Cartridge's training tolerations are, by the same model: its fields and
-    their values here, the rules between them (CEL on the Cartridge) by the chart's schema, as they would be by the
-    API server on every serving Deployment."""
+    NoSchedule on GPU nodes. Checked as a Cartridge's training tolerations are, by the same model (its fields, their
+    values and the rules between them), so a chart installed past its schema stops the operator here rather than
+    every serving Deployment at the API server."""
     name = "CARTRIDGES_SERVING_TOLERATIONS (serving.tolerations)"
     try:
         return tuple(TOLERATIONS.validate_python(json_setting(name, text)))

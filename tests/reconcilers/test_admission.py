@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -123,3 +124,15 @@ def test_the_operators_model_refuses_steps_with_epochs_as_the_api_server_does() 
     with pytest.raises(ValidationError, match="set steps or epochs, not both"):
         api.Training.model_validate({"steps": 10, "epochs": 2})
     assert api.Training.model_validate({}).total_steps(conversations=100) == 1000
+
+
+@pytest.mark.parametrize(
+    ("case", "spec", "message"),
+    [(case, spec, message) for case, _, spec, message in INVALID if "tolerations" in spec.get("resources", {})],
+)
+def test_the_operators_model_refuses_the_tolerations_the_api_server_does(
+    case: str, spec: dict[str, Any], message: str
+) -> None:
+    """The same rules, from the same source, hold wherever a toleration is read: a Cartridge's, or the chart's."""
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        api.CartridgeSpec.model_validate(spec)
