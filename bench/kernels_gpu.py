@@ -25,7 +25,6 @@ bench/results.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.metadata
 import json
 import os
@@ -53,7 +52,7 @@ from cartridges_kernels import (
     quantize_kv,
 )
 from cartridges_kernels.config import SWEEP_CONFIGS, default_config
-from cartridges_kernels.dispatch import _route, segmented_attention_triton  # _route: which path a call takes
+from cartridges_kernels.dispatch import kernel_path, segmented_attention_triton
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -315,8 +314,8 @@ def measure(shapes: Shapes, case: Case, batch: int, device: torch.device, copy_g
         row["kernel_ms"], row["kernel_eager_ms"] = time_per_step(
             lambda x: decode_attention(x.q, x.table, x.own, backend="triton"), layers, shapes, device, eager=True
         )
-        row["fused_ms"], _ = time_per_step(functools.partial(forced, fused=True), layers, shapes, device)
-        row["multi_launch_ms"], _ = time_per_step(functools.partial(forced, fused=False), layers, shapes, device)
+        row["fused_ms"], _ = time_per_step(Forced(True), layers, shapes, device)
+        row["multi_launch_ms"], _ = time_per_step(Forced(False), layers, shapes, device)
         if case.cartridges:
             row["per_request_ms"], _ = time_per_step(
                 lambda x: decode_attention(x.q, x.table, x.own, backend="triton", shared_reads=False),
@@ -376,8 +375,8 @@ def check_case(shapes: Shapes, case: Case, batch: int, device: torch.device, pre
         "default": decode_attention(layer.q, layer.table, layer.own, backend="triton"),
         "per-request": decode_attention(layer.q, layer.table, layer.own, backend="triton", shared_reads=False),
         "split": decode_attention(layer.q, layer.table, layer.own, backend="triton", num_splits=4),
-        "fused": forced(layer, fused=True),
-        "multi-launch": forced(layer, fused=False),
+        "fused": Forced(True)(layer),
+        "multi-launch": Forced(False)(layer),
     }
     for label, got in variants.items():
         err = (got.float() - expected).abs().max().item()
@@ -393,34 +392,32 @@ def check_case(shapes: Shapes, case: Case, batch: int, device: torch.device, pre
     return failures
 
 
-def forced(
-    layer: Layer,
-    fused: bool | None,
-    config: KernelConfig | None = None,
-    own: bool = True,
-    num_splits: int | None = None,
-) -> Tensor:
-    """Decode through the fused kernel or the multi-launch path (None: the one the dispatcher picks), over the
-    cartridges and, if ``own``, the own KV."""
-    scale = layer.q.shape[-1] ** -0.5
-    batch = [1] * layer.q.shape[0]
-    own_kv = layer.own if own else None
-    return segmented_attention_triton(layer.q, batch, layer.table, own_kv, scale, num_splits, True, config, fused)[0]
+@dataclass(frozen=True)
+class Forced:
+    """A decode of a layer through the fused kernel or the multi-launch path (``fused`` None: the one the
+    dispatcher picks), over the cartridges and, if ``own``, the own KV; called with the layer."""
 
+    fused: bool | None
+    config: KernelConfig | None = None
+    own: bool = True
+    num_splits: int | None = None
 
-def path_of(
-    layer: Layer,
-    fused: bool | None,
-    config: KernelConfig | None = None,
-    own: bool = True,
-    num_splits: int | None = None,
-) -> str:
-    """Which path ``forced`` with these arguments runs ("fused" or "multi-launch"), recorded beside each timing:
-    the dispatcher takes the multi-launch path from config.FUSED_DECODE_MAX_SHARED_ROWS pairs on (one
-    2048-token cartridge at batch 64 already), so a tile config timed there says nothing about the fused kernel."""
-    own_kv = layer.own if own else None
-    route = _route(layer.q, [1] * layer.q.shape[0], layer.table, own_kv, num_splits, True, config, fused)
-    return "fused" if route.fused_plan is not None else "multi-launch"
+    def __call__(self, layer: Layer) -> Tensor:
+        q, batch, table, own_kv = self._inputs(layer)
+        scale = q.shape[-1] ** -0.5
+        return segmented_attention_triton(
+            q, batch, table, own_kv, scale, self.num_splits, True, self.config, self.fused
+        )[0]
+
+    def path(self, layer: Layer) -> str:
+        """Which path this decode of ``layer`` runs ("fused" or "multi-launch"), recorded beside each timing:
+        the dispatcher takes the multi-launch path from config.FUSED_DECODE_MAX_SHARED_ROWS pairs on (one
+        2048-token cartridge at batch 64 already), so a tile config timed there says nothing about the fused
+        kernel."""
+        return kernel_path(*self._inputs(layer), num_splits=self.num_splits, config=self.config, fused=self.fused)
+
+    def _inputs(self, layer: Layer) -> tuple[Tensor, list[int], SegmentTable, list[KVSegment] | None]:
+        return layer.q, [1] * layer.q.shape[0], layer.table, layer.own if self.own else None
 
 
 def side_by_side(config: KernelConfig) -> KernelConfig:
@@ -428,15 +425,15 @@ def side_by_side(config: KernelConfig) -> KernelConfig:
     return replace(config, side_by_side=True)
 
 
-def sweep_fused(config: KernelConfig) -> bool | None:
-    """The path a swept config takes: the fused kernel for one that sets ``own_block_n`` (only the fused
-    kernel's own walk reads it, so the dispatcher's multi-launch path at the target batches would time the
-    default config again), else the dispatcher's choice."""
-    return True if config.own_block_n is not None else None
+def swept(config: KernelConfig, num_splits: int | None) -> Forced:
+    """The decode a sweep times for a config: on the fused kernel for one that sets ``own_block_n`` (only the
+    fused kernel's own walk reads it, so the dispatcher's multi-launch path at the target batches would time
+    the default config again), else on the dispatcher's choice."""
+    return Forced(True if config.own_block_n is not None else None, config, num_splits=num_splits)
 
 
 def _decode_with(layer: Layer, config: KernelConfig, num_splits: int | None) -> Tensor:
-    return forced(layer, sweep_fused(config), config, num_splits=num_splits)
+    return swept(config, num_splits)(layer)
 
 
 def correct_configs(layer: Layer, shapes: Shapes, configs: Sequence[KernelConfig]) -> list[KernelConfig]:
@@ -500,14 +497,14 @@ def sweep(
     layers = [make_layer(shapes, case, batch, device) for _ in range(layers_fitting(kernel_bytes, shapes, device))]
     for config in correct_configs(layers[0], shapes, vetted(swept_configs(shapes), apart)):
         for splits in SWEEP_SPLITS:
+            run = swept(config, splits)
             try:
-                run = functools.partial(_decode_with, config=config, num_splits=splits)
                 ms, _ = time_per_step(run, layers, shapes, device)
             except (ValueError, RuntimeError) as error:  # a config the launcher rejects or that fails to compile
                 raise_if_device_fault(error)
                 print(f"sweep {config} splits={splits}: {error}", file=sys.stderr)
                 continue
-            path = path_of(layers[0], sweep_fused(config), config, num_splits=splits)
+            path = run.path(layers[0])
             row = {**asdict(config), "num_splits": splits, "batch": batch, "path": path, "kernel_ms": ms,
                    "bandwidth_fraction": kernel_bytes * shapes.layers / (ms * 1e-3) / 1e9 / copy_gbps}  # fmt: skip
             print(f"sweep {row}", flush=True)
@@ -619,15 +616,13 @@ def breakdown(
     cartridge_bytes = sum(map(stored_bytes, layers[0].table.segments))
     own_bytes = batch * stored_bytes(layers[0].own[0])
     cartridge_keys, own_keys = shapes.cartridge_len * case.cartridges, case.own_len
-    fused = path_of(layers[0], None) == "fused"  # the halves take the path the whole step takes
+    fused = Forced(None).path(layers[0]) == "fused"  # the halves take the path the whole step takes
+    both, cartridge = Forced(fused), Forced(fused, own=False)
     ours: dict[str, tuple[Callable[[Any], object], list[Any], int, int, str]] = {
-        "cartridge+own": (functools.partial(forced, fused=fused), layers, kernel_bytes, cartridge_keys + own_keys,
-                          path_of(layers[0], fused)),
-        "cartridge only": (functools.partial(forced, fused=fused, own=False), layers, cartridge_bytes,
-                           cartridge_keys, path_of(layers[0], fused, own=False)),
-        "own only": (functools.partial(forced, fused=fused), own_layers, own_bytes, own_keys,
-                     path_of(own_layers[0], fused)),
-    }  # fmt: skip
+        "cartridge+own": (both, layers, kernel_bytes, cartridge_keys + own_keys, both.path(layers[0])),
+        "cartridge only": (cartridge, layers, cartridge_bytes, cartridge_keys, cartridge.path(layers[0])),
+        "own only": (both, own_layers, own_bytes, own_keys, both.path(own_layers[0])),
+    }
     # Torch's flash kernels may fail (a GPU they have no kernel for), and so may configs not yet run on a GPU
     # (timed only once they passed apart, see runs_apart): either costs its own row.
     others: dict[str, tuple[Callable[[Any], object], list[Any], int, int, str]] = {
@@ -647,8 +642,8 @@ def breakdown(
     for phase, (config, phase_bytes, keys) in experimental.items():
         if config in right:
             own = "cartridge+own" in phase
-            trial = functools.partial(forced, fused=False, config=config, own=own)
-            others[phase] = (trial, layers, phase_bytes, keys, path_of(layers[0], False, config, own))
+            trial = Forced(False, config, own)
+            others[phase] = (trial, layers, phase_bytes, keys, trial.path(layers[0]))
     for phase, (run, inputs, phase_bytes, keys, path) in {**ours, **others}.items():
         try:
             ms, _ = time_per_step(run, inputs, shapes, device)
@@ -686,11 +681,11 @@ def _profile_paths(shapes: Shapes, batch: int, device: torch.device) -> list[dic
     rows = []
     for path, fused in (("fused", True), ("multi-launch", False)):
         for layer in layers:  # warm-up: compile, fill the plan caches
-            forced(layer, fused)
+            Forced(fused)(layer)
         sync(device)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for layer in layers:
-                forced(layer, fused)
+                Forced(fused)(layer)
             sync(device)
         for event in prof.key_averages():
             device_us = float(getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0))
@@ -766,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one_step is not None:
         layer = make_layer(shapes, cases(shapes)[0], args.one_step, device)
         for fused in (True, False):
-            forced(layer, fused)
+            Forced(fused)(layer)
         sync(device)
         return 0
     failures = check_correctness(shapes, device)

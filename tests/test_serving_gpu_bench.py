@@ -46,13 +46,18 @@ def bench_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return serving_gpu
 
 
+def main_with_a_failed(check: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """serving_gpu.main's exit code for a one-step smoke run into ``out`` whose ``check`` (check_correctness or
+    check_graphs) finds the logits off by 3.5."""
+    serving_gpu = bench_module(monkeypatch)
+    monkeypatch.setattr(serving_gpu, check, lambda: {"max_abs_logit_error": 3.5, "ok": False})
+    return serving_gpu.main(["--smoke", "--steps", "1", "--out", str(out)])
+
+
 def test_a_failed_correctness_check_exits_non_zero_with_a_message_and_writes_no_results(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    serving_gpu = bench_module(monkeypatch)
-    monkeypatch.setattr(serving_gpu, "check_correctness", lambda: {"max_abs_logit_error": 3.5, "ok": False})
-
-    assert serving_gpu.main(["--smoke", "--steps", "1", "--out", str(tmp_path)]) != 0
+    assert main_with_a_failed("check_correctness", tmp_path, monkeypatch) != 0
 
     assert "failed" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -62,10 +67,7 @@ def test_a_failed_graph_check_still_times_the_eager_rows_then_exits_non_zero(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The GPU run is one shot: replayed steps that decode wrong cost the graph rows, not the eager ones."""
-    serving_gpu = bench_module(monkeypatch)
-    monkeypatch.setattr(serving_gpu, "check_graphs", lambda: {"max_abs_logit_error": 3.5, "ok": False})
-
-    assert serving_gpu.main(["--smoke", "--steps", "1", "--out", str(tmp_path)]) != 0
+    assert main_with_a_failed("check_graphs", tmp_path, monkeypatch) != 0
 
     assert "CUDA graph check failed" in capsys.readouterr().err
     result = json.loads((tmp_path / "serving-gpu.json").read_text())

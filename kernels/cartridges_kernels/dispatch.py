@@ -192,6 +192,28 @@ def segmented_attention_triton(
     return _attend(route, q, query_lens, table, own_kv, sm_scale)
 
 
+KernelPath = Literal["fused", "multi-launch"]
+
+
+def kernel_path(
+    q: Tensor,
+    query_lens: Sequence[int],
+    table: SegmentTable,
+    own_kv: Sequence[KVSegment] | None,
+    *,
+    num_splits: int | None = None,
+    shared_reads: bool = True,
+    config: KernelConfig | None = None,
+    fused: bool | None = None,
+) -> KernelPath:
+    """Which path :func:`segmented_attention_triton` takes with these arguments: "fused" (the fused decode
+    kernel) or "multi-launch". A benchmark records it beside each timing, since the dispatcher switches paths
+    with the batch's shape (config.FUSED_DECODE_MAX_SHARED_ROWS). Plans the call as it would, launches nothing.
+    """
+    route = _route(q, query_lens, table, own_kv, num_splits, shared_reads, config, fused)
+    return "fused" if route.fused_plan is not None else "multi-launch"
+
+
 @dataclass(frozen=True)
 class _Route:
     """How the kernels run a call, worked out from its structure alone: every layer of a step takes the same.

@@ -229,8 +229,8 @@ def test_rows_say_which_path_they_timed(monkeypatch: pytest.MonkeyPatch) -> None
     assert paths["cartridge+own"] == paths["cartridge only"] == paths["own only"] == "multi-launch"
     layer = bench.make_layer(bench.SMOKE, bench.cases(bench.SMOKE)[0], 3, torch.device("cpu"))
     own_block = KernelConfig(16, 16, own_block_n=16)
-    assert bench.path_of(layer, bench.sweep_fused(own_block), own_block) == "fused"
-    assert bench.path_of(layer, bench.sweep_fused(KernelConfig(16, 16)), KernelConfig(16, 16)) == "multi-launch"
+    assert bench.swept(own_block, None).path(layer) == "fused"
+    assert bench.swept(KernelConfig(16, 16), None).path(layer) == "multi-launch"
 
 
 def test_slow_steps_take_fewer_timed_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,13 +251,13 @@ def test_correctness_is_checked_at_the_target_batches_too(monkeypatch: pytest.Mo
     bench = bench_module(monkeypatch)
     torch.manual_seed(0)
     monkeypatch.setattr(bench, "target_batches", lambda shapes, device: (3, 5))
-    forced = bench.forced
+    decode = bench.Forced.__call__
 
-    def wrong_past_batch_3(layer: object, fused: bool, *args: object, **kwargs: object) -> torch.Tensor:
-        out = forced(layer, fused, *args, **kwargs)
-        return out + 1 if fused and out.shape[0] > 3 else out
+    def wrong_past_batch_3(self: Any, layer: object) -> torch.Tensor:
+        out = decode(self, layer)
+        return out + 1 if self.fused and out.shape[0] > 3 else out
 
-    monkeypatch.setattr(bench, "forced", wrong_past_batch_3)
+    monkeypatch.setattr(bench.Forced, "__call__", wrong_past_batch_3)
     failures = bench.check_correctness(bench.SMOKE, torch.device("cpu"))
     assert [f.split(":")[0] for f in failures] == [
         "shared-1x40 batch 5 fused", "shared-1x40-int8 batch 5 fused", "composed-2x40 batch 5 fused"

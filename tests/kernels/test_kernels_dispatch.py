@@ -17,6 +17,7 @@ from cartridges_kernels import (
     dispatch,
     prefill_attention,
 )
+from cartridges_kernels.config import FUSED_DECODE_MAX_SHARED_ROWS
 
 from ._build import make_batch, oracle
 
@@ -237,3 +238,30 @@ def test_the_kernels_take_strided_queries_and_single_token_scales() -> None:
     assert batch.q.stride(-1) != 1 and scales.stride(-1) != 1
     out = decode_attention(batch.q, batch.table, batch.own_kv, backend="triton")
     torch.testing.assert_close(out.double(), oracle(batch), atol=3e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("query_lens", "max_shared_rows", "fused", "path"),
+    [
+        (None, FUSED_DECODE_MAX_SHARED_ROWS, None, "fused"),  # decode over short cartridges
+        ([1, 2], FUSED_DECODE_MAX_SHARED_ROWS, None, "multi-launch"),  # prefill
+        ([1, 2], FUSED_DECODE_MAX_SHARED_ROWS, True, "multi-launch"),  # prefill has no fused kernel to force
+        (None, 1, None, "multi-launch"),  # decode whose shared walks pass the threshold
+        (None, 1, True, "fused"),  # the same, forced onto the fused kernel
+    ],
+)
+def test_kernel_path_names_the_path_the_call_then_takes(
+    monkeypatch: pytest.MonkeyPatch, query_lens: list[int] | None, max_shared_rows: int, fused: bool | None, path: str
+) -> None:
+    """kernel_path, which the benchmark records beside each timing, agrees with the kernels the call runs."""
+    torch.manual_seed(10)
+    monkeypatch.setattr(dispatch, "FUSED_DECODE_MAX_SHARED_ROWS", max_shared_rows)
+    batch = make_batch([6, 9], [[0, 1], [1]], own_lens=[3, 4], query_lens=query_lens)
+    fused_kernel = mock.Mock(wraps=dispatch.fused_decode_triton)
+    monkeypatch.setattr(dispatch, "fused_decode_triton", fused_kernel)
+    assert dispatch.kernel_path(batch.q, batch.query_lens, batch.table, batch.own_kv, fused=fused) == path
+    out, _ = dispatch.segmented_attention_triton(
+        batch.q, batch.query_lens, batch.table, batch.own_kv, 0.25, None, True, None, fused
+    )
+    assert fused_kernel.called == (path == "fused")
+    torch.testing.assert_close(out.double(), oracle(batch, 0.25), atol=2e-5, rtol=0)
