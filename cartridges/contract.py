@@ -15,10 +15,24 @@ TRAINER_COMMAND = ["python", "-m", "cartridges_trainer"]
 """The trainer image's ENTRYPOINT (trainer-image/Dockerfile); the operator's Jobs run exactly this."""
 TRAINER_UID = 10001
 
+ADMIN_APIS = "shared-memory,logging,trace,model-repository,statistics,model-config"
+"""Triton's HTTP APIs and gRPC protocols that no client of ours needs: registering shared memory (the way into the
+Python backend's own IPC region: CVE-2025-23319/23320/23334), changing log or trace settings, the repository index,
+statistics and model configs. Health, metadata and inference stay open; metrics are on their own port."""
+ADMIN_HEADER = "cartridges:admin-api"
+"""The header Triton would want before it answers an admin API. Header names end at the first colon, in HTTP/1.1 and
+in gRPC metadata alike, so no request can carry this one: the admin APIs are closed to every client, with no secret
+to keep."""
+TRITON_RESTRICTIONS = [
+    f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}=never",
+    f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}=never",
+]
+"""Every Triton we start runs with these: the serving pods (``SERVING_COMMAND``) and ``cartridges serve``."""
+
 SERVING_COMMAND = [
     "tritonserver", "--model-repository=/models", "--model-control-mode=none", "--disable-auto-complete-config",
     "--strict-readiness=true", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002",
-    "--allow-metrics=true", "--exit-timeout-secs=30",
+    "--allow-metrics=true", "--exit-timeout-secs=30", *TRITON_RESTRICTIONS,
 ]  # fmt: skip
 """The serving image's CMD (serving-image/Dockerfile); the operator's Deployments run exactly this."""
 SERVING_UID = 1000  # triton-server in the NGC Triton images

@@ -17,6 +17,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from cartridges.contract import TRITON_RESTRICTIONS
 from cartridges.process import Service, ServiceError, free_port, http_ok
 
 
@@ -205,7 +206,8 @@ def start_triton(
 ) -> TritonServer:
     """Start Triton on ``model_repository`` with every model loaded; returns once the server is ready.
 
-    Explicit model control keeps the repository API usable for loading and unloading later. Each port (HTTP, gRPC,
+    Its admin APIs are closed as in the serving pods (``TRITON_RESTRICTIONS``), the repository API's load and
+    unload included: the models are those loaded at start. Each port (HTTP, gRPC,
     metrics) is the one given, else a free one. The log goes to ``log_path``
     (default: ``workdir/tritonserver.log``): outside ``workdir`` when that is removed before a failure is shown.
     """
@@ -229,6 +231,7 @@ def start_triton(
         "--allow-sagemaker=false",
         "--allow-vertex-ai=false",
         "--exit-timeout-secs=5",
+        *TRITON_RESTRICTIONS,
     ]
     service = Service(
         "tritonserver",

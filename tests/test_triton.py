@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,10 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 import cartridges
+from cartridges.contract import ADMIN_HEADER
 from cartridges.process import ServiceError, http_ok
 from cartridges.tritonserver import TritonServer, first_error, start_triton
 from cartridges_e2e.triton import TritonFactory
@@ -93,6 +97,59 @@ def test_stub_runs_in_project_environment(triton: TritonServer) -> None:
     assert report["cartridges"] == cartridges.__version__
     assert report["cartridges_file"] == cartridges.__file__
     assert report["python"] == sys.version
+
+
+# A region named like the Python backend's own IPC region: registering it is the first step of CVE-2025-23319.
+SHM_REGISTER = {"key": "/triton_python_backend_shm_region_1", "offset": 0, "byte_size": 64}
+ADMIN_REQUESTS = [
+    ("POST", "v2/systemsharedmemory/region/x/register", SHM_REGISTER),
+    ("POST", "v2/cudasharedmemory/region/x/register", {"raw_handle": {"b64": ""}, "device_id": 0, "byte_size": 64}),
+    ("POST", "v2/logging", {"log_verbose_level": 3}),
+    ("POST", "v2/trace/setting", {"trace_level": ["TIMESTAMPS"]}),
+    ("POST", "v2/repository/index", {}),
+    ("GET", "v2/models/stats", None),
+    ("GET", "v2/models/echo/config", None),
+]
+
+
+def http_status(url: str, method: str, body: dict[str, Any] | None) -> int:
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_REQUESTS, ids=[path for _, path, _ in ADMIN_REQUESTS])
+def test_admin_apis_are_refused_over_http(triton: TritonServer, method: str, path: str, body: Any) -> None:
+    assert http_status(f"{triton.http_url}/{path}", method, body) == 403
+    assert http_ok(f"{triton.http_url}/v2/health/ready")
+    answer = json.loads(post_json(f"{triton.http_url}/v2/models/echo/generate", {"text_input": "still served"}))
+    assert answer["text_output"] == "STILL SERVED"
+
+
+def test_admin_protocols_are_refused_over_grpc(triton: TritonServer) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.register_system_shared_memory("x", SHM_REGISTER["key"], 64)
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.update_log_settings({"log_verbose_level": 3})
+        assert client.is_server_live() and client.is_model_ready("echo")
+    finally:
+        client.close()
+
+
+def test_no_header_opens_the_admin_apis(triton: TritonServer) -> None:
+    """The header the restriction names cannot be sent: its name would end at its first colon."""
+    name, rest = ADMIN_HEADER.split(":", 1)
+    for header in (f"{ADMIN_HEADER}: never", f"{name}: {rest}=never", f"{name}:{rest}:never"):
+        body = b'{"log_verbose_level": 3}'
+        request = f"POST /v2/logging HTTP/1.1\r\nHost: x\r\n{header}\r\nContent-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", triton.http_port), timeout=30) as connection:
+            connection.sendall(request.encode() + body)
+            assert connection.recv(64).startswith(b"HTTP/1.1 403 "), header
 
 
 def test_load_failure_reports_model_error(tmp_path: Path) -> None:

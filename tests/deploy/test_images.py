@@ -84,6 +84,14 @@ def test_serving_deployment_runs_the_serving_image_cmd() -> None:
     assert pod["securityContext"]["runAsUser"] == SERVING_UID
 
 
+def test_serving_command_closes_tritons_shared_memory_and_logging_apis() -> None:
+    """Clients reach 8000 and 8001 from other namespaces: Triton's admin APIs answer none of them, on either port."""
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in SERVING_COMMAND if "restricted" in arg)
+    assert flags.keys() == {"http-restricted-api", "grpc-restricted-protocol"}
+    for setting in flags.values():
+        assert {"shared-memory", "logging"} <= set(setting.split(":", 1)[0].split(","))
+
+
 def test_children_carry_no_argocd_tracking_label() -> None:
     """Argo CD's label tracking would prune children that copied the Cartridge's instance label; they carry only
     the operator's labels and an ownerReference, so Argo CD shows them under their Cartridge instead."""
