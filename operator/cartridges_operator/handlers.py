@@ -6,6 +6,7 @@ the write is refused and the next pass recomputes from fresh state. Each conditi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -28,7 +29,9 @@ PREFIX = "cartridges.dev"
 RESYNC_S = 5.0
 CORPUS_RETRY_S = 10.0
 DELETE_RETRIES = 3
-JOB_STOP_RETRIES = 60  # 2 s apart: time for the training pods' grace period
+API_RETRIES = 60  # 2 s apart (the handler's backoff): an API server away for a couple of minutes
+JOB_POLL_S = 2.0
+JOB_STOP_POLLS = 60  # JOB_POLL_S apart: time for the training pods' grace period (TRAINER_GRACE_S)
 WARNINGS = {("Stalled", "True"), (SOURCES_READ, "False")}  # (condition, status) posted as a Warning Event
 
 CONFIG = OperatorConfig.from_env()
@@ -246,8 +249,9 @@ def cartridge_resync(body: kopf.Body, namespace: str | None, name: str, **kwargs
     CARTRIDGE_PASSES.run(body.metadata["uid"], reconcile)
 
 
-@kopf.on.delete(api.GROUP, api.VERSION, "cartridges", retries=JOB_STOP_RETRIES + DELETE_RETRIES, backoff=2)
-def cartridge_deleted(
+@kopf.on.delete(api.GROUP, api.VERSION, "cartridges", retries=API_RETRIES + DELETE_RETRIES, backoff=2)
+async def cartridge_deleted(
+    body: kopf.Body,
     spec: kopf.Spec,
     namespace: str | None,
     name: str,
@@ -260,30 +264,57 @@ def cartridge_deleted(
     """Leave serving, then delete or keep artifacts. A store that stays down never blocks deletion forever.
 
     With retention Delete, the training Jobs are stopped first (their pods gone): a trainer still running would
-    write progress, shards and checkpoints under the prefix after it was deleted."""
+    write progress, shards and checkpoints under the prefix after it was deleted. Async so that this wait, as long
+    as a trainer's grace period, holds none of the worker threads the other handlers run in; the calls to the API
+    server and the store run in threads of their own."""
     assert namespace is not None
-    CARTRIDGE_PASSES.begin_deletion(meta["uid"])
-    metrics.forget_cartridge(f"{namespace}/{name}")
-    forget_cartridge(meta["uid"])
-    model = spec.get("baseModel", {}).get("name", "")
-    for kind in ("Deployment", "Service"):
-        kube.remove_owner(kind, namespace, manifests.serving_name(model), meta["uid"])
+    await asyncio.to_thread(_leave_serving, spec, namespace, name, meta["uid"])
     if spec.get("retention", "Retain") != "Delete":
         return
     prefix = layout.cartridge_prefix(CONFIG.store_root, namespace, name)
-    running = _stop_training_jobs(namespace, name, meta["uid"])
-    if running and retry + 1 < JOB_STOP_RETRIES:
-        jobs = ", ".join(running)
-        raise kopf.TemporaryError(f"waiting for training Job(s) {jobs} to stop before deleting {prefix}", delay=2)
+    running = await _stop_training(body, namespace, name, prefix, logger)
     if running:
-        logger.error(f"training Job(s) {', '.join(running)} still have pods after {retry + 1} tries; deleting the "
-                     f"artifacts under {prefix} anyway (what they write later stays)")  # fmt: skip
+        logger.error(f"training Job(s) {', '.join(running)} still have pods after {JOB_STOP_POLLS * JOB_POLL_S:.0f} s; "
+                     f"deleting the artifacts under {prefix} anyway (what they write later stays)")  # fmt: skip
+    await asyncio.to_thread(_delete_artifacts, prefix, retry, memo, logger)
+
+
+def _leave_serving(spec: kopf.Spec, namespace: str, name: str, uid: str) -> None:
+    """No pass of the Cartridge after the one in flight; its serving objects lose it as an owner."""
+    CARTRIDGE_PASSES.begin_deletion(uid)
+    metrics.forget_cartridge(f"{namespace}/{name}")
+    forget_cartridge(uid)
+    model = spec.get("baseModel", {}).get("name", "")
+    for kind in ("Deployment", "Service"):
+        kube.remove_owner(kind, namespace, manifests.serving_name(model), uid)
+
+
+async def _stop_training(body: kopf.Body, namespace: str, name: str, prefix: str, logger: kopf.Logger) -> list[str]:
+    """Stop the training Jobs and wait for their pods to go, looking every JOB_POLL_S up to JOB_STOP_POLLS times;
+    the Jobs still there then. Waiting is progress, not trouble: one INFO line and one Normal Event, where a retry
+    per look (a TemporaryError) would be logged by kopf as an error each time."""
+    uid = body.metadata["uid"]
+    running = await asyncio.to_thread(_stop_training_jobs, namespace, name, uid)
+    if running:
+        message = f"waiting for training Job(s) {', '.join(running)} to stop before deleting {prefix}"
+        logger.info(message)
+        kopf.info(body, reason="WaitingForTraining", message=message)
+    for _look in range(JOB_STOP_POLLS):
+        if not running:
+            break
+        await asyncio.sleep(JOB_POLL_S)
+        running = await asyncio.to_thread(_stop_training_jobs, namespace, name, uid)
+    return running
+
+
+def _delete_artifacts(prefix: str, retry: int, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    """Delete the prefix; a store failure is retried, up to DELETE_RETRIES times, then the Cartridge is released."""
     try:
         deleted = STORE.delete_prefix(prefix)
         logger.info(f"deleted {deleted} objects under {prefix}")
     except StoreError as err:
-        memo.store_failures = memo.get("store_failures", 0) + 1  # counted apart from the waits for Jobs
-        if memo.store_failures >= DELETE_RETRIES or retry + 1 >= JOB_STOP_RETRIES + DELETE_RETRIES:
+        memo.store_failures = memo.get("store_failures", 0) + 1  # counted apart from the API server's failures
+        if memo.store_failures >= DELETE_RETRIES or retry + 1 >= API_RETRIES + DELETE_RETRIES:
             logger.error(
                 f"artifacts under {prefix} were NOT deleted after {memo.store_failures} tries ({err}); releasing"
             )

@@ -3,6 +3,7 @@ next one, where kopf itself calls nothing again."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -263,3 +264,72 @@ def test_a_failed_read_is_one_warning_event_and_a_recovered_one_an_event(monkeyp
     stalled = {"type": "Stalled", "status": "True", "reason": "InvalidSource", "message": "404"}
     handlers._post_transitions(kopf.Body(cast(kopf.RawBody, {})), [read], [broken, stalled])
     assert posted == [("Normal", "SourcesRead=False: 404"), ("Warning", "Stalled=True: 404")]
+
+
+@pytest.fixture
+def deletion_handler(
+    corpus_handlers: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> list[tuple[str, str]]:
+    """The deletion handler with no pause between its looks at the training Jobs; the Events it posts."""
+    monkeypatch.setattr(handlers, "JOB_POLL_S", 0.0)
+    monkeypatch.setattr(handlers, "CARTRIDGE_PASSES", handlers.Passes())
+    posted: list[tuple[str, str]] = []
+    monkeypatch.setattr(kopf, "info", lambda body, reason, message: posted.append((reason, message)))
+    caplog.set_level(logging.INFO, logger=LOG.name)
+    return posted
+
+
+def jobs_stopping(monkeypatch: pytest.MonkeyPatch, looks: int | None) -> list[int]:
+    """Training Job c-g1 still there for ``looks`` looks (None: for ever); each look, counted."""
+    counted: list[int] = []
+
+    def stop(namespace: str, name: str, uid: str) -> list[str]:
+        counted.append(1)
+        return ["c-g1"] if looks is None or len(counted) <= looks else []
+
+    monkeypatch.setattr(handlers, "_stop_training_jobs", stop)
+    return counted
+
+
+def delete_cartridge(namespace: str) -> str:
+    """Cartridge c, with retention Delete and one artifact stored, deleted as kopf runs the handler: its prefix."""
+    prefix = layout.cartridge_prefix(handlers.CONFIG.store_root, namespace, "c")
+    handlers.STORE.put_json(f"{prefix}/g1/progress.json", {})
+    meta = {"name": "c", "namespace": namespace, "uid": "uid-c"}
+    spec = {"retention": "Delete", "baseModel": {"name": "m"}}
+    body = kopf.Body(cast(kopf.RawBody, {"kind": "Cartridge", "metadata": meta, "spec": spec}))
+    handler = cast(Callable[..., Any], handlers.cartridge_deleted)
+    asyncio.run(handler(body=body, spec=body.spec, namespace=namespace, name="c", meta=body.metadata, retry=0,
+                        memo=kopf.Memo(), logger=LOG))  # fmt: skip
+    return prefix
+
+
+def test_waiting_for_the_training_pods_to_stop_is_progress_not_an_error(
+    namespace: str, deletion_handler: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A trainer checkpoints within its grace period before its pod goes: a normal wait, said once. A retry per look
+    (a TemporaryError) was logged by kopf as an error each time, up to 60 per deletion."""
+    looks = jobs_stopping(monkeypatch, 3)
+    prefix = delete_cartridge(namespace)
+    waiting = f"waiting for training Job(s) c-g1 to stop before deleting {prefix}"
+    assert len(looks) == 4 and handlers.STORE.list(prefix) == []
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if "c-g1" in r.getMessage()] == [
+        (logging.INFO, waiting)
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert deletion_handler == [("WaitingForTraining", waiting)]
+
+
+def test_pods_that_never_stop_hold_the_deletion_for_a_bounded_time_then_are_an_error(
+    namespace: str, deletion_handler: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A node gone with its pods (they stay Terminating): the artifacts go after JOB_STOP_POLLS looks, and that is
+    an error (what the pods write later stays)."""
+    monkeypatch.setattr(handlers, "JOB_STOP_POLLS", 3)
+    looks = jobs_stopping(monkeypatch, None)
+    prefix = delete_cartridge(namespace)
+    assert len(looks) == 4 and handlers.STORE.list(prefix) == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].startswith("training Job(s) c-g1 still have pods after 0 s")
