@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any, cast
@@ -88,7 +87,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
-    settings.posting.level = logging.INFO
     settings.execution.max_workers = 16  # sync handlers wait on the API server, not the CPU
     settings.watching.server_timeout = 60
 
@@ -274,9 +272,17 @@ async def cartridge_deleted(
     prefix = layout.cartridge_prefix(CONFIG.store_root, namespace, name)
     running = await _stop_training(body, namespace, name, prefix, logger)
     if running:
-        logger.error(f"training Job(s) {', '.join(running)} still have pods after {JOB_STOP_POLLS * JOB_POLL_S:.0f} s; "
-                     f"deleting the artifacts under {prefix} anyway (what they write later stays)")  # fmt: skip
-    await asyncio.to_thread(_delete_artifacts, prefix, retry, memo, logger)
+        _trouble(body, logger, "TrainingNotStopped",
+                 f"training Job(s) {', '.join(running)} still have pods after {JOB_STOP_POLLS * JOB_POLL_S:.0f} s; "
+                 f"deleting the artifacts under {prefix} anyway (what they write later stays)")  # fmt: skip
+    await asyncio.to_thread(_delete_artifacts, body, prefix, retry, memo, logger)
+
+
+def _trouble(body: kopf.Body, logger: kopf.Logger, reason: str, message: str) -> None:
+    """An error in the operator's log and a Warning Event on the object: kopf (1.44 on) posts no log line as an
+    Event, and whoever deletes a Cartridge reads its Events, not the operator's log."""
+    logger.error(message)
+    kopf.warn(body, reason=reason, message=message)
 
 
 def _leave_serving(spec: kopf.Spec, namespace: str, name: str, uid: str) -> None:
@@ -307,7 +313,7 @@ async def _stop_training(body: kopf.Body, namespace: str, name: str, prefix: str
     return running
 
 
-def _delete_artifacts(prefix: str, retry: int, memo: kopf.Memo, logger: kopf.Logger) -> None:
+def _delete_artifacts(body: kopf.Body, prefix: str, retry: int, memo: kopf.Memo, logger: kopf.Logger) -> None:
     """Delete the prefix; a store failure is retried, up to DELETE_RETRIES times, then the Cartridge is released."""
     try:
         deleted = STORE.delete_prefix(prefix)
@@ -315,9 +321,8 @@ def _delete_artifacts(prefix: str, retry: int, memo: kopf.Memo, logger: kopf.Log
     except StoreError as err:
         memo.store_failures = memo.get("store_failures", 0) + 1  # counted apart from the API server's failures
         if memo.store_failures >= DELETE_RETRIES or retry + 1 >= API_RETRIES + DELETE_RETRIES:
-            logger.error(
-                f"artifacts under {prefix} were NOT deleted after {memo.store_failures} tries ({err}); releasing"
-            )
+            message = f"artifacts under {prefix} were NOT deleted after {memo.store_failures} tries ({err}); releasing"
+            _trouble(body, logger, "ArtifactsNotDeleted", message)
             return
         raise kopf.TemporaryError(f"cannot delete artifacts yet: {err}", delay=2) from err
 

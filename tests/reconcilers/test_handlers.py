@@ -270,11 +270,13 @@ def test_a_failed_read_is_one_warning_event_and_a_recovered_one_an_event(monkeyp
 def deletion_handler(
     corpus_handlers: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> list[tuple[str, str]]:
-    """The deletion handler with no pause between its looks at the training Jobs; the Events it posts."""
+    """The deletion handler with no pause between its looks at the training Jobs; the Events it posts (a Warning's
+    reason marked with a "!")."""
     monkeypatch.setattr(handlers, "JOB_POLL_S", 0.0)
     monkeypatch.setattr(handlers, "CARTRIDGE_PASSES", handlers.Passes())
     posted: list[tuple[str, str]] = []
     monkeypatch.setattr(kopf, "info", lambda body, reason, message: posted.append((reason, message)))
+    monkeypatch.setattr(kopf, "warn", lambda body, reason, message: posted.append((f"!{reason}", message)))
     caplog.set_level(logging.INFO, logger=LOG.name)
     return posted
 
@@ -333,3 +335,4 @@ def test_pods_that_never_stop_hold_the_deletion_for_a_bounded_time_then_are_an_e
     assert len(looks) == 4 and handlers.STORE.list(prefix) == []
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 1 and errors[0].startswith("training Job(s) c-g1 still have pods after 0 s")
+    assert [event for event in deletion_handler if event[0].startswith("!")] == [("!TrainingNotStopped", errors[0])]

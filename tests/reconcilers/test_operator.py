@@ -318,6 +318,10 @@ def test_deletion_with_the_store_down_releases_the_cartridge_and_keeps_its_artif
         env.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, env.namespace, "cartridges", "stranded")
         wait_for("the finalizer released", lambda: env.get("cartridges", "stranded") is None, 120)
         assert f"artifacts under {prefix} were NOT deleted" in env.operator.log_path.read_text()
+        selector = "involvedObject.kind=Cartridge,involvedObject.name=stranded,reason=ArtifactsNotDeleted"
+        events = functools.partial(client.CoreV1Api(env.api).list_namespaced_event, env.namespace)
+        warned = wait_for("the Warning Event", lambda: events(field_selector=selector).items or None, 30)
+        assert [event.type for event in warned] == ["Warning"]
     finally:
         env.settings = healthy
         env.restart()
