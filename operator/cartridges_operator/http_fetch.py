@@ -25,9 +25,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from cartridges.corpus import SourceError
+from cartridges_operator.redaction import redacted_url, without_login
 
 CHUNK = 1 << 16
 AUTHORIZATION = "Authorization"
@@ -137,14 +138,13 @@ class _Guard:
     def login(self, url: str) -> tuple[str, str | None]:
         """``url`` without its ``user:password@``, and the Authorization header that carries them instead (``None``:
         none); the two are kept to be scrubbed from error text."""
-        parts = urlsplit(url)
-        userinfo, at, hostport = parts.netloc.rpartition("@")
-        if not at:
+        bare, userinfo = without_login(url)
+        if userinfo is None:
             return url, None
         user, _, password = userinfo.partition(":")
         self.secrets += [userinfo, password, unquote(password)]
         token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
-        return urlunsplit(parts._replace(netloc=hostport)), f"Basic {token}"
+        return bare, f"Basic {token}"
 
     def scrubbed(self, text: str) -> str:
         """``text`` without any user information or password of the URLs fetched (error text may quote a host and
@@ -231,14 +231,14 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 
 def fetch(url: str, limit: int, timeout_s: float, allow_loopback: bool = False) -> bytes:
     """The body of ``url``, at most ``limit + 1`` bytes (more means: too large), within ``timeout_s`` in all."""
-    guard = _Guard(url, allow_loopback, time.monotonic() + timeout_s)
+    guard = _Guard(redacted_url(url), allow_loopback, time.monotonic() + timeout_s)  # the URL as messages name it
     opener = urllib.request.build_opener(_HTTPHandler(guard), _HTTPSHandler(guard), _RedirectHandler(guard))
     timer = threading.Timer(timeout_s, guard.expire)
     timer.start()
     try:
-        guard.url, authorization = guard.login(url)  # the URL as shown and requested, without user:password@
+        requested, authorization = guard.login(url)  # without user:password@
         guard.check_url(url)  # a host that does not resolve is a source to fix, like one that does not answer
-        request = urllib.request.Request(guard.url)
+        request = urllib.request.Request(requested)
         if authorization is not None:
             request.add_unredirected_header(AUTHORIZATION, authorization)  # redirects: see _RedirectHandler
         with opener.open(request, timeout=timeout_s) as response:
