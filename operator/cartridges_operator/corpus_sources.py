@@ -58,7 +58,8 @@ def _named_objects(source: api.ObjectSource, store: Store, budget: ByteBudget) -
 
 
 def _http_document(source: api.HttpSource, access: SourceAccess, budget: ByteBudget) -> bytes:
-    data = fetch(source.url, min(source.maxBytes, budget.left), source.timeoutSeconds, allow_loopback=access.local)
+    limit, allowed = min(source.maxBytes, budget.left), access.limits.http_allowed_cidrs
+    data = fetch(source.url, limit, source.timeoutSeconds, allow_loopback=access.local, allowed=allowed)
     shown = redacted_url(source.url)
     if len(data) > source.maxBytes:
         raise SourceError(f"{shown}: larger than maxBytes={source.maxBytes}; raise the limit or split it")

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 from collections.abc import Iterator
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -603,6 +604,17 @@ def test_http_sources_on_internal_addresses_are_refused(web_page: str, endless_s
             read_sources(spec({"http": {"url": url, "timeoutSeconds": 2}}), Store(), no_configmaps, LOCAL)
 
 
+def test_http_sources_on_private_addresses_are_read_only_within_the_admins_allowed_blocks() -> None:
+    """corpus.httpAllowedCidrs reaches the fetch: a Service address in it is tried (nothing answers here)."""
+    source = spec({"http": {"url": "http://10.96.0.1:8080/doc", "timeoutSeconds": 1}})
+    with pytest.raises(SourceError, match="10.96.0.1 a private, shared or reserved address"):
+        read_sources(source, Store(), no_configmaps, CLUSTER)
+    allowed = SourceAccess("s3://cartridges", "ns", CorpusLimits(http_allowed_cidrs=(ip_network("10.96.0.0/12"),)))
+    with pytest.raises(SourceError) as tried:
+        read_sources(source, Store(), no_configmaps, allowed)
+    assert "private" not in str(tried.value) and "10.96.0.1:8080/doc: " in str(tried.value)
+
+
 def test_http_sources_are_fetched_over_http_only(endless_server: str) -> None:
     """A redirect to ftp:// would connect outside the address checks (and the spec allows http(s) only)."""
     with socket.create_server(("127.0.0.1", 0)) as ftp:
@@ -727,6 +739,11 @@ def test_corpus_limits_from_the_environment() -> None:
         CorpusLimits.from_env({"CARTRIDGES_CORPUS_MAX_BYTES": "32Mi"})
     with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_CONCURRENT_READS must be an integer >= 1, got '0'"):
         CorpusLimits.from_env({"CARTRIDGES_CORPUS_CONCURRENT_READS": "0"})
+    allowed = CorpusLimits.from_env({"CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS": "10.20.0.0/16, fd00:1::/64,"})
+    assert allowed.http_allowed_cidrs == (ip_network("10.20.0.0/16"), ip_network("fd00:1::/64"))
+    for typo in ("10.20.0.1/16", "10.20.0.0/33", "wiki.internal"):  # host bits set, no such prefix, no address
+        with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS must be comma-separated"):
+            CorpusLimits.from_env({"CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS": typo})
 
 
 @pytest.mark.parametrize(
