@@ -85,8 +85,8 @@ class _Guard:
             return None if self.allow_loopback else "an address of the operator's own pod"
         if _internal(ip) and not any(ip in net for net in self.allowed):
             return (
-                "a private, shared or reserved address (where cluster Services, pods and internal servers answer); "
-                "a cluster admin may allow such address blocks with the chart value corpus.httpAllowedCidrs"
+                "a private, shared or reserved address (the cluster's Services and pods, internal servers) outside "
+                "the blocks the cluster admin allows (chart value corpus.httpAllowedCidrs)"
             )
         return None
 
