@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -202,26 +203,39 @@ class CorpusLimits:
     store's. ``stall_after_s`` is how long sources may stay unavailable (a failure that may pass: a server down, a
     source always slower than its timeout) before a Corpus that this holds back is Stalled rather than waiting.
     ``tokenizer_max_bytes`` caps the ``tokenizer.json`` a Corpus names; not a chart value, as real ones are 2-17 MB
-    whatever the corpus."""
+    whatever the corpus. ``http_allowed_cidrs`` are the private, shared or reserved address blocks that http sources
+    may still be fetched from (by default none: cluster Services and pods, and internal servers, would answer any
+    tenant through the operator)."""
 
     max_bytes: int = 32 * 1024 * 1024
     source_buckets: tuple[str, ...] = ()
     concurrent_reads: int = 2
     stall_after_s: int = 600
     tokenizer_max_bytes: int = 64 * 1024 * 1024
+    http_allowed_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> CorpusLimits:
         """``CARTRIDGES_CORPUS_MAX_BYTES``, ``CARTRIDGES_CORPUS_CONCURRENT_READS`` and
-        ``CARTRIDGES_CORPUS_STALL_AFTER_SECONDS`` (integers >= 1), ``CARTRIDGES_CORPUS_SOURCE_BUCKETS``
-        (comma-separated)."""
+        ``CARTRIDGES_CORPUS_STALL_AFTER_SECONDS`` (integers >= 1), ``CARTRIDGES_CORPUS_SOURCE_BUCKETS`` and
+        ``CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS`` (comma-separated)."""
         buckets = env.get("CARTRIDGES_CORPUS_SOURCE_BUCKETS", "")
         return cls(
             max_bytes=_positive(env, "CARTRIDGES_CORPUS_MAX_BYTES", cls.max_bytes),
             source_buckets=tuple(b.strip() for b in buckets.split(",") if b.strip()),
             concurrent_reads=_positive(env, "CARTRIDGES_CORPUS_CONCURRENT_READS", cls.concurrent_reads),
             stall_after_s=_positive(env, "CARTRIDGES_CORPUS_STALL_AFTER_SECONDS", cls.stall_after_s),
+            http_allowed_cidrs=_cidrs(env, "CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS"),
         )
+
+
+def _cidrs(env: Mapping[str, str], name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``env[name]``'s comma-separated address blocks; one with host bits set (10.0.0.1/8) is refused as the typo it
+    may be, so the operator stops at start-up naming it rather than allow what the admin did not mean."""
+    try:
+        return tuple(ipaddress.ip_network(c.strip()) for c in env.get(name, "").split(",") if c.strip())
+    except ValueError as err:
+        raise ValueError(f"{name} must be comma-separated address blocks such as 10.20.0.0/16: {err}") from None
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:

@@ -13,7 +13,7 @@ from cartridges import api, layout
 from cartridges.corpus import NormalizedCorpus, SourceError, normalize_text
 from cartridges.store import BucketNotFound, InvalidObjectName, ObjectNotFound, Store, StoreURI
 from cartridges_operator.http_fetch import fetch
-from cartridges_operator.redaction import redacted
+from cartridges_operator.redaction import redacted_url
 from cartridges_operator.source_access import SOURCES_TOO_LARGE, TOKENIZER_TOO_LARGE, ByteBudget, SourceAccess
 
 ConfigMapReader = Callable[[str, str], str]
@@ -58,10 +58,12 @@ def _named_objects(source: api.ObjectSource, store: Store, budget: ByteBudget) -
 
 
 def _http_document(source: api.HttpSource, access: SourceAccess, budget: ByteBudget) -> bytes:
-    data = fetch(source.url, min(source.maxBytes, budget.left), source.timeoutSeconds, allow_loopback=access.local)
+    limit, allowed = min(source.maxBytes, budget.left), access.limits.http_allowed_cidrs
+    data = fetch(source.url, limit, source.timeoutSeconds, allow_loopback=access.local, allowed=allowed)
+    shown = redacted_url(source.url)
     if len(data) > source.maxBytes:
-        raise SourceError(f"{source.url}: larger than maxBytes={source.maxBytes}; raise the limit or split it")
-    budget.take(len(data), source.url)
+        raise SourceError(f"{shown}: larger than maxBytes={source.maxBytes}; raise the limit or split it")
+    budget.take(len(data), shown)
     return data
 
 
@@ -90,7 +92,7 @@ def _source_documents(
             for name, data in _object_documents(source.object, store, budget)
         ]
     if source.http is not None:
-        return [(source.name or redacted(source.http.url), _http_document(source.http, access, budget))]
+        return [(source.name or redacted_url(source.http.url), _http_document(source.http, access, budget))]
     raise SourceError(f"sources[{index}] sets no source kind")  # the CRD's CEL rule makes this unreachable
 
 

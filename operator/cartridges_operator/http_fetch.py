@@ -1,7 +1,9 @@
 """Download an http(s) Corpus source inside hard limits: a byte limit enforced while reading, one deadline for the
 whole download (``timeout`` alone bounds each socket operation, so a server dripping a byte at a time would hold a
-worker forever), and no connection to the pod's own or link-local addresses (cloud metadata at 169.254.169.254),
-checked on the address actually connected to, for redirects too, so DNS cannot swap it after the check. A URL's
+worker forever), and no connection to the pod's own addresses, link-local ones (cloud metadata at 169.254.169.254),
+or private, shared and reserved ones (cluster Services and pods, internal networks) outside the CIDRs the cluster
+admin allows (chart value corpus.httpAllowedCidrs), also in IPv6 forms that embed an IPv4 address: checked on the
+address actually connected to, for redirects too, so DNS cannot swap it after the check. A URL's
 ``user:password@`` is sent as Basic authentication (to the same origin only, also after redirects) and named in no
 message.
 
@@ -25,9 +27,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from cartridges.corpus import SourceError
+from cartridges_operator.redaction import redacted_url, without_login
 
 CHUNK = 1 << 16
 AUTHORIZATION = "Authorization"
@@ -44,6 +47,13 @@ LOOPBACK = (
     ipaddress.ip_network("0.0.0.0/32"),  # connects to the host itself
     ipaddress.ip_network("::/128"),
 )
+INTERNAL = (
+    ipaddress.ip_network("100.64.0.0/10"),  # shared (carrier-grade NAT): not is_private, not on the internet either
+    ipaddress.ip_network("64:ff9b:1::/48"),  # local-use NAT64
+)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the IPv4 address in its last 32 bits, reached through a NAT64
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SourceUnavailable(SourceError):
@@ -56,20 +66,28 @@ class _Guard:
     """Connects only to allowed addresses and cuts every connection it made once the deadline passes."""
 
     url: str
-    allow_loopback: bool
+    allow_loopback: bool  # and the host's own addresses: an operator run locally, whose servers are the user's
     deadline: float  # time.monotonic()
+    allowed: tuple[IPNetwork, ...] = ()  # private, shared or reserved addresses that may be fetched from all the same
     sockets: list[socket.socket] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
     expired: bool = False
 
     def refusal(self, address: str) -> str | None:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        """Why the operator may not connect to ``address`` (None: it may). Metadata and its own pod are refused
+        whatever the allowed CIDRs say."""
+        ip = _embedded_ipv4(ipaddress.ip_address(address.split("%", 1)[0]))
         if any(ip in net for net in LINK_LOCAL):
             return "a link-local address (where cloud metadata services answer)"
-        if not self.allow_loopback and any(ip in net for net in LOOPBACK):
-            return "a loopback address (the operator's own pod)"
+        if any(ip in net for net in LOOPBACK):
+            return None if self.allow_loopback else "a loopback address (the operator's own pod)"
+        if _own(ip):
+            return None if self.allow_loopback else "an address of the operator's own pod"
+        if _internal(ip) and not any(ip in net for net in self.allowed):
+            return (
+                "a private, shared or reserved address (the cluster's Services and pods, internal servers) outside "
+                "the blocks the cluster admin allows (chart value corpus.httpAllowedCidrs)"
+            )
         return None
 
     def addresses(self, host: str, port: int) -> list[tuple[Any, ...]]:
@@ -137,14 +155,13 @@ class _Guard:
     def login(self, url: str) -> tuple[str, str | None]:
         """``url`` without its ``user:password@``, and the Authorization header that carries them instead (``None``:
         none); the two are kept to be scrubbed from error text."""
-        parts = urlsplit(url)
-        userinfo, at, hostport = parts.netloc.rpartition("@")
-        if not at:
+        bare, userinfo = without_login(url)
+        if userinfo is None:
             return url, None
         user, _, password = userinfo.partition(":")
         self.secrets += [userinfo, password, unquote(password)]
         token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
-        return urlunsplit(parts._replace(netloc=hostport)), f"Basic {token}"
+        return bare, f"Basic {token}"
 
     def scrubbed(self, text: str) -> str:
         """``text`` without any user information or password of the URLs fetched (error text may quote a host and
@@ -158,6 +175,36 @@ class _Guard:
         for sock in self.sockets:
             with contextlib.suppress(OSError):  # closed already
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def _embedded_ipv4(ip: IPAddress) -> IPAddress:
+    """The IPv4 address that an IPv6 one leads to (IPv4-mapped, NAT64, 6to4), else ``ip`` itself."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+    return ip
+
+
+def _internal(ip: IPAddress) -> bool:
+    """Not an internet address: private (10/8, 172.16/12, 192.168/16, fc00::/7...), shared, reserved, multicast."""
+    return ip.is_private or ip.is_reserved or ip.is_multicast or ip.is_unspecified or any(ip in n for n in INTERNAL)
+
+
+def _own(ip: IPAddress) -> bool:
+    """Whether ``ip`` is an address of this host (the operator's pod, on any interface): only those, and multicast
+    groups, can be bound."""
+    if ip.is_multicast:
+        return False
+    try:
+        with socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:  # EADDRNOTAVAIL: not ours (or no IPv6 here at all)
+        return False
+    return True
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -229,16 +276,19 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(functools.partial(_TLSConnection, guard=self.guard), req, context=self.context)
 
 
-def fetch(url: str, limit: int, timeout_s: float, allow_loopback: bool = False) -> bytes:
-    """The body of ``url``, at most ``limit + 1`` bytes (more means: too large), within ``timeout_s`` in all."""
-    guard = _Guard(url, allow_loopback, time.monotonic() + timeout_s)
+def fetch(
+    url: str, limit: int, timeout_s: float, allow_loopback: bool = False, allowed: tuple[IPNetwork, ...] = ()
+) -> bytes:
+    """The body of ``url``, at most ``limit + 1`` bytes (more means: too large), within ``timeout_s`` in all; from a
+    private, shared or reserved address only within the ``allowed`` blocks."""
+    guard = _Guard(redacted_url(url), allow_loopback, time.monotonic() + timeout_s, allowed)  # url: as messages say
     opener = urllib.request.build_opener(_HTTPHandler(guard), _HTTPSHandler(guard), _RedirectHandler(guard))
     timer = threading.Timer(timeout_s, guard.expire)
     timer.start()
     try:
-        guard.url, authorization = guard.login(url)  # the URL as shown and requested, without user:password@
+        requested, authorization = guard.login(url)  # without user:password@
         guard.check_url(url)  # a host that does not resolve is a source to fix, like one that does not answer
-        request = urllib.request.Request(guard.url)
+        request = urllib.request.Request(requested)
         if authorization is not None:
             request.add_unredirected_header(AUTHORIZATION, authorization)  # redirects: see _RedirectHandler
         with opener.open(request, timeout=timeout_s) as response:

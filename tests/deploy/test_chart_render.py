@@ -107,13 +107,18 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
         "corpus.stallAfterSeconds": "1800",
         "corpus.sourceBuckets[0]": "docs",
         "corpus.sourceBuckets[1]": "wiki",
+        "corpus.httpAllowedCidrs": "{10.20.0.0/16,fd00:1::/64}",
     }
     operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
     assert OperatorConfig.from_env().corpus_limits == CorpusLimits(
-        max_bytes=128 * 2**20, source_buckets=("docs", "wiki"), concurrent_reads=4, stall_after_s=1800
+        max_bytes=128 * 2**20,
+        source_buckets=("docs", "wiki"),
+        concurrent_reads=4,
+        stall_after_s=1800,
+        http_allowed_cidrs=(ipaddress.ip_network("10.20.0.0/16"), ipaddress.ip_network("fd00:1::/64")),
     )
 
 
@@ -289,12 +294,9 @@ def test_network_policies(render: Render) -> None:
     assert egress[1]["to"] == [{"ipBlock": {"cidr": f"192.168.10.{n}/32"}} for n in (11, 12, 13)]
     assert egress[2] == {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
     web = [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]
-    anywhere_but_link_local = [
-        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
-        {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}},
-    ]
-    assert egress[3] == {"ports": web, "to": anywhere_but_link_local}, (
-        "the operator downloads http(s) Corpus sources itself, but never from cloud metadata (169.254.169.254)"
+    assert egress[3] == {"ports": web, "to": PUBLIC}, (
+        "the operator downloads http(s) Corpus sources itself, but never from cloud metadata (169.254.169.254) nor "
+        "the cluster's Services and pods"
     )
     assert len(egress) == 4
     assert not operator["spec"]["ingress"], "no metrics namespaces configured: nothing may connect"
@@ -315,6 +317,14 @@ def test_api_server_egress_example_names_endpoints_not_the_service_ip() -> None:
         assert ENDPOINTS_COMMAND in " ".join(path.read_text().replace("#", " ").split()), path
 
 
+PUBLIC = [
+    {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12",
+                                                 "192.168.0.0/16"]}},
+    {"ipBlock": {"cidr": "::/0", "except": ["fc00::/7", "fe80::/10"]}},
+]  # fmt: skip
+"""Any address but link-local (cloud metadata), private and shared ones."""
+
+
 def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> None:
     def egress(**sets: str) -> list[dict[str, Any]]:
         (operator,) = find(render("production-values.yaml", sets=sets), "NetworkPolicy", "cartridges-operator")
@@ -324,6 +334,10 @@ def test_corpus_source_egress_can_be_narrowed_or_turned_off(render: Render) -> N
     narrowed = egress(**{"networkPolicy.corpusSources.cidrs[0]": "192.0.2.0/24"})
     assert narrowed[3]["to"] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
     assert len(egress(**{"networkPolicy.corpusSources.enabled": "false"})) == 3
+    allowed = {"corpus.httpAllowedCidrs[0]": "10.20.0.0/16"}  # the operator fetches from it: the policy lets it
+    assert egress(**allowed)[3]["to"] == [*PUBLIC, {"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    both = egress(**allowed, **{"networkPolicy.corpusSources.cidrs[0]": "192.0.2.0/24"})
+    assert both[3]["to"] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}, {"ipBlock": {"cidr": "10.20.0.0/16"}}]
 
 
 STORE_PORTS = [
@@ -426,6 +440,7 @@ BAD_VALUES = [
     ({"corpus.concurrentReads": "0"}, ["/corpus/concurrentReads", "minimum"]),
     ({"corpus.stallAfterSeconds": "0"}, ["/corpus/stallAfterSeconds", "minimum"]),
     ({"corpus.sourceBuckets[0]": "Docs_Bucket"}, ["/corpus/sourceBuckets/0", "does not match pattern"]),
+    ({"corpus.httpAllowedCidrs[0]": "wiki.internal"}, ["/corpus/httpAllowedCidrs/0", "does not match pattern"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
     ({"serving.engine.maxBatchSize": "0"}, ["/serving/engine/maxBatchSize", "minimum"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import http.server
+import logging
 import os
 import socket
 import threading
@@ -12,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 from collections.abc import Iterator
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -602,6 +604,17 @@ def test_http_sources_on_internal_addresses_are_refused(web_page: str, endless_s
             read_sources(spec({"http": {"url": url, "timeoutSeconds": 2}}), Store(), no_configmaps, LOCAL)
 
 
+def test_http_sources_on_private_addresses_are_read_only_within_the_admins_allowed_blocks() -> None:
+    """corpus.httpAllowedCidrs reaches the fetch: a Service address in it is tried (nothing answers here)."""
+    source = spec({"http": {"url": "http://10.96.0.1:8080/doc", "timeoutSeconds": 1}})
+    with pytest.raises(SourceError, match="10.96.0.1 a private, shared or reserved address"):
+        read_sources(source, Store(), no_configmaps, CLUSTER)
+    allowed = SourceAccess("s3://cartridges", "ns", CorpusLimits(http_allowed_cidrs=(ip_network("10.96.0.0/12"),)))
+    with pytest.raises(SourceError) as tried:
+        read_sources(source, Store(), no_configmaps, allowed)
+    assert "private" not in str(tried.value) and "10.96.0.1:8080/doc: " in str(tried.value)
+
+
 def test_http_sources_are_fetched_over_http_only(endless_server: str) -> None:
     """A redirect to ftp:// would connect outside the address checks (and the spec allows http(s) only)."""
     with socket.create_server(("127.0.0.1", 0)) as ftp:
@@ -657,11 +670,56 @@ def test_credentials_in_http_source_urls_stay_out_of_status_and_stored_documents
         assert problem in message and "?<redacted>" in message and "s3cret" not in message and "f00d" not in message
 
 
+@pytest.mark.parametrize("password", ["s3cr'et", 's3cr"et', "s3cr et"])
+def test_a_password_with_quotes_or_a_space_stays_out_of_status_logs_and_stored_documents(
+    password: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 3986 allows ' in a URL's user information and the CRD takes any character: a pattern that ended the
+    password at a quote named it in the status (and so its Events) of a body that is no UTF-8 text, and in the
+    stored document id once the body was fixed."""
+    caplog.set_level(logging.DEBUG)
+    bodies = {"/handbook.txt": b"\xff\xfe not UTF-8"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = bodies[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://reader:{password}@127.0.0.1:{server.server_port}/handbook.txt"
+    corpus = {"description": "d", "sources": [{"http": {"url": url}}]}
+    root = f"file://{tmp_path}/store"
+    try:
+        broken = reconcile_corpus(corpus, {}, "ns", "c", 1, Store(), root)
+        bodies["/handbook.txt"] = b"The handbook.\n"
+        stored = reconcile_corpus(corpus, broken, "ns", "c", 2, Store(), root)
+    finally:
+        server.shutdown()
+    shown = f"http://127.0.0.1:{server.server_port}/handbook.txt"
+    assert stalled(broken)["message"].startswith(f"{shown}: not UTF-8 text")
+    jsonl = (Path(str(stored["artifact"]).removeprefix("file://")) / "corpus.jsonl").read_text()
+    assert f'"id": "{shown}"' in jsonl
+    said = [c["message"] for c in [*broken["conditions"], *stored["conditions"]]]  # c.f. handlers._post_transitions
+    said += [record.getMessage() for record in caplog.records]
+    assert not any("s3cr" in text for text in [*said, jsonl]), said
+
+
 def test_redaction_keeps_store_keys_whole() -> None:
     text = "https://u:p@ss@host/a?t=1#f and s3://bucket/what?.md, file:///a#b, 'gopher://h/x#frag'"
-    assert (
-        redacted(text) == "https://host/a?<redacted> and s3://bucket/what?.md, file:///a#b, 'gopher://h/x?<redacted>'"
-    )
+    assert redacted(text) == "https://host/a?<redacted> and s3://bucket/what?.md, file:///a#b, 'gopher://h/x?<redacted>"
+
+
+def test_redaction_takes_a_quote_for_part_of_a_password_or_query() -> None:
+    """A quote may be in a password or a query as well as around the URL: only whitespace ends them."""
+    text = "'http://u:p'w@host/a?sig=x'y' and \"https://u:p\"w@host/b\""
+    assert redacted(text) == '\'http://host/a?<redacted> and "https://host/b"'
 
 
 def test_corpus_limits_from_the_environment() -> None:
@@ -681,6 +739,11 @@ def test_corpus_limits_from_the_environment() -> None:
         CorpusLimits.from_env({"CARTRIDGES_CORPUS_MAX_BYTES": "32Mi"})
     with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_CONCURRENT_READS must be an integer >= 1, got '0'"):
         CorpusLimits.from_env({"CARTRIDGES_CORPUS_CONCURRENT_READS": "0"})
+    allowed = CorpusLimits.from_env({"CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS": "10.20.0.0/16, fd00:1::/64,"})
+    assert allowed.http_allowed_cidrs == (ip_network("10.20.0.0/16"), ip_network("fd00:1::/64"))
+    for typo in ("10.20.0.1/16", "10.20.0.0/33", "wiki.internal"):  # host bits set, no such prefix, no address
+        with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS must be comma-separated"):
+            CorpusLimits.from_env({"CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS": typo})
 
 
 @pytest.mark.parametrize(

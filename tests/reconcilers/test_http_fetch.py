@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import gzip
+import ipaddress
 import socket
 import ssl
+import struct
 import threading
 import time
 import urllib.parse
@@ -21,7 +24,7 @@ from cartridges.corpus import SourceError
 from cartridges.store import Store
 from cartridges_e2e.pki import Pki
 from cartridges_operator.corpus import reconcile_corpus
-from cartridges_operator.http_fetch import SourceUnavailable, fetch
+from cartridges_operator.http_fetch import SourceUnavailable, _Guard, fetch
 from cartridges_operator.redaction import redacted
 
 Reply = Callable[[socket.socket, bytes], None]
@@ -186,3 +189,58 @@ def test_a_host_name_no_resolver_takes_is_a_source_to_fix_at_once(host: str) -> 
     with pytest.raises(SourceError, match="cannot fetch") as raised:
         fetch(f"http://{host}/doc.txt", 1000, 5)
     assert not isinstance(raised.value, SourceUnavailable)
+
+
+SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
+INTERNAL = ["10.96.0.1", "10.244.1.7", "172.16.0.10", "192.168.1.1", "100.64.0.1", "fd00::2", "fc00::1", "224.0.0.1"]
+EMBEDDED = ["64:ff9b::a9fe:a9fe", "::ffff:10.96.0.1", "64:ff9b::a00:1", "2002:a9fe:a9fe::1", "::169.254.169.254"]
+
+
+@pytest.mark.parametrize("address", INTERNAL + EMBEDDED)
+def test_private_shared_and_reserved_addresses_are_refused(address: str) -> None:
+    """Cluster Services (10.96.0.1), pods, internal networks and NAT64 or mapped forms of them (or of metadata):
+    any tenant who may create a Corpus would make the operator fetch them and read the answer in the stored corpus."""
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(SourceError, match="link-local|private, shared or reserved|own pod") as refused:
+        fetch(f"http://{host}:8080/metrics", 1000, 2)
+    assert not isinstance(refused.value, SourceUnavailable)
+
+
+def test_an_allowed_block_lets_its_private_addresses_through_but_not_metadata() -> None:
+    allowed = (ipaddress.ip_network("10.96.0.0/12"),)
+    guard = _Guard("http://docs.internal/", False, time.monotonic() + 5, allowed)
+    assert guard.refusal("10.96.0.1") is None and guard.refusal("::ffff:10.96.0.1") is None
+    assert guard.refusal("10.244.1.7") is not None and guard.refusal("8.8.8.8") is None
+    metadata = _Guard("http://m/", False, time.monotonic() + 5, (ipaddress.ip_network("169.254.0.0/16"),))
+    assert metadata.refusal("169.254.169.254") is not None
+
+
+def own_address() -> str:
+    """An IPv4 address of this machine's first interface other than loopback."""
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe, contextlib.suppress(OSError):  # none there
+            answer = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            address = socket.inet_ntoa(answer[20:24])
+            if not ipaddress.ip_address(address).is_loopback:
+                return address
+    raise AssertionError("this test needs a network interface with an IPv4 address other than loopback")
+
+
+def test_the_operators_own_address_is_refused_even_in_an_allowed_block() -> None:
+    """Its pod IP is no loopback address, but reaches the operator's own ports (metrics) just the same."""
+
+    def served(conn: socket.socket, request: bytes) -> None:
+        conn.sendall(head("200 OK", Content_Length=9) + b"internal\n")
+
+    address = own_address()
+    listener = socket.create_server((address, 0))
+    threading.Thread(target=lambda: served(listener.accept()[0], b""), daemon=True).start()
+    url = f"http://{address}:{listener.getsockname()[1]}/metrics"
+    try:
+        with pytest.raises(SourceError, match="an address of the operator's own pod"):
+            fetch(url, 1000, 2)
+        with pytest.raises(SourceError, match="an address of the operator's own pod"):
+            fetch(url, 1000, 2, allowed=(ipaddress.ip_network(address),))
+        assert fetch(url, 1000, 2, allow_loopback=True) == b"internal\n"  # a local run: the user's own machine
+    finally:
+        listener.close()
