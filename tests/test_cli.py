@@ -15,11 +15,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 from _cartridge_store import publish, random_cartridge, truncate_in_minio
+from _http_stub import http_stub
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout, tritonserver
@@ -1193,6 +1195,46 @@ def test_a_refused_stream_reads_as_the_servers_message() -> None:
     assert _error_message(b'data: {"error":"max_tokens must be >= 0, got -1"}\n\n') == "max_tokens must be >= 0, got -1"
     assert _error_message(b'{"error":"plain"}') == "plain"
     assert _error_message(b"not json") == "not json"
+
+
+class BreaksOff(BaseHTTPRequestHandler):
+    """A server that stops mid-reply: the answer (a refusal for the model ``refuse``) promises 100 bytes and sends
+    20; the stream sends one event of a chunked body and no end."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(500 if "/refuse/" in self.path else 200)
+        if self.path.endswith("_stream"):
+            event = b'data: {"text_output": "Hel"}\n\n'
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        else:
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"text_output": "Hel')
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("model", "stream"), [("router", False), ("router", True), ("refuse", False)])
+def test_a_reply_that_breaks_off_is_the_server_unavailable(model: str, stream: bool) -> None:
+    from cartridges import client
+
+    with http_stub(BreaksOff) as endpoint, pytest.raises(client.GenerateError, match="broke off") as error:
+        "".join(client.generate(f"http://{endpoint}", "Hi", model=model, stream=stream, timeout=10))  # type: ignore[call-overload]
+    assert error.value.kind == "unavailable"
+
+
+def test_ask_exits_unavailable_when_the_reply_breaks_off(capsys: pytest.CaptureFixture[str]) -> None:
+    with http_stub(BreaksOff) as endpoint:
+        code, out, err = cli(capsys, "ask", "Hi", "--url", f"http://{endpoint}")
+    assert code == EXIT_UNAVAILABLE and "broke off" in err and out.startswith("Hel")
+    one_line_error(err)
 
 
 def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(
