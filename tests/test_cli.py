@@ -42,6 +42,7 @@ from cartridges.cli.evaluate import corpus_of
 from cartridges.cli.serve import KEPT_SERVE_LOGS, Ports, serve_log_path, serve_ports
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel, tiny_llama
+from cartridges.paths import cache_dir
 from cartridges.process import free_port
 from cartridges.store import Store, StoreURI
 from cartridges_e2e.minio import MinioServer
@@ -822,9 +823,26 @@ def test_import_peft_prefix_adapter(tmp_path: Path, store: str, capsys: pytest.C
     one_line_error(err)
 
 
+@pytest.fixture
+def serve_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where `cartridges serve` writes its logs in this test: a cache directory of the test's own, so that the user's
+    logs are neither added to nor pruned; its models are the shared cache's, so none is made again."""
+    models = cache_dir() / "models"
+    models.mkdir(exist_ok=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(models, target_is_directory=True)
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(cache))
+    return cache / "logs"
+
+
 @pytest.mark.triton
 def test_serve_ask_and_ctrl_c(
-    trained: dict[str, object], tiny_model: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained: dict[str, object],
+    tiny_model: LoadedModel,
+    tmp_path: Path,
+    serve_logs: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     store, (port, grpc_port, metrics_port) = str(trained["store"]), (free_port(), free_port(), free_port())
     pt = reference_pt(tiny_model, tmp_path / "ref.pt")
@@ -882,10 +900,11 @@ def test_serve_ask_and_ctrl_c(
         assert server.wait(60) == 0
     code, _, err = cli(capsys, "ask", "Hi", "--url", url)
     assert code == EXIT_UNAVAILABLE and "cannot reach" in err
+    assert len(list(serve_logs.glob("serve-*.log"))) == 1
 
 
 @pytest.mark.triton
-def test_demo_quick_with_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_quick_with_the_tiny_model(tmp_path: Path, serve_logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
     plot = tmp_path / "demo.png"
     argv = ["demo", "--quick", "--model", "tiny", "--store", f"file://{tmp_path}/store", "--plot", str(plot)]
@@ -895,6 +914,7 @@ def test_demo_quick_with_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFi
     assert out.count("with    the cartridge:") == 3 and out.count("without the cartridge:") == 3
     assert plot.is_file() and "done in" in out
     assert time.monotonic() - started < 600
+    assert len(list(serve_logs.glob("serve-*.log"))) == 1
 
 
 def test_eval_prompts_with_the_description_the_cartridge_was_trained_with(
