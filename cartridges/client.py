@@ -13,16 +13,18 @@ pointer TTL, and an unusable one leaves the generation before it answering): ``g
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import urllib.error
 import urllib.request
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal, overload
 
 import numpy as np
 
-from cartridges.error_kind import ErrorKind, parse
+from cartridges.error_kind import ErrorKind, mark, parse
 
 DEFAULT_MODEL = "router"
 GRPC_SCHEME = "grpc://"
@@ -180,7 +182,7 @@ def generate(
     if stream:
         body["stream"] = True
         return Stream(_stream(f"{endpoint}_stream", body, timeout))
-    with _post(endpoint, body, timeout) as response:
+    with _post(endpoint, body, timeout) as response, _reading(endpoint, timeout):
         return Answer(*_chunk(_json(response.read())))
 
 
@@ -269,7 +271,9 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> Any:
     try:
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
-        raise GenerateError(_error_message(err.read()), err.code) from None
+        with _reading(url, timeout):
+            message = _error_message(err.read())
+        raise GenerateError(message, err.code) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
         reason = getattr(err, "reason", err)
         raise GenerateError(f"cannot reach {url}: {reason}", unreachable=True) from None
@@ -277,13 +281,32 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> Any:
 
 def _stream(url: str, body: dict[str, Any], timeout: float) -> Generator[Chunk, None, None]:
     """Yield each event's chunk; an ``error`` event (failure after the stream started) raises."""
-    with _post(url, body, timeout) as response:
-        try:
-            for line in response:
-                if line.startswith(b"data:"):
-                    yield _chunk(_json(line[len(b"data:") :]))
-        except TimeoutError as err:
-            raise GenerateError(f"no data from {url} within {timeout}s", unreachable=True) from err
+    with _post(url, body, timeout) as response, _reading(url, timeout):
+        for line in _lines(response):
+            if line.startswith(b"data:"):
+                yield _chunk(_json(line[len(b"data:") :]))
+
+
+def _lines(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """The body's lines as they arrive. Not ``for line in response``: http.client's ``readline`` ends a chunked body
+    cut off mid-stream as if it were complete, where its ``read1`` raises."""
+    rest = b""
+    while data := response.read1():
+        *lines, rest = (rest + data).split(b"\n")
+        yield from lines
+    yield rest
+
+
+@contextmanager
+def _reading(url: str, timeout: float) -> Iterator[None]:
+    """Reading a reply: a server that stalls, or that breaks off mid-reply (it stopped or its connection dropped),
+    cannot answer now, so the caller gets a :class:`GenerateError` marked ``unavailable``, not a socket error."""
+    try:
+        yield
+    except TimeoutError as err:
+        raise GenerateError(f"no data from {url} within {timeout}s", unreachable=True) from err
+    except (http.client.HTTPException, OSError) as err:
+        raise GenerateError(mark("unavailable", f"the reply from {url} broke off: {err!r}")) from err
 
 
 def _json(data: bytes) -> dict[str, Any]:

@@ -88,3 +88,11 @@ def test_a_failed_fill_leaves_no_partial_binary_and_the_next_one_builds(fake_go:
 
     fake_go.fail = False
     assert all(path.is_file() for path in binary_paths(STEPS[step]()))
+
+
+def test_the_control_plane_without_its_go_module_says_so(fake_go: FakeGo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As when cartridges_e2e was installed from a wheel, which does not carry e2e/cluster."""
+    monkeypatch.setattr(binaries, "CLUSTER_MODULE_DIR", cache_dir() / "no-checkout" / "cluster")
+    with pytest.raises(binaries.BuildError, match="Go module in .*/no-checkout/cluster, which is missing"):
+        binaries.control_plane()
+    assert fake_go.builds == 0

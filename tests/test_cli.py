@@ -15,11 +15,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 from _cartridge_store import publish, random_cartridge, truncate_in_minio
+from _http_stub import http_stub
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout, tritonserver
@@ -40,6 +42,7 @@ from cartridges.cli.evaluate import corpus_of
 from cartridges.cli.serve import KEPT_SERVE_LOGS, Ports, serve_log_path, serve_ports
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel, tiny_llama
+from cartridges.paths import cache_dir
 from cartridges.process import free_port
 from cartridges.store import Store, StoreURI
 from cartridges_e2e.minio import MinioServer
@@ -820,9 +823,26 @@ def test_import_peft_prefix_adapter(tmp_path: Path, store: str, capsys: pytest.C
     one_line_error(err)
 
 
+@pytest.fixture
+def serve_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where `cartridges serve` writes its logs in this test: a cache directory of the test's own, so that the user's
+    logs are neither added to nor pruned; its models are the shared cache's, so none is made again."""
+    models = cache_dir() / "models"
+    models.mkdir(exist_ok=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(models, target_is_directory=True)
+    monkeypatch.setenv("CARTRIDGES_CACHE", str(cache))
+    return cache / "logs"
+
+
 @pytest.mark.triton
 def test_serve_ask_and_ctrl_c(
-    trained: dict[str, object], tiny_model: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained: dict[str, object],
+    tiny_model: LoadedModel,
+    tmp_path: Path,
+    serve_logs: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     store, (port, grpc_port, metrics_port) = str(trained["store"]), (free_port(), free_port(), free_port())
     pt = reference_pt(tiny_model, tmp_path / "ref.pt")
@@ -880,10 +900,11 @@ def test_serve_ask_and_ctrl_c(
         assert server.wait(60) == 0
     code, _, err = cli(capsys, "ask", "Hi", "--url", url)
     assert code == EXIT_UNAVAILABLE and "cannot reach" in err
+    assert len(list(serve_logs.glob("serve-*.log"))) == 1
 
 
 @pytest.mark.triton
-def test_demo_quick_with_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_quick_with_the_tiny_model(tmp_path: Path, serve_logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
     plot = tmp_path / "demo.png"
     argv = ["demo", "--quick", "--model", "tiny", "--store", f"file://{tmp_path}/store", "--plot", str(plot)]
@@ -893,6 +914,7 @@ def test_demo_quick_with_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFi
     assert out.count("with    the cartridge:") == 3 and out.count("without the cartridge:") == 3
     assert plot.is_file() and "done in" in out
     assert time.monotonic() - started < 600
+    assert len(list(serve_logs.glob("serve-*.log"))) == 1
 
 
 def test_eval_prompts_with_the_description_the_cartridge_was_trained_with(
@@ -1193,6 +1215,46 @@ def test_a_refused_stream_reads_as_the_servers_message() -> None:
     assert _error_message(b'data: {"error":"max_tokens must be >= 0, got -1"}\n\n') == "max_tokens must be >= 0, got -1"
     assert _error_message(b'{"error":"plain"}') == "plain"
     assert _error_message(b"not json") == "not json"
+
+
+class BreaksOff(BaseHTTPRequestHandler):
+    """A server that stops mid-reply: the answer (a refusal for the model ``refuse``) promises 100 bytes and sends
+    20; the stream sends one event of a chunked body and no end."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(500 if "/refuse/" in self.path else 200)
+        if self.path.endswith("_stream"):
+            event = b'data: {"text_output": "Hel"}\n\n'
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        else:
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"text_output": "Hel')
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("model", "stream"), [("router", False), ("router", True), ("refuse", False)])
+def test_a_reply_that_breaks_off_is_the_server_unavailable(model: str, stream: bool) -> None:
+    from cartridges import client
+
+    with http_stub(BreaksOff) as endpoint, pytest.raises(client.GenerateError, match="broke off") as error:
+        "".join(client.generate(f"http://{endpoint}", "Hi", model=model, stream=stream, timeout=10))  # type: ignore[call-overload]
+    assert error.value.kind == "unavailable"
+
+
+def test_ask_exits_unavailable_when_the_reply_breaks_off(capsys: pytest.CaptureFixture[str]) -> None:
+    with http_stub(BreaksOff) as endpoint:
+        code, out, err = cli(capsys, "ask", "Hi", "--url", f"http://{endpoint}")
+    assert code == EXIT_UNAVAILABLE and "broke off" in err and out.startswith("Hel")
+    one_line_error(err)
 
 
 def test_one_broken_cartridge_is_a_broken_row_not_a_failed_listing(

@@ -10,12 +10,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import urllib3
+from _http_stub import http_stub
 from minio.error import S3Error
 
 from cartridges import layout
@@ -358,14 +359,8 @@ def _not_s3(status: int, body: bytes) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_stub(Handler) as endpoint:
+        yield endpoint
 
 
 def test_an_answer_that_is_not_s3_is_store_unavailable_and_short() -> None:

@@ -71,6 +71,11 @@ def _run_go(args: list[str], cwd: Path, env: dict[str, str]) -> None:
 
 
 def _cluster_module_key() -> str:
+    if not (CLUSTER_MODULE_DIR / "go.mod").is_file():  # else every build would share the key of no files, then fail
+        raise BuildError(
+            f"the control plane builds from the Go module in {CLUSTER_MODULE_DIR}, which is missing: cartridges_e2e "
+            "runs from a checkout (`pip install -e`), not from an installed wheel"
+        )
     digest = hashlib.sha256()
     for path in sorted(CLUSTER_MODULE_DIR.rglob("*")):
         if path.is_file() and path.suffix in {".go", ".mod", ".sum"}:

@@ -22,6 +22,14 @@ FIELD_MANAGER = "chart-tests"
 Json = dict[str, Any]
 
 
+SECRET_SETTINGS = frozenset({"store.credentials.secretKey"})
+"""Settings (``--set`` keys) whose values a failure must not show: the store's per-run secret key."""
+
+
+class HelmError(RuntimeError):
+    """helm failed to render the chart; the message carries its output, without the secret settings' values."""
+
+
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
 
@@ -34,10 +42,26 @@ def template_args(values: str, namespace: str, release: str, sets: dict[str, str
 
 
 def render(helm: Path, values: str, namespace: str, release: str, sets: dict[str, str] | None = None) -> list[Json]:
-    """The chart's objects for a CI values file plus ``--set`` overrides, CRDs included."""
-    proc = run_helm(helm, *template_args(values, namespace, release, sets), "--include-crds")
-    assert proc.returncode == 0, proc.stderr
+    """The chart's objects for a CI values file plus ``--set`` overrides, CRDs included.
+
+    A failure is a :class:`HelmError` that names no secret. pytest's traceback would show this frame's arguments
+    (``sets``), and an assertion on the process would show its command line, so neither is left to show."""
+    __tracebackhide__ = True
+    try:
+        proc = run_helm(helm, *template_args(values, namespace, release, sets), "--include-crds")
+    except subprocess.TimeoutExpired as err:
+        raise HelmError(f"helm template with {values} timed out after {err.timeout}s") from None
+    if proc.returncode != 0:
+        output = _redacted(proc.stderr, sets or {})
+        raise HelmError(f"helm template with {values} failed ({proc.returncode}):\n{output}")
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def _redacted(text: str, sets: dict[str, str]) -> str:
+    for key in SECRET_SETTINGS & sets.keys():
+        if sets[key]:
+            text = text.replace(sets[key], f"<{key}>")
+    return text
 
 
 def find(objects: list[Json], kind: str, name: str | None = None) -> list[Json]:

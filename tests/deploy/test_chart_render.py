@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,30 @@ def test_helm_lint_is_clean(helm: Path, values: str) -> None:
     proc = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(CI_VALUES / values))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout
+
+
+A_FAILED_RENDER = """
+import os
+from pathlib import Path
+from cartridges_e2e import chart
+
+def test_render() -> None:
+    sets = {"store.credentials.secretKey": os.environ["SECRET_KEY"], "minio.enabled": "maybe"}
+    chart.render(Path(os.environ["HELM"]), "quickstart-values.yaml", "cartridges-system", "cartridges", sets)
+"""
+
+
+def test_a_failed_render_shows_helms_error_and_not_the_secret_key(helm: Path, tmp_path: Path) -> None:
+    """As pytest reports a failure of the end-to-end test's render, whose settings hold the run's MinIO secret."""
+    secret = "per-run-secret-0123456789"
+    test_file = tmp_path / "test_render.py"
+    test_file.write_text(A_FAILED_RENDER)
+    argv = [sys.executable, "-m", "pytest", str(test_file), "-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
+    env = {**os.environ, "SECRET_KEY": secret, "HELM": str(helm), "PYTHONPATH": os.pathsep.join(sys.path)}
+    report = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert report.returncode == 1 and "HelmError" in report.stdout, report.stdout + report.stderr
+    assert "at '/minio/enabled': got string, want boolean" in report.stdout
+    assert secret not in report.stdout + report.stderr
 
 
 def rendered_crds(render: Render, sets: dict[str, str] | None = None) -> list[dict[str, Any]]:
