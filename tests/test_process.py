@@ -77,14 +77,35 @@ def test_a_pod_process_that_exits_takes_what_it_started_with_it(tmp_path: Path) 
     assert_group_gone(run.proc)
 
 
+def test_killing_a_pod_removes_what_its_image_leaves_once_its_processes_are_gone(tmp_path: Path) -> None:
+    # a serving pod: Triton killed leaves its shared-memory regions, which a kubelet drops with the pod's /dev/shm
+    seen: list[tuple[list[str], bool]] = []
+
+    def leftovers(argv: list[str]) -> None:
+        assert run.proc is not None
+        seen.append((argv, group_alive(run.proc.pid)))
+
+    run = _Run("uid", ["bash", "-c", "echo started; exec sleep 300"], {}, tmp_path, tmp_path / "log", "File", None)
+    run.leftovers = leftovers
+    run.launch()
+    run.kill(grace_s=0.0)
+    assert seen == [(run.argv, False)]
+
+
+def group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def assert_group_gone(service: Service | subprocess.Popen[bytes] | None) -> None:
     assert service is not None
     pid = service.proc.pid if isinstance(service, Service) else service.pid
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+        if not group_alive(pid):
             return
         time.sleep(0.05)
     pytest.fail("a process of the stopped service's group is still running")
