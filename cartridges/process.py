@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 
 class ServiceError(RuntimeError):
@@ -120,6 +121,18 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
             proc.wait()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def interrupt_on_sigterm() -> None:
+    """From now on SIGTERM (``kill``, a CI job's timeout) raises KeyboardInterrupt as Ctrl-C does, so the ``with``
+    blocks and fixtures that started services unwind and stop them: each service runs in a session of its own, which
+    a signal to this process never reaches, and without this its default action ends the process on the spot. Call
+    it from the main thread."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def http_ok(url: str, timeout_s: float = 2.0, context: ssl.SSLContext | None = None) -> bool:

@@ -14,6 +14,7 @@ import secrets
 import site
 import sys
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,21 @@ def _error_message(line: str) -> str:
     return message.split("\\n", 1)[0].strip()
 
 
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX_FLAG = "--backend-config=python,shm-region-prefix-name="
+
+
+def remove_shm_regions(argv: Sequence[str]) -> None:
+    """Remove the Python backend's shared-memory regions of the server run with ``argv``, once its processes are
+    gone. A server that stops on SIGTERM removes them itself; one killed (the node harness's zero grace period, as a
+    kubelet kills a container) leaves a 1 MiB region per stub in /dev/shm for good, where a pod's would go with it.
+    The prefix is the server's own (``local_runtime``), so no other server's region goes."""
+    for arg in argv:
+        if arg.startswith(SHM_PREFIX_FLAG):
+            for region in SHM_DIR.glob(f"{arg.removeprefix(SHM_PREFIX_FLAG)}*"):
+                region.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class LocalRuntime:
     """What running the wheel's ``tritonserver`` on this machine needs beyond the serving flags themselves."""
@@ -189,7 +205,7 @@ def local_runtime(workdir: Path) -> LocalRuntime:
     flags = [
         f"--backend-directory={backends_dir(dist, workdir)}",
         # A prefix per server, so servers started side by side never share shared-memory regions.
-        f"--backend-config=python,shm-region-prefix-name=cartridges-{secrets.token_hex(4)}",
+        f"{SHM_PREFIX_FLAG}cartridges-{secrets.token_hex(4)}",
     ]
     return LocalRuntime(dist.binary, flags, stub_env(dist, stub_python(workdir)))
 

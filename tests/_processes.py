@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -26,3 +27,15 @@ def assert_none_left(path: Path, grace_s: float = 10.0) -> None:
     while processes_naming(path) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_naming(path) == []
+
+
+def lines_until(proc: subprocess.Popen[str], text: str) -> list[str]:
+    """The lines ``proc`` wrote on its stdout up to the first that holds ``text`` (all of them, should it end first):
+    a service's command is ready once it printed that line."""
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            break
+    return lines

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from cartridges.models import LoadedModel, load_base_model, tiny_llama
+from cartridges.process import interrupt_on_sigterm
 
 if TYPE_CHECKING:
     from cartridges_e2e.cluster import Cluster
@@ -32,6 +33,12 @@ SERVICE_TIMINGS: dict[str, float] = {}
 
 def record_timing(name: str, seconds: float) -> None:
     SERVICE_TIMINGS[name] = seconds
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM to the test run (a CI job's timeout, ``kill``) stops it as Ctrl-C does, tearing the fixtures down:
+    otherwise the run dies at once and every service it started, each in a session of its own, runs on."""
+    interrupt_on_sigterm()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

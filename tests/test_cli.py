@@ -23,6 +23,7 @@ import torch
 from _cartridge_store import publish, random_cartridge, truncate_in_minio
 from _http_stub import http_stub
 from _peft_adapter import peft_prefix_adapter
+from _processes import assert_none_left, lines_until
 
 from cartridges import layout, tritonserver
 from cartridges.cli import main
@@ -39,6 +40,7 @@ from cartridges.cli.common import (
 )
 from cartridges.cli.demo import DURATIONS
 from cartridges.cli.evaluate import corpus_of
+from cartridges.cli.exits import EXIT_INTERRUPTED
 from cartridges.cli.serve import KEPT_SERVE_LOGS, Ports, serve_log_path, serve_ports
 from cartridges.cli.train import read_files
 from cartridges.models import LoadedModel, tiny_llama
@@ -858,12 +860,7 @@ def test_serve_ask_and_ctrl_c(
     argv += ["--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert server.stdout is not None
-        lines = []
-        for line in server.stdout:
-            lines.append(line)
-            if "cartridges ask" in line:  # the last line it prints once ready
-                break
+        lines = lines_until(server, "cartridges ask")  # the last line it prints once ready
         assert f"serving on {url}" in "".join(lines), "".join(lines)
         assert f"  gRPC {grpc_url}, metrics {metrics_url}\n" in lines, "".join(lines)
         code, out, err = cli(capsys, "ask", "Hi", "-c", "lighthouse", "--url", grpc_url, "--max-tokens", "4")
@@ -915,6 +912,24 @@ def test_demo_quick_with_the_tiny_model(tmp_path: Path, serve_logs: Path, capsys
     assert plot.is_file() and "done in" in out
     assert time.monotonic() - started < 600
     assert len(list(serve_logs.glob("serve-*.log"))) == 1
+
+
+@pytest.mark.triton
+def test_demo_stopped_by_sigterm_while_serving_leaves_nothing_running(tmp_path: Path) -> None:
+    """A SIGTERM (``kill``, a CI job's timeout) stops the demo as Ctrl-C does, server included: Triton runs in a
+    session of its own, which the signal never reaches, and was left running with its scratch directory."""
+    plot, store = tmp_path / "demo.png", f"file://{tmp_path}/store"
+    argv = [sys.executable, "-m", "cartridges.cli", "demo", "--quick", "--model", "tiny", "--store", store]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}  # the server's scratch directory in tmp_path
+    demo = subprocess.Popen([*argv, "--plot", str(plot)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "endpoint" in lines_until(demo, "endpoint")[-1]
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == EXIT_INTERRUPTED
+    finally:
+        demo.kill()
+    assert_none_left(tmp_path)
+    assert list(tmp_path.glob("cartridges-serve-*")) == []
 
 
 def test_eval_prompts_with_the_description_the_cartridge_was_trained_with(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from _processes import assert_none_left, lines_until
 from kubernetes import client
 
 from cartridges import process
@@ -74,14 +77,35 @@ def test_a_pod_process_that_exits_takes_what_it_started_with_it(tmp_path: Path) 
     assert_group_gone(run.proc)
 
 
+def test_killing_a_pod_removes_what_its_image_leaves_once_its_processes_are_gone(tmp_path: Path) -> None:
+    # a serving pod: Triton killed leaves its shared-memory regions, which a kubelet drops with the pod's /dev/shm
+    seen: list[tuple[list[str], bool]] = []
+
+    def leftovers(argv: list[str]) -> None:
+        assert run.proc is not None
+        seen.append((argv, group_alive(run.proc.pid)))
+
+    run = _Run("uid", ["bash", "-c", "echo started; exec sleep 300"], {}, tmp_path, tmp_path / "log", "File", None)
+    run.leftovers = leftovers
+    run.launch()
+    run.kill(grace_s=0.0)
+    assert seen == [(run.argv, False)]
+
+
+def group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def assert_group_gone(service: Service | subprocess.Popen[bytes] | None) -> None:
     assert service is not None
     pid = service.proc.pid if isinstance(service, Service) else service.pid
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+        if not group_alive(pid):
             return
         time.sleep(0.05)
     pytest.fail("a process of the stopped service's group is still running")
@@ -97,3 +121,47 @@ def test_free_ports_are_below_the_range_outgoing_connections_take_theirs_from(
     monkeypatch.setattr(process, "EPHEMERAL_PORTS", ranges)
     ports = [process.free_port() for _ in range(20)]
     assert all(10_000 <= port < 32768 for port in ports) and len(set(ports)) == len(ports), ports
+
+
+HELD_SERVICE_TEST = """
+import time
+from pathlib import Path
+
+import pytest
+
+from cartridges.process import Service
+
+
+@pytest.fixture(scope="session")
+def service():
+    service = Service("sleeper", ["sleep", "300"], Path({workdir!r}) / "sleeper.log", env={{"MARK": {workdir!r}}})
+    yield service
+    service.stop()
+
+
+def test_holds_the_service(service):
+    print("service started", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_test_run_stopped_by_sigterm_stops_the_services_of_its_fixtures(tmp_path: Path) -> None:
+    """A SIGTERM to pytest (a CI job's timeout, ``kill``) tears the session's fixtures down as Ctrl-C does: each
+    service runs in a session of its own, which the signal never reaches, and ran on for good."""
+    test_file = tmp_path / "test_held.py"
+    test_file.write_text(HELD_SERVICE_TEST.format(workdir=str(tmp_path)), encoding="utf-8")
+    paths = [Path(__file__).parent, *(Path(entry) for entry in sys.path if entry)]
+    pythonpath = os.pathsep.join(str(path.resolve()) for path in paths)  # absolute: the run starts in tmp_path
+    argv = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:randomly", "-p", "no:cacheprovider", "-s"]
+    env = {**os.environ, "PYTHONPATH": pythonpath}  # -p conftest: the project's conftest.py, as in the real runs
+    run = subprocess.Popen(
+        [*argv, str(test_file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env
+    )
+    try:
+        lines = lines_until(run, "service started")
+        assert "service started" in lines[-1], "".join(lines)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(WAIT_S) == pytest.ExitCode.INTERRUPTED
+    finally:
+        run.kill()
+    assert_none_left(tmp_path)

@@ -9,7 +9,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -20,8 +20,15 @@ from tritonclient.utils import InferenceServerException
 
 import cartridges
 from cartridges.contract import ADMIN_HEADER
-from cartridges.process import ServiceError, http_ok
-from cartridges.tritonserver import TritonServer, first_error, start_triton
+from cartridges.process import ServiceError, http_ok, stop_group
+from cartridges.tritonserver import (
+    SHM_DIR,
+    SHM_PREFIX_FLAG,
+    TritonServer,
+    first_error,
+    remove_shm_regions,
+    start_triton,
+)
 from cartridges_e2e.triton import TritonFactory
 
 pytestmark = pytest.mark.triton
@@ -163,6 +170,23 @@ def test_load_failure_reports_model_error(tmp_path: Path) -> None:
     assert "\n" not in message and "At:" not in message  # the first error, not the log's tables and tracebacks
     assert f"(log: {tmp_path / 'logs' / 'triton.log'})" in message
     assert "broken on purpose" in (tmp_path / "logs" / "triton.log").read_text()
+
+
+def test_the_shared_memory_a_killed_server_leaves_is_removed_and_only_its_own(tmp_path: Path) -> None:
+    """Killed at once (the node harness's zero grace period), Triton leaves its Python backend's regions in
+    /dev/shm; another server's regions stay."""
+    server = start_triton(MODELS, tmp_path / "work")
+    stop_group(server.service.proc, 0.0)
+    argv = cast("list[str]", server.service.proc.args)  # the list Service gave Popen
+    prefix = next(arg.removeprefix(SHM_PREFIX_FLAG) for arg in argv if arg.startswith(SHM_PREFIX_FLAG))
+    assert list(SHM_DIR.glob(f"{prefix}*")), "nothing to remove: the server removed its regions itself"
+    other = SHM_DIR / f"{prefix[:-1]}-not-its-own"  # another server's prefix, the same but for its last character
+    other.touch()
+    try:
+        remove_shm_regions(argv)
+        assert list(SHM_DIR.glob(f"{prefix}*")) == [] and other.exists()
+    finally:
+        other.unlink()
 
 
 def test_first_error_prefers_a_model_load_failure_and_skips_cpu_noise(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from cartridges.cli.common import add_command, load_model, model_options, open_s
 from cartridges.cli.evaluate import evaluate_stored, plot, plot_path, read_qa, table
 from cartridges.cli.serve import Ports, local_server, port_number
 from cartridges.cli.train import BUDGETS, read_files, train_cartridge
+from cartridges.process import interrupt_on_sigterm
 
 NAME = "kestrel-rock"
 DESCRIPTION = "the station handbook of the Kestrel Rock Research Station, a fictional island research station"
@@ -41,6 +42,7 @@ def data(name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from cartridges.cli.ask import answer
 
+    interrupt_on_sigterm()  # SIGTERM stops the server as Ctrl-C does, not only this process
     started = time.monotonic()
     budget_name = "small" if args.quick else "medium"
     store = open_store(args.store)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -13,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from cartridges.cli.common import (
     EXIT_NOT_FOUND,
@@ -27,6 +25,7 @@ from cartridges.cli.common import (
     store_options,
 )
 from cartridges.paths import cache_dir
+from cartridges.process import interrupt_on_sigterm
 from cartridges.tritonserver import TritonServer, first_error
 
 STARTUP_TIMEOUT_S = 600.0
@@ -142,13 +141,9 @@ def local_server(root: str, namespace: str, model: str, ports: Ports) -> Iterato
             server.stop()
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     open_store(args.store)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     print(f"starting Triton (router model, {args.model}) over {args.store} namespace {args.namespace} ...", flush=True)
     ports = serve_ports(args.port, args.grpc_port, args.metrics_port)
     with local_server(args.store, args.namespace, args.model, ports) as server:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from cartridges.contract import SERVING_COMMAND, TRAINER_COMMAND
-from cartridges.tritonserver import local_runtime
+from cartridges.tritonserver import local_runtime, remove_shm_regions
 from cartridges_e2e.node import LocalImage, PodProcess
 from cartridges_serving import MODEL_REPOSITORY
 
@@ -46,4 +46,4 @@ def serving_image(threads: int) -> LocalImage:
         local = [str(runtime.binary), *flags, *loopback, "--allow-gpu-metrics=false", *runtime.flags]
         return local, {**runtime.env, "OMP_NUM_THREADS": str(threads)}
 
-    return LocalImage(tuple(SERVING_COMMAND), translate)
+    return LocalImage(tuple(SERVING_COMMAND), translate, remove_shm_regions)

@@ -128,6 +128,9 @@ class LocalImage:
 
     entrypoint: tuple[str, ...]
     translate: Translate
+    leftovers: Callable[[list[str]], None] | None = None
+    """Removes what the local command (given it) leaves outside the pod's directory once its processes are gone:
+    what a kubelet drops with the pod (its own /dev/shm) stays on this host."""
 
     def matches(self, argv: list[str]) -> bool:
         return tuple(argv[: len(self.entrypoint)]) == self.entrypoint
@@ -223,6 +226,7 @@ class _Run:
     message_policy: str
     script: Script | None
     ports: dict[int, int] = field(default_factory=dict)
+    leftovers: Callable[[list[str]], None] | None = None  # the LocalImage's
     proc: subprocess.Popen[bytes] | None = None
     start_error: str = ""
     finish_at: float = 0.0
@@ -284,6 +288,8 @@ class _Run:
         container's cgroup); always reaps the process."""
         if self.proc is not None:
             stop_group(self.proc, grace_s)
+            if self.leftovers is not None:
+                self.leftovers(self.argv)
 
 
 class NodeHarness:
@@ -562,6 +568,7 @@ class NodeHarness:
             container.get("terminationMessagePolicy", "File"),
             script,
             ports,
+            image.leftovers if image is not None else None,
         )
         run.launch()
         self._runs[meta["uid"]] = run
