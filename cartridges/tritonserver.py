@@ -256,9 +256,9 @@ def start_triton(
         env={**runtime.env, **(env or {})},
         cwd=workdir,
     )
-    ready_url = f"http://127.0.0.1:{http}/v2/health/ready"
-    try:
-        startup = service.wait_until(lambda: http_ok(ready_url), timeout_s=timeout_s)
+    ready_urls = (f"http://127.0.0.1:{http}/v2/health/ready", f"http://127.0.0.1:{metrics}/metrics")
+    try:  # the metrics endpoint can open after the server says ready: ready means every URL it prints answers
+        startup = service.wait_until(lambda: all(http_ok(url) for url in ready_urls), timeout_s=timeout_s)
     except ServiceError as error:  # wait_until stopped the server and what it started before raising
         what_happened = str(error).splitlines()[0].rstrip(":")  # "tritonserver exited with 1" / "not ready after"
         reason = first_error(service.log_path) or "no error logged"
