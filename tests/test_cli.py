@@ -28,6 +28,7 @@ from _processes import assert_none_left, lines_until
 from cartridges import layout, tritonserver
 from cartridges.cli import main
 from cartridges.cli.app import parser
+from cartridges.cli.ask import URL_SCHEMES
 from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_NOT_FOUND,
@@ -139,6 +140,17 @@ def test_the_demo_durations_are_the_same_in_its_help_the_readme_and_the_makefile
     for text in (capsys.readouterr().out, readme, makefile):
         flat = " ".join(text.split())
         assert all(duration in flat for duration in DURATIONS.values()), flat
+
+
+def test_ask_help_names_every_url_scheme_and_the_endpoint_each_mode_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    """--json asks the non-streaming generate endpoint, and --url takes grpc:// too: the help must not say less."""
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert all(scheme in flat for scheme in URL_SCHEMES), flat
+    assert (
+        "generate_stream" in flat and "With --json it waits for the whole answer (HTTP: the generate endpoint)" in flat
+    )
 
 
 def test_every_argument_of_every_command_is_described_in_its_help() -> None:

@@ -185,8 +185,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         commands,
         "ask",
         summary="ask a serving endpoint a question, with cartridges",
-        description="Send one question to the router model's generate_stream endpoint and print the answer as it "
-        "streams. Each -c adds a cartridge; several are composed in the order given.",
+        description="Send one question to the router model and print the answer as it streams (HTTP: its "
+        "generate_stream endpoint; grpc://: Triton's gRPC stream). With --json it waits for the whole answer "
+        "(HTTP: the generate endpoint). Each -c adds a cartridge; several are composed in the order given.",
         examples=(
             'cartridges ask "What does the handbook say about on-call?" -c handbook',
             'cartridges ask "Compare the two" -c handbook -c runbooks   # composed, in order',
@@ -196,7 +197,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("question", type=question_text, help="the question, quoted")
     parser.add_argument("-c", "--cartridge", action="append", default=[], help="cartridge name (repeatable)")
     parser.add_argument(
-        "--url", type=server_url, default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"
+        "--url",
+        type=server_url,
+        default="http://127.0.0.1:8000",
+        help="the server's http:// or https:// URL, or grpc://host:port for its gRPC port (default: %(default)s)",
     )
     parser.add_argument(
         "--max-tokens", type=token_count, default=128, help="answer length limit (default: %(default)s)"

@@ -197,6 +197,8 @@ def install_notes(helm: Path, k8s_cluster: Cluster, tmp_path: Path, values: str)
 def test_notes_tell_what_to_apply_next(helm: Path, k8s_cluster: Cluster, tmp_path: Path) -> None:
     notes = install_notes(helm, k8s_cluster, tmp_path, "quickstart-values.yaml")
     assert 'kubectl -n "$NS" apply -f examples/corpus.yaml' in notes
+    cartridges = [d for d in yaml.safe_load_all((REPO / "examples" / "cartridge.yaml").read_text()) if d]
+    assert all(c["spec"]["baseModel"]["uri"] in notes for c in cartridges)  # the model to upload before applying
     assert "kubectl label namespace <client-namespace> cartridges.dev/client=true" in notes
     assert "set networkPolicy.servingNamespaces" in notes  # cluster-wide: no serving namespaces known
     assert "kubectl -n demo get secret cartridges-store -o json" in notes  # the chart-made Secret, to copy
