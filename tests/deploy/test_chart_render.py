@@ -106,15 +106,17 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
         "corpus.concurrentReads": "4",
         "corpus.stallAfterSeconds": "1800",
         "corpus.sourceBuckets[0]": "docs",
-        "corpus.sourceBuckets[1]": "wiki",
+        "corpus.sourceBuckets[1]": "team-a/wiki",
     }
     operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
-    assert OperatorConfig.from_env().corpus_limits == CorpusLimits(
-        max_bytes=128 * 2**20, source_buckets=("docs", "wiki"), concurrent_reads=4, stall_after_s=1800
+    limits = OperatorConfig.from_env().corpus_limits
+    assert limits == CorpusLimits(
+        max_bytes=128 * 2**20, source_buckets=("docs", "team-a/wiki"), concurrent_reads=4, stall_after_s=1800
     )
+    assert limits.buckets_for("team-a") == ("docs", "wiki") and limits.buckets_for("team-b") == ("docs",)
 
 
 def serving_pod(
@@ -426,6 +428,7 @@ BAD_VALUES = [
     ({"corpus.concurrentReads": "0"}, ["/corpus/concurrentReads", "minimum"]),
     ({"corpus.stallAfterSeconds": "0"}, ["/corpus/stallAfterSeconds", "minimum"]),
     ({"corpus.sourceBuckets[0]": "Docs_Bucket"}, ["/corpus/sourceBuckets/0", "does not match pattern"]),
+    ({"corpus.sourceBuckets[0]": "team-a/b/docs"}, ["/corpus/sourceBuckets/0", "does not match pattern"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
     ({"serving.engine.maxBatchSize": "0"}, ["/serving/engine/maxBatchSize", "minimum"]),
