@@ -302,6 +302,37 @@ def test_network_policies(render: Render) -> None:
     assert not operator["spec"]["ingress"], "no metrics namespaces configured: nothing may connect"
 
 
+def minio_peers(render: Render, sets: dict[str, str]) -> list[dict[str, Any]]:
+    """Who the bundled MinIO's NetworkPolicy admits on its API port."""
+    (policy,) = find(render("quickstart-values.yaml", sets=sets), "NetworkPolicy", "cartridges-minio")
+    (rule,) = policy["spec"]["ingress"]
+    peers: list[dict[str, Any]] = rule["from"]
+    return peers
+
+
+def test_minio_admits_workload_pods_of_the_watched_namespaces_only(render: Render) -> None:
+    """Any pod anywhere may carry the labels of the operator's pods: with watched namespaces listed, MinIO admits
+    such pods only there (and in the serving namespaces), and the operator and setup Job of its own namespace."""
+    sets = {"operator.watchNamespaces": "{team-a,team-b}", "networkPolicy.servingNamespaces": "{team-b,team-c}"}
+    peers = minio_peers(render, sets)
+    assert all(peer.get("namespaceSelector") != {} for peer in peers), peers
+    (workloads,) = [peer for peer in peers if "namespaceSelector" in peer]
+    assert workloads["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b", "team-c"]}
+        ]
+    }
+    assert workloads["podSelector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "cartridges-operator"
+    assert [peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in peers if peer != workloads] == [
+        "cartridges-operator",
+        "cartridges-minio-setup",
+    ]
+    every_namespace = [peer for peer in minio_peers(render, {}) if "namespaceSelector" in peer]
+    assert every_namespace == [{"namespaceSelector": {}, "podSelector": workloads["podSelector"]}], (
+        "watching every namespace, the pods the operator creates may run in any of them"
+    )
+
+
 ENDPOINTS_COMMAND = "kubectl get endpointslice -l kubernetes.io/service-name=kubernetes -n default"
 
 

@@ -97,3 +97,10 @@ with TLS (an https:// endpoint or store.tls.enabled), 80 without. */}}
 {{- $list := .Values.networkPolicy.servingNamespaces | default .Values.operator.watchNamespaces -}}
 {{- toJson $list -}}
 {{- end -}}
+
+{{/* Namespaces where the operator runs training and serving pods: the watched and serving namespaces; empty when
+the operator watches every namespace. */}}
+{{- define "cartridges.workloadNamespaces" -}}
+{{- $watched := .Values.operator.watchNamespaces -}}
+{{- toJson (ternary (concat $watched (include "cartridges.servingNamespaces" . | fromJsonArray) | uniq) list (not (empty $watched))) -}}
+{{- end -}}
