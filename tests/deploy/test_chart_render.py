@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,29 @@ def test_quickstart_creates_credentials_minio_and_bucket(render: Render) -> None
     assert not find(objects, "PersistentVolumeClaim"), "persistence is off in the quick-start values"
     # Cluster-wide: the workload permissions are bound by a ClusterRoleBinding, and kopf needs no namespace list.
     assert find(objects, "ClusterRoleBinding", "cartridges-workloads") and not find(objects, "RoleBinding")
+
+
+def test_minio_setup_passes_the_root_keys_on_stdin_not_in_argv(render: Render, tmp_path: Path) -> None:
+    """Every process on a node may read any process's argv (ps): the setup Job's script, run with an mc that records
+    what it gets, hands mc the root keys on its stdin alone, whatever characters they hold, and still stops at the
+    first failure."""
+    objects = render("quickstart-values.yaml", namespace="demo")
+    (setup,) = find(objects, "Job", "cartridges-minio-setup")
+    mc = setup["spec"]["template"]["spec"]["containers"][0]
+    (tmp_path / "mc").write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> argv\ncat >> stdin\nexit "${MC_FAILS:-0}"\n')
+    (tmp_path / "mc").chmod(0o755)
+    keys = {"ACCESS_KEY": "cartridges", "SECRET_KEY": "s3cr$t/+@:`x`\\n 'q\""}
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", **keys}
+    script = [*mc["command"], *mc["args"]]
+    subprocess.run(script, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, check=True)
+    argv = (tmp_path / "argv").read_text()
+    assert argv.splitlines() == [
+        "alias set store http://cartridges-minio:9000",
+        "mb --ignore-existing store/cartridges",
+    ]
+    assert (tmp_path / "stdin").read_text() == f"cartridges\n{keys['SECRET_KEY']}\n"
+    failed = subprocess.run(script, cwd=tmp_path, env=env | {"MC_FAILS": "1"}, stdin=subprocess.DEVNULL)
+    assert failed.returncode == 1 and (tmp_path / "argv").read_text().count("\n") == 3, "mb after a failed alias"
 
 
 def _rules(objects: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
