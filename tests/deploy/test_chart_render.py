@@ -309,9 +309,11 @@ def test_network_policies(render: Render) -> None:
         }
     ]
     trainer = find(objects, "NetworkPolicy", "cartridges-trainer")[0]["spec"]
-    assert trainer["policyTypes"] == ["Ingress"] and "ingress" not in trainer
+    assert trainer["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in trainer
     (operator,) = find(objects, "NetworkPolicy", "cartridges-operator")
     egress = operator["spec"]["egress"]
+    for policy in [*serving, *find(objects, "NetworkPolicy", "cartridges-trainer")]:
+        assert policy["spec"]["egress"] == [egress[0], egress[2]], "training and serving pods: DNS and the store"
     assert egress[1]["to"] == [{"ipBlock": {"cidr": f"192.168.10.{n}/32"}} for n in (11, 12, 13)]
     assert egress[2] == {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
     web = [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]
@@ -355,6 +357,50 @@ def test_minio_admits_workload_pods_of_the_watched_namespaces_only(render: Rende
     assert every_namespace == [{"namespaceSelector": {}, "podSelector": workloads["podSelector"]}], (
         "watching every namespace, the pods the operator creates may run in any of them"
     )
+
+
+def workload_egress(render: Render, values: str, sets: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """The egress rules of the serving and training pods' NetworkPolicies, by policy name (those of each namespace
+    are the same)."""
+    policies = [p for p in find(render(values, namespace="demo", sets=sets), "NetworkPolicy") if "egress" in p["spec"]]
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for policy in policies:
+        assert "Egress" in policy["spec"]["policyTypes"]
+        assert by_name.setdefault(policy["metadata"]["name"], policy["spec"]["egress"]) == policy["spec"]["egress"]
+    return {name: rules for name, rules in by_name.items() if name in ("cartridges-serving", "cartridges-trainer")}
+
+
+DNS_RULE = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}],
+    "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+}
+
+
+def test_training_and_serving_pods_reach_only_dns_and_the_store(render: Render) -> None:
+    """They parse tenants' models and corpora and mount no service-account token: nothing but DNS and the store, so
+    neither the API server nor cloud metadata (169.254.169.254), whichever store the chart is given."""
+    bundled = workload_egress(render, "quickstart-values.yaml", {"operator.watchNamespaces": "{team-a}"})
+    minio = {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "demo"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "cartridges-minio",
+                                                "app.kubernetes.io/instance": "cartridges"}},
+            }
+        ],
+        "ports": [{"port": 9000, "protocol": "TCP"}],
+    }  # fmt: skip
+    assert bundled == {"cartridges-serving": [DNS_RULE, minio], "cartridges-trainer": [DNS_RULE, minio]}
+    sets = {"operator.watchNamespaces": "{team-a}", "minio.enabled": "false", "store.endpoint": "http://rgw.internal"}
+    external = workload_egress(render, "quickstart-values.yaml", sets)
+    store = {
+        "ports": [{"port": port, "protocol": "TCP"} for port in (443, 9000, 80)],
+        "to": [
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
+            {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}},
+        ],
+    }
+    assert external == {"cartridges-serving": [DNS_RULE, store], "cartridges-trainer": [DNS_RULE, store]}
 
 
 ENDPOINTS_COMMAND = "kubectl get endpointslice -l kubernetes.io/service-name=kubernetes -n default"
