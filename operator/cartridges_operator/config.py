@@ -15,6 +15,7 @@ from typing import ClassVar
 from kubernetes.utils import parse_quantity
 from pydantic import TypeAdapter, ValidationError
 
+from cartridges import layout
 from cartridges.api import Toleration
 from cartridges.contract import TRAINER_COMMAND
 
@@ -199,9 +200,12 @@ class CorpusLimits:
     ``max_bytes`` caps all of a Corpus's sources together, so one tenant's Corpus cannot exhaust the memory of the
     operator that serves every namespace (the text is held and normalized in memory, a few times its size), and
     ``concurrent_reads`` caps how many Corpora are read at once, so that many of them cannot either.
-    ``source_buckets`` names the buckets object sources and tokenizers may read; empty: any bucket other than the
-    store's. ``stall_after_s`` is how long sources may stay unavailable (a failure that may pass: a server down, a
-    source always slower than its timeout) before a Corpus that this holds back is Stalled rather than waiting.
+    ``source_buckets`` names the buckets object sources and tokenizers may read, each either ``bucket`` (for every
+    namespace) or ``namespace/bucket`` (for that namespace alone): the operator reads them with its own keys and
+    stores what it read where the Corpus's namespace can read it, so a bucket meant for one team must be scoped to
+    it. Empty: any bucket other than the store's, for every namespace. ``stall_after_s`` is how long sources may
+    stay unavailable (a failure that may pass: a server down, a source always slower than its timeout) before a
+    Corpus that this holds back is Stalled rather than waiting.
     ``tokenizer_max_bytes`` caps the ``tokenizer.json`` a Corpus names; not a chart value, as real ones are 2-17 MB
     whatever the corpus. ``http_allowed_cidrs`` are the private, shared or reserved address blocks that http sources
     may still be fetched from (by default none: cluster Services and pods, and internal servers, would answer any
@@ -214,15 +218,22 @@ class CorpusLimits:
     tokenizer_max_bytes: int = 64 * 1024 * 1024
     http_allowed_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
+    def buckets_for(self, namespace: str) -> tuple[str, ...] | None:
+        """The buckets other than the store's that a Corpus in ``namespace`` may read; None: any."""
+        if not self.source_buckets:
+            return None
+        scoped = (entry.rpartition("/") for entry in self.source_buckets)
+        return tuple(bucket for owner, _, bucket in scoped if owner in ("", namespace))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> CorpusLimits:
         """``CARTRIDGES_CORPUS_MAX_BYTES``, ``CARTRIDGES_CORPUS_CONCURRENT_READS`` and
-        ``CARTRIDGES_CORPUS_STALL_AFTER_SECONDS`` (integers >= 1), ``CARTRIDGES_CORPUS_SOURCE_BUCKETS`` and
-        ``CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS`` (comma-separated)."""
-        buckets = env.get("CARTRIDGES_CORPUS_SOURCE_BUCKETS", "")
+        ``CARTRIDGES_CORPUS_STALL_AFTER_SECONDS`` (integers >= 1), ``CARTRIDGES_CORPUS_SOURCE_BUCKETS``
+        (comma-separated ``bucket`` or ``namespace/bucket``) and ``CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS``
+        (comma-separated)."""
         return cls(
             max_bytes=_positive(env, "CARTRIDGES_CORPUS_MAX_BYTES", cls.max_bytes),
-            source_buckets=tuple(b.strip() for b in buckets.split(",") if b.strip()),
+            source_buckets=source_buckets(env.get("CARTRIDGES_CORPUS_SOURCE_BUCKETS", "")),
             concurrent_reads=_positive(env, "CARTRIDGES_CORPUS_CONCURRENT_READS", cls.concurrent_reads),
             stall_after_s=_positive(env, "CARTRIDGES_CORPUS_STALL_AFTER_SECONDS", cls.stall_after_s),
             http_allowed_cidrs=_cidrs(env, "CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS"),
@@ -236,6 +247,24 @@ def _cidrs(env: Mapping[str, str], name: str) -> tuple[ipaddress.IPv4Network | i
         return tuple(ipaddress.ip_network(c.strip()) for c in env.get(name, "").split(",") if c.strip())
     except ValueError as err:
         raise ValueError(f"{name} must be comma-separated address blocks such as 10.20.0.0/16: {err}") from None
+
+
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules, as the chart's schema says them
+
+
+def source_buckets(text: str) -> tuple[str, ...]:
+    """The chart's ``corpus.sourceBuckets`` (comma-separated), each ``bucket`` or ``namespace/bucket``: an entry
+    that is neither is an error at start-up, not a bucket that no Corpus can name."""
+    entries = tuple(entry.strip() for entry in text.split(",") if entry.strip())
+    for entry in entries:
+        namespace, scoped, bucket = entry.rpartition("/")
+        if not BUCKET_NAME.fullmatch(bucket) or (scoped and not layout.is_namespace_name(namespace)):
+            raise ValueError(
+                f"CARTRIDGES_CORPUS_SOURCE_BUCKETS (chart value corpus.sourceBuckets): {entry!r} is neither a "
+                "bucket name (3-63 lower-case letters, digits, '.' or '-'; every namespace may read it) nor "
+                "namespace/bucket (that namespace alone)"
+            )
+    return entries
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:

@@ -37,18 +37,27 @@ class SourceAccess:
     def check_object(self, uri: str) -> None:
         """Refuse an object source outside what the Corpus's namespace may read (SourceError says why and what to
         use instead)."""
-        self._check(uri, "object sources", (), "upload its documents there, or keep them in a bucket of your own")
+        self._check(
+            uri,
+            "object sources",
+            (),
+            "upload its documents there, or to a bucket that corpus.sourceBuckets allows for the namespace",
+        )
 
     def check_tokenizer(self, uri: str) -> None:
         """Refuse a ``tokenizer.json`` where an object source would be refused, except under the store's shared base
         models: every namespace may read those itself (README, "Deploy"), and they hold the tokenizers that
         Cartridges train with. Any other shared tokenizer can be uploaded to the namespace's own sources area."""
-        advice = "upload tokenizer.json to the first or to a bucket of your own, or name a base model's directory"
+        advice = (
+            "upload tokenizer.json to the first or to a bucket that corpus.sourceBuckets allows for the namespace, or "
+            "name a base model's directory"
+        )
         self._check(uri, "spec.tokenizer", (layout.models_prefix(self.store_root),), advice)
 
     def _check(self, uri: str, what: str, shared: tuple[str, ...], advice: str) -> None:
         """Refuse ``uri`` (``what`` names it) outside the namespace's sources area and the ``shared`` prefixes of
-        the store, in a bucket that corpus.sourceBuckets leaves out, or local when the operator is not."""
+        the store, in a bucket that corpus.sourceBuckets leaves out for the namespace, or local when the operator
+        is not."""
         parsed = _parse(uri, what)
         if parsed.scheme == "file":
             self._check_local_file(uri, what)
@@ -63,12 +72,21 @@ class SourceAccess:
                     f"{self.namespace} may read only {' or '.join(f'{p}/' for p in allowed)} for its {what} "
                     f"({advice})"
                 )
-        elif parsed.scheme == "s3" and self.limits.source_buckets and parsed.bucket not in self.limits.source_buckets:
-            raise SourceError(
-                f"{uri}: the operator reads {what} only from the buckets "
-                f"{', '.join(self.limits.source_buckets)} (chart value corpus.sourceBuckets); ask your cluster "
-                "admin to add this bucket, or copy the files to one of those"
-            )
+        elif parsed.scheme == "s3":
+            self._check_bucket(uri, parsed.bucket, what)
+
+    def _check_bucket(self, uri: str, bucket: str, what: str) -> None:
+        """Refuse a bucket that corpus.sourceBuckets leaves out for this namespace: the operator's keys may reach
+        buckets other namespaces' Corpora name, and what it reads lands where this namespace can read it."""
+        buckets = self.limits.buckets_for(self.namespace)
+        if buckets is None or bucket in buckets:
+            return
+        which = f"only from the buckets {', '.join(buckets)}" if buckets else "from no bucket but the store's"
+        raise SourceError(
+            f"{uri}: for namespace {self.namespace} the operator reads {what} {which} (chart value "
+            f"corpus.sourceBuckets); ask your cluster admin to add {self.namespace}/{bucket}, or copy the files to "
+            f"{layout.sources_prefix(self.store_root, self.namespace)}/"
+        )
 
     def _in_store(self, uri: StoreURI) -> bool:
         """Under the store's directory, or anywhere in its bucket: the operator's credentials cover all of it."""

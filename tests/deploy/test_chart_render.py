@@ -133,20 +133,22 @@ def test_corpus_limits_reach_the_operator(render: Render, monkeypatch: pytest.Mo
         "corpus.concurrentReads": "4",
         "corpus.stallAfterSeconds": "1800",
         "corpus.sourceBuckets[0]": "docs",
-        "corpus.sourceBuckets[1]": "wiki",
+        "corpus.sourceBuckets[1]": "team-a/wiki",
         "corpus.httpAllowedCidrs": "{10.20.0.0/16,fd00:1::/64}",
     }
     operator = container(render("quickstart-values.yaml", namespace="demo", sets=sets), "cartridges-operator")
     for item in operator["env"]:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
-    assert OperatorConfig.from_env().corpus_limits == CorpusLimits(
+    limits = OperatorConfig.from_env().corpus_limits
+    assert limits == CorpusLimits(
         max_bytes=128 * 2**20,
-        source_buckets=("docs", "wiki"),
+        source_buckets=("docs", "team-a/wiki"),
         concurrent_reads=4,
         stall_after_s=1800,
         http_allowed_cidrs=(ipaddress.ip_network("10.20.0.0/16"), ipaddress.ip_network("fd00:1::/64")),
     )
+    assert limits.buckets_for("team-a") == ("docs", "wiki") and limits.buckets_for("team-b") == ("docs",)
 
 
 def serving_pod(
@@ -280,6 +282,29 @@ def test_quickstart_creates_credentials_minio_and_bucket(render: Render) -> None
     assert find(objects, "ClusterRoleBinding", "cartridges-workloads") and not find(objects, "RoleBinding")
 
 
+def test_minio_setup_passes_the_root_keys_on_stdin_not_in_argv(render: Render, tmp_path: Path) -> None:
+    """Every process on a node may read any process's argv (ps): the setup Job's script, run with an mc that records
+    what it gets, hands mc the root keys on its stdin alone, whatever characters they hold, and still stops at the
+    first failure."""
+    objects = render("quickstart-values.yaml", namespace="demo")
+    (setup,) = find(objects, "Job", "cartridges-minio-setup")
+    mc = setup["spec"]["template"]["spec"]["containers"][0]
+    (tmp_path / "mc").write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> argv\ncat >> stdin\nexit "${MC_FAILS:-0}"\n')
+    (tmp_path / "mc").chmod(0o755)
+    keys = {"ACCESS_KEY": "cartridges", "SECRET_KEY": "s3cr$t/+@:`x`\\n 'q\""}
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", **keys}
+    script = [*mc["command"], *mc["args"]]
+    subprocess.run(script, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, check=True)
+    argv = (tmp_path / "argv").read_text()
+    assert argv.splitlines() == [
+        "alias set store http://cartridges-minio:9000",
+        "mb --ignore-existing store/cartridges",
+    ]
+    assert (tmp_path / "stdin").read_text() == f"cartridges\n{keys['SECRET_KEY']}\n"
+    failed = subprocess.run(script, cwd=tmp_path, env=env | {"MC_FAILS": "1"}, stdin=subprocess.DEVNULL)
+    assert failed.returncode == 1 and (tmp_path / "argv").read_text().count("\n") == 3, "mb after a failed alias"
+
+
 def _rules(objects: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     (role,) = find(objects, "ClusterRole", name)
     rules: list[dict[str, Any]] = role["rules"]
@@ -315,9 +340,11 @@ def test_network_policies(render: Render) -> None:
         }
     ]
     trainer = find(objects, "NetworkPolicy", "cartridges-trainer")[0]["spec"]
-    assert trainer["policyTypes"] == ["Ingress"] and "ingress" not in trainer
+    assert trainer["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in trainer
     (operator,) = find(objects, "NetworkPolicy", "cartridges-operator")
     egress = operator["spec"]["egress"]
+    for policy in [*serving, *find(objects, "NetworkPolicy", "cartridges-trainer")]:
+        assert policy["spec"]["egress"] == [egress[0], egress[2]], "training and serving pods: DNS and the store"
     assert egress[1]["to"] == [{"ipBlock": {"cidr": f"192.168.10.{n}/32"}} for n in (11, 12, 13)]
     assert egress[2] == {"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}
     web = [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]
@@ -327,6 +354,81 @@ def test_network_policies(render: Render) -> None:
     )
     assert len(egress) == 4
     assert not operator["spec"]["ingress"], "no metrics namespaces configured: nothing may connect"
+
+
+def minio_peers(render: Render, sets: dict[str, str]) -> list[dict[str, Any]]:
+    """Who the bundled MinIO's NetworkPolicy admits on its API port."""
+    (policy,) = find(render("quickstart-values.yaml", sets=sets), "NetworkPolicy", "cartridges-minio")
+    (rule,) = policy["spec"]["ingress"]
+    peers: list[dict[str, Any]] = rule["from"]
+    return peers
+
+
+def test_minio_admits_workload_pods_of_the_watched_namespaces_only(render: Render) -> None:
+    """Any pod anywhere may carry the labels of the operator's pods: with watched namespaces listed, MinIO admits
+    such pods only there (and in the serving namespaces), and the operator and setup Job of its own namespace."""
+    sets = {"operator.watchNamespaces": "{team-a,team-b}", "networkPolicy.servingNamespaces": "{team-b,team-c}"}
+    peers = minio_peers(render, sets)
+    assert all(peer.get("namespaceSelector") != {} for peer in peers), peers
+    (workloads,) = [peer for peer in peers if "namespaceSelector" in peer]
+    assert workloads["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b", "team-c"]}
+        ]
+    }
+    assert workloads["podSelector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "cartridges-operator"
+    assert [peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in peers if peer != workloads] == [
+        "cartridges-operator",
+        "cartridges-minio-setup",
+    ]
+    every_namespace = [peer for peer in minio_peers(render, {}) if "namespaceSelector" in peer]
+    assert every_namespace == [{"namespaceSelector": {}, "podSelector": workloads["podSelector"]}], (
+        "watching every namespace, the pods the operator creates may run in any of them"
+    )
+
+
+def workload_egress(render: Render, values: str, sets: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """The egress rules of the serving and training pods' NetworkPolicies, by policy name (those of each namespace
+    are the same)."""
+    policies = [p for p in find(render(values, namespace="demo", sets=sets), "NetworkPolicy") if "egress" in p["spec"]]
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for policy in policies:
+        assert "Egress" in policy["spec"]["policyTypes"]
+        assert by_name.setdefault(policy["metadata"]["name"], policy["spec"]["egress"]) == policy["spec"]["egress"]
+    return {name: rules for name, rules in by_name.items() if name in ("cartridges-serving", "cartridges-trainer")}
+
+
+DNS_RULE = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}],
+    "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+}
+
+
+def test_training_and_serving_pods_reach_only_dns_and_the_store(render: Render) -> None:
+    """They parse tenants' models and corpora and mount no service-account token: nothing but DNS and the store, so
+    neither the API server nor cloud metadata (169.254.169.254), whichever store the chart is given."""
+    bundled = workload_egress(render, "quickstart-values.yaml", {"operator.watchNamespaces": "{team-a}"})
+    minio = {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "demo"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "cartridges-minio",
+                                                "app.kubernetes.io/instance": "cartridges"}},
+            }
+        ],
+        "ports": [{"port": 9000, "protocol": "TCP"}],
+    }  # fmt: skip
+    assert bundled == {"cartridges-serving": [DNS_RULE, minio], "cartridges-trainer": [DNS_RULE, minio]}
+    sets = {"operator.watchNamespaces": "{team-a}", "minio.enabled": "false", "store.endpoint": "http://rgw.internal"}
+    external = workload_egress(render, "quickstart-values.yaml", sets)
+    store = {
+        "ports": [{"port": port, "protocol": "TCP"} for port in (443, 9000, 80)],
+        "to": [
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
+            {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}},
+        ],
+    }
+    assert external == {"cartridges-serving": [DNS_RULE, store], "cartridges-trainer": [DNS_RULE, store]}
 
 
 ENDPOINTS_COMMAND = "kubectl get endpointslice -l kubernetes.io/service-name=kubernetes -n default"
@@ -468,6 +570,7 @@ BAD_VALUES = [
     ({"corpus.stallAfterSeconds": "0"}, ["/corpus/stallAfterSeconds", "minimum"]),
     ({"corpus.sourceBuckets[0]": "Docs_Bucket"}, ["/corpus/sourceBuckets/0", "does not match pattern"]),
     ({"corpus.httpAllowedCidrs[0]": "wiki.internal"}, ["/corpus/httpAllowedCidrs/0", "does not match pattern"]),
+    ({"corpus.sourceBuckets[0]": "team-a/b/docs"}, ["/corpus/sourceBuckets/0", "does not match pattern"]),
     ({"trainer.image.tag": "has space"}, ["/trainer/image/tag"]),
     ({"store.tls.caCert": "not a certificate"}, ["/store/tls/caCert", "BEGIN CERTIFICATE"]),
     ({"serving.engine.maxBatchSize": "0"}, ["/serving/engine/maxBatchSize", "minimum"]),

@@ -533,6 +533,30 @@ def test_source_buckets_limit_which_buckets_object_sources_read(minio_server: Mi
     assert "corpus.sourceBuckets" in refused["message"]
 
 
+def test_a_bucket_listed_for_one_namespace_is_refused_to_the_others() -> None:
+    """The operator reads other buckets with its own keys and stores what it read under corpora/<namespace>/, which
+    that namespace's keys read: a bucket listed as team-a/private must stay unreadable to team-b's Corpora, for
+    object sources and spec.tokenizer alike, while an unscoped entry is for every namespace."""
+    limits = CorpusLimits(source_buckets=("team-a/private", "shared"))
+    team_a, team_b = (SourceAccess("s3://cartridges", ns, limits) for ns in ("team-a", "team-b"))
+    for uri in ("s3://private/contracts/a.md", "s3://shared/a.md"):
+        team_a.check_object(uri)
+        team_a.check_tokenizer(uri)
+    team_b.check_object("s3://shared/a.md")
+    refusal = (
+        r"for namespace team-b the operator reads (object sources|spec.tokenizer) only from the buckets shared "
+        r"\(chart value corpus.sourceBuckets\); ask your cluster admin to add team-b/private, or copy the files to "
+        r"s3://cartridges/sources/team-b/"
+    )
+    for check in (team_b.check_object, team_b.check_tokenizer):
+        with pytest.raises(SourceError, match=refusal):
+            check("s3://private/contracts/a.md")
+    only_a = SourceAccess("s3://cartridges", "team-b", CorpusLimits(source_buckets=("team-a/private",)))
+    with pytest.raises(SourceError, match="reads object sources from no bucket but the store's"):
+        only_a.check_object("s3://shared/a.md")
+    CLUSTER.check_object("s3://any-bucket/a.md")  # nothing listed: any bucket but the store's, as before
+
+
 @pytest.fixture
 def endless_server() -> Iterator[str]:
     """/fast streams bytes without end; /drip sends one byte every 0.2 s without end; /to-metadata redirects to the
@@ -744,6 +768,11 @@ def test_corpus_limits_from_the_environment() -> None:
     for typo in ("10.20.0.1/16", "10.20.0.0/33", "wiki.internal"):  # host bits set, no such prefix, no address
         with pytest.raises(ValueError, match="CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS must be comma-separated"):
             CorpusLimits.from_env({"CARTRIDGES_CORPUS_HTTP_ALLOWED_CIDRS": typo})
+    scoped = CorpusLimits.from_env({"CARTRIDGES_CORPUS_SOURCE_BUCKETS": "docs,team-a/private"})
+    assert scoped.buckets_for("team-a") == ("docs", "private") and scoped.buckets_for("team-b") == ("docs",)
+    for entry in ("Team-A/private", "team-a/Private", "a/b/c", "/docs", "team-a/"):
+        with pytest.raises(ValueError, match=f"corpus.sourceBuckets\\): '{entry}' is neither a bucket name"):
+            CorpusLimits.from_env({"CARTRIDGES_CORPUS_SOURCE_BUCKETS": f"docs,{entry}"})
 
 
 @pytest.mark.parametrize(

@@ -97,3 +97,60 @@ with TLS (an https:// endpoint or store.tls.enabled), 80 without. */}}
 {{- $list := .Values.networkPolicy.servingNamespaces | default .Values.operator.watchNamespaces -}}
 {{- toJson $list -}}
 {{- end -}}
+
+{{/* Namespaces where the operator runs training and serving pods: the watched and serving namespaces; empty when
+the operator watches every namespace. */}}
+{{- define "cartridges.workloadNamespaces" -}}
+{{- $watched := .Values.operator.watchNamespaces -}}
+{{- toJson (ternary (concat $watched (include "cartridges.servingNamespaces" . | fromJsonArray) | uniq) list (not (empty $watched))) -}}
+{{- end -}}
+
+{{/* Egress rule: DNS, to kube-system's pods and networkPolicy.dns.cidrs. */}}
+{{- define "cartridges.dnsEgress" -}}
+- to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: kube-system
+    {{- range .Values.networkPolicy.dns.cidrs }}
+    - ipBlock: {cidr: {{ . | quote }}}
+    {{- end }}
+  ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+{{- end -}}
+
+{{/* Egress rule: the object store, from any namespace. The bundled MinIO's pods, else networkPolicy.store.cidrs
+(without any: every address but link-local, where cloud metadata services hand out node credentials) on
+networkPolicy.store.ports and the port of store.endpoint. */}}
+{{- define "cartridges.storeEgress" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if and .Values.minio.enabled (not .Values.store.endpoint) -}}
+- to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ .Release.Namespace | quote }}
+      podSelector:
+        matchLabels:
+          {{- include "cartridges.minioSelector" . | nindent 10 }}
+  ports:
+    - {port: 9000, protocol: TCP}
+{{- else -}}
+{{- $storePorts := list }}
+{{- range $np.store.ports }}
+{{- $storePorts = append $storePorts (int .) }}
+{{- end }}
+{{- /* the endpoint's own port, wherever it is: the listed ports alone would block a store on another */}}
+{{- $storePorts = append $storePorts (include "cartridges.storePort" . | int) | uniq }}
+- ports:
+    {{- range $storePorts }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- end }}
+  to:
+  {{- range $np.store.cidrs }}
+    - ipBlock: {cidr: {{ . | quote }}}
+  {{- else }}
+    - ipBlock: {cidr: 0.0.0.0/0, except: [169.254.0.0/16]}
+    - ipBlock: {cidr: "::/0", except: ["fe80::/10"]}
+  {{- end }}
+{{- end -}}
+{{- end -}}
