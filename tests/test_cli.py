@@ -23,6 +23,7 @@ from _cartridge_store import publish, random_cartridge, truncate_in_minio
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout, tritonserver
+from cartridges.artifact import Cartridge
 from cartridges.cli import main
 from cartridges.cli.app import parser
 from cartridges.cli.common import (
@@ -97,6 +98,13 @@ def trained(store: str, corpus_dir: Path) -> dict[str, object]:
     code = main(argv)
     assert code == 0
     return {"store": store}
+
+
+def zero_cartridge(lm: LoadedModel) -> Cartridge:
+    """A p=16 cartridge of zeros for ``lm``: enough to score, nothing to train."""
+    fp = lm.fingerprint
+    layers = [torch.zeros(fp.num_kv_heads, 16, fp.head_dim) for _ in range(fp.num_layers)]
+    return Cartridge(layers, layers, frozen_tokens=1)
 
 
 def reference_pt(lm: LoadedModel, path: Path) -> Path:
@@ -523,13 +531,10 @@ def test_eval_icl_falls_back_to_a_chunk_that_fits_the_model(
 ) -> None:
     """As in the trainer's evaluation: the whole corpus when it fits the model's positions with the longest question
     and answer, else the leading chunk of the corpus that does, labelled as such."""
-    from cartridges.artifact import Cartridge
     from cartridges.cli.evaluate import QA as Pair
     from cartridges.cli.scoring import compare
 
-    fp = tiny_model.fingerprint
-    layers = [torch.zeros(fp.num_kv_heads, 16, fp.head_dim) for _ in range(fp.num_layers)]
-    cartridge = Cartridge(layers, layers, frozen_tokens=1)
+    cartridge = zero_cartridge(tiny_model)
     pairs = [Pair(**qa) for qa in QA]
     whole = compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)[1]
     assert whole.condition.startswith("ICL (") and "chunk" not in whole.condition
@@ -541,6 +546,67 @@ def test_eval_icl_falls_back_to_a_chunk_that_fits_the_model(
     monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", 8)
     with pytest.raises(CLIError, match="leave no room for the corpus"):
         compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)
+
+
+def test_eval_shows_a_bar_per_condition_on_a_terminal(
+    tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal StatusLines stays quiet for a bar to show, so eval must draw one (as training does)."""
+    from cartridges.cli.evaluate import QA as Pair
+    from cartridges.cli.scoring import compare
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    compare(tiny_model, zero_cartridge(tiny_model), "the lighthouse", CORPUS, [Pair(**QA[0])] * 2)
+    err = capsys.readouterr().err
+    for condition in ("eval: no context (1/3)", "eval: ICL (", "eval: cartridge (p=16) (3/3)"):
+        assert condition in err
+    assert err.count("2/2 [") == 3 and "question/s" in err  # tqdm's bar, one per condition, run to its end
+    assert ": question 1/2" not in err  # no status lines as well
+
+
+def test_eval_tokenizes_the_corpus_once_whatever_the_number_of_questions(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A question is read after the context as after a cartridge: its turn does not depend on the system text, so
+    the corpus (1 MB is minutes of tokenizing) is tokenized once for ICL, not once per question."""
+    from cartridges.chat import render, turn_after_cartridges
+    from cartridges.cli.evaluate import QA as Pair
+    from cartridges.cli.scoring import compare
+    from cartridges_trainer.prompts import system_prompt
+
+    tokenizer = tiny_model.tokenizer
+    tokenize = type(tokenizer).__call__
+    corpus_reads: list[int] = []
+
+    def spy(self: object, text: object, *args: object, **kwargs: object) -> object:
+        if isinstance(text, str) and "harbour wall" in text:
+            corpus_reads.append(len(text))
+        return tokenize(self, text, *args, **kwargs)
+
+    pairs = [Pair(f"Question {n}: who lit the lighthouse?", "Ilse Marrow.") for n in range(5)]
+    system = system_prompt("the lighthouse", CORPUS)
+    assert all(render(tokenizer, system, q.question)[1] == turn_after_cartridges(tokenizer, q.question) for q in pairs)
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    rows = compare(tiny_model, zero_cartridge(tiny_model), "the lighthouse", CORPUS, pairs)
+    assert len(rows) == 3 and len(corpus_reads) == 1
+
+
+def test_eval_counts_icl_memory_in_the_cartridges_dtype(tiny_model: LoadedModel) -> None:
+    """The memory ratio compares like with like: an fp32 and a bf16 copy of one cartridge give one ratio (the ICL
+    cache in the dtype the server would hold it in next to the cartridge), and the label says what it counts."""
+    from cartridges.chat import render
+    from cartridges.cli.evaluate import QA as Pair
+    from cartridges.cli.scoring import compare
+    from cartridges_trainer.prompts import system_prompt
+
+    pairs = [Pair(**QA[0])]
+    ratios = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        _, icl, cart = compare(tiny_model, zero_cartridge(tiny_model).to(dtype=dtype), "notes", CORPUS, pairs)
+        ratios[dtype] = icl.kv_bytes / cart.kv_bytes
+        context = len(render(tiny_model.tokenizer, system_prompt("notes", CORPUS), "")[0])
+        assert icl.condition == f"ICL ({context} context tokens, {str(dtype).removeprefix('torch.')} KV)"
+    assert ratios[torch.float32] == ratios[torch.bfloat16]
 
 
 def test_unknown_cartridge(store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
