@@ -23,6 +23,7 @@ from _cartridge_store import publish, random_cartridge, truncate_in_minio
 from _peft_adapter import peft_prefix_adapter
 
 from cartridges import layout, tritonserver
+from cartridges.api import icl_gain_recovered
 from cartridges.artifact import Cartridge
 from cartridges.cli import main
 from cartridges.cli.app import parser
@@ -480,6 +481,8 @@ def test_eval_table_json_and_plot(
     code, out, _ = cli(capsys, "eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", store, "--json")
     rows = json.loads(out)["rows"]
     assert [r["kv_bytes"] > 0 for r in rows] == [False, True, True]
+    nll = [r["answer_nll"] for r in rows]
+    assert json.loads(out)["iclGainRecovered"] == icl_gain_recovered(*nll)  # null when ICL gave no gain
     assert rows[1]["kv_bytes"] > rows[2]["kv_bytes"]  # the whole corpus in context costs more than p=64 rows
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no answer"}\n')
@@ -495,15 +498,28 @@ def test_eval_table_json_and_plot(
 
 
 @pytest.mark.parametrize(
-    ("icl", "line"), [(1.5, "the cartridge recovers 50% of the ICL gain"), (2.0, None), (2.1, None)]
+    ("icl", "recovered"), [(1.5, "50%"), (2.0, "n/a (ICL gave no gain to recover)"), (2.1, "n/a (ICL gave no")]
 )
-def test_eval_table_says_what_the_cartridge_recovers_only_when_icl_gains(icl: float, line: str | None) -> None:
-    """The trainer's definition: ICL no better than no context leaves no gain to recover, and no line about it."""
+def test_eval_table_says_what_the_cartridge_recovers_or_why_not(icl: float, recovered: str) -> None:
+    """The trainer's definition and words: ICL no better than no context leaves no gain to recover, said so rather
+    than a line left out."""
     from cartridges.cli.evaluate import Row, table
 
     rows = [Row("no context", 2.0, 0, 1.0), Row("ICL", icl, 4096, 1.0), Row("cartridge (p=64)", 1.75, 1024, 1.0)]
     last = table(rows).splitlines()[-1]
-    assert last.startswith(line) if line else last.startswith("cartridge (p=64)")
+    assert last.startswith(f"ICL gain recovered by the cartridge: {recovered}") and last.endswith("4.0x less KV memory")
+
+
+def test_eval_reads_only_string_questions_and_answers(tmp_path: Path) -> None:
+    """A null, a list or an object would be scored as its Python repr ("None", "['a']"): refused, naming the line."""
+    from cartridges.cli.evaluate import read_qa
+
+    for number, item in enumerate(({"question": None, "answer": "a"}, {"question": ["a"], "answer": {"x": 1}}), 2):
+        qa = tmp_path / f"qa{number}.jsonl"
+        qa.write_text(json.dumps(QA[0]) + "\n" + "\n" * (number - 2) + json.dumps(item) + "\n")
+        with pytest.raises(CLIError, match=f"qa{number}.jsonl:{number}: expected") as raised:
+            read_qa(qa)
+        assert raised.value.code == EXIT_INPUT
 
 
 def test_eval_refuses_a_description_without_a_corpus(
@@ -607,6 +623,22 @@ def test_eval_counts_icl_memory_in_the_cartridges_dtype(tiny_model: LoadedModel)
         context = len(render(tiny_model.tokenizer, system_prompt("notes", CORPUS), "")[0])
         assert icl.condition == f"ICL ({context} context tokens, {str(dtype).removeprefix('torch.')} KV)"
     assert ratios[torch.float32] == ratios[torch.bfloat16]
+
+
+def test_eval_says_the_training_corpus_is_gone_before_loading_the_model(
+    trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cartridges.cli import evaluate
+
+    copy = tmp_path / "store"
+    shutil.copytree(str(trained["store"]).removeprefix("file://"), copy)
+    shutil.rmtree(copy / "corpora")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps(QA[0]) + "\n")
+    monkeypatch.setattr(evaluate, "load_model", lambda *_: pytest.fail("loaded the model before reading the corpus"))
+    code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", f"file://{copy}")
+    assert code == EXIT_NOT_FOUND and "the corpus it was trained on" in err and "--corpus FILES" in err
+    one_line_error(err)
 
 
 def test_unknown_cartridge(store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -955,7 +987,7 @@ def test_demo_quick_with_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFi
     argv = ["demo", "--quick", "--model", "tiny", "--store", f"file://{tmp_path}/store", "--plot", str(plot)]
     code, out, _ = cli(capsys, *argv)
     assert code == 0, out
-    assert "the cartridge recovers" in out or "cartridge (p=64)" in out
+    assert "ICL gain recovered by the cartridge: " in out
     assert out.count("with    the cartridge:") == 3 and out.count("without the cartridge:") == 3
     assert plot.is_file() and "done in" in out
     assert time.monotonic() - started < 600
