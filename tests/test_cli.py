@@ -26,6 +26,8 @@ from _peft_adapter import peft_prefix_adapter
 from _processes import assert_none_left, lines_until
 
 from cartridges import layout, tritonserver
+from cartridges.api import icl_gain_recovered
+from cartridges.artifact import Cartridge
 from cartridges.cli import main
 from cartridges.cli.app import parser
 from cartridges.cli.ask import URL_SCHEMES
@@ -103,6 +105,13 @@ def trained(store: str, corpus_dir: Path) -> dict[str, object]:
     code = main(argv)
     assert code == 0
     return {"store": store}
+
+
+def zero_cartridge(lm: LoadedModel) -> Cartridge:
+    """A p=16 cartridge of zeros for ``lm``: enough to score, nothing to train."""
+    fp = lm.fingerprint
+    layers = [torch.zeros(fp.num_kv_heads, 16, fp.head_dim) for _ in range(fp.num_layers)]
+    return Cartridge(layers, layers, frozen_tokens=1)
 
 
 def reference_pt(lm: LoadedModel, path: Path) -> Path:
@@ -489,6 +498,8 @@ def test_eval_table_json_and_plot(
     code, out, _ = cli(capsys, "eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", store, "--json")
     rows = json.loads(out)["rows"]
     assert [r["kv_bytes"] > 0 for r in rows] == [False, True, True]
+    nll = [r["answer_nll"] for r in rows]
+    assert json.loads(out)["iclGainRecovered"] == icl_gain_recovered(*nll)  # null when ICL gave no gain
     assert rows[1]["kv_bytes"] > rows[2]["kv_bytes"]  # the whole corpus in context costs more than p=64 rows
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no answer"}\n')
@@ -504,15 +515,28 @@ def test_eval_table_json_and_plot(
 
 
 @pytest.mark.parametrize(
-    ("icl", "line"), [(1.5, "the cartridge recovers 50% of the ICL gain"), (2.0, None), (2.1, None)]
+    ("icl", "recovered"), [(1.5, "50%"), (2.0, "n/a (ICL gave no gain to recover)"), (2.1, "n/a (ICL gave no")]
 )
-def test_eval_table_says_what_the_cartridge_recovers_only_when_icl_gains(icl: float, line: str | None) -> None:
-    """The trainer's definition: ICL no better than no context leaves no gain to recover, and no line about it."""
+def test_eval_table_says_what_the_cartridge_recovers_or_why_not(icl: float, recovered: str) -> None:
+    """The trainer's definition and words: ICL no better than no context leaves no gain to recover, said so rather
+    than a line left out."""
     from cartridges.cli.evaluate import Row, table
 
     rows = [Row("no context", 2.0, 0, 1.0), Row("ICL", icl, 4096, 1.0), Row("cartridge (p=64)", 1.75, 1024, 1.0)]
     last = table(rows).splitlines()[-1]
-    assert last.startswith(line) if line else last.startswith("cartridge (p=64)")
+    assert last.startswith(f"ICL gain recovered by the cartridge: {recovered}") and last.endswith("4.0x less KV memory")
+
+
+def test_eval_reads_only_string_questions_and_answers(tmp_path: Path) -> None:
+    """A null, a list or an object would be scored as its Python repr ("None", "['a']"): refused, naming the line."""
+    from cartridges.cli.evaluate import read_qa
+
+    for number, item in enumerate(({"question": None, "answer": "a"}, {"question": ["a"], "answer": {"x": 1}}), 2):
+        qa = tmp_path / f"qa{number}.jsonl"
+        qa.write_text(json.dumps(QA[0]) + "\n" + "\n" * (number - 2) + json.dumps(item) + "\n")
+        with pytest.raises(CLIError, match=f"qa{number}.jsonl:{number}: expected") as raised:
+            read_qa(qa)
+        assert raised.value.code == EXIT_INPUT
 
 
 def test_eval_refuses_a_description_without_a_corpus(
@@ -540,13 +564,10 @@ def test_eval_icl_falls_back_to_a_chunk_that_fits_the_model(
 ) -> None:
     """As in the trainer's evaluation: the whole corpus when it fits the model's positions with the longest question
     and answer, else the leading chunk of the corpus that does, labelled as such."""
-    from cartridges.artifact import Cartridge
     from cartridges.cli.evaluate import QA as Pair
     from cartridges.cli.scoring import compare
 
-    fp = tiny_model.fingerprint
-    layers = [torch.zeros(fp.num_kv_heads, 16, fp.head_dim) for _ in range(fp.num_layers)]
-    cartridge = Cartridge(layers, layers, frozen_tokens=1)
+    cartridge = zero_cartridge(tiny_model)
     pairs = [Pair(**qa) for qa in QA]
     whole = compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)[1]
     assert whole.condition.startswith("ICL (") and "chunk" not in whole.condition
@@ -558,6 +579,82 @@ def test_eval_icl_falls_back_to_a_chunk_that_fits_the_model(
     monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", 8)
     with pytest.raises(CLIError, match="leave no room for the corpus"):
         compare(tiny_model, cartridge, "the lighthouse", CORPUS, pairs)
+
+
+def test_eval_shows_a_bar_per_condition_on_a_terminal(
+    tiny_model: LoadedModel, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal StatusLines stays quiet for a bar to show, so eval must draw one (as training does)."""
+    from cartridges.cli.evaluate import QA as Pair
+    from cartridges.cli.scoring import compare
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    compare(tiny_model, zero_cartridge(tiny_model), "the lighthouse", CORPUS, [Pair(**QA[0])] * 2)
+    err = capsys.readouterr().err
+    for condition in (r"no context \(1/3\)", r"ICL \(.+\) \(2/3\)", r"cartridge \(p=16\) \(3/3\)"):
+        assert re.search(f"eval: {condition}: +100%.* 2/2 \\[.*question/s", err), err  # a bar run to its end
+    assert ": question 1/2" not in err  # no status lines as well
+
+
+def test_eval_tokenizes_the_corpus_once_whatever_the_number_of_questions(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A question is read after the context as after a cartridge: its turn does not depend on the system text, so
+    the corpus (1 MB is minutes of tokenizing) is tokenized once for ICL, not once per question."""
+    from cartridges.chat import render, turn_after_cartridges
+    from cartridges.cli.evaluate import QA as Pair
+    from cartridges.cli.scoring import compare
+    from cartridges_trainer.prompts import system_prompt
+
+    tokenizer = tiny_model.tokenizer
+    tokenize = type(tokenizer).__call__
+    corpus_reads: list[int] = []
+
+    def spy(self: object, text: object, *args: object, **kwargs: object) -> object:
+        if isinstance(text, str) and "harbour wall" in text:
+            corpus_reads.append(len(text))
+        return tokenize(self, text, *args, **kwargs)
+
+    pairs = [Pair(f"Question {n}: who lit the lighthouse?", "Ilse Marrow.") for n in range(5)]
+    system = system_prompt("the lighthouse", CORPUS)
+    assert all(render(tokenizer, system, q.question)[1] == turn_after_cartridges(tokenizer, q.question) for q in pairs)
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    rows = compare(tiny_model, zero_cartridge(tiny_model), "the lighthouse", CORPUS, pairs)
+    assert len(rows) == 3 and len(corpus_reads) == 1
+
+
+def test_eval_counts_icl_memory_in_the_cartridges_dtype(tiny_model: LoadedModel) -> None:
+    """The memory ratio compares like with like: an fp32 and a bf16 copy of one cartridge give one ratio (the ICL
+    cache in the dtype the server would hold it in next to the cartridge), and the label says what it counts."""
+    from cartridges.chat import render
+    from cartridges.cli.evaluate import QA as Pair
+    from cartridges.cli.scoring import compare
+    from cartridges_trainer.prompts import system_prompt
+
+    pairs = [Pair(**QA[0])]
+    ratios = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        _, icl, cart = compare(tiny_model, zero_cartridge(tiny_model).to(dtype=dtype), "notes", CORPUS, pairs)
+        ratios[dtype] = icl.kv_bytes / cart.kv_bytes
+        context = len(render(tiny_model.tokenizer, system_prompt("notes", CORPUS), "")[0])
+        assert icl.condition == f"ICL ({context} context tokens, {str(dtype).removeprefix('torch.')} KV)"
+    assert ratios[torch.float32] == ratios[torch.bfloat16]
+
+
+def test_eval_says_the_training_corpus_is_gone_before_loading_the_model(
+    trained: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cartridges.cli import evaluate
+
+    copy = tmp_path / "store"
+    shutil.copytree(str(trained["store"]).removeprefix("file://"), copy)
+    shutil.rmtree(copy / "corpora")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps(QA[0]) + "\n")
+    monkeypatch.setattr(evaluate, "load_model", lambda *_: pytest.fail("loaded the model before reading the corpus"))
+    code, _, err = cli(capsys, "eval", "lighthouse", "--qa", str(qa), "--model", "tiny", "--store", f"file://{copy}")
+    assert code == EXIT_NOT_FOUND and "the corpus it was trained on" in err and "--corpus FILES" in err
+    one_line_error(err)
 
 
 def test_unknown_cartridge(store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -919,7 +1016,7 @@ def test_demo_quick_with_the_tiny_model(tmp_path: Path, serve_logs: Path, capsys
     argv = ["demo", "--quick", "--model", "tiny", "--store", f"file://{tmp_path}/store", "--plot", str(plot)]
     code, out, _ = cli(capsys, *argv)
     assert code == 0, out
-    assert "the cartridge recovers" in out or "cartridge (p=64)" in out
+    assert "ICL gain recovered by the cartridge: " in out
     assert out.count("with    the cartridge:") == 3 and out.count("without the cartridge:") == 3
     assert plot.is_file() and "done in" in out
     assert time.monotonic() - started < 600

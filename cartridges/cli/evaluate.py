@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cartridges import layout
-from cartridges.api import icl_gain_recovered
+from cartridges.api import icl_gain_recovered, recovered_text
 from cartridges.cli.common import (
     EXIT_INPUT,
     EXIT_NOT_FOUND,
@@ -36,7 +36,7 @@ from cartridges.cli.common import (
     store_options,
 )
 from cartridges.corpus import decode_utf8
-from cartridges.store import Store
+from cartridges.store import ObjectNotFound, Store
 
 if TYPE_CHECKING:
     from cartridges.models import LoadedModel
@@ -60,7 +60,7 @@ class Row:
 
 
 def read_qa(path: Path) -> list[QA]:
-    """``{"question": ..., "answer": ...}`` per line."""
+    """``{"question": "...", "answer": "..."}`` per line, both strings (a null or a list is no question to score)."""
     if path.is_dir():
         raise CLIError(f"{path}: a directory, not a JSON lines file of question/answer pairs", EXIT_NOT_FOUND)
     if not path.is_file():
@@ -71,9 +71,12 @@ def read_qa(path: Path) -> list[QA]:
             continue
         try:
             item = json.loads(line)
-            pairs.append(QA(str(item["question"]), str(item["answer"])))
+            question, answer = item["question"], item["answer"]
+            if not isinstance(question, str) or not isinstance(answer, str):
+                raise TypeError("not strings")
+            pairs.append(QA(question, answer))
         except (ValueError, KeyError, TypeError):
-            raise CLIError(f'{path}:{number}: expected {{"question": ..., "answer": ...}}', EXIT_INPUT) from None
+            raise CLIError(f'{path}:{number}: expected {{"question": "...", "answer": "..."}}', EXIT_INPUT) from None
     if not pairs:
         raise CLIError(f"{path}: no question/answer pairs", EXIT_INPUT)
     return pairs
@@ -99,9 +102,17 @@ def corpus_of(store: Store, root: str, namespace: str, stored: Stored) -> tuple[
     description = ""
     for ref, part in zip(refs, digest.split("+"), strict=False):
         prefix = layout.corpus_prefix(root, namespace, ref["name"], part)
-        manifest = layout.CorpusManifest.model_validate(store.get_json(f"{prefix}/{layout.MANIFEST_FILE}"))
+        try:
+            manifest = layout.corpus_manifest(store, prefix)
+            documents = list(layout.read_documents(store, prefix))
+        except ObjectNotFound:
+            raise CLIError(
+                f"{stored.name}: the corpus it was trained on ({ref['name']}) is gone from the store; "
+                "give it with --corpus FILES",
+                EXIT_NOT_FOUND,
+            ) from None
         description = description or manifest.description
-        texts.extend(doc.text for doc in layout.read_documents(store, prefix))
+        texts.extend(doc.text for doc in documents)
     # The description the trainer's prompts used: a stored corpus keeps the one it was first published with.
     description = stored.manifest.training.get("corpus_description") or description
     return description, DOCUMENT_SEPARATOR.join(t for t in texts if t.strip())
@@ -126,14 +137,20 @@ def table(rows: list[Row]) -> str:
     ]
     if len(rows) < 3:
         return "\n".join(lines)  # no ICL row: no gain to recover
-    none, icl, cart = rows
-    recovered = icl_gain_recovered(none.answer_nll, icl.answer_nll, cart.answer_nll)
-    if recovered is not None:
-        lines.append(
-            f"the cartridge recovers {recovered:.0%} of the ICL gain "
-            f"with {icl.kv_bytes / max(cart.kv_bytes, 1):.1f}x less KV memory"
-        )
+    icl, cart = rows[1:]
+    lines.append(
+        f"ICL gain recovered by the cartridge: {recovered_text(recovered(rows))}, "
+        f"with {icl.kv_bytes / max(cart.kv_bytes, 1):.1f}x less KV memory"
+    )
     return "\n".join(lines)
+
+
+def recovered(rows: list[Row]) -> float | None:
+    """``iclGainRecovered`` of the rows (None without an ICL row, or when ICL gave no gain)."""
+    if len(rows) < 3:
+        return None
+    none, icl, cart = rows
+    return icl_gain_recovered(none.answer_nll, icl.answer_nll, cart.answer_nll)
 
 
 def plot_path(text: str) -> Path:
@@ -214,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     stored = find(store, args.store, args.namespace, name, args.generation)  # fail before loading the model
     corpus = given_corpus(args.corpus, args.description) if args.corpus else None
-    if corpus is None and not records_its_corpus(stored):
+    if corpus is None and records_its_corpus(stored):  # read before loading the model: it may be gone
+        corpus = corpus_of(store, args.store, args.namespace, stored)
+    elif corpus is None:
         print(
             f"{name}: no corpus recorded (imported?): scoring no context and the cartridge only; "
             "--corpus FILES adds the corpus in context (ICL)",
@@ -223,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(args.model, store)
     rows = evaluate_stored(store, args.store, args.namespace, name, lm, pairs, corpus, args.generation)
     if args.json:  # the results first: a plot that fails to save must not lose them
-        print_json({"cartridge": name, "questions": len(pairs), "rows": [asdict(r) for r in rows]})
+        rows_json = [asdict(r) for r in rows]
+        print_json({"cartridge": name, "questions": len(pairs), "iclGainRecovered": recovered(rows), "rows": rows_json})
     else:
         print(table(rows), flush=True)
     if args.plot:

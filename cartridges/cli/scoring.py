@@ -11,7 +11,7 @@ from cartridges.cli.common import EXIT_INPUT, CLIError
 from cartridges.cli.evaluate import QA, Row
 from cartridges.kvcache import cartridge_cache, prefix_cartridge
 from cartridges.models import LoadedModel
-from cartridges_trainer.progress import StatusLines
+from cartridges_trainer.progress import Console
 
 DECODE_TOKENS = 32
 
@@ -20,44 +20,58 @@ DECODE_TOKENS = 32
 def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: str | None, pairs: list[QA]) -> list[Row]:
     """The three conditions on every pair; ICL is the model's own KV cache of the corpus prompt (no ICL row without
     a corpus ``text``). A quantized cartridge is scored dequantized, and its KV memory is what it is stored and
-    served in."""
-    from cartridges.chat import render
-    from cartridges_trainer.prompts import system_prompt
+    served in; ICL's is counted in the dtype a server would hold it in next to that cartridge (:func:`kv_dtype`).
 
-    system = system_prompt(description, text or "")
-    turns = [render(lm.tokenizer, system, qa.question) for qa in pairs]
+    Each question is rendered as it is read after a cartridge, without the corpus (the turn does not depend on the
+    system text): the corpus is tokenized once, for ICL, not once per question."""
+    from cartridges.chat import turn_after_cartridges
+
+    turns = [turn_after_cartridges(lm.tokenizer, qa.question) for qa in pairs]
     cartridge = stored.dequantize() if isinstance(stored, QuantizedCartridge) else stored
     quantized = f", {stored.format}" if isinstance(stored, QuantizedCartridge) else ""
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     answers = [list(lm.tokenizer(qa.answer, add_special_tokens=False)["input_ids"]) + eos for qa in pairs]
     conditions: list[tuple[str, Cartridge | None, int]] = [("no context", None, 0)]
     if text is not None:
-        longest = max(len(turn) + len(answer) for (_, turn), answer in zip(turns, answers, strict=True))
-        context, icl_label = icl_context(lm, description, text, turns[0][0], longest)
+        longest = max(len(turn) + len(answer) for turn, answer in zip(turns, answers, strict=True))
+        dtype = kv_dtype(stored)
+        context, size = icl_context(lm, description, text, longest)
         icl = prefix_cartridge(lm.model, context, frozen_tokens=0)
-        conditions.append((icl_label, icl, icl.nbytes))
+        conditions.append((f"ICL ({size}, {str(dtype).removeprefix('torch.')} KV)", icl, _nbytes_in(icl, dtype)))
     conditions.append((f"cartridge (p={cartridge.p}{quantized})", cartridge, stored.nbytes))
     rows = []
-    lines = StatusLines()
+    console = Console()
     for number, (name, prefix, kv_bytes) in enumerate(conditions, 1):
         label = f"eval: {name} ({number}/{len(conditions)})"
-        nll = _total_nll(lm, prefix, [turn for _, turn in turns], answers, lines, label)
+        nll = _total_nll(lm, prefix, turns, answers, console, label)
         tokens = sum(len(a) for a in answers)
-        rate = _tokens_per_s(lm, prefix, turns[0][1])
+        rate = _tokens_per_s(lm, prefix, turns[0])
         rows.append(Row(name, nll / tokens, kv_bytes, rate))
     return rows
 
 
-def icl_context(lm: LoadedModel, description: str, text: str, whole: list[int], longest: int) -> tuple[list[int], str]:
-    """The ICL system turn and its label: ``whole`` (the corpus) when it fits the model's positions with the longest
-    question and answer, as the trainer's evaluation decides; else the longest leading chunk of the corpus that does.
-    """
+def kv_dtype(stored: StoredCartridge) -> torch.dtype:
+    """The dtype ICL's KV cache is counted in, so that the memory ratio compares like with like: a dense cartridge's
+    own (the server holds its own KV and cartridges in one dtype, so an fp32 and a bf16 copy give one ratio);
+    bfloat16 next to a quantized one, which is for 16-bit serving on a GPU and dequantizes to it."""
+    return torch.bfloat16 if isinstance(stored, QuantizedCartridge) else stored.keys[0].dtype
+
+
+def _nbytes_in(cartridge: Cartridge, dtype: torch.dtype) -> int:
+    return sum(t.numel() for t in (*cartridge.keys, *cartridge.values)) * dtype.itemsize
+
+
+def icl_context(lm: LoadedModel, description: str, text: str, longest: int) -> tuple[list[int], str]:
+    """The ICL system turn and how much of the corpus it holds: the whole corpus when it fits the model's positions
+    with the longest question and answer, as the trainer's evaluation decides; else the longest leading chunk of the
+    corpus that does. The whole turn counts context tokens (the prompt around the corpus too), a chunk corpus ones."""
     from cartridges.chat import render
     from cartridges_trainer.evaluate import fits_context
     from cartridges_trainer.prompts import system_prompt
 
+    whole = render(lm.tokenizer, system_prompt(description, text), "")[0]
     if fits_context(lm, len(whole), longest):
-        return whole, f"ICL ({len(whole)} corpus tokens)"
+        return whole, f"{len(whole)} context tokens"
     tokens = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
     limit = int(lm.model.config.max_position_embeddings)
     keep, context = len(tokens), whole
@@ -71,7 +85,7 @@ def icl_context(lm: LoadedModel, description: str, text: str, whole: list[int], 
             )
         chunk = lm.tokenizer.decode(tokens[:keep])
         context = render(lm.tokenizer, system_prompt(description, chunk if isinstance(chunk, str) else ""), "")[0]
-    return context, f"ICL (chunk: first {keep} of {len(tokens)} corpus tokens)"
+    return context, f"chunk: first {keep} of {len(tokens)} corpus tokens"
 
 
 def _logits(lm: LoadedModel, prefix: Cartridge | None, ids: list[int], cache: object = None) -> torch.Tensor:
@@ -88,15 +102,18 @@ def _total_nll(
     prefix: Cartridge | None,
     turns: list[list[int]],
     answers: list[list[int]],
-    lines: StatusLines,
+    console: Console,
     label: str,
 ) -> float:
-    """The summed answer NLL of every pair after ``prefix``, with a status line now and then when stderr is no
-    terminal (a long evaluation is otherwise silent)."""
+    """The summed answer NLL of every pair after ``prefix``, with a bar on a terminal, else a status line now and
+    then (a long evaluation is otherwise silent)."""
     total = 0.0
+    console.start(label, len(answers), unit="question")
     for question, (turn, answer) in enumerate(zip(turns, answers, strict=True), 1):
-        lines.show(f"{label}: question {question}/{len(answers)}", now=question == 1)
+        console.show(f"{label}: question {question}/{len(answers)}", now=question == 1)
         total += _answer_nll(lm, prefix, turn, answer)
+        console.advance(question)
+    console.close()
     return total
 
 
