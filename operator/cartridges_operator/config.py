@@ -203,7 +203,8 @@ class CorpusLimits:
     ``source_buckets`` names the buckets object sources and tokenizers may read, each either ``bucket`` (for every
     namespace) or ``namespace/bucket`` (for that namespace alone): the operator reads them with its own keys and
     stores what it read where the Corpus's namespace can read it, so a bucket meant for one team must be scoped to
-    it. Empty: any bucket other than the store's, for every namespace. ``stall_after_s`` is how long sources may
+    it. Empty (the default): no bucket but the store's, since the operator's keys may reach buckets no tenant should
+    read through it. ``stall_after_s`` is how long sources may
     stay unavailable (a failure that may pass: a server down, a source always slower than its timeout) before a
     Corpus that this holds back is Stalled rather than waiting.
     ``tokenizer_max_bytes`` caps the ``tokenizer.json`` a Corpus names; not a chart value, as real ones are 2-17 MB
@@ -218,10 +219,8 @@ class CorpusLimits:
     tokenizer_max_bytes: int = 64 * 1024 * 1024
     http_allowed_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
-    def buckets_for(self, namespace: str) -> tuple[str, ...] | None:
-        """The buckets other than the store's that a Corpus in ``namespace`` may read; None: any."""
-        if not self.source_buckets:
-            return None
+    def buckets_for(self, namespace: str) -> tuple[str, ...]:
+        """The buckets other than the store's that a Corpus in ``namespace`` may read."""
         scoped = (entry.rpartition("/") for entry in self.source_buckets)
         return tuple(bucket for owner, _, bucket in scoped if owner in ("", namespace))
 

@@ -79,7 +79,7 @@ class SourceAccess:
         """Refuse a bucket that corpus.sourceBuckets leaves out for this namespace: the operator's keys may reach
         buckets other namespaces' Corpora name, and what it reads lands where this namespace can read it."""
         buckets = self.limits.buckets_for(self.namespace)
-        if buckets is None or bucket in buckets:
+        if bucket in buckets:
             return
         which = f"only from the buckets {', '.join(buckets)}" if buckets else "from no bucket but the store's"
         raise SourceError(

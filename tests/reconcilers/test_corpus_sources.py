@@ -42,6 +42,13 @@ CLUSTER = SourceAccess("s3://cartridges", "ns")
 """An operator in a cluster (s3:// store)."""
 
 
+def cluster_reading(s3_prefix: str) -> SourceAccess:
+    """An operator in a cluster whose corpus.sourceBuckets lists the bucket of ``s3_prefix`` for namespace ns."""
+    return SourceAccess(
+        "s3://cartridges", "ns", CorpusLimits(source_buckets=(f"ns/{StoreURI.parse(s3_prefix).bucket}",))
+    )
+
+
 def no_configmaps(name: str, key: str) -> str:
     raise SourceError(f"ConfigMap {name} does not exist")
 
@@ -67,10 +74,10 @@ def test_object_prefix_with_globs_in_key_order(minio_server: MinioServer, s3_pre
     for key, text in docs:
         store.put_bytes(f"{s3_prefix}{key}", text.encode())
     source: dict[str, object] = {"object": {"uri": f"{s3_prefix}docs/", "include": ["*.md"], "exclude": ["draft*"]}}
-    corpus = read_sources(spec(source), store, no_configmaps, CLUSTER)
+    corpus = read_sources(spec(source), store, no_configmaps, cluster_reading(s3_prefix))
     assert [(d.id, d.text) for d in corpus.documents] == [("a.md", "A\n"), ("b.md", "B\n"), ("c.md", "\n")]
     with pytest.raises(SourceError, match="no objects under"):
-        read_sources(spec({"object": {"uri": f"{s3_prefix}empty/"}}), store, no_configmaps, CLUSTER)
+        read_sources(spec({"object": {"uri": f"{s3_prefix}empty/"}}), store, no_configmaps, cluster_reading(s3_prefix))
 
 
 @pytest.mark.minio
@@ -82,7 +89,7 @@ def test_objects_whose_keys_hold_hash_or_question_marks_are_read_by_their_whole_
     for key, text in [("kb/faq", "Old FAQ."), ("kb/faq#2024.md", "The 2024 FAQ."), ("kb/c#-guide?.md", "C# guide.")]:
         store.put_bytes(f"{s3_prefix}{key}", text.encode())
     corpus = read_sources(spec({"object": {"uri": f"{s3_prefix}kb/", "include": ["*.md"]}}), store, no_configmaps,
-                          CLUSTER)  # fmt: skip
+                          cluster_reading(s3_prefix))  # fmt: skip
     assert [(d.id, d.text) for d in corpus.documents] == [("c#-guide?.md", "C# guide.\n"), ("faq#2024.md",
                                                           "The 2024 FAQ.\n")]  # fmt: skip
 
@@ -554,7 +561,8 @@ def test_a_bucket_listed_for_one_namespace_is_refused_to_the_others() -> None:
     only_a = SourceAccess("s3://cartridges", "team-b", CorpusLimits(source_buckets=("team-a/private",)))
     with pytest.raises(SourceError, match="reads object sources from no bucket but the store's"):
         only_a.check_object("s3://shared/a.md")
-    CLUSTER.check_object("s3://any-bucket/a.md")  # nothing listed: any bucket but the store's, as before
+    with pytest.raises(SourceError, match="reads object sources from no bucket but the store's"):
+        CLUSTER.check_object("s3://any-bucket/a.md")  # nothing listed: no bucket but the store's
 
 
 @pytest.fixture
