@@ -16,9 +16,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_BLOCK_START = re.compile(r"\s*(?:#|[-*+]\s|\d+[.)]\s)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ABBREVIATION = re.compile(r"(?<![\w.])(?:Dr|Mr|Mrs|Ms|St|No|e\.g|i\.e|vs|etc|[A-Z])\.$")
 _NUMBER = re.compile(r"\d[\d,.]*\d|\d")
-_NAME = re.compile(r"[A-Z][\w'-]*(?:\s+(?:of\s+|the\s+|and\s+)?[A-Z][\w'-]*)*")
+_NAME = re.compile(r"(?:(?:Dr|Mr|Mrs|Ms|St|[A-Z])\.\s+)*[A-Z][\w'-]*(?:\s+(?:of\s+|the\s+|and\s+)?[A-Z][\w'-]*)*")
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 _DATE = re.compile(rf"\d{{1,2}} (?:{_MONTHS}) \d{{4}}")
 _YEAR = re.compile(r"1\d{3}|20\d{2}")
@@ -72,9 +74,34 @@ class Task:
     answer: str
 
 
+def _split_sentences(paragraph: str) -> list[str]:
+    """A paragraph's sentences: not ended after a title, a common abbreviation or an initial ("Dr. Amara", "J. R.")."""
+    parts, start = [], 0
+    for end in _SENTENCE_END.finditer(paragraph):
+        if not _ABBREVIATION.search(paragraph, start, end.start()):
+            parts.append(paragraph[start : end.start()])
+            start = end.end()
+    return [*parts, paragraph[start:]]
+
+
+def _paragraphs(text: str) -> list[str]:
+    """The paragraphs of ``text``, each on one line: a hard-wrapped paragraph's lines joined by a space. One ends at
+    a blank line, before a heading or list item, and after a heading (a line of its own)."""
+    paragraphs: list[list[str]] = [[]]
+    for line in text.split("\n"):
+        heading = bool(paragraphs[-1]) and paragraphs[-1][0].startswith("#")
+        if not line.strip() or _BLOCK_START.match(line) or heading:
+            paragraphs.append([])
+        paragraphs[-1].extend([line.strip()] if line.strip() else [])
+    return [" ".join(lines) for lines in paragraphs if lines]
+
+
 def sentences(text: str, *, cut_head: bool, cut_tail: bool) -> list[str]:
-    """The sentences of ``text`` with at least ``MIN_SENTENCE_WORDS`` words; a chunk's cut-off ends are dropped."""
-    parts = [p.strip() for p in _SENTENCE_END.split(text)]
+    """The sentences of ``text`` with at least ``MIN_SENTENCE_WORDS`` words; a chunk's cut-off ends are dropped.
+    Hard-wrapped lines are joined: paragraphs end at a blank line or before a heading or list item, not at every
+    line break, so a sentence wrapped over two lines stays whole (its facts, such as a name split by the wrap,
+    too)."""
+    parts = [p.strip() for paragraph in _paragraphs(text) for p in _split_sentences(paragraph)]
     parts = parts[1 if cut_head else 0 : len(parts) - 1 if cut_tail else len(parts)]
     return [p for p in parts if len(p.split()) >= MIN_SENTENCE_WORDS]
 

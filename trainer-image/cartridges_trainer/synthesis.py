@@ -47,10 +47,11 @@ from cartridges_trainer.workspace import Workspace
 log = logging.getLogger(__name__)
 SYNTH_FOLDER = "synth"
 INPUTS_FILE = f"{SYNTH_FOLDER}/inputs.json"
-SYNTHESIS_VERSIONS = {"paper": 1, "grounded": 4}
+SYNTHESIS_VERSIONS = {"paper": 1, "grounded": 5}
 """Per recipe: bump one when its shards change for the same inputs (older ones are then not reused), leaving the
 other recipe's stored shards reusable. grounded 2: tasks cut to max_question_tokens; 3: cut at any whitespace, no
-blank without context; 4: a window of whitespace only gives way to the next with text."""
+blank without context; 4: a window of whitespace only gives way to the next with text; 5: hard-wrapped lines joined
+into sentences, none ended after a title, abbreviation or initial."""
 TEACHER_BATCH = 8
 
 
