@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cartridges_trainer.grounded import Task, fact_spans, grounded_tasks, sentences, wh_phrase
+from cartridges_trainer.grounded import Task, fact_spans, grounded_tasks, reserved_facts, sentences, wh_phrase
 
 TEXT = (
     "The isles are governed by the Tarrow Moot, a council of nineteen members that meets in Corrastow. "
@@ -189,3 +189,38 @@ def test_headings_list_items_and_blank_lines_still_end_a_sentence() -> None:
         "the fourth keeper closed the light",
         "A new paragraph about the fjord ice",
     ]
+
+
+LOG = " ".join(f"The keeper logged {i + 3} metres of ice in {1800 + i}." for i in range(40))
+
+
+def test_held_out_tasks_ask_only_about_reserved_facts_and_training_tasks_never_do() -> None:
+    """The held-out evaluation asked about the facts training asks about, mostly in the very same words: it scored
+    recall of training examples. A share of the facts, chosen by their words, is now asked about only there."""
+    facts = [(s, span) for s in sentences(LOG, cut_head=False, cut_tail=False) for span in fact_spans(s)]
+    reserved = {s[a:b] for s, (a, b) in reserved_facts(facts)}
+    assert 1 < len(reserved) < len(facts) / 4
+    held_out = grounded_tasks(random.Random(0), LOG, 40, cut_head=False, cut_tail=False, held_out=True)
+    trained = grounded_tasks(random.Random(0), LOG, 4 * len(facts), cut_head=False, cut_tail=False, held_out=False)
+    assert {t.answer for t in held_out} == reserved
+    assert {t.answer for t in trained} == {s[a:b] for s, (a, b) in facts} - reserved
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_a_text_of_few_facts_holds_one_out_unless_it_has_only_one(repeats: int) -> None:
+    """A small corpus may have no fact in the held-out share: one is held out all the same, the same in every repeat
+    of its sentence, while the only fact of a text is trained on (the pipeline drops the held-out conversations that
+    then equal training ones)."""
+    text = " ".join(["The lighthouse of Varnholm was lit in 1873 by keeper Ilse Marrow."] * repeats)
+    (fact,) = reserved_facts(
+        [(s, span) for s in sentences(text, cut_head=False, cut_tail=False) for span in fact_spans(s)]
+    )
+    held_out = grounded_tasks(random.Random(0), text, 8, cut_head=False, cut_tail=False, held_out=True)
+    trained = grounded_tasks(random.Random(0), text, 8, cut_head=False, cut_tail=False, held_out=False)
+    assert {t.answer for t in held_out} == {fact[0][slice(*fact[1])]}
+    assert {t.answer for t in trained} == {"Varnholm", "1873", "Ilse Marrow"} - {t.answer for t in held_out}
+    single = "The keeper logged the ice on the fjord in 1901."
+    assert grounded_tasks(random.Random(0), single, 4, cut_head=False, cut_tail=False, held_out=True) == []
+    assert {
+        t.answer for t in grounded_tasks(random.Random(0), single, 4, cut_head=False, cut_tail=False, held_out=False)
+    } == {"1901"}

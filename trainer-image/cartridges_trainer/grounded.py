@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,14 @@ MIN_SENTENCE_WORDS = 5
 MIN_QUESTION_WORDS = 4
 CLOZE_SHARE = 1 / 3
 """The share of fill-in-the-blank tasks; the rest are questions, the form users ask in."""
+HELD_OUT_SHARE = 1 / 8
+"""The share of facts reserved for the held-out evaluation: training never asks for them (their sentences are still
+quoted by the tasks about the other facts they hold), so the score measures what the cartridge carries of the
+corpus, not its recall of the very tasks it was trained on."""
+
+
+Fact = tuple[str, tuple[int, int]]
+"""A sentence and the span of it asked for."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,19 @@ def closing_words(sentence: str) -> tuple[int, int]:
     window of dot leaders) is asked for whole."""
     words = list(_WORD.finditer(sentence.rstrip(".!?")))[-3:]
     return (words[0].start(), words[-1].end()) if words else (0, len(sentence))
+
+
+def _fact_key(fact: Fact) -> int:
+    sentence, (start, end) = fact
+    return zlib.crc32(f"{start}:{end}:{sentence}".encode())
+
+
+def reserved_facts(facts: list[Fact]) -> set[Fact]:
+    """The facts reserved for the held-out evaluation: chosen by their words, not their place, so alike in every
+    window that holds them (windows overlap, and a corpus may repeat a sentence). A text of few facts may have none
+    in ``HELD_OUT_SHARE``: then the one of lowest key, unless it is the only one (training needs it)."""
+    chosen = {fact for fact in facts if _fact_key(fact) < HELD_OUT_SHARE * 2**32}
+    return chosen or ({min(facts, key=_fact_key)} if len(set(facts)) > 1 else set())
 
 
 def wh_phrase(sentence: str, start: int, end: int) -> str:
@@ -224,16 +246,21 @@ def grounded_tasks(
     cut_head: bool,
     cut_tail: bool,
     fits: Callable[[Task], bool] = lambda _: True,
+    held_out: bool | None = None,
 ) -> list[Task]:
     """``count`` tasks over the facts of ``text``, visiting every fact (or fact-less sentence) before repeating one,
     each quoting as much of its sentence as ``fits`` (the trainer's question budget): a quote is otherwise as long as
     a sentence, or the whole window of text without sentence breaks. Cutting draws nothing from ``rng``: tasks that
     fit are those an unbounded call makes. A window of whitespace only (a PDF's blank pages) has nothing to ask
-    about: no task, rather than ones whose answer is empty."""
+    about: no task, rather than ones whose answer is empty. ``held_out`` True asks only about the facts reserved for
+    evaluation (no task when the text holds none), False about the others (all of them when every one is reserved:
+    a text too small to spare one), None about every fact."""
     if not text.strip():
         return []
     found = sentences(text, cut_head=cut_head, cut_tail=cut_tail) or [text.strip()]
-    facts = [(s, span) for s in found for span in (fact_spans(s) or [closing_words(s)])]
+    facts = _reserved([(s, span) for s in found for span in (fact_spans(s) or [closing_words(s)])], held_out)
+    if not facts:
+        return []
     order: list[int] = []
     tasks = []
     for _ in range(count):
@@ -242,3 +269,12 @@ def grounded_tasks(
         sentence, (start, end) = facts[order.pop()]
         tasks.append(_task(rng, sentence, start, end, fits))
     return tasks
+
+
+def _reserved(facts: list[Fact], held_out: bool | None) -> list[Fact]:
+    """The facts :func:`grounded_tasks` asks about for ``held_out``."""
+    if held_out is None:
+        return facts
+    reserved = reserved_facts(facts)
+    chosen = [fact for fact in facts if (fact in reserved) == held_out]
+    return chosen or ([] if held_out else facts)
