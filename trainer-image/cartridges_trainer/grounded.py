@@ -6,7 +6,8 @@ answer to this question?"), so the paper's teacher signal carries few facts and 
 sentence around it: a question with the fact replaced by a wh-phrase ("... rises to how many metres?") or a
 fill-in-the-blank, answered with the fact itself. The teacher (the model with the corpus in context) still gives the
 distillation target at every token, and since the user turn quotes the corpus, distilling it too teaches the
-cartridge the text the questions are about.
+cartridge the text the questions are about. A share of the facts is asked about only in the held-out evaluation
+(:func:`reserved_facts`), so that it scores what the cartridge knows of the corpus, not the tasks it was trained on.
 """
 
 from __future__ import annotations
