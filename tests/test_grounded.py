@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cartridges_trainer.grounded import Task, fact_spans, grounded_tasks, sentences, wh_phrase
+from cartridges_trainer.grounded import Task, fact_spans, grounded_tasks, reserved_facts, sentences, wh_phrase
 
 TEXT = (
     "The isles are governed by the Tarrow Moot, a council of nineteen members that meets in Corrastow. "
@@ -151,3 +151,76 @@ def test_a_window_of_whitespace_only_has_nothing_to_ask_about(window: str) -> No
     """Blank pages of a PDF can fill a window: no task asks "What?" for an empty answer (synthesis takes the next
     window with text instead)."""
     assert grounded_tasks(random.Random(0), window, 4, cut_head=True, cut_tail=True) == []
+
+
+def test_a_sentence_hard_wrapped_after_a_title_stays_whole_with_the_name_as_one_fact() -> None:
+    """The bundled handbook wraps its lines: split at every line break and after "Dr.", its founder's sentence ended
+    in the fact "Dr" and the name wrapped onto the next line was never asked for."""
+    found = sentences(
+        "founded in 1987 by Dr. Amara\nLindqvist, who directed it for years.", cut_head=False, cut_tail=False
+    )
+    assert found == ["founded in 1987 by Dr. Amara Lindqvist, who directed it for years."]
+    assert "Dr. Amara Lindqvist" in spans_of(found[0])
+
+
+def test_abbreviations_and_initials_do_not_end_a_sentence() -> None:
+    text = "The survey was led by J. R. Marrow of St. Kilda, e.g. on the ice. Dr. Marrow ran the next in 1901 alone."
+    assert sentences(text, cut_head=False, cut_tail=False) == [
+        "The survey was led by J. R. Marrow of St. Kilda, e.g. on the ice.",
+        "Dr. Marrow ran the next in 1901 alone.",
+    ]
+
+
+def test_headings_list_items_and_blank_lines_still_end_a_sentence() -> None:
+    text = (
+        "## The keepers of the Varnholm light\n"
+        "The first keeper was Ilse Marrow, who\nlit the lamp in 1873\n"
+        "- the second keeper came from Ostrava\n"
+        "* the third keeper logged the ice\n"
+        "2. the fourth keeper closed the light\n"
+        "\n"
+        "A new paragraph about the fjord ice"
+    )
+    assert sentences(text, cut_head=False, cut_tail=False) == [
+        "## The keepers of the Varnholm light",
+        "The first keeper was Ilse Marrow, who lit the lamp in 1873",
+        "- the second keeper came from Ostrava",
+        "* the third keeper logged the ice",
+        "the fourth keeper closed the light",
+        "A new paragraph about the fjord ice",
+    ]
+
+
+LOG = " ".join(f"The keeper logged {i + 3} metres of ice in {1800 + i}." for i in range(40))
+
+
+def test_held_out_tasks_ask_only_about_reserved_facts_and_training_tasks_never_do() -> None:
+    """The held-out evaluation asked about the facts training asks about, mostly in the very same words: it scored
+    recall of training examples. A share of the facts, chosen by their words, is now asked about only there."""
+    facts = [(s, span) for s in sentences(LOG, cut_head=False, cut_tail=False) for span in fact_spans(s)]
+    reserved = {s[a:b] for s, (a, b) in reserved_facts(facts)}
+    assert 1 < len(reserved) < len(facts) / 4
+    held_out = grounded_tasks(random.Random(0), LOG, 40, cut_head=False, cut_tail=False, held_out=True)
+    trained = grounded_tasks(random.Random(0), LOG, 4 * len(facts), cut_head=False, cut_tail=False, held_out=False)
+    assert {t.answer for t in held_out} == reserved
+    assert {t.answer for t in trained} == {s[a:b] for s, (a, b) in facts} - reserved
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_a_text_of_few_facts_holds_one_out_unless_it_has_only_one(repeats: int) -> None:
+    """A small corpus may have no fact in the held-out share: one is held out all the same, the same in every repeat
+    of its sentence, while the only fact of a text is trained on (the pipeline drops the held-out conversations that
+    then equal training ones)."""
+    text = " ".join(["The lighthouse of Varnholm was lit in 1873 by keeper Ilse Marrow."] * repeats)
+    (fact,) = reserved_facts(
+        [(s, span) for s in sentences(text, cut_head=False, cut_tail=False) for span in fact_spans(s)]
+    )
+    held_out = grounded_tasks(random.Random(0), text, 8, cut_head=False, cut_tail=False, held_out=True)
+    trained = grounded_tasks(random.Random(0), text, 8, cut_head=False, cut_tail=False, held_out=False)
+    assert {t.answer for t in held_out} == {fact[0][slice(*fact[1])]}
+    assert {t.answer for t in trained} == {"Varnholm", "1873", "Ilse Marrow"} - {t.answer for t in held_out}
+    single = "The keeper logged the ice on the fjord in 1901."
+    assert grounded_tasks(random.Random(0), single, 4, cut_head=False, cut_tail=False, held_out=True) == []
+    assert {
+        t.answer for t in grounded_tasks(random.Random(0), single, 4, cut_head=False, cut_tail=False, held_out=False)
+    } == {"1901"}

@@ -49,13 +49,20 @@ from cartridges_trainer.distill import (
     step_batch,
 )
 from cartridges_trainer.errors import InputError
-from cartridges_trainer.evaluate import evaluate
+from cartridges_trainer.evaluate import evaluate, unseen
 from cartridges_trainer.parallel import World
 from cartridges_trainer.pipeline import _prepare_workspace
 from cartridges_trainer.progress import ProgressReporter
 from cartridges_trainer.prompts import system_prompt
 from cartridges_trainer.stopping import StopRequest
-from cartridges_trainer.synthesis import Shard, corpus_context, synthesize_shard, teacher_overhead
+from cartridges_trainer.synthesis import (
+    HELD_OUT,
+    Shard,
+    corpus_context,
+    shard_names,
+    synthesize_shard,
+    teacher_overhead,
+)
 from cartridges_trainer.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -286,6 +293,51 @@ def test_a_grounded_shard_over_a_window_of_whitespace_only_asks_about_the_next_w
         assert answer.strip() and answer in after, answer
     again = synthesize_shard(tiny_model, corpus, STUDY, OPTIONS, name)
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(shard.conversations, again.conversations, strict=True))
+
+
+FACTS_TEXT = " ".join(
+    f"In {1850 + 7 * i} the keeper of the Varnholm light logged {i + 3} metres of ice on the fjord." for i in range(12)
+)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_held_out_conversations_are_none_of_the_training_ones(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch, fits: bool
+) -> None:
+    """The held-out shard took the window of the first training shard and asked about the same few facts: most of its
+    conversations were training ones, token for token, so the quality gate scored recall of training examples. It
+    now asks about facts no training conversation asks about, whether the teacher reads the corpus whole or the
+    shard's window."""
+    corpus = Corpus(
+        "the Varnholm ice log", tiny_model.tokenizer(FACTS_TEXT, add_special_tokens=False)["input_ids"], "d"
+    )
+    if not fits:
+        monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", len(corpus.tokens))
+    study = STUDY.model_copy(update={"conversations": 48, "maxChunkTokens": 512 if fits else 160})
+    train_names, eval_names = shard_names(study.conversations, OPTIONS)
+    trained = [synthesize_shard(tiny_model, corpus, study, OPTIONS, name) for name in train_names]
+    held_out = [synthesize_shard(tiny_model, corpus, study, OPTIONS, name) for name in eval_names]
+    seen = {tuple(c.ids.tolist()) for shard in trained for c in shard.conversations}
+    assert len(held_out[0].conversations) == OPTIONS.synthesis_batch_size
+    assert not [c for c in held_out[0].conversations if tuple(c.ids.tolist()) in seen]
+    kept, dropped = unseen(trained, held_out)
+    assert dropped == 0 and [len(s.conversations) for s in kept] == [len(s.conversations) for s in held_out]
+
+
+def test_held_out_conversations_equal_to_training_ones_are_dropped_and_counted(
+    shard: Shard, tiny_model: LoadedModel
+) -> None:
+    """A corpus of one fact has nothing to hold out, and the paper's recipe can ask the same again: what equals a
+    training conversation is not scored, and a held-out set left empty scores nothing rather than dividing by 0."""
+    other = synthesize_shard(tiny_model, tiny_corpus(tiny_model), STUDY, OPTIONS, "synth/eval-00000.safetensors")
+    mixed = Shard(other.context, [*other.conversations, shard.conversations[0]])
+    kept, dropped = unseen([shard], [mixed, shard])
+    assert dropped == 1 + len(shard.conversations)
+    assert [c.ids.tolist() for s in kept for c in s.conversations] == [c.ids.tolist() for c in other.conversations]
+    cartridge = prefix_cartridge(tiny_model.model, shard.context.tolist()[:8])
+    scores = evaluate(tiny_model, cartridge, [])
+    assert scores["answerTokens"] == 0 and scores["iclGainRecovered"] is None
+    assert scores["noContext"] is scores["icl"] is scores["cartridge"] is None
 
 
 def test_a_corpus_of_whitespace_only_has_nothing_to_study(tiny_model: LoadedModel) -> None:
@@ -544,6 +596,8 @@ def check_generation(store: Store, config: TrainerConfig, lm: LoadedModel, tmp_p
     assert {"noContext", "icl", "cartridge", "iclGainRecovered"} <= scores.keys()
     assert scores["iclContext"] == "corpus"  # the tiny corpus fits the context window
     assert all(scores[k] > 0 for k in ("noContext", "icl", "cartridge"))
+    assert scores["heldOut"] == HELD_OUT["grounded"]  # what the score measures is recorded with it
+    assert (scores["heldOutConversations"], scores["heldOutDroppedAsTrained"]) == (OPTIONS.synthesis_batch_size, 0)
     assert manifest.metrics == scores
     progress = Progress.model_validate(store.get_json(f"{prefix}/{PROGRESS_FILE}"))
     assert progress.phase == "done" and progress.step == progress.total == steps

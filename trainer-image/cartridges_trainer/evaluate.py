@@ -34,6 +34,15 @@ def fits_context(lm: LoadedModel, context_tokens: int, shards: Sequence[Shard] |
     return limit is None or context_tokens + longest <= limit
 
 
+def unseen(train: Sequence[Shard], held_out: Sequence[Shard]) -> tuple[list[Shard], int]:
+    """The ``held_out`` shards without the conversations that a ``train`` shard holds too (the same token ids): a
+    score on those is recall of a training example, not knowledge of the corpus. Also how many were dropped."""
+    seen = {c.ids.numpy().tobytes() for shard in train for c in shard.conversations}
+    kept = [Shard(s.context, [c for c in s.conversations if c.ids.numpy().tobytes() not in seen]) for s in held_out]
+    dropped = sum(len(s.conversations) for s in held_out) - sum(len(s.conversations) for s in kept)
+    return [s for s in kept if s.conversations], dropped
+
+
 @torch.no_grad()
 def evaluate(
     lm: LoadedModel,
@@ -64,7 +73,9 @@ def evaluate(
                 logprobs = target_logprobs(lm.model, batch, icl if name == "icl" else prefix)
                 totals[name] += F.nll_loss(logprobs, batch.targets, reduction="sum").item()
             tokens += len(batch.targets)
-    scores: dict[str, float | int | str | None] = {name: total / tokens for name, total in totals.items()}
+    scores: dict[str, float | int | str | None] = {
+        name: total / tokens if tokens else None for name, total in totals.items()
+    }
     scores["iclGainRecovered"] = icl_gain_recovered(totals["noContext"], totals["icl"], totals["cartridge"])
     scores["iclContext"] = "corpus" if whole else "chunk"
     scores["answerTokens"] = tokens

@@ -6,19 +6,23 @@ answer to this question?"), so the paper's teacher signal carries few facts and 
 sentence around it: a question with the fact replaced by a wh-phrase ("... rises to how many metres?") or a
 fill-in-the-blank, answered with the fact itself. The teacher (the model with the corpus in context) still gives the
 distillation target at every token, and since the user turn quotes the corpus, distilling it too teaches the
-cartridge the text the questions are about.
+cartridge the text the questions are about. A share of the facts is asked about only in the held-out evaluation
+(:func:`reserved_facts`), so that it scores what the cartridge knows of the corpus, not the tasks it was trained on.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_BLOCK_START = re.compile(r"\s*(?:#|[-*+]\s|\d+[.)]\s)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ABBREVIATION = re.compile(r"(?<![\w.])(?:Dr|Mr|Mrs|Ms|St|No|e\.g|i\.e|vs|etc|[A-Z])\.$")
 _NUMBER = re.compile(r"\d[\d,.]*\d|\d")
-_NAME = re.compile(r"[A-Z][\w'-]*(?:\s+(?:of\s+|the\s+|and\s+)?[A-Z][\w'-]*)*")
+_NAME = re.compile(r"(?:(?:Dr|Mr|Mrs|Ms|St|[A-Z])\.\s+)*[A-Z][\w'-]*(?:\s+(?:of\s+|the\s+|and\s+)?[A-Z][\w'-]*)*")
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 _DATE = re.compile(rf"\d{{1,2}} (?:{_MONTHS}) \d{{4}}")
 _YEAR = re.compile(r"1\d{3}|20\d{2}")
@@ -64,6 +68,14 @@ MIN_SENTENCE_WORDS = 5
 MIN_QUESTION_WORDS = 4
 CLOZE_SHARE = 1 / 3
 """The share of fill-in-the-blank tasks; the rest are questions, the form users ask in."""
+HELD_OUT_SHARE = 1 / 8
+"""The share of facts reserved for the held-out evaluation: training never asks for them (their sentences are still
+quoted by the tasks about the other facts they hold), so the score measures what the cartridge carries of the
+corpus, not its recall of the very tasks it was trained on."""
+
+
+Fact = tuple[str, tuple[int, int]]
+"""A sentence and the span of it asked for."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +84,34 @@ class Task:
     answer: str
 
 
+def _split_sentences(paragraph: str) -> list[str]:
+    """A paragraph's sentences: not ended after a title, a common abbreviation or an initial ("Dr. Amara", "J. R.")."""
+    parts, start = [], 0
+    for end in _SENTENCE_END.finditer(paragraph):
+        if not _ABBREVIATION.search(paragraph, start, end.start()):
+            parts.append(paragraph[start : end.start()])
+            start = end.end()
+    return [*parts, paragraph[start:]]
+
+
+def _paragraphs(text: str) -> list[str]:
+    """The paragraphs of ``text``, each on one line: a hard-wrapped paragraph's lines joined by a space. One ends at
+    a blank line, before a heading or list item, and after a heading (a line of its own)."""
+    paragraphs: list[list[str]] = [[]]
+    for line in text.split("\n"):
+        heading = bool(paragraphs[-1]) and paragraphs[-1][0].startswith("#")
+        if not line.strip() or _BLOCK_START.match(line) or heading:
+            paragraphs.append([])
+        paragraphs[-1].extend([line.strip()] if line.strip() else [])
+    return [" ".join(lines) for lines in paragraphs if lines]
+
+
 def sentences(text: str, *, cut_head: bool, cut_tail: bool) -> list[str]:
-    """The sentences of ``text`` with at least ``MIN_SENTENCE_WORDS`` words; a chunk's cut-off ends are dropped."""
-    parts = [p.strip() for p in _SENTENCE_END.split(text)]
+    """The sentences of ``text`` with at least ``MIN_SENTENCE_WORDS`` words; a chunk's cut-off ends are dropped.
+    Hard-wrapped lines are joined: paragraphs end at a blank line or before a heading or list item, not at every
+    line break, so a sentence wrapped over two lines stays whole (its facts, such as a name split by the wrap,
+    too)."""
+    parts = [p.strip() for paragraph in _paragraphs(text) for p in _split_sentences(paragraph)]
     parts = parts[1 if cut_head else 0 : len(parts) - 1 if cut_tail else len(parts)]
     return [p for p in parts if len(p.split()) >= MIN_SENTENCE_WORDS]
 
@@ -103,6 +140,19 @@ def closing_words(sentence: str) -> tuple[int, int]:
     window of dot leaders) is asked for whole."""
     words = list(_WORD.finditer(sentence.rstrip(".!?")))[-3:]
     return (words[0].start(), words[-1].end()) if words else (0, len(sentence))
+
+
+def _fact_key(fact: Fact) -> int:
+    sentence, (start, end) = fact
+    return zlib.crc32(f"{start}:{end}:{sentence}".encode())
+
+
+def reserved_facts(facts: list[Fact]) -> set[Fact]:
+    """The facts reserved for the held-out evaluation: chosen by their words, not their place, so alike in every
+    window that holds them (windows overlap, and a corpus may repeat a sentence). A text of few facts may have none
+    in ``HELD_OUT_SHARE``: then the one of lowest key, unless it is the only one (training needs it)."""
+    chosen = {fact for fact in facts if _fact_key(fact) < HELD_OUT_SHARE * 2**32}
+    return chosen or ({min(facts, key=_fact_key)} if len(set(facts)) > 1 else set())
 
 
 def wh_phrase(sentence: str, start: int, end: int) -> str:
@@ -197,16 +247,21 @@ def grounded_tasks(
     cut_head: bool,
     cut_tail: bool,
     fits: Callable[[Task], bool] = lambda _: True,
+    held_out: bool | None = None,
 ) -> list[Task]:
     """``count`` tasks over the facts of ``text``, visiting every fact (or fact-less sentence) before repeating one,
     each quoting as much of its sentence as ``fits`` (the trainer's question budget): a quote is otherwise as long as
     a sentence, or the whole window of text without sentence breaks. Cutting draws nothing from ``rng``: tasks that
     fit are those an unbounded call makes. A window of whitespace only (a PDF's blank pages) has nothing to ask
-    about: no task, rather than ones whose answer is empty."""
+    about: no task, rather than ones whose answer is empty. ``held_out`` True asks only about the facts reserved for
+    evaluation (no task when the text holds none), False about the others (all of them when every one is reserved:
+    a text too small to spare one), None about every fact."""
     if not text.strip():
         return []
     found = sentences(text, cut_head=cut_head, cut_tail=cut_tail) or [text.strip()]
-    facts = [(s, span) for s in found for span in (fact_spans(s) or [closing_words(s)])]
+    facts = _reserved([(s, span) for s in found for span in (fact_spans(s) or [closing_words(s)])], held_out)
+    if not facts:
+        return []
     order: list[int] = []
     tasks = []
     for _ in range(count):
@@ -215,3 +270,12 @@ def grounded_tasks(
         sentence, (start, end) = facts[order.pop()]
         tasks.append(_task(rng, sentence, start, end, fits))
     return tasks
+
+
+def _reserved(facts: list[Fact], held_out: bool | None) -> list[Fact]:
+    """The facts :func:`grounded_tasks` asks about for ``held_out``."""
+    if held_out is None:
+        return facts
+    reserved = reserved_facts(facts)
+    chosen = [fact for fact in facts if (fact in reserved) == held_out]
+    return chosen or ([] if held_out else facts)

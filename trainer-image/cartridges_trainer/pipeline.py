@@ -31,11 +31,12 @@ from cartridges.store import BucketNotFound, ObjectNotFound, Store, StoreError
 from cartridges_trainer.corpus import Corpus, load_corpus
 from cartridges_trainer.distill import distill, initial_cartridge, load_chosen_checkpoint, load_or_discard_checkpoints
 from cartridges_trainer.errors import InputError
-from cartridges_trainer.evaluate import evaluate
+from cartridges_trainer.evaluate import evaluate, unseen
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
 from cartridges_trainer.synthesis import (
+    HELD_OUT,
     adopt_synthesis,
     check_chunk_fits,
     corpus_context,
@@ -228,13 +229,19 @@ def _run(
     steps = int(distill_stats["steps"] or 0)  # spec.training.steps, or what its epochs came to
     progress.phase("evaluating", total=steps, done=steps)
     context = corpus_context(lm, corpus)
+    held_out, dropped = unseen(train_shards, eval_shards)
     served: StoredCartridge = cartridge
     if spec.quantization == "none":
-        scores = evaluate(lm, cartridge, eval_shards, context)
+        scores = evaluate(lm, cartridge, held_out, context)
     else:
         served = quantize_cartridge(cartridge, spec.quantization)
         dtype = cartridge.keys[0].dtype
-        scores = evaluate(lm, served.dequantize(dtype), eval_shards, context, unquantized=cartridge)
+        scores = evaluate(lm, served.dequantize(dtype), held_out, context, unquantized=cartridge)
+    scores |= {
+        "heldOut": HELD_OUT[spec.selfStudy.recipe],
+        "heldOutConversations": sum(len(s.conversations) for s in held_out),
+        "heldOutDroppedAsTrained": dropped,
+    }
     store.put_json(workspace.uri(EVAL_FILE), scores)
 
     progress.phase("uploading", total=steps, done=steps)

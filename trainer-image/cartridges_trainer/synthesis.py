@@ -19,7 +19,7 @@ import logging
 import random
 import shutil
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from cartridges.store import IntegrityError, ObjectNotFound
 from cartridges_trainer.batching import Conversation
 from cartridges_trainer.corpus import Corpus
 from cartridges_trainer.errors import InputError
-from cartridges_trainer.grounded import Task, grounded_tasks
+from cartridges_trainer.grounded import HELD_OUT_SHARE, Task, grounded_tasks
 from cartridges_trainer.options import TrainerOptions
 from cartridges_trainer.parallel import World
 from cartridges_trainer.progress import ProgressReporter
@@ -47,11 +47,19 @@ from cartridges_trainer.workspace import Workspace
 log = logging.getLogger(__name__)
 SYNTH_FOLDER = "synth"
 INPUTS_FILE = f"{SYNTH_FOLDER}/inputs.json"
-SYNTHESIS_VERSIONS = {"paper": 1, "grounded": 4}
+SYNTHESIS_VERSIONS = {"paper": 1, "grounded": 5}
 """Per recipe: bump one when its shards change for the same inputs (older ones are then not reused), leaving the
 other recipe's stored shards reusable. grounded 2: tasks cut to max_question_tokens; 3: cut at any whitespace, no
-blank without context; 4: a window of whitespace only gives way to the next with text."""
+blank without context; 4: a window of whitespace only gives way to the next with text; 5: hard-wrapped lines joined
+into sentences, none ended after a title, abbreviation or initial; held-out shards ask about facts training never
+does."""
 TEACHER_BATCH = 8
+HELD_OUT_PREFIX = "eval-"
+HELD_OUT = {
+    "paper": "conversations about random chunks, seeded apart from the training ones",
+    "grounded": f"tasks about facts reserved from training (1 in {round(1 / HELD_OUT_SHARE)}, chosen by their words)",
+}
+"""Per recipe: what the held-out shards ask, recorded with the scores."""
 
 
 @dataclass
@@ -94,8 +102,16 @@ def shard_names(conversations: int, options: TrainerOptions) -> tuple[list[str],
     train = -(-conversations // options.synthesis_batch_size)
     return (
         [f"{SYNTH_FOLDER}/train-{i:05d}.safetensors" for i in range(train)],
-        [f"{SYNTH_FOLDER}/eval-{i:05d}.safetensors" for i in range(options.eval_shards)],
+        [f"{SYNTH_FOLDER}/{HELD_OUT_PREFIX}{i:05d}.safetensors" for i in range(options.eval_shards)],
     )
+
+
+def _shard_index(name: str) -> int:
+    return int(name.rsplit("-", 1)[1].split(".")[0])
+
+
+def _is_held_out(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].startswith(HELD_OUT_PREFIX)
 
 
 def _pad(seqs: list[list[int]], pad_id: int, device: torch.device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,42 +250,90 @@ def _grounded_conversations(
     lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, name: str, rng: random.Random
 ) -> Turns:
     """Tasks about the facts of the shard's window of the corpus, answered with its own words and the end-of-turn
-    token; the teacher reads the whole corpus if it fits the model with the longest conversation, else the window."""
-    index = int(name.rsplit("-", 1)[1].split(".")[0])
-    start, end, chunk, tasks = _grounded_window(lm, corpus, study, options, index, rng)
+    token; the teacher reads the whole corpus if it fits the model with the longest conversation, else the window.
+    A held-out shard asks about the facts reserved across the whole corpus when the teacher reads it whole (one
+    window may hold one or none of them), else about those of its window."""
+    if _is_held_out(name):
+        tasks = grounded_tasks(
+            rng,
+            _text(lm, corpus.tokens),
+            options.synthesis_batch_size,
+            cut_head=False,
+            cut_tail=False,
+            fits=_fits(lm, options),
+            held_out=True,
+        )
+        if tasks:
+            turns, answers = _turns_and_answers(lm, options, tasks)
+            if (whole := _whole_corpus(lm, corpus, turns, answers)) is not None:
+                return whole, turns, answers
+    start, end, chunk, tasks = _grounded_window(lm, corpus, study, options, name, rng)
+    turns, answers = _turns_and_answers(lm, options, tasks)
+    if (whole := _whole_corpus(lm, corpus, turns, answers)) is not None:
+        return whole, turns, answers
+    window = render(lm.tokenizer, system_prompt(corpus.description, chunk), "")[0]
+    check_chunk_fits(lm, study, end - start, len(window) - (end - start) + _longest(turns, answers))
+    return window, turns, answers
+
+
+def _turns_and_answers(
+    lm: LoadedModel, options: TrainerOptions, tasks: list[Task]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The tasks' user turns (with assistant header), and their answers cut to ``max_answer_tokens`` with the
+    end-of-turn token."""
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     answers = [
         list(lm.tokenizer(task.answer, add_special_tokens=False)["input_ids"])[: options.max_answer_tokens - len(eos)]
         + eos
         for task in tasks
     ]
-    rendered = [render(lm.tokenizer, system_prompt(corpus.description, chunk), task.user) for task in tasks]
-    turns, window = [turn for _, turn in rendered], rendered[0][0]
-    longest = max(len(turn) + len(answer) for turn, answer in zip(turns, answers, strict=True))
+    return [turn_after_cartridges(lm.tokenizer, task.user) for task in tasks], answers
+
+
+def _longest(turns: list[list[int]], answers: list[list[int]]) -> int:
+    return max(len(turn) + len(answer) for turn, answer in zip(turns, answers, strict=True))
+
+
+def _whole_corpus(
+    lm: LoadedModel, corpus: Corpus, turns: list[list[int]], answers: list[list[int]]
+) -> list[int] | None:
+    """The teacher's context of the whole corpus, if it fits the model with the longest conversation."""
+    longest = _longest(turns, answers)
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     if limit is None or len(corpus.tokens) + longest <= limit:  # else too long: not even worth rendering
         whole = corpus_context(lm, corpus)
         if limit is None or len(whole) + longest <= limit:
-            return whole, turns, answers
-    check_chunk_fits(lm, study, end - start, len(window) - (end - start) + longest)
-    return window, turns, answers
+            return whole
+    return None
+
+
+def _fits(lm: LoadedModel, options: TrainerOptions) -> Callable[[Task], bool]:
+    """Whether a task's user turn keeps to ``max_question_tokens`` (the template's own tokens aside)."""
+    empty = len(turn_after_cartridges(lm.tokenizer, ""))
+    return lambda task: len(turn_after_cartridges(lm.tokenizer, task.user)) - empty <= options.max_question_tokens
 
 
 def _grounded_window(
-    lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, index: int, rng: random.Random
+    lm: LoadedModel, corpus: Corpus, study: SelfStudy, options: TrainerOptions, name: str, rng: random.Random
 ) -> tuple[int, int, str, list[Task]]:
-    """The ``index``-th window of the corpus (its span and text) and its tasks; past a window of whitespace only (a
-    PDF's blank pages: nothing to ask about), the next one with text. A skipped window draws nothing from ``rng``."""
-    empty = len(turn_after_cartridges(lm.tokenizer, ""))
-
-    def fits(task: Task) -> bool:
-        return len(turn_after_cartridges(lm.tokenizer, task.user)) - empty <= options.max_question_tokens
-
-    for skipped in range(corpus.windows(study.maxChunkTokens)):
-        start, end = corpus.window(index + skipped, study.maxChunkTokens)
+    """The window of the corpus numbered by the shard's ``name`` (its span and text) and its tasks; past a window
+    with nothing to ask about (whitespace only, as a PDF's blank pages; no fact reserved for a held-out shard), the
+    next one. A held-out shard asks about the facts reserved from training; about any fact when no window holds one
+    (a corpus of a single fact: the pipeline drops what is then the same as a training conversation). A skipped
+    window draws nothing from ``rng``."""
+    windows = corpus.windows(study.maxChunkTokens)
+    held_out = _is_held_out(name)
+    for skipped in range(2 * windows if held_out else windows):
+        start, end = corpus.window(_shard_index(name) + skipped, study.maxChunkTokens)
         chunk = _text(lm, corpus.tokens[start:end])
         tasks = grounded_tasks(
-            rng, chunk, options.synthesis_batch_size, cut_head=start > 0, cut_tail=end < len(corpus.tokens), fits=fits
+            rng,
+            chunk,
+            options.synthesis_batch_size,
+            cut_head=start > 0,
+            cut_tail=end < len(corpus.tokens),
+            fits=_fits(lm, options),
+            held_out=held_out and skipped < windows,
         )
         if tasks:
             return start, end, chunk, tasks
