@@ -438,9 +438,15 @@ def icl_gain_recovered(no_context: float, icl: float, cartridge: float) -> float
     return None if gain is None else (no_context - cartridge) / gain
 
 
-def recovered_text(recovered: float | None) -> str:
-    """``iclGainRecovered`` as people read it: ``64%``, or why there is no score."""
-    return "n/a (ICL gave no gain to recover)" if recovered is None else f"{recovered:.0%}"
+NOTHING_SCORED = "no held-out question was left to score (each one equalled a training conversation)"
+
+
+def recovered_text(recovered: float | None, scored: bool = True) -> str:
+    """``iclGainRecovered`` as people read it: ``64%``, or why there is no score (``scored``: whether any held-out
+    question was scored at all, as ``icl`` being set says)."""
+    if recovered is not None:
+        return f"{recovered:.0%}"
+    return "n/a (ICL gave no gain to recover)" if scored else f"n/a ({NOTHING_SCORED})"
 
 
 class Endpoint(Spec):

@@ -282,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{name}: {verb}: generation {stored.pointer.generation}, p={stored.manifest.p}, "
         f"{human_bytes(stored.manifest.file_bytes)}, ICL gain recovered "
-        f"{api.recovered_text(scores.get('iclGainRecovered'))} on held-out self-study questions"
+        f"{api.recovered_text(scores.get('iclGainRecovered'), scores.get('icl') is not None)} on held-out self-study "
+        "questions"
     )
     print(f"  {stored.pointer.prefix}")
     return 0

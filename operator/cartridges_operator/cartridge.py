@@ -588,7 +588,10 @@ def _record_evaluation(run: Pass, prefix: str) -> None:
         return
     run.status["evaluation"] = evaluation.model_dump()
     run.condition(
-        "Evaluated", True, "Evaluated", f"ICL gain recovered: {api.recovered_text(evaluation.iclGainRecovered)}"
+        "Evaluated",
+        True,
+        "Evaluated",
+        f"ICL gain recovered: {api.recovered_text(evaluation.iclGainRecovered, evaluation.icl is not None)}",
     )
 
 
@@ -617,6 +620,12 @@ def _quality_gate_problem(evaluation: dict[str, Any], minimum: float) -> str | N
     leaves no gain to recover, so no score can be judged: checked first, since a trainer from before that rule
     divided by such a gain and scored a cartridge worse than no context as a large positive fraction."""
     no_context, icl = evaluation.get("noContext"), evaluation.get("icl")
+    if icl is None and evaluation.get("iclGainRecovered") is None:
+        return (
+            f"the quality gate (minIclGainRecovered {minimum}) cannot judge this generation: {api.NOTHING_SCORED}; "
+            "ask for more self-study conversations (spec.selfStudy), or remove "
+            "spec.serving.qualityGate.minIclGainRecovered to promote without the gate"
+        )
     if no_context is not None and icl is not None and api.icl_gain(no_context, icl) is None:
         return (
             f"the quality gate (minIclGainRecovered {minimum}) cannot judge this generation: ICL gave no gain on "

@@ -119,14 +119,31 @@ def test_the_quality_gate_cannot_judge_a_generation_whose_icl_gave_no_gain(recov
     assert "minIclGainRecovered" in ready["message"] and "no generation is promoted yet" in ready["message"]
 
 
+def test_the_quality_gate_cannot_judge_a_generation_with_nothing_scored() -> None:
+    """Every held-out conversation equalled a training one and was dropped: no score, and the gate says why."""
+    run = gate_pass(None, noContext=None, icl=None, cartridge=None)  # type: ignore[arg-type]
+    assert not _passes_quality_gate(run, 1, None)
+    ready = next(c for c in run.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "QualityGateFailed" and "cannot judge" in ready["message"]
+    assert api.NOTHING_SCORED in ready["message"] and "None" not in ready["message"]
+
+
 @pytest.mark.parametrize(
-    ("recovered", "shown"), [(0.6432, "ICL gain recovered: 64%"), (None, "ICL gain recovered: n/a (ICL gave no gain")]
+    ("recovered", "icl", "shown"),
+    [
+        (0.6432, 1.0, "ICL gain recovered: 64%"),
+        (None, 1.0, "ICL gain recovered: n/a (ICL gave no gain"),
+        (None, None, f"ICL gain recovered: n/a ({api.NOTHING_SCORED})"),
+    ],
 )
-def test_evaluated_says_the_score_as_people_read_it(tmp_path: Path, recovered: float | None, shown: str) -> None:
-    """A fraction as a percentage; no score (ICL gave no gain) says why rather than printing None."""
+def test_evaluated_says_the_score_as_people_read_it(
+    tmp_path: Path, recovered: float | None, icl: float | None, shown: str
+) -> None:
+    """A fraction as a percentage; no score (ICL gave no gain, or no question left to score) says why rather than
+    printing None."""
     run, trainer = trained_pass(tmp_path)
     prefix = trainer.output_prefix
-    run.store.put_json(f"{prefix}/{layout.EVAL_FILE}", {"noContext": 2.0, "icl": 1.0, "iclGainRecovered": recovered})
+    run.store.put_json(f"{prefix}/{layout.EVAL_FILE}", {"noContext": 2.0, "icl": icl, "iclGainRecovered": recovered})
     _record_evaluation(run, prefix)
     evaluated = next(c for c in run.status["conditions"] if c["type"] == "Evaluated")
     assert evaluated["message"].startswith(shown) and "None" not in evaluated["message"], evaluated
