@@ -30,6 +30,7 @@ def deploy_block(heading: str = "## Deploy") -> str:
 
 QUICK_START = "### Quick start: any cluster, no GPU"
 PRODUCTION = "### Production: your S3 store, GPUs, watched team namespaces"
+IMAGES = "### Images"
 
 
 def deploy_commands(heading: str) -> list[str]:
@@ -41,6 +42,12 @@ def deploy_commands(heading: str) -> list[str]:
 def command_with(text: str, heading: str) -> str:
     (found,) = [c for c in deploy_commands(heading) if text in c]
     return found
+
+
+def image_sets() -> dict[str, str]:
+    """The chart values the README's ``IMAGES`` array sets."""
+    (images,) = [c for c in deploy_commands(IMAGES) if c.startswith("IMAGES=(")]
+    return dict(arg.split("=", 1) for arg in shlex.split(images[len("IMAGES=(") : -1]) if arg != "--set")
 
 
 def test_model_upload_reaches_the_quickstart_store(minio_server: MinioServer) -> None:
@@ -84,13 +91,27 @@ def test_install_commands_point_the_chart_at_your_images(render: Render) -> None
     """README says to build and push the images and point the chart at them: every install command does."""
     installs = [c for h in (QUICK_START, PRODUCTION) for c in deploy_commands(h) if c.startswith("helm install")]
     assert len(installs) == 2 and all('"${IMAGES[@]}"' in c for c in installs), installs
-    (images,) = [c for c in deploy_commands("## Deploy") if c.startswith("IMAGES=(")]
-    sets = dict(arg.split("=", 1) for arg in shlex.split(images[len("IMAGES=(") : -1]) if arg != "--set")
+    sets = image_sets()
     operator = container(render("quickstart-values.yaml", sets=sets), "cartridges-operator")
     env = {e["name"]: e.get("value") for e in operator["env"]}
     assert operator["image"].startswith(sets["operator.image.repository"] + ":")
     assert env["CARTRIDGES_TRAINER_IMAGE"].startswith(sets["trainer.image.repository"] + ":")
     assert env["CARTRIDGES_SERVING_IMAGE"].startswith(sets["serving.image.repository"] + ":")
+
+
+def test_images_are_built_from_the_dockerfiles_and_pushed_where_the_chart_pulls_them() -> None:
+    """Each image is built from its Dockerfile, from the repository root, and pushed under the repository IMAGES
+    names with the chart's appVersion, the tag the chart pulls when none is set."""
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    commands = deploy_commands(IMAGES)
+    builds = [shlex.split(c) for c in commands if c.startswith("docker build ")]
+    built = {argv[argv.index("-t") + 1]: argv[argv.index("-f") + 1] for argv in builds}
+    assert all(argv[-1] == "." for argv in builds), builds
+    assert all((REPO / dockerfile).is_file() for dockerfile in built.values()), built
+    expected = {f"{repository}:{app_version}" for repository in image_sets().values()}
+    assert set(built) == expected, built
+    assert {c.removeprefix("docker push ") for c in commands if c.startswith("docker push ")} == expected
+    assert sorted(built.values()) == ["operator/Dockerfile", "serving-image/Dockerfile", "trainer-image/Dockerfile"]
 
 
 def copy_filter(text: str) -> set[str]:
