@@ -30,7 +30,7 @@ crds: setup
 test: services lint
 	$(PY) -m pytest
 
-# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 4-5 minutes on 2 idle cores).
+# Train, evaluate, serve and query a cartridge on the bundled corpus with SmolLM2 (about 7-8 minutes on 2 idle cores).
 demo: setup
 	$(VENV)/bin/cartridges demo
 

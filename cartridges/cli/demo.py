@@ -30,7 +30,7 @@ DURATIONS = {
     # `make demo-quick` from a fresh clone on a quiet 2-core machine: 71, 77 and 90 s (`.ci/run`'s reduced demo line)
     "small": "about a minute and a half",
     # `make demo` on 2 idle cores: 237 s and 317 s (the README's run); 484 s on 2 cores shared with other work
-    "medium": "about 4-5 minutes",
+    "medium": "about 7-8 minutes",
 }
 """How long the demo takes with each budget on 2 idle CPU cores: what its help, README.md and the Makefile say."""
 
