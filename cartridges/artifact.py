@@ -100,6 +100,10 @@ class Cartridge(_Layers):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def nbytes_in(self, dtype: torch.dtype) -> int:
+        """The bytes these keys and values would take held in ``dtype``."""
+        return sum(t.numel() for t in (*self.keys, *self.values)) * dtype.itemsize
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cartridge:
         return Cartridge(
             [k.to(device=device, dtype=dtype) for k in self.keys],

@@ -37,7 +37,7 @@ def compare(lm: LoadedModel, stored: StoredCartridge, description: str, text: st
         dtype = kv_dtype(stored)
         context, size = icl_context(lm, description, text, longest)
         icl = prefix_cartridge(lm.model, context, frozen_tokens=0)
-        conditions.append((f"ICL ({size}, {str(dtype).removeprefix('torch.')} KV)", icl, _nbytes_in(icl, dtype)))
+        conditions.append((f"ICL ({size}, {str(dtype).removeprefix('torch.')} KV)", icl, icl.nbytes_in(dtype)))
     conditions.append((f"cartridge (p={cartridge.p}{quantized})", cartridge, stored.nbytes))
     rows = []
     console = Console()
@@ -55,10 +55,6 @@ def kv_dtype(stored: StoredCartridge) -> torch.dtype:
     own (the server holds its own KV and cartridges in one dtype, so an fp32 and a bf16 copy give one ratio);
     bfloat16 next to a quantized one, which is for 16-bit serving on a GPU and dequantizes to it."""
     return torch.bfloat16 if isinstance(stored, QuantizedCartridge) else stored.keys[0].dtype
-
-
-def _nbytes_in(cartridge: Cartridge, dtype: torch.dtype) -> int:
-    return sum(t.numel() for t in (*cartridge.keys, *cartridge.values)) * dtype.itemsize
 
 
 def icl_context(lm: LoadedModel, description: str, text: str, longest: int) -> tuple[list[int], str]:
